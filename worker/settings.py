@@ -1,0 +1,192 @@
+"""One settings object read from the environment (prefix ``CAPTIONER_``); every knob, its default, one comment.
+
+Nothing else in the project reads ``os.environ``: code receives a ``Settings`` (or a part of it) from its caller.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, IPvAnyNetwork, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from worker.errors import ConfigError
+
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+
+#: Pillow format names we decode; anything else (EPS would start Ghostscript) is refused unopened.
+DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+def _split_list(value: object) -> object:
+    """Accept JSON-ish lists from pydantic and plain ``a,b`` or ``a:b`` strings from a shell."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return []
+        if text.startswith("["):
+            import json
+
+            return json.loads(text)
+        sep = "," if "," in text else os.pathsep
+        return [part.strip() for part in text.split(sep) if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every setting of broker, ledger, worker, images and generation. Env: ``CAPTIONER_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="CAPTIONER_", extra="ignore", populate_by_name=True)
+
+    # --- connections ----------------------------------------------------------------------------
+    # Celery broker; Celery's own CELERY_BROKER_URL is honoured when ours is unset.
+    broker_url: SecretStr = Field(
+        SecretStr(DEFAULT_REDIS), validation_alias=AliasChoices("CAPTIONER_BROKER_URL", "CELERY_BROKER_URL")
+    )
+    # Celery result backend (single-image service calls read results here); defaults to the broker.
+    result_backend: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("CAPTIONER_RESULT_BACKEND", "CELERY_RESULT_BACKEND")
+    )
+    # Where the job ledger lives; defaults to the broker's Redis. Give it its own DB in production.
+    redis_url: SecretStr | None = None
+    # Prefix of every ledger key, so several deployments (or test runs) can share one Redis.
+    key_prefix: str = "captioner"
+    # CA bundle for rediss:// URLs. Without it (or an explicit cert_reqs) rediss:// is refused.
+    redis_ssl_ca_certs: Path | None = None
+    # Certificate check for rediss:// ("required" unless you really mean otherwise).
+    redis_ssl_cert_reqs: Literal["required", "optional", "none"] | None = None
+    # Seconds before ledger keys of a finished job expire; 0 keeps them until deleted.
+    ledger_ttl_s: int = Field(0, ge=0)
+
+    # --- queues ---------------------------------------------------------------------------------
+    # Queue of caption work (chunks and single images).
+    caption_queue: str = "captions"
+    # Queue of fine-tune and evaluate jobs, consumed by training workers only.
+    training_queue: str = "training"
+    # Seconds a delivered, unacked caption message may stay unacked before Redis hands it to another
+    # worker. Must exceed the time a prefetched chunk waits plus the time it takes; lower = faster
+    # recovery after a crash, too low = a slow chunk runs twice (harmless: writes are idempotent).
+    visibility_timeout_s: int = Field(300, ge=5)
+    # Seconds between sweeps that give back messages of dead workers (kombu's default is ~100 s).
+    unacked_restore_interval_s: int = Field(10, ge=1)
+    # Seconds Celery keeps single-call results in the result backend (the ledger is the record).
+    result_expires_s: int = Field(86400, ge=60)
+
+    # --- the model ------------------------------------------------------------------------------
+    # Hub id (e.g. microsoft/git-base) or a local directory written by save_pretrained.
+    model: str = "microsoft/git-base"
+    # Hub revision (branch, tag or commit); ignored for local directories.
+    model_revision: str | None = None
+    # cuda, cuda:1, cpu, or auto (CUDA when present).
+    device: str = "auto"
+    # float32, bfloat16, float16, or auto (fp16/bf16 on GPU, bf16 on CPUs with native support, else fp32).
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    # --- batching -------------------------------------------------------------------------------
+    # Most images in one generate call.
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    # Longest wait (ms) for more images before a partial batch runs; bounds a lone request's latency.
+    max_wait_ms: int = Field(20, ge=0, le=60_000)
+    # Messages a worker process works on at once (threads); their images share batches.
+    concurrency: int = Field(4, ge=1, le=256)
+    # Extra messages each thread reserves ahead (Celery prefetch multiplier).
+    prefetch_multiplier: int = Field(1, ge=1, le=64)
+    # Threads fetching and decoding images while the model generates.
+    decode_threads: int = Field(4, ge=1, le=256)
+    # Image references per queue message when the producer enqueues a job.
+    chunk_size: int = Field(64, ge=1, le=10_000)
+    # Attempts per item before it is recorded as poison.
+    max_attempts: int = Field(3, ge=1, le=100)
+
+    # --- generation defaults (a job may override; every result records what was used) ------------
+    max_length: int = Field(50, ge=1, le=512)
+    num_beams: int = Field(1, ge=1, le=16)
+
+    # --- image inputs ---------------------------------------------------------------------------
+    # Local paths are read only under these directories (comma or os.pathsep separated). Empty: none.
+    allowed_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    # Largest encoded image accepted, from any source.
+    max_image_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    # Largest decoded image (width x height); kept below Pillow's own bomb limit on purpose.
+    max_image_pixels: int = Field(64_000_000, ge=1)
+    # Pillow formats that may be opened.
+    allowed_formats: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(DEFAULT_FORMATS))
+    # Seconds to open a connection to an image URL.
+    url_connect_timeout_s: float = Field(5.0, gt=0)
+    # Seconds for a whole URL fetch, redirects and body included.
+    url_total_timeout_s: float = Field(20.0, gt=0)
+    # Redirect hops followed (each one checked like the first URL).
+    url_max_redirects: int = Field(5, ge=0, le=20)
+    # Let URLs reach loopback, private and link-local addresses. Off: such URLs are refused unconnected.
+    allow_private_urls: bool = False
+    # Addresses or CIDR networks that URLs may reach although private (an internal image server), comma
+    # separated. Checked against every resolved address on every hop; everything else private stays refused.
+    url_allowed_networks: Annotated[list[IPvAnyNetwork], NoDecode] = Field(default_factory=list)
+
+    # --- logging --------------------------------------------------------------------------------
+    log_level: str = "INFO"
+
+    @field_validator("allowed_roots", "allowed_formats", mode="before")
+    @classmethod
+    def _lists(cls, value: object) -> object:
+        return _split_list(value)
+
+    @field_validator("url_allowed_networks", mode="before")
+    @classmethod
+    def _networks(cls, value: object) -> object:
+        # Commas or spaces only: the os.pathsep fallback of _split_list (":") would cut IPv6 addresses apart.
+        if isinstance(value, str) and not value.strip().startswith("["):
+            return value.replace(",", " ").split()
+        return _split_list(value)
+
+    @field_validator("allowed_formats")
+    @classmethod
+    def _upper(cls, value: list[str]) -> list[str]:
+        return [v.upper() for v in value]
+
+    @field_validator("allowed_roots")
+    @classmethod
+    def _resolve_roots(cls, value: list[Path]) -> list[Path]:
+        return [Path(v).expanduser().resolve() for v in value]
+
+    @model_validator(mode="after")
+    def _tls_fails_closed(self) -> Settings:
+        for url in (self.broker_url_str, self.result_backend_str, self.redis_url_str):
+            if url.startswith("rediss://") and self.redis_ssl_cert_reqs is None and self.redis_ssl_ca_certs is None:
+                raise ConfigError(
+                    "rediss:// needs CAPTIONER_REDIS_SSL_CA_CERTS or CAPTIONER_REDIS_SSL_CERT_REQS; "
+                    "without them the Redis client would skip certificate checks"
+                )
+        return self
+
+    # Plain-string views, so callers never pass a SecretStr to a client by accident.
+    @property
+    def broker_url_str(self) -> str:
+        return self.broker_url.get_secret_value()
+
+    @property
+    def result_backend_str(self) -> str:
+        return self.result_backend.get_secret_value() if self.result_backend else self.broker_url_str
+
+    @property
+    def redis_url_str(self) -> str:
+        return self.redis_url.get_secret_value() if self.redis_url else self.broker_url_str
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment (or the ones given to ``use_settings``)."""
+    return _override[0] if _override else Settings()
+
+
+def use_settings(settings: Settings) -> None:
+    """Make ``settings`` the process's settings (the CLI does this once, before anything reads them)."""
+    get_settings.cache_clear()
+    _override.clear()
+    _override.append(settings)
+
+
+_override: list[Settings] = []
