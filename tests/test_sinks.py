@@ -1,0 +1,316 @@
+"""Exports: round trips with awkward captions, streaming without materialising rows, atomic files, sidecars."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tracemalloc
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from worker.errors import ConfigError
+from worker.messages import GenParams, ItemResult, ItemStatus
+from worker.sinks import FLAT_COLUMNS, FORMATS, export_rows, flatten_row, read_rows
+
+FILE_FORMATS = ("jsonl", "csv", "parquet")
+AWKWARD = [
+    'a dog, a cat, and "a mouse"',
+    "two lines\nof caption",
+    "windows\r\nline end",
+    "café — 日本語のキャプション 🐈",
+    "  leading and trailing spaces  ",
+    "tab\tseparated, 'single' quotes; semicolons",
+    '"',
+    "=1+2 looks like a formula",
+]
+
+
+def _ok(i: int, caption: str, *, ref: str | None = None, prompt: str | None = None) -> dict[str, Any]:
+    return ItemResult(
+        id=f"{i:016x}",
+        ref=ref or f"/data/images/img_{i:05d}.jpg",
+        status=ItemStatus.OK,
+        caption=caption,
+        model_version="git-base@abc123",
+        params=GenParams(max_length=40, num_beams=3, prompt=prompt),
+        attempts=1 + i % 3,
+        timings={"load": 1.25, "infer": 10.5},
+        finished_at=1_700_000_000.123456 + i,
+    ).model_dump(mode="json")
+
+
+def _error(i: int, error_class: str, message: str, *, ref: str | None = None) -> dict[str, Any]:
+    return ItemResult(
+        id=f"{i:016x}",
+        ref=ref or f"/data/images/broken_{i}.jpg",
+        status=ItemStatus.ERROR,
+        error_class=error_class,
+        error=message,
+        attempts=3,
+        finished_at=1_700_000_500.5,
+    ).model_dump(mode="json")
+
+
+def awkward_rows() -> list[dict[str, Any]]:
+    rows = [_ok(i, caption, prompt="a photo of" if i % 2 else None) for i, caption in enumerate(AWKWARD)]
+    rows.append(_error(100, "decode_error", 'cannot identify image file, "broken.jpg"\nsecond line'))
+    rows.append(_error(101, "fetch_error", "HTTP 404", ref='https://example.com/a,b.jpg?x=1&y="2"'))
+    rows.append(_error(102, "too_large", "inline image is over 33554432 bytes", ref="b64:" + "ab" * 20))
+    return rows
+
+
+def _generated_rows(n: int, *, fail_at: int | None = None) -> Iterator[dict[str, Any]]:
+    """Rows made on demand, so a test can tell whether the exporter holds them all."""
+    for i in range(n):
+        if fail_at is not None and i == fail_at:
+            raise RuntimeError("source failed midway")
+        yield {
+            "id": f"{i:016x}",
+            "ref": f"/data/archive/shard_{i // 1000:04d}/image_{i:08d}.jpg",
+            "status": "ok",
+            "caption": f"a photograph number {i} of a red circle, on a white background",
+            "error_class": None,
+            "error": None,
+            "model_version": "git-base@abc123",
+            "params": {"max_length": 50, "num_beams": 1, "prompt": None},
+            "attempts": 1,
+            "timings": {"load": 1.5, "infer": 12.25},
+            "finished_at": 1_700_000_000.0 + i,
+        }
+
+
+# --- round trips ------------------------------------------------------------------------------
+
+
+def test_formats_are_the_contract() -> None:
+    assert FORMATS == ("jsonl", "csv", "parquet", "sidecar")
+
+
+def test_jsonl_round_trips_full_rows(tmp_path: Path) -> None:
+    rows = awkward_rows()
+    out = tmp_path / "results.jsonl"
+    summary = export_rows(iter(rows), "jsonl", out)
+    assert (summary.rows_written, summary.files_written, summary.skipped, summary.path) == (len(rows), 1, 0, out)
+    assert list(read_rows(out, "jsonl")) == rows
+    text = out.read_text(encoding="utf-8")
+    assert text.count("\n") == len(rows)  # embedded newlines are escaped, one row per line
+    assert "日本語" in text and "\\u" not in text  # ensure_ascii off: unicode stays readable
+    assert ", " not in text.splitlines()[-1].split('"error"')[0]  # compact separators
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_flat_formats_round_trip(tmp_path: Path, fmt: str) -> None:
+    rows = awkward_rows()
+    out = tmp_path / f"results.{fmt}"
+    summary = export_rows(rows, fmt, out, batch_rows=3)  # several batches, the last one partial
+    assert summary.rows_written == len(rows)
+    back = list(read_rows(out, fmt))
+    assert back == [flatten_row(r) for r in rows]
+    assert back[0]["caption"] == AWKWARD[0] and back[1]["caption"] == "two lines\nof caption"
+    assert back[2]["caption"] == "windows\r\nline end"
+    error_row = back[len(AWKWARD)]
+    assert error_row["caption"] is None and error_row["status"] == "error"
+    assert error_row["max_length"] is None  # error rows carry no params
+    assert isinstance(back[0]["max_length"], int) and isinstance(back[0]["finished_at"], float)
+    assert back[1]["prompt"] == "a photo of" and back[0]["prompt"] is None
+
+
+def test_csv_is_plain_csv_with_flat_header(tmp_path: Path) -> None:
+    out = tmp_path / "results.csv"
+    export_rows(awkward_rows(), "csv", out)
+    with open(out, encoding="utf-8", newline="") as fh:
+        records = list(csv.reader(fh))
+    assert tuple(records[0]) == FLAT_COLUMNS
+    assert len(records) == 1 + len(awkward_rows())
+    assert all(len(r) == len(FLAT_COLUMNS) for r in records)
+    assert records[1][FLAT_COLUMNS.index("caption")] == 'a dog, a cat, and "a mouse"'
+
+
+def test_parquet_has_explicit_nullable_schema(tmp_path: Path) -> None:
+    out = tmp_path / "results.parquet"
+    export_rows(awkward_rows(), "parquet", out)
+    schema = pq.read_schema(out)
+    assert schema.names == list(FLAT_COLUMNS)
+    assert schema.field("max_length").type == pa.int32()
+    assert schema.field("attempts").type == pa.int32()
+    assert schema.field("finished_at").type == pa.float64()
+    assert schema.field("caption").type == pa.string()
+    assert all(f.nullable for f in schema)
+
+
+def test_empty_parquet_keeps_schema(tmp_path: Path) -> None:
+    out = tmp_path / "empty.parquet"
+    assert export_rows(iter(()), "parquet", out).rows_written == 0
+    assert pq.read_schema(out).names == list(FLAT_COLUMNS)
+    assert list(read_rows(out, "parquet")) == []
+
+
+def test_item_result_models_are_accepted(tmp_path: Path) -> None:
+    model = ItemResult(id="x", ref="/a.jpg", status=ItemStatus.OK, caption="c", params=GenParams())
+    out = tmp_path / "m.jsonl"
+    export_rows([model], "jsonl", out)
+    assert list(read_rows(out, "jsonl")) == [model.model_dump(mode="json")]
+
+
+# --- stdout -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("out", [None, "-", Path("-")])
+def test_jsonl_to_stdout(capsys: pytest.CaptureFixture[str], out: Any) -> None:
+    rows = awkward_rows()
+    summary = export_rows(rows, "jsonl", out)
+    assert (summary.rows_written, summary.files_written, summary.path) == (len(rows), 0, None)
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line) for line in lines] == rows
+
+
+def test_csv_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
+    export_rows(awkward_rows(), "csv", "-")
+    records = list(csv.DictReader(io.StringIO(capsys.readouterr().out, newline="")))
+    assert [r["caption"] for r in records[: len(AWKWARD)]] == AWKWARD
+
+
+def test_parquet_refuses_stdout() -> None:
+    with pytest.raises(ConfigError, match="stdout"):
+        export_rows(awkward_rows(), "parquet", None)
+
+
+def test_unknown_format_and_bad_batch_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="jsonl, csv, parquet, sidecar"):
+        export_rows([], "xlsx", tmp_path / "x.xlsx")
+    with pytest.raises(ConfigError, match="batch_rows"):
+        export_rows([], "parquet", tmp_path / "x.parquet", batch_rows=0)
+    with pytest.raises(ConfigError, match="sidecar"):
+        list(read_rows(tmp_path / "x", "sidecar"))
+
+
+# --- streaming --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", FILE_FORMATS)
+def test_streams_50k_rows_without_holding_them(tmp_path: Path, fmt: str) -> None:
+    n = 50_000
+    out = tmp_path / f"big.{fmt}"
+    one_row = len(json.dumps(next(_generated_rows(1))))
+    data_bytes = n * one_row  # ~16 MB as JSON; several times more as Python dicts
+    seen_on_disk: list[int] = []
+
+    def rows() -> Iterator[dict[str, Any]]:
+        for i, row in enumerate(_generated_rows(n)):
+            if i == 40_000:
+                # Bytes must already be on disk (in the temp file) while rows are still coming.
+                seen_on_disk.extend(p.stat().st_size for p in tmp_path.glob(f".{out.name}.*.tmp"))
+            yield row
+
+    tracemalloc.start()
+    try:
+        summary = export_rows(rows(), fmt, out, batch_rows=1_000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert summary.rows_written == n
+    assert seen_on_disk and seen_on_disk[0] > 0, "nothing written before the input ended"
+    assert peak < data_bytes / 10, f"peak {peak:,} B for {data_bytes:,} B of rows: rows were held in memory"
+    assert sum(1 for _ in read_rows(out, fmt)) == n
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+
+
+# --- atomicity --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", FILE_FORMATS)
+def test_failure_midway_leaves_nothing(tmp_path: Path, fmt: str) -> None:
+    out = tmp_path / f"partial.{fmt}"
+    with pytest.raises(RuntimeError, match="midway"):
+        export_rows(_generated_rows(50_000, fail_at=25_000), fmt, out, batch_rows=1_000)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", FILE_FORMATS)
+def test_failed_overwrite_keeps_the_old_file(tmp_path: Path, fmt: str) -> None:
+    out = tmp_path / f"results.{fmt}"
+    export_rows(awkward_rows(), fmt, out)
+    before = out.read_bytes()
+    with pytest.raises(RuntimeError):
+        export_rows(_generated_rows(5_000, fail_at=4_000), fmt, out, overwrite=True, batch_rows=1_000)
+    assert out.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def test_existing_file_is_refused_before_reading_rows(tmp_path: Path) -> None:
+    out = tmp_path / "results.jsonl"
+    out.write_text("keep me\n")
+    pulled: list[int] = []
+
+    def rows() -> Iterator[dict[str, Any]]:
+        pulled.append(1)
+        yield from awkward_rows()
+
+    with pytest.raises(ConfigError, match="overwrite"):
+        export_rows(rows(), "jsonl", out)
+    assert pulled == [] and out.read_text() == "keep me\n"
+    export_rows(rows(), "jsonl", out, overwrite=True)
+    assert len(list(read_rows(out, "jsonl"))) == len(awkward_rows())
+
+
+def test_missing_output_directory_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        export_rows(awkward_rows(), "csv", tmp_path / "nope" / "out.csv")
+    with pytest.raises(ConfigError, match="directory"):
+        export_rows(awkward_rows(), "csv", tmp_path)
+
+
+# --- sidecars ---------------------------------------------------------------------------------
+
+
+def _image(folder: Path, name: str) -> Path:
+    path = folder / name
+    path.write_bytes(b"not really an image; sidecars never open it")
+    return path
+
+
+def test_sidecars_skip_existing_then_overwrite(tmp_path: Path) -> None:
+    a, b, c = _image(tmp_path, "a.jpg"), _image(tmp_path, "b.photo.png"), _image(tmp_path, "c.jpg")
+    broken = _image(tmp_path, "d.jpg")
+    (tmp_path / "c.txt").write_text("hand-written caption\n")
+    rows = [
+        _ok(1, 'a cat, "quoted"\nand unicode ✓', ref=str(a)),
+        _ok(2, "second", ref=str(b)),
+        _ok(3, "machine caption", ref=str(c)),
+        _error(4, "decode_error", "corrupt", ref=str(broken)),
+        _ok(5, "remote", ref="https://example.com/e.jpg"),
+        _ok(6, "inline", ref="b64:" + "0" * 40),
+        _ok(7, "gone", ref=str(tmp_path / "missing.jpg")),
+    ]
+
+    summary = export_rows(rows, "sidecar", None)
+    assert (summary.rows_written, summary.files_written, summary.skipped, summary.path) == (2, 2, 5, None)
+    assert summary.skipped_by_reason == {"exists": 1, "not_ok": 1, "not_local": 2, "missing_image": 1}
+    assert (tmp_path / "a.txt").read_text(encoding="utf-8") == 'a cat, "quoted"\nand unicode ✓\n'
+    assert (tmp_path / "b.photo.txt").read_text() == "second\n"
+    assert (tmp_path / "c.txt").read_text() == "hand-written caption\n"
+    assert not (tmp_path / "d.txt").exists()
+
+    again = export_rows(rows, "sidecar", tmp_path / "ignored.jsonl", overwrite=True)
+    assert (again.files_written, again.skipped_by_reason.get("exists", 0)) == (3, 0)
+    assert (tmp_path / "c.txt").read_text() == "machine caption\n"
+    assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / "ignored.jsonl").exists()
+
+
+def test_sidecar_extension_and_self_clash(tmp_path: Path) -> None:
+    img = _image(tmp_path, "scan.jpg")
+    notes = _image(tmp_path, "notes.txt")
+    summary = export_rows([_ok(1, "x", ref=str(img)), _ok(2, "y", ref=str(notes))], "sidecar", None, sidecar_ext=".txt")
+    assert summary.skipped_by_reason == {"name_clash": 1}
+    assert notes.read_bytes().startswith(b"not really")  # the input was not replaced by its own caption
+    export_rows([_ok(1, "x", ref=str(img))], "sidecar", None, sidecar_ext=".caption")
+    assert (tmp_path / "scan.caption").read_text() == "x\n"
+    for bad in ("txt", ".", "../x", "./a/b"):
+        with pytest.raises(ConfigError, match="sidecar extension"):
+            export_rows([], "sidecar", None, sidecar_ext=bad)
