@@ -1,0 +1,297 @@
+"""Job and item state in Redis: the durable record of every job (the Celery result backend is only a cache).
+
+Keys, all under ``<prefix>:``:
+  jobs                 ZSET   job id -> created time
+  job:<id>             HASH   name, params, state, created, finished, n_total, n_ok, n_error, n_cancelled
+  job:<id>:src         HASH   item id -> source reference (the manifest)
+  job:<id>:res         HASH   item id -> result row (JSON); absent = pending
+  job:<id>:att         HASH   item id -> attempts started
+
+Result writes are one Lua script per batch of rows: keyed by item id, counters move only when an item's
+status changes, and a caption, once written, is never replaced. Redelivered or duplicated work therefore
+cannot produce a second row or a double count.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from worker.errors import BrokerUnavailable, UnknownJob
+from worker.messages import GenParams, ItemResult, ItemStatus, JobState
+
+# KEYS: job hash, results hash.  ARGV: ttl, then (id, status, row-json) triples.
+# Returns the number of rows whose status changed; finishes the job when every item has a row.
+_RECORD = """
+local changed = 0
+for i = 2, #ARGV, 3 do
+  local id, st, body = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local prev = redis.call('HGET', KEYS[2], id)
+  local prevst = false
+  if prev then prevst = cjson.decode(prev)['status'] end
+  if prevst == 'ok' then
+    -- a caption is final: exactly one row per item, whatever is redelivered
+  elseif prevst == st then
+    redis.call('HSET', KEYS[2], id, body)
+  else
+    if prevst then redis.call('HINCRBY', KEYS[1], 'n_' .. prevst, -1) end
+    redis.call('HSET', KEYS[2], id, body)
+    redis.call('HINCRBY', KEYS[1], 'n_' .. st, 1)
+    changed = changed + 1
+  end
+end
+__FINISH__
+return changed
+"""
+
+# Marks a job done once every manifest item has a row, unless the producer is still adding items ('open').
+_FINISH = """
+local h = redis.call('HMGET', KEYS[1], 'n_total', 'n_ok', 'n_error', 'n_cancelled', 'state', 'open')
+local total = tonumber(h[1] or '0') or 0
+local settled = (tonumber(h[2] or '0') or 0) + (tonumber(h[3] or '0') or 0) + (tonumber(h[4] or '0') or 0)
+if total > 0 and settled >= total and h[5] == 'running' and not h[6] then
+  redis.call('HSET', KEYS[1], 'state', 'done', 'finished', ARGV[1])
+end
+"""
+_RECORD = _RECORD.replace("__FINISH__", _FINISH)
+# KEYS: job hash, results hash, attempts hash.  ARGV: item ids going back on the queue.
+# Their failed or cancelled rows are removed (counters follow), so they count as pending again.
+_REQUEUE = """
+local n = 0
+for _, id in ipairs(ARGV) do
+  local prev = redis.call('HGET', KEYS[2], id)
+  if prev then
+    local st = cjson.decode(prev)['status']
+    if st ~= 'ok' then
+      redis.call('HDEL', KEYS[2], id)
+      redis.call('HINCRBY', KEYS[1], 'n_' .. st, -1)
+      n = n + 1
+    end
+  end
+  redis.call('HDEL', KEYS[3], id)
+end
+return n
+"""
+
+# KEYS: job hash.  ARGV: now.  The producer calls this when it has added its last item.
+_SEAL = "redis.call('HDEL', KEYS[1], 'open')\n" + _FINISH
+
+
+@dataclass
+class JobInfo:
+    """A job's counters and metadata as stored in the ledger."""
+
+    id: str
+    name: str
+    state: JobState
+    params: GenParams
+    created: float
+    finished: float | None
+    total: int
+    ok: int
+    error: int
+    cancelled: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pending(self) -> int:
+        return max(0, self.total - self.ok - self.error - self.cancelled)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "state": self.state.value,
+            "params": self.params.model_dump(),
+            "created": self.created,
+            "finished": self.finished,
+            "total": self.total,
+            "ok": self.ok,
+            "error": self.error,
+            "cancelled": self.cancelled,
+            "pending": self.pending,
+            **self.extra,
+        }
+
+
+def redis_client(url: str, **ssl: Any) -> redis.Redis:
+    """A Redis client with bounded timeouts, so an unreachable Redis is an error, not a hang."""
+    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30, **ssl)
+
+
+class Ledger:
+    """Reads and writes job state. Every write is idempotent by item id."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "captioner") -> None:
+        self.r = client
+        self.prefix = prefix
+        self._record = client.register_script(_RECORD)
+        self._seal = client.register_script(_SEAL)
+        self._requeue = client.register_script(_REQUEUE)
+
+    # --- keys -----------------------------------------------------------------------------------
+    def _k(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    def job_key(self, job_id: str) -> str:
+        return self._k("job", job_id)
+
+    def ping(self) -> None:
+        """Raise ``BrokerUnavailable`` with the reason when Redis cannot be reached."""
+        try:
+            self.r.ping()
+        except redis.RedisError as exc:
+            raise BrokerUnavailable(f"cannot reach the ledger Redis: {exc}") from None
+
+    # --- jobs -----------------------------------------------------------------------------------
+    def open_job(self, job_id: str, name: str, params: GenParams, extra: dict[str, Any] | None = None) -> bool:
+        """Create the job if new, or reopen it (a resumed enqueue); returns True when it was created."""
+        key = self.job_key(job_id)
+        now = time.time()
+        created = self.r.hsetnx(key, "created", repr(now))
+        # 'open' holds the job back from 'done' while the producer is still adding items (see seal()).
+        fields = {"name": name, "params": params.model_dump_json(), "state": JobState.RUNNING.value, "open": "1"}
+        if extra:
+            fields["extra"] = json.dumps(extra)
+        pipe = self.r.pipeline()
+        pipe.hset(key, mapping=fields)
+        pipe.hdel(key, "finished")
+        pipe.zadd(self._k("jobs"), {job_id: now}, nx=True)
+        pipe.execute()
+        return bool(created)
+
+    def seal(self, job_id: str) -> None:
+        """The producer has added every item: the job may now finish."""
+        self._seal(keys=[self.job_key(job_id)], args=[repr(time.time())])
+
+    def add_items(self, job_id: str, items: Iterable[tuple[str, str]]) -> int:
+        """Add (item id, reference) pairs to the manifest; returns how many were new."""
+        mapping = dict(items)
+        if not mapping:
+            return 0
+        pipe = self.r.pipeline()
+        pipe.hset(self._k("job", job_id, "src"), mapping=mapping)
+        new = pipe.execute()[0]
+        if new:
+            self.r.hincrby(self.job_key(job_id), "n_total", new)
+        return int(new)
+
+    def job(self, job_id: str) -> JobInfo:
+        raw = self.r.hgetall(self.job_key(job_id))
+        if not raw or b"created" not in raw:
+            raise UnknownJob(f"no job {job_id!r} in the ledger (captioner jobs lists them)")
+        return self._info(job_id, raw)
+
+    def exists(self, job_id: str) -> bool:
+        return bool(self.r.exists(self.job_key(job_id)))
+
+    def jobs(self, limit: int = 50) -> list[JobInfo]:
+        ids = [i.decode() for i in self.r.zrevrange(self._k("jobs"), 0, limit - 1)]
+        pipe = self.r.pipeline()
+        for job_id in ids:
+            pipe.hgetall(self.job_key(job_id))
+        return [self._info(job_id, raw) for job_id, raw in zip(ids, pipe.execute(), strict=True) if raw]
+
+    @staticmethod
+    def _info(job_id: str, raw: dict[bytes, bytes]) -> JobInfo:
+        def num(name: str) -> int:
+            return int(raw.get(name.encode(), b"0"))
+
+        finished = raw.get(b"finished")
+        return JobInfo(
+            id=job_id,
+            name=raw.get(b"name", b"").decode(),
+            state=JobState(raw.get(b"state", b"running").decode()),
+            params=GenParams.model_validate_json(raw.get(b"params", b"{}")),
+            created=float(raw.get(b"created", b"0")),
+            finished=float(finished) if finished else None,
+            total=num("n_total"),
+            ok=num("n_ok"),
+            error=num("n_error"),
+            cancelled=num("n_cancelled"),
+            extra=json.loads(raw[b"extra"]) if b"extra" in raw else {},
+        )
+
+    def set_state(self, job_id: str, state: JobState) -> None:
+        self.r.hset(self.job_key(job_id), "state", state.value)
+
+    def state(self, job_id: str) -> JobState | None:
+        raw = self.r.hget(self.job_key(job_id), "state")
+        return JobState(raw.decode()) if raw else None
+
+    # --- items ----------------------------------------------------------------------------------
+    def statuses(self, job_id: str, ids: list[str]) -> dict[str, ItemStatus]:
+        """Current status of each id (pending when no row exists)."""
+        if not ids:
+            return {}
+        rows = self.r.hmget(self._k("job", job_id, "res"), ids)
+        return {
+            i: ItemStatus(json.loads(row)["status"]) if row else ItemStatus.PENDING
+            for i, row in zip(ids, rows, strict=True)
+        }
+
+    def begin_attempt(self, job_id: str, ids: list[str]) -> dict[str, int]:
+        """Count one more attempt for each item (before work starts, so a crash counts too)."""
+        key = self._k("job", job_id, "att")
+        pipe = self.r.pipeline(transaction=False)
+        for i in ids:
+            pipe.hincrby(key, i, 1)
+        return dict(zip(ids, (int(n) for n in pipe.execute()), strict=True))
+
+    def requeue(self, job_id: str, ids: list[str]) -> int:
+        """Make items pending again before they are re-sent: drop their failed or cancelled rows and their
+        attempt counts (an operator's retry is a fresh start, not a step towards poison)."""
+        if not ids:
+            return 0
+        keys = [self.job_key(job_id), self._k("job", job_id, "res"), self._k("job", job_id, "att")]
+        return int(self._requeue(keys=keys, args=ids))
+
+    def record(self, job_id: str, rows: list[ItemResult]) -> int:
+        """Durably write result rows (one atomic script); returns how many rows changed status."""
+        if not rows:
+            return 0
+        argv: list[str] = [repr(time.time())]
+        for row in rows:
+            argv += [row.id, row.status.value, row.model_dump_json(exclude_none=True)]
+        return int(self._record(keys=[self.job_key(job_id), self._k("job", job_id, "res")], args=argv))
+
+    def iter_results(self, job_id: str, count: int = 1000) -> Iterator[dict[str, Any]]:
+        """Every written row, streamed with HSCAN (order is Redis's)."""
+        for _, raw in self.r.hscan_iter(self._k("job", job_id, "res"), count=count):
+            yield json.loads(raw)
+
+    def iter_sources(self, job_id: str, count: int = 1000) -> Iterator[tuple[str, str]]:
+        for item, ref in self.r.hscan_iter(self._k("job", job_id, "src"), count=count):
+            yield item.decode(), ref.decode("utf-8", "surrogateescape")
+
+    def iter_unfinished(
+        self, job_id: str, *, want: frozenset[ItemStatus] = frozenset({ItemStatus.PENDING, ItemStatus.ERROR})
+    ) -> Iterator[tuple[str, str]]:
+        """Manifest items whose current status is in ``want`` (pending, failed, cancelled...)."""
+        batch: list[tuple[str, str]] = []
+        for pair in self.iter_sources(job_id):
+            batch.append(pair)
+            if len(batch) >= 1000:
+                yield from self._filter(job_id, batch, want)
+                batch = []
+        yield from self._filter(job_id, batch, want)
+
+    def _filter(
+        self, job_id: str, batch: list[tuple[str, str]], want: frozenset[ItemStatus]
+    ) -> Iterator[tuple[str, str]]:
+        status = self.statuses(job_id, [i for i, _ in batch])
+        for item, ref in batch:
+            if status[item] in want:
+                yield item, ref
+
+    def expire_job(self, job_id: str, ttl_s: int) -> None:
+        keys = [self.job_key(job_id)] + [self._k("job", job_id, s) for s in ("src", "res", "att")]
+        pipe = self.r.pipeline()
+        for key in keys:
+            pipe.expire(key, ttl_s)
+        pipe.execute()
