@@ -1,0 +1,84 @@
+"""The Celery app: broker, JSON-only serialisation, routing and ack policy. Imports no torch.
+
+``celery -A worker.celery_app worker ...`` and ``captioner worker`` both use ``app`` below.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from celery import Celery
+
+from worker.messages import CAPTION_TASKS, TRAINING_TASKS
+from worker.settings import Settings, get_settings
+
+_CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
+
+
+def ssl_options(settings: Settings) -> dict[str, Any]:
+    """Explicit certificate settings for rediss:// (Settings already refused rediss:// without them)."""
+    opts: dict[str, Any] = {}
+    if settings.redis_ssl_cert_reqs is not None:
+        opts["ssl_cert_reqs"] = _CERT_REQS[settings.redis_ssl_cert_reqs]
+    elif settings.redis_ssl_ca_certs is not None:
+        opts["ssl_cert_reqs"] = ssl.CERT_REQUIRED
+    if settings.redis_ssl_ca_certs is not None:
+        opts["ssl_ca_certs"] = str(settings.redis_ssl_ca_certs)
+    return opts
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Everything Celery needs from our settings, in one place."""
+    routes = {name: {"queue": settings.caption_queue} for name in CAPTION_TASKS}
+    routes |= {name: {"queue": settings.training_queue} for name in TRAINING_TASKS}
+    transport = {
+        "visibility_timeout": settings.visibility_timeout_s,
+        # kombu 5.7: sweep for messages of dead workers every interval (default is ~100 s).
+        "unacked_restore_interval": settings.unacked_restore_interval_s,
+        "unacked_restore_throttle": 1,
+        "socket_connect_timeout": 5,
+        "socket_timeout": 30,
+    }
+    conf: dict[str, Any] = {
+        "broker_url": settings.broker_url_str,
+        "result_backend": settings.result_backend_str,
+        # JSON only, both ways: a pickle body is refused before anything in it can run.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # Ack after the results are recorded; a crash means redelivery, and writes are idempotent.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": settings.prefetch_multiplier,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,  # a worker waits for Redis to come back, forever
+        "task_routes": routes,
+        "task_default_queue": settings.caption_queue,
+        "result_expires": settings.result_expires_s,
+        "result_extended": True,
+        "task_track_started": True,
+        # Events on, so Flower and `celery events` see every task.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+    }
+    tls = ssl_options(settings)
+    if settings.broker_url_str.startswith("rediss://"):
+        conf["broker_use_ssl"] = tls
+    if settings.result_backend_str.startswith("rediss://"):
+        conf["redis_backend_use_ssl"] = tls
+    return conf
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    app = Celery("captioner", include=["worker.tasks"])
+    app.conf.update(celery_config(settings))
+    return app
+
+
+app = create_app()

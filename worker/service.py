@@ -1,0 +1,226 @@
+"""The caption service inside one worker process: sources -> images -> batched engine -> result rows.
+
+Plain Python: no Celery here. Tasks call ``CaptionService`` and decide only on acks and retries. The model
+is loaded once, lazily, on first use (or by ``warm_up`` when the worker starts).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from worker.batcher import MicroBatcher
+from worker.errors import Cancelled, EngineError, ItemError, Poison
+from worker.images import ImagePolicy, load_image
+from worker.messages import ChunkMessage, GenParams, ItemResult, ItemStatus, JobState, Source, item_id
+from worker.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.engine import CaptionEngine
+    from worker.ledger import Ledger
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[], "CaptionEngine"]
+
+
+def _default_engine_factory(settings: Settings) -> EngineFactory:
+    def load() -> CaptionEngine:
+        from worker.engine import CaptionEngine, EngineConfig  # torch is imported here, not at module load
+
+        return CaptionEngine.load(EngineConfig.from_settings(settings))
+
+    return load
+
+
+@dataclass
+class ChunkOutcome:
+    """What one chunk did, for the task's return value and the log line."""
+
+    job_id: str
+    items: int
+    ok: int = 0
+    error: int = 0
+    skipped: int = 0
+    retry: list[str] | None = None
+    load_ms: float = 0.0
+    infer_ms: float = 0.0
+    write_ms: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+class CaptionService:
+    """Owns the engine, the batcher and the decode pool of one worker process."""
+
+    def __init__(
+        self, settings: Settings, *, ledger: Ledger | None = None, engine_factory: EngineFactory | None = None
+    ) -> None:
+        self.settings = settings
+        self.policy = ImagePolicy.from_settings(settings)
+        self.ledger = ledger
+        self._engine_factory = engine_factory or _default_engine_factory(settings)
+        self._engine: CaptionEngine | None = None
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        self.batcher: MicroBatcher[GenParams] = MicroBatcher(
+            self._run_batch,
+            max_batch=settings.max_batch_size,
+            max_wait_s=settings.max_wait_ms / 1000,
+            key=GenParams.key,
+            name="engine",
+        )
+
+    # --- the engine -----------------------------------------------------------------------------
+    @property
+    def engine(self) -> CaptionEngine:
+        if self._engine is None:
+            with self._lock:
+                if self._engine is None:
+                    started = time.perf_counter()
+                    engine = self._engine_factory()
+                    log.info(
+                        "model loaded version=%s device=%s dtype=%s in %.1fs",
+                        engine.version,
+                        engine.device,
+                        engine.dtype,
+                        time.perf_counter() - started,
+                    )
+                    self._engine = engine
+        return self._engine
+
+    def swap_engine(self, engine: CaptionEngine) -> None:
+        """Serve a new model from the next batch on; batches in flight finish on the old one."""
+        with self._lock:
+            self._engine = engine
+
+    def warm_up(self) -> str:
+        return self.engine.version
+
+    def _run_batch(self, items: list[Any], params: GenParams) -> list[tuple[str, str]]:
+        import torch
+
+        engine = self.engine  # one engine per batch: a swap lands between batches, never inside one
+        captions = engine.generate(torch.cat(items), params)
+        return [(c, engine.version) for c in captions]
+
+    # --- captioning -----------------------------------------------------------------------------
+    def _prepare(self, src: Source, params: GenParams) -> tuple[Future[Any], float]:
+        started = time.perf_counter()
+        image = load_image(src, self.policy)
+        pixels = self.engine.prepare([image])
+        return self.batcher.submit(pixels, params), (time.perf_counter() - started) * 1000
+
+    def caption_items(
+        self, items: list[tuple[str, Source]], params: GenParams, attempts: dict[str, int] | None = None
+    ) -> list[ItemResult]:
+        """One result row per item, same order. Per-item failures are rows; nothing here raises for them."""
+        self.engine  # noqa: B018 - load before fanning out, so decode threads don't all wait on the lock
+        prepared = [self._pool.submit(self._prepare, src, params) for _, src in items]
+        rows: list[ItemResult] = []
+        for (iid, src), fut in zip(items, prepared, strict=True):
+            base = {"id": iid, "ref": src.ref, "params": params, "attempts": (attempts or {}).get(iid, 1)}
+            try:
+                caption_future, load_ms = fut.result()
+                caption, version = caption_future.result()
+            except ItemError as exc:
+                rows.append(_error_row(base, exc))
+                continue
+            except Exception as exc:  # a bug, not bad input: keep the batch alive, say so loudly
+                log.exception("unexpected failure on %s", src.ref)
+                rows.append(_error_row(base, EngineError(f"{type(exc).__name__}: {exc}")))
+                continue
+            rows.append(
+                ItemResult(
+                    **base,
+                    status=ItemStatus.OK,
+                    caption=caption,
+                    model_version=version,
+                    timings={"load_ms": round(load_ms, 2)},
+                    finished_at=time.time(),
+                )
+            )
+        return rows
+
+    def caption_sources(self, sources: list[Source], params: GenParams) -> list[ItemResult]:
+        return self.caption_items([(item_id(s.ref), s) for s in sources], params)
+
+    # --- ledger jobs ----------------------------------------------------------------------------
+    def run_chunk(self, msg: ChunkMessage) -> ChunkOutcome:
+        """Caption a chunk of a job and record every row before returning (the task acks after)."""
+        assert self.ledger is not None, "run_chunk needs a ledger"
+        ledger, out = self.ledger, ChunkOutcome(job_id=msg.job_id, items=len(msg.items))
+        started = time.perf_counter()
+        ids = [it.id for it in msg.items]
+        status = ledger.statuses(msg.job_id, ids)
+        todo = [it for it in msg.items if status[it.id] is not ItemStatus.OK]
+        out.skipped = len(msg.items) - len(todo)
+        if not todo:
+            return out
+        if ledger.state(msg.job_id) is JobState.CANCELLED:
+            rows = [_error_row({"id": it.id, "ref": _ref(it.src), "params": msg.params}, Cancelled("job cancelled"))
+                    for it in todo]
+            ledger.record(msg.job_id, rows)
+            out.error = len(rows)
+            return out
+        attempts = ledger.begin_attempt(msg.job_id, [it.id for it in todo])
+        poison = [it for it in todo if attempts[it.id] > self.settings.max_attempts]
+        work = [it for it in todo if attempts[it.id] <= self.settings.max_attempts]
+        rows = [
+            _error_row(
+                {"id": it.id, "ref": _ref(it.src), "params": msg.params, "attempts": attempts[it.id]},
+                Poison(f"gave up after {attempts[it.id] - 1} attempts"),
+            )
+            for it in poison
+        ]
+        from worker.messages import source_from_wire
+
+        batches_before = self.batcher.stats.infer_s
+        rows += self.caption_items([(it.id, source_from_wire(it.src)) for it in work], msg.params, attempts)
+        out.load_ms = sum(r.timings.get("load_ms", 0.0) for r in rows)
+        out.infer_ms = (self.batcher.stats.infer_s - batches_before) * 1000
+        # Transient failures with attempts left are not written: the task sends them again after a backoff.
+        retry = {r.id for r in rows if r.transient and r.attempts < self.settings.max_attempts}
+        rows = [r for r in rows if r.id not in retry]
+        write_started = time.perf_counter()
+        ledger.record(msg.job_id, rows)
+        if self.settings.ledger_ttl_s and ledger.state(msg.job_id) is JobState.DONE:
+            ledger.expire_job(msg.job_id, self.settings.ledger_ttl_s)
+        out.write_ms = (time.perf_counter() - write_started) * 1000
+        out.ok = sum(r.status is ItemStatus.OK for r in rows)
+        out.error = len(rows) - out.ok
+        out.retry = sorted(retry) or None
+        log.info(
+            "chunk job=%s items=%d ok=%d error=%d skipped=%d load_ms=%.0f infer_ms=%.0f write_ms=%.1f total_ms=%.0f",
+            msg.job_id, out.items, out.ok, out.error, out.skipped, out.load_ms, out.infer_ms, out.write_ms,
+            (time.perf_counter() - started) * 1000,
+        )  # fmt: skip
+        return out
+
+    def close(self) -> None:
+        self.batcher.stop(timeout=30)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _ref(src: str | dict[str, str]) -> str:
+    from worker.messages import source_from_wire
+
+    return source_from_wire(src).ref
+
+
+def _error_row(base: dict[str, Any], exc: ItemError) -> ItemResult:
+    status = ItemStatus.CANCELLED if isinstance(exc, Cancelled) else ItemStatus.ERROR
+    return ItemResult(
+        **base,
+        status=status,
+        error_class=exc.code,
+        error=str(exc)[:500],
+        transient=exc.transient or None,
+        finished_at=time.time(),
+    )

@@ -1,0 +1,135 @@
+"""Thin Celery adapters: parse the message, call the service, return rows, decide on retry. No logic here."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import redis
+from celery import Task
+from celery.signals import celeryd_after_setup, worker_shutting_down
+from celery.worker.control import inspect_command
+
+from worker.celery_app import app
+from worker.ledger import Ledger, redis_client
+from worker.messages import (
+    TASK_CAPTION,
+    TASK_CAPTION_CHUNK,
+    TASK_CAPTION_MANY,
+    CaptionManyRequest,
+    CaptionRequest,
+    ChunkItem,
+    ChunkMessage,
+    parse_message,
+    source_from_wire,
+)
+from worker.service import CaptionService
+from worker.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+_service: CaptionService | None = None
+_service_lock = threading.Lock()
+
+# Infrastructure blips: retried with backoff until Redis answers again; the message stays ours meanwhile.
+_INFRA_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+
+
+def service() -> CaptionService:
+    """The process's one CaptionService (model, batcher, decode pool), built on first use."""
+    global _service
+    if _service is None:
+        with _service_lock:
+            if _service is None:
+                settings = get_settings()
+                from worker.celery_app import ssl_options
+
+                tls = ssl_options(settings) if settings.redis_url_str.startswith("rediss://") else {}
+                ledger = Ledger(redis_client(settings.redis_url_str, **tls), settings.key_prefix)
+                _service = CaptionService(settings, ledger=ledger)
+    return _service
+
+
+def _payload(**fields: Any) -> dict[str, Any]:
+    """Keyword arguments as a payload; parameters the caller left out take this worker's defaults."""
+    payload = {k: v for k, v in fields.items() if v is not None}
+    if isinstance(payload.get("params", {}), dict):
+        s = get_settings()
+        payload["params"] = {"max_length": s.max_length, "num_beams": s.num_beams, **payload.get("params", {})}
+    return payload
+
+
+def _backoff(attempt: int) -> int:
+    return min(2 ** max(attempt, 1), 60)
+
+
+@app.task(name=TASK_CAPTION_CHUNK, bind=True, autoretry_for=_INFRA_ERRORS, retry_backoff=True, max_retries=None)
+def caption_chunk(self: Task, job_id: Any = None, items: Any = None, params: Any = None, **extra: Any) -> dict:
+    """Caption a chunk of a ledger job; rows are in Redis before this returns (and the message is acked)."""
+    msg = parse_message(ChunkMessage, _payload(job_id=job_id, items=items, params=params, **extra))
+    outcome = service().run_chunk(msg)  # type: ignore[arg-type]
+    if outcome.retry:
+        again = [it for it in msg.items if it.id in set(outcome.retry)]  # type: ignore[attr-defined]
+        _resend(self, msg, again)  # type: ignore[arg-type]
+    return outcome.as_dict()
+
+
+def _resend(task: Task, msg: ChunkMessage, items: list[ChunkItem]) -> None:
+    attempt = int(task.request.retries or 0) + 1
+    body = {"job_id": msg.job_id, "items": [it.model_dump() for it in items], "params": msg.params.model_dump()}
+    task.apply_async(kwargs=body, countdown=_backoff(attempt))
+    log.info("chunk job=%s retrying %d transient item(s) in %ds", msg.job_id, len(items), _backoff(attempt))
+
+
+@app.task(name=TASK_CAPTION, bind=True, autoretry_for=_INFRA_ERRORS, retry_backoff=True, max_retries=None)
+def caption(self: Task, source: Any = None, params: Any = None, **extra: Any) -> dict:
+    """One image in, one result row out (status ok with a caption, or error with its class)."""
+    req = parse_message(CaptionRequest, _payload(source=source, params=params, **extra))
+    row = service().caption_sources([req.src()], req.params)[0]  # type: ignore[attr-defined]
+    if row.transient and self.request.retries + 1 < get_settings().max_attempts:
+        raise self.retry(countdown=_backoff(self.request.retries + 1), max_retries=get_settings().max_attempts)
+    return row.model_dump(mode="json", exclude_none=True)
+
+
+@app.task(name=TASK_CAPTION_MANY, bind=True, autoretry_for=_INFRA_ERRORS, retry_backoff=True, max_retries=None)
+def caption_many(self: Task, sources: Any = None, params: Any = None, **extra: Any) -> list[dict]:
+    """A list of images in, a list of result rows out, same order and length."""
+    req = parse_message(CaptionManyRequest, _payload(sources=sources, params=params, **extra))
+    srcs = [source_from_wire(s) for s in req.sources]  # type: ignore[attr-defined]
+    rows = service().caption_sources(srcs, req.params)  # type: ignore[attr-defined]
+    return [r.model_dump(mode="json", exclude_none=True) for r in rows]
+
+
+@inspect_command()
+def captioner_info(state: Any, **kwargs: Any) -> dict[str, Any]:
+    """`celery inspect captioner_info`: the model version this worker serves, and its batching figures."""
+    svc = _service
+    if svc is None or svc._engine is None:
+        return {"model_version": None, "loaded": False}
+    eng, stats = svc._engine, svc.batcher.stats
+    return {
+        "loaded": True,
+        "model_version": eng.version,
+        "device": str(eng.device),
+        "dtype": str(eng.dtype).removeprefix("torch."),
+        "max_batch_size": svc.batcher.max_batch,
+        "batches": stats.batches,
+        "items": stats.items,
+        "infer_s": round(stats.infer_s, 3),
+    }
+
+
+@celeryd_after_setup.connect
+def _warm_up(sender: str, instance: Any, **kwargs: Any) -> None:
+    """Load the model before consuming, so the first message never waits for it (caption workers only)."""
+    queues = set(instance.app.amqp.queues.consume_from or {}) or {get_settings().caption_queue}
+    if get_settings().caption_queue in queues:
+        version = service().warm_up()
+        log.info("worker %s serves model %s", sender, version)
+
+
+@worker_shutting_down.connect
+def _stop(**kwargs: Any) -> None:
+    if _service is not None:
+        log.info("shutting down: finishing batches in flight")
