@@ -1,0 +1,1 @@
+"""The producer: the captioner CLI, source expansion and job control. Never imports torch."""

@@ -1,0 +1,392 @@
+"""The ``captioner`` command line: enqueue and follow jobs, export results, start workers. Never imports torch.
+
+A user's mistake is one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from worker.errors import CaptionerError, ConfigError
+from worker.messages import GenParams
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class _Group(click.Group):
+    """Turns the errors a user can cause into one clear line."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
+            raise
+        except CaptionerError as exc:
+            raise _Fail(f"{exc}") from None
+        except Exception as exc:
+            message = _infra_message(exc)
+            if message is None:
+                raise
+            raise _Fail(message) from None
+
+
+class _Fail(click.ClickException):
+    exit_code = EXIT_ERROR
+
+    def show(self, file: Any = None) -> None:
+        click.secho(f"error: {self.format_message()}", err=True, fg="red")
+
+
+def _infra_message(exc: Exception) -> str | None:
+    """Broker and settings failures, said plainly; None for anything that is a bug."""
+    import redis
+    from kombu.exceptions import OperationalError
+    from pydantic import ValidationError
+
+    if isinstance(exc, redis.exceptions.ResponseError) and "OOM" in str(exc):
+        return f"Redis is out of memory (maxmemory reached); nothing more was written: {exc}"
+    if isinstance(exc, redis.RedisError | OperationalError | ConnectionError):
+        return f"cannot reach Redis: {exc} (check CAPTIONER_BROKER_URL / CAPTIONER_REDIS_URL)"
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        return f"bad setting {'.'.join(map(str, first['loc']))}: {first['msg']}"
+    return None
+
+
+def _settings(ctx: click.Context) -> Any:
+    return ctx.find_root().obj["settings"]
+
+
+def _client(ctx: click.Context) -> Any:
+    from producer.jobs import JobClient
+
+    obj = ctx.find_root().obj
+    if "client" not in obj:
+        obj["client"] = JobClient(_settings(ctx))
+    return obj["client"]
+
+
+def _emit(as_json: bool, data: Any, human: Callable[[], None]) -> None:
+    if as_json:
+        click.echo(json.dumps(data, ensure_ascii=False, default=str))
+    else:
+        human()
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--broker-url", envvar="CAPTIONER_BROKER_URL", help="Celery broker (redis://...).")
+@click.option("--redis-url", envvar="CAPTIONER_REDIS_URL", help="Ledger Redis; defaults to the broker.")
+@click.option("--key-prefix", envvar="CAPTIONER_KEY_PREFIX", help="Prefix of every ledger key.")
+@click.pass_context
+def cli(ctx: click.Context, broker_url: str | None, redis_url: str | None, key_prefix: str | None) -> None:
+    """Caption very large image archives with a GIT model on a Celery + Redis queue."""
+    from pydantic import ValidationError
+
+    from worker.settings import Settings, use_settings
+
+    overrides = {"broker_url": broker_url, "redis_url": redis_url, "key_prefix": key_prefix}
+    try:
+        settings = Settings(**{k: v for k, v in overrides.items() if v})
+    except ValidationError as exc:
+        raise _Fail(_infra_message(exc) or str(exc)) from None
+    except ConfigError as exc:
+        raise _Fail(str(exc)) from None
+    use_settings(settings)
+    ctx.obj = {"settings": settings}
+
+
+# --- enqueue ---------------------------------------------------------------------------------------
+
+
+def _gen_params(settings: Any, max_length: int | None, num_beams: int | None, prompt: str | None) -> GenParams:
+    from pydantic import ValidationError
+
+    try:
+        return GenParams(
+            max_length=max_length or settings.max_length, num_beams=num_beams or settings.num_beams, prompt=prompt
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise click.BadParameter(first["msg"], param_hint=f"--{str(first['loc'][0]).replace('_', '-')}") from None
+
+
+@cli.command()
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--job-id", help="Job id (default: derived from the sources and options, so a re-run resumes).")
+@click.option("--name", help="A label shown by `captioner jobs`.")
+@click.option("--column", help="Column holding image references in csv/jsonl/parquet lists.")
+@click.option("--chunk-size", type=click.IntRange(1, 10_000), envvar="CAPTIONER_CHUNK_SIZE", help="Images per message.")
+@click.option("--max-length", type=click.IntRange(1, 512), help="Longest caption in tokens (default 50).")
+@click.option("--num-beams", type=click.IntRange(1, 16), help="Beam search width (default 1: greedy).")
+@click.option("--prompt", help="Text every caption starts with.")
+@click.option("--follow-links", is_flag=True, help="Follow symlinked directories when walking.")
+@click.option("--wait", "wait_", is_flag=True, help="Follow the job until it is done, with a progress bar.")
+@json_option
+@click.pass_context
+def enqueue(
+    ctx: click.Context,
+    sources: tuple[str, ...],
+    job_id: str | None,
+    name: str | None,
+    column: str | None,
+    chunk_size: int | None,
+    max_length: int | None,
+    num_beams: int | None,
+    prompt: str | None,
+    follow_links: bool,
+    wait_: bool,
+    as_json: bool,
+) -> None:
+    """Create (or resume) a job from image files, directories, globs, URLs and URL/path lists.
+
+    Prints the job id. Running the same command again resumes the job: captioned items are skipped.
+    """
+    import itertools
+
+    from producer.jobs import derive_job_id
+    from producer.sources import expand
+
+    settings = _settings(ctx)
+    params = _gen_params(settings, max_length, num_beams, prompt)
+    keys = [s if s.startswith(("http://", "https://")) else str(Path(s).expanduser().resolve()) for s in sources]
+    job_id = job_id or derive_job_id([*keys, column or ""], params)
+    refs = itertools.chain.from_iterable(expand(s, column=column, follow_links=follow_links) for s in sources)
+    refs = _warn_roots(settings, refs)
+    report = _client(ctx).enqueue(refs, job_id=job_id, name=name or "", params=params, chunk_size=chunk_size)
+    if not as_json:
+        click.echo(job_id)
+        verb = "created" if report.created else "resumed"
+        click.echo(
+            f"{verb} job {job_id}: {report.items} item(s), {report.sent} queued, {report.skipped} already "
+            f"captioned, {report.messages} message(s) in {report.seconds:.2f}s",
+            err=True,
+        )
+    if wait_:
+        info = _wait(ctx, job_id, None, as_json)
+        if as_json:
+            click.echo(json.dumps({"enqueue": report.as_dict(), "job": info.as_dict()}))
+    elif as_json:
+        click.echo(json.dumps(report.as_dict()))
+
+
+def _warn_roots(settings: Any, refs: Any) -> Any:
+    """Tell the user now, not after a million forbidden rows, when paths fall outside the allowed roots."""
+    warned = False
+    for ref in refs:
+        if not warned and not ref.startswith(("http://", "https://")):
+            warned = True
+            roots = settings.allowed_roots
+            if not any(Path(ref).is_relative_to(r) for r in roots):
+                where = ", ".join(map(str, roots)) or "none set"
+                click.secho(
+                    f"warning: {ref} is outside CAPTIONER_ALLOWED_ROOTS ({where}); workers with the same "
+                    "settings will refuse it as 'forbidden'",
+                    err=True,
+                    fg="yellow",
+                )
+        yield ref
+
+
+# --- follow ----------------------------------------------------------------------------------------
+
+
+def _print_status(info: Any) -> None:
+    click.echo(f"job        {info.id}  ({info.name})")
+    click.echo(f"state      {info.state.value}")
+    click.echo(f"items      {info.total}: {info.ok} ok, {info.error} failed, {info.cancelled} cancelled, "
+               f"{info.pending} pending")  # fmt: skip
+    p = info.params
+    click.echo(f"params     max_length={p.max_length} num_beams={p.num_beams} prompt={p.prompt!r}")
+
+
+@cli.command()
+@click.argument("job_id")
+@json_option
+@click.pass_context
+def status(ctx: click.Context, job_id: str, as_json: bool) -> None:
+    """Counters and state of one job."""
+    info = _client(ctx).status(job_id)
+    _emit(as_json, info.as_dict(), lambda: _print_status(info))
+
+
+def _wait(ctx: click.Context, job_id: str, timeout: float | None, quiet: bool) -> Any:
+    client = _client(ctx)
+    if quiet or not sys.stderr.isatty():
+        info = client.wait(job_id, timeout=timeout, on_tick=lambda _: None)
+    else:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        columns = [
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        ]
+        with Progress(*columns, transient=False) as bar:
+            task = bar.add_task(job_id, total=None, rate="")
+
+            def tick(info: Any) -> None:
+                done = info.ok + info.error + info.cancelled
+                speed = bar.tasks[0].speed
+                bar.update(task, total=info.total, completed=done, rate=f"{speed:.1f} img/s" if speed else "")
+
+            info = client.wait(job_id, timeout=timeout, on_tick=tick)
+    if not quiet:
+        _print_status(info)
+    return info
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--timeout", type=float, help="Give up after this many seconds (exit 1).")
+@click.option("--strict", is_flag=True, help="Exit 1 when any item failed.")
+@json_option
+@click.pass_context
+def wait(ctx: click.Context, job_id: str, timeout: float | None, strict: bool, as_json: bool) -> None:
+    """Follow a job until every item is settled."""
+    info = _wait(ctx, job_id, timeout, as_json)
+    if as_json:
+        click.echo(json.dumps(info.as_dict()))
+    if strict and info.error:
+        raise _Fail(f"{info.error} item(s) failed (captioner export {job_id} --format jsonl lists them)")
+
+
+@cli.command()
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@json_option
+@click.pass_context
+def jobs(ctx: click.Context, limit: int, as_json: bool) -> None:
+    """Recent jobs, newest first."""
+    infos = _client(ctx).jobs(limit)
+
+    def human() -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("job", "name", "state", "total", "ok", "failed", "pending", box=None)
+        for i in infos:
+            table.add_row(i.id, i.name, i.state.value, str(i.total), str(i.ok), str(i.error), str(i.pending))
+        Console().print(table)
+
+    _emit(as_json, [i.as_dict() for i in infos], human)
+
+
+# --- act -------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--cancelled", "include_cancelled", is_flag=True, help="Re-queue cancelled items too.")
+@json_option
+@click.pass_context
+def retry(ctx: click.Context, job_id: str, include_cancelled: bool, as_json: bool) -> None:
+    """Queue again only the items that failed."""
+    n = _client(ctx).retry(job_id, include_cancelled=include_cancelled)
+    _emit(as_json, {"job_id": job_id, "requeued": n}, lambda: click.echo(f"re-queued {n} item(s) of {job_id}"))
+
+
+@cli.command()
+@click.argument("job_id")
+@json_option
+@click.pass_context
+def cancel(ctx: click.Context, job_id: str, as_json: bool) -> None:
+    """Stop a job: items not yet captioned are recorded as cancelled."""
+    info = _client(ctx).cancel(job_id)
+    _emit(as_json, info.as_dict(), lambda: click.echo(f"cancelled {job_id} ({info.pending} item(s) not captioned)"))
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "parquet", "sidecar"]), default="jsonl",
+              show_default=True)  # fmt: skip
+@click.option("-o", "--output", help="Output file ('-' for stdout; default <job>.<format>).")
+@click.option("--sidecar-ext", default=".txt", show_default=True, help="Extension of sidecar caption files.")
+@click.option("--overwrite", is_flag=True, help="Replace an output file (or sidecar caption files) that exists.")
+@json_option
+@click.pass_context
+def export(
+    ctx: click.Context, job_id: str, fmt: str, output: str | None, sidecar_ext: str, overwrite: bool, as_json: bool
+) -> None:
+    """Write a job's results as JSONL, CSV, Parquet, or caption files next to the images."""
+    from worker.sinks import export_rows
+
+    rows = _client(ctx).results(job_id)
+    out = None if output == "-" else Path(output or f"{job_id}.{fmt}")
+    summary = export_rows(rows, fmt, None if fmt == "sidecar" else out, sidecar_ext=sidecar_ext, overwrite=overwrite)
+    data = {"job_id": job_id, "format": fmt, **{k: str(v) if isinstance(v, Path) else v
+                                                for k, v in summary.__dict__.items()}}  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(data, default=str))
+    elif out is not None or fmt == "sidecar":
+        where = "next to the images" if fmt == "sidecar" else str(out)
+        click.echo(f"wrote {summary.rows_written} row(s) {where}" +
+                   (f", skipped {summary.skipped}" if summary.skipped else ""), err=True)  # fmt: skip
+
+
+# --- processes -------------------------------------------------------------------------------------
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--training", is_flag=True, help="Consume the training queue (fine-tune/evaluate) instead.")
+@click.option("--concurrency", type=click.IntRange(1, 256), envvar="CAPTIONER_CONCURRENCY",
+              help="Messages in flight (threads).")  # fmt: skip
+@click.option("--hostname", help="Worker node name (default caption@<host> / train@<host>).")
+@click.option("--loglevel", envvar="CAPTIONER_LOG_LEVEL", default="INFO", show_default=True)
+@click.pass_context
+def worker(ctx: click.Context, training: bool, concurrency: int | None, hostname: str | None, loglevel: str) -> None:
+    """Start a worker: one model per process, threads sharing its batches (CUDA-safe), events on.
+
+    Extra arguments go to `celery worker` unchanged.
+    """
+    settings = _settings(ctx)
+    from worker.celery_app import app
+
+    if training:
+        queue, pool, n, node = settings.training_queue, "solo", 1, "train@%h"
+    else:
+        queue, pool, n, node = settings.caption_queue, "threads", concurrency or settings.concurrency, "caption@%h"
+    argv = ["worker", f"--pool={pool}", f"--concurrency={n}", f"--queues={queue}", "--task-events",
+            f"--prefetch-multiplier={settings.prefetch_multiplier}", f"--hostname={hostname or node}",
+            f"--loglevel={loglevel}", "--without-mingle", *ctx.args]  # fmt: skip
+    app.worker_main(argv)
+
+
+@cli.command()
+@click.option("--images", "n_images", type=click.IntRange(1, 10_000), default=12, show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), help="Keep files here.")
+@json_option
+@click.pass_context
+def demo(ctx: click.Context, n_images: int, workdir: Path | None, as_json: bool) -> None:
+    """Offline end-to-end run: sample images -> Redis -> a real worker with a small GIT -> results."""
+    from producer.demo import run_demo
+
+    run_demo(_settings(ctx), n_images=n_images, workdir=workdir, as_json=as_json)
+
+
+def main() -> None:
+    cli(prog_name="captioner")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Create, follow, retry and cancel ledger jobs; the producer's side of the queue contract. No torch."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from celery import Celery
+from kombu.exceptions import OperationalError
+
+from worker.errors import BrokerUnavailable, CaptionerError, NothingToEnqueue
+from worker.ledger import JobInfo, Ledger, redis_client
+from worker.messages import TASK_CAPTION_CHUNK, GenParams, ItemStatus, JobState, item_id
+from worker.settings import Settings
+
+
+def derive_job_id(sources: Iterable[str], params: GenParams, salt: str = "") -> str:
+    """The same sources with the same parameters name the same job, so re-running an enqueue resumes it."""
+    h = hashlib.blake2b(digest_size=6)
+    for part in (*sources, params.model_dump_json(), salt):
+        h.update(part.encode("utf-8", "surrogateescape") + b"\0")
+    return "job-" + h.hexdigest()
+
+
+@dataclass
+class EnqueueReport:
+    job_id: str
+    created: bool
+    items: int  # references seen (duplicates included)
+    new: int  # new to the manifest
+    sent: int  # items put on the queue (not yet captioned)
+    skipped: int  # already captioned: a resumed job does not caption them again
+    messages: int
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class JobClient:
+    """Talks to the ledger and the broker on behalf of the CLI and of Python services."""
+
+    def __init__(self, settings: Settings, app: Celery | None = None) -> None:
+        from worker.celery_app import create_app, ssl_options
+
+        self.settings = settings
+        tls = ssl_options(settings) if settings.redis_url_str.startswith("rediss://") else {}
+        self.ledger = Ledger(redis_client(settings.redis_url_str, **tls), settings.key_prefix)
+        self.app = app or create_app(settings)
+
+    def check(self) -> None:
+        """Fail early, before anything is written, when Redis is not there."""
+        self.ledger.ping()
+
+    # --- enqueue --------------------------------------------------------------------------------
+    def enqueue(
+        self,
+        refs: Iterable[str],
+        *,
+        job_id: str,
+        name: str = "",
+        params: GenParams | None = None,
+        chunk_size: int | None = None,
+        extra: dict[str, Any] | None = None,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> EnqueueReport:
+        """Add references to a job (created or resumed) and queue the ones not yet captioned, in chunks."""
+        params = params or GenParams(max_length=self.settings.max_length, num_beams=self.settings.num_beams)
+        size = chunk_size or self.settings.chunk_size
+        started = time.perf_counter()
+        self.check()
+        it = iter(refs)
+        first = next(it, None)  # nothing is written for an empty source list
+        if first is None:
+            raise NothingToEnqueue("the sources hold no image files or URLs")
+        created = self.ledger.open_job(job_id, name or job_id, params, extra)
+        report = EnqueueReport(job_id, created, 0, 0, 0, 0, 0, 0.0)
+        try:
+            with self.app.producer_or_acquire() as producer:
+                for chunk in _chunks(itertools.chain([first], it), size):
+                    self._enqueue_chunk(job_id, chunk, params, created, producer, report)
+                    if on_progress:
+                        on_progress(report.items)
+        except OperationalError as exc:
+            raise BrokerUnavailable(f"the broker stopped answering while enqueueing: {exc}") from None
+        finally:
+            report.seconds = time.perf_counter() - started
+        self.ledger.seal(job_id)
+        return report
+
+    def _enqueue_chunk(
+        self, job_id: str, refs: list[str], params: GenParams, created: bool, producer: Any, report: EnqueueReport
+    ) -> None:
+        pairs = dict((item_id(ref), ref) for ref in refs)  # the same reference twice is one item
+        report.items += len(refs)
+        report.new += self.ledger.add_items(job_id, pairs.items())
+        if not created:  # a resumed job: leave out what is already captioned
+            status = self.ledger.statuses(job_id, list(pairs))
+            done = [i for i, s in status.items() if s is ItemStatus.OK]
+            report.skipped += len(done)
+            for i in done:
+                del pairs[i]
+            self.ledger.requeue(job_id, [i for i, s in status.items() if s is not ItemStatus.OK])
+        if pairs:
+            self._send(job_id, pairs, params, producer)
+            report.sent += len(pairs)
+            report.messages += 1
+
+    def _send(self, job_id: str, pairs: dict[str, str], params: GenParams, producer: Any = None) -> None:
+        body = {
+            "job_id": job_id,
+            "items": [{"id": i, "src": ref} for i, ref in pairs.items()],
+            "params": params.model_dump(exclude_none=True),
+        }
+        self.app.send_task(TASK_CAPTION_CHUNK, kwargs=body, queue=self.settings.caption_queue, producer=producer)
+
+    # --- follow ---------------------------------------------------------------------------------
+    def status(self, job_id: str) -> JobInfo:
+        return self.ledger.job(job_id)
+
+    def jobs(self, limit: int = 50) -> list[JobInfo]:
+        return self.ledger.jobs(limit)
+
+    def wait(
+        self, job_id: str, *, timeout: float | None = None, poll_s: float = 0.5, on_tick: Callable[[JobInfo], None]
+    ) -> JobInfo:
+        """Poll until the job is done or cancelled (and settled); raise ``CaptionerError`` on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            info = self.ledger.job(job_id)
+            on_tick(info)
+            if info.state is JobState.DONE or (info.state is JobState.CANCELLED and info.pending == 0):
+                return info
+            if deadline is not None and time.monotonic() > deadline:
+                raise CaptionerError(f"job {job_id} still has {info.pending} pending item(s) after {timeout:g}s")
+            time.sleep(poll_s)
+
+    # --- act ------------------------------------------------------------------------------------
+    def retry(self, job_id: str, *, include_cancelled: bool = False, chunk_size: int | None = None) -> int:
+        """Queue again the items that failed (and cancelled ones if asked); returns how many."""
+        info = self.ledger.job(job_id)
+        want = {ItemStatus.ERROR} | ({ItemStatus.CANCELLED} if include_cancelled else set())
+        self.ledger.set_state(job_id, JobState.RUNNING)
+        sent = 0
+        with self.app.producer_or_acquire() as producer:
+            for chunk in _chunks(self.ledger.iter_unfinished(job_id, want=frozenset(want)), chunk_size or 64):
+                pairs = dict(chunk)
+                self.ledger.requeue(job_id, list(pairs))
+                self._send(job_id, pairs, info.params, producer)
+                sent += len(pairs)
+        return sent
+
+    def cancel(self, job_id: str) -> JobInfo:
+        """Stop the job: queued chunks are dropped by the workers as they reach them."""
+        self.ledger.job(job_id)
+        self.ledger.set_state(job_id, JobState.CANCELLED)
+        return self.ledger.job(job_id)
+
+    def results(self, job_id: str) -> Iterator[dict[str, Any]]:
+        self.ledger.job(job_id)
+        return self.ledger.iter_results(job_id)
+
+    def close(self) -> None:
+        with contextlib.suppress(redis.RedisError):
+            self.ledger.r.close()
+
+
+def workers_info(app: Celery, timeout: float = 2.0) -> dict[str, dict[str, Any]]:
+    """Each caption worker's answer to ``captioner_info``: the model version it serves and its batch figures."""
+    replies = app.control.broadcast("captioner_info", reply=True, timeout=timeout) or []
+    return {host: info for reply in replies for host, info in reply.items()}
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, default=str)

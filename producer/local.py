@@ -1,0 +1,149 @@
+"""Local processes for the demo and the tests: a throwaway redis-server and real caption worker processes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import IO, Any
+
+from worker.errors import CaptionerError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LocalRedis:
+    """A redis-server on a free loopback port, with AOF and a password when asked; stopped on exit."""
+
+    def __init__(self, *, appendonly: bool = False, password: str | None = None, maxmemory: str | None = None) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise CaptionerError("redis-server is not installed (apt-get install redis-server)")
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="captioner-redis-"))
+        self.password = password
+        args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", ""]
+        args += ["--appendonly", "yes" if appendonly else "no", "--appendfsync", "always"]
+        if password:
+            args += ["--requirepass", password]
+        if maxmemory:
+            args += ["--maxmemory", maxmemory, "--maxmemory-policy", "noeviction"]
+        self._args = args
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def url(self, db: int = 0) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self._args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise CaptionerError(f"redis-server did not start on port {self.port}")
+
+    def kill(self) -> None:
+        """SIGKILL: what a crash looks like (AOF keeps what was fsynced)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalRedis:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class WorkerProcess:
+    """A real ``captioner worker`` process with its own environment; ready once its model is loaded."""
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        *,
+        training: bool = False,
+        log: Path | None = None,
+        extra_args: list[str] | None = None,
+    ) -> None:
+        self.name = f"{'train' if training else 'caption'}-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
+        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        self.args = [sys.executable, "-m", "producer.cli", "worker", "--hostname", self.name]
+        self.args += (["--training"] if training else []) + (extra_args or [])
+        self.log_path = log or Path(tempfile.mkstemp(prefix="captioner-worker-", suffix=".log")[1])
+        self._log: IO[bytes] | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            self.args, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        return self
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        """Wait for Celery's 'ready' line, which comes after the model is loaded (see tasks._warm_up)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                raise CaptionerError(f"worker exited early; log:\n{self.log_tail()}")
+            if b" ready." in self.log_path.read_bytes():
+                return
+            time.sleep(0.1)
+        raise CaptionerError(f"worker not ready after {timeout:g}s; log:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 40) -> str:
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-n:])
+
+    def terminate(self, timeout: float = 60) -> int:
+        """SIGTERM: Celery's warm shutdown finishes the tasks in hand, then exits."""
+        return self._signal(signal.SIGTERM, timeout)
+
+    def kill(self) -> int:
+        """SIGKILL of the whole process group: a crash, nothing acked, nothing flushed."""
+        return self._signal(signal.SIGKILL, 30)
+
+    def _signal(self, sig: int, timeout: float) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            code = self.proc.wait(10)
+        if self._log:
+            self._log.close()
+        return code
+
+    def __enter__(self) -> WorkerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.terminate()

@@ -1,0 +1,147 @@
+"""Expand what a user names (files, directories, globs, URL/path lists) into image references, lazily.
+
+Nothing here opens an image: a directory is filtered by image file extensions, so a corrupt file named
+.jpg is still enqueued and gets its own decode_error row instead of vanishing silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from worker.errors import SourceError
+
+#: Extensions of the formats the worker decodes (see Settings.allowed_formats).
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+#: Files read as lists of references, one per line or row.
+LIST_EXTENSIONS = frozenset({".txt", ".lst", ".csv", ".tsv", ".jsonl", ".ndjson", ".parquet"})
+
+
+def is_url(text: str) -> bool:
+    return text[:8].lower().startswith(("http://", "https://"))
+
+
+def expand(arg: str, *, column: str | None = None, follow_links: bool = False) -> Iterator[str]:
+    """References named by one argument: a URL, an image file, a list file, a directory or a glob."""
+    if is_url(arg):
+        yield arg
+        return
+    path = Path(arg).expanduser()
+    if path.is_dir():
+        yield from walk_images(path, follow_links=follow_links)
+    elif path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in LIST_EXTENSIONS:
+            yield from read_list(path, column=column)
+        else:
+            yield str(path.resolve())
+    elif glob.has_magic(arg):
+        matched = False
+        for hit in sorted(glob.iglob(os.path.expanduser(arg), recursive=True)):
+            matched = True
+            yield from expand(hit, column=column, follow_links=follow_links)
+        if not matched:
+            raise SourceError(f"{arg}: the pattern matches no file")
+    elif path.exists():
+        raise SourceError(f"{arg}: not a regular file or directory")
+    else:
+        raise SourceError(f"{arg}: no such file, directory or URL")
+
+
+def walk_images(root: Path, *, follow_links: bool = False) -> Iterator[str]:
+    """Image files under a directory, recursively, in a stable (sorted) order, as absolute paths."""
+    root = root.resolve()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=follow_links, onerror=_raise):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                yield os.path.join(dirpath, name)
+
+
+def _raise(err: OSError) -> None:
+    raise SourceError(f"{err.filename}: {err.strerror}")
+
+
+def read_list(path: Path, *, column: str | None = None) -> Iterator[str]:
+    """References from a list file; relative paths are taken relative to the list file's folder."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix in {".txt", ".lst"}:
+            refs = _read_lines(path)
+        elif suffix in {".csv", ".tsv"}:
+            refs = _read_csv(path, column, delimiter="\t" if suffix == ".tsv" else ",")
+        elif suffix in {".jsonl", ".ndjson"}:
+            refs = _read_jsonl(path, column)
+        else:
+            refs = _read_parquet(path, column)
+        base = path.resolve().parent
+        for ref in refs:
+            ref = ref.strip()
+            if ref:
+                yield ref if is_url(ref) else str((base / ref).resolve())
+    except OSError as exc:
+        raise SourceError(f"{path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise SourceError(f"{path}: not UTF-8 text") from None
+
+
+def _read_lines(path: Path) -> Iterator[str]:
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            if not line.lstrip().startswith("#"):
+                yield line.rstrip("\n")
+
+
+def _pick(columns: list[str], column: str | None, path: Path) -> str:
+    if column:
+        if column not in columns:
+            raise SourceError(f"{path}: no column {column!r} (columns: {', '.join(columns)})")
+        return column
+    for guess in ("path", "url", "file_name", "image", "src"):
+        if guess in columns:
+            return guess
+    if len(columns) == 1:
+        return columns[0]
+    raise SourceError(f"{path}: say which column holds the image references (--column); columns: {', '.join(columns)}")
+
+
+def _read_csv(path: Path, column: str | None, *, delimiter: str) -> Iterator[str]:
+    with path.open(encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh, delimiter=delimiter)
+        name = _pick(list(reader.fieldnames or []), column, path)
+        for row in reader:
+            yield row.get(name) or ""
+
+
+def _read_jsonl(path: Path, column: str | None) -> Iterator[str]:
+    with path.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SourceError(f"{path}:{n}: not JSON ({exc.msg})") from None
+            if isinstance(obj, str):
+                yield obj
+                continue
+            if not isinstance(obj, dict):
+                raise SourceError(f"{path}:{n}: expected an object or a string")
+            yield str(obj.get(_pick(list(obj), column, path), ""))
+
+
+def _read_parquet(path: Path, column: str | None) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several unrelated classes for a bad file
+        raise SourceError(f"{path}: not a readable Parquet file ({exc})") from None
+    name = _pick(pf.schema_arrow.names, column, path)
+    for batch in pf.iter_batches(columns=[name], batch_size=65_536):
+        for value in batch.column(0).to_pylist():
+            yield value or ""

@@ -1,0 +1,1 @@
+"""The test suite: real Redis, real worker processes, a tiny GIT built offline."""

@@ -1,0 +1,131 @@
+"""Shared fixtures: the machine's real Redis (own DB numbers, flushed per test), a tiny GIT built offline,
+a real caption worker process, and a real HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import redis
+
+from producer.jobs import JobClient
+from producer.local import WorkerProcess
+from worker.settings import Settings
+
+REDIS_HOST = "127.0.0.1:6379"
+BROKER_DB = 14  # Celery's queues for the session worker
+LEDGER_DB = 15  # job ledger, flushed before every test
+MAX_LENGTH = 12  # short captions keep the suite fast; the engine tests cover the default of 50
+
+
+def redis_url(db: int) -> str:
+    return f"redis://{REDIS_HOST}/{db}"
+
+
+@pytest.fixture(scope="session")
+def session_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Everything workers may read lives under here (their CAPTIONER_ALLOWED_ROOTS)."""
+    return tmp_path_factory.mktemp("root").resolve()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from training.tiny import build_tiny_git
+
+    return build_tiny_git(tmp_path_factory.mktemp("models") / "tiny-git", seed=0)
+
+
+@pytest.fixture(scope="session")
+def worker_env(tiny_model: Path, session_root: Path) -> dict[str, str]:
+    """Environment of the session's caption worker; tests that start their own workers extend it."""
+    return {
+        "CAPTIONER_BROKER_URL": redis_url(BROKER_DB),
+        "CAPTIONER_RESULT_BACKEND": redis_url(BROKER_DB),
+        "CAPTIONER_REDIS_URL": redis_url(LEDGER_DB),
+        "CAPTIONER_KEY_PREFIX": "captioner-test",
+        # A queue per test session: a stray worker from another run can never take our messages.
+        "CAPTIONER_CAPTION_QUEUE": f"captions-test-{uuid.uuid4().hex[:8]}",
+        "CAPTIONER_TRAINING_QUEUE": f"training-test-{uuid.uuid4().hex[:8]}",
+        "CAPTIONER_MODEL": str(tiny_model),
+        "CAPTIONER_DTYPE": "float32",
+        "CAPTIONER_ALLOWED_ROOTS": str(session_root),
+        "CAPTIONER_MAX_LENGTH": str(MAX_LENGTH),
+        "CAPTIONER_MAX_BATCH_SIZE": "16",
+        "CAPTIONER_MAX_WAIT_MS": "50",
+        "CAPTIONER_URL_ALLOWED_NETWORKS": "127.0.0.1/32",
+        "CAPTIONER_URL_TOTAL_TIMEOUT_S": "3",
+        "HF_HUB_OFFLINE": "1",
+    }
+
+
+def settings_from(env: dict[str, str]) -> Settings:
+    """The Settings a process with ``env`` would read (pydantic-settings reads os.environ)."""
+    saved = dict(os.environ)
+    try:
+        os.environ.update(env)
+        return Settings()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture
+def settings(worker_env: dict[str, str]) -> Iterator[Settings]:
+    s = settings_from(worker_env)
+    redis.Redis.from_url(s.redis_url_str).flushdb()
+    yield s
+
+
+@pytest.fixture(scope="session")
+def caption_worker(worker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+    """One real worker process for the session (model loaded once); tests that kill workers start their own."""
+    r = redis.Redis.from_url(redis_url(BROKER_DB))
+    r.flushdb()
+    log = tmp_path_factory.mktemp("logs") / "caption-worker.log"
+    proc = WorkerProcess(worker_env, log=log).start()
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.terminate()
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[JobClient]:
+    c = JobClient(settings)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def images(session_root: Path) -> Iterator[Path]:
+    """A fresh folder of 10 sample images under the allowed root."""
+    from training.synthetic import make_shapes
+
+    folder = session_root / f"imgs-{uuid.uuid4().hex[:8]}"
+    make_shapes(folder, 10, seed=3, fmt="jpeg")
+    (folder / "metadata.jsonl").unlink()
+    yield folder
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def http_root(session_root: Path) -> Iterator[tuple[str, Path]]:
+    """A real HTTP server on 127.0.0.1 serving a folder: (base URL, folder)."""
+    folder = session_root / f"www-{uuid.uuid4().hex[:8]}"
+    folder.mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: _QuietHandler(*a, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", folder
+    server.shutdown()
+    server.server_close()

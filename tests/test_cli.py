@@ -1,0 +1,130 @@
+"""The captioner CLI as a user runs it: real Redis, the session's real worker, click's CliRunner."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from producer.cli import cli
+from worker.settings import Settings
+from worker.sinks import flatten_row, read_rows
+
+
+def invoke(settings: Settings, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run the CLI with the test's Redis; returns (exit code, stdout, stderr)."""
+    base = ["--broker-url", settings.broker_url_str, "--redis-url", settings.redis_url_str,
+            "--key-prefix", settings.key_prefix]  # fmt: skip
+    result = CliRunner().invoke(cli, [*base, *args], env=env, catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture
+def cli_env(worker_env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in worker_env.items() if k.startswith("CAPTIONER_")}
+
+
+@pytest.mark.usefixtures("caption_worker")
+def test_enqueue_wait_status_jobs_and_every_export_round_trips(
+    settings: Settings, cli_env: dict[str, str], images: Path, tmp_path: Path
+) -> None:
+    code, out, err = invoke(settings, "enqueue", str(images), "--wait", "--json", "--chunk-size", "3", env=cli_env)
+    assert code == 0, err
+    data = json.loads(out)
+    job = data["job"]["id"]
+    assert data["enqueue"]["items"] == 10 and data["enqueue"]["messages"] == 4
+    assert (data["job"]["state"], data["job"]["ok"]) == ("done", 10)
+
+    code, out, _ = invoke(settings, "status", job, "--json", env=cli_env)
+    assert json.loads(out)["ok"] == 10
+    code, out, _ = invoke(settings, "jobs", "--json", env=cli_env)
+    assert job in [j["id"] for j in json.loads(out)]
+
+    code, out, _ = invoke(settings, "export", job, "--format", "jsonl", "-o", "-", env=cli_env)
+    ledger_rows = sorted((json.loads(line) for line in out.splitlines()), key=lambda r: r["id"])
+    assert len(ledger_rows) == 10 and all(r["caption"] for r in ledger_rows)
+    for fmt in ("jsonl", "csv", "parquet"):
+        target = tmp_path / f"out.{fmt}"
+        code, _, err = invoke(settings, "export", job, "--format", fmt, "-o", str(target), env=cli_env)
+        assert code == 0, err
+        back = sorted(read_rows(target, fmt), key=lambda r: r["id"])
+        expected = ledger_rows if fmt == "jsonl" else [flatten_row(r) for r in ledger_rows]
+        assert back == expected, fmt
+    code, _, err = invoke(settings, "export", job, "--format", "sidecar", env=cli_env)
+    assert code == 0, err
+    for row in ledger_rows:
+        assert Path(row["ref"]).with_suffix(".txt").read_text() == row["caption"] + "\n"
+
+
+def test_resumed_enqueue_derives_the_same_job_id(settings: Settings, cli_env: dict[str, str], images: Path) -> None:
+    _, first, _ = invoke(settings, "enqueue", str(images), "--json", env=cli_env)
+    _, second, _ = invoke(settings, "enqueue", str(images), "--json", env=cli_env)
+    a, b = json.loads(first), json.loads(second)
+    assert a["job_id"] == b["job_id"] and a["created"] and not b["created"]
+    _, other, _ = invoke(settings, "enqueue", str(images), "--max-length", "7", "--json", env=cli_env)
+    assert json.loads(other)["job_id"] != a["job_id"]  # other parameters, another job
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["status", "no-such-job"], "no job 'no-such-job'"),
+        (["export", "no-such-job"], "no job 'no-such-job'"),
+        (["enqueue", "/no/such/dir"], "no such file"),
+        (["enqueue", "EMPTY"], "hold no image"),
+        (["enqueue", "GLOB/*.png"], "matches no file"),
+    ],
+)
+def test_user_mistakes_are_one_line_without_traceback(
+    settings: Settings, cli_env: dict[str, str], tmp_path: Path, args: list[str], message: str
+) -> None:
+    (tmp_path / "empty").mkdir()
+    args = [a.replace("EMPTY", str(tmp_path / "empty")).replace("GLOB", str(tmp_path)) for a in args]
+    code, out, err = invoke(settings, *args, env=cli_env)
+    assert code == 1
+    assert message in err and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert "Traceback" not in out + err
+
+
+def test_unreachable_broker_is_one_clear_line_and_nothing_is_written(tmp_path: Path, images: Path) -> None:
+    down = "redis://127.0.0.1:1/0"
+    result = CliRunner().invoke(cli, ["--broker-url", down, "enqueue", str(images)], catch_exceptions=False)
+    assert result.exit_code == 1
+    assert "cannot reach" in result.stderr and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["enqueue", "x", "--max-length", "0"], ["enqueue"], ["export", "j", "--format", "xml"], ["nope"]],
+)
+def test_bad_options_are_usage_errors(settings: Settings, args: list[str]) -> None:
+    code, out, err = invoke(settings, *args)
+    assert code == 2 and "Traceback" not in out + err and "Usage:" in err
+
+
+def test_bad_setting_in_environment_is_one_line(images: Path) -> None:
+    env = {"CAPTIONER_MAX_BATCH_SIZE": "many", "CAPTIONER_BROKER_URL": "rediss://127.0.0.1:6379/0"}
+    result = CliRunner().invoke(cli, ["jobs"], env=env, catch_exceptions=False)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "max_batch_size" in result.stderr or "rediss://" in result.stderr
+
+
+def test_producer_never_imports_torch() -> None:
+    code = (
+        "import sys, producer.cli, producer.jobs, producer.sources, producer.demo, worker.celery_app, worker.sinks;"
+        "from producer.cli import cli;"
+        "bad = sorted(m for m in ('torch', 'transformers', 'PIL', 'httpx2') if m in sys.modules);"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_help_lists_every_command() -> None:
+    out = CliRunner().invoke(cli, ["--help"]).output
+    for name in ("enqueue", "status", "wait", "jobs", "export", "retry", "cancel", "worker", "demo"):
+        assert name in out

@@ -1,0 +1,191 @@
+"""End to end through real parts: producer -> Redis -> a real worker process -> ledger -> export."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+from PIL import Image
+
+from producer.jobs import JobClient, workers_info
+from tests.conftest import MAX_LENGTH
+from worker.celery_app import create_app
+from worker.messages import TASK_CAPTION, TASK_CAPTION_MANY, GenParams, item_id
+
+pytestmark = pytest.mark.usefixtures("caption_worker")
+
+
+def direct_captions(model_dir: Path, paths: list[Path], max_length: int = MAX_LENGTH) -> dict[str, str]:
+    """Captions from transformers' own GitForCausalLM.generate, one image at a time, float32."""
+    import torch
+    from transformers import AutoProcessor, GitForCausalLM
+
+    model = GitForCausalLM.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    out = {}
+    with torch.inference_mode():
+        for p in paths:
+            pixels = processor(images=Image.open(p).convert("RGB"), return_tensors="pt").pixel_values
+            ids = model.generate(pixel_values=pixels, max_length=max_length)
+            out[str(p)] = processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
+    return out
+
+
+def run_job(client: JobClient, refs: list[str], job_id: str, **kw: object) -> list[dict]:
+    client.enqueue(refs, job_id=job_id, **kw)
+    info = client.wait(job_id, timeout=120, on_tick=lambda _: None)
+    assert info.pending == 0
+    return list(client.results(job_id))
+
+
+def test_worker_batches_equal_direct_generate(client: JobClient, images: Path, tiny_model: Path) -> None:
+    paths = sorted(images.glob("*.jpg"))
+    rows = run_job(client, [str(p) for p in paths], "job-direct", chunk_size=4)
+    assert len(rows) == len(paths)
+    assert all(r["status"] == "ok" for r in rows), rows
+    # Batched in the worker (chunks of 4 sharing batches of up to 16) == one by one in transformers.
+    assert {r["ref"]: r["caption"] for r in rows} == direct_captions(tiny_model, paths)
+    row = rows[0]
+    assert row["params"] == {"max_length": MAX_LENGTH, "num_beams": 1}
+    assert row["model_version"].startswith("tiny-git@")
+    assert row["attempts"] == 1
+
+
+def test_corrupt_files_get_their_error_and_the_rest_are_captioned(client: JobClient, images: Path) -> None:
+    (images / "empty.jpg").write_bytes(b"")
+    (images / "text.jpg").write_text("this is not an image")
+    good = next(images.glob("*.jpg")).read_bytes()
+    (images / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (images / "notes.txt").write_text("not an image extension: never enqueued")
+    report = client.enqueue([str(p) for p in sorted(images.iterdir()) if p.suffix == ".jpg"], job_id="job-corrupt")
+    info = client.wait(report.job_id, timeout=120, on_tick=lambda _: None)
+    rows = {Path(r["ref"]).name: r for r in client.results(report.job_id)}
+    assert info.total == 13 and info.ok == 10 and info.error == 3
+    assert rows["empty.jpg"]["error_class"] == "decode_error"
+    assert rows["text.jpg"]["error_class"] == "decode_error"
+    assert rows["truncated.jpg"]["error_class"] == "decode_error"
+    assert all(rows[n]["status"] == "ok" for n in rows if n not in {"empty.jpg", "text.jpg", "truncated.jpg"})
+
+
+def test_resume_skips_captioned_items(client: JobClient, images: Path, session_root: Path) -> None:
+    refs = [str(p) for p in sorted(images.glob("*.jpg"))]
+    first = client.enqueue(refs[:6], job_id="job-resume")
+    client.wait("job-resume", timeout=120, on_tick=lambda _: None)
+    before = {r["id"]: r["finished_at"] for r in client.results("job-resume")}
+    again = client.enqueue(refs, job_id="job-resume")  # the same six plus four new ones
+    info = client.wait("job-resume", timeout=120, on_tick=lambda _: None)
+    assert (first.created, first.sent) == (True, 6)
+    assert (again.created, again.skipped, again.sent, again.new) == (False, 6, 4, 4)
+    after = {r["id"]: r["finished_at"] for r in client.results("job-resume")}
+    assert info.total == 10 and info.ok == 10
+    assert all(after[i] == t for i, t in before.items())  # the first six were not captioned again
+
+
+def test_forbidden_paths_fail_alone_and_retry_requeues_only_failures(
+    client: JobClient, images: Path, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside.jpg"  # not under the worker's allowed root
+    shutil.copy(next(images.glob("*.jpg")), outside)
+    refs = [str(p) for p in sorted(images.glob("*.jpg"))] + [str(outside)]
+    rows = run_job(client, refs, "job-forbidden")
+    bad = [r for r in rows if r["status"] != "ok"]
+    assert [(r["ref"], r["error_class"]) for r in bad] == [(str(outside), "forbidden")]
+    assert client.retry("job-forbidden") == 1
+    info = client.wait("job-forbidden", timeout=60, on_tick=lambda _: None)
+    assert (info.ok, info.error) == (10, 1)
+
+
+def test_cancel_records_queued_items_as_cancelled_and_enqueue_reopens(client: JobClient, images: Path) -> None:
+    refs = {item_id(p): p for p in map(str, sorted(images.glob("*.jpg")))}
+    client.ledger.open_job("job-cancel", "c", GenParams(max_length=MAX_LENGTH))
+    client.ledger.add_items("job-cancel", refs.items())
+    client.ledger.seal("job-cancel")
+    client.cancel("job-cancel")
+    client._send("job-cancel", refs, GenParams(max_length=MAX_LENGTH))  # a chunk still queued at cancel time
+    info = client.wait("job-cancel", timeout=60, on_tick=lambda _: None)
+    assert (info.state.value, info.cancelled, info.ok, info.pending) == ("cancelled", 10, 0, 0)
+    again = client.enqueue(list(refs.values()), job_id="job-cancel")  # re-running the enqueue resumes it
+    info = client.wait("job-cancel", timeout=60, on_tick=lambda _: None)
+    assert again.sent == 10
+    assert (info.state.value, info.cancelled, info.ok) == ("done", 0, 10)
+
+
+def test_service_single_image_by_task_name(settings, images: Path, http_root, tiny_model: Path) -> None:
+    """A service with only a task name and JSON: a path, a URL and inline base64, in and out."""
+    app = create_app(settings)
+    path = sorted(images.glob("*.jpg"))[0]
+    base, www = http_root
+    shutil.copy(path, www / "a.jpg")
+    expected = direct_captions(tiny_model, [path])[str(path)]
+    by_path = app.send_task(TASK_CAPTION, kwargs={"source": str(path)}).get(timeout=60)
+    by_url = app.send_task(TASK_CAPTION, kwargs={"source": {"url": f"{base}/a.jpg"}}).get(timeout=60)
+    b64 = base64.b64encode(path.read_bytes()).decode()
+    by_b64 = app.send_task(TASK_CAPTION, kwargs={"source": {"b64": b64}}).get(timeout=60)
+    for result in (by_path, by_url, by_b64):
+        assert result["status"] == "ok", result
+        assert result["caption"] == expected
+    missing = app.send_task(TASK_CAPTION, args=[f"{base}/missing.jpg"]).get(timeout=60)
+    assert (missing["status"], missing["error_class"]) == ("error", "fetch_error")
+
+
+def test_service_bulk_by_list_keeps_order(settings, images: Path) -> None:
+    app = create_app(settings)
+    paths = [str(p) for p in sorted(images.glob("*.jpg"))]
+    sources = [*paths[:3], {"path": "/etc/passwd"}, paths[3]]
+    rows = app.send_task(TASK_CAPTION_MANY, kwargs={"sources": sources}).get(timeout=60)
+    assert [r["ref"] for r in rows] == [*paths[:3], "/etc/passwd", paths[3]]
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "error", "ok"]
+    assert rows[3]["error_class"] == "forbidden"
+
+
+def test_single_requests_from_many_callers_share_batches(settings, images: Path) -> None:
+    app = create_app(settings)
+    paths = [str(p) for p in sorted(images.glob("*.jpg"))]
+    before = workers_info(app)
+    results = [app.send_task(TASK_CAPTION, args=[p]) for p in paths]
+    rows = [r.get(timeout=60) for r in results]
+    after = workers_info(app)
+    assert all(r["status"] == "ok" for r in rows)
+    (b,), (a,) = before.values(), after.values()
+    assert a["items"] - b["items"] == len(paths)
+    assert a["batches"] - b["batches"] < len(paths), "single-image messages were never batched together"
+    assert a["model_version"].startswith("tiny-git@") and a["loaded"]
+
+
+def test_celery_call_cli_by_task_name(settings, images: Path, worker_env: dict[str, str]) -> None:
+    path = str(sorted(images.glob("*.jpg"))[0])
+    env = {**worker_env, "PATH": str(Path(sys.executable).parent)}
+    out = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "call", TASK_CAPTION, "--args", json.dumps([path])],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    task_id = out.stdout.strip().splitlines()[-1]
+    row = create_app(settings).AsyncResult(task_id).get(timeout=60)
+    assert row["status"] == "ok" and row["ref"] == path
+
+
+def test_bad_message_is_rejected_with_a_clear_error(settings) -> None:
+    app = create_app(settings)
+    result = app.send_task(TASK_CAPTION, kwargs={"source": {"path": "/x", "url": "http://y"}})
+    with pytest.raises(Exception, match="exactly one of"):
+        result.get(timeout=30)
+    result = app.send_task(TASK_CAPTION, kwargs={"source": "/x", "colour": "red"})
+    with pytest.raises(Exception, match="colour"):
+        result.get(timeout=30)
+
+
+def test_ledger_keys_never_expire_by_default(client: JobClient, images: Path, settings) -> None:
+    run_job(client, [str(next(images.glob("*.jpg")))], "job-ttl")
+    r = redis.Redis.from_url(settings.redis_url_str)
+    keys = r.keys(f"{settings.key_prefix}:*")
+    assert keys and all(r.ttl(k) == -1 for k in keys)
