@@ -1,0 +1,474 @@
+"""Path, URL or inline bytes -> validated RGB image: byte and pixel limits, allowed roots, SSRF guard."""
+
+from __future__ import annotations
+
+import io
+import ipaddress
+import os
+import re
+import socket
+import stat
+import time
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cache
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from pathlib import Path
+
+import httpx2
+from PIL import Image, ImageOps
+
+from worker.errors import DecodeError, FetchError, FetchTimeout, Forbidden, InvalidInput, ItemError, TooLarge
+from worker.messages import Source
+from worker.settings import Settings
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# What may stand in a URL host besides an IPv6 literal; anything else ("%31", spaces) never reaches DNS.
+_HOSTNAME = re.compile(r"[A-Za-z0-9._-]+")
+_WHITE = (255, 255, 255, 255)
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+# Modes whose "transparency" info Pillow turns into an alpha channel on convert("RGBA").
+_KEYED_MODES = frozenset({"1", "L", "P", "RGB"})
+_WIDE_MODES = frozenset({"I", "F", "I;16", "I;16B", "I;16L", "I;16N"})
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    """Everything image loading may do: where it may read, how much, how long, which formats."""
+
+    allowed_roots: tuple[Path, ...]
+    max_bytes: int
+    max_pixels: int
+    formats: tuple[str, ...]
+    connect_timeout_s: float
+    total_timeout_s: float
+    max_redirects: int
+    allow_private: bool
+    #: Private addresses URLs may still reach (an internal image server); everything else private is refused.
+    allowed_networks: tuple[IPNetwork, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        # Normalise once so every check compares like with like (real paths, upper-case format ids, networks).
+        object.__setattr__(self, "allowed_roots", tuple(Path(r).resolve() for r in self.allowed_roots))
+        object.__setattr__(self, "formats", tuple(f.upper() for f in self.formats))
+        object.__setattr__(self, "allowed_networks", tuple(ipaddress.ip_network(n) for n in self.allowed_networks))
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> ImagePolicy:
+        return cls(
+            allowed_roots=tuple(s.allowed_roots),
+            max_bytes=s.max_image_bytes,
+            max_pixels=s.max_image_pixels,
+            formats=tuple(s.allowed_formats),
+            connect_timeout_s=s.url_connect_timeout_s,
+            total_timeout_s=s.url_total_timeout_s,
+            max_redirects=s.url_max_redirects,
+            allow_private=s.allow_private_urls,
+            allowed_networks=tuple(s.url_allowed_networks),
+        )
+
+
+# --- entry points ---------------------------------------------------------------------------------
+
+
+def load_image(src: Source, policy: ImagePolicy, *, client: httpx2.Client | None = None) -> Image.Image:
+    """The source's image as a fully loaded RGB image, or an ItemError saying why not."""
+    return decode_image(read_source(src, policy, client=client), policy)
+
+
+def read_source(src: Source, policy: ImagePolicy, *, client: httpx2.Client | None = None) -> bytes:
+    """The encoded bytes of a source, within the policy's limits."""
+    if src.kind == "path":
+        return read_path(src.path or "", policy)
+    if src.kind == "url":
+        return fetch_url(src.url or "", policy, client=client)
+    return src.decode_b64(policy.max_bytes)
+
+
+# --- local paths ------------------------------------------------------------------------------------
+
+
+def read_path(path: str, policy: ImagePolicy) -> bytes:
+    """Bytes of a regular file whose real path lies under an allowed root."""
+    if not policy.allowed_roots:
+        raise Forbidden("local paths are disabled: set CAPTIONER_ALLOWED_ROOTS to the directories workers may read")
+    if "\0" in path:
+        raise InvalidInput("path contains a NUL byte")
+    real = os.path.realpath(path)
+    root = next((r for r in policy.allowed_roots if Path(real).is_relative_to(r)), None)
+    if root is None:
+        raise Forbidden(f"{path} is outside the allowed roots")
+    # stat before open: a FIFO or device is refused without ever being opened.
+    _check_regular(_stat(real, path), path, policy)
+    fd = _open_nofollow(real, path)
+    try:
+        _check_regular(os.fstat(fd), path, policy)
+        if not _fd_under(fd, root):
+            raise Forbidden(f"{path} moved outside the allowed roots while being opened")
+        return _read_capped(fd, path, policy.max_bytes)
+    finally:
+        os.close(fd)
+
+
+def _stat(real: str, path: str) -> os.stat_result:
+    try:
+        return os.stat(real)
+    except FileNotFoundError:
+        raise FetchError(f"no such file: {path}") from None
+    except OSError as exc:
+        raise FetchError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _check_regular(st: os.stat_result, path: str, policy: ImagePolicy) -> None:
+    if stat.S_ISDIR(st.st_mode):
+        raise Forbidden(f"{path} is a directory, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise Forbidden(f"{path} is not a regular file (FIFO, socket or device)")
+    if st.st_size > policy.max_bytes:
+        raise TooLarge(f"{path} is {st.st_size} bytes, over the limit of {policy.max_bytes}")
+
+
+def _open_nofollow(real: str, path: str) -> int:
+    # O_NOFOLLOW: a symlink swapped in after realpath() is refused; O_NONBLOCK: a FIFO swapped in cannot block.
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        return os.open(real, flags)
+    except FileNotFoundError:
+        raise FetchError(f"no such file: {path}") from None
+    except OSError as exc:
+        raise Forbidden(f"cannot open {path}: {exc.strerror}") from None
+
+
+def _fd_under(fd: int, root: Path) -> bool:
+    """Whether the file actually opened lies under root (catches a directory swapped for a symlink mid-way)."""
+    try:
+        actual = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return True  # no /proc (not Linux): the realpath check is the guard there
+    return Path(actual).is_relative_to(root)
+
+
+def _read_capped(fd: int, path: str, max_bytes: int) -> bytes:
+    chunks: list[bytes] = []
+    total = 0
+    # Read one byte past the cap so a file that grew after stat() is still caught.
+    while chunk := os.read(fd, min(1 << 20, max_bytes + 1 - total)):
+        total += len(chunk)
+        if total > max_bytes:
+            raise TooLarge(f"{path} is over the limit of {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# --- URLs -------------------------------------------------------------------------------------------
+
+
+def make_client() -> httpx2.Client:
+    """An HTTP client safe to share between fetches and threads (it saves building a TLS context per fetch).
+
+    No environment proxies and no .netrc credentials sent to arbitrary hosts (trust_env off), and no cookies
+    carried from one fetch to the next.
+    """
+    return httpx2.Client(
+        trust_env=False,
+        follow_redirects=False,
+        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
+        headers={"User-Agent": "captioner/0.1"},
+    )
+
+
+def fetch_url(url: str, policy: ImagePolicy, *, client: httpx2.Client | None = None) -> bytes:
+    """Body of an http(s) URL: every hop's address checked before connecting, one deadline, a byte cap.
+
+    A shared ``client`` should come from make_client(); without one a fresh client is used for this fetch.
+    """
+    deadline = time.monotonic() + policy.total_timeout_s
+    if client is None:
+        with make_client() as own:
+            return _fetch(url, policy, own, deadline)
+    return _fetch(url, policy, client, deadline)
+
+
+def _fetch(url: str, policy: ImagePolicy, client: httpx2.Client, deadline: float) -> bytes:
+    target, came_from = parse_url(url), ""
+    for _ in range(policy.max_redirects + 1):
+        try:
+            ip = resolve_checked(target, policy, deadline)
+        except Forbidden as exc:
+            raise Forbidden(f"redirect from {came_from} refused: {exc}" if came_from else str(exc)) from None
+        host = target.raw_host.decode("ascii")
+        with _http_errors(host), _get(client, target, ip, policy, deadline) as resp:
+            location = _redirect_target(resp, host)
+            if location is None:
+                return _read_body(resp, policy, deadline)
+        target, came_from = _follow(target, location, host), host
+    raise FetchError(f"too many redirects (more than {policy.max_redirects})")
+
+
+def _follow(target: httpx2.URL, location: str, host: str) -> httpx2.URL:
+    """The next hop of a redirect, held to the same rules as the first URL."""
+    try:
+        return parse_url(str(target.join(location)))
+    except (InvalidInput, httpx2.InvalidURL) as exc:
+        raise FetchError(f"bad redirect from {host}: {exc}") from None
+    except Forbidden as exc:
+        raise Forbidden(f"redirect from {host} refused: {exc}") from None
+
+
+def parse_url(url: str) -> httpx2.URL:
+    """An http(s) URL without credentials and with a plausible host, or InvalidInput/Forbidden."""
+    try:
+        target = httpx2.URL(url)
+    except httpx2.InvalidURL as exc:
+        raise InvalidInput(f"invalid URL: {exc}") from None
+    if target.scheme not in ("http", "https"):
+        raise Forbidden(f"only http and https URLs are fetched, not {target.scheme or 'relative'!r}")
+    if target.userinfo:
+        raise Forbidden("URLs with credentials (user:password@) are refused")
+    host = target.raw_host.decode("ascii")
+    if not host or (":" not in host and not _HOSTNAME.fullmatch(host)):
+        raise InvalidInput(f"URL host {target.host!r} is not a valid host name")
+    return target
+
+
+def resolve_checked(target: httpx2.URL, policy: ImagePolicy, deadline: float) -> IPAddress:
+    """The address to connect to, after checking every address the host resolves to."""
+    host = target.raw_host.decode("ascii")
+    addresses = _resolve(host, target.port or (443 if target.scheme == "https" else 80), deadline)
+    for ip in addresses:
+        check_address(ip, policy, host=host)
+    return addresses[0]
+
+
+def check_address(ip: str | IPAddress, policy: ImagePolicy, *, host: str = "") -> None:
+    """Forbidden unless ip is a public address, private ones being allowed by the policy."""
+    ip = ipaddress.ip_address(ip) if isinstance(ip, str) else ip
+    if policy.allow_private:
+        return
+    # An IPv4 address embedded in an IPv6 one (::ffff:127.0.0.1, 6to4) is judged as itself as well.
+    candidates = [ip, *_embedded_v4(ip)]
+    for candidate in candidates:
+        kind = _non_public_kind(candidate)
+        if kind and not any(candidate in net for net in policy.allowed_networks):
+            where = f"{host} resolves to {ip}" if host and host != str(ip) else str(ip)
+            raise Forbidden(f"{where}, which is not public ({kind}); URLs may only reach public addresses")
+
+
+def _embedded_v4(ip: IPAddress) -> list[ipaddress.IPv4Address]:
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return []
+    found = [ip.ipv4_mapped, ip.sixtofour, ip.teredo[1] if ip.teredo else None]
+    return [v4 for v4 in found if v4 is not None]
+
+
+def _non_public_kind(ip: IPAddress) -> str | None:
+    """Why an address is not public, or None. is_global alone misses multicast (224.0.0.0/4 counts as global)."""
+    for kind in ("loopback", "unspecified", "link_local", "multicast", "private", "reserved"):
+        if getattr(ip, f"is_{kind}"):
+            return kind.replace("_", "-")
+    if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
+        return "site-local"
+    return None if ip.is_global else "non-global"
+
+
+@cache
+def _dns_pool() -> ThreadPoolExecutor:
+    # getaddrinfo has no timeout of its own; a thread lets the fetch deadline bound a hung resolver.
+    return ThreadPoolExecutor(max_workers=8, thread_name_prefix="captioner-dns")
+
+
+def _resolve(host: str, port: int, deadline: float) -> list[IPAddress]:
+    try:
+        return [ipaddress.ip_address(host)]  # a literal needs no resolver
+    except ValueError:
+        pass
+    future = _dns_pool().submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    try:
+        infos = future.result(timeout=max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        raise FetchTimeout(f"resolving {host} timed out") from None
+    except socket.gaierror as exc:
+        raise FetchError(f"cannot resolve {host}: {exc.strerror}", transient=exc.errno == socket.EAI_AGAIN) from None
+    except UnicodeError:
+        raise InvalidInput(f"URL host {host!r} is not a valid host name (empty or over-long label)") from None
+    except OSError as exc:
+        raise FetchError(f"cannot resolve {host}: {exc}") from None
+    # The scope (%eth0) is dropped: only the address matters to the check, and link-local is refused anyway.
+    addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+    if not addresses:
+        raise FetchError(f"{host} has no addresses")
+    return addresses
+
+
+@contextmanager
+def _get(
+    client: httpx2.Client, target: httpx2.URL, ip: IPAddress, policy: ImagePolicy, deadline: float
+) -> Iterator[httpx2.Response]:
+    """GET target from the already checked ip; the hostname travels only in Host and TLS SNI."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise FetchTimeout(f"fetch took longer than {policy.total_timeout_s}s")
+    timeout = httpx2.Timeout(remaining, connect=min(policy.connect_timeout_s, remaining))
+    # Connection: close, whoever built the client: pools key connections by IP, and a TLS connection checked
+    # for one host name must never carry a request for another name on the same IP.
+    headers = {
+        "Host": target.netloc.decode("ascii"),
+        "Accept-Encoding": "identity",
+        "Accept": "image/*,*/*;q=0.5",
+        "Connection": "close",
+    }
+    extensions = {"sni_hostname": target.raw_host.decode("ascii")} if target.scheme == "https" else {}
+    with client.stream(
+        "GET", target.copy_with(host=str(ip)), headers=headers, timeout=timeout, extensions=extensions
+    ) as resp:
+        yield resp
+
+
+@contextmanager
+def _http_errors(host: str) -> Iterator[None]:
+    """httpx's exceptions as our named ones; transient where a later try may work."""
+    try:
+        yield
+    except httpx2.TimeoutException as exc:
+        raise FetchTimeout(f"{host}: timed out ({type(exc).__name__})") from None
+    except httpx2.ConnectError as exc:
+        # A bad certificate will not fix itself; a refused or reset connection may.
+        raise FetchError(f"cannot connect to {host}: {exc}", transient=not _cert_error(exc)) from None
+    except httpx2.InvalidURL as exc:
+        raise InvalidInput(f"invalid URL: {exc}") from None
+    except (httpx2.HTTPError, httpx2.StreamError) as exc:
+        raise FetchError(f"{host}: {type(exc).__name__}: {exc}", transient=True) from None
+
+
+def _cert_error(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if type(seen).__name__ == "SSLCertVerificationError":
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _redirect_target(resp: httpx2.Response, host: str) -> str | None:
+    """The Location of a redirect, None for a success; HTTP errors raise."""
+    code = resp.status_code
+    if code in _REDIRECTS and resp.headers.get("location"):
+        return resp.headers["location"]
+    if 200 <= code < 300:
+        return None
+    # 429 and 5xx may pass; other statuses (404, 403, a 3xx we do not follow) will not.
+    transient = code == 429 or code >= 500
+    raise FetchError(f"HTTP {code} {resp.reason_phrase} from {host}".rstrip(), transient=transient)
+
+
+def _read_body(resp: httpx2.Response, policy: ImagePolicy, deadline: float) -> bytes:
+    """The decoded body, stopped at max_bytes (after decoding) and at the fetch deadline."""
+    decoder = _body_decoder(resp.headers.get("content-encoding", ""))
+    declared = resp.headers.get("content-length", "")
+    if decoder is None and declared.isdigit() and int(declared) > policy.max_bytes:
+        raise TooLarge(f"Content-Length {declared} is over the limit of {policy.max_bytes} bytes")
+    body = bytearray()
+    for raw in resp.iter_raw():
+        # A dripping body never trips the per-read timeout; only the total deadline stops it.
+        if time.monotonic() > deadline:
+            raise FetchTimeout(f"body still arriving after {policy.total_timeout_s}s")
+        body += _inflate(decoder, raw, policy.max_bytes + 1 - len(body)) if decoder else raw
+        if len(body) > policy.max_bytes:
+            raise TooLarge(f"body is over the limit of {policy.max_bytes} bytes")
+    if decoder is not None:
+        body += _inflate(decoder, b"", 0)
+        if len(body) > policy.max_bytes:
+            raise TooLarge(f"body is over the limit of {policy.max_bytes} bytes")
+    return bytes(body)
+
+
+def _inflate(decoder: zlib._Decompress, raw: bytes, room: int) -> bytes:
+    """At most room bytes from one compressed chunk (room 0: the decoder's final flush)."""
+    try:
+        # max_length bounds what one chunk may inflate to: a gzip bomb stops at the cap, not in memory.
+        return decoder.decompress(raw, room) if room else decoder.flush()
+    except zlib.error as exc:
+        raise FetchError(f"corrupt compressed body: {exc}") from None
+
+
+def _body_decoder(encoding: str) -> zlib._Decompress | None:
+    """A bounded decoder for a Content-Encoding we asked not to get but may be sent anyway."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return None
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        return zlib.decompressobj(32 + zlib.MAX_WBITS)  # 32+: accepts both gzip and zlib headers
+    raise FetchError(f"unsupported Content-Encoding {encoding!r}")
+
+
+# --- decoding ---------------------------------------------------------------------------------------
+
+
+def decode_image(data: bytes, policy: ImagePolicy) -> Image.Image:
+    """A fully loaded RGB image from encoded bytes: allowed formats only, first frame, EXIF orientation."""
+    if not data:
+        raise DecodeError("empty file (0 bytes)")
+    try:
+        im = Image.open(io.BytesIO(data), formats=policy.formats)
+        _check_pixels(im, policy)
+        im.load()
+        out = _to_rgb(_orient(im))
+        return out if out is not im else im.copy()
+    except ItemError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise DecodeError(f"not an image in an allowed format ({', '.join(policy.formats)})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise TooLarge(f"decompression bomb refused: {exc}") from None
+    except MemoryError:
+        raise
+    except Exception as exc:
+        # Pillow parsing hostile bytes can raise almost anything (OSError, SyntaxError, struct.error, ...).
+        raise DecodeError(f"corrupt or truncated image: {type(exc).__name__}: {exc}") from None
+
+
+def _check_pixels(im: Image.Image, policy: ImagePolicy) -> None:
+    """Size from the header, before any pixel is decoded; Pillow's own bomb check is only a warning below 2x."""
+    width, height = im.size
+    if width <= 0 or height <= 0:
+        raise DecodeError(f"image has no pixels ({width}x{height})")
+    if width * height > policy.max_pixels:
+        raise TooLarge(f"image is {width}x{height} = {width * height} pixels, over the limit of {policy.max_pixels}")
+
+
+def _orient(im: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(im) or im
+    except Exception:
+        return im  # a corrupt EXIF block should not cost the caption; orientation is cosmetic
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """RGB that shows what a viewer shows: transparency on white, wide samples scaled, not clipped."""
+    if im.mode in _WIDE_MODES:
+        im = _scale_to_l(im)
+    if im.mode in _ALPHA_MODES or (im.mode in _KEYED_MODES and "transparency" in im.info):
+        # Composite instead of dropping alpha: colour hidden under alpha=0 must not show.
+        return Image.alpha_composite(Image.new("RGBA", im.size, _WHITE), im.convert("RGBA")).convert("RGB")
+    return im.convert("RGB")
+
+
+def _scale_to_l(im: Image.Image) -> Image.Image:
+    """8-bit grey from 16-bit, 32-bit or float samples, scaled to their range instead of clipped at 255."""
+    if im.mode.startswith("I;16"):
+        lo, hi = 0.0, 65535.0
+        im = im.convert("I")
+    else:
+        lo, hi = (float(v) for v in im.getextrema())
+        if im.mode == "I" and lo >= 0 and hi <= 65535:
+            lo, hi = 0.0, 65535.0  # 16-bit data in a 32-bit container (16-bit PNG, TIFF)
+        elif im.mode == "F" and lo >= 0 and hi <= 1:
+            lo, hi = 0.0, 1.0  # normalised float data
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    return im.convert("F").point(lambda v: v * scale - lo * scale).convert("L")
