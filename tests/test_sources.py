@@ -1,0 +1,72 @@
+"""Source expansion: directories, globs and list files become image references, lazily and in a stable order."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from producer.sources import expand
+from worker.errors import SourceError
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ("a/1.JPG", "a/2.png", "a/b/3.webp", "a/notes.txt", "a/b/data.bin", "a/4.tiff"):
+        (tmp_path / name).write_bytes(b"x")
+    return tmp_path
+
+
+def test_directory_is_walked_recursively_sorted_and_filtered_by_image_type(tree: Path) -> None:
+    got = list(expand(str(tree / "a")))
+    assert got == [str(tree / "a" / n) for n in ("1.JPG", "2.png", "4.tiff", "b/3.webp")]
+
+
+def test_glob_and_single_file(tree: Path) -> None:
+    assert list(expand(str(tree / "a" / "*.png"))) == [str(tree / "a" / "2.png")]
+    assert list(expand(str(tree / "a" / "**" / "*.webp"))) == [str(tree / "a" / "b" / "3.webp")]
+    assert list(expand(str(tree / "a" / "b" / "3.webp"))) == [str(tree / "a" / "b" / "3.webp")]
+
+
+def test_url_lists_in_every_format_resolve_relative_paths(tmp_path: Path) -> None:
+    refs = ["https://example.org/x.jpg", "rel/y.png"]
+    expected = ["https://example.org/x.jpg", str(tmp_path / "rel" / "y.png")]
+    (tmp_path / "l.txt").write_text("# a comment\n" + "\n".join(refs) + "\n\n")
+    (tmp_path / "l.csv").write_text("id,url\n1,https://example.org/x.jpg\n2,rel/y.png\n")
+    (tmp_path / "l.jsonl").write_text("\n".join(json.dumps({"image": r, "n": 1}) for r in refs))
+    pq.write_table(pa.table({"url": refs, "n": [1, 2]}), tmp_path / "l.parquet")
+    for name in ("l.txt", "l.csv", "l.jsonl", "l.parquet"):
+        assert list(expand(str(tmp_path / name))) == expected, name
+
+
+def test_column_option_and_its_errors(tmp_path: Path) -> None:
+    (tmp_path / "l.csv").write_text("a,b\nx.jpg,y.jpg\n")
+    assert list(expand(str(tmp_path / "l.csv"), column="b")) == [str(tmp_path / "y.jpg")]
+    with pytest.raises(SourceError, match="--column"):
+        list(expand(str(tmp_path / "l.csv")))
+    with pytest.raises(SourceError, match="no column 'c'"):
+        list(expand(str(tmp_path / "l.csv"), column="c"))
+
+
+def test_bad_sources_are_named_errors(tmp_path: Path) -> None:
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    (tmp_path / "bad.parquet").write_text("nope")
+    for arg, message in [
+        (str(tmp_path / "missing"), "no such file"),
+        (str(tmp_path / "*.nothing"), "matches no file"),
+        (str(tmp_path / "bad.jsonl"), "not JSON"),
+        (str(tmp_path / "bad.parquet"), "not a readable Parquet"),
+    ]:
+        with pytest.raises(SourceError, match=message):
+            list(expand(arg))
+
+
+def test_expansion_is_lazy(tmp_path: Path) -> None:
+    big = tmp_path / "big.txt"
+    big.write_text("".join(f"https://example.org/{i}.jpg\n" for i in range(100_000)))
+    it = expand(str(big))
+    assert next(it) == "https://example.org/0.jpg"  # the first reference comes before the file is read through
