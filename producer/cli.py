@@ -344,6 +344,132 @@ def export(
                    (f", skipped {summary.skipped}" if summary.skipped else ""), err=True)  # fmt: skip
 
 
+# --- training and models ---------------------------------------------------------------------------
+
+
+def _store(ctx: click.Context) -> Any:
+    from worker.store import ModelStore
+
+    root = _settings(ctx).model_store
+    if root is None:
+        raise _Fail("set CAPTIONER_MODEL_STORE to the model store directory")
+    return ModelStore(root)
+
+
+@cli.command()
+@click.argument("dataset")
+@click.option("--job-id", help="Job id (default: a new one).")
+@click.option("--base-model", help="Hub id or directory to start from (default microsoft/git-base).")
+@click.option("--epochs", type=click.IntRange(1, 100_000))
+@click.option("--max-steps", type=click.IntRange(1, 10_000_000), help="Stop after this many optimizer steps.")
+@click.option("--learning-rate", type=click.FloatRange(0, 1, min_open=True))
+@click.option("--batch-size", type=click.IntRange(1, 4096))
+@click.option("--eval-steps", type=click.IntRange(1, 10_000_000))
+@click.option("--column", help="Image column of a manifest.")
+@click.option("--text-column", help="Caption column of a manifest.")
+@click.option("--promote", is_flag=True, help="Promote the new version when training ends.")
+@click.option("--require-no-worse", metavar="METRIC", help="With --promote: only if METRIC (e.g. wer) is no worse.")
+@click.option("--wait", "wait_", is_flag=True, help="Follow progress until the job ends.")
+@json_option
+@click.pass_context
+def train(ctx: click.Context, dataset: str, job_id: str | None, base_model: str | None, epochs: int | None,
+          max_steps: int | None, learning_rate: float | None, batch_size: int | None, eval_steps: int | None,
+          column: str | None, text_column: str | None, promote: bool, require_no_worse: str | None, wait_: bool,
+          as_json: bool) -> None:  # fmt: skip
+    """Fine-tune on DATASET (imagefolder dir, JSONL/CSV manifest, or hub id) on the training queue."""
+    import uuid
+
+    from training.jobs import open_train_job
+    from worker.messages import TASK_TRAIN, TrainRequest
+
+    settings = _settings(ctx)
+    if Path(dataset).exists():
+        dataset = str(Path(dataset).resolve())
+    overrides = {"base_model": base_model, "epochs": epochs, "max_steps": max_steps, "learning_rate": learning_rate,
+                 "batch_size": batch_size, "eval_steps": eval_steps}  # fmt: skip
+    req = TrainRequest(job_id=job_id or f"train-{uuid.uuid4().hex[:10]}", dataset=dataset, column=column,
+                       text_column=text_column, config={k: v for k, v in overrides.items() if v is not None},
+                       promote=promote, require_no_worse=require_no_worse)  # fmt: skip
+    client = _client(ctx)
+    client.check()
+    open_train_job(client.ledger, req)
+    client.app.send_task(TASK_TRAIN, kwargs=req.model_dump(), queue=settings.training_queue)
+    if not wait_:
+        _emit(as_json, {"job_id": req.job_id}, lambda: click.echo(req.job_id))
+        return
+    info = client.wait(req.job_id, on_tick=lambda i: None if as_json else _train_tick(i))
+    result = client.ledger.get_field(req.job_id, "result") or {}
+    _emit(as_json, {**info.as_dict(), "result": result},
+          lambda: click.echo(f"\n{req.job_id}: {info.state.value} {json.dumps(result)}"))  # fmt: skip
+
+
+def _train_tick(info: Any) -> None:
+    p = info.extra.get("progress")
+    if p:
+        metrics = " ".join(f"{k}={v:.3f}" for k, v in (p.get("metrics") or {}).items() if isinstance(v, float))
+        click.echo(f"step {p.get('step')} epoch {p.get('epoch', 0):.2f} loss {p.get('loss', 0):.4f} {metrics} "
+                   f"eta {p.get('eta_s', 0):.0f}s", err=True)  # fmt: skip
+
+
+@cli.command()
+@click.argument("version")
+@click.argument("dataset")
+@click.option("--max-samples", type=click.IntRange(1, 10_000_000))
+@click.option("--max-length", type=click.IntRange(1, 512), default=50, show_default=True)
+@click.option("--timeout", type=float, default=3600, show_default=True)
+@json_option
+@click.pass_context
+def evaluate(ctx: click.Context, version: str, dataset: str, max_samples: int | None, max_length: int,
+             timeout: float, as_json: bool) -> None:  # fmt: skip
+    """Score VERSION ('current' for the promoted one) on DATASET with generated captions."""
+    from worker.messages import TASK_EVALUATE, EvaluateRequest
+
+    if Path(dataset).exists():
+        dataset = str(Path(dataset).resolve())
+    req = EvaluateRequest(version=version, dataset=dataset, max_samples=max_samples, max_length=max_length)
+    client = _client(ctx)
+    client.check()
+    result = client.app.send_task(TASK_EVALUATE, kwargs=req.model_dump(), queue=_settings(ctx).training_queue)
+    report = result.get(timeout=timeout)
+
+    def human() -> None:
+        for k in ("wer", "cer", "bleu4", "rouge_l", "cider"):
+            if k in report:
+                click.echo(f"{k:8} {report[k]:.4f}")
+
+    _emit(as_json, report, human)
+
+
+@cli.command()
+@json_option
+@click.pass_context
+def models(ctx: click.Context, as_json: bool) -> None:
+    """Model versions in the store, oldest first; * marks the promoted one."""
+    store = _store(ctx)
+    current = store.current()
+    versions = store.list()
+    rows = [{**v.as_dict(), "current": current is not None and v.version == current.version} for v in versions]
+
+    def human() -> None:
+        for r in rows:
+            wer = r.get("metrics", {}).get("wer")
+            click.echo(f"{'*' if r['current'] else ' '} {r['version']}  wer={'-' if wer is None else f'{wer:.3f}'}"
+                       f"  base={r.get('base_model', '-')}")  # fmt: skip
+
+    _emit(as_json, rows, human)
+
+
+@cli.command()
+@click.argument("version")
+@click.option("--require-no-worse", metavar="METRIC", help="Refuse if METRIC (e.g. wer) is worse than the current.")
+@json_option
+@click.pass_context
+def promote(ctx: click.Context, version: str, require_no_worse: str | None, as_json: bool) -> None:
+    """Make VERSION the one caption workers serve (@current); they switch between batches."""
+    mv = _store(ctx).promote(version, require_no_worse=require_no_worse)
+    _emit(as_json, mv.as_dict(), lambda: click.echo(f"promoted {mv.version}"))
+
+
 # --- processes -------------------------------------------------------------------------------------
 
 

@@ -76,7 +76,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
-    app = Celery("captioner", include=["worker.tasks"])
+    app = Celery("captioner", include=["worker.tasks", "training.tasks"])
     app.conf.update(celery_config(settings))
     return app
 

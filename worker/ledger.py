@@ -214,11 +214,43 @@ class Ledger:
             ok=num("n_ok"),
             error=num("n_error"),
             cancelled=num("n_cancelled"),
-            extra=json.loads(raw[b"extra"]) if b"extra" in raw else {},
+            extra={
+                **(json.loads(raw[b"extra"]) if b"extra" in raw else {}),
+                **({"progress": json.loads(raw[b"progress"])} if b"progress" in raw else {}),
+            },
         )
 
     def set_state(self, job_id: str, state: JobState) -> None:
-        self.r.hset(self.job_key(job_id), "state", state.value)
+        fields = {"state": state.value}
+        if state is JobState.DONE:
+            fields["finished"] = repr(time.time())
+        self.r.hset(self.job_key(job_id), mapping=fields)
+
+    def set_fields(self, job_id: str, **fields: Any) -> None:
+        """Free-form job fields (a training job's request and progress), stored as JSON."""
+        self.r.hset(self.job_key(job_id), mapping={k: json.dumps(v, default=str) for k, v in fields.items()})
+
+    def get_field(self, job_id: str, name: str) -> Any:
+        raw = self.r.hget(self.job_key(job_id), name)
+        return json.loads(raw) if raw else None
+
+    def try_lock(self, job_id: str, owner: str, ttl_s: int) -> bool:
+        """Hold a job for one runner; the lock lapses ttl_s after its holder stops refreshing it."""
+        key = self._k("job", job_id, "lock")
+        if self.r.set(key, owner, nx=True, ex=ttl_s):
+            return True
+        if self.r.get(key) == owner.encode():
+            self.r.expire(key, ttl_s)
+            return True
+        return False
+
+    def unlock(self, job_id: str, owner: str) -> None:
+        key = self._k("job", job_id, "lock")
+        if self.r.get(key) == owner.encode():
+            self.r.delete(key)
+
+    def locked(self, job_id: str) -> bool:
+        return bool(self.r.exists(self._k("job", job_id, "lock")))
 
     def state(self, job_id: str) -> JobState | None:
         raw = self.r.hget(self.job_key(job_id), "state")

@@ -9,7 +9,7 @@ import base64
 import binascii
 import hashlib
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -170,6 +170,36 @@ class CaptionManyRequest(BaseModel):
         Field(min_length=1, max_length=MAX_ITEMS_PER_MESSAGE),
     ]
     params: GenParams = GenParams()
+
+
+class TrainRequest(BaseModel):
+    """Payload of ``captioner.train.v1``: fine-tune on a dataset; the job's progress lives in the ledger."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: Annotated[str, Field(min_length=1, max_length=128)]
+    # A local imagefolder (metadata.jsonl/.csv/.parquet), a JSONL/CSV manifest, or a hub dataset id.
+    dataset: Annotated[str, Field(min_length=1, max_length=MAX_REF_CHARS)]
+    column: str | None = None
+    text_column: str | None = None
+    # TrainConfig fields to override (base_model, learning_rate, epochs, batch_size, max_steps, ...).
+    config: dict[str, Any] = Field(default_factory=dict)
+    promote: bool = False
+    # Promote only when this metric is no worse than the current version's.
+    require_no_worse: str | None = None
+
+
+class EvaluateRequest(BaseModel):
+    """Payload of ``captioner.evaluate.v1``: score a model version on a dataset with generated captions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: Annotated[str, Field(min_length=1, max_length=256)]
+    dataset: Annotated[str, Field(min_length=1, max_length=MAX_REF_CHARS)]
+    column: str | None = None
+    text_column: str | None = None
+    max_samples: int | None = Field(None, ge=1)
+    max_length: int = Field(50, ge=1, le=512)
 
 
 class ItemResult(BaseModel):

@@ -19,6 +19,7 @@ from worker.errors import Cancelled, EngineError, ItemError, Poison
 from worker.images import ImagePolicy, load_image
 from worker.messages import ChunkMessage, GenParams, ItemResult, ItemStatus, JobState, Source, item_id
 from worker.settings import Settings
+from worker.store import ModelStore, resolve_model
 
 if TYPE_CHECKING:
     from worker.engine import CaptionEngine
@@ -33,7 +34,9 @@ def _default_engine_factory(settings: Settings) -> EngineFactory:
     def load() -> CaptionEngine:
         from worker.engine import CaptionEngine, EngineConfig  # torch is imported here, not at module load
 
-        return CaptionEngine.load(EngineConfig.from_settings(settings))
+        model = resolve_model(settings.model, settings.model_store)
+        cfg = EngineConfig(model=model, revision=settings.model_revision, device=settings.device, dtype=settings.dtype)
+        return CaptionEngine.load(cfg)
 
     return load
 
@@ -68,6 +71,8 @@ class CaptionService:
         self._engine_factory = engine_factory or _default_engine_factory(settings)
         self._engine: CaptionEngine | None = None
         self._lock = threading.Lock()
+        self._watcher: threading.Thread | None = None
+        self._stopped = threading.Event()
         self._pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         self.batcher: MicroBatcher[GenParams] = MicroBatcher(
             self._run_batch,
@@ -101,7 +106,29 @@ class CaptionService:
             self._engine = engine
 
     def warm_up(self) -> str:
-        return self.engine.version
+        version = self.engine.version
+        if self.settings.model == "@current" and self._watcher is None:
+            self._watcher = threading.Thread(target=self._follow_store, name="model-watch", daemon=True)
+            self._watcher.start()
+        return version
+
+    def check_promoted(self) -> bool:
+        """Load the store's promoted version if it is not the one served; True when it swapped."""
+        current = ModelStore(self.settings.model_store).current() if self.settings.model_store else None
+        if current is None or (self._engine is not None and self._engine.version == current.version):
+            return False
+        engine = self._engine_factory()  # loads beside the old model; batches keep running meanwhile
+        old = self._engine.version if self._engine else None
+        self.swap_engine(engine)
+        log.info("model swapped %s -> %s (promoted)", old, engine.version)
+        return True
+
+    def _follow_store(self) -> None:
+        while not self._stopped.wait(self.settings.model_poll_s):
+            try:
+                self.check_promoted()
+            except Exception:  # a half-written or bad version must not stop the worker serving the old one
+                log.exception("could not load the promoted model; still serving the previous one")
 
     def _run_batch(self, items: list[Any], params: GenParams) -> list[tuple[str, str]]:
         import torch
@@ -204,6 +231,7 @@ class CaptionService:
         return out
 
     def close(self) -> None:
+        self._stopped.set()
         self.batcher.stop(timeout=30)
         self._pool.shutdown(wait=False, cancel_futures=True)
 

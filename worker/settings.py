@@ -76,8 +76,15 @@ class Settings(BaseSettings):
     result_expires_s: int = Field(86400, ge=60)
 
     # --- the model ------------------------------------------------------------------------------
-    # Hub id (e.g. microsoft/git-base) or a local directory written by save_pretrained.
+    # Hub id (e.g. microsoft/git-base), a local directory written by save_pretrained, or @current /
+    # @<version> for the model store's promoted or a named version.
     model: str = "microsoft/git-base"
+    # Directory of versioned models written by fine-tuning (see `captioner models`).
+    model_store: Path | None = None
+    # Seconds between checks of the store's promoted version by workers serving @current.
+    model_poll_s: float = Field(5.0, gt=0)
+    # Seconds a training job's lock outlives its runner's last heartbeat; then another worker resumes it.
+    train_lock_ttl_s: int = Field(60, ge=3)
     # Hub revision (branch, tag or commit); ignored for local directories.
     model_revision: str | None = None
     # cuda, cuda:1, cpu, or auto (CUDA when present).
