@@ -310,6 +310,36 @@ def retry(ctx: click.Context, job_id: str, include_cancelled: bool, as_json: boo
 @click.argument("job_id")
 @json_option
 @click.pass_context
+def reconcile(ctx: click.Context, job_id: str, as_json: bool) -> None:
+    """Compare a job's manifest with its ledger and re-queue items that have no result yet."""
+    n = _client(ctx).reconcile(job_id)
+    _emit(as_json, {"job_id": job_id, "requeued": n}, lambda: click.echo(f"re-queued {n} pending item(s) of {job_id}"))
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--limit", type=click.IntRange(0, 1_000_000), default=20, show_default=True, help="Items per class.")
+@json_option
+@click.pass_context
+def failures(ctx: click.Context, job_id: str, limit: int, as_json: bool) -> None:
+    """Failed items of a job, by error class, with their attempts."""
+    groups = _client(ctx).failures(job_id)
+
+    def human() -> None:
+        if not groups:
+            click.echo(f"no failed items in {job_id}")
+        for cls, items in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+            click.echo(f"{cls}: {len(items)}")
+            for it in items[:limit]:
+                click.echo(f"  {it['ref']}  (attempts {it['attempts']}): {it['error']}")
+
+    _emit(as_json, groups, human)
+
+
+@cli.command()
+@click.argument("job_id")
+@json_option
+@click.pass_context
 def cancel(ctx: click.Context, job_id: str, as_json: bool) -> None:
     """Stop a job: items not yet captioned are recorded as cancelled."""
     info = _client(ctx).cancel(job_id)

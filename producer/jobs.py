@@ -157,6 +157,30 @@ class JobClient:
                 sent += len(pairs)
         return sent
 
+    def reconcile(self, job_id: str, *, chunk_size: int | None = None) -> int:
+        """Send again every manifest item that has no row yet (a message the broker lost, a producer that died
+        mid-enqueue). Items still queued are sent twice; the ledger keeps one row each."""
+        info = self.ledger.job(job_id)
+        if info.state is JobState.CANCELLED:
+            return 0
+        sent = 0
+        with self.app.producer_or_acquire() as producer:
+            pending = self.ledger.iter_unfinished(job_id, want=frozenset({ItemStatus.PENDING}))
+            for chunk in _chunks(pending, chunk_size or self.settings.chunk_size):
+                self._send(job_id, dict(chunk), info.params, producer)
+                sent += len(chunk)
+        self.ledger.seal(job_id)
+        return sent
+
+    def failures(self, job_id: str) -> dict[str, list[dict[str, Any]]]:
+        """Failed items grouped by error class, each with its reference, message and attempts."""
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for row in self.results(job_id):
+            if row["status"] == ItemStatus.ERROR.value:
+                entry = {k: row.get(k) for k in ("id", "ref", "error", "attempts", "transient")}
+                groups.setdefault(row.get("error_class") or "unknown", []).append(entry)
+        return groups
+
     def cancel(self, job_id: str) -> JobInfo:
         """Stop the job: queued chunks are dropped by the workers as they reach them."""
         self.ledger.job(job_id)

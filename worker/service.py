@@ -134,6 +134,8 @@ class CaptionService:
         import torch
 
         engine = self.engine  # one engine per batch: a swap lands between batches, never inside one
+        if self.settings.fault_oom_above and len(items) > self.settings.fault_oom_above:
+            raise MemoryError(f"out of memory (injected: batch {len(items)} > {self.settings.fault_oom_above})")
         captions = engine.generate(torch.cat(items), params)
         return [(c, engine.version) for c in captions]
 

@@ -133,6 +133,9 @@ class Settings(BaseSettings):
     # separated. Checked against every resolved address on every hop; everything else private stays refused.
     url_allowed_networks: Annotated[list[IPvAnyNetwork], NoDecode] = Field(default_factory=list)
 
+    # Fault injection for drills and tests: batches larger than this fail as out of memory (0: off).
+    fault_oom_above: int = Field(0, ge=0)
+
     # --- logging --------------------------------------------------------------------------------
     log_level: str = "INFO"
 
