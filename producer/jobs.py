@@ -88,8 +88,14 @@ class JobClient:
                     self._enqueue_chunk(job_id, chunk, params, created, producer, report)
                     if on_progress:
                         on_progress(report.items)
-        except OperationalError as exc:
-            raise BrokerUnavailable(f"the broker stopped answering while enqueueing: {exc}") from None
+        except (OperationalError, redis.ResponseError) as exc:
+            if "maxmemory" in str(exc) or "OOM" in str(exc):
+                raise BrokerUnavailable(
+                    f"Redis is out of memory (maxmemory reached) after {report.items} item(s) of job {job_id}; "
+                    "nothing was dropped silently: free memory or raise maxmemory, then re-run the same command "
+                    "to resume"
+                ) from None
+            raise BrokerUnavailable(f"the broker stopped answering while enqueueing job {job_id}: {exc}") from None
         finally:
             report.seconds = time.perf_counter() - started
         self.ledger.seal(job_id)

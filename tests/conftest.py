@@ -59,6 +59,7 @@ def worker_env(tiny_model: Path, session_root: Path) -> dict[str, str]:
         "CAPTIONER_MAX_WAIT_MS": "50",
         "CAPTIONER_URL_ALLOWED_NETWORKS": "127.0.0.1/32",
         "CAPTIONER_URL_TOTAL_TIMEOUT_S": "3",
+        "CAPTIONER_TORCH_THREADS": "1",  # the test process and other workers share the two cores
         "HF_HUB_OFFLINE": "1",
     }
 

@@ -34,6 +34,10 @@ def _default_engine_factory(settings: Settings) -> EngineFactory:
     def load() -> CaptionEngine:
         from worker.engine import CaptionEngine, EngineConfig  # torch is imported here, not at module load
 
+        if settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(settings.torch_threads)
         model = resolve_model(settings.model, settings.model_store)
         cfg = EngineConfig(model=model, revision=settings.model_revision, device=settings.device, dtype=settings.dtype)
         return CaptionEngine.load(cfg)

@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     # float32, bfloat16, float16, or auto (fp16/bf16 on GPU, bf16 on CPUs with native support, else fp32).
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
+    # CPU threads torch may use for one worker (0: torch's default, one per core). Lower it when several
+    # workers or other busy processes share the cores: oversubscribed threads spin and crawl.
+    torch_threads: int = Field(0, ge=0, le=1024)
+
     # --- batching -------------------------------------------------------------------------------
     # Most images in one generate call.
     max_batch_size: int = Field(32, ge=1, le=4096)

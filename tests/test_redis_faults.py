@@ -1,0 +1,117 @@
+"""Redis faults, each against a redis-server of the test's own (the machine's shared Redis is never stopped)."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from producer.cli import cli
+from producer.jobs import JobClient
+from producer.local import LocalRedis, WorkerProcess
+from tests.conftest import settings_from
+from tests.test_recovery import wait_for
+from worker.errors import ConfigError
+from worker.settings import Settings
+
+
+def own_redis_env(worker_env: dict[str, str], server: LocalRedis) -> dict[str, str]:
+    return {
+        **worker_env,
+        "CAPTIONER_BROKER_URL": server.url(0),
+        "CAPTIONER_RESULT_BACKEND": server.url(0),
+        "CAPTIONER_REDIS_URL": server.url(1),
+        # Long enough that no chunk outlives it on a busy 2-core machine: recovery here must come from
+        # the restart itself (messages restored on reconnect), not from redelivery after a timeout.
+        "CAPTIONER_VISIBILITY_TIMEOUT_S": "60",
+        "CAPTIONER_UNACKED_RESTORE_INTERVAL_S": "1",
+        "CAPTIONER_MAX_LENGTH": "30",
+        "CAPTIONER_MAX_BATCH_SIZE": "4",
+    }
+
+
+def shapes(session_root: Path, n: int) -> list[str]:
+    from training.synthetic import make_shapes
+
+    return [str(p) for p, _ in make_shapes(session_root / f"rf-{uuid.uuid4().hex[:6]}", n, seed=7, size=32)]
+
+
+def test_redis_killed_and_restarted_mid_job_with_aof_loses_nothing(
+    worker_env: dict[str, str], session_root: Path, tmp_path: Path
+) -> None:
+    refs = shapes(session_root, 60)
+    with LocalRedis(appendonly=True) as server:
+        env = own_redis_env(worker_env, server)
+        with WorkerProcess(env, log=tmp_path / "w.log") as proc:
+            proc.wait_ready()
+            client = JobClient(settings_from(env))
+            client.enqueue(refs, job_id="job-redis-restart", chunk_size=4)
+            wait_for(lambda: client.status("job-redis-restart").ok >= 8, 120, "the first captions")
+            server.kill()
+            server.start()  # same port and directory: the append-only file brings the queue and ledger back
+            info = client.wait("job-redis-restart", timeout=240, on_tick=lambda _: None)
+            rows = list(client.results("job-redis-restart"))
+            client.close()
+    assert (info.ok, info.error, info.total) == (60, 0, 60)
+    assert len({r["id"] for r in rows}) == len(rows) == 60
+
+
+def test_worker_started_before_redis_waits_and_then_serves(
+    worker_env: dict[str, str], session_root: Path, tmp_path: Path
+) -> None:
+    refs = shapes(session_root, 4)
+    server = LocalRedis()
+    env = own_redis_env(worker_env, server)
+    server.kill()  # the worker starts with no Redis to talk to
+    proc = WorkerProcess(env, log=tmp_path / "w.log").start()
+    try:
+        wait_for(lambda: "Cannot connect to redis" in proc.log_tail(100) or "Error" in proc.log_tail(100), 60,
+                 "the worker to notice Redis is down")  # fmt: skip
+        assert proc.proc is not None and proc.proc.poll() is None, "the worker must keep waiting, not exit"
+        server.start()
+        proc.wait_ready(timeout=120)
+        client = JobClient(settings_from(env))
+        client.enqueue(refs, job_id="job-late-redis")
+        info = client.wait("job-late-redis", timeout=120, on_tick=lambda _: None)
+        client.close()
+        assert info.ok == 4
+    finally:
+        proc.terminate()
+        server.stop()
+
+
+def test_producer_fails_loudly_at_maxmemory_and_says_so(session_root: Path, tmp_path: Path) -> None:
+    refs = tmp_path / "urls.txt"
+    refs.write_text("".join(f"https://example.org/{'x' * 200}/{i}.jpg\n" for i in range(20_000)))
+    with LocalRedis(maxmemory="2mb") as server:
+        result = CliRunner().invoke(cli, ["--broker-url", server.url(0), "enqueue", str(refs)], catch_exceptions=False)
+    assert result.exit_code == 1
+    assert "out of memory" in result.stderr and "Traceback" not in result.output
+
+
+def test_password_protected_redis_through_the_url(
+    worker_env: dict[str, str], session_root: Path, tmp_path: Path
+) -> None:
+    refs = shapes(session_root, 3)
+    with LocalRedis(password="s3cret-pw") as server:
+        env = own_redis_env(worker_env, server)
+        with WorkerProcess(env, log=tmp_path / "w.log") as proc:
+            proc.wait_ready()
+            client = JobClient(settings_from(env))
+            client.enqueue(refs, job_id="job-auth")
+            assert client.wait("job-auth", timeout=120, on_tick=lambda _: None).ok == 3
+            client.close()
+        wrong = server.url(0).replace("s3cret-pw", "wrong")
+        result = CliRunner().invoke(cli, ["--broker-url", wrong, "jobs"], catch_exceptions=False)
+        assert result.exit_code == 1 and "Traceback" not in result.output
+
+
+def test_rediss_without_certificate_settings_is_refused() -> None:
+    with pytest.raises(ConfigError, match="rediss://"):
+        Settings(broker_url="rediss://cache.example:6380/0")
+    ok = Settings(broker_url="rediss://cache.example:6380/0", redis_ssl_cert_reqs="required")
+    from worker.celery_app import celery_config
+
+    assert celery_config(ok)["broker_use_ssl"]["ssl_cert_reqs"] == 2  # ssl.CERT_REQUIRED
