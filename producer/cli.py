@@ -6,6 +6,7 @@ A user's mistake is one line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,9 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
             raise
+        except BrokenPipeError:  # `captioner export ... -o - | head`: the reader left, which is fine
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(0) from None
         except CaptionerError as exc:
             raise _Fail(f"{exc}") from None
         except Exception as exc:
@@ -498,6 +502,37 @@ def promote(ctx: click.Context, version: str, require_no_worse: str | None, as_j
     """Make VERSION the one caption workers serve (@current); they switch between batches."""
     mv = _store(ctx).promote(version, require_no_worse=require_no_worse)
     _emit(as_json, mv.as_dict(), lambda: click.echo(f"promoted {mv.version}"))
+
+
+# --- operating ------------------------------------------------------------------------------------
+
+
+@cli.command()
+@json_option
+@click.pass_context
+def config(ctx: click.Context, as_json: bool) -> None:
+    """Print the effective settings (passwords masked), as environment variables."""
+    from producer.doctor import effective_settings
+
+    values = effective_settings(_settings(ctx))
+    _emit(as_json, values, lambda: [click.echo(f"{k}={'' if v is None else v}") for k, v in values.items()])
+
+
+@cli.command()
+@json_option
+@click.pass_context
+def doctor(ctx: click.Context, as_json: bool) -> None:
+    """Check the broker, ledger, persistence, workers and settings; exit 1 when something is wrong."""
+    from producer.doctor import FAIL, run_checks
+    from worker.celery_app import create_app
+
+    checks = run_checks(_settings(ctx), create_app(_settings(ctx)))
+    marks = {"ok": click.style("ok  ", fg="green"), "warn": click.style("warn", fg="yellow"),
+             "fail": click.style("FAIL", fg="red")}  # fmt: skip
+    _emit(as_json, [c.as_dict() for c in checks],
+          lambda: [click.echo(f"{marks[c.level]}  {c.name:20} {c.detail}") for c in checks])  # fmt: skip
+    if any(c.level == FAIL for c in checks):
+        ctx.exit(EXIT_ERROR)
 
 
 # --- processes -------------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ def worker_env(tiny_model: Path, session_root: Path) -> dict[str, str]:
         "CAPTIONER_URL_ALLOWED_NETWORKS": "127.0.0.1/32",
         "CAPTIONER_URL_TOTAL_TIMEOUT_S": "3",
         "CAPTIONER_TORCH_THREADS": "1",  # the test process and other workers share the two cores
+        "CAPTIONER_METRICS_PORT": "0",  # tests that read metrics pick a free port
         "HF_HUB_OFFLINE": "1",
     }
 

@@ -57,11 +57,13 @@ class MicroBatcher(Generic[P]):
         max_wait_s: float,
         key: Callable[[P], Hashable] = lambda p: p,
         name: str = "batcher",
+        on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         self._run = run
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self._key = key
+        self._on_batch = on_batch
         self._groups: OrderedDict[Hashable, tuple[P, deque[_Pending]]] = OrderedDict()
         self._cond = threading.Condition()
         self._stopping = False
@@ -158,6 +160,8 @@ class MicroBatcher(Generic[P]):
         s.batches, s.items, s.infer_s = s.batches + 1, s.items + len(batch), s.infer_s + took
         s.last_size, s.last_infer_s = len(batch), took
         log.debug("batch size=%d infer_ms=%.1f", len(batch), took * 1000)
+        if self._on_batch:
+            self._on_batch(len(batch), took)
         for pending, caption in zip(batch, out, strict=True):
             pending.future.set_result(caption)
 

@@ -14,9 +14,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from worker import metrics
 from worker.batcher import MicroBatcher
 from worker.errors import Cancelled, EngineError, ItemError, Poison
 from worker.images import ImagePolicy, load_image
+from worker.logs import current_job
 from worker.messages import ChunkMessage, GenParams, ItemResult, ItemStatus, JobState, Source, item_id
 from worker.settings import Settings
 from worker.store import ModelStore, resolve_model
@@ -84,6 +86,7 @@ class CaptionService:
             max_wait_s=settings.max_wait_ms / 1000,
             key=GenParams.key,
             name="engine",
+            on_batch=metrics.observe_batch,
         )
 
     # --- the engine -----------------------------------------------------------------------------
@@ -179,6 +182,7 @@ class CaptionService:
                     finished_at=time.time(),
                 )
             )
+        metrics.observe_rows(rows)
         return rows
 
     def caption_sources(self, sources: list[Source], params: GenParams) -> list[ItemResult]:
@@ -189,6 +193,7 @@ class CaptionService:
         """Caption a chunk of a job and record every row before returning (the task acks after)."""
         assert self.ledger is not None, "run_chunk needs a ledger"
         ledger, out = self.ledger, ChunkOutcome(job_id=msg.job_id, items=len(msg.items))
+        current_job.set(msg.job_id)
         started = time.perf_counter()
         ids = [it.id for it in msg.items]
         status = ledger.statuses(msg.job_id, ids)
@@ -200,6 +205,7 @@ class CaptionService:
             rows = [_error_row({"id": it.id, "ref": _ref(it.src), "params": msg.params}, Cancelled("job cancelled"))
                     for it in todo]
             ledger.record(msg.job_id, rows)
+            metrics.observe_rows(rows)
             out.error = len(rows)
             return out
         attempts = ledger.begin_attempt(msg.job_id, [it.id for it in todo])
@@ -212,6 +218,7 @@ class CaptionService:
             )
             for it in poison
         ]
+        metrics.observe_rows(rows)  # the poison rows; captioned rows are counted by caption_items
         from worker.messages import source_from_wire
 
         batches_before = self.batcher.stats.infer_s
@@ -226,6 +233,8 @@ class CaptionService:
         if self.settings.ledger_ttl_s and ledger.state(msg.job_id) is JobState.DONE:
             ledger.expire_job(msg.job_id, self.settings.ledger_ttl_s)
         out.write_ms = (time.perf_counter() - write_started) * 1000
+        metrics.STAGE.labels("write").observe(out.write_ms / 1000)
+        metrics.RETRIES.inc(len(retry))
         out.ok = sum(r.status is ItemStatus.OK for r in rows)
         out.error = len(rows) - out.ok
         out.retry = sorted(retry) or None

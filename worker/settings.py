@@ -142,6 +142,14 @@ class Settings(BaseSettings):
 
     # --- logging --------------------------------------------------------------------------------
     log_level: str = "INFO"
+    # One JSON object per log line (for log shippers) instead of plain text.
+    log_json: bool = False
+
+    # --- metrics --------------------------------------------------------------------------------
+    # Port of each worker's Prometheus endpoint (0: off). One worker per GPU on a host needs one port each.
+    metrics_port: int = Field(9808, ge=0, le=65535)
+    # Address the metrics endpoint binds to.
+    metrics_addr: str = "0.0.0.0"
 
     @field_validator("allowed_roots", "allowed_formats", mode="before")
     @classmethod

@@ -8,11 +8,13 @@ from typing import Any
 
 import redis
 from celery import Task
-from celery.signals import celeryd_after_setup, worker_shutting_down
+from celery.signals import after_setup_logger, celeryd_after_setup, worker_shutting_down
 from celery.worker.control import inspect_command
 
+from worker import metrics
 from worker.celery_app import app
 from worker.ledger import Ledger, redis_client
+from worker.logs import configure as configure_logs
 from worker.messages import (
     TASK_CAPTION,
     TASK_CAPTION_CHUNK,
@@ -124,9 +126,27 @@ def captioner_info(state: Any, **kwargs: Any) -> dict[str, Any]:
 def _warm_up(sender: str, instance: Any, **kwargs: Any) -> None:
     """Load the model before consuming, so the first message never waits for it (caption workers only)."""
     queues = set(instance.app.amqp.queues.consume_from or {}) or {get_settings().caption_queue}
-    if get_settings().caption_queue in queues:
-        version = service().warm_up()
+    settings = get_settings()
+    if settings.caption_queue in queues:
+        svc = service()
+        version = svc.warm_up()
+        engine = svc.engine
+        metrics.set_model(version, str(engine.device), str(engine.dtype).removeprefix("torch."))
+        metrics.serve(settings.metrics_port, settings.metrics_addr, _queue_depths)
         log.info("worker %s serves model %s", sender, version)
+
+
+def _queue_depths() -> dict[str, int]:
+    s = get_settings()
+    with app.connection_for_read() as conn:
+        client = conn.default_channel.client
+        return {q: int(client.llen(q)) for q in (s.caption_queue, s.training_queue)}
+
+
+@after_setup_logger.connect
+def _log_format(logger: logging.Logger, **kwargs: Any) -> None:
+    """Job and task ids on every line; JSON lines when CAPTIONER_LOG_JSON is on."""
+    configure_logs(logger, as_json=get_settings().log_json)
 
 
 @worker_shutting_down.connect

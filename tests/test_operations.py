@@ -1,0 +1,75 @@
+"""Operating it: the metrics endpoint, JSON logs with ids, `captioner config` and `captioner doctor`."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+import uuid
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from producer.cli import cli
+from producer.jobs import JobClient
+from producer.local import LocalRedis, WorkerProcess, free_port
+from tests.conftest import settings_from
+
+
+def test_metrics_endpoint_and_json_logs_of_a_real_worker(
+    worker_env: dict[str, str], session_root: Path, tmp_path: Path
+) -> None:
+    from training.synthetic import make_shapes
+
+    port = free_port()
+    folder = session_root / f"ops-{uuid.uuid4().hex[:6]}"
+    refs = [str(p) for p, _ in make_shapes(folder, 6, seed=4, size=32)]
+    (folder / "broken.png").write_bytes(b"\x89PNG broken")
+    with LocalRedis() as server:
+        env = {**worker_env, "CAPTIONER_BROKER_URL": server.url(0), "CAPTIONER_RESULT_BACKEND": server.url(0),
+               "CAPTIONER_REDIS_URL": server.url(1), "CAPTIONER_METRICS_PORT": str(port),
+               "CAPTIONER_METRICS_ADDR": "127.0.0.1", "CAPTIONER_LOG_JSON": "true"}  # fmt: skip
+        with WorkerProcess(env, log=tmp_path / "w.log") as proc:
+            proc.wait_ready()
+            client = JobClient(settings_from(env))
+            client.enqueue([*refs, str(folder / "broken.png")], job_id="job-metrics")
+            client.wait("job-metrics", timeout=60, on_tick=lambda _: None)
+            client.close()
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'captioner_images_total{status="ok"} 6.0' in text
+    assert 'captioner_errors_total{error_class="decode_error"} 1.0' in text
+    assert "captioner_batch_size_count" in text and 'captioner_stage_seconds_count{stage="infer"}' in text
+    assert 'captioner_model_info{device="cpu",dtype="float32",version="tiny-git@' in text
+    lines = [json.loads(line) for line in proc.log_path.read_text().splitlines() if line.startswith("{")]
+    chunk_lines = [entry for entry in lines if entry["msg"].startswith("chunk job=job-metrics")]
+    assert chunk_lines and all(e["job_id"] == "job-metrics" and e["task_id"] != "-" for e in chunk_lines)
+
+
+def test_config_prints_every_setting_with_passwords_masked() -> None:
+    env = {"CAPTIONER_BROKER_URL": "redis://app:hunter2@cache:6379/0", "CAPTIONER_MAX_BATCH_SIZE": "48"}
+    result = CliRunner().invoke(cli, ["config", "--json"], env=env, catch_exceptions=False)
+    values = json.loads(result.stdout)
+    assert values["CAPTIONER_BROKER_URL"] == "redis://app:****@cache:6379/0"
+    assert values["CAPTIONER_REDIS_URL"] == "redis://app:****@cache:6379/0"  # defaults to the broker, masked too
+    assert values["CAPTIONER_MAX_BATCH_SIZE"] == 48
+    assert "hunter2" not in result.output
+
+
+def test_doctor_fails_without_persistence_or_workers_and_passes_on_a_sound_setup(
+    worker_env: dict[str, str], tmp_path: Path
+) -> None:
+    with LocalRedis() as bare:
+        result = CliRunner().invoke(cli, ["--broker-url", bare.url(0), "doctor", "--json"], catch_exceptions=False)
+        checks = {c["name"]: c["level"] for c in json.loads(result.stdout)}
+        assert result.exit_code == 1
+        assert checks["broker persistence"] == "fail" and checks["caption workers"] == "fail"
+    with LocalRedis(appendonly=True) as sound:
+        env = {**worker_env, "CAPTIONER_BROKER_URL": sound.url(0), "CAPTIONER_RESULT_BACKEND": sound.url(0),
+               "CAPTIONER_REDIS_URL": sound.url(1)}  # fmt: skip
+        with WorkerProcess(env, log=tmp_path / "w.log") as proc:
+            proc.wait_ready()
+            result = CliRunner().invoke(cli, ["doctor", "--json"], env=env, catch_exceptions=False)
+    checks = {c["name"]: c for c in json.loads(result.stdout)}
+    assert result.exit_code == 0, result.stdout
+    assert "tiny-git@" in checks["caption workers"]["detail"]
+    result = CliRunner().invoke(cli, ["--broker-url", "redis://127.0.0.1:1/0", "doctor"], catch_exceptions=False)
+    assert result.exit_code == 1 and "broker reachable" in result.stdout

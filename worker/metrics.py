@@ -1,0 +1,82 @@
+"""Prometheus metrics of a caption worker: throughput, batch sizes, stage latency, errors, queue depth, model."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+
+from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
+
+log = logging.getLogger(__name__)
+
+IMAGES = Counter("captioner_images_total", "Images finished, by status (ok, error, cancelled).", ["status"])
+ERRORS = Counter("captioner_errors_total", "Images that failed, by error class.", ["error_class"])
+RETRIES = Counter("captioner_retries_total", "Items sent again after a transient failure.")
+BATCH_SIZE = Histogram(
+    "captioner_batch_size", "Images per model batch.", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+)
+STAGE = Histogram(
+    "captioner_stage_seconds",
+    "Seconds per stage: load (fetch+decode+preprocess, per image), infer (per batch), write (per chunk).",
+    ["stage"],
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+QUEUE_DEPTH = Gauge("captioner_queue_depth", "Messages waiting in a queue.", ["queue"])
+MODEL = Info("captioner_model", "The model this worker serves.")
+GPU_MEMORY = Gauge("captioner_gpu_memory_bytes", "CUDA memory of this worker.", ["kind"])
+
+
+def observe_batch(size: int, seconds: float) -> None:
+    BATCH_SIZE.observe(size)
+    STAGE.labels("infer").observe(seconds)
+
+
+def observe_rows(rows: Iterable[object]) -> None:
+    for row in rows:
+        status = getattr(row, "status", None)
+        IMAGES.labels(getattr(status, "value", str(status))).inc()
+        error_class = getattr(row, "error_class", None)
+        if error_class and error_class != "cancelled":
+            ERRORS.labels(error_class).inc()
+        load_ms = getattr(row, "timings", {}).get("load_ms")
+        if load_ms is not None:
+            STAGE.labels("load").observe(load_ms / 1000)
+
+
+def set_model(version: str, device: str, dtype: str) -> None:
+    MODEL.info({"version": version, "device": device, "dtype": dtype})
+
+
+def serve(port: int, addr: str, queue_depth: Callable[[], dict[str, int]], every_s: float = 5.0) -> bool:
+    """Start the HTTP endpoint and a sampler for queue depth and GPU memory; False if the port is taken."""
+    if not port:
+        return False
+    try:
+        start_http_server(port, addr=addr)
+    except OSError as exc:  # a second worker on the host: it runs on, without an endpoint of its own
+        log.warning("metrics endpoint not started on %s:%d: %s (set CAPTIONER_METRICS_PORT)", addr, port, exc)
+        return False
+    threading.Thread(target=_sample, args=(queue_depth, every_s), name="metrics", daemon=True).start()
+    log.info("metrics on http://%s:%d/metrics", addr, port)
+    return True
+
+
+def _sample(queue_depth: Callable[[], dict[str, int]], every_s: float) -> None:
+    stop = threading.Event()
+    while not stop.wait(every_s):
+        try:
+            for queue, depth in queue_depth().items():
+                QUEUE_DEPTH.labels(queue).set(depth)
+            _sample_gpu()
+        except Exception as exc:  # a Redis blip must not kill the sampler
+            log.debug("metrics sample failed: %s", exc)
+
+
+def _sample_gpu() -> None:
+    import sys
+
+    torch = sys.modules.get("torch")  # only when the engine already imported it
+    if torch is not None and torch.cuda.is_available():
+        GPU_MEMORY.labels("allocated").set(torch.cuda.memory_allocated())
+        GPU_MEMORY.labels("reserved").set(torch.cuda.memory_reserved())
