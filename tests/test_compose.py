@@ -320,3 +320,15 @@ def test_compose_config_validates(compose: dict[str, Any], tmp_path: Path) -> No
     )
     assert refused.returncode != 0
     assert "FLOWER_BASIC_AUTH" in refused.stderr
+
+
+def test_prometheus_scrapes_the_worker_metrics_port_and_the_worker_is_healthchecked(services: dict[str, Any]) -> None:
+    from worker.settings import Settings
+
+    prom = services["prometheus"]
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    targets = [t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
+    assert f"caption-worker:{Settings().metrics_port}" in targets
+    assert any("prometheus.yml" in v for v in prom["volumes"])
+    check = " ".join(_argv(services["caption-worker"]["healthcheck"]["test"]))
+    assert "inspect ping" in check and "caption@" in check
