@@ -134,6 +134,9 @@ def _gen_params(settings: Any, max_length: int | None, num_beams: int | None, pr
 @click.option("--num-beams", type=click.IntRange(1, 16), help="Beam search width (default 1: greedy).")
 @click.option("--prompt", help="Text every caption starts with.")
 @click.option("--follow-links", is_flag=True, help="Follow symlinked directories when walking.")
+@click.option("--on-done-task", metavar="TASK", help="Celery task sent with the job summary when the job ends.")
+@click.option("--on-done-queue", metavar="QUEUE", help="Queue for --on-done-task (default: Celery's routing).")
+@click.option("--webhook", metavar="URL", help="URL POSTed the signed job summary when the job ends.")
 @click.option("--wait", "wait_", is_flag=True, help="Follow the job until it is done, with a progress bar.")
 @json_option
 @click.pass_context
@@ -148,6 +151,9 @@ def enqueue(
     num_beams: int | None,
     prompt: str | None,
     follow_links: bool,
+    on_done_task: str | None,
+    on_done_queue: str | None,
+    webhook: str | None,
     wait_: bool,
     as_json: bool,
 ) -> None:
@@ -166,7 +172,13 @@ def enqueue(
     job_id = job_id or derive_job_id([*keys, column or ""], params)
     refs = itertools.chain.from_iterable(expand(s, column=column, follow_links=follow_links) for s in sources)
     refs = _warn_roots(settings, refs)
-    report = _client(ctx).enqueue(refs, job_id=job_id, name=name or "", params=params, chunk_size=chunk_size)
+    if webhook and not webhook.startswith(("http://", "https://")):
+        raise click.BadParameter("must be an http(s) URL", param_hint="--webhook")
+    extra = {k: v for k, v in {"on_done_task": on_done_task, "on_done_queue": on_done_queue,
+                               "webhook": webhook}.items() if v}  # fmt: skip
+    report = _client(ctx).enqueue(
+        refs, job_id=job_id, name=name or "", params=params, chunk_size=chunk_size, extra=extra or None
+    )
     if not as_json:
         click.echo(job_id)
         verb = "created" if report.created else "resumed"

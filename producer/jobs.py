@@ -17,7 +17,7 @@ from kombu.exceptions import OperationalError
 
 from worker.errors import BrokerUnavailable, CaptionerError, NothingToEnqueue
 from worker.ledger import JobInfo, Ledger, redis_client
-from worker.messages import TASK_CAPTION_CHUNK, GenParams, ItemStatus, JobState, item_id
+from worker.messages import TASK_CAPTION_CHUNK, TASK_NOTIFY, GenParams, ItemStatus, JobState, item_id
 from worker.settings import Settings
 
 
@@ -98,7 +98,8 @@ class JobClient:
             raise BrokerUnavailable(f"the broker stopped answering while enqueueing job {job_id}: {exc}") from None
         finally:
             report.seconds = time.perf_counter() - started
-        self.ledger.seal(job_id)
+        if self.ledger.seal(job_id):  # everything was captioned already: the job ends here, not in a worker
+            self.app.send_task(TASK_NOTIFY, kwargs={"job_id": job_id}, queue=self.settings.caption_queue)
         return report
 
     def _enqueue_chunk(

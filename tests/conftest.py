@@ -20,6 +20,7 @@ from worker.settings import Settings
 REDIS_HOST = "127.0.0.1:6379"
 BROKER_DB = 14  # Celery's queues for the session worker
 LEDGER_DB = 15  # job ledger, flushed before every test
+WEBHOOK_SECRET = "test-webhook-secret"
 MAX_LENGTH = 12  # short captions keep the suite fast; the engine tests cover the default of 50
 
 
@@ -60,7 +61,8 @@ def worker_env(tiny_model: Path, session_root: Path) -> dict[str, str]:
         "CAPTIONER_URL_ALLOWED_NETWORKS": "127.0.0.1/32",
         "CAPTIONER_URL_TOTAL_TIMEOUT_S": "3",
         "CAPTIONER_TORCH_THREADS": "1",  # the test process and other workers share the two cores
-        "CAPTIONER_METRICS_PORT": "0",  # tests that read metrics pick a free port
+        "CAPTIONER_METRICS_PORT": "0",
+        "CAPTIONER_WEBHOOK_SECRET": WEBHOOK_SECRET,  # tests that read metrics pick a free port
         "HF_HUB_OFFLINE": "1",
     }
 

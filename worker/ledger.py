@@ -18,7 +18,7 @@ import json
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
@@ -46,16 +46,18 @@ for i = 2, #ARGV, 3 do
   end
 end
 __FINISH__
-return changed
+return {changed, finished}
 """
 
 # Marks a job done once every manifest item has a row, unless the producer is still adding items ('open').
 _FINISH = """
+local finished = 0
 local h = redis.call('HMGET', KEYS[1], 'n_total', 'n_ok', 'n_error', 'n_cancelled', 'state', 'open')
 local total = tonumber(h[1] or '0') or 0
 local settled = (tonumber(h[2] or '0') or 0) + (tonumber(h[3] or '0') or 0) + (tonumber(h[4] or '0') or 0)
 if total > 0 and settled >= total and h[5] == 'running' and not h[6] then
   redis.call('HSET', KEYS[1], 'state', 'done', 'finished', ARGV[1])
+  finished = 1
 end
 """
 _RECORD = _RECORD.replace("__FINISH__", _FINISH)
@@ -79,7 +81,12 @@ return n
 """
 
 # KEYS: job hash.  ARGV: now.  The producer calls this when it has added its last item.
-_SEAL = "redis.call('HDEL', KEYS[1], 'open')\n" + _FINISH
+_SEAL = "redis.call('HDEL', KEYS[1], 'open')\n" + _FINISH + "return finished\n"
+
+
+class Recorded(NamedTuple):
+    changed: int  # rows whose status changed (new rows, or a failure replaced by a caption)
+    finished: bool  # this write settled the job's last item: completion callbacks fire once, here
 
 
 @dataclass
@@ -165,9 +172,9 @@ class Ledger:
         pipe.execute()
         return bool(created)
 
-    def seal(self, job_id: str) -> None:
-        """The producer has added every item: the job may now finish."""
-        self._seal(keys=[self.job_key(job_id)], args=[repr(time.time())])
+    def seal(self, job_id: str) -> bool:
+        """The producer has added every item: the job may now finish. True when this call finished it."""
+        return bool(self._seal(keys=[self.job_key(job_id)], args=[repr(time.time())]))
 
     def add_items(self, job_id: str, items: Iterable[tuple[str, str]]) -> int:
         """Add (item id, reference) pairs to the manifest; returns how many were new."""
@@ -283,14 +290,15 @@ class Ledger:
         keys = [self.job_key(job_id), self._k("job", job_id, "res"), self._k("job", job_id, "att")]
         return int(self._requeue(keys=keys, args=ids))
 
-    def record(self, job_id: str, rows: list[ItemResult]) -> int:
-        """Durably write result rows (one atomic script); returns how many rows changed status."""
+    def record(self, job_id: str, rows: list[ItemResult]) -> Recorded:
+        """Durably write result rows (one atomic script): how many changed status, and whether the job ended."""
         if not rows:
-            return 0
+            return Recorded(0, False)
         argv: list[str] = [repr(time.time())]
         for row in rows:
             argv += [row.id, row.status.value, row.model_dump_json(exclude_none=True)]
-        return int(self._record(keys=[self.job_key(job_id), self._k("job", job_id, "res")], args=argv))
+        changed, finished = self._record(keys=[self.job_key(job_id), self._k("job", job_id, "res")], args=argv)
+        return Recorded(int(changed), bool(finished))
 
     def iter_results(self, job_id: str, count: int = 1000) -> Iterator[dict[str, Any]]:
         """Every written row, streamed with HSCAN (order is Redis's)."""

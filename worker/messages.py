@@ -19,10 +19,11 @@ from worker.errors import InvalidMessage
 TASK_CAPTION = "captioner.caption.v1"  # one image in, one result out (services)
 TASK_CAPTION_MANY = "captioner.caption_many.v1"  # a list of images in, a list of results out (services)
 TASK_CAPTION_CHUNK = "captioner.caption_chunk.v1"  # a chunk of a ledger job (the producer)
+TASK_NOTIFY = "captioner.notify_done.v1"  # a job ended: send its completion task and/or webhook
 TASK_TRAIN = "captioner.train.v1"  # fine-tune (training queue)
 TASK_EVALUATE = "captioner.evaluate.v1"  # score a model version (training queue)
 
-CAPTION_TASKS = (TASK_CAPTION, TASK_CAPTION_MANY, TASK_CAPTION_CHUNK)
+CAPTION_TASKS = (TASK_CAPTION, TASK_CAPTION_MANY, TASK_CAPTION_CHUNK, TASK_NOTIFY)
 TRAINING_TASKS = (TASK_TRAIN, TASK_EVALUATE)
 
 #: Longest string accepted in any reference (paths and URLs); base64 payloads have their own byte cap.

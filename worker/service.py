@@ -69,9 +69,15 @@ class CaptionService:
     """Owns the engine, the batcher and the decode pool of one worker process."""
 
     def __init__(
-        self, settings: Settings, *, ledger: Ledger | None = None, engine_factory: EngineFactory | None = None
+        self,
+        settings: Settings,
+        *,
+        ledger: Ledger | None = None,
+        engine_factory: EngineFactory | None = None,
+        on_job_done: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
+        self.on_job_done = on_job_done
         self.policy = ImagePolicy.from_settings(settings)
         self.ledger = ledger
         self._engine_factory = engine_factory or _default_engine_factory(settings)
@@ -204,7 +210,8 @@ class CaptionService:
         if ledger.state(msg.job_id) is JobState.CANCELLED:
             rows = [_error_row({"id": it.id, "ref": _ref(it.src), "params": msg.params}, Cancelled("job cancelled"))
                     for it in todo]
-            ledger.record(msg.job_id, rows)
+            if ledger.record(msg.job_id, rows).finished and self.on_job_done:
+                self.on_job_done(msg.job_id)
             metrics.observe_rows(rows)
             out.error = len(rows)
             return out
@@ -229,7 +236,9 @@ class CaptionService:
         retry = {r.id for r in rows if r.transient and r.attempts < self.settings.max_attempts}
         rows = [r for r in rows if r.id not in retry]
         write_started = time.perf_counter()
-        ledger.record(msg.job_id, rows)
+        recorded = ledger.record(msg.job_id, rows)
+        if recorded.finished and self.on_job_done:
+            self.on_job_done(msg.job_id)
         if self.settings.ledger_ttl_s and ledger.state(msg.job_id) is JobState.DONE:
             ledger.expire_job(msg.job_id, self.settings.ledger_ttl_s)
         out.write_ms = (time.perf_counter() - write_started) * 1000

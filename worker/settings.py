@@ -140,6 +140,9 @@ class Settings(BaseSettings):
     # Fault injection for drills and tests: batches larger than this fail as out of memory (0: off).
     fault_oom_above: int = Field(0, ge=0)
 
+    # HMAC key that signs job-completion webhooks (X-Captioner-Signature); unset: unsigned.
+    webhook_secret: SecretStr | None = None
+
     # --- logging --------------------------------------------------------------------------------
     log_level: str = "INFO"
     # One JSON object per log line (for log shippers) instead of plain text.

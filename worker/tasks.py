@@ -19,6 +19,7 @@ from worker.messages import (
     TASK_CAPTION,
     TASK_CAPTION_CHUNK,
     TASK_CAPTION_MANY,
+    TASK_NOTIFY,
     CaptionManyRequest,
     CaptionRequest,
     ChunkItem,
@@ -49,7 +50,7 @@ def service() -> CaptionService:
 
                 tls = ssl_options(settings) if settings.redis_url_str.startswith("rediss://") else {}
                 ledger = Ledger(redis_client(settings.redis_url_str, **tls), settings.key_prefix)
-                _service = CaptionService(settings, ledger=ledger)
+                _service = CaptionService(settings, ledger=ledger, on_job_done=_job_done)
     return _service
 
 
@@ -101,6 +102,41 @@ def caption_many(self: Task, sources: Any = None, params: Any = None, **extra: A
     srcs = [source_from_wire(s) for s in req.sources]  # type: ignore[attr-defined]
     rows = service().caption_sources(srcs, req.params)  # type: ignore[attr-defined]
     return [r.model_dump(mode="json", exclude_none=True) for r in rows]
+
+
+def _job_done(job_id: str) -> None:
+    """Completion work runs as its own task, with its own retries, after the chunk's ack."""
+    notify_done.apply_async(kwargs={"job_id": job_id}, queue=get_settings().caption_queue)
+
+
+@app.task(name=TASK_NOTIFY, bind=True, max_retries=5)
+def notify_done(self: Task, job_id: str) -> dict:
+    """Send a finished job's summary to the Celery task and/or webhook it named at enqueue."""
+    from worker.callbacks import post_webhook
+    from worker.errors import CaptionerError
+    from worker.images import ImagePolicy
+
+    settings = get_settings()
+    ledger = service().ledger
+    assert ledger is not None
+    info = ledger.job(job_id)
+    summary = info.as_dict()
+    sent: dict[str, Any] = {"job_id": job_id}
+    if task_name := info.extra.get("on_done_task"):
+        app.send_task(task_name, kwargs={"job": summary}, queue=info.extra.get("on_done_queue"))
+        sent["task"] = task_name
+    if url := info.extra.get("webhook"):
+        secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+        policy = ImagePolicy.from_settings(settings)
+        try:
+            sent["webhook_status"] = post_webhook(url, summary, secret=secret, policy=policy)
+        except CaptionerError as exc:
+            if getattr(exc, "transient", False):
+                raise self.retry(countdown=_backoff(self.request.retries + 1)) from None
+            ledger.set_fields(job_id, webhook_error=str(exc))
+            log.warning("job %s: webhook failed: %s", job_id, exc)
+            sent["webhook_error"] = str(exc)
+    return sent
 
 
 @inspect_command()
