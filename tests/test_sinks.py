@@ -1,10 +1,12 @@
-"""Exports: round trips with awkward captions, streaming without materialising rows, atomic files, sidecars."""
+"""Exports: round trips with awkward captions, streaming without materialising rows, atomic files, sidecars,
+and the dataset formats (imagefolder metadata.jsonl, WebDataset shards, kohya JSON)."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import tarfile
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +18,7 @@ import pytest
 
 from worker.errors import ConfigError
 from worker.messages import GenParams, ItemResult, ItemStatus
-from worker.sinks import FLAT_COLUMNS, FORMATS, export_rows, flatten_row, read_rows
+from worker.sinks import FLAT_COLUMNS, FORMATS, export_rows, flatten_row, read_rows, split_flags
 
 FILE_FORMATS = ("jsonl", "csv", "parquet")
 AWKWARD = [
@@ -59,6 +61,9 @@ def _error(i: int, error_class: str, message: str, *, ref: str | None = None) ->
 
 def awkward_rows() -> list[dict[str, Any]]:
     rows = [_ok(i, caption, prompt="a photo of" if i % 2 else None) for i, caption in enumerate(AWKWARD)]
+    rows[0]["flags"] = ["truncated", "repetition"]  # quality flags (worker.quality), an optional field
+    rows[1]["flags"] = []
+    rows[2]["flags"] = ["empty"]
     rows.append(_error(100, "decode_error", 'cannot identify image file, "broken.jpg"\nsecond line'))
     rows.append(_error(101, "fetch_error", "HTTP 404", ref='https://example.com/a,b.jpg?x=1&y="2"'))
     rows.append(_error(102, "too_large", "inline image is over 33554432 bytes", ref="b64:" + "ab" * 20))
@@ -89,7 +94,7 @@ def _generated_rows(n: int, *, fail_at: int | None = None) -> Iterator[dict[str,
 
 
 def test_formats_are_the_contract() -> None:
-    assert FORMATS == ("jsonl", "csv", "parquet", "sidecar")
+    assert FORMATS == ("jsonl", "csv", "parquet", "sidecar", "metadata", "webdataset", "kohya")
 
 
 def test_jsonl_round_trips_full_rows(tmp_path: Path) -> None:
@@ -119,6 +124,25 @@ def test_flat_formats_round_trip(tmp_path: Path, fmt: str) -> None:
     assert error_row["max_length"] is None  # error rows carry no params
     assert isinstance(back[0]["max_length"], int) and isinstance(back[0]["finished_at"], float)
     assert back[1]["prompt"] == "a photo of" and back[0]["prompt"] is None
+    assert [r["flags"] for r in back[:4]] == ["truncated,repetition", None, "empty", None]  # [] and absent: null
+    assert [split_flags(r["flags"]) for r in back[:3]] == [["truncated", "repetition"], [], ["empty"]]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_files_without_flags_column_still_read(tmp_path: Path, fmt: str) -> None:
+    rows = awkward_rows()
+    old = [{k: v for k, v in flatten_row(r).items() if k != "flags"} for r in rows]
+    out = tmp_path / f"old.{fmt}"
+    if fmt == "csv":
+        with open(out, "w", encoding="utf-8", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(old[0]))
+            writer.writeheader()
+            writer.writerows(old)
+    else:
+        pq.write_table(pa.Table.from_pylist(old), out)
+    back = list(read_rows(out, fmt))
+    assert all(r["flags"] is None for r in back)
+    assert [{k: v for k, v in r.items() if k != "flags"} for r in back] == old
 
 
 def test_csv_is_plain_csv_with_flat_header(tmp_path: Path) -> None:
@@ -141,6 +165,7 @@ def test_parquet_has_explicit_nullable_schema(tmp_path: Path) -> None:
     assert schema.field("attempts").type == pa.int32()
     assert schema.field("finished_at").type == pa.float64()
     assert schema.field("caption").type == pa.string()
+    assert schema.field("flags").type == pa.string()
     assert all(f.nullable for f in schema)
 
 
@@ -314,3 +339,183 @@ def test_sidecar_extension_and_self_clash(tmp_path: Path) -> None:
     for bad in ("txt", ".", "../x", "./a/b"):
         with pytest.raises(ConfigError, match="sidecar extension"):
             export_rows([], "sidecar", None, sidecar_ext=bad)
+
+
+# --- dataset formats: imagefolder metadata.jsonl, WebDataset shards, kohya JSON ---------------------------
+
+
+def _dataset(tmp_path: Path) -> tuple[Path, list[dict[str, Any]], dict[str, Path]]:
+    """A dataset folder with images (one in a subfolder), one image outside it, and rows of every kind."""
+    root = tmp_path / "ds"
+    (root / "sub").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    images = {
+        "a": root / "a.jpg",
+        "b": root / "sub" / "b photo.PNG",
+        "c": root / "c.jpeg",
+        "out": tmp_path / "elsewhere" / "d.jpg",
+    }
+    for name, path in images.items():
+        path.write_bytes(f"image bytes of {name}".encode() * 10)
+    rows = [
+        _ok(1, 'a cat, "quoted"\nand unicode ✓', ref=str(images["a"])),
+        _ok(2, "a dog in a subfolder", ref=str(images["b"])),
+        _ok(3, "a red red red circle", ref=str(images["c"])),
+        _ok(4, "an image outside the folder", ref=str(images["out"])),
+        _error(5, "decode_error", "corrupt", ref=str(root / "broken.jpg")),
+        _ok(6, "remote", ref="https://example.com/e.jpg"),
+        _ok(7, "inline", ref="b64:" + "0" * 40),
+    ]
+    rows[2]["flags"] = ["repetition"]
+    return root, rows, images
+
+
+def test_metadata_jsonl_names_resolve_to_the_images(tmp_path: Path) -> None:
+    root, rows, images = _dataset(tmp_path)
+    out = root / "metadata.jsonl"
+    summary = export_rows(iter(rows), "metadata", out)
+    assert (summary.rows_written, summary.files_written, summary.path) == (4, 1, out)
+    assert summary.skipped_by_reason == {"not_ok": 1, "not_local": 2}
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["file_name"] for r in records] == ["a.jpg", "sub/b photo.PNG", "c.jpeg", str(images["out"])]
+    assert [r["text"] for r in records] == [r["caption"] for r in rows[:4]]
+    assert all(set(r) == {"file_name", "text"} for r in records)
+    for record, name in zip(records, ["a", "b", "c", "out"], strict=True):
+        resolved = out.parent / record["file_name"]  # relative to the metadata file's folder, or absolute
+        assert resolved.is_file() and resolved.samefile(images[name])
+
+
+def test_metadata_into_a_folder_skips_flagged_and_refuses_overwrite(tmp_path: Path) -> None:
+    root, rows, _ = _dataset(tmp_path)
+    summary = export_rows(rows, "metadata", root, exclude_flags=["repetition", "truncated"])
+    assert summary.path == root / "metadata.jsonl"
+    assert summary.rows_written == 3 and summary.skipped_by_reason["flagged"] == 1
+    names = [r["file_name"] for r in read_rows(root / "metadata.jsonl", "jsonl")]
+    assert names == ["a.jpg", "sub/b photo.PNG", str(tmp_path / "elsewhere" / "d.jpg")]
+    with pytest.raises(ConfigError, match="overwrite"):
+        export_rows(rows, "metadata", root)
+
+
+def test_metadata_to_stdout_uses_absolute_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, rows, images = _dataset(tmp_path)
+    export_rows(rows, "metadata", "-")
+    names = [json.loads(line)["file_name"] for line in capsys.readouterr().out.splitlines()]
+    assert names == [str(images[k]) for k in ("a", "b", "c", "out")]
+
+
+def _members(tar_path: Path) -> dict[str, bytes]:
+    with tarfile.open(tar_path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
+
+
+def test_webdataset_shards_hold_image_caption_and_row(tmp_path: Path) -> None:
+    root, rows, images = _dataset(tmp_path)
+    (root / "missing.jpg").touch()
+    rows.append(_ok(8, "gone", ref=str(root / "gone.jpg")))
+    out = tmp_path / "shards"
+    summary = export_rows(iter(rows), "webdataset", out, shard_size=3)
+    assert (summary.rows_written, summary.files_written, summary.path) == (4, 2, out)
+    assert summary.skipped_by_reason == {"not_ok": 1, "not_local": 2, "missing_image": 1}
+    assert sorted(p.name for p in out.iterdir()) == ["shard-000000.tar", "shard-000001.tar"]
+    first, second = _members(out / "shard-000000.tar"), _members(out / "shard-000001.tar")
+    keys = [r["id"] for r in rows[:4]]
+    exts = ["jpg", "png", "jpeg", "jpg"]
+    assert sorted(first) == sorted(f"{k}.{e}" for k, e in zip(keys[:3], exts, strict=False) for e in (e, "txt", "json"))
+    assert sorted(second) == sorted(f"{keys[3]}.{e}" for e in ("jpg", "txt", "json"))
+    for row, ext, name in zip(rows[:4], exts, ["a", "b", "c", "out"], strict=True):
+        members = first if f"{row['id']}.txt" in first else second
+        assert members[f"{row['id']}.{ext}"] == images[name].read_bytes()
+        assert members[f"{row['id']}.txt"].decode() == row["caption"]
+        assert json.loads(members[f"{row['id']}.json"]) == row
+    with tarfile.open(out / "shard-000000.tar") as tar:
+        names = tar.getnames()
+    # A sample's members sit next to each other, as WebDataset's grouping by key needs.
+    assert [n.split(".")[0] for n in names] == [k for k in keys[:3] for _ in range(3)]
+
+
+def test_webdataset_pattern_overwrite_and_stale_shards(tmp_path: Path) -> None:
+    _, rows, _ = _dataset(tmp_path)
+    pattern = tmp_path / "train-%03d.tar"
+    assert export_rows(rows, "webdataset", pattern, shard_size=1).files_written == 4
+    assert sorted(p.name for p in tmp_path.glob("train-*.tar")) == [f"train-{i:03d}.tar" for i in range(4)]
+    with pytest.raises(ConfigError, match="overwrite"):
+        export_rows(rows, "webdataset", pattern, shard_size=1)
+    # Overwriting with fewer shards removes the higher-numbered ones the first export left.
+    summary = export_rows(rows, "webdataset", pattern, shard_size=3, overwrite=True, exclude_flags=["repetition"])
+    assert (summary.rows_written, summary.files_written) == (3, 1)
+    assert [p.name for p in tmp_path.glob("train-*.tar")] == ["train-000.tar"]
+    assert len(_members(tmp_path / "train-000.tar")) == 9
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_webdataset_failure_midway_leaves_no_shards(tmp_path: Path) -> None:
+    image = _image(tmp_path, "x.jpg")
+
+    def rows() -> Iterator[dict[str, Any]]:
+        for i in range(50):
+            if i == 30:
+                raise RuntimeError("source failed midway")
+            yield _ok(i, f"caption {i}", ref=str(image))
+
+    out = tmp_path / "shards"
+    with pytest.raises(RuntimeError, match="midway"):
+        export_rows(rows(), "webdataset", out, shard_size=10)
+    assert list(out.iterdir()) == []  # three complete shards were written, none moved into place
+
+
+def test_webdataset_refuses_bad_targets(tmp_path: Path) -> None:
+    for bad in (None, "-", tmp_path / "one.tar", tmp_path / "no-field%.tar", tmp_path / "x%s%s.tar"):
+        with pytest.raises(ConfigError):
+            export_rows([], "webdataset", bad)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        export_rows([], "webdataset", tmp_path / "file")
+    with pytest.raises(ConfigError, match="does not exist"):
+        export_rows([], "webdataset", tmp_path / "nope" / "deeper")
+    with pytest.raises(ConfigError, match="shard_size"):
+        export_rows([], "webdataset", tmp_path / "shards", shard_size=0)
+
+
+def test_kohya_json_maps_paths_to_captions(tmp_path: Path) -> None:
+    _, rows, images = _dataset(tmp_path)
+    out = tmp_path / "meta_cap.json"
+    summary = export_rows(iter(rows), "kohya", out)
+    assert (summary.rows_written, summary.skipped) == (4, 3)
+    with open(out, encoding="utf-8") as fh:
+        loaded = json.load(fh)
+    paths = [str(images[k]) for k in ("a", "b", "c", "out")]
+    assert loaded == {path: {"caption": row["caption"]} for path, row in zip(paths, rows, strict=False)}
+    assert list(loaded) == paths
+
+    empty = tmp_path / "empty.json"
+    export_rows(iter(()), "kohya", empty)
+    assert json.loads(empty.read_text()) == {}
+
+
+@pytest.mark.parametrize("fmt", ["metadata", "kohya", "webdataset"])
+def test_dataset_formats_stream(tmp_path: Path, fmt: str) -> None:
+    image = _image(tmp_path, "x.jpg")
+    out = tmp_path / ("shards" if fmt == "webdataset" else f"out.{fmt}")
+    seen_on_disk: list[int] = []
+
+    def rows() -> Iterator[dict[str, Any]]:
+        for i in range(3_000):
+            if i == 2_500:
+                temps = (out if fmt == "webdataset" else tmp_path).glob(".*.tmp")
+                seen_on_disk.extend(p.stat().st_size for p in temps)
+            yield _ok(i, f"caption number {i}", ref=str(image))
+
+    summary = export_rows(rows(), fmt, out, shard_size=1_000)
+    assert summary.rows_written == 3_000
+    assert seen_on_disk and max(seen_on_disk) > 0, "nothing written before the input ended"
+    assert not [p for p in tmp_path.rglob(".*.tmp")]
+    if fmt == "webdataset":
+        assert summary.files_written == 3 and sum(len(_members(p)) for p in out.iterdir()) == 9_000
+
+
+def test_exclude_flags_applies_to_sidecars(tmp_path: Path) -> None:
+    a, b = _image(tmp_path, "a.jpg"), _image(tmp_path, "b.jpg")
+    rows = [_ok(1, "fine", ref=str(a)), {**_ok(2, "cut off at the", ref=str(b)), "flags": "truncated"}]
+    summary = export_rows(rows, "sidecar", None, exclude_flags={"truncated"})
+    assert (summary.files_written, summary.skipped_by_reason) == (1, {"flagged": 1})
+    assert (tmp_path / "a.txt").exists() and not (tmp_path / "b.txt").exists()

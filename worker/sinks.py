@@ -1,14 +1,21 @@
-"""Streamed, atomic exports of result rows: JSON Lines, CSV, Parquet, and caption sidecar files next to images."""
+"""Streamed, atomic exports of result rows: JSONL, CSV, Parquet, sidecar captions, and training-ready datasets.
+
+The dataset formats feed captions onward: an imagefolder ``metadata.jsonl`` (🤗 datasets, ``training/``),
+WebDataset tar shards, and a kohya-style metadata JSON.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import logging
 import os
+import re
 import secrets
 import sys
+import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -19,11 +26,13 @@ from worker.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("jsonl", "csv", "parquet", "sidecar")
-#: Formats a reader exists for (sidecars are plain caption text, nothing to read back as rows).
+FORMATS = ("jsonl", "csv", "parquet", "sidecar", "metadata", "webdataset", "kohya")
+#: Formats a reader exists for (the others hold captions only, nothing to read back as rows; a
+#: ``metadata.jsonl`` is plain JSON Lines and reads back as its {"file_name", "text"} dicts with "jsonl").
 READABLE_FORMATS = ("jsonl", "csv", "parquet")
 
-#: Columns of the flat formats (CSV, Parquet): the row with ``params`` spread out and ``timings`` dropped.
+#: Columns of the flat formats (CSV, Parquet): the row with ``params`` spread out, ``timings`` dropped and
+#: ``flags`` (quality flags, see worker.quality) joined by commas; null when a row has none.
 FLAT_COLUMNS = (
     "id",
     "ref",
@@ -37,6 +46,7 @@ FLAT_COLUMNS = (
     "prompt",
     "attempts",
     "finished_at",
+    "flags",
 )
 _PARAM_COLUMNS = ("max_length", "num_beams", "prompt")
 _INT_COLUMNS = frozenset({"max_length", "num_beams", "attempts"})
@@ -44,18 +54,34 @@ _FLOAT_COLUMNS = frozenset({"finished_at"})
 
 # References that are not local files: URLs and the ``b64:<sha1>`` stand-in for inline bytes.
 _NON_LOCAL_PREFIXES = ("http://", "https://", "b64:")
+# WebDataset splits a member name at its first dot into key and extension, so keys carry no dots or slashes.
+_SAFE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_SHARD_NAME = "shard-%06d.tar"
 
 
 @dataclass
 class ExportSummary:
-    """What an export did. ``path`` is the file written, or None for stdout and sidecars."""
+    """What an export did. ``path`` is the file written (the shard folder for webdataset), or None for stdout
+    and sidecars. ``rows_written`` counts rows, caption entries or samples; ``files_written`` files or shards."""
 
     rows_written: int = 0
     files_written: int = 0
     skipped: int = 0
     path: Path | None = None
-    #: Why rows were skipped (sidecars only): not_ok, not_local, missing_image, exists, name_clash.
+    #: Why rows were skipped (caption formats only): not_ok, flagged, not_local, missing_image, unreadable,
+    #: exists, name_clash, bad_key.
     skipped_by_reason: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Options:
+    """What the per-format writers need besides the rows; ``skipped`` collects their reasons."""
+
+    batch_rows: int = 10_000
+    #: Folder that metadata.jsonl file names are made relative to (None: absolute names).
+    base: str | None = None
+    exclude_flags: frozenset[str] = frozenset()
+    skipped: Counter[str] = field(default_factory=Counter)
 
 
 # --- public API -------------------------------------------------------------------------------
@@ -69,27 +95,43 @@ def export_rows(
     sidecar_ext: str = ".txt",
     overwrite: bool = False,
     batch_rows: int = 10_000,
+    shard_size: int = 10_000,
+    exclude_flags: Iterable[str] = (),
 ) -> ExportSummary:
     """Write ``rows`` (ItemResult dicts) as ``fmt``, one row at a time.
 
-    ``out`` of None or "-" means stdout (jsonl and csv only). A file is written to a temporary name in
-    its directory and renamed into place when complete, so readers never see a partial export; an
+    ``out`` of None or "-" means stdout (jsonl, csv, metadata, kohya). A file is written to a temporary name
+    in its directory and renamed into place when complete, so readers never see a partial export; an
     existing ``out`` is refused unless ``overwrite``. For ``sidecar``, ``out`` is ignored and each ok row
     with a local image gets ``<image stem><sidecar_ext>`` beside it (existing ones kept unless ``overwrite``).
+
+    The caption formats (sidecar, metadata, webdataset, kohya) take ok rows with local image paths only,
+    and skip rows carrying any of ``exclude_flags`` (quality flags). ``metadata`` writes an imagefolder
+    ``metadata.jsonl`` (``out`` may be its folder); ``webdataset`` writes tar shards of at most ``shard_size``
+    samples into the folder ``out`` or after the pattern ``out`` (``shards/train-%05d.tar``), all renamed
+    into place only once every shard is complete (with ``overwrite``, higher-numbered shards an older export
+    left are removed); ``kohya`` writes one JSON object {absolute image path: {"caption": caption}}.
     """
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if batch_rows < 1:
         raise ConfigError(f"batch_rows must be at least 1, got {batch_rows}")
+    if shard_size < 1:
+        raise ConfigError(f"shard_size must be at least 1, got {shard_size}")
+    opts = _Options(batch_rows=batch_rows, exclude_flags=frozenset(exclude_flags))
     if fmt == "sidecar":
-        summary = _export_sidecars(rows, sidecar_ext=sidecar_ext, overwrite=overwrite)
+        summary = _export_sidecars(rows, sidecar_ext=sidecar_ext, overwrite=overwrite, opts=opts)
+    elif fmt == "webdataset":
+        summary = _export_webdataset(rows, out, shard_size=shard_size, overwrite=overwrite, opts=opts)
     elif out is None or str(out) == "-":
         if fmt == "parquet":
             raise ConfigError("parquet cannot be written to stdout; give an output file path")
         # sys.stdout looked up now, not at import, so redirections (and pytest's capture) are honoured.
-        summary = ExportSummary(rows_written=_WRITERS[fmt](rows, sys.stdout, batch_rows))
+        summary = ExportSummary(rows_written=_WRITERS[fmt](rows, sys.stdout, opts))
     else:
-        summary = _export_file(rows, fmt, Path(out), overwrite=overwrite, batch_rows=batch_rows)
+        summary = _export_file(rows, fmt, Path(out), overwrite=overwrite, opts=opts)
+    summary.skipped = sum(opts.skipped.values())
+    summary.skipped_by_reason = dict(opts.skipped)
     log.info(
         "export %s: %d rows, %d files, %d skipped%s",
         fmt,
@@ -118,7 +160,11 @@ def read_rows(path: Path | str, fmt: str) -> Iterator[dict[str, Any]]:
 
 
 def flatten_row(row: Mapping[str, Any]) -> dict[str, Any]:
-    """One ItemResult dict as the flat CSV/Parquet record: params spread out, timings dropped."""
+    """One ItemResult dict as the flat CSV/Parquet record: params spread out, timings dropped, flags joined.
+
+    ``flags`` becomes "truncated,repetition", or None for no flags (absent or empty: CSV could not keep the two
+    apart); ``split_flags`` turns it back into a list.
+    """
     row = _as_mapping(row)
     params = row.get("params") or {}
     if hasattr(params, "model_dump"):
@@ -128,6 +174,11 @@ def flatten_row(row: Mapping[str, Any]) -> dict[str, Any]:
         value = params.get(name) if name in _PARAM_COLUMNS else row.get(name)
         flat[name] = _coerce(name, value)
     return flat
+
+
+def split_flags(value: str | None) -> list[str]:
+    """The ``flags`` column of a flat row back as a list (None and "" are no flags)."""
+    return [flag for flag in (value or "").split(",") if flag]
 
 
 # --- atomic files -----------------------------------------------------------------------------
@@ -186,27 +237,30 @@ def _move_into_place(tmp: Path, final: Path, *, overwrite: bool) -> None:
 
 
 def _export_file(
-    rows: Iterable[Mapping[str, Any]], fmt: str, out: Path, *, overwrite: bool, batch_rows: int
+    rows: Iterable[Mapping[str, Any]], fmt: str, out: Path, *, overwrite: bool, opts: _Options
 ) -> ExportSummary:
+    if fmt == "metadata" and out.is_dir():
+        out = out / "metadata.jsonl"  # the name datasets' imagefolder loader looks for
     # Checked before the first row is pulled: a long export should not fail at its very end.
     if out.is_dir():
         raise ConfigError(f"{out} is a directory; give a file path")
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} already exists; pass overwrite (--overwrite) to replace it")
+    opts.base = os.path.abspath(out.parent)
     try:
         with _atomic_target(out, overwrite=overwrite) as tmp:
             if fmt == "parquet":
-                count = _write_parquet(rows, tmp, batch_rows)
+                count = _write_parquet(rows, tmp, opts)
             else:
                 # newline="" lets the csv module write its own line endings and quote embedded newlines.
                 with open(tmp, "w", encoding="utf-8", newline="") as fh:
-                    count = _WRITERS[fmt](rows, fh, batch_rows)
+                    count = _WRITERS[fmt](rows, fh, opts)
     except FileExistsError:
         raise ConfigError(f"{out} appeared while exporting; pass overwrite (--overwrite) to replace it") from None
     return ExportSummary(rows_written=count, files_written=1, path=out)
 
 
-def _write_jsonl(rows: Iterable[Mapping[str, Any]], fh: IO[str], _batch_rows: int) -> int:
+def _write_jsonl(rows: Iterable[Mapping[str, Any]], fh: IO[str], _opts: _Options) -> int:
     count = 0
     for row in rows:
         fh.write(json.dumps(_as_mapping(row), ensure_ascii=False, separators=(",", ":"), default=str))
@@ -216,7 +270,7 @@ def _write_jsonl(rows: Iterable[Mapping[str, Any]], fh: IO[str], _batch_rows: in
     return count
 
 
-def _write_csv(rows: Iterable[Mapping[str, Any]], fh: IO[str], _batch_rows: int) -> int:
+def _write_csv(rows: Iterable[Mapping[str, Any]], fh: IO[str], _opts: _Options) -> int:
     writer = csv.writer(fh, quoting=csv.QUOTE_MINIMAL)
     writer.writerow(FLAT_COLUMNS)
     count = 0
@@ -237,10 +291,11 @@ def _parquet_schema() -> Any:
     return pa.schema([pa.field(name, types[name], nullable=True) for name in FLAT_COLUMNS])
 
 
-def _write_parquet(rows: Iterable[Mapping[str, Any]], path: Path, batch_rows: int) -> int:
+def _write_parquet(rows: Iterable[Mapping[str, Any]], path: Path, opts: _Options) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    batch_rows = opts.batch_rows
     schema = _parquet_schema()
     count = 0
     with pq.ParquetWriter(str(path), schema, compression="zstd") as writer:
@@ -259,37 +314,74 @@ def _write_parquet(rows: Iterable[Mapping[str, Any]], path: Path, batch_rows: in
     return count
 
 
-_WRITERS = {"jsonl": _write_jsonl, "csv": _write_csv}
+def _write_metadata(rows: Iterable[Mapping[str, Any]], fh: IO[str], opts: _Options) -> int:
+    """Imagefolder ``metadata.jsonl``: {"file_name", "text"} per ok row with a local image."""
+    count = 0
+    for row in rows:
+        row = _as_mapping(row)
+        reason = _caption_skip(row, opts.exclude_flags)
+        if reason is not None:
+            opts.skipped[reason] += 1
+            continue
+        record = {"file_name": _file_name(str(row["ref"]), opts.base), "text": str(row["caption"])}
+        fh.write(json.dumps(record, ensure_ascii=False))
+        fh.write("\n")
+        count += 1
+    fh.flush()
+    return count
+
+
+def _write_kohya(rows: Iterable[Mapping[str, Any]], fh: IO[str], opts: _Options) -> int:
+    """One JSON object {absolute image path: {"caption": caption}}, written entry by entry.
+
+    Keys are unique for the rows of one job (item ids derive from the reference); were a path to repeat,
+    JSON readers keep its last entry.
+    """
+    count = 0
+    fh.write("{")
+    for row in rows:
+        row = _as_mapping(row)
+        reason = _caption_skip(row, opts.exclude_flags)
+        if reason is not None:
+            opts.skipped[reason] += 1
+            continue
+        key = json.dumps(os.path.abspath(str(row["ref"])), ensure_ascii=False)
+        value = json.dumps({"caption": str(row["caption"])}, ensure_ascii=False)
+        fh.write(f"{',' if count else ''}\n  {key}: {value}")
+        count += 1
+    fh.write("\n}\n" if count else "}\n")
+    fh.flush()
+    return count
+
+
+_WRITERS = {"jsonl": _write_jsonl, "csv": _write_csv, "metadata": _write_metadata, "kohya": _write_kohya}
 
 
 # --- sidecars ---------------------------------------------------------------------------------
 
 
-def _export_sidecars(rows: Iterable[Mapping[str, Any]], *, sidecar_ext: str, overwrite: bool) -> ExportSummary:
+def _export_sidecars(
+    rows: Iterable[Mapping[str, Any]], *, sidecar_ext: str, overwrite: bool, opts: _Options
+) -> ExportSummary:
     if not sidecar_ext.startswith(".") or len(sidecar_ext) < 2 or "/" in sidecar_ext or os.sep in sidecar_ext:
         raise ConfigError(f"sidecar extension must look like '.txt', got {sidecar_ext!r}")
     summary = ExportSummary()
-    skipped: Counter[str] = Counter()
     for row in rows:
-        reason = _write_sidecar(_as_mapping(row), sidecar_ext, overwrite)
+        reason = _write_sidecar(_as_mapping(row), sidecar_ext, overwrite, opts.exclude_flags)
         if reason is None:
             summary.rows_written += 1
             summary.files_written += 1
         else:
-            skipped[reason] += 1
-    summary.skipped = sum(skipped.values())
-    summary.skipped_by_reason = dict(skipped)
+            opts.skipped[reason] += 1
     return summary
 
 
-def _write_sidecar(row: Mapping[str, Any], ext: str, overwrite: bool) -> str | None:
+def _write_sidecar(row: Mapping[str, Any], ext: str, overwrite: bool, exclude_flags: frozenset[str]) -> str | None:
     """Write one sidecar; return None when written, else the reason it was skipped."""
-    if str(row.get("status")) != "ok" or row.get("caption") is None:
-        return "not_ok"
-    ref = str(row.get("ref") or "")
-    if not ref or ref.lower().startswith(_NON_LOCAL_PREFIXES):
-        return "not_local"
-    image = Path(ref)
+    reason = _caption_skip(row, exclude_flags)
+    if reason is not None:
+        return reason
+    image = Path(str(row["ref"]))
     # Refs are paths as the worker saw them; in another container or host they may not exist.
     if not image.is_file():
         return "missing_image"
@@ -308,6 +400,147 @@ def _write_sidecar(row: Mapping[str, Any], ext: str, overwrite: bool) -> str | N
     return None
 
 
+# --- webdataset ------------------------------------------------------------------------------
+
+
+def _export_webdataset(
+    rows: Iterable[Mapping[str, Any]], out: Path | str | None, *, shard_size: int, overwrite: bool, opts: _Options
+) -> ExportSummary:
+    folder, name = _shard_pattern(out)
+    # Checked before the first row is pulled, as for single files; later shards are checked before renaming.
+    if (folder / (name % 0)).exists() and not overwrite:
+        raise ConfigError(f"{folder / (name % 0)} already exists; pass overwrite (--overwrite) to replace it")
+    shards = _ShardSet(folder, name, shard_size)
+    count = 0
+    try:
+        for row in rows:
+            row = _as_mapping(row)
+            members = _sample(row, opts.exclude_flags)
+            if isinstance(members, str):
+                opts.skipped[members] += 1
+                continue
+            shards.add(str(row["id"]), members, mtime=float(row.get("finished_at") or 0))
+            count += 1
+        written = shards.commit(overwrite=overwrite)
+    finally:
+        shards.discard()
+    return ExportSummary(rows_written=count, files_written=written, path=folder)
+
+
+def _shard_pattern(out: Path | str | None) -> tuple[Path, str]:
+    """(folder, file name pattern with one integer field) from a folder or a pattern like ``dir/train-%05d.tar``."""
+    if out is None or str(out) == "-":
+        raise ConfigError("webdataset needs an output folder or shard pattern (e.g. shards/shard-%06d.tar), not stdout")
+    path = Path(out)
+    if "%" in path.name:
+        try:
+            first, second = path.name % 0, path.name % 1
+        except (TypeError, ValueError):
+            first = second = ""
+        if first == second or "/" in first or os.sep in first:
+            raise ConfigError(f"shard pattern {path.name!r} needs exactly one integer field, e.g. shard-%06d.tar")
+        folder, name = path.parent, path.name
+    elif path.suffix == ".tar" and not path.is_dir():
+        raise ConfigError(f"{path}: give a folder, or a shard pattern with an integer field like shard-%06d.tar")
+    elif path.exists() and not path.is_dir():
+        raise ConfigError(f"{path} is a file; webdataset writes shards into a folder")
+    else:
+        folder, name = path, _SHARD_NAME
+    # The shard folder itself may be new; its parent must exist, as for every other output.
+    if not (folder.is_dir() or folder.parent.is_dir()):
+        raise ConfigError(f"output directory {folder.parent} does not exist")
+    return folder, name
+
+
+def _sample(row: Mapping[str, Any], exclude_flags: frozenset[str]) -> list[tuple[str, bytes]] | str:
+    """The (extension, bytes) members of one sample, or the reason the row is skipped."""
+    reason = _caption_skip(row, exclude_flags)
+    if reason is not None:
+        return reason
+    if not _SAFE_KEY.fullmatch(str(row.get("id") or "")):
+        return "bad_key"
+    image = Path(str(row["ref"]))
+    if not image.is_file():
+        return "missing_image"
+    ext = image.suffix.lower().lstrip(".") or "img"
+    if ext in ("txt", "json"):
+        return "name_clash"
+    try:
+        # Read whole (images are capped in size): a read failing halfway must not leave half a member in the tar.
+        data = image.read_bytes()
+    except OSError:
+        return "unreadable"
+    row_json = json.dumps(row, ensure_ascii=False, separators=(",", ":"), default=str)
+    return [(ext, data), ("txt", str(row["caption"]).encode()), ("json", row_json.encode())]
+
+
+class _ShardSet:
+    """Tar shards written to temporary names, renamed into place together once every one is complete."""
+
+    def __init__(self, folder: Path, name: str, shard_size: int) -> None:
+        self.folder, self.name, self.shard_size = folder, name, shard_size
+        self.temps: list[Path] = []
+        self._tar: tarfile.TarFile | None = None
+        self._in_shard = 0
+
+    def add(self, key: str, members: list[tuple[str, bytes]], *, mtime: float) -> None:
+        if self._tar is None or self._in_shard >= self.shard_size:
+            self._open_next()
+        assert self._tar is not None
+        for ext, data in members:
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), int(mtime), 0o644
+            self._tar.addfile(info, io.BytesIO(data))
+        self._in_shard += 1
+
+    def commit(self, *, overwrite: bool) -> int:
+        """Move every shard into place; with ``overwrite``, remove higher-numbered shards of an older export."""
+        self._close()
+        finals = [self.folder / (self.name % i) for i in range(len(self.temps))]
+        if not overwrite and (clash := next((f for f in finals if f.exists()), None)):
+            raise ConfigError(f"{clash} already exists; pass overwrite (--overwrite) to replace it")
+        placed: list[Path] = []
+        try:
+            for tmp, final in zip(self.temps, finals, strict=True):
+                _fsync_path(tmp)
+                _move_into_place(tmp, final, overwrite=overwrite)
+                placed.append(final)
+        except FileExistsError:
+            for final in placed:
+                final.unlink(missing_ok=True)
+            raise ConfigError(f"shards appeared in {self.folder} while exporting; pass overwrite") from None
+        if overwrite:
+            stale = len(finals)
+            while (old := self.folder / (self.name % stale)).is_file():
+                old.unlink()
+                stale += 1
+        if (finals or overwrite) and self.folder.is_dir():
+            _fsync_path(self.folder)  # the renames themselves survive a power cut
+        return len(finals)
+
+    def discard(self) -> None:
+        """Remove whatever temporary shards remain (all of them when the export failed)."""
+        with contextlib.suppress(Exception):
+            self._close()
+        for tmp in self.temps:
+            tmp.unlink(missing_ok=True)
+
+    def _open_next(self) -> None:
+        self._close()
+        self.folder.mkdir(exist_ok=True)
+        final = self.folder / (self.name % len(self.temps))
+        tmp = final.with_name(f".{final.name}.{secrets.token_hex(6)}.tmp")
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        self.temps.append(tmp)
+        self._tar = tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT)  # noqa: SIM115 (closed in _close)
+        self._in_shard = 0
+
+    def _close(self) -> None:
+        if self._tar is not None:
+            tar, self._tar = self._tar, None
+            tar.close()
+
+
 # --- readers ----------------------------------------------------------------------------------
 
 
@@ -319,6 +552,7 @@ def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def _read_csv(path: Path) -> Iterator[dict[str, Any]]:
+    # Files written before a column existed (flags) read it as None.
     with open(path, encoding="utf-8", newline="") as fh:
         for record in csv.DictReader(fh):
             yield {name: _coerce(name, record.get(name) or None) for name in FLAT_COLUMNS}
@@ -328,9 +562,12 @@ def _read_parquet(path: Path) -> Iterator[dict[str, Any]]:
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(path)
+    present = [name for name in FLAT_COLUMNS if name in parquet.schema_arrow.names]
+    missing = dict.fromkeys(name for name in FLAT_COLUMNS if name not in present)  # older files lack flags
     try:
-        for batch in parquet.iter_batches(batch_size=10_000, columns=list(FLAT_COLUMNS)):
-            yield from batch.to_pylist()
+        for batch in parquet.iter_batches(batch_size=10_000, columns=present):
+            for record in batch.to_pylist():
+                yield {name: record[name] if name in record else missing[name] for name in FLAT_COLUMNS}
     finally:
         parquet.close()
 
@@ -345,9 +582,37 @@ def _as_mapping(row: Any) -> Mapping[str, Any]:
     return row
 
 
+def _caption_skip(row: Mapping[str, Any], exclude_flags: frozenset[str]) -> str | None:
+    """Why a row gives no caption entry (not_ok, flagged, not_local), or None when it does."""
+    if str(row.get("status")) != "ok" or row.get("caption") is None:
+        return "not_ok"
+    if exclude_flags:
+        flags = row.get("flags") or ()
+        if not exclude_flags.isdisjoint(split_flags(flags) if isinstance(flags, str) else flags):
+            return "flagged"
+    ref = str(row.get("ref") or "")
+    if not ref or ref.lower().startswith(_NON_LOCAL_PREFIXES):
+        return "not_local"
+    return None
+
+
+def _file_name(ref: str, base: str | None) -> str:
+    """``ref`` relative to ``base`` when it lies inside it (POSIX separators), else absolute."""
+    image = os.path.abspath(ref)
+    if base is not None:
+        relative = os.path.relpath(image, base)
+        if relative != os.pardir and not relative.startswith(os.pardir + os.sep):
+            return Path(relative).as_posix()
+    return Path(image).as_posix()
+
+
 def _coerce(name: str, value: Any) -> Any:
     if value is None:
         return None
+    if name == "flags":
+        # A list from a row, a string from a file (or a row flattened already).
+        text = value if isinstance(value, str) else ",".join(str(flag) for flag in value)
+        return text or None
     if name in _INT_COLUMNS:
         return int(value)
     if name in _FLOAT_COLUMNS:
