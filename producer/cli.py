@@ -17,6 +17,9 @@ import click
 from worker.errors import CaptionerError, ConfigError
 from worker.messages import GenParams
 
+# The export formats, kept here so --help needs no pyarrow (worker.sinks.FORMATS is the source of truth).
+FORMATS = ("jsonl", "csv", "parquet", "sidecar", "metadata", "webdataset", "kohya")
+
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
@@ -223,6 +226,8 @@ def _print_status(info: Any) -> None:
                f"{info.pending} pending")  # fmt: skip
     p = info.params
     click.echo(f"params     max_length={p.max_length} num_beams={p.num_beams} prompt={p.prompt!r}")
+    if info.flags:
+        click.echo("flags      " + ", ".join(f"{n} {name}" for name, n in sorted(info.flags.items())))
 
 
 @cli.command()
@@ -314,11 +319,30 @@ def jobs(ctx: click.Context, limit: int, as_json: bool) -> None:
 @cli.command()
 @click.argument("job_id")
 @click.option("--cancelled", "include_cancelled", is_flag=True, help="Re-queue cancelled items too.")
+@click.option("--flagged", "flagged", multiple=True, type=click.Choice(["any", "empty", "truncated", "repetition"]),
+              help="Instead: caption again the captions with this quality flag (repeatable).")  # fmt: skip
+@click.option("--max-length", type=click.IntRange(1, 512), help="Other parameters for this retry.")
+@click.option("--num-beams", type=click.IntRange(1, 16))
 @json_option
 @click.pass_context
-def retry(ctx: click.Context, job_id: str, include_cancelled: bool, as_json: bool) -> None:
-    """Queue again only the items that failed."""
-    n = _client(ctx).retry(job_id, include_cancelled=include_cancelled)
+def retry(
+    ctx: click.Context,
+    job_id: str,
+    include_cancelled: bool,
+    flagged: tuple[str, ...],
+    max_length: int | None,
+    num_beams: int | None,
+    as_json: bool,
+) -> None:
+    """Queue again only the items that failed (or, with --flagged, captions with quality flags)."""
+    client = _client(ctx)
+    params = None
+    if max_length or num_beams:
+        old = client.status(job_id).params
+        params = GenParams(max_length=max_length or old.max_length, num_beams=num_beams or old.num_beams,
+                           prompt=old.prompt)  # fmt: skip
+    which = None if not flagged else frozenset(f for f in flagged if f != "any")
+    n = client.retry(job_id, include_cancelled=include_cancelled, flagged=which, params=params)
     _emit(as_json, {"job_id": job_id, "requeued": n}, lambda: click.echo(f"re-queued {n} item(s) of {job_id}"))
 
 
@@ -364,22 +388,35 @@ def cancel(ctx: click.Context, job_id: str, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("job_id")
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "parquet", "sidecar"]), default="jsonl",
-              show_default=True)  # fmt: skip
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="jsonl", show_default=True)
+@click.option("--shard-size", type=click.IntRange(1, 10_000_000), default=10_000, show_default=True,
+              help="WebDataset: samples per tar shard.")  # fmt: skip
+@click.option("--exclude-flags", multiple=True, type=click.Choice(["empty", "truncated", "repetition"]),
+              help="Dataset formats: leave out captions with this flag (repeatable).")  # fmt: skip
 @click.option("-o", "--output", help="Output file ('-' for stdout; default <job>.<format>).")
 @click.option("--sidecar-ext", default=".txt", show_default=True, help="Extension of sidecar caption files.")
 @click.option("--overwrite", is_flag=True, help="Replace an output file (or sidecar caption files) that exists.")
 @json_option
 @click.pass_context
 def export(
-    ctx: click.Context, job_id: str, fmt: str, output: str | None, sidecar_ext: str, overwrite: bool, as_json: bool
+    ctx: click.Context,
+    job_id: str,
+    fmt: str,
+    shard_size: int,
+    exclude_flags: tuple[str, ...],
+    output: str | None,
+    sidecar_ext: str,
+    overwrite: bool,
+    as_json: bool,
 ) -> None:
-    """Write a job's results as JSONL, CSV, Parquet, or caption files next to the images."""
+    """Write a job's results: JSONL, CSV, Parquet, caption files next to the images (sidecar), an imagefolder
+    metadata.jsonl, WebDataset shards, or kohya-style metadata JSON."""
     from worker.sinks import export_rows
 
     rows = _client(ctx).results(job_id)
-    out = None if output == "-" else Path(output or f"{job_id}.{fmt}")
-    summary = export_rows(rows, fmt, None if fmt == "sidecar" else out, sidecar_ext=sidecar_ext, overwrite=overwrite)
+    out = None if output == "-" else Path(output or _default_export_name(job_id, fmt))
+    summary = export_rows(rows, fmt, None if fmt == "sidecar" else out, sidecar_ext=sidecar_ext, overwrite=overwrite,
+                          shard_size=shard_size, exclude_flags=exclude_flags)  # fmt: skip
     data = {"job_id": job_id, "format": fmt, **{k: str(v) if isinstance(v, Path) else v
                                                 for k, v in summary.__dict__.items()}}  # fmt: skip
     if as_json:
@@ -545,6 +582,12 @@ def doctor(ctx: click.Context, as_json: bool) -> None:
           lambda: [click.echo(f"{marks[c.level]}  {c.name:20} {c.detail}") for c in checks])  # fmt: skip
     if any(c.level == FAIL for c in checks):
         ctx.exit(EXIT_ERROR)
+
+
+def _default_export_name(job_id: str, fmt: str) -> str:
+    return {"metadata": "metadata.jsonl", "webdataset": f"{job_id}-shards", "kohya": f"{job_id}.kohya.json"}.get(
+        fmt, f"{job_id}.{fmt}"
+    )
 
 
 # --- processes -------------------------------------------------------------------------------------

@@ -150,18 +150,34 @@ class JobClient:
             time.sleep(poll_s)
 
     # --- act ------------------------------------------------------------------------------------
-    def retry(self, job_id: str, *, include_cancelled: bool = False, chunk_size: int | None = None) -> int:
-        """Queue again the items that failed (and cancelled ones if asked); returns how many."""
+    def retry(
+        self,
+        job_id: str,
+        *,
+        include_cancelled: bool = False,
+        flagged: frozenset[str] | None = None,
+        params: GenParams | None = None,
+        chunk_size: int | None = None,
+    ) -> int:
+        """Queue again the items that failed (and cancelled ones if asked), or with ``flagged`` the captions
+        carrying those quality flags (an empty set: any flag), optionally with other parameters."""
         info = self.ledger.job(job_id)
-        want = {ItemStatus.ERROR} | ({ItemStatus.CANCELLED} if include_cancelled else set())
+        if flagged is not None:
+            items = self.ledger.iter_flagged(job_id, flagged or None)
+        else:
+            want = {ItemStatus.ERROR} | ({ItemStatus.CANCELLED} if include_cancelled else set())
+            items = self.ledger.iter_unfinished(job_id, want=frozenset(want))
+        todo = list(items)  # settle the selection before rows start to change under it
         self.ledger.set_state(job_id, JobState.RUNNING)
         sent = 0
         with self.app.producer_or_acquire() as producer:
-            for chunk in _chunks(self.ledger.iter_unfinished(job_id, want=frozenset(want)), chunk_size or 64):
+            for chunk in _chunks(todo, chunk_size or self.settings.chunk_size):
                 pairs = dict(chunk)
-                self.ledger.requeue(job_id, list(pairs))
-                self._send(job_id, pairs, info.params, producer)
+                self.ledger.requeue(job_id, list(pairs), flagged=flagged is not None)
+                self._send(job_id, pairs, params or info.params, producer)
                 sent += len(pairs)
+        if not sent:
+            self.ledger.seal(job_id)
         return sent
 
     def reconcile(self, job_id: str, *, chunk_size: int | None = None) -> int:

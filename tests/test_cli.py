@@ -128,3 +128,10 @@ def test_help_lists_every_command() -> None:
     out = CliRunner().invoke(cli, ["--help"]).output
     for name in ("enqueue", "status", "wait", "jobs", "export", "retry", "cancel", "worker", "demo"):
         assert name in out
+
+
+def test_cli_export_formats_match_the_sinks() -> None:
+    from producer.cli import FORMATS
+    from worker.sinks import FORMATS as SINK_FORMATS
+
+    assert FORMATS == SINK_FORMATS

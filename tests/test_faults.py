@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import time
 import uuid
 from pathlib import Path
@@ -124,7 +125,7 @@ def test_out_of_memory_batches_are_split_and_every_item_is_captioned(
     from training.synthetic import make_shapes
 
     env = {**recovery_env(worker_env), "CAPTIONER_MAX_BATCH_SIZE": "16", "CAPTIONER_FAULT_OOM_ABOVE": "3",
-           "CAPTIONER_MAX_LENGTH": "12", "CAPTIONER_MAX_WAIT_MS": "200"}  # fmt: skip
+           "CAPTIONER_MAX_LENGTH": "12", "CAPTIONER_MAX_WAIT_MS": "2000"}  # fmt: skip
     redis.Redis.from_url(env["CAPTIONER_BROKER_URL"]).flushdb()
     refs = [str(p) for p, _ in make_shapes(session_root / f"oom-{uuid.uuid4().hex[:6]}", 16, seed=2, size=32)]
     with WorkerProcess(env, log=tmp_path / "oom.log") as proc:
@@ -135,7 +136,8 @@ def test_out_of_memory_batches_are_split_and_every_item_is_captioned(
         client.close()
     assert (info.ok, info.error) == (16, 0)
     log = proc.log_path.read_text()
-    assert "out of memory at batch 16" in log and "batches now at most" in log
+    # A long batching wait fills batches past the injected limit of 3 even on a busy machine.
+    assert re.search(r"out of memory at batch ([4-9]|1[0-6]);", log) and "batches now at most" in log
 
 
 def test_sigterm_mid_job_is_a_warm_shutdown_and_nothing_is_lost(

@@ -189,3 +189,18 @@ def test_ledger_keys_never_expire_by_default(client: JobClient, images: Path, se
     r = redis.Redis.from_url(settings.redis_url_str)
     keys = r.keys(f"{settings.key_prefix}:*")
     assert keys and all(r.ttl(k) == -1 for k in keys)
+
+
+def test_quality_flags_are_counted_and_flagged_items_can_be_captioned_again(client: JobClient, images: Path) -> None:
+    refs = [str(p) for p in sorted(images.glob("*.jpg"))]
+    rows = run_job(client, refs, "job-flags", params=GenParams(max_length=6))
+    truncated = {r["id"] for r in rows if "truncated" in (r.get("flags") or [])}
+    info = client.status("job-flags")
+    # A random tiny GIT rarely ends a caption within 6 tokens: most captions are cut at the limit.
+    assert truncated and info.flags.get("truncated") == len(truncated)
+    n = client.retry("job-flags", flagged=frozenset({"truncated"}), params=GenParams(max_length=9))
+    info = client.wait("job-flags", timeout=60, on_tick=lambda _: None)
+    again = {r["id"]: r for r in client.results("job-flags")}
+    assert n == len(truncated) and info.ok == 10
+    assert all(again[i]["params"]["max_length"] == 9 for i in truncated)
+    assert all(again[i]["params"]["max_length"] == 6 for i in again if i not in truncated)

@@ -34,6 +34,12 @@ for i = 2, #ARGV, 3 do
   local prev = redis.call('HGET', KEYS[2], id)
   local prevst = false
   if prev then prevst = cjson.decode(prev)['status'] end
+  if st == 'ok' and prevst ~= 'ok' then
+    local flags = cjson.decode(body)['flags']
+    if type(flags) == 'table' then
+      for _, f in ipairs(flags) do redis.call('HINCRBY', KEYS[1], 'flag_' .. f, 1) end
+    end
+  end
   if prevst == 'ok' then
     -- a caption is final: exactly one row per item, whatever is redelivered
   elseif prevst == st then
@@ -61,17 +67,25 @@ if total > 0 and settled >= total and h[5] == 'running' and not h[6] then
 end
 """
 _RECORD = _RECORD.replace("__FINISH__", _FINISH)
-# KEYS: job hash, results hash, attempts hash.  ARGV: item ids going back on the queue.
-# Their failed or cancelled rows are removed (counters follow), so they count as pending again.
+# KEYS: job hash, results hash, attempts hash.  ARGV: mode, then item ids going back on the queue.
+# Their failed or cancelled rows are removed (counters follow), so they count as pending again; in mode
+# 'flagged' captions carrying quality flags are removed too (they are to be captioned again).
 _REQUEUE = """
 local n = 0
-for _, id in ipairs(ARGV) do
+for i = 2, #ARGV do
+  local id = ARGV[i]
   local prev = redis.call('HGET', KEYS[2], id)
   if prev then
-    local st = cjson.decode(prev)['status']
-    if st ~= 'ok' then
+    local row = cjson.decode(prev)
+    local st = row['status']
+    local flags = row['flags']
+    local flagged = type(flags) == 'table' and #flags > 0
+    if st ~= 'ok' or (ARGV[1] == 'flagged' and flagged) then
       redis.call('HDEL', KEYS[2], id)
       redis.call('HINCRBY', KEYS[1], 'n_' .. st, -1)
+      if st == 'ok' and flagged then
+        for _, f in ipairs(flags) do redis.call('HINCRBY', KEYS[1], 'flag_' .. f, -1) end
+      end
       n = n + 1
     end
   end
@@ -103,6 +117,8 @@ class JobInfo:
     ok: int
     error: int
     cancelled: int
+    #: Captions per quality flag (empty, truncated, repetition).
+    flags: dict[str, int] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -122,6 +138,7 @@ class JobInfo:
             "error": self.error,
             "cancelled": self.cancelled,
             "pending": self.pending,
+            "flags": self.flags,
             **self.extra,
         }
 
@@ -210,8 +227,10 @@ class Ledger:
             return int(raw.get(name.encode(), b"0"))
 
         finished = raw.get(b"finished")
+        flags = {k.decode()[5:]: int(v) for k, v in raw.items() if k.startswith(b"flag_") and int(v)}
         return JobInfo(
             id=job_id,
+            flags=flags,
             name=raw.get(b"name", b"").decode(),
             state=JobState(raw.get(b"state", b"running").decode()),
             params=GenParams.model_validate_json(raw.get(b"params", b"{}")),
@@ -282,13 +301,21 @@ class Ledger:
             pipe.hincrby(key, i, 1)
         return dict(zip(ids, (int(n) for n in pipe.execute()), strict=True))
 
-    def requeue(self, job_id: str, ids: list[str]) -> int:
-        """Make items pending again before they are re-sent: drop their failed or cancelled rows and their
-        attempt counts (an operator's retry is a fresh start, not a step towards poison)."""
+    def requeue(self, job_id: str, ids: list[str], *, flagged: bool = False) -> int:
+        """Make items pending again before they are re-sent: drop their failed or cancelled rows (and with
+        ``flagged``, captions with quality flags) and their attempt counts (an operator's retry is a fresh
+        start, not a step towards poison)."""
         if not ids:
             return 0
         keys = [self.job_key(job_id), self._k("job", job_id, "res"), self._k("job", job_id, "att")]
-        return int(self._requeue(keys=keys, args=ids))
+        return int(self._requeue(keys=keys, args=["flagged" if flagged else "failed", *ids]))
+
+    def iter_flagged(self, job_id: str, flags: frozenset[str] | None = None) -> Iterator[tuple[str, str]]:
+        """(item id, reference) of captions carrying any quality flag (or any of ``flags``)."""
+        for row in self.iter_results(job_id):
+            have = set(row.get("flags") or ())
+            if have and (flags is None or have & flags):
+                yield row["id"], row["ref"]
 
     def record(self, job_id: str, rows: list[ItemResult]) -> Recorded:
         """Durably write result rows (one atomic script): how many changed status, and whether the job ended."""

@@ -217,6 +217,8 @@ class ItemResult(BaseModel):
     model_version: str | None = None
     params: GenParams | None = None
     attempts: int = 1
+    #: Caption quality flags: empty, truncated (cut at max_length), repetition (see worker.quality).
+    flags: list[str] | None = None
     #: Set on errors that may pass on a later attempt (timeouts, 5xx, out of memory).
     transient: bool | None = None
     #: Stage timings in milliseconds (load, infer) for this item's batch share.

@@ -20,6 +20,7 @@ from worker.errors import Cancelled, EngineError, ItemError, Poison
 from worker.images import ImagePolicy, load_image
 from worker.logs import current_job
 from worker.messages import ChunkMessage, GenParams, ItemResult, ItemStatus, JobState, Source, item_id
+from worker.quality import quality_flags
 from worker.settings import Settings
 from worker.store import ModelStore, resolve_model
 
@@ -150,7 +151,14 @@ class CaptionService:
         if self.settings.fault_oom_above and len(items) > self.settings.fault_oom_above:
             raise MemoryError(f"out of memory (injected: batch {len(items)} > {self.settings.fault_oom_above})")
         captions = engine.generate(torch.cat(items), params)
-        return [(c, engine.version) for c in captions]
+        return [(c, engine.version, self._flags(engine, c, params)) for c in captions]
+
+    @staticmethod
+    def _flags(engine: CaptionEngine, caption: str, params: GenParams) -> list[str] | None:
+        # Re-tokenising the decoded caption gives the generated length the way max_length counts it:
+        # [CLS] + word pieces, so a caption cut at the limit has exactly max_length tokens.
+        pieces = len(engine.processor.tokenizer(caption, add_special_tokens=False)["input_ids"])
+        return quality_flags(caption, generated_tokens=1 + pieces, max_length=params.max_length) or None
 
     # --- captioning -----------------------------------------------------------------------------
     def _prepare(self, src: Source, params: GenParams) -> tuple[Future[Any], float]:
@@ -170,7 +178,7 @@ class CaptionService:
             base = {"id": iid, "ref": src.ref, "params": params, "attempts": (attempts or {}).get(iid, 1)}
             try:
                 caption_future, load_ms = fut.result()
-                caption, version = caption_future.result()
+                caption, version, flags = caption_future.result()
             except ItemError as exc:
                 rows.append(_error_row(base, exc))
                 continue
@@ -183,6 +191,7 @@ class CaptionService:
                     **base,
                     status=ItemStatus.OK,
                     caption=caption,
+                    flags=flags,
                     model_version=version,
                     timings={"load_ms": round(load_ms, 2)},
                     finished_at=time.time(),
