@@ -133,3 +133,22 @@ def http_root(session_root: Path) -> Iterator[tuple[str, Path]]:
     yield f"http://127.0.0.1:{server.server_address[1]}", folder
     server.shutdown()
     server.server_close()
+
+
+def tally(fault: str, refs: list[str], rows: list[dict]) -> dict[str, int]:
+    """Lost, duplicated and ok out of N for one fault; appended to $FAULT_REPORT (JSON lines) when set,
+    which `make fault-report` turns into the table in docs/faults.md."""
+    import json
+
+    ok_refs = [r["ref"] for r in rows if r["status"] == "ok"]
+    figures = {
+        "n": len(set(refs)),
+        "ok": len(set(ok_refs)),
+        "lost": len(set(refs) - {r["ref"] for r in rows}),
+        "duplicated": len(rows) - len({r["id"] for r in rows}),
+        "attempted_twice": sum(1 for r in rows if r.get("attempts", 1) > 1),
+    }
+    if report := os.environ.get("FAULT_REPORT"):
+        with open(report, "a") as fh:
+            fh.write(json.dumps({"fault": fault, **figures}) + "\n")
+    return figures

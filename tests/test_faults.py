@@ -14,7 +14,7 @@ from kombu import Connection, Exchange, Producer, Queue
 
 from producer.jobs import JobClient
 from producer.local import WorkerProcess
-from tests.conftest import settings_from
+from tests.conftest import settings_from, tally
 from tests.test_recovery import recovery_env, wait_for
 from worker.celery_app import create_app
 from worker.messages import TASK_CAPTION, GenParams, item_id
@@ -133,7 +133,9 @@ def test_out_of_memory_batches_are_split_and_every_item_is_captioned(
         client = JobClient(settings_from(env))
         client.enqueue(refs, job_id="job-oom", chunk_size=16)
         info = client.wait("job-oom", timeout=120, on_tick=lambda _: None)
+        figures = tally("out of memory at batch > 3 (injected): halve and retry", refs, list(client.results("job-oom")))
         client.close()
+    assert (figures["lost"], figures["duplicated"]) == (0, 0)
     assert (info.ok, info.error) == (16, 0)
     log = proc.log_path.read_text()
     # A long batching wait fills batches past the injected limit of 3 even on a busy machine.
@@ -163,6 +165,8 @@ def test_sigterm_mid_job_is_a_warm_shutdown_and_nothing_is_lost(
         info = client.wait("job-term", timeout=180, on_tick=lambda _: None)
     rows = list(client.results("job-term"))
     client.close()
+    figures = tally("SIGTERM mid-job (warm shutdown), then a new worker", refs, rows)
+    assert (figures["lost"], figures["duplicated"]) == (0, 0)
     assert took < 30
     assert (info.ok, info.error) == (len(refs), 0)
     assert len({r["id"] for r in rows}) == len(rows) == len(refs)

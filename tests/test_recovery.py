@@ -10,7 +10,7 @@ import redis
 
 from producer.jobs import JobClient
 from producer.local import WorkerProcess
-from tests.conftest import redis_url, settings_from
+from tests.conftest import redis_url, settings_from, tally
 
 RECOVERY_DB = 13  # its own broker DB: the short visibility timeout below must not touch other tests' queues
 
@@ -64,6 +64,8 @@ def test_kill_9_mid_job_then_restart_captions_every_item_exactly_once(
     finally:
         second.terminate()
     rows = list(client.results("job-kill"))
+    figures = tally("kill -9 of the caption worker mid-job, then a new worker", refs, rows)
+    assert (figures["lost"], figures["duplicated"], figures["ok"]) == (0, 0, len(refs))
     assert info.state.value == "done"
     assert (info.total, info.ok, info.error) == (len(refs), len(refs), 0)
     assert len(rows) == len(refs) == len({r["id"] for r in rows})  # one row per item, no duplicates
@@ -71,3 +73,36 @@ def test_kill_9_mid_job_then_restart_captions_every_item_exactly_once(
     # The messages the dead worker held came back: some items were attempted twice, and still have one row.
     assert any(r["attempts"] >= 2 for r in rows)
     client.close()
+
+
+def test_two_workers_one_killed_and_replaced_repeatedly(
+    worker_env: dict[str, str], session_root: Path, tmp_path: Path, settings
+) -> None:
+    from training.synthetic import make_shapes
+
+    env = recovery_env(worker_env)
+    redis.Redis.from_url(env["CAPTIONER_BROKER_URL"]).flushdb()
+    refs = [str(p) for p, _ in make_shapes(session_root / f"churn-{uuid.uuid4().hex[:6]}", 160, seed=8, size=32)]
+    workers = [WorkerProcess(env, log=tmp_path / f"w{i}.log").start() for i in range(2)]
+    for w in workers:
+        w.wait_ready()
+    client = JobClient(settings_from(env))
+    client.enqueue(refs, job_id="job-churn", chunk_size=4)
+    try:
+        for round_ in range(3):  # kill one (alternating) with SIGKILL, start a replacement, let it work a bit
+            target = client.status("job-churn").ok + 12
+            wait_for(lambda t=target: client.status("job-churn").ok >= min(t, len(refs)), 120, "progress")
+            victim = workers.pop(round_ % 2)
+            victim.kill()
+            replacement = WorkerProcess(env, log=tmp_path / f"r{round_}.log").start()
+            replacement.wait_ready()
+            workers.insert(round_ % 2, replacement)
+        info = client.wait("job-churn", timeout=240, on_tick=lambda _: None)
+    finally:
+        for w in workers:
+            w.terminate()
+    rows = list(client.results("job-churn"))
+    client.close()
+    figures = tally("two workers, one killed with SIGKILL and replaced, three times", refs, rows)
+    assert (figures["lost"], figures["duplicated"], figures["ok"]) == (0, 0, len(refs))
+    assert info.state.value == "done"

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from producer.cli import cli
 from producer.jobs import JobClient
 from producer.local import LocalRedis, WorkerProcess
-from tests.conftest import settings_from
+from tests.conftest import settings_from, tally
 from tests.test_recovery import wait_for
 from worker.errors import ConfigError
 from worker.settings import Settings
@@ -54,6 +54,8 @@ def test_redis_killed_and_restarted_mid_job_with_aof_loses_nothing(
             info = client.wait("job-redis-restart", timeout=240, on_tick=lambda _: None)
             rows = list(client.results("job-redis-restart"))
             client.close()
+    figures = tally("Redis killed and restarted mid-job (AOF on)", refs, rows)
+    assert (figures["lost"], figures["duplicated"]) == (0, 0)
     assert (info.ok, info.error, info.total) == (60, 0, 60)
     assert len({r["id"] for r in rows}) == len(rows) == 60
 
