@@ -123,7 +123,7 @@ class JobClient:
     def _send(self, job_id: str, pairs: dict[str, str], params: GenParams, producer: Any = None) -> None:
         body = {
             "job_id": job_id,
-            "items": [{"id": i, "src": ref} for i, ref in pairs.items()],
+            "items": [ref if i == item_id(ref) else {"id": i, "src": ref} for i, ref in pairs.items()],
             "params": params.model_dump(exclude_none=True),
         }
         self.app.send_task(TASK_CAPTION_CHUNK, kwargs=body, queue=self.settings.caption_queue, producer=producer)

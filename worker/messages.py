@@ -11,7 +11,7 @@ import hashlib
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from worker.errors import InvalidMessage
 
@@ -140,13 +140,24 @@ class ChunkItem(BaseModel):
 
 
 class ChunkMessage(BaseModel):
-    """Payload of ``captioner.caption_chunk.v1``: items of one ledger job, captioned with one set of params."""
+    """Payload of ``captioner.caption_chunk.v1``: items of one ledger job, captioned with one set of params.
+
+    An item is ``{"id", "src"}``, or just the reference string when its id is ``item_id(ref)`` (what the
+    producer sends: a third fewer bytes per pending item in Redis).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     job_id: Annotated[str, Field(min_length=1, max_length=128)]
     items: Annotated[list[ChunkItem], Field(min_length=1, max_length=MAX_ITEMS_PER_MESSAGE)]
     params: GenParams = GenParams()
+
+    @field_validator("items", mode="before")
+    @classmethod
+    def _bare_refs(cls, value: object) -> object:
+        if isinstance(value, list):
+            return [{"id": item_id(v), "src": v} if isinstance(v, str) else v for v in value]
+        return value
 
 
 class CaptionRequest(BaseModel):
