@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-full lint bench clean
+.PHONY: setup demo test test-full fault-report lint bench clean
 
 $(BIN)/captioner: pyproject.toml tests/node/package-lock.json
 	$(PY) -m venv $(VENV)
@@ -27,8 +27,16 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
+# Everything, the slow load test (100,000 items) included.
 test-full: setup
 	$(BIN)/pytest -q -m "slow or not slow"
+
+# Runs the fault tests and writes their figures (lost / duplicated / ok out of N) into docs/faults.md.
+fault-report: setup
+	rm -f .fault-report.jsonl
+	FAULT_REPORT=$(CURDIR)/.fault-report.jsonl $(BIN)/pytest -q -m "slow or not slow" \
+		tests/test_recovery.py tests/test_faults.py tests/test_redis_faults.py tests/test_load.py
+	$(BIN)/python -m bench.fault_table .fault-report.jsonl docs/faults.md
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -1,0 +1,42 @@
+"""Turns the fault tests' figures (JSON lines from FAULT_REPORT) into the table of docs/faults.md."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+HEADER = """# Faults: what happened, out of N
+
+Each row is one fault test (tests/test_recovery.py, test_faults.py, test_redis_faults.py, test_load.py) run
+against real processes: a real redis-server, real worker processes, a tiny GIT. *lost*: items with no row;
+*duplicated*: extra rows for an item (the ledger is keyed by item id, so this must be 0); *attempted twice*:
+items whose message was delivered again after the fault (work repeated, still one row). Regenerate with
+`make fault-report`.
+
+| fault | N | ok | lost | duplicated | attempted twice |
+| --- | --- | --- | --- | --- | --- |
+"""
+
+
+def render(report: Path) -> str:
+    rows = [json.loads(line) for line in report.read_text().splitlines() if line.strip()]
+    lines = [
+        f"| {r['fault']} | {r['n']} | {r['ok']} | {r['lost']} | {r['duplicated']} | {r['attempted_twice']} |"
+        for r in rows
+    ]
+    stamp = time.strftime("%Y-%m-%d", time.gmtime())
+    return HEADER + "\n".join(lines) + f"\n\nMeasured {stamp} on a 2-core CPU machine (`make fault-report`).\n"
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m bench.fault_table REPORT.jsonl OUT.md", file=sys.stderr)
+        return 2
+    Path(argv[1]).write_text(render(Path(argv[0])))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
