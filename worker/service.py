@@ -19,7 +19,17 @@ from worker.batcher import MicroBatcher
 from worker.errors import Cancelled, EngineError, ItemError, Poison
 from worker.images import ImagePolicy, load_image
 from worker.logs import current_job
-from worker.messages import ChunkMessage, GenParams, ItemResult, ItemStatus, JobState, Source, item_id
+from worker.messages import (
+    ChunkItem,
+    ChunkMessage,
+    GenParams,
+    ItemResult,
+    ItemStatus,
+    JobState,
+    Source,
+    item_id,
+    source_from_wire,
+)
 from worker.quality import quality_flags
 from worker.settings import Settings
 from worker.store import ModelStore, resolve_model
@@ -210,52 +220,34 @@ class CaptionService:
         ledger, out = self.ledger, ChunkOutcome(job_id=msg.job_id, items=len(msg.items))
         current_job.set(msg.job_id)
         started = time.perf_counter()
-        ids = [it.id for it in msg.items]
-        status = ledger.statuses(msg.job_id, ids)
-        todo = [it for it in msg.items if status[it.id] is not ItemStatus.OK]
+        status = ledger.statuses(msg.job_id, [it.id for it in msg.items])
+        todo = [it for it in msg.items if status[it.id] is not ItemStatus.OK]  # a redelivery skips what is done
         out.skipped = len(msg.items) - len(todo)
         if not todo:
             return out
         if ledger.state(msg.job_id) is JobState.CANCELLED:
-            rows = [_error_row({"id": it.id, "ref": _ref(it.src), "params": msg.params}, Cancelled("job cancelled"))
-                    for it in todo]
-            if ledger.record(msg.job_id, rows).finished and self.on_job_done:
-                self.on_job_done(msg.job_id)
+            rows = [_error_row(_base(it, msg.params), Cancelled("job cancelled")) for it in todo]
             metrics.observe_rows(rows)
-            out.error = len(rows)
+            self._write(msg.job_id, rows, out)
             return out
         attempts = ledger.begin_attempt(msg.job_id, [it.id for it in todo])
-        poison = [it for it in todo if attempts[it.id] > self.settings.max_attempts]
-        work = [it for it in todo if attempts[it.id] <= self.settings.max_attempts]
+        limit = self.settings.max_attempts
         rows = [
-            _error_row(
-                {"id": it.id, "ref": _ref(it.src), "params": msg.params, "attempts": attempts[it.id]},
-                Poison(f"gave up after {attempts[it.id] - 1} attempts"),
-            )
-            for it in poison
+            _error_row(_base(it, msg.params, attempts[it.id]), Poison(f"gave up after {attempts[it.id] - 1} attempts"))
+            for it in todo
+            if attempts[it.id] > limit
         ]
         metrics.observe_rows(rows)  # the poison rows; captioned rows are counted by caption_items
-        from worker.messages import source_from_wire
-
-        batches_before = self.batcher.stats.infer_s
-        rows += self.caption_items([(it.id, source_from_wire(it.src)) for it in work], msg.params, attempts)
+        work = [(it.id, source_from_wire(it.src)) for it in todo if attempts[it.id] <= limit]
+        infer_before = self.batcher.stats.infer_s
+        rows += self.caption_items(work, msg.params, attempts)
         out.load_ms = sum(r.timings.get("load_ms", 0.0) for r in rows)
-        out.infer_ms = (self.batcher.stats.infer_s - batches_before) * 1000
+        out.infer_ms = (self.batcher.stats.infer_s - infer_before) * 1000  # model time while this chunk ran
         # Transient failures with attempts left are not written: the task sends them again after a backoff.
-        retry = {r.id for r in rows if r.transient and r.attempts < self.settings.max_attempts}
-        rows = [r for r in rows if r.id not in retry]
-        write_started = time.perf_counter()
-        recorded = ledger.record(msg.job_id, rows)
-        if recorded.finished and self.on_job_done:
-            self.on_job_done(msg.job_id)
-        if self.settings.ledger_ttl_s and ledger.state(msg.job_id) is JobState.DONE:
-            ledger.expire_job(msg.job_id, self.settings.ledger_ttl_s)
-        out.write_ms = (time.perf_counter() - write_started) * 1000
-        metrics.STAGE.labels("write").observe(out.write_ms / 1000)
-        metrics.RETRIES.inc(len(retry))
-        out.ok = sum(r.status is ItemStatus.OK for r in rows)
-        out.error = len(rows) - out.ok
+        retry = {r.id for r in rows if r.transient and r.attempts < limit}
         out.retry = sorted(retry) or None
+        metrics.RETRIES.inc(len(retry))
+        self._write(msg.job_id, [r for r in rows if r.id not in retry], out)
         log.info(
             "chunk job=%s items=%d ok=%d error=%d skipped=%d load_ms=%.0f infer_ms=%.0f write_ms=%.1f total_ms=%.0f",
             msg.job_id, out.items, out.ok, out.error, out.skipped, out.load_ms, out.infer_ms, out.write_ms,
@@ -263,16 +255,29 @@ class CaptionService:
         )  # fmt: skip
         return out
 
+    def _write(self, job_id: str, rows: list[ItemResult], out: ChunkOutcome) -> None:
+        """Record rows durably; fire completion once if these rows settled the job."""
+        assert self.ledger is not None
+        started = time.perf_counter()
+        recorded = self.ledger.record(job_id, rows)
+        if recorded.finished:
+            if self.on_job_done:
+                self.on_job_done(job_id)
+            if self.settings.ledger_ttl_s:
+                self.ledger.expire_job(job_id, self.settings.ledger_ttl_s)
+        out.write_ms = (time.perf_counter() - started) * 1000
+        metrics.STAGE.labels("write").observe(out.write_ms / 1000)
+        out.ok = sum(r.status is ItemStatus.OK for r in rows)
+        out.error = len(rows) - out.ok
+
     def close(self) -> None:
         self._stopped.set()
         self.batcher.stop(timeout=30)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _ref(src: str | dict[str, str]) -> str:
-    from worker.messages import source_from_wire
-
-    return source_from_wire(src).ref
+def _base(item: ChunkItem, params: GenParams, attempts: int = 1) -> dict[str, Any]:
+    return {"id": item.id, "ref": source_from_wire(item.src).ref, "params": params, "attempts": attempts}
 
 
 def _error_row(base: dict[str, Any], exc: ItemError) -> ItemResult:
