@@ -88,11 +88,14 @@ class WorkerProcess:
         training: bool = False,
         log: Path | None = None,
         extra_args: list[str] | None = None,
+        argv: list[str] | None = None,
     ) -> None:
         self.name = f"{'train' if training else 'caption'}-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
         self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
         self.args = [sys.executable, "-m", "producer.cli", "worker", "--hostname", self.name]
         self.args += (["--training"] if training else []) + (extra_args or [])
+        if argv is not None:  # any other command line, e.g. a plain `celery -A worker.celery_app worker`
+            self.args = [*argv, "--hostname", self.name]
         self.log_path = log or Path(tempfile.mkstemp(prefix="captioner-worker-", suffix=".log")[1])
         self._log: IO[bytes] | None = None
         self.proc: subprocess.Popen[bytes] | None = None

@@ -73,3 +73,24 @@ def test_doctor_fails_without_persistence_or_workers_and_passes_on_a_sound_setup
     assert "tiny-git@" in checks["caption workers"]["detail"]
     result = CliRunner().invoke(cli, ["--broker-url", "redis://127.0.0.1:1/0", "doctor"], catch_exceptions=False)
     assert result.exit_code == 1 and "broker reachable" in result.stdout
+
+
+def test_plain_celery_worker_command_serves_too(worker_env: dict[str, str], tmp_path: Path, session_root: Path) -> None:
+    """`celery -A worker.celery_app worker ...` works as well as `captioner worker` (same app, same warm-up)."""
+    import sys
+
+    from training.synthetic import make_shapes
+    from worker.celery_app import create_app
+    from worker.messages import TASK_CAPTION
+
+    (path, _), *_ = make_shapes(session_root / f"plain-{uuid.uuid4().hex[:6]}", 1, seed=11, size=32)
+    with LocalRedis() as server:
+        env = {**worker_env, "CAPTIONER_BROKER_URL": server.url(0), "CAPTIONER_RESULT_BACKEND": server.url(0),
+               "CAPTIONER_REDIS_URL": server.url(1)}  # fmt: skip
+        argv = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-P", "threads", "-c", "2",
+                "-Q", env["CAPTIONER_CAPTION_QUEUE"], "--loglevel", "INFO"]  # fmt: skip
+        with WorkerProcess(env, argv=argv, log=tmp_path / "celery.log") as proc:
+            proc.wait_ready()
+            row = create_app(settings_from(env)).send_task(TASK_CAPTION, args=[str(path)]).get(timeout=60)
+    assert row["status"] == "ok" and row["model_version"].startswith("tiny-git@")
+    assert "serves model tiny-git@" in proc.log_path.read_text()
