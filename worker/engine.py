@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from worker import fastgen
 from worker.errors import CaptionerError, ConfigError, EngineError, ModelLoadError, UnsafeCheckpoint
 from worker.messages import GenParams
 
@@ -46,16 +47,19 @@ _DTYPES = {
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """What to load and where: a hub id or local save_pretrained directory, device and dtype names."""
+    """What to load and where: a hub id or local save_pretrained directory, device and dtype names, decoder."""
 
     model: str
     revision: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    # "fast": worker/fastgen.py for greedy requests (same ids as HF); "hf": transformers' generate; "auto": fast
+    # when the model allows it. Beam search always runs HF generate.
+    decoder: str = "auto"
 
     @classmethod
     def from_settings(cls, s: Settings) -> EngineConfig:
-        return cls(model=s.model, revision=s.model_revision, device=s.device, dtype=s.dtype)
+        return cls(model=s.model, revision=s.model_revision, device=s.device, dtype=s.dtype, decoder=s.decoder)
 
 
 # --- device and dtype ------------------------------------------------------------------------------
@@ -224,7 +228,7 @@ def _resolve_hub_revision(model_id: str, revision: str | None) -> tuple[Any, str
 class CaptionEngine:
     """A loaded GIT model and its processor. ``prepare`` runs on decode threads, ``generate`` on one model thread."""
 
-    def __init__(self, model: Any, processor: Any, *, name: str, version: str) -> None:
+    def __init__(self, model: Any, processor: Any, *, name: str, version: str, decoder: str = "auto") -> None:
         self.model = model
         self.processor = processor
         self.name = name
@@ -232,6 +236,7 @@ class CaptionEngine:
         self.device: torch.device = model.device
         self.dtype: torch.dtype = model.dtype
         self._max_positions: int = int(model.config.max_position_embeddings)
+        self._fast = _fast_decoder(model, decoder, name)
 
     @classmethod
     def load(cls, cfg: EngineConfig) -> CaptionEngine:
@@ -255,7 +260,7 @@ class CaptionEngine:
             raise
         except Exception as exc:
             raise _load_error(cfg.model, exc) from exc
-        engine = cls(model, processor, name=cfg.model, version=version)
+        engine = cls(model, processor, name=cfg.model, version=version, decoder=cfg.decoder)
         log.info(
             "model %s loaded: version=%s device=%s dtype=%s in %.1fs",
             cfg.model, version, device, str(dtype).removeprefix("torch."), time.perf_counter() - started,
@@ -309,6 +314,14 @@ class CaptionEngine:
 
     def _generate_ids(self, pixel_values: torch.Tensor, params: GenParams) -> torch.Tensor:
         count = pixel_values.shape[0]
+        # --- fast greedy decoder (worker/fastgen.py): the ids HF generate would return, fewer wasted steps ---
+        if self._fast is not None and params.num_beams == 1:
+            ids = self.prompt_ids(params.prompt).to(self.device).repeat(count, 1) if params.prompt else None
+            # Requests HF refuses (max_length not above the prompt's length) go to HF, which raises as before.
+            if self._fast.request_reason(1 if ids is None else ids.shape[1], params.max_length) is None:
+                pixel_values = pixel_values.to(device=self.device, dtype=self.dtype, non_blocking=True)
+                return self._fast.generate(pixel_values, params.max_length, ids)
+        # --- HF generate ---
         kwargs: dict[str, Any] = {
             "pixel_values": pixel_values.to(device=self.device, dtype=self.dtype, non_blocking=True),
             "max_length": params.max_length,
@@ -329,6 +342,21 @@ class CaptionEngine:
     def _decode(self, sequences: torch.Tensor) -> list[str]:
         texts = self.processor.tokenizer.batch_decode(sequences, skip_special_tokens=True)
         return [text.strip() for text in texts]
+
+
+def _fast_decoder(model: Any, decoder: str, name: str) -> fastgen.GitGreedyDecoder | None:
+    """The fast greedy decoder when ``decoder`` asks for it and the model allows it; None means HF generate."""
+    if decoder not in ("auto", "fast", "hf"):
+        raise ConfigError(f"unknown decoder {decoder!r}: use auto, fast or hf")
+    if decoder == "hf":
+        return None
+    reason = fastgen.unsupported_reason(model)
+    if reason is None:
+        return fastgen.GitGreedyDecoder(model)
+    if decoder == "fast":
+        raise ConfigError(f"decoder 'fast' cannot run model {name!r}: {reason}; use decoder auto or hf")
+    log.info("model %s: fast decoder off (%s); HF generate is used", name, reason)
+    return None
 
 
 def _load_pretrained(source: str, revision: Any, dtype: torch.dtype) -> tuple[Any, Any]:

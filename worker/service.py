@@ -52,7 +52,13 @@ def _default_engine_factory(settings: Settings) -> EngineFactory:
 
             torch.set_num_threads(settings.torch_threads)
         model = resolve_model(settings.model, settings.model_store)
-        cfg = EngineConfig(model=model, revision=settings.model_revision, device=settings.device, dtype=settings.dtype)
+        cfg = EngineConfig(
+            model=model,
+            revision=settings.model_revision,
+            device=settings.device,
+            dtype=settings.dtype,
+            decoder=settings.decoder,
+        )
         return CaptionEngine.load(cfg)
 
     return load

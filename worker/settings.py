@@ -91,6 +91,8 @@ class Settings(BaseSettings):
     device: str = "auto"
     # float32, bfloat16, float16, or auto (fp16/bf16 on GPU, bf16 on CPUs with native support, else fp32).
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Greedy decoder: fast (worker/fastgen.py, HF's exact ids), hf (transformers generate), auto (fast if able).
+    decoder: Literal["auto", "fast", "hf"] = "auto"
 
     # CPU threads torch may use for one worker (0: torch's default, one per core). Lower it when several
     # workers or other busy processes share the cores: oversubscribed threads spin and crawl.
