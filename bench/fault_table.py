@@ -12,18 +12,20 @@ HEADER = """# Faults: what happened, out of N
 Each row is one fault test (tests/test_recovery.py, test_faults.py, test_redis_faults.py, test_load.py) run
 against real processes: a real redis-server, real worker processes, a tiny GIT. *lost*: items with no row;
 *duplicated*: extra rows for an item (the ledger is keyed by item id, so this must be 0); *attempted twice*:
-items whose message was delivered again after the fault (work repeated, still one row). Regenerate with
-`make fault-report`.
+items whose message was delivered again after the fault (work repeated, still one row); *reconciled*: items
+`captioner reconcile` sent again because the broker lost their message (the BRPOP window of celery #7950).
+Regenerate with `make fault-report`.
 
-| fault | N | ok | lost | duplicated | attempted twice |
-| --- | --- | --- | --- | --- | --- |
+| fault | N | ok | lost | duplicated | attempted twice | reconciled |
+| --- | --- | --- | --- | --- | --- | --- |
 """
 
 
 def render(report: Path) -> str:
     rows = [json.loads(line) for line in report.read_text().splitlines() if line.strip()]
     lines = [
-        f"| {r['fault']} | {r['n']} | {r['ok']} | {r['lost']} | {r['duplicated']} | {r['attempted_twice']} |"
+        f"| {r['fault']} | {r['n']} | {r['ok']} | {r['lost']} | {r['duplicated']} | {r['attempted_twice']} "
+        f"| {r.get('reconciled', 0)} |"
         for r in rows
     ]
     stamp = time.strftime("%Y-%m-%d", time.gmtime())

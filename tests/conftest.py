@@ -135,7 +135,7 @@ def http_root(session_root: Path) -> Iterator[tuple[str, Path]]:
     server.server_close()
 
 
-def tally(fault: str, refs: list[str], rows: list[dict]) -> dict[str, int]:
+def tally(fault: str, refs: list[str], rows: list[dict], *, reconciled: int = 0) -> dict[str, int]:
     """Lost, duplicated and ok out of N for one fault; appended to $FAULT_REPORT (JSON lines) when set,
     which `make fault-report` turns into the table in docs/faults.md."""
     import json
@@ -147,6 +147,7 @@ def tally(fault: str, refs: list[str], rows: list[dict]) -> dict[str, int]:
         "lost": len(set(refs) - {r["ref"] for r in rows}),
         "duplicated": len(rows) - len({r["id"] for r in rows}),
         "attempted_twice": sum(1 for r in rows if r.get("attempts", 1) > 1),
+        "reconciled": reconciled,
     }
     if report := os.environ.get("FAULT_REPORT"):
         with open(report, "a") as fh:
