@@ -619,15 +619,22 @@ def worker(ctx: click.Context, training: bool, concurrency: int | None, hostname
 
 
 @cli.command()
-@click.option("--images", "n_images", type=click.IntRange(1, 10_000), default=12, show_default=True)
+@click.option("--images", "n_images", type=click.IntRange(1, 10_000), default=12, show_default=True,
+              help="Held-out images captioned at the end.")  # fmt: skip
+@click.option("--train-images", type=click.IntRange(10, 100_000), default=600, show_default=True)
+@click.option("--steps", type=click.IntRange(1, 1_000_000), default=1500, show_default=True, help="Training steps.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), help="Keep files here.")
 @json_option
 @click.pass_context
-def demo(ctx: click.Context, n_images: int, workdir: Path | None, as_json: bool) -> None:
-    """Offline end-to-end run: sample images -> Redis -> a real worker with a small GIT -> results."""
+def demo(
+    ctx: click.Context, n_images: int, train_images: int, steps: int, workdir: Path | None, as_json: bool
+) -> None:
+    """Offline end to end: synthetic images -> fine-tune a small GIT on the queue -> evaluate -> promote ->
+    caption held-out images as a bulk job -> export; prints captions and WER before and after."""
     from producer.demo import run_demo
 
-    run_demo(_settings(ctx), n_images=n_images, workdir=workdir, as_json=as_json)
+    run_demo(_settings(ctx), n_images=n_images, train_images=train_images, steps=steps, workdir=workdir,
+             as_json=as_json)  # fmt: skip
 
 
 def main() -> None:

@@ -1,7 +1,10 @@
-"""`captioner demo`: the main job on an embedded default, offline, on any machine with Redis or redis-server.
+"""`captioner demo`: the whole product on an embedded default, offline, on any machine with Redis or redis-server.
 
-It makes sample images and a small GIT, starts a real worker on a queue of its own, enqueues the images
-as a bulk job, waits, exports the results and prints them; then stops what it started.
+1. make a synthetic captioned image set (shapes, colours, positions, backgrounds; seeded) and a small GIT;
+2. start a training worker and a caption worker (serving the store's promoted model, @current);
+3. score the untrained model, fine-tune it through the queue, score the new version, promote it;
+4. caption held-out images through the queue as a bulk job, export them, print image -> caption and WER.
+Everything it started is stopped at the end.
 """
 
 from __future__ import annotations
@@ -10,94 +13,197 @@ import json
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import click
 import redis
+from pydantic import SecretStr
 
 from producer.local import LocalRedis, WorkerProcess
-from worker.messages import GenParams
+from worker.messages import TASK_EVALUATE, TASK_TRAIN, EvaluateRequest, GenParams, TrainRequest
 from worker.settings import Settings
 
+# The recipe's defaults (lr 5e-5, batch 32 x 2, 50 epochs) are for git-base on real photos; a 2M-parameter GIT
+# trained from scratch on the shapes set learns in minutes on 2 CPU cores with a far higher, constant rate and
+# no dropout. Measured here (3 seeds): held-out WER from ~1.2 untrained to ~0.3 after 250 steps, ~0.15 after
+# 750-1500 and ~0.1 after 2000-2500 (the colours and the template come first, shape and position later).
+DEMO_TRAINING = {
+    "learning_rate": 3e-3,
+    "lr_scheduler": "constant",
+    "batch_size": 16,
+    "grad_accum": 1,
+    "epochs": 1000,
+    "max_length": 20,
+    "eval_max_samples": 60,
+    "eval_batch_size": 32,
+    "log_steps": 25,
+}
 
-def _redis_or_local(settings: Settings, stack: ExitStack) -> Settings:
+
+def _demo_model(out_dir: Path) -> Path:
+    """The small GIT that learns fastest here: 16-pixel patches on 32-pixel images, narrow init, no dropout."""
+    from training.tiny import build_random_git, tiny_git_config
+
+    config = tiny_git_config(init_range=0.1, patch_size=16)
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    return build_random_git(out_dir, config, seed=0)
+
+
+def _redis_or_local(settings: Settings, stack: ExitStack, say: Callable[[str], None]) -> Settings:
     """The configured Redis when it answers; otherwise a throwaway redis-server, if one is installed."""
     try:
         redis.Redis.from_url(settings.broker_url_str, socket_connect_timeout=2).ping()
         return settings
     except redis.RedisError:
         local = stack.enter_context(LocalRedis())
-        click.echo(f"no Redis at the configured URL; started redis-server on port {local.port}", err=True)
-        return settings.model_copy(update={"broker_url": local.url(0), "redis_url": None, "result_backend": None})
+        say(f"no Redis at the configured URL; started redis-server on port {local.port}")
+        url = SecretStr(local.url(0))
+        return settings.model_copy(update={"broker_url": url, "redis_url": None, "result_backend": None})
 
 
-def run_demo(settings: Settings, *, n_images: int, workdir: Path | None, as_json: bool) -> dict[str, Any]:
-    from producer.jobs import JobClient
+def _worker_env(settings: Settings, root: Path) -> dict[str, str]:
+    return {
+        "CAPTIONER_BROKER_URL": settings.broker_url_str,
+        "CAPTIONER_RESULT_BACKEND": settings.result_backend_str,
+        "CAPTIONER_REDIS_URL": settings.redis_url_str,
+        "CAPTIONER_KEY_PREFIX": settings.key_prefix,
+        "CAPTIONER_CAPTION_QUEUE": settings.caption_queue,
+        "CAPTIONER_TRAINING_QUEUE": settings.training_queue,
+        "CAPTIONER_MODEL": "@current",
+        "CAPTIONER_MODEL_STORE": str(settings.model_store),
+        "CAPTIONER_MODEL_POLL_S": "1",
+        "CAPTIONER_ALLOWED_ROOTS": str(root),
+        "CAPTIONER_DTYPE": "float32",
+        "CAPTIONER_METRICS_PORT": "0",
+        "CAPTIONER_TORCH_THREADS": "1",  # two workers share the machine's cores
+        "HF_HUB_OFFLINE": "1",
+    }
+
+
+def run_demo(
+    settings: Settings, *, n_images: int, train_images: int, steps: int, workdir: Path | None, as_json: bool
+) -> dict[str, Any]:
+    from producer.jobs import JobClient, workers_info
     from training.synthetic import make_shapes
-    from training.tiny import build_tiny_git
     from worker.sinks import export_rows
+    from worker.store import ModelStore
 
     started = time.perf_counter()
+    say = (lambda _: None) if as_json else (lambda msg: click.echo(msg, err=True))
     with ExitStack() as stack:
-        root = workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="captioner-demo-")))
-        root = root.resolve()
+        root = (workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="captioner-demo-")))).resolve()
         root.mkdir(parents=True, exist_ok=True)
-        settings = _redis_or_local(settings, stack)
-        # A queue and key prefix of its own: a demo never takes (or leaves) work for other workers.
-        tag = uuid.uuid4().hex[:8]
-        settings = settings.model_copy(
-            update={"caption_queue": f"captioner-demo-{tag}", "key_prefix": f"{settings.key_prefix}-demo"}
-        )
-        say = (lambda *_: None) if as_json else (lambda msg: click.echo(msg, err=True))
-        say(f"making {n_images} sample images and a small GIT in {root}")
-        samples = make_shapes(root / "images", n_images, seed=1)
-        model_dir = build_tiny_git(root / "model", seed=0)
-        env = {
-            "CAPTIONER_BROKER_URL": settings.broker_url_str,
-            "CAPTIONER_RESULT_BACKEND": settings.result_backend_str,
-            "CAPTIONER_REDIS_URL": settings.redis_url_str,
-            "CAPTIONER_KEY_PREFIX": settings.key_prefix,
-            "CAPTIONER_CAPTION_QUEUE": settings.caption_queue,
-            "CAPTIONER_MODEL": str(model_dir),
-            "CAPTIONER_ALLOWED_ROOTS": str(root),
-            "HF_HUB_OFFLINE": "1",
-        }
-        say("starting a caption worker")
-        proc = WorkerProcess(env, log=root / "worker.log")
-        stack.callback(proc.terminate)
-        proc.start().wait_ready()
+        settings = _redis_or_local(settings, stack, say)
+        tag = uuid.uuid4().hex[:8]  # queues and keys of its own: a demo never takes work from other workers
+        settings = settings.model_copy(update={
+            "caption_queue": f"captioner-demo-{tag}", "training_queue": f"captioner-demo-train-{tag}",
+            "key_prefix": f"{settings.key_prefix}-demo", "model_store": root / "models"})  # fmt: skip
+        say(f"1. {train_images} training and {n_images} held-out images, and a small GIT, in {root}")
+        make_shapes(root / "train", train_images, seed=1, size=32)
+        held_out = make_shapes(root / "held-out", n_images, seed=2, size=32)
+        store = ModelStore(settings.model_store)
+        base = store.add(_demo_model(root / "base-model"), {"base_model": "tiny random GIT"}, "base")
+        store.promote(base.version)
+
+        say("2. starting a training worker and a caption worker")
+        env = _worker_env(settings, root)
+        for training in (True, False):
+            proc = WorkerProcess(env, training=training, log=root / f"{'train' if training else 'caption'}.log")
+            stack.callback(proc.terminate)
+            proc.start()
+        proc.wait_ready()
         client = JobClient(settings)
         stack.callback(client.close)
+
+        def evaluate(version: str) -> dict[str, Any]:
+            req = EvaluateRequest(version=version, dataset=str(root / "held-out"), max_length=20)
+            result = client.app.send_task(TASK_EVALUATE, kwargs=req.model_dump(), queue=settings.training_queue)
+            return result.get(timeout=300)
+
+        say("3. scoring the untrained model, fine-tuning through the queue, scoring again")
+        before = evaluate(base.version)
+        from training.jobs import open_train_job
+
+        every = max(25, (steps // 4) // 25 * 25)  # four evaluations (and checkpoints) per run
+        config = {**DEMO_TRAINING, "base_model": str(base.path), "max_steps": steps, "eval_steps": every,
+                  "save_steps": every}  # fmt: skip
+        req = TrainRequest(job_id=f"demo-train-{tag}", dataset=str(root / "train"), config=config)
+        open_train_job(client.ledger, req)
+        client.app.send_task(TASK_TRAIN, kwargs=req.model_dump(), queue=settings.training_queue)
+        trained = client.wait(req.job_id, timeout=1800, poll_s=1.0, on_tick=lambda i: _show_progress(i, say))
+        version = (client.ledger.get_field(req.job_id, "result") or {}).get("version")
+        if not version:
+            raise click.ClickException(f"training ended as {trained.state.value}; see {root / 'train.log'}")
+        after = evaluate(version)
+        store.promote(version, require_no_worse="wer")
+        _wait_for_version(lambda: workers_info(client.app), version)
+
+        say(f"4. captioning the held-out images with {version} as a bulk job")
         job_id = f"demo-{tag}"
-        params = GenParams(max_length=20)
-        report = client.enqueue((str(p) for p, _ in samples), job_id=job_id, name="demo", params=params, chunk_size=8)
-        say(f"enqueued {report.items} images as job {job_id}; captioning...")
+        client.enqueue((str(p) for p, _ in held_out), job_id=job_id, name="demo", params=GenParams(max_length=20))
         info = client.wait(job_id, timeout=300, on_tick=lambda _: None)
-        export_rows(client.results(job_id), "jsonl", root / "captions.jsonl")
+        export_rows(client.results(job_id), "jsonl", root / "captions.jsonl", overwrite=True)
+        truth = {str(p): c for p, c in held_out}
         rows = sorted(client.results(job_id), key=lambda r: r["ref"])
         summary = {
             "job": info.as_dict(),
-            "seconds": round(time.perf_counter() - started, 2),
-            "results": [{"image": Path(r["ref"]).name, "caption": r.get("caption"), "status": r["status"]}
-                        for r in rows],
-            "export": str(root / "captions.jsonl") if workdir else None,
+            "model_version": version,
+            "wer_before": before["wer"],
+            "wer_after": after["wer"],
+            "metrics_after": {k: after[k] for k in ("wer", "cer", "bleu4", "rouge_l") if k in after},
+            "seconds": round(time.perf_counter() - started, 1),
+            "results": [_result_row(r, truth) for r in rows],
+            "workdir": str(root) if workdir else None,
         }
     if as_json:
         click.echo(json.dumps(summary))
     else:
-        _print_table(summary, dict((p.name, c) for p, c in samples))
+        _print_table(summary)
     return summary
 
 
-def _print_table(summary: dict[str, Any], truth: dict[str, str]) -> None:
+def _result_row(row: dict[str, Any], truth: dict[str, str]) -> dict[str, Any]:
+    return {
+        "image": Path(row["ref"]).name,
+        "caption": row.get("caption"),
+        "reference": truth.get(row["ref"]),
+        "status": row["status"],
+        "model_version": row.get("model_version"),
+    }
+
+
+def _show_progress(info: Any, say: Callable[[str], None]) -> None:
+    p = info.extra.get("progress")
+    if p and p.get("step") != getattr(_show_progress, "last", None):
+        _show_progress.last = p.get("step")  # type: ignore[attr-defined]
+        wer = (p.get("metrics") or {}).get("wer")
+        say(f"   step {p.get('step')}/{p.get('total_steps', '?')}  loss {p.get('loss', 0):.3f}"
+            + (f"  held-out WER {wer:.3f}" if wer is not None else ""))  # fmt: skip
+
+
+def _wait_for_version(info: Callable[[], dict[str, dict[str, Any]]], version: str, timeout: float = 60) -> None:
+    """Hot swap: the caption worker picks up the promoted version between batches, within its poll time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(i.get("model_version") == version for i in info().values()):
+            return
+        time.sleep(0.5)
+    raise click.ClickException(f"the caption worker did not switch to {version} within {timeout:g}s")
+
+
+def _print_table(summary: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("image", "caption (small untrained GIT)", "reference text", title="captioner demo")
+    table = Table("image", "caption (fine-tuned GIT)", "reference", title="captioner demo: held-out images")
     for row in summary["results"]:
-        table.add_row(row["image"], row["caption"] or f"[red]{row['status']}", truth.get(row["image"], ""))
+        table.add_row(row["image"], row["caption"] or f"[red]{row['status']}", row["reference"] or "")
     Console().print(table)
     job = summary["job"]
-    click.echo(f"{job['ok']} of {job['total']} captioned in {summary['seconds']}s (job {job['id']})")
+    click.echo(
+        f"held-out WER {summary['wer_before']:.3f} before training -> {summary['wer_after']:.3f} after "
+        f"({summary['model_version']}); {job['ok']}/{job['total']} captioned; {summary['seconds']}s in all"
+    )

@@ -76,6 +76,10 @@ def run_train(settings: Settings, ledger: Ledger, req: TrainRequest) -> dict[str
     from training.finetune import TrainConfig, train
 
     store = _store(settings)
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
     if ledger.state(req.job_id) is None:
         open_train_job(ledger, req)
     if ledger.state(req.job_id) is not JobState.RUNNING:
@@ -86,7 +90,7 @@ def run_train(settings: Settings, ledger: Ledger, req: TrainRequest) -> dict[str
     ledger.set_fields(req.job_id, started=time.time())
     try:
         examples = load_examples(req.dataset, column=req.column, text_column=req.text_column)  # 2.
-        cfg = TrainConfig(**req.config)
+        cfg = TrainConfig.from_dict(req.config)
         train_set, eval_set = split_examples(examples, cfg.test_fraction, cfg.seed)
         run_dir = store.root / ".runs" / req.job_id
 
