@@ -222,12 +222,29 @@ def _warn_roots(settings: Any, refs: Any) -> Any:
 def _print_status(info: Any) -> None:
     click.echo(f"job        {info.id}  ({info.name})")
     click.echo(f"state      {info.state.value}")
+    if info.extra.get("kind") == "train":
+        _print_training(info)
+        return
     click.echo(f"items      {info.total}: {info.ok} ok, {info.error} failed, {info.cancelled} cancelled, "
                f"{info.pending} pending")  # fmt: skip
     p = info.params
     click.echo(f"params     max_length={p.max_length} num_beams={p.num_beams} prompt={p.prompt!r}")
     if info.flags:
         click.echo("flags      " + ", ".join(f"{n} {name}" for name, n in sorted(info.flags.items())))
+
+
+def _print_training(info: Any) -> None:
+    p = info.extra.get("progress") or {}
+    if p:
+        eta = p.get("eta_s")
+        click.echo(f"step       {p.get('step')}/{p.get('total_steps')}  epoch {p.get('epoch', 0):.2f}  "
+                   f"loss {p.get('loss', 0):.4f}" + (f"  eta {eta:.0f}s" if eta else ""))  # fmt: skip
+        metrics = p.get("metrics") or {}
+        if metrics:
+            click.echo("eval       " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    result = info.extra.get("result")
+    if result:
+        click.echo(f"version    {result.get('version')}" + ("  (promoted)" if result.get("promoted") else ""))
 
 
 @cli.command()

@@ -98,6 +98,10 @@ return n
 _SEAL = "redis.call('HDEL', KEYS[1], 'open')\n" + _FINISH + "return finished\n"
 
 
+#: Free-form job fields (set_fields) shown with the job: a training job's progress and result, webhook errors.
+_JSON_FIELDS = ("progress", "result", "webhook_error")
+
+
 class Recorded(NamedTuple):
     changed: int  # rows whose status changed (new rows, or a failure replaced by a caption)
     finished: bool  # this write settled the job's last item: completion callbacks fire once, here
@@ -242,7 +246,7 @@ class Ledger:
             cancelled=num("n_cancelled"),
             extra={
                 **(json.loads(raw[b"extra"]) if b"extra" in raw else {}),
-                **({"progress": json.loads(raw[b"progress"])} if b"progress" in raw else {}),
+                **{k: json.loads(raw[k.encode()]) for k in _JSON_FIELDS if k.encode() in raw},
             },
         )
 

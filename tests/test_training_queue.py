@@ -1,0 +1,173 @@
+"""Training and model versions through the queue with real workers: hot swap under load, a killed training
+worker resuming from its checkpoint, a job longer than the visibility timeout running once, cancel."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+from producer.jobs import JobClient
+from producer.local import LocalRedis, WorkerProcess
+from tests.conftest import settings_from, tally
+from tests.test_recovery import wait_for
+from training.jobs import open_train_job
+from worker.messages import TASK_TRAIN, GenParams, TrainRequest
+from worker.store import ModelStore
+
+FAST = {"learning_rate": 3e-3, "lr_scheduler": "constant", "batch_size": 8, "grad_accum": 1, "epochs": 1000,
+        "max_length": 12, "eval_max_samples": 8, "log_steps": 5}  # fmt: skip
+
+
+@pytest.fixture
+def stack(worker_env: dict[str, str], session_root: Path, tmp_path: Path):
+    """A redis-server of its own, a model store with the tiny GIT promoted, and the env for workers."""
+    with LocalRedis() as server:
+        store = ModelStore(tmp_path / "models")
+        env = {**worker_env, "CAPTIONER_BROKER_URL": server.url(0), "CAPTIONER_RESULT_BACKEND": server.url(0),
+               "CAPTIONER_REDIS_URL": server.url(1), "CAPTIONER_MODEL": "@current",
+               "CAPTIONER_MODEL_STORE": str(store.root), "CAPTIONER_MODEL_POLL_S": "0.5",
+               "CAPTIONER_VISIBILITY_TIMEOUT_S": "5", "CAPTIONER_UNACKED_RESTORE_INTERVAL_S": "1",
+               "CAPTIONER_TRAIN_LOCK_TTL_S": "4", "CAPTIONER_TORCH_THREADS": "1"}  # fmt: skip
+        yield env, store
+
+
+def _tiny(store: ModelStore, tmp_path: Path, seed: int, name: str) -> str:
+    from training.tiny import build_tiny_git
+
+    return store.add(build_tiny_git(tmp_path / f"m{seed}", seed=seed), {"base_model": "tiny"}, name).version
+
+
+def test_hot_swap_under_load_loses_nothing_and_rows_switch_version(
+    stack, session_root: Path, tmp_path: Path
+) -> None:
+    from training.synthetic import make_shapes
+
+    env, store = stack
+    store.promote(_tiny(store, tmp_path, 0, "v-old"))
+    new = _tiny(store, tmp_path, 1, "v-new")
+    refs = [str(p) for p, _ in make_shapes(session_root / f"swap-{uuid.uuid4().hex[:6]}", 200, seed=4, size=32)]
+    with WorkerProcess({**env, "CAPTIONER_MAX_BATCH_SIZE": "4"}, log=tmp_path / "w.log") as proc:
+        proc.wait_ready()
+        client = JobClient(settings_from(env))
+        client.enqueue(refs, job_id="job-swap", chunk_size=4, params=GenParams(max_length=12))
+        wait_for(lambda: client.status("job-swap").ok >= 40, 120, "captions from the old version")
+        store.promote(new)
+        promoted_at = time.time()
+        info = client.wait("job-swap", timeout=240, on_tick=lambda _: None)
+        rows = list(client.results("job-swap"))
+        client.close()
+    figures = tally("model promoted while a job runs (hot swap)", refs, rows)
+    assert (figures["lost"], figures["duplicated"], info.error) == (0, 0, 0)
+    versions = [r["model_version"] for r in sorted(rows, key=lambda r: r["finished_at"])]
+    assert set(versions) == {"v-old", "v-new"}
+    assert versions[:20] == ["v-old"] * 20 and versions[-20:] == ["v-new"] * 20
+    swapped_at = [r["finished_at"] for r in rows if r["model_version"] == "v-new"]
+    assert min(swapped_at) > promoted_at  # nothing was captioned by the new version before its promotion
+
+
+def _train_request(store: ModelStore, data: Path, job_id: str, steps: int, every: int) -> TrainRequest:
+    base = store.get("base")
+    config = {**FAST, "base_model": str(base.path), "max_steps": steps, "eval_steps": every, "save_steps": every}
+    return TrainRequest(job_id=job_id, dataset=str(data), config=config)
+
+
+def test_killed_training_worker_resumes_from_its_checkpoint_and_finishes_once(
+    stack, session_root: Path, tmp_path: Path
+) -> None:
+    from training.synthetic import make_shapes
+
+    env, store = stack
+    _tiny(store, tmp_path, 0, "base")
+    data = session_root / f"train-{uuid.uuid4().hex[:6]}"
+    make_shapes(data, 48, seed=3, size=32)
+    req = _train_request(store, data, "train-kill", steps=240, every=40)
+    client = JobClient(settings_from(env))
+    first = WorkerProcess(env, training=True, log=tmp_path / "t1.log").start()
+    first.wait_ready()
+    open_train_job(client.ledger, req)
+    client.app.send_task(TASK_TRAIN, kwargs=req.model_dump(), queue=env["CAPTIONER_TRAINING_QUEUE"])
+    run_dir = store.root / ".runs" / req.job_id / "checkpoints"
+    def saved_steps() -> list[int]:  # finished checkpoints only (a .tmp folder is one being written)
+        names = [p.name for p in run_dir.iterdir()] if run_dir.is_dir() else []
+        return [int(n.removeprefix("step-")) for n in names if n.startswith("step-") and n[5:].isdigit()]
+
+    wait_for(lambda: bool(saved_steps()), 240, "a checkpoint")
+    assert first.kill() == -9
+    saved = max(saved_steps())
+    assert saved < 240, "the kill must land mid-run"
+    seen_after: list[int] = []
+    with WorkerProcess(env, training=True, log=tmp_path / "t2.log") as second:
+        second.wait_ready()
+
+        def progress_done() -> bool:
+            info = client.status(req.job_id)
+            step = (info.extra.get("progress") or {}).get("step")
+            if step is not None:
+                seen_after.append(step)
+            return info.state.value == "done"
+
+        wait_for(progress_done, 300, "the resumed run to finish")
+    info = client.status(req.job_id)
+    client.close()
+    assert info.extra["result"]["steps"] == 240
+    assert "resuming training job train-kill" in second.log_path.read_text()
+    resumed = [s for s in seen_after if s != seen_after[0]] or seen_after
+    assert min(resumed) > saved - 1, f"resumed at {min(resumed)}, before the checkpoint at {saved}"
+    versions = [v for v in store.list() if v.meta.get("job_id") == req.job_id]
+    assert len(versions) == 1, "the job must produce exactly one version"
+    assert not list(store.root.rglob("*.bin")) and not list(store.root.rglob("*.pt"))
+
+
+def test_training_longer_than_the_visibility_timeout_runs_once(stack, session_root: Path, tmp_path: Path) -> None:
+    from training.synthetic import make_shapes
+
+    env, store = stack
+    _tiny(store, tmp_path, 0, "base")
+    data = session_root / f"train-{uuid.uuid4().hex[:6]}"
+    make_shapes(data, 32, seed=5, size=32)
+    req = _train_request(store, data, "train-long", steps=400, every=100)
+    client = JobClient(settings_from(env))
+    with WorkerProcess(env, training=True, log=tmp_path / "t.log") as proc:
+        proc.wait_ready()
+        started = time.monotonic()
+        open_train_job(client.ledger, req)
+        client.app.send_task(TASK_TRAIN, kwargs=req.model_dump(), queue=env["CAPTIONER_TRAINING_QUEUE"])
+        info = client.wait(req.job_id, timeout=300, on_tick=lambda _: None)
+        took = time.monotonic() - started
+    client.close()
+    log = proc.log_path.read_text()
+    assert took > 2 * 5, "the run must outlast the 5 s visibility timeout, twice over"
+    assert info.state.value == "done"
+    assert log.count(f"Task {TASK_TRAIN}[") - log.count("succeeded") <= 1  # one 'received' line for one run
+    assert log.count(" received") == 1
+    assert "already running elsewhere" not in log
+
+
+def test_cancel_stops_training_cleanly_at_a_checkpoint(stack, session_root: Path, tmp_path: Path) -> None:
+    from training.synthetic import make_shapes
+
+    env, store = stack
+    _tiny(store, tmp_path, 0, "base")
+    data = session_root / f"train-{uuid.uuid4().hex[:6]}"
+    make_shapes(data, 32, seed=6, size=32)
+    req = _train_request(store, data, "train-cancel", steps=5000, every=1000)
+    client = JobClient(settings_from(env))
+    with WorkerProcess(env, training=True, log=tmp_path / "t.log") as proc:
+        proc.wait_ready()
+        open_train_job(client.ledger, req)
+        client.app.send_task(TASK_TRAIN, kwargs=req.model_dump(), queue=env["CAPTIONER_TRAINING_QUEUE"])
+        wait_for(lambda: (client.status(req.job_id).extra.get("progress") or {}).get("step", 0) >= 10, 120,
+                 "training to start")  # fmt: skip
+        client.cancel(req.job_id)
+        wait_for(lambda: f"Task {TASK_TRAIN}" in proc.log_tail(50) and "succeeded" in proc.log_tail(50), 120,
+                 "the training task to return")  # fmt: skip
+    client.close()
+    checkpoints = list((store.root / ".runs" / req.job_id / "checkpoints").glob("step-*"))
+    assert checkpoints, "a cancelled run leaves a checkpoint to resume from"
+    assert "'status': 'cancelled'" in proc.log_path.read_text()
+    assert not [v for v in store.list() if v.meta.get("job_id") == req.job_id]
+    assert redis.Redis.from_url(env["CAPTIONER_REDIS_URL"]).exists(f"{settings_from(env).key_prefix}:job:train-cancel")
