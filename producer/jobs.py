@@ -56,8 +56,13 @@ class JobClient:
         self.app = app or create_app(settings)
 
     def check(self) -> None:
-        """Fail early, before anything is written, when Redis is not there."""
+        """Fail early, before anything is written, when the ledger or the broker is not there."""
         self.ledger.ping()
+        try:
+            with self.app.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2, timeout=5)
+        except OperationalError as exc:
+            raise BrokerUnavailable(f"cannot reach the broker: {exc}") from None
 
     # --- enqueue --------------------------------------------------------------------------------
     def enqueue(

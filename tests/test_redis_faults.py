@@ -132,3 +132,15 @@ def test_rediss_without_certificate_settings_is_refused() -> None:
     from worker.celery_app import celery_config
 
     assert celery_config(ok)["broker_use_ssl"]["ssl_cert_reqs"] == 2  # ssl.CERT_REQUIRED
+
+
+def test_broker_down_with_ledger_up_writes_no_half_job(images: Path, settings) -> None:
+    """Broker and ledger on different servers, the broker down: the producer stops before writing anything."""
+    result = CliRunner().invoke(
+        cli,
+        ["--broker-url", "redis://127.0.0.1:1/0", "--redis-url", settings.redis_url_str, "--key-prefix",
+         settings.key_prefix, "enqueue", str(images), "--job-id", "job-half"],
+        catch_exceptions=False,
+    )  # fmt: skip
+    assert result.exit_code == 1 and "cannot reach the broker" in result.stderr
+    assert not redis.Redis.from_url(settings.redis_url_str).keys(f"{settings.key_prefix}:job:job-half*")
