@@ -50,3 +50,7 @@ COPY . /app
 RUN pip install --no-cache-dir "/app[train]"
 USER 10001:10001
 CMD ["captioner", "worker"]
+
+# The training worker: the same image (torch, the model stack, the metrics), consuming the training queue.
+FROM worker AS training
+CMD ["captioner", "worker", "--training"]

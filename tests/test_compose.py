@@ -176,7 +176,10 @@ def test_training_worker_consumes_training(services: dict[str, Any]) -> None:
     argv = _argv(training["command"])
     assert argv[:2] == ["captioner", "worker"] and "--training" in argv
     assert "--training" not in _argv(services["caption-worker"]["command"])
-    assert training["build"]["target"] == services["caption-worker"]["build"]["target"] == "worker"
+    assert services["caption-worker"]["build"]["target"] == "worker"
+    assert training["build"]["target"] == "training"
+    assert "worker" in _stage_chain(_dockerfile_stages(), "training"), "the training image is the worker image"
+    assert training["image"] != services["caption-worker"]["image"], "two targets must not share one tag"
     assert any(d.get("driver") == "nvidia" for d in _gpu_devices(training))
     assert _volumes(training)["/models"].endswith(":rw"), "training writes models"
 

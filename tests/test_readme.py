@@ -39,3 +39,27 @@ def test_docs_name_only_settings_that_exist() -> None:
     for doc in ("README.md", "docs/operations.md", "docs/troubleshooting.md", "docs/integration.md"):
         named = set(re.findall(r"CAPTIONER_[A-Z_]+[A-Z]", (ROOT / doc).read_text()))
         assert named <= known, f"{doc} names unknown settings: {sorted(named - known)}"
+
+
+def test_every_captioner_command_line_in_the_docs_parses() -> None:
+    """Shell blocks hold placeholders (JOB, DATA), so they are not run; each command and option must exist."""
+    import re
+    import shlex
+
+    import click
+
+    from producer.cli import cli
+
+    lines = []
+    for doc in ("README.md", "docs/operations.md", "docs/troubleshooting.md"):
+        for block in re.findall(r"```sh\n(.*?)```", (ROOT / doc).read_text(), flags=re.S):
+            lines += [ln.split("#")[0] for ln in block.splitlines()]
+    calls = [part.strip() for ln in lines for part in re.split(r"\s{2,}", ln) if part.strip().startswith("captioner ")]
+    assert len(calls) > 10
+    for call in calls:
+        words = shlex.split(call.replace("|", " "))
+        command = cli.commands.get(words[1])
+        assert isinstance(command, click.Command), f"{call}: no command {words[1]!r}"
+        known = {o for p in command.params for o in getattr(p, "opts", [])}
+        unknown = [w for w in words[2:] if w.startswith("--") and w.split("=")[0] not in known]
+        assert not unknown, f"{call}: unknown options {unknown}"
