@@ -562,12 +562,30 @@ def models(ctx: click.Context, as_json: bool) -> None:
 @cli.command()
 @click.argument("version")
 @click.option("--require-no-worse", metavar="METRIC", help="Refuse if METRIC (e.g. wer) is worse than the current.")
+@click.option("--push-to-hub", "repo_id", metavar="REPO", help="Also upload the version to this hub repo (HF_TOKEN).")
 @json_option
 @click.pass_context
-def promote(ctx: click.Context, version: str, require_no_worse: str | None, as_json: bool) -> None:
+def promote(ctx: click.Context, version: str, require_no_worse: str | None, repo_id: str | None, as_json: bool) -> None:
     """Make VERSION the one caption workers serve (@current); they switch between batches."""
-    mv = _store(ctx).promote(version, require_no_worse=require_no_worse)
-    _emit(as_json, mv.as_dict(), lambda: click.echo(f"promoted {mv.version}"))
+    store = _store(ctx)
+    if repo_id:  # before promoting: a failed upload must not leave a half-done promotion behind
+        _push_to_hub(store.get(version).path, repo_id, version)
+    mv = store.promote(version, require_no_worse=require_no_worse)
+    _emit(as_json, {**mv.as_dict(), "pushed_to": repo_id}, lambda: click.echo(f"promoted {mv.version}"))
+
+
+def _push_to_hub(path: Path, repo_id: str, version: str) -> None:
+    """Upload the version's files (safetensors, processor, captioner.json) as one commit."""
+    try:
+        from huggingface_hub import HfApi
+    except ImportError:
+        raise _Fail("--push-to-hub needs huggingface_hub (pip install 'captioner[worker]')") from None
+    try:
+        api = HfApi()
+        api.create_repo(repo_id, exist_ok=True, private=True)
+        api.upload_folder(folder_path=str(path), repo_id=repo_id, commit_message=f"captioner {version}")
+    except Exception as exc:  # network, auth and offline errors come in many classes; all end the same way
+        raise _Fail(f"could not push {version} to {repo_id}: {type(exc).__name__}: {exc}") from None
 
 
 # --- operating ------------------------------------------------------------------------------------

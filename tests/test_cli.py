@@ -135,3 +135,23 @@ def test_cli_export_formats_match_the_sinks() -> None:
     from worker.sinks import FORMATS as SINK_FORMATS
 
     assert FORMATS == SINK_FORMATS
+
+
+def test_models_and_promote_with_gate_and_a_failing_push(tmp_path: Path) -> None:
+    from worker.store import ModelStore
+
+    store = ModelStore(tmp_path / "store")
+    src = tmp_path / "m"
+    src.mkdir()
+    (src / "model.safetensors").write_bytes(b"x")
+    a = store.add(src, {"metrics": {"wer": 0.3}, "eval_fingerprint": "f"}, "a")
+    b = store.add(src, {"metrics": {"wer": 0.5}, "eval_fingerprint": "f"}, "b")
+    env = {"CAPTIONER_MODEL_STORE": str(store.root), "HF_HUB_OFFLINE": "1"}
+    run = CliRunner().invoke
+    assert run(cli, ["promote", a.version], env=env).exit_code == 0
+    worse = run(cli, ["promote", b.version, "--require-no-worse", "wer"], env=env)
+    assert worse.exit_code == 1 and "worse than a on wer" in worse.stderr
+    pushed = run(cli, ["promote", b.version, "--push-to-hub", "someone/captioner"], env=env)
+    assert pushed.exit_code == 1 and "could not push b" in pushed.stderr and "Traceback" not in pushed.output
+    listed = json.loads(run(cli, ["models", "--json"], env=env).stdout)
+    assert [(m["version"], m["current"]) for m in listed] == [("a", True), ("b", False)]
