@@ -37,6 +37,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # kombu 5.7: sweep for messages of dead workers every interval (default is ~100 s).
         "unacked_restore_interval": settings.unacked_restore_interval_s,
         "unacked_restore_throttle": 1,
+        # A worker killed during its own sweep leaves the sweep's mutex behind; kombu's default (300 s)
+        # would stop every other worker from restoring anything for five minutes.
+        "unacked_mutex_expire": max(10, 3 * settings.unacked_restore_interval_s),
         "socket_connect_timeout": 5,
         "socket_timeout": 30,
     }

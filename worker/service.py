@@ -74,6 +74,8 @@ class ChunkOutcome:
     error: int = 0
     skipped: int = 0
     retry: list[str] | None = None
+    #: Attempts already made on the items to retry (sets the backoff).
+    retry_attempt: int = 0
     load_ms: float = 0.0
     infer_ms: float = 0.0
     write_ms: float = 0.0
@@ -252,6 +254,7 @@ class CaptionService:
         # Transient failures with attempts left are not written: the task sends them again after a backoff.
         retry = {r.id for r in rows if r.transient and r.attempts < limit}
         out.retry = sorted(retry) or None
+        out.retry_attempt = max((r.attempts for r in rows if r.id in retry), default=0)
         metrics.RETRIES.inc(len(retry))
         self._write(msg.job_id, [r for r in rows if r.id not in retry], out)
         log.info(

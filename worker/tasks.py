@@ -74,12 +74,12 @@ def caption_chunk(self: Task, job_id: Any = None, items: Any = None, params: Any
     outcome = service().run_chunk(msg)  # type: ignore[arg-type]
     if outcome.retry:
         again = [it for it in msg.items if it.id in set(outcome.retry)]  # type: ignore[attr-defined]
-        _resend(self, msg, again)  # type: ignore[arg-type]
+        _resend(self, msg, again, outcome.retry_attempt)  # type: ignore[arg-type]
     return outcome.as_dict()
 
 
-def _resend(task: Task, msg: ChunkMessage, items: list[ChunkItem]) -> None:
-    attempt = int(task.request.retries or 0) + 1
+def _resend(task: Task, msg: ChunkMessage, items: list[ChunkItem], attempt: int) -> None:
+    """Send transient failures again as a new chunk, later each time (2 s, 4 s, 8 s ... up to 60 s)."""
     body = {"job_id": msg.job_id, "items": [it.model_dump() for it in items], "params": msg.params.model_dump()}
     task.apply_async(kwargs=body, countdown=_backoff(attempt))
     log.info("chunk job=%s retrying %d transient item(s) in %ds", msg.job_id, len(items), _backoff(attempt))

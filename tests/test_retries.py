@@ -1,0 +1,99 @@
+"""Retries and poison with a real worker: transient failures retried with backoff up to the attempt limit,
+permanent ones not, and items that keep killing their worker recorded as poison."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from producer.jobs import JobClient
+from producer.local import LocalRedis, WorkerProcess
+from tests.conftest import settings_from, tally
+from tests.test_recovery import wait_for
+
+
+@pytest.fixture
+def own_redis_env(worker_env: dict[str, str]):
+    with LocalRedis() as server:
+        yield {**worker_env, "CAPTIONER_BROKER_URL": server.url(0), "CAPTIONER_RESULT_BACKEND": server.url(0),
+               "CAPTIONER_REDIS_URL": server.url(1)}  # fmt: skip
+
+
+@pytest.fixture
+def flaky_server(images: Path):
+    """/flaky-N answers 503 twice, then the image; /down always 503; /gone 404. Counts requests per path."""
+    body = sorted(images.glob("*.jpg"))[0].read_bytes()
+    hits: dict[str, int] = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            hits[self.path] = hits.get(self.path, 0) + 1
+            if self.path.startswith("/flaky") and hits[self.path] > 2:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            else:
+                self.send_error(404 if self.path == "/gone" else 503)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", hits
+    server.shutdown()
+    server.server_close()
+
+
+def test_transient_failures_are_retried_with_backoff_and_permanent_ones_are_not(
+    own_redis_env: dict[str, str], flaky_server, tmp_path: Path
+) -> None:
+    base, hits = flaky_server
+    refs = [f"{base}/flaky-1", f"{base}/flaky-2", f"{base}/down", f"{base}/gone"]
+    with WorkerProcess(own_redis_env, log=tmp_path / "w.log") as proc:
+        proc.wait_ready()
+        client = JobClient(settings_from(own_redis_env))
+        client.enqueue(refs, job_id="job-flaky")
+        client.wait("job-flaky", timeout=120, on_tick=lambda _: None)
+        rows = {r["ref"].rsplit("/", 1)[1]: r for r in client.results("job-flaky")}
+        client.close()
+    assert (rows["flaky-1"]["status"], rows["flaky-1"]["attempts"]) == ("ok", 3)
+    assert (rows["flaky-2"]["status"], rows["flaky-2"]["attempts"]) == ("ok", 3)
+    down = rows["down"]
+    assert (down["error_class"], down["attempts"], down["transient"]) == ("fetch_error", 3, True)
+    assert (rows["gone"]["error_class"], rows["gone"]["attempts"]) == ("fetch_error", 1)
+    assert hits["/gone"] == 1 and hits["/down"] == 3  # 404 is permanent; 503 is tried max_attempts times
+    log = proc.log_path.read_text()
+    assert "retrying 3 transient item(s) in 2s" in log and "retrying 3 transient item(s) in 4s" in log
+
+
+def test_items_that_keep_killing_their_worker_become_poison(
+    own_redis_env: dict[str, str], session_root: Path, tmp_path: Path
+) -> None:
+    from training.synthetic import make_shapes
+
+    env = {**own_redis_env, "CAPTIONER_MAX_ATTEMPTS": "1", "CAPTIONER_VISIBILITY_TIMEOUT_S": "5",
+           "CAPTIONER_UNACKED_RESTORE_INTERVAL_S": "1", "CAPTIONER_MAX_LENGTH": "40",
+           "CAPTIONER_MAX_BATCH_SIZE": "4", "CAPTIONER_CONCURRENCY": "2"}  # fmt: skip
+    refs = [str(p) for p, _ in make_shapes(session_root / f"poison-{uuid.uuid4().hex[:6]}", 60, seed=12, size=32)]
+    client = JobClient(settings_from(env))
+    first = WorkerProcess(env, log=tmp_path / "w1.log").start()
+    first.wait_ready()
+    client.enqueue(refs, job_id="job-poison", chunk_size=4)
+    wait_for(lambda: client.status("job-poison").ok >= 8, 120, "the first captions")
+    first.kill()  # the items in its hands were attempted once: with a limit of 1, they are now poison
+    with WorkerProcess(env, log=tmp_path / "w2.log") as second:
+        second.wait_ready()
+        info = client.wait("job-poison", timeout=180, on_tick=lambda _: None)
+    rows = list(client.results("job-poison"))
+    client.close()
+    figures = tally("items whose worker died with them, attempt limit 1 (poison)", refs, rows)
+    poison = [r for r in rows if r.get("error_class") == "poison"]
+    assert (figures["lost"], figures["duplicated"]) == (0, 0)
+    assert poison and all(r["attempts"] == 2 for r in poison)
+    assert info.ok + len(poison) == len(refs) and info.state.value == "done"
