@@ -78,6 +78,18 @@ class LocalRedis:
         self.stop()
 
 
+def _own_session_tied_to_parent() -> None:
+    """In the child: a session of its own (so a signal reaches the whole group), and SIGTERM when the parent
+    dies (Linux), so a killed test run or demo never leaves a worker consuming from the broker."""
+    os.setsid()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class WorkerProcess:
     """A real ``captioner worker`` process with its own environment; ready once its model is loaded."""
 
@@ -103,7 +115,7 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            self.args, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            self.args, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=_own_session_tied_to_parent
         )
         return self
 
