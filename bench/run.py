@@ -1,0 +1,241 @@
+"""``python -m bench.run``: every caption path on the same images and model, in one run, as a table of ratios.
+
+(a) the engine in-process, (b) the queue end to end through a real worker, (c) a naive task-per-image Celery
+app, (d) the Hugging Face pipeline; then the producer's enqueue rate and Redis bytes per pending item.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.corpus import MODELS, build_model, make_images
+from bench.report import agreement, producer_checks, ratios, write_outputs
+from bench.result import PathResult, best_of
+
+#: Model load and warm-up of a git-base worker on a busy 2-core machine take well under this.
+READY_TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What one run measures; ``--smoke`` shrinks it to seconds (tiny model, few images, batch sizes 1 and 4)."""
+
+    models: tuple[str, ...]
+    images: int
+    batch_sizes: tuple[int, ...]
+    max_length: int
+    dtype: str
+    producer_items: int
+    rounds: int
+    out: Path
+    workdir: Path | None
+    smoke: bool
+    #: Extra CAPTIONER_* settings for the (b) worker, to try a knob against the same baselines.
+    worker_env: tuple[tuple[str, str], ...] = ()
+
+
+def parse_args(argv: list[str]) -> BenchConfig:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="seconds-long run: tiny model, 8 images, batch sizes 1,4")
+    p.add_argument("--model", choices=[*MODELS, "both"], help="random-weight model shape (default: both; smoke: tiny)")
+    p.add_argument("--images", type=int, help="JPEGs to caption on every path (default 32; smoke 8)")
+    p.add_argument("--batch-sizes", help="comma-separated batch sizes tried by (a) and (d) (default 1,8,16,32)")
+    p.add_argument("--max-length", type=int, help="caption length in tokens on every path (default 20; smoke 12)")
+    p.add_argument("--dtype", default="auto", help="dtype of (a) and (b): auto, float32, bfloat16, float16")
+    p.add_argument("--rounds", type=int, help="rounds of all four paths, best kept per path (default 2; smoke 1)")
+    p.add_argument("--producer-items", type=int, help="items per producer measurement (default 50000; smoke 5000)")
+    p.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        metavar="CAPTIONER_NAME=VALUE",
+        help="extra setting for the (b) worker, e.g. CAPTIONER_MAX_WAIT_MS=200 (repeatable)",
+    )
+    p.add_argument("--out", type=Path, default=Path("bench/results"), help="where JSON, markdown and chart go")
+    p.add_argument("--workdir", type=Path, help="keep images and models here and reuse them (default: a temp dir)")
+    a = p.parse_args(argv)
+    model = a.model or ("tiny" if a.smoke else "both")
+    sizes = a.batch_sizes or ("1,4" if a.smoke else "1,8,16,32")
+    try:
+        batch_sizes = tuple(int(x) for x in sizes.split(",") if x.strip())
+    except ValueError:
+        p.error(f"--batch-sizes must be integers separated by commas, not {sizes!r}")
+    if not batch_sizes or min(batch_sizes) < 1:
+        p.error("--batch-sizes needs at least one size of 1 or more")
+    if any("=" not in pair for pair in a.worker_env):
+        p.error("--worker-env takes NAME=VALUE")
+    images = a.images or (8 if a.smoke else 32)
+    max_length = a.max_length or (12 if a.smoke else 20)
+    if images < 2 or max_length < 2:
+        p.error("--images and --max-length must be at least 2")
+    return BenchConfig(
+        models=MODELS if model == "both" else (model,),
+        images=images,
+        batch_sizes=batch_sizes,
+        max_length=max_length,
+        dtype=a.dtype,
+        producer_items=a.producer_items or (5000 if a.smoke else 50_000),
+        rounds=max(1, a.rounds or (1 if a.smoke else 2)),
+        worker_env=tuple(tuple(pair.split("=", 1)) for pair in a.worker_env),
+        out=a.out,
+        workdir=a.workdir,
+        smoke=a.smoke,
+    )
+
+
+def say(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def measure_model(kind: str, cfg: BenchConfig, work: Path, paths: list[Path], settings: Any) -> dict[str, PathResult]:
+    """The four paths on one model, interleaved round by round (a, d in-process; b, c through worker processes)."""
+    from transformers import AutoTokenizer
+
+    from bench.inprocess import EnginePath, PipelinePath, quiet_transformers
+    from worker.engine import resolve_device, resolve_dtype
+
+    quiet_transformers()
+    say(f"{kind}: building random weights")
+    model_dir = build_model(kind, work / "models" / kind)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    device = resolve_device(settings.device)
+    dtype = str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")
+    best_dtype = str(resolve_dtype("auto", device)).removeprefix("torch.")
+    sizes = list(cfg.batch_sizes)
+    engine = EnginePath(model_dir, dtype=dtype, max_length=cfg.max_length, settings=settings)
+    pipe = PipelinePath(model_dir, dtype=best_dtype, max_length=cfg.max_length, device=str(device))
+    rounds: dict[str, list[PathResult]] = {key: [] for key in "abcd"}
+    with ExitStack() as stack:
+        workers = None
+        for n in range(1, cfg.rounds + 1):
+            say(f"{kind} round {n}/{cfg.rounds}: (a) engine in-process, {dtype}, batch sizes {sizes}")
+            rounds["a"].append(engine.measure(paths, sizes))
+            say(f"{kind}: (a) {_rate(rounds['a'][-1])}; (d) HF pipeline, {best_dtype}, batch sizes {sizes}")
+            rounds["d"].append(pipe.measure(paths, sizes))
+            say(f"{kind}: (d) {_rate(rounds['d'][-1])}")
+            if workers is None:
+                # The worker batches at (a)'s best size of the first round; workers idle while (a), (d) run.
+                workers = _start_workers(stack, kind, cfg, work, model_dir, paths, dtype, rounds["a"][0].batch_size)
+            queue, naive = workers
+            say(f"{kind}: (b) queue end to end, {dtype}, max batch {queue.batch_size}")
+            rounds["b"].append(queue.measure(paths, tokenizer))
+            say(f"{kind}: (b) {_rate(rounds['b'][-1])}; (c) naive Celery, float32, batch 1")
+            rounds["c"].append(naive.measure(model_dir, paths, max_length=cfg.max_length, tokenizer=tokenizer))
+            say(f"{kind}: (c) {_rate(rounds['c'][-1])}")
+    return {key: best_of(rounds[key]) for key in "abcd"}
+
+
+def _rate(r: PathResult) -> str:
+    return f"{r.images_per_s:.2f} images/s at batch {r.batch_size}"
+
+
+def _start_workers(
+    stack: ExitStack, kind: str, cfg: BenchConfig, work: Path, model_dir: Path, paths: list[Path], dtype: str,
+    batch_size: int,
+) -> tuple[Any, Any]:  # fmt: skip
+    """A LocalRedis, the caption worker of (b) and the naive worker of (c), started together; both ready."""
+    from bench.queued import NaiveWorker, QueueRun
+    from producer.local import LocalRedis
+
+    say(f"{kind}: starting redis-server, a caption worker and a naive worker (start-up is not timed)")
+    redis = stack.enter_context(LocalRedis())
+    queue = QueueRun(redis, model_dir, paths[0].parent, dtype=dtype, batch_size=batch_size, max_length=cfg.max_length,
+                     log=work / f"worker-{kind}.log", extra_env=dict(cfg.worker_env))  # fmt: skip
+    naive = NaiveWorker(redis, log=work / f"naive-worker-{kind}.log")
+    stack.callback(naive.terminate)
+    stack.callback(queue.stop)
+    queue.start()
+    naive.start()
+    queue.ready(READY_TIMEOUT_S, warm_up=paths[:2])
+    naive.wait_ready(READY_TIMEOUT_S)
+    return queue, naive
+
+
+def _code_version() -> str | None:
+    """The commit measured, with ``-dirty`` when the working tree has changes (they are measured too)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def _meta(argv: list[str], origin: str, cfg: BenchConfig) -> dict[str, Any]:
+    import celery
+    import torch
+    import transformers
+
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "command": shlex.join(["python", "-m", "bench.run", *argv]),
+        "code": _code_version(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "transformers": transformers.__version__,
+        "celery": celery.__version__,
+        "images_origin": origin,
+        "max_length": cfg.max_length,
+        "rounds": cfg.rounds,
+        "worker_env": dict(cfg.worker_env),
+        "smoke": cfg.smoke,
+    }
+
+
+def run(cfg: BenchConfig, argv: list[str]) -> dict[str, Any]:
+    from bench.producer_rate import measure_producer
+    from worker.settings import Settings
+
+    started, load_before = time.perf_counter(), [round(x, 2) for x in os.getloadavg()]
+    with ExitStack() as stack:
+        work = cfg.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="captioner-bench-")))
+        work = work.resolve()
+        say(f"writing {cfg.images} JPEGs (64..1024 px) to {work / 'images'}")
+        paths, origin = make_images(work / "images", cfg.images)
+        settings = Settings(allowed_roots=[str(work / "images")], max_length=cfg.max_length)
+        data: dict[str, Any] = {"meta": _meta(argv, origin, cfg), "models": {}}
+        results: dict[str, dict[str, PathResult]] = {}
+        for kind in cfg.models:
+            results[kind] = measure_model(kind, cfg, work, paths, settings)
+            data["models"][kind] = {
+                "max_length": cfg.max_length,
+                "images": cfg.images,
+                "paths": {k: r.as_dict() for k, r in results[kind].items()},
+                "ratios": ratios(results[kind]),
+                "captions": agreement(results[kind]),
+            }
+        say(f"producer: enqueue {cfg.producer_items:,} files from a directory, then as many URLs from a list")
+        producer = measure_producer(work / "producer", cfg.producer_items, max_length=cfg.max_length)
+        producer["checks"] = producer_checks(producer)
+        data["producer"] = producer
+    data["meta"]["loadavg_before"] = load_before
+    data["meta"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    data["meta"]["seconds"] = round(time.perf_counter() - started, 1)
+    files = write_outputs(cfg.out, data, results)
+    print((cfg.out / "bench.md").read_text(encoding="utf-8"))
+    say(f"done in {data['meta']['seconds']}s: " + ", ".join(str(p) for p in files.values()))
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random local weights only: never wait on the hub
+    run(cfg, argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
