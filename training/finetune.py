@@ -32,6 +32,7 @@ from worker.errors import ConfigError, ItemError, SourceError
 from worker.images import ImagePolicy, load_image
 from worker.messages import GenParams, Source
 from worker.settings import DEFAULT_FORMATS
+from worker.store import LOWER_IS_BETTER
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,6 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng_state.safetensors"
 #: Written into the final model directory; the caption engine reports its "version".
 VERSION_FILE = "captioner.json"
-#: Metrics where smaller is better; every other metric is "higher is better".
-LOWER_IS_BETTER = frozenset({"wer", "cer", "loss"})
 #: Captions shown with each evaluation.
 SAMPLE_COUNT = 4
 
