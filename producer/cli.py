@@ -479,10 +479,8 @@ def train(ctx: click.Context, dataset: str, job_id: str | None, base_model: str 
     """Fine-tune on DATASET (imagefolder dir, JSONL/CSV manifest, or hub id) on the training queue."""
     import uuid
 
-    from training.jobs import open_train_job
-    from worker.messages import TASK_TRAIN, TrainRequest
+    from worker.messages import TrainRequest
 
-    settings = _settings(ctx)
     if Path(dataset).exists():
         dataset = str(Path(dataset).resolve())
     overrides = {"base_model": base_model, "epochs": epochs, "max_steps": max_steps, "learning_rate": learning_rate,
@@ -491,9 +489,7 @@ def train(ctx: click.Context, dataset: str, job_id: str | None, base_model: str 
                        text_column=text_column, config={k: v for k, v in overrides.items() if v is not None},
                        promote=promote, require_no_worse=require_no_worse)  # fmt: skip
     client = _client(ctx)
-    client.check()
-    open_train_job(client.ledger, req)
-    client.app.send_task(TASK_TRAIN, kwargs=req.model_dump(), queue=settings.training_queue)
+    client.submit_training(req)
     if not wait_:
         _emit(as_json, {"job_id": req.job_id}, lambda: click.echo(req.job_id))
         return

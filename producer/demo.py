@@ -23,7 +23,7 @@ import redis
 from pydantic import SecretStr
 
 from producer.local import LocalRedis, WorkerProcess
-from worker.messages import TASK_EVALUATE, TASK_TRAIN, EvaluateRequest, GenParams, TrainRequest
+from worker.messages import TASK_EVALUATE, EvaluateRequest, GenParams, TrainRequest
 from worker.settings import Settings
 
 # The recipe's defaults (lr 5e-5, batch 32 x 2, 50 epochs) are for git-base on real photos; a 2M-parameter GIT
@@ -125,14 +125,11 @@ def run_demo(
 
         say("3. scoring the untrained model, fine-tuning through the queue, scoring again")
         before = evaluate(base.version)
-        from training.jobs import open_train_job
-
         every = max(25, (steps // 4) // 25 * 25)  # four evaluations (and checkpoints) per run
         config = {**DEMO_TRAINING, "base_model": str(base.path), "max_steps": steps, "eval_steps": every,
                   "save_steps": every}  # fmt: skip
         req = TrainRequest(job_id=f"demo-train-{tag}", dataset=str(root / "train"), config=config)
-        open_train_job(client.ledger, req)
-        client.app.send_task(TASK_TRAIN, kwargs=req.model_dump(), queue=settings.training_queue)
+        client.submit_training(req)
         trained = client.wait(req.job_id, timeout=1800, poll_s=1.0, on_tick=lambda i: _show_progress(i, say))
         version = (client.ledger.get_field(req.job_id, "result") or {}).get("version")
         if not version:

@@ -17,7 +17,16 @@ from kombu.exceptions import OperationalError
 
 from worker.errors import BrokerUnavailable, CaptionerError, NothingToEnqueue
 from worker.ledger import JobInfo, Ledger, redis_client
-from worker.messages import TASK_CAPTION_CHUNK, TASK_NOTIFY, GenParams, ItemStatus, JobState, item_id
+from worker.messages import (
+    TASK_CAPTION_CHUNK,
+    TASK_NOTIFY,
+    TASK_TRAIN,
+    GenParams,
+    ItemStatus,
+    JobState,
+    TrainRequest,
+    item_id,
+)
 from worker.settings import Settings
 
 
@@ -132,6 +141,14 @@ class JobClient:
             "params": params.model_dump(exclude_none=True),
         }
         self.app.send_task(TASK_CAPTION_CHUNK, kwargs=body, queue=self.settings.caption_queue, producer=producer)
+
+    def submit_training(self, req: TrainRequest) -> None:
+        """Record a fine-tune in the ledger (so a lost message can be found and resumed), then queue it."""
+        from training.jobs import open_train_job
+
+        self.check()
+        open_train_job(self.ledger, req)
+        self.app.send_task(TASK_TRAIN, kwargs=req.model_dump(), queue=self.settings.training_queue)
 
     # --- follow ---------------------------------------------------------------------------------
     def status(self, job_id: str) -> JobInfo:

@@ -14,7 +14,6 @@ from producer.jobs import JobClient
 from producer.local import LocalRedis, WorkerProcess
 from tests.conftest import settings_from, tally
 from tests.test_recovery import wait_for
-from training.jobs import open_train_job
 from worker.messages import TASK_TRAIN, GenParams, TrainRequest
 from worker.store import ModelStore
 
@@ -69,8 +68,15 @@ def test_hot_swap_under_load_loses_nothing_and_rows_switch_version(
     assert min(swapped_at) > promoted_at  # nothing was captioned by the new version before its promotion
 
 
-def _train_request(store: ModelStore, data: Path, job_id: str, steps: int, every: int) -> TrainRequest:
-    base = store.get("base")
+def _train_request(
+    store: ModelStore, root: Path, tmp_path: Path, job_id: str, *, images: int, seed: int, steps: int, every: int
+) -> TrainRequest:
+    """A tiny base model in the store, a shapes dataset, and a fine-tune request on them."""
+    from training.synthetic import make_shapes
+
+    base = store.get(_tiny(store, tmp_path, 0, "base"))
+    data = root / f"train-{uuid.uuid4().hex[:6]}"
+    make_shapes(data, images, seed=seed, size=32)
     config = {**FAST, "base_model": str(base.path), "max_steps": steps, "eval_steps": every, "save_steps": every}
     return TrainRequest(job_id=job_id, dataset=str(data), config=config)
 
@@ -78,18 +84,13 @@ def _train_request(store: ModelStore, data: Path, job_id: str, steps: int, every
 def test_killed_training_worker_resumes_from_its_checkpoint_and_finishes_once(
     stack, session_root: Path, tmp_path: Path
 ) -> None:
-    from training.synthetic import make_shapes
 
     env, store = stack
-    _tiny(store, tmp_path, 0, "base")
-    data = session_root / f"train-{uuid.uuid4().hex[:6]}"
-    make_shapes(data, 48, seed=3, size=32)
-    req = _train_request(store, data, "train-kill", steps=240, every=40)
+    req = _train_request(store, session_root, tmp_path, "train-kill", images=48, seed=3, steps=240, every=40)
     client = JobClient(settings_from(env))
     first = WorkerProcess(env, training=True, log=tmp_path / "t1.log").start()
     first.wait_ready()
-    open_train_job(client.ledger, req)
-    client.app.send_task(TASK_TRAIN, kwargs=req.model_dump(), queue=env["CAPTIONER_TRAINING_QUEUE"])
+    client.submit_training(req)
     run_dir = store.root / ".runs" / req.job_id / "checkpoints"
     def saved_steps() -> list[int]:  # finished checkpoints only (a .tmp folder is one being written)
         names = [p.name for p in run_dir.iterdir()] if run_dir.is_dir() else []
@@ -123,19 +124,14 @@ def test_killed_training_worker_resumes_from_its_checkpoint_and_finishes_once(
 
 
 def test_training_longer_than_the_visibility_timeout_runs_once(stack, session_root: Path, tmp_path: Path) -> None:
-    from training.synthetic import make_shapes
 
     env, store = stack
-    _tiny(store, tmp_path, 0, "base")
-    data = session_root / f"train-{uuid.uuid4().hex[:6]}"
-    make_shapes(data, 32, seed=5, size=32)
-    req = _train_request(store, data, "train-long", steps=400, every=100)
+    req = _train_request(store, session_root, tmp_path, "train-long", images=32, seed=5, steps=400, every=100)
     client = JobClient(settings_from(env))
     with WorkerProcess(env, training=True, log=tmp_path / "t.log") as proc:
         proc.wait_ready()
         started = time.monotonic()
-        open_train_job(client.ledger, req)
-        client.app.send_task(TASK_TRAIN, kwargs=req.model_dump(), queue=env["CAPTIONER_TRAINING_QUEUE"])
+        client.submit_training(req)
         info = client.wait(req.job_id, timeout=300, on_tick=lambda _: None)
         took = time.monotonic() - started
     client.close()
@@ -148,18 +144,13 @@ def test_training_longer_than_the_visibility_timeout_runs_once(stack, session_ro
 
 
 def test_cancel_stops_training_cleanly_at_a_checkpoint(stack, session_root: Path, tmp_path: Path) -> None:
-    from training.synthetic import make_shapes
 
     env, store = stack
-    _tiny(store, tmp_path, 0, "base")
-    data = session_root / f"train-{uuid.uuid4().hex[:6]}"
-    make_shapes(data, 32, seed=6, size=32)
-    req = _train_request(store, data, "train-cancel", steps=5000, every=1000)
+    req = _train_request(store, session_root, tmp_path, "train-cancel", images=32, seed=6, steps=5000, every=1000)
     client = JobClient(settings_from(env))
     with WorkerProcess(env, training=True, log=tmp_path / "t.log") as proc:
         proc.wait_ready()
-        open_train_job(client.ledger, req)
-        client.app.send_task(TASK_TRAIN, kwargs=req.model_dump(), queue=env["CAPTIONER_TRAINING_QUEUE"])
+        client.submit_training(req)
         wait_for(lambda: (client.status(req.job_id).extra.get("progress") or {}).get("step", 0) >= 10, 120,
                  "training to start")  # fmt: skip
         client.cancel(req.job_id)
