@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-full fault-report lint bench clean
+.PHONY: setup system-tools demo test test-full fault-report lint bench clean
 
 $(BIN)/captioner: pyproject.toml tests/node/package-lock.json
 	$(PY) -m venv $(VENV)
@@ -18,7 +18,22 @@ $(BIN)/captioner: pyproject.toml tests/node/package-lock.json
 	npm ci --no-audit --no-fund --prefix tests/node
 	touch $@
 
-setup: $(BIN)/captioner
+# System tools the tests use: redis-server (tests start their own for Redis faults) and Debian's
+# docker-compose (validates docker-compose.yml; no Docker engine needed). Installed with apt where we
+# can (root on Debian); elsewhere install them yourself, or those tests say what is missing.
+SYSTEM_TOOLS := redis-server docker-compose
+system-tools:
+	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing$$missing (apt)"; \
+	    apt-get install -y -q --no-install-recommends $$missing >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $$missing >/dev/null; } || \
+	      echo "warning: could not install$$missing"; \
+	  else echo "warning: missing$$missing (install with your package manager)"; fi; \
+	fi
+
+setup: system-tools $(BIN)/captioner
 
 demo: setup
 	$(BIN)/captioner demo
