@@ -24,7 +24,7 @@ def _used_memory(client: JobClient) -> int:
 
 def _listing(root: Path, n: int) -> Path:
     """``n`` empty ``.jpg`` files (the producer lists names; it never opens images), 1,000 per sub-directory."""
-    folder = root / "listing"
+    folder = root / f"listing-{n}"  # one per size, so a kept --workdir never mixes listings of two runs
     if folder.is_dir() and sum(1 for _ in folder.rglob("*.jpg")) == n:
         return folder  # a kept --workdir: the same listing again
     for i in range(n):
