@@ -18,8 +18,12 @@ from producer.local import WorkerProcess
 from worker.settings import Settings
 
 REDIS_HOST = "127.0.0.1:6379"
-BROKER_DB = 14  # Celery's queues for the session worker
-LEDGER_DB = 15  # job ledger, flushed before every test
+# Three DB numbers of the machine's Redis, from CAPTIONER_TEST_DB_BASE (default 13: DBs 13-15), so two
+# checkouts can run their suites at once on one Redis without flushing each other's data.
+DB_BASE = int(os.environ.get("CAPTIONER_TEST_DB_BASE", "13"))
+RECOVERY_DB = DB_BASE  # broker of the recovery tests, whose short visibility timeout must touch no other queue
+BROKER_DB = DB_BASE + 1  # Celery's queues for the session worker
+LEDGER_DB = DB_BASE + 2  # job ledger, flushed before every test
 WEBHOOK_SECRET = "test-webhook-secret"
 MAX_LENGTH = 12  # short captions keep the suite fast; the engine tests cover the default of 50
 

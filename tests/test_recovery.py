@@ -10,9 +10,7 @@ import redis
 
 from producer.jobs import JobClient
 from producer.local import WorkerProcess
-from tests.conftest import redis_url, settings_from, tally
-
-RECOVERY_DB = 13  # its own broker DB: the short visibility timeout below must not touch other tests' queues
+from tests.conftest import RECOVERY_DB, redis_url, settings_from, tally
 
 
 def recovery_env(worker_env: dict[str, str]) -> dict[str, str]:
