@@ -16,7 +16,7 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 
 from worker.errors import BrokerUnavailable, CaptionerError, NothingToEnqueue
-from worker.ledger import JobInfo, Ledger, redis_client
+from worker.ledger import JobInfo, ledger_from_settings
 from worker.messages import (
     TASK_CAPTION_CHUNK,
     TASK_NOTIFY,
@@ -57,11 +57,10 @@ class JobClient:
     """Talks to the ledger and the broker on behalf of the CLI and of Python services."""
 
     def __init__(self, settings: Settings, app: Celery | None = None) -> None:
-        from worker.celery_app import create_app, ssl_options
+        from worker.celery_app import create_app
 
         self.settings = settings
-        tls = ssl_options(settings) if settings.redis_url_str.startswith("rediss://") else {}
-        self.ledger = Ledger(redis_client(settings.redis_url_str, **tls), settings.key_prefix)
+        self.ledger = ledger_from_settings(settings)
         self.app = app or create_app(settings)
 
     def check(self) -> None:

@@ -11,7 +11,7 @@ from celery.signals import celeryd_after_setup
 
 from training.jobs import orphaned_train_jobs, run_evaluate, run_train
 from worker.celery_app import app
-from worker.ledger import Ledger, redis_client
+from worker.ledger import Ledger, ledger_from_settings
 from worker.messages import TASK_EVALUATE, TASK_TRAIN, EvaluateRequest, TrainRequest, parse_message
 from worker.settings import get_settings
 
@@ -19,8 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def _ledger() -> Ledger:
-    s = get_settings()
-    return Ledger(redis_client(s.redis_url_str), s.key_prefix)
+    return ledger_from_settings(get_settings())
 
 
 # acks_late=False: a fine-tune outlives any visibility timeout, so late acks would run it twice.

@@ -5,27 +5,18 @@
 
 from __future__ import annotations
 
-import ssl
 from typing import Any
 
 from celery import Celery
 
+from worker.ledger import tls_options
 from worker.messages import CAPTION_TASKS, TRAINING_TASKS
 from worker.settings import Settings, get_settings
-
-_CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
 
 
 def ssl_options(settings: Settings) -> dict[str, Any]:
     """Explicit certificate settings for rediss:// (Settings already refused rediss:// without them)."""
-    opts: dict[str, Any] = {}
-    if settings.redis_ssl_cert_reqs is not None:
-        opts["ssl_cert_reqs"] = _CERT_REQS[settings.redis_ssl_cert_reqs]
-    elif settings.redis_ssl_ca_certs is not None:
-        opts["ssl_cert_reqs"] = ssl.CERT_REQUIRED
-    if settings.redis_ssl_ca_certs is not None:
-        opts["ssl_ca_certs"] = str(settings.redis_ssl_ca_certs)
-    return opts
+    return tls_options(settings, "rediss://")
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

@@ -18,12 +18,15 @@ import json
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import redis
 
 from worker.errors import BrokerUnavailable, UnknownJob
 from worker.messages import GenParams, ItemResult, ItemStatus, JobState
+
+if TYPE_CHECKING:
+    from worker.settings import Settings
 
 # KEYS: job hash, results hash.  ARGV: ttl, then (id, status, row-json) triples.
 # Returns the number of rows whose status changed; finishes the job when every item has a row.
@@ -150,6 +153,30 @@ class JobInfo:
 def redis_client(url: str, **ssl: Any) -> redis.Redis:
     """A Redis client with bounded timeouts, so an unreachable Redis is an error, not a hang."""
     return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30, **ssl)
+
+
+def tls_options(settings: Settings, url: str) -> dict[str, Any]:
+    """redis-py's certificate options for ``url`` when it is rediss:// (Settings refuses rediss:// without them)."""
+    if not url.startswith("rediss://"):
+        return {}
+    import ssl
+
+    reqs = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
+    opts: dict[str, Any] = {"ssl_cert_reqs": reqs[settings.redis_ssl_cert_reqs or "required"]}
+    if settings.redis_ssl_ca_certs is not None:
+        opts["ssl_ca_certs"] = str(settings.redis_ssl_ca_certs)
+    return opts
+
+
+def settings_client(settings: Settings, url: str | None = None) -> redis.Redis:
+    """A client for the ledger Redis (or ``url``) with the settings' TLS options: the one way clients are made."""
+    url = url or settings.redis_url_str
+    return redis_client(url, **tls_options(settings, url))
+
+
+def ledger_from_settings(settings: Settings) -> Ledger:
+    """The job ledger the settings name (URL, TLS options, key prefix)."""
+    return Ledger(settings_client(settings), settings.key_prefix)
 
 
 class Ledger:

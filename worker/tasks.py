@@ -13,7 +13,7 @@ from celery.worker.control import inspect_command
 
 from worker import metrics
 from worker.celery_app import app
-from worker.ledger import Ledger, redis_client
+from worker.ledger import ledger_from_settings
 from worker.logs import configure as configure_logs
 from worker.messages import (
     TASK_CAPTION,
@@ -46,11 +46,7 @@ def service() -> CaptionService:
         with _service_lock:
             if _service is None:
                 settings = get_settings()
-                from worker.celery_app import ssl_options
-
-                tls = ssl_options(settings) if settings.redis_url_str.startswith("rediss://") else {}
-                ledger = Ledger(redis_client(settings.redis_url_str, **tls), settings.key_prefix)
-                _service = CaptionService(settings, ledger=ledger, on_job_done=_job_done)
+                _service = CaptionService(settings, ledger=ledger_from_settings(settings), on_job_done=_job_done)
     return _service
 
 
