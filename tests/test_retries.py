@@ -97,3 +97,41 @@ def test_items_that_keep_killing_their_worker_become_poison(
     assert (figures["lost"], figures["duplicated"]) == (0, 0)
     assert poison and all(r["attempts"] == 2 for r in poison)
     assert info.ok + len(poison) == len(refs) and info.state.value == "done"
+
+
+def test_an_item_that_kills_its_worker_is_isolated_and_only_it_becomes_poison(
+    own_redis_env: dict[str, str], session_root: Path, tmp_path: Path
+) -> None:
+    """A real killer among 24 items: the worker dies (os._exit) whenever it reaches it. Its batch-mates are
+    innocent and must be captioned; the killer alone is charged, and stopped after max_attempts deaths."""
+    from training.synthetic import make_shapes
+
+    env = {**own_redis_env, "CAPTIONER_MAX_ATTEMPTS": "3", "CAPTIONER_VISIBILITY_TIMEOUT_S": "5",
+           "CAPTIONER_UNACKED_RESTORE_INTERVAL_S": "1", "CAPTIONER_MAX_BATCH_SIZE": "4",
+           "CAPTIONER_CONCURRENCY": "2", "CAPTIONER_FAULT_KILL_REF": "poison-pill"}  # fmt: skip
+    folder = session_root / f"kills-{uuid.uuid4().hex[:6]}"
+    refs = [str(p) for p, _ in make_shapes(folder, 24, seed=13, size=32)]
+    killer = folder / "poison-pill.png"
+    Path(refs[5]).rename(killer)
+    refs[5] = str(killer)
+    client = JobClient(settings_from(env))
+    client.enqueue(refs, job_id="job-killer", chunk_size=4)
+    deaths = 0
+    for turn in range(6):  # an operator's restart policy: a dead worker is replaced
+        with WorkerProcess(env, log=tmp_path / f"w{turn}.log") as proc:
+            wait_for(lambda: b" ready." in proc.log_path.read_bytes(), 120, "the worker to start")
+            wait_for(lambda: proc.proc.poll() is not None or client.status("job-killer").pending == 0, 120,
+                     "the worker to die or the job to end")  # fmt: skip
+            if proc.proc.poll() is None:
+                break
+            deaths += 1
+    rows = {r["ref"]: r for r in client.results("job-killer")}
+    info = client.status("job-killer")
+    client.close()
+    tally("an item that kills its worker, attempt limit 3 (poison, batch-mates captioned)", refs, list(rows.values()))
+    assert deaths == 3, f"the killer should have had 3 attempts, the worker died {deaths} time(s)"
+    assert (rows[str(killer)]["error_class"], rows[str(killer)]["attempts"]) == ("poison", 4)
+    assert "died 3 time(s)" in rows[str(killer)]["error"]
+    innocent = [r for ref, r in rows.items() if ref != str(killer)]
+    assert len(innocent) == 23 and all(r["status"] == "ok" for r in innocent)
+    assert (info.state.value, info.ok, info.error) == ("done", 23, 1)

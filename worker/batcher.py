@@ -74,12 +74,13 @@ class MicroBatcher(Generic[P]):
         self._thread.start()
 
     # --- callers --------------------------------------------------------------------------------
-    def submit(self, item: Any, params: P) -> Future[Any]:
+    def submit(self, item: Any, params: P, *, group: Hashable | None = None) -> Future[Any]:
+        """Queue ``item``; it shares batches with items of the same parameter key (or of ``group``, if given)."""
         fut: Future[Any] = Future()
         with self._cond:
             if self._stopping:
                 raise RuntimeError("batcher is stopped")
-            k = self._key(params)
+            k = self._key(params) if group is None else group
             group = self._groups.get(k)
             if group is None:
                 group = self._groups[k] = (params, deque())

@@ -5,7 +5,8 @@ Keys, all under ``<prefix>:``:
   job:<id>             HASH   name, params, state, created, finished, n_total, n_ok, n_error, n_cancelled
   job:<id>:src         HASH   item id -> source reference (the manifest)
   job:<id>:res         HASH   item id -> result row (JSON); absent = pending
-  job:<id>:att         HASH   item id -> attempts started
+  job:<id>:att         HASH   item id -> attempts started; <id>:f attempts finished; <id>:s attempts run alone
+                              (only while an item is unsettled: a final row removes its fields)
 
 Result writes are one Lua script per batch of rows: keyed by item id, counters move only when an item's
 status changes, and a caption, once written, is never replaced. Redelivered or duplicated work therefore
@@ -28,12 +29,14 @@ from worker.messages import GenParams, ItemResult, ItemStatus, JobState
 if TYPE_CHECKING:
     from worker.settings import Settings
 
-# KEYS: job hash, results hash.  ARGV: ttl, then (id, status, row-json) triples.
-# Returns the number of rows whose status changed; finishes the job when every item has a row.
+# KEYS: job hash, results hash, attempts hash.  ARGV: now, then (id, status, row-json) triples.
+# Returns the number of rows whose status changed; finishes the job when every item has a row. A row is the
+# end of its item's attempt: its attempt counters go (a retry starts them afresh).
 _RECORD = """
 local changed = 0
 for i = 2, #ARGV, 3 do
   local id, st, body = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  redis.call('HDEL', KEYS[3], id, id .. ':f', id .. ':s')
   local prev = redis.call('HGET', KEYS[2], id)
   local prevst = false
   if prev then prevst = cjson.decode(prev)['status'] end
@@ -92,9 +95,33 @@ for i = 2, #ARGV do
       n = n + 1
     end
   end
-  redis.call('HDEL', KEYS[3], id)
+  redis.call('HDEL', KEYS[3], id, id .. ':f', id .. ':s')
 end
 return n
+"""
+
+# KEYS: manifest hash, job hash.  ARGV: (id, ref) pairs.  New manifest entries and the job's total move together.
+_ADD_ITEMS = """
+local new = 0
+for i = 1, #ARGV, 2 do
+  new = new + redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+if new > 0 then redis.call('HINCRBY', KEYS[2], 'n_total', new) end
+return new
+"""
+
+# KEYS: attempts hash.  ARGV: item ids starting an attempt.  Returns, per id: attempts started (this one
+# included), attempts finished, attempts run alone. started - 1 > finished: an earlier attempt never ended
+# (its worker died holding it).
+_BEGIN = """
+local out = {}
+for i = 1, #ARGV do
+  local id = ARGV[i]
+  out[#out + 1] = redis.call('HINCRBY', KEYS[1], id, 1)
+  out[#out + 1] = tonumber(redis.call('HGET', KEYS[1], id .. ':f') or '0')
+  out[#out + 1] = tonumber(redis.call('HGET', KEYS[1], id .. ':s') or '0')
+end
+return out
 """
 
 # KEYS: job hash.  ARGV: now.  The producer calls this when it has added its last item.
@@ -103,6 +130,19 @@ _SEAL = "redis.call('HDEL', KEYS[1], 'open')\n" + _FINISH + "return finished\n"
 
 #: Free-form job fields (set_fields) shown with the job: a training job's progress and result, webhook errors.
 _JSON_FIELDS = ("progress", "result", "webhook_error")
+
+
+class Attempt(NamedTuple):
+    """One item's attempt counts, as ``begin_attempt`` leaves them."""
+
+    started: int  # attempts begun, this one included
+    finished: int  # attempts that ended (a row, or a transient failure sent again)
+    alone: int  # attempts run by themselves
+
+    @property
+    def suspect(self) -> bool:
+        """An earlier attempt never ended: its worker died while holding the item. It may be what killed it."""
+        return self.started - 1 > self.finished
 
 
 class Recorded(NamedTuple):
@@ -188,6 +228,8 @@ class Ledger:
         self._record = client.register_script(_RECORD)
         self._seal = client.register_script(_SEAL)
         self._requeue = client.register_script(_REQUEUE)
+        self._add_items = client.register_script(_ADD_ITEMS)
+        self._begin = client.register_script(_BEGIN)
 
     # --- keys -----------------------------------------------------------------------------------
     def _k(self, *parts: str) -> str:
@@ -225,16 +267,15 @@ class Ledger:
         return bool(self._seal(keys=[self.job_key(job_id)], args=[repr(time.time())]))
 
     def add_items(self, job_id: str, items: Iterable[tuple[str, str]]) -> int:
-        """Add (item id, reference) pairs to the manifest; returns how many were new."""
-        mapping = dict(items)
-        if not mapping:
+        """Add (item id, reference) pairs to the manifest; returns how many were new.
+
+        One script: the manifest and the job's total never disagree, even when Redis refuses the write at
+        maxmemory or the producer dies in between (a short total would finish the job early).
+        """
+        args = [part for pair in dict(items).items() for part in pair]
+        if not args:
             return 0
-        pipe = self.r.pipeline()
-        pipe.hset(self._k("job", job_id, "src"), mapping=mapping)
-        new = pipe.execute()[0]
-        if new:
-            self.r.hincrby(self.job_key(job_id), "n_total", new)
-        return int(new)
+        return int(self._add_items(keys=[self._k("job", job_id, "src"), self.job_key(job_id)], args=args))
 
     def job(self, job_id: str) -> JobInfo:
         raw = self.r.hgetall(self.job_key(job_id))
@@ -324,13 +365,25 @@ class Ledger:
             for i, row in zip(ids, rows, strict=True)
         }
 
-    def begin_attempt(self, job_id: str, ids: list[str]) -> dict[str, int]:
+    def begin_attempt(self, job_id: str, ids: list[str]) -> dict[str, Attempt]:
         """Count one more attempt for each item (before work starts, so a crash counts too)."""
-        key = self._k("job", job_id, "att")
-        pipe = self.r.pipeline(transaction=False)
-        for i in ids:
-            pipe.hincrby(key, i, 1)
-        return dict(zip(ids, (int(n) for n in pipe.execute()), strict=True))
+        if not ids:
+            return {}
+        flat = [int(n) for n in self._begin(keys=[self._k("job", job_id, "att")], args=ids)]
+        return {i: Attempt(*flat[3 * k : 3 * k + 3]) for k, i in enumerate(ids)}
+
+    def end_attempts(self, job_id: str, ids: list[str]) -> None:
+        """Attempts that ended without a row (a transient failure sent again): not a crash."""
+        if ids:
+            key = self._k("job", job_id, "att")
+            pipe = self.r.pipeline(transaction=False)
+            for i in ids:
+                pipe.hincrby(key, f"{i}:f", 1)
+            pipe.execute()
+
+    def begin_alone(self, job_id: str, item: str) -> None:
+        """Count an attempt that runs by itself (see ``Attempt.suspect``)."""
+        self.r.hincrby(self._k("job", job_id, "att"), f"{item}:s", 1)
 
     def requeue(self, job_id: str, ids: list[str], *, flagged: bool = False) -> int:
         """Make items pending again before they are re-sent: drop their failed or cancelled rows (and with
@@ -355,12 +408,22 @@ class Ledger:
         argv: list[str] = [repr(time.time())]
         for row in rows:
             argv += [row.id, row.status.value, row.model_dump_json(exclude_none=True)]
-        changed, finished = self._record(keys=[self.job_key(job_id), self._k("job", job_id, "res")], args=argv)
+        keys = [self.job_key(job_id), self._k("job", job_id, "res"), self._k("job", job_id, "att")]
+        changed, finished = self._record(keys=keys, args=argv)
         return Recorded(int(changed), bool(finished))
 
     def iter_results(self, job_id: str, count: int = 1000) -> Iterator[dict[str, Any]]:
-        """Every written row, streamed with HSCAN (order is Redis's)."""
-        for _, raw in self.r.hscan_iter(self._k("job", job_id, "res"), count=count):
+        """Every written row once, streamed with HSCAN (order is Redis's).
+
+        HSCAN may return a field twice when the hash is resized between calls, which happens only while
+        rows are being written: for a job still running, ids already yielded are remembered and skipped.
+        """
+        seen: set[bytes] | None = None if self.state(job_id) is not JobState.RUNNING else set()
+        for item, raw in self.r.hscan_iter(self._k("job", job_id, "res"), count=count):
+            if seen is not None:
+                if item in seen:
+                    continue
+                seen.add(item)
             yield json.loads(raw)
 
     def iter_sources(self, job_id: str, count: int = 1000) -> Iterator[tuple[str, str]]:

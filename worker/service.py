@@ -7,12 +7,15 @@ is loaded once, lazily, on first use (or by ``warm_up`` when the worker starts).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import redis
 
 from worker import metrics
 from worker.batcher import MicroBatcher
@@ -36,9 +39,13 @@ from worker.store import ModelStore, resolve_model
 
 if TYPE_CHECKING:
     from worker.engine import CaptionEngine
-    from worker.ledger import Ledger
+    from worker.ledger import Attempt, Ledger
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+#: Ledger write failures that pass: Redis restarting, a network blip, memory freed after maxmemory.
+_RETRYABLE_WRITE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError)
 
 EngineFactory = Callable[[], "CaptionEngine"]
 
@@ -102,6 +109,8 @@ class CaptionService:
         self._engine_factory = engine_factory or _default_engine_factory(settings)
         self._engine: CaptionEngine | None = None
         self._lock = threading.Lock()
+        #: Held while a suspect item runs by itself, so no other suspect shares its fate (see _triage).
+        self._alone = threading.Lock()
         self._watcher: threading.Thread | None = None
         self._stopped = threading.Event()
         self._pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
@@ -179,18 +188,31 @@ class CaptionService:
         return quality_flags(caption, generated_tokens=1 + pieces, max_length=params.max_length) or None
 
     # --- captioning -----------------------------------------------------------------------------
-    def _prepare(self, src: Source, params: GenParams) -> tuple[Future[Any], float]:
+    def _prepare(self, src: Source, params: GenParams, group: Hashable | None) -> tuple[Future[Any], float]:
         started = time.perf_counter()
+        if self.settings.fault_kill_ref and self.settings.fault_kill_ref in src.ref:
+            log.error("drill: %s kills this worker (CAPTIONER_FAULT_KILL_REF)", src.ref)
+            os._exit(137)  # as abrupt as the OOM killer or a segfaulting decoder
         image = load_image(src, self.policy)
         pixels = self.engine.prepare([image])
-        return self.batcher.submit(pixels, params), (time.perf_counter() - started) * 1000
+        return self.batcher.submit(pixels, params, group=group), (time.perf_counter() - started) * 1000
 
     def caption_items(
-        self, items: list[tuple[str, Source]], params: GenParams, attempts: dict[str, int] | None = None
+        self,
+        items: list[tuple[str, Source]],
+        params: GenParams,
+        attempts: dict[str, int] | None = None,
+        *,
+        alone: bool = False,
     ) -> list[ItemResult]:
-        """One result row per item, same order. Per-item failures are rows; nothing here raises for them."""
+        """One result row per item, same order. Per-item failures are rows; nothing here raises for them.
+
+        ``alone``: each item is a model batch by itself (suspects of killing a worker; see ``_triage``).
+        """
         self.engine  # noqa: B018 - load before fanning out, so decode threads don't all wait on the lock
-        prepared = [self._pool.submit(self._prepare, src, params) for _, src in items]
+        prepared = [
+            self._pool.submit(self._prepare, src, params, ("alone", iid) if alone else None) for iid, src in items
+        ]
         rows: list[ItemResult] = []
         for (iid, src), fut in zip(items, prepared, strict=True):
             base = {"id": iid, "ref": src.ref, "params": params, "attempts": (attempts or {}).get(iid, 1)}
@@ -239,45 +261,100 @@ class CaptionService:
             self._write(msg.job_id, rows, out)
             return out
         attempts = ledger.begin_attempt(msg.job_id, [it.id for it in todo])
-        limit = self.settings.max_attempts
-        rows = [
-            _error_row(_base(it, msg.params, attempts[it.id]), Poison(f"gave up after {attempts[it.id] - 1} attempts"))
-            for it in todo
-            if attempts[it.id] > limit
-        ]
-        metrics.observe_rows(rows)  # the poison rows; captioned rows are counted by caption_items
-        work = [(it.id, source_from_wire(it.src)) for it in todo if attempts[it.id] <= limit]
+        counts = {i: a.started for i, a in attempts.items()}
+        poison, work, alone = self._triage(todo, msg.params, attempts)
         infer_before = self.batcher.stats.infer_s
-        rows += self.caption_items(work, msg.params, attempts)
+        rows = poison + self.caption_items(work, msg.params, counts)
+        self._settle(msg.job_id, rows, out)
+        for iid, src in alone:  # each by itself, recorded at once: if it kills the worker, it is alone in dying
+            ledger.begin_alone(msg.job_id, iid)
+            with self._alone:
+                row = self.caption_items([(iid, src)], msg.params, counts, alone=True)
+            self._settle(msg.job_id, row, out)
+            rows += row
         out.load_ms = sum(r.timings.get("load_ms", 0.0) for r in rows)
         out.infer_ms = (self.batcher.stats.infer_s - infer_before) * 1000  # model time while this chunk ran
-        # Transient failures with attempts left are not written: the task sends them again after a backoff.
-        retry = {r.id for r in rows if r.transient and r.attempts < limit}
-        out.retry = sorted(retry) or None
-        out.retry_attempt = max((r.attempts for r in rows if r.id in retry), default=0)
-        metrics.RETRIES.inc(len(retry))
-        self._write(msg.job_id, [r for r in rows if r.id not in retry], out)
+        out.retry_attempt = max((r.attempts for r in rows if r.id in set(out.retry or ())), default=0)
         log.info(
-            "chunk job=%s items=%d ok=%d error=%d skipped=%d load_ms=%.0f infer_ms=%.0f write_ms=%.1f total_ms=%.0f",
-            msg.job_id, out.items, out.ok, out.error, out.skipped, out.load_ms, out.infer_ms, out.write_ms,
-            (time.perf_counter() - started) * 1000,
+            "chunk job=%s items=%d ok=%d error=%d skipped=%d alone=%d load_ms=%.0f infer_ms=%.0f write_ms=%.1f "
+            "total_ms=%.0f",
+            msg.job_id, out.items, out.ok, out.error, out.skipped, len(alone), out.load_ms, out.infer_ms,
+            out.write_ms, (time.perf_counter() - started) * 1000,
         )  # fmt: skip
         return out
+
+    def _settle(self, job_id: str, rows: list[ItemResult], out: ChunkOutcome) -> None:
+        """Write final rows; transient failures with attempts left are not written but sent again (by the task)."""
+        limit = self.settings.max_attempts
+        retry = sorted(r.id for r in rows if r.transient and r.attempts < limit)
+        if retry:
+            out.retry = sorted({*(out.retry or ()), *retry})
+            metrics.RETRIES.inc(len(retry))
+            self._durably(self.ledger.end_attempts, job_id, retry)  # type: ignore[union-attr]
+        self._write(job_id, [r for r in rows if r.id not in set(retry)], out)
+
+    def _triage(
+        self, todo: list[ChunkItem], params: GenParams, attempts: dict[str, Attempt]
+    ) -> tuple[list[ItemResult], list[tuple[str, Source]], list[tuple[str, Source]]]:
+        """Poison rows, items for the shared batches, and suspects to run alone.
+
+        A suspect's earlier attempt never ended: its worker died holding it, with batch-mates beside it. Each
+        suspect runs by itself, so the item that kills workers is the only one charged for it: it becomes
+        poison after ``max_attempts`` deaths, and the innocent ones finish on their solo attempt.
+        """
+        limit = self.settings.max_attempts
+        poison: list[ItemResult] = []
+        work: list[tuple[str, Source]] = []
+        alone: list[tuple[str, Source]] = []
+        for it in todo:
+            att = attempts[it.id]
+            crashes = att.started - 1 - att.finished
+            if att.suspect and att.alone >= limit - 1:
+                text = f"its worker died {crashes} time(s) while captioning it ({att.alone} alone); not tried again"
+                poison.append(_error_row(_base(it, params, att.started), Poison(text)))
+            elif att.suspect:
+                alone.append((it.id, source_from_wire(it.src)))
+            elif att.started > limit:
+                poison.append(_error_row(_base(it, params, att.started), Poison(f"gave up after {limit} attempts")))
+            else:
+                work.append((it.id, source_from_wire(it.src)))
+        metrics.observe_rows(poison)  # captioned rows are counted by caption_items
+        return poison, work, alone
 
     def _write(self, job_id: str, rows: list[ItemResult], out: ChunkOutcome) -> None:
         """Record rows durably; fire completion once if these rows settled the job."""
         assert self.ledger is not None
         started = time.perf_counter()
-        recorded = self.ledger.record(job_id, rows)
+        recorded = self._durably(self.ledger.record, job_id, rows)
         if recorded.finished:
             if self.on_job_done:
                 self.on_job_done(job_id)
             if self.settings.ledger_ttl_s:
                 self.ledger.expire_job(job_id, self.settings.ledger_ttl_s)
-        out.write_ms = (time.perf_counter() - started) * 1000
-        metrics.STAGE.labels("write").observe(out.write_ms / 1000)
-        out.ok = sum(r.status is ItemStatus.OK for r in rows)
-        out.error = len(rows) - out.ok
+        took = (time.perf_counter() - started) * 1000
+        out.write_ms += took
+        metrics.STAGE.labels("write").observe(took / 1000)
+        ok = sum(r.status is ItemStatus.OK for r in rows)
+        out.ok += ok
+        out.error += len(rows) - ok
+
+    def _durably(self, write: Callable[..., _T], *args: Any) -> _T:
+        """``write(*args)``, retried in place while Redis is unreachable or at maxmemory.
+
+        The captions are done and the message is still ours (unacked): waiting here, not failing, is what
+        loses nothing. Past ``write_retry_s`` the error goes up, and the task is retried or redelivered.
+        """
+        deadline = time.monotonic() + self.settings.write_retry_s
+        delay = 0.2
+        while True:
+            try:
+                return write(*args)
+            except _RETRYABLE_WRITE as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("ledger write failed (%s: %s); retrying in %.1fs", type(exc).__name__, exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def close(self) -> None:
         self._stopped.set()

@@ -139,8 +139,15 @@ class Settings(BaseSettings):
     # separated. Checked against every resolved address on every hop; everything else private stays refused.
     url_allowed_networks: Annotated[list[IPvAnyNetwork], NoDecode] = Field(default_factory=list)
 
+    # Seconds a worker keeps retrying a ledger write that Redis refuses (restarting, at maxmemory) before it
+    # gives the chunk back; the message stays unacked meanwhile, so nothing is lost either way.
+    write_retry_s: float = Field(60.0, ge=0)
+
     # Fault injection for drills and tests: batches larger than this fail as out of memory (0: off).
     fault_oom_above: int = Field(0, ge=0)
+    # Fault injection: the worker process exits abruptly when it reaches an item whose reference contains
+    # this text (a decoder segfault, the OOM killer). Empty: off.
+    fault_kill_ref: str = ""
 
     # HMAC key that signs job-completion webhooks (X-Captioner-Signature); unset: unsigned.
     webhook_secret: SecretStr | None = None
