@@ -642,7 +642,8 @@ def worker(ctx: click.Context, training: bool, concurrency: int | None, hostname
     if training:
         queue, pool, n, node = settings.training_queue, "solo", 1, "train@%h"
     else:
-        queue, pool, n, node = settings.caption_queue, "threads", concurrency or settings.concurrency, "caption@%h"
+        queue = ",".join(settings.caption_queues)  # interactive first: taken from before the bulk queue
+        pool, n, node = "threads", concurrency or settings.concurrency, "caption@%h"
     argv = ["worker", f"--pool={pool}", f"--concurrency={n}", f"--queues={queue}", "--task-events",
             f"--prefetch-multiplier={settings.prefetch_multiplier}", f"--hostname={hostname or node}",
             f"--loglevel={loglevel}", "--without-mingle", *ctx.args]  # fmt: skip

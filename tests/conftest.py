@@ -48,13 +48,15 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def worker_env(tiny_model: Path, session_root: Path) -> dict[str, str]:
     """Environment of the session's caption worker; tests that start their own workers extend it."""
+    queue = f"captions-test-{uuid.uuid4().hex[:8]}"
     return {
         "CAPTIONER_BROKER_URL": redis_url(BROKER_DB),
         "CAPTIONER_RESULT_BACKEND": redis_url(BROKER_DB),
         "CAPTIONER_REDIS_URL": redis_url(LEDGER_DB),
         "CAPTIONER_KEY_PREFIX": "captioner-test",
         # A queue per test session: a stray worker from another run can never take our messages.
-        "CAPTIONER_CAPTION_QUEUE": f"captions-test-{uuid.uuid4().hex[:8]}",
+        "CAPTIONER_CAPTION_QUEUE": queue,
+        "CAPTIONER_INTERACTIVE_QUEUE": f"{queue}-now",
         "CAPTIONER_TRAINING_QUEUE": f"training-test-{uuid.uuid4().hex[:8]}",
         "CAPTIONER_MODEL": str(tiny_model),
         "CAPTIONER_DTYPE": "float32",

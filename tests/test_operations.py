@@ -76,7 +76,9 @@ def test_doctor_fails_without_persistence_or_workers_and_passes_on_a_sound_setup
 
 
 def test_plain_celery_worker_command_serves_too(worker_env: dict[str, str], tmp_path: Path, session_root: Path) -> None:
-    """`celery -A worker.celery_app worker ...` works as well as `captioner worker` (same app, same warm-up)."""
+    """A bare `celery -A worker.celery_app worker` works as well as `captioner worker`: same app, same warm-up, and
+    the app's own defaults (threads pool, both caption queues) rather than Celery's prefork, which would fork the
+    loaded model."""
     import sys
 
     from training.synthetic import make_shapes
@@ -87,10 +89,10 @@ def test_plain_celery_worker_command_serves_too(worker_env: dict[str, str], tmp_
     with LocalRedis() as server:
         env = {**worker_env, "CAPTIONER_BROKER_URL": server.url(0), "CAPTIONER_RESULT_BACKEND": server.url(0),
                "CAPTIONER_REDIS_URL": server.url(1)}  # fmt: skip
-        argv = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-P", "threads", "-c", "2",
-                "-Q", env["CAPTIONER_CAPTION_QUEUE"], "--loglevel", "INFO"]  # fmt: skip
+        argv = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel", "INFO"]
         with WorkerProcess(env, argv=argv, log=tmp_path / "celery.log") as proc:
             proc.wait_ready()
             row = create_app(settings_from(env)).send_task(TASK_CAPTION, args=[str(path)]).get(timeout=60)
     assert row["status"] == "ok" and row["model_version"].startswith("tiny-git@")
-    assert "serves model tiny-git@" in proc.log_path.read_text()
+    log = proc.log_path.read_text()
+    assert "serves model tiny-git@" in log and "(thread)" in log

@@ -134,6 +134,22 @@ def test_service_single_image_by_task_name(settings, images: Path, http_root, ti
     assert (missing["status"], missing["error_class"]) == ("error", "fetch_error")
 
 
+def test_a_single_call_overtakes_a_bulk_backlog(settings, client: JobClient, images: Path) -> None:
+    """A service's one image goes to the interactive queue, which workers take from first: it is answered while an
+    archive's chunks are still queued, not after them."""
+    paths = [str(p) for p in sorted(images.glob("*.jpg"))]
+    bulk = []  # 300 items: copies of the ten files
+    for i in range(30):
+        for p in paths:
+            bulk.append(str(shutil.copy(p, images / f"copy-{i}-{Path(p).name}")))
+    client.enqueue(bulk, job_id="job-backlog", chunk_size=4)
+    row = create_app(settings).send_task(TASK_CAPTION, kwargs={"source": paths[0]}).get(timeout=60)
+    backlog = client.status("job-backlog")
+    assert row["status"] == "ok"
+    assert backlog.pending > len(bulk) // 2, f"the single call waited for the backlog ({backlog.pending} pending)"
+    client.wait("job-backlog", timeout=180, on_tick=lambda _: None)
+
+
 def test_service_bulk_by_list_keeps_order(settings, images: Path) -> None:
     app = create_app(settings)
     paths = [str(p) for p in sorted(images.glob("*.jpg"))]

@@ -14,11 +14,13 @@ from tests.conftest import RECOVERY_DB, redis_url, settings_from, tally
 
 
 def recovery_env(worker_env: dict[str, str]) -> dict[str, str]:
+    queue = f"captions-recovery-{uuid.uuid4().hex[:8]}"
     return {
         **worker_env,
         "CAPTIONER_BROKER_URL": redis_url(RECOVERY_DB),
         "CAPTIONER_RESULT_BACKEND": redis_url(RECOVERY_DB),
-        "CAPTIONER_CAPTION_QUEUE": f"captions-recovery-{uuid.uuid4().hex[:8]}",
+        "CAPTIONER_CAPTION_QUEUE": queue,
+        "CAPTIONER_INTERACTIVE_QUEUE": f"{queue}-now",
         "CAPTIONER_VISIBILITY_TIMEOUT_S": "5",
         "CAPTIONER_UNACKED_RESTORE_INTERVAL_S": "1",
         "CAPTIONER_MAX_LENGTH": "40",  # long captions: the job lasts long enough to be killed in the middle

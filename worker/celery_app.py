@@ -8,9 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from kombu import Exchange, Queue
 
 from worker.ledger import tls_options
-from worker.messages import CAPTION_TASKS, TRAINING_TASKS
+from worker.messages import CAPTION_TASKS, INTERACTIVE_TASKS, TRAINING_TASKS
 from worker.settings import Settings, get_settings
 
 
@@ -22,9 +23,12 @@ def ssl_options(settings: Settings) -> dict[str, Any]:
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Everything Celery needs from our settings, in one place."""
     routes = {name: {"queue": settings.caption_queue} for name in CAPTION_TASKS}
+    routes |= {name: {"queue": settings.interactive_queue_name} for name in INTERACTIVE_TASKS}
     routes |= {name: {"queue": settings.training_queue} for name in TRAINING_TASKS}
     transport = {
         "visibility_timeout": settings.visibility_timeout_s,
+        # Take from the queues in the order the worker lists them (interactive before bulk), not in turn.
+        "queue_order_strategy": "priority",
         # kombu 5.7: sweep for messages of dead workers every interval (default is ~100 s).
         "unacked_restore_interval": settings.unacked_restore_interval_s,
         "unacked_restore_throttle": 1,
@@ -52,6 +56,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_connection_max_retries": None,  # a worker waits for Redis to come back, forever
         "task_routes": routes,
         "task_default_queue": settings.caption_queue,
+        # A plain `celery -A worker.celery_app worker` consumes both caption queues, interactive first.
+        "task_queues": [Queue(name, Exchange(name, "direct"), routing_key=name) for name in settings.caption_queues],
+        # ... and in threads: one model per process, shared by every thread's batches. Prefork would fork a
+        # loaded model (and its CUDA context) into children, which breaks; _warm_up refuses it.
+        "worker_pool": "threads",
+        "worker_concurrency": settings.concurrency,
         "result_expires": settings.result_expires_s,
         "result_extended": True,
         "task_track_started": True,

@@ -23,7 +23,8 @@ TASK_NOTIFY = "captioner.notify_done.v1"  # a job ended: send its completion tas
 TASK_TRAIN = "captioner.train.v1"  # fine-tune (training queue)
 TASK_EVALUATE = "captioner.evaluate.v1"  # score a model version (training queue)
 
-CAPTION_TASKS = (TASK_CAPTION, TASK_CAPTION_MANY, TASK_CAPTION_CHUNK, TASK_NOTIFY)
+CAPTION_TASKS = (TASK_CAPTION_CHUNK, TASK_NOTIFY)  # the bulk caption queue
+INTERACTIVE_TASKS = (TASK_CAPTION, TASK_CAPTION_MANY)  # the interactive caption queue, taken from first
 TRAINING_TASKS = (TASK_TRAIN, TASK_EVALUATE)
 
 #: Longest string accepted in any reference (paths and URLs); base64 payloads have their own byte cap.

@@ -62,8 +62,11 @@ class Settings(BaseSettings):
     ledger_ttl_s: int = Field(0, ge=0)
 
     # --- queues ---------------------------------------------------------------------------------
-    # Queue of caption work (chunks and single images).
+    # Queue of bulk caption work (the chunks of ledger jobs).
     caption_queue: str = "captions"
+    # Queue of single and list calls from services (caption.v1, caption_many.v1). Caption workers take from it
+    # before the bulk queue, so a service's one image never waits behind an archive. Empty: <caption_queue>-now.
+    interactive_queue: str = ""
     # Queue of fine-tune and evaluate jobs, consumed by training workers only.
     training_queue: str = "training"
     # Seconds a delivered, unacked caption message may stay unacked before Redis hands it to another
@@ -195,6 +198,15 @@ class Settings(BaseSettings):
                     "without them the Redis client would skip certificate checks"
                 )
         return self
+
+    @property
+    def interactive_queue_name(self) -> str:
+        return self.interactive_queue or f"{self.caption_queue}-now"
+
+    @property
+    def caption_queues(self) -> tuple[str, str]:
+        """What caption workers consume, in the order they take from: interactive first, then bulk."""
+        return (self.interactive_queue_name, self.caption_queue)
 
     # Plain-string views, so callers never pass a SecretStr to a client by accident.
     @property

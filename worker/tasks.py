@@ -13,6 +13,7 @@ from celery.worker.control import inspect_command
 
 from worker import metrics
 from worker.celery_app import app
+from worker.errors import ConfigError
 from worker.ledger import ledger_from_settings
 from worker.logs import configure as configure_logs
 from worker.messages import (
@@ -157,9 +158,17 @@ def captioner_info(state: Any, **kwargs: Any) -> dict[str, Any]:
 @celeryd_after_setup.connect
 def _warm_up(sender: str, instance: Any, **kwargs: Any) -> None:
     """Load the model before consuming, so the first message never waits for it (caption workers only)."""
-    queues = set(instance.app.amqp.queues.consume_from or {}) or {get_settings().caption_queue}
     settings = get_settings()
-    if settings.caption_queue in queues:
+    queues = set(instance.app.amqp.queues.consume_from or {}) or set(settings.caption_queues)
+    if queues & set(settings.caption_queues):
+        pool = getattr(instance.pool_cls, "__module__", str(instance.pool_cls))
+        if "prefork" in pool or "eventlet" in pool or "gevent" in pool:
+            # SystemExit, not an exception: Celery logs and swallows exceptions raised by signal handlers.
+            log.critical("%s", ConfigError(
+                f"caption workers run one model per process in threads; this worker's pool is "
+                f"{pool.rsplit('.', 1)[-1]} (use `captioner worker`, or `celery worker --pool threads`)"
+            ))  # fmt: skip
+            raise SystemExit(2)
         svc = service()
         version = svc.warm_up()
         engine = svc.engine
@@ -172,7 +181,7 @@ def _queue_depths() -> dict[str, int]:
     s = get_settings()
     with app.connection_for_read() as conn:
         client = conn.default_channel.client
-        return {q: int(client.llen(q)) for q in (s.caption_queue, s.training_queue)}
+        return {q: int(client.llen(q)) for q in (*s.caption_queues, s.training_queue)}
 
 
 @after_setup_logger.connect
