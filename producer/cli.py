@@ -626,27 +626,44 @@ def _default_export_name(job_id: str, fmt: str) -> str:
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--training", is_flag=True, help="Consume the training queue (fine-tune/evaluate) instead.")
+@click.option("--model", envvar="CAPTIONER_MODEL",
+              help="Hub id, save_pretrained directory, or @current / @VERSION from the model store.")  # fmt: skip
+@click.option("--revision", envvar="CAPTIONER_MODEL_REVISION", help="Hub branch, tag or commit of --model.")
+@click.option("--device", envvar="CAPTIONER_DEVICE", help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", envvar="CAPTIONER_DTYPE", type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+@click.option("--max-batch-size", type=click.IntRange(1, 4096), envvar="CAPTIONER_MAX_BATCH_SIZE",
+              help="Most images in one generate call.")  # fmt: skip
+@click.option("--max-wait-ms", type=click.IntRange(0, 60_000), envvar="CAPTIONER_MAX_WAIT_MS",
+              help="Longest wait for a batch to fill.")  # fmt: skip
 @click.option("--concurrency", type=click.IntRange(1, 256), envvar="CAPTIONER_CONCURRENCY",
               help="Messages in flight (threads).")  # fmt: skip
 @click.option("--hostname", help="Worker node name (default caption@<host> / train@<host>).")
-@click.option("--loglevel", envvar="CAPTIONER_LOG_LEVEL", default="INFO", show_default=True)
+@click.option("--loglevel", envvar="CAPTIONER_LOG_LEVEL", help="DEBUG, INFO, WARNING... (default INFO).")
 @click.pass_context
-def worker(ctx: click.Context, training: bool, concurrency: int | None, hostname: str | None, loglevel: str) -> None:
+def worker(ctx: click.Context, training: bool, model: str | None, revision: str | None, device: str | None,
+           dtype: str | None, max_batch_size: int | None, max_wait_ms: int | None, concurrency: int | None,
+           hostname: str | None, loglevel: str | None) -> None:  # fmt: skip
     """Start a worker: one model per process, threads sharing its batches (CUDA-safe), events on.
 
-    Extra arguments go to `celery worker` unchanged.
+    Options override the CAPTIONER_* settings of the same name; extra arguments go to `celery worker` unchanged.
     """
-    settings = _settings(ctx)
+    from worker.settings import use_settings
+
+    given = {"model": model, "model_revision": revision, "device": device, "dtype": dtype,
+             "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, "concurrency": concurrency,
+             "log_level": loglevel}  # fmt: skip
+    settings = _settings(ctx).model_copy(update={k: v for k, v in given.items() if v is not None})
+    use_settings(settings)  # before the Celery app is built: it reads concurrency and queues from them
     from worker.celery_app import app
 
     if training:
         queue, pool, n, node = settings.training_queue, "solo", 1, "train@%h"
     else:
         queue = ",".join(settings.caption_queues)  # interactive first: taken from before the bulk queue
-        pool, n, node = "threads", concurrency or settings.concurrency, "caption@%h"
+        pool, n, node = "threads", settings.concurrency, "caption@%h"
     argv = ["worker", f"--pool={pool}", f"--concurrency={n}", f"--queues={queue}", "--task-events",
             f"--prefetch-multiplier={settings.prefetch_multiplier}", f"--hostname={hostname or node}",
-            f"--loglevel={loglevel}", "--without-mingle", *ctx.args]  # fmt: skip
+            f"--loglevel={settings.log_level}", "--without-mingle", *ctx.args]  # fmt: skip
     app.worker_main(argv)
 
 

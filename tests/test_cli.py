@@ -155,3 +155,24 @@ def test_models_and_promote_with_gate_and_a_failing_push(tmp_path: Path) -> None
     assert pushed.exit_code == 1 and "could not push b" in pushed.stderr and "Traceback" not in pushed.output
     listed = json.loads(run(cli, ["models", "--json"], env=env).stdout)
     assert [(m["version"], m["current"]) for m in listed] == [("a", True), ("b", False)]
+
+
+def test_worker_options_override_the_settings(worker_env: dict[str, str], tiny_model: Path, tmp_path: Path) -> None:
+    """`captioner worker --model DIR --max-batch-size 3 --concurrency 2` serves that model with those figures."""
+    import uuid
+
+    from producer.jobs import workers_info
+    from producer.local import LocalRedis, WorkerProcess
+    from tests.conftest import settings_from
+    from worker.celery_app import create_app
+
+    with LocalRedis() as server:
+        env = {**worker_env, "CAPTIONER_BROKER_URL": server.url(0), "CAPTIONER_RESULT_BACKEND": server.url(0),
+               "CAPTIONER_REDIS_URL": server.url(1), "CAPTIONER_MODEL": "/no/such/model"}  # fmt: skip
+        args = ["--model", str(tiny_model), "--max-batch-size", "3", "--concurrency", "2", "--loglevel", "DEBUG"]
+        with WorkerProcess(env, extra_args=args, log=tmp_path / f"w-{uuid.uuid4().hex[:6]}.log") as proc:
+            proc.wait_ready()
+            info = workers_info(create_app(settings_from(env)), timeout=5)[proc.name]
+            log = proc.log_path.read_text()
+    assert info["model_version"].startswith("tiny-git@") and info["max_batch_size"] == 3
+    assert "concurrency: 2 (thread)" in log and "DEBUG/" in log

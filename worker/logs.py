@@ -5,9 +5,25 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 
 current_job: ContextVar[str] = ContextVar("current_job", default="-")
+#: The Celery task id, for threads the task hands work to (decode threads have no current_task of their own).
+current_task_id: ContextVar[str] = ContextVar("current_task_id", default="-")
+
+
+@contextmanager
+def job_context(job_id: str | None, task_id: str | None = None) -> Iterator[None]:
+    """Job and task ids on the lines logged inside, in this thread and in work it submits with a copied context."""
+    job_token = current_job.set(job_id or "-")
+    task_token = current_task_id.set(task_id or "-")
+    try:
+        yield
+    finally:
+        current_task_id.reset(task_token)
+        current_job.reset(job_token)
 
 
 class ContextFilter(logging.Filter):
@@ -17,7 +33,7 @@ class ContextFilter(logging.Filter):
         from celery import current_task
 
         task = current_task._get_current_object() if current_task else None
-        record.task_id = getattr(getattr(task, "request", None), "id", None) or "-"
+        record.task_id = getattr(getattr(task, "request", None), "id", None) or current_task_id.get()
         record.job_id = current_job.get()
         return True
 

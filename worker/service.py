@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextvars import copy_context
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -21,7 +22,6 @@ from worker import metrics
 from worker.batcher import MicroBatcher
 from worker.errors import Cancelled, EngineError, ItemError, Poison
 from worker.images import ImagePolicy, load_image
-from worker.logs import current_job
 from worker.messages import (
     ChunkItem,
     ChunkMessage,
@@ -161,6 +161,7 @@ class CaptionService:
         engine = self._engine_factory()  # loads beside the old model; batches keep running meanwhile
         old = self._engine.version if self._engine else None
         self.swap_engine(engine)
+        metrics.set_model(engine.version, str(engine.device), str(engine.dtype).removeprefix("torch."))
         log.info("model swapped %s -> %s (promoted)", old, engine.version)
         return True
 
@@ -210,8 +211,10 @@ class CaptionService:
         ``alone``: each item is a model batch by itself (suspects of killing a worker; see ``_triage``).
         """
         self.engine  # noqa: B018 - load before fanning out, so decode threads don't all wait on the lock
+        # A copy of this thread's context per item: decode threads log with the task's job and task ids.
         prepared = [
-            self._pool.submit(self._prepare, src, params, ("alone", iid) if alone else None) for iid, src in items
+            self._pool.submit(copy_context().run, self._prepare, src, params, ("alone", iid) if alone else None)
+            for iid, src in items
         ]
         rows: list[ItemResult] = []
         for (iid, src), fut in zip(items, prepared, strict=True):
@@ -248,7 +251,6 @@ class CaptionService:
         """Caption a chunk of a job and record every row before returning (the task acks after)."""
         assert self.ledger is not None, "run_chunk needs a ledger"
         ledger, out = self.ledger, ChunkOutcome(job_id=msg.job_id, items=len(msg.items))
-        current_job.set(msg.job_id)
         started = time.perf_counter()
         status = ledger.statuses(msg.job_id, [it.id for it in msg.items])
         todo = [it for it in msg.items if status[it.id] is not ItemStatus.OK]  # a redelivery skips what is done

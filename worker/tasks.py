@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+import time
+from typing import Any, cast
 
 import redis
 from celery import Task
@@ -13,9 +14,10 @@ from celery.worker.control import inspect_command
 
 from worker import metrics
 from worker.celery_app import app
-from worker.errors import ConfigError
+from worker.errors import ConfigError, InvalidMessage
 from worker.ledger import ledger_from_settings
 from worker.logs import configure as configure_logs
+from worker.logs import job_context
 from worker.messages import (
     TASK_CAPTION,
     TASK_CAPTION_CHUNK,
@@ -36,8 +38,10 @@ log = logging.getLogger(__name__)
 _service: CaptionService | None = None
 _service_lock = threading.Lock()
 
-# Infrastructure blips: retried with backoff until Redis answers again; the message stays ours meanwhile.
-_INFRA_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+# Infrastructure blips: retried with backoff until Redis answers again (or has memory again).
+_INFRA_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError)
+#: Retries of a chunk that failed for any other reason (a bug): then its items stay pending for reconcile.
+_BUG_RETRIES = 3
 
 
 def service() -> CaptionService:
@@ -67,12 +71,24 @@ def _backoff(attempt: int) -> int:
 @app.task(name=TASK_CAPTION_CHUNK, bind=True, autoretry_for=_INFRA_ERRORS, retry_backoff=True, max_retries=None)
 def caption_chunk(self: Task, job_id: Any = None, items: Any = None, params: Any = None, **extra: Any) -> dict:
     """Caption a chunk of a ledger job; rows are in Redis before this returns (and the message is acked)."""
-    msg = parse_message(ChunkMessage, _payload(job_id=job_id, items=items, params=params, **extra))
-    outcome = service().run_chunk(msg)  # type: ignore[arg-type]
-    if outcome.retry:
-        again = [it for it in msg.items if it.id in set(outcome.retry)]  # type: ignore[attr-defined]
-        _resend(self, msg, again, outcome.retry_attempt)  # type: ignore[arg-type]
-    return outcome.as_dict()
+    msg = cast(ChunkMessage, parse_message(ChunkMessage, _payload(job_id=job_id, items=items, params=params, **extra)))
+    with job_context(msg.job_id, self.request.id):
+        try:
+            outcome = service().run_chunk(msg)
+        except (*_INFRA_ERRORS, InvalidMessage):
+            raise
+        except Exception as exc:
+            # Not bad input (that is a row) nor Redis (retried above): a bug. A few tries, then the items stay
+            # pending, which `captioner reconcile JOB` sends again once it is fixed.
+            if self.request.retries >= _BUG_RETRIES:
+                log.exception("chunk of job %s failed %d times; its items stay pending", msg.job_id, _BUG_RETRIES + 1)
+                raise
+            log.exception("chunk of job %s failed; trying again", msg.job_id)
+            raise self.retry(exc=exc, countdown=_backoff(self.request.retries + 1), max_retries=_BUG_RETRIES) from None
+        if outcome.retry:
+            again = [it for it in msg.items if it.id in set(outcome.retry)]
+            _resend(self, msg, again, outcome.retry_attempt)
+        return outcome.as_dict()
 
 
 def _resend(task: Task, msg: ChunkMessage, items: list[ChunkItem], attempt: int) -> None:
@@ -86,7 +102,9 @@ def _resend(task: Task, msg: ChunkMessage, items: list[ChunkItem], attempt: int)
 def caption(self: Task, source: Any = None, params: Any = None, **extra: Any) -> dict:
     """One image in, one result row out (status ok with a caption, or error with its class)."""
     req = parse_message(CaptionRequest, _payload(source=source, params=params, **extra))
-    row = service().caption_sources([req.src()], req.params)[0]  # type: ignore[attr-defined]
+    with job_context(None, self.request.id):
+        row = service().caption_sources([req.src()], req.params)[0]  # type: ignore[attr-defined]
+    row.attempts = self.request.retries + 1
     if row.transient and self.request.retries + 1 < get_settings().max_attempts:
         raise self.retry(countdown=_backoff(self.request.retries + 1), max_retries=get_settings().max_attempts)
     return row.model_dump(mode="json", exclude_none=True)
@@ -97,7 +115,8 @@ def caption_many(self: Task, sources: Any = None, params: Any = None, **extra: A
     """A list of images in, a list of result rows out, same order and length."""
     req = parse_message(CaptionManyRequest, _payload(sources=sources, params=params, **extra))
     srcs = [source_from_wire(s) for s in req.sources]  # type: ignore[attr-defined]
-    rows = service().caption_sources(srcs, req.params)  # type: ignore[attr-defined]
+    with job_context(None, self.request.id):
+        rows = service().caption_sources(srcs, req.params)  # type: ignore[attr-defined]
     return [r.model_dump(mode="json", exclude_none=True) for r in rows]
 
 
@@ -119,8 +138,11 @@ def notify_done(self: Task, job_id: str) -> dict:
     info = ledger.job(job_id)
     summary = info.as_dict()
     sent: dict[str, Any] = {"job_id": job_id}
-    if task_name := info.extra.get("on_done_task"):
+    task_name = info.extra.get("on_done_task")
+    # Sent once: a retry for the webhook below must not send the completion task a second time.
+    if task_name and ledger.get_field(job_id, "done_task_sent") is None:
         app.send_task(task_name, kwargs={"job": summary}, queue=info.extra.get("on_done_queue"))
+        ledger.set_fields(job_id, done_task_sent=time.time())
         sent["task"] = task_name
     if url := info.extra.get("webhook"):
         secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
@@ -128,7 +150,7 @@ def notify_done(self: Task, job_id: str) -> dict:
         try:
             sent["webhook_status"] = post_webhook(url, summary, secret=secret, policy=policy)
         except CaptionerError as exc:
-            if getattr(exc, "transient", False):
+            if getattr(exc, "transient", False) and self.request.retries < self.max_retries:
                 raise self.retry(countdown=_backoff(self.request.retries + 1)) from None
             ledger.set_fields(job_id, webhook_error=str(exc))
             log.warning("job %s: webhook failed: %s", job_id, exc)
