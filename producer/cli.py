@@ -37,6 +37,9 @@ class _Group(click.Group):
             raise SystemExit(0) from None
         except CaptionerError as exc:
             raise _Fail(f"{exc}") from None
+        except OSError as exc:  # an export target not writable, a disk full: the user's environment, not a bug
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise _Fail(f"{where}{exc.strerror or exc}") from None
         except Exception as exc:
             message = _infra_message(exc)
             if message is None:
@@ -167,9 +170,11 @@ def enqueue(
     import itertools
 
     from producer.jobs import derive_job_id
-    from producer.sources import expand
+    from producer.sources import check, expand
 
     settings = _settings(ctx)
+    for source in sources:  # every argument, before anything is written: a bad one leaves no half job
+        check(source, column=column)
     params = _gen_params(settings, max_length, num_beams, prompt)
     keys = [s if s.startswith(("http://", "https://")) else str(Path(s).expanduser().resolve()) for s in sources]
     job_id = job_id or derive_job_id([*keys, column or ""], params)
@@ -200,19 +205,18 @@ def enqueue(
 
 def _warn_roots(settings: Any, refs: Any) -> Any:
     """Tell the user now, not after a million forbidden rows, when paths fall outside the allowed roots."""
+    roots = tuple(str(r).rstrip(os.sep) + os.sep for r in settings.allowed_roots)
     warned = False
     for ref in refs:
-        if not warned and not ref.startswith(("http://", "https://")):
+        if not warned and not ref.startswith(("http://", "https://", *roots)):  # paths are absolute here
             warned = True
-            roots = settings.allowed_roots
-            if not any(Path(ref).is_relative_to(r) for r in roots):
-                where = ", ".join(map(str, roots)) or "none set"
-                click.secho(
-                    f"warning: {ref} is outside CAPTIONER_ALLOWED_ROOTS ({where}); workers with the same "
-                    "settings will refuse it as 'forbidden'",
-                    err=True,
-                    fg="yellow",
-                )
+            where = ", ".join(map(str, settings.allowed_roots)) or "none set"
+            click.secho(
+                f"warning: {ref} is outside CAPTIONER_ALLOWED_ROOTS ({where}); workers with the same "
+                "settings will refuse it as 'forbidden'",
+                err=True,
+                fg="yellow",
+            )
         yield ref
 
 

@@ -15,7 +15,7 @@ import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-from worker.errors import BrokerUnavailable, CaptionerError, NothingToEnqueue
+from worker.errors import BrokerUnavailable, CaptionerError, NothingToEnqueue, SourceError
 from worker.ledger import JobInfo, ledger_from_settings
 from worker.messages import (
     TASK_CAPTION_CHUNK,
@@ -101,6 +101,11 @@ class JobClient:
                     self._enqueue_chunk(job_id, chunk, params, created, producer, report)
                     if on_progress:
                         on_progress(report.items)
+        except SourceError as exc:  # a list file broken half-way: what came before it is queued
+            raise SourceError(
+                f"{exc}; job {job_id} has {report.items} item(s) so far and stays open: fix the source and run the "
+                "same command again to resume (captioned items are skipped)"
+            ) from None
         except (OperationalError, redis.ResponseError) as exc:
             if "maxmemory" in str(exc) or "OOM" in str(exc):
                 raise BrokerUnavailable(
@@ -189,16 +194,20 @@ class JobClient:
             want = {ItemStatus.ERROR} | ({ItemStatus.CANCELLED} if include_cancelled else set())
             items = self.ledger.iter_unfinished(job_id, want=frozenset(want))
         todo = list(items)  # settle the selection before rows start to change under it
-        self.ledger.set_state(job_id, JobState.RUNNING)
+        # Open, as during an enqueue: the job cannot end after the first re-sent chunk while later ones are
+        # still to be made pending again.
+        self.ledger.open_job(job_id, info.name, info.params)
         sent = 0
-        with self.app.producer_or_acquire() as producer:
-            for chunk in _chunks(todo, chunk_size or self.settings.chunk_size):
-                pairs = dict(chunk)
-                self.ledger.requeue(job_id, list(pairs), flagged=flagged is not None)
-                self._send(job_id, pairs, params or info.params, producer)
-                sent += len(pairs)
-        if not sent:
-            self.ledger.seal(job_id)
+        try:
+            with self.app.producer_or_acquire() as producer:
+                for chunk in _chunks(todo, chunk_size or self.settings.chunk_size):
+                    pairs = dict(chunk)
+                    self.ledger.requeue(job_id, list(pairs), flagged=flagged is not None)
+                    self._send(job_id, pairs, params or info.params, producer)
+                    sent += len(pairs)
+        finally:
+            if self.ledger.seal(job_id):
+                self.app.send_task(TASK_NOTIFY, kwargs={"job_id": job_id}, queue=self.settings.caption_queue)
         return sent
 
     def reconcile(self, job_id: str, *, chunk_size: int | None = None) -> int:

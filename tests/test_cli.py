@@ -176,3 +176,21 @@ def test_worker_options_override_the_settings(worker_env: dict[str, str], tiny_m
             log = proc.log_path.read_text()
     assert info["model_version"].startswith("tiny-git@") and info["max_batch_size"] == 3
     assert "concurrency: 2 (thread)" in log and "DEBUG/" in log
+
+
+def test_a_bad_source_argument_leaves_no_half_job(settings: Settings, images: Path, tmp_path: Path) -> None:
+    """`enqueue good_dir missing.txt`: every argument is checked before the job is opened, so nothing is written."""
+    bad_list = tmp_path / "refs.csv"
+    bad_list.write_text("name,caption\na.jpg,x\n")
+    for bad in (str(tmp_path / "missing.txt"), str(bad_list), str(tmp_path / "*.nothing")):
+        code, _, err = invoke(settings, "enqueue", str(images), bad, "--job-id", "job-half")
+        assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert "job-half" not in invoke(settings, "jobs", "--json")[1]
+
+
+def test_an_unwritable_export_target_is_one_line(settings: Settings, client) -> None:
+    from worker.messages import GenParams
+
+    client.ledger.open_job("job-export-ro", "x", GenParams())
+    code, _, err = invoke(settings, "export", "job-export-ro", "-o", "/proc/no-such-dir/out.jsonl")
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err and "/proc/no-such-dir" in err, err

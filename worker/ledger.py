@@ -247,7 +247,10 @@ class Ledger:
 
     # --- jobs -----------------------------------------------------------------------------------
     def open_job(self, job_id: str, name: str, params: GenParams, extra: dict[str, Any] | None = None) -> bool:
-        """Create the job if new, or reopen it (a resumed enqueue); returns True when it was created."""
+        """Create the job if new, or reopen it (a resumed enqueue, a retry); returns True when it was created.
+
+        Reopening keeps the stored options (``extra``) unless new ones are given; its next end notifies again.
+        """
         key = self.job_key(job_id)
         now = time.time()
         created = self.r.hsetnx(key, "created", repr(now))
@@ -257,7 +260,7 @@ class Ledger:
             fields["extra"] = json.dumps(extra)
         pipe = self.r.pipeline()
         pipe.hset(key, mapping=fields)
-        pipe.hdel(key, "finished")
+        pipe.hdel(key, "finished", "done_task_sent")
         pipe.zadd(self._k("jobs"), {job_id: now}, nx=True)
         pipe.execute()
         return bool(created)
