@@ -31,17 +31,23 @@ def mask_url(url: str) -> str:
         return url
     user = parts.username or ""
     host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host  # IPv6 keeps its brackets
     netloc = f"{user}:****@{host}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+#: Secret settings that are connection URLs: shown with user and host, password masked. Every other secret
+#: (a webhook key, and any secret added later) is masked whole, judged by its field rather than its text.
+URL_SECRETS = frozenset({"broker_url", "result_backend", "redis_url"})
+
+
 def effective_settings(settings: Settings) -> dict[str, Any]:
-    """Every setting with its effective value, passwords masked, keyed by environment variable."""
+    """Every setting with its effective value, secrets masked, keyed by environment variable."""
     out: dict[str, Any] = {}
     for name in type(settings).model_fields:
         value = getattr(settings, name)
         if isinstance(value, SecretStr):
-            value = mask_url(value.get_secret_value())
+            value = mask_url(value.get_secret_value()) if name in URL_SECRETS else "****"
         elif isinstance(value, list):
             value = ",".join(map(str, value))
         elif value is not None and not isinstance(value, bool | int | float | str):

@@ -44,14 +44,21 @@ def test_metrics_endpoint_and_json_logs_of_a_real_worker(
     assert chunk_lines and all(e["job_id"] == "job-metrics" and e["task_id"] != "-" for e in chunk_lines)
 
 
-def test_config_prints_every_setting_with_passwords_masked() -> None:
-    env = {"CAPTIONER_BROKER_URL": "redis://app:hunter2@cache:6379/0", "CAPTIONER_MAX_BATCH_SIZE": "48"}
-    result = CliRunner().invoke(cli, ["config", "--json"], env=env, catch_exceptions=False)
-    values = json.loads(result.stdout)
+def test_config_prints_every_setting_with_secrets_masked() -> None:
+    env = {"CAPTIONER_BROKER_URL": "redis://app:hunter2@cache:6379/0", "CAPTIONER_MAX_BATCH_SIZE": "48",
+           "CAPTIONER_RESULT_BACKEND": "redis://:backend-pw@[::1]:6380/2",
+           "CAPTIONER_WEBHOOK_SECRET": "whsec-topsecret://not-a-url"}  # fmt: skip
+    for args in (["config", "--json"], ["config"]):
+        result = CliRunner().invoke(cli, args, env=env, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        for secret in ("hunter2", "backend-pw", "topsecret", "not-a-url"):
+            assert secret not in result.output, f"{secret} printed by captioner {' '.join(args)}"
+    values = json.loads(CliRunner().invoke(cli, ["config", "--json"], env=env).stdout)
     assert values["CAPTIONER_BROKER_URL"] == "redis://app:****@cache:6379/0"
     assert values["CAPTIONER_REDIS_URL"] == "redis://app:****@cache:6379/0"  # defaults to the broker, masked too
+    assert values["CAPTIONER_RESULT_BACKEND"] == "redis://:****@[::1]:6380/2"
+    assert values["CAPTIONER_WEBHOOK_SECRET"] == "****"
     assert values["CAPTIONER_MAX_BATCH_SIZE"] == 48
-    assert "hunter2" not in result.output
 
 
 def test_doctor_fails_without_persistence_or_workers_and_passes_on_a_sound_setup(
