@@ -7,6 +7,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import redis
 from click.testing import CliRunner
 
 from producer.cli import cli
@@ -80,6 +81,75 @@ def test_doctor_fails_without_persistence_or_workers_and_passes_on_a_sound_setup
     assert "tiny-git@" in checks["caption workers"]["detail"]
     result = CliRunner().invoke(cli, ["--broker-url", "redis://127.0.0.1:1/0", "doctor"], catch_exceptions=False)
     assert result.exit_code == 1 and "broker reachable" in result.stdout
+
+
+def _doctor(env: dict[str, str]) -> tuple[int, dict[str, dict[str, str]]]:
+    result = CliRunner().invoke(cli, ["doctor", "--json"], env=env, catch_exceptions=False)
+    return result.exit_code, {c["name"]: c for c in json.loads(result.stdout)}
+
+
+def test_doctor_warns_when_redis_answers_anyone_beyond_loopback() -> None:
+    with LocalRedis(appendonly=True) as server:
+        env = {"CAPTIONER_BROKER_URL": server.url(0), "CAPTIONER_REDIS_URL": server.url(1)}
+        admin = redis.Redis(port=server.port)
+        _, checks = _doctor(env)
+        assert "ledger access" not in checks, "one server, one set of checks"
+        assert checks["broker access"]["level"] == "ok" and "loopback only" in checks["broker access"]["detail"]
+        # 192.0.2.1 (TEST-NET) is on no interface; "-" makes it optional, so Redis binds 127.0.0.1 only but
+        # reports both, exactly as a server configured beyond loopback would.
+        admin.config_set("bind", "127.0.0.1 -192.0.2.1")
+        admin.config_set("protected-mode", "no")
+        _, checks = _doctor(env)
+        assert checks["broker access"]["level"] == "warn", checks["broker access"]
+        assert "beyond loopback" in checks["broker access"]["detail"]
+        admin.config_set("protected-mode", "yes")
+        assert _doctor(env)[1]["broker access"]["level"] == "ok"
+    with LocalRedis(appendonly=True, password="doctor-pw") as server:
+        env = {"CAPTIONER_BROKER_URL": server.url(0)}
+        redis.Redis(port=server.port, password="doctor-pw").config_set("bind", "127.0.0.1 -192.0.2.1")
+        _, checks = _doctor(env)
+        assert checks["broker persistence"]["level"] == "ok"
+        assert checks["broker access"] == {"name": "broker access", "level": "ok",
+                                           "detail": "a password or ACL user is required"}  # fmt: skip
+
+
+def test_doctor_tells_training_from_caption_workers_and_sees_a_stale_model(
+    worker_env: dict[str, str], tiny_model: Path, tmp_path: Path
+) -> None:
+    from worker.messages import TrainRequest
+    from worker.store import ModelStore
+
+    store = ModelStore(tmp_path / "store")
+    store.promote(store.add(tiny_model, {"base_model": "tiny"}, "v-one").version)
+    store.add(tiny_model, {"base_model": "tiny"}, "v-two")
+    with LocalRedis(appendonly=True) as server:
+        env = {**worker_env, "CAPTIONER_BROKER_URL": server.url(0), "CAPTIONER_RESULT_BACKEND": server.url(0),
+               "CAPTIONER_REDIS_URL": server.url(1), "CAPTIONER_MODEL": "@current",
+               "CAPTIONER_MODEL_STORE": str(store.root), "CAPTIONER_MODEL_POLL_S": "3600"}  # fmt: skip
+        with WorkerProcess(env, log=tmp_path / "caption.log") as caption:
+            caption.wait_ready()
+            client = JobClient(settings_from(env))
+            client.submit_training(TrainRequest(job_id="train-waiting", dataset=str(tmp_path / "none")))
+            client.close()
+            code, checks = _doctor(env)
+            assert code == 0, checks
+            assert checks["training workers"]["level"] == "warn", checks["training workers"]
+            assert "1 job(s) waiting" in checks["training workers"]["detail"]
+            assert checks["model version"]["level"] == "ok" and "v-one" in checks["model version"]["detail"]
+
+            store.promote("v-two")  # the worker polls hourly here, so it still serves v-one
+            _, checks = _doctor(env)
+            assert checks["model version"]["level"] == "warn"
+            assert f"{caption.name} serves v-one" in checks["model version"]["detail"]
+            assert "current is v-two" in checks["model version"]["detail"]
+
+            redis.Redis.from_url(server.url(0)).delete(env["CAPTIONER_TRAINING_QUEUE"])
+            with WorkerProcess(env, training=True, log=tmp_path / "train.log") as trainer:
+                trainer.wait_ready()
+                code, checks = _doctor(env)
+    assert checks["training workers"]["level"] == "ok" and trainer.name in checks["training workers"]["detail"]
+    assert checks["caption workers"]["detail"].startswith("1 online;"), checks["caption workers"]
+    assert trainer.name not in checks["caption workers"]["detail"]
 
 
 def test_plain_celery_worker_command_serves_too(worker_env: dict[str, str], tmp_path: Path, session_root: Path) -> None:
