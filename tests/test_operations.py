@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 import urllib.request
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import redis
@@ -16,29 +19,76 @@ from producer.local import LocalRedis, WorkerProcess, free_port
 from tests.conftest import settings_from
 
 
+class _Unavailable(BaseHTTPRequestHandler):
+    """Every GET is a 503: a transient failure, retried with backoff."""
+
+    def do_GET(self) -> None:
+        self.send_error(503)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _scrape(port: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+
+def _sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of one series in a Prometheus text page, or None when it is absent."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        series, _, value = line.rpartition(" ")
+        if series == (f"{name}{{{wanted}}}" if labels else name):
+            return float(value)
+    return None
+
+
 def test_metrics_endpoint_and_json_logs_of_a_real_worker(
     worker_env: dict[str, str], session_root: Path, tmp_path: Path
 ) -> None:
     from training.synthetic import make_shapes
+    from worker.messages import TrainRequest
 
     port = free_port()
     folder = session_root / f"ops-{uuid.uuid4().hex[:6]}"
     refs = [str(p) for p, _ in make_shapes(folder, 6, seed=4, size=32)]
     (folder / "broken.png").write_bytes(b"\x89PNG broken")
+    http = ThreadingHTTPServer(("127.0.0.1", 0), _Unavailable)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    down = f"http://127.0.0.1:{http.server_address[1]}/down.jpg"
     with LocalRedis() as server:
         env = {**worker_env, "CAPTIONER_BROKER_URL": server.url(0), "CAPTIONER_RESULT_BACKEND": server.url(0),
                "CAPTIONER_REDIS_URL": server.url(1), "CAPTIONER_METRICS_PORT": str(port),
-               "CAPTIONER_METRICS_ADDR": "127.0.0.1", "CAPTIONER_LOG_JSON": "true"}  # fmt: skip
+               "CAPTIONER_METRICS_ADDR": "127.0.0.1", "CAPTIONER_LOG_JSON": "true",
+               "CAPTIONER_MAX_ATTEMPTS": "2"}  # fmt: skip
+        training_queue = env["CAPTIONER_TRAINING_QUEUE"]
         with WorkerProcess(env, log=tmp_path / "w.log") as proc:
             proc.wait_ready()
             client = JobClient(settings_from(env))
-            client.enqueue([*refs, str(folder / "broken.png")], job_id="job-metrics")
+            client.enqueue([*refs, str(folder / "broken.png"), down], job_id="job-metrics")
+            # A fine-tune no training worker takes: the training queue's depth is 1 until someone does.
+            client.submit_training(TrainRequest(job_id="train-queued", dataset=str(tmp_path / "none")))
             client.wait("job-metrics", timeout=60, on_tick=lambda _: None)
             client.close()
-            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    assert 'captioner_images_total{status="ok"} 6.0' in text
-    assert 'captioner_errors_total{error_class="decode_error"} 1.0' in text
-    assert "captioner_batch_size_count" in text and 'captioner_stage_seconds_count{stage="infer"}' in text
+            deadline = time.monotonic() + 15  # the sampler reads queue depths every 5 s
+            while _sample(text := _scrape(port), "captioner_queue_depth", queue=training_queue) != 1.0:
+                assert time.monotonic() < deadline, "queue depth never sampled"
+                time.sleep(0.5)
+    http.shutdown()
+    http.server_close()
+    assert _sample(text, "captioner_images_total", status="ok") == 6.0
+    assert _sample(text, "captioner_errors_total", error_class="decode_error") == 1.0
+    # The 503 item is counted once per attempt today (observe_rows runs before the retry split).
+    assert _sample(text, "captioner_errors_total", error_class="fetch_error") >= 1.0
+    assert _sample(text, "captioner_retries_total") == 1.0, "the 503 was retried once (CAPTIONER_MAX_ATTEMPTS=2)"
+    assert _sample(text, "captioner_queue_depth", queue=env["CAPTIONER_CAPTION_QUEUE"]) == 0.0
+    assert _sample(text, "captioner_batch_size_count") >= 1
+    assert _sample(text, "captioner_stage_seconds_count", stage="infer") >= 1
+    assert _sample(text, "captioner_stage_seconds_count", stage="load") == 6.0, "one load per captioned image"
+    assert _sample(text, "captioner_stage_seconds_sum", stage="load") > 0
+    # One write per chunk: the job's chunk, then the chunk that carried the retried URL.
+    assert _sample(text, "captioner_stage_seconds_count", stage="write") == 2.0
+    assert _sample(text, "captioner_stage_seconds_sum", stage="write") > 0
     assert 'captioner_model_info{device="cpu",dtype="float32",version="tiny-git@' in text
     lines = [json.loads(line) for line in proc.log_path.read_text().splitlines() if line.startswith("{")]
     chunk_lines = [entry for entry in lines if entry["msg"].startswith("chunk job=job-metrics")]
