@@ -1,6 +1,7 @@
 # Images of the captioner. Targets:
 #   producer  the `captioner` CLI only (Redis/Celery client, no torch)   docker build --target producer .
-#   worker    caption and training workers (torch, transformers)         docker build --target worker .
+#   worker    the caption worker (torch, transformers, training extras)  docker build --target worker .
+#   training  the worker image, started as a training worker             docker build --target training .
 # A CPU-only worker image: --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 ARG PYTHON_IMAGE=python:3.11-slim

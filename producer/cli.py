@@ -595,7 +595,7 @@ def _push_to_hub(path: Path, repo_id: str, version: str) -> None:
 @json_option
 @click.pass_context
 def config(ctx: click.Context, as_json: bool) -> None:
-    """Print the effective settings (passwords masked), as environment variables."""
+    """Print the effective settings (secrets masked), as environment variables."""
     from producer.doctor import effective_settings
 
     values = effective_settings(_settings(ctx))

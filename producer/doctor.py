@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -9,7 +10,9 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 from pydantic import SecretStr
 
+from worker.ledger import settings_client
 from worker.settings import Settings
+from worker.store import ModelStore
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 
@@ -31,17 +34,23 @@ def mask_url(url: str) -> str:
         return url
     user = parts.username or ""
     host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host  # IPv6 keeps its brackets
     netloc = f"{user}:****@{host}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+#: Secret settings that are connection URLs: shown with user and host, password masked. Every other secret
+#: (a webhook key, and any secret added later) is masked whole, judged by its field rather than its text.
+URL_SECRETS = frozenset({"broker_url", "result_backend", "redis_url"})
+
+
 def effective_settings(settings: Settings) -> dict[str, Any]:
-    """Every setting with its effective value, passwords masked, keyed by environment variable."""
+    """Every setting with its effective value, secrets masked, keyed by environment variable."""
     out: dict[str, Any] = {}
     for name in type(settings).model_fields:
         value = getattr(settings, name)
         if isinstance(value, SecretStr):
-            value = mask_url(value.get_secret_value())
+            value = mask_url(value.get_secret_value()) if name in URL_SECRETS else "****"
         elif isinstance(value, list):
             value = ",".join(map(str, value))
         elif value is not None and not isinstance(value, bool | int | float | str):
@@ -54,21 +63,25 @@ def effective_settings(settings: Settings) -> dict[str, Any]:
 
 def run_checks(settings: Settings, app: Any) -> list[Check]:
     checks: list[Check] = []
-    broker = _connect("broker", settings.broker_url_str, checks)
-    ledger = _connect("ledger", settings.redis_url_str, checks)
-    for role, client in (("broker", broker), ("ledger", ledger)):
-        if client is not None:
+    broker = _connect("broker", settings, settings.broker_url_str, checks)
+    ledger = _connect("ledger", settings, settings.redis_url_str, checks)
+    servers: set[tuple[str | None, int | None]] = set()
+    for role, url, client in (("broker", settings.broker_url_str, broker), ("ledger", settings.redis_url_str, ledger)):
+        server = (urlsplit(url).hostname, urlsplit(url).port)
+        if client is not None and server not in servers:  # one server's checks once, even with two DBs on it
+            servers.add(server)
             checks += _redis_safety(role, client)
+            checks.append(_redis_access(role, settings, url, client))
     if broker is not None:
         depths = {q: int(broker.llen(q)) for q in (settings.caption_queue, settings.training_queue)}
         checks.append(Check("queues", OK, ", ".join(f"{q}: {n} waiting" for q, n in depths.items())))
-        checks.append(_workers(app))
+        checks += _workers(settings, app, depths[settings.training_queue])
     checks += _config(settings)
     return checks
 
 
-def _connect(role: str, url: str, checks: list[Check]) -> redis.Redis | None:
-    client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=5)
+def _connect(role: str, settings: Settings, url: str, checks: list[Check]) -> redis.Redis | None:
+    client = settings_client(settings, url)  # carries the rediss:// certificate options
     try:
         client.ping()
     except redis.RedisError as exc:
@@ -96,14 +109,118 @@ def _redis_safety(role: str, client: redis.Redis) -> list[Check]:
     return out
 
 
-def _workers(app: Any) -> Check:
-    from producer.jobs import workers_info
+def _redis_access(role: str, settings: Settings, url: str, client: redis.Redis) -> Check:
+    """Warn when anyone who reaches Redis may use it: no password or ACL user, and listening beyond loopback."""
+    name, parts = f"{role} access", urlsplit(url)
+    hint = "set a password or an ACL user (docs/operations.md, Hardening Redis)"
+    open_to_all = _answers_without_auth(settings, url) if parts.password or parts.username else True
+    if open_to_all is None:
+        return Check(name, WARN, "cannot tell whether Redis requires a password")
+    if not open_to_all:
+        return Check(name, OK, "a password or ACL user is required")
+    if not _is_loopback(parts.hostname or "127.0.0.1"):
+        return Check(
+            name, WARN, f"no password, and reached at {parts.hostname}: anyone on that network may use it; {hint}"
+        )
+    bind, protected = _config_value(client, "bind"), _config_value(client, "protected-mode")
+    if bind is None:  # CONFIG refused: unknown, not a failure
+        return Check(name, WARN, f"no password; cannot read CONFIG bind, so where it listens is unknown; {hint}")
+    outside = [a for a in bind.split() if not _is_loopback(a.lstrip("-"))]
+    if not outside:
+        return Check(name, OK, f"no password, loopback only (bind {bind})")
+    if protected == "yes":
+        return Check(name, OK, f"no password; bind {bind}, but protected-mode refuses remote clients")
+    return Check(name, WARN, f"no password, and listening beyond loopback (bind {bind}); {hint}")
 
-    info = workers_info(app, timeout=2.0)
-    if not info:
-        return Check("caption workers", FAIL, "no caption worker answered (captioner worker starts one)")
-    versions = ", ".join(f"{host}: {i.get('model_version') or 'loading'}" for host, i in sorted(info.items()))
-    return Check("caption workers", OK, f"{len(info)} online; {versions}")
+
+def _answers_without_auth(settings: Settings, url: str) -> bool | None:
+    """Does this Redis serve a client that sends no credentials? None when the probe itself fails."""
+    parts = urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    probe = settings_client(settings, urlunsplit(parts._replace(netloc=netloc)))
+    try:
+        probe.ping()
+        return True
+    except (redis.AuthenticationError, redis.exceptions.NoPermissionError):
+        return False
+    except redis.RedisError as exc:
+        return False if "DENIED" in str(exc) else None
+    finally:
+        probe.close()
+
+
+def _config_value(client: redis.Redis, key: str) -> str | None:
+    try:
+        return client.config_get(key).get(key)
+    except redis.RedisError:
+        return None
+
+
+def _is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:  # "*", a host name: not provably loopback
+        return False
+
+
+def _workers(settings: Settings, app: Any, training_waiting: int) -> list[Check]:
+    """Caption and training workers, told apart by the queues they consume."""
+    queues = app.control.inspect(timeout=2.0).active_queues() or {}
+    names = {h: {q.get("name") for q in qs or []} for h, qs in queues.items()}
+    training = sorted(h for h, n in names.items() if settings.training_queue in n)
+    hosts = sorted(h for h, n in names.items() if settings.caption_queue in n or h not in training)
+    # Only the caption workers are asked, and the answer ends at their last reply rather than at the timeout.
+    replies = app.control.broadcast(
+        "captioner_info", reply=True, timeout=5.0, destination=hosts, limit=len(hosts)
+    ) if hosts else []  # fmt: skip
+    info = {host: i for reply in replies or [] for host, i in reply.items()}
+    caption = {h: info.get(h, {}) for h in hosts}
+    out = []
+    if not caption:
+        out.append(Check("caption workers", FAIL, "no caption worker answered (captioner worker starts one)"))
+    else:
+        versions = ", ".join(f"{h}: {i.get('model_version') or 'loading'}" for h, i in caption.items())
+        out.append(Check("caption workers", OK, f"{len(caption)} online; {versions}"))
+    if training:
+        out.append(Check("training workers", OK, f"{len(training)} online: {', '.join(training)}"))
+    elif training_waiting:
+        detail = (
+            f"none online, {training_waiting} job(s) waiting in {settings.training_queue} (captioner worker --training)"
+        )
+        out.append(Check("training workers", WARN, detail))
+    else:
+        out.append(Check("training workers", OK, "none online (none needed: the training queue is empty)"))
+    if model := _served_versions(settings, caption):
+        out.append(model)
+    return out
+
+
+def _served_versions(settings: Settings, caption: dict[str, dict[str, Any]]) -> Check | None:
+    """Workers started with @current should serve the store's promoted version (they poll for it)."""
+    # captioner_info names the worker's CAPTIONER_MODEL when it reports one; else assume ours (one env).
+    following = {h: i for h, i in caption.items() if (i.get("model") or settings.model) == "@current"}
+    if not following:
+        return None
+    if settings.model_store is None:
+        return Check("model version", WARN, "workers follow @current; set CAPTIONER_MODEL_STORE here to compare")
+    current = ModelStore(settings.model_store).current()
+    if current is None:
+        return Check(
+            "model version", WARN, f"workers follow @current but {settings.model_store} has no promoted version"
+        )
+    served = {h: i.get("model_version") for h, i in following.items()}
+    stale = {h: v for h, v in served.items() if v is not None and v != current.version}  # None: still loading
+    if stale:
+        listed = ", ".join(f"{h} serves {v}" for h, v in stale.items())
+        detail = (
+            f"{listed}; the store's current is {current.version}. Workers switch within CAPTIONER_MODEL_POLL_S "
+            f"({settings.model_poll_s:g}s); if this persists, the worker's log says why it could not load it"
+        )
+        return Check("model version", WARN, detail)
+    return Check("model version", OK, f"{len(following)} worker(s) on @current serve {current.version}")
 
 
 def _config(settings: Settings) -> list[Check]:

@@ -22,7 +22,9 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 
 #: Variables the stack cannot run without, on purpose (``${VAR:?message}``); every other one has a default.
-REQUIRED_VARS = {"FLOWER_BASIC_AUTH"}
+REQUIRED_VARS = {"FLOWER_BASIC_AUTH", "GRAFANA_ADMIN_PASSWORD"}
+#: Everything `compose config` needs to succeed.
+REQUIRED_ENV = {"FLOWER_BASIC_AUTH": "ci:secret", "GRAFANA_ADMIN_PASSWORD": "ci-grafana"}
 # ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?message}, ${NAME?message} and bare $NAME; $$ escapes.
 VAR_RE = re.compile(r"(?<!\$)\$(?:\{(?P<braced>[^}]*)\}|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))")
 BRACED_RE = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>.*))?$", re.S)
@@ -81,6 +83,15 @@ def _gpu_devices(service: dict[str, Any]) -> list[dict[str, Any]]:
     return service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
 
 
+def _caption_workers(services: dict[str, Any]) -> dict[str, Any]:
+    """The caption-worker services (one per GPU), by name."""
+    return {n: s for n, s in services.items() if _argv(s.get("command")) == ["captioner", "worker"]}
+
+
+def _device_ids(service: dict[str, Any]) -> list[str]:
+    return [_interpolated(str(i), {}) for d in _gpu_devices(service) for i in d.get("device_ids", [])]
+
+
 def _volumes(service: dict[str, Any]) -> dict[str, str]:
     """Container path -> "source:mode" (mode rw when not given)."""
     out = {}
@@ -129,7 +140,8 @@ def _stage_chain(stages: dict[str, tuple[str, str]], name: str) -> list[str]:
 
 
 def test_services_present(services: dict[str, Any]) -> None:
-    assert {"redis", "caption-worker", "training-worker", "flower"} <= set(services)
+    expected = {"redis", "caption-worker-gpu0", "caption-worker-gpu1", "training-worker", "flower", "prometheus"}
+    assert expected | {"grafana"} <= set(services)
 
 
 def test_redis_is_persistent_and_healthchecked(compose: dict[str, Any], services: dict[str, Any]) -> None:
@@ -150,38 +162,66 @@ def test_redis_is_not_published_to_the_world_by_default(services: dict[str, Any]
         assert _interpolated(str(port), {}).startswith("127.0.0.1:"), port
 
 
-def test_caption_worker(services: dict[str, Any]) -> None:
-    worker = services["caption-worker"]
-    assert _argv(worker["command"]) == ["captioner", "worker"]
-    devices = _gpu_devices(worker)
-    assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices)
-    assert all(("count" in d) != ("device_ids" in d) for d in devices), "count and device_ids exclude each other"
-    env = _env(worker)
-    assert env["CAPTIONER_BROKER_URL"] == "redis://redis:6379/0"
-    assert env["CAPTIONER_REDIS_URL"] == "redis://redis:6379/1"
-    assert _interpolated(env["CAPTIONER_MODEL"], {}) == "microsoft/git-base"
-    assert _interpolated(env["CAPTIONER_MODEL"], {"CAPTIONER_MODEL": "/models/x"}) == "/models/x"
-    assert env["CAPTIONER_ALLOWED_ROOTS"] == "/data"
-    volumes = _volumes(worker)
-    assert volumes["/data"] == "./data:ro"
-    assert "/models" in volumes and "/cache/huggingface" in volumes
-    assert env.get("HF_HOME") == "/cache/huggingface"
-    assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
-    assert worker["restart"] == "unless-stopped"
-    assert _seconds(worker["stop_grace_period"]) >= 60, "too short for a warm shutdown"
+def test_caption_workers(services: dict[str, Any]) -> None:
+    workers = _caption_workers(services)
+    assert {"caption-worker-gpu0", "caption-worker-gpu1"} <= set(workers)
+    for name, worker in workers.items():
+        env = _env(worker)
+        assert env["CAPTIONER_BROKER_URL"] == "redis://redis:6379/0", name
+        assert env["CAPTIONER_REDIS_URL"] == "redis://redis:6379/1", name
+        assert _interpolated(env["CAPTIONER_MODEL"], {}) == "microsoft/git-base"
+        assert _interpolated(env["CAPTIONER_MODEL"], {"CAPTIONER_MODEL": "/models/x"}) == "/models/x"
+        assert env["CAPTIONER_ALLOWED_ROOTS"] == "/data"
+        volumes = _volumes(worker)
+        assert volumes["/data"] == "./data:ro"
+        assert volumes["/models"].endswith(":ro") and "/cache/huggingface" in volumes
+        assert env.get("HF_HOME") == "/cache/huggingface"
+        assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert worker["restart"] == "unless-stopped"
+        assert _seconds(worker["stop_grace_period"]) >= 60, f"{name}: too short for a warm shutdown"
+        check = " ".join(_argv(worker["healthcheck"]["test"]))
+        assert "inspect ping" in check and "caption@$$HOSTNAME" in check, name
+
+
+def test_one_caption_worker_per_gpu_each_pinned(services: dict[str, Any]) -> None:
+    """`count: 1` on every service puts them all on GPU 0: each GPU service names its device instead."""
+    for name, svc in services.items():
+        for device in _gpu_devices(svc):
+            assert device.get("driver") == "nvidia" and "gpu" in device.get("capabilities", []), name
+            assert "count" not in device and len(device.get("device_ids", [])) == 1, f"{name}: pin one device_id"
+    workers = _caption_workers(services)
+    ids = [_device_ids(w) for w in workers.values()]
+    assert all(len(i) == 1 for i in ids) and len({i[0] for i in ids}) == len(ids), f"GPUs shared: {ids}"
+    assert _device_ids(workers["caption-worker-gpu0"]) == ["0"] and _device_ids(workers["caption-worker-gpu1"]) == ["1"]
+    # One GPU is the default; every further GPU's worker sits behind a profile, so a one-GPU host still starts.
+    assert "profiles" not in workers["caption-worker-gpu0"]
+    assert all(w.get("profiles") for n, w in workers.items() if n != "caption-worker-gpu0")
+    # The pattern is one anchor: the services differ only in their GPU and profile.
+    strip = [{k: v for k, v in w.items() if k not in ("deploy", "profiles")} for w in workers.values()]
+    assert all(s == strip[0] for s in strip)
+    text = COMPOSE.read_text()
+    assert "x-caption-worker: &caption-worker" in text
+    for name in workers:
+        assert re.search(rf"^  {re.escape(name)}:\n    <<: \*caption-worker$", text, re.M), f"{name} skips the anchor"
 
 
 def test_training_worker_consumes_training(services: dict[str, Any]) -> None:
     training = services["training-worker"]
     argv = _argv(training["command"])
     assert argv[:2] == ["captioner", "worker"] and "--training" in argv
-    assert "--training" not in _argv(services["caption-worker"]["command"])
-    assert services["caption-worker"]["build"]["target"] == "worker"
+    caption = services["caption-worker-gpu0"]
+    assert "--training" not in _argv(caption["command"])
+    assert caption["build"]["target"] == "worker"
     assert training["build"]["target"] == "training"
     assert "worker" in _stage_chain(_dockerfile_stages(), "training"), "the training image is the worker image"
-    assert training["image"] != services["caption-worker"]["image"], "two targets must not share one tag"
-    assert any(d.get("driver") == "nvidia" for d in _gpu_devices(training))
+    assert training["image"] != caption["image"], "two targets must not share one tag"
+    assert _device_ids(training) == ["0"]
+    assert _interpolated(_gpu_devices(training)[0]["device_ids"][0], {"TRAINING_GPU": "1"}) == "1"
     assert _volumes(training)["/models"].endswith(":rw"), "training writes models"
+    check = " ".join(_argv(training["healthcheck"]["test"]))
+    assert "inspect ping" in check and "train@$$HOSTNAME" in check
+    # Training reads images with threads, not DataLoader processes: no /dev/shm to enlarge.
+    assert "shm_size" not in training
 
 
 def test_flower_requires_auth(services: dict[str, Any]) -> None:
@@ -220,7 +260,7 @@ def test_every_variable_has_a_default_or_is_required(compose: dict[str, Any]) ->
 def test_build_targets_exist_in_dockerfile(services: dict[str, Any]) -> None:
     stages = _dockerfile_stages()
     built = {name: svc["build"] for name, svc in services.items() if "build" in svc}
-    assert {"caption-worker", "training-worker"} <= set(built)
+    assert {"caption-worker-gpu0", "caption-worker-gpu1", "training-worker"} <= set(built)
     for name, build in built.items():
         assert isinstance(build, dict) and build.get("target"), f"{name} builds without a target"
         assert build["target"] in stages, f"{name}: target {build['target']!r} not in {sorted(stages)}"
@@ -297,41 +337,84 @@ def _compose_env(compose: dict[str, Any], **extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
+def _config(base: list[str], env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*base, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
 def test_compose_config_validates(compose: dict[str, Any], tmp_path: Path) -> None:
     command = _compose_command()
     if command is None:
         pytest.skip("neither `docker compose` nor `docker-compose` is installed; only the structural checks ran")
     base = [*command, "--project-directory", str(ROOT), "-f", str(COMPOSE)]
+    with_auth = _compose_env(compose, **REQUIRED_ENV)
 
-    with_auth = _compose_env(compose, FLOWER_BASIC_AUTH="ci:secret")
-    ok = subprocess.run([*base, "config"], cwd=tmp_path, env=with_auth, capture_output=True, text=True, timeout=120)
+    ok = _config(base, with_auth, tmp_path, "config")
     assert ok.returncode == 0, ok.stderr
-    resolved = yaml.safe_load(ok.stdout)
-    worker = resolved["services"]["caption-worker"]
+    resolved = yaml.safe_load(ok.stdout)["services"]
+    worker = resolved["caption-worker-gpu0"]
     assert worker["environment"]["CAPTIONER_MODEL"] == "microsoft/git-base"
-    assert worker["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
-    assert resolved["services"]["flower"]["environment"]["FLOWER_BASIC_AUTH"] == "ci:secret"
+    assert worker["deploy"]["resources"]["reservations"]["devices"] == [
+        {"driver": "nvidia", "device_ids": ["0"], "capabilities": ["gpu"]}
+    ]
+    assert worker["healthcheck"]["test"][-1].startswith("celery -A worker.celery_app inspect ping")
+    assert resolved["flower"]["environment"]["FLOWER_BASIC_AUTH"] == "ci:secret"
+    assert resolved["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "ci-grafana"
+    # compose v2 leaves a service of an inactive profile out; Debian's v1.29 lists it, marked with its profile.
+    if "caption-worker-gpu1" in resolved:
+        assert resolved["caption-worker-gpu1"]["profiles"] == ["gpu1"]
 
-    quiet = subprocess.run(
-        [*base, "config", "-q"], cwd=tmp_path, env=with_auth, capture_output=True, text=True, timeout=120
-    )
+    with_gpu1 = _config(base, with_auth, tmp_path, "--profile", "gpu1", "config")
+    assert with_gpu1.returncode == 0, with_gpu1.stderr
+    second = yaml.safe_load(with_gpu1.stdout)["services"]["caption-worker-gpu1"]
+    assert second["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["1"]
+    assert second["environment"] == worker["environment"] and second["volumes"] == worker["volumes"]
+    assert second["image"] == worker["image"] and second["healthcheck"] == worker["healthcheck"]
+
+    quiet = _config(base, with_auth, tmp_path, "--profile", "gpu1", "config", "-q")
     assert quiet.returncode == 0 and not quiet.stdout, quiet.stderr
 
-    # Without the Flower password the stack refuses to start, naming the variable.
-    refused = subprocess.run(
-        [*base, "config", "-q"], cwd=tmp_path, env=_compose_env(compose), capture_output=True, text=True, timeout=120
-    )
-    assert refused.returncode != 0
-    assert "FLOWER_BASIC_AUTH" in refused.stderr
+    # Without the Flower or the Grafana password the stack refuses to start, naming the variable.
+    for missing in REQUIRED_ENV:
+        env = _compose_env(compose, **{k: v for k, v in REQUIRED_ENV.items() if k != missing})
+        refused = _config(base, env, tmp_path, "config", "-q")
+        assert refused.returncode != 0
+        assert missing in refused.stderr
 
 
-def test_prometheus_scrapes_the_worker_metrics_port_and_the_worker_is_healthchecked(services: dict[str, Any]) -> None:
+def test_prometheus_finds_every_caption_worker_on_its_metrics_port(services: dict[str, Any]) -> None:
     from worker.settings import Settings
 
     prom = services["prometheus"]
     config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
-    targets = [t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
-    assert f"caption-worker:{Settings().metrics_port}" in targets
+    found = {(name, sd["port"]) for job in config["scrape_configs"] for sd in job.get("dns_sd_configs", [])
+             for name in sd["names"]}  # fmt: skip
+    port = Settings().metrics_port
+    assert {(name, port) for name in _caption_workers(services)} <= found, "a caption worker is never scraped"
     assert any("prometheus.yml" in v for v in prom["volumes"])
-    check = " ".join(_argv(services["caption-worker"]["healthcheck"]["test"]))
-    assert "inspect ping" in check and "caption@" in check
+    assert all(_interpolated(str(p), {}).startswith("127.0.0.1:") for p in prom["ports"])
+
+
+def test_grafana_is_provisioned_bound_to_loopback_and_needs_a_password(services: dict[str, Any]) -> None:
+    grafana = services["grafana"]
+    env = _env(grafana)
+    whole = re.fullmatch(r"\$\{(.*)\}", env["GF_SECURITY_ADMIN_PASSWORD"], re.S)
+    parts = BRACED_RE.match(whole.group(1)) if whole else None
+    assert parts and parts.group("op") in (":?", "?"), "Grafana's admin password must be a required variable"
+    assert _interpolated(env["GF_AUTH_ANONYMOUS_ENABLED"], {}) == "false"
+    assert env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer", "anonymous users, when allowed, only view"
+    ports = [_interpolated(str(p), {}) for p in grafana["ports"]]
+    assert ports and all(p.startswith("127.0.0.1:") for p in ports)
+    volumes = _volumes(grafana)
+    provisioning = ROOT / volumes["/etc/grafana/provisioning"].split(":")[0]
+    dashboards = ROOT / volumes["/etc/grafana/dashboards"].split(":")[0]
+    datasources = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
+    assert [d["url"] for d in datasources] == ["http://prometheus:9090"]
+    assert any(p.endswith(":9090") for p in services["prometheus"]["ports"])
+    provider = yaml.safe_load((provisioning / "dashboards" / "captioner.yml").read_text())["providers"][0]
+    assert provider["options"]["path"] == "/etc/grafana/dashboards"
+    boards = sorted(dashboards.glob("*.json"))
+    assert boards, "no dashboard to provision"
+    uid = datasources[0]["uid"]
+    for board in boards:
+        text = board.read_text()
+        assert f'"uid": "{uid}"' in text, f"{board.name} does not use the provisioned data source"
