@@ -73,7 +73,7 @@ def run_checks(settings: Settings, app: Any) -> list[Check]:
             checks += _redis_safety(role, client)
             checks.append(_redis_access(role, settings, url, client))
     if broker is not None:
-        depths = {q: int(broker.llen(q)) for q in (settings.caption_queue, settings.training_queue)}
+        depths = {q: int(broker.llen(q)) for q in (*settings.caption_queues, settings.training_queue)}
         checks.append(Check("queues", OK, ", ".join(f"{q}: {n} waiting" for q, n in depths.items())))
         checks += _workers(settings, app, depths[settings.training_queue])
     checks += _config(settings)

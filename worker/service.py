@@ -240,7 +240,6 @@ class CaptionService:
                     finished_at=time.time(),
                 )
             )
-        metrics.observe_rows(rows)
         return rows
 
     def caption_sources(self, sources: list[Source], params: GenParams) -> list[ItemResult]:
@@ -259,7 +258,6 @@ class CaptionService:
             return out
         if ledger.state(msg.job_id) is JobState.CANCELLED:
             rows = [_error_row(_base(it, msg.params), Cancelled("job cancelled")) for it in todo]
-            metrics.observe_rows(rows)
             self._write(msg.job_id, rows, out)
             return out
         attempts = ledger.begin_attempt(msg.job_id, [it.id for it in todo])
@@ -293,7 +291,9 @@ class CaptionService:
             out.retry = sorted({*(out.retry or ()), *retry})
             metrics.RETRIES.inc(len(retry))
             self._durably(self.ledger.end_attempts, job_id, retry)  # type: ignore[union-attr]
-        self._write(job_id, [r for r in rows if r.id not in set(retry)], out)
+        final = [r for r in rows if r.id not in set(retry)]
+        if final:
+            self._write(job_id, final, out)
 
     def _triage(
         self, todo: list[ChunkItem], params: GenParams, attempts: dict[str, Attempt]
@@ -320,7 +320,6 @@ class CaptionService:
                 poison.append(_error_row(_base(it, params, att.started), Poison(f"gave up after {limit} attempts")))
             else:
                 work.append((it.id, source_from_wire(it.src)))
-        metrics.observe_rows(poison)  # captioned rows are counted by caption_items
         return poison, work, alone
 
     def _write(self, job_id: str, rows: list[ItemResult], out: ChunkOutcome) -> None:
@@ -328,6 +327,7 @@ class CaptionService:
         assert self.ledger is not None
         started = time.perf_counter()
         recorded = self._durably(self.ledger.record, job_id, rows)
+        metrics.observe_rows(rows)  # final rows only: an item retried after a transient failure counts once
         if recorded.finished:
             if self.on_job_done:
                 self.on_job_done(job_id)

@@ -106,7 +106,9 @@ def caption(self: Task, source: Any = None, params: Any = None, **extra: Any) ->
         row = service().caption_sources([req.src()], req.params)[0]  # type: ignore[attr-defined]
     row.attempts = self.request.retries + 1
     if row.transient and self.request.retries + 1 < get_settings().max_attempts:
+        metrics.RETRIES.inc()
         raise self.retry(countdown=_backoff(self.request.retries + 1), max_retries=get_settings().max_attempts)
+    metrics.observe_rows([row])
     return row.model_dump(mode="json", exclude_none=True)
 
 
@@ -117,6 +119,7 @@ def caption_many(self: Task, sources: Any = None, params: Any = None, **extra: A
     srcs = [source_from_wire(s) for s in req.sources]  # type: ignore[attr-defined]
     with job_context(None, self.request.id):
         rows = service().caption_sources(srcs, req.params)  # type: ignore[attr-defined]
+    metrics.observe_rows(rows)
     return [r.model_dump(mode="json", exclude_none=True) for r in rows]
 
 
@@ -167,6 +170,7 @@ def captioner_info(state: Any, **kwargs: Any) -> dict[str, Any]:
     eng, stats = svc._engine, svc.batcher.stats
     return {
         "loaded": True,
+        "model": svc.settings.model,
         "model_version": eng.version,
         "device": str(eng.device),
         "dtype": str(eng.dtype).removeprefix("torch."),
