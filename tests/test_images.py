@@ -751,3 +751,15 @@ def test_https_by_checked_ip_with_hostname_sni(
             fetch_url(srv.url("/img.png", host="other.example"), policy, client=trusting)
         assert not err.value.transient
     assert {a[0] for a in attempts} == {"127.0.0.1"}
+
+
+def test_jpeg_draft_decodes_at_the_smallest_scale_that_still_covers_the_model_input() -> None:
+    photo = Image.radial_gradient("L").resize((2000, 1500)).convert("RGB")
+    data = encode(photo, "JPEG", quality=90)
+    policy = make_policy(max_bytes=8 << 20, draft_edge=224)
+    drafted = decode_image(data, policy)
+    assert drafted.size == (500, 375)  # 1/4 scale: 1/8 would give 250x188, under 224 on the short side
+    assert decode_image(data, make_policy(max_bytes=8 << 20)).size == (2000, 1500)  # off by default
+    assert decode_image(encode(photo, "PNG"), policy).size == (2000, 1500)  # only JPEGs have DCT scales
+    small = encode(photo.resize((300, 200)), "JPEG")
+    assert decode_image(small, policy).size == (300, 200)  # nothing to spare: full size

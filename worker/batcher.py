@@ -2,7 +2,9 @@
 
 One thread owns the model. Callers ``submit`` prepared items and get futures; the thread takes the
 oldest waiting parameter group, waits at most ``max_wait_s`` from its first item for the batch to fill,
-runs it, and resolves the futures. A failing batch is split in halves and retried, so one bad item (or an
+runs it, and resolves the futures. Callers may announce items still being fetched and decoded (``expect``):
+while some are, a short batch waits for them up to ``fill_wait_s``, so a chunk's first batch is not cut to
+the few images decoded first. A failing batch is split in halves and retried, so one bad item (or an
 out-of-memory at this size) costs only itself; the size that last failed is remembered as a ceiling.
 """
 
@@ -58,10 +60,13 @@ class MicroBatcher(Generic[P]):
         key: Callable[[P], Hashable] = lambda p: p,
         name: str = "batcher",
         on_batch: Callable[[int, float], None] | None = None,
+        fill_wait_s: float = 0.0,
     ) -> None:
         self._run = run
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        self.fill_wait_s = max(fill_wait_s, max_wait_s)
+        self._coming = 0  # announced items not yet submitted (being fetched or decoded)
         self._key = key
         self._on_batch = on_batch
         self._groups: OrderedDict[Hashable, tuple[P, deque[_Pending]]] = OrderedDict()
@@ -74,10 +79,26 @@ class MicroBatcher(Generic[P]):
         self._thread.start()
 
     # --- callers --------------------------------------------------------------------------------
-    def submit(self, item: Any, params: P, *, group: Hashable | None = None) -> Future[Any]:
-        """Queue ``item``; it shares batches with items of the same parameter key (or of ``group``, if given)."""
+    def expect(self, n: int) -> None:
+        """``n`` items are on their way (each later ``submit(..., expected=True)`` or ``arrived()``)."""
+        with self._cond:
+            self._coming += n
+
+    def arrived(self) -> None:
+        """An announced item will not come (its decode failed)."""
+        with self._cond:
+            self._coming = max(0, self._coming - 1)
+            self._cond.notify()
+
+    def submit(self, item: Any, params: P, *, group: Hashable | None = None, expected: bool = False) -> Future[Any]:
+        """Queue ``item``; it shares batches with items of the same parameter key (or of ``group``, if given).
+
+        ``expected``: the item was announced with ``expect``.
+        """
         fut: Future[Any] = Future()
         with self._cond:
+            if expected:
+                self._coming = max(0, self._coming - 1)
             if self._stopping:
                 raise RuntimeError("batcher is stopped")
             k = self._key(params) if group is None else group
@@ -114,7 +135,8 @@ class MicroBatcher(Generic[P]):
                     self._cond.wait()
                     continue
                 k, (params, queue) = next(iter(self._groups.items()))  # the oldest group goes first
-                due = queue[0].enqueued + self.max_wait_s
+                # Images still being decoded may fill this batch: wait for them a little longer.
+                due = queue[0].enqueued + (self.fill_wait_s if self._coming else self.max_wait_s)
                 now = time.monotonic()
                 if len(queue) < self._limit() and now < due and not self._stopping:
                     self._cond.wait(due - now)

@@ -9,13 +9,15 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+import numpy as np
 import torch
 
 from worker import fastgen
 from worker.errors import CaptionerError, ConfigError, EngineError, ModelLoadError, UnsafeCheckpoint
 from worker.messages import GenParams
+from worker.preprocess import ClipPreprocess
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -225,6 +227,26 @@ def _resolve_hub_revision(model_id: str, revision: str | None) -> tuple[Any, str
 # --- the engine ------------------------------------------------------------------------------------
 
 
+class Generated(NamedTuple):
+    """One generated caption: its text, its length in tokens as max_length counts them, and whether it ended."""
+
+    text: str
+    tokens: int
+    ended: bool  # it emitted its end token; False: generation stopped at max_length
+
+
+def _as_list(value: Any) -> list[Any]:
+    return [] if value is None else list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _length(ids: list[int], eos: set[int]) -> tuple[int, bool]:
+    """Tokens up to and including the first end token (BOS and prompt count, padding does not), and whether one came."""
+    for position, token in enumerate(ids[1:], 1):
+        if token in eos:
+            return position + 1, True
+    return len(ids), False
+
+
 class CaptionEngine:
     """A loaded GIT model and its processor. ``prepare`` runs on decode threads, ``generate`` on one model thread."""
 
@@ -237,6 +259,9 @@ class CaptionEngine:
         self.dtype: torch.dtype = model.dtype
         self._max_positions: int = int(model.config.max_position_embeddings)
         self._fast = _fast_decoder(model, decoder, name)
+        # The processor's own numbers with less work per image, when it is the PIL CLIP processor GIT ships with.
+        self._preprocess = ClipPreprocess.matching(processor.image_processor)
+        self._eos = {int(t) for t in _as_list(model.generation_config.eos_token_id)}
 
     @classmethod
     def load(cls, cfg: EngineConfig) -> CaptionEngine:
@@ -272,17 +297,36 @@ class CaptionEngine:
         if not images:
             size = self.model.config.vision_config.image_size
             return torch.empty((0, 3, size, size), dtype=torch.float32)
-        pixel_values = self.processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
-        pixel_values = torch.as_tensor(pixel_values).to(torch.float32).contiguous()
+        if self._preprocess is not None:
+            pixel_values = torch.from_numpy(np.stack([self._preprocess(im) for im in images]))
+        else:
+            pixel_values = self.processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+            pixel_values = torch.as_tensor(pixel_values).to(torch.float32).contiguous()
         if pixel_values.shape[0] != len(images):
             raise EngineError(f"the image processor returned {pixel_values.shape[0]} rows for {len(images)} images")
-        if self.device.type == "cuda":
-            # Pinned pages let the copy to the GPU in generate() run without a staging copy.
-            pixel_values = pixel_values.pin_memory()
         return pixel_values
+
+    @property
+    def input_edge(self) -> int:
+        """The side the image processor resizes to (its shortest edge): smaller decodes lose nothing the model sees."""
+        if self._preprocess is not None:
+            return self._preprocess.shortest_edge
+        size = getattr(self.processor.image_processor, "size", None) or {}
+        return int(dict(size).get("shortest_edge") or self.model.config.vision_config.image_size)
+
+    def stack(self, prepared: list[torch.Tensor]) -> torch.Tensor:
+        """One batch from rows ``prepare`` made; on CUDA in pinned memory, so the copy to the GPU is a DMA."""
+        if self.device.type != "cuda":
+            return torch.cat(prepared)
+        shape = (sum(int(p.shape[0]) for p in prepared), *prepared[0].shape[1:])
+        return torch.cat(prepared, out=torch.empty(shape, dtype=prepared[0].dtype, pin_memory=True))
 
     def generate(self, pixel_values: torch.Tensor, params: GenParams) -> list[str]:
         """One caption per row of ``pixel_values``, in order; a count mismatch raises ``EngineError``."""
+        return [c.text for c in self.generate_detailed(pixel_values, params)]
+
+    def generate_detailed(self, pixel_values: torch.Tensor, params: GenParams) -> list[Generated]:
+        """Like ``generate``, with each caption's length in tokens and whether it ended on its own (EOS)."""
         if pixel_values.ndim != 4:
             raise EngineError(f"pixel_values must be (batch, 3, H, W), got shape {tuple(pixel_values.shape)}")
         count = int(pixel_values.shape[0])
@@ -295,7 +339,8 @@ class CaptionEngine:
         captions = self._decode(sequences)
         if len(captions) != count:
             raise EngineError(f"the model returned {len(captions)} captions for {count} images; results not aligned")
-        return captions
+        rows = sequences.tolist()
+        return [Generated(text, *_length(row, self._eos)) for text, row in zip(captions, rows, strict=True)]
 
     def caption(self, images: list[Image], params: GenParams) -> list[str]:
         """Captions for ``images``, same length and order."""

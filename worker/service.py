@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextvars import copy_context
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
@@ -121,6 +121,7 @@ class CaptionService:
             key=GenParams.key,
             name="engine",
             on_batch=metrics.observe_batch,
+            fill_wait_s=settings.fill_wait_ms / 1000,
         )
 
     # --- the engine -----------------------------------------------------------------------------
@@ -138,6 +139,8 @@ class CaptionService:
                         engine.dtype,
                         time.perf_counter() - started,
                     )
+                    if self.settings.jpeg_draft:
+                        self.policy = replace(self.policy, draft_edge=engine.input_edge)
                     self._engine = engine
         return self._engine
 
@@ -172,21 +175,17 @@ class CaptionService:
             except Exception:  # a half-written or bad version must not stop the worker serving the old one
                 log.exception("could not load the promoted model; still serving the previous one")
 
-    def _run_batch(self, items: list[Any], params: GenParams) -> list[tuple[str, str]]:
-        import torch
-
+    def _run_batch(self, items: list[Any], params: GenParams) -> list[tuple[str, str, list[str] | None]]:
         engine = self.engine  # one engine per batch: a swap lands between batches, never inside one
         if self.settings.fault_oom_above and len(items) > self.settings.fault_oom_above:
             raise MemoryError(f"out of memory (injected: batch {len(items)} > {self.settings.fault_oom_above})")
-        captions = engine.generate(torch.cat(items), params)
-        return [(c, engine.version, self._flags(engine, c, params)) for c in captions]
-
-    @staticmethod
-    def _flags(engine: CaptionEngine, caption: str, params: GenParams) -> list[str] | None:
-        # Re-tokenising the decoded caption gives the generated length the way max_length counts it:
-        # [CLS] + word pieces, so a caption cut at the limit has exactly max_length tokens.
-        pieces = len(engine.processor.tokenizer(caption, add_special_tokens=False)["input_ids"])
-        return quality_flags(caption, generated_tokens=1 + pieces, max_length=params.max_length) or None
+        out = []
+        for gen in engine.generate_detailed(engine.stack(items), params):
+            # A caption that ended on its own is not cut, even when its end token fell on the last position.
+            tokens = gen.tokens - 1 if gen.ended else gen.tokens
+            flags = quality_flags(gen.text, generated_tokens=tokens, max_length=params.max_length) or None
+            out.append((gen.text, engine.version, flags))
+        return out
 
     # --- captioning -----------------------------------------------------------------------------
     def _prepare(self, src: Source, params: GenParams, group: Hashable | None) -> tuple[Future[Any], float]:
@@ -194,9 +193,12 @@ class CaptionService:
         if self.settings.fault_kill_ref and self.settings.fault_kill_ref in src.ref:
             log.error("drill: %s kills this worker (CAPTIONER_FAULT_KILL_REF)", src.ref)
             os._exit(137)  # as abrupt as the OOM killer or a segfaulting decoder
-        image = load_image(src, self.policy)
-        pixels = self.engine.prepare([image])
-        return self.batcher.submit(pixels, params, group=group), (time.perf_counter() - started) * 1000
+        try:
+            pixels = self.engine.prepare([load_image(src, self.policy)])
+        except BaseException:
+            self.batcher.arrived()  # announced in caption_items, and not coming: batches stop waiting for it
+            raise
+        return self.batcher.submit(pixels, params, group=group, expected=True), (time.perf_counter() - started) * 1000
 
     def caption_items(
         self,
@@ -211,6 +213,7 @@ class CaptionService:
         ``alone``: each item is a model batch by itself (suspects of killing a worker; see ``_triage``).
         """
         self.engine  # noqa: B018 - load before fanning out, so decode threads don't all wait on the lock
+        self.batcher.expect(len(items))
         # A copy of this thread's context per item: decode threads log with the task's job and task ids.
         prepared = [
             self._pool.submit(copy_context().run, self._prepare, src, params, ("alone", iid) if alone else None)
@@ -267,10 +270,10 @@ class CaptionService:
         rows = poison + self.caption_items(work, msg.params, counts)
         self._settle(msg.job_id, rows, out)
         for iid, src in alone:  # each by itself, recorded at once: if it kills the worker, it is alone in dying
-            ledger.begin_alone(msg.job_id, iid)
-            with self._alone:
+            with self._alone:  # counted and recorded while it holds the lock: waiting for it is no attempt
+                ledger.begin_alone(msg.job_id, iid)
                 row = self.caption_items([(iid, src)], msg.params, counts, alone=True)
-            self._settle(msg.job_id, row, out)
+                self._settle(msg.job_id, row, out)
             rows += row
         out.load_ms = sum(r.timings.get("load_ms", 0.0) for r in rows)
         out.infer_ms = (self.batcher.stats.infer_s - infer_before) * 1000  # model time while this chunk ran

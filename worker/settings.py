@@ -106,6 +106,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, le=4096)
     # Longest wait (ms) for more images before a partial batch runs; bounds a lone request's latency.
     max_wait_ms: int = Field(20, ge=0, le=60_000)
+    # Longest wait (ms) of a partial batch while images of messages in hand are still being fetched or decoded
+    # (a chunk's first batch would otherwise hold only the few images decoded first). Never below max_wait_ms.
+    fill_wait_ms: int = Field(500, ge=0, le=60_000)
     # Messages a worker process works on at once (threads); their images share batches.
     concurrency: int = Field(4, ge=1, le=256)
     # Extra messages each thread reserves ahead (Celery prefetch multiplier).
@@ -130,6 +133,10 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(64_000_000, ge=1)
     # Pillow formats that may be opened.
     allowed_formats: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(DEFAULT_FORMATS))
+    # Decode JPEGs at the smallest DCT scale (1/2, 1/4, 1/8) that still covers the model's input size: several
+    # times cheaper for large photos, but the pixels differ slightly from a full decode, so a caption can too
+    # (bench/ reports how often). Off: the exact path, same pixels as transformers' own processor.
+    jpeg_draft: bool = False
     # Seconds to open a connection to an image URL.
     url_connect_timeout_s: float = Field(5.0, gt=0)
     # Seconds for a whole URL fetch, redirects and body included.
