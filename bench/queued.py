@@ -22,7 +22,7 @@ from worker.settings import Settings
 ROOT = Path(__file__).resolve().parent.parent
 #: The worker's one log line per chunk (worker/service.py), parsed for stage timings.
 CHUNK_LINE = re.compile(
-    r"chunk job=(?P<job>\S+) items=(?P<items>\d+) ok=\d+ error=(?P<error>\d+) skipped=\d+ "
+    r"chunk job=(?P<job>\S+) items=(?P<items>\d+) ok=\d+ error=(?P<error>\d+) skipped=\d+ (?:alone=\d+ )?"
     r"load_ms=(?P<load>[\d.]+) infer_ms=(?P<infer>[\d.]+) write_ms=(?P<write>[\d.]+) total_ms=(?P<total>[\d.]+)"
 )
 #: Generous: git-base in fp32 at batch 1 on a busy 2-core machine is about one image per second.
