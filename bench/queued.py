@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import statistics
 import sys
 import time
 import uuid
@@ -16,7 +17,7 @@ from bench.result import PathResult, proc_cpu_s
 from producer.jobs import JobClient, workers_info
 from producer.local import LocalRedis, WorkerProcess
 from worker.errors import CaptionerError
-from worker.messages import GenParams
+from worker.messages import TASK_CAPTION, GenParams
 from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -159,6 +160,31 @@ class QueueRun:
             },
             captions=captions,
         )
+
+    def latency(self, paths: list[Path], calls: int) -> dict[str, Any]:
+        """One image at a time by task name, as a service at light load sends it: each call's wall time from
+        send_task to its result, against the worker's own time for it (decode+preprocess, then its batch)."""
+        assert self.client is not None
+        app = self.client.app
+        walls, worker_ms = [], []
+        for i in range(calls):
+            started = time.perf_counter()
+            source = {"source": str(paths[i % len(paths)])}
+            sent = app.send_task(TASK_CAPTION, kwargs=source, queue=self.settings.interactive_queue_name)
+            row = sent.get(timeout=600, interval=0.002)
+            walls.append((time.perf_counter() - started) * 1000)
+            worker_ms.append(row["timings"]["load_ms"] + row["timings"]["infer_ms"])
+        wait_ms = float(self.extra_env.get("CAPTIONER_MAX_WAIT_MS", self.settings.max_wait_ms))
+        p50, batch_p50 = statistics.median(walls), statistics.median(worker_ms)
+        return {
+            "calls": calls,
+            "p50_ms": round(p50, 1),
+            "p95_ms": round(sorted(walls)[max(0, int(0.95 * calls) - 1)], 1),
+            "worker_p50_ms": round(batch_p50, 1),
+            "max_wait_ms": wait_ms,
+            "bound_ms": round(wait_ms + batch_p50, 1),
+            "overhead_p50_ms": round(p50 - batch_p50, 1),
+        }
 
     def stop(self) -> None:
         if self.client is not None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.corpus import MODELS, build_model, make_images
-from bench.report import agreement, producer_checks, ratios, write_outputs
+from bench.report import agreement, latency_check, producer_checks, ratios, write_outputs
 from bench.result import PathResult, best_of
 
 #: Model load and warm-up of a git-base worker on a busy 2-core machine take well under this.
@@ -41,6 +41,8 @@ class BenchConfig:
     smoke: bool
     #: Extra CAPTIONER_* settings for the (b) worker, to try a knob against the same baselines.
     worker_env: tuple[tuple[str, str], ...] = ()
+    #: Single-image calls sent one after another to measure a service's latency at light load.
+    latency_calls: int = 20
 
 
 def parse_args(argv: list[str]) -> BenchConfig:
@@ -89,6 +91,7 @@ def parse_args(argv: list[str]) -> BenchConfig:
         out=a.out,
         workdir=a.workdir,
         smoke=a.smoke,
+        latency_calls=5 if a.smoke else 20,
     )
 
 
@@ -131,7 +134,11 @@ def measure_model(kind: str, cfg: BenchConfig, work: Path, paths: list[Path], se
             say(f"{kind}: (b) {_rate(rounds['b'][-1])}; (c) naive Celery, float32, batch 1")
             rounds["c"].append(naive.measure(model_dir, paths, max_length=cfg.max_length, tokenizer=tokenizer))
             say(f"{kind}: (c) {_rate(rounds['c'][-1])}")
-    return {key: best_of(rounds[key]) for key in "abcd"}
+        say(f"{kind}: single-image latency, {cfg.latency_calls} calls one at a time")
+        latency = queue.latency(paths, cfg.latency_calls)
+    best = {key: best_of(rounds[key]) for key in "abcd"}
+    best["b"].extra["latency"] = latency
+    return best
 
 
 def _rate(r: PathResult) -> str:
@@ -214,6 +221,7 @@ def run(cfg: BenchConfig, argv: list[str]) -> dict[str, Any]:
                 "images": cfg.images,
                 "paths": {k: r.as_dict() for k, r in results[kind].items()},
                 "ratios": ratios(results[kind]),
+                "latency": latency_check(results[kind]["b"].extra["latency"]),
                 "captions": agreement(results[kind]),
             }
         say(f"producer: enqueue {cfg.producer_items:,} files from a directory, then as many URLs from a list")

@@ -33,6 +33,9 @@ def test_bench_smoke_measures_every_path_and_writes_the_ratios(tmp_path: Path) -
     assert {r["ratio"] for r in tiny["ratios"]} == {"b/a", "b/c", "b/d"}
     assert all(r["value"] > 0 and r["verdict"] in ("PASS", "FAIL") for r in tiny["ratios"])
     assert set(tiny["captions"]) >= {"a_vs_b", "a_vs_c", "a_vs_d"}
+    latency = tiny["latency"]
+    assert latency["calls"] == 5 and latency["worker_p50_ms"] > 0 and latency["verdict"] in ("PASS", "FAIL")
+    assert latency["p50_ms"] >= latency["worker_p50_ms"]  # the call includes the worker's own time
     checks = data["producer"]["checks"]
     assert len(checks) == 4 and all(c["value"] > 0 and c["verdict"] in ("PASS", "FAIL") for c in checks)
     assert (out / "bench.md").read_text(encoding="utf-8").count("| b/") == 3

@@ -233,7 +233,7 @@ class ItemResult(BaseModel):
     flags: list[str] | None = None
     #: Set on errors that may pass on a later attempt (timeouts, 5xx, out of memory).
     transient: bool | None = None
-    #: Stage timings in milliseconds (load, infer) for this item's batch share.
+    #: Stage timings in milliseconds: load (fetch, decode, preprocess this image), infer (the model batch it ran in).
     timings: dict[str, float] = Field(default_factory=dict)
     finished_at: float | None = None
 

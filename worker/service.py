@@ -14,7 +14,7 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextvars import copy_context
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import redis
 
@@ -69,6 +69,15 @@ def _default_engine_factory(settings: Settings) -> EngineFactory:
         return CaptionEngine.load(cfg)
 
     return load
+
+
+class Captioned(NamedTuple):
+    """What the model thread hands back for one image."""
+
+    caption: str
+    version: str
+    flags: list[str] | None
+    batch_ms: float  # wall time of the model batch it ran in
 
 
 @dataclass
@@ -175,16 +184,19 @@ class CaptionService:
             except Exception:  # a half-written or bad version must not stop the worker serving the old one
                 log.exception("could not load the promoted model; still serving the previous one")
 
-    def _run_batch(self, items: list[Any], params: GenParams) -> list[tuple[str, str, list[str] | None]]:
+    def _run_batch(self, items: list[Any], params: GenParams) -> list[Captioned]:
         engine = self.engine  # one engine per batch: a swap lands between batches, never inside one
         if self.settings.fault_oom_above and len(items) > self.settings.fault_oom_above:
             raise MemoryError(f"out of memory (injected: batch {len(items)} > {self.settings.fault_oom_above})")
+        started = time.perf_counter()
+        generated = engine.generate_detailed(engine.stack(items), params)
+        batch_ms = round((time.perf_counter() - started) * 1000, 2)
         out = []
-        for gen in engine.generate_detailed(engine.stack(items), params):
+        for gen in generated:
             # A caption that ended on its own is not cut, even when its end token fell on the last position.
             tokens = gen.tokens - 1 if gen.ended else gen.tokens
             flags = quality_flags(gen.text, generated_tokens=tokens, max_length=params.max_length) or None
-            out.append((gen.text, engine.version, flags))
+            out.append(Captioned(gen.text, engine.version, flags, batch_ms))
         return out
 
     # --- captioning -----------------------------------------------------------------------------
@@ -224,7 +236,7 @@ class CaptionService:
             base = {"id": iid, "ref": src.ref, "params": params, "attempts": (attempts or {}).get(iid, 1)}
             try:
                 caption_future, load_ms = fut.result()
-                caption, version, flags = caption_future.result()
+                done: Captioned = caption_future.result()
             except ItemError as exc:
                 rows.append(_error_row(base, exc))
                 continue
@@ -236,10 +248,10 @@ class CaptionService:
                 ItemResult(
                     **base,
                     status=ItemStatus.OK,
-                    caption=caption,
-                    flags=flags,
-                    model_version=version,
-                    timings={"load_ms": round(load_ms, 2)},
+                    caption=done.caption,
+                    flags=done.flags,
+                    model_version=done.version,
+                    timings={"load_ms": round(load_ms, 2), "infer_ms": done.batch_ms},
                     finished_at=time.time(),
                 )
             )

@@ -104,11 +104,13 @@ class Settings(BaseSettings):
     # --- batching -------------------------------------------------------------------------------
     # Most images in one generate call.
     max_batch_size: int = Field(32, ge=1, le=4096)
-    # Longest wait (ms) for more images before a partial batch runs; bounds a lone request's latency.
-    max_wait_ms: int = Field(20, ge=0, le=60_000)
-    # Longest wait (ms) of a partial batch while images of messages in hand are still being fetched or decoded
-    # (a chunk's first batch would otherwise hold only the few images decoded first). Never below max_wait_ms.
-    fill_wait_ms: int = Field(500, ge=0, le=60_000)
+    # Longest wait (ms) of a partial batch for more images while none are known to be coming (0: a lone request
+    # runs at once). Images of messages already in hand are waited for by fill_wait_ms instead.
+    max_wait_ms: int = Field(0, ge=0, le=60_000)
+    # Longest wait (ms) of a partial batch while images of messages in hand are still being fetched or decoded:
+    # a chunk's first batch would otherwise hold only the few images decoded first, and calls that arrive
+    # together share one batch. Never below max_wait_ms.
+    fill_wait_ms: int = Field(200, ge=0, le=60_000)
     # Messages a worker process works on at once (threads); their images share batches.
     concurrency: int = Field(4, ge=1, le=256)
     # Extra messages each thread reserves ahead (Celery prefetch multiplier).
