@@ -141,9 +141,11 @@ def http_root(session_root: Path) -> Iterator[tuple[str, Path]]:
     server.server_close()
 
 
-def tally(fault: str, refs: list[str], rows: list[dict], *, reconciled: int = 0) -> dict[str, int]:
-    """Lost, duplicated and ok out of N for one fault; appended to $FAULT_REPORT (JSON lines) when set,
-    which `make fault-report` turns into the table in docs/faults.md."""
+def tally(
+    fault: str, refs: list[str], rows: list[dict], *, reconciled: int = 0, happened: str = "", **extra: object
+) -> dict[str, int]:
+    """Lost, duplicated and ok out of N for one fault, with what happened; appended to $FAULT_REPORT (JSON
+    lines) when set, which `make fault-report` turns into the table in docs/faults.md."""
     import json
 
     ok_refs = [r["ref"] for r in rows if r["status"] == "ok"]
@@ -157,5 +159,5 @@ def tally(fault: str, refs: list[str], rows: list[dict], *, reconciled: int = 0)
     }
     if report := os.environ.get("FAULT_REPORT"):
         with open(report, "a") as fh:
-            fh.write(json.dumps({"fault": fault, **figures}) + "\n")
+            fh.write(json.dumps({"fault": fault, "happened": happened, **figures, **extra}) + "\n")
     return figures

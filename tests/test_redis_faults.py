@@ -144,3 +144,34 @@ def test_broker_down_with_ledger_up_writes_no_half_job(images: Path, settings) -
     )  # fmt: skip
     assert result.exit_code == 1 and "cannot reach the broker" in result.stderr
     assert not redis.Redis.from_url(settings.redis_url_str).keys(f"{settings.key_prefix}:job:job-half*")
+
+
+def test_workers_at_maxmemory_back_off_and_lose_nothing(
+    worker_env: dict[str, str], session_root: Path, tmp_path: Path
+) -> None:
+    """Redis reaches maxmemory (noeviction) mid-job: ledger writes are refused, workers hold their chunks and
+    retry in place, and once memory is freed (here: the limit raised) every row goes in, none twice."""
+    refs = shapes(session_root, 40)
+    with LocalRedis() as server:
+        env = {**own_redis_env(worker_env, server), "CAPTIONER_WRITE_RETRY_S": "120"}
+        admin = redis.Redis.from_url(server.url(0))
+        with WorkerProcess(env, log=tmp_path / "w.log") as proc:
+            proc.wait_ready()
+            client = JobClient(settings_from(env))
+            client.enqueue(refs, job_id="job-maxmem", chunk_size=4)
+            wait_for(lambda: client.status("job-maxmem").ok >= 4, 120, "the first captions")
+            admin.config_set("maxmemory-policy", "noeviction")
+            admin.config_set("maxmemory", "1")  # full: every command that may grow memory is refused
+            wait_for(lambda: "OutOfMemoryError" in proc.log_tail(200), 120, "a write refused at maxmemory")
+            time.sleep(0.5)  # a script already running when the limit came down may still finish
+            at_limit = client.status("job-maxmem").ok
+            time.sleep(2)
+            assert client.status("job-maxmem").ok == at_limit, "rows went in past maxmemory"
+            admin.config_set("maxmemory", "0")  # memory freed
+            info = client.wait("job-maxmem", timeout=180, on_tick=lambda _: None)
+            rows = list(client.results("job-maxmem"))
+            client.close()
+    happened = "writes refused; workers held their chunks and retried in place until they went in"
+    figures = tally("Redis at maxmemory while workers write (noeviction), then freed", refs, rows, happened=happened)
+    assert (figures["lost"], figures["duplicated"]) == (0, 0)
+    assert (info.ok, info.error, info.state.value) == (40, 0, "done")

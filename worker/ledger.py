@@ -29,6 +29,10 @@ from worker.messages import GenParams, ItemResult, ItemStatus, JobState
 if TYPE_CHECKING:
     from worker.settings import Settings
 
+# A shebang makes Redis (7+) refuse the whole script at maxmemory. Without one, Redis checks memory only at a
+# script's first write, and a script that starts by deleting (HDEL) could then grow past maxmemory unchecked.
+_OOM_CHECKED = "#!lua\n"
+
 # KEYS: job hash, results hash, attempts hash.  ARGV: now, then (id, status, row-json) triples.
 # Returns the number of rows whose status changed; finishes the job when every item has a row. A row is the
 # end of its item's attempt: its attempt counters go (a retry starts them afresh).
@@ -225,11 +229,11 @@ class Ledger:
     def __init__(self, client: redis.Redis, prefix: str = "captioner") -> None:
         self.r = client
         self.prefix = prefix
-        self._record = client.register_script(_RECORD)
-        self._seal = client.register_script(_SEAL)
-        self._requeue = client.register_script(_REQUEUE)
-        self._add_items = client.register_script(_ADD_ITEMS)
-        self._begin = client.register_script(_BEGIN)
+        self._record = client.register_script(_OOM_CHECKED + _RECORD)
+        self._seal = client.register_script(_OOM_CHECKED + _SEAL)
+        self._requeue = client.register_script(_OOM_CHECKED + _REQUEUE)
+        self._add_items = client.register_script(_OOM_CHECKED + _ADD_ITEMS)
+        self._begin = client.register_script(_OOM_CHECKED + _BEGIN)
 
     # --- keys -----------------------------------------------------------------------------------
     def _k(self, *parts: str) -> str:

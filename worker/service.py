@@ -275,7 +275,7 @@ class CaptionService:
             rows = [_error_row(_base(it, msg.params), Cancelled("job cancelled")) for it in todo]
             self._write(msg.job_id, rows, out)
             return out
-        attempts = ledger.begin_attempt(msg.job_id, [it.id for it in todo])
+        attempts = self._durably(ledger.begin_attempt, msg.job_id, [it.id for it in todo])
         counts = {i: a.started for i, a in attempts.items()}
         poison, work, alone = self._triage(todo, msg.params, attempts)
         infer_before = self.batcher.stats.infer_s
@@ -283,7 +283,7 @@ class CaptionService:
         self._settle(msg.job_id, rows, out)
         for iid, src in alone:  # each by itself, recorded at once: if it kills the worker, it is alone in dying
             with self._alone:  # counted and recorded while it holds the lock: waiting for it is no attempt
-                ledger.begin_alone(msg.job_id, iid)
+                self._durably(ledger.begin_alone, msg.job_id, iid)
                 row = self.caption_items([(iid, src)], msg.params, counts, alone=True)
                 self._settle(msg.job_id, row, out)
             rows += row

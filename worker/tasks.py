@@ -10,6 +10,7 @@ from typing import Any, cast
 
 import redis
 from celery import Task
+from celery.exceptions import Reject
 from celery.signals import after_setup_logger, celeryd_after_setup, worker_shutting_down
 from celery.worker.control import inspect_command
 
@@ -71,18 +72,25 @@ def _backoff(attempt: int) -> int:
     return min(2 ** max(attempt, 1), 60)
 
 
-@app.task(name=TASK_CAPTION_CHUNK, bind=True, autoretry_for=_INFRA_ERRORS, retry_backoff=True, max_retries=None)
+# ignore_result: the ledger is the record of a chunk; a result per chunk would only cost Redis memory and a write.
+@app.task(name=TASK_CAPTION_CHUNK, bind=True, ignore_result=True)
 def caption_chunk(self: Task, job_id: Any = None, items: Any = None, params: Any = None, **extra: Any) -> dict:
     """Caption a chunk of a ledger job; rows are in Redis before this returns (and the message is acked)."""
     msg = cast(ChunkMessage, parse_message(ChunkMessage, _payload(job_id=job_id, items=items, params=params, **extra)))
     with job_context(msg.job_id, self.request.id):
         try:
             outcome = service().run_chunk(msg)
-        except (*_INFRA_ERRORS, InvalidMessage):
+        except _INFRA_ERRORS as exc:
+            # Redis down or full past CAPTIONER_WRITE_RETRY_S. Not a retry (publishing a copy needs the Redis that
+            # just failed): the message goes back to its queue, or, if even that fails, stays unacked and returns
+            # after the visibility timeout. Either way nothing is lost.
+            log.warning("chunk of job %s given back: %s: %s", msg.job_id, type(exc).__name__, exc)
+            raise Reject(exc, requeue=True) from None
+        except InvalidMessage:
             raise
         except Exception as exc:
-            # Not bad input (that is a row) nor Redis (retried above): a bug. A few tries, then the items stay
-            # pending, which `captioner reconcile JOB` sends again once it is fixed.
+            # Not bad input (that is a row) nor Redis (above): a bug. A few tries, then the items stay pending,
+            # which `captioner reconcile JOB` sends again once it is fixed.
             if self.request.retries >= _BUG_RETRIES:
                 log.exception("chunk of job %s failed %d times; its items stay pending", msg.job_id, _BUG_RETRIES + 1)
                 raise
@@ -131,7 +139,7 @@ def _job_done(job_id: str) -> None:
     notify_done.apply_async(kwargs={"job_id": job_id}, queue=get_settings().caption_queue)
 
 
-@app.task(name=TASK_NOTIFY, bind=True, max_retries=5)
+@app.task(name=TASK_NOTIFY, bind=True, max_retries=5, ignore_result=True)
 def notify_done(self: Task, job_id: str) -> dict:
     """Send a finished job's summary to the Celery task and/or webhook it named at enqueue."""
     from worker.callbacks import post_webhook
