@@ -50,7 +50,8 @@ test-full: setup
 fault-report: setup
 	rm -f .fault-report.jsonl
 	FAULT_REPORT=$(CURDIR)/.fault-report.jsonl $(BIN)/pytest -q -m "slow or not slow" \
-		tests/test_recovery.py tests/test_faults.py tests/test_redis_faults.py tests/test_training_queue.py \
+		tests/test_recovery.py tests/test_faults.py tests/test_redis_faults.py tests/test_retries.py \
+		tests/test_training_queue.py \
 		tests/test_load.py
 	$(BIN)/python -m bench.fault_table .fault-report.jsonl docs/faults.md
 

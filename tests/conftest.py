@@ -161,3 +161,12 @@ def tally(
         with open(report, "a") as fh:
             fh.write(json.dumps({"fault": fault, "happened": happened, **figures, **extra}) + "\n")
     return figures
+
+
+def note_fault(fault: str, happened: str, **figures: object) -> None:
+    """A fault with no job to count (the producer refused to start one): its row in docs/faults.md."""
+    import json
+
+    if report := os.environ.get("FAULT_REPORT"):
+        with open(report, "a") as fh:
+            fh.write(json.dumps({"fault": fault, "happened": happened, **figures}) + "\n")

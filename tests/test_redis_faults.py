@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from producer.cli import cli
 from producer.jobs import JobClient
 from producer.local import LocalRedis, WorkerProcess
-from tests.conftest import settings_from, tally
+from tests.conftest import note_fault, settings_from, tally
 from tests.test_recovery import wait_for
 from worker.errors import ConfigError
 from worker.settings import Settings
@@ -69,7 +69,9 @@ def test_redis_killed_and_restarted_mid_job_with_aof_loses_nothing(
             info = client.wait("job-redis-restart", timeout=240, on_tick=lambda _: None)
             rows = list(client.results("job-redis-restart"))
             client.close()
-    figures = tally("Redis killed and restarted mid-job (AOF on), then reconcile", refs, rows, reconciled=resent)
+    figures = tally("Redis killed and restarted mid-job (AOF on), then reconcile", refs, rows, reconciled=resent,
+                    happened="the worker reconnected and went on; the AOF kept queue and ledger; reconcile re-sent "
+                    "what BRPOP had popped in the instant Redis died")  # fmt: skip
     assert (figures["lost"], figures["duplicated"]) == (0, 0)
     assert (info.ok, info.error, info.total) == (60, 0, 60)
     assert len({r["id"] for r in rows}) == len(rows) == 60
@@ -92,6 +94,8 @@ def test_worker_started_before_redis_waits_and_then_serves(
         client = JobClient(settings_from(env))
         client.enqueue(refs, job_id="job-late-redis")
         info = client.wait("job-late-redis", timeout=120, on_tick=lambda _: None)
+        tally("a worker started while Redis is down", refs, list(client.results("job-late-redis")),
+              happened="it logged the refused connection, kept retrying, and served once Redis came up")  # fmt: skip
         client.close()
         assert info.ok == 4
     finally:
@@ -106,6 +110,8 @@ def test_producer_fails_loudly_at_maxmemory_and_says_so(session_root: Path, tmp_
         result = CliRunner().invoke(cli, ["--broker-url", server.url(0), "enqueue", str(refs)], catch_exceptions=False)
     assert result.exit_code == 1
     assert "out of memory" in result.stderr and "Traceback" not in result.output
+    note_fault("Redis at maxmemory when the producer runs", "enqueue stopped with one line naming maxmemory (exit 1); "
+               "what it had written stays, and the same command resumes", n=20_000)  # fmt: skip
 
 
 def test_password_protected_redis_through_the_url(
@@ -144,6 +150,8 @@ def test_broker_down_with_ledger_up_writes_no_half_job(images: Path, settings) -
     )  # fmt: skip
     assert result.exit_code == 1 and "cannot reach the broker" in result.stderr
     assert not redis.Redis.from_url(settings.redis_url_str).keys(f"{settings.key_prefix}:job:job-half*")
+    note_fault("broker unreachable when the producer runs", "one line naming the broker (exit 1); nothing written, no "
+               "half-recorded job", n=len(list(images.glob("*.jpg"))), ok=0, lost=0, duplicated=0)  # fmt: skip
 
 
 def test_workers_at_maxmemory_back_off_and_lose_nothing(

@@ -92,7 +92,9 @@ def test_items_that_keep_killing_their_worker_become_poison(
         info = client.wait("job-poison", timeout=180, on_tick=lambda _: None)
     rows = list(client.results("job-poison"))
     client.close()
-    figures = tally("items whose worker died with them, attempt limit 1 (poison)", refs, rows)
+    figures = tally("items whose worker died with them, attempt limit 1 (poison)", refs, rows,
+                    happened="with one attempt allowed, the items in the dead worker's hands became poison rows, the "
+                    "rest were captioned")  # fmt: skip
     poison = [r for r in rows if r.get("error_class") == "poison"]
     assert (figures["lost"], figures["duplicated"]) == (0, 0)
     assert poison and all(r["attempts"] == 2 for r in poison)
@@ -128,7 +130,9 @@ def test_an_item_that_kills_its_worker_is_isolated_and_only_it_becomes_poison(
     rows = {r["ref"]: r for r in client.results("job-killer")}
     info = client.status("job-killer")
     client.close()
-    tally("an item that kills its worker, attempt limit 3 (poison, batch-mates captioned)", refs, list(rows.values()))
+    tally("an item that kills its worker, attempt limit 3 (poison, batch-mates captioned)", refs, list(rows.values()),
+          happened=f"the worker died {deaths} times; after the first, suspects ran alone: the killer became poison, "
+          "its 23 batch-mates were captioned")  # fmt: skip
     assert deaths == 3, f"the killer should have had 3 attempts, the worker died {deaths} time(s)"
     assert (rows[str(killer)]["error_class"], rows[str(killer)]["attempts"]) == ("poison", 4)
     assert "died 3 time(s)" in rows[str(killer)]["error"]
