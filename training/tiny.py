@@ -119,7 +119,9 @@ def build_random_git(out_dir: Path, config: Any, *, seed: int = 0) -> Path:
     """Save a randomly initialised ``GitForCausalLM`` of ``config`` and its processor to ``out_dir`` (safetensors)."""
     import torch
     from transformers import GitForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # save_pretrained's "Writing model shards" bar says nothing here
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # fork_rng: seed the init without disturbing the caller's global RNG stream.
