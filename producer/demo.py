@@ -131,9 +131,13 @@ def run_demo(
         req = TrainRequest(job_id=f"demo-train-{tag}", dataset=str(root / "train"), config=config)
         client.submit_training(req)
         trained = client.wait(req.job_id, timeout=1800, poll_s=1.0, on_tick=lambda i: _show_progress(i, say))
-        version = (client.ledger.get_field(req.job_id, "result") or {}).get("version")
+        outcome = trained.extra.get("result") or {}
+        version = outcome.get("version")
         if not version:
-            raise click.ClickException(f"training ended as {trained.state.value}; see {root / 'train.log'}")
+            reason = outcome.get("error") or "no version was stored"
+            raise click.ClickException(
+                f"training ended as {trained.state.value}: {reason} (worker log: {root / 'train.log'})"
+            )
         after = evaluate(version)
         store.promote(version, require_no_worse="wer")
         _wait_for_version(lambda: workers_info(client.app), version)
@@ -176,9 +180,9 @@ def _show_progress(info: Any, say: Callable[[str], None]) -> None:
     p = info.extra.get("progress")
     if p and p.get("step") != getattr(_show_progress, "last", None):
         _show_progress.last = p.get("step")  # type: ignore[attr-defined]
-        wer = (p.get("metrics") or {}).get("wer")
-        say(f"   step {p.get('step')}/{p.get('total_steps', '?')}  loss {p.get('loss', 0):.3f}"
-            + (f"  held-out WER {wer:.3f}" if wer is not None else ""))  # fmt: skip
+        wer, loss = (p.get("metrics") or {}).get("wer"), p.get("loss")
+        say(f"   step {p.get('step')}/{p.get('total_steps', '?')}  loss {'-' if loss is None else f'{loss:.3f}'}"
+            + (f"  held-out WER {wer:.3f} (step {p.get('metrics_step')})" if wer is not None else ""))  # fmt: skip
 
 
 def _wait_for_version(info: Callable[[], dict[str, dict[str, Any]]], version: str, timeout: float = 60) -> None:
