@@ -727,8 +727,8 @@ def worker(ctx: click.Context, training: bool, concurrency: int | None, hostname
 @cli.command()
 @click.option("--images", "n_images", type=click.IntRange(1, 10_000), default=12, show_default=True,
               help="Held-out images captioned at the end.")  # fmt: skip
-@click.option("--train-images", type=click.IntRange(10, 100_000), default=600, show_default=True)
-@click.option("--steps", type=click.IntRange(1, 1_000_000), default=1500, show_default=True, help="Training steps.")
+@click.option("--train-images", type=click.IntRange(10, 100_000), default=2000, show_default=True)
+@click.option("--steps", type=click.IntRange(1, 1_000_000), default=2000, show_default=True, help="Training steps.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), help="Keep files here.")
 @json_option
 @click.pass_context

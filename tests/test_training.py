@@ -42,7 +42,7 @@ from training.tiny import build_tiny_git
 from worker.engine import CaptionEngine, EngineConfig
 from worker.errors import ConfigError, SourceError
 from worker.images import load_image
-from worker.messages import Source
+from worker.messages import GenParams, Source
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -585,3 +585,22 @@ def test_exported_metadata_feeds_training(
     expected = sorted((r, [f"caption {i}"]) for i, r in enumerate(refs))
     for spec in (folder, folder / "metadata.jsonl"):
         assert sorted((ex.image, ex.captions) for ex in load_examples(str(spec))) == expected
+
+
+def test_a_word_vocabulary_git_knows_every_caption_word_and_reloads(tmp_path: Path) -> None:
+    """The demo's GIT: a tokenizer of the synthetic captions' words only, saved and loaded like any model."""
+    from training.synthetic import caption_for, vocabulary
+    from training.tiny import build_word_git
+
+    model_dir = build_word_git(tmp_path / "words", vocabulary(), image_size=48, patch_size=16, dropout=0.0)
+    engine = CaptionEngine.load(EngineConfig(model=str(model_dir), device="cpu", dtype="float32"))
+    tokenizer = engine.processor.tokenizer
+    assert engine.model.config.vocab_size == len(tokenizer) == 5 + len(vocabulary())
+    caption = caption_for("diamond", "orange", "top", "gray")
+    ids = tokenizer(caption)["input_ids"]
+    assert tokenizer.unk_token_id not in ids and len(ids) == len(caption.split()) + 2  # one token a word
+    assert tokenizer.decode(ids, skip_special_tokens=True) == caption
+    image = load_image(Source(path=make_shapes(tmp_path / "img", 1, size=48)[0][0].as_posix()),
+                       local_image_policy([Example(str(tmp_path / "img" / "000000.png"), ["x"])]))  # fmt: skip
+    [out] = engine.caption([image], GenParams(max_length=8))
+    assert set(out.split()) <= set(vocabulary())

@@ -631,7 +631,7 @@ def _save_checkpoint(
     target = ckpt_root / f"step-{step}"
     tmp = ckpt_root / f"step-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    quiet_saves()
+    quiet_progress_bars()
     engine.model.save_pretrained(tmp, safe_serialization=True)
     engine.processor.save_pretrained(tmp)
     tensors, scalars = _flatten_optimizer(optimizer.state_dict())
@@ -653,8 +653,9 @@ def _save_checkpoint(
     return target
 
 
-def quiet_saves() -> None:
-    """No "Writing model shards" progress bar from save_pretrained: one per checkpoint clutters logs and output."""
+def quiet_progress_bars() -> None:
+    """No "Writing model shards" / "Loading weights" bars from transformers: one per checkpoint or evaluation
+    clutters a worker's log and the demo's output."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -176,8 +176,9 @@ def _fine_tune(store: ModelStore, ledger: Ledger, req: TrainRequest, beat: _Hear
     """Steps 2-5 of run_train, under the lock."""
     from training.config import TrainConfig
     from training.data import dataset_fingerprint, load_examples, split_examples
-    from training.finetune import TrainStatus, train
+    from training.finetune import TrainStatus, quiet_progress_bars, train
 
+    quiet_progress_bars()
     cfg = TrainConfig.from_dict(req.config)
     done = {"job_id": req.job_id}
     version = _stored_version(store, ledger, req.job_id)  # a crash after step 4: never store it twice
@@ -252,8 +253,9 @@ def _record_failure(ledger: Ledger, job_id: str, exc: Exception) -> None:
 def run_evaluate(settings: Settings, req: EvaluateRequest) -> dict[str, Any]:
     """Score a stored version on a dataset with generated captions; the result is kept with the version."""
     from training.data import dataset_fingerprint, load_examples
-    from training.finetune import evaluate_model
+    from training.finetune import evaluate_model, quiet_progress_bars
 
+    quiet_progress_bars()
     store = _store(settings)
     version = store.current() if req.version == "current" else store.get(req.version)
     if version is None:
