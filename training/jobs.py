@@ -276,14 +276,12 @@ def orphaned_train_jobs(
     waiting: Callable[[list[str]], set[str]] = lambda ids: set(),
     limit: int = 1000,
 ) -> list[TrainRequest]:
-    """Training jobs to send again: RUNNING, no runner's lock, no message of theirs waiting in the broker, and
+    """Training jobs to send again: RUNNING, with no runner's lock and no message of theirs in the broker.
 
-    - started: their runner died (its lock lapsed); they resume from their last checkpoint; or
-    - never started ``grace_s`` after they were sent: the message was lost (send failed after the job was
-      recorded) or the worker died between receiving it and taking the lock.
-
-    ``waiting`` says which of some job ids still have a message queued or reserved. Done, cancelled and
-    failed jobs never come back.
+    Either started (their runner died, its lock lapsed; they resume from their last checkpoint), or never
+    started ``grace_s`` after they were sent (the message was lost after the job was recorded, or the worker
+    died between receiving it and taking the lock). ``waiting`` says which of some job ids still have a
+    message queued or reserved by a worker. Done, cancelled and failed jobs never come back.
     """
     now = time.time()
     candidates: list[TrainRequest] = []
