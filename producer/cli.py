@@ -237,18 +237,34 @@ def _print_status(info: Any) -> None:
         click.echo("flags      " + ", ".join(f"{n} {name}" for name, n in sorted(info.flags.items())))
 
 
+def _num(value: Any, spec: str = ".4f") -> str:
+    """A number formatted, or "-" when it is missing (no loss before the first report, no ETA yet)."""
+    return format(value, spec) if isinstance(value, int | float) and not isinstance(value, bool) else "-"
+
+
+def _metrics_text(metrics: dict[str, Any] | None, spec: str = ".4f") -> str:
+    return "  ".join(f"{k}={_num(v, spec)}" for k, v in (metrics or {}).items())
+
+
+def _progress_line(p: dict[str, Any], sep: str = "  ") -> str:
+    step, total, epoch = _num(p.get("step"), "d"), _num(p.get("total_steps"), "d"), _num(p.get("epoch"), ".2f")
+    return sep.join(
+        [f"{step}/{total}", f"epoch {epoch}", f"loss {_num(p.get('loss'))}", f"eta {_num(p.get('eta_s'), '.0f')}s"]
+    )
+
+
 def _print_training(info: Any) -> None:
     p = info.extra.get("progress") or {}
     if p:
-        eta = p.get("eta_s")
-        click.echo(f"step       {p.get('step')}/{p.get('total_steps')}  epoch {p.get('epoch', 0):.2f}  "
-                   f"loss {p.get('loss', 0):.4f}" + (f"  eta {eta:.0f}s" if eta else ""))  # fmt: skip
-        metrics = p.get("metrics") or {}
-        if metrics:
-            click.echo("eval       " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
-    result = info.extra.get("result")
-    if result:
-        click.echo(f"version    {result.get('version')}" + ("  (promoted)" if result.get("promoted") else ""))
+        click.echo(f"step       {_progress_line(p)}")
+        if p.get("metrics"):
+            click.echo(f"eval       {_metrics_text(p['metrics'])}  (step {_num(p.get('metrics_step'), 'd')})")
+    result = info.extra.get("result") or {}
+    if result.get("version"):
+        note = "promoted" if result.get("promoted") else result.get("promotion")
+        click.echo(f"version    {result['version']}" + (f"  ({note})" if note else ""))
+    if result.get("error"):
+        click.echo(f"error      {result['error']}")
 
 
 @cli.command()
@@ -263,7 +279,9 @@ def status(ctx: click.Context, job_id: str, as_json: bool) -> None:
 
 def _wait(ctx: click.Context, job_id: str, timeout: float | None, quiet: bool) -> Any:
     client = _client(ctx)
-    if quiet or not sys.stderr.isatty():
+    if client.status(job_id).extra.get("kind") == "train":
+        info = client.wait(job_id, timeout=timeout, on_tick=(lambda _: None) if quiet else _train_ticker())
+    elif quiet or not sys.stderr.isatty():
         info = client.wait(job_id, timeout=timeout, on_tick=lambda _: None)
     else:
         from rich.progress import (
@@ -310,6 +328,7 @@ def wait(ctx: click.Context, job_id: str, timeout: float | None, strict: bool, a
     info = _wait(ctx, job_id, timeout, as_json)
     if as_json:
         click.echo(json.dumps(info.as_dict()))
+    _fail_if_failed(info)
     if strict and info.error:
         raise _Fail(f"{info.error} item(s) failed (captioner export {job_id} --format jsonl lists them)")
 
@@ -451,6 +470,15 @@ def export(
 # --- training and models ---------------------------------------------------------------------------
 
 
+def _fail_if_failed(info: Any) -> None:
+    """A failed training job ends the command with exit 1 and its reason."""
+    from worker.messages import JobState
+
+    if info.state is JobState.FAILED:
+        reason = (info.extra.get("result") or {}).get("error") or "no reason recorded"
+        raise _Fail(f"job {info.id} failed: {reason}")
+
+
 def _store(ctx: click.Context) -> Any:
     from worker.store import ModelStore
 
@@ -471,6 +499,8 @@ def _store(ctx: click.Context) -> Any:
 @click.option("--eval-steps", type=click.IntRange(1, 10_000_000))
 @click.option("--column", help="Image column of a manifest.")
 @click.option("--text-column", help="Caption column of a manifest.")
+@click.option("--set", "settings_", metavar="KEY=VALUE", multiple=True,
+              help="Any other training option (repeatable), e.g. --set grad_accum=4 --set save_steps=100.")  # fmt: skip
 @click.option("--promote", is_flag=True, help="Promote the new version when training ends.")
 @click.option("--require-no-worse", metavar="METRIC", help="With --promote: only if METRIC (e.g. wer) is no worse.")
 @click.option("--wait", "wait_", is_flag=True, help="Follow progress until the job ends.")
@@ -478,37 +508,61 @@ def _store(ctx: click.Context) -> Any:
 @click.pass_context
 def train(ctx: click.Context, dataset: str, job_id: str | None, base_model: str | None, epochs: int | None,
           max_steps: int | None, learning_rate: float | None, batch_size: int | None, eval_steps: int | None,
-          column: str | None, text_column: str | None, promote: bool, require_no_worse: str | None, wait_: bool,
-          as_json: bool) -> None:  # fmt: skip
-    """Fine-tune on DATASET (imagefolder dir, JSONL/CSV manifest, or hub id) on the training queue."""
+          column: str | None, text_column: str | None, settings_: tuple[str, ...], promote: bool,
+          require_no_worse: str | None, wait_: bool, as_json: bool) -> None:  # fmt: skip
+    """Fine-tune on DATASET (imagefolder dir, JSONL/CSV manifest, or hub id) on the training queue.
+
+    The config is checked here, before anything is sent: a mistake is one line, not a job failing later.
+    """
     import uuid
 
     from worker.messages import TrainRequest
 
     if Path(dataset).exists():
         dataset = str(Path(dataset).resolve())
-    overrides = {"base_model": base_model, "epochs": epochs, "max_steps": max_steps, "learning_rate": learning_rate,
-                 "batch_size": batch_size, "eval_steps": eval_steps}  # fmt: skip
+    flags = {"base_model": base_model, "epochs": epochs, "max_steps": max_steps, "learning_rate": learning_rate,
+             "batch_size": batch_size, "eval_steps": eval_steps}  # fmt: skip
+    config = _train_config({k: v for k, v in flags.items() if v is not None}, settings_)
     req = TrainRequest(job_id=job_id or f"train-{uuid.uuid4().hex[:10]}", dataset=dataset, column=column,
-                       text_column=text_column, config={k: v for k, v in overrides.items() if v is not None},
-                       promote=promote, require_no_worse=require_no_worse)  # fmt: skip
+                       text_column=text_column, config=config, promote=promote,
+                       require_no_worse=require_no_worse)  # fmt: skip
     client = _client(ctx)
     client.submit_training(req)
     if not wait_:
         _emit(as_json, {"job_id": req.job_id}, lambda: click.echo(req.job_id))
         return
-    info = client.wait(req.job_id, on_tick=lambda i: None if as_json else _train_tick(i))
-    result = client.ledger.get_field(req.job_id, "result") or {}
+    info = client.wait(req.job_id, on_tick=(lambda _: None) if as_json else _train_ticker())
+    result = info.extra.get("result") or {}
     _emit(as_json, {**info.as_dict(), "result": result},
-          lambda: click.echo(f"\n{req.job_id}: {info.state.value} {json.dumps(result)}"))  # fmt: skip
+          lambda: click.echo(f"{req.job_id}: {info.state.value} {json.dumps(result)}"))  # fmt: skip
+    _fail_if_failed(info)
 
 
-def _train_tick(info: Any) -> None:
-    p = info.extra.get("progress")
-    if p:
-        metrics = " ".join(f"{k}={v:.3f}" for k, v in (p.get("metrics") or {}).items() if isinstance(v, float))
-        click.echo(f"step {p.get('step')} epoch {p.get('epoch', 0):.2f} loss {p.get('loss', 0):.4f} {metrics} "
-                   f"eta {p.get('eta_s', 0):.0f}s", err=True)  # fmt: skip
+def _train_config(flags: dict[str, Any], sets: tuple[str, ...]) -> dict[str, Any]:
+    """Options given as flags plus ``--set KEY=VALUE`` pairs, typed; the same key twice must agree."""
+    from training.config import parse_override
+
+    config = dict(flags)
+    for item in sets:
+        key, value = parse_override(item)
+        if key in config and config[key] != value:
+            raise ConfigError(f"--set {item}: {key} is already {config[key]!r} (given twice)")
+        config[key] = value
+    return config
+
+
+def _train_ticker() -> Callable[[Any], None]:
+    """A line on stderr each time a training job reports a new step or evaluation."""
+    seen: set[tuple[Any, Any]] = set()
+
+    def tick(info: Any) -> None:
+        p = info.extra.get("progress") or {}
+        if not p or (p.get("step"), p.get("metrics_step")) in seen:
+            return
+        seen.add((p.get("step"), p.get("metrics_step")))
+        click.echo(f"step {_progress_line(p, ' ')}  {_metrics_text(p.get('metrics'), '.3f')}", err=True)
+
+    return tick
 
 
 @cli.command()
@@ -529,8 +583,11 @@ def evaluate(ctx: click.Context, version: str, dataset: str, max_samples: int | 
     req = EvaluateRequest(version=version, dataset=dataset, max_samples=max_samples, max_length=max_length)
     client = _client(ctx)
     client.check()
-    result = client.app.send_task(TASK_EVALUATE, kwargs=req.model_dump(), queue=_settings(ctx).training_queue)
-    report = result.get(timeout=timeout)
+    queue = _settings(ctx).training_queue
+    if not client.training_workers():
+        raise _Fail(f"no training worker answers on the queue {queue!r}; start one (captioner worker --training)")
+    result = client.app.send_task(TASK_EVALUATE, kwargs=req.model_dump(), queue=queue)
+    report = _evaluation(result, timeout)
 
     def human() -> None:
         for k in ("wer", "cer", "bleu4", "rouge_l", "cider"):
@@ -538,6 +595,24 @@ def evaluate(ctx: click.Context, version: str, dataset: str, max_samples: int | 
                 click.echo(f"{k:8} {report[k]:.4f}")
 
     _emit(as_json, report, human)
+
+
+def _evaluation(result: Any, timeout: float) -> dict[str, Any]:
+    """The evaluate task's report; a timeout or a worker-side error is one line."""
+    from celery.exceptions import TimeoutError as CeleryTimeout
+
+    try:
+        return result.get(timeout=timeout)
+    except CeleryTimeout:
+        result.revoke()  # the user gave up: a worker that reaches it later skips it
+        raise _Fail(
+            f"no evaluation result after {timeout:g}s (the training worker runs one job at a time and may be "
+            "fine-tuning); it was withdrawn: try again later or with a larger --timeout"
+        ) from None
+    except CaptionerError:
+        raise
+    except Exception as exc:  # the worker's exception, rebuilt by Celery under whatever class it could find
+        raise _Fail(f"evaluation failed on the worker: {type(exc).__name__}: {exc}") from None
 
 
 @cli.command()
@@ -674,14 +749,12 @@ def worker(ctx: click.Context, training: bool, model: str | None, revision: str 
 @cli.command()
 @click.option("--images", "n_images", type=click.IntRange(1, 10_000), default=12, show_default=True,
               help="Held-out images captioned at the end.")  # fmt: skip
-@click.option("--train-images", type=click.IntRange(10, 100_000), default=600, show_default=True)
-@click.option("--steps", type=click.IntRange(1, 1_000_000), default=1500, show_default=True, help="Training steps.")
+@click.option("--train-images", type=click.IntRange(10, 100_000), default=2000, show_default=True)
+@click.option("--steps", type=click.IntRange(1, 1_000_000), default=2000, show_default=True, help="Training steps.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), help="Keep files here.")
 @json_option
 @click.pass_context
-def demo(
-    ctx: click.Context, n_images: int, train_images: int, steps: int, workdir: Path | None, as_json: bool
-) -> None:
+def demo(ctx: click.Context, n_images: int, train_images: int, steps: int, workdir: Path | None, as_json: bool) -> None:
     """Offline end to end: synthetic images -> fine-tune a small GIT on the queue -> evaluate -> promote ->
     caption held-out images as a bulk job -> export; prints captions and WER before and after."""
     from producer.demo import run_demo

@@ -147,12 +147,20 @@ class JobClient:
         self.app.send_task(TASK_CAPTION_CHUNK, kwargs=body, queue=self.settings.caption_queue, producer=producer)
 
     def submit_training(self, req: TrainRequest) -> None:
-        """Record a fine-tune in the ledger (so a lost message can be found and resumed), then queue it."""
-        from training.jobs import open_train_job
+        """Check the request's config here (a mistake is one error now, not a job failing on a worker), record
+        the fine-tune in the ledger (so a lost message can be found and resumed), then queue it."""
+        from training.jobs import check_train_request, open_train_job
 
+        check_train_request(req)
         self.check()
         open_train_job(self.ledger, req)
         self.app.send_task(TASK_TRAIN, kwargs=req.model_dump(), queue=self.settings.training_queue)
+
+    def training_workers(self, timeout: float = 2.0) -> list[str]:
+        """Names of the workers that answer and consume the training queue (none: nothing would run a job)."""
+        replies = self.app.control.inspect(timeout=timeout).active_queues() or {}
+        queue = self.settings.training_queue
+        return sorted(name for name, queues in replies.items() if any(q.get("name") == queue for q in queues))
 
     # --- follow ---------------------------------------------------------------------------------
     def status(self, job_id: str) -> JobInfo:
@@ -164,12 +172,14 @@ class JobClient:
     def wait(
         self, job_id: str, *, timeout: float | None = None, poll_s: float = 0.5, on_tick: Callable[[JobInfo], None]
     ) -> JobInfo:
-        """Poll until the job is done or cancelled (and settled); raise ``CaptionerError`` on timeout."""
+        """Poll until the job is done, failed or cancelled (and settled); raise ``CaptionerError`` on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             info = self.ledger.job(job_id)
             on_tick(info)
-            if info.state is JobState.DONE or (info.state is JobState.CANCELLED and info.pending == 0):
+            if info.state in (JobState.DONE, JobState.FAILED) or (
+                info.state is JobState.CANCELLED and info.pending == 0
+            ):
                 return info
             if deadline is not None and time.monotonic() > deadline:
                 raise CaptionerError(f"job {job_id} still has {info.pending} pending item(s) after {timeout:g}s")

@@ -36,7 +36,7 @@ def test_docs_name_only_settings_that_exist() -> None:
     import re
 
     known = {f"CAPTIONER_{n.upper()}" for n in Settings.model_fields}
-    known.add("CAPTIONER_TEST_DB_BASE")  # the test suite's own knob (tests/conftest.py), not a setting
+    known.add("CAPTIONER_TEST_DB_BASE")  # the test suite's own variable (tests/conftest.py), not a setting
     for doc in ("README.md", "docs/operations.md", "docs/troubleshooting.md", "docs/integration.md"):
         named = set(re.findall(r"CAPTIONER_[A-Z_]+[A-Z]", (ROOT / doc).read_text()))
         assert named <= known, f"{doc} names unknown settings: {sorted(named - known)}"

@@ -73,7 +73,8 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def _load_imagefolder(root: Path, column: str | None, text_column: str | None) -> list[Example]:
-    """Every metadata file under ``root``; its ``file_name`` entries are relative to the metadata file's folder."""
+    """Every metadata file under ``root``; its ``file_name`` entries are relative to the metadata file's folder
+    (or absolute)."""
     found: dict[Path, Path] = {}
     for name in METADATA_NAMES:
         for meta in sorted(root.rglob(name)):
@@ -194,7 +195,9 @@ def _resolve(ref: str, base: Path, *, contain: bool, where: str) -> str:
     path = Path(ref).expanduser()
     # abspath, not resolve(): ".." is normalised away but symlinks stay (the HF cache links files into blobs/).
     resolved = Path(os.path.abspath(path if path.is_absolute() else base / path))
-    if contain and not resolved.is_relative_to(base):
+    # An absolute file_name is taken as written (`captioner export --format metadata` writes them for images
+    # outside the export's folder); a relative one that climbs out of the folder is a mistake.
+    if contain and not path.is_absolute() and not resolved.is_relative_to(base):
         raise SourceError(f"{where}: {ref!r} points outside {base}")
     return str(resolved)
 

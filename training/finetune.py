@@ -18,13 +18,14 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from training.config import TrainConfig
 from training.data import Example, dataset_fingerprint
 from training.metrics import caption_metrics
 from worker.engine import CaptionEngine, EngineConfig, resolve_device
@@ -51,68 +52,13 @@ SAMPLE_COUNT = 4
 class TrainStatus(StrEnum):
     COMPLETED = "completed"
     CANCELLED = "cancelled"
-
-
-@dataclass
-class TrainConfig:
-    """Every training knob; saved as ``train_config.json`` next to each checkpoint and the final weights."""
-
-    # Hub id or local save_pretrained directory to start from (safetensors only).
-    base_model: str = "microsoft/git-base"
-    learning_rate: float = 5e-5
-    # "linear" decays to 0 at the last step (the HF Trainer default); "constant" keeps it flat; both after warmup.
-    lr_scheduler: str = "linear"
-    warmup_steps: int = 0
-    # AdamW decoupled decay, applied to weight matrices only (not biases, norms or other 1-d tensors).
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    epochs: int = 50
-    # Images per forward pass; an optimizer step sees batch_size * grad_accum images.
-    batch_size: int = 32
-    grad_accum: int = 2
-    # "auto": bf16 autocast on GPUs that have it, fp16 (+ loss scaling) on older GPUs, none on CPU.
-    # Also "bf16", "fp16" (CUDA only) or "no".
-    mixed_precision: str = "auto"
-    eval_steps: int = 50
-    save_steps: int = 50
-    # Checkpoints kept; the best and the latest are never deleted.
-    save_total_limit: int = 3
-    load_best_at_end: bool = True
-    metric_for_best: str = "wer"
-    # Used by callers that split one dataset (training.data.split_examples); train() takes both sets.
-    test_fraction: float = 0.1
-    seed: int = 42
-    # Optimizer steps to stop at (smoke runs, demos); None = epochs * steps per epoch.
-    max_steps: int | None = None
-    # Generation length at evaluation (tokens, prompt included), as the engine's GenParams.max_length.
-    max_length: int = 50
-    # Caption tokens per training label ([CLS] and [SEP] included); longer captions are truncated.
-    max_target_tokens: int = 32
-    # Evaluate on the first N eval examples only (None = all).
-    eval_max_samples: int | None = None
-    eval_batch_size: int = 16
-    # Evaluate once before the first step, so progress shows where training started.
-    eval_on_start: bool = False
-    # Report training loss to on_progress every N steps.
-    log_steps: int = 10
-    device: str = "auto"
-    # Preprocessed pixel values are kept in memory when the whole dataset fits in this many MiB.
-    pixel_cache_mb: int = 1024
-    # Threads that read and preprocess images when they are not cached.
-    loader_threads: int = 4
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown training option(s): {', '.join(unknown)}")
-        return cls(**data)
+    # Another runner holds the job's lock (ours lapsed): stopped without writing anything more.
+    LOST_LOCK = "lost_lock"
 
 
 @dataclass
 class TrainResult:
-    """What a training run produced. ``final_dir`` is None when the run was cancelled."""
+    """What a training run produced. ``final_dir`` is None when the run was cancelled or lost its lock."""
 
     final_dir: Path | None
     best_metrics: dict[str, float]
@@ -141,9 +87,14 @@ def train(
     *,
     on_progress: Callable[[dict[str, Any]], None] = _noop,
     should_stop: Callable[[], bool] = _never,
+    lost: Callable[[], bool] = _never,
     image_policy: ImagePolicy | None = None,
 ) -> TrainResult:
-    """Fine-tune ``cfg.base_model`` on ``train_set``, evaluating on ``eval_set``; resumes from ``out_dir``."""
+    """Fine-tune ``cfg.base_model`` on ``train_set``, evaluating on ``eval_set``; resumes from ``out_dir``.
+
+    ``should_stop`` (a user's cancel) ends the run at the next step with a checkpoint; ``lost`` (the run
+    directory now belongs to another runner) ends it at the next step, before any further write.
+    """
     # 1. Check the config, pick device and precision, find a checkpoint to resume from.
     _check_config(cfg, train_set, eval_set)
     out_dir = Path(out_dir)
@@ -197,6 +148,12 @@ def train(
         _rotate(ckpt_root, cfg, state)
         return path
 
+    def gone() -> TrainResult | None:
+        if not lost():
+            return None
+        log.warning("training lock lost at step %d: another runner owns %s; stopping without writing", step, out_dir)
+        return _result(None, ckpt_root, step, TrainStatus.LOST_LOCK, state, cfg)
+
     if cfg.eval_on_start and step == 0 and eval_items and not state["history"]:
         evaluate_now()
 
@@ -206,6 +163,8 @@ def train(
     order: list[int] = []
     order_epoch = -1
     while step < total_steps:
+        if stopped := gone():
+            return stopped
         if should_stop():
             if _last_saved(ckpt_root) != step:
                 save_now()
@@ -241,9 +200,13 @@ def train(
             evaluate_now()
             model.train()
         if step % cfg.save_steps == 0 or last:
+            if stopped := gone():
+                return stopped
             save_now()
 
     # 7. The best (or last) checkpoint becomes out_dir/final, with its config and a version marker.
+    if stopped := gone():
+        return stopped
     if _last_saved(ckpt_root) is None:  # max_steps=0: nothing ran, the base model is the result
         save_now()
     final = _finalize(out_dir, ckpt_root, cfg, state)
@@ -251,19 +214,7 @@ def train(
 
 
 def _check_config(cfg: TrainConfig, train_set: list[Example], eval_set: list[Example]) -> None:
-    positive = ("epochs", "batch_size", "grad_accum", "eval_steps", "save_steps", "save_total_limit", "log_steps")
-    for name in (*positive, "max_length", "max_target_tokens", "eval_batch_size", "loader_threads"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"training option {name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.max_steps is not None and cfg.max_steps < 0:
-        raise ConfigError(f"max_steps must be >= 0 or None, got {cfg.max_steps}")
-    if cfg.max_target_tokens < 3:
-        raise ConfigError("max_target_tokens must leave room for [CLS], one word and [SEP] (at least 3)")
-    if cfg.lr_scheduler not in ("linear", "constant"):
-        raise ConfigError(f"lr_scheduler must be 'linear' or 'constant', not {cfg.lr_scheduler!r}")
-    if cfg.load_best_at_end and cfg.save_steps % cfg.eval_steps:
-        # As in the HF Trainer: a checkpoint can only be ranked when an evaluation ran at its step.
-        raise ConfigError(f"load_best_at_end needs save_steps ({cfg.save_steps}) a multiple of eval_steps")
+    cfg.check()
     if not train_set:
         raise ConfigError("the training set is empty")
     if cfg.load_best_at_end and not eval_set:
@@ -327,8 +278,7 @@ def _micro_step(
     autocast: Callable[[], AbstractContextManager[Any]],
     device: torch.device,
 ) -> torch.Tensor:
-    # A fresh caption draw per image and epoch, seeded by (seed, epoch, image): resume replays it exactly.
-    captions = [random.Random(f"{cfg.seed}:{epoch}:{item.index}").choice(item.captions) for item in batch]
+    captions = draw_captions(batch, cfg.seed, epoch)
     enc = encode_captions(engine.processor.tokenizer, captions, cfg.max_target_tokens)
     pixel_values, kept = pixels.pixels(batch)
     if len(kept) < len(batch):
@@ -343,6 +293,11 @@ def _micro_step(
             pixel_values=pixel_values.to(device, non_blocking=True),
             labels=enc["labels"].to(device),
         )
+
+
+def draw_captions(batch: list[_Item], seed: int, epoch: int) -> list[str]:
+    """One caption per image, drawn afresh each epoch and seeded by (seed, epoch, image): resume replays it."""
+    return [random.Random(f"{seed}:{epoch}:{item.index}").choice(item.captions) for item in batch]
 
 
 def caption_loss(
@@ -605,13 +560,16 @@ class _Clock:
 
 
 def _progress(clock: _Clock, step: int, steps_per_epoch: int, state: dict[str, Any]) -> dict[str, Any]:
+    """Where the run stands; ``metrics`` is the latest evaluation (at ``metrics_step``), None before the first."""
     eta = clock.eta(step)
+    latest = state["history"][-1] if state["history"] else {}
     return {
         "step": step,
         "total_steps": clock.total,
         "epoch": round(step / steps_per_epoch, 4),
         "loss": state.get("last_loss"),
-        "metrics": None,
+        "metrics": latest.get("metrics"),
+        "metrics_step": latest.get("step"),
         "eta_s": None if eta is None else round(eta, 2),
         "step_time_s": None if clock.step_s is None else round(clock.step_s, 4),
         "elapsed_s": round(time.perf_counter() - clock.started, 2),
@@ -673,6 +631,7 @@ def _save_checkpoint(
     target = ckpt_root / f"step-{step}"
     tmp = ckpt_root / f"step-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    quiet_progress_bars()
     engine.model.save_pretrained(tmp, safe_serialization=True)
     engine.processor.save_pretrained(tmp)
     tensors, scalars = _flatten_optimizer(optimizer.state_dict())
@@ -692,6 +651,14 @@ def _save_checkpoint(
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
+
+
+def quiet_progress_bars() -> None:
+    """No "Writing model shards" / "Loading weights" bars from transformers: one per checkpoint or evaluation
+    clutters a worker's log and the demo's output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -1,22 +1,28 @@
-"""Fine-tune and evaluate as ledger jobs: run once, report progress, stop on cancel, resume after a crash.
+"""Fine-tune and evaluate as ledger jobs: run once, report progress, stop on cancel, end on failure, resume a crash.
 
 A training job is never redelivered by the broker (its message is acked on receipt, because it runs far
-longer than any visibility timeout). Instead a lock with a heartbeat marks the one runner, and a training
-worker that starts finds running jobs whose lock has lapsed and resumes them from their last checkpoint.
+longer than any visibility timeout). Instead a lock with a heartbeat marks the one runner, and training
+workers look for running jobs whose runner is gone (lock lapsed) and send them again; they resume from
+their last checkpoint. A job whose code raises ends FAILED with its error and is never sent again by itself.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import logging
 import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from worker.errors import ConfigError
+import redis
+
+from worker import metrics
+from worker.errors import CaptionerError, ConfigError
 from worker.ledger import Ledger
 from worker.messages import EvaluateRequest, GenParams, JobState, TrainRequest
 from worker.settings import Settings
@@ -24,57 +30,119 @@ from worker.store import ModelStore
 
 log = logging.getLogger(__name__)
 
+
 def _store(settings: Settings) -> ModelStore:
     if settings.model_store is None:
         raise ConfigError("training needs CAPTIONER_MODEL_STORE (a directory for model versions)")
     return ModelStore(settings.model_store)
 
 
+def check_train_request(req: TrainRequest) -> None:
+    """Everything about a fine-tune request that can be checked without its data: config keys, types, values."""
+    from training.config import METRIC_NAMES, TrainConfig
+
+    TrainConfig.from_dict(req.config)
+    if req.require_no_worse is not None:
+        if not req.promote:
+            raise ConfigError("require_no_worse (--require-no-worse) only applies with promote (--promote)")
+        if req.require_no_worse not in METRIC_NAMES:
+            raise ConfigError(
+                f"require_no_worse must name a metric ({', '.join(METRIC_NAMES)}), not {req.require_no_worse!r}"
+            )
+
+
 def open_train_job(ledger: Ledger, req: TrainRequest) -> bool:
-    """Record a training job before its message is sent (so a lost message can be found and resumed)."""
+    """Record a training job before its message is sent (so a lost message can be found and resumed).
+
+    Submitting a job id again re-opens it: a failed or cancelled job runs again from its last checkpoint.
+    """
     created = ledger.open_job(req.job_id, f"train {req.dataset}", GenParams(), {"kind": "train"})
-    ledger.set_fields(req.job_id, request=req.model_dump())
+    ledger.set_fields(req.job_id, request=req.model_dump(), sent=time.time(), started=None, result=None)
     ledger.seal(req.job_id)
     return created
 
 
 class _Heartbeat:
-    """Keeps the job lock alive and answers 'should I stop?' from the ledger, at most once a second."""
+    """Keeps the job lock alive and tells the runner when to stop: a user's cancel, or a lost lock.
 
-    def __init__(self, ledger: Ledger, job_id: str, ttl_s: int) -> None:
+    The lock is lost when another owner holds it, or when no refresh has succeeded for a whole TTL (it may
+    have lapsed, and another worker may be resuming the job). Redis errors are logged and retried.
+    """
+
+    def __init__(self, ledger: Ledger, job_id: str, ttl_s: float) -> None:
         self.ledger, self.job_id, self.ttl_s = ledger, job_id, ttl_s
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
         self._stop = threading.Event()
+        self._lost = threading.Event()
+        self._renewed = 0.0  # monotonic time a successful refresh *started*: the lock lives ttl_s from then
         self._last_check, self._cancelled = 0.0, False
-        self._thread = threading.Thread(target=self._beat, daemon=True, name="train-heartbeat")
+        # The thread runs in a copy of this context, so its log lines carry the job id too.
+        ctx = contextvars.copy_context()
+        self._thread = threading.Thread(target=ctx.run, args=(self._beat,), daemon=True, name="train-heartbeat")
 
     def acquire(self) -> bool:
+        started = time.monotonic()
         if not self.ledger.try_lock(self.job_id, self.owner, self.ttl_s):
             return False
+        self._renewed = started
         self._thread.start()
         return True
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.ttl_s / 4):
-            self.ledger.try_lock(self.job_id, self.owner, self.ttl_s)
+        while not self._stop.wait(self.ttl_s / 4) and not self._lost.is_set():
+            self.beat_once()
+
+    def beat_once(self) -> None:
+        """Refresh the lock once; on failure keep trying until a whole TTL has passed without a refresh."""
+        started = time.monotonic()
+        try:
+            held = self.ledger.try_lock(self.job_id, self.owner, self.ttl_s)
+        except redis.RedisError as exc:
+            log.warning("job %s: could not refresh the training lock (%s); trying again", self.job_id, exc)
+        else:
+            if held:
+                self._renewed = started
+            else:
+                log.error("job %s: another runner holds the training lock; stopping at the next step", self.job_id)
+                self._lost.set()
+        self.lost()
+
+    def lost(self) -> bool:
+        """True once the lock is someone else's or may have lapsed (checked here too: the beat may be stuck)."""
+        if not self._lost.is_set() and time.monotonic() - self._renewed >= self.ttl_s:
+            log.error("job %s: the training lock was not refreshed for %gs; stopping at the next step",
+                      self.job_id, self.ttl_s)  # fmt: skip
+            self._lost.set()
+        return self._lost.is_set()
 
     def cancelled(self) -> bool:
         now = time.monotonic()
         if now - self._last_check >= 1.0:
             self._last_check = now
-            self._cancelled = self.ledger.state(self.job_id) is JobState.CANCELLED
+            try:
+                self._cancelled = self.ledger.state(self.job_id) is JobState.CANCELLED
+            except redis.RedisError as exc:  # a blip: ask again next time, keep training meanwhile
+                log.warning("job %s: could not read the job state (%s)", self.job_id, exc)
         return self._cancelled
 
     def release(self) -> None:
         self._stop.set()
-        self.ledger.unlock(self.job_id, self.owner)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        try:
+            self.ledger.unlock(self.job_id, self.owner)  # only if still ours
+        except redis.RedisError as exc:
+            log.warning("job %s: could not release the training lock (%s); it lapses by itself", self.job_id, exc)
 
 
 def run_train(settings: Settings, ledger: Ledger, req: TrainRequest) -> dict[str, Any]:
-    """Steps: 1 take the lock, 2 load data, 3 train (resuming), 4 store the version, 5 promote if asked."""
-    from training.data import dataset_fingerprint, load_examples, split_examples
-    from training.finetune import TrainConfig, train
+    """Steps: 1 take the lock, 2 load data, 3 train (resuming), 4 store the version, 5 promote if asked.
 
+    Outcomes: ``done`` (a version; promoted, or "not promoted: why" in ``promotion``), ``cancelled``,
+    ``failed`` (the code raised: the job ends FAILED with the error in its result, and the error is
+    raised again for Celery), ``lost_lock`` (another runner owns the job now) and ``skipped``. A killed
+    worker leaves the job RUNNING with a lapsing lock, and the orphan scan resumes it.
+    """
     store = _store(settings)
     if settings.torch_threads:
         import torch
@@ -88,18 +156,50 @@ def run_train(settings: Settings, ledger: Ledger, req: TrainRequest) -> dict[str
     if not beat.acquire():  # 1. somebody else runs it: never twice
         return {"job_id": req.job_id, "status": "skipped", "reason": "already running elsewhere"}
     ledger.set_fields(req.job_id, started=time.time())
+    metrics.training_started(req.job_id)
     try:
+        summary = _fine_tune(store, ledger, req, beat)
+    except Exception as exc:
+        if beat.lost():  # the job is another runner's now: its outcome is not ours to record
+            summary = {"job_id": req.job_id, "status": "lost_lock", "error": f"{type(exc).__name__}: {exc}"}
+        else:
+            _record_failure(ledger, req.job_id, exc)
+            metrics.training_ended("failed")
+            raise
+    finally:
+        beat.release()
+    metrics.training_ended(summary["status"])
+    return summary
+
+
+def _fine_tune(store: ModelStore, ledger: Ledger, req: TrainRequest, beat: _Heartbeat) -> dict[str, Any]:
+    """Steps 2-5 of run_train, under the lock."""
+    from training.config import TrainConfig
+    from training.data import dataset_fingerprint, load_examples, split_examples
+    from training.finetune import TrainStatus, quiet_progress_bars, train
+
+    quiet_progress_bars()
+    cfg = TrainConfig.from_dict(req.config)
+    done = {"job_id": req.job_id}
+    version = _stored_version(store, ledger, req.job_id)  # a crash after step 4: never store it twice
+    if version is None:
         examples = load_examples(req.dataset, column=req.column, text_column=req.text_column)  # 2.
-        cfg = TrainConfig.from_dict(req.config)
         train_set, eval_set = split_examples(examples, cfg.test_fraction, cfg.seed)
         run_dir = store.root / ".runs" / req.job_id
 
         def progress(p: dict[str, Any]) -> None:
-            ledger.set_fields(req.job_id, progress=p)
+            metrics.observe_training(req.job_id, p)
+            try:
+                ledger.set_fields(req.job_id, progress=p)
+            except redis.RedisError as exc:  # progress is a view; a blip must not end a long run
+                log.warning("job %s: progress not recorded (%s)", req.job_id, exc)
 
-        result = train(cfg, train_set, eval_set, run_dir, on_progress=progress, should_stop=beat.cancelled)  # 3.
-        if result.status == "cancelled":
-            return {"job_id": req.job_id, "status": "cancelled", "steps": result.steps}
+        result = train(cfg, train_set, eval_set, run_dir, on_progress=progress,  # 3.
+                       should_stop=beat.cancelled, lost=beat.lost)  # fmt: skip
+        if result.status is TrainStatus.CANCELLED:
+            return {**done, "status": "cancelled", "steps": result.steps}
+        if result.status is TrainStatus.LOST_LOCK or beat.lost():
+            return {**done, "status": "lost_lock", "steps": result.steps}
         meta = {  # 4.
             "base_model": cfg.base_model,
             "dataset": req.dataset,
@@ -110,25 +210,52 @@ def run_train(settings: Settings, ledger: Ledger, req: TrainRequest) -> dict[str
             "steps": result.steps,
             "job_id": req.job_id,
         }
-        version = store.add(Path(result.final_dir), meta)
-        promoted = False
-        if req.promote:  # 5.
-            store.promote(version.version, require_no_worse=req.require_no_worse)
-            promoted = True
-        summary = {"job_id": req.job_id, "status": "done", "version": version.version, "promoted": promoted,
-                   "metrics": result.best_metrics, "steps": result.steps}  # fmt: skip
-        ledger.set_fields(req.job_id, result=summary)
-        ledger.set_state(req.job_id, JobState.DONE)
-        return summary
-    finally:
-        beat.release()
+        assert result.final_dir is not None
+        version = store.add(Path(result.final_dir), meta).version
+        ledger.set_fields(req.job_id, version=version)
+    mv = store.get(version)
+    summary = {**done, "status": "done", "version": version, "promoted": False,
+               "metrics": mv.metrics, "steps": mv.meta.get("steps")}  # fmt: skip
+    if req.promote:  # 5.
+        try:
+            store.promote(version, require_no_worse=req.require_no_worse)
+            summary["promoted"] = True
+        except ConfigError as exc:  # the gate said no: the version stays, the job is done, never re-run
+            summary["promotion"] = f"not promoted: {exc}"
+            log.info("job %s: %s", req.job_id, summary["promotion"])
+    ledger.set_fields(req.job_id, result=summary)
+    ledger.set_state(req.job_id, JobState.DONE)
+    return summary
+
+
+def _stored_version(store: ModelStore, ledger: Ledger, job_id: str) -> str | None:
+    version = ledger.get_field(job_id, "version")
+    if not version:
+        return None
+    try:
+        return store.get(version).version
+    except ConfigError:  # deleted from the store since: train (or rather, finalize) again
+        return None
+
+
+def _record_failure(ledger: Ledger, job_id: str, exc: Exception) -> None:
+    """The job ends FAILED with its error; if Redis is down too, it stays RUNNING and is resumed later."""
+    error = f"{exc}" if isinstance(exc, CaptionerError) else f"{type(exc).__name__}: {exc}"
+    log.error("training job %s failed: %s", job_id, error, exc_info=not isinstance(exc, CaptionerError))
+    try:
+        ledger.set_fields(job_id, result={"job_id": job_id, "status": "failed", "error": error},
+                          finished=time.time())  # fmt: skip
+        ledger.set_state(job_id, JobState.FAILED)
+    except redis.RedisError as write_error:
+        log.error("job %s: could not record the failure (%s); it will be resumed", job_id, write_error)
 
 
 def run_evaluate(settings: Settings, req: EvaluateRequest) -> dict[str, Any]:
     """Score a stored version on a dataset with generated captions; the result is kept with the version."""
     from training.data import dataset_fingerprint, load_examples
-    from training.finetune import evaluate_model
+    from training.finetune import evaluate_model, quiet_progress_bars
 
+    quiet_progress_bars()
     store = _store(settings)
     version = store.current() if req.version == "current" else store.get(req.version)
     if version is None:
@@ -137,19 +264,39 @@ def run_evaluate(settings: Settings, req: EvaluateRequest) -> dict[str, Any]:
     if req.max_samples:
         examples = examples[: req.max_samples]
     report = evaluate_model(version.path, examples, max_length=req.max_length)
-    metrics = {k: v for k, v in report.items() if isinstance(v, int | float) and k != "n"}
-    store.record_evaluation(version.version, dataset_fingerprint(examples), metrics)
+    metrics_ = {k: v for k, v in report.items() if isinstance(v, int | float) and k != "n"}
+    store.record_evaluation(version.version, dataset_fingerprint(examples), metrics_)
     return {"version": version.version, "dataset": req.dataset, **report}
 
 
-def orphaned_train_jobs(ledger: Ledger, limit: int = 1000) -> list[TrainRequest]:
-    """Training jobs that started, are still marked running, and whose runner is gone (lock lapsed)."""
-    found = []
+def orphaned_train_jobs(
+    ledger: Ledger,
+    *,
+    grace_s: float,
+    waiting: Callable[[list[str]], set[str]] = lambda ids: set(),
+    limit: int = 1000,
+) -> list[TrainRequest]:
+    """Training jobs to send again: RUNNING, with no runner's lock and no message of theirs in the broker.
+
+    Either started (their runner died, its lock lapsed; they resume from their last checkpoint), or never
+    started ``grace_s`` after they were sent (the message was lost after the job was recorded, or the worker
+    died between receiving it and taking the lock). ``waiting`` says which of some job ids still have a
+    message queued or reserved by a worker. Done, cancelled and failed jobs never come back.
+    """
+    now = time.time()
+    candidates: list[TrainRequest] = []
     for info in ledger.jobs(limit):
-        if info.extra.get("kind") != "train" or info.state is not JobState.RUNNING:
+        if info.extra.get("kind") != "train" or info.state is not JobState.RUNNING or ledger.locked(info.id):
             continue
-        if ledger.get_field(info.id, "started") and not ledger.locked(info.id):
-            request = ledger.get_field(info.id, "request")
-            if request:
-                found.append(TrainRequest.model_validate(request))
-    return found
+        started = float(ledger.get_field(info.id, "started") or 0)
+        sent = max(info.created, float(ledger.get_field(info.id, "sent") or 0))
+        # Unstarted: give the message time to arrive. Started: once re-sent, give that message time too.
+        if (not started or sent > started) and now - sent < grace_s:
+            continue
+        request = ledger.get_field(info.id, "request")
+        if request:
+            candidates.append(TrainRequest.model_validate(request))
+    if not candidates:
+        return []
+    queued = waiting([req.job_id for req in candidates])
+    return [req for req in candidates if req.job_id not in queued]

@@ -35,6 +35,17 @@ POSITIONS: dict[str, tuple[str, tuple[float, float]]] = {
 BACKGROUNDS: tuple[str, ...] = ("white", "black", "gray", "yellow", "blue")
 
 
+def vocabulary() -> list[str]:
+    """Every word a caption of ``caption_for`` can hold, each once (for a tokenizer of these words only)."""
+    words: list[str] = []
+    for shape in SHAPES:
+        for colour in COLOURS:
+            for position in POSITIONS:
+                words += caption_for(shape, colour, position, "white").split()
+    words += [*BACKGROUNDS, "a", "an"]
+    return list(dict.fromkeys(words))
+
+
 def caption_for(shape: str, colour: str, position: str, background: str) -> str:
     """The template caption, e.g. ``a red circle on the left of a white background``."""
     where = POSITIONS[position][0]

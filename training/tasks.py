@@ -10,12 +10,28 @@ from typing import Any
 from celery.signals import celeryd_after_setup
 
 from training.jobs import orphaned_train_jobs, run_evaluate, run_train
+from worker import metrics
 from worker.celery_app import app
 from worker.ledger import Ledger, ledger_from_settings
+from worker.logs import current_job
 from worker.messages import TASK_EVALUATE, TASK_TRAIN, EvaluateRequest, TrainRequest, parse_message
 from worker.settings import get_settings
 
 log = logging.getLogger(__name__)
+
+# KEYS: the training queue (a list), kombu's unacked hash (messages reserved by workers, not yet started).
+# ARGV: needles, one per job id. Returns the needles found: searched in Redis, so nothing large travels.
+_FIND_WAITING = """
+local found = {}
+local bodies = redis.call('LRANGE', KEYS[1], 0, -1)
+for _, v in ipairs(redis.call('HVALS', KEYS[2])) do bodies[#bodies + 1] = v end
+for i = 1, #ARGV do
+  for _, body in ipairs(bodies) do
+    if string.find(body, ARGV[i], 1, true) then found[#found + 1] = ARGV[i]; break end
+  end
+end
+return found
+"""
 
 
 def _ledger() -> Ledger:
@@ -27,23 +43,32 @@ def _ledger() -> Ledger:
 def train(**payload: Any) -> dict:
     """Fine-tune a model on a dataset; progress, cancel and resume go through the ledger."""
     req = parse_message(TrainRequest, payload)
-    return run_train(get_settings(), _ledger(), req)  # type: ignore[arg-type]
+    token = current_job.set(req.job_id)  # type: ignore[attr-defined]
+    try:
+        return run_train(get_settings(), _ledger(), req)  # type: ignore[arg-type]
+    finally:
+        current_job.reset(token)
 
 
 @app.task(name=TASK_EVALUATE, acks_late=False)
 def evaluate(**payload: Any) -> dict:
     """Score a model version with generated captions (WER, CER, BLEU-4, ROUGE-L)."""
     req = parse_message(EvaluateRequest, payload)
-    return run_evaluate(get_settings(), req)  # type: ignore[arg-type]
+    token = current_job.set(f"evaluate:{req.version}")  # type: ignore[attr-defined]
+    try:
+        return run_evaluate(get_settings(), req)  # type: ignore[arg-type]
+    finally:
+        current_job.reset(token)
 
 
 @celeryd_after_setup.connect
 def _resume_orphans(sender: str, instance: Any, **kwargs: Any) -> None:
-    """A training worker that starts picks up training jobs whose runner died (their checkpoints remain)."""
+    """A training worker picks up training jobs whose runner died, and serves its metrics endpoint."""
     s = get_settings()
     if s.training_queue not in set(instance.app.amqp.queues.consume_from or {}):
         return
     threading.Thread(target=_watch_orphans, name="train-orphans", daemon=True).start()
+    metrics.serve(s.metrics_port, s.metrics_addr, _queue_depths)
 
 
 def _watch_orphans() -> None:
@@ -51,9 +76,28 @@ def _watch_orphans() -> None:
     s = get_settings()
     while True:
         try:
-            for req in orphaned_train_jobs(_ledger()):
+            ledger = _ledger()
+            for req in orphaned_train_jobs(ledger, grace_s=2 * s.train_lock_ttl_s, waiting=_waiting):
                 log.info("resuming training job %s from its last checkpoint", req.job_id)
+                ledger.set_fields(req.job_id, sent=time.time())
                 train.apply_async(kwargs=req.model_dump(), queue=s.training_queue)
         except Exception:
             log.exception("could not scan for orphaned training jobs")
         time.sleep(s.train_lock_ttl_s / 2)
+
+
+def _waiting(job_ids: list[str]) -> set[str]:
+    """Job ids with a train message still queued or reserved by a worker (Celery's kwargsrepr header names it)."""
+    needles = {f"'job_id': {job_id!r}": job_id for job_id in job_ids}
+    with app.connection_for_read() as conn:
+        client = conn.default_channel.client
+        unacked = conn.transport_options.get("unacked_key", "unacked")
+        found = client.eval(_FIND_WAITING, 2, get_settings().training_queue, unacked, *needles)
+    return {needles[f.decode() if isinstance(f, bytes) else f] for f in found}
+
+
+def _queue_depths() -> dict[str, int]:
+    s = get_settings()
+    with app.connection_for_read() as conn:
+        client = conn.default_channel.client
+        return {q: int(client.llen(q)) for q in (s.caption_queue, s.training_queue)}

@@ -1,4 +1,8 @@
-"""Random GIT checkpoints built offline (tiny for tests, git-base-shaped for benchmarks), saved like hub models."""
+"""Random GIT checkpoints built offline (tiny for tests, git-base-shaped for benchmarks), saved like hub models.
+
+They use GIT's own tokenizer (bert-base-uncased), except ``build_word_git``: a GIT whose tokenizer knows only
+a given list of words, for the demo, where the 30522-word output layer would cost most of every step.
+"""
 
 from __future__ import annotations
 
@@ -35,9 +39,21 @@ def find_bert_vocab() -> Path:
 
 
 def tiny_git_config(
-    *, image_size: int = 32, patch_size: int = 8, hidden_size: int = 32, layers: int = 2, init_range: float = 0.5
+    *,
+    image_size: int = 32,
+    patch_size: int = 8,
+    hidden_size: int = 32,
+    layers: int = 2,
+    init_range: float = 0.5,
+    vocab_size: int = VOCAB_SIZE,
+    special_ids: tuple[int, int, int] = (PAD_ID, CLS_ID, SEP_ID),
+    dropout: float | None = None,
 ) -> Any:
-    """A GitConfig small enough to build, save and generate in well under a second on a CPU."""
+    """A GitConfig small enough to build, save and generate in well under a second on a CPU.
+
+    ``vocab_size`` and ``special_ids`` (pad, bos=[CLS], eos=[SEP]) are bert-base-uncased's unless the model
+    gets another tokenizer (see ``build_word_git``); ``dropout`` replaces GIT's 0.1 in the text decoder.
+    """
     from transformers import GitConfig
 
     heads = max(1, hidden_size // 16)
@@ -50,9 +66,11 @@ def tiny_git_config(
         "patch_size": patch_size,
         "initializer_range": init_range,
     }
+    extra = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
     return GitConfig(
+        **extra,
         vision_config=vision,
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         hidden_size=hidden_size,
         num_hidden_layers=layers,
         num_attention_heads=heads,
@@ -62,9 +80,9 @@ def tiny_git_config(
         # git-base's 0.02 makes a random tiny model caption every image alike; 0.5 makes captions depend
         # on the image, so batching and ordering tests can tell images apart.
         initializer_range=init_range,
-        pad_token_id=PAD_ID,
-        bos_token_id=CLS_ID,
-        eos_token_id=SEP_ID,
+        pad_token_id=special_ids[0],
+        bos_token_id=special_ids[1],
+        eos_token_id=special_ids[2],
     )
 
 
@@ -94,8 +112,9 @@ def git_base_config() -> Any:
     )
 
 
-def build_git_processor(image_size: int, vocab_file: Path | None = None) -> Any:
-    """GIT's processor: CLIP image preprocessing at ``image_size`` plus the lower-cased bert-base-uncased tokenizer."""
+def build_git_processor(image_size: int, vocab_file: Path | None = None, *, words: list[str] | None = None) -> Any:
+    """GIT's processor: CLIP image preprocessing at ``image_size`` plus the lower-cased bert-base-uncased tokenizer
+    (or, with ``words``, a WordPiece tokenizer of BERT's special tokens and those whole words only)."""
     from transformers import BertTokenizerFast, CLIPImageProcessorPil, GitProcessor
     from transformers.models.bert.tokenization_bert import load_vocab
 
@@ -106,20 +125,52 @@ def build_git_processor(image_size: int, vocab_file: Path | None = None) -> Any:
         crop_size={"height": image_size, "width": image_size},
         do_center_crop=True,
     )
-    # transformers 5 ignores vocab_file= here (it builds a 5-token vocab); the vocab must be passed as a dict.
-    vocab_file = vocab_file or find_bert_vocab()
-    vocab = load_vocab(str(vocab_file))
-    if len(vocab) != VOCAB_SIZE:
-        raise ModelLoadError(f"{vocab_file} has {len(vocab)} entries, expected bert-base-uncased's {VOCAB_SIZE}")
+    if words is not None:
+        vocab = word_vocab(words)
+    else:
+        # transformers 5 ignores vocab_file= here (it builds a 5-token vocab); the vocab must be passed as a dict.
+        vocab_file = vocab_file or find_bert_vocab()
+        vocab = load_vocab(str(vocab_file))
+        if len(vocab) != VOCAB_SIZE:
+            raise ModelLoadError(f"{vocab_file} has {len(vocab)} entries, expected bert-base-uncased's {VOCAB_SIZE}")
     tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=True, model_max_length=512)
     return GitProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
-def build_random_git(out_dir: Path, config: Any, *, seed: int = 0) -> Path:
-    """Save a randomly initialised ``GitForCausalLM`` of ``config`` and its processor to ``out_dir`` (safetensors)."""
+#: BERT's special tokens, first and in this order, so a word vocabulary has pad 0, [CLS] 2 and [SEP] 3.
+WORD_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def word_vocab(words: list[str]) -> dict[str, int]:
+    """BERT's special tokens, then each distinct lower-cased word once, in order."""
+    vocab = {token: i for i, token in enumerate(WORD_SPECIALS)}
+    for word in words:
+        vocab.setdefault(word.lower(), len(vocab))
+    return vocab
+
+
+def build_word_git(out_dir: Path, words: list[str], *, seed: int = 0, **config: Any) -> Path:
+    """A tiny random GIT whose tokenizer knows only ``words`` (plus BERT's specials).
+
+    With git-base's 30522-word vocabulary, the output layer and its softmax are most of a tiny model's
+    training step; with a vocabulary of the captions' own words a step is several times cheaper.
+    ``config`` goes to ``tiny_git_config``.
+    """
+    vocab = word_vocab(words)
+    special = (vocab["[PAD]"], vocab["[CLS]"], vocab["[SEP]"])
+    cfg = tiny_git_config(vocab_size=len(vocab), special_ids=special, **config)
+    return build_random_git(out_dir, cfg, seed=seed, processor=build_git_processor(cfg.vision_config.image_size,
+                                                                                   words=words))  # fmt: skip
+
+
+def build_random_git(out_dir: Path, config: Any, *, seed: int = 0, processor: Any = None) -> Path:
+    """Save a randomly initialised ``GitForCausalLM`` of ``config`` and its processor (GIT's own unless given)
+    to ``out_dir`` (safetensors)."""
     import torch
     from transformers import GitForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # save_pretrained's "Writing model shards" bar says nothing here
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # fork_rng: seed the init without disturbing the caller's global RNG stream.
@@ -128,7 +179,7 @@ def build_random_git(out_dir: Path, config: Any, *, seed: int = 0) -> Path:
         model = GitForCausalLM(config)
     model.eval()
     model.save_pretrained(out_dir, safe_serialization=True)
-    build_git_processor(config.vision_config.image_size).save_pretrained(out_dir)
+    (processor or build_git_processor(config.vision_config.image_size)).save_pretrained(out_dir)
     return out_dir
 
 

@@ -131,6 +131,21 @@ return out
 # KEYS: job hash.  ARGV: now.  The producer calls this when it has added its last item.
 _SEAL = "redis.call('HDEL', KEYS[1], 'open')\n" + _FINISH + "return finished\n"
 
+# KEYS: lock key.  ARGV: owner, ttl seconds.  Take a free lock or refresh our own; 0 when another owner has it.
+_LOCK = """
+local holder = redis.call('GET', KEYS[1])
+if holder == false or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  return 1
+end
+return 0
+"""
+# KEYS: lock key.  ARGV: owner.  Delete the lock only if we still hold it.
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 
 #: Free-form job fields (set_fields) shown with the job: a training job's progress and result, webhook errors.
 _JSON_FIELDS = ("progress", "result", "webhook_error")
@@ -234,6 +249,9 @@ class Ledger:
         self._requeue = client.register_script(_OOM_CHECKED + _REQUEUE)
         self._add_items = client.register_script(_OOM_CHECKED + _ADD_ITEMS)
         self._begin = client.register_script(_OOM_CHECKED + _BEGIN)
+        # A lock's few bytes must stay refreshable at maxmemory: losing it would stop a fine-tune mid-run.
+        self._lock = client.register_script("#!lua flags=allow-oom\n" + _LOCK)
+        self._unlock = client.register_script("#!lua flags=allow-oom\n" + _UNLOCK)
 
     # --- keys -----------------------------------------------------------------------------------
     def _k(self, *parts: str) -> str:
@@ -340,19 +358,17 @@ class Ledger:
         return json.loads(raw) if raw else None
 
     def try_lock(self, job_id: str, owner: str, ttl_s: int) -> bool:
-        """Hold a job for one runner; the lock lapses ttl_s after its holder stops refreshing it."""
+        """Take or refresh a job's lock for one runner (one atomic script); it lapses ttl_s after the last call.
+
+        False when another owner holds it. Check and set are one step, so a lock that lapses between them
+        can never be refreshed by its old owner after a new one took it.
+        """
         key = self._k("job", job_id, "lock")
-        if self.r.set(key, owner, nx=True, ex=ttl_s):
-            return True
-        if self.r.get(key) == owner.encode():
-            self.r.expire(key, ttl_s)
-            return True
-        return False
+        return bool(self._lock(keys=[key], args=[owner, int(ttl_s)]))
 
     def unlock(self, job_id: str, owner: str) -> None:
-        key = self._k("job", job_id, "lock")
-        if self.r.get(key) == owner.encode():
-            self.r.delete(key)
+        """Release the lock only if ``owner`` still holds it (compare and delete in one script)."""
+        self._unlock(keys=[self._k("job", job_id, "lock")], args=[owner])
 
     def locked(self, job_id: str) -> bool:
         return bool(self.r.exists(self._k("job", job_id, "lock")))

@@ -47,6 +47,8 @@ class JobState(StrEnum):
     RUNNING = "running"
     DONE = "done"
     CANCELLED = "cancelled"
+    # A training job whose code raised: it ended with an error (in its result) and is never re-run by itself.
+    FAILED = "failed"
 
 
 class GenParams(BaseModel):

@@ -1,10 +1,12 @@
-"""Prometheus metrics of a caption worker: throughput, batch sizes, stage latency, errors, queue depth, model."""
+"""Prometheus metrics of a worker: caption throughput, batch sizes, stage latency, errors, queue depth, model;
+and, in their own section, the training job a training worker runs (step, loss, latest eval WER)."""
 
 from __future__ import annotations
 
 import logging
 import threading
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
 
@@ -48,15 +50,26 @@ def set_model(version: str, device: str, dtype: str) -> None:
     MODEL.info({"version": version, "device": device, "dtype": dtype})
 
 
+_serving = threading.Lock()
+_served: list[int] = []
+
+
 def serve(port: int, addr: str, queue_depth: Callable[[], dict[str, int]], every_s: float = 5.0) -> bool:
-    """Start the HTTP endpoint and a sampler for queue depth and GPU memory; False if the port is taken."""
+    """Start the HTTP endpoint and a sampler for queue depth and GPU memory; False if the port is taken.
+
+    Once per process: a worker consuming both the caption and the training queue serves one endpoint.
+    """
     if not port:
         return False
-    try:
-        start_http_server(port, addr=addr)
-    except OSError as exc:  # a second worker on the host: it runs on, without an endpoint of its own
-        log.warning("metrics endpoint not started on %s:%d: %s (set CAPTIONER_METRICS_PORT)", addr, port, exc)
-        return False
+    with _serving:
+        if _served:
+            return True
+        try:
+            start_http_server(port, addr=addr)
+        except OSError as exc:  # a second worker on the host: it runs on, without an endpoint of its own
+            log.warning("metrics endpoint not started on %s:%d: %s (set CAPTIONER_METRICS_PORT)", addr, port, exc)
+            return False
+        _served.append(port)
     threading.Thread(target=_sample, args=(queue_depth, every_s), name="metrics", daemon=True).start()
     log.info("metrics on http://%s:%d/metrics", addr, port)
     return True
@@ -80,3 +93,37 @@ def _sample_gpu() -> None:
     if torch is not None and torch.cuda.is_available():
         GPU_MEMORY.labels("allocated").set(torch.cuda.memory_allocated())
         GPU_MEMORY.labels("reserved").set(torch.cuda.memory_reserved())
+
+
+# --- training workers ---------------------------------------------------------------------------
+# One training job at a time per training worker (solo pool); its series carry the job id, and the previous
+# job's series are dropped when the next one starts, so the label set stays small.
+
+TRAIN_STEP = Gauge("captioner_train_step", "Optimizer steps done by the training job this worker runs.", ["job_id"])
+TRAIN_TOTAL_STEPS = Gauge("captioner_train_total_steps", "Optimizer steps the training job will run.", ["job_id"])
+TRAIN_LOSS = Gauge("captioner_train_loss", "Training loss, mean over the last log_steps steps.", ["job_id"])
+TRAIN_EVAL_WER = Gauge("captioner_train_eval_wer", "WER of the latest evaluation (generated captions).", ["job_id"])
+TRAIN_JOBS = Counter("captioner_train_jobs_total", "Training jobs ended on this worker, by outcome.", ["outcome"])
+_TRAIN_GAUGES = (TRAIN_STEP, TRAIN_TOTAL_STEPS, TRAIN_LOSS, TRAIN_EVAL_WER)
+
+
+def training_started(job_id: str) -> None:
+    for gauge in _TRAIN_GAUGES:
+        gauge.clear()
+    TRAIN_STEP.labels(job_id).set(0)
+
+
+def observe_training(job_id: str, progress: dict[str, Any]) -> None:
+    """One progress record of training.finetune.train (values may be None before the first report)."""
+    for gauge, value in (
+        (TRAIN_STEP, progress.get("step")),
+        (TRAIN_TOTAL_STEPS, progress.get("total_steps")),
+        (TRAIN_LOSS, progress.get("loss")),
+        (TRAIN_EVAL_WER, (progress.get("metrics") or {}).get("wer")),
+    ):
+        if isinstance(value, int | float):
+            gauge.labels(job_id).set(value)
+
+
+def training_ended(outcome: str) -> None:
+    TRAIN_JOBS.labels(outcome).inc()

@@ -1,0 +1,302 @@
+"""Training jobs end once, whatever happens: the lock (atomic, heartbeat that survives Redis errors and notices a
+takeover), orphans (crashed or never started, but never failed or still queued), a failing job that ends
+FAILED once, a refused promotion that ends DONE, and what the CLI and the metrics endpoint show of it all.
+Real Redis servers, a real training worker, the CLI through click's runner."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from producer.cli import cli
+from producer.jobs import JobClient
+from producer.local import LocalRedis, WorkerProcess, free_port
+from tests.conftest import settings_from
+from training.jobs import _Heartbeat, open_train_job, orphaned_train_jobs, run_train
+from worker.ledger import Ledger, redis_client
+from worker.messages import TASK_TRAIN, JobState, TrainRequest
+from worker.store import ModelStore
+
+TTL_S = 3  # the smallest lock lifetime settings allow: orphan scans every 1.5 s, unstarted grace 6 s
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[LocalRedis]:
+    with LocalRedis() as local:
+        yield local
+
+
+@pytest.fixture
+def ledger(server: LocalRedis) -> Iterator[Ledger]:
+    led = Ledger(redis_client(server.url(1)), f"t-{uuid.uuid4().hex[:6]}")
+    yield led
+    led.r.close()
+
+
+def _cli(env: dict[str, str], *args: str) -> Any:
+    return CliRunner().invoke(cli, list(args), env=env)
+
+
+# --- the lock ------------------------------------------------------------------------------------------
+
+
+def test_try_lock_is_one_owner_at_a_time(ledger: Ledger) -> None:
+    assert ledger.try_lock("j", "a", 30) and ledger.try_lock("j", "a", 30)  # take, then refresh
+    assert not ledger.try_lock("j", "b", 30)
+    ledger.unlock("j", "b")  # not b's to release
+    assert ledger.locked("j")
+    ledger.unlock("j", "a")
+    assert not ledger.locked("j") and ledger.try_lock("j", "b", 30)
+    assert 0 < ledger.r.ttl(f"{ledger.prefix}:job:j:lock") <= 30
+
+
+def test_heartbeat_notices_another_owner_and_leaves_its_lock(ledger: Ledger) -> None:
+    beat = _Heartbeat(ledger, "j", ttl_s=30)
+    assert beat.acquire() and not beat.lost()
+    ledger.r.set(f"{ledger.prefix}:job:j:lock", "intruder")  # our lock lapsed and another runner took the job
+    beat.beat_once()
+    assert beat.lost()
+    beat.release()
+    assert ledger.r.get(f"{ledger.prefix}:job:j:lock") == b"intruder"
+
+
+def test_heartbeat_survives_redis_errors_then_gives_up_after_its_ttl(caplog: pytest.LogCaptureFixture) -> None:
+    with LocalRedis() as own:
+        led = Ledger(redis_client(own.url(0)), "hb")
+        beat = _Heartbeat(led, "j", ttl_s=1)
+        assert beat.acquire()
+        own.kill()
+        with caplog.at_level(logging.WARNING, logger="training.jobs"):
+            beat.beat_once()  # logged, not raised
+            assert not beat.cancelled()  # a read that fails is not a cancel
+        assert not beat.lost(), "within its TTL the lock may still be ours"
+        assert beat._thread.is_alive(), "the heartbeat thread keeps trying"
+        assert "could not refresh the training lock" in caplog.text
+        time.sleep(1.1)
+        assert beat.lost(), "no refresh for a whole TTL: another worker may be resuming the job"
+        beat.release()  # does not raise with Redis gone
+
+
+def test_a_runner_whose_lock_is_taken_stops_without_a_version(
+    ledger: Ledger, worker_env: dict[str, str], session_root: Path, tmp_path: Path
+) -> None:
+    from training.synthetic import make_shapes
+    from training.tiny import build_tiny_git
+
+    data = session_root / f"lost-{uuid.uuid4().hex[:6]}"
+    make_shapes(data, 24, seed=8, size=32)
+    base = build_tiny_git(tmp_path / "base", seed=0)
+    settings = settings_from({**worker_env, "CAPTIONER_MODEL_STORE": str(tmp_path / "store"),
+                              "CAPTIONER_TRAIN_LOCK_TTL_S": str(TTL_S), "CAPTIONER_TORCH_THREADS": "1"})  # fmt: skip
+    config = {"base_model": str(base), "max_steps": 5000, "eval_steps": 1000, "save_steps": 1000, "batch_size": 4,
+              "log_steps": 1, "max_length": 8}  # fmt: skip
+    req = TrainRequest(job_id="train-lost", dataset=str(data), config=config)
+    open_train_job(ledger, req)
+    key = f"{ledger.prefix}:job:train-lost:lock"
+
+    def intrude() -> None:
+        deadline = time.monotonic() + 60
+        while (ledger.get_field("train-lost", "progress") or {}).get("step", 0) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ledger.r.set(key, "another-runner")
+
+    thief = threading.Thread(target=intrude, daemon=True)
+    thief.start()
+    started = time.monotonic()
+    summary = run_train(settings, ledger, req)
+    thief.join()
+    assert summary["status"] == "lost_lock"
+    assert time.monotonic() - started < 30, "it stopped at a step soon after the takeover, not at the end"
+    assert ledger.state("train-lost") is JobState.RUNNING and ledger.get_field("train-lost", "result") is None
+    assert not ModelStore(tmp_path / "store").list()
+    assert ledger.r.get(key) == b"another-runner"
+
+
+# --- orphans ------------------------------------------------------------------------------------------
+
+
+def test_orphans_are_crashed_or_never_started_jobs_only(ledger: Ledger) -> None:
+    req = TrainRequest(job_id="train-o", dataset="/data/set", config={})
+    open_train_job(ledger, req)  # recorded, and (say) its message was never sent
+    assert orphaned_train_jobs(ledger, grace_s=60) == [], "within its grace an unstarted job is on its way"
+    assert orphaned_train_jobs(ledger, grace_s=0) == [req]
+    assert orphaned_train_jobs(ledger, grace_s=0, waiting=lambda ids: set(ids)) == [], "its message still waits"
+    ledger.set_fields("train-o", started=time.time() + 1)  # a runner took it...
+    ledger.try_lock("train-o", "runner", 30)
+    assert orphaned_train_jobs(ledger, grace_s=0) == [], "...and holds the lock"
+    ledger.unlock("train-o", "runner")  # ...and died: the lock lapsed
+    assert orphaned_train_jobs(ledger, grace_s=60) == [req], "a crash resumes at once"
+    ledger.set_fields("train-o", sent=time.time() + 2)  # re-sent after the crash
+    assert orphaned_train_jobs(ledger, grace_s=60) == [], "once re-sent, that message gets its grace too"
+    for state in (JobState.FAILED, JobState.DONE, JobState.CANCELLED):
+        ledger.set_state("train-o", state)
+        assert orphaned_train_jobs(ledger, grace_s=0) == [], f"a {state} job never comes back"
+
+
+# --- the CLI before anything runs -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli_env(server: LocalRedis, tmp_path: Path) -> dict[str, str]:
+    return {"CAPTIONER_BROKER_URL": server.url(0), "CAPTIONER_REDIS_URL": server.url(1),
+            "CAPTIONER_KEY_PREFIX": f"t-{uuid.uuid4().hex[:6]}", "CAPTIONER_MODEL_STORE": str(tmp_path / "store"),
+            "CAPTIONER_TRAINING_QUEUE": f"nobody-{uuid.uuid4().hex[:6]}"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--eval-steps", "30"], "save_steps (50) to be a multiple of eval_steps (30)"),
+        (["--set", "grad_accum=two"], "grad_accum must be an integer"),
+        (["--set", "no_such=1"], "no such training option"),
+        (["--set", "seed=1", "--set", "seed=2"], "given twice"),
+        (["--require-no-worse", "wer"], "only applies with promote"),
+        (["--promote", "--require-no-worse", "speed"], "must name a metric"),
+    ],
+)
+def test_a_bad_training_config_is_one_line_and_sends_nothing(
+    cli_env: dict[str, str], tmp_path: Path, args: list[str], said: str
+) -> None:
+    out = _cli(cli_env, "train", str(tmp_path), *args)
+    assert out.exit_code == 1 and said in out.stderr, out.output
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.output
+    assert json.loads(_cli(cli_env, "jobs", "--json").stdout) == []
+    assert redis_client(cli_env["CAPTIONER_BROKER_URL"]).llen(cli_env["CAPTIONER_TRAINING_QUEUE"]) == 0
+
+
+def test_status_shows_missing_numbers_as_dashes(cli_env: dict[str, str]) -> None:
+    client = JobClient(settings_from(cli_env))
+    open_train_job(client.ledger, TrainRequest(job_id="train-new", dataset="/d", config={}))
+    client.ledger.set_fields("train-new", progress={"step": 0, "total_steps": 10, "loss": None, "eta_s": None,
+                                                    "epoch": 0.0, "metrics": None})  # fmt: skip
+    client.close()
+    out = _cli(cli_env, "status", "train-new")
+    assert out.exit_code == 0, out.output
+    assert "0/10  epoch 0.00  loss -  eta -s" in out.stdout
+
+
+def test_evaluate_without_a_training_worker_is_one_line(cli_env: dict[str, str], tmp_path: Path) -> None:
+    out = _cli(cli_env, "evaluate", "current", str(tmp_path))
+    assert out.exit_code == 1 and "no training worker answers" in out.stderr and "Traceback" not in out.output
+
+
+# --- through a real training worker -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run(
+    server: LocalRedis, worker_env: dict[str, str], session_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """One training worker; job A trains (and its promotion is refused), job F (bad dataset) waits behind it
+    past the orphan grace, then fails. Statuses and metrics are read while A runs."""
+    from training.data import dataset_fingerprint, load_examples, split_examples
+    from training.synthetic import make_shapes
+    from training.tiny import build_tiny_git
+
+    tmp = tmp_path_factory.mktemp("train-jobs")
+    store = ModelStore(tmp / "store")
+    data = session_root / f"jobs-{uuid.uuid4().hex[:6]}"
+    make_shapes(data, 48, seed=3, size=32)
+    base = store.add(build_tiny_git(tmp / "base", seed=0), {"base_model": "tiny"}, "base")
+    eval_fp = dataset_fingerprint(split_examples(load_examples(str(data)), 0.1, 42)[1])
+    champion = store.add(base.path, {"metrics": {"wer": 0.0}, "eval_fingerprint": eval_fp}, "champion")
+    store.promote(champion.version)
+    port = free_port()
+    env = {**worker_env, "CAPTIONER_BROKER_URL": server.url(2), "CAPTIONER_RESULT_BACKEND": server.url(2),
+           "CAPTIONER_REDIS_URL": server.url(3), "CAPTIONER_MODEL_STORE": str(store.root),
+           "CAPTIONER_TRAIN_LOCK_TTL_S": str(TTL_S), "CAPTIONER_METRICS_PORT": str(port),
+           "CAPTIONER_METRICS_ADDR": "127.0.0.1"}  # fmt: skip
+    out: dict[str, Any] = {"env": env, "store": store, "data": data, "statuses": [], "scrapes": []}
+    with WorkerProcess(env, training=True, log=tmp / "train.log") as proc:
+        proc.wait_ready()
+        submit = _cli(env, "train", str(data), "--job-id", "train-a", "--base-model", str(base.path),
+                      "--max-steps", "200", "--eval-steps", "20", "--batch-size", "8", "--learning-rate", "3e-3",
+                      "--set", "save_steps=20", "--set", "grad_accum=1", "--set", "lr_scheduler=constant",
+                      "--set", "max_length=12", "--set", "eval_max_samples=8", "--set", "log_steps=5",
+                      "--promote", "--require-no-worse", "wer")  # fmt: skip
+        assert submit.exit_code == 0, submit.output
+        client = JobClient(settings_from(env))
+        client.submit_training(TrainRequest(job_id="train-f", dataset=str(tmp / "gone"), config={}))
+        started = time.monotonic()
+        while client.status("train-a").state is JobState.RUNNING and time.monotonic() - started < 240:
+            out["statuses"].append(json.loads(_cli(env, "status", "train-a", "--json").stdout))
+            if (out["statuses"][-1].get("progress") or {}).get("metrics") and len(out["scrapes"]) < 3:
+                out["scrapes"].append(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read())
+            time.sleep(0.2)
+        out["a_seconds"] = time.monotonic() - started
+        out["wait_f"] = _cli(env, "wait", "train-f", "--timeout", "120")
+        time.sleep(2 * TTL_S)  # orphan scans run every TTL/2: four chances to re-send a failed job
+        out["final_scrape"] = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        out["a"], out["f"] = client.status("train-a"), client.status("train-f")
+        out["orphans"] = orphaned_train_jobs(client.ledger, grace_s=0)
+        version = out["a"].extra["result"]["version"]
+        out["evaluate"] = _cli(env, "evaluate", version, str(data), "--max-samples", "6", "--max-length", "12")
+        client.close()
+    out["log"] = proc.log_path.read_text()
+    return out
+
+
+def test_a_failing_job_ends_failed_once_and_wait_exits_1(run: dict[str, Any]) -> None:
+    f, log = run["f"], run["log"]
+    assert f.state is JobState.FAILED and "no such file or directory" in f.extra["result"]["error"]
+    assert run["wait_f"].exit_code == 1 and "job train-f failed: " in run["wait_f"].stderr
+    assert log.count("training job train-f failed") == 1 and "resuming training job train-f" not in log
+    assert run["orphans"] == []
+
+
+def test_a_job_waiting_behind_another_past_the_grace_is_not_sent_again(run: dict[str, Any]) -> None:
+    assert run["a_seconds"] > 2 * TTL_S + TTL_S / 2, "F must have waited past its grace and one more scan"
+    received = [line for line in run["log"].splitlines() if f"{TASK_TRAIN}[" in line and " received" in line]
+    assert len(received) == 2  # A and F, each once
+    assert "resuming training job" not in run["log"]
+
+
+def test_a_refused_promotion_is_a_done_job_that_keeps_its_version(run: dict[str, Any]) -> None:
+    a, store = run["a"], run["store"]
+    result = a.extra["result"]
+    assert a.state is JobState.DONE and result["promoted"] is False
+    assert result["promotion"].startswith("not promoted: ") and "worse than champion on wer" in result["promotion"]
+    assert store.current().version == "champion"
+    assert [v.version for v in store.list() if v.meta.get("job_id") == "train-a"] == [result["version"]]
+
+
+def test_status_json_shows_the_latest_evaluation_while_training(run: dict[str, Any]) -> None:
+    progress = [s["progress"] for s in run["statuses"] if s.get("progress")]
+    # A loss report after an evaluation still carries it: the eval metrics are never overwritten by None.
+    after_eval = [p for p in progress if p["kind"] == "train" and p.get("metrics")]
+    assert after_eval, [p.get("kind") for p in progress]
+    assert {"wer", "cer", "bleu4", "rouge_l"} <= set(after_eval[-1]["metrics"])
+    assert after_eval[-1]["metrics_step"] % 20 == 0 and after_eval[-1]["metrics_step"] < after_eval[-1]["step"]
+    assert run["a"].extra["progress"]["metrics"]
+
+
+def test_the_training_worker_serves_training_metrics_and_logs_the_job_id(run: dict[str, Any]) -> None:
+    assert run["scrapes"], "no metrics were read while A ran"
+    text = run["scrapes"][-1].decode()
+    assert 'captioner_train_step{job_id="train-a"}' in text and 'captioner_train_eval_wer{job_id="train-a"}' in text
+    assert 'captioner_train_jobs_total{outcome="done"} 1.0' in run["final_scrape"]
+    assert 'captioner_train_jobs_total{outcome="failed"} 1.0' in run["final_scrape"]
+    assert "job=train-a" in run["log"] and "job=train-f" in run["log"]
+
+
+def test_evaluate_prints_metrics_and_stores_them_with_the_version(run: dict[str, Any]) -> None:
+    from training.data import dataset_fingerprint, load_examples
+
+    out = run["evaluate"]
+    assert out.exit_code == 0, out.output
+    printed = dict(line.split() for line in out.stdout.splitlines())
+    assert {"wer", "cer", "bleu4", "rouge_l"} <= set(printed)
+    version = run["store"].get(run["a"].extra["result"]["version"])
+    latest = version.meta["evaluations"][-1]
+    assert latest["fingerprint"] == dataset_fingerprint(load_examples(str(run["data"]))[:6])
+    assert f"{latest['metrics']['wer']:.4f}" == printed["wer"] and version.metrics == latest["metrics"]
