@@ -752,15 +752,23 @@ def worker(ctx: click.Context, training: bool, model: str | None, revision: str 
 @click.option("--train-images", type=click.IntRange(10, 100_000), default=2000, show_default=True)
 @click.option("--steps", type=click.IntRange(1, 1_000_000), default=2000, show_default=True, help="Training steps.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), help="Keep files here.")
+@click.option(
+    "--vocab",
+    type=click.Choice(["words", "bert"]),
+    default="words",
+    show_default=True,
+    help="words: a tokenizer of the captions' 30 words (45 s); bert: GIT's own 30522-word one (~6 min).",
+)
 @json_option
 @click.pass_context
-def demo(ctx: click.Context, n_images: int, train_images: int, steps: int, workdir: Path | None, as_json: bool) -> None:
+def demo(ctx: click.Context, n_images: int, train_images: int, steps: int, workdir: Path | None, vocab: str,
+         as_json: bool) -> None:  # fmt: skip
     """Offline end to end: synthetic images -> fine-tune a small GIT on the queue -> evaluate -> promote ->
     caption held-out images as a bulk job -> export; prints captions and WER before and after."""
     from producer.demo import run_demo
 
     run_demo(_settings(ctx), n_images=n_images, train_images=train_images, steps=steps, workdir=workdir,
-             as_json=as_json)  # fmt: skip
+             as_json=as_json, vocab=vocab)  # fmt: skip
 
 
 def main() -> None:

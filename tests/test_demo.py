@@ -53,3 +53,14 @@ def test_demo_fine_tunes_through_the_queue_and_captions_held_out_images(tmp_path
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", started["redis_server_port"]), timeout=1).close()
     assert not [pid for pid in started["worker_pids"] if _alive(pid)]
+
+
+def test_the_demo_model_with_gits_own_tokenizer(tmp_path: Path) -> None:
+    """`captioner demo --vocab bert`: the same small GIT with bert-base-uncased's 30522 words, loadable as usual."""
+    from producer.demo import _demo_model
+    from worker.engine import CaptionEngine, EngineConfig
+
+    engine = CaptionEngine.load(EngineConfig(model=str(_demo_model(tmp_path / "m", "bert")), dtype="float32"))
+    assert engine.model.config.vocab_size == 30522 and len(engine.processor.tokenizer) == 30522
+    words = CaptionEngine.load(EngineConfig(model=str(_demo_model(tmp_path / "w", "words")), dtype="float32"))
+    assert words.model.config.vocab_size < 100
