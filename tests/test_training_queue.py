@@ -12,7 +12,7 @@ import redis
 
 from producer.jobs import JobClient
 from producer.local import LocalRedis, WorkerProcess
-from tests.conftest import settings_from, tally
+from tests.conftest import note_fault, settings_from, tally
 from tests.test_recovery import wait_for
 from worker.messages import TASK_TRAIN, GenParams, TrainRequest
 from worker.store import ModelStore
@@ -40,9 +40,7 @@ def _tiny(store: ModelStore, tmp_path: Path, seed: int, name: str) -> str:
     return store.add(build_tiny_git(tmp_path / f"m{seed}", seed=seed), {"base_model": "tiny"}, name).version
 
 
-def test_hot_swap_under_load_loses_nothing_and_rows_switch_version(
-    stack, session_root: Path, tmp_path: Path
-) -> None:
+def test_hot_swap_under_load_loses_nothing_and_rows_switch_version(stack, session_root: Path, tmp_path: Path) -> None:
     from training.synthetic import make_shapes
 
     env, store = stack
@@ -92,6 +90,7 @@ def test_killed_training_worker_resumes_from_its_checkpoint_and_finishes_once(
     first.wait_ready()
     client.submit_training(req)
     run_dir = store.root / ".runs" / req.job_id / "checkpoints"
+
     def saved_steps() -> list[int]:  # finished checkpoints only (a .tmp folder is one being written)
         names = [p.name for p in run_dir.iterdir()] if run_dir.is_dir() else []
         return [int(n.removeprefix("step-")) for n in names if n.startswith("step-") and n[5:].isdigit()]
@@ -119,6 +118,9 @@ def test_killed_training_worker_resumes_from_its_checkpoint_and_finishes_once(
     resumed = [s for s in seen_after if s != seen_after[0]] or seen_after
     assert min(resumed) > saved - 1, f"resumed at {min(resumed)}, before the checkpoint at {saved}"
     versions = [v for v in store.list() if v.meta.get("job_id") == req.job_id]
+    note_fault("training worker killed with SIGKILL mid-run, then a new one",
+               f"the new worker resumed from the step-{saved} checkpoint and ran to step 240; one model version",
+               n=1, ok=int(len(versions) == 1), lost=0, duplicated=len(versions) - 1)  # fmt: skip
     assert len(versions) == 1, "the job must produce exactly one version"
     assert not list(store.root.rglob("*.bin")) and not list(store.root.rglob("*.pt"))
 
@@ -137,6 +139,10 @@ def test_training_longer_than_the_visibility_timeout_runs_once(stack, session_ro
     client.close()
     log = proc.log_path.read_text()
     assert took > 2 * 5, "the run must outlast the 5 s visibility timeout, twice over"
+    runs = log.count(" received")
+    note_fault("a fine-tune longer than the visibility timeout", f"{took:.0f} s against a 5 s timeout: delivered and "
+               f"run {runs} time(s) (early ack, heartbeat lock)", n=1, ok=int(info.state.value == "done"), lost=0,
+               duplicated=runs - 1)  # fmt: skip
     assert info.state.value == "done"
     assert log.count(f"Task {TASK_TRAIN}[") - log.count("succeeded") <= 1  # one 'received' line for one run
     assert log.count(" received") == 1
