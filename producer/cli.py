@@ -277,12 +277,30 @@ def status(ctx: click.Context, job_id: str, as_json: bool) -> None:
     _emit(as_json, info.as_dict(), lambda: _print_status(info))
 
 
-def _wait(ctx: click.Context, job_id: str, timeout: float | None, quiet: bool) -> Any:
+def _stall_handler(client: Any, reconcile: bool) -> Callable[[Any], None]:
+    """What `wait` does when a job's last items have no message left anywhere: say so, or send them again."""
+
+    def on_stall(info: Any) -> None:
+        if reconcile:
+            n = client.reconcile(info.id)
+            click.secho(f"job {info.id}: re-sent {n} item(s) whose messages the broker lost", err=True, fg="yellow")
+        else:
+            click.secho(f"warning: job {info.id} has {info.pending} pending item(s) and no message queued or in "
+                        f"flight: the broker lost them; run `captioner reconcile {info.id}` (or wait --reconcile)",
+                        err=True, fg="yellow")  # fmt: skip
+
+    return on_stall
+
+
+def _wait(
+    ctx: click.Context, job_id: str, timeout: float | None, quiet: bool, reconcile: bool = False, stall_s: float = 30
+) -> Any:
     client = _client(ctx)
+    stall = {"on_stall": _stall_handler(client, reconcile), "stall_s": stall_s}
     if client.status(job_id).extra.get("kind") == "train":
         info = client.wait(job_id, timeout=timeout, on_tick=(lambda _: None) if quiet else _train_ticker())
     elif quiet or not sys.stderr.isatty():
-        info = client.wait(job_id, timeout=timeout, on_tick=lambda _: None)
+        info = client.wait(job_id, timeout=timeout, on_tick=lambda _: None, **stall)
     else:
         from rich.progress import (
             BarColumn,
@@ -311,7 +329,7 @@ def _wait(ctx: click.Context, job_id: str, timeout: float | None, quiet: bool) -
                 speed = bar.tasks[0].speed
                 bar.update(task, total=info.total, completed=done, rate=f"{speed:.1f} img/s" if speed else "")
 
-            info = client.wait(job_id, timeout=timeout, on_tick=tick)
+            info = client.wait(job_id, timeout=timeout, on_tick=tick, **stall)
     if not quiet:
         _print_status(info)
     return info
@@ -321,11 +339,16 @@ def _wait(ctx: click.Context, job_id: str, timeout: float | None, quiet: bool) -
 @click.argument("job_id")
 @click.option("--timeout", type=float, help="Give up after this many seconds (exit 1).")
 @click.option("--strict", is_flag=True, help="Exit 1 when any item failed.")
+@click.option("--reconcile", is_flag=True,
+              help="If the job stalls with no message left for its pending items, send them again.")  # fmt: skip
+@click.option("--stall-after", type=click.FloatRange(1, 86_400), default=30, show_default=True, metavar="SECONDS",
+              help="No progress this long, and nothing queued or in flight: the job has stalled.")  # fmt: skip
 @json_option
 @click.pass_context
-def wait(ctx: click.Context, job_id: str, timeout: float | None, strict: bool, as_json: bool) -> None:
+def wait(ctx: click.Context, job_id: str, timeout: float | None, strict: bool, reconcile: bool, stall_after: float,
+         as_json: bool) -> None:  # fmt: skip
     """Follow a job until every item is settled."""
-    info = _wait(ctx, job_id, timeout, as_json)
+    info = _wait(ctx, job_id, timeout, as_json, reconcile, stall_after)
     if as_json:
         click.echo(json.dumps(info.as_dict()))
     _fail_if_failed(info)

@@ -53,6 +53,10 @@ class EnqueueReport:
         return dict(self.__dict__)
 
 
+#: kombu's Redis transport keeps delivered, unacknowledged messages in this sorted set (by delivery time).
+UNACKED_INDEX = "unacked_index"
+
+
 class JobClient:
     """Talks to the ledger and the broker on behalf of the CLI and of Python services."""
 
@@ -170,10 +174,23 @@ class JobClient:
         return self.ledger.jobs(limit)
 
     def wait(
-        self, job_id: str, *, timeout: float | None = None, poll_s: float = 0.5, on_tick: Callable[[JobInfo], None]
+        self,
+        job_id: str,
+        *,
+        timeout: float | None = None,
+        poll_s: float = 0.5,
+        on_tick: Callable[[JobInfo], None],
+        on_stall: Callable[[JobInfo], None] | None = None,
+        stall_s: float = 30.0,
     ) -> JobInfo:
-        """Poll until the job is done, failed or cancelled (and settled); raise ``CaptionerError`` on timeout."""
+        """Poll until the job is done, failed or cancelled (and settled); raise ``CaptionerError`` on timeout.
+
+        ``on_stall`` is called (once per stall) when a caption job has made no progress for ``stall_s`` while no
+        caption message is queued or in flight anywhere: its pending items' messages were lost by the broker
+        (see ``reconcile``), and waiting longer will not finish it.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
+        last, since, told = -1, time.monotonic(), False
         while True:
             info = self.ledger.job(job_id)
             on_tick(info)
@@ -181,9 +198,26 @@ class JobClient:
                 info.state is JobState.CANCELLED and info.pending == 0
             ):
                 return info
+            settled = info.ok + info.error + info.cancelled
+            if settled != last:
+                last, since, told = settled, time.monotonic(), False
+            elif on_stall and not told and time.monotonic() - since > stall_s and self.stalled(info):
+                told = True
+                on_stall(info)
             if deadline is not None and time.monotonic() > deadline:
                 raise CaptionerError(f"job {job_id} still has {info.pending} pending item(s) after {timeout:g}s")
             time.sleep(poll_s)
+
+    def stalled(self, info: JobInfo) -> bool:
+        """A caption job with pending items, and not one caption message queued or unacknowledged anywhere."""
+        if info.extra.get("kind") == "train" or info.pending == 0 or info.state is not JobState.RUNNING:
+            return False
+        if self.ledger.r.hexists(self.ledger.job_key(info.id), "open"):
+            return False  # the producer is still adding items
+        with self.app.connection_for_read() as conn:
+            broker = conn.default_channel.client
+            waiting = sum(int(broker.llen(q)) for q in self.settings.caption_queues)
+            return waiting == 0 and int(broker.zcard(UNACKED_INDEX)) == 0
 
     # --- act ------------------------------------------------------------------------------------
     def retry(

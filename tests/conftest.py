@@ -141,6 +141,18 @@ def http_root(session_root: Path) -> Iterator[tuple[str, Path]]:
     server.server_close()
 
 
+def reconciling(client: JobClient, resent: list[int]):
+    """An ``on_stall`` for ``JobClient.wait`` in fault tests: a kill -9 can land between BRPOP and kombu's
+    unacked write (celery #7950), losing that message in the broker. When a job stalls with nothing queued or in
+    flight, send its pending items again, as an operator would with `captioner reconcile`; the count goes into
+    the fault table's 'reconciled' column."""
+
+    def on_stall(info) -> None:
+        resent.append(client.reconcile(info.id))
+
+    return on_stall
+
+
 def tally(
     fault: str, refs: list[str], rows: list[dict], *, reconciled: int = 0, happened: str = "", **extra: object
 ) -> dict[str, int]:

@@ -195,3 +195,21 @@ def test_an_unwritable_export_target_is_one_line(settings: Settings, client) -> 
     client.ledger.open_job("job-export-ro", "x", GenParams())
     code, _, err = invoke(settings, "export", "job-export-ro", "-o", "/proc/no-such-dir/out.jsonl")
     assert code == 1 and err.count("\n") == 1 and "Traceback" not in err and "/proc/no-such-dir" in err, err
+
+
+def test_wait_sees_a_stalled_job_and_reconciles_it(
+    settings: Settings, client, images: Path, caption_worker, cli_env: dict[str, str]
+) -> None:
+    """Items in the manifest whose messages are gone (a broker crash): `wait` says so, `wait --reconcile` fixes it."""
+    from worker.messages import GenParams, item_id
+
+    refs = [str(p) for p in sorted(images.glob("*.jpg"))[:3]]
+    client.ledger.open_job("job-stalled", "stalled", GenParams(max_length=12))
+    client.ledger.add_items("job-stalled", [(item_id(r), r) for r in refs])
+    client.ledger.seal("job-stalled")
+    code, _, err = invoke(settings, "wait", "job-stalled", "--stall-after", "1", "--timeout", "4", env=cli_env)
+    assert code == 1 and "captioner reconcile job-stalled" in err
+    code, out, err = invoke(settings, "wait", "job-stalled", "--stall-after", "1", "--reconcile", "--timeout", "60",
+                            "--json", env=cli_env)  # fmt: skip
+    assert code == 0, err
+    assert "re-sent 3 item(s)" in err and json.loads(out.splitlines()[-1])["ok"] == 3

@@ -10,7 +10,7 @@ import redis
 
 from producer.jobs import JobClient
 from producer.local import WorkerProcess
-from tests.conftest import RECOVERY_DB, redis_url, settings_from, tally
+from tests.conftest import RECOVERY_DB, reconciling, redis_url, settings_from, tally
 
 
 def recovery_env(worker_env: dict[str, str]) -> dict[str, str]:
@@ -60,12 +60,14 @@ def test_kill_9_mid_job_then_restart_captions_every_item_exactly_once(
     second = WorkerProcess(env, log=tmp_path / "second.log").start()
     try:
         second.wait_ready()
-        info = client.wait("job-kill", timeout=180, on_tick=lambda _: None)
+        resent: list[int] = []
+        info = client.wait("job-kill", timeout=180, on_tick=lambda _: None, on_stall=reconciling(client, resent),
+                           stall_s=8)  # fmt: skip
     finally:
         second.terminate()
     rows = list(client.results("job-kill"))
     twice = sum(1 for r in rows if r["attempts"] >= 2)
-    figures = tally("kill -9 of the caption worker mid-job, then a new worker", refs, rows,
+    figures = tally("kill -9 of the caption worker mid-job, then a new worker", refs, rows, reconciled=sum(resent),
                     happened=f"its {twice} unacked items came back after the visibility timeout (5 s here) and were "
                     "captioned by the new worker, each by itself")  # fmt: skip
     assert (figures["lost"], figures["duplicated"], figures["ok"]) == (0, 0, len(refs))
@@ -100,13 +102,16 @@ def test_two_workers_one_killed_and_replaced_repeatedly(
             replacement = WorkerProcess(env, log=tmp_path / f"r{round_}.log").start()
             replacement.wait_ready()
             workers.insert(round_ % 2, replacement)
-        info = client.wait("job-churn", timeout=240, on_tick=lambda _: None)
+        resent: list[int] = []
+        info = client.wait("job-churn", timeout=240, on_tick=lambda _: None, on_stall=reconciling(client, resent),
+                           stall_s=8)  # fmt: skip
     finally:
         for w in workers:
             w.terminate()
     rows = list(client.results("job-churn"))
     client.close()
     figures = tally("two workers, one killed with SIGKILL and replaced, three times", refs, rows,
+                    reconciled=sum(resent),
                     happened="each victim's messages went to the survivor or the replacement; no item was charged "
                     "as poison")  # fmt: skip
     assert (figures["lost"], figures["duplicated"], figures["ok"]) == (0, 0, len(refs))

@@ -4,6 +4,7 @@ permanent ones not, and items that keep killing their worker recorded as poison.
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 from producer.jobs import JobClient
 from producer.local import LocalRedis, WorkerProcess
-from tests.conftest import settings_from, tally
+from tests.conftest import reconciling, settings_from, tally
 from tests.test_recovery import wait_for
 
 
@@ -87,12 +88,14 @@ def test_items_that_keep_killing_their_worker_become_poison(
     client.enqueue(refs, job_id="job-poison", chunk_size=4)
     wait_for(lambda: client.status("job-poison").ok >= 8, 120, "the first captions")
     first.kill()  # the items in its hands were attempted once: with a limit of 1, they are now poison
+    resent: list[int] = []
     with WorkerProcess(env, log=tmp_path / "w2.log") as second:
         second.wait_ready()
-        info = client.wait("job-poison", timeout=180, on_tick=lambda _: None)
+        info = client.wait("job-poison", timeout=180, on_tick=lambda _: None, on_stall=reconciling(client, resent),
+                           stall_s=8)  # fmt: skip
     rows = list(client.results("job-poison"))
     client.close()
-    figures = tally("items whose worker died with them, attempt limit 1 (poison)", refs, rows,
+    figures = tally("items whose worker died with them, attempt limit 1 (poison)", refs, rows, reconciled=sum(resent),
                     happened="with one attempt allowed, the items in the dead worker's hands became poison rows, the "
                     "rest were captioned")  # fmt: skip
     poison = [r for r in rows if r.get("error_class") == "poison"]
@@ -118,12 +121,11 @@ def test_an_item_that_kills_its_worker_is_isolated_and_only_it_becomes_poison(
     refs[5] = str(killer)
     client = JobClient(settings_from(env))
     client.enqueue(refs, job_id="job-killer", chunk_size=4)
-    deaths = 0
+    deaths, resent = 0, []
     for turn in range(6):  # an operator's restart policy: a dead worker is replaced
         with WorkerProcess(env, log=tmp_path / f"w{turn}.log") as proc:
             wait_for(lambda: b" ready." in proc.log_path.read_bytes(), 120, "the worker to start")
-            wait_for(lambda: proc.proc.poll() is not None or client.status("job-killer").pending == 0, 120,
-                     "the worker to die or the job to end")  # fmt: skip
+            _until_death_or_done(proc, client, "job-killer", resent)
             if proc.proc.poll() is None:
                 break
             deaths += 1
@@ -131,6 +133,7 @@ def test_an_item_that_kills_its_worker_is_isolated_and_only_it_becomes_poison(
     info = client.status("job-killer")
     client.close()
     tally("an item that kills its worker, attempt limit 3 (poison, batch-mates captioned)", refs, list(rows.values()),
+          reconciled=sum(resent),
           happened=f"the worker died {deaths} times; after the first, suspects ran alone: the killer became poison, "
           "its 23 batch-mates were captioned")  # fmt: skip
     assert deaths == 3, f"the killer should have had 3 attempts, the worker died {deaths} time(s)"
@@ -139,3 +142,21 @@ def test_an_item_that_kills_its_worker_is_isolated_and_only_it_becomes_poison(
     innocent = [r for ref, r in rows.items() if ref != str(killer)]
     assert len(innocent) == 23 and all(r["status"] == "ok" for r in innocent)
     assert (info.state.value, info.ok, info.error) == ("done", 23, 1)
+
+
+def _until_death_or_done(proc: WorkerProcess, client: JobClient, job_id: str, resent: list[int]) -> None:
+    """Wait for the worker to die or the job to end; reconcile a stall (a message lost at a kill, celery #7950)."""
+    deadline, last, since = time.monotonic() + 120, -1, time.monotonic()
+    while time.monotonic() < deadline:
+        if proc.proc is not None and proc.proc.poll() is not None:
+            return
+        info = client.status(job_id)
+        if info.pending == 0:
+            return
+        if (settled := info.ok + info.error) != last:
+            last, since = settled, time.monotonic()
+        elif time.monotonic() - since > 8 and client.stalled(info):
+            resent.append(client.reconcile(job_id))
+            since = time.monotonic()
+        time.sleep(0.1)
+    raise AssertionError("the worker neither died nor finished the job")
