@@ -57,7 +57,10 @@ def test_hot_swap_under_load_loses_nothing_and_rows_switch_version(stack, sessio
         info = client.wait("job-swap", timeout=240, on_tick=lambda _: None)
         rows = list(client.results("job-swap"))
         client.close()
-    figures = tally("model promoted while a job runs (hot swap)", refs, rows)
+    by_version = {v: sum(r["model_version"] == v for r in rows) for v in ("v-old", "v-new")}
+    figures = tally("model promoted while a job runs (hot swap)", refs, rows,
+                    happened=f"the worker loaded the new version beside the old and switched between batches: "
+                    f"{by_version['v-old']} rows from v-old, then {by_version['v-new']} from v-new")  # fmt: skip
     assert (figures["lost"], figures["duplicated"], info.error) == (0, 0, 0)
     versions = [r["model_version"] for r in sorted(rows, key=lambda r: r["finished_at"])]
     assert set(versions) == {"v-old", "v-new"}
