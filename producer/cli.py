@@ -140,6 +140,8 @@ def _gen_params(settings: Any, max_length: int | None, num_beams: int | None, pr
 @click.option("--num-beams", type=click.IntRange(1, 16), help="Beam search width (default 1: greedy).")
 @click.option("--prompt", help="Text every caption starts with.")
 @click.option("--follow-links", is_flag=True, help="Follow symlinked directories when walking.")
+@click.option("--sniff", is_flag=True, help="In directories, also take files without an image extension whose "
+              "contents are an image (one small read each).")  # fmt: skip
 @click.option("--on-done-task", metavar="TASK", help="Celery task sent with the job summary when the job ends.")
 @click.option("--on-done-queue", metavar="QUEUE", help="Queue for --on-done-task (default: Celery's routing).")
 @click.option("--webhook", metavar="URL", help="URL POSTed the signed job summary when the job ends.")
@@ -157,6 +159,7 @@ def enqueue(
     num_beams: int | None,
     prompt: str | None,
     follow_links: bool,
+    sniff: bool,
     on_done_task: str | None,
     on_done_queue: str | None,
     webhook: str | None,
@@ -178,7 +181,9 @@ def enqueue(
     params = _gen_params(settings, max_length, num_beams, prompt)
     keys = [s if s.startswith(("http://", "https://")) else str(Path(s).expanduser().resolve()) for s in sources]
     job_id = job_id or derive_job_id([*keys, column or ""], params)
-    refs = itertools.chain.from_iterable(expand(s, column=column, follow_links=follow_links) for s in sources)
+    refs = itertools.chain.from_iterable(
+        expand(s, column=column, follow_links=follow_links, sniff=sniff) for s in sources
+    )
     refs = _warn_roots(settings, refs)
     if webhook and not webhook.startswith(("http://", "https://")):
         raise click.BadParameter("must be an http(s) URL", param_hint="--webhook")

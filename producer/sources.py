@@ -17,6 +17,8 @@ from worker.errors import SourceError
 
 #: Extensions of the formats the worker decodes (see Settings.allowed_formats).
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+#: Leading bytes of the formats the worker decodes, for files whose name says nothing (``sniff``).
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
 #: Files read as lists of references, one per line or row.
 LIST_EXTENSIONS = frozenset({".txt", ".lst", ".csv", ".tsv", ".jsonl", ".ndjson", ".parquet"})
 
@@ -25,14 +27,14 @@ def is_url(text: str) -> bool:
     return text[:8].lower().startswith(("http://", "https://"))
 
 
-def expand(arg: str, *, column: str | None = None, follow_links: bool = False) -> Iterator[str]:
+def expand(arg: str, *, column: str | None = None, follow_links: bool = False, sniff: bool = False) -> Iterator[str]:
     """References named by one argument: a URL, an image file, a list file, a directory or a glob."""
     if is_url(arg):
         yield arg
         return
     path = Path(arg).expanduser()
     if path.is_dir():
-        yield from walk_images(path, follow_links=follow_links)
+        yield from walk_images(path, follow_links=follow_links, sniff=sniff)
     elif path.is_file():
         suffix = path.suffix.lower()
         if suffix in LIST_EXTENSIONS:
@@ -43,7 +45,7 @@ def expand(arg: str, *, column: str | None = None, follow_links: bool = False) -
         matched = False
         for hit in sorted(glob.iglob(os.path.expanduser(arg), recursive=True)):
             matched = True
-            yield from expand(hit, column=column, follow_links=follow_links)
+            yield from expand(hit, column=column, follow_links=follow_links, sniff=sniff)
         if not matched:
             raise SourceError(f"{arg}: the pattern matches no file")
     elif path.exists():
@@ -75,14 +77,30 @@ def check(arg: str, *, column: str | None = None) -> None:
         raise SourceError(f"{arg}: no such file, directory or URL")
 
 
-def walk_images(root: Path, *, follow_links: bool = False) -> Iterator[str]:
-    """Image files under a directory, recursively, in a stable (sorted) order, as absolute paths."""
+def walk_images(root: Path, *, follow_links: bool = False, sniff: bool = False) -> Iterator[str]:
+    """Image files under a directory, recursively, in a stable (sorted) order, as absolute paths.
+
+    By name: an image extension. With ``sniff``, a file with another name counts too when its first bytes are
+    an image signature (cameras and scrapers leave files like ``IMG_0001`` or ``photo.jpg_large``); that costs
+    one small read per such file, so it is off by default.
+    """
     root = root.resolve()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=follow_links, onerror=_raise):
         dirnames.sort()
         for name in sorted(filenames):
-            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+            suffix = os.path.splitext(name)[1].lower()
+            if suffix in IMAGE_EXTENSIONS or (sniff and suffix not in LIST_EXTENSIONS and _looks_like_image(
+                    os.path.join(dirpath, name))):  # fmt: skip
                 yield os.path.join(dirpath, name)
+
+
+def _looks_like_image(path: str) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except OSError:
+        return False
+    return head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
 
 
 def _raise(err: OSError) -> None:

@@ -70,3 +70,23 @@ def test_expansion_is_lazy(tmp_path: Path) -> None:
     big.write_text("".join(f"https://example.org/{i}.jpg\n" for i in range(100_000)))
     it = expand(str(big))
     assert next(it) == "https://example.org/0.jpg"  # the first reference comes before the file is read through
+
+
+def test_sniff_takes_images_without_an_image_extension(tmp_path: Path) -> None:
+    import io
+
+    from PIL import Image
+
+    def encoded(fmt: str) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (4, 4)).save(buf, fmt)
+        return buf.getvalue()
+
+    (tmp_path / "IMG_0001").write_bytes(encoded("JPEG"))
+    (tmp_path / "photo.jpg_large").write_bytes(encoded("PNG"))
+    (tmp_path / "anim").write_bytes(encoded("WEBP"))
+    (tmp_path / "notes").write_text("not an image")
+    (tmp_path / "a.png").write_bytes(b"named like one: taken either way, and fails later as decode_error")
+    assert list(expand(str(tmp_path))) == [str(tmp_path / "a.png")]
+    assert list(expand(str(tmp_path), sniff=True)) == [str(tmp_path / n) for n in
+                                                      ("IMG_0001", "a.png", "anim", "photo.jpg_large")]  # fmt: skip
