@@ -123,6 +123,13 @@ def images(session_root: Path) -> Iterator[Path]:
     yield folder
 
 
+def shape_files(root: Path, name: str, n: int, *, seed: int) -> list[str]:
+    """Paths of ``n`` synthetic 32-pixel shape images in a fresh folder ``<name>-<random>`` under ``root``."""
+    from training.synthetic import make_shapes
+
+    return [str(p) for p, _ in make_shapes(root / f"{name}-{uuid.uuid4().hex[:6]}", n, seed=seed, size=32)]
+
+
 class _QuietHandler(SimpleHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass

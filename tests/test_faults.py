@@ -14,7 +14,7 @@ from kombu import Connection, Exchange, Producer, Queue
 
 from producer.jobs import JobClient
 from producer.local import WorkerProcess
-from tests.conftest import settings_from, tally
+from tests.conftest import settings_from, shape_files, tally
 from tests.test_recovery import recovery_env, wait_for
 from worker.celery_app import create_app
 from worker.messages import TASK_CAPTION, GenParams, item_id
@@ -122,12 +122,10 @@ def test_failures_lists_failed_items_by_class_with_attempts(client: JobClient, i
 def test_out_of_memory_batches_are_split_and_every_item_is_captioned(
     worker_env: dict[str, str], session_root: Path, tmp_path: Path, settings
 ) -> None:
-    from training.synthetic import make_shapes
-
     env = {**recovery_env(worker_env), "CAPTIONER_MAX_BATCH_SIZE": "16", "CAPTIONER_FAULT_OOM_ABOVE": "3",
            "CAPTIONER_MAX_LENGTH": "12", "CAPTIONER_MAX_WAIT_MS": "2000"}  # fmt: skip
     redis.Redis.from_url(env["CAPTIONER_BROKER_URL"]).flushdb()
-    refs = [str(p) for p, _ in make_shapes(session_root / f"oom-{uuid.uuid4().hex[:6]}", 16, seed=2, size=32)]
+    refs = shape_files(session_root, "oom", 16, seed=2)
     with WorkerProcess(env, log=tmp_path / "oom.log") as proc:
         proc.wait_ready()
         client = JobClient(settings_from(env))
@@ -147,11 +145,10 @@ def test_out_of_memory_batches_are_split_and_every_item_is_captioned(
 def test_sigterm_mid_job_is_a_warm_shutdown_and_nothing_is_lost(
     worker_env: dict[str, str], session_root: Path, tmp_path: Path
 ) -> None:
-    from training.synthetic import make_shapes
 
     env = recovery_env(worker_env)
     redis.Redis.from_url(env["CAPTIONER_BROKER_URL"]).flushdb()
-    refs = [str(p) for p, _ in make_shapes(session_root / f"term-{uuid.uuid4().hex[:6]}", 80, seed=6, size=32)]
+    refs = shape_files(session_root, "term", 80, seed=6)
     client = JobClient(settings_from(env))
     first = WorkerProcess(env, log=tmp_path / "first.log").start()
     first.wait_ready()

@@ -10,7 +10,7 @@ import redis
 
 from producer.jobs import JobClient
 from producer.local import WorkerProcess
-from tests.conftest import RECOVERY_DB, reconciling, redis_url, settings_from, tally
+from tests.conftest import RECOVERY_DB, reconciling, redis_url, settings_from, shape_files, tally
 
 
 def recovery_env(worker_env: dict[str, str]) -> dict[str, str]:
@@ -83,11 +83,10 @@ def test_kill_9_mid_job_then_restart_captions_every_item_exactly_once(
 def test_two_workers_one_killed_and_replaced_repeatedly(
     worker_env: dict[str, str], session_root: Path, tmp_path: Path, settings
 ) -> None:
-    from training.synthetic import make_shapes
 
     env = recovery_env(worker_env)
     redis.Redis.from_url(env["CAPTIONER_BROKER_URL"]).flushdb()
-    refs = [str(p) for p, _ in make_shapes(session_root / f"churn-{uuid.uuid4().hex[:6]}", 160, seed=8, size=32)]
+    refs = shape_files(session_root, "churn", 160, seed=8)
     workers = [WorkerProcess(env, log=tmp_path / f"w{i}.log").start() for i in range(2)]
     for w in workers:
         w.wait_ready()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from click.testing import CliRunner
 from producer.cli import cli
 from producer.jobs import JobClient
 from producer.local import LocalRedis, WorkerProcess
-from tests.conftest import note_fault, reconciling, settings_from, tally
+from tests.conftest import note_fault, reconciling, settings_from, shape_files, tally
 from tests.test_recovery import wait_for
 from worker.errors import ConfigError
 from worker.settings import Settings
@@ -34,16 +33,10 @@ def own_redis_env(worker_env: dict[str, str], server: LocalRedis) -> dict[str, s
     }
 
 
-def shapes(session_root: Path, n: int) -> list[str]:
-    from training.synthetic import make_shapes
-
-    return [str(p) for p, _ in make_shapes(session_root / f"rf-{uuid.uuid4().hex[:6]}", n, seed=7, size=32)]
-
-
 def test_redis_killed_and_restarted_mid_job_with_aof_loses_nothing(
     worker_env: dict[str, str], session_root: Path, tmp_path: Path
 ) -> None:
-    refs = shapes(session_root, 60)
+    refs = shape_files(session_root, "rf", 60, seed=7)
     with LocalRedis(appendonly=True) as server:
         env = own_redis_env(worker_env, server)
         broker = redis.Redis.from_url(server.url(0))
@@ -69,9 +62,14 @@ def test_redis_killed_and_restarted_mid_job_with_aof_loses_nothing(
             info = client.wait("job-redis-restart", timeout=240, on_tick=lambda _: None)
             rows = list(client.results("job-redis-restart"))
             client.close()
-    figures = tally("Redis killed and restarted mid-job (AOF on), then reconcile", refs, rows, reconciled=resent,
-                    happened="the worker reconnected and went on; the AOF kept queue and ledger; reconcile re-sent "
-                    "what BRPOP had popped in the instant Redis died")  # fmt: skip
+    figures = tally(
+        "Redis killed and restarted mid-job (AOF on), then reconcile",
+        refs,
+        rows,
+        reconciled=resent,
+        happened="the worker reconnected and went on; the AOF kept queue and ledger"
+        + ("; reconcile re-sent what BRPOP had popped in the instant Redis died" if resent else ""),
+    )
     assert (figures["lost"], figures["duplicated"]) == (0, 0)
     assert (info.ok, info.error, info.total) == (60, 0, 60)
     assert len({r["id"] for r in rows}) == len(rows) == 60
@@ -80,7 +78,7 @@ def test_redis_killed_and_restarted_mid_job_with_aof_loses_nothing(
 def test_worker_started_before_redis_waits_and_then_serves(
     worker_env: dict[str, str], session_root: Path, tmp_path: Path
 ) -> None:
-    refs = shapes(session_root, 4)
+    refs = shape_files(session_root, "rf", 4, seed=7)
     server = LocalRedis()
     env = own_redis_env(worker_env, server)
     server.kill()  # the worker starts with no Redis to talk to
@@ -117,7 +115,7 @@ def test_producer_fails_loudly_at_maxmemory_and_says_so(session_root: Path, tmp_
 def test_password_protected_redis_through_the_url(
     worker_env: dict[str, str], session_root: Path, tmp_path: Path
 ) -> None:
-    refs = shapes(session_root, 3)
+    refs = shape_files(session_root, "rf", 3, seed=7)
     with LocalRedis(password="s3cret-pw") as server:
         env = own_redis_env(worker_env, server)
         with WorkerProcess(env, log=tmp_path / "w.log") as proc:
@@ -162,7 +160,7 @@ def test_workers_at_maxmemory_back_off_and_lose_nothing(
     message it pops cannot be recorded as unacked (lost in the broker), and a refused ack makes Celery stop the
     worker ("Unrecoverable error"). With what an operator runs anyway (a restart policy, `wait --reconcile`)
     every item ends captioned, once."""
-    refs = shapes(session_root, 40)
+    refs = shape_files(session_root, "rf", 40, seed=7)
     with LocalRedis() as server:
         env = {**own_redis_env(worker_env, server), "CAPTIONER_WRITE_RETRY_S": "120"}
         admin = redis.Redis.from_url(server.url(0))

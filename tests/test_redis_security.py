@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import uuid
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from click.testing import CliRunner
 
 from producer.cli import cli
 from producer.local import LocalRedis, WorkerProcess
-from tests.conftest import settings_from
+from tests.conftest import settings_from, shape_files
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_PW, USER_PW = "admin-pw-1", "captioner-pw-2"
@@ -31,16 +30,10 @@ def documented_acl(password: str) -> list[str]:
     return [f">{password}" if w == ">CHANGE-ME" else w for w in words[1:]]
 
 
-def _refs(root: Path, n: int) -> list[str]:
-    from training.synthetic import make_shapes
-
-    return [str(p) for p, _ in make_shapes(root / f"acl-{uuid.uuid4().hex[:6]}", n, seed=8, size=32)]
-
-
 def test_documented_acl_user_runs_worker_and_cli_and_is_refused_the_dangerous_rest(
     worker_env: dict[str, str], session_root: Path, tmp_path: Path
 ) -> None:
-    refs = _refs(session_root, 4)
+    refs = shape_files(session_root, "acl", 4, seed=8)
     with LocalRedis(password=ADMIN_PW) as server:  # the default user is the administrator, with a password
         admin = redis.Redis(port=server.port, password=ADMIN_PW)
         assert admin.execute_command(*documented_acl(USER_PW)) in (b"OK", "OK", True)

@@ -13,7 +13,7 @@ import pytest
 
 from producer.jobs import JobClient
 from producer.local import LocalRedis, WorkerProcess
-from tests.conftest import reconciling, settings_from, tally
+from tests.conftest import reconciling, settings_from, shape_files, tally
 from tests.test_recovery import wait_for
 
 
@@ -76,12 +76,10 @@ def test_transient_failures_are_retried_with_backoff_and_permanent_ones_are_not(
 def test_items_that_keep_killing_their_worker_become_poison(
     own_redis_env: dict[str, str], session_root: Path, tmp_path: Path
 ) -> None:
-    from training.synthetic import make_shapes
-
     env = {**own_redis_env, "CAPTIONER_MAX_ATTEMPTS": "1", "CAPTIONER_VISIBILITY_TIMEOUT_S": "5",
            "CAPTIONER_UNACKED_RESTORE_INTERVAL_S": "1", "CAPTIONER_MAX_LENGTH": "40",
            "CAPTIONER_MAX_BATCH_SIZE": "4", "CAPTIONER_CONCURRENCY": "2"}  # fmt: skip
-    refs = [str(p) for p, _ in make_shapes(session_root / f"poison-{uuid.uuid4().hex[:6]}", 60, seed=12, size=32)]
+    refs = shape_files(session_root, "poison", 60, seed=12)
     client = JobClient(settings_from(env))
     first = WorkerProcess(env, log=tmp_path / "w1.log").start()
     first.wait_ready()

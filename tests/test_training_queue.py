@@ -12,7 +12,7 @@ import redis
 
 from producer.jobs import JobClient
 from producer.local import LocalRedis, WorkerProcess
-from tests.conftest import note_fault, settings_from, tally
+from tests.conftest import note_fault, settings_from, shape_files, tally
 from tests.test_recovery import wait_for
 from worker.messages import TASK_TRAIN, GenParams, TrainRequest
 from worker.store import ModelStore
@@ -41,12 +41,11 @@ def _tiny(store: ModelStore, tmp_path: Path, seed: int, name: str) -> str:
 
 
 def test_hot_swap_under_load_loses_nothing_and_rows_switch_version(stack, session_root: Path, tmp_path: Path) -> None:
-    from training.synthetic import make_shapes
 
     env, store = stack
     store.promote(_tiny(store, tmp_path, 0, "v-old"))
     new = _tiny(store, tmp_path, 1, "v-new")
-    refs = [str(p) for p, _ in make_shapes(session_root / f"swap-{uuid.uuid4().hex[:6]}", 200, seed=4, size=32)]
+    refs = shape_files(session_root, "swap", 200, seed=4)
     with WorkerProcess({**env, "CAPTIONER_MAX_BATCH_SIZE": "4"}, log=tmp_path / "w.log") as proc:
         proc.wait_ready()
         client = JobClient(settings_from(env))
