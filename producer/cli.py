@@ -764,13 +764,18 @@ def worker(ctx: click.Context, training: bool, model: str | None, revision: str 
     from worker.celery_app import app
 
     if training:
-        queue, pool, n, node = settings.training_queue, "solo", 1, "train@%h"
+        # One job at a time in one thread, never one reserved behind it: a waiting job stays in the queue for
+        # an idle training worker. A thread, not the solo pool, so the worker acks a job when it starts and
+        # answers pings, revokes and shutdown while it trains.
+        queue, n, node = settings.training_queue, 1, "train@%h"
+        prefetch = ["--prefetch-multiplier=1", "--disable-prefetch"]
     else:
         queue = ",".join(settings.caption_queues)  # interactive first: taken from before the bulk queue
-        pool, n, node = "threads", settings.concurrency, "caption@%h"
-    argv = ["worker", f"--pool={pool}", f"--concurrency={n}", f"--queues={queue}", "--task-events",
-            f"--prefetch-multiplier={settings.prefetch_multiplier}", f"--hostname={hostname or node}",
-            f"--loglevel={settings.log_level}", "--without-mingle", *ctx.args]  # fmt: skip
+        n, node = settings.concurrency, "caption@%h"
+        prefetch = [f"--prefetch-multiplier={settings.prefetch_multiplier}"]
+    argv = ["worker", "--pool=threads", f"--concurrency={n}", f"--queues={queue}", "--task-events", *prefetch,
+            f"--hostname={hostname or node}", f"--loglevel={settings.log_level}", "--without-mingle",
+            *ctx.args]  # fmt: skip
     app.worker_main(argv)
 
 

@@ -24,7 +24,7 @@ from producer.local import LocalRedis, WorkerProcess, free_port
 from tests.conftest import settings_from
 from training.jobs import _Heartbeat, open_train_job, orphaned_train_jobs, run_train
 from worker.ledger import Ledger, redis_client
-from worker.messages import TASK_TRAIN, JobState, TrainRequest
+from worker.messages import TASK_EVALUATE, TASK_TRAIN, JobState, TrainRequest
 from worker.store import ModelStore
 
 TTL_S = 3  # the smallest lock lifetime settings allow: orphan scans every 1.5 s, unstarted grace 6 s
@@ -227,6 +227,8 @@ def run(
         assert submit.exit_code == 0, submit.output
         client = JobClient(settings_from(env))
         client.submit_training(TrainRequest(job_id="train-f", dataset=str(tmp / "gone"), config={}))
+        # Queued behind A and F: the user gives up after a second, and the evaluation is withdrawn.
+        out["evaluate_late"] = _cli(env, "evaluate", "current", str(data), "--timeout", "1")
         started = time.monotonic()
         while client.status("train-a").state is JobState.RUNNING and time.monotonic() - started < 240:
             out["statuses"].append(json.loads(_cli(env, "status", "train-a", "--json").stdout))
@@ -287,6 +289,15 @@ def test_the_training_worker_serves_training_metrics_and_logs_the_job_id(run: di
     assert 'captioner_train_jobs_total{outcome="done"} 1.0' in run["final_scrape"]
     assert 'captioner_train_jobs_total{outcome="failed"} 1.0' in run["final_scrape"]
     assert "job=train-a" in run["log"] and "job=train-f" in run["log"]
+
+
+def test_an_evaluation_not_answered_in_time_is_one_line_and_withdrawn(run: dict[str, Any]) -> None:
+    late = run["evaluate_late"]
+    assert late.exit_code == 1 and "Traceback" not in late.output
+    assert "no evaluation result after 1s" in late.stderr and "it was withdrawn" in late.stderr
+    # The worker reached it after A and F and skipped it: only the later evaluation ran.
+    assert "Discarding revoked task" in run["log"] and f"{TASK_EVALUATE}[" in run["log"]
+    assert "evaluations" not in run["store"].get("champion").meta  # 'current' when it was sent
 
 
 def test_evaluate_prints_metrics_and_stores_them_with_the_version(run: dict[str, Any]) -> None:

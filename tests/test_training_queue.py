@@ -1,5 +1,6 @@
 """Training and model versions through the queue with real workers: hot swap under load, a killed training
-worker resuming from its checkpoint, a job longer than the visibility timeout running once, cancel."""
+worker resuming from its checkpoint, a stopped one handing its job on, a job longer than the visibility timeout
+running once, cancel."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from producer.jobs import JobClient
 from producer.local import LocalRedis, WorkerProcess
 from tests.conftest import note_fault, settings_from, shape_files, tally
 from tests.test_recovery import wait_for
-from worker.messages import TASK_TRAIN, GenParams, TrainRequest
+from worker.messages import TASK_TRAIN, GenParams, JobState, TrainRequest
 from worker.store import ModelStore
 
 FAST = {"learning_rate": 3e-3, "lr_scheduler": "constant", "batch_size": 8, "grad_accum": 1, "epochs": 1000,
@@ -125,6 +126,43 @@ def test_killed_training_worker_resumes_from_its_checkpoint_and_finishes_once(
                n=1, ok=int(len(versions) == 1), lost=0, duplicated=len(versions) - 1)  # fmt: skip
     assert len(versions) == 1, "the job must produce exactly one version"
     assert not list(store.root.rglob("*.bin")) and not list(store.root.rglob("*.pt"))
+
+
+def test_a_stopped_training_worker_hands_its_job_on_from_the_step_it_reached(
+    stack, session_root: Path, tmp_path: Path
+) -> None:
+    """SIGTERM (an upgrade, a scale-down): the run checkpoints at its next step and the next worker resumes there,
+    not from the last scheduled checkpoint, and the stop does not wait for the run to end."""
+    env, store = stack
+    req = _train_request(store, session_root, tmp_path, "train-stop", images=32, seed=7, steps=300, every=300)
+    client = JobClient(settings_from(env))
+    first = WorkerProcess(env, training=True, log=tmp_path / "t1.log").start()
+    first.wait_ready()
+    client.submit_training(req)
+    wait_for(lambda: (client.status(req.job_id).extra.get("progress") or {}).get("step", 0) >= 10, 120,
+             "training to start")  # fmt: skip
+    asked = time.monotonic()
+    assert first.terminate(timeout=60) == 0
+    stop_s = time.monotonic() - asked
+    checkpoints = store.root / ".runs" / req.job_id / "checkpoints"
+    saved = max(int(p.name.removeprefix("step-")) for p in checkpoints.glob("step-*") if p.name[5:].isdigit())
+    assert 10 <= saved < 300, "the stop must land mid-run, after step 10"
+    assert f"training job train-stop interrupted at step {saved}" in first.log_path.read_text()
+    assert client.status(req.job_id).state is JobState.RUNNING and not client.ledger.locked(req.job_id)
+    with WorkerProcess(env, training=True, log=tmp_path / "t2.log") as second:
+        second.wait_ready()
+        info = client.wait(req.job_id, timeout=300, on_tick=lambda _: None)
+    client.close()
+    log2 = second.log_path.read_text()
+    assert info.state is JobState.DONE and info.extra["result"]["steps"] == 300
+    assert f"step-{saved} at step {saved}" in log2  # resumed where the stop left it
+    versions = [v for v in store.list() if v.meta.get("job_id") == req.job_id]
+    note_fault("training worker stopped with SIGTERM mid-run, then a new one",
+               f"the run checkpointed at step {saved} and the worker exited in {stop_s:.1f} s; the new worker "
+               "resumed at that step and ran to step 300; one model version",
+               n=1, ok=int(len(versions) == 1), lost=0, duplicated=len(versions) - 1)  # fmt: skip
+    assert len(versions) == 1
+    assert stop_s < 30, f"the stop took {stop_s:.0f} s: it waited for the run instead of handing it on"
 
 
 def test_training_longer_than_the_visibility_timeout_runs_once(stack, session_root: Path, tmp_path: Path) -> None:

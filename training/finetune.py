@@ -168,7 +168,7 @@ def train(
         if should_stop():
             if _last_saved(ckpt_root) != step:
                 save_now()
-            log.info("training cancelled at step %d; resume by running again with the same out_dir", step)
+            log.info("training stopped at step %d with a checkpoint; running again with the same out_dir resumes", step)
             return _result(None, ckpt_root, step, TrainStatus.CANCELLED, state, cfg)
         started = time.perf_counter()
         lr = _lr_at(cfg, step, total_steps)

@@ -1,9 +1,11 @@
 """Fine-tune and evaluate as ledger jobs: run once, report progress, stop on cancel, end on failure, resume a crash.
 
-A training job is never redelivered by the broker (its message is acked on receipt, because it runs far
+A training job is never redelivered by the broker (its message is acked when it starts, because it runs far
 longer than any visibility timeout). Instead a lock with a heartbeat marks the one runner, and training
-workers look for running jobs whose runner is gone (lock lapsed) and send them again; they resume from
-their last checkpoint. A job whose code raises ends FAILED with its error and is never sent again by itself.
+workers look for running jobs whose runner is gone (lock lapsed or released) and send them again; they resume
+from their last checkpoint. A worker that is shut down stops its job at the next step with a checkpoint and
+releases the lock, so the next training worker resumes it at once. A job whose code raises ends FAILED with its
+error and is never sent again by itself.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from worker.settings import Settings
 from worker.store import ModelStore
 
 log = logging.getLogger(__name__)
+
+# Set when this worker process is shutting down: a running fine-tune checkpoints and hands its job back.
+SHUTTING_DOWN = threading.Event()
 
 
 def _store(settings: Settings) -> ModelStore:
@@ -140,8 +145,9 @@ def run_train(settings: Settings, ledger: Ledger, req: TrainRequest) -> dict[str
 
     Outcomes: ``done`` (a version; promoted, or "not promoted: why" in ``promotion``), ``cancelled``,
     ``failed`` (the code raised: the job ends FAILED with the error in its result, and the error is
-    raised again for Celery), ``lost_lock`` (another runner owns the job now) and ``skipped``. A killed
-    worker leaves the job RUNNING with a lapsing lock, and the orphan scan resumes it.
+    raised again for Celery), ``lost_lock`` (another runner owns the job now), ``interrupted`` (this worker
+    is shutting down: the job stays RUNNING, checkpointed and unlocked, for the orphan scan to resume) and
+    ``skipped``. A killed worker leaves the job RUNNING with a lapsing lock, and the orphan scan resumes it.
     """
     store = _store(settings)
     if settings.torch_threads:
@@ -195,7 +201,11 @@ def _fine_tune(store: ModelStore, ledger: Ledger, req: TrainRequest, beat: _Hear
                 log.warning("job %s: progress not recorded (%s)", req.job_id, exc)
 
         result = train(cfg, train_set, eval_set, run_dir, on_progress=progress,  # 3.
-                       should_stop=beat.cancelled, lost=beat.lost)  # fmt: skip
+                       should_stop=lambda: SHUTTING_DOWN.is_set() or beat.cancelled(), lost=beat.lost)  # fmt: skip
+        if result.status is TrainStatus.CANCELLED and not beat.cancelled():
+            log.info("training job %s interrupted at step %d by the worker's shutdown; the next training worker "
+                     "resumes it from this step", req.job_id, result.steps)  # fmt: skip
+            return {**done, "status": "interrupted", "steps": result.steps}
         if result.status is TrainStatus.CANCELLED:
             return {**done, "status": "cancelled", "steps": result.steps}
         if result.status is TrainStatus.LOST_LOCK or beat.lost():

@@ -1,4 +1,4 @@
-"""Thin Celery adapters for the training queue: fine-tune and evaluate. Acked on receipt (see training.jobs)."""
+"""Thin Celery adapters for the training queue: fine-tune and evaluate. Acked when they start (see training.jobs)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import threading
 import time
 from typing import Any
 
-from celery.signals import celeryd_after_setup
+from celery.signals import celeryd_after_setup, worker_shutting_down
 
-from training.jobs import orphaned_train_jobs, run_evaluate, run_train
+from training.jobs import SHUTTING_DOWN, orphaned_train_jobs, run_evaluate, run_train
 from worker import metrics
 from worker.celery_app import app
 from worker.ledger import Ledger, ledger_from_settings
@@ -38,7 +38,9 @@ def _ledger() -> Ledger:
     return ledger_from_settings(get_settings())
 
 
-# acks_late=False: a fine-tune outlives any visibility timeout, so late acks would run it twice.
+# acks_late=False: a fine-tune outlives any visibility timeout, so late acks would run it twice. The early ack
+# needs a pool that keeps the consumer's loop running while the task does: the training worker runs one thread
+# (`captioner worker --training`); under the solo pool the ack would wait for the task to return.
 @app.task(name=TASK_TRAIN, acks_late=False)
 def train(**payload: Any) -> dict:
     """Fine-tune a model on a dataset; progress, cancel and resume go through the ledger."""
@@ -69,6 +71,12 @@ def _resume_orphans(sender: str, instance: Any, **kwargs: Any) -> None:
         return
     threading.Thread(target=_watch_orphans, name="train-orphans", daemon=True).start()
     metrics.serve(s.metrics_port, s.metrics_addr, _queue_depths)
+
+
+@worker_shutting_down.connect
+def _hand_back(**kwargs: Any) -> None:
+    """Warm shutdown: a running fine-tune stops at its next step with a checkpoint, for the next worker."""
+    SHUTTING_DOWN.set()
 
 
 def _watch_orphans() -> None:

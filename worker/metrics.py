@@ -96,7 +96,7 @@ def _sample_gpu() -> None:
 
 
 # --- training workers ---------------------------------------------------------------------------
-# One training job at a time per training worker (solo pool); its series carry the job id, and the previous
+# One training job at a time per training worker (one pool thread); its series carry the job id, and the previous
 # job's series are dropped when the next one starts, so the label set stays small.
 
 TRAIN_STEP = Gauge("captioner_train_step", "Optimizer steps done by the training job this worker runs.", ["job_id"])
