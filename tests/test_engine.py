@@ -215,6 +215,17 @@ def test_engine_config_from_settings() -> None:
     )
 
 
+def test_encoder_attention_setting_reaches_the_engine_and_is_checked(tiny_model: Path) -> None:
+    import pydantic
+
+    assert Settings().encoder_attention == "eager" and EngineConfig(model="m").encoder_attention == "eager"
+    assert EngineConfig.from_settings(Settings(encoder_attention="sdpa")).encoder_attention == "sdpa"
+    with pytest.raises(pydantic.ValidationError, match="encoder_attention"):
+        Settings(encoder_attention="flash")
+    with pytest.raises(ConfigError, match="unknown encoder attention 'flash'"):
+        CaptionEngine.load(EngineConfig(model=str(tiny_model), dtype="float32", encoder_attention="flash"))
+
+
 # --- loading ---------------------------------------------------------------------------------------
 
 

@@ -399,6 +399,30 @@ def test_checkpoints_are_safetensors_only_and_rotated(trained: dict) -> None:
     assert engine.version == marker["version"] and engine.version.startswith(out.name + "@step-")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sdpa_in_the_image_encoder_captions_a_trained_model_as_eager_does(
+    trained: dict, shapes_split: tuple, dtype: str
+) -> None:
+    """CAPTIONER_ENCODER_ATTENTION=sdpa: the same math as transformers' eager attention, fused and rounded
+    differently, so a trained model's captions agree (a near-tie could still flip one in half precision)."""
+    from PIL import Image
+
+    _, eval_set = shapes_split
+    images = [Image.open(e.image).convert("RGB") for e in eval_set]
+    final, params = str(trained["result"].final_dir), GenParams(max_length=16)
+    eager = CaptionEngine.load(EngineConfig(model=final, device="cpu", dtype=dtype))
+    sdpa = CaptionEngine.load(EngineConfig(model=final, device="cpu", dtype=dtype, encoder_attention="sdpa"))
+    assert sdpa.model.config.vision_config._attn_implementation == "sdpa"
+    assert eager.model.config.vision_config._attn_implementation == "eager"
+    pixels = eager.prepare(images[:8]).to(eager.dtype)
+    with torch.inference_mode():
+        a, b = (e.model.git.image_encoder(pixels).last_hidden_state.float() for e in (eager, sdpa))
+    assert not torch.equal(a, b), "the setting must change the kernel"
+    assert torch.allclose(a, b, atol=1e-4 if dtype == "float32" else 0.1)
+    agree = sum(x == y for x, y in zip(eager.caption(images, params), sdpa.caption(images, params), strict=True))
+    assert agree == len(images) if dtype == "float32" else agree >= 0.9 * len(images), (agree, len(images))
+
+
 def test_rotation_keeps_the_best_and_the_latest(tmp_path: Path) -> None:
     for step in (5, 10, 15, 20):
         (tmp_path / f"step-{step}").mkdir()

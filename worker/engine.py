@@ -58,10 +58,14 @@ class EngineConfig:
     # "fast": worker/fastgen.py for greedy requests (same ids as HF); "hf": transformers' generate; "auto": fast
     # when the model allows it. Beam search always runs HF generate.
     decoder: str = "auto"
+    # "eager": transformers' attention in the image encoder (exact); "sdpa": PyTorch's fused kernel (faster; a
+    # caption can differ on near-ties in half precision).
+    encoder_attention: str = "eager"
 
     @classmethod
     def from_settings(cls, s: Settings) -> EngineConfig:
-        return cls(model=s.model, revision=s.model_revision, device=s.device, dtype=s.dtype, decoder=s.decoder)
+        return cls(model=s.model, revision=s.model_revision, device=s.device, dtype=s.dtype, decoder=s.decoder,
+                   encoder_attention=s.encoder_attention)  # fmt: skip
 
 
 # --- device and dtype ------------------------------------------------------------------------------
@@ -279,7 +283,12 @@ class CaptionEngine:
                 source = cfg.model
                 revision, commit = _resolve_hub_revision(cfg.model, cfg.revision)
                 version = f"{cfg.model}@{cfg.revision or commit or 'main'}"
+            if cfg.encoder_attention not in ("eager", "sdpa"):
+                raise ConfigError(f"unknown encoder attention {cfg.encoder_attention!r}: use eager or sdpa")
             model, processor = _load_pretrained(source, revision, dtype)
+            # GIT refuses SDPA as a whole (its text attention mask), but its vision tower asks its own config which
+            # attention to run, and transformers' SDPA path there takes no mask: the same computation, fused.
+            model.config.vision_config._attn_implementation = cfg.encoder_attention
             model.to(device)
         except CaptionerError:
             raise
@@ -287,8 +296,9 @@ class CaptionEngine:
             raise _load_error(cfg.model, exc) from exc
         engine = cls(model, processor, name=cfg.model, version=version, decoder=cfg.decoder)
         log.info(
-            "model %s loaded: version=%s device=%s dtype=%s in %.1fs",
-            cfg.model, version, device, str(dtype).removeprefix("torch."), time.perf_counter() - started,
+            "model %s loaded: version=%s device=%s dtype=%s encoder_attention=%s in %.1fs",
+            cfg.model, version, device, str(dtype).removeprefix("torch."), cfg.encoder_attention,
+            time.perf_counter() - started,
         )  # fmt: skip
         return engine
 

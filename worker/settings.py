@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # Greedy decoder: fast (worker/fastgen.py, HF's exact ids), hf (transformers generate), auto (fast if able).
     decoder: Literal["auto", "fast", "hf"] = "auto"
+    # Attention in the image encoder: eager is transformers' own for GIT (exact: captions equal HF's greedy
+    # output); sdpa is PyTorch's fused kernel, the same math rounded differently in bf16/fp16: faster (about
+    # 20% of the encoder on a CPU), and a caption can differ where two tokens nearly tie (bench/ reports how often).
+    encoder_attention: Literal["eager", "sdpa"] = "eager"
 
     # CPU threads torch may use for one worker (0: torch's default, one per core). Lower it when several
     # workers or other busy processes share the cores: oversubscribed threads spin and crawl.
