@@ -224,6 +224,11 @@ def test_encoder_attention_setting_reaches_the_engine_and_is_checked(tiny_model:
         Settings(encoder_attention="flash")
     with pytest.raises(ConfigError, match="unknown encoder attention 'flash'"):
         CaptionEngine.load(EngineConfig(model=str(tiny_model), dtype="float32", encoder_attention="flash"))
+    # The worker's own loader takes it from its settings, with the rest of the engine's.
+    from worker.service import _default_engine_factory
+
+    loaded = _default_engine_factory(Settings(model=str(tiny_model), dtype="float32", encoder_attention="sdpa"))()
+    assert loaded.model.config.vision_config._attn_implementation == "sdpa" and loaded.dtype == torch.float32
 
 
 # --- loading ---------------------------------------------------------------------------------------

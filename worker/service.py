@@ -58,14 +58,8 @@ def _default_engine_factory(settings: Settings) -> EngineFactory:
             import torch
 
             torch.set_num_threads(settings.torch_threads)
-        model = resolve_model(settings.model, settings.model_store)
-        cfg = EngineConfig(
-            model=model,
-            revision=settings.model_revision,
-            device=settings.device,
-            dtype=settings.dtype,
-            decoder=settings.decoder,
-        )
+        # Every engine setting from one place; only the model name is resolved here (@current -> a version).
+        cfg = replace(EngineConfig.from_settings(settings), model=resolve_model(settings.model, settings.model_store))
         return CaptionEngine.load(cfg)
 
     return load
