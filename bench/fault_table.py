@@ -15,7 +15,7 @@ processes, a tiny GIT. *lost*: items with no row; *duplicated*: extra rows for a
 ledger is keyed by item id, so this must be 0); *attempted twice*: items whose message was delivered again
 after the fault (work repeated, still one row); *reconciled*: items `captioner reconcile` sent again because
 the broker lost their message (the BRPOP window of celery #7950); `-`: no job to count (the producer refused
-to start one). Regenerate with `make fault-report` (about 5 minutes on 2 cores, the 100,000-item load included).
+to start one). Regenerate with `make fault-report` (about 8 minutes on 2 cores, the 100,000-item load included).
 
 | fault | what happened | N | ok | lost | duplicated | attempted twice | reconciled |
 | --- | --- | --- | --- | --- | --- | --- | --- |
