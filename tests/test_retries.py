@@ -84,7 +84,14 @@ def test_items_that_keep_killing_their_worker_become_poison(
     first = WorkerProcess(env, log=tmp_path / "w1.log").start()
     first.wait_ready()
     client.enqueue(refs, job_id="job-poison", chunk_size=4)
-    wait_for(lambda: client.status("job-poison").ok >= 8, 120, "the first captions")
+    led = client.ledger
+
+    def in_hand() -> int:  # items whose attempt has started and that have no row yet
+        started = {k for k in led.r.hkeys(led._k("job", "job-poison", "att")) if ":" not in str(k)}
+        return len(started - set(led.r.hkeys(led._k("job", "job-poison", "res"))))
+
+    # Killed between two chunks, a worker would hold nothing: wait until it holds some.
+    wait_for(lambda: client.status("job-poison").ok >= 8 and in_hand() > 0, 120, "the first captions")
     first.kill()  # the items in its hands were attempted once: with a limit of 1, they are now poison
     resent: list[int] = []
     with WorkerProcess(env, log=tmp_path / "w2.log") as second:
