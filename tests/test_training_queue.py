@@ -82,16 +82,22 @@ def _train_request(
     return TrainRequest(job_id=job_id, dataset=str(data), config=config)
 
 
+def _submit_to_a_new_worker(env: dict[str, str], req: TrainRequest, tmp_path: Path) -> tuple[JobClient, WorkerProcess]:
+    """A training worker started and ready (log t1.log), then the job submitted to it."""
+    client = JobClient(settings_from(env))
+    first = WorkerProcess(env, training=True, log=tmp_path / "t1.log").start()
+    first.wait_ready()
+    client.submit_training(req)
+    return client, first
+
+
 def test_killed_training_worker_resumes_from_its_checkpoint_and_finishes_once(
     stack, session_root: Path, tmp_path: Path
 ) -> None:
 
     env, store = stack
     req = _train_request(store, session_root, tmp_path, "train-kill", images=48, seed=3, steps=240, every=40)
-    client = JobClient(settings_from(env))
-    first = WorkerProcess(env, training=True, log=tmp_path / "t1.log").start()
-    first.wait_ready()
-    client.submit_training(req)
+    client, first = _submit_to_a_new_worker(env, req, tmp_path)
     run_dir = store.root / ".runs" / req.job_id / "checkpoints"
 
     def saved_steps() -> list[int]:  # finished checkpoints only (a .tmp folder is one being written)
@@ -135,10 +141,7 @@ def test_a_stopped_training_worker_hands_its_job_on_from_the_step_it_reached(
     not from the last scheduled checkpoint, and the stop does not wait for the run to end."""
     env, store = stack
     req = _train_request(store, session_root, tmp_path, "train-stop", images=32, seed=7, steps=300, every=300)
-    client = JobClient(settings_from(env))
-    first = WorkerProcess(env, training=True, log=tmp_path / "t1.log").start()
-    first.wait_ready()
-    client.submit_training(req)
+    client, first = _submit_to_a_new_worker(env, req, tmp_path)
     wait_for(lambda: (client.status(req.job_id).extra.get("progress") or {}).get("step", 0) >= 10, 120,
              "training to start")  # fmt: skip
     asked = time.monotonic()
