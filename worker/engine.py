@@ -270,6 +270,8 @@ class CaptionEngine:
     @classmethod
     def load(cls, cfg: EngineConfig) -> CaptionEngine:
         """Load a GIT checkpoint (safetensors only, never remote code) onto the configured device and dtype."""
+        if cfg.encoder_attention not in ("eager", "sdpa"):  # before any download or read
+            raise ConfigError(f"unknown encoder attention {cfg.encoder_attention!r}: use eager or sdpa")
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
         started = time.perf_counter()
@@ -283,8 +285,6 @@ class CaptionEngine:
                 source = cfg.model
                 revision, commit = _resolve_hub_revision(cfg.model, cfg.revision)
                 version = f"{cfg.model}@{cfg.revision or commit or 'main'}"
-            if cfg.encoder_attention not in ("eager", "sdpa"):
-                raise ConfigError(f"unknown encoder attention {cfg.encoder_attention!r}: use eager or sdpa")
             model, processor = _load_pretrained(source, revision, dtype)
             # GIT refuses SDPA as a whole (its text attention mask), but its vision tower asks its own config which
             # attention to run, and transformers' SDPA path there takes no mask: the same computation, fused.
