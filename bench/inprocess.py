@@ -8,9 +8,9 @@ from typing import Any
 
 from bench.corpus import caption_tokens
 from bench.result import PathResult, batches, generated_tokens
+from common.messages import GenParams, Source
+from common.settings import Settings
 from worker.images import ImagePolicy, load_image
-from worker.messages import GenParams, Source
-from worker.settings import Settings
 
 
 def count_tokens(obj: Any, method: str, pad_id: int, sink: list[int]) -> None:

@@ -8,11 +8,11 @@ from typing import Any
 
 import redis as redis_lib
 
+from common.messages import GenParams
+from common.settings import Settings
 from producer.jobs import JobClient
 from producer.local import LocalRedis
 from producer.sources import expand
-from worker.messages import GenParams
-from worker.settings import Settings
 
 #: A URL of typical length for a large archive.
 URL_TEMPLATE = "https://images.example.org/archive/2024/06/{i:08d}.jpg"

@@ -14,11 +14,11 @@ from typing import Any
 from bench.corpus import caption_tokens
 from bench.naive_app import TASK, create_app
 from bench.result import PathResult, proc_cpu_s
+from common.errors import CaptionerError
+from common.messages import TASK_CAPTION, GenParams
+from common.settings import Settings
 from producer.jobs import JobClient, workers_info
 from producer.local import LocalRedis, WorkerProcess
-from worker.errors import CaptionerError
-from worker.messages import TASK_CAPTION, GenParams
-from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The worker's one log line per chunk (worker/service.py), parsed for stage timings.

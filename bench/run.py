@@ -203,7 +203,7 @@ def _meta(argv: list[str], origin: str, cfg: BenchConfig) -> dict[str, Any]:
 
 def run(cfg: BenchConfig, argv: list[str]) -> dict[str, Any]:
     from bench.producer_rate import measure_producer
-    from worker.settings import Settings
+    from common.settings import Settings
 
     started, load_before = time.perf_counter(), [round(x, 2) for x in os.getloadavg()]
     with ExitStack() as stack:

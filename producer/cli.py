@@ -14,8 +14,8 @@ from typing import Any
 
 import click
 
-from worker.errors import CaptionerError, ConfigError
-from worker.messages import GenParams
+from common.errors import CaptionerError, ConfigError
+from common.messages import GenParams
 
 # The export formats, kept here so --help needs no pyarrow (worker.sinks.FORMATS is the source of truth).
 FORMATS = ("jsonl", "csv", "parquet", "sidecar", "metadata", "webdataset", "kohya")
@@ -102,7 +102,7 @@ def cli(ctx: click.Context, broker_url: str | None, redis_url: str | None, key_p
     """Caption very large image archives with a GIT model on a Celery + Redis queue."""
     from pydantic import ValidationError
 
-    from worker.settings import Settings, use_settings
+    from common.settings import Settings, use_settings
 
     overrides = {"broker_url": broker_url, "redis_url": redis_url, "key_prefix": key_prefix}
     try:
@@ -500,7 +500,7 @@ def export(
 
 def _fail_if_failed(info: Any) -> None:
     """A failed training job ends the command with exit 1 and its reason."""
-    from worker.messages import JobState
+    from common.messages import JobState
 
     if info.state is JobState.FAILED:
         reason = (info.extra.get("result") or {}).get("error") or "no reason recorded"
@@ -508,7 +508,7 @@ def _fail_if_failed(info: Any) -> None:
 
 
 def _store(ctx: click.Context) -> Any:
-    from worker.store import ModelStore
+    from common.store import ModelStore
 
     root = _settings(ctx).model_store
     if root is None:
@@ -544,7 +544,7 @@ def train(ctx: click.Context, dataset: str, job_id: str | None, base_model: str 
     """
     import uuid
 
-    from worker.messages import TrainRequest
+    from common.messages import TrainRequest
 
     if Path(dataset).exists():
         dataset = str(Path(dataset).resolve())
@@ -604,7 +604,7 @@ def _train_ticker() -> Callable[[Any], None]:
 def evaluate(ctx: click.Context, version: str, dataset: str, max_samples: int | None, max_length: int,
              timeout: float, as_json: bool) -> None:  # fmt: skip
     """Score VERSION ('current' for the promoted one) on DATASET with generated captions."""
-    from worker.messages import TASK_EVALUATE, EvaluateRequest
+    from common.messages import TASK_EVALUATE, EvaluateRequest
 
     if Path(dataset).exists():
         dataset = str(Path(dataset).resolve())
@@ -754,7 +754,7 @@ def worker(ctx: click.Context, training: bool, model: str | None, revision: str 
 
     Options override the CAPTIONER_* settings of the same name; extra arguments go to `celery worker` unchanged.
     """
-    from worker.settings import use_settings
+    from common.settings import use_settings
 
     given = {"model": model, "model_revision": revision, "device": device, "dtype": dtype,
              "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, "concurrency": concurrency,

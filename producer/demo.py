@@ -22,9 +22,9 @@ import click
 import redis
 from pydantic import SecretStr
 
+from common.messages import TASK_EVALUATE, EvaluateRequest, GenParams, TrainRequest
+from common.settings import Settings
 from producer.local import LocalRedis, WorkerProcess
-from worker.messages import TASK_EVALUATE, EvaluateRequest, GenParams, TrainRequest
-from worker.settings import Settings
 
 # The recipe's defaults (lr 5e-5, batch 32 x 2, 50 epochs) are for git-base on real photos. The demo's GIT is
 # trained from scratch, so it takes a far higher rate (3e-3, decayed linearly to 0), batch 32 and no dropout.
@@ -111,10 +111,10 @@ def run_demo(
     as_json: bool,
     vocab: str = "words",
 ) -> dict[str, Any]:
+    from common.store import ModelStore
     from producer.jobs import JobClient, workers_info
     from training.synthetic import make_shapes
     from worker.sinks import export_rows
-    from worker.store import ModelStore
 
     started = time.perf_counter()
     say = (lambda _: None) if as_json else (lambda msg: click.echo(msg, err=True))

@@ -10,9 +10,9 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 from pydantic import SecretStr
 
-from worker.ledger import settings_client
-from worker.settings import Settings
-from worker.store import ModelStore
+from common.connections import queue_depths, settings_client
+from common.settings import Settings
+from common.store import ModelStore
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 
@@ -73,7 +73,7 @@ def run_checks(settings: Settings, app: Any) -> list[Check]:
             checks += _redis_safety(role, client)
             checks.append(_redis_access(role, settings, url, client))
     if broker is not None:
-        depths = {q: int(broker.llen(q)) for q in (*settings.caption_queues, settings.training_queue)}
+        depths = queue_depths(broker, settings.queues)
         checks.append(Check("queues", OK, ", ".join(f"{q}: {n} waiting" for q, n in depths.items())))
         checks += _workers(settings, app, depths[settings.training_queue])
     checks += _config(settings)

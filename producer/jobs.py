@@ -15,9 +15,10 @@ import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-from worker.errors import BrokerUnavailable, CaptionerError, NothingToEnqueue, SourceError
-from worker.ledger import JobInfo, ledger_from_settings
-from worker.messages import (
+from common.connections import queue_depths
+from common.errors import BrokerUnavailable, CaptionerError, NothingToEnqueue, SourceError
+from common.ledger import JobInfo, ledger_from_settings
+from common.messages import (
     TASK_CAPTION_CHUNK,
     TASK_NOTIFY,
     TASK_TRAIN,
@@ -27,7 +28,7 @@ from worker.messages import (
     TrainRequest,
     item_id,
 )
-from worker.settings import Settings
+from common.settings import Settings
 
 
 def derive_job_id(sources: Iterable[str], params: GenParams, salt: str = "") -> str:
@@ -216,7 +217,7 @@ class JobClient:
             return False  # the producer is still adding items
         with self.app.connection_for_read() as conn:
             broker = conn.default_channel.client
-            waiting = sum(int(broker.llen(q)) for q in self.settings.caption_queues)
+            waiting = sum(queue_depths(broker, self.settings.caption_queues).values())
             return waiting == 0 and int(broker.zcard(UNACKED_INDEX)) == 0
 
     # --- act ------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 from typing import IO, Any
 
-from worker.errors import CaptionerError
+from common.errors import CaptionerError
 
 
 def free_port() -> int:

@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from worker.errors import SourceError
+from common.errors import SourceError
 
 #: Extensions of the formats the worker decodes (see Settings.allowed_formats).
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})

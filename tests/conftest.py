@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from common.settings import Settings
 from producer.jobs import JobClient
 from producer.local import WorkerProcess
-from worker.settings import Settings
 
 REDIS_HOST = "127.0.0.1:6379"
 # Three DB numbers of the machine's Redis, from CAPTIONER_TEST_DB_BASE (default 13: DBs 13-15), so two

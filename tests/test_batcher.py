@@ -7,8 +7,8 @@ import time
 
 import pytest
 
+from common.errors import EngineError
 from worker.batcher import MicroBatcher
-from worker.errors import EngineError
 
 
 class Recorder:

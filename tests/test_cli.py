@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from common.settings import Settings
 from producer.cli import cli
-from worker.settings import Settings
 from worker.sinks import flatten_row, read_rows
 
 
@@ -139,7 +139,7 @@ def test_cli_export_formats_match_the_sinks() -> None:
 
 
 def test_models_and_promote_with_gate_and_a_failing_push(tmp_path: Path) -> None:
-    from worker.store import ModelStore
+    from common.store import ModelStore
 
     store = ModelStore(tmp_path / "store")
     src = tmp_path / "m"
@@ -190,7 +190,7 @@ def test_a_bad_source_argument_leaves_no_half_job(settings: Settings, images: Pa
 
 
 def test_an_unwritable_export_target_is_one_line(settings: Settings, client) -> None:
-    from worker.messages import GenParams
+    from common.messages import GenParams
 
     client.ledger.open_job("job-export-ro", "x", GenParams())
     code, _, err = invoke(settings, "export", "job-export-ro", "-o", "/proc/no-such-dir/out.jsonl")
@@ -201,7 +201,7 @@ def test_wait_sees_a_stalled_job_and_reconciles_it(
     settings: Settings, client, images: Path, caption_worker, cli_env: dict[str, str]
 ) -> None:
     """Items in the manifest whose messages are gone (a broker crash): `wait` says so, `wait --reconcile` fixes it."""
-    from worker.messages import GenParams, item_id
+    from common.messages import GenParams, item_id
 
     refs = [str(p) for p in sorted(images.glob("*.jpg"))[:3]]
     client.ledger.open_job("job-stalled", "stalled", GenParams(max_length=12))

@@ -382,7 +382,7 @@ def test_compose_config_validates(compose: dict[str, Any], tmp_path: Path) -> No
 
 
 def test_prometheus_finds_every_caption_worker_on_its_metrics_port(services: dict[str, Any]) -> None:
-    from worker.settings import Settings
+    from common.settings import Settings
 
     prom = services["prometheus"]
     config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())

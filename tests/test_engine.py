@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
+from common.errors import ConfigError, EngineError, ModelLoadError, UnsafeCheckpoint
+from common.messages import GenParams
+from common.settings import Settings
 from training import synthetic, tiny
 from worker import engine as engine_mod
 from worker.engine import CaptionEngine, EngineConfig, resolve_device, resolve_dtype
-from worker.errors import ConfigError, EngineError, ModelLoadError, UnsafeCheckpoint
-from worker.messages import GenParams
-from worker.settings import Settings
 
 UNK_ID = 100
 SHORT = GenParams(max_length=16)

@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
+from common.errors import ConfigError
+from common.messages import GenParams
+from common.settings import Settings
 from training import synthetic, tiny
 from worker.engine import CaptionEngine, EngineConfig
-from worker.errors import ConfigError
 from worker.fastgen import GitGreedyDecoder, unsupported_reason
-from worker.messages import GenParams
-from worker.settings import Settings
 
 CLS, SEP = tiny.CLS_ID, tiny.SEP_ID
 PROMPT_IDS = [CLS, 1037, 2417, 4418]  # [CLS] a red circle

@@ -12,12 +12,12 @@ import pytest
 import redis
 from kombu import Connection, Exchange, Producer, Queue
 
+from common.messages import TASK_CAPTION, GenParams, item_id
 from producer.jobs import JobClient
 from producer.local import WorkerProcess
 from tests.conftest import settings_from, shape_files, tally
 from tests.test_recovery import recovery_env, wait_for
 from worker.celery_app import create_app
-from worker.messages import TASK_CAPTION, GenParams, item_id
 
 
 class _Boom:

@@ -13,9 +13,9 @@ from threading import Thread
 import pytest
 from PIL import Image
 
+from common.messages import TASK_CAPTION, TASK_CAPTION_MANY
 from tests.test_images import png_header_only
 from worker.celery_app import create_app
-from worker.messages import TASK_CAPTION, TASK_CAPTION_MANY
 
 pytestmark = pytest.mark.usefixtures("caption_worker")
 

@@ -28,10 +28,10 @@ import httpx2
 import pytest
 from PIL import Image, ImageOps
 
-from worker.errors import DecodeError, FetchError, FetchTimeout, Forbidden, InvalidInput, ItemError, TooLarge
+from common.errors import DecodeError, FetchError, FetchTimeout, Forbidden, InvalidInput, ItemError, TooLarge
+from common.messages import Source
+from common.settings import DEFAULT_FORMATS, Settings
 from worker.images import ImagePolicy, check_address, decode_image, fetch_url, load_image, read_path, read_source
-from worker.messages import Source
-from worker.settings import DEFAULT_FORMATS, Settings
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 TOTAL_S = 1.0  # the fetch deadline of every HTTP test: small, so the file stays fast

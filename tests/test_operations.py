@@ -46,8 +46,8 @@ def _sample(text: str, name: str, **labels: str) -> float | None:
 def test_metrics_endpoint_and_json_logs_of_a_real_worker(
     worker_env: dict[str, str], session_root: Path, tmp_path: Path
 ) -> None:
+    from common.messages import TrainRequest
     from training.synthetic import make_shapes
-    from worker.messages import TrainRequest
 
     port = free_port()
     folder = session_root / f"ops-{uuid.uuid4().hex[:6]}"
@@ -166,8 +166,8 @@ def test_doctor_warns_when_redis_answers_anyone_beyond_loopback() -> None:
 def test_doctor_tells_training_from_caption_workers_and_sees_a_stale_model(
     worker_env: dict[str, str], tiny_model: Path, tmp_path: Path
 ) -> None:
-    from worker.messages import TrainRequest
-    from worker.store import ModelStore
+    from common.messages import TrainRequest
+    from common.store import ModelStore
 
     store = ModelStore(tmp_path / "store")
     store.promote(store.add(tiny_model, {"base_model": "tiny"}, "v-one").version)
@@ -208,9 +208,9 @@ def test_plain_celery_worker_command_serves_too(worker_env: dict[str, str], tmp_
     loaded model."""
     import sys
 
+    from common.messages import TASK_CAPTION
     from training.synthetic import make_shapes
     from worker.celery_app import create_app
-    from worker.messages import TASK_CAPTION
 
     (path, _), *_ = make_shapes(session_root / f"plain-{uuid.uuid4().hex[:6]}", 1, seed=11, size=32)
     with LocalRedis() as server:

@@ -13,10 +13,10 @@ import pytest
 import redis
 from PIL import Image
 
+from common.messages import TASK_CAPTION, TASK_CAPTION_MANY, GenParams, item_id
 from producer.jobs import JobClient, workers_info
 from tests.conftest import MAX_LENGTH
 from worker.celery_app import create_app
-from worker.messages import TASK_CAPTION, TASK_CAPTION_MANY, GenParams, item_id
 
 pytestmark = pytest.mark.usefixtures("caption_worker")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from worker.settings import Settings
+from common.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -22,7 +22,7 @@ def test_quick_start_has_the_two_commands_and_ci_runs_the_test_one() -> None:
 
 
 def test_troubleshooting_covers_every_named_error() -> None:
-    import worker.errors as errors
+    import common.errors as errors
 
     page = (ROOT / "docs" / "troubleshooting.md").read_text()
     missing = [code for code in errors.ITEM_ERROR_CODES if f"`{code}`" not in page]

@@ -9,13 +9,13 @@ import pytest
 import redis
 from click.testing import CliRunner
 
+from common.errors import ConfigError
+from common.settings import Settings
 from producer.cli import cli
 from producer.jobs import JobClient
 from producer.local import LocalRedis, WorkerProcess
 from tests.conftest import note_fault, reconciling, settings_from, shape_files, tally
 from tests.test_recovery import wait_for
-from worker.errors import ConfigError
-from worker.settings import Settings
 
 
 def own_redis_env(worker_env: dict[str, str], server: LocalRedis) -> dict[str, str]:

@@ -48,8 +48,8 @@ def test_documented_acl_user_runs_worker_and_cli_and_is_refused_the_dangerous_re
             assert done.exit_code == 0, done.output + proc.log_tail()
             status = json.loads(runner.invoke(cli, ["status", "job-acl", "--json"], env=env).stdout)
             assert (status["state"], status["ok"]) == ("done", 4)
+            from common.messages import TASK_CAPTION
             from worker.celery_app import create_app
-            from worker.messages import TASK_CAPTION
 
             row = create_app(settings_from(env)).send_task(TASK_CAPTION, kwargs={"source": refs[0]}).get(timeout=60)
             assert row["status"] == "ok"

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from worker.errors import ConfigError
-from worker.messages import GenParams, ItemResult, ItemStatus
+from common.errors import ConfigError
+from common.messages import GenParams, ItemResult, ItemStatus
 from worker.sinks import FLAT_COLUMNS, FORMATS, export_rows, flatten_row, read_rows, split_flags
 
 FILE_FORMATS = ("jsonl", "csv", "parquet")

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from common.errors import SourceError
 from producer.sources import expand
-from worker.errors import SourceError
 
 
 @pytest.fixture

@@ -20,6 +20,8 @@ import redis
 import torch
 from safetensors.torch import load_file
 
+from common.errors import ConfigError, SourceError
+from common.messages import GenParams, Source
 from tests.conftest import LEDGER_DB, redis_url
 from training.data import Example, dataset_fingerprint, load_examples, split_examples
 from training.finetune import (
@@ -40,9 +42,7 @@ from training.metrics import caption_metrics, normalize
 from training.synthetic import make_shapes
 from training.tiny import build_tiny_git
 from worker.engine import CaptionEngine, EngineConfig
-from worker.errors import ConfigError, SourceError
 from worker.images import load_image
-from worker.messages import GenParams, Source
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -586,9 +586,9 @@ def test_exported_metadata_feeds_training(
     (absolute names) loads back as an imagefolder and as a manifest."""
     from click.testing import CliRunner
 
+    from common.ledger import Ledger
+    from common.messages import GenParams, ItemResult, ItemStatus, item_id
     from producer.cli import cli
-    from worker.ledger import Ledger
-    from worker.messages import GenParams, ItemResult, ItemStatus, item_id
 
     _, rows = shapes6
     images = tmp_path / "images"

@@ -18,14 +18,15 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from common.connections import redis_client
+from common.ledger import Ledger
+from common.messages import TASK_EVALUATE, TASK_TRAIN, JobState, TrainRequest
+from common.store import ModelStore
 from producer.cli import cli
 from producer.jobs import JobClient
 from producer.local import LocalRedis, WorkerProcess, free_port
 from tests.conftest import settings_from
 from training.jobs import _Heartbeat, open_train_job, orphaned_train_jobs, run_train
-from worker.ledger import Ledger, redis_client
-from worker.messages import TASK_EVALUATE, TASK_TRAIN, JobState, TrainRequest
-from worker.store import ModelStore
 
 TTL_S = 3  # the smallest lock lifetime settings allow: orphan scans every 1.5 s, unstarted grace 6 s
 

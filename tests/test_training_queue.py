@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import redis
 
+from common.messages import TASK_TRAIN, GenParams, JobState, TrainRequest
+from common.store import ModelStore
 from producer.jobs import JobClient
 from producer.local import LocalRedis, WorkerProcess
 from tests.conftest import note_fault, settings_from, shape_files, tally
 from tests.test_recovery import wait_for
-from worker.messages import TASK_TRAIN, GenParams, JobState, TrainRequest
-from worker.store import ModelStore
 
 FAST = {"learning_rate": 3e-3, "lr_scheduler": "constant", "batch_size": 8, "grad_accum": 1, "epochs": 1000,
         "max_length": 12, "eval_max_samples": 8, "log_steps": 5}  # fmt: skip

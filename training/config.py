@@ -11,7 +11,7 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Any
 
-from worker.errors import ConfigError
+from common.errors import ConfigError
 
 #: Metrics that training and promotion can rank by (training.metrics.caption_metrics returns them).
 METRIC_NAMES = ("wer", "cer", "bleu4", "rouge_l", "cider")

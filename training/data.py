@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from worker.errors import ConfigError, SourceError
+from common.errors import ConfigError, SourceError
 
 log = logging.getLogger(__name__)
 

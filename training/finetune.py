@@ -25,15 +25,15 @@ from typing import Any
 
 import torch
 
+from common.errors import ConfigError, ItemError, SourceError
+from common.messages import GenParams, Source
+from common.settings import DEFAULT_FORMATS
+from common.store import LOWER_IS_BETTER
 from training.config import TrainConfig
 from training.data import Example, dataset_fingerprint
 from training.metrics import caption_metrics
 from worker.engine import CaptionEngine, EngineConfig, resolve_device
-from worker.errors import ConfigError, ItemError, SourceError
 from worker.images import ImagePolicy, load_image
-from worker.messages import GenParams, Source
-from worker.settings import DEFAULT_FORMATS
-from worker.store import LOWER_IS_BETTER
 
 log = logging.getLogger(__name__)
 

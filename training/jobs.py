@@ -23,12 +23,12 @@ from typing import Any
 
 import redis
 
+from common.errors import CaptionerError, ConfigError
+from common.ledger import Ledger
+from common.messages import EvaluateRequest, GenParams, JobState, TrainRequest
+from common.settings import Settings
+from common.store import ModelStore
 from worker import metrics
-from worker.errors import CaptionerError, ConfigError
-from worker.ledger import Ledger
-from worker.messages import EvaluateRequest, GenParams, JobState, TrainRequest
-from worker.settings import Settings
-from worker.store import ModelStore
 
 log = logging.getLogger(__name__)
 

@@ -9,13 +9,13 @@ from typing import Any
 
 from celery.signals import celeryd_after_setup, worker_shutting_down
 
+from common.ledger import Ledger, ledger_from_settings
+from common.messages import TASK_EVALUATE, TASK_TRAIN, EvaluateRequest, TrainRequest, parse_message
+from common.settings import get_settings
 from training.jobs import SHUTTING_DOWN, orphaned_train_jobs, run_evaluate, run_train
 from worker import metrics
-from worker.celery_app import app
-from worker.ledger import Ledger, ledger_from_settings
+from worker.celery_app import app, queue_depths
 from worker.logs import current_job
-from worker.messages import TASK_EVALUATE, TASK_TRAIN, EvaluateRequest, TrainRequest, parse_message
-from worker.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,4 @@ def _waiting(job_ids: list[str]) -> set[str]:
 
 
 def _queue_depths() -> dict[str, int]:
-    s = get_settings()
-    with app.connection_for_read() as conn:
-        client = conn.default_channel.client
-        return {q: int(client.llen(q)) for q in (s.caption_queue, s.training_queue)}
+    return queue_depths(app, get_settings())

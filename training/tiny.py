@@ -10,7 +10,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from worker.errors import ModelLoadError
+from common.errors import ModelLoadError
 
 #: GIT's tokenizer is bert-base-uncased: these ids are fixed by that vocabulary.
 VOCAB_SIZE = 30522

@@ -19,7 +19,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from worker.errors import EngineError
+from common.errors import EngineError
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx2
 
-from worker.errors import FetchError
+from common.errors import FetchError
 from worker.images import ImagePolicy, make_client, parse_url, resolve_checked
 
 

@@ -10,14 +10,10 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue
 
-from worker.ledger import tls_options
-from worker.messages import CAPTION_TASKS, INTERACTIVE_TASKS, TRAINING_TASKS
-from worker.settings import Settings, get_settings
-
-
-def ssl_options(settings: Settings) -> dict[str, Any]:
-    """Explicit certificate settings for rediss:// (Settings already refused rediss:// without them)."""
-    return tls_options(settings, "rediss://")
+from common.connections import queue_depths as _depths
+from common.connections import tls_options
+from common.messages import CAPTION_TASKS, INTERACTIVE_TASKS, TRAINING_TASKS
+from common.settings import Settings, get_settings
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -70,12 +66,18 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_send_sent_event": True,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
     }
-    tls = ssl_options(settings)
+    tls = tls_options(settings)
     if settings.broker_url_str.startswith("rediss://"):
         conf["broker_use_ssl"] = tls
     if settings.result_backend_str.startswith("rediss://"):
         conf["redis_backend_use_ssl"] = tls
     return conf
+
+
+def queue_depths(app: Celery, settings: Settings) -> dict[str, int]:
+    """Messages waiting in each of the deployment's queues, read through the app's broker connection."""
+    with app.connection_for_read() as conn:
+        return _depths(conn.default_channel.client, settings.queues)
 
 
 def create_app(settings: Settings | None = None) -> Celery:

@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import torch
 
+from common.errors import CaptionerError, ConfigError, EngineError, ModelLoadError, UnsafeCheckpoint
+from common.messages import GenParams
 from worker import fastgen
-from worker.errors import CaptionerError, ConfigError, EngineError, ModelLoadError, UnsafeCheckpoint
-from worker.messages import GenParams
 from worker.preprocess import ClipPreprocess
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from worker.settings import Settings
+    from common.settings import Settings
 
 log = logging.getLogger(__name__)
 

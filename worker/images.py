@@ -21,9 +21,9 @@ from pathlib import Path
 import httpx2
 from PIL import ExifTags, Image, ImageOps
 
-from worker.errors import DecodeError, FetchError, FetchTimeout, Forbidden, InvalidInput, ItemError, TooLarge
-from worker.messages import Source
-from worker.settings import Settings
+from common.errors import DecodeError, FetchError, FetchTimeout, Forbidden, InvalidInput, ItemError, TooLarge
+from common.messages import Source
+from common.settings import Settings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -16,13 +16,9 @@ from contextvars import copy_context
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
-import redis
-
-from worker import metrics
-from worker.batcher import MicroBatcher
-from worker.errors import Cancelled, EngineError, ItemError, Poison
-from worker.images import ImagePolicy, load_image
-from worker.messages import (
+from common.connections import RETRYABLE_REDIS_ERRORS
+from common.errors import Cancelled, EngineError, ItemError, Poison
+from common.messages import (
     ChunkItem,
     ChunkMessage,
     GenParams,
@@ -33,19 +29,22 @@ from worker.messages import (
     item_id,
     source_from_wire,
 )
+from common.settings import Settings
+from common.store import ModelStore, resolve_model
+from worker import metrics
+from worker.batcher import MicroBatcher
+from worker.images import ImagePolicy, load_image
 from worker.quality import quality_flags
-from worker.settings import Settings
-from worker.store import ModelStore, resolve_model
 
 if TYPE_CHECKING:
+    from common.ledger import Attempt, Ledger
     from worker.engine import CaptionEngine
-    from worker.ledger import Attempt, Ledger
 
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 #: Ledger write failures that pass: Redis restarting, a network blip, memory freed after maxmemory.
-_RETRYABLE_WRITE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError)
+_RETRYABLE_WRITE = RETRYABLE_REDIS_ERRORS
 
 EngineFactory = Callable[[], "CaptionEngine"]
 

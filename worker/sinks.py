@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from worker.errors import ConfigError
+from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

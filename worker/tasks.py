@@ -8,19 +8,15 @@ import threading
 import time
 from typing import Any, cast
 
-import redis
 from celery import Task
 from celery.exceptions import Reject
 from celery.signals import after_setup_logger, celeryd_after_setup, worker_shutting_down
 from celery.worker.control import inspect_command
 
-from worker import metrics
-from worker.celery_app import app
-from worker.errors import ConfigError, InvalidMessage
-from worker.ledger import ledger_from_settings
-from worker.logs import configure as configure_logs
-from worker.logs import job_context
-from worker.messages import (
+from common.connections import RETRYABLE_REDIS_ERRORS
+from common.errors import ConfigError, InvalidMessage
+from common.ledger import ledger_from_settings
+from common.messages import (
     TASK_CAPTION,
     TASK_CAPTION_CHUNK,
     TASK_CAPTION_MANY,
@@ -32,8 +28,12 @@ from worker.messages import (
     parse_message,
     source_from_wire,
 )
+from common.settings import get_settings
+from worker import metrics
+from worker.celery_app import app, queue_depths
+from worker.logs import configure as configure_logs
+from worker.logs import job_context
 from worker.service import CaptionService
-from worker.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ _service: CaptionService | None = None
 _service_lock = threading.Lock()
 
 # Infrastructure blips: retried with backoff until Redis answers again (or has memory again).
-_INFRA_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError)
+_INFRA_ERRORS = RETRYABLE_REDIS_ERRORS
 #: The interpreter's thread switch interval in caption workers (see _warm_up).
 GIL_SWITCH_S = 0.0005
 #: Retries of a chunk that failed for any other reason (a bug): then its items stay pending for reconcile.
@@ -142,8 +142,8 @@ def _job_done(job_id: str) -> None:
 @app.task(name=TASK_NOTIFY, bind=True, max_retries=5, ignore_result=True)
 def notify_done(self: Task, job_id: str) -> dict:
     """Send a finished job's summary to the Celery task and/or webhook it named at enqueue."""
+    from common.errors import CaptionerError
     from worker.callbacks import post_webhook
-    from worker.errors import CaptionerError
     from worker.images import ImagePolicy
 
     settings = get_settings()
@@ -219,10 +219,7 @@ def _warm_up(sender: str, instance: Any, **kwargs: Any) -> None:
 
 
 def _queue_depths() -> dict[str, int]:
-    s = get_settings()
-    with app.connection_for_read() as conn:
-        client = conn.default_channel.client
-        return {q: int(client.llen(q)) for q in (*s.caption_queues, s.training_queue)}
+    return queue_depths(app, get_settings())
 
 
 @after_setup_logger.connect

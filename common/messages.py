@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from worker.errors import InvalidMessage
+from common.errors import InvalidMessage
 
 # --- task names (stable, versioned) ------------------------------------------------------------
 TASK_CAPTION = "captioner.caption.v1"  # one image in, one result out (services)
@@ -95,7 +95,7 @@ class Source(BaseModel):
 
     def decode_b64(self, max_bytes: int) -> bytes:
         """The inline bytes, checked against a size cap before and after decoding."""
-        from worker.errors import InvalidInput, TooLarge
+        from common.errors import InvalidInput, TooLarge
 
         assert self.b64 is not None
         if len(self.b64) > (max_bytes * 4) // 3 + 8:

@@ -23,11 +23,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import redis
 
-from worker.errors import BrokerUnavailable, UnknownJob
-from worker.messages import GenParams, ItemResult, ItemStatus, JobState
+from common.connections import settings_client
+from common.errors import BrokerUnavailable, UnknownJob
+from common.messages import GenParams, ItemResult, ItemStatus, JobState
 
 if TYPE_CHECKING:
-    from worker.settings import Settings
+    from common.settings import Settings
 
 # A shebang makes Redis (7+) refuse the whole script at maxmemory. Without one, Redis checks memory only at a
 # script's first write, and a script that starts by deleting (HDEL) could then grow past maxmemory unchecked.
@@ -207,30 +208,6 @@ class JobInfo:
             "flags": self.flags,
             **self.extra,
         }
-
-
-def redis_client(url: str, **ssl: Any) -> redis.Redis:
-    """A Redis client with bounded timeouts, so an unreachable Redis is an error, not a hang."""
-    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30, **ssl)
-
-
-def tls_options(settings: Settings, url: str) -> dict[str, Any]:
-    """redis-py's certificate options for ``url`` when it is rediss:// (Settings refuses rediss:// without them)."""
-    if not url.startswith("rediss://"):
-        return {}
-    import ssl
-
-    reqs = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
-    opts: dict[str, Any] = {"ssl_cert_reqs": reqs[settings.redis_ssl_cert_reqs or "required"]}
-    if settings.redis_ssl_ca_certs is not None:
-        opts["ssl_ca_certs"] = str(settings.redis_ssl_ca_certs)
-    return opts
-
-
-def settings_client(settings: Settings, url: str | None = None) -> redis.Redis:
-    """A client for the ledger Redis (or ``url``) with the settings' TLS options: the one way clients are made."""
-    url = url or settings.redis_url_str
-    return redis_client(url, **tls_options(settings, url))
 
 
 def ledger_from_settings(settings: Settings) -> Ledger:

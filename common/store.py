@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from worker.errors import ConfigError
+from common.errors import ConfigError
 
 META = "captioner.json"
 CURRENT = "CURRENT"

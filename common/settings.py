@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, IPvAnyNetwork, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from worker.errors import ConfigError
+from common.errors import ConfigError
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 
@@ -220,6 +220,11 @@ class Settings(BaseSettings):
     def caption_queues(self) -> tuple[str, str]:
         """What caption workers consume, in the order they take from: interactive first, then bulk."""
         return (self.interactive_queue_name, self.caption_queue)
+
+    @property
+    def queues(self) -> tuple[str, str, str]:
+        """Every queue of this deployment: the two caption queues, then the training queue."""
+        return (*self.caption_queues, self.training_queue)
 
     # Plain-string views, so callers never pass a SecretStr to a client by accident.
     @property

@@ -1,0 +1,58 @@
+"""Redis connections, made one way for every program: bounded timeouts, certificate checks for rediss://, and
+the errors that mean "Redis is briefly unavailable" rather than "this is a bug".
+
+The ledger, the Celery app's broker and backend options, the doctor and queue depths all come through here.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterable
+from typing import Any
+
+import redis
+
+from common.settings import Settings
+
+#: Redis failures that pass by themselves: a restart, a network blip, memory freed after maxmemory. Writes that
+#: meet one are retried (the message stays unacknowledged meanwhile); anything else is a bug or a refusal.
+RETRYABLE_REDIS_ERRORS: tuple[type[Exception], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.OutOfMemoryError,
+)
+
+_CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
+
+
+def redis_client(url: str, **tls: Any) -> redis.Redis:
+    """A Redis client with bounded timeouts, so an unreachable Redis is an error, not a hang."""
+    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30, **tls)
+
+
+def tls_options(settings: Settings, url: str = "rediss://") -> dict[str, Any]:
+    """redis-py's certificate options for ``url`` when it is rediss:// (Settings refuses rediss:// without them).
+
+    The same names serve Celery's ``broker_use_ssl`` and ``redis_backend_use_ssl``.
+    """
+    if not url.startswith("rediss://"):
+        return {}
+    opts: dict[str, Any] = {"ssl_cert_reqs": _CERT_REQS[settings.redis_ssl_cert_reqs or "required"]}
+    if settings.redis_ssl_ca_certs is not None:
+        opts["ssl_ca_certs"] = str(settings.redis_ssl_ca_certs)
+    return opts
+
+
+def settings_client(settings: Settings, url: str | None = None) -> redis.Redis:
+    """A client for the ledger Redis (or ``url``) with the settings' TLS options: the one way clients are made."""
+    url = url or settings.redis_url_str
+    return redis_client(url, **tls_options(settings, url))
+
+
+def queue_depths(client: redis.Redis, queues: Iterable[str]) -> dict[str, int]:
+    """Messages waiting in each queue of a Redis broker (kombu keeps a queue as a list under its name)."""
+    pipe = client.pipeline(transaction=False)
+    names = list(queues)
+    for name in names:
+        pipe.llen(name)
+    return {name: int(n) for name, n in zip(names, pipe.execute(), strict=True)}
