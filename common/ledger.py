@@ -2,7 +2,8 @@
 
 Keys, all under ``<prefix>:``:
   jobs                 ZSET   job id -> created time
-  job:<id>             HASH   name, params, state, created, finished, n_total, n_ok, n_error, n_cancelled
+  job:<id>             HASH   kind, name, params (caption jobs), state, created, finished, n_total, n_ok, n_error,
+                              n_cancelled
   job:<id>:src         HASH   item id -> source reference (the manifest)
   job:<id>:res         HASH   item id -> result row (JSON); absent = pending
   job:<id>:att         HASH   item id -> attempts started; <id>:f attempts finished; <id>:s attempts run alone
@@ -25,7 +26,7 @@ import redis
 
 from common.connections import settings_client
 from common.errors import BrokerUnavailable, UnknownJob
-from common.messages import GenParams, ItemResult, ItemStatus, JobState
+from common.messages import GenParams, ItemResult, ItemStatus, JobKind, JobState
 
 if TYPE_CHECKING:
     from common.settings import Settings
@@ -177,13 +178,15 @@ class JobInfo:
     id: str
     name: str
     state: JobState
-    params: GenParams
+    #: Generation parameters of a caption job; None for a training job.
+    params: GenParams | None
     created: float
     finished: float | None
     total: int
     ok: int
     error: int
     cancelled: int
+    kind: JobKind = JobKind.CAPTION
     #: Captions per quality flag (empty, truncated, repetition).
     flags: dict[str, int] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -197,7 +200,8 @@ class JobInfo:
             "id": self.id,
             "name": self.name,
             "state": self.state.value,
-            "params": self.params.model_dump(),
+            "kind": self.kind.value,
+            "params": self.params.model_dump() if self.params else None,
             "created": self.created,
             "finished": self.finished,
             "total": self.total,
@@ -245,7 +249,15 @@ class Ledger:
             raise BrokerUnavailable(f"cannot reach the ledger Redis: {exc}") from None
 
     # --- jobs -----------------------------------------------------------------------------------
-    def open_job(self, job_id: str, name: str, params: GenParams, extra: dict[str, Any] | None = None) -> bool:
+    def open_job(
+        self,
+        job_id: str,
+        name: str,
+        params: GenParams | None,
+        extra: dict[str, Any] | None = None,
+        *,
+        kind: JobKind = JobKind.CAPTION,
+    ) -> bool:
         """Create the job if new, or reopen it (a resumed enqueue, a retry); returns True when it was created.
 
         Reopening keeps the stored options (``extra``) unless new ones are given; its next end notifies again.
@@ -254,7 +266,9 @@ class Ledger:
         now = time.time()
         created = self.r.hsetnx(key, "created", repr(now))
         # 'open' holds the job back from 'done' while the producer is still adding items (see seal()).
-        fields = {"name": name, "params": params.model_dump_json(), "state": JobState.RUNNING.value, "open": "1"}
+        fields = {"name": name, "kind": kind.value, "state": JobState.RUNNING.value, "open": "1"}
+        if params is not None:
+            fields["params"] = params.model_dump_json()
         if extra:
             fields["extra"] = json.dumps(extra)
         pipe = self.r.pipeline()
@@ -307,7 +321,8 @@ class Ledger:
             flags=flags,
             name=raw.get(b"name", b"").decode(),
             state=JobState(raw.get(b"state", b"running").decode()),
-            params=GenParams.model_validate_json(raw.get(b"params", b"{}")),
+            kind=JobKind(raw.get(b"kind", b"caption").decode()),
+            params=GenParams.model_validate_json(raw[b"params"]) if b"params" in raw else None,
             created=float(raw.get(b"created", b"0")),
             finished=float(finished) if finished else None,
             total=num("n_total"),

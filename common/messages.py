@@ -43,6 +43,13 @@ class ItemStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
+class JobKind(StrEnum):
+    """What a ledger job does: caption a manifest of images, or fine-tune a model."""
+
+    CAPTION = "caption"
+    TRAIN = "train"
+
+
 class JobState(StrEnum):
     RUNNING = "running"
     DONE = "done"

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from common.errors import CaptionerError, ConfigError
-from common.messages import GenParams
+from common.messages import GenParams, JobKind
 
 # The export formats, kept here so --help needs no pyarrow (worker.sinks.FORMATS is the source of truth).
 FORMATS = ("jsonl", "csv", "parquet", "sidecar", "metadata", "webdataset", "kohya")
@@ -231,12 +231,12 @@ def _warn_roots(settings: Any, refs: Any) -> Any:
 def _print_status(info: Any) -> None:
     click.echo(f"job        {info.id}  ({info.name})")
     click.echo(f"state      {info.state.value}")
-    if info.extra.get("kind") == "train":
+    if info.kind is JobKind.TRAIN:
         _print_training(info)
         return
     click.echo(f"items      {info.total}: {info.ok} ok, {info.error} failed, {info.cancelled} cancelled, "
                f"{info.pending} pending")  # fmt: skip
-    p = info.params
+    p = info.params or GenParams()
     click.echo(f"params     max_length={p.max_length} num_beams={p.num_beams} prompt={p.prompt!r}")
     if info.flags:
         click.echo("flags      " + ", ".join(f"{n} {name}" for name, n in sorted(info.flags.items())))
@@ -302,7 +302,7 @@ def _wait(
 ) -> Any:
     client = _client(ctx)
     stall = {"on_stall": _stall_handler(client, reconcile), "stall_s": stall_s}
-    if client.status(job_id).extra.get("kind") == "train":
+    if client.status(job_id).kind is JobKind.TRAIN:
         info = client.wait(job_id, timeout=timeout, on_tick=(lambda _: None) if quiet else _train_ticker())
     elif quiet or not sys.stderr.isatty():
         info = client.wait(job_id, timeout=timeout, on_tick=lambda _: None, **stall)
@@ -406,7 +406,7 @@ def retry(
     client = _client(ctx)
     params = None
     if max_length or num_beams:
-        old = client.status(job_id).params
+        old = client.status(job_id).params or GenParams()
         params = GenParams(max_length=max_length or old.max_length, num_beams=num_beams or old.num_beams,
                            prompt=old.prompt)  # fmt: skip
     which = None if not flagged else frozenset(f for f in flagged if f != "any")
@@ -761,7 +761,10 @@ def worker(ctx: click.Context, training: bool, model: str | None, revision: str 
              "log_level": loglevel}  # fmt: skip
     settings = _settings(ctx).model_copy(update={k: v for k, v in given.items() if v is not None})
     use_settings(settings)  # before the Celery app is built: it reads concurrency and queues from them
-    from worker.celery_app import app
+    if training:
+        from training.celery_app import app
+    else:
+        from worker.celery_app import app
 
     if training:
         # One job at a time in one thread, never one reserved behind it: a waiting job stays in the queue for

@@ -16,7 +16,7 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 
 from common.connections import queue_depths
-from common.errors import BrokerUnavailable, CaptionerError, NothingToEnqueue, SourceError
+from common.errors import BrokerUnavailable, CaptionerError, ConfigError, NothingToEnqueue, SourceError
 from common.ledger import JobInfo, ledger_from_settings
 from common.messages import (
     TASK_CAPTION_CHUNK,
@@ -24,6 +24,7 @@ from common.messages import (
     TASK_TRAIN,
     GenParams,
     ItemStatus,
+    JobKind,
     JobState,
     TrainRequest,
     item_id,
@@ -211,7 +212,7 @@ class JobClient:
 
     def stalled(self, info: JobInfo) -> bool:
         """A caption job with pending items, and not one caption message queued or unacknowledged anywhere."""
-        if info.extra.get("kind") == "train" or info.pending == 0 or info.state is not JobState.RUNNING:
+        if info.kind is JobKind.TRAIN or info.pending == 0 or info.state is not JobState.RUNNING:
             return False
         if self.ledger.r.hexists(self.ledger.job_key(info.id), "open"):
             return False  # the producer is still adding items
@@ -232,7 +233,7 @@ class JobClient:
     ) -> int:
         """Queue again the items that failed (and cancelled ones if asked), or with ``flagged`` the captions
         carrying those quality flags (an empty set: any flag), optionally with other parameters."""
-        info = self.ledger.job(job_id)
+        info = self._caption_job(job_id, "retry")
         if flagged is not None:
             items = self.ledger.iter_flagged(job_id, flagged or None)
         else:
@@ -258,7 +259,7 @@ class JobClient:
     def reconcile(self, job_id: str, *, chunk_size: int | None = None) -> int:
         """Send again every manifest item that has no row yet (a message the broker lost, a producer that died
         mid-enqueue). Items still queued are sent twice; the ledger keeps one row each."""
-        info = self.ledger.job(job_id)
+        info = self._caption_job(job_id, "reconcile")
         if info.state is JobState.CANCELLED:
             return 0
         sent = 0
@@ -269,6 +270,13 @@ class JobClient:
                 sent += len(chunk)
         self.ledger.seal(job_id)
         return sent
+
+    def _caption_job(self, job_id: str, what: str) -> JobInfo:
+        """The job, which must be a caption job: a training job has no items to re-send."""
+        info = self.ledger.job(job_id)
+        if info.kind is not JobKind.CAPTION or info.params is None:
+            raise ConfigError(f"job {job_id} is a {info.kind.value} job; {what} applies to caption jobs")
+        return info
 
     def failures(self, job_id: str) -> dict[str, list[dict[str, Any]]]:
         """Failed items grouped by error class, each with its reference, message and attempts."""

@@ -25,7 +25,7 @@ import redis
 
 from common.errors import CaptionerError, ConfigError
 from common.ledger import Ledger
-from common.messages import EvaluateRequest, GenParams, JobState, TrainRequest
+from common.messages import EvaluateRequest, JobKind, JobState, TrainRequest
 from common.settings import Settings
 from common.store import ModelStore
 from worker import metrics
@@ -61,7 +61,7 @@ def open_train_job(ledger: Ledger, req: TrainRequest) -> bool:
 
     Submitting a job id again re-opens it: a failed or cancelled job runs again from its last checkpoint.
     """
-    created = ledger.open_job(req.job_id, f"train {req.dataset}", GenParams(), {"kind": "train"})
+    created = ledger.open_job(req.job_id, f"train {req.dataset}", None, kind=JobKind.TRAIN)
     ledger.set_fields(req.job_id, request=req.model_dump(), sent=time.time(), started=None, result=None)
     ledger.seal(req.job_id)
     return created
@@ -296,7 +296,7 @@ def orphaned_train_jobs(
     now = time.time()
     candidates: list[TrainRequest] = []
     for info in ledger.jobs(limit):
-        if info.extra.get("kind") != "train" or info.state is not JobState.RUNNING or ledger.locked(info.id):
+        if info.kind is not JobKind.TRAIN or info.state is not JobState.RUNNING or ledger.locked(info.id):
             continue
         started = float(ledger.get_field(info.id, "started") or 0)
         sent = max(info.created, float(ledger.get_field(info.id, "sent") or 0))

@@ -12,9 +12,10 @@ from celery.signals import celeryd_after_setup, worker_shutting_down
 from common.ledger import Ledger, ledger_from_settings
 from common.messages import TASK_EVALUATE, TASK_TRAIN, EvaluateRequest, TrainRequest, parse_message
 from common.settings import get_settings
+from training.celery_app import app
 from training.jobs import SHUTTING_DOWN, orphaned_train_jobs, run_evaluate, run_train
 from worker import metrics
-from worker.celery_app import app, queue_depths
+from worker.celery_app import queue_depths
 from worker.logs import current_job
 
 log = logging.getLogger(__name__)

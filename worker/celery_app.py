@@ -1,19 +1,23 @@
 """The Celery app: broker, JSON-only serialisation, routing and ack policy. Imports no torch.
 
-``celery -A worker.celery_app worker ...`` and ``captioner worker`` both use ``app`` below.
+``celery -A worker.celery_app worker ...`` and ``captioner worker`` both use ``app`` below, which registers the
+caption tasks; training workers use ``training.celery_app``, the same configuration with the training tasks.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Celery
+from celery.signals import after_setup_logger
 from kombu import Exchange, Queue
 
 from common.connections import queue_depths as _depths
 from common.connections import tls_options
 from common.messages import CAPTION_TASKS, INTERACTIVE_TASKS, TRAINING_TASKS
 from common.settings import Settings, get_settings
+from worker.logs import configure as configure_logs
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -74,15 +78,25 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return conf
 
 
+@after_setup_logger.connect
+def _log_format(logger: logging.Logger, **kwargs: Any) -> None:
+    """Every worker's log lines carry job and task ids; JSON lines when CAPTIONER_LOG_JSON is on."""
+    configure_logs(logger, as_json=get_settings().log_json)
+
+
 def queue_depths(app: Celery, settings: Settings) -> dict[str, int]:
     """Messages waiting in each of the deployment's queues, read through the app's broker connection."""
     with app.connection_for_read() as conn:
         return _depths(conn.default_channel.client, settings.queues)
 
 
-def create_app(settings: Settings | None = None) -> Celery:
+def create_app(settings: Settings | None = None, *, include: tuple[str, ...] = ("worker.tasks",)) -> Celery:
+    """A Celery app with our configuration; ``include`` names the task modules a worker of it imports at start.
+
+    Senders (the producer, other services) need no task module: they send by name.
+    """
     settings = settings or get_settings()
-    app = Celery("captioner", include=["worker.tasks", "training.tasks"])
+    app = Celery("captioner", include=list(include))
     app.conf.update(celery_config(settings))
     return app
 

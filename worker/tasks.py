@@ -10,7 +10,7 @@ from typing import Any, cast
 
 from celery import Task
 from celery.exceptions import Reject
-from celery.signals import after_setup_logger, celeryd_after_setup, worker_shutting_down
+from celery.signals import celeryd_after_setup, worker_shutting_down
 from celery.worker.control import inspect_command
 
 from common.connections import RETRYABLE_REDIS_ERRORS
@@ -31,7 +31,6 @@ from common.messages import (
 from common.settings import get_settings
 from worker import metrics
 from worker.celery_app import app, queue_depths
-from worker.logs import configure as configure_logs
 from worker.logs import job_context
 from worker.service import CaptionService
 
@@ -220,12 +219,6 @@ def _warm_up(sender: str, instance: Any, **kwargs: Any) -> None:
 
 def _queue_depths() -> dict[str, int]:
     return queue_depths(app, get_settings())
-
-
-@after_setup_logger.connect
-def _log_format(logger: logging.Logger, **kwargs: Any) -> None:
-    """Job and task ids on every line; JSON lines when CAPTIONER_LOG_JSON is on."""
-    configure_logs(logger, as_json=get_settings().log_json)
 
 
 @worker_shutting_down.connect
