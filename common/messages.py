@@ -118,10 +118,18 @@ class Source(BaseModel):
     @classmethod
     def parse(cls, text: str) -> Source:
         """A source from one string as users write it: http(s) URLs, everything else is a path."""
-        lowered = text[:8].lower()
-        if lowered.startswith(("http://", "https://")):
+        if is_url(text):
             return cls(url=text)
         return cls(path=text)
+
+
+#: Schemes of the references workers fetch over HTTP; every other reference is a path.
+URL_SCHEMES = ("http://", "https://")
+
+
+def is_url(text: str) -> bool:
+    """Whether a reference is an http(s) URL (case-insensitive scheme), as opposed to a path."""
+    return text[:8].lower().startswith(URL_SCHEMES)
 
 
 def item_id(ref: str) -> str:
@@ -143,10 +151,28 @@ def source_from_wire(value: str | dict[str, str] | Source) -> Source:
 
 
 class ChunkItem(BaseModel):
+    """One item of a chunk: its id in the job, and its source, parsed once here at the edge."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: Annotated[str, Field(min_length=1, max_length=64)]
-    src: Annotated[str, Field(min_length=1, max_length=MAX_REF_CHARS)] | dict[str, str]
+    src: Source
+
+    @field_validator("src", mode="before")
+    @classmethod
+    def _parse_src(cls, value: object) -> object:
+        # On the wire a path or URL travels as a bare string (see wire_source).
+        if isinstance(value, str):
+            if not value or len(value) > MAX_REF_CHARS:
+                raise ValueError(f"a reference must be 1 to {MAX_REF_CHARS} characters")
+            return Source.parse(value)
+        return value
+
+    def wire(self) -> str | dict[str, Any]:
+        """The compact form the producer sends: the bare reference when the id derives from it."""
+        if self.src.b64 is None and self.id == item_id(self.src.ref):
+            return self.src.ref
+        return {"id": self.id, "src": wire_source(self.src)}
 
 
 class ChunkMessage(BaseModel):

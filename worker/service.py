@@ -1,7 +1,8 @@
 """The caption service inside one worker process: sources -> images -> batched engine -> result rows.
 
-Plain Python: no Celery here. Tasks call ``CaptionService`` and decide only on acks and retries. The model
-is loaded once, lazily, on first use (or by ``warm_up`` when the worker starts).
+Plain Python: no Celery and no ledger here. Single calls come straight from the tasks; chunks of ledger jobs
+come through ``worker.chunks``, which keeps the ledger side (attempts, poison, durable writes). The model is
+loaded once, lazily, on first use (or by ``warm_up`` when the worker starts).
 """
 
 from __future__ import annotations
@@ -13,22 +14,11 @@ import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextvars import copy_context
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from common.connections import RETRYABLE_REDIS_ERRORS
-from common.errors import Cancelled, EngineError, ItemError, Poison
-from common.messages import (
-    ChunkItem,
-    ChunkMessage,
-    GenParams,
-    ItemResult,
-    ItemStatus,
-    JobState,
-    Source,
-    item_id,
-    source_from_wire,
-)
+from common.errors import Cancelled, EngineError, ItemError
+from common.messages import GenParams, ItemResult, ItemStatus, Source, item_id
 from common.settings import Settings
 from common.store import ModelStore, resolve_model
 from worker import metrics
@@ -37,14 +27,9 @@ from worker.images import ImagePolicy, load_image
 from worker.quality import quality_flags
 
 if TYPE_CHECKING:
-    from common.ledger import Attempt, Ledger
     from worker.engine import CaptionEngine
 
 log = logging.getLogger(__name__)
-
-_T = TypeVar("_T")
-#: Ledger write failures that pass: Redis restarting, a network blip, memory freed after maxmemory.
-_RETRYABLE_WRITE = RETRYABLE_REDIS_ERRORS
 
 EngineFactory = Callable[[], "CaptionEngine"]
 
@@ -73,46 +58,15 @@ class Captioned(NamedTuple):
     batch_ms: float  # wall time of the model batch it ran in
 
 
-@dataclass
-class ChunkOutcome:
-    """What one chunk did, for the task's return value and the log line."""
-
-    job_id: str
-    items: int
-    ok: int = 0
-    error: int = 0
-    skipped: int = 0
-    retry: list[str] | None = None
-    #: Attempts already made on the items to retry (sets the backoff).
-    retry_attempt: int = 0
-    load_ms: float = 0.0
-    infer_ms: float = 0.0
-    write_ms: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
-
-
 class CaptionService:
     """Owns the engine, the batcher and the decode pool of one worker process."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        ledger: Ledger | None = None,
-        engine_factory: EngineFactory | None = None,
-        on_job_done: Callable[[str], None] | None = None,
-    ) -> None:
+    def __init__(self, settings: Settings, *, engine_factory: EngineFactory | None = None) -> None:
         self.settings = settings
-        self.on_job_done = on_job_done
         self.policy = ImagePolicy.from_settings(settings)
-        self.ledger = ledger
         self._engine_factory = engine_factory or _default_engine_factory(settings)
         self._engine: CaptionEngine | None = None
         self._lock = threading.Lock()
-        #: Held while a suspect item runs by itself, so no other suspect shares its fate (see _triage).
-        self._alone = threading.Lock()
         self._watcher: threading.Thread | None = None
         self._stopped = threading.Event()
         self._pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
@@ -231,11 +185,11 @@ class CaptionService:
                 caption_future, load_ms = fut.result()
                 done: Captioned = caption_future.result()
             except ItemError as exc:
-                rows.append(_error_row(base, exc))
+                rows.append(error_row(base, exc))
                 continue
             except Exception as exc:  # a bug, not bad input: keep the batch alive, say so loudly
                 log.exception("unexpected failure on %s", src.ref)
-                rows.append(_error_row(base, EngineError(f"{type(exc).__name__}: {exc}")))
+                rows.append(error_row(base, EngineError(f"{type(exc).__name__}: {exc}")))
                 continue
             rows.append(
                 ItemResult(
@@ -253,130 +207,14 @@ class CaptionService:
     def caption_sources(self, sources: list[Source], params: GenParams) -> list[ItemResult]:
         return self.caption_items([(item_id(s.ref), s) for s in sources], params)
 
-    # --- ledger jobs ----------------------------------------------------------------------------
-    def run_chunk(self, msg: ChunkMessage) -> ChunkOutcome:
-        """Caption a chunk of a job and record every row before returning (the task acks after)."""
-        assert self.ledger is not None, "run_chunk needs a ledger"
-        ledger, out = self.ledger, ChunkOutcome(job_id=msg.job_id, items=len(msg.items))
-        started = time.perf_counter()
-        status = ledger.statuses(msg.job_id, [it.id for it in msg.items])
-        todo = [it for it in msg.items if status[it.id] is not ItemStatus.OK]  # a redelivery skips what is done
-        out.skipped = len(msg.items) - len(todo)
-        if not todo:
-            return out
-        if ledger.state(msg.job_id) is JobState.CANCELLED:
-            rows = [_error_row(_base(it, msg.params), Cancelled("job cancelled")) for it in todo]
-            self._write(msg.job_id, rows, out)
-            return out
-        attempts = self._durably(ledger.begin_attempt, msg.job_id, [it.id for it in todo])
-        counts = {i: a.started for i, a in attempts.items()}
-        poison, work, alone = self._triage(todo, msg.params, attempts)
-        infer_before = self.batcher.stats.infer_s
-        rows = poison + self.caption_items(work, msg.params, counts)
-        self._settle(msg.job_id, rows, out)
-        for iid, src in alone:  # each by itself, recorded at once: if it kills the worker, it is alone in dying
-            with self._alone:  # counted and recorded while it holds the lock: waiting for it is no attempt
-                self._durably(ledger.begin_alone, msg.job_id, iid)
-                row = self.caption_items([(iid, src)], msg.params, counts, alone=True)
-                self._settle(msg.job_id, row, out)
-            rows += row
-        out.load_ms = sum(r.timings.get("load_ms", 0.0) for r in rows)
-        out.infer_ms = (self.batcher.stats.infer_s - infer_before) * 1000  # model time while this chunk ran
-        out.retry_attempt = max((r.attempts for r in rows if r.id in set(out.retry or ())), default=0)
-        log.info(
-            "chunk job=%s items=%d ok=%d error=%d skipped=%d alone=%d load_ms=%.0f infer_ms=%.0f write_ms=%.1f "
-            "total_ms=%.0f",
-            msg.job_id, out.items, out.ok, out.error, out.skipped, len(alone), out.load_ms, out.infer_ms,
-            out.write_ms, (time.perf_counter() - started) * 1000,
-        )  # fmt: skip
-        return out
-
-    def _settle(self, job_id: str, rows: list[ItemResult], out: ChunkOutcome) -> None:
-        """Write final rows; transient failures with attempts left are not written but sent again (by the task)."""
-        limit = self.settings.max_attempts
-        retry = sorted(r.id for r in rows if r.transient and r.attempts < limit)
-        if retry:
-            out.retry = sorted({*(out.retry or ()), *retry})
-            metrics.RETRIES.inc(len(retry))
-            self._durably(self.ledger.end_attempts, job_id, retry)  # type: ignore[union-attr]
-        final = [r for r in rows if r.id not in set(retry)]
-        if final:
-            self._write(job_id, final, out)
-
-    def _triage(
-        self, todo: list[ChunkItem], params: GenParams, attempts: dict[str, Attempt]
-    ) -> tuple[list[ItemResult], list[tuple[str, Source]], list[tuple[str, Source]]]:
-        """Poison rows, items for the shared batches, and suspects to run alone.
-
-        A suspect's earlier attempt never ended: its worker died holding it, with batch-mates beside it. Each
-        suspect runs by itself, so the item that kills workers is the only one charged for it: it becomes
-        poison after ``max_attempts`` deaths, and the innocent ones finish on their solo attempt.
-        """
-        limit = self.settings.max_attempts
-        poison: list[ItemResult] = []
-        work: list[tuple[str, Source]] = []
-        alone: list[tuple[str, Source]] = []
-        for it in todo:
-            att = attempts[it.id]
-            crashes = att.started - 1 - att.finished
-            if att.suspect and att.alone >= limit - 1:
-                text = f"its worker died {crashes} time(s) while captioning it ({att.alone} alone); not tried again"
-                poison.append(_error_row(_base(it, params, att.started), Poison(text)))
-            elif att.suspect:
-                alone.append((it.id, source_from_wire(it.src)))
-            elif att.started > limit:
-                poison.append(_error_row(_base(it, params, att.started), Poison(f"gave up after {limit} attempts")))
-            else:
-                work.append((it.id, source_from_wire(it.src)))
-        return poison, work, alone
-
-    def _write(self, job_id: str, rows: list[ItemResult], out: ChunkOutcome) -> None:
-        """Record rows durably; fire completion once if these rows settled the job."""
-        assert self.ledger is not None
-        started = time.perf_counter()
-        recorded = self._durably(self.ledger.record, job_id, rows)
-        metrics.observe_rows(rows)  # final rows only: an item retried after a transient failure counts once
-        if recorded.finished:
-            if self.on_job_done:
-                self.on_job_done(job_id)
-            if self.settings.ledger_ttl_s:
-                self.ledger.expire_job(job_id, self.settings.ledger_ttl_s)
-        took = (time.perf_counter() - started) * 1000
-        out.write_ms += took
-        metrics.STAGE.labels("write").observe(took / 1000)
-        ok = sum(r.status is ItemStatus.OK for r in rows)
-        out.ok += ok
-        out.error += len(rows) - ok
-
-    def _durably(self, write: Callable[..., _T], *args: Any) -> _T:
-        """``write(*args)``, retried in place while Redis is unreachable or at maxmemory.
-
-        The captions are done and the message is still ours (unacked): waiting here, not failing, is what
-        loses nothing. Past ``write_retry_s`` the error goes up, and the task is retried or redelivered.
-        """
-        deadline = time.monotonic() + self.settings.write_retry_s
-        delay = 0.2
-        while True:
-            try:
-                return write(*args)
-            except _RETRYABLE_WRITE as exc:
-                if time.monotonic() + delay > deadline:
-                    raise
-                log.warning("ledger write failed (%s: %s); retrying in %.1fs", type(exc).__name__, exc, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
-
     def close(self) -> None:
         self._stopped.set()
         self.batcher.stop(timeout=30)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _base(item: ChunkItem, params: GenParams, attempts: int = 1) -> dict[str, Any]:
-    return {"id": item.id, "ref": source_from_wire(item.src).ref, "params": params, "attempts": attempts}
-
-
-def _error_row(base: dict[str, Any], exc: ItemError) -> ItemResult:
+def error_row(base: dict[str, Any], exc: ItemError) -> ItemResult:
+    """The row of an item that failed: its error class and message, and whether a later attempt may pass."""
     status = ItemStatus.CANCELLED if isinstance(exc, Cancelled) else ItemStatus.ERROR
     return ItemResult(
         **base,

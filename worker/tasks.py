@@ -31,12 +31,14 @@ from common.messages import (
 from common.settings import get_settings
 from worker import metrics
 from worker.celery_app import app, queue_depths
+from worker.chunks import ChunkRunner
 from worker.logs import job_context
 from worker.service import CaptionService
 
 log = logging.getLogger(__name__)
 
 _service: CaptionService | None = None
+_chunks: ChunkRunner | None = None
 _service_lock = threading.Lock()
 
 # Infrastructure blips: retried with backoff until Redis answers again (or has memory again).
@@ -53,9 +55,20 @@ def service() -> CaptionService:
     if _service is None:
         with _service_lock:
             if _service is None:
-                settings = get_settings()
-                _service = CaptionService(settings, ledger=ledger_from_settings(settings), on_job_done=_job_done)
+                _service = CaptionService(get_settings())
     return _service
+
+
+def chunks() -> ChunkRunner:
+    """The process's chunk runner: the service's batches, written to the ledger."""
+    global _chunks
+    if _chunks is None:
+        svc = service()
+        with _service_lock:
+            if _chunks is None:
+                settings = get_settings()
+                _chunks = ChunkRunner(svc, ledger_from_settings(settings), settings, on_job_done=_job_done)
+    return _chunks
 
 
 def _payload(**fields: Any) -> dict[str, Any]:
@@ -78,7 +91,7 @@ def caption_chunk(self: Task, job_id: Any = None, items: Any = None, params: Any
     msg = cast(ChunkMessage, parse_message(ChunkMessage, _payload(job_id=job_id, items=items, params=params, **extra)))
     with job_context(msg.job_id, self.request.id):
         try:
-            outcome = service().run_chunk(msg)
+            outcome = chunks().run(msg)
         except _INFRA_ERRORS as exc:
             # Redis down or full past CAPTIONER_WRITE_RETRY_S. Not a retry (publishing a copy needs the Redis that
             # just failed): the message goes back to its queue, or, if even that fails, stays unacked and returns
@@ -103,7 +116,7 @@ def caption_chunk(self: Task, job_id: Any = None, items: Any = None, params: Any
 
 def _resend(task: Task, msg: ChunkMessage, items: list[ChunkItem], attempt: int) -> None:
     """Send transient failures again as a new chunk, later each time (2 s, 4 s, 8 s ... up to 60 s)."""
-    body = {"job_id": msg.job_id, "items": [it.model_dump() for it in items], "params": msg.params.model_dump()}
+    body = {"job_id": msg.job_id, "items": [it.wire() for it in items], "params": msg.params.model_dump()}
     task.apply_async(kwargs=body, countdown=_backoff(attempt))
     log.info("chunk job=%s retrying %d transient item(s) in %ds", msg.job_id, len(items), _backoff(attempt))
 
@@ -146,8 +159,7 @@ def notify_done(self: Task, job_id: str) -> dict:
     from worker.images import ImagePolicy
 
     settings = get_settings()
-    ledger = service().ledger
-    assert ledger is not None
+    ledger = chunks().ledger
     info = ledger.job(job_id)
     summary = info.as_dict()
     sent: dict[str, Any] = {"job_id": job_id}
