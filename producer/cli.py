@@ -15,10 +15,8 @@ from typing import Any
 import click
 
 from common.errors import CaptionerError, ConfigError
-from common.messages import GenParams, JobKind
-
-# The export formats, kept here so --help needs no pyarrow (worker.sinks.FORMATS is the source of truth).
-FORMATS = ("jsonl", "csv", "parquet", "sidecar", "metadata", "webdataset", "kohya")
+from common.messages import GenParams, JobKind, is_url
+from producer.export import FORMATS
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -179,13 +177,13 @@ def enqueue(
     for source in sources:  # every argument, before anything is written: a bad one leaves no half job
         check(source, column=column)
     params = _gen_params(settings, max_length, num_beams, prompt)
-    keys = [s if s.startswith(("http://", "https://")) else str(Path(s).expanduser().resolve()) for s in sources]
+    keys = [s if is_url(s) else str(Path(s).expanduser().resolve()) for s in sources]
     job_id = job_id or derive_job_id([*keys, column or ""], params)
     refs = itertools.chain.from_iterable(
         expand(s, column=column, follow_links=follow_links, sniff=sniff) for s in sources
     )
     refs = _warn_roots(settings, refs)
-    if webhook and not webhook.startswith(("http://", "https://")):
+    if webhook and not is_url(webhook):
         raise click.BadParameter("must be an http(s) URL", param_hint="--webhook")
     extra = {k: v for k, v in {"on_done_task": on_done_task, "on_done_queue": on_done_queue,
                                "webhook": webhook}.items() if v}  # fmt: skip
@@ -479,7 +477,7 @@ def export(
 ) -> None:
     """Write a job's results: JSONL, CSV, Parquet, caption files next to the images (sidecar), an imagefolder
     metadata.jsonl, WebDataset shards, or kohya-style metadata JSON."""
-    from worker.sinks import export_rows
+    from producer.export import export_rows
 
     rows = _client(ctx).results(job_id)
     out = None if output == "-" else Path(output or _default_export_name(job_id, fmt))

@@ -112,9 +112,9 @@ def run_demo(
     vocab: str = "words",
 ) -> dict[str, Any]:
     from common.store import ModelStore
+    from producer.export import export_rows
     from producer.jobs import JobClient, workers_info
     from training.synthetic import make_shapes
-    from worker.sinks import export_rows
 
     started = time.perf_counter()
     say = (lambda _: None) if as_json else (lambda msg: click.echo(msg, err=True))

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from common.errors import ConfigError
+from common.messages import is_url
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,6 @@ _PARAM_COLUMNS = ("max_length", "num_beams", "prompt")
 _INT_COLUMNS = frozenset({"max_length", "num_beams", "attempts"})
 _FLOAT_COLUMNS = frozenset({"finished_at"})
 
-# References that are not local files: URLs and the ``b64:<sha1>`` stand-in for inline bytes.
-_NON_LOCAL_PREFIXES = ("http://", "https://", "b64:")
 # WebDataset splits a member name at its first dot into key and extension, so keys carry no dots or slashes.
 _SAFE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _SHARD_NAME = "shard-%06d.tar"
@@ -591,7 +590,8 @@ def _caption_skip(row: Mapping[str, Any], exclude_flags: frozenset[str]) -> str 
         if not exclude_flags.isdisjoint(split_flags(flags) if isinstance(flags, str) else flags):
             return "flagged"
     ref = str(row.get("ref") or "")
-    if not ref or ref.lower().startswith(_NON_LOCAL_PREFIXES):
+    # URLs and the ``b64:<sha1>`` stand-in for inline bytes are not local files.
+    if not ref or is_url(ref) or ref.startswith("b64:"):
         return "not_local"
     return None
 

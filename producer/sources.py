@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from common.errors import SourceError
+from common.messages import is_url
 
 #: Extensions of the formats the worker decodes (see Settings.allowed_formats).
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
@@ -21,10 +22,6 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", 
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
 #: Files read as lists of references, one per line or row.
 LIST_EXTENSIONS = frozenset({".txt", ".lst", ".csv", ".tsv", ".jsonl", ".ndjson", ".parquet"})
-
-
-def is_url(text: str) -> bool:
-    return text[:8].lower().startswith(("http://", "https://"))
 
 
 def expand(arg: str, *, column: str | None = None, follow_links: bool = False, sniff: bool = False) -> Iterator[str]:

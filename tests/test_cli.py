@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from common.settings import Settings
 from producer.cli import cli
-from worker.sinks import flatten_row, read_rows
+from producer.export import flatten_row, read_rows
 
 
 def invoke(settings: Settings, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -115,7 +115,7 @@ def test_bad_setting_in_environment_is_one_line(images: Path) -> None:
 
 def test_producer_never_imports_torch() -> None:
     code = (
-        "import sys, producer.cli, producer.jobs, producer.sources, producer.demo, worker.celery_app, worker.sinks;"
+        "import sys, producer.cli, producer.jobs, producer.sources, producer.demo, worker.celery_app, producer.export;"
         "import training.config, training.jobs;"  # the producer checks a fine-tune's config before sending it
         "from producer.cli import cli;"
         "bad = sorted(m for m in ('torch', 'transformers', 'PIL', 'httpx2') if m in sys.modules);"
@@ -133,7 +133,7 @@ def test_help_lists_every_command() -> None:
 
 def test_cli_export_formats_match_the_sinks() -> None:
     from producer.cli import FORMATS
-    from worker.sinks import FORMATS as SINK_FORMATS
+    from producer.export import FORMATS as SINK_FORMATS
 
     assert FORMATS == SINK_FORMATS
 

@@ -18,7 +18,7 @@ import pytest
 
 from common.errors import ConfigError
 from common.messages import GenParams, ItemResult, ItemStatus
-from worker.sinks import FLAT_COLUMNS, FORMATS, export_rows, flatten_row, read_rows, split_flags
+from producer.export import FLAT_COLUMNS, FORMATS, export_rows, flatten_row, read_rows, split_flags
 
 FILE_FORMATS = ("jsonl", "csv", "parquet")
 AWKWARD = [
