@@ -40,6 +40,7 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/pytest -q
 
 # Everything, the slow load test (100,000 items) included.
@@ -56,7 +57,7 @@ fault-report: setup
 	$(BIN)/python -m bench.fault_table .fault-report.jsonl docs/faults.md
 
 lint: setup
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
 
 bench: setup
 	$(BIN)/python -m bench.run

@@ -20,7 +20,7 @@ import json
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import redis
 
@@ -272,7 +272,7 @@ class Ledger:
         if extra:
             fields["extra"] = json.dumps(extra)
         pipe = self.r.pipeline()
-        pipe.hset(key, mapping=fields)
+        pipe.hset(key, mapping=cast("dict[Any, Any]", fields))
         pipe.hdel(key, "finished", "done_task_sent")
         pipe.zadd(self._k("jobs"), {job_id: now}, nx=True)
         pipe.execute()
@@ -297,13 +297,13 @@ class Ledger:
         raw = self.r.hgetall(self.job_key(job_id))
         if not raw or b"created" not in raw:
             raise UnknownJob(f"no job {job_id!r} in the ledger (captioner jobs lists them)")
-        return self._info(job_id, raw)
+        return self._info(job_id, cast("dict[bytes, bytes]", raw))
 
     def exists(self, job_id: str) -> bool:
         return bool(self.r.exists(self.job_key(job_id)))
 
     def jobs(self, limit: int = 50) -> list[JobInfo]:
-        ids = [i.decode() for i in self.r.zrevrange(self._k("jobs"), 0, limit - 1)]
+        ids = [_text(i) for i in self.r.zrevrange(self._k("jobs"), 0, limit - 1)]
         pipe = self.r.pipeline()
         for job_id in ids:
             pipe.hgetall(self.job_key(job_id))
@@ -339,7 +339,7 @@ class Ledger:
         fields = {"state": state.value}
         if state is JobState.DONE:
             fields["finished"] = repr(time.time())
-        self.r.hset(self.job_key(job_id), mapping=fields)
+        self.r.hset(self.job_key(job_id), mapping=cast("dict[Any, Any]", fields))
 
     def set_fields(self, job_id: str, **fields: Any) -> None:
         """Free-form job fields (a training job's request and progress), stored as JSON."""
@@ -367,7 +367,7 @@ class Ledger:
 
     def state(self, job_id: str) -> JobState | None:
         raw = self.r.hget(self.job_key(job_id), "state")
-        return JobState(raw.decode()) if raw else None
+        return JobState(_text(raw)) if raw else None
 
     # --- items ----------------------------------------------------------------------------------
     def statuses(self, job_id: str, ids: list[str]) -> dict[str, ItemStatus]:
@@ -471,3 +471,8 @@ class Ledger:
         for key in keys:
             pipe.expire(key, ttl_s)
         pipe.execute()
+
+
+def _text(value: object) -> str:
+    """A Redis reply (bytes from a client without decode_responses) as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -27,6 +27,9 @@ CAPTION_TASKS = (TASK_CAPTION_CHUNK, TASK_NOTIFY)  # the bulk caption queue
 INTERACTIVE_TASKS = (TASK_CAPTION, TASK_CAPTION_MANY)  # the interactive caption queue, taken from first
 TRAINING_TASKS = (TASK_TRAIN, TASK_EVALUATE)
 
+#: Caption quality flags a result row may carry (see worker.quality), in the order they are checked.
+QUALITY_FLAGS = ("empty", "truncated", "repetition")
+
 #: Longest string accepted in any reference (paths and URLs); base64 payloads have their own byte cap.
 MAX_REF_CHARS = 4096
 #: Most items in one message.

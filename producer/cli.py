@@ -8,18 +8,24 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from common.errors import CaptionerError, ConfigError
-from common.messages import GenParams, JobKind, is_url
+from common.messages import QUALITY_FLAGS, GenParams, JobKind, is_url
 from producer.export import FORMATS
 
+if TYPE_CHECKING:  # the CLI imports these lazily, so `captioner --help` stays fast
+    from common.ledger import JobInfo
+    from common.settings import Settings
+    from common.store import ModelStore
+    from producer.jobs import JobClient
+
 EXIT_ERROR = 1
-EXIT_USAGE = 2
 
 
 class _Group(click.Group):
@@ -68,17 +74,35 @@ def _infra_message(exc: Exception) -> str | None:
     return None
 
 
-def _settings(ctx: click.Context) -> Any:
-    return ctx.find_root().obj["settings"]
+@dataclass
+class CliState:
+    """What every command shares: the settings, and a job client made on first use (so --help and `config` never
+    touch the broker)."""
+
+    settings: Settings
+    _client: JobClient | None = None
+
+    @property
+    def client(self) -> JobClient:
+        if self._client is None:
+            from producer.jobs import JobClient
+
+            self._client = JobClient(self.settings)
+        return self._client
 
 
-def _client(ctx: click.Context) -> Any:
-    from producer.jobs import JobClient
+def _state(ctx: click.Context) -> CliState:
+    state = ctx.find_root().obj
+    assert isinstance(state, CliState), "the cli group sets its state before any command runs"
+    return state
 
-    obj = ctx.find_root().obj
-    if "client" not in obj:
-        obj["client"] = JobClient(_settings(ctx))
-    return obj["client"]
+
+def _settings(ctx: click.Context) -> Settings:
+    return _state(ctx).settings
+
+
+def _client(ctx: click.Context) -> JobClient:
+    return _state(ctx).client
 
 
 def _emit(as_json: bool, data: Any, human: Callable[[], None]) -> None:
@@ -110,13 +134,13 @@ def cli(ctx: click.Context, broker_url: str | None, redis_url: str | None, key_p
     except ConfigError as exc:
         raise _Fail(str(exc)) from None
     use_settings(settings)
-    ctx.obj = {"settings": settings}
+    ctx.obj = CliState(settings)
 
 
 # --- enqueue ---------------------------------------------------------------------------------------
 
 
-def _gen_params(settings: Any, max_length: int | None, num_beams: int | None, prompt: str | None) -> GenParams:
+def _gen_params(settings: Settings, max_length: int | None, num_beams: int | None, prompt: str | None) -> GenParams:
     from pydantic import ValidationError
 
     try:
@@ -206,7 +230,7 @@ def enqueue(
         click.echo(json.dumps(report.as_dict()))
 
 
-def _warn_roots(settings: Any, refs: Any) -> Any:
+def _warn_roots(settings: Settings, refs: Iterable[str]) -> Iterator[str]:
     """Tell the user now, not after a million forbidden rows, when paths fall outside the allowed roots."""
     roots = tuple(str(r).rstrip(os.sep) + os.sep for r in settings.allowed_roots)
     warned = False
@@ -226,7 +250,7 @@ def _warn_roots(settings: Any, refs: Any) -> Any:
 # --- follow ----------------------------------------------------------------------------------------
 
 
-def _print_status(info: Any) -> None:
+def _print_status(info: JobInfo) -> None:
     click.echo(f"job        {info.id}  ({info.name})")
     click.echo(f"state      {info.state.value}")
     if info.kind is JobKind.TRAIN:
@@ -256,7 +280,7 @@ def _progress_line(p: dict[str, Any], sep: str = "  ") -> str:
     )
 
 
-def _print_training(info: Any) -> None:
+def _print_training(info: JobInfo) -> None:
     p = info.extra.get("progress") or {}
     if p:
         click.echo(f"step       {_progress_line(p)}")
@@ -280,10 +304,10 @@ def status(ctx: click.Context, job_id: str, as_json: bool) -> None:
     _emit(as_json, info.as_dict(), lambda: _print_status(info))
 
 
-def _stall_handler(client: Any, reconcile: bool) -> Callable[[Any], None]:
+def _stall_handler(client: JobClient, reconcile: bool) -> Callable[[JobInfo], None]:
     """What `wait` does when a job's last items have no message left anywhere: say so, or send them again."""
 
-    def on_stall(info: Any) -> None:
+    def on_stall(info: JobInfo) -> None:
         if reconcile:
             n = client.reconcile(info.id)
             click.secho(f"job {info.id}: re-sent {n} item(s) whose messages the broker lost", err=True, fg="yellow")
@@ -297,7 +321,7 @@ def _stall_handler(client: Any, reconcile: bool) -> Callable[[Any], None]:
 
 def _wait(
     ctx: click.Context, job_id: str, timeout: float | None, quiet: bool, reconcile: bool = False, stall_s: float = 30
-) -> Any:
+) -> JobInfo:
     client = _client(ctx)
     stall = {"on_stall": _stall_handler(client, reconcile), "stall_s": stall_s}
     if client.status(job_id).kind is JobKind.TRAIN:
@@ -327,7 +351,7 @@ def _wait(
         with Progress(*columns, transient=False) as bar:
             task = bar.add_task(job_id, total=None, rate="")
 
-            def tick(info: Any) -> None:
+            def tick(info: JobInfo) -> None:
                 done = info.ok + info.error + info.cancelled
                 speed = bar.tasks[0].speed
                 bar.update(task, total=info.total, completed=done, rate=f"{speed:.1f} img/s" if speed else "")
@@ -385,7 +409,7 @@ def jobs(ctx: click.Context, limit: int, as_json: bool) -> None:
 @cli.command()
 @click.argument("job_id")
 @click.option("--cancelled", "include_cancelled", is_flag=True, help="Re-queue cancelled items too.")
-@click.option("--flagged", "flagged", multiple=True, type=click.Choice(["any", "empty", "truncated", "repetition"]),
+@click.option("--flagged", "flagged", multiple=True, type=click.Choice(["any", *QUALITY_FLAGS]),
               help="Instead: caption again the captions with this quality flag (repeatable).")  # fmt: skip
 @click.option("--max-length", type=click.IntRange(1, 512), help="Other parameters for this retry.")
 @click.option("--num-beams", type=click.IntRange(1, 16))
@@ -457,7 +481,7 @@ def cancel(ctx: click.Context, job_id: str, as_json: bool) -> None:
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="jsonl", show_default=True)
 @click.option("--shard-size", type=click.IntRange(1, 10_000_000), default=10_000, show_default=True,
               help="WebDataset: samples per tar shard.")  # fmt: skip
-@click.option("--exclude-flags", multiple=True, type=click.Choice(["empty", "truncated", "repetition"]),
+@click.option("--exclude-flags", multiple=True, type=click.Choice(QUALITY_FLAGS),
               help="Dataset formats: leave out captions with this flag (repeatable).")  # fmt: skip
 @click.option("-o", "--output", help="Output file ('-' for stdout; default <job>.<format>).")
 @click.option("--sidecar-ext", default=".txt", show_default=True, help="Extension of sidecar caption files.")
@@ -496,7 +520,7 @@ def export(
 # --- training and models ---------------------------------------------------------------------------
 
 
-def _fail_if_failed(info: Any) -> None:
+def _fail_if_failed(info: JobInfo) -> None:
     """A failed training job ends the command with exit 1 and its reason."""
     from common.messages import JobState
 
@@ -505,7 +529,7 @@ def _fail_if_failed(info: Any) -> None:
         raise _Fail(f"job {info.id} failed: {reason}")
 
 
-def _store(ctx: click.Context) -> Any:
+def _store(ctx: click.Context) -> ModelStore:
     from common.store import ModelStore
 
     root = _settings(ctx).model_store
@@ -577,11 +601,11 @@ def _train_config(flags: dict[str, Any], sets: tuple[str, ...]) -> dict[str, Any
     return config
 
 
-def _train_ticker() -> Callable[[Any], None]:
+def _train_ticker() -> Callable[[JobInfo], None]:
     """A line on stderr each time a training job reports a new step or evaluation."""
     seen: set[tuple[Any, Any]] = set()
 
-    def tick(info: Any) -> None:
+    def tick(info: JobInfo) -> None:
         p = info.extra.get("progress") or {}
         if not p or (p.get("step"), p.get("metrics_step")) in seen:
             return

@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from worker.quality import FLAGS, quality_flags
+from common.messages import QUALITY_FLAGS as FLAGS
+from worker.quality import quality_flags
 
 NORMAL = [
     "a red circle on the left of a white background",

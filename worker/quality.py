@@ -6,9 +6,6 @@ import itertools
 import re
 from collections import Counter
 
-#: Every flag ``quality_flags`` can return, in the order it returns them.
-FLAGS = ("empty", "truncated", "repetition")
-
 # Word pieces a BERT-style tokenizer (GIT's) makes at least one token of: each word and each punctuation mark.
 _PIECES = re.compile(r"\w+|[^\w\s]")
 # Words for the repetition checks: punctuation ignored, so "red, red, red" is still a run.
@@ -32,7 +29,7 @@ NGRAM_REPEATS = 3
 
 
 def quality_flags(caption: str, *, generated_tokens: int | None, max_length: int) -> list[str]:
-    """The flags (a subset of ``FLAGS``, in that order) that apply to one generated caption.
+    """The flags (a subset of ``common.messages.QUALITY_FLAGS``, in that order) that apply to one generated caption.
 
     ``generated_tokens`` is the length of the sequence ``generate`` returned, counted the way ``max_length``
     counts it ([CLS] and prompt included, padding excluded); pass None when it is not known and a
