@@ -17,7 +17,9 @@ from common.settings import Settings
 from producer.jobs import JobClient
 from producer.local import WorkerProcess
 
-REDIS_HOST = "127.0.0.1:6379"
+# The machine's Redis; CAPTIONER_TEST_REDIS=host:port points the suite at another server (a second checkout
+# testing at the same time can run its own redis-server instead of sharing DB numbers).
+REDIS_HOST = os.environ.get("CAPTIONER_TEST_REDIS", "127.0.0.1:6379")
 # Three DB numbers of the machine's Redis, from CAPTIONER_TEST_DB_BASE (default 13: DBs 13-15), so two
 # checkouts can run their suites at once on one Redis without flushing each other's data.
 DB_BASE = int(os.environ.get("CAPTIONER_TEST_DB_BASE", "13"))
