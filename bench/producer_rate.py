@@ -19,7 +19,7 @@ URL_TEMPLATE = "https://images.example.org/archive/2024/06/{i:08d}.jpg"
 
 
 def _used_memory(client: JobClient) -> int:
-    return int(client.ledger.r.info("memory")["used_memory"])
+    return client.ledger.bytes_used()
 
 
 def _listing(root: Path, n: int) -> Path:

@@ -101,6 +101,18 @@ class UnknownJob(CaptionerError):
     """No job with that id exists in the ledger."""
 
 
+class UnknownItem(CaptionerError):
+    """The job holds no item with that id."""
+
+
+class NotCaptioned(CaptionerError):
+    """A review needs a caption, and the item has none (it is pending, failed or cancelled)."""
+
+
+class InvalidReview(CaptionerError):
+    """A correction or mark that cannot be stored: empty, too long, or not a known mark."""
+
+
 class SourceError(CaptionerError):
     """A source given to the producer cannot be read or expanded."""
 

@@ -271,7 +271,14 @@ class ItemResult(BaseModel):
     flags: list[str] | None = None
     #: Set on errors that may pass on a later attempt (timeouts, 5xx, out of memory).
     transient: bool | None = None
+    #: The speed profile pieces the caption was made with ("exact", or "fast:" and the pieces in use).
+    profile: str | None = None
+    #: The caption was reused from an earlier item with the same image bytes, model version and parameters.
+    reused: bool | None = None
+    #: Columns of the source row that travel to the export (Parquet and dataset sources).
+    extra: dict[str, Any] | None = None
     #: Stage timings in milliseconds: load (fetch, decode, preprocess this image), infer (the model batch it ran in).
+    #: Single calls return them; ledger rows leave them out (the worker's log line and metrics carry them per chunk).
     timings: dict[str, float] = Field(default_factory=dict)
     finished_at: float | None = None
 

@@ -87,8 +87,7 @@ def test_items_that_keep_killing_their_worker_become_poison(
     led = client.ledger
 
     def in_hand() -> int:  # items whose attempt has started and that have no row yet
-        started = {k for k in led.r.hkeys(led._k("job", "job-poison", "att")) if ":" not in str(k)}
-        return len(started - set(led.r.hkeys(led._k("job", "job-poison", "res"))))
+        return led.attempts_open("job-poison")
 
     # Killed between two chunks, a worker would hold nothing: wait until it holds some.
     wait_for(lambda: client.status("job-poison").ok >= 8 and in_hand() > 0, 120, "the first captions")

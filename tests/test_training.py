@@ -586,14 +586,14 @@ def test_exported_metadata_feeds_training(
     (absolute names) loads back as an imagefolder and as a manifest."""
     from click.testing import CliRunner
 
-    from common.ledger import Ledger
+    from common.ledger import RedisLedger
     from common.messages import GenParams, ItemResult, ItemStatus, item_id
     from producer.cli import cli
 
     _, rows = shapes6
     images = tmp_path / "images"
     names = _copy_images(rows, images)
-    ledger = Ledger(redis.Redis.from_url(redis_url(LEDGER_DB)), "captioner-test-export")
+    ledger = RedisLedger(redis.Redis.from_url(redis_url(LEDGER_DB)), "captioner-test-export")
     ledger.r.flushdb()
     refs = [str(images / n) for n in names]
     ledger.open_job("job-meta", "meta", GenParams())

@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from common.connections import redis_client
-from common.ledger import Ledger
+from common.ledger import RedisLedger
 from common.messages import TASK_EVALUATE, TASK_TRAIN, JobState, TrainRequest
 from common.store import ModelStore
 from producer.cli import cli
@@ -38,8 +38,8 @@ def server() -> Iterator[LocalRedis]:
 
 
 @pytest.fixture
-def ledger(server: LocalRedis) -> Iterator[Ledger]:
-    led = Ledger(redis_client(server.url(1)), f"t-{uuid.uuid4().hex[:6]}")
+def ledger(server: LocalRedis) -> Iterator[RedisLedger]:
+    led = RedisLedger(redis_client(server.url(1)), f"t-{uuid.uuid4().hex[:6]}")
     yield led
     led.r.close()
 
@@ -51,7 +51,7 @@ def _cli(env: dict[str, str], *args: str) -> Any:
 # --- the lock ------------------------------------------------------------------------------------------
 
 
-def test_try_lock_is_one_owner_at_a_time(ledger: Ledger) -> None:
+def test_try_lock_is_one_owner_at_a_time(ledger: RedisLedger) -> None:
     assert ledger.try_lock("j", "a", 30) and ledger.try_lock("j", "a", 30)  # take, then refresh
     assert not ledger.try_lock("j", "b", 30)
     ledger.unlock("j", "b")  # not b's to release
@@ -61,7 +61,7 @@ def test_try_lock_is_one_owner_at_a_time(ledger: Ledger) -> None:
     assert 0 < ledger.r.ttl(f"{ledger.prefix}:job:j:lock") <= 30
 
 
-def test_heartbeat_notices_another_owner_and_leaves_its_lock(ledger: Ledger) -> None:
+def test_heartbeat_notices_another_owner_and_leaves_its_lock(ledger: RedisLedger) -> None:
     beat = _Heartbeat(ledger, "j", ttl_s=30)
     assert beat.acquire() and not beat.lost()
     ledger.r.set(f"{ledger.prefix}:job:j:lock", "intruder")  # our lock lapsed and another runner took the job
@@ -73,7 +73,7 @@ def test_heartbeat_notices_another_owner_and_leaves_its_lock(ledger: Ledger) -> 
 
 def test_heartbeat_survives_redis_errors_then_gives_up_after_its_ttl(caplog: pytest.LogCaptureFixture) -> None:
     with LocalRedis() as own:
-        led = Ledger(redis_client(own.url(0)), "hb")
+        led = RedisLedger(redis_client(own.url(0)), "hb")
         beat = _Heartbeat(led, "j", ttl_s=1)
         assert beat.acquire()
         own.kill()
@@ -89,7 +89,7 @@ def test_heartbeat_survives_redis_errors_then_gives_up_after_its_ttl(caplog: pyt
 
 
 def test_a_runner_whose_lock_is_taken_stops_without_a_version(
-    ledger: Ledger, worker_env: dict[str, str], session_root: Path, tmp_path: Path
+    ledger: RedisLedger, worker_env: dict[str, str], session_root: Path, tmp_path: Path
 ) -> None:
     from training.synthetic import make_shapes
     from training.tiny import build_tiny_git
@@ -126,7 +126,7 @@ def test_a_runner_whose_lock_is_taken_stops_without_a_version(
 # --- orphans ------------------------------------------------------------------------------------------
 
 
-def test_orphans_are_crashed_or_never_started_jobs_only(ledger: Ledger) -> None:
+def test_orphans_are_crashed_or_never_started_jobs_only(ledger: RedisLedger) -> None:
     req = TrainRequest(job_id="train-o", dataset="/data/set", config={})
     open_train_job(ledger, req)  # recorded, and (say) its message was never sent
     assert orphaned_train_jobs(ledger, grace_s=60) == [], "within its grace an unstarted job is on its way"

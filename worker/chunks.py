@@ -40,6 +40,8 @@ class ChunkOutcome:
     ok: int = 0
     error: int = 0
     skipped: int = 0
+    #: Items the message named that its job does not hold.
+    refused: int = 0
     retry: list[str] | None = None
     #: Attempts already made on the items to retry (sets the backoff).
     retry_attempt: int = 0
@@ -72,8 +74,13 @@ class ChunkRunner:
         ledger, out = self.ledger, ChunkOutcome(job_id=msg.job_id, items=len(msg.items))
         started = time.perf_counter()
         status = ledger.statuses(msg.job_id, [it.id for it in msg.items])
-        todo = [it for it in msg.items if status[it.id] is not ItemStatus.OK]  # a redelivery skips what is done
-        out.skipped = len(msg.items) - len(todo)
+        unknown = [it.id for it in msg.items if status[it.id] is None]
+        if unknown:  # a message may only name items of its job's manifest: nothing is added behind its back
+            out.refused = len(unknown)
+            log.warning("chunk of job %s names %d item(s) not in the job (e.g. %s); refused", msg.job_id,
+                        len(unknown), unknown[0])  # fmt: skip
+        todo = [it for it in msg.items if status[it.id] not in (ItemStatus.OK, None)]  # a redelivery skips what is done
+        out.skipped = len(msg.items) - len(todo) - out.refused
         if not todo:
             return out
         if ledger.state(msg.job_id) is JobState.CANCELLED:
@@ -147,6 +154,7 @@ class ChunkRunner:
         """Record rows durably; fire completion once if these rows settled the job."""
         started = time.perf_counter()
         recorded = self._durably(self.ledger.record, job_id, rows)
+        out.refused += recorded.refused  # requeued or removed from the manifest since this chunk began
         metrics.observe_rows(rows)  # final rows only: an item retried after a transient failure counts once
         if recorded.finished:
             if self.on_job_done:

@@ -1,0 +1,45 @@
+"""The job ledger: the durable record of every job and item (the Celery result backend is only a cache).
+
+``ledger_from_settings`` gives the backend the settings name: Redis by default, PostgreSQL when
+``CAPTIONER_LEDGER_URL`` is a postgresql:// URL (jobs larger than Redis memory).
+"""
+
+from __future__ import annotations
+
+from common.ledger.base import (
+    JOB_ID_PATTERN,
+    MAX_CORRECTION_CHARS,
+    Attempt,
+    ItemFilter,
+    JobInfo,
+    Ledger,
+    Page,
+    Recorded,
+    check_job_id,
+)
+from common.ledger.redis_ledger import RedisLedger, redis_ledger
+from common.settings import Settings
+
+__all__ = [
+    "JOB_ID_PATTERN",
+    "MAX_CORRECTION_CHARS",
+    "Attempt",
+    "ItemFilter",
+    "JobInfo",
+    "Ledger",
+    "Page",
+    "Recorded",
+    "RedisLedger",
+    "check_job_id",
+    "ledger_from_settings",
+]
+
+
+def ledger_from_settings(settings: Settings) -> Ledger:
+    """The job ledger the settings name: PostgreSQL for a postgresql:// ``ledger_url``, else Redis."""
+    url = settings.ledger_url_str
+    if url:
+        from common.ledger.pg_ledger import PostgresLedger
+
+        return PostgresLedger(url, settings.key_prefix)
+    return redis_ledger(settings)

@@ -1,0 +1,330 @@
+"""What every ledger backend offers, and the small records it hands out. No Redis, no SQL here."""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from common.errors import InvalidMessage
+from common.messages import GenParams, ItemResult, ItemStatus, JobKind, JobState
+
+#: Job ids name ledger keys and tables: one alphabet and length everywhere, so no id can reach another job's keys.
+JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_job_id(job_id: str) -> str:
+    """``job_id`` if it is a valid job id, else InvalidMessage saying what is allowed."""
+    if not isinstance(job_id, str) or not JOB_ID_PATTERN.fullmatch(job_id):
+        raise InvalidMessage(
+            f"invalid job id {str(job_id)[:80]!r}: use 1 to 128 letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit"
+        )
+    return job_id
+
+
+class Attempt(NamedTuple):
+    """One item's attempt counts, as ``begin_attempt`` leaves them."""
+
+    started: int  # attempts begun, this one included
+    finished: int  # attempts that ended (a row, or a transient failure sent again)
+    alone: int  # attempts run by themselves
+
+    @property
+    def suspect(self) -> bool:
+        """An earlier attempt never ended: its worker died while holding the item. It may be what killed it."""
+        return self.started - 1 > self.finished
+
+
+class Recorded(NamedTuple):
+    changed: int  # rows whose status changed (new rows, or a failure replaced by a caption)
+    finished: bool  # this write settled the job's last item: completion callbacks fire once, here
+    refused: int = 0  # rows for items the job does not hold (not in its manifest): dropped, never added
+
+
+@dataclass
+class JobInfo:
+    """A job's counters and metadata as stored in the ledger."""
+
+    id: str
+    name: str
+    state: JobState
+    #: Generation parameters of a caption job; None for a training job.
+    params: GenParams | None
+    created: float
+    finished: float | None
+    total: int
+    ok: int
+    error: int
+    cancelled: int
+    kind: JobKind = JobKind.CAPTION
+    #: Captions per quality flag (empty, truncated, repetition).
+    flags: dict[str, int] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    #: Containers (shards, row groups) whose items are not all known yet.
+    containers: int = 0
+
+    @property
+    def pending(self) -> int:
+        return max(0, self.total - self.ok - self.error - self.cancelled)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "kind": self.kind.value,
+            "state": self.state.value,
+            "params": self.params.model_dump() if self.params else None,
+            "created": self.created,
+            "finished": self.finished,
+            "total": self.total,
+            "ok": self.ok,
+            "error": self.error,
+            "cancelled": self.cancelled,
+            "pending": self.pending,
+            "containers": self.containers,
+            "flags": self.flags,
+            **self.extra,
+        }
+
+
+@dataclass(frozen=True)
+class ItemFilter:
+    """Which items a review page shows; every field left None matches everything."""
+
+    status: ItemStatus | None = None
+    error_class: str | None = None
+    #: A quality flag, or "any" for captions with any flag.
+    flag: str | None = None
+    model_version: str | None = None
+    #: Case-insensitive substring of the caption or its correction.
+    text: str | None = None
+    #: True: corrected items only; False: uncorrected only.
+    corrected: bool | None = None
+
+    def matches(self, row: dict[str, Any]) -> bool:
+        if self.status is not None and row["status"] != self.status.value:
+            return False
+        if self.error_class is not None and row.get("error_class") != self.error_class:
+            return False
+        flags = row.get("flags") or ()
+        if self.flag is not None and (not flags if self.flag == "any" else self.flag not in flags):
+            return False
+        if self.model_version is not None and row.get("model_version") != self.model_version:
+            return False
+        if self.corrected is not None and ("corrected" in row) != self.corrected:
+            return False
+        if self.text:
+            needle = self.text.lower()
+            hay = f"{row.get('caption') or ''}\n{row.get('corrected') or ''}".lower()
+            if needle not in hay:
+                return False
+        return True
+
+
+@dataclass
+class Page:
+    """One page of a job's items for review."""
+
+    rows: list[dict[str, Any]]
+    #: Opaque; pass it back for the next page. None: the end.
+    cursor: str | None
+    #: Items examined to fill this page (bounded: never the whole job per page).
+    scanned: int
+
+
+#: Longest correction a reviewer may store (characters).
+MAX_CORRECTION_CHARS = 2000
+#: Items a filter that can only be answered by looking at rows examines per page request at most.
+SCAN_BUDGET = 5000
+
+
+class Ledger(ABC):
+    """Job and item state: the durable record of every job. Every write is idempotent by item id.
+
+    Two backends: Redis (the default, ``common.ledger.redis_ledger``) and PostgreSQL (``CAPTIONER_LEDGER_URL``,
+    ``common.ledger.pg_ledger``) for jobs larger than Redis memory. The same behaviour holds for both; the tests
+    run one suite against each.
+    """
+
+    # --- connection -----------------------------------------------------------------------------
+    @abstractmethod
+    def ping(self) -> None:
+        """Raise ``BrokerUnavailable`` with the reason when the ledger cannot be reached."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @abstractmethod
+    def bytes_used(self) -> int:
+        """Memory (Redis) or disk (PostgreSQL) the ledger's server reports as used, for sizing figures."""
+
+    # --- jobs -----------------------------------------------------------------------------------
+    @abstractmethod
+    def open_job(
+        self,
+        job_id: str,
+        name: str,
+        params: GenParams | None,
+        extra: dict[str, Any] | None = None,
+        *,
+        kind: JobKind = JobKind.CAPTION,
+        base: str = "",
+    ) -> bool:
+        """Create the job if new, or reopen it (a resumed enqueue, a retry); True when it was created.
+
+        Reopening keeps the stored options (``extra``) unless new ones are given, and holds the job back from
+        'done' until ``seal``; its next end notifies again. ``base`` (kept from creation on) is a prefix most
+        references share: they are stored without it.
+        """
+
+    @abstractmethod
+    def seal(self, job_id: str) -> bool:
+        """The producer has added every item: the job may now finish. True when this call finished it."""
+
+    @abstractmethod
+    def job(self, job_id: str) -> JobInfo:
+        """The job, or ``UnknownJob``."""
+
+    @abstractmethod
+    def exists(self, job_id: str) -> bool: ...
+
+    @abstractmethod
+    def jobs(self, limit: int = 50) -> list[JobInfo]:
+        """The most recently created jobs, newest first."""
+
+    @abstractmethod
+    def is_open(self, job_id: str) -> bool:
+        """Whether the producer is still adding items (between ``open_job`` and ``seal``)."""
+
+    @abstractmethod
+    def state(self, job_id: str) -> JobState | None: ...
+
+    @abstractmethod
+    def set_state(self, job_id: str, state: JobState) -> None: ...
+
+    @abstractmethod
+    def set_fields(self, job_id: str, **fields: Any) -> None:
+        """Free-form job fields (a training job's request and progress), stored as JSON."""
+
+    @abstractmethod
+    def get_field(self, job_id: str, name: str) -> Any: ...
+
+    @abstractmethod
+    def expire_job(self, job_id: str, ttl_s: int) -> None:
+        """Forget a finished job after ``ttl_s`` seconds."""
+
+    @abstractmethod
+    def ttl(self, job_id: str) -> float | None:
+        """Seconds until the job is forgotten; None when it is kept until deleted."""
+
+    # --- locks (training runners) ------------------------------------------------------------------
+    @abstractmethod
+    def try_lock(self, job_id: str, owner: str, ttl_s: int) -> bool:
+        """Take or refresh a job's lock for one runner (one atomic step); it lapses ttl_s after the last call."""
+
+    @abstractmethod
+    def unlock(self, job_id: str, owner: str) -> None:
+        """Release the lock only if ``owner`` still holds it."""
+
+    @abstractmethod
+    def locked(self, job_id: str) -> bool: ...
+
+    # --- items ----------------------------------------------------------------------------------
+    @abstractmethod
+    def add_items(self, job_id: str, items: Iterable[tuple[str, str]]) -> int:
+        """Add (item id, reference) pairs to the manifest; returns how many were new to the job."""
+
+    @abstractmethod
+    def statuses(self, job_id: str, ids: list[str]) -> dict[str, ItemStatus | None]:
+        """Each id's status: pending, a row's status, or None when the job holds no such item."""
+
+    @abstractmethod
+    def begin_attempt(self, job_id: str, ids: list[str]) -> dict[str, Attempt]:
+        """Count one more attempt for each item (before work starts, so a crash counts too)."""
+
+    @abstractmethod
+    def end_attempts(self, job_id: str, ids: list[str]) -> None:
+        """Attempts that ended without a row (a transient failure sent again): not a crash."""
+
+    @abstractmethod
+    def begin_alone(self, job_id: str, item: str) -> None:
+        """Count an attempt that runs by itself (see ``Attempt.suspect``)."""
+
+    @abstractmethod
+    def attempts_open(self, job_id: str) -> int:
+        """Items with an attempt begun and not ended (held by a worker now, or by one that died)."""
+
+    @abstractmethod
+    def record(self, job_id: str, rows: list[ItemResult]) -> Recorded:
+        """Durably write result rows in one atomic step: counters move only when an item's status changes, a
+        caption once written is never replaced, and rows for items the job does not hold are refused."""
+
+    @abstractmethod
+    def requeue(self, job_id: str, ids: list[str], *, flagged: bool = False) -> int:
+        """Make items pending again before they are re-sent: their failed or cancelled rows go (and with
+        ``flagged``, captions with quality flags), and so do their attempt counts."""
+
+    @abstractmethod
+    def iter_results(self, job_id: str) -> Iterator[dict[str, Any]]:
+        """Every written row once, with its review fields, streamed."""
+
+    @abstractmethod
+    def iter_pending(self, job_id: str) -> Iterator[tuple[str, str]]:
+        """(item id, reference) of every item without a row."""
+
+    @abstractmethod
+    def iter_status(self, job_id: str, status: ItemStatus) -> Iterator[dict[str, Any]]:
+        """The rows with this status (pending items as id, ref and status), with their review fields."""
+
+    @abstractmethod
+    def iter_flagged(self, job_id: str, flags: frozenset[str] | None = None) -> Iterator[tuple[str, str]]:
+        """(item id, reference) of captions carrying any quality flag (or any of ``flags``)."""
+
+    # --- containers: shards and row groups whose items a worker discovers ---------------------------
+    @abstractmethod
+    def add_containers(self, job_id: str, items: Iterable[tuple[str, str]]) -> int:
+        """Add (container id, spec JSON) pairs; the job cannot finish while any is open. Returns how many were new."""
+
+    @abstractmethod
+    def close_container(self, job_id: str, container_id: str) -> bool:
+        """Every item of the container is in the manifest now; True when this settled the job."""
+
+    @abstractmethod
+    def iter_containers(self, job_id: str) -> Iterator[tuple[str, str]]:
+        """(container id, spec JSON) of the containers not closed yet."""
+
+    # --- captions reused by content ------------------------------------------------------------------
+    @abstractmethod
+    def reuse_get(self, key: str, digests: list[bytes]) -> dict[bytes, tuple[str, list[str]]]:
+        """Captions made before for these image digests under ``key`` (model version + parameters)."""
+
+    @abstractmethod
+    def reuse_put(self, key: str, entries: dict[bytes, tuple[str, list[str]]], ttl_s: int) -> None:
+        """Remember captions by image digest under ``key`` for ``ttl_s`` seconds after the last write."""
+
+    # --- review -------------------------------------------------------------------------------------
+    @abstractmethod
+    def page(self, job_id: str, *, cursor: str | None = None, limit: int = 50, filt: ItemFilter | None = None) -> Page:
+        """One page of a job's items matching ``filt``; pass ``Page.cursor`` back for the next one."""
+
+    @abstractmethod
+    def item(self, job_id: str, item_id: str) -> dict[str, Any] | None:
+        """One item's row with its review fields (pending: id, ref and status only); None when not in the job."""
+
+    @abstractmethod
+    def set_correction(self, job_id: str, item_id: str, text: str, reviewer: str) -> dict[str, Any]:
+        """Store a reviewer's caption beside the model's (never over it); returns the updated row."""
+
+    @abstractmethod
+    def clear_correction(self, job_id: str, item_id: str, reviewer: str) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def set_mark(self, job_id: str, item_ids: list[str], mark: str | None, reviewer: str) -> int:
+        """Mark captions accepted or rejected (None clears); returns how many changed."""
+
+    @abstractmethod
+    def reviewed(self, job_id: str) -> Iterator[dict[str, Any]]:
+        """Rows that carry a correction or a mark."""

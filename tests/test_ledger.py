@@ -1,0 +1,310 @@
+"""The ledger's contract, run against both backends: the machine's real Redis and its real PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from common.errors import InvalidMessage, InvalidReview, NotCaptioned, UnknownItem, UnknownJob
+from common.ledger import ItemFilter, Ledger, RedisLedger
+from common.messages import GenParams, ItemResult, ItemStatus, JobState, item_id
+from tests.conftest import LEDGER_DB, redis_url
+
+PG_URL = os.environ.get("CAPTIONER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+BASE = "/archive/photos/"
+
+
+@pytest.fixture(params=["redis", "postgresql"])
+def ledger(request: pytest.FixtureRequest) -> Iterator[Ledger]:
+    prefix = f"ledger_test_{uuid.uuid4().hex[:8]}"
+    if request.param == "redis":
+        client = redis.Redis.from_url(redis_url(LEDGER_DB))
+        led: Ledger = RedisLedger(client, prefix)
+        yield led
+        for key in client.scan_iter(f"{prefix}:*"):
+            client.delete(key)
+        client.close()
+    else:
+        from common.ledger.pg_ledger import PostgresLedger
+
+        pg = PostgresLedger(PG_URL, prefix)
+        yield pg
+        pg._run(f"DROP SCHEMA IF EXISTS {pg.schema} CASCADE")
+        pg.close()
+
+
+def refs(n: int, start: int = 0) -> list[str]:
+    return [f"{BASE}2024/06/img-{i:05d}.jpg" for i in range(start, start + n)]
+
+
+def ok(ref: str, caption: str = "a red circle on a white background", **kw: object) -> ItemResult:
+    fields = {"model_version": "tiny@1", "params": GenParams(max_length=20), "finished_at": time.time(), **kw}
+    return ItemResult(id=item_id(ref), ref=ref, status=ItemStatus.OK, caption=caption, **fields)  # type: ignore[arg-type]
+
+
+def failed(ref: str, error_class: str = "decode_error", **kw: object) -> ItemResult:
+    fields = {"model_version": "tiny@1", "params": GenParams(max_length=20), "error": "not an image", **kw}
+    return ItemResult(id=item_id(ref), ref=ref, status=ItemStatus.ERROR, error_class=error_class, **fields)  # type: ignore[arg-type]
+
+
+def new_job(ledger: Ledger, job_id: str, items: list[str]) -> None:
+    ledger.open_job(job_id, "test", GenParams(max_length=20), base=BASE)
+    ledger.add_items(job_id, [(item_id(r), r) for r in items])
+
+
+def test_items_are_counted_once_and_unknown_ids_are_told_apart(ledger: Ledger) -> None:
+    items = refs(6)
+    assert ledger.open_job("j", "test", GenParams(), base=BASE) is True
+    assert ledger.add_items("j", [(item_id(r), r) for r in items]) == 6
+    assert ledger.add_items("j", [(item_id(r), r) for r in items[:3] + refs(2, 100)]) == 2
+    assert ledger.job("j").total == 8
+    status = ledger.statuses("j", [item_id(items[0]), "0123456789abcdef"])
+    assert status == {item_id(items[0]): ItemStatus.PENDING, "0123456789abcdef": None}
+    assert ledger.open_job("j", "test", GenParams()) is False  # reopened, not created
+
+
+def test_a_caption_is_final_counters_follow_statuses_and_rows_for_other_items_are_refused(ledger: Ledger) -> None:
+    items = refs(4)
+    new_job(ledger, "j", items)
+    first = ledger.record("j", [ok(items[0], "first caption"), failed(items[1]), ok(items[2], flags=["truncated"])])
+    assert (first.changed, first.finished, first.refused) == (3, False, 0)
+    # Redelivery: the same items again, with other outcomes, and an item the job never had.
+    again = ledger.record("j", [ok(items[0], "second caption"), ok(items[1], "now it worked"), ok("/elsewhere/x.jpg")])
+    assert (again.changed, again.refused) == (1, 1)  # the failure became a caption; the stranger was refused
+    info = ledger.job("j")
+    assert (info.total, info.ok, info.error, info.pending) == (4, 3, 0, 1)
+    assert info.flags == {"truncated": 1}
+    rows = {r["ref"]: r for r in ledger.iter_results("j")}
+    assert rows[items[0]]["caption"] == "first caption"
+    assert rows[items[1]]["caption"] == "now it worked"
+    assert "/elsewhere/x.jpg" not in rows and ledger.statuses("j", [item_id("/elsewhere/x.jpg")]) == {
+        item_id("/elsewhere/x.jpg"): None
+    }
+    assert [r for r, _ in ledger.iter_pending("j")] == [item_id(items[3])]
+
+
+def test_rows_read_back_with_their_provenance_and_references_outside_the_base(ledger: Ledger) -> None:
+    inside, outside = refs(1)[0], "https://images.example.org/cat.jpg"
+    new_job(ledger, "j", [inside, outside])
+    v2 = GenParams(max_length=30, num_beams=2, prompt="a photo of")
+    ledger.record("j", [ok(inside, flags=["empty", "repetition"], attempts=2, reused=True)])
+    ledger.record(
+        "j", [failed(outside, "timeout", model_version="tiny@2", params=v2, transient=True, profile="fast:sdpa")]
+    )
+    rows = {r["ref"]: r for r in ledger.iter_results("j")}
+    assert rows[inside] == {
+        "id": item_id(inside), "ref": inside, "status": "ok", "caption": "a red circle on a white background",
+        "flags": ["empty", "repetition"], "model_version": "tiny@1", "params": {"max_length": 20, "num_beams": 1},
+        "attempts": 2, "reused": True, "finished_at": rows[inside]["finished_at"],
+    }  # fmt: skip
+    assert abs(rows[inside]["finished_at"] - time.time()) < 60
+    assert rows[outside] == {
+        "id": item_id(outside), "ref": outside, "status": "error", "error_class": "timeout", "error": "not an image",
+        "model_version": "tiny@2", "params": {"max_length": 30, "num_beams": 2, "prompt": "a photo of"},
+        "profile": "fast:sdpa", "attempts": 1, "transient": True,
+    }  # fmt: skip
+
+
+def test_the_job_finishes_once_not_while_open_nor_while_a_container_is_open(ledger: Ledger) -> None:
+    items = refs(3)
+    new_job(ledger, "j", items)
+    assert ledger.add_containers("j", [("shard-0", '{"url": "s"}')]) == 1
+    assert ledger.record("j", [ok(r) for r in items]).finished is False  # still open: the producer is adding
+    assert ledger.seal("j") is False  # a container is not read yet
+    assert ledger.job("j").containers == 1
+    assert [c for c, _ in ledger.iter_containers("j")] == ["shard-0"]
+    assert ledger.close_container("j", "shard-0") is True
+    assert ledger.state("j") is JobState.DONE
+    assert ledger.record("j", [ok(r) for r in items]).finished is False  # a redelivery never finishes it again
+    assert ledger.job("j").finished is not None
+
+
+def test_requeue_makes_failures_and_flagged_captions_pending_again_and_resets_attempts(ledger: Ledger) -> None:
+    items = refs(4)
+    new_job(ledger, "j", items)
+    ids = [item_id(r) for r in items]
+    ledger.begin_attempt("j", ids)
+    ledger.record(
+        "j", [failed(items[0]), ok(items[1], flags=["truncated"]), ok(items[2]), failed(items[3], "cancelled")]
+    )
+    assert sorted(r["id"] for r in ledger.iter_status("j", ItemStatus.ERROR)) == sorted(ids[0::3])
+    assert ledger.requeue("j", ids) == 2  # the two failures; captions stay
+    info = ledger.job("j")
+    assert (info.ok, info.error, info.pending) == (2, 0, 2)
+    assert ledger.statuses("j", ids[:1]) == {ids[0]: ItemStatus.PENDING}
+    assert sorted(i for i, _ in ledger.iter_pending("j")) == sorted([ids[0], ids[3]])
+    assert ledger.begin_attempt("j", ids[:1])[ids[0]].started == 1  # a fresh start
+    assert list(ledger.iter_flagged("j")) == [(ids[1], items[1])]
+    assert ledger.requeue("j", [ids[1], ids[2]], flagged=True) == 1
+    assert ledger.job("j").flags == {} and ledger.job("j").ok == 1
+
+
+def test_attempts_count_crashes_and_solo_runs(ledger: Ledger) -> None:
+    items = refs(2)
+    new_job(ledger, "j", items)
+    a, b = (item_id(r) for r in items)
+    assert ledger.begin_attempt("j", [a, b])[a].suspect is False
+    assert ledger.attempts_open("j") == 2
+    ledger.end_attempts("j", [b])  # b failed transiently and was sent again: not a crash
+    second = ledger.begin_attempt("j", [a, b])
+    assert second[a].suspect and not second[b].suspect  # a's first attempt never ended: its worker died
+    ledger.begin_alone("j", a)
+    assert ledger.begin_attempt("j", [a])[a].alone == 1
+    ledger.record("j", [ok(items[0]), ok(items[1])])
+    assert ledger.attempts_open("j") == 0
+
+
+def test_review_corrections_and_marks_sit_beside_the_caption(ledger: Ledger) -> None:
+    items = refs(3)
+    new_job(ledger, "j", items)
+    ledger.record("j", [ok(items[0]), failed(items[1])])
+    a = item_id(items[0])
+    row = ledger.set_correction("j", a, "  a blue square  ", "ann")
+    assert (row["caption"], row["corrected"], row["reviewer"]) == (
+        "a red circle on a white background",
+        "a blue square",
+        "ann",
+    )
+    assert ledger.set_mark("j", [a], "accepted", "bob") == 1 and ledger.set_mark("j", [a], "accepted", "bob") == 0
+    row = ledger.item("j", a)
+    assert row is not None and (row["corrected"], row["mark"], row["reviewer"]) == ("a blue square", "accepted", "bob")
+    assert [r["id"] for r in ledger.reviewed("j")] == [a]
+    exported = next(r for r in ledger.iter_results("j") if r["id"] == a)
+    assert exported["corrected"] == "a blue square" and exported["caption"].startswith("a red circle")
+    with pytest.raises(UnknownItem):
+        ledger.set_correction("j", "0123456789abcdef", "x", "ann")
+    with pytest.raises(NotCaptioned):
+        ledger.set_correction("j", item_id(items[1]), "x", "ann")  # failed: nothing to correct
+    with pytest.raises(NotCaptioned):
+        ledger.set_mark("j", [item_id(items[2])], "accepted", "ann")  # pending
+    with pytest.raises(InvalidReview):
+        ledger.set_correction("j", a, "x" * 2001, "ann")
+    with pytest.raises(InvalidReview):
+        ledger.set_mark("j", [a], "maybe", "ann")
+    assert ledger.item("j", a)["corrected"] == "a blue square"  # type: ignore[index]  # refusals changed nothing
+    row = ledger.clear_correction("j", a, "ann")
+    assert "corrected" not in row and row["mark"] == "accepted"
+    assert ledger.item("j", "0123456789abcdef") is None
+    assert ledger.item("j", item_id(items[2])) == {"id": item_id(items[2]), "ref": items[2], "status": "pending"}
+    with pytest.raises(UnknownJob):
+        ledger.page("nope")
+
+
+@pytest.mark.parametrize(
+    ("filt", "expected"),
+    [
+        (ItemFilter(), 70),
+        (ItemFilter(status=ItemStatus.ERROR), 10),
+        (ItemFilter(error_class="timeout"), 4),
+        (ItemFilter(status=ItemStatus.PENDING), 30),
+        (ItemFilter(flag="any"), 12),
+        (ItemFilter(flag="repetition"), 6),
+        (ItemFilter(text="BLUE"), 20),
+        (ItemFilter(model_version="tiny@2"), 15),
+        (ItemFilter(corrected=True), 3),
+        (ItemFilter(corrected=False, status=ItemStatus.OK), 57),
+    ],
+)
+def test_pages_cover_each_matching_item_exactly_once(ledger: Ledger, filt: ItemFilter, expected: int) -> None:
+    items = refs(100)
+    new_job(ledger, "j", items)
+    rows = []
+    for i, ref in enumerate(items[:70]):
+        if i < 10:
+            rows.append(failed(ref, "timeout" if i < 4 else "decode_error"))
+        else:
+            flags = ["truncated"] if i % 10 == 1 else ["repetition"] if i % 10 == 2 else None
+            version = "tiny@2" if 10 <= i < 25 else "tiny@1"
+            rows.append(ok(ref, "a blue square" if i % 3 == 0 else "a red circle", flags=flags, model_version=version))
+    ledger.record("j", rows)
+    for ref in items[60:63]:
+        ledger.set_correction("j", item_id(ref), "corrected", "ann")
+    seen: list[str] = []
+    cursor, pages = None, 0
+    while True:
+        page = ledger.page("j", cursor=cursor, limit=7, filt=filt)
+        assert len(page.rows) <= 7 and all(filt.matches(r) for r in page.rows)
+        seen += [r["id"] for r in page.rows]
+        pages += 1
+        cursor = page.cursor
+        if cursor is None:
+            break
+    assert len(seen) == len(set(seen)) == expected
+
+
+def test_locks_have_one_owner_and_lapse(ledger: Ledger) -> None:
+    ledger.open_job("t", "train", None)
+    assert ledger.try_lock("t", "a", 30) and ledger.try_lock("t", "a", 30)
+    assert not ledger.try_lock("t", "b", 30) and ledger.locked("t")
+    ledger.unlock("t", "b")  # not b's to release
+    assert ledger.locked("t")
+    ledger.unlock("t", "a")
+    assert not ledger.locked("t") and ledger.try_lock("t", "b", 1)
+    deadline = time.monotonic() + 10
+    while ledger.locked("t") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ledger.try_lock("t", "c", 30), "a lapsed lock is free"
+
+
+def test_job_ids_cannot_reach_other_keys(ledger: Ledger) -> None:
+    for bad in ("a:src", "../x", "", "x" * 129, "job id", "-lead"):
+        with pytest.raises(InvalidMessage, match="invalid job id"):
+            ledger.open_job(bad, "x", GenParams())
+    new_job(ledger, "a", refs(1))
+    with pytest.raises(InvalidMessage):
+        ledger.record("a:src", [ok(refs(1)[0])])
+
+
+def test_fields_listing_expiry_and_reuse(ledger: Ledger) -> None:
+    new_job(ledger, "old", refs(1))
+    new_job(ledger, "new", refs(1))
+    assert [j.id for j in ledger.jobs(10)][:2] == ["new", "old"]
+    ledger.set_fields("new", progress={"step": 3}, result={"version": "v1"})
+    assert ledger.get_field("new", "progress") == {"step": 3} and ledger.job("new").extra["result"] == {"version": "v1"}
+    assert ledger.ttl("old") is None
+    ledger.expire_job("old", 100)
+    assert 90 < (ledger.ttl("old") or 0) <= 100
+    assert ledger.reuse_get("tiny@1|k", [b"d1", b"d2"]) == {}
+    ledger.reuse_put("tiny@1|k", {b"d1": ("a red circle", ["truncated"])}, ttl_s=60)
+    assert ledger.reuse_get("tiny@1|k", [b"d1", b"d2"]) == {b"d1": ("a red circle", ["truncated"])}
+    assert ledger.reuse_get("tiny@2|k", [b"d1"]) == {}
+
+
+def test_both_backends_give_the_same_rows() -> None:
+    """One job written to each backend reads back as identical rows (the export does not depend on the backend)."""
+    from common.ledger.pg_ledger import PostgresLedger
+
+    client = redis.Redis.from_url(redis_url(LEDGER_DB))
+    prefix = f"ledger_same_{uuid.uuid4().hex[:8]}"
+    backends: list[Ledger] = [RedisLedger(client, prefix), PostgresLedger(PG_URL, prefix)]
+    items = [*refs(20), "https://example.org/a.png"]
+    stamp = round(time.time(), 1)
+    rows = [
+        ok(r, f"caption {i}", finished_at=stamp, flags=["truncated"] if i % 4 == 0 else None)
+        for i, r in enumerate(items[:15])
+    ]
+    rows += [failed(r, finished_at=stamp) for r in items[15:]]
+    out = []
+    try:
+        for led in backends:
+            new_job(led, "same", items)
+            led.record("same", rows)
+            led.set_correction("same", item_id(items[3]), "fixed", "ann")
+            out.append(sorted(led.iter_results("same"), key=lambda r: r["id"]))
+        for redis_row, pg_row in zip(out[0], out[1], strict=True):
+            # Redis keeps whole seconds after the job's creation, PostgreSQL a tenth of a second.
+            assert abs(redis_row.pop("finished_at") - pg_row.pop("finished_at")) <= 1
+            assert abs(redis_row.pop("reviewed_at", 0) - pg_row.pop("reviewed_at", 0)) <= 1
+        assert out[0] == out[1]
+    finally:
+        for key in client.scan_iter(f"{prefix}:*"):
+            client.delete(key)
+        pg = backends[1]
+        assert isinstance(pg, PostgresLedger)
+        pg._run(f"DROP SCHEMA IF EXISTS {pg.schema} CASCADE")
+        pg.close()
