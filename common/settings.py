@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     )
     # Where the job ledger lives; defaults to the broker's Redis. Give it its own DB in production.
     redis_url: SecretStr | None = None
+    # Keep the job ledger in PostgreSQL instead (postgresql://user:password@host/db): for jobs larger than Redis
+    # memory. Unset: the ledger is the Redis at redis_url. Redis still carries the queues.
+    ledger_url: SecretStr | None = None
     # Prefix of every ledger key, so several deployments (or test runs) can share one Redis.
     key_prefix: str = "captioner"
     # CA bundle for rediss:// URLs. Without it (or an explicit cert_reqs) rediss:// is refused.
@@ -123,8 +126,17 @@ class Settings(BaseSettings):
     decode_threads: int = Field(4, ge=1, le=256)
     # Image references per queue message when the producer enqueues a job.
     chunk_size: int = Field(64, ge=1, le=10_000)
+    # Most chunk messages `captioner enqueue` leaves waiting in the caption queue; past it the producer waits for
+    # workers to catch up (0: no limit). Bounds the broker's memory for archives of any size (about 7 KB a chunk).
+    max_queued_chunks: int = Field(50_000, ge=0)
     # Attempts per item before it is recorded as poison.
     max_attempts: int = Field(3, ge=1, le=100)
+    # Caption the same image bytes once per model version and parameters, across items and jobs: workers look
+    # each image's digest up in the ledger before decoding it (a scraped archive holds many duplicates). Each
+    # remembered caption costs about 100 bytes of ledger memory. Rows of reused captions say "reused": true.
+    reuse_captions: bool = False
+    # Seconds a model version's remembered captions live after the last one was added.
+    reuse_ttl_s: int = Field(7 * 86400, ge=60)
 
     # --- generation defaults (a job may override; every result records what was used) ------------
     max_length: int = Field(50, ge=1, le=512)
@@ -202,6 +214,15 @@ class Settings(BaseSettings):
     def _resolve_roots(cls, value: list[Path]) -> list[Path]:
         return [Path(v).expanduser().resolve() for v in value]
 
+    @field_validator("ledger_url")
+    @classmethod
+    def _postgres_only(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value():
+            scheme = value.get_secret_value().split("://", 1)[0]
+            if scheme not in ("postgresql", "postgres"):
+                raise ConfigError(f"CAPTIONER_LEDGER_URL must be a postgresql:// URL, not {scheme}://")
+        return value
+
     @model_validator(mode="after")
     def _tls_fails_closed(self) -> Settings:
         for url in (self.broker_url_str, self.result_backend_str, self.redis_url_str):
@@ -234,6 +255,10 @@ class Settings(BaseSettings):
     @property
     def result_backend_str(self) -> str:
         return self.result_backend.get_secret_value() if self.result_backend else self.broker_url_str
+
+    @property
+    def ledger_url_str(self) -> str:
+        return self.ledger_url.get_secret_value() if self.ledger_url else ""
 
     @property
     def redis_url_str(self) -> str:

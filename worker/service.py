@@ -7,6 +7,7 @@ loaded once, lazily, on first use (or by ``warm_up`` when the worker starts).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -15,7 +16,9 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextvars import copy_context
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+
+import redis
 
 from common.errors import Cancelled, EngineError, ItemError
 from common.messages import GenParams, ItemResult, ItemStatus, Source, item_id
@@ -23,7 +26,7 @@ from common.settings import Settings
 from common.store import ModelStore, resolve_model
 from worker import metrics
 from worker.batcher import MicroBatcher
-from worker.images import ImagePolicy, load_image
+from worker.images import ImagePolicy, decode_image, load_image, read_source
 from worker.quality import quality_flags
 
 if TYPE_CHECKING:
@@ -56,13 +59,31 @@ class Captioned(NamedTuple):
     version: str
     flags: list[str] | None
     batch_ms: float  # wall time of the model batch it ran in
+    reused: bool = False  # taken from the reuse cache, not from the model
+
+
+class ReuseCache(Protocol):
+    """Captions by image digest (the ledger provides it): the same bytes are captioned once per version and params."""
+
+    def reuse_get(self, key: str, digests: list[bytes]) -> dict[bytes, tuple[str, list[str]]]: ...
+
+    def reuse_put(self, key: str, entries: dict[bytes, tuple[str, list[str]]], ttl_s: int) -> None: ...
+
+
+def reuse_key(version: str, params: GenParams) -> str:
+    """What a reusable caption depends on besides the image bytes: the model version and the generation params."""
+    return f"{version}|{params.max_length}|{params.num_beams}|{params.prompt or ''}"
 
 
 class CaptionService:
     """Owns the engine, the batcher and the decode pool of one worker process."""
 
-    def __init__(self, settings: Settings, *, engine_factory: EngineFactory | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, engine_factory: EngineFactory | None = None, reuse: ReuseCache | None = None
+    ) -> None:
         self.settings = settings
+        #: Where captions are looked up by image digest before decoding (CAPTIONER_REUSE_CAPTIONS); None: off.
+        self.reuse = reuse if settings.reuse_captions else None
         self.policy = ImagePolicy.from_settings(settings)
         self._engine_factory = engine_factory or _default_engine_factory(settings)
         self._engine: CaptionEngine | None = None
@@ -147,17 +168,62 @@ class CaptionService:
         return out
 
     # --- captioning -----------------------------------------------------------------------------
-    def _prepare(self, src: Source, params: GenParams, group: Hashable | None) -> tuple[Future[Any], float]:
+    def _prepare(
+        self, src: Source, params: GenParams, group: Hashable | None
+    ) -> tuple[Future[Any], float, bytes | None]:
+        """Fetch, decode and preprocess one image, then queue it for a batch: (caption future, load ms, digest).
+
+        With reuse on, the bytes' digest is looked up first: a hit is answered at once, without decoding.
+        """
         started = time.perf_counter()
         if self.settings.fault_kill_ref and self.settings.fault_kill_ref in src.ref:
             log.error("drill: %s kills this worker (CAPTIONER_FAULT_KILL_REF)", src.ref)
             os._exit(137)  # as abrupt as the OOM killer or a segfaulting decoder
+        digest = None
         try:
-            pixels = self.engine.prepare([load_image(src, self.policy)])
+            if self.reuse is None:
+                image = load_image(src, self.policy)
+            else:
+                data = read_source(src, self.policy)
+                digest = hashlib.blake2b(data, digest_size=16).digest()
+                hit = self._reused(digest, params)
+                if hit is not None:
+                    self.batcher.arrived()
+                    done: Future[Any] = Future()
+                    done.set_result(hit)
+                    return done, (time.perf_counter() - started) * 1000, None
+                image = decode_image(data, self.policy)
+            pixels = self.engine.prepare([image])
         except BaseException:
             self.batcher.arrived()  # announced in caption_items, and not coming: batches stop waiting for it
             raise
-        return self.batcher.submit(pixels, params, group=group, expected=True), (time.perf_counter() - started) * 1000
+        future = self.batcher.submit(pixels, params, group=group, expected=True)
+        return future, (time.perf_counter() - started) * 1000, digest
+
+    def _reused(self, digest: bytes, params: GenParams) -> Captioned | None:
+        """The caption this model version made before for the same bytes and params, if the cache has it."""
+        assert self.reuse is not None
+        version = self.engine.version
+        try:
+            found = self.reuse.reuse_get(reuse_key(version, params), [digest]).get(digest)
+        except redis.RedisError as exc:  # the cache is an optimisation: caption the image instead
+            log.warning("caption reuse lookup failed (%s); captioning the image", exc)
+            return None
+        if found is None:
+            return None
+        return Captioned(found[0], version, found[1] or None, 0.0, reused=True)
+
+    def _remember(self, params: GenParams, fresh: dict[bytes, Captioned]) -> None:
+        if self.reuse is None or not fresh:
+            return
+        by_version: dict[str, dict[bytes, tuple[str, list[str]]]] = {}
+        for digest, done in fresh.items():
+            by_version.setdefault(done.version, {})[digest] = (done.caption, done.flags or [])
+        try:
+            for version, entries in by_version.items():
+                self.reuse.reuse_put(reuse_key(version, params), entries, self.settings.reuse_ttl_s)
+        except redis.RedisError as exc:
+            log.warning("caption reuse: %d caption(s) not remembered (%s)", len(fresh), exc)
 
     def caption_items(
         self,
@@ -179,10 +245,11 @@ class CaptionService:
             for iid, src in items
         ]
         rows: list[ItemResult] = []
+        fresh: dict[bytes, Captioned] = {}
         for (iid, src), fut in zip(items, prepared, strict=True):
             base = {"id": iid, "ref": src.ref, "params": params, "attempts": (attempts or {}).get(iid, 1)}
             try:
-                caption_future, load_ms = fut.result()
+                caption_future, load_ms, digest = fut.result()
                 done: Captioned = caption_future.result()
             except ItemError as exc:
                 rows.append(error_row(base, exc))
@@ -198,10 +265,14 @@ class CaptionService:
                     caption=done.caption,
                     flags=done.flags,
                     model_version=done.version,
+                    reused=done.reused or None,
                     timings={"load_ms": round(load_ms, 2), "infer_ms": done.batch_ms},
                     finished_at=time.time(),
                 )
             )
+            if digest is not None and not done.reused:
+                fresh[digest] = done
+        self._remember(params, fresh)
         return rows
 
     def caption_sources(self, sources: list[Source], params: GenParams) -> list[ItemResult]:

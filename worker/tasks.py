@@ -55,7 +55,9 @@ def service() -> CaptionService:
     if _service is None:
         with _service_lock:
             if _service is None:
-                _service = CaptionService(get_settings())
+                settings = get_settings()
+                reuse = ledger_from_settings(settings) if settings.reuse_captions else None
+                _service = CaptionService(settings, reuse=reuse)
     return _service
 
 

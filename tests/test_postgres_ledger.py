@@ -1,0 +1,106 @@
+"""Real workers with the ledger in the machine's PostgreSQL: a job with duplicate images, captions reused by
+content, a worker killed with SIGKILL mid-job, and the CLI's export and status reading the same ledger."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import redis
+from click.testing import CliRunner
+
+from producer.cli import cli
+from producer.jobs import JobClient
+from producer.local import WorkerProcess
+from tests.conftest import reconciling, redis_url, settings_from, shape_files, tally
+from tests.test_ledger import PG_URL
+from tests.test_recovery import recovery_env, wait_for
+
+
+def test_a_postgres_ledger_survives_a_kill_and_reuses_captions_of_duplicate_images(
+    worker_env: dict[str, str], session_root: Path, tmp_path: Path, settings
+) -> None:
+    from common.ledger.pg_ledger import PostgresLedger
+
+    prefix = f"captioner_pg_{uuid.uuid4().hex[:8]}"
+    env = {**recovery_env(worker_env), "CAPTIONER_LEDGER_URL": PG_URL, "CAPTIONER_KEY_PREFIX": prefix,
+           "CAPTIONER_REUSE_CAPTIONS": "true"}  # fmt: skip
+    redis.Redis.from_url(env["CAPTIONER_BROKER_URL"]).flushdb()
+    originals = shape_files(session_root, "pg", 60, seed=21)
+    # 30 more files holding the bytes of 30 of them: an archive with a third duplicates.
+    copies = []
+    for i, src in enumerate(originals[:30]):
+        copy = Path(src).with_name(f"copy-{i:03d}.png")
+        shutil.copyfile(src, copy)
+        copies.append(str(copy))
+    refs = originals + copies
+    s = settings_from(env)
+    client = JobClient(s)
+    assert isinstance(client.ledger, PostgresLedger)
+    first = WorkerProcess(env, log=tmp_path / "first.log").start()
+    second = None
+    try:
+        first.wait_ready()
+        client.enqueue(refs, job_id="job-pg", chunk_size=4)
+        wait_for(lambda: client.status("job-pg").ok >= 12, 120, "the first captions")
+        assert first.kill() == -9
+        killed_at = client.status("job-pg").ok
+        assert 0 < killed_at < len(refs), "the kill must land mid-job"
+        second = WorkerProcess(env, log=tmp_path / "second.log").start()
+        second.wait_ready()
+        resent: list[int] = []
+        info = client.wait("job-pg", timeout=180, on_tick=lambda _: None, on_stall=reconciling(client, resent),
+                           stall_s=8)  # fmt: skip
+    finally:
+        first.kill()
+        if second is not None:
+            second.terminate()
+    rows = list(client.results("job-pg"))
+    figures = tally("kill -9 of a worker whose ledger is PostgreSQL", refs, rows, reconciled=sum(resent),
+                    happened="the killed worker's items came back after the visibility timeout; rows, counters "
+                    "and reused captions all in PostgreSQL")  # fmt: skip
+    assert (figures["lost"], figures["ok"]) == (0, len(refs))
+    assert (info.state.value, info.total, info.ok, info.error) == ("done", len(refs), len(refs), 0)
+    by_ref = {r["ref"]: r for r in rows}
+    assert len(by_ref) == len(rows) == len(refs)
+    # Every copy has its original's caption; the ones captioned after their twin say they were reused.
+    assert all(by_ref[c]["caption"] == by_ref[o]["caption"] for o, c in zip(originals, copies, strict=False))
+    reused = [r for r in rows if r.get("reused")]
+    twins = set(originals[:30]) | set(copies)  # only an image whose bytes another item has can be reused
+    assert 0 < len(reused) <= 30 and {r["ref"] for r in reused} <= twins
+
+    # The CLI reads the same ledger: status and an export, with the reuse marked.
+    cli_env = {k: v for k, v in env.items() if k.startswith("CAPTIONER_")}
+    runner = CliRunner()
+    status = runner.invoke(cli, ["status", "job-pg", "--json"], env=cli_env)
+    assert status.exit_code == 0, status.output
+    assert json.loads(status.stdout)["ok"] == len(refs)
+    out = tmp_path / "pg.jsonl"
+    export = runner.invoke(cli, ["export", "job-pg", "-o", str(out)], env=cli_env)
+    assert export.exit_code == 0, export.output
+    exported = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["ref"] for r in exported) == sorted(refs)
+    assert sum(1 for r in exported if r.get("reused")) == len(reused)
+    client.close()
+    pg = PostgresLedger(PG_URL, prefix)
+    pg._run(f"DROP SCHEMA IF EXISTS {pg.schema} CASCADE")
+    pg.close()
+    redis.Redis.from_url(redis_url(int(env["CAPTIONER_BROKER_URL"].rsplit("/", 1)[1]))).flushdb()
+
+
+def test_doctor_checks_the_postgres_ledger_and_config_masks_its_password(worker_env: dict[str, str]) -> None:
+    runner = CliRunner()
+    env = {**worker_env, "CAPTIONER_LEDGER_URL": PG_URL}
+    checks = {c["name"]: c for c in json.loads(runner.invoke(cli, ["doctor", "--json"], env=env).stdout)}
+    assert checks["ledger reachable"]["level"] == "ok" and "PostgreSQL" in checks["ledger reachable"]["detail"]
+    broken = {**env, "CAPTIONER_LEDGER_URL": "postgresql://captioner:s3cret@127.0.0.1:1/none"}
+    out = runner.invoke(cli, ["doctor", "--json"], env=broken)
+    assert out.exit_code == 1
+    failed = {c["name"]: c for c in json.loads(out.stdout)}["ledger reachable"]
+    assert failed["level"] == "fail" and "s3cret" not in out.output and "****" in failed["detail"]
+    shown = json.loads(runner.invoke(cli, ["config", "--json"], env=broken).stdout)
+    assert shown["CAPTIONER_LEDGER_URL"] == "postgresql://captioner:****@127.0.0.1:1/none"
+    wrong = runner.invoke(cli, ["jobs"], env={**env, "CAPTIONER_LEDGER_URL": "mysql://x@h/db"})
+    assert wrong.exit_code == 1 and "must be a postgresql:// URL" in wrong.stderr and "Traceback" not in wrong.output
