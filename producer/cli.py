@@ -212,8 +212,9 @@ def enqueue(
     extra = {k: v for k, v in {"on_done_task": on_done_task, "on_done_queue": on_done_queue,
                                "webhook": webhook}.items() if v}  # fmt: skip
     report = _client(ctx).enqueue(
-        refs, job_id=job_id, name=name or "", params=params, chunk_size=chunk_size, extra=extra or None
-    )
+        refs, job_id=job_id, name=name or "", params=params, chunk_size=chunk_size, extra=extra or None,
+        base=_common_folder(keys), on_hold=_say_held(settings),
+    )  # fmt: skip
     if not as_json:
         click.echo(job_id)
         verb = "created" if report.created else "resumed"
@@ -228,6 +229,23 @@ def enqueue(
             click.echo(json.dumps({"enqueue": report.as_dict(), "job": info.as_dict()}))
     elif as_json:
         click.echo(json.dumps(report.as_dict()))
+
+
+def _say_held(settings: Settings) -> Callable[[int], None]:
+    def held(depth: int) -> None:
+        limit = settings.max_queued_chunks
+        text = f"the caption queue holds {depth} chunk(s), over CAPTIONER_MAX_QUEUED_CHUNKS={limit}: waiting"
+        click.secho(text, err=True, fg="yellow")
+
+    return held
+
+
+def _common_folder(sources: list[str]) -> str | None:
+    """The folder every directory argument lies in (the ledger stores references relative to it); None when
+    another kind of source is given (the first reference's folder is used then)."""
+    if not sources or not all(os.path.isdir(s) for s in sources):
+        return None
+    return os.path.join(os.path.commonpath(sources), "")
 
 
 def _warn_roots(settings: Settings, refs: Iterable[str]) -> Iterator[str]:

@@ -41,7 +41,7 @@ def mask_url(url: str) -> str:
 
 #: Secret settings that are connection URLs: shown with user and host, password masked. Every other secret
 #: (a webhook key, and any secret added later) is masked whole, judged by its field rather than its text.
-URL_SECRETS = frozenset({"broker_url", "result_backend", "redis_url"})
+URL_SECRETS = frozenset({"broker_url", "result_backend", "redis_url", "ledger_url"})
 
 
 def effective_settings(settings: Settings) -> dict[str, Any]:
@@ -64,9 +64,13 @@ def effective_settings(settings: Settings) -> dict[str, Any]:
 def run_checks(settings: Settings, app: Any) -> list[Check]:
     checks: list[Check] = []
     broker = _connect("broker", settings, settings.broker_url_str, checks)
-    ledger = _connect("ledger", settings, settings.redis_url_str, checks)
+    redis_roles = [("broker", settings.broker_url_str, broker)]
+    if not settings.ledger_url_str:  # the ledger is in Redis (with PostgreSQL, Redis carries only the queues)
+        redis_roles.append(
+            ("ledger", settings.redis_url_str, _connect("ledger", settings, settings.redis_url_str, checks))
+        )
     servers: set[tuple[str | None, int | None]] = set()
-    for role, url, client in (("broker", settings.broker_url_str, broker), ("ledger", settings.redis_url_str, ledger)):
+    for role, url, client in redis_roles:
         server = (urlsplit(url).hostname, urlsplit(url).port)
         if client is not None and server not in servers:  # one server's checks once, even with two DBs on it
             servers.add(server)
@@ -76,8 +80,28 @@ def run_checks(settings: Settings, app: Any) -> list[Check]:
         depths = queue_depths(broker, settings.queues)
         checks.append(Check("queues", OK, ", ".join(f"{q}: {n} waiting" for q, n in depths.items())))
         checks += _workers(settings, app, depths[settings.training_queue])
+    if settings.ledger_url_str:
+        checks.append(_postgres_ledger(settings))
     checks += _config(settings)
     return checks
+
+
+def _postgres_ledger(settings: Settings) -> Check:
+    """The PostgreSQL ledger answers, and how much it holds."""
+    from common.errors import CaptionerError
+    from common.ledger import ledger_from_settings
+
+    where = mask_url(settings.ledger_url_str)
+    try:
+        ledger = ledger_from_settings(settings)
+        try:
+            ledger.ping()
+            size = ledger.bytes_used()
+        finally:
+            ledger.close()
+    except CaptionerError as exc:
+        return Check("ledger reachable", FAIL, f"{where}: {exc}")
+    return Check("ledger reachable", OK, f"PostgreSQL {where}, {size / 2**20:.1f} MiB in its tables")
 
 
 def _connect(role: str, settings: Settings, url: str, checks: list[Check]) -> redis.Redis | None:

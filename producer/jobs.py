@@ -31,6 +31,12 @@ from common.messages import (
 from common.settings import Settings
 
 
+def ref_base(ref: str) -> str:
+    """The folder part of a reference (up to its last slash), shared by its neighbours in a listing."""
+    cut = ref.rfind("/")
+    return ref[: cut + 1] if cut > 0 else ""
+
+
 def derive_job_id(sources: Iterable[str], params: GenParams, salt: str = "") -> str:
     """The same sources with the same parameters name the same job, so re-running an enqueue resumes it."""
     h = hashlib.blake2b(digest_size=6)
@@ -49,10 +55,15 @@ class EnqueueReport:
     skipped: int  # already captioned: a resumed job does not caption them again
     messages: int
     seconds: float
+    #: Seconds the producer waited for workers because the queue was full (see ``max_queued_chunks``).
+    held_s: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
+
+#: The queue depth is read every this many chunk messages (cheap next to sending them).
+_DEPTH_CHECK_EVERY = 100
 
 #: kombu's Redis transport keeps delivered, unacknowledged messages in this sorted set (by delivery time).
 UNACKED_INDEX = "unacked_index"
@@ -88,8 +99,16 @@ class JobClient:
         chunk_size: int | None = None,
         extra: dict[str, Any] | None = None,
         on_progress: Callable[[int], None] | None = None,
+        base: str | None = None,
+        on_hold: Callable[[int], None] | None = None,
     ) -> EnqueueReport:
-        """Add references to a job (created or resumed) and queue the ones not yet captioned, in chunks."""
+        """Add references to a job (created or resumed) and queue the ones not yet captioned, in chunks.
+
+        ``base`` is a prefix most references share (the folder or bucket prefix enqueued): the ledger stores them
+        without it. None: the first reference's folder. While the caption queue holds more than
+        ``max_queued_chunks`` messages, the producer waits for workers (``on_hold`` is told the depth once per wait),
+        so the broker's memory stays bounded whatever the archive's size.
+        """
         params = params or GenParams(max_length=self.settings.max_length, num_beams=self.settings.num_beams)
         size = chunk_size or self.settings.chunk_size
         started = time.perf_counter()
@@ -98,7 +117,9 @@ class JobClient:
         first = next(it, None)  # nothing is written for an empty source list
         if first is None:
             raise NothingToEnqueue("the sources hold no image files or URLs")
-        created = self.ledger.open_job(job_id, name or job_id, params, extra)
+        created = self.ledger.open_job(
+            job_id, name or job_id, params, extra, base=ref_base(first) if base is None else base
+        )
         report = EnqueueReport(job_id, created, 0, 0, 0, 0, 0, 0.0)
         try:
             with self.app.producer_or_acquire() as producer:
@@ -106,6 +127,8 @@ class JobClient:
                     self._enqueue_chunk(job_id, chunk, params, created, producer, report)
                     if on_progress:
                         on_progress(report.items)
+                    if report.messages and report.messages % _DEPTH_CHECK_EVERY == 0:
+                        report.held_s += self._hold_back(on_hold)
         except SourceError as exc:  # a list file broken half-way: what came before it is queued
             raise SourceError(
                 f"{exc}; job {job_id} has {report.items} item(s) so far and stays open: fix the source and run the "
@@ -124,6 +147,24 @@ class JobClient:
         if self.ledger.seal(job_id):  # everything was captioned already: the job ends here, not in a worker
             self.app.send_task(TASK_NOTIFY, kwargs={"job_id": job_id}, queue=self.settings.caption_queue)
         return report
+
+    def _hold_back(self, on_hold: Callable[[int], None] | None) -> float:
+        """Wait while the caption queue is over ``max_queued_chunks``; returns the seconds waited."""
+        limit = self.settings.max_queued_chunks
+        if not limit:
+            return 0.0
+        started, told = time.monotonic(), False
+        while (depth := self.queue_depth()) > limit:
+            if on_hold and not told:
+                on_hold(depth)
+                told = True
+            time.sleep(1.0)
+        return time.monotonic() - started
+
+    def queue_depth(self) -> int:
+        """Chunk messages waiting in the bulk caption queue."""
+        with self.app.connection_for_read() as conn:
+            return queue_depths(conn.default_channel.client, [self.settings.caption_queue])[self.settings.caption_queue]
 
     def _enqueue_chunk(
         self, job_id: str, refs: list[str], params: GenParams, created: bool, producer: Any, report: EnqueueReport
@@ -213,7 +254,7 @@ class JobClient:
         """A caption job with pending items, and not one caption message queued or unacknowledged anywhere."""
         if info.kind is JobKind.TRAIN or info.pending == 0 or info.state is not JobState.RUNNING:
             return False
-        if self.ledger.r.hexists(self.ledger.job_key(info.id), "open"):
+        if self.ledger.is_open(info.id):
             return False  # the producer is still adding items
         with self.app.connection_for_read() as conn:
             broker = conn.default_channel.client
@@ -236,8 +277,8 @@ class JobClient:
         if flagged is not None:
             items = self.ledger.iter_flagged(job_id, flagged or None)
         else:
-            want = {ItemStatus.ERROR} | ({ItemStatus.CANCELLED} if include_cancelled else set())
-            items = self.ledger.iter_unfinished(job_id, want=frozenset(want))
+            want = [ItemStatus.ERROR] + ([ItemStatus.CANCELLED] if include_cancelled else [])
+            items = ((row["id"], row["ref"]) for status in want for row in self.ledger.iter_status(job_id, status))
         todo = list(items)  # settle the selection before rows start to change under it
         # Open, as during an enqueue: the job cannot end after the first re-sent chunk while later ones are
         # still to be made pending again.
@@ -263,7 +304,7 @@ class JobClient:
             return 0
         sent = 0
         with self.app.producer_or_acquire() as producer:
-            pending = self.ledger.iter_unfinished(job_id, want=frozenset({ItemStatus.PENDING}))
+            pending = self.ledger.iter_pending(job_id)
             for chunk in _chunks(pending, chunk_size or self.settings.chunk_size):
                 self._send(job_id, dict(chunk), info.params, producer)
                 sent += len(chunk)
@@ -279,11 +320,11 @@ class JobClient:
 
     def failures(self, job_id: str) -> dict[str, list[dict[str, Any]]]:
         """Failed items grouped by error class, each with its reference, message and attempts."""
+        self.ledger.job(job_id)
         groups: dict[str, list[dict[str, Any]]] = {}
-        for row in self.results(job_id):
-            if row["status"] == ItemStatus.ERROR.value:
-                entry = {k: row.get(k) for k in ("id", "ref", "error", "attempts", "transient")}
-                groups.setdefault(row.get("error_class") or "unknown", []).append(entry)
+        for row in self.ledger.iter_status(job_id, ItemStatus.ERROR):
+            entry = {k: row.get(k) for k in ("id", "ref", "error", "attempts", "transient")}
+            groups.setdefault(row.get("error_class") or "unknown", []).append(entry)
         return groups
 
     def cancel(self, job_id: str) -> JobInfo:
@@ -298,7 +339,7 @@ class JobClient:
 
     def close(self) -> None:
         with contextlib.suppress(redis.RedisError):
-            self.ledger.r.close()
+            self.ledger.close()
 
 
 def workers_info(app: Celery, timeout: float = 2.0) -> dict[str, dict[str, Any]]:

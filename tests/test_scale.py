@@ -1,0 +1,76 @@
+"""Archives larger than memory: the producer waits for workers when the queue is full, and the ledger keeps
+references relative to the folder enqueued."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import redis
+
+from producer.jobs import _DEPTH_CHECK_EVERY, JobClient
+from tests.conftest import settings_from
+
+
+def test_enqueue_waits_while_the_queue_is_full_and_goes_on_as_it_drains(
+    worker_env: dict[str, str], tmp_path: Path, settings
+) -> None:
+    queue = f"captions-full-{uuid.uuid4().hex[:6]}"
+    env = {**os.environ, **worker_env, "CAPTIONER_CAPTION_QUEUE": queue, "CAPTIONER_MAX_QUEUED_CHUNKS": "20"}
+    urls = tmp_path / "urls.txt"
+    n = 3 * _DEPTH_CHECK_EVERY + 50
+    urls.write_text("".join(f"https://images.example.org/a/{i:06d}.jpg\n" for i in range(n)))
+    stderr = tmp_path / "stderr.txt"
+    argv = [sys.executable, "-m", "producer.cli", "enqueue", str(urls), "--chunk-size", "1", "--job-id", "full"]
+    broker = redis.Redis.from_url(settings.broker_url_str)
+    with stderr.open("wb") as err:
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=err)
+        deadline = time.monotonic() + 60
+        while b"waiting" not in stderr.read_bytes():
+            assert proc.poll() is None, stderr.read_text()
+            assert time.monotonic() < deadline, "the producer never waited"
+            time.sleep(0.05)
+        # It stopped at its first look at the queue, a hundred messages in, and stays stopped.
+        assert broker.llen(queue) == _DEPTH_CHECK_EVERY and proc.poll() is None
+        depths, taken = [], 0
+        while proc.poll() is None or broker.llen(queue):  # a worker's part: take messages off the queue
+            depths.append(broker.llen(queue))
+            if broker.rpop(queue) is not None:
+                taken += 1
+            else:
+                time.sleep(0.01)
+            assert time.monotonic() < deadline + 60, "the producer did not go on"
+        assert proc.wait(10) == 0, stderr.read_text()
+    assert taken == n
+    assert max(depths) <= 20 + _DEPTH_CHECK_EVERY  # it never ran more than one check's worth past the limit
+    info = JobClient(settings_from(worker_env)).status("full")
+    assert info.total == n and info.state.value == "running"
+
+
+def test_references_under_the_folder_enqueued_are_stored_relative_to_it(
+    worker_env: dict[str, str], session_root: Path, settings
+) -> None:
+    from click.testing import CliRunner
+
+    from producer.cli import cli
+
+    folder = session_root / f"deep-{uuid.uuid4().hex[:6]}"
+    for sub in ("2024/01", "2024/02"):
+        (folder / sub).mkdir(parents=True)
+        for i in range(3):
+            (folder / sub / f"img-{i}.jpg").write_bytes(b"not decoded by the producer")
+    queue = f"captions-rel-{uuid.uuid4().hex[:6]}"
+    env = {**worker_env, "CAPTIONER_CAPTION_QUEUE": queue}
+    out = CliRunner().invoke(cli, ["enqueue", str(folder), "--job-id", "rel"], env=env)
+    assert out.exit_code == 0, out.output
+    client = JobClient(settings_from(env))
+    pending = dict(client.ledger.iter_pending("rel"))
+    assert sorted(pending.values()) == sorted(str(p) for p in folder.rglob("*.jpg"))
+    # Stored without the folder's path: every manifest entry is shorter than its reference.
+    raw = redis.Redis.from_url(settings.redis_url_str).hvals(f"{settings.key_prefix}:job:rel:src")
+    assert raw and all(not v.startswith(str(folder).encode()) and len(v) < len(str(folder)) for v in raw)
+    client.close()
