@@ -29,10 +29,11 @@ from common.errors import ConfigError, ItemError, SourceError
 from common.messages import GenParams, Source
 from common.settings import DEFAULT_FORMATS
 from common.store import LOWER_IS_BETTER
+from common.store import META as VERSION_FILE
 from training.config import TrainConfig
 from training.data import Example, dataset_fingerprint
 from training.metrics import caption_metrics
-from worker.engine import CaptionEngine, EngineConfig, resolve_device
+from worker.engine import CaptionEngine, EngineConfig, half_dtype, resolve_device
 from worker.images import ImagePolicy, load_image
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,6 @@ CONFIG_FILE = "train_config.json"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng_state.safetensors"
-#: Written into the final model directory; the caption engine reports its "version".
-VERSION_FILE = "captioner.json"
 #: Captions shown with each evaluation.
 SAMPLE_COUNT = 4
 
@@ -222,16 +221,17 @@ def _check_config(cfg: TrainConfig, train_set: list[Example], eval_set: list[Exa
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``mixed_precision`` on ``device``; None means plain fp32."""
+    """The autocast dtype for ``mixed_precision`` on ``device``; None means plain fp32.
+
+    ``auto`` is the device's fast half type (``worker.engine.half_dtype``, the rule the caption engine uses) on
+    GPUs; on CPU it stays fp32: autocast there pays only with native bf16 units, and fp32 keeps CPU runs
+    exactly reproducible. Ask for ``bf16`` to train in bf16 on such a CPU.
+    """
     text = name.strip().lower()
     if text in ("no", "none", "fp32", "float32"):
         return None
     if text == "auto":
-        if device.type != "cuda":
-            # CPU autocast only pays with native bf16 units, and fp32 keeps CPU runs exactly reproducible.
-            return None
-        with torch.cuda.device(device):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        return half_dtype(device) if device.type == "cuda" else None
     if text in ("bf16", "bfloat16"):
         return torch.bfloat16
     if text in ("fp16", "float16"):
