@@ -23,22 +23,13 @@ from safetensors.torch import load_file
 from common.errors import ConfigError, SourceError
 from common.messages import GenParams, Source
 from tests.conftest import LEDGER_DB, redis_url
+from training.checkpoints import CHECKPOINTS, CONFIG_FILE, OPTIMIZER_FILE, STATE_FILE, rotate
+from training.config import TrainConfig
 from training.data import Example, dataset_fingerprint, load_examples, split_examples
-from training.finetune import (
-    CHECKPOINTS,
-    CONFIG_FILE,
-    OPTIMIZER_FILE,
-    STATE_FILE,
-    TrainConfig,
-    TrainStatus,
-    _rotate,
-    caption_loss,
-    encode_captions,
-    evaluate_model,
-    local_image_policy,
-    train,
-)
+from training.evaluation import evaluate_model
+from training.finetune import TrainStatus, caption_loss, encode_captions, train
 from training.metrics import caption_metrics, normalize
+from training.pixels import local_image_policy
 from training.synthetic import make_shapes
 from training.tiny import build_tiny_git
 from worker.engine import CaptionEngine, EngineConfig
@@ -430,7 +421,7 @@ def test_rotation_keeps_the_best_and_the_latest(tmp_path: Path) -> None:
         (tmp_path / f"step-{step}" / STATE_FILE).write_text("{}")
     (tmp_path / "step-25.tmp").mkdir()  # an interrupted save is never a checkpoint
     history = [{"step": s, "metrics": {"wer": w}} for s, w in ((5, 0.2), (10, 0.5), (15, 0.4), (20, 0.3))]
-    _rotate(tmp_path, TrainConfig(save_total_limit=2), {"history": history})
+    rotate(tmp_path, TrainConfig(save_total_limit=2), {"history": history})
     assert sorted(p.name for p in tmp_path.iterdir() if (p / STATE_FILE).exists()) == ["step-20", "step-5"]
 
 
@@ -517,10 +508,11 @@ def test_recipe_defaults_are_pinned() -> None:
 
 
 def test_one_caption_is_drawn_per_image_and_epoch() -> None:
-    from training.finetune import _Item, draw_captions
+    from training.finetune import draw_captions
+    from training.pixels import Item
 
     captions = [f"caption number {k}" for k in range(5)]
-    batch = [_Item(i, f"/img/{i}.png", captions) for i in range(8)]
+    batch = [Item(i, f"/img/{i}.png", captions) for i in range(8)]
     epochs = [draw_captions(batch, seed=42, epoch=e) for e in range(40)]
     assert draw_captions(batch, seed=42, epoch=3) == epochs[3]  # seeded: a resumed run draws the same
     assert draw_captions(batch, seed=7, epoch=3) != epochs[3]
@@ -528,7 +520,7 @@ def test_one_caption_is_drawn_per_image_and_epoch() -> None:
     assert all(len(set(seen[:5])) > 1 for seen in per_image), "the draw must change from epoch to epoch"
     assert all(set(seen) == set(captions) for seen in per_image), "every caption is used over enough epochs"
     assert len({tuple(drawn) for drawn in epochs[:5]}) == 5  # images draw independently, not in lockstep
-    single = [_Item(0, "/img/one.png", ["only"])]
+    single = [Item(0, "/img/one.png", ["only"])]
     assert draw_captions(single, seed=1, epoch=9) == ["only"]
 
 

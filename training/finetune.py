@@ -7,45 +7,41 @@ Checkpoints hold no pickles: weights and optimizer tensors are safetensors, ever
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import os
 import random
-import shutil
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from common.errors import ConfigError, ItemError, SourceError
-from common.messages import GenParams, Source
-from common.settings import DEFAULT_FORMATS
-from common.store import LOWER_IS_BETTER
-from common.store import META as VERSION_FILE
+from common.errors import ConfigError, SourceError
+from training.checkpoints import (
+    CHECKPOINTS,
+    best_step,
+    finalize,
+    fresh_state,
+    last_saved,
+    latest_checkpoint,
+    load_training_state,
+    read_state,
+    rotate,
+    save_checkpoint,
+    warn_on_changed_order,
+)
 from training.config import TrainConfig
 from training.data import Example, dataset_fingerprint
-from training.metrics import caption_metrics
+from training.evaluation import evaluate_items
+from training.pixels import Item, PixelSource, local_image_policy
 from worker.engine import CaptionEngine, EngineConfig, half_dtype, resolve_device
-from worker.images import ImagePolicy, load_image
+from worker.images import ImagePolicy
 
 log = logging.getLogger(__name__)
-
-CHECKPOINTS = "checkpoints"
-FINAL = "final"
-CONFIG_FILE = "train_config.json"
-STATE_FILE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.safetensors"
-RNG_FILE = "rng_state.safetensors"
-#: Captions shown with each evaluation.
-SAMPLE_COUNT = 4
 
 
 class TrainStatus(StrEnum):
@@ -100,8 +96,8 @@ def train(
     ckpt_root = out_dir / CHECKPOINTS
     ckpt_root.mkdir(parents=True, exist_ok=True)
     fingerprint = dataset_fingerprint(train_set)
-    resume = _latest_checkpoint(ckpt_root)
-    state = _read_state(resume, fingerprint) if resume else _fresh_state(fingerprint)
+    resume = latest_checkpoint(ckpt_root)
+    state = read_state(resume, fingerprint) if resume else fresh_state(fingerprint)
     device = resolve_device(cfg.device)
     amp_dtype = resolve_precision(cfg.mixed_precision, device)
     torch.manual_seed(cfg.seed)
@@ -113,7 +109,7 @@ def train(
 
     # 3. Images -> pixel values, cached in memory when they fit; unreadable images are dropped with a warning.
     policy = image_policy or local_image_policy(train_set + eval_set)
-    pixels = _PixelSource(engine, policy, cfg)
+    pixels = PixelSource(engine, policy, threads=cfg.loader_threads, cache_mb=cfg.pixel_cache_mb)
     train_items = pixels.admit(train_set, "train")
     eval_items = pixels.admit(eval_set[: cfg.eval_max_samples] if cfg.eval_max_samples else eval_set, "eval")
     if not train_items:
@@ -123,8 +119,8 @@ def train(
     optimizer = _make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     if resume:
-        _load_training_state(resume, optimizer, scaler, state)
-        _warn_on_changed_order(resume, cfg)
+        load_training_state(resume, optimizer, scaler, state)
+        warn_on_changed_order(resume, cfg)
     micro_per_epoch = math.ceil(len(train_items) / cfg.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
@@ -134,7 +130,8 @@ def train(
 
     def evaluate_now() -> dict[str, Any]:
         started = time.perf_counter()
-        metrics, samples = _evaluate(engine, pixels, eval_items, cfg, autocast)
+        metrics, samples, _ = evaluate_items(engine, pixels, eval_items, max_length=cfg.max_length,
+                                             batch_size=cfg.eval_batch_size, autocast=autocast)  # fmt: skip
         clock.eval_done(time.perf_counter() - started)
         record = {"step": step, "epoch": step / steps_per_epoch, "metrics": metrics}
         state["history"].append(record)
@@ -143,8 +140,8 @@ def train(
         return metrics
 
     def save_now() -> Path:
-        path = _save_checkpoint(engine, optimizer, scaler, state, cfg, ckpt_root, step)
-        _rotate(ckpt_root, cfg, state)
+        path = save_checkpoint(engine, optimizer, scaler, state, cfg, ckpt_root, step)
+        rotate(ckpt_root, cfg, state)
         return path
 
     def gone() -> TrainResult | None:
@@ -165,7 +162,7 @@ def train(
         if stopped := gone():
             return stopped
         if should_stop():
-            if _last_saved(ckpt_root) != step:
+            if last_saved(ckpt_root) != step:
                 save_now()
             log.info("training stopped at step %d with a checkpoint; running again with the same out_dir resumes", step)
             return _result(None, ckpt_root, step, TrainStatus.CANCELLED, state, cfg)
@@ -206,9 +203,9 @@ def train(
     # 7. The best (or last) checkpoint becomes out_dir/final, with its config and a version marker.
     if stopped := gone():
         return stopped
-    if _last_saved(ckpt_root) is None:  # max_steps=0: nothing ran, the base model is the result
+    if last_saved(ckpt_root) is None:  # max_steps=0: nothing ran, the base model is the result
         save_now()
-    final = _finalize(out_dir, ckpt_root, cfg, state)
+    final = finalize(out_dir, ckpt_root, cfg, state)
     return _result(final, ckpt_root, step, TrainStatus.COMPLETED, state, cfg)
 
 
@@ -271,8 +268,8 @@ def encode_captions(tokenizer: Any, captions: list[str], max_tokens: int, *, pad
 
 def _micro_step(
     engine: CaptionEngine,
-    pixels: _PixelSource,
-    batch: list[_Item],
+    pixels: PixelSource,
+    batch: list[Item],
     cfg: TrainConfig,
     epoch: int,
     autocast: Callable[[], AbstractContextManager[Any]],
@@ -295,7 +292,7 @@ def _micro_step(
         )
 
 
-def draw_captions(batch: list[_Item], seed: int, epoch: int) -> list[str]:
+def draw_captions(batch: list[Item], seed: int, epoch: int) -> list[str]:
     """One caption per image, drawn afresh each epoch and seeded by (seed, epoch, image): resume replays it."""
     return [random.Random(f"{seed}:{epoch}:{item.index}").choice(item.captions) for item in batch]
 
@@ -362,175 +359,6 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-# --- images ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Item:
-    index: int
-    image: str
-    captions: list[str]
-
-
-def local_image_policy(examples: list[Example]) -> ImagePolicy:
-    """Reading rights for a dataset: its own folders only, public URLs only, the worker's default limits."""
-    # Real paths: a dataset may link its files elsewhere (the HF cache does), and reads check the link's target.
-    local = [ex.image for ex in examples if not ex.image.startswith(("http:", "https:"))]
-    parents = sorted({os.path.dirname(os.path.realpath(image)) for image in local})
-    roots: list[Path] = []
-    for parent in parents:
-        # Sorted order puts a folder before its subfolders, so each root is kept once.
-        if not roots or not Path(parent).is_relative_to(roots[-1]):
-            roots.append(Path(parent))
-    return ImagePolicy(
-        allowed_roots=tuple(roots),
-        max_bytes=32 * 1024 * 1024,
-        max_pixels=64_000_000,
-        formats=DEFAULT_FORMATS,
-        connect_timeout_s=5.0,
-        total_timeout_s=20.0,
-        max_redirects=5,
-        allow_private=False,
-    )
-
-
-def _source(image: str) -> Source:
-    return Source(url=image) if image.startswith(("http:", "https:")) else Source(path=image)
-
-
-class _PixelSource:
-    """Pixel values per example: decoded once and kept when the dataset fits the cache budget, else per batch."""
-
-    def __init__(self, engine: CaptionEngine, policy: ImagePolicy, cfg: TrainConfig) -> None:
-        self.engine = engine
-        self.policy = policy
-        self.threads = cfg.loader_threads
-        size = engine.model.config.vision_config.image_size
-        self.bytes_per_image = 3 * size * size * 4
-        self.budget = cfg.pixel_cache_mb * 1024 * 1024
-        self.cache: dict[str, torch.Tensor] = {}
-        self.next_index = 0
-
-    def admit(self, examples: list[Example], what: str) -> list[_Item]:
-        """Items for ``examples``; with the cache on, every image is read now and unreadable ones are dropped."""
-        items = [_Item(self.next_index + i, ex.image, list(ex.captions)) for i, ex in enumerate(examples)]
-        self.next_index += len(items)
-        if (len(self.cache) + len(items)) * self.bytes_per_image > self.budget:
-            return items
-        loaded = self._load([item.image for item in items])
-        kept = []
-        for item, tensor in zip(items, loaded, strict=True):
-            if tensor is not None:
-                self.cache[item.image] = tensor
-                kept.append(item)
-        if len(kept) < len(items):
-            skipped = len(items) - len(kept)
-            log.warning("%s: %d of %d images could not be read and are skipped", what, skipped, len(items))
-        return kept
-
-    def pixels(self, batch: list[_Item]) -> tuple[torch.Tensor, list[_Item]]:
-        """Stacked pixel values and the items they belong to: an uncached image that fails now is left out."""
-        missing = [item.image for item in batch if item.image not in self.cache]
-        fresh = dict(zip(missing, self._load(missing), strict=True)) if missing else {}
-        rows = [(item, self.cache.get(item.image, fresh.get(item.image))) for item in batch]
-        kept = [(item, row) for item, row in rows if row is not None]
-        if not kept:
-            raise SourceError(f"none of {len(batch)} images in a batch could be read, e.g. {batch[0].image}")
-        return torch.stack([row for _, row in kept]), [item for item, _ in kept]
-
-    def _load(self, images: list[str]) -> list[torch.Tensor | None]:
-        def one(image: str) -> torch.Tensor | None:
-            try:
-                image_rgb = load_image(_source(image), self.policy)
-            except ItemError as exc:
-                log.warning("image %s skipped: %s: %s", image, exc.code, exc)
-                return None
-            # The engine's own preprocessing, minus its pinning (thousands of small pinned tensors hurt on CUDA).
-            out = self.engine.processor.image_processor(images=[image_rgb], return_tensors="pt")["pixel_values"]
-            return torch.as_tensor(out[0]).to(torch.float32).contiguous()
-
-        if len(images) <= 1 or self.threads == 1:
-            return [one(image) for image in images]
-        # A pool per call: thread start-up is noise next to decoding a batch, and nothing outlives the call.
-        with ThreadPoolExecutor(min(self.threads, len(images)), thread_name_prefix="train-images") as pool:
-            return list(pool.map(one, images))
-
-
-# --- evaluation -------------------------------------------------------------------------------------
-
-
-def _evaluate(
-    engine: CaptionEngine,
-    pixels: _PixelSource,
-    items: list[_Item],
-    cfg: TrainConfig,
-    autocast: Callable[[], AbstractContextManager[Any]],
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Metrics of generated captions (greedy, as the caption worker runs them) and a few samples."""
-    engine.model.eval()
-    params = GenParams(max_length=cfg.max_length)
-    predictions: list[str] = []
-    scored: list[_Item] = []
-    for start in range(0, len(items), cfg.eval_batch_size):
-        pixel_values, kept = pixels.pixels(items[start : start + cfg.eval_batch_size])
-        with autocast():
-            predictions.extend(engine.generate(pixel_values, params))
-        scored.extend(kept)
-    references = [item.captions for item in scored]
-    samples = [
-        {"image": item.image, "prediction": pred, "references": item.captions[:3]}
-        for item, pred in zip(scored[:SAMPLE_COUNT], predictions, strict=False)
-    ]
-    return caption_metrics(predictions, references), samples
-
-
-def evaluate_model(
-    model_dir: Path,
-    examples: list[Example],
-    *,
-    max_length: int = 50,
-    batch_size: int = 16,
-    device: str = "auto",
-    dtype: str = "float32",
-    image_policy: ImagePolicy | None = None,
-) -> dict[str, Any]:
-    """Generated-caption metrics of a saved model on ``examples`` (greedy, through the caption engine).
-
-    Returns the metrics of ``caption_metrics``, ``n`` (images scored), ``samples`` (a few predictions with
-    their references) and ``info`` (``failed`` unreadable images, ``seconds``, the model ``version``).
-    """
-    started = time.perf_counter()
-    engine = CaptionEngine.load(EngineConfig(model=str(model_dir), device=device, dtype=dtype))
-    policy = image_policy or local_image_policy(examples)
-    params = GenParams(max_length=max_length)
-    predictions: list[str] = []
-    references: list[list[str]] = []
-    used: list[Example] = []
-    failed = 0
-    for start in range(0, len(examples), batch_size):
-        images, batch = [], []
-        for ex in examples[start : start + batch_size]:
-            try:
-                images.append(load_image(_source(ex.image), policy))
-                batch.append(ex)
-            except ItemError as exc:
-                log.warning("image %s skipped: %s: %s", ex.image, exc.code, exc)
-                failed += 1
-        if images:
-            predictions.extend(engine.caption(images, params))
-            references.extend(ex.captions for ex in batch)
-            used.extend(batch)
-    metrics: dict[str, Any] = caption_metrics(predictions, references)
-    metrics["n"] = len(predictions)
-    # Everything else that is a number lives under "info", so the top level is metrics + n only.
-    metrics["info"] = {"failed": failed, "seconds": round(time.perf_counter() - started, 3), "version": engine.version}
-    metrics["samples"] = [
-        {"image": ex.image, "prediction": pred, "references": ex.captions[:3]}
-        for ex, pred in zip(used[:SAMPLE_COUNT], predictions, strict=False)
-    ]
-    return metrics
-
-
 # --- progress ----------------------------------------------------------------------------------------
 
 
@@ -576,211 +404,11 @@ def _progress(clock: _Clock, step: int, steps_per_epoch: int, state: dict[str, A
     }
 
 
-# --- checkpoints -------------------------------------------------------------------------------------
-
-
-def _fresh_state(fingerprint: str) -> dict[str, Any]:
-    return {"step": 0, "history": [], "dataset_fingerprint": fingerprint, "last_loss": None}
-
-
-def _step_of(path: Path) -> int | None:
-    name = path.name
-    if not name.startswith("step-") or not name[5:].isdigit() or not (path / STATE_FILE).is_file():
-        return None
-    return int(name[5:])
-
-
-def _checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first (an interrupted save is a ``.tmp`` folder and never listed)."""
-    found = [(_step_of(p), p) for p in ckpt_root.iterdir() if p.is_dir()] if ckpt_root.is_dir() else []
-    return sorted((step, p) for step, p in found if step is not None)
-
-
-def _latest_checkpoint(ckpt_root: Path) -> Path | None:
-    found = _checkpoints(ckpt_root)
-    return found[-1][1] if found else None
-
-
-def _last_saved(ckpt_root: Path) -> int | None:
-    found = _checkpoints(ckpt_root)
-    return found[-1][0] if found else None
-
-
-def _read_state(checkpoint: Path, fingerprint: str) -> dict[str, Any]:
-    state = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
-    if state.get("dataset_fingerprint") != fingerprint:
-        raise ConfigError(
-            f"{checkpoint} was trained on another dataset (fingerprint {state.get('dataset_fingerprint')} != "
-            f"{fingerprint}); use a new output directory, or delete {checkpoint.parent} to start over"
-        )
-    return state
-
-
-def _save_checkpoint(
-    engine: CaptionEngine,
-    optimizer: torch.optim.Optimizer,
-    scaler: Any,
-    state: dict[str, Any],
-    cfg: TrainConfig,
-    ckpt_root: Path,
-    step: int,
-) -> Path:
-    """Weights, processor, optimizer and RNG state, config and counters; written to a temp folder, then renamed."""
-    from safetensors.torch import save_file
-
-    target = ckpt_root / f"step-{step}"
-    tmp = ckpt_root / f"step-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    quiet_progress_bars()
-    engine.model.save_pretrained(tmp, safe_serialization=True)
-    engine.processor.save_pretrained(tmp)
-    tensors, scalars = _flatten_optimizer(optimizer.state_dict())
-    save_file(tensors, str(tmp / OPTIMIZER_FILE))
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, str(tmp / RNG_FILE))
-    saved = {
-        **state,
-        "optimizer": {"param_groups": optimizer.state_dict()["param_groups"], "scalars": scalars},
-        "scaler": scaler.state_dict() if scaler is not None else None,
-    }
-    (tmp / CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2), encoding="utf-8")
-    # The state file is written last: a folder without it is not a checkpoint (see _step_of).
-    (tmp / STATE_FILE).write_text(json.dumps(saved, indent=2), encoding="utf-8")
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    return target
-
-
-def quiet_progress_bars() -> None:
-    """No "Writing model shards" / "Loading weights" bars from transformers: one per checkpoint or evaluation
-    clutters a worker's log and the demo's output."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
-def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Optimizer state as ``"<param>.<name>"`` tensors (safetensors) and scalars (JSON): nothing is pickled."""
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, Any] = {}
-    for pid, entries in sd["state"].items():
-        for name, value in entries.items():
-            if torch.is_tensor(value):
-                tensors[f"{pid}.{name}"] = value.detach().to("cpu").contiguous()
-            else:
-                scalars[f"{pid}.{name}"] = value
-    return tensors, scalars
-
-
-def _load_training_state(checkpoint: Path, optimizer: torch.optim.Optimizer, scaler: Any, state: dict) -> None:
-    from safetensors.torch import load_file
-
-    per_param: dict[int, dict[str, Any]] = {}
-    for key, value in load_file(str(checkpoint / OPTIMIZER_FILE)).items():
-        pid, name = key.split(".", 1)
-        per_param.setdefault(int(pid), {})[name] = value
-    saved = state.pop("optimizer")
-    for key, value in saved["scalars"].items():
-        pid, name = key.split(".", 1)
-        per_param.setdefault(int(pid), {})[name] = value
-    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in saved["param_groups"]]
-    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
-    scaler_state = state.pop("scaler", None)
-    if scaler is not None and scaler_state:
-        scaler.load_state_dict(scaler_state)
-    rng = load_file(str(checkpoint / RNG_FILE))
-    torch.set_rng_state(rng["cpu"])
-    cuda = [rng[f"cuda.{i}"] for i in range(len(rng) - 1) if f"cuda.{i}" in rng]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-    log.info("resumed from %s at step %d", checkpoint, state["step"])
-
-
-def _warn_on_changed_order(checkpoint: Path, cfg: TrainConfig) -> None:
-    """Resuming with another batch size, accumulation or seed is allowed, but the data order changes mid-epoch."""
-    try:
-        saved = json.loads((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    changed = [k for k in ("batch_size", "grad_accum", "seed") if saved.get(k) != getattr(cfg, k)]
-    if changed:
-        log.warning("resuming %s with changed %s: the rest of this epoch sees a different order", checkpoint, changed)
-
-
-def _score(metrics: dict[str, float], cfg: TrainConfig) -> float | None:
-    value = metrics.get(cfg.metric_for_best)
-    if value is None:
-        return None
-    return value if cfg.metric_for_best in LOWER_IS_BETTER else -value
-
-
-def _best_step(ckpt_root: Path, cfg: TrainConfig, state: dict[str, Any]) -> int | None:
-    """The saved step whose evaluation scored best on ``metric_for_best`` (earliest on ties)."""
-    saved = {step for step, _ in _checkpoints(ckpt_root)}
-    ranked = [
-        (score, rec["step"])
-        for rec in state["history"]
-        if rec["step"] in saved and (score := _score(rec["metrics"], cfg)) is not None
-    ]
-    return min(ranked)[1] if ranked else None
-
-
-def _rotate(ckpt_root: Path, cfg: TrainConfig, state: dict[str, Any]) -> None:
-    """Delete the oldest checkpoints beyond ``save_total_limit``, never the best or the latest."""
-    found = _checkpoints(ckpt_root)
-    keep = {_best_step(ckpt_root, cfg, state), found[-1][0] if found else None}
-    extra = len(found) - cfg.save_total_limit
-    for step, path in found:
-        if extra <= 0:
-            break
-        if step not in keep:
-            shutil.rmtree(path)
-            extra -= 1
-
-
-def _finalize(out_dir: Path, ckpt_root: Path, cfg: TrainConfig, state: dict[str, Any]) -> Path:
-    """Copy the chosen checkpoint's model files to ``out_dir/final`` with ``train_config.json`` and a version."""
-    best = _best_step(ckpt_root, cfg, state) if cfg.load_best_at_end else None
-    chosen = ckpt_root / f"step-{best}" if best is not None else _latest_checkpoint(ckpt_root)
-    assert chosen is not None, "training always saves its last step"
-    final, tmp = out_dir / FINAL, out_dir / f"{FINAL}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    skip = {OPTIMIZER_FILE, RNG_FILE, STATE_FILE}
-    shutil.copytree(chosen, tmp, ignore=lambda _dir, names: [n for n in names if n in skip])
-    (tmp / CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2), encoding="utf-8")
-    step = int(chosen.name.removeprefix("step-"))
-    metrics = next((r["metrics"] for r in reversed(state["history"]) if r["step"] == step), {})
-    marker = {
-        # The weights' own hash: two runs never share a version unless they produced the same weights.
-        "version": f"{out_dir.name}@step-{step}-{_weights_hash(tmp)}",
-        "base_model": cfg.base_model,
-        "step": step,
-        "dataset_fingerprint": state["dataset_fingerprint"],
-        "metrics": metrics,
-    }
-    (tmp / VERSION_FILE).write_text(json.dumps(marker, indent=2), encoding="utf-8")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    log.info("final model (step %d) written to %s", step, final)
-    return final
-
-
-def _weights_hash(model_dir: Path) -> str:
-    digest = hashlib.sha256()
-    for file in sorted(model_dir.glob("*.safetensors")):
-        with open(file, "rb") as fh:
-            while chunk := fh.read(1 << 22):
-                digest.update(chunk)
-    return digest.hexdigest()[:12]
-
-
 def _result(
     final: Path | None, ckpt_root: Path, step: int, status: TrainStatus, state: dict[str, Any], cfg: TrainConfig
 ) -> TrainResult:
     """The outcome; ``best_*`` describe the best *saved* checkpoint (the one ``final`` holds with load_best_at_end)."""
-    best = _best_step(ckpt_root, cfg, state)
+    best = best_step(ckpt_root, cfg, state)
     metrics = next((r["metrics"] for r in reversed(state["history"]) if r["step"] == best), {})
     return TrainResult(
         final_dir=final,

@@ -164,7 +164,7 @@ def run_train(settings: Settings, ledger: Ledger, req: TrainRequest) -> dict[str
     ledger.set_fields(req.job_id, started=time.time())
     metrics.training_started(req.job_id)
     try:
-        summary = _fine_tune(store, ledger, req, beat)
+        summary = _fine_tune(settings, store, ledger, req, beat)
     except Exception as exc:
         if beat.lost():  # the job is another runner's now: its outcome is not ours to record
             summary = {"job_id": req.job_id, "status": "lost_lock", "error": f"{type(exc).__name__}: {exc}"}
@@ -178,11 +178,15 @@ def run_train(settings: Settings, ledger: Ledger, req: TrainRequest) -> dict[str
     return summary
 
 
-def _fine_tune(store: ModelStore, ledger: Ledger, req: TrainRequest, beat: _Heartbeat) -> dict[str, Any]:
+def _fine_tune(
+    settings: Settings, store: ModelStore, ledger: Ledger, req: TrainRequest, beat: _Heartbeat
+) -> dict[str, Any]:
     """Steps 2-5 of run_train, under the lock."""
+    from training.checkpoints import quiet_progress_bars
     from training.config import TrainConfig
     from training.data import dataset_fingerprint, load_examples, split_examples
-    from training.finetune import TrainStatus, quiet_progress_bars, train
+    from training.finetune import TrainStatus, train
+    from training.pixels import local_image_policy
 
     quiet_progress_bars()
     cfg = TrainConfig.from_dict(req.config)
@@ -201,7 +205,8 @@ def _fine_tune(store: ModelStore, ledger: Ledger, req: TrainRequest, beat: _Hear
                 log.warning("job %s: progress not recorded (%s)", req.job_id, exc)
 
         result = train(cfg, train_set, eval_set, run_dir, on_progress=progress,  # 3.
-                       should_stop=lambda: SHUTTING_DOWN.is_set() or beat.cancelled(), lost=beat.lost)  # fmt: skip
+                       should_stop=lambda: SHUTTING_DOWN.is_set() or beat.cancelled(), lost=beat.lost,
+                       image_policy=local_image_policy(examples, settings))  # fmt: skip
         if result.status is TrainStatus.CANCELLED and not beat.cancelled():
             log.info("training job %s interrupted at step %d by the worker's shutdown; the next training worker "
                      "resumes it from this step", req.job_id, result.steps)  # fmt: skip
@@ -262,8 +267,10 @@ def _record_failure(ledger: Ledger, job_id: str, exc: Exception) -> None:
 
 def run_evaluate(settings: Settings, req: EvaluateRequest) -> dict[str, Any]:
     """Score a stored version on a dataset with generated captions; the result is kept with the version."""
+    from training.checkpoints import quiet_progress_bars
     from training.data import dataset_fingerprint, load_examples
-    from training.finetune import evaluate_model, quiet_progress_bars
+    from training.evaluation import evaluate_model
+    from training.pixels import local_image_policy
 
     quiet_progress_bars()
     store = _store(settings)
@@ -273,7 +280,8 @@ def run_evaluate(settings: Settings, req: EvaluateRequest) -> dict[str, Any]:
     examples = load_examples(req.dataset, column=req.column, text_column=req.text_column)
     if req.max_samples:
         examples = examples[: req.max_samples]
-    report = evaluate_model(version.path, examples, max_length=req.max_length)
+    report = evaluate_model(version.path, examples, max_length=req.max_length,
+                            image_policy=local_image_policy(examples, settings))  # fmt: skip
     metrics_ = {k: v for k, v in report.items() if isinstance(v, int | float) and k != "n"}
     store.record_evaluation(version.version, dataset_fingerprint(examples), metrics_)
     return {"version": version.version, "dataset": req.dataset, **report}
