@@ -25,7 +25,7 @@ import redis
 
 from common.errors import CaptionerError, ConfigError
 from common.ledger import Ledger
-from common.messages import EvaluateRequest, JobKind, JobState, TrainRequest
+from common.messages import EvaluateRequest, JobKind, JobState, TrainOutcome, TrainRequest
 from common.settings import Settings
 from common.store import ModelStore
 from worker import metrics
@@ -143,11 +143,9 @@ class _Heartbeat:
 def run_train(settings: Settings, ledger: Ledger, req: TrainRequest) -> dict[str, Any]:
     """Steps: 1 take the lock, 2 load data, 3 train (resuming), 4 store the version, 5 promote if asked.
 
-    Outcomes: ``done`` (a version; promoted, or "not promoted: why" in ``promotion``), ``cancelled``,
-    ``failed`` (the code raised: the job ends FAILED with the error in its result, and the error is
-    raised again for Celery), ``lost_lock`` (another runner owns the job now), ``interrupted`` (this worker
-    is shutting down: the job stays RUNNING, checkpointed and unlocked, for the orphan scan to resume) and
-    ``skipped``. A killed worker leaves the job RUNNING with a lapsing lock, and the orphan scan resumes it.
+    The outcome is a ``TrainOutcome`` (common/messages.py says what each means); on ``failed`` the error is
+    raised again for Celery. A killed worker leaves the job RUNNING with a lapsing lock, and the orphan scan
+    resumes it.
     """
     store = _store(settings)
     if settings.torch_threads:
@@ -157,20 +155,20 @@ def run_train(settings: Settings, ledger: Ledger, req: TrainRequest) -> dict[str
     if ledger.state(req.job_id) is None:
         open_train_job(ledger, req)
     if ledger.state(req.job_id) is not JobState.RUNNING:
-        return {"job_id": req.job_id, "status": "skipped", "reason": f"job is {ledger.state(req.job_id)}"}
+        return {"job_id": req.job_id, "status": TrainOutcome.SKIPPED, "reason": f"job is {ledger.state(req.job_id)}"}
     beat = _Heartbeat(ledger, req.job_id, settings.train_lock_ttl_s)
     if not beat.acquire():  # 1. somebody else runs it: never twice
-        return {"job_id": req.job_id, "status": "skipped", "reason": "already running elsewhere"}
+        return {"job_id": req.job_id, "status": TrainOutcome.SKIPPED, "reason": "already running elsewhere"}
     ledger.set_fields(req.job_id, started=time.time())
     metrics.training_started(req.job_id)
     try:
         summary = _fine_tune(settings, store, ledger, req, beat)
     except Exception as exc:
         if beat.lost():  # the job is another runner's now: its outcome is not ours to record
-            summary = {"job_id": req.job_id, "status": "lost_lock", "error": f"{type(exc).__name__}: {exc}"}
+            summary = {"job_id": req.job_id, "status": TrainOutcome.LOST_LOCK, "error": f"{type(exc).__name__}: {exc}"}
         else:
             _record_failure(ledger, req.job_id, exc)
-            metrics.training_ended("failed")
+            metrics.training_ended(TrainOutcome.FAILED)
             raise
     finally:
         beat.release()
@@ -210,11 +208,11 @@ def _fine_tune(
         if result.status is TrainStatus.CANCELLED and not beat.cancelled():
             log.info("training job %s interrupted at step %d by the worker's shutdown; the next training worker "
                      "resumes it from this step", req.job_id, result.steps)  # fmt: skip
-            return {**done, "status": "interrupted", "steps": result.steps}
+            return {**done, "status": TrainOutcome.INTERRUPTED, "steps": result.steps}
         if result.status is TrainStatus.CANCELLED:
-            return {**done, "status": "cancelled", "steps": result.steps}
+            return {**done, "status": TrainOutcome.CANCELLED, "steps": result.steps}
         if result.status is TrainStatus.LOST_LOCK or beat.lost():
-            return {**done, "status": "lost_lock", "steps": result.steps}
+            return {**done, "status": TrainOutcome.LOST_LOCK, "steps": result.steps}
         meta = {  # 4.
             "base_model": cfg.base_model,
             "dataset": req.dataset,
@@ -229,7 +227,7 @@ def _fine_tune(
         version = store.add(Path(result.final_dir), meta).version
         ledger.set_fields(req.job_id, version=version)
     mv = store.get(version)
-    summary = {**done, "status": "done", "version": version, "promoted": False,
+    summary = {**done, "status": TrainOutcome.DONE, "version": version, "promoted": False,
                "metrics": mv.metrics, "steps": mv.meta.get("steps")}  # fmt: skip
     if req.promote:  # 5.
         try:
@@ -258,7 +256,7 @@ def _record_failure(ledger: Ledger, job_id: str, exc: Exception) -> None:
     error = f"{exc}" if isinstance(exc, CaptionerError) else f"{type(exc).__name__}: {exc}"
     log.error("training job %s failed: %s", job_id, error, exc_info=not isinstance(exc, CaptionerError))
     try:
-        ledger.set_fields(job_id, result={"job_id": job_id, "status": "failed", "error": error},
+        ledger.set_fields(job_id, result={"job_id": job_id, "status": TrainOutcome.FAILED, "error": error},
                           finished=time.time())  # fmt: skip
         ledger.set_state(job_id, JobState.FAILED)
     except redis.RedisError as write_error:
