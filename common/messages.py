@@ -55,9 +55,8 @@ class TrainOutcome(StrEnum):
 
     DONE = "done"  # a model version (promoted, or "not promoted: why")
     CANCELLED = "cancelled"  # a user's cancel: checkpointed; submitting the job again resumes it
-    FAILED = (
-        "failed"  # the code or its configuration raised: the job ends FAILED with the error, never re-run by itself
-    )
+    # The code or its configuration raised: the job ends FAILED with the error and is never re-run by itself.
+    FAILED = "failed"
     LOST_LOCK = "lost_lock"  # another runner owns the job now: stopped without writing
     INTERRUPTED = "interrupted"  # this worker is shutting down: checkpointed and unlocked, the next worker resumes it
     SKIPPED = "skipped"  # not run: the job is not RUNNING, or another runner holds it
