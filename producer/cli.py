@@ -604,18 +604,12 @@ def _train_ticker() -> Callable[[Any], None]:
 def evaluate(ctx: click.Context, version: str, dataset: str, max_samples: int | None, max_length: int,
              timeout: float, as_json: bool) -> None:  # fmt: skip
     """Score VERSION ('current' for the promoted one) on DATASET with generated captions."""
-    from common.messages import TASK_EVALUATE, EvaluateRequest
+    from common.messages import EvaluateRequest
 
     if Path(dataset).exists():
         dataset = str(Path(dataset).resolve())
     req = EvaluateRequest(version=version, dataset=dataset, max_samples=max_samples, max_length=max_length)
-    client = _client(ctx)
-    client.check()
-    queue = _settings(ctx).training_queue
-    if not client.training_workers():
-        raise _Fail(f"no training worker answers on the queue {queue!r}; start one (captioner worker --training)")
-    result = client.app.send_task(TASK_EVALUATE, kwargs=req.model_dump(), queue=queue)
-    report = _evaluation(result, timeout)
+    report = _client(ctx).evaluate(req, timeout=timeout)
 
     def human() -> None:
         for k in ("wer", "cer", "bleu4", "rouge_l", "cider"):
@@ -623,24 +617,6 @@ def evaluate(ctx: click.Context, version: str, dataset: str, max_samples: int | 
                 click.echo(f"{k:8} {report[k]:.4f}")
 
     _emit(as_json, report, human)
-
-
-def _evaluation(result: Any, timeout: float) -> dict[str, Any]:
-    """The evaluate task's report; a timeout or a worker-side error is one line."""
-    from celery.exceptions import TimeoutError as CeleryTimeout
-
-    try:
-        return result.get(timeout=timeout)
-    except CeleryTimeout:
-        result.revoke()  # the user gave up: a worker that reaches it later skips it
-        raise _Fail(
-            f"no evaluation result after {timeout:g}s (the training worker runs one job at a time and may be "
-            "fine-tuning); it was withdrawn: try again later or with a larger --timeout"
-        ) from None
-    except CaptionerError:
-        raise
-    except Exception as exc:  # the worker's exception, rebuilt by Celery under whatever class it could find
-        raise _Fail(f"evaluation failed on the worker: {type(exc).__name__}: {exc}") from None
 
 
 @cli.command()
