@@ -738,6 +738,9 @@ def worker(ctx: click.Context, training: bool, model: str | None, revision: str 
     settings = _settings(ctx).model_copy(update={k: v for k, v in given.items() if v is not None})
     use_settings(settings)  # before the Celery app is built: it reads concurrency and queues from them
     if training:
+        from training.jobs import check_training_worker
+
+        check_training_worker(settings)  # a worker that cannot train says why and does not start
         from training.celery_app import app
     else:
         from worker.celery_app import app

@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import os
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -38,8 +39,24 @@ SHUTTING_DOWN = threading.Event()
 
 def _store(settings: Settings) -> ModelStore:
     if settings.model_store is None:
-        raise ConfigError("training needs CAPTIONER_MODEL_STORE (a directory for model versions)")
+        raise ConfigError("training needs CAPTIONER_MODEL_STORE (a writable directory for model versions); set it "
+                          "on the training worker and start it again")  # fmt: skip
     return ModelStore(settings.model_store)
+
+
+def check_training_worker(settings: Settings) -> None:
+    """What a training worker needs before it takes a job, checked at start-up: a ``ConfigError`` says what is
+    missing, and the worker does not start (a job it took would fail, or worse, come back every few minutes)."""
+    store = _store(settings)
+    try:
+        store.root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=store.root, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"CAPTIONER_MODEL_STORE {store.root} is not a writable directory ({exc.strerror or exc}); fix it or "
+            "point the setting elsewhere, then start the training worker again"
+        ) from None
 
 
 def check_train_request(req: TrainRequest) -> None:
@@ -147,7 +164,6 @@ def run_train(settings: Settings, ledger: Ledger, req: TrainRequest) -> dict[str
     raised again for Celery. A killed worker leaves the job RUNNING with a lapsing lock, and the orphan scan
     resumes it.
     """
-    store = _store(settings)
     if settings.torch_threads:
         import torch
 
@@ -162,7 +178,7 @@ def run_train(settings: Settings, ledger: Ledger, req: TrainRequest) -> dict[str
     ledger.set_fields(req.job_id, started=time.time())
     metrics.training_started(req.job_id)
     try:
-        summary = _fine_tune(settings, store, ledger, req, beat)
+        summary = _fine_tune(settings, _store(settings), ledger, req, beat)
     except Exception as exc:
         if beat.lost():  # the job is another runner's now: its outcome is not ours to record
             summary = {"job_id": req.job_id, "status": TrainOutcome.LOST_LOCK, "error": f"{type(exc).__name__}: {exc}"}
@@ -210,7 +226,9 @@ def _fine_tune(
                      "resumes it from this step", req.job_id, result.steps)  # fmt: skip
             return {**done, "status": TrainOutcome.INTERRUPTED, "steps": result.steps}
         if result.status is TrainStatus.CANCELLED:
-            return {**done, "status": TrainOutcome.CANCELLED, "steps": result.steps}
+            cancelled = {**done, "status": TrainOutcome.CANCELLED, "steps": result.steps}
+            ledger.set_fields(req.job_id, result=cancelled, finished=time.time())
+            return cancelled
         if result.status is TrainStatus.LOST_LOCK or beat.lost():
             return {**done, "status": TrainOutcome.LOST_LOCK, "steps": result.steps}
         meta = {  # 4.
@@ -254,6 +272,7 @@ def _stored_version(store: ModelStore, ledger: Ledger, job_id: str) -> str | Non
 def _record_failure(ledger: Ledger, job_id: str, exc: Exception) -> None:
     """The job ends FAILED with its error; if Redis is down too, it stays RUNNING and is resumed later."""
     error = f"{exc}" if isinstance(exc, CaptionerError) else f"{type(exc).__name__}: {exc}"
+    error = " ".join(error.split())  # one line: library errors (hub, OS) often span several
     log.error("training job %s failed: %s", job_id, error, exc_info=not isinstance(exc, CaptionerError))
     try:
         ledger.set_fields(job_id, result={"job_id": job_id, "status": TrainOutcome.FAILED, "error": error},
