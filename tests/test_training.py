@@ -302,6 +302,36 @@ def test_pads_are_minus_100_and_never_change_the_loss(tiny_dir: Path) -> None:
     assert abs(flawed.item() - loss_short.item()) > 1e-3
 
 
+def test_two_accumulated_batches_of_4_give_the_gradients_of_one_batch_of_8(tiny_dir: Path) -> None:
+    """Under accumulation the loss is normalised over the tokens of the whole accumulated batch: a mean per
+    micro-batch, averaged, would weigh the short captions' tokens (first four) twice as much as the long ones'."""
+    from training.finetune import CaptionLoss, MicroBatch, accumulate, make_accelerator
+
+    engine = CaptionEngine.load(EngineConfig(model=str(tiny_dir), device="cpu", dtype="float32"))
+    model = engine.model.eval()  # no dropout: both runs must see the same function
+    captions = ["a dot", "a red dot", "a circle", "a blue one",
+                "a red circle on the left of a white background", "a blue square at the top of a gray background",
+                "a green triangle at the bottom of a black background",
+                "an orange diamond in the middle of a gray background"]  # fmt: skip
+    enc = encode_captions(engine.processor.tokenizer, captions, 32)
+    size = model.config.vision_config.image_size
+    inputs = {**enc, "pixel_values": torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(0))}
+    acc = make_accelerator(TrainConfig(mixed_precision="no", device="cpu"))
+
+    def gradients(parts: list[slice]) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        batches = [MicroBatch({k: v[part] for k, v in inputs.items()}, int((enc["labels"][part, 1:] != -100).sum()))
+                   for part in parts]  # fmt: skip
+        loss = accumulate(acc, CaptionLoss(model), batches)
+        assert loss == pytest.approx(caption_loss(model, **inputs).item(), rel=1e-5)
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    one, two = gradients([slice(0, 8)]), gradients([slice(0, 4), slice(4, 8)])
+    assert one.keys() == two.keys() and len(one) > 10
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-7)
+
+
 # --- training ------------------------------------------------------------------------------------------
 
 #: Settings that learn fast on a 2-core CPU (see the numbers in test_tiny_git_learns_the_shapes).

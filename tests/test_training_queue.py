@@ -217,7 +217,7 @@ def test_training_longer_than_the_visibility_timeout_runs_once(stack, session_ro
         client.cancel(req.job_id)
         wait_for(lambda: (client.status(req.job_id).extra.get("result") or {}).get("status") == "cancelled", 120,
                  "the run to stop")  # fmt: skip
-        took = client.status(req.job_id).extra["finished"] - started
+        took = time.time() - started
     client.close()
     log = proc.log_path.read_text()
     runs = len([line for line in log.splitlines() if f"Task {TASK_TRAIN}[" in line and " received" in line])

@@ -33,10 +33,12 @@ CONFIG_FILE = "train_config.json"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng_state.safetensors"
+#: In a checkpoint of a LoRA run: the adapters' weights (the base model's are not repeated).
+ADAPTER_RUN = "adapter_model.safetensors"
 
 
 def fresh_state(fingerprint: str) -> dict[str, Any]:
-    return {"step": 0, "history": [], "dataset_fingerprint": fingerprint, "last_loss": None}
+    return {"step": 0, "history": [], "dataset_fingerprint": fingerprint, "last_loss": None, "processes": 1}
 
 
 def _step_of(path: Path) -> int | None:
@@ -74,21 +76,29 @@ def read_state(checkpoint: Path, fingerprint: str) -> dict[str, Any]:
 
 def save_checkpoint(
     engine: Any,
-    optimizer: torch.optim.Optimizer,
+    adapters: Any,
+    optimizer: Any,
     scaler: Any,
     state: dict[str, Any],
     cfg: TrainConfig,
     ckpt_root: Path,
     step: int,
 ) -> Path:
-    """Weights, processor, optimizer and RNG state, config and counters; written to a temp folder, then renamed."""
+    """Weights (the LoRA adapters only, for a LoRA run), processor, optimizer and RNG state, config and counters;
+    written to a temp folder, then renamed."""
     from safetensors.torch import save_file
 
     target = ckpt_root / f"step-{step}"
     tmp = ckpt_root / f"step-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     quiet_progress_bars()
-    engine.model.save_pretrained(tmp, safe_serialization=True)
+    if adapters is not None:
+        from training.lora import save_adapters
+
+        save_adapters(adapters, tmp)
+    else:
+        engine.model.save_pretrained(tmp, safe_serialization=True)
     engine.processor.save_pretrained(tmp)
     tensors, scalars = _flatten_optimizer(optimizer.state_dict())
     save_file(tensors, str(tmp / OPTIMIZER_FILE))
@@ -130,7 +140,8 @@ def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dic
     return tensors, scalars
 
 
-def load_training_state(checkpoint: Path, optimizer: torch.optim.Optimizer, scaler: Any, state: dict) -> None:
+def load_training_state(checkpoint: Path, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Optimizer moments and step counts, and the RNG, as the checkpoint left them (``state`` is its state file)."""
     from safetensors.torch import load_file
 
     per_param: dict[int, dict[str, Any]] = {}
@@ -143,9 +154,6 @@ def load_training_state(checkpoint: Path, optimizer: torch.optim.Optimizer, scal
         per_param.setdefault(int(pid), {})[name] = value
     groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in saved["param_groups"]]
     optimizer.load_state_dict({"state": per_param, "param_groups": groups})
-    scaler_state = state.pop("scaler", None)
-    if scaler is not None and scaler_state:
-        scaler.load_state_dict(scaler_state)
     rng = load_file(str(checkpoint / RNG_FILE))
     torch.set_rng_state(rng["cpu"])
     cuda = [rng[f"cuda.{i}"] for i in range(len(rng) - 1) if f"cuda.{i}" in rng]
@@ -154,13 +162,17 @@ def load_training_state(checkpoint: Path, optimizer: torch.optim.Optimizer, scal
     log.info("resumed from %s at step %d", checkpoint, state["step"])
 
 
-def warn_on_changed_order(checkpoint: Path, cfg: TrainConfig) -> None:
-    """Resuming with another batch size, accumulation or seed is allowed, but the data order changes mid-epoch."""
+def warn_on_changed_order(checkpoint: Path, cfg: TrainConfig, processes: int) -> None:
+    """Resuming with another batch size, accumulation, seed or process count is allowed, but the data order
+    changes mid-epoch (and with it the global batch, unless batch_size makes up for the processes)."""
     try:
-        saved = json.loads((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
+        saved = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+        saved_cfg = json.loads((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return
-    changed = [k for k in ("batch_size", "grad_accum", "seed") if saved.get(k) != getattr(cfg, k)]
+    changed = [k for k in ("batch_size", "grad_accum", "seed") if saved_cfg.get(k) != getattr(cfg, k)]
+    if saved.get("processes", 1) != processes:
+        changed.append(f"processes {saved.get('processes', 1)} -> {processes}")
     if changed:
         log.warning("resuming %s with changed %s: the rest of this epoch sees a different order", checkpoint, changed)
 
@@ -196,15 +208,29 @@ def rotate(ckpt_root: Path, cfg: TrainConfig, state: dict[str, Any]) -> None:
             extra -= 1
 
 
-def finalize(out_dir: Path, ckpt_root: Path, cfg: TrainConfig, state: dict[str, Any]) -> Path:
-    """Copy the chosen checkpoint's model files to ``out_dir/final`` with ``train_config.json`` and a version."""
+def finalize(
+    out_dir: Path, ckpt_root: Path, cfg: TrainConfig, state: dict[str, Any], engine: Any = None, adapters: Any = None
+) -> Path:
+    """The chosen checkpoint as a full model in ``out_dir/final``, with ``train_config.json`` and a version file.
+
+    A full fine-tune's checkpoint files are copied; a LoRA run's adapters are loaded into ``adapters`` (the live
+    peft wrapper) and merged into the base weights, so the version loads anywhere without peft.
+    """
     best = best_step(ckpt_root, cfg, state) if cfg.load_best_at_end else None
     chosen = ckpt_root / f"step-{best}" if best is not None else latest_checkpoint(ckpt_root)
     assert chosen is not None, "training always saves its last step"
     final, tmp = out_dir / FINAL, out_dir / f"{FINAL}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    skip = {OPTIMIZER_FILE, RNG_FILE, STATE_FILE}
-    shutil.copytree(chosen, tmp, ignore=lambda _dir, names: [n for n in names if n in skip])
+    if (chosen / ADAPTER_RUN).is_file():
+        from training.lora import load_adapters, merged
+
+        load_adapters(adapters, chosen)
+        quiet_progress_bars()
+        merged(adapters).save_pretrained(tmp, safe_serialization=True)
+        engine.processor.save_pretrained(tmp)
+    else:
+        skip = {OPTIMIZER_FILE, RNG_FILE, STATE_FILE}
+        shutil.copytree(chosen, tmp, ignore=lambda _dir, names: [n for n in names if n in skip])
     (tmp / CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2), encoding="utf-8")
     step = int(chosen.name.removeprefix("step-"))
     metrics = next((r["metrics"] for r in reversed(state["history"]) if r["step"] == step), {})

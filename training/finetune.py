@@ -1,8 +1,10 @@
-"""Fine-tune GIT on captioned images: a plain PyTorch loop with safetensors checkpoints, resume and generated-text eval.
+"""Fine-tune GIT on captioned images: our loop on accelerate (device placement, mixed precision, data parallel),
+with resumable pickle-free checkpoints (training/checkpoints.py) and generated-caption evaluation.
 
-The seed recipe (HF image-captioning guide) with its two flaws fixed: padding positions are -100 in the labels
-(they never enter the loss), and evaluation scores captions the model *generates*, not teacher-forced argmax.
-Checkpoints hold no pickles: weights and optimizer tensors are safetensors, everything else is JSON.
+The seed recipe (HF image-captioning guide) with its flaws fixed: padding positions are -100 in the labels (they
+never enter the loss), evaluation scores captions the model *generates*, not teacher-forced argmax, and under
+gradient accumulation (and across processes) the loss is a mean over the tokens of the whole accumulated batch,
+not a mean of per-micro-batch means, which weighed a short caption's tokens more than a long one's.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ import math
 import random
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,9 @@ from worker.images import ImagePolicy
 
 log = logging.getLogger(__name__)
 
+#: Where report_to=tensorboard writes its event files, inside the run directory.
+TENSORBOARD_DIR = "tensorboard"
+
 
 class TrainStatus(StrEnum):
     COMPLETED = "completed"
@@ -62,6 +67,16 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     best_step: int | None = None
 
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "final_dir": None if self.final_dir is None else str(self.final_dir)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainResult:
+        final = data.get("final_dir")
+        return cls(
+            **{**data, "final_dir": None if final is None else Path(final), "status": TrainStatus(data["status"])}
+        )
+
 
 def _noop(_: dict[str, Any]) -> None:
     return None
@@ -69,6 +84,27 @@ def _noop(_: dict[str, Any]) -> None:
 
 def _never() -> bool:
     return False
+
+
+@dataclass
+class MicroBatch:
+    """One forward pass's inputs and how many of its label tokens are scored."""
+
+    inputs: dict[str, torch.Tensor]
+    tokens: int
+
+
+class CaptionLoss(torch.nn.Module):
+    """GIT under a forward that returns the summed token loss: the module accelerate wraps for data parallel (a
+    gradient sync happens in the wrapper's forward, so the loss must be computed inside one)."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        total, _ = caption_loss_terms(self.model, **inputs)
+        return total
 
 
 # --- the loop --------------------------------------------------------------------------------------
@@ -88,24 +124,27 @@ def train(
     """Fine-tune ``cfg.base_model`` on ``train_set``, evaluating on ``eval_set``; resumes from ``out_dir``.
 
     ``should_stop`` (a user's cancel) ends the run at the next step with a checkpoint; ``lost`` (the run
-    directory now belongs to another runner) ends it at the next step, before any further write.
+    directory now belongs to another runner) ends it at the next step, before any further write. Under a
+    distributed launcher (training/distributed.py) every process runs this; the first one evaluates, reports,
+    checkpoints and decides when to stop, for all of them.
     """
-    # 1. Check the config, pick device and precision, find a checkpoint to resume from.
+    # 1. Check the config; accelerate picks device, precision and (under a launcher) the process group.
     _check_config(cfg, train_set, eval_set)
+    acc = make_accelerator(cfg)
+    main, world = acc.is_main_process, acc.num_processes
     out_dir = Path(out_dir)
     ckpt_root = out_dir / CHECKPOINTS
     ckpt_root.mkdir(parents=True, exist_ok=True)
     fingerprint = dataset_fingerprint(train_set)
     resume = latest_checkpoint(ckpt_root)
     state = read_state(resume, fingerprint) if resume else fresh_state(fingerprint)
-    device = resolve_device(cfg.device)
-    amp_dtype = resolve_precision(cfg.mixed_precision, device)
     torch.manual_seed(cfg.seed)
 
-    # 2. Model and processor: the latest checkpoint's when resuming, else the base model (safetensors only).
-    engine = CaptionEngine.load(EngineConfig(model=str(resume or cfg.base_model), device=cfg.device, dtype="float32"))
+    # 2. Model and processor: the checkpoint's when resuming, else the base model (safetensors only); LoRA
+    #    adapters on top when asked. ``engine.model`` stays the plain module: it generates for evaluation.
+    engine, adapters = _load_model(cfg, resume, acc.device)
     model = engine.model
-    log.info("training %s on %s (%s), resume=%s", cfg.base_model, device, amp_dtype or "fp32", resume)
+    log.info("training %s on %s x%d (%s), resume=%s", cfg.base_model, acc.device, world, acc.mixed_precision, resume)
 
     # 3. Images -> pixel values, cached in memory when they fit; unreadable images are dropped with a warning.
     policy = image_policy or local_image_policy(train_set + eval_set)
@@ -115,98 +154,165 @@ def train(
     if not train_items:
         raise SourceError("no training image could be read; check the dataset paths")
 
-    # 4. Optimizer (+ fp16 loss scaler); their state and the RNG come back from the checkpoint.
+    # 4. Optimizer; its state and the RNG come back from the checkpoint; then accelerate wraps both.
     optimizer = _make_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    scaler_state = state.pop("scaler", None)
     if resume:
-        load_training_state(resume, optimizer, scaler, state)
-        warn_on_changed_order(resume, cfg)
-    micro_per_epoch = math.ceil(len(train_items) / cfg.batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
-    total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+        load_training_state(resume, optimizer, state)
+        warn_on_changed_order(resume, cfg, world)
+    state["processes"] = world
+    loss_module, optimizer = acc.prepare(CaptionLoss(model), optimizer)
+    if acc.scaler is not None and scaler_state:
+        acc.scaler.load_state_dict(scaler_state)
+    plan = _Plan(len(train_items), cfg, world)
     step = int(state["step"])
-    clock = _Clock(cfg, total_steps, step)
-    autocast = _autocast(device, amp_dtype)
+    clock = _Clock(cfg, plan.total_steps, step)
+    report = _Reporter(cfg, out_dir) if main else None
 
-    def evaluate_now() -> dict[str, Any]:
+    def evaluate_now() -> None:
         started = time.perf_counter()
         metrics, samples, _ = evaluate_items(engine, pixels, eval_items, max_length=cfg.max_length,
-                                             batch_size=cfg.eval_batch_size, autocast=autocast)  # fmt: skip
+                                             batch_size=cfg.eval_batch_size, autocast=acc.autocast)  # fmt: skip
         clock.eval_done(time.perf_counter() - started)
-        record = {"step": step, "epoch": step / steps_per_epoch, "metrics": metrics}
+        record = {"step": step, "epoch": step / plan.steps_per_epoch, "metrics": metrics}
         state["history"].append(record)
-        on_progress({**_progress(clock, step, steps_per_epoch, state), **record, "kind": "eval", "samples": samples})
+        on_progress({**_progress(clock, plan, step, state, report), **record, "kind": "eval", "samples": samples})
+        if report:
+            report.evaluation(step, metrics, samples)
         log.info("eval step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-        return metrics
 
-    def save_now() -> Path:
-        path = save_checkpoint(engine, optimizer, scaler, state, cfg, ckpt_root, step)
+    def save_now() -> None:
+        save_checkpoint(engine, adapters, optimizer, acc.scaler, state, cfg, ckpt_root, step)
         rotate(ckpt_root, cfg, state)
-        return path
 
-    def gone() -> TrainResult | None:
-        if not lost():
-            return None
-        log.warning("training lock lost at step %d: another runner owns %s; stopping without writing", step, out_dir)
-        return _result(None, ckpt_root, step, TrainStatus.LOST_LOCK, state, cfg)
+    def end(status: TrainStatus, final: Path | None = None) -> TrainResult:
+        acc.wait_for_everyone()
+        if report:
+            report.close()
+        return _result(final, ckpt_root, step, status, state, cfg)
 
-    if cfg.eval_on_start and step == 0 and eval_items and not state["history"]:
+    if main and cfg.eval_on_start and step == 0 and eval_items and not state["history"]:
         evaluate_now()
 
-    # 5. The loop: one optimizer step = grad_accum micro-batches; eval, save and stop checks between steps.
+    # 5. The loop: one optimizer step = grad_accum micro-batches per process; stop checks before each step.
     model.train()
     running, running_n = 0.0, 0
-    order: list[int] = []
-    order_epoch = -1
-    while step < total_steps:
-        if stopped := gone():
-            return stopped
-        if should_stop():
-            if last_saved(ckpt_root) != step:
+    while step < plan.total_steps:
+        stop, gone = _agree(acc, main and should_stop(), main and lost())
+        if gone:
+            log.warning(
+                "training lock lost at step %d: another runner owns %s; stopping without writing", step, out_dir
+            )
+            return end(TrainStatus.LOST_LOCK)
+        if stop:
+            if main and last_saved(ckpt_root) != step:
                 save_now()
             log.info("training stopped at step %d with a checkpoint; running again with the same out_dir resumes", step)
-            return _result(None, ckpt_root, step, TrainStatus.CANCELLED, state, cfg)
+            return end(TrainStatus.CANCELLED)
         started = time.perf_counter()
-        lr = _lr_at(cfg, step, total_steps)
+        lr = lr_at(cfg, step, plan.total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        if order_epoch != epoch:
-            order, order_epoch = _epoch_order(len(train_items), cfg.seed, epoch), epoch
-        micro = range(in_epoch * cfg.grad_accum, min((in_epoch + 1) * cfg.grad_accum, micro_per_epoch))
-        step_loss = 0.0
-        for m in micro:
-            batch = [train_items[i] for i in order[m * cfg.batch_size : (m + 1) * cfg.batch_size]]
-            loss = _micro_step(engine, pixels, batch, cfg, epoch, autocast, device)
-            (scaler.scale(loss / len(micro)) if scaler else loss / len(micro)).backward()
-            step_loss += float(loss.detach()) / len(micro)
-        _optimizer_step(model, optimizer, scaler, cfg)
+        epoch = step // plan.steps_per_epoch
+        shares = plan.micro_items(step, acc.process_index)
+        batches = [micro_batch(engine, pixels, [train_items[i] for i in share], cfg, epoch) for share in shares]
+        step_loss = accumulate(acc, loss_module, batches)
+        if cfg.max_grad_norm > 0:
+            acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         step += 1
         state["step"] = step
         running, running_n = running + step_loss, running_n + 1
         clock.step_done(time.perf_counter() - started)
 
-        # 6. Report, evaluate and save on their schedules; the last step always gets both.
-        last = step == total_steps
-        if step % cfg.log_steps == 0 or last:
+        # 6. Report, evaluate and save on their schedules (the first process only); the last step gets all three.
+        last = step == plan.total_steps
+        if main and (step % cfg.log_steps == 0 or last):
             state["last_loss"] = running / running_n
-            on_progress({**_progress(clock, step, steps_per_epoch, state), "kind": "train", "lr": lr})
+            on_progress({**_progress(clock, plan, step, state, report), "kind": "train", "lr": lr})
+            if report:
+                report.train(step, state["last_loss"], lr)
             running, running_n = 0.0, 0
-        if eval_items and (step % cfg.eval_steps == 0 or last):
+        if main and eval_items and (step % cfg.eval_steps == 0 or last):
             evaluate_now()
-            model.train()
-        if step % cfg.save_steps == 0 or last:
-            if stopped := gone():
-                return stopped
+        if main and (step % cfg.save_steps == 0 or last) and lost():
+            log.warning("training lock lost at step %d; stopping without writing", step)
+            if world > 1:
+                _agree(acc, False, True)
+            return end(TrainStatus.LOST_LOCK)
+        if main and (step % cfg.save_steps == 0 or last):
             save_now()
+        # The first process's word on a lock lost at the save reaches the others.
+        if world > 1 and (step % cfg.save_steps == 0 or last) and _agree(acc, False, False)[1]:
+            return end(TrainStatus.LOST_LOCK)
 
-    # 7. The best (or last) checkpoint becomes out_dir/final, with its config and a version marker.
-    if stopped := gone():
-        return stopped
-    if last_saved(ckpt_root) is None:  # max_steps=0: nothing ran, the base model is the result
-        save_now()
-    final = finalize(out_dir, ckpt_root, cfg, state)
-    return _result(final, ckpt_root, step, TrainStatus.COMPLETED, state, cfg)
+    # 7. The best (or last) checkpoint becomes out_dir/final, a full model with its config and version file.
+    if _agree(acc, False, main and lost())[1]:
+        return end(TrainStatus.LOST_LOCK)
+    final = None
+    if main:
+        if last_saved(ckpt_root) is None:  # max_steps=0: nothing ran, the base model is the result
+            save_now()
+        final = finalize(out_dir, ckpt_root, cfg, state, engine, adapters)
+    return end(TrainStatus.COMPLETED, final)
+
+
+def _agree(acc: Any, stop: bool, gone: bool) -> tuple[bool, bool]:
+    """The first process's stop and lost-lock flags, seen by every process (a collective: all must call it)."""
+    if acc.num_processes == 1:
+        return stop, gone
+    flags = acc.reduce(torch.tensor([float(stop), float(gone)], device=acc.device), reduction="sum")
+    return bool(flags[0] > 0), bool(flags[1] > 0)
+
+
+def make_accelerator(cfg: TrainConfig) -> Any:
+    """An ``accelerate.Accelerator`` for this run: the device asked for, the precision resolved here (one rule
+    with the caption engine), and the process group when a launcher started this process."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.state import AcceleratorState, PartialState
+
+    if not PartialState._shared_state or PartialState().num_processes == 1:
+        # A training worker runs many jobs in one process, each with its own precision: accelerate's state is a
+        # process-wide singleton, so a single-process run starts from a clean one.
+        AcceleratorState._reset_state(reset_partial_state=True)
+    distributed = PartialState().num_processes > 1
+    device = resolve_device("auto" if distributed else cfg.device)
+    if device.type == "cuda" and device.index is not None and not distributed:
+        torch.cuda.set_device(device)
+    precision = resolve_precision(cfg.mixed_precision, device)
+    names = {None: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    # Some GIT weights may take no part in a loss (a LoRA run's frozen ones are excluded anyway): tell DDP.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=names[precision], kwargs_handlers=[ddp])
+
+
+def _load_model(cfg: TrainConfig, resume: Path | None, device: torch.device) -> tuple[CaptionEngine, Any]:
+    """The caption engine to train (fp32 weights on ``device``) and, for LoRA, the peft wrapper holding adapters."""
+    from training.checkpoints import ADAPTER_RUN
+
+    lora = cfg.lora_r > 0
+    if lora:
+        from training.lora import require_peft
+
+        require_peft()  # before the model is read: the one line that says what to install
+    start = cfg.base_model if lora or resume is None else str(resume)
+    if resume is not None and lora != (resume / ADAPTER_RUN).is_file():
+        raise ConfigError(f"{resume} is a {'full' if lora else 'LoRA'} checkpoint; resume it with lora_r "
+                          f"{'0' if lora else '> 0'} or use a new run directory")  # fmt: skip
+    engine = CaptionEngine.load(EngineConfig(model=start, device=str(device), dtype="float32"))
+    if cfg.gradient_checkpointing:
+        engine.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not lora:
+        return engine, None
+    from training.lora import add_adapters, load_adapters
+
+    adapters = add_adapters(engine.model, cfg)
+    if resume is not None:
+        load_adapters(adapters, resume)
+    trainable = sum(p.numel() for p in engine.model.parameters() if p.requires_grad)
+    log.info("LoRA r=%d on %s: %d trainable parameters", cfg.lora_r, cfg.lora_target_modules, trainable)
+    return engine, adapters
 
 
 def _check_config(cfg: TrainConfig, train_set: list[Example], eval_set: list[Example]) -> None:
@@ -238,10 +344,69 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     raise ConfigError(f"unknown mixed_precision {name!r}: use auto, bf16, fp16 or no")
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> Callable[[], AbstractContextManager[Any]]:
-    if dtype is None:
-        return nullcontext
-    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+# --- one step ------------------------------------------------------------------------------------------
+
+
+class _Plan:
+    """Which images each process sees at each step: a seeded order per epoch, cut into global micro-batches of
+    ``batch_size * processes`` images, each shared out between the processes; ``grad_accum`` of them a step."""
+
+    def __init__(self, n: int, cfg: TrainConfig, world: int) -> None:
+        self.n, self.cfg, self.world = n, cfg, world
+        size = cfg.batch_size * world
+        # Every process needs at least one image in each micro-batch (they meet in each backward pass), so a
+        # last micro-batch with fewer images than processes is dropped.
+        self.micro_per_epoch = n // size + (1 if n % size >= world else 0) if world > 1 else math.ceil(n / size)
+        if self.micro_per_epoch == 0:
+            raise ConfigError(f"{n} training image(s) cannot feed {world} processes; use fewer processes")
+        self.steps_per_epoch = math.ceil(self.micro_per_epoch / cfg.grad_accum)
+        self.total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.steps_per_epoch
+        self._order: tuple[int, list[int]] = (-1, [])
+
+    def micro_items(self, step: int, rank: int) -> list[list[int]]:
+        epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        if self._order[0] != epoch:
+            self._order = (epoch, epoch_order(self.n, self.cfg.seed, epoch))
+        order, size, ga = self._order[1], self.cfg.batch_size * self.world, self.cfg.grad_accum
+        micro = range(in_epoch * ga, min((in_epoch + 1) * ga, self.micro_per_epoch))
+        return [order[m * size : (m + 1) * size][rank :: self.world] for m in micro]
+
+
+def micro_batch(
+    engine: CaptionEngine, pixels: PixelSource, items: list[Item], cfg: TrainConfig, epoch: int
+) -> MicroBatch:
+    """Pixels and labels of one micro-batch (its images' captions drawn for this epoch)."""
+    pixel_values, kept = pixels.pixels(items)
+    captions = draw_captions(kept, cfg.seed, epoch)
+    enc = encode_captions(engine.processor.tokenizer, captions, cfg.max_target_tokens)
+    device = engine.model.device
+    inputs = {k: v.to(device) for k, v in enc.items()}
+    inputs["pixel_values"] = pixel_values.to(device, non_blocking=True)
+    return MicroBatch(inputs, int((enc["labels"][:, 1:] != -100).sum()))
+
+
+def accumulate(acc: Any, loss_module: Any, batches: list[MicroBatch]) -> float:
+    """Backward passes of one optimizer step, with the loss normalised over the label tokens of the whole step
+    (every micro-batch, every process); returns that mean token loss.
+
+    A mean per micro-batch, then averaged (what ``accelerator.accumulate`` and the old Trainer did), weighs a
+    token of a short-caption micro-batch more than one of a long-caption batch; this sums token losses and
+    divides once, so two accumulated batches of 4 give the gradient of one batch of 8. Data parallel averages
+    the processes' gradients, hence the factor ``num_processes``.
+    """
+    tokens = torch.tensor(float(sum(b.tokens for b in batches)), device=acc.device)
+    total = float(acc.reduce(tokens, reduction="sum")) if acc.num_processes > 1 else float(tokens)
+    loss_sum = torch.zeros((), device=acc.device)
+    for i, batch in enumerate(batches):
+        # Gradients are synchronised once per step, in the last backward pass.
+        sync = acc.no_sync(loss_module) if i < len(batches) - 1 else nullcontext()
+        with sync, acc.autocast():
+            summed = loss_module(**batch.inputs)
+        acc.backward(summed * (acc.num_processes / max(total, 1.0)))
+        loss_sum += summed.detach().float()
+    if acc.num_processes > 1:
+        loss_sum = acc.reduce(loss_sum, reduction="sum")
+    return float(loss_sum) / max(total, 1.0)
 
 
 def encode_captions(tokenizer: Any, captions: list[str], max_tokens: int, *, pad_to: int | None = None) -> dict:
@@ -266,46 +431,20 @@ def encode_captions(tokenizer: Any, captions: list[str], max_tokens: int, *, pad
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
 
 
-def _micro_step(
-    engine: CaptionEngine,
-    pixels: PixelSource,
-    batch: list[Item],
-    cfg: TrainConfig,
-    epoch: int,
-    autocast: Callable[[], AbstractContextManager[Any]],
-    device: torch.device,
-) -> torch.Tensor:
-    captions = draw_captions(batch, cfg.seed, epoch)
-    enc = encode_captions(engine.processor.tokenizer, captions, cfg.max_target_tokens)
-    pixel_values, kept = pixels.pixels(batch)
-    if len(kept) < len(batch):
-        kept_ids = {id(item) for item in kept}
-        captions = [c for item, c in zip(batch, captions, strict=True) if id(item) in kept_ids]
-        enc = encode_captions(engine.processor.tokenizer, captions, cfg.max_target_tokens)
-    with autocast():
-        return caption_loss(
-            engine.model,
-            input_ids=enc["input_ids"].to(device),
-            attention_mask=enc["attention_mask"].to(device),
-            pixel_values=pixel_values.to(device, non_blocking=True),
-            labels=enc["labels"].to(device),
-        )
-
-
 def draw_captions(batch: list[Item], seed: int, epoch: int) -> list[str]:
     """One caption per image, drawn afresh each epoch and seeded by (seed, epoch, image): resume replays it."""
     return [random.Random(f"{seed}:{epoch}:{item.index}").choice(item.captions) for item in batch]
 
 
-def caption_loss(
+def caption_loss_terms(
     model: Any,
     *,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     pixel_values: torch.Tensor,
     labels: torch.Tensor,
-) -> torch.Tensor:
-    """Mean next-token cross-entropy over the caption tokens whose label is not -100 (GIT's own loss, cheaper).
+) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the caption tokens whose label is not -100, and their count.
 
     ``GitForCausalLM(labels=...)`` projects every position onto the 30522-word vocabulary, the image tokens
     and padding included, then discards them: for git-base that is 197 of ~220 positions per image. Here only
@@ -319,20 +458,13 @@ def caption_loss(
     targets = labels[:, 1:]
     keep = targets != -100
     logits = model.get_output_embeddings()(text[keep])
-    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+    return torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum())
 
 
-def _optimizer_step(model: Any, optimizer: Any, scaler: Any, cfg: TrainConfig) -> None:
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    if cfg.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+def caption_loss(model: Any, **inputs: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the scored caption tokens (GIT's own loss, cheaper)."""
+    total, count = caption_loss_terms(model, **inputs)
+    return total / max(count, 1)
 
 
 def _make_optimizer(model: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -343,17 +475,20 @@ def _make_optimizer(model: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.learning_rate)
 
 
-def _lr_at(cfg: TrainConfig, step: int, total: int) -> float:
+def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
     """The learning rate of optimizer step ``step`` (0-based): a pure function, so resume needs no scheduler state."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total)
+    if warmup and step < warmup:
+        return cfg.learning_rate * (step + 1) / warmup
     if cfg.lr_scheduler == "constant":
         return cfg.learning_rate
-    span = max(1, total - cfg.warmup_steps)
+    span = max(1, total - warmup)
+    if cfg.lr_scheduler == "cosine":
+        return cfg.learning_rate * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
     return cfg.learning_rate * max(0.0, (total - step) / span)
 
 
-def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     order = list(range(n))
     random.Random(f"{seed}:order:{epoch}").shuffle(order)
     return order
@@ -387,28 +522,65 @@ class _Clock:
         return left * self.step_s + evals_left * (self.eval_s or 0.0)
 
 
-def _progress(clock: _Clock, step: int, steps_per_epoch: int, state: dict[str, Any]) -> dict[str, Any]:
+def _progress(clock: _Clock, plan: _Plan, step: int, state: dict[str, Any], report: _Reporter | None) -> dict:
     """Where the run stands; ``metrics`` is the latest evaluation (at ``metrics_step``), None before the first."""
     eta = clock.eta(step)
     latest = state["history"][-1] if state["history"] else {}
     return {
         "step": step,
         "total_steps": clock.total,
-        "epoch": round(step / steps_per_epoch, 4),
+        "epoch": round(step / plan.steps_per_epoch, 4),
         "loss": state.get("last_loss"),
         "metrics": latest.get("metrics"),
         "metrics_step": latest.get("step"),
         "eta_s": None if eta is None else round(eta, 2),
         "step_time_s": None if clock.step_s is None else round(clock.step_s, 4),
         "elapsed_s": round(time.perf_counter() - clock.started, 2),
+        "processes": plan.world,
+        "tensorboard": str(report.path) if report and report.path else None,
     }
+
+
+class _Reporter:
+    """report_to=tensorboard: loss, learning rate, evaluation metrics and sample captions as event files."""
+
+    def __init__(self, cfg: TrainConfig, out_dir: Path) -> None:
+        self.path: Path | None = None
+        self._writer: Any = None
+        if cfg.report_to != "tensorboard":
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("report_to tensorboard needs the tensorboard package on the training worker "
+                              "(pip install 'captioner[train]')") from None  # fmt: skip
+        self.path = out_dir / TENSORBOARD_DIR
+        self._writer = SummaryWriter(str(self.path))
+
+    def train(self, step: int, loss: float, lr: float) -> None:
+        if self._writer:
+            self._writer.add_scalar("train/loss", loss, step)
+            self._writer.add_scalar("train/learning_rate", lr, step)
+
+    def evaluation(self, step: int, metrics: dict[str, float], samples: list[dict[str, Any]]) -> None:
+        if not self._writer:
+            return
+        for name, value in metrics.items():
+            self._writer.add_scalar(f"eval/{name}", value, step)
+        lines = [f"- {s['prediction']!r} (reference: {s['references'][0]!r})" for s in samples if s["references"]]
+        self._writer.add_text("eval/samples", "\n".join(lines), step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer:
+            self._writer.close()
 
 
 def _result(
     final: Path | None, ckpt_root: Path, step: int, status: TrainStatus, state: dict[str, Any], cfg: TrainConfig
 ) -> TrainResult:
     """The outcome; ``best_*`` describe the best *saved* checkpoint (the one ``final`` holds with load_best_at_end)."""
-    best = best_step(ckpt_root, cfg, state)
+    best = best_step(ckpt_root, cfg, state) if ckpt_root.is_dir() else None
     metrics = next((r["metrics"] for r in reversed(state["history"]) if r["step"] == best), {})
     return TrainResult(
         final_dir=final,
