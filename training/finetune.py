@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -270,13 +271,14 @@ def make_accelerator(cfg: TrainConfig) -> Any:
     """An ``accelerate.Accelerator`` for this run: the device asked for, the precision resolved here (one rule
     with the caption engine), and the process group when a launcher started this process."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
-    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.state import AcceleratorState
 
-    if not PartialState._shared_state or PartialState().num_processes == 1:
+    # Launched by torchrun (training/distributed.py) when its WORLD_SIZE says so, as accelerate itself decides.
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not distributed:
         # A training worker runs many jobs in one process, each with its own precision: accelerate's state is a
         # process-wide singleton, so a single-process run starts from a clean one.
         AcceleratorState._reset_state(reset_partial_state=True)
-    distributed = PartialState().num_processes > 1
     device = resolve_device("auto" if distributed else cfg.device)
     if device.type == "cuda" and device.index is not None and not distributed:
         torch.cuda.set_device(device)

@@ -57,6 +57,10 @@ def check_training_worker(settings: Settings) -> None:
             f"CAPTIONER_MODEL_STORE {store.root} is not a writable directory ({exc.strerror or exc}); fix it or "
             "point the setting elsewhere, then start the training worker again"
         ) from None
+    if settings.train_processes > 1:
+        from training.distributed import check_processes
+
+        check_processes(settings.train_processes)
 
 
 def check_train_request(req: TrainRequest) -> None:
@@ -196,14 +200,20 @@ def _fine_tune(
     settings: Settings, store: ModelStore, ledger: Ledger, req: TrainRequest, beat: _Heartbeat
 ) -> dict[str, Any]:
     """Steps 2-5 of run_train, under the lock."""
+    from training import distributed
     from training.checkpoints import quiet_progress_bars
     from training.config import TrainConfig
     from training.data import dataset_fingerprint, load_examples, split_examples
-    from training.finetune import TrainStatus, train
+    from training.finetune import TrainStatus
     from training.pixels import local_image_policy
 
     quiet_progress_bars()
     cfg = TrainConfig.from_dict(req.config)
+    distributed.check_processes(cfg.num_processes or settings.train_processes)
+    if cfg.lora_r:
+        from training.lora import require_peft
+
+        require_peft()
     done = {"job_id": req.job_id}
     version = _stored_version(store, ledger, req.job_id)  # a crash after step 4: never store it twice
     if version is None:
@@ -218,9 +228,11 @@ def _fine_tune(
             except redis.RedisError as exc:  # progress is a view; a blip must not end a long run
                 log.warning("job %s: progress not recorded (%s)", req.job_id, exc)
 
-        result = train(cfg, train_set, eval_set, run_dir, on_progress=progress,  # 3.
-                       should_stop=lambda: SHUTTING_DOWN.is_set() or beat.cancelled(), lost=beat.lost,
-                       image_policy=local_image_policy(examples, settings))  # fmt: skip
+        result = distributed.run(cfg, train_set, eval_set, run_dir, on_progress=progress,  # 3.
+                                 processes=cfg.num_processes or settings.train_processes,
+                                 should_stop=lambda: SHUTTING_DOWN.is_set() or beat.cancelled(), lost=beat.lost,
+                                 image_policy=local_image_policy(examples, settings),
+                                 torch_threads=settings.torch_threads)  # fmt: skip
         if result.status is TrainStatus.CANCELLED and not beat.cancelled():
             log.info("training job %s interrupted at step %d by the worker's shutdown; the next training worker "
                      "resumes it from this step", req.job_id, result.steps)  # fmt: skip
@@ -236,6 +248,9 @@ def _fine_tune(
             "dataset": req.dataset,
             "dataset_fingerprint": dataset_fingerprint(examples),
             "eval_fingerprint": dataset_fingerprint(eval_set),
+            "train_examples": len(train_set),
+            "eval_examples": len(eval_set),
+            "processes": cfg.num_processes or settings.train_processes,
             "params": dataclasses.asdict(cfg),
             "metrics": result.best_metrics,
             "steps": result.steps,
