@@ -216,6 +216,8 @@ class TrainRequest(BaseModel):
     dataset: Annotated[str, Field(min_length=1, max_length=MAX_REF_CHARS)]
     column: str | None = None
     text_column: str | None = None
+    # Hub datasets stream (rows read as training needs them); True downloads the whole dataset into the cache.
+    download: bool = False
     # TrainConfig fields to override (base_model, learning_rate, epochs, batch_size, max_steps, ...).
     config: dict[str, Any] = Field(default_factory=dict)
     promote: bool = False

@@ -520,15 +520,22 @@ def _store(ctx: click.Context) -> Any:
 @click.argument("dataset")
 @click.option("--job-id", help="Job id (default: a new one).")
 @click.option("--base-model", help="Hub id or directory to start from (default microsoft/git-base).")
-@click.option("--epochs", type=click.IntRange(1, 100_000))
+@click.option("--epochs", "--num-train-epochs", "epochs", type=click.IntRange(1, 100_000))
 @click.option("--max-steps", type=click.IntRange(1, 10_000_000), help="Stop after this many optimizer steps.")
 @click.option("--learning-rate", type=click.FloatRange(0, 1, min_open=True))
-@click.option("--batch-size", type=click.IntRange(1, 4096))
+@click.option("--batch-size", "--per-device-train-batch-size", "batch_size", type=click.IntRange(1, 4096),
+              help="Images per forward pass and process.")  # fmt: skip
 @click.option("--eval-steps", type=click.IntRange(1, 10_000_000))
-@click.option("--column", help="Image column of a manifest.")
-@click.option("--text-column", help="Caption column of a manifest.")
+@click.option("--num-processes", type=click.IntRange(1, 1024),
+              help="Processes of a distributed run on the training worker (its GPUs, else CPU processes).")  # fmt: skip
+@click.option("--report-to", type=click.Choice(["none", "tensorboard"]), help="tensorboard: event files in the run.")
+@click.option("--lora-r", type=click.IntRange(0, 4096), help="Train LoRA adapters of this rank (peft) instead.")
+@click.option("--column", help="Image column of a manifest or dataset.")
+@click.option("--text-column", help="Caption column of a manifest or dataset.")
+@click.option("--download", is_flag=True, help="Hub datasets: download whole (cached) instead of streaming.")
 @click.option("--set", "settings_", metavar="KEY=VALUE", multiple=True,
-              help="Any other training option (repeatable), e.g. --set grad_accum=4 --set save_steps=100.")  # fmt: skip
+              help="Any other training option (repeatable; our names or TrainingArguments', e.g. --set "
+              "gradient_accumulation_steps=4 --set warmup_ratio=0.1).")  # fmt: skip
 @click.option("--promote", is_flag=True, help="Promote the new version when training ends.")
 @click.option("--require-no-worse", metavar="METRIC", help="With --promote: only if METRIC (e.g. wer) is no worse.")
 @click.option("--wait", "wait_", is_flag=True, help="Follow progress until the job ends.")
@@ -536,25 +543,37 @@ def _store(ctx: click.Context) -> Any:
 @click.pass_context
 def train(ctx: click.Context, dataset: str, job_id: str | None, base_model: str | None, epochs: int | None,
           max_steps: int | None, learning_rate: float | None, batch_size: int | None, eval_steps: int | None,
-          column: str | None, text_column: str | None, settings_: tuple[str, ...], promote: bool,
+          num_processes: int | None, report_to: str | None, lora_r: int | None, column: str | None,
+          text_column: str | None, download: bool, settings_: tuple[str, ...], promote: bool,
           require_no_worse: str | None, wait_: bool, as_json: bool) -> None:  # fmt: skip
-    """Fine-tune on DATASET (imagefolder dir, JSONL/CSV manifest, or hub id) on the training queue.
+    """Fine-tune on DATASET (imagefolder or kohya folder, JSONL/CSV manifest, parquet, save_to_disk folder, or hub
+    id) on the training queue.
 
-    The config is checked here, before anything is sent: a mistake is one line, not a job failing later.
+    Everything is checked here, before anything is sent (options and their TrainingArguments aliases, dataset
+    columns, and with a training worker answering: its GPUs and packages): a mistake is one line, not a job
+    failing later.
     """
     import uuid
 
     from common.messages import TrainRequest
+    from training.config import canonical_options
+    from training.data import check_columns
 
     if Path(dataset).exists():
         dataset = str(Path(dataset).resolve())
     flags = {"base_model": base_model, "epochs": epochs, "max_steps": max_steps, "learning_rate": learning_rate,
-             "batch_size": batch_size, "eval_steps": eval_steps}  # fmt: skip
-    config = _train_config({k: v for k, v in flags.items() if v is not None}, settings_)
+             "batch_size": batch_size, "eval_steps": eval_steps, "num_processes": num_processes,
+             "report_to": report_to, "lora_r": lora_r}  # fmt: skip
+    config = canonical_options(_train_config({k: v for k, v in flags.items() if v is not None}, settings_))
     req = TrainRequest(job_id=job_id or f"train-{uuid.uuid4().hex[:10]}", dataset=dataset, column=column,
-                       text_column=text_column, config=config, promote=promote,
+                       text_column=text_column, config=config, promote=promote, download=download,
                        require_no_worse=require_no_worse)  # fmt: skip
     client = _client(ctx)
+    from training.jobs import check_train_request
+
+    check_train_request(req)
+    check_columns(dataset, column=column, text_column=text_column)
+    _check_training_workers(client, req)
     client.submit_training(req)
     if not wait_:
         _emit(as_json, {"job_id": req.job_id}, lambda: click.echo(req.job_id))
@@ -564,6 +583,21 @@ def train(ctx: click.Context, dataset: str, job_id: str | None, base_model: str 
     _emit(as_json, {**info.as_dict(), "result": result},
           lambda: click.echo(f"{req.job_id}: {info.state.value} {json.dumps(result)}"))  # fmt: skip
     _fail_if_failed(info)
+
+
+def _check_training_workers(client: Any, req: Any) -> None:
+    """Options that depend on the training worker (process count, LoRA, TensorBoard, hub datasets), checked
+    against what the training workers that answer report; with none answering, the worker checks at the start."""
+    from training.jobs import check_against_workers, needs_worker_check
+
+    if not needs_worker_check(req):
+        return
+    capabilities = client.training_capabilities()
+    if not capabilities:
+        click.secho("warning: no training worker answered; its GPUs and packages are checked when one takes the job",
+                    err=True, fg="yellow")  # fmt: skip
+        return
+    check_against_workers(req, capabilities)
 
 
 def _train_config(flags: dict[str, Any], sets: tuple[str, ...]) -> dict[str, Any]:
@@ -642,29 +676,36 @@ def models(ctx: click.Context, as_json: bool) -> None:
 @click.argument("version")
 @click.option("--require-no-worse", metavar="METRIC", help="Refuse if METRIC (e.g. wer) is worse than the current.")
 @click.option("--push-to-hub", "repo_id", metavar="REPO", help="Also upload the version to this hub repo (HF_TOKEN).")
+@click.option("--public", is_flag=True, help="With --push-to-hub: create the repo public (default: private).")
 @json_option
 @click.pass_context
-def promote(ctx: click.Context, version: str, require_no_worse: str | None, repo_id: str | None, as_json: bool) -> None:
+def promote(ctx: click.Context, version: str, require_no_worse: str | None, repo_id: str | None, public: bool,
+            as_json: bool) -> None:  # fmt: skip
     """Make VERSION the one caption workers serve (@current); they switch between batches."""
     store = _store(ctx)
     if repo_id:  # before promoting: a failed upload must not leave a half-done promotion behind
-        _push_to_hub(store.get(version).path, repo_id, version)
+        _push_to_hub(store.get(version), repo_id, private=not public)
     mv = store.promote(version, require_no_worse=require_no_worse)
     _emit(as_json, {**mv.as_dict(), "pushed_to": repo_id}, lambda: click.echo(f"promoted {mv.version}"))
 
 
-def _push_to_hub(path: Path, repo_id: str, version: str) -> None:
-    """Upload the version's files (safetensors, processor, captioner.json) as one commit."""
+def _push_to_hub(mv: Any, repo_id: str, *, private: bool) -> None:
+    """Write the model card, then upload the version's files (safetensors, processor, captioner.json, README.md)
+    as one commit to a repo created private unless asked otherwise."""
+    from training.modelcard import CARD_FILE, model_card
+
+    (mv.path / CARD_FILE).write_text(model_card(mv, repo_id), encoding="utf-8")
     try:
         from huggingface_hub import HfApi
     except ImportError:
         raise _Fail("--push-to-hub needs huggingface_hub (pip install 'captioner[worker]')") from None
     try:
         api = HfApi()
-        api.create_repo(repo_id, exist_ok=True, private=True)
-        api.upload_folder(folder_path=str(path), repo_id=repo_id, commit_message=f"captioner {version}")
+        api.create_repo(repo_id, exist_ok=True, private=private)
+        api.upload_folder(folder_path=str(mv.path), repo_id=repo_id, commit_message=f"captioner {mv.version}")
     except Exception as exc:  # network, auth and offline errors come in many classes; all end the same way
-        raise _Fail(f"could not push {version} to {repo_id}: {type(exc).__name__}: {exc}") from None
+        message = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise _Fail(f"could not push {mv.version} to {repo_id}: {message}") from None
 
 
 # --- operating ------------------------------------------------------------------------------------

@@ -191,6 +191,11 @@ class JobClient:
         except Exception as exc:  # the worker's exception, rebuilt by Celery under whatever class it could find
             raise CaptionerError(f"evaluation failed on the worker: {type(exc).__name__}: {exc}") from None
 
+    def training_capabilities(self, timeout: float = 2.0) -> list[dict[str, Any]]:
+        """What each answering training worker offers (devices, optional packages); empty when none answers."""
+        replies = self.app.control.broadcast("captioner_train_info", reply=True, timeout=timeout) or []
+        return [info for reply in replies for info in reply.values() if isinstance(info, dict) and "devices" in info]
+
     def training_workers(self, timeout: float = 2.0) -> list[str]:
         """Names of the workers that answer and consume the training queue (none: nothing would run a job)."""
         replies = self.app.control.inspect(timeout=timeout).active_queues() or {}

@@ -7,9 +7,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import sys
 import time
-import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from common.messages import GenParams, Source
 from tests.conftest import LEDGER_DB, redis_url
 from training.checkpoints import CHECKPOINTS, CONFIG_FILE, OPTIMIZER_FILE, STATE_FILE, rotate
 from training.config import TrainConfig
-from training.data import Example, dataset_fingerprint, load_examples, split_examples
+from training.data import Example, check_columns, dataset_fingerprint, load_examples, split_examples
 from training.evaluation import evaluate_model
 from training.finetune import TrainStatus, caption_loss, encode_captions, train
 from training.metrics import caption_metrics, normalize
@@ -217,41 +215,54 @@ def test_unknown_hub_dataset_offline_is_a_clear_error(monkeypatch: pytest.Monkey
         load_examples("./missing/list.jsonl")
 
 
-def test_hub_dataset_through_datasets_when_installed(
+def _image_rows(rows: list[tuple[Path, str]]) -> dict[str, list]:
+    return {"image": [{"bytes": p.read_bytes(), "path": p.name} for p, _ in rows], "text": [c for _, c in rows]}
+
+
+def test_datasets_save_to_disk_parquet_and_imagefolder_load_for_real(
     shapes6: tuple[Path, list[tuple[Path, str]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The hub path with a stand-in for 🤗 datasets (not installed here, and there is no network anyway)."""
+    """🤗 datasets on local data: a save_to_disk folder, a parquet file (streamed), an imagefolder built by datasets
+    and saved; image bytes land once in the cache, named by content, and columns are checked by name."""
+    import datasets
+
+    root, rows = shapes6
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    ds = datasets.Dataset.from_dict(_image_rows(rows[:4]), features=features)
+    ds.save_to_disk(str(tmp_path / "saved"))
+    ds.to_parquet(str(tmp_path / "set.parquet"))
+    from_folder = datasets.load_dataset("imagefolder", data_dir=str(root), split="train")
+    from_folder.save_to_disk(str(tmp_path / "folder-saved"))
+    expected = sorted((p.read_bytes(), [c]) for p, c in rows[:4])
+    for spec in (tmp_path / "saved", tmp_path / "set.parquet"):
+        examples = load_examples(str(spec))
+        assert sorted((Path(ex.image).read_bytes(), ex.captions) for ex in examples) == expected
+        assert all(Path(ex.image).is_relative_to(tmp_path / "cache") for ex in examples)
+    folder = load_examples(str(tmp_path / "folder-saved"))
+    assert sorted((Path(ex.image).read_bytes(), ex.captions) for ex in folder) == sorted(
+        (p.read_bytes(), [c]) for p, c in rows)  # fmt: skip
+    with pytest.raises(ConfigError, match="no text column 'alt'"):
+        load_examples(str(tmp_path / "set.parquet"), text_column="alt")
+    for spec in (tmp_path / "saved", tmp_path / "set.parquet"):
+        with pytest.raises(ConfigError, match="no image column 'img'"):
+            check_columns(str(spec), column="img")
+
+
+def test_kohya_folder_of_images_and_same_stem_captions(
+    shapes6: tuple[Path, list[tuple[Path, str]]], tmp_path: Path
+) -> None:
     _, rows = shapes6
-    png, png2 = rows[0][0].read_bytes(), rows[1][0].read_bytes()
-
-    class Split:
-        column_names = ["image", "text"]
-
-        def cast_column(self, name: str, feature: object) -> Split:
-            assert name == "image" and feature == ("Image", False)  # stored bytes, never decoded
-            return self
-
-        def __iter__(self) -> Iterator[dict]:
-            yield {"image": {"bytes": png, "path": "a.png"}, "text": ["one", "two"]}
-            yield {"image": {"bytes": png2, "path": "b.png"}, "text": "three"}
-
-    def load_dataset(spec: str) -> dict:
-        if spec != "someone/captions":
-            raise ConnectionError("offline")
-        return {"train": Split()}
-
-    fake = types.SimpleNamespace(
-        load_dataset=load_dataset,
-        Image=lambda decode: ("Image", decode),
-        config=types.SimpleNamespace(HF_DATASETS_CACHE=str(tmp_path)),
-    )
-    monkeypatch.setitem(sys.modules, "datasets", fake)
-    examples = load_examples("someone/captions")
-    assert [ex.captions for ex in examples] == [["one", "two"], ["three"]]
-    assert [Path(ex.image).read_bytes() for ex in examples] == [png, png2]
-    assert all(Path(ex.image).is_relative_to(tmp_path) for ex in examples)
-    with pytest.raises(SourceError, match="network"):
-        load_examples("someone/else")
+    names = _copy_images(rows[:3], tmp_path / "k" / "10_shapes")
+    (tmp_path / "k" / "10_shapes" / Path(names[0]).with_suffix(".txt").name).write_text("one\ntwo\n")
+    (tmp_path / "k" / "10_shapes" / Path(names[1]).with_suffix(".txt").name).write_text("three")
+    examples = load_examples(str(tmp_path / "k"))  # the third image has no caption file: left out
+    assert [(Path(ex.image).name, ex.captions) for ex in examples] == [
+        (names[0], ["one", "two"]),
+        (names[1], ["three"]),
+    ]
+    with pytest.raises(ConfigError, match="kohya"):
+        check_columns(str(tmp_path / "k"), text_column="caption")
 
 
 def test_split_is_deterministic_disjoint_and_order_independent() -> None:

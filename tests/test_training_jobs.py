@@ -20,6 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from common.connections import redis_client
+from common.errors import ConfigError
 from common.ledger import Ledger
 from common.messages import TASK_EVALUATE, TASK_TRAIN, JobState, TrainOutcome, TrainRequest
 from common.store import ModelStore
@@ -408,3 +409,86 @@ def test_evaluate_prints_metrics_and_stores_them_with_the_version(run: dict[str,
     latest = version.meta["evaluations"][-1]
     assert latest["fingerprint"] == dataset_fingerprint(load_examples(str(run["data"]))[:6])
     assert f"{latest['metrics']['wer']:.4f}" == printed["wer"] and version.metrics == latest["metrics"]
+
+
+def test_push_to_hub_writes_a_model_card_first(cli_env: dict[str, str], tmp_path: Path) -> None:
+    """The card names base model, data (fingerprint, size), options and metrics with their eval set, and says what
+    the model is for; it is written before the upload, which fails here (no network) without promoting."""
+    store = ModelStore(tmp_path / "store")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    meta = {
+        "base_model": "microsoft/git-base",
+        "dataset": "/data/shapes",
+        "dataset_fingerprint": "0123abcd",
+        "eval_fingerprint": "eval9876",
+        "train_examples": 540,
+        "eval_examples": 60,
+        "steps": 150,
+        "params": {"learning_rate": 0.003, "lora_r": 8, "batch_size": 16},
+        "metrics": {"wer": 0.125, "bleu4": 61.5},
+    }
+    store.add(model, meta, "v1")  # fmt: skip
+    out = _cli({**cli_env, "HF_HUB_OFFLINE": "1"}, "promote", "v1", "--push-to-hub", "org/shapes-captioner")
+    assert out.exit_code == 1 and "could not push v1 to org/shapes-captioner" in out.stderr
+    assert store.current() is None
+    card = (store.get("v1").path / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: image-to-text\n")
+    assert "base_model: microsoft/git-base" in card and "# org/shapes-captioner" in card
+    assert "fingerprint: `0123abcd`" in card and "540 training and 60 held-out images" in card
+    assert '"lora_r": 8' in card and "Steps: 150." in card
+    assert "| wer | 0.1250 | `eval9876` |" in card and "| bleu4 | 61.5000 | `eval9876` |" in card
+    assert "## Intended use and limits" in card and "not for images unlike its training data" in card
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--batch-size", "8", "--set", "per_device_train_batch_size=4"], "set the same option (batch_size)"),
+        (["--set", "fp16=true", "--set", "bf16=true"], "fp16 and bf16 are both true"),
+        (["--set", "bf16=true", "--set", "mixed_precision=no"], "set the same option (mixed_precision)"),
+        (["--set", "warmup_ratio=0.1", "--set", "warmup_steps=5"], "warmup_steps and warmup_ratio"),
+        (["--column", "picture"], "no image column 'picture'"),
+        (["--text-column", "alt"], "no text column 'alt'"),
+    ],
+)
+def test_alias_clashes_and_missing_columns_are_one_line_and_send_nothing(
+    cli_env: dict[str, str], session_root: Path, args: list[str], said: str
+) -> None:
+    from training.synthetic import make_shapes
+
+    data = session_root / f"cols-{uuid.uuid4().hex[:6]}"
+    make_shapes(data, 2, seed=1, size=32)
+    out = _cli(cli_env, "train", str(data), *args)
+    assert out.exit_code == 1 and said in out.stderr, out.output
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.output
+    assert json.loads(_cli(cli_env, "jobs", "--json").stdout) == []
+
+
+def test_options_a_worker_cannot_serve_are_refused_against_what_workers_report() -> None:
+    from training.jobs import check_against_workers
+
+    cpu_only = [{"devices": 2, "device_kind": "CPU core", "peft": False, "datasets": True, "tensorboard": True}]
+    with pytest.raises(ConfigError, match="3 training processes asked for, but the training workers have at most 2"):
+        check_against_workers(TrainRequest(job_id="j", dataset="/d", config={"num_processes": 3}), cpu_only)
+    with pytest.raises(ConfigError, match=r"LoRA is asked for, but no training worker has peft.*captioner\[lora\]"):
+        check_against_workers(TrainRequest(job_id="j", dataset="/d", config={"lora_r": 8}), cpu_only)
+    check_against_workers(TrainRequest(job_id="j", dataset="/d", config={"num_processes": 2}), cpu_only)
+
+
+def test_training_arguments_names_reach_the_job_as_ours(cli_env: dict[str, str], session_root: Path) -> None:
+    from training.synthetic import make_shapes
+
+    data = session_root / f"hf-{uuid.uuid4().hex[:6]}"
+    make_shapes(data, 2, seed=1, size=32)
+    out = _cli(cli_env, "train", str(data), "--per-device-train-batch-size", "4", "--num-train-epochs", "3",
+               "--set", "gradient_accumulation_steps=2", "--set", "lr_scheduler_type=cosine",
+               "--set", "warmup_ratio=0.1", "--set", "bf16=true", "--set", "load_best_model_at_end=false",
+               "--set", "metric_for_best_model=cer", "--set", "logging_steps=7", "--json")  # fmt: skip
+    assert out.exit_code == 0, out.output
+    job = json.loads(out.stdout)["job_id"]
+    request = JobClient(settings_from(cli_env)).ledger.get_field(job, "request")
+    assert request["config"] == {"batch_size": 4, "epochs": 3, "grad_accum": 2, "lr_scheduler": "cosine",
+                                 "warmup_ratio": 0.1, "mixed_precision": "bf16", "load_best_at_end": False,
+                                 "metric_for_best": "cer", "log_steps": 7}  # fmt: skip

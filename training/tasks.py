@@ -8,13 +8,21 @@ import time
 from typing import Any
 
 from celery.signals import celeryd_after_setup, worker_shutting_down
+from celery.worker.control import inspect_command
 
 from common.errors import ConfigError
 from common.ledger import Ledger, ledger_from_settings
 from common.messages import TASK_EVALUATE, TASK_TRAIN, EvaluateRequest, TrainRequest, parse_message
 from common.settings import get_settings
 from training.celery_app import app
-from training.jobs import SHUTTING_DOWN, check_training_worker, orphaned_train_jobs, run_evaluate, run_train
+from training.jobs import (
+    SHUTTING_DOWN,
+    check_training_worker,
+    orphaned_train_jobs,
+    run_evaluate,
+    run_train,
+    worker_capabilities,
+)
 from worker import metrics
 from worker.celery_app import queue_depths
 from worker.logs import current_job
@@ -63,6 +71,12 @@ def evaluate(**payload: Any) -> dict:
         return run_evaluate(get_settings(), req)  # type: ignore[arg-type]
     finally:
         current_job.reset(token)
+
+
+@inspect_command()
+def captioner_train_info(state: Any, **kwargs: Any) -> dict[str, Any]:
+    """`celery inspect captioner_train_info`: the devices and optional packages of this training worker."""
+    return worker_capabilities()
 
 
 @celeryd_after_setup.connect
