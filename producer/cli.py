@@ -264,6 +264,8 @@ def _print_training(info: Any) -> None:
         click.echo(f"step       {_progress_line(p)}")
         if p.get("metrics"):
             click.echo(f"eval       {_metrics_text(p['metrics'])}  (step {_num(p.get('metrics_step'), 'd')})")
+        if p.get("tensorboard"):
+            click.echo(f"tensorboard {p['tensorboard']}")
     result = info.extra.get("result") or {}
     if result.get("version"):
         note = "promoted" if result.get("promoted") else result.get("promotion")

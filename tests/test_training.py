@@ -456,6 +456,58 @@ def test_sdpa_in_the_image_encoder_captions_a_trained_model_as_eager_does(
         assert sdpa.caption(images, params) == eager.caption(images, params)
 
 
+def test_lora_adapters_learn_and_the_version_is_a_plain_full_model(
+    tiny_dir: Path, shapes_split: tuple, tmp_path: Path
+) -> None:
+    """LoRA (peft): only the adapters train, checkpoints hold them alone (safetensors), and the final model has
+    them merged in: a plain GIT the caption engine loads, with no LoRA layer and the untargeted weights as before."""
+    train_set, eval_set = shapes_split
+    cfg = TrainConfig(**{**FAST, "learning_rate": 1e-2, "log_steps": 5}, base_model=str(tiny_dir), max_steps=40,
+                      eval_steps=40, save_steps=40, lora_r=8, lora_alpha=16)  # fmt: skip
+    events: list[dict] = []
+    result = train(cfg, train_set[:128], eval_set[:8], tmp_path, on_progress=events.append)
+    losses = [e["loss"] for e in events if e["kind"] == "train"]
+    # Measured: 10.46 -> 9.36 over these 40 steps (frozen random weights, attention adapters only); without
+    # learning the loss stays within noise of where it started.
+    assert result.status == TrainStatus.COMPLETED and losses[-1] < losses[0] - 0.5, losses
+    ckpt = tmp_path / CHECKPOINTS / "step-40"
+    assert (ckpt / "adapter_model.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
+    assert all("lora_" in key for key in load_file(str(ckpt / "adapter_model.safetensors")))
+    final = result.final_dir
+    assert not (final / "adapter_model.safetensors").exists() and not (final / "adapter_config.json").exists()
+    engine = CaptionEngine.load(EngineConfig(model=str(final), device="cpu", dtype="float32"))
+    assert type(engine.model).__name__ == "GitForCausalLM"
+    assert not [name for name, _ in engine.model.named_modules() if "lora" in name.lower()]
+    base, tuned = _weights(tiny_dir), _weights(final)
+    assert base.keys() == tuned.keys()
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    assert changed and all(k.endswith(("query.weight", "value.weight", "q_proj.weight", "v_proj.weight"))
+                           for k in changed), sorted(changed)[:5]  # fmt: skip
+    assert engine.caption([load_image(Source(path=eval_set[0].image), local_image_policy(eval_set))],
+                          GenParams(max_length=8))  # fmt: skip
+
+
+def test_tensorboard_event_files_hold_loss_lr_metrics_and_samples(
+    tiny_dir: Path, shapes_split: tuple, tmp_path: Path
+) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train_set, eval_set = shapes_split
+    cfg = TrainConfig(**{**FAST, "log_steps": 2}, base_model=str(tiny_dir), max_steps=4, eval_steps=2, save_steps=2,
+                      report_to="tensorboard")  # fmt: skip
+    events: list[dict] = []
+    train(cfg, train_set[:32], eval_set[:4], tmp_path, on_progress=events.append)
+    assert {e["tensorboard"] for e in events} == {str(tmp_path / "tensorboard")}
+    board = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0}).Reload()
+    scalars = board.Tags()["scalars"]
+    assert {"train/loss", "train/learning_rate", "eval/wer", "eval/bleu4"} <= set(scalars)
+    assert [e.step for e in board.Scalars("eval/wer")] == [2, 4]
+    losses = {e.step: e.value for e in board.Scalars("train/loss")}
+    assert losses == pytest.approx({e["step"]: e["loss"] for e in events if e["kind"] == "train"})
+    text = board.Tensors("eval/samples/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert "reference:" in text
+
+
 def test_rotation_keeps_the_best_and_the_latest(tmp_path: Path) -> None:
     for step in (5, 10, 15, 20):
         (tmp_path / f"step-{step}").mkdir()

@@ -184,7 +184,11 @@ def test_status_shows_missing_numbers_as_dashes(cli_env: dict[str, str]) -> None
     client.close()
     out = _cli(cli_env, "status", "train-new")
     assert out.exit_code == 0, out.output
-    assert "0/10  epoch 0.00  loss -  eta -s" in out.stdout
+    assert "0/10  epoch 0.00  loss -  eta -s" in out.stdout and "tensorboard" not in out.stdout
+    client = JobClient(settings_from(cli_env))
+    client.ledger.set_fields("train-new", progress={"step": 1, "total_steps": 10, "tensorboard": "/runs/x/tensorboard"})
+    client.close()
+    assert "tensorboard /runs/x/tensorboard" in _cli(cli_env, "status", "train-new").stdout
 
 
 @pytest.mark.parametrize("store", ["unset", "under a file"])
