@@ -207,10 +207,6 @@ def run_train(settings: Settings, ledger: Ledger, req: TrainRequest) -> dict[str
     raised again for Celery. A killed worker leaves the job RUNNING with a lapsing lock, and the orphan scan
     resumes it.
     """
-    if settings.torch_threads:
-        import torch
-
-        torch.set_num_threads(settings.torch_threads)
     if ledger.state(req.job_id) is None:
         open_train_job(ledger, req)
     if ledger.state(req.job_id) is not JobState.RUNNING:
@@ -218,6 +214,12 @@ def run_train(settings: Settings, ledger: Ledger, req: TrainRequest) -> dict[str
     beat = _Heartbeat(ledger, req.job_id, settings.train_lock_ttl_s)
     if not beat.acquire():  # 1. somebody else runs it: never twice
         return {"job_id": req.job_id, "status": TrainOutcome.SKIPPED, "reason": "already running elsewhere"}
+    # Only now torch: its first import takes seconds on a busy machine, and until the lock is taken the orphan
+    # scan cannot tell this job (acked, in hand) from one whose message was lost.
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
     ledger.set_fields(req.job_id, started=time.time())
     metrics.training_started(req.job_id)
     try:
