@@ -53,6 +53,18 @@ class JobKind(StrEnum):
     TRAIN = "train"
 
 
+class TrainOutcome(StrEnum):
+    """How one run of a training task ended: the ``status`` of its result."""
+
+    DONE = "done"  # a model version (promoted, or "not promoted: why")
+    CANCELLED = "cancelled"  # a user's cancel: checkpointed; submitting the job again resumes it
+    # The code or its configuration raised: the job ends FAILED with the error and is never re-run by itself.
+    FAILED = "failed"
+    LOST_LOCK = "lost_lock"  # another runner owns the job now: stopped without writing
+    INTERRUPTED = "interrupted"  # this worker is shutting down: checkpointed and unlocked, the next worker resumes it
+    SKIPPED = "skipped"  # not run: the job is not RUNNING, or another runner holds it
+
+
 class JobState(StrEnum):
     RUNNING = "running"
     DONE = "done"
@@ -233,6 +245,8 @@ class TrainRequest(BaseModel):
     dataset: Annotated[str, Field(min_length=1, max_length=MAX_REF_CHARS)]
     column: str | None = None
     text_column: str | None = None
+    # Hub datasets stream (rows read as training needs them); True downloads the whole dataset into the cache.
+    download: bool = False
     # TrainConfig fields to override (base_model, learning_rate, epochs, batch_size, max_steps, ...).
     config: dict[str, Any] = Field(default_factory=dict)
     promote: bool = False

@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     model_poll_s: float = Field(5.0, gt=0)
     # Seconds a training job's lock outlives its runner's last heartbeat; then another worker resumes it.
     train_lock_ttl_s: int = Field(60, ge=3)
+    # Processes of a fine-tune on a training worker (data parallel): one per GPU, or CPU processes where there
+    # is no GPU; at most the worker's GPUs (its CPU cores without). A job's num_processes overrides it.
+    train_processes: int = Field(1, ge=1, le=1024)
     # Hub revision (branch, tag or commit); ignored for local directories.
     model_revision: str | None = None
     # cuda, cuda:1, cpu, or auto (CUDA when present).

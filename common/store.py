@@ -24,6 +24,8 @@ from typing import Any
 
 from common.errors import ConfigError
 
+#: The version file beside a model's weights: its version, base model, data fingerprint, parameters and metrics.
+#: Training writes it, the store keeps it, and the caption engine reports its "version".
 META = "captioner.json"
 CURRENT = "CURRENT"
 #: Metrics where lower is better; every other metric is higher-is-better.

@@ -22,7 +22,7 @@ import click
 import redis
 from pydantic import SecretStr
 
-from common.messages import TASK_EVALUATE, EvaluateRequest, GenParams, TrainRequest
+from common.messages import EvaluateRequest, GenParams, TrainRequest
 from common.settings import Settings
 from producer.local import LocalRedis, WorkerProcess
 
@@ -147,8 +147,7 @@ def run_demo(
 
         def evaluate(version: str) -> dict[str, Any]:
             req = EvaluateRequest(version=version, dataset=str(root / "held-out"), max_length=20)
-            result = client.app.send_task(TASK_EVALUATE, kwargs=req.model_dump(), queue=settings.training_queue)
-            return result.get(timeout=300)
+            return client.evaluate(req, timeout=300)
 
         say("3. scoring the untrained model, fine-tuning through the queue, scoring again")
         before = evaluate(base.version)

@@ -19,8 +19,10 @@ from common.errors import BrokerUnavailable, CaptionerError, ConfigError, Nothin
 from common.ledger import JobInfo, ledger_from_settings
 from common.messages import (
     TASK_CAPTION_CHUNK,
+    TASK_EVALUATE,
     TASK_NOTIFY,
     TASK_TRAIN,
+    EvaluateRequest,
     GenParams,
     ItemStatus,
     JobKind,
@@ -201,6 +203,38 @@ class JobClient:
         self.check()
         open_train_job(self.ledger, req)
         self.app.send_task(TASK_TRAIN, kwargs=req.model_dump(), queue=self.settings.training_queue)
+
+    def evaluate(self, req: EvaluateRequest, *, timeout: float = 3600) -> dict[str, Any]:
+        """Score a model version on the training queue and return its report (metrics, ``n``, samples, info).
+
+        Fails in one line, before anything is sent, when no training worker answers; after ``timeout`` seconds
+        the evaluation is withdrawn (revoked), so a worker that reaches it later skips it.
+        """
+        from celery.exceptions import TimeoutError as CeleryTimeout
+
+        self.check()
+        queue = self.settings.training_queue
+        if not self.training_workers():
+            raise CaptionerError(f"no training worker answers on the queue {queue!r}; start one "
+                                 "(captioner worker --training)")  # fmt: skip
+        result = self.app.send_task(TASK_EVALUATE, kwargs=req.model_dump(), queue=queue)
+        try:
+            return result.get(timeout=timeout)
+        except CeleryTimeout:
+            result.revoke()
+            raise CaptionerError(
+                f"no evaluation result after {timeout:g}s (the training worker runs one job at a time and may be "
+                "fine-tuning); it was withdrawn: try again later or with a larger --timeout"
+            ) from None
+        except CaptionerError:
+            raise
+        except Exception as exc:  # the worker's exception, rebuilt by Celery under whatever class it could find
+            raise CaptionerError(f"evaluation failed on the worker: {type(exc).__name__}: {exc}") from None
+
+    def training_capabilities(self, timeout: float = 2.0) -> list[dict[str, Any]]:
+        """What each answering training worker offers (devices, optional packages); empty when none answers."""
+        replies = self.app.control.broadcast("captioner_train_info", reply=True, timeout=timeout) or []
+        return [info for reply in replies for info in reply.values() if isinstance(info, dict) and "devices" in info]
 
     def training_workers(self, timeout: float = 2.0) -> list[str]:
         """Names of the workers that answer and consume the training queue (none: nothing would run a job)."""

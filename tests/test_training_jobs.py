@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 import urllib.request
@@ -19,13 +20,15 @@ import pytest
 from click.testing import CliRunner
 
 from common.connections import redis_client
+from common.errors import ConfigError
 from common.ledger import RedisLedger
-from common.messages import TASK_EVALUATE, TASK_TRAIN, JobState, TrainRequest
+from common.messages import TASK_EVALUATE, TASK_TRAIN, JobState, TrainOutcome, TrainRequest
 from common.store import ModelStore
 from producer.cli import cli
 from producer.jobs import JobClient
 from producer.local import LocalRedis, WorkerProcess, free_port
 from tests.conftest import settings_from
+from tests.test_recovery import wait_for
 from training.jobs import _Heartbeat, open_train_job, orphaned_train_jobs, run_train
 
 TTL_S = 3  # the smallest lock lifetime settings allow: orphan scans every 1.5 s, unstarted grace 6 s
@@ -83,8 +86,7 @@ def test_heartbeat_survives_redis_errors_then_gives_up_after_its_ttl(caplog: pyt
         assert not beat.lost(), "within its TTL the lock may still be ours"
         assert beat._thread.is_alive(), "the heartbeat thread keeps trying"
         assert "could not refresh the training lock" in caplog.text
-        time.sleep(1.1)
-        assert beat.lost(), "no refresh for a whole TTL: another worker may be resuming the job"
+        wait_for(beat.lost, 30, "the heartbeat to give up: no refresh for a whole TTL, another worker may resume")
         beat.release()  # does not raise with Redis gone
 
 
@@ -113,11 +115,10 @@ def test_a_runner_whose_lock_is_taken_stops_without_a_version(
 
     thief = threading.Thread(target=intrude, daemon=True)
     thief.start()
-    started = time.monotonic()
     summary = run_train(settings, ledger, req)
     thief.join()
-    assert summary["status"] == "lost_lock"
-    assert time.monotonic() - started < 30, "it stopped at a step soon after the takeover, not at the end"
+    assert summary["status"] == TrainOutcome.LOST_LOCK
+    assert 3 <= summary["steps"] < 5000, "it stopped at a step after the takeover, not at the end"
     assert ledger.state("train-lost") is JobState.RUNNING and ledger.get_field("train-lost", "result") is None
     assert not ModelStore(tmp_path / "store").list()
     assert ledger.r.get(key) == b"another-runner"
@@ -183,7 +184,67 @@ def test_status_shows_missing_numbers_as_dashes(cli_env: dict[str, str]) -> None
     client.close()
     out = _cli(cli_env, "status", "train-new")
     assert out.exit_code == 0, out.output
-    assert "0/10  epoch 0.00  loss -  eta -s" in out.stdout
+    assert "0/10  epoch 0.00  loss -  eta -s" in out.stdout and "tensorboard" not in out.stdout
+    client = JobClient(settings_from(cli_env))
+    client.ledger.set_fields("train-new", progress={"step": 1, "total_steps": 10, "tensorboard": "/runs/x/tensorboard"})
+    client.close()
+    assert "tensorboard /runs/x/tensorboard" in _cli(cli_env, "status", "train-new").stdout
+
+
+@pytest.mark.parametrize("store", ["unset", "under a file"])
+def test_a_training_worker_that_cannot_store_versions_does_not_start(
+    cli_env: dict[str, str], tmp_path: Path, store: str
+) -> None:
+    """`captioner worker --training` says what is missing in one line and exits 1, before it consumes anything
+    (a job it took would fail, or come back every few minutes)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_")} | cli_env
+    if store == "unset":
+        del env["CAPTIONER_MODEL_STORE"]
+    else:
+        (tmp_path / "a-file").write_text("x")
+        env["CAPTIONER_MODEL_STORE"] = str(tmp_path / "a-file" / "store")
+    proc = subprocess.run([sys.executable, "-m", "producer.cli", "worker", "--training"], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert "CAPTIONER_MODEL_STORE" in line and "Traceback" not in proc.stderr
+    assert ("writable" in line and "a-file" in line) if store == "under a file" else "set it" in line
+    assert redis_client(cli_env["CAPTIONER_BROKER_URL"]).llen(cli_env["CAPTIONER_TRAINING_QUEUE"]) == 0
+
+
+def test_a_plain_celery_training_worker_without_a_store_exits_at_start(cli_env: dict[str, str]) -> None:
+    """The same check through `celery -A training.celery_app worker`: a critical line, and the worker exits."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_")} | cli_env
+    del env["CAPTIONER_MODEL_STORE"]
+    argv = [sys.executable, "-m", "celery", "-A", "training.celery_app", "worker", "--pool=threads",
+            f"--queues={cli_env['CAPTIONER_TRAINING_QUEUE']}", "--without-mingle", "--without-gossip"]  # fmt: skip
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    critical = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "CRITICAL" in ln]
+    assert len(critical) == 1 and "CAPTIONER_MODEL_STORE" in critical[0], proc.stdout + proc.stderr
+
+
+def test_promote_lets_a_version_no_worse_through_the_gate(cli_env: dict[str, str], tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "store")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    old = store.add(model, {"metrics": {"wer": 0.30}, "eval_fingerprint": "fp"}, "old")
+    store.promote(old.version)
+    store.add(model, {"metrics": {"wer": 0.30}, "eval_fingerprint": "fp"}, "same")
+    store.add(model, {"metrics": {"wer": 0.31}, "eval_fingerprint": "fp"}, "worse")
+    better = _cli(cli_env, "promote", "same", "--require-no-worse", "wer")  # equal is no worse
+    assert better.exit_code == 0 and "promoted same" in better.stdout, better.output
+    assert store.current().version == "same"
+    refused = _cli(cli_env, "promote", "worse", "--require-no-worse", "wer")
+    assert refused.exit_code == 1 and "worse than same on wer" in refused.stderr
+    assert store.current().version == "same"
 
 
 def test_evaluate_without_a_training_worker_is_one_line(cli_env: dict[str, str], tmp_path: Path) -> None:
@@ -218,35 +279,65 @@ def run(
            "CAPTIONER_TRAIN_LOCK_TTL_S": str(TTL_S), "CAPTIONER_METRICS_PORT": str(port),
            "CAPTIONER_METRICS_ADDR": "127.0.0.1"}  # fmt: skip
     out: dict[str, Any] = {"env": env, "store": store, "data": data, "statuses": [], "scrapes": []}
+    scans = _scan_counter(port)
     with WorkerProcess(env, training=True, log=tmp / "train.log") as proc:
         proc.wait_ready()
+        client = JobClient(settings_from(env))
+        # H holds the worker until F has waited in the queue past its grace and the orphan scan has seen it there.
+        hold = {"base_model": str(base.path), "max_steps": 1_000_000, "eval_steps": 1_000_000, "batch_size": 4,
+                "save_steps": 1_000_000, "max_length": 8, "log_steps": 1}  # fmt: skip
+        client.submit_training(TrainRequest(job_id="train-h", dataset=str(data), config=hold))
+        wait_for(lambda: (client.status("train-h").extra.get("progress") or {}).get("step", 0) >= 1, 120, "H to run")
         submit = _cli(env, "train", str(data), "--job-id", "train-a", "--base-model", str(base.path),
                       "--max-steps", "200", "--eval-steps", "20", "--batch-size", "8", "--learning-rate", "3e-3",
                       "--set", "save_steps=20", "--set", "grad_accum=1", "--set", "lr_scheduler=constant",
                       "--set", "max_length=12", "--set", "eval_max_samples=8", "--set", "log_steps=5",
                       "--promote", "--require-no-worse", "wer")  # fmt: skip
         assert submit.exit_code == 0, submit.output
-        client = JobClient(settings_from(env))
         client.submit_training(TrainRequest(job_id="train-f", dataset=str(tmp / "gone"), config={}))
-        # Queued behind A and F: the user gives up after a second, and the evaluation is withdrawn.
+        # Queued behind H, A and F: the user gives up after a second, and the evaluation is withdrawn.
         out["evaluate_late"] = _cli(env, "evaluate", "current", str(data), "--timeout", "1")
-        started = time.monotonic()
-        while client.status("train-a").state is JobState.RUNNING and time.monotonic() - started < 240:
+        f_sent = float(client.ledger.get_field("train-f", "sent"))
+        wait_for(lambda: time.time() > f_sent + 2 * TTL_S, 60, "F's grace to pass")  # the orphan scan's grace
+        seen = scans()
+        wait_for(lambda: scans() >= seen + 2, 60, "two orphan scans after F's grace")
+        out["f_state_after_scans"] = client.status("train-f").state
+        out["f_started_after_scans"] = client.ledger.get_field("train-f", "started")
+        client.cancel("train-h")
+        while client.status("train-a").state is JobState.RUNNING:
             out["statuses"].append(json.loads(_cli(env, "status", "train-a", "--json").stdout))
             if (out["statuses"][-1].get("progress") or {}).get("metrics") and len(out["scrapes"]) < 3:
                 out["scrapes"].append(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read())
-            time.sleep(0.2)
-        out["a_seconds"] = time.monotonic() - started
+            time.sleep(0.2)  # polling the job's state, not waiting for it
         out["wait_f"] = _cli(env, "wait", "train-f", "--timeout", "120")
-        time.sleep(2 * TTL_S)  # orphan scans run every TTL/2: four chances to re-send a failed job
+        seen = scans()
+        wait_for(lambda: scans() >= seen + 4, 60, "four orphan scans after F failed: four chances to re-send it")
+        # A base model that does not load: the job ends failed with the reason, and train --wait says it.
+        (tmp / "not-a-model").mkdir()
+        out["bad_base"] = _cli(env, "train", str(data), "--job-id", "train-b", "--base-model",
+                               str(tmp / "not-a-model"), "--wait")  # fmt: skip
         out["final_scrape"] = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        out["a"], out["f"] = client.status("train-a"), client.status("train-f")
+        out["a"], out["f"], out["h"] = client.status("train-a"), client.status("train-f"), client.status("train-h")
         out["orphans"] = orphaned_train_jobs(client.ledger, grace_s=0)
         version = out["a"].extra["result"]["version"]
         out["evaluate"] = _cli(env, "evaluate", version, str(data), "--max-samples", "6", "--max-length", "12")
         client.close()
     out["log"] = proc.log_path.read_text()
     return out
+
+
+def _scan_counter(port: int):
+    """Reads the training worker's count of orphan scans from its metrics endpoint."""
+
+    def read() -> float:
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        except OSError:
+            return 0.0
+        lines = [ln for ln in text.splitlines() if ln.startswith("captioner_train_orphan_scans_total ")]
+        return float(lines[0].split()[1]) if lines else 0.0
+
+    return read
 
 
 def test_a_failing_job_ends_failed_once_and_wait_exits_1(run: dict[str, Any]) -> None:
@@ -258,10 +349,19 @@ def test_a_failing_job_ends_failed_once_and_wait_exits_1(run: dict[str, Any]) ->
 
 
 def test_a_job_waiting_behind_another_past_the_grace_is_not_sent_again(run: dict[str, Any]) -> None:
-    assert run["a_seconds"] > 2 * TTL_S + TTL_S / 2, "F must have waited past its grace and one more scan"
+    # F sat in the queue past its grace while two orphan scans ran: they found its message and left it there.
+    assert run["f_state_after_scans"] is JobState.RUNNING and not run["f_started_after_scans"]
     received = [line for line in run["log"].splitlines() if f"{TASK_TRAIN}[" in line and " received" in line]
-    assert len(received) == 2  # A and F, each once
+    assert len(received) == 4  # H, A, F and B, each once
     assert "resuming training job" not in run["log"]
+    assert run["h"].state is JobState.CANCELLED and run["h"].extra["result"]["status"] == TrainOutcome.CANCELLED
+
+
+def test_a_base_model_that_does_not_load_fails_the_job_with_the_reason(run: dict[str, Any]) -> None:
+    out = run["bad_base"]
+    assert out.exit_code == 1 and "Traceback" not in out.output, out.output
+    [line] = out.stderr.strip().splitlines()
+    assert line.startswith("error: job train-b failed: ") and "not-a-model" in line and "safetensors" in line, line
 
 
 def test_a_refused_promotion_is_a_done_job_that_keeps_its_version(run: dict[str, Any]) -> None:
@@ -288,7 +388,8 @@ def test_the_training_worker_serves_training_metrics_and_logs_the_job_id(run: di
     text = run["scrapes"][-1].decode()
     assert 'captioner_train_step{job_id="train-a"}' in text and 'captioner_train_eval_wer{job_id="train-a"}' in text
     assert 'captioner_train_jobs_total{outcome="done"} 1.0' in run["final_scrape"]
-    assert 'captioner_train_jobs_total{outcome="failed"} 1.0' in run["final_scrape"]
+    assert 'captioner_train_jobs_total{outcome="failed"} 2.0' in run["final_scrape"]  # F and B
+    assert 'captioner_train_jobs_total{outcome="cancelled"} 1.0' in run["final_scrape"]  # H
     assert "job=train-a" in run["log"] and "job=train-f" in run["log"]
 
 
@@ -312,3 +413,86 @@ def test_evaluate_prints_metrics_and_stores_them_with_the_version(run: dict[str,
     latest = version.meta["evaluations"][-1]
     assert latest["fingerprint"] == dataset_fingerprint(load_examples(str(run["data"]))[:6])
     assert f"{latest['metrics']['wer']:.4f}" == printed["wer"] and version.metrics == latest["metrics"]
+
+
+def test_push_to_hub_writes_a_model_card_first(cli_env: dict[str, str], tmp_path: Path) -> None:
+    """The card names base model, data (fingerprint, size), options and metrics with their eval set, and says what
+    the model is for; it is written before the upload, which fails here (no network) without promoting."""
+    store = ModelStore(tmp_path / "store")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    meta = {
+        "base_model": "microsoft/git-base",
+        "dataset": "/data/shapes",
+        "dataset_fingerprint": "0123abcd",
+        "eval_fingerprint": "eval9876",
+        "train_examples": 540,
+        "eval_examples": 60,
+        "steps": 150,
+        "params": {"learning_rate": 0.003, "lora_r": 8, "batch_size": 16},
+        "metrics": {"wer": 0.125, "bleu4": 61.5},
+    }
+    store.add(model, meta, "v1")  # fmt: skip
+    out = _cli({**cli_env, "HF_HUB_OFFLINE": "1"}, "promote", "v1", "--push-to-hub", "org/shapes-captioner")
+    assert out.exit_code == 1 and "could not push v1 to org/shapes-captioner" in out.stderr
+    assert store.current() is None
+    card = (store.get("v1").path / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: image-to-text\n")
+    assert "base_model: microsoft/git-base" in card and "# org/shapes-captioner" in card
+    assert "fingerprint: `0123abcd`" in card and "540 training and 60 held-out images" in card
+    assert '"lora_r": 8' in card and "Steps: 150." in card
+    assert "| wer | 0.1250 | `eval9876` |" in card and "| bleu4 | 61.5000 | `eval9876` |" in card
+    assert "## Intended use and limits" in card and "not for images unlike its training data" in card
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--batch-size", "8", "--set", "per_device_train_batch_size=4"], "set the same option (batch_size)"),
+        (["--set", "fp16=true", "--set", "bf16=true"], "fp16 and bf16 are both true"),
+        (["--set", "bf16=true", "--set", "mixed_precision=no"], "set the same option (mixed_precision)"),
+        (["--set", "warmup_ratio=0.1", "--set", "warmup_steps=5"], "warmup_steps and warmup_ratio"),
+        (["--column", "picture"], "no image column 'picture'"),
+        (["--text-column", "alt"], "no text column 'alt'"),
+    ],
+)
+def test_alias_clashes_and_missing_columns_are_one_line_and_send_nothing(
+    cli_env: dict[str, str], session_root: Path, args: list[str], said: str
+) -> None:
+    from training.synthetic import make_shapes
+
+    data = session_root / f"cols-{uuid.uuid4().hex[:6]}"
+    make_shapes(data, 2, seed=1, size=32)
+    out = _cli(cli_env, "train", str(data), *args)
+    assert out.exit_code == 1 and said in out.stderr, out.output
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.output
+    assert json.loads(_cli(cli_env, "jobs", "--json").stdout) == []
+
+
+def test_options_a_worker_cannot_serve_are_refused_against_what_workers_report() -> None:
+    from training.jobs import check_against_workers
+
+    cpu_only = [{"devices": 2, "device_kind": "CPU core", "peft": False, "datasets": True, "tensorboard": True}]
+    with pytest.raises(ConfigError, match="3 training processes asked for, but the training workers have at most 2"):
+        check_against_workers(TrainRequest(job_id="j", dataset="/d", config={"num_processes": 3}), cpu_only)
+    with pytest.raises(ConfigError, match=r"LoRA is asked for, but no training worker has peft.*captioner\[lora\]"):
+        check_against_workers(TrainRequest(job_id="j", dataset="/d", config={"lora_r": 8}), cpu_only)
+    check_against_workers(TrainRequest(job_id="j", dataset="/d", config={"num_processes": 2}), cpu_only)
+
+
+def test_training_arguments_names_reach_the_job_as_ours(cli_env: dict[str, str], session_root: Path) -> None:
+    from training.synthetic import make_shapes
+
+    data = session_root / f"hf-{uuid.uuid4().hex[:6]}"
+    make_shapes(data, 2, seed=1, size=32)
+    out = _cli(cli_env, "train", str(data), "--per-device-train-batch-size", "4", "--num-train-epochs", "3",
+               "--set", "gradient_accumulation_steps=2", "--set", "lr_scheduler_type=cosine",
+               "--set", "warmup_ratio=0.1", "--set", "bf16=true", "--set", "load_best_model_at_end=false",
+               "--set", "metric_for_best_model=cer", "--set", "logging_steps=7", "--json")  # fmt: skip
+    assert out.exit_code == 0, out.output
+    job = json.loads(out.stdout)["job_id"]
+    request = JobClient(settings_from(cli_env)).ledger.get_field(job, "request")
+    assert request["config"] == {"batch_size": 4, "epochs": 3, "grad_accum": 2, "lr_scheduler": "cosine",
+                                 "warmup_ratio": 0.1, "mixed_precision": "bf16", "load_best_at_end": False,
+                                 "metric_for_best": "cer", "log_steps": 7}  # fmt: skip

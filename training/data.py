@@ -29,6 +29,10 @@ MANIFEST_SUFFIXES = (".jsonl", ".csv")
 IMAGE_COLUMNS = ("file_name", "image", "image_path", "path", "filepath", "url", "image_url")
 TEXT_COLUMNS = ("text", "caption", "captions", "sentences", "texts")
 _URL = re.compile(r"^https?://", re.IGNORECASE)
+#: The file ``Dataset.save_to_disk`` writes beside its arrow files: a folder with it is a saved dataset.
+SAVED_DATASET = "dataset_info.json"
+#: Image files a kohya folder may hold beside their same-stem ``.txt`` captions.
+KOHYA_IMAGES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 @dataclass
@@ -42,24 +46,76 @@ class Example:
 # --- loading ---------------------------------------------------------------------------------------
 
 
-def load_examples(spec: str, *, column: str | None = None, text_column: str | None = None) -> list[Example]:
-    """Examples from an imagefolder directory, a ``.jsonl``/``.csv`` manifest, or (with ``datasets``) a hub id.
+def load_examples(
+    spec: str, *, column: str | None = None, text_column: str | None = None, download: bool = False
+) -> list[Example]:
+    """Examples from an imagefolder directory (metadata file) or a kohya folder (``x.png`` + ``x.txt``), a
+    ``.jsonl``/``.csv`` manifest, and through 🤗 ``datasets`` a ``.parquet`` file, a ``save_to_disk`` folder or a
+    hub id (streamed unless ``download``).
 
     ``column`` names the image column (default: the first of ``IMAGE_COLUMNS`` present), ``text_column`` the
     caption column (default: the first of ``TEXT_COLUMNS``); a caption cell may hold a list of captions.
     """
     path = Path(spec).expanduser()
+    if path.is_dir() and (path / SAVED_DATASET).is_file():
+        return _load_with_datasets(str(path), column, text_column, lambda ds: ds.load_from_disk(str(path)))
     if path.is_dir():
         return _load_imagefolder(Path(os.path.abspath(path)), column, text_column)
+    if path.is_file() and path.suffix.lower() == ".parquet":
+        resolved = str(Path(os.path.abspath(path)))
+        return _load_with_datasets(resolved, column, text_column,
+                                   lambda ds: ds.load_dataset("parquet", data_files=resolved, split="train",
+                                                              streaming=True))  # fmt: skip
     if path.is_file():
         if path.suffix.lower() not in MANIFEST_SUFFIXES:
-            raise SourceError(f"{spec}: a manifest must be .jsonl or .csv (image path or URL + caption per row)")
+            raise SourceError(f"{spec}: a manifest must be .jsonl, .csv or .parquet (image + caption per row)")
         resolved = Path(os.path.abspath(path))
         rows = _read_table(resolved)
         return _to_examples(rows, resolved.parent, column, text_column, where=str(resolved), contain=False)
     if _looks_like_path(spec):
         raise SourceError(f"{spec}: no such file or directory (give an imagefolder dir, a manifest, or a hub id)")
-    return _load_hub(spec, column, text_column)
+    return _load_with_datasets(spec, column, text_column, lambda ds: _hub_split(ds, spec, download))
+
+
+def check_columns(spec: str, *, column: str | None = None, text_column: str | None = None) -> None:
+    """Name a missing image or text column now (the producer, before anything is queued); local data only: a hub
+    dataset's columns are checked by the training worker that reads it."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        return
+    if path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
+        rows = _read_table(path)
+        names = list(rows[0]) if rows else []
+    elif (path.is_dir() and (path / SAVED_DATASET).is_file()) or path.suffix.lower() == ".parquet":
+        names = _dataset_columns(path)
+        if names is None:
+            return
+    elif path.is_dir():
+        metas = [m for name in METADATA_NAMES for m in sorted(path.rglob(name))]
+        if not metas:
+            if column or text_column:
+                raise ConfigError(f"{spec} is a folder of images with .txt captions (kohya); it has no columns to "
+                                  "name with --column / --text-column")  # fmt: skip
+            return
+        rows = _read_table(metas[0])
+        names = list(rows[0]) if rows else []
+    else:
+        return
+    if names:
+        _pick(names, column, IMAGE_COLUMNS, "image", spec)
+        _pick(names, text_column, TEXT_COLUMNS, "text", spec)
+
+
+def _dataset_columns(path: Path) -> list[str] | None:
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+    try:
+        info = json.loads((path / SAVED_DATASET).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return list((info.get("features") or {}).keys()) or None
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -84,12 +140,29 @@ def _load_imagefolder(root: Path, column: str | None, text_column: str | None) -
                 )
             found[meta.parent] = meta
     if not found:
-        raise SourceError(f"{root} has no {' / '.join(METADATA_NAMES)} (file_name + text columns) to read captions")
+        kohya = _load_kohya(root)
+        if kohya:
+            return kohya
+        raise SourceError(f"{root} has no {' / '.join(METADATA_NAMES)} (file_name + text columns) and no images "
+                          "with same-stem .txt captions (kohya) to read captions from")  # fmt: skip
     examples: list[Example] = []
     for folder in sorted(found):
         rows = _read_table(found[folder])
         examples.extend(_to_examples(rows, folder, column, text_column, where=str(found[folder]), contain=True))
     return _merge(examples)
+
+
+def _load_kohya(root: Path) -> list[Example]:
+    """Images with a same-stem ``.txt`` beside them (the kohya layout); a caption file may hold several lines,
+    one caption each. Images without a caption file are left out."""
+    examples = []
+    for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in KOHYA_IMAGES and p.is_file()):
+        text = image.with_suffix(".txt")
+        if text.is_file():
+            captions = [line.strip() for line in text.read_text(encoding="utf-8").splitlines() if line.strip()]
+            if captions:
+                examples.append(Example(image=str(image), captions=captions))
+    return examples
 
 
 def _read_table(file: Path) -> list[dict[str, Any]]:
@@ -211,45 +284,59 @@ def _merge(examples: list[Example]) -> list[Example]:
     return list(merged.values())
 
 
-def _load_hub(spec: str, column: str | None, text_column: str | None) -> list[Example]:
-    """A hub dataset through 🤗 ``datasets`` (optional extra); images are written once under the HF cache."""
+def _hub_split(datasets: Any, spec: str, download: bool) -> Any:
+    """The hub dataset's train split (or its first): streamed row by row, or downloaded whole when asked."""
+    if download:
+        loaded = datasets.load_dataset(spec)
+        return loaded["train"] if "train" in loaded else loaded[next(iter(loaded))]
+    splits = datasets.get_dataset_split_names(spec)
+    return datasets.load_dataset(spec, split="train" if "train" in splits else splits[0], streaming=True)
+
+
+def _load_with_datasets(spec: str, column: str | None, text_column: str | None, open_split: Any) -> list[Example]:
+    """Rows of a 🤗 ``datasets`` split as examples; image bytes are written once under the HF cache, named by
+    their content (a re-run reuses them, a changed dataset never reuses a stale one), never decoded here."""
     try:
         import datasets
     except ImportError:
         raise SourceError(
-            f"{spec!r} is not a local directory or manifest file; treating it as a hub dataset needs the "
-            "'datasets' package and network access (pip install datasets), or give an imagefolder directory "
-            "with metadata.jsonl/csv/parquet or a .jsonl/.csv manifest"
+            f"{spec!r} needs the 'datasets' package on the training worker (pip install 'captioner[datasets]'), "
+            "or give an imagefolder directory with metadata.jsonl/csv/parquet or a .jsonl/.csv manifest"
         ) from None
     try:
-        loaded = datasets.load_dataset(spec)
+        split = open_split(datasets)
     except Exception as exc:
         raise SourceError(
-            f"hub dataset {spec!r} could not be loaded ({type(exc).__name__}: {exc}); it needs network access "
-            "and an existing dataset id, or give a local imagefolder directory or manifest instead"
+            f"dataset {spec!r} could not be opened ({type(exc).__name__}: {' '.join(str(exc).split())}); a hub "
+            "dataset needs network access and an existing id, or give a local imagefolder directory or manifest"
         ) from None
-    split = loaded["train"] if "train" in loaded else loaded[next(iter(loaded))]
-    image_col = _pick(split.column_names, column, IMAGE_COLUMNS, "image", spec)
-    text_col = _pick(split.column_names, text_column, TEXT_COLUMNS, "text", spec)
-    # decode=False: the stored bytes are written as they are, never re-encoded.
-    split = split.cast_column(image_col, datasets.Image(decode=False))
+    names = list(split.column_names or [])
+    image_col = _pick(names, column, IMAGE_COLUMNS, "image", spec)
+    text_col = _pick(names, text_column, TEXT_COLUMNS, "text", spec)
+    if isinstance((split.features or {}).get(image_col), datasets.Image):
+        split = split.cast_column(image_col, datasets.Image(decode=False))  # the stored bytes, as they are
     cache = Path(datasets.config.HF_DATASETS_CACHE) / "captioner-images" / re.sub(r"[^\w.-]+", "--", spec)
     cache.mkdir(parents=True, exist_ok=True)
     examples = []
     for row in split:
-        cell = row[image_col] or {}
-        data, name = cell.get("bytes"), cell.get("path") or ""
-        if data is None and name:
-            examples.append(Example(image=os.path.abspath(name), captions=_captions(row[text_col], spec)))
-            continue
-        if data is None:
-            continue
-        # Named by content: a re-run reuses the files, and a changed dataset never reuses a stale one.
-        target = cache / f"{hashlib.sha256(data).hexdigest()[:24]}{Path(name).suffix or '.img'}"
-        if not target.is_file():
-            target.write_bytes(data)
-        examples.append(Example(image=str(target), captions=_captions(row[text_col], spec)))
+        image = _cell_image(row[image_col], cache)
+        if image is not None:
+            examples.append(Example(image=image, captions=_captions(row[text_col], spec)))
     return _merge([ex for ex in examples if ex.captions])
+
+
+def _cell_image(cell: Any, cache: Path) -> str | None:
+    """An image cell as a local path or URL: a path/URL string, or stored bytes written to the cache."""
+    if isinstance(cell, str):
+        return cell if _URL.match(cell) else os.path.abspath(cell)
+    cell = cell or {}
+    data, name = cell.get("bytes"), cell.get("path") or ""
+    if data is None:
+        return os.path.abspath(name) if name else None
+    target = cache / f"{hashlib.sha256(data).hexdigest()[:24]}{Path(name).suffix or '.img'}"
+    if not target.is_file():
+        target.write_bytes(data)
+    return str(target)
 
 
 # --- splitting and identity ----------------------------------------------------------------------------

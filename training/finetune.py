@@ -1,23 +1,21 @@
-"""Fine-tune GIT on captioned images: a plain PyTorch loop with safetensors checkpoints, resume and generated-text eval.
+"""Fine-tune GIT on captioned images: our loop on accelerate (device placement, mixed precision, data parallel),
+with resumable pickle-free checkpoints (training/checkpoints.py) and generated-caption evaluation.
 
-The seed recipe (HF image-captioning guide) with its two flaws fixed: padding positions are -100 in the labels
-(they never enter the loss), and evaluation scores captions the model *generates*, not teacher-forced argmax.
-Checkpoints hold no pickles: weights and optimizer tensors are safetensors, everything else is JSON.
+The seed recipe (HF image-captioning guide) with its flaws fixed: padding positions are -100 in the labels (they
+never enter the loss), evaluation scores captions the model *generates*, not teacher-forced argmax, and under
+gradient accumulation (and across processes) the loss is a mean over the tokens of the whole accumulated batch,
+not a mean of per-micro-batch means, which weighed a short caption's tokens more than a long one's.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
 import random
-import shutil
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -25,28 +23,31 @@ from typing import Any
 
 import torch
 
-from common.errors import ConfigError, ItemError, SourceError
-from common.messages import GenParams, Source
-from common.settings import DEFAULT_FORMATS
-from common.store import LOWER_IS_BETTER
+from common.errors import ConfigError, SourceError
+from training.checkpoints import (
+    CHECKPOINTS,
+    best_step,
+    finalize,
+    fresh_state,
+    last_saved,
+    latest_checkpoint,
+    load_training_state,
+    read_state,
+    rotate,
+    save_checkpoint,
+    warn_on_changed_order,
+)
 from training.config import TrainConfig
 from training.data import Example, dataset_fingerprint
-from training.metrics import caption_metrics
-from worker.engine import CaptionEngine, EngineConfig, resolve_device
-from worker.images import ImagePolicy, load_image
+from training.evaluation import evaluate_items
+from training.pixels import Item, PixelSource, local_image_policy
+from worker.engine import CaptionEngine, EngineConfig, half_dtype, resolve_device
+from worker.images import ImagePolicy
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
-FINAL = "final"
-CONFIG_FILE = "train_config.json"
-STATE_FILE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.safetensors"
-RNG_FILE = "rng_state.safetensors"
-#: Written into the final model directory; the caption engine reports its "version".
-VERSION_FILE = "captioner.json"
-#: Captions shown with each evaluation.
-SAMPLE_COUNT = 4
+#: Where report_to=tensorboard writes its event files, inside the run directory.
+TENSORBOARD_DIR = "tensorboard"
 
 
 class TrainStatus(StrEnum):
@@ -67,6 +68,16 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     best_step: int | None = None
 
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "final_dir": None if self.final_dir is None else str(self.final_dir)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainResult:
+        final = data.get("final_dir")
+        return cls(
+            **{**data, "final_dir": None if final is None else Path(final), "status": TrainStatus(data["status"])}
+        )
+
 
 def _noop(_: dict[str, Any]) -> None:
     return None
@@ -74,6 +85,27 @@ def _noop(_: dict[str, Any]) -> None:
 
 def _never() -> bool:
     return False
+
+
+@dataclass
+class MicroBatch:
+    """One forward pass's inputs and how many of its label tokens are scored."""
+
+    inputs: dict[str, torch.Tensor]
+    tokens: int
+
+
+class CaptionLoss(torch.nn.Module):
+    """GIT under a forward that returns the summed token loss: the module accelerate wraps for data parallel (a
+    gradient sync happens in the wrapper's forward, so the loss must be computed inside one)."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        total, _ = caption_loss_terms(self.model, **inputs)
+        return total
 
 
 # --- the loop --------------------------------------------------------------------------------------
@@ -93,124 +125,196 @@ def train(
     """Fine-tune ``cfg.base_model`` on ``train_set``, evaluating on ``eval_set``; resumes from ``out_dir``.
 
     ``should_stop`` (a user's cancel) ends the run at the next step with a checkpoint; ``lost`` (the run
-    directory now belongs to another runner) ends it at the next step, before any further write.
+    directory now belongs to another runner) ends it at the next step, before any further write. Under a
+    distributed launcher (training/distributed.py) every process runs this; the first one evaluates, reports,
+    checkpoints and decides when to stop, for all of them.
     """
-    # 1. Check the config, pick device and precision, find a checkpoint to resume from.
+    # 1. Check the config; accelerate picks device, precision and (under a launcher) the process group.
     _check_config(cfg, train_set, eval_set)
+    acc = make_accelerator(cfg)
+    main, world = acc.is_main_process, acc.num_processes
     out_dir = Path(out_dir)
     ckpt_root = out_dir / CHECKPOINTS
     ckpt_root.mkdir(parents=True, exist_ok=True)
     fingerprint = dataset_fingerprint(train_set)
-    resume = _latest_checkpoint(ckpt_root)
-    state = _read_state(resume, fingerprint) if resume else _fresh_state(fingerprint)
-    device = resolve_device(cfg.device)
-    amp_dtype = resolve_precision(cfg.mixed_precision, device)
+    resume = latest_checkpoint(ckpt_root)
+    state = read_state(resume, fingerprint) if resume else fresh_state(fingerprint)
     torch.manual_seed(cfg.seed)
 
-    # 2. Model and processor: the latest checkpoint's when resuming, else the base model (safetensors only).
-    engine = CaptionEngine.load(EngineConfig(model=str(resume or cfg.base_model), device=cfg.device, dtype="float32"))
+    # 2. Model and processor: the checkpoint's when resuming, else the base model (safetensors only); LoRA
+    #    adapters on top when asked. ``engine.model`` stays the plain module: it generates for evaluation.
+    engine, adapters = _load_model(cfg, resume, acc.device)
     model = engine.model
-    log.info("training %s on %s (%s), resume=%s", cfg.base_model, device, amp_dtype or "fp32", resume)
+    log.info("training %s on %s x%d (%s), resume=%s", cfg.base_model, acc.device, world, acc.mixed_precision, resume)
 
     # 3. Images -> pixel values, cached in memory when they fit; unreadable images are dropped with a warning.
     policy = image_policy or local_image_policy(train_set + eval_set)
-    pixels = _PixelSource(engine, policy, cfg)
+    pixels = PixelSource(engine, policy, threads=cfg.loader_threads, cache_mb=cfg.pixel_cache_mb)
     train_items = pixels.admit(train_set, "train")
     eval_items = pixels.admit(eval_set[: cfg.eval_max_samples] if cfg.eval_max_samples else eval_set, "eval")
     if not train_items:
         raise SourceError("no training image could be read; check the dataset paths")
 
-    # 4. Optimizer (+ fp16 loss scaler); their state and the RNG come back from the checkpoint.
+    # 4. Optimizer; its state and the RNG come back from the checkpoint; then accelerate wraps both.
     optimizer = _make_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    scaler_state = state.pop("scaler", None)
     if resume:
-        _load_training_state(resume, optimizer, scaler, state)
-        _warn_on_changed_order(resume, cfg)
-    micro_per_epoch = math.ceil(len(train_items) / cfg.batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
-    total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+        load_training_state(resume, optimizer, state)
+        warn_on_changed_order(resume, cfg, world)
+    state["processes"] = world
+    loss_module, optimizer = acc.prepare(CaptionLoss(model), optimizer)
+    if acc.scaler is not None and scaler_state:
+        acc.scaler.load_state_dict(scaler_state)
+    plan = _Plan(len(train_items), cfg, world)
     step = int(state["step"])
-    clock = _Clock(cfg, total_steps, step)
-    autocast = _autocast(device, amp_dtype)
+    clock = _Clock(cfg, plan.total_steps, step)
+    report = _Reporter(cfg, out_dir) if main else None
 
-    def evaluate_now() -> dict[str, Any]:
+    def evaluate_now() -> None:
         started = time.perf_counter()
-        metrics, samples = _evaluate(engine, pixels, eval_items, cfg, autocast)
+        metrics, samples, _ = evaluate_items(engine, pixels, eval_items, max_length=cfg.max_length,
+                                             batch_size=cfg.eval_batch_size, autocast=acc.autocast)  # fmt: skip
         clock.eval_done(time.perf_counter() - started)
-        record = {"step": step, "epoch": step / steps_per_epoch, "metrics": metrics}
+        record = {"step": step, "epoch": step / plan.steps_per_epoch, "metrics": metrics}
         state["history"].append(record)
-        on_progress({**_progress(clock, step, steps_per_epoch, state), **record, "kind": "eval", "samples": samples})
+        on_progress({**_progress(clock, plan, step, state, report), **record, "kind": "eval", "samples": samples})
+        if report:
+            report.evaluation(step, metrics, samples)
         log.info("eval step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-        return metrics
 
-    def save_now() -> Path:
-        path = _save_checkpoint(engine, optimizer, scaler, state, cfg, ckpt_root, step)
-        _rotate(ckpt_root, cfg, state)
-        return path
+    def save_now() -> None:
+        save_checkpoint(engine, adapters, optimizer, acc.scaler, state, cfg, ckpt_root, step)
+        rotate(ckpt_root, cfg, state)
 
-    def gone() -> TrainResult | None:
-        if not lost():
-            return None
-        log.warning("training lock lost at step %d: another runner owns %s; stopping without writing", step, out_dir)
-        return _result(None, ckpt_root, step, TrainStatus.LOST_LOCK, state, cfg)
+    def end(status: TrainStatus, final: Path | None = None) -> TrainResult:
+        acc.wait_for_everyone()
+        if report:
+            report.close()
+        return _result(final, ckpt_root, step, status, state, cfg)
 
-    if cfg.eval_on_start and step == 0 and eval_items and not state["history"]:
+    if main and cfg.eval_on_start and step == 0 and eval_items and not state["history"]:
         evaluate_now()
 
-    # 5. The loop: one optimizer step = grad_accum micro-batches; eval, save and stop checks between steps.
+    # 5. The loop: one optimizer step = grad_accum micro-batches per process; stop checks before each step.
     model.train()
     running, running_n = 0.0, 0
-    order: list[int] = []
-    order_epoch = -1
-    while step < total_steps:
-        if stopped := gone():
-            return stopped
-        if should_stop():
-            if _last_saved(ckpt_root) != step:
+    while step < plan.total_steps:
+        stop, gone = _agree(acc, main and should_stop(), main and lost())
+        if gone:
+            log.warning(
+                "training lock lost at step %d: another runner owns %s; stopping without writing", step, out_dir
+            )
+            return end(TrainStatus.LOST_LOCK)
+        if stop:
+            if main and last_saved(ckpt_root) != step:
                 save_now()
             log.info("training stopped at step %d with a checkpoint; running again with the same out_dir resumes", step)
-            return _result(None, ckpt_root, step, TrainStatus.CANCELLED, state, cfg)
+            return end(TrainStatus.CANCELLED)
         started = time.perf_counter()
-        lr = _lr_at(cfg, step, total_steps)
+        lr = lr_at(cfg, step, plan.total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        if order_epoch != epoch:
-            order, order_epoch = _epoch_order(len(train_items), cfg.seed, epoch), epoch
-        micro = range(in_epoch * cfg.grad_accum, min((in_epoch + 1) * cfg.grad_accum, micro_per_epoch))
-        step_loss = 0.0
-        for m in micro:
-            batch = [train_items[i] for i in order[m * cfg.batch_size : (m + 1) * cfg.batch_size]]
-            loss = _micro_step(engine, pixels, batch, cfg, epoch, autocast, device)
-            (scaler.scale(loss / len(micro)) if scaler else loss / len(micro)).backward()
-            step_loss += float(loss.detach()) / len(micro)
-        _optimizer_step(model, optimizer, scaler, cfg)
+        epoch = step // plan.steps_per_epoch
+        shares = plan.micro_items(step, acc.process_index)
+        batches = [micro_batch(engine, pixels, [train_items[i] for i in share], cfg, epoch) for share in shares]
+        step_loss = accumulate(acc, loss_module, batches)
+        if cfg.max_grad_norm > 0:
+            acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         step += 1
         state["step"] = step
         running, running_n = running + step_loss, running_n + 1
         clock.step_done(time.perf_counter() - started)
 
-        # 6. Report, evaluate and save on their schedules; the last step always gets both.
-        last = step == total_steps
-        if step % cfg.log_steps == 0 or last:
+        # 6. Report, evaluate and save on their schedules (the first process only); the last step gets all three.
+        last = step == plan.total_steps
+        if main and (step % cfg.log_steps == 0 or last):
             state["last_loss"] = running / running_n
-            on_progress({**_progress(clock, step, steps_per_epoch, state), "kind": "train", "lr": lr})
+            on_progress({**_progress(clock, plan, step, state, report), "kind": "train", "lr": lr})
+            if report:
+                report.train(step, state["last_loss"], lr)
             running, running_n = 0.0, 0
-        if eval_items and (step % cfg.eval_steps == 0 or last):
+        if main and eval_items and (step % cfg.eval_steps == 0 or last):
             evaluate_now()
-            model.train()
-        if step % cfg.save_steps == 0 or last:
-            if stopped := gone():
-                return stopped
+        if main and (step % cfg.save_steps == 0 or last) and lost():
+            log.warning("training lock lost at step %d; stopping without writing", step)
+            if world > 1:
+                _agree(acc, False, True)
+            return end(TrainStatus.LOST_LOCK)
+        if main and (step % cfg.save_steps == 0 or last):
             save_now()
+        # The first process's word on a lock lost at the save reaches the others.
+        if world > 1 and (step % cfg.save_steps == 0 or last) and _agree(acc, False, False)[1]:
+            return end(TrainStatus.LOST_LOCK)
 
-    # 7. The best (or last) checkpoint becomes out_dir/final, with its config and a version marker.
-    if stopped := gone():
-        return stopped
-    if _last_saved(ckpt_root) is None:  # max_steps=0: nothing ran, the base model is the result
-        save_now()
-    final = _finalize(out_dir, ckpt_root, cfg, state)
-    return _result(final, ckpt_root, step, TrainStatus.COMPLETED, state, cfg)
+    # 7. The best (or last) checkpoint becomes out_dir/final, a full model with its config and version file.
+    if _agree(acc, False, main and lost())[1]:
+        return end(TrainStatus.LOST_LOCK)
+    final = None
+    if main:
+        if last_saved(ckpt_root) is None:  # max_steps=0: nothing ran, the base model is the result
+            save_now()
+        final = finalize(out_dir, ckpt_root, cfg, state, engine, adapters)
+    return end(TrainStatus.COMPLETED, final)
+
+
+def _agree(acc: Any, stop: bool, gone: bool) -> tuple[bool, bool]:
+    """The first process's stop and lost-lock flags, seen by every process (a collective: all must call it)."""
+    if acc.num_processes == 1:
+        return stop, gone
+    flags = acc.reduce(torch.tensor([float(stop), float(gone)], device=acc.device), reduction="sum")
+    return bool(flags[0] > 0), bool(flags[1] > 0)
+
+
+def make_accelerator(cfg: TrainConfig) -> Any:
+    """An ``accelerate.Accelerator`` for this run: the device asked for, the precision resolved here (one rule
+    with the caption engine), and the process group when a launcher started this process."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.state import AcceleratorState
+
+    # Launched by torchrun (training/distributed.py) when its WORLD_SIZE says so, as accelerate itself decides.
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not distributed:
+        # A training worker runs many jobs in one process, each with its own precision: accelerate's state is a
+        # process-wide singleton, so a single-process run starts from a clean one.
+        AcceleratorState._reset_state(reset_partial_state=True)
+    device = resolve_device("auto" if distributed else cfg.device)
+    if device.type == "cuda" and device.index is not None and not distributed:
+        torch.cuda.set_device(device)
+    precision = resolve_precision(cfg.mixed_precision, device)
+    names = {None: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    # Some GIT weights may take no part in a loss (a LoRA run's frozen ones are excluded anyway): tell DDP.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=names[precision], kwargs_handlers=[ddp])
+
+
+def _load_model(cfg: TrainConfig, resume: Path | None, device: torch.device) -> tuple[CaptionEngine, Any]:
+    """The caption engine to train (fp32 weights on ``device``) and, for LoRA, the peft wrapper holding adapters."""
+    from training.checkpoints import ADAPTER_RUN
+
+    lora = cfg.lora_r > 0
+    if lora:
+        from training.lora import require_peft
+
+        require_peft()  # before the model is read: the one line that says what to install
+    start = cfg.base_model if lora or resume is None else str(resume)
+    if resume is not None and lora != (resume / ADAPTER_RUN).is_file():
+        raise ConfigError(f"{resume} is a {'full' if lora else 'LoRA'} checkpoint; resume it with lora_r "
+                          f"{'0' if lora else '> 0'} or use a new run directory")  # fmt: skip
+    engine = CaptionEngine.load(EngineConfig(model=start, device=str(device), dtype="float32"))
+    if cfg.gradient_checkpointing:
+        engine.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not lora:
+        return engine, None
+    from training.lora import add_adapters, load_adapters
+
+    adapters = add_adapters(engine.model, cfg)
+    if resume is not None:
+        load_adapters(adapters, resume)
+    trainable = sum(p.numel() for p in engine.model.parameters() if p.requires_grad)
+    log.info("LoRA r=%d on %s: %d trainable parameters", cfg.lora_r, cfg.lora_target_modules, trainable)
+    return engine, adapters
 
 
 def _check_config(cfg: TrainConfig, train_set: list[Example], eval_set: list[Example]) -> None:
@@ -222,16 +326,17 @@ def _check_config(cfg: TrainConfig, train_set: list[Example], eval_set: list[Exa
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``mixed_precision`` on ``device``; None means plain fp32."""
+    """The autocast dtype for ``mixed_precision`` on ``device``; None means plain fp32.
+
+    ``auto`` is the device's fast half type (``worker.engine.half_dtype``, the rule the caption engine uses) on
+    GPUs; on CPU it stays fp32: autocast there pays only with native bf16 units, and fp32 keeps CPU runs
+    exactly reproducible. Ask for ``bf16`` to train in bf16 on such a CPU.
+    """
     text = name.strip().lower()
     if text in ("no", "none", "fp32", "float32"):
         return None
     if text == "auto":
-        if device.type != "cuda":
-            # CPU autocast only pays with native bf16 units, and fp32 keeps CPU runs exactly reproducible.
-            return None
-        with torch.cuda.device(device):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        return half_dtype(device) if device.type == "cuda" else None
     if text in ("bf16", "bfloat16"):
         return torch.bfloat16
     if text in ("fp16", "float16"):
@@ -241,10 +346,69 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     raise ConfigError(f"unknown mixed_precision {name!r}: use auto, bf16, fp16 or no")
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> Callable[[], AbstractContextManager[Any]]:
-    if dtype is None:
-        return nullcontext
-    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+# --- one step ------------------------------------------------------------------------------------------
+
+
+class _Plan:
+    """Which images each process sees at each step: a seeded order per epoch, cut into global micro-batches of
+    ``batch_size * processes`` images, each shared out between the processes; ``grad_accum`` of them a step."""
+
+    def __init__(self, n: int, cfg: TrainConfig, world: int) -> None:
+        self.n, self.cfg, self.world = n, cfg, world
+        size = cfg.batch_size * world
+        # Every process needs at least one image in each micro-batch (they meet in each backward pass), so a
+        # last micro-batch with fewer images than processes is dropped.
+        self.micro_per_epoch = n // size + (1 if n % size >= world else 0) if world > 1 else math.ceil(n / size)
+        if self.micro_per_epoch == 0:
+            raise ConfigError(f"{n} training image(s) cannot feed {world} processes; use fewer processes")
+        self.steps_per_epoch = math.ceil(self.micro_per_epoch / cfg.grad_accum)
+        self.total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.steps_per_epoch
+        self._order: tuple[int, list[int]] = (-1, [])
+
+    def micro_items(self, step: int, rank: int) -> list[list[int]]:
+        epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        if self._order[0] != epoch:
+            self._order = (epoch, epoch_order(self.n, self.cfg.seed, epoch))
+        order, size, ga = self._order[1], self.cfg.batch_size * self.world, self.cfg.grad_accum
+        micro = range(in_epoch * ga, min((in_epoch + 1) * ga, self.micro_per_epoch))
+        return [order[m * size : (m + 1) * size][rank :: self.world] for m in micro]
+
+
+def micro_batch(
+    engine: CaptionEngine, pixels: PixelSource, items: list[Item], cfg: TrainConfig, epoch: int
+) -> MicroBatch:
+    """Pixels and labels of one micro-batch (its images' captions drawn for this epoch)."""
+    pixel_values, kept = pixels.pixels(items)
+    captions = draw_captions(kept, cfg.seed, epoch)
+    enc = encode_captions(engine.processor.tokenizer, captions, cfg.max_target_tokens)
+    device = engine.model.device
+    inputs = {k: v.to(device) for k, v in enc.items()}
+    inputs["pixel_values"] = pixel_values.to(device, non_blocking=True)
+    return MicroBatch(inputs, int((enc["labels"][:, 1:] != -100).sum()))
+
+
+def accumulate(acc: Any, loss_module: Any, batches: list[MicroBatch]) -> float:
+    """Backward passes of one optimizer step, with the loss normalised over the label tokens of the whole step
+    (every micro-batch, every process); returns that mean token loss.
+
+    A mean per micro-batch, then averaged (what ``accelerator.accumulate`` and the old Trainer did), weighs a
+    token of a short-caption micro-batch more than one of a long-caption batch; this sums token losses and
+    divides once, so two accumulated batches of 4 give the gradient of one batch of 8. Data parallel averages
+    the processes' gradients, hence the factor ``num_processes``.
+    """
+    tokens = torch.tensor(float(sum(b.tokens for b in batches)), device=acc.device)
+    total = float(acc.reduce(tokens, reduction="sum")) if acc.num_processes > 1 else float(tokens)
+    loss_sum = torch.zeros((), device=acc.device)
+    for i, batch in enumerate(batches):
+        # Gradients are synchronised once per step, in the last backward pass.
+        sync = acc.no_sync(loss_module) if i < len(batches) - 1 else nullcontext()
+        with sync, acc.autocast():
+            summed = loss_module(**batch.inputs)
+        acc.backward(summed * (acc.num_processes / max(total, 1.0)))
+        loss_sum += summed.detach().float()
+    if acc.num_processes > 1:
+        loss_sum = acc.reduce(loss_sum, reduction="sum")
+    return float(loss_sum) / max(total, 1.0)
 
 
 def encode_captions(tokenizer: Any, captions: list[str], max_tokens: int, *, pad_to: int | None = None) -> dict:
@@ -269,46 +433,20 @@ def encode_captions(tokenizer: Any, captions: list[str], max_tokens: int, *, pad
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
 
 
-def _micro_step(
-    engine: CaptionEngine,
-    pixels: _PixelSource,
-    batch: list[_Item],
-    cfg: TrainConfig,
-    epoch: int,
-    autocast: Callable[[], AbstractContextManager[Any]],
-    device: torch.device,
-) -> torch.Tensor:
-    captions = draw_captions(batch, cfg.seed, epoch)
-    enc = encode_captions(engine.processor.tokenizer, captions, cfg.max_target_tokens)
-    pixel_values, kept = pixels.pixels(batch)
-    if len(kept) < len(batch):
-        kept_ids = {id(item) for item in kept}
-        captions = [c for item, c in zip(batch, captions, strict=True) if id(item) in kept_ids]
-        enc = encode_captions(engine.processor.tokenizer, captions, cfg.max_target_tokens)
-    with autocast():
-        return caption_loss(
-            engine.model,
-            input_ids=enc["input_ids"].to(device),
-            attention_mask=enc["attention_mask"].to(device),
-            pixel_values=pixel_values.to(device, non_blocking=True),
-            labels=enc["labels"].to(device),
-        )
-
-
-def draw_captions(batch: list[_Item], seed: int, epoch: int) -> list[str]:
+def draw_captions(batch: list[Item], seed: int, epoch: int) -> list[str]:
     """One caption per image, drawn afresh each epoch and seeded by (seed, epoch, image): resume replays it."""
     return [random.Random(f"{seed}:{epoch}:{item.index}").choice(item.captions) for item in batch]
 
 
-def caption_loss(
+def caption_loss_terms(
     model: Any,
     *,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     pixel_values: torch.Tensor,
     labels: torch.Tensor,
-) -> torch.Tensor:
-    """Mean next-token cross-entropy over the caption tokens whose label is not -100 (GIT's own loss, cheaper).
+) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the caption tokens whose label is not -100, and their count.
 
     ``GitForCausalLM(labels=...)`` projects every position onto the 30522-word vocabulary, the image tokens
     and padding included, then discards them: for git-base that is 197 of ~220 positions per image. Here only
@@ -322,20 +460,13 @@ def caption_loss(
     targets = labels[:, 1:]
     keep = targets != -100
     logits = model.get_output_embeddings()(text[keep])
-    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+    return torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum())
 
 
-def _optimizer_step(model: Any, optimizer: Any, scaler: Any, cfg: TrainConfig) -> None:
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    if cfg.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+def caption_loss(model: Any, **inputs: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the scored caption tokens (GIT's own loss, cheaper)."""
+    total, count = caption_loss_terms(model, **inputs)
+    return total / max(count, 1)
 
 
 def _make_optimizer(model: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -346,189 +477,23 @@ def _make_optimizer(model: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.learning_rate)
 
 
-def _lr_at(cfg: TrainConfig, step: int, total: int) -> float:
+def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
     """The learning rate of optimizer step ``step`` (0-based): a pure function, so resume needs no scheduler state."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total)
+    if warmup and step < warmup:
+        return cfg.learning_rate * (step + 1) / warmup
     if cfg.lr_scheduler == "constant":
         return cfg.learning_rate
-    span = max(1, total - cfg.warmup_steps)
+    span = max(1, total - warmup)
+    if cfg.lr_scheduler == "cosine":
+        return cfg.learning_rate * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
     return cfg.learning_rate * max(0.0, (total - step) / span)
 
 
-def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     order = list(range(n))
     random.Random(f"{seed}:order:{epoch}").shuffle(order)
     return order
-
-
-# --- images ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Item:
-    index: int
-    image: str
-    captions: list[str]
-
-
-def local_image_policy(examples: list[Example]) -> ImagePolicy:
-    """Reading rights for a dataset: its own folders only, public URLs only, the worker's default limits."""
-    # Real paths: a dataset may link its files elsewhere (the HF cache does), and reads check the link's target.
-    local = [ex.image for ex in examples if not ex.image.startswith(("http:", "https:"))]
-    parents = sorted({os.path.dirname(os.path.realpath(image)) for image in local})
-    roots: list[Path] = []
-    for parent in parents:
-        # Sorted order puts a folder before its subfolders, so each root is kept once.
-        if not roots or not Path(parent).is_relative_to(roots[-1]):
-            roots.append(Path(parent))
-    return ImagePolicy(
-        allowed_roots=tuple(roots),
-        max_bytes=32 * 1024 * 1024,
-        max_pixels=64_000_000,
-        formats=DEFAULT_FORMATS,
-        connect_timeout_s=5.0,
-        total_timeout_s=20.0,
-        max_redirects=5,
-        allow_private=False,
-    )
-
-
-def _source(image: str) -> Source:
-    return Source(url=image) if image.startswith(("http:", "https:")) else Source(path=image)
-
-
-class _PixelSource:
-    """Pixel values per example: decoded once and kept when the dataset fits the cache budget, else per batch."""
-
-    def __init__(self, engine: CaptionEngine, policy: ImagePolicy, cfg: TrainConfig) -> None:
-        self.engine = engine
-        self.policy = policy
-        self.threads = cfg.loader_threads
-        size = engine.model.config.vision_config.image_size
-        self.bytes_per_image = 3 * size * size * 4
-        self.budget = cfg.pixel_cache_mb * 1024 * 1024
-        self.cache: dict[str, torch.Tensor] = {}
-        self.next_index = 0
-
-    def admit(self, examples: list[Example], what: str) -> list[_Item]:
-        """Items for ``examples``; with the cache on, every image is read now and unreadable ones are dropped."""
-        items = [_Item(self.next_index + i, ex.image, list(ex.captions)) for i, ex in enumerate(examples)]
-        self.next_index += len(items)
-        if (len(self.cache) + len(items)) * self.bytes_per_image > self.budget:
-            return items
-        loaded = self._load([item.image for item in items])
-        kept = []
-        for item, tensor in zip(items, loaded, strict=True):
-            if tensor is not None:
-                self.cache[item.image] = tensor
-                kept.append(item)
-        if len(kept) < len(items):
-            skipped = len(items) - len(kept)
-            log.warning("%s: %d of %d images could not be read and are skipped", what, skipped, len(items))
-        return kept
-
-    def pixels(self, batch: list[_Item]) -> tuple[torch.Tensor, list[_Item]]:
-        """Stacked pixel values and the items they belong to: an uncached image that fails now is left out."""
-        missing = [item.image for item in batch if item.image not in self.cache]
-        fresh = dict(zip(missing, self._load(missing), strict=True)) if missing else {}
-        rows = [(item, self.cache.get(item.image, fresh.get(item.image))) for item in batch]
-        kept = [(item, row) for item, row in rows if row is not None]
-        if not kept:
-            raise SourceError(f"none of {len(batch)} images in a batch could be read, e.g. {batch[0].image}")
-        return torch.stack([row for _, row in kept]), [item for item, _ in kept]
-
-    def _load(self, images: list[str]) -> list[torch.Tensor | None]:
-        def one(image: str) -> torch.Tensor | None:
-            try:
-                image_rgb = load_image(_source(image), self.policy)
-            except ItemError as exc:
-                log.warning("image %s skipped: %s: %s", image, exc.code, exc)
-                return None
-            # The engine's own preprocessing, minus its pinning (thousands of small pinned tensors hurt on CUDA).
-            out = self.engine.processor.image_processor(images=[image_rgb], return_tensors="pt")["pixel_values"]
-            return torch.as_tensor(out[0]).to(torch.float32).contiguous()
-
-        if len(images) <= 1 or self.threads == 1:
-            return [one(image) for image in images]
-        # A pool per call: thread start-up is noise next to decoding a batch, and nothing outlives the call.
-        with ThreadPoolExecutor(min(self.threads, len(images)), thread_name_prefix="train-images") as pool:
-            return list(pool.map(one, images))
-
-
-# --- evaluation -------------------------------------------------------------------------------------
-
-
-def _evaluate(
-    engine: CaptionEngine,
-    pixels: _PixelSource,
-    items: list[_Item],
-    cfg: TrainConfig,
-    autocast: Callable[[], AbstractContextManager[Any]],
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Metrics of generated captions (greedy, as the caption worker runs them) and a few samples."""
-    engine.model.eval()
-    params = GenParams(max_length=cfg.max_length)
-    predictions: list[str] = []
-    scored: list[_Item] = []
-    for start in range(0, len(items), cfg.eval_batch_size):
-        pixel_values, kept = pixels.pixels(items[start : start + cfg.eval_batch_size])
-        with autocast():
-            predictions.extend(engine.generate(pixel_values, params))
-        scored.extend(kept)
-    references = [item.captions for item in scored]
-    samples = [
-        {"image": item.image, "prediction": pred, "references": item.captions[:3]}
-        for item, pred in zip(scored[:SAMPLE_COUNT], predictions, strict=False)
-    ]
-    return caption_metrics(predictions, references), samples
-
-
-def evaluate_model(
-    model_dir: Path,
-    examples: list[Example],
-    *,
-    max_length: int = 50,
-    batch_size: int = 16,
-    device: str = "auto",
-    dtype: str = "float32",
-    image_policy: ImagePolicy | None = None,
-) -> dict[str, Any]:
-    """Generated-caption metrics of a saved model on ``examples`` (greedy, through the caption engine).
-
-    Returns the metrics of ``caption_metrics``, ``n`` (images scored), ``samples`` (a few predictions with
-    their references) and ``info`` (``failed`` unreadable images, ``seconds``, the model ``version``).
-    """
-    started = time.perf_counter()
-    engine = CaptionEngine.load(EngineConfig(model=str(model_dir), device=device, dtype=dtype))
-    policy = image_policy or local_image_policy(examples)
-    params = GenParams(max_length=max_length)
-    predictions: list[str] = []
-    references: list[list[str]] = []
-    used: list[Example] = []
-    failed = 0
-    for start in range(0, len(examples), batch_size):
-        images, batch = [], []
-        for ex in examples[start : start + batch_size]:
-            try:
-                images.append(load_image(_source(ex.image), policy))
-                batch.append(ex)
-            except ItemError as exc:
-                log.warning("image %s skipped: %s: %s", ex.image, exc.code, exc)
-                failed += 1
-        if images:
-            predictions.extend(engine.caption(images, params))
-            references.extend(ex.captions for ex in batch)
-            used.extend(batch)
-    metrics: dict[str, Any] = caption_metrics(predictions, references)
-    metrics["n"] = len(predictions)
-    # Everything else that is a number lives under "info", so the top level is metrics + n only.
-    metrics["info"] = {"failed": failed, "seconds": round(time.perf_counter() - started, 3), "version": engine.version}
-    metrics["samples"] = [
-        {"image": ex.image, "prediction": pred, "references": ex.captions[:3]}
-        for ex, pred in zip(used[:SAMPLE_COUNT], predictions, strict=False)
-    ]
-    return metrics
 
 
 # --- progress ----------------------------------------------------------------------------------------
@@ -559,228 +524,65 @@ class _Clock:
         return left * self.step_s + evals_left * (self.eval_s or 0.0)
 
 
-def _progress(clock: _Clock, step: int, steps_per_epoch: int, state: dict[str, Any]) -> dict[str, Any]:
+def _progress(clock: _Clock, plan: _Plan, step: int, state: dict[str, Any], report: _Reporter | None) -> dict:
     """Where the run stands; ``metrics`` is the latest evaluation (at ``metrics_step``), None before the first."""
     eta = clock.eta(step)
     latest = state["history"][-1] if state["history"] else {}
     return {
         "step": step,
         "total_steps": clock.total,
-        "epoch": round(step / steps_per_epoch, 4),
+        "epoch": round(step / plan.steps_per_epoch, 4),
         "loss": state.get("last_loss"),
         "metrics": latest.get("metrics"),
         "metrics_step": latest.get("step"),
         "eta_s": None if eta is None else round(eta, 2),
         "step_time_s": None if clock.step_s is None else round(clock.step_s, 4),
         "elapsed_s": round(time.perf_counter() - clock.started, 2),
+        "processes": plan.world,
+        "tensorboard": str(report.path) if report and report.path else None,
     }
 
 
-# --- checkpoints -------------------------------------------------------------------------------------
+class _Reporter:
+    """report_to=tensorboard: loss, learning rate, evaluation metrics and sample captions as event files."""
 
+    def __init__(self, cfg: TrainConfig, out_dir: Path) -> None:
+        self.path: Path | None = None
+        self._writer: Any = None
+        if cfg.report_to != "tensorboard":
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("report_to tensorboard needs the tensorboard package on the training worker "
+                              "(pip install 'captioner[train]')") from None  # fmt: skip
+        self.path = out_dir / TENSORBOARD_DIR
+        self._writer = SummaryWriter(str(self.path))
 
-def _fresh_state(fingerprint: str) -> dict[str, Any]:
-    return {"step": 0, "history": [], "dataset_fingerprint": fingerprint, "last_loss": None}
+    def train(self, step: int, loss: float, lr: float) -> None:
+        if self._writer:
+            self._writer.add_scalar("train/loss", loss, step)
+            self._writer.add_scalar("train/learning_rate", lr, step)
 
+    def evaluation(self, step: int, metrics: dict[str, float], samples: list[dict[str, Any]]) -> None:
+        if not self._writer:
+            return
+        for name, value in metrics.items():
+            self._writer.add_scalar(f"eval/{name}", value, step)
+        lines = [f"- {s['prediction']!r} (reference: {s['references'][0]!r})" for s in samples if s["references"]]
+        self._writer.add_text("eval/samples", "\n".join(lines), step)
+        self._writer.flush()
 
-def _step_of(path: Path) -> int | None:
-    name = path.name
-    if not name.startswith("step-") or not name[5:].isdigit() or not (path / STATE_FILE).is_file():
-        return None
-    return int(name[5:])
-
-
-def _checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first (an interrupted save is a ``.tmp`` folder and never listed)."""
-    found = [(_step_of(p), p) for p in ckpt_root.iterdir() if p.is_dir()] if ckpt_root.is_dir() else []
-    return sorted((step, p) for step, p in found if step is not None)
-
-
-def _latest_checkpoint(ckpt_root: Path) -> Path | None:
-    found = _checkpoints(ckpt_root)
-    return found[-1][1] if found else None
-
-
-def _last_saved(ckpt_root: Path) -> int | None:
-    found = _checkpoints(ckpt_root)
-    return found[-1][0] if found else None
-
-
-def _read_state(checkpoint: Path, fingerprint: str) -> dict[str, Any]:
-    state = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
-    if state.get("dataset_fingerprint") != fingerprint:
-        raise ConfigError(
-            f"{checkpoint} was trained on another dataset (fingerprint {state.get('dataset_fingerprint')} != "
-            f"{fingerprint}); use a new output directory, or delete {checkpoint.parent} to start over"
-        )
-    return state
-
-
-def _save_checkpoint(
-    engine: CaptionEngine,
-    optimizer: torch.optim.Optimizer,
-    scaler: Any,
-    state: dict[str, Any],
-    cfg: TrainConfig,
-    ckpt_root: Path,
-    step: int,
-) -> Path:
-    """Weights, processor, optimizer and RNG state, config and counters; written to a temp folder, then renamed."""
-    from safetensors.torch import save_file
-
-    target = ckpt_root / f"step-{step}"
-    tmp = ckpt_root / f"step-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    quiet_progress_bars()
-    engine.model.save_pretrained(tmp, safe_serialization=True)
-    engine.processor.save_pretrained(tmp)
-    tensors, scalars = _flatten_optimizer(optimizer.state_dict())
-    save_file(tensors, str(tmp / OPTIMIZER_FILE))
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, str(tmp / RNG_FILE))
-    saved = {
-        **state,
-        "optimizer": {"param_groups": optimizer.state_dict()["param_groups"], "scalars": scalars},
-        "scaler": scaler.state_dict() if scaler is not None else None,
-    }
-    (tmp / CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2), encoding="utf-8")
-    # The state file is written last: a folder without it is not a checkpoint (see _step_of).
-    (tmp / STATE_FILE).write_text(json.dumps(saved, indent=2), encoding="utf-8")
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    return target
-
-
-def quiet_progress_bars() -> None:
-    """No "Writing model shards" / "Loading weights" bars from transformers: one per checkpoint or evaluation
-    clutters a worker's log and the demo's output."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
-def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Optimizer state as ``"<param>.<name>"`` tensors (safetensors) and scalars (JSON): nothing is pickled."""
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, Any] = {}
-    for pid, entries in sd["state"].items():
-        for name, value in entries.items():
-            if torch.is_tensor(value):
-                tensors[f"{pid}.{name}"] = value.detach().to("cpu").contiguous()
-            else:
-                scalars[f"{pid}.{name}"] = value
-    return tensors, scalars
-
-
-def _load_training_state(checkpoint: Path, optimizer: torch.optim.Optimizer, scaler: Any, state: dict) -> None:
-    from safetensors.torch import load_file
-
-    per_param: dict[int, dict[str, Any]] = {}
-    for key, value in load_file(str(checkpoint / OPTIMIZER_FILE)).items():
-        pid, name = key.split(".", 1)
-        per_param.setdefault(int(pid), {})[name] = value
-    saved = state.pop("optimizer")
-    for key, value in saved["scalars"].items():
-        pid, name = key.split(".", 1)
-        per_param.setdefault(int(pid), {})[name] = value
-    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in saved["param_groups"]]
-    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
-    scaler_state = state.pop("scaler", None)
-    if scaler is not None and scaler_state:
-        scaler.load_state_dict(scaler_state)
-    rng = load_file(str(checkpoint / RNG_FILE))
-    torch.set_rng_state(rng["cpu"])
-    cuda = [rng[f"cuda.{i}"] for i in range(len(rng) - 1) if f"cuda.{i}" in rng]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-    log.info("resumed from %s at step %d", checkpoint, state["step"])
-
-
-def _warn_on_changed_order(checkpoint: Path, cfg: TrainConfig) -> None:
-    """Resuming with another batch size, accumulation or seed is allowed, but the data order changes mid-epoch."""
-    try:
-        saved = json.loads((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    changed = [k for k in ("batch_size", "grad_accum", "seed") if saved.get(k) != getattr(cfg, k)]
-    if changed:
-        log.warning("resuming %s with changed %s: the rest of this epoch sees a different order", checkpoint, changed)
-
-
-def _score(metrics: dict[str, float], cfg: TrainConfig) -> float | None:
-    value = metrics.get(cfg.metric_for_best)
-    if value is None:
-        return None
-    return value if cfg.metric_for_best in LOWER_IS_BETTER else -value
-
-
-def _best_step(ckpt_root: Path, cfg: TrainConfig, state: dict[str, Any]) -> int | None:
-    """The saved step whose evaluation scored best on ``metric_for_best`` (earliest on ties)."""
-    saved = {step for step, _ in _checkpoints(ckpt_root)}
-    ranked = [
-        (score, rec["step"])
-        for rec in state["history"]
-        if rec["step"] in saved and (score := _score(rec["metrics"], cfg)) is not None
-    ]
-    return min(ranked)[1] if ranked else None
-
-
-def _rotate(ckpt_root: Path, cfg: TrainConfig, state: dict[str, Any]) -> None:
-    """Delete the oldest checkpoints beyond ``save_total_limit``, never the best or the latest."""
-    found = _checkpoints(ckpt_root)
-    keep = {_best_step(ckpt_root, cfg, state), found[-1][0] if found else None}
-    extra = len(found) - cfg.save_total_limit
-    for step, path in found:
-        if extra <= 0:
-            break
-        if step not in keep:
-            shutil.rmtree(path)
-            extra -= 1
-
-
-def _finalize(out_dir: Path, ckpt_root: Path, cfg: TrainConfig, state: dict[str, Any]) -> Path:
-    """Copy the chosen checkpoint's model files to ``out_dir/final`` with ``train_config.json`` and a version."""
-    best = _best_step(ckpt_root, cfg, state) if cfg.load_best_at_end else None
-    chosen = ckpt_root / f"step-{best}" if best is not None else _latest_checkpoint(ckpt_root)
-    assert chosen is not None, "training always saves its last step"
-    final, tmp = out_dir / FINAL, out_dir / f"{FINAL}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    skip = {OPTIMIZER_FILE, RNG_FILE, STATE_FILE}
-    shutil.copytree(chosen, tmp, ignore=lambda _dir, names: [n for n in names if n in skip])
-    (tmp / CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2), encoding="utf-8")
-    step = int(chosen.name.removeprefix("step-"))
-    metrics = next((r["metrics"] for r in reversed(state["history"]) if r["step"] == step), {})
-    marker = {
-        # The weights' own hash: two runs never share a version unless they produced the same weights.
-        "version": f"{out_dir.name}@step-{step}-{_weights_hash(tmp)}",
-        "base_model": cfg.base_model,
-        "step": step,
-        "dataset_fingerprint": state["dataset_fingerprint"],
-        "metrics": metrics,
-    }
-    (tmp / VERSION_FILE).write_text(json.dumps(marker, indent=2), encoding="utf-8")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    log.info("final model (step %d) written to %s", step, final)
-    return final
-
-
-def _weights_hash(model_dir: Path) -> str:
-    digest = hashlib.sha256()
-    for file in sorted(model_dir.glob("*.safetensors")):
-        with open(file, "rb") as fh:
-            while chunk := fh.read(1 << 22):
-                digest.update(chunk)
-    return digest.hexdigest()[:12]
+    def close(self) -> None:
+        if self._writer:
+            self._writer.close()
 
 
 def _result(
     final: Path | None, ckpt_root: Path, step: int, status: TrainStatus, state: dict[str, Any], cfg: TrainConfig
 ) -> TrainResult:
     """The outcome; ``best_*`` describe the best *saved* checkpoint (the one ``final`` holds with load_best_at_end)."""
-    best = _best_step(ckpt_root, cfg, state)
+    best = best_step(ckpt_root, cfg, state) if ckpt_root.is_dir() else None
     metrics = next((r["metrics"] for r in reversed(state["history"]) if r["step"] == best), {})
     return TrainResult(
         final_dir=final,

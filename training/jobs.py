@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import os
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ import redis
 
 from common.errors import CaptionerError, ConfigError
 from common.ledger import Ledger
-from common.messages import EvaluateRequest, JobKind, JobState, TrainRequest
+from common.messages import EvaluateRequest, JobKind, JobState, TrainOutcome, TrainRequest
 from common.settings import Settings
 from common.store import ModelStore
 from worker import metrics
@@ -38,8 +39,28 @@ SHUTTING_DOWN = threading.Event()
 
 def _store(settings: Settings) -> ModelStore:
     if settings.model_store is None:
-        raise ConfigError("training needs CAPTIONER_MODEL_STORE (a directory for model versions)")
+        raise ConfigError("training needs CAPTIONER_MODEL_STORE (a writable directory for model versions); set it "
+                          "on the training worker and start it again")  # fmt: skip
     return ModelStore(settings.model_store)
+
+
+def check_training_worker(settings: Settings) -> None:
+    """What a training worker needs before it takes a job, checked at start-up: a ``ConfigError`` says what is
+    missing, and the worker does not start (a job it took would fail, or worse, come back every few minutes)."""
+    store = _store(settings)
+    try:
+        store.root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=store.root, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"CAPTIONER_MODEL_STORE {store.root} is not a writable directory ({exc.strerror or exc}); fix it or "
+            "point the setting elsewhere, then start the training worker again"
+        ) from None
+    if settings.train_processes > 1:
+        from training.distributed import check_processes
+
+        check_processes(settings.train_processes)
 
 
 def check_train_request(req: TrainRequest) -> None:
@@ -54,6 +75,45 @@ def check_train_request(req: TrainRequest) -> None:
             raise ConfigError(
                 f"require_no_worse must name a metric ({', '.join(METRIC_NAMES)}), not {req.require_no_worse!r}"
             )
+
+
+def worker_capabilities() -> dict[str, Any]:
+    """What this training worker offers a job: devices for processes, and the optional packages it has."""
+    import importlib.util
+
+    from training.distributed import devices
+
+    count, kind = devices()
+    have = {name: importlib.util.find_spec(name) is not None for name in ("peft", "datasets", "tensorboard")}
+    return {"devices": count, "device_kind": kind, **have}
+
+
+def _is_hub_id(dataset: str) -> bool:
+    return not os.path.exists(dataset) and not dataset.startswith((".", "/", "~"))
+
+
+def needs_worker_check(req: TrainRequest) -> bool:
+    """Whether the request asks for something only a training worker can say it has."""
+    cfg = req.config
+    return bool((cfg.get("num_processes") or 1) > 1 or cfg.get("lora_r") or cfg.get("report_to") == "tensorboard"
+                or _is_hub_id(req.dataset))  # fmt: skip
+
+
+def check_against_workers(req: TrainRequest, workers: list[dict[str, Any]]) -> None:
+    """The request against the best that the answering training workers offer; a ConfigError says what is missing."""
+    cfg = req.config
+    processes = cfg.get("num_processes") or 1
+    most = max(workers, key=lambda w: w.get("devices", 0))
+    if processes > most.get("devices", 1):
+        raise ConfigError(f"{processes} training processes asked for, but the training workers have at most "
+                          f"{most['devices']} {most.get('device_kind', 'device')}(s)")  # fmt: skip
+    wanted = [("peft", "lora", bool(cfg.get("lora_r"))),
+              ("tensorboard", "train", cfg.get("report_to") == "tensorboard"),
+              ("datasets", "datasets", _is_hub_id(req.dataset))]  # fmt: skip
+    for package, extra, asked in wanted:
+        if asked and not any(w.get(package) for w in workers):
+            raise ConfigError(f"{'LoRA' if package == 'peft' else package} is asked for, but no training worker has "
+                              f"{package} installed (pip install 'captioner[{extra}]' there)")  # fmt: skip
 
 
 def open_train_job(ledger: Ledger, req: TrainRequest) -> bool:
@@ -143,34 +203,33 @@ class _Heartbeat:
 def run_train(settings: Settings, ledger: Ledger, req: TrainRequest) -> dict[str, Any]:
     """Steps: 1 take the lock, 2 load data, 3 train (resuming), 4 store the version, 5 promote if asked.
 
-    Outcomes: ``done`` (a version; promoted, or "not promoted: why" in ``promotion``), ``cancelled``,
-    ``failed`` (the code raised: the job ends FAILED with the error in its result, and the error is
-    raised again for Celery), ``lost_lock`` (another runner owns the job now), ``interrupted`` (this worker
-    is shutting down: the job stays RUNNING, checkpointed and unlocked, for the orphan scan to resume) and
-    ``skipped``. A killed worker leaves the job RUNNING with a lapsing lock, and the orphan scan resumes it.
+    The outcome is a ``TrainOutcome`` (common/messages.py says what each means); on ``failed`` the error is
+    raised again for Celery. A killed worker leaves the job RUNNING with a lapsing lock, and the orphan scan
+    resumes it.
     """
-    store = _store(settings)
+    if ledger.state(req.job_id) is None:
+        open_train_job(ledger, req)
+    if ledger.state(req.job_id) is not JobState.RUNNING:
+        return {"job_id": req.job_id, "status": TrainOutcome.SKIPPED, "reason": f"job is {ledger.state(req.job_id)}"}
+    beat = _Heartbeat(ledger, req.job_id, settings.train_lock_ttl_s)
+    if not beat.acquire():  # 1. somebody else runs it: never twice
+        return {"job_id": req.job_id, "status": TrainOutcome.SKIPPED, "reason": "already running elsewhere"}
+    # Only now torch: its first import takes seconds on a busy machine, and until the lock is taken the orphan
+    # scan cannot tell this job (acked, in hand) from one whose message was lost.
     if settings.torch_threads:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    if ledger.state(req.job_id) is None:
-        open_train_job(ledger, req)
-    if ledger.state(req.job_id) is not JobState.RUNNING:
-        return {"job_id": req.job_id, "status": "skipped", "reason": f"job is {ledger.state(req.job_id)}"}
-    beat = _Heartbeat(ledger, req.job_id, settings.train_lock_ttl_s)
-    if not beat.acquire():  # 1. somebody else runs it: never twice
-        return {"job_id": req.job_id, "status": "skipped", "reason": "already running elsewhere"}
     ledger.set_fields(req.job_id, started=time.time())
     metrics.training_started(req.job_id)
     try:
-        summary = _fine_tune(store, ledger, req, beat)
+        summary = _fine_tune(settings, _store(settings), ledger, req, beat)
     except Exception as exc:
         if beat.lost():  # the job is another runner's now: its outcome is not ours to record
-            summary = {"job_id": req.job_id, "status": "lost_lock", "error": f"{type(exc).__name__}: {exc}"}
+            summary = {"job_id": req.job_id, "status": TrainOutcome.LOST_LOCK, "error": f"{type(exc).__name__}: {exc}"}
         else:
             _record_failure(ledger, req.job_id, exc)
-            metrics.training_ended("failed")
+            metrics.training_ended(TrainOutcome.FAILED)
             raise
     finally:
         beat.release()
@@ -178,14 +237,24 @@ def run_train(settings: Settings, ledger: Ledger, req: TrainRequest) -> dict[str
     return summary
 
 
-def _fine_tune(store: ModelStore, ledger: Ledger, req: TrainRequest, beat: _Heartbeat) -> dict[str, Any]:
+def _fine_tune(
+    settings: Settings, store: ModelStore, ledger: Ledger, req: TrainRequest, beat: _Heartbeat
+) -> dict[str, Any]:
     """Steps 2-5 of run_train, under the lock."""
+    from training import distributed
+    from training.checkpoints import quiet_progress_bars
     from training.config import TrainConfig
     from training.data import dataset_fingerprint, load_examples, split_examples
-    from training.finetune import TrainStatus, quiet_progress_bars, train
+    from training.finetune import TrainStatus
+    from training.pixels import local_image_policy
 
     quiet_progress_bars()
     cfg = TrainConfig.from_dict(req.config)
+    distributed.check_processes(cfg.num_processes or settings.train_processes)
+    if cfg.lora_r:
+        from training.lora import require_peft
+
+        require_peft()
     done = {"job_id": req.job_id}
     version = _stored_version(store, ledger, req.job_id)  # a crash after step 4: never store it twice
     if version is None:
@@ -200,21 +269,29 @@ def _fine_tune(store: ModelStore, ledger: Ledger, req: TrainRequest, beat: _Hear
             except redis.RedisError as exc:  # progress is a view; a blip must not end a long run
                 log.warning("job %s: progress not recorded (%s)", req.job_id, exc)
 
-        result = train(cfg, train_set, eval_set, run_dir, on_progress=progress,  # 3.
-                       should_stop=lambda: SHUTTING_DOWN.is_set() or beat.cancelled(), lost=beat.lost)  # fmt: skip
+        result = distributed.run(cfg, train_set, eval_set, run_dir, on_progress=progress,  # 3.
+                                 processes=cfg.num_processes or settings.train_processes,
+                                 should_stop=lambda: SHUTTING_DOWN.is_set() or beat.cancelled(), lost=beat.lost,
+                                 image_policy=local_image_policy(examples, settings),
+                                 torch_threads=settings.torch_threads)  # fmt: skip
         if result.status is TrainStatus.CANCELLED and not beat.cancelled():
             log.info("training job %s interrupted at step %d by the worker's shutdown; the next training worker "
                      "resumes it from this step", req.job_id, result.steps)  # fmt: skip
-            return {**done, "status": "interrupted", "steps": result.steps}
+            return {**done, "status": TrainOutcome.INTERRUPTED, "steps": result.steps}
         if result.status is TrainStatus.CANCELLED:
-            return {**done, "status": "cancelled", "steps": result.steps}
+            cancelled = {**done, "status": TrainOutcome.CANCELLED, "steps": result.steps}
+            ledger.set_fields(req.job_id, result=cancelled, finished=time.time())
+            return cancelled
         if result.status is TrainStatus.LOST_LOCK or beat.lost():
-            return {**done, "status": "lost_lock", "steps": result.steps}
+            return {**done, "status": TrainOutcome.LOST_LOCK, "steps": result.steps}
         meta = {  # 4.
             "base_model": cfg.base_model,
             "dataset": req.dataset,
             "dataset_fingerprint": dataset_fingerprint(examples),
             "eval_fingerprint": dataset_fingerprint(eval_set),
+            "train_examples": len(train_set),
+            "eval_examples": len(eval_set),
+            "processes": cfg.num_processes or settings.train_processes,
             "params": dataclasses.asdict(cfg),
             "metrics": result.best_metrics,
             "steps": result.steps,
@@ -224,7 +301,7 @@ def _fine_tune(store: ModelStore, ledger: Ledger, req: TrainRequest, beat: _Hear
         version = store.add(Path(result.final_dir), meta).version
         ledger.set_fields(req.job_id, version=version)
     mv = store.get(version)
-    summary = {**done, "status": "done", "version": version, "promoted": False,
+    summary = {**done, "status": TrainOutcome.DONE, "version": version, "promoted": False,
                "metrics": mv.metrics, "steps": mv.meta.get("steps")}  # fmt: skip
     if req.promote:  # 5.
         try:
@@ -251,9 +328,10 @@ def _stored_version(store: ModelStore, ledger: Ledger, job_id: str) -> str | Non
 def _record_failure(ledger: Ledger, job_id: str, exc: Exception) -> None:
     """The job ends FAILED with its error; if Redis is down too, it stays RUNNING and is resumed later."""
     error = f"{exc}" if isinstance(exc, CaptionerError) else f"{type(exc).__name__}: {exc}"
+    error = " ".join(error.split())  # one line: library errors (hub, OS) often span several
     log.error("training job %s failed: %s", job_id, error, exc_info=not isinstance(exc, CaptionerError))
     try:
-        ledger.set_fields(job_id, result={"job_id": job_id, "status": "failed", "error": error},
+        ledger.set_fields(job_id, result={"job_id": job_id, "status": TrainOutcome.FAILED, "error": error},
                           finished=time.time())  # fmt: skip
         ledger.set_state(job_id, JobState.FAILED)
     except redis.RedisError as write_error:
@@ -262,8 +340,10 @@ def _record_failure(ledger: Ledger, job_id: str, exc: Exception) -> None:
 
 def run_evaluate(settings: Settings, req: EvaluateRequest) -> dict[str, Any]:
     """Score a stored version on a dataset with generated captions; the result is kept with the version."""
+    from training.checkpoints import quiet_progress_bars
     from training.data import dataset_fingerprint, load_examples
-    from training.finetune import evaluate_model, quiet_progress_bars
+    from training.evaluation import evaluate_model
+    from training.pixels import local_image_policy
 
     quiet_progress_bars()
     store = _store(settings)
@@ -273,7 +353,8 @@ def run_evaluate(settings: Settings, req: EvaluateRequest) -> dict[str, Any]:
     examples = load_examples(req.dataset, column=req.column, text_column=req.text_column)
     if req.max_samples:
         examples = examples[: req.max_samples]
-    report = evaluate_model(version.path, examples, max_length=req.max_length)
+    report = evaluate_model(version.path, examples, max_length=req.max_length,
+                            image_policy=local_image_policy(examples, settings))  # fmt: skip
     metrics_ = {k: v for k, v in report.items() if isinstance(v, int | float) and k != "n"}
     store.record_evaluation(version.version, dataset_fingerprint(examples), metrics_)
     return {"version": version.version, "dataset": req.dataset, **report}

@@ -8,12 +8,21 @@ import time
 from typing import Any
 
 from celery.signals import celeryd_after_setup, worker_shutting_down
+from celery.worker.control import inspect_command
 
+from common.errors import ConfigError
 from common.ledger import Ledger, ledger_from_settings
 from common.messages import TASK_EVALUATE, TASK_TRAIN, EvaluateRequest, TrainRequest, parse_message
 from common.settings import get_settings
 from training.celery_app import app
-from training.jobs import SHUTTING_DOWN, orphaned_train_jobs, run_evaluate, run_train
+from training.jobs import (
+    SHUTTING_DOWN,
+    check_training_worker,
+    orphaned_train_jobs,
+    run_evaluate,
+    run_train,
+    worker_capabilities,
+)
 from worker import metrics
 from worker.celery_app import queue_depths
 from worker.logs import current_job
@@ -64,12 +73,24 @@ def evaluate(**payload: Any) -> dict:
         current_job.reset(token)
 
 
+@inspect_command()
+def captioner_train_info(state: Any, **kwargs: Any) -> dict[str, Any]:
+    """`celery inspect captioner_train_info`: the devices and optional packages of this training worker."""
+    return worker_capabilities()
+
+
 @celeryd_after_setup.connect
 def _resume_orphans(sender: str, instance: Any, **kwargs: Any) -> None:
-    """A training worker picks up training jobs whose runner died, and serves its metrics endpoint."""
+    """A training worker checks what it needs, picks up training jobs whose runner died, and serves its metrics."""
     s = get_settings()
     if s.training_queue not in set(instance.app.amqp.queues.consume_from or {}):
         return
+    try:
+        check_training_worker(s)
+    except ConfigError as exc:
+        # SystemExit, not an exception: Celery logs and swallows exceptions raised by signal handlers.
+        log.critical("%s", exc)
+        raise SystemExit(2) from None
     threading.Thread(target=_watch_orphans, name="train-orphans", daemon=True).start()
     metrics.serve(s.metrics_port, s.metrics_addr, _queue_depths)
 
@@ -92,6 +113,8 @@ def _watch_orphans() -> None:
                 train.apply_async(kwargs=req.model_dump(), queue=s.training_queue)
         except Exception:
             log.exception("could not scan for orphaned training jobs")
+        else:
+            metrics.TRAIN_ORPHAN_SCANS.inc()
         time.sleep(s.train_lock_ttl_s / 2)
 
 

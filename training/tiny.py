@@ -192,9 +192,9 @@ def build_tiny_git(
     hidden_size: int = 32,
     layers: int = 2,
     init_range: float = 0.5,
+    dropout: float | None = None,
 ) -> Path:
     """A tiny random GIT (about 2M parameters, most in the 30522-word embeddings) that loads like a hub model."""
-    config = tiny_git_config(
-        image_size=image_size, patch_size=patch_size, hidden_size=hidden_size, layers=layers, init_range=init_range
-    )
+    config = tiny_git_config(image_size=image_size, patch_size=patch_size, hidden_size=hidden_size, layers=layers,
+                             init_range=init_range, dropout=dropout)  # fmt: skip
     return build_random_git(out_dir, config, seed=seed)

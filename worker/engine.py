@@ -16,6 +16,7 @@ import torch
 
 from common.errors import CaptionerError, ConfigError, EngineError, ModelLoadError, UnsafeCheckpoint
 from common.messages import GenParams
+from common.store import META
 from worker import fastgen
 from worker.preprocess import ClipPreprocess
 
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Written next to the weights by training; its "version" wins over the computed fingerprint.
-VERSION_FILE = "captioner.json"
+VERSION_FILE = META
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 #: Weight files that are Python pickles: loading one can run arbitrary code, so they are refused unopened.
@@ -98,20 +99,26 @@ def _cpu_has_native_bf16() -> bool:
         return False
 
 
+def half_dtype(device: torch.device) -> torch.dtype | None:
+    """The half type ``device`` computes fast: bf16 on GPUs that have it, else fp16; bf16 on CPUs with native
+    support, else None (fp32 is faster there). The one rule for inference dtypes and training mixed precision."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            # Pre-Ampere GPUs only emulate bf16 (slowly); fp16 is their fast half type.
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    # Emulated bf16 on CPU is slower than fp32; with AVX512-BF16/AMX it is faster (measured on git-base).
+    return torch.bfloat16 if _cpu_has_native_bf16() else None
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` -> bf16 on GPUs that have it, else fp16; on CPU bf16 only with native support, else fp32."""
+    """``auto`` -> the device's fast half type (``half_dtype``), else fp32; other names as written."""
     text = name.strip().lower()
     if text != "auto":
         try:
             return _DTYPES[text]
         except KeyError:
             raise ConfigError(f"unknown dtype {name!r}: use auto, float32, bfloat16 or float16") from None
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            # Pre-Ampere GPUs only emulate bf16 (slowly); fp16 is their fast half type.
-            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    # Emulated bf16 on CPU is slower than fp32; with AVX512-BF16/AMX it is faster (measured on git-base).
-    return torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
+    return half_dtype(device) or torch.float32
 
 
 # --- checkpoint checks and version -----------------------------------------------------------------

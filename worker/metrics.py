@@ -104,6 +104,7 @@ TRAIN_TOTAL_STEPS = Gauge("captioner_train_total_steps", "Optimizer steps the tr
 TRAIN_LOSS = Gauge("captioner_train_loss", "Training loss, mean over the last log_steps steps.", ["job_id"])
 TRAIN_EVAL_WER = Gauge("captioner_train_eval_wer", "WER of the latest evaluation (generated captions).", ["job_id"])
 TRAIN_JOBS = Counter("captioner_train_jobs_total", "Training jobs ended on this worker, by outcome.", ["outcome"])
+TRAIN_ORPHAN_SCANS = Counter("captioner_train_orphan_scans_total", "Scans for training jobs whose runner died.")
 _TRAIN_GAUGES = (TRAIN_STEP, TRAIN_TOTAL_STEPS, TRAIN_LOSS, TRAIN_EVAL_WER)
 
 
