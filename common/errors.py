@@ -119,3 +119,18 @@ class UnsafeCheckpoint(ModelLoadError):
 
 class InvalidMessage(CaptionerError):
     """A queue message does not match the contract (missing fields, wrong types, unknown version)."""
+
+
+# --- review errors: the review page turns these into a 4xx; the CLI into one line ----------------
+
+
+class UnknownItem(CaptionerError):
+    """No item with that id in the job's manifest."""
+
+
+class NotCaptioned(CaptionerError):
+    """The item has no caption to review yet (pending, failed or cancelled): caption it first."""
+
+
+class InvalidReview(CaptionerError):
+    """A review request the ledger refuses: an empty or over-long correction, an unknown mark, a bad cursor."""

@@ -8,6 +8,8 @@ Keys, all under ``<prefix>:``:
   job:<id>:res         HASH   item id -> result row (JSON); absent = pending
   job:<id>:att         HASH   item id -> attempts started; <id>:f attempts finished; <id>:s attempts run alone
                               (only while an item is unsettled: a final row removes its fields)
+  job:<id>:rev         HASH   item id -> review (JSON: corrected, mark, reviewer, reviewed_at), beside the row, so
+                              the model's caption is never overwritten
 
 Result writes are one Lua script per batch of rows: keyed by item id, counters move only when an item's
 status changes, and a caption, once written, is never replaced. Redelivered or duplicated work therefore
@@ -16,6 +18,7 @@ cannot produce a second row or a double count.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Iterable, Iterator
@@ -25,7 +28,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 import redis
 
 from common.connections import settings_client
-from common.errors import BrokerUnavailable, UnknownJob
+from common.errors import BrokerUnavailable, InvalidReview, NotCaptioned, UnknownItem, UnknownJob
 from common.messages import GenParams, ItemResult, ItemStatus, JobKind, JobState
 
 if TYPE_CHECKING:
@@ -81,7 +84,8 @@ end
 _RECORD = _RECORD.replace("__FINISH__", _FINISH)
 # KEYS: job hash, results hash, attempts hash.  ARGV: mode, then item ids going back on the queue.
 # Their failed or cancelled rows are removed (counters follow), so they count as pending again; in mode
-# 'flagged' captions carrying quality flags are removed too (they are to be captioned again).
+# 'flagged' captions carrying quality flags are removed too (they are to be captioned again), in mode 'all' every
+# caption (a reviewer's "caption again").
 _REQUEUE = """
 local n = 0
 for i = 2, #ARGV do
@@ -92,7 +96,7 @@ for i = 2, #ARGV do
     local st = row['status']
     local flags = row['flags']
     local flagged = type(flags) == 'table' and #flags > 0
-    if st ~= 'ok' or (ARGV[1] == 'flagged' and flagged) then
+    if st ~= 'ok' or ARGV[1] == 'all' or (ARGV[1] == 'flagged' and flagged) then
       redis.call('HDEL', KEYS[2], id)
       redis.call('HINCRBY', KEYS[1], 'n_' .. st, -1)
       if st == 'ok' and flagged then
@@ -214,6 +218,100 @@ class JobInfo:
         }
 
 
+# --- review (see the section at the end of Ledger) -----------------------------------------------------------
+
+#: Longest correction accepted, in characters (a caption is a sentence or two; GIT's longest is 512 tokens).
+MAX_CORRECTION_CHARS = 2000
+#: Review marks: a human's verdict on the model's caption.
+REVIEW_MARKS = ("accepted", "rejected")
+#: Most items a filtered page examines in one call; past it the page ends early with a cursor to continue.
+PAGE_SCAN_BUDGET = 10_000
+#: Most items one bulk review call may name.
+MAX_REVIEW_IDS = 1000
+
+
+@dataclass(frozen=True)
+class ItemFilter:
+    """Which items a review page shows; every field left None matches everything."""
+
+    status: ItemStatus | None = None  # ok / error / cancelled / pending
+    error_class: str | None = None  # one of ITEM_ERROR_CODES
+    flag: str | None = None  # a quality flag (QUALITY_FLAGS) or "any"
+    model_version: str | None = None
+    text: str | None = None  # case-insensitive substring of the caption or its correction
+    corrected: bool | None = None  # True: corrected items only; False: uncorrected only
+
+    @property
+    def empty(self) -> bool:
+        return self == ItemFilter()
+
+    def matches(self, row: dict[str, Any]) -> bool:
+        if self.status is not None and row.get("status") != self.status.value:
+            return False
+        if self.error_class is not None and row.get("error_class") != self.error_class:
+            return False
+        flags = row.get("flags") or ()
+        if self.flag is not None and not (flags if self.flag == "any" else self.flag in flags):
+            return False
+        if self.model_version is not None and row.get("model_version") != self.model_version:
+            return False
+        if self.corrected is not None and ("corrected" in row) is not self.corrected:
+            return False
+        if self.text:
+            needle = self.text.casefold()
+            texts = (row.get("caption") or "", row.get("corrected") or "")
+            return any(needle in t.casefold() for t in texts)
+        return True
+
+
+@dataclass
+class Page:
+    """One page of a job's items: rows, the cursor of the next page (None at the end), items examined."""
+
+    rows: list[dict[str, Any]]
+    cursor: str | None
+    scanned: int
+
+
+# KEYS: manifest, results, reviews.  ARGV: now, reviewer, op, value, then item ids.  op 'correct' sets the
+# correction to value, 'uncorrect' removes it, 'mark' sets the mark to value ('' removes it). An unknown id
+# refuses the whole call ({-1, id}); items without a caption are left alone. Returns {changed, first item
+# without a caption or ''}. An entry with neither a correction nor a mark is removed.
+_REVIEW = """
+for i = 5, #ARGV do
+  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 then return {-1, ARGV[i]} end
+end
+local field = 'mark'
+if ARGV[3] ~= 'mark' then field = 'corrected' end
+local value = ARGV[4]
+if ARGV[3] == 'uncorrect' then value = '' end
+local changed, uncaptioned = 0, ''
+for i = 5, #ARGV do
+  local id = ARGV[i]
+  local row = redis.call('HGET', KEYS[2], id)
+  if not row or cjson.decode(row)['status'] ~= 'ok' then
+    if uncaptioned == '' then uncaptioned = id end
+  else
+    local raw = redis.call('HGET', KEYS[3], id)
+    local rev = {}
+    if raw then rev = cjson.decode(raw) end
+    if (rev[field] or '') ~= value then
+      if value == '' then rev[field] = nil else rev[field] = value end
+      changed = changed + 1
+      if rev['corrected'] == nil and rev['mark'] == nil then
+        redis.call('HDEL', KEYS[3], id)
+      else
+        rev['reviewer'] = ARGV[2]
+        rev['reviewed_at'] = tonumber(ARGV[1])
+        redis.call('HSET', KEYS[3], id, cjson.encode(rev))
+      end
+    end
+  end
+end
+return {changed, uncaptioned}
+"""
+
+
 def ledger_from_settings(settings: Settings) -> Ledger:
     """The job ledger the settings name (URL, TLS options, key prefix)."""
     return Ledger(settings_client(settings), settings.key_prefix)
@@ -230,6 +328,7 @@ class Ledger:
         self._requeue = client.register_script(_OOM_CHECKED + _REQUEUE)
         self._add_items = client.register_script(_OOM_CHECKED + _ADD_ITEMS)
         self._begin = client.register_script(_OOM_CHECKED + _BEGIN)
+        self._review = client.register_script(_OOM_CHECKED + _REVIEW)
         # A lock's few bytes must stay refreshable at maxmemory: losing it would stop a fine-tune mid-run.
         self._lock = client.register_script("#!lua flags=allow-oom\n" + _LOCK)
         self._unlock = client.register_script("#!lua flags=allow-oom\n" + _UNLOCK)
@@ -400,14 +499,15 @@ class Ledger:
         """Count an attempt that runs by itself (see ``Attempt.suspect``)."""
         self.r.hincrby(self._k("job", job_id, "att"), f"{item}:s", 1)
 
-    def requeue(self, job_id: str, ids: list[str], *, flagged: bool = False) -> int:
+    def requeue(self, job_id: str, ids: list[str], *, flagged: bool = False, captioned: bool = False) -> int:
         """Make items pending again before they are re-sent: drop their failed or cancelled rows (and with
-        ``flagged``, captions with quality flags) and their attempt counts (an operator's retry is a fresh
-        start, not a step towards poison)."""
+        ``flagged``, captions with quality flags; with ``captioned``, every caption) and their attempt counts (an
+        operator's retry is a fresh start, not a step towards poison)."""
         if not ids:
             return 0
         keys = [self.job_key(job_id), self._k("job", job_id, "res"), self._k("job", job_id, "att")]
-        return int(self._requeue(keys=keys, args=["flagged" if flagged else "failed", *ids]))
+        mode = "all" if captioned else "flagged" if flagged else "failed"
+        return int(self._requeue(keys=keys, args=[mode, *ids]))
 
     def iter_flagged(self, job_id: str, flags: frozenset[str] | None = None) -> Iterator[tuple[str, str]]:
         """(item id, reference) of captions carrying any quality flag (or any of ``flags``)."""
@@ -428,11 +528,14 @@ class Ledger:
         return Recorded(int(changed), bool(finished))
 
     def iter_results(self, job_id: str, count: int = 1000) -> Iterator[dict[str, Any]]:
-        """Every written row once, streamed with HSCAN (order is Redis's).
+        """Every written row once, streamed with HSCAN (order is Redis's), with its review fields when reviewed.
 
         HSCAN may return a field twice when the hash is resized between calls, which happens only while
         rows are being written: for a job still running, ids already yielded are remembered and skipped.
         """
+        return self._with_reviews(job_id, self._iter_rows(job_id, count), count)
+
+    def _iter_rows(self, job_id: str, count: int) -> Iterator[dict[str, Any]]:
         seen: set[bytes] | None = None if self.state(job_id) is not JobState.RUNNING else set()
         for item, raw in self.r.hscan_iter(self._k("job", job_id, "res"), count=count):
             if seen is not None:
@@ -466,11 +569,160 @@ class Ledger:
                 yield item, ref
 
     def expire_job(self, job_id: str, ttl_s: int) -> None:
-        keys = [self.job_key(job_id)] + [self._k("job", job_id, s) for s in ("src", "res", "att")]
+        keys = [self.job_key(job_id)] + [self._k("job", job_id, s) for s in ("src", "res", "att", "rev")]
         pipe = self.r.pipeline()
         for key in keys:
             pipe.expire(key, ttl_s)
         pipe.execute()
+
+    # --- review: pages of items, corrections beside the model's caption, marks ------------------------------
+    def page(self, job_id: str, *, cursor: str | None = None, limit: int = 50, filt: ItemFilter = ItemFilter()) -> Page:
+        """Up to ``limit`` items matching ``filt``, from ``cursor`` on (None: the first page).
+
+        Walks the manifest (or, for ``corrected=True``, the reviews) with HSCAN from the cursor, so a page costs
+        the items it examines, never the job's size. A filtered page examines at most ``PAGE_SCAN_BUDGET`` items
+        and may end short with a cursor to continue; ``cursor`` is None only when the whole job was walked.
+        Items added while a job is being enqueued may show up twice (HSCAN's guarantee), never not at all.
+        """
+        if not 1 <= limit <= MAX_REVIEW_IDS:
+            raise InvalidReview(f"a page holds 1 to {MAX_REVIEW_IDS} items, not {limit}")
+        if not self.exists(job_id):
+            raise UnknownJob(f"no job {job_id!r} in the ledger (captioner jobs lists them)")
+        walk = self._k("job", job_id, "rev" if filt.corrected else "src")
+        scan_cursor, skip = _parse_cursor(cursor)
+        count = limit if filt.empty else min(500, PAGE_SCAN_BUDGET)
+        rows: list[dict[str, Any]] = []
+        scanned = 0
+        while True:
+            next_cursor, found = self.r.hscan(walk, scan_cursor, count=count)
+            ids = [_text(k) for k in found][skip:]
+            for n, row in enumerate(self._items(job_id, ids), start=skip + 1):
+                scanned += 1
+                if filt.matches(row):
+                    rows.append(row)
+                    if len(rows) == limit:
+                        more = n < len(found) or next_cursor != 0
+                        at = f"{scan_cursor}.{n}" if n < len(found) else f"{next_cursor}.0"
+                        return Page(rows, at if more else None, scanned)
+            if next_cursor == 0:
+                return Page(rows, None, scanned)
+            scan_cursor, skip = next_cursor, 0
+            if scanned >= PAGE_SCAN_BUDGET:
+                return Page(rows, f"{scan_cursor}.0", scanned)
+
+    def item(self, job_id: str, item_id: str) -> dict[str, Any] | None:
+        """The item's row with its review fields; pending items are {"id", "ref", "status": "pending"}; None: no
+        such item in the job."""
+        rows = self._items(job_id, [item_id])
+        return rows[0] if rows else None
+
+    def set_correction(self, job_id: str, item_id: str, text: str, reviewer: str) -> dict[str, Any]:
+        """Store a reviewer's caption beside the model's (which stays as it was); returns the updated row."""
+        text = text.strip()
+        if not text:
+            raise InvalidReview("a correction cannot be empty (clear it instead)")
+        if len(text) > MAX_CORRECTION_CHARS:
+            raise InvalidReview(f"a correction holds at most {MAX_CORRECTION_CHARS} characters, not {len(text)}")
+        self._apply_review(job_id, [item_id], "correct", text, reviewer, strict=True)
+        return self._item_or_raise(job_id, item_id)
+
+    def clear_correction(self, job_id: str, item_id: str, reviewer: str) -> dict[str, Any]:
+        """Remove the item's correction (the model's caption is what remains); returns the updated row."""
+        self._apply_review(job_id, [item_id], "uncorrect", "", reviewer, strict=True)
+        return self._item_or_raise(job_id, item_id)
+
+    def set_mark(self, job_id: str, item_ids: list[str], mark: str | None, reviewer: str) -> int:
+        """Mark items "accepted" or "rejected" (None: unmark); returns how many changed.
+
+        An unknown id refuses the whole call (nothing changes); items without a caption are skipped.
+        """
+        if mark is not None and mark not in REVIEW_MARKS:
+            raise InvalidReview(f"a mark is one of {', '.join(REVIEW_MARKS)}, not {mark!r}")
+        if len(item_ids) > MAX_REVIEW_IDS:
+            raise InvalidReview(f"at most {MAX_REVIEW_IDS} items per call, not {len(item_ids)}")
+        return self._apply_review(job_id, item_ids, "mark", mark or "", reviewer, strict=False)
+
+    def reviewed(self, job_id: str) -> Iterator[dict[str, Any]]:
+        """Rows that carry a correction or a mark (what ``export --reviewed-only`` writes)."""
+        self.job(job_id)
+        batch: list[str] = []
+        for item, _ in self.r.hscan_iter(self._k("job", job_id, "rev"), count=1000):
+            batch.append(_text(item))
+            if len(batch) >= 1000:
+                yield from self._items(job_id, batch)
+                batch = []
+        yield from self._items(job_id, batch)
+
+    def _apply_review(self, job_id: str, ids: list[str], op: str, value: str, reviewer: str, *, strict: bool) -> int:
+        if not self.exists(job_id):
+            raise UnknownJob(f"no job {job_id!r} in the ledger (captioner jobs lists them)")
+        if not ids:
+            return 0
+        keys = [self._k("job", job_id, s) for s in ("src", "res", "rev")]
+        args = [repr(round(time.time(), 3)), reviewer, op, value, *ids]
+        changed, where = self._review(keys=keys, args=args)
+        if int(changed) < 0:
+            raise UnknownItem(f"job {job_id} has no item {_text(where)!r}")
+        if strict and _text(where):
+            raise NotCaptioned(f"item {_text(where)} of job {job_id} has no caption yet (pending, failed or cancelled)")
+        return int(changed)
+
+    def _item_or_raise(self, job_id: str, item_id: str) -> dict[str, Any]:
+        row = self.item(job_id, item_id)
+        if row is None:
+            raise UnknownItem(f"job {job_id} has no item {item_id!r}")
+        return row
+
+    def _items(self, job_id: str, ids: list[str]) -> list[dict[str, Any]]:
+        """Rows of manifest items (pending ones as {"id", "ref", "status"}) with their review fields, in order;
+        ids not in the manifest are left out."""
+        if not ids:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        for part in ("src", "res", "rev"):
+            pipe.hmget(self._k("job", job_id, part), ids)
+        refs, results, reviews = pipe.execute()
+        rows = []
+        for item, ref, raw, review in zip(ids, refs, results, reviews, strict=True):
+            if ref is None:
+                continue
+            row = (
+                json.loads(raw)
+                if raw
+                else {"id": item, "ref": ref.decode("utf-8", "surrogateescape"), "status": "pending"}
+            )
+            rows.append({**row, **json.loads(review)} if review else row)
+        return rows
+
+    def _with_reviews(self, job_id: str, rows: Iterator[dict[str, Any]], count: int) -> Iterator[dict[str, Any]]:
+        """``rows`` with their review fields merged in, fetched a batch at a time (nothing when none exist)."""
+        key = self._k("job", job_id, "rev")
+        batch: list[dict[str, Any]] = []
+        for row in rows:
+            batch.append(row)
+            if len(batch) >= count:
+                yield from _merge(batch, self.r.hmget(key, [r["id"] for r in batch]) if self.r.exists(key) else [])
+                batch = []
+        if batch:
+            yield from _merge(batch, self.r.hmget(key, [r["id"] for r in batch]) if self.r.exists(key) else [])
+
+
+def _merge(rows: list[dict[str, Any]], reviews: list[Any]) -> Iterator[dict[str, Any]]:
+    for row, review in itertools.zip_longest(rows, reviews):
+        yield {**row, **json.loads(review)} if review else row
+
+
+def _parse_cursor(cursor: str | None) -> tuple[int, int]:
+    """An opaque page cursor: the HSCAN cursor of a batch and how many of its items earlier pages took."""
+    if not cursor:
+        return 0, 0
+    try:
+        scan, skip = (int(part) for part in cursor.split("."))
+    except ValueError:
+        raise InvalidReview(f"bad page cursor {cursor!r}; start from the first page") from None
+    if scan < 0 or skip < 0:
+        raise InvalidReview(f"bad page cursor {cursor!r}; start from the first page")
+    return scan, skip
 
 
 def _text(value: object) -> str:
