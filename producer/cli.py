@@ -486,6 +486,8 @@ def cancel(ctx: click.Context, job_id: str, as_json: bool) -> None:
 @click.option("-o", "--output", help="Output file ('-' for stdout; default <job>.<format>).")
 @click.option("--sidecar-ext", default=".txt", show_default=True, help="Extension of sidecar caption files.")
 @click.option("--overwrite", is_flag=True, help="Replace an output file (or sidecar caption files) that exists.")
+@click.option("--reviewed-only", is_flag=True,
+              help="Only items a reviewer corrected or marked (captioner review).")  # fmt: skip
 @json_option
 @click.pass_context
 def export(
@@ -497,13 +499,16 @@ def export(
     output: str | None,
     sidecar_ext: str,
     overwrite: bool,
+    reviewed_only: bool,
     as_json: bool,
 ) -> None:
     """Write a job's results: JSONL, CSV, Parquet, caption files next to the images (sidecar), an imagefolder
-    metadata.jsonl, WebDataset shards, or kohya-style metadata JSON."""
+    metadata.jsonl, WebDataset shards, or kohya-style metadata JSON. A reviewer's correction travels beside the
+    model's caption, and is the caption the dataset formats write."""
     from producer.export import export_rows
 
-    rows = _client(ctx).results(job_id)
+    client = _client(ctx)
+    rows = client.ledger.reviewed(job_id) if reviewed_only else client.results(job_id)
     out = None if output == "-" else Path(output or _default_export_name(job_id, fmt))
     summary = export_rows(rows, fmt, None if fmt == "sidecar" else out, sidecar_ext=sidecar_ext, overwrite=overwrite,
                           shard_size=shard_size, exclude_flags=exclude_flags)  # fmt: skip
