@@ -810,6 +810,26 @@ def worker(ctx: click.Context, training: bool, model: str | None, revision: str 
 
 
 @cli.command()
+@click.option("--host", envvar="CAPTIONER_REVIEW_HOST", help="Address to bind (default 127.0.0.1; others need auth).")
+@click.option("--port", type=click.IntRange(1, 65535), envvar="CAPTIONER_REVIEW_PORT", help="Port (default 8765).")
+@click.pass_context
+def review(ctx: click.Context, host: str | None, port: int | None) -> None:
+    """Serve the review page: jobs with live progress, a job's captions as a grid to filter, correct, accept or
+    reject, exports of the reviewed items and fine-tunes on them, and model versions with their evaluations.
+
+    Binds 127.0.0.1 unless told otherwise; any other address needs CAPTIONER_REVIEW_TOKEN or
+    CAPTIONER_REVIEW_USER/CAPTIONER_REVIEW_PASSWORD, or it refuses to start.
+    """
+    try:
+        from review.server import serve
+    except ImportError as exc:
+        raise _Fail(f"the review page needs its extra: pip install 'captioner[review]' ({exc})") from None
+    given = {"review_host": host, "review_port": port}
+    settings = _settings(ctx).model_copy(update={k: v for k, v in given.items() if v is not None})
+    serve(settings, say=lambda line: click.echo(line, err=True))
+
+
+@cli.command()
 @click.option("--images", "n_images", type=click.IntRange(1, 10_000), default=12, show_default=True,
               help="Held-out images captioned at the end.")  # fmt: skip
 @click.option("--train-images", type=click.IntRange(10, 100_000), default=2000, show_default=True)
