@@ -75,7 +75,7 @@ async def job_page(request: Request) -> Response:
         filtered=not filt.empty,
         first_link=page_link(path, params) if cursor else None,
         next_link=page_link(path, params, cursor=page.cursor) if page.cursor else None,
-        grid_link=str(request.url.include_query_params()),
+        grid_link=request.url.path + (f"?{request.url.query}" if request.url.query else ""),
         page_sizes=PAGE_SIZES,
         store_base=_default_base_model(ctx),
     )

@@ -176,8 +176,10 @@ def test_review_correct_export_and_fine_tune_in_a_browser(
         assert driver.find_element(By.CSS_SELECTOR, ".card .caption").text == model_caption  # never overwritten
         assert "tester" in driver.find_element(By.CSS_SELECTOR, ".card .reviewed").text
         if shots:
+            driver.execute_script("window.scrollTo(0, 0)")
             driver.save_screenshot(str(Path(shots) / "review-item.png"))
         driver.find_element(By.ID, "back").click()
+        wait.until(lambda d: d.current_url == f"{server.url}/jobs/{job_id}?status=ok")  # back to the same filter
         # 5. Caption a selection again with other parameters: it goes through the queue as a retry.
         wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f'.card[data-item="{order[4]}"]'))
         driver.find_element(By.CSS_SELECTOR, f'.card[data-item="{order[4]}"]').send_keys("x")
