@@ -84,19 +84,30 @@ def browser() -> Iterator[object]:
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def _job(client: JobClient, root: Path, tmp_path: Path) -> tuple[str, dict[str, str]]:
-    """Six shape images, a corrupt file and an image outside the allowed roots, captioned by the real worker."""
+def _screenshot(driver, path: Path) -> None:
+    """A PNG of the window, reduced to 256 colours so the copies kept in docs/ stay small."""
+    from PIL import Image
+
+    driver.save_screenshot(str(path))
+    Image.open(path).convert("RGB").quantize(256).save(path, optimize=True)
+
+
+def _job(client: JobClient, root: Path, tmp_path: Path) -> tuple[str, dict[str, str], dict[str, str]]:
+    """Six shape images, a corrupt file and an image outside the allowed roots, captioned by the real worker:
+    (job id, {file name: item id}, {item id: the image's true caption, what a reviewer would write})."""
     from training.synthetic import make_shapes
 
     folder = root / f"review-{os.urandom(3).hex()}"
-    refs = [str(p) for p, _ in make_shapes(folder, 6, seed=11, size=32)]
+    shapes = make_shapes(folder, 6, seed=11, size=32)
+    truth = {item_id(str(p)): text for p, text in shapes}
+    refs = [str(p) for p, _ in shapes]
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     shutil.copy(refs[0], tmp_path / "outside.png")
     refs += [str(folder / "broken.png"), str(tmp_path / "outside.png")]
     report = client.enqueue(refs, job_id="job-browser", name="review in a browser")
     info = client.wait(report.job_id, timeout=WAIT_S, on_tick=lambda _: None)
     assert (info.ok, info.error) == (6, 2)
-    return report.job_id, {Path(r).name: item_id(r) for r in refs}
+    return report.job_id, {Path(r).name: item_id(r) for r in refs}, truth
 
 
 def test_review_correct_export_and_fine_tune_in_a_browser(
@@ -112,7 +123,7 @@ def test_review_correct_export_and_fine_tune_in_a_browser(
     env = {**worker_env, "CAPTIONER_MODEL_STORE": str(store), "CAPTIONER_REVIEW_EXPORT_DIR": str(exports),
            "CAPTIONER_REVIEW_REVIEWER": "tester"}  # fmt: skip
     trainer = WorkerProcess(env, training=True, log=tmp_path / "train.log").start()  # loads while we caption
-    job_id, ids = _job(client, session_root, tmp_path)
+    job_id, ids, truth = _job(client, session_root, tmp_path)
     server = ReviewProcess(env, tmp_path / "review.log")
     driver = browser
     wait = WebDriverWait(driver, WAIT_S, poll_frequency=0.1)
@@ -126,6 +137,8 @@ def test_review_correct_export_and_fine_tune_in_a_browser(
         assert driver.find_element(By.CSS_SELECTOR, f"{row} .state").text == "done"
         wait.until(lambda d: caption_worker.name in d.find_element(By.ID, "caption-workers").text)
         assert "tiny-git@" in driver.find_element(By.ID, "caption-workers").text
+        queues = driver.find_element(By.ID, "queues").text
+        assert f"{worker_env['CAPTIONER_CAPTION_QUEUE']}: 0 waiting" in queues
         # 2. The job, filtered to its errors: both failures with their error class and message.
         driver.find_element(By.CSS_SELECTOR, f'{row} a[href="/jobs/{job_id}"]').click()
         Select(wait.until(lambda d: d.find_element(By.NAME, "status"))).select_by_visible_text("error")
@@ -143,10 +156,10 @@ def test_review_correct_export_and_fine_tune_in_a_browser(
         focused.send_keys("e")
         box = driver.switch_to.active_element
         box.send_keys(Keys.CONTROL, "a")
-        box.send_keys("a red circle, corrected in place", Keys.ENTER)
+        box.send_keys(truth[order[0]], Keys.ENTER)
         first = f'.card[data-item="{order[0]}"]'
         wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f"{first} .corrected").text
-                   == "a red circle, corrected in place")  # fmt: skip
+                   == truth[order[0]])  # fmt: skip
         driver.switch_to.active_element.send_keys(Keys.ARROW_RIGHT)
         driver.switch_to.active_element.send_keys("a")
         wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f'.card[data-item="{order[1]}"] .mark').text
@@ -168,16 +181,16 @@ def test_review_correct_export_and_fine_tune_in_a_browser(
         model_caption = driver.find_element(By.CSS_SELECTOR, ".card .caption").text
         box = driver.find_element(By.ID, "correction")
         box.clear()
-        box.send_keys("a blue square at the top of a white background", Keys.CONTROL, Keys.ENTER)
-        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".card .corrected").text.startswith("a blue square"))
+        box.send_keys(truth[order[3]], Keys.CONTROL, Keys.ENTER)
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".card .corrected").text == truth[order[3]])
         driver.refresh()
         kept = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".card .corrected"))
-        assert kept.text == "a blue square at the top of a white background"
+        assert kept.text == truth[order[3]]
         assert driver.find_element(By.CSS_SELECTOR, ".card .caption").text == model_caption  # never overwritten
         assert "tester" in driver.find_element(By.CSS_SELECTOR, ".card .reviewed").text
         if shots:
             driver.execute_script("window.scrollTo(0, 0)")
-            driver.save_screenshot(str(Path(shots) / "review-item.png"))
+            _screenshot(driver, Path(shots) / "review-item.png")
         driver.find_element(By.ID, "back").click()
         wait.until(lambda d: d.current_url == f"{server.url}/jobs/{job_id}?status=ok")  # back to the same filter
         # 5. Caption a selection again with other parameters: it goes through the queue as a retry.
@@ -190,7 +203,7 @@ def test_review_correct_export_and_fine_tune_in_a_browser(
         if shots:
             driver.refresh()
             wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".card .corrected"))
-            driver.save_screenshot(str(Path(shots) / "review-job.png"))
+            _screenshot(driver, Path(shots) / "review-job.png")
         # 6. Export the reviewed items: the corrected text, the accepted caption, nothing rejected.
         driver.find_element(By.CSS_SELECTOR, '[data-act="export"]').click()
         result = wait.until(lambda d: d.find_element(By.ID, "export-result").text)
@@ -199,8 +212,7 @@ def test_review_correct_export_and_fine_tune_in_a_browser(
         lines = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
         texts = sorted(line["text"] for line in lines)
         accepted = client.ledger.item(job_id, order[1])["caption"]
-        assert texts == sorted(["a red circle, corrected in place", accepted,
-                                "a blue square at the top of a white background"])  # fmt: skip
+        assert texts == sorted([truth[order[0]], accepted, truth[order[3]]])
         # 7. Fine-tune on them through the queue, from the page, on the real training worker.
         trainer.wait_ready()
         form = driver.find_element(By.ID, "train-form")

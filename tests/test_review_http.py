@@ -255,3 +255,47 @@ def test_the_thumbnail_cache_stays_within_its_byte_bound(job, tmp_path: Path) ->
     assert thumbs.get(JOB, ids["failed"], refs["failed"], "s").error is None
     assert thumbs.get(JOB, ids["plain"], refs["plain"], "s").error is None
     assert thumbs.get(JOB, ids["hostile"], refs["hostile"], "s").error.startswith("fetch_error")
+
+
+def test_models_page_shows_versions_evaluations_over_time_and_their_samples(job, tmp_path: Path) -> None:
+    from common.store import ModelStore
+
+    settings, _ = job
+    store = ModelStore(tmp_path / "store")
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "config.json").write_text("{}")
+    old = store.add(weights, {"base_model": "tiny", "metrics": {"wer": 0.9}}, "v-old").version
+    new = store.add(weights, {"base_model": "tiny"}, "v-new").version
+    store.record_evaluation(new, "fp", {"wer": 0.5, "bleu4": 0.2}, samples=[
+        {"image": "/d/1.png", "prediction": HOSTILE, "references": ["a red circle"]}])  # fmt: skip
+    store.record_evaluation(new, "fp", {"wer": 0.25, "bleu4": 0.4})
+    store.promote(new)
+    with Server(settings.model_copy(update={"model_store": store.root})) as srv:
+        page = httpx2.get(srv.url + "/models")
+    assert page.status_code == 200
+    text = page.text
+    assert text.index(f'data-version="{new}"') < text.index(f'data-version="{old}"')  # newest first
+    assert f'{new} <span class="current">current</span>' in text
+    assert "&lt;script&gt;alert(&#34;x&#34;)" in text and "<script>alert" not in text  # samples are text too
+    assert "a red circle" in text and "No sample captions were kept" in text  # the second evaluation kept none
+    wer = re.search(r'aria-label="wer over evaluations">\s*<polyline points="([^"]+)"', text).group(1)
+    heights = [float(point.split(",")[1]) for point in wer.split()]
+    assert len(heights) == 3 and heights[0] < heights[1] < heights[2]  # 0.9, 0.5, 0.25: falling WER, lower is lower
+
+
+def test_progress_rate_and_eta_come_from_successive_samples(job) -> None:
+    from review.live import RateTracker, job_summary
+
+    settings, _ = job
+    ledger = _ledger(settings)
+    info = ledger.job(JOB)  # 5 items: 3 ok, 1 error, 1 pending
+    ledger.r.close()
+    rates = RateTracker()
+    info.ok -= 2  # the job as it was 4 seconds earlier, two rows fewer
+    first = job_summary(info, rates, now=100.0)
+    assert (first["done"], first["rate"], first["eta_s"]) == (2, None, None)  # one sample: no rate yet
+    info.ok += 2
+    later = job_summary(info, rates, now=104.0)
+    assert later["done"] == 4 and later["pending"] == 1
+    assert later["rate"] == pytest.approx(0.5) and later["eta_s"] == pytest.approx(2.0)
