@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import redis
+from kombu.exceptions import OperationalError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -10,7 +12,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from common.errors import CaptionerError
+from common.errors import BrokerUnavailable, CaptionerError
 from common.settings import Settings
 from producer.jobs import JobClient
 from review import api, live, pages
@@ -51,9 +53,15 @@ def create_app(settings: Settings, *, client: JobClient | None = None) -> Starle
         Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(settings)),
         Middleware(Guard, access=access),
     ]
-    app = Starlette(routes=routes, middleware=middleware, exception_handlers={CaptionerError: _error})
+    handlers = {CaptionerError: _error, redis.RedisError: _unreachable, OperationalError: _unreachable}
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)
     app.state.review = review
     return app
+
+
+async def _unreachable(request: Request, exc: Exception) -> Response:
+    """Redis (ledger or broker) down: a 503 that says so, not a stack trace."""
+    return await _error(request, BrokerUnavailable(f"cannot reach Redis: {exc} (check CAPTIONER_REDIS_URL)"))
 
 
 async def _error(request: Request, exc: Exception) -> Response:

@@ -299,3 +299,16 @@ def test_progress_rate_and_eta_come_from_successive_samples(job) -> None:
     later = job_summary(info, rates, now=104.0)
     assert later["done"] == 4 and later["pending"] == 1
     assert later["rate"] == pytest.approx(0.5) and later["eta_s"] == pytest.approx(2.0)
+
+
+def test_a_redis_that_went_away_is_a_503_that_says_so(tmp_path: Path) -> None:
+    from producer.local import LocalRedis
+
+    with LocalRedis() as server:
+        settings = _settings(tmp_path, CAPTIONER_BROKER_URL=server.url(0), CAPTIONER_REDIS_URL=server.url(1))
+        with Server(settings) as srv, httpx2.Client(base_url=srv.url) as c:
+            assert c.get("/").status_code == 200
+            server.kill()
+            page, api = c.get(f"/jobs/{JOB}"), c.get("/api/jobs")
+    assert page.status_code == 503 and "cannot reach Redis" in page.text
+    assert api.status_code == 503 and api.json()["error"].startswith("cannot reach Redis")
