@@ -18,12 +18,14 @@ $(BIN)/captioner: pyproject.toml tests/node/package-lock.json
 	npm ci --no-audit --no-fund --prefix tests/node
 	touch $@
 
-# System tools the tests use: redis-server (tests start their own for Redis faults) and Debian's
-# docker-compose (validates docker-compose.yml; no Docker engine needed). Installed with apt where we
-# can (root on Debian); elsewhere install them yourself, or those tests say what is missing.
-SYSTEM_TOOLS := redis-server docker-compose
+# System tools the tests use: redis-server (tests start their own for Redis faults), Debian's
+# docker-compose (validates docker-compose.yml; no Docker engine needed) and Debian's chromium with its
+# driver (the review page's browser tests; no browser download). Installed with apt where we can (root on
+# Debian); elsewhere install them yourself, or those tests say what is missing. COMMAND:PACKAGE where the
+# two names differ.
+SYSTEM_TOOLS := redis-server docker-compose chromium chromedriver:chromium-driver
 system-tools:
-	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing$$missing (apt)"; \

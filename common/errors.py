@@ -101,18 +101,6 @@ class UnknownJob(CaptionerError):
     """No job with that id exists in the ledger."""
 
 
-class UnknownItem(CaptionerError):
-    """The job holds no item with that id."""
-
-
-class NotCaptioned(CaptionerError):
-    """A review needs a caption, and the item has none (it is pending, failed or cancelled)."""
-
-
-class InvalidReview(CaptionerError):
-    """A correction or mark that cannot be stored: empty, too long, or not a known mark."""
-
-
 class SourceError(CaptionerError):
     """A source given to the producer cannot be read or expanded."""
 
@@ -131,3 +119,18 @@ class UnsafeCheckpoint(ModelLoadError):
 
 class InvalidMessage(CaptionerError):
     """A queue message does not match the contract (missing fields, wrong types, unknown version)."""
+
+
+# --- review errors: the review page turns these into a 4xx; the CLI into one line ----------------
+
+
+class UnknownItem(CaptionerError):
+    """No item with that id in the job's manifest."""
+
+
+class NotCaptioned(CaptionerError):
+    """The item has no caption to review yet (pending, failed or cancelled): caption it first."""
+
+
+class InvalidReview(CaptionerError):
+    """A review request the ledger refuses: an empty or over-long correction, an unknown mark, a bad cursor."""

@@ -183,6 +183,24 @@ class Settings(BaseSettings):
     # HMAC key that signs job-completion webhooks (X-Captioner-Signature); unset: unsigned.
     webhook_secret: SecretStr | None = None
 
+    # --- review page (captioner review) ---------------------------------------------------------
+    # Address the review page binds to. Anything but loopback needs review_token or review_user/password set.
+    review_host: str = "127.0.0.1"
+    # Port of the review page.
+    review_port: int = Field(8765, ge=1, le=65535)
+    # Bearer token for the review page: browsers open /login?token=..., API clients send Authorization: Bearer.
+    review_token: SecretStr | None = None
+    # Basic-auth user of the review page (with review_password).
+    review_user: str | None = None
+    # Basic-auth password of the review page (with review_user).
+    review_password: SecretStr | None = None
+    # Name stored with corrections and marks; empty: the basic-auth user when there is one, else "local".
+    review_reviewer: str = ""
+    # Folder the page writes reviewed exports and fine-tune datasets to; training workers must be able to read it.
+    review_export_dir: Path | None = None
+    # Bytes of thumbnails the page keeps in memory, least recently used dropped first.
+    review_thumb_cache_bytes: int = Field(64 * 1024 * 1024, ge=0)
+
     # --- logging --------------------------------------------------------------------------------
     log_level: str = "INFO"
     # One JSON object per log line (for log shippers) instead of plain text.
@@ -234,6 +252,12 @@ class Settings(BaseSettings):
                     "rediss:// needs CAPTIONER_REDIS_SSL_CA_CERTS or CAPTIONER_REDIS_SSL_CERT_REQS; "
                     "without them the Redis client would skip certificate checks"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _review_basic_auth_pairs(self) -> Settings:
+        if (self.review_user is None) != (self.review_password is None):
+            raise ConfigError("set both CAPTIONER_REVIEW_USER and CAPTIONER_REVIEW_PASSWORD, or neither")
         return self
 
     @property

@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,11 +131,17 @@ class ModelStore:
         if worse:
             raise ConfigError(f"{new.version} is worse than {old.version} on {metric}: {a:.4f} vs {b:.4f}")
 
-    def record_evaluation(self, version: str, fingerprint: str, metrics: dict[str, float]) -> ModelVersion:
-        """Store an evaluation with the version; the latest one is its headline ``metrics``."""
+    def record_evaluation(
+        self, version: str, fingerprint: str, metrics: dict[str, float], samples: Sequence[dict[str, Any]] | None = None
+    ) -> ModelVersion:
+        """Store an evaluation with the version (and a few of its captions beside their references, when given);
+        the latest one is its headline ``metrics``."""
         mv = self.get(version)
         meta = dict(mv.meta)
-        meta.setdefault("evaluations", []).append({"fingerprint": fingerprint, "metrics": metrics, "at": time.time()})
+        entry: dict[str, Any] = {"fingerprint": fingerprint, "metrics": metrics, "at": time.time()}
+        if samples:
+            entry["samples"] = list(samples)
+        meta.setdefault("evaluations", []).append(entry)
         meta["metrics"], meta["eval_fingerprint"] = metrics, fingerprint
         _atomic_write(mv.path / META, json.dumps(meta, indent=2, default=str))
         return ModelVersion(version, mv.path, meta)

@@ -506,6 +506,8 @@ def cancel(ctx: click.Context, job_id: str, as_json: bool) -> None:
 @click.option("-o", "--output", help="Output file ('-' for stdout; default <job>.<format>).")
 @click.option("--sidecar-ext", default=".txt", show_default=True, help="Extension of sidecar caption files.")
 @click.option("--overwrite", is_flag=True, help="Replace an output file (or sidecar caption files) that exists.")
+@click.option("--reviewed-only", is_flag=True,
+              help="Only items a reviewer corrected or marked (captioner review).")  # fmt: skip
 @json_option
 @click.pass_context
 def export(
@@ -517,13 +519,16 @@ def export(
     output: str | None,
     sidecar_ext: str,
     overwrite: bool,
+    reviewed_only: bool,
     as_json: bool,
 ) -> None:
     """Write a job's results: JSONL, CSV, Parquet, caption files next to the images (sidecar), an imagefolder
-    metadata.jsonl, WebDataset shards, or kohya-style metadata JSON."""
+    metadata.jsonl, WebDataset shards, or kohya-style metadata JSON. A reviewer's correction travels beside the
+    model's caption, and is the caption the dataset formats write."""
     from producer.export import export_rows
 
-    rows = _client(ctx).results(job_id)
+    client = _client(ctx)
+    rows = client.ledger.reviewed(job_id) if reviewed_only else client.results(job_id)
     out = None if output == "-" else Path(output or _default_export_name(job_id, fmt))
     summary = export_rows(rows, fmt, None if fmt == "sidecar" else out, sidecar_ext=sidecar_ext, overwrite=overwrite,
                           shard_size=shard_size, exclude_flags=exclude_flags)  # fmt: skip
@@ -842,6 +847,26 @@ def worker(ctx: click.Context, training: bool, model: str | None, revision: str 
             f"--hostname={hostname or node}", f"--loglevel={settings.log_level}", "--without-mingle",
             *ctx.args]  # fmt: skip
     app.worker_main(argv)
+
+
+@cli.command()
+@click.option("--host", envvar="CAPTIONER_REVIEW_HOST", help="Address to bind (default 127.0.0.1; others need auth).")
+@click.option("--port", type=click.IntRange(1, 65535), envvar="CAPTIONER_REVIEW_PORT", help="Port (default 8765).")
+@click.pass_context
+def review(ctx: click.Context, host: str | None, port: int | None) -> None:
+    """Serve the review page: jobs with live progress, a job's captions as a grid to filter, correct, accept or
+    reject, exports of the reviewed items and fine-tunes on them, and model versions with their evaluations.
+
+    Binds 127.0.0.1 unless told otherwise; any other address needs CAPTIONER_REVIEW_TOKEN or
+    CAPTIONER_REVIEW_USER/CAPTIONER_REVIEW_PASSWORD, or it refuses to start.
+    """
+    try:
+        from review.server import serve
+    except ImportError as exc:
+        raise _Fail(f"the review page needs its extra: pip install 'captioner[review]' ({exc})") from None
+    given = {"review_host": host, "review_port": port}
+    settings = _settings(ctx).model_copy(update={k: v for k, v in given.items() if v is not None})
+    serve(settings, say=lambda line: click.echo(line, err=True))
 
 
 @cli.command()

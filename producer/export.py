@@ -33,7 +33,8 @@ FORMATS = ("jsonl", "csv", "parquet", "sidecar", "metadata", "webdataset", "kohy
 READABLE_FORMATS = ("jsonl", "csv", "parquet")
 
 #: Columns of the flat formats (CSV, Parquet): the row with ``params`` spread out, ``timings`` dropped and
-#: ``flags`` (quality flags, see worker.quality) joined by commas; null when a row has none.
+#: ``flags`` (quality flags, see worker.quality) joined by commas; null when a row has none. The review columns
+#: (``corrected``, ``mark``, ``reviewer``, ``reviewed_at``) sit beside the model's ``caption``.
 FLAT_COLUMNS = (
     "id",
     "ref",
@@ -48,10 +49,14 @@ FLAT_COLUMNS = (
     "attempts",
     "finished_at",
     "flags",
+    "corrected",
+    "mark",
+    "reviewer",
+    "reviewed_at",
 )
 _PARAM_COLUMNS = ("max_length", "num_beams", "prompt")
 _INT_COLUMNS = frozenset({"max_length", "num_beams", "attempts"})
-_FLOAT_COLUMNS = frozenset({"finished_at"})
+_FLOAT_COLUMNS = frozenset({"finished_at", "reviewed_at"})
 
 # WebDataset splits a member name at its first dot into key and extension, so keys carry no dots or slashes.
 _SAFE_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -67,7 +72,7 @@ class ExportSummary:
     files_written: int = 0
     skipped: int = 0
     path: Path | None = None
-    #: Why rows were skipped (caption formats only): not_ok, flagged, not_local, missing_image, unreadable,
+    #: Why rows were skipped (caption formats only): not_ok, rejected, flagged, not_local, missing_image, unreadable,
     #: exists, name_clash, bad_key.
     skipped_by_reason: dict[str, int] = field(default_factory=dict)
 
@@ -105,7 +110,8 @@ def export_rows(
     with a local image gets ``<image stem><sidecar_ext>`` beside it (existing ones kept unless ``overwrite``).
 
     The caption formats (sidecar, metadata, webdataset, kohya) take ok rows with local image paths only,
-    and skip rows carrying any of ``exclude_flags`` (quality flags). ``metadata`` writes an imagefolder
+    and skip rows carrying any of ``exclude_flags`` (quality flags) and rows a reviewer rejected; a reviewer's
+    correction, when there is one, is the caption they write. ``metadata`` writes an imagefolder
     ``metadata.jsonl`` (``out`` may be its folder); ``webdataset`` writes tar shards of at most ``shard_size``
     samples into the folder ``out`` or after the pattern ``out`` (``shards/train-%05d.tar``), all renamed
     into place only once every shard is complete (with ``overwrite``, higher-numbered shards an older export
@@ -286,7 +292,7 @@ def _parquet_schema() -> Any:
 
     types = {name: pa.string() for name in FLAT_COLUMNS}
     types.update({name: pa.int32() for name in _INT_COLUMNS})
-    types["finished_at"] = pa.float64()  # Unix seconds, as ItemResult records them
+    types["finished_at"] = types["reviewed_at"] = pa.float64()  # Unix seconds, as ItemResult records them
     return pa.schema([pa.field(name, types[name], nullable=True) for name in FLAT_COLUMNS])
 
 
@@ -322,7 +328,7 @@ def _write_metadata(rows: Iterable[Mapping[str, Any]], fh: IO[str], opts: _Optio
         if reason is not None:
             opts.skipped[reason] += 1
             continue
-        record = {"file_name": _file_name(str(row["ref"]), opts.base), "text": str(row["caption"])}
+        record = {"file_name": _file_name(str(row["ref"]), opts.base), "text": caption_text(row)}
         fh.write(json.dumps(record, ensure_ascii=False))
         fh.write("\n")
         count += 1
@@ -345,7 +351,7 @@ def _write_kohya(rows: Iterable[Mapping[str, Any]], fh: IO[str], opts: _Options)
             opts.skipped[reason] += 1
             continue
         key = json.dumps(os.path.abspath(str(row["ref"])), ensure_ascii=False)
-        value = json.dumps({"caption": str(row["caption"])}, ensure_ascii=False)
+        value = json.dumps({"caption": caption_text(row)}, ensure_ascii=False)
         fh.write(f"{',' if count else ''}\n  {key}: {value}")
         count += 1
     fh.write("\n}\n" if count else "}\n")
@@ -393,7 +399,7 @@ def _write_sidecar(row: Mapping[str, Any], ext: str, overwrite: bool, exclude_fl
         # No directory fsync per sidecar: a rename lost to a power cut only means a re-export, never a
         # partial file, and one fsync per directory entry would make million-image exports crawl.
         with _atomic_target(target, overwrite=overwrite, sync_dir=False) as tmp:
-            tmp.write_text(str(row["caption"]) + "\n", encoding="utf-8")
+            tmp.write_text(caption_text(row) + "\n", encoding="utf-8")
     except FileExistsError:
         return "exists"
     return None
@@ -470,7 +476,7 @@ def _sample(row: Mapping[str, Any], exclude_flags: frozenset[str]) -> list[tuple
     except OSError:
         return "unreadable"
     row_json = json.dumps(row, ensure_ascii=False, separators=(",", ":"), default=str)
-    return [(ext, data), ("txt", str(row["caption"]).encode()), ("json", row_json.encode())]
+    return [(ext, data), ("txt", caption_text(row).encode()), ("json", row_json.encode())]
 
 
 class _ShardSet:
@@ -581,10 +587,17 @@ def _as_mapping(row: Any) -> Mapping[str, Any]:
     return row
 
 
+def caption_text(row: Mapping[str, Any]) -> str:
+    """The caption a dataset gets from a row: the reviewer's correction when there is one, else the model's."""
+    return str(row.get("corrected") or row["caption"])
+
+
 def _caption_skip(row: Mapping[str, Any], exclude_flags: frozenset[str]) -> str | None:
-    """Why a row gives no caption entry (not_ok, flagged, not_local), or None when it does."""
+    """Why a row gives no caption entry (not_ok, rejected, flagged, not_local), or None when it does."""
     if str(row.get("status")) != "ok" or row.get("caption") is None:
         return "not_ok"
+    if row.get("mark") == "rejected":
+        return "rejected"
     if exclude_flags:
         flags = row.get("flags") or ()
         if not exclude_flags.isdisjoint(split_flags(flags) if isinstance(flags, str) else flags):

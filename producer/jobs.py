@@ -15,7 +15,7 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 
 from common.connections import queue_depths
-from common.errors import BrokerUnavailable, CaptionerError, ConfigError, NothingToEnqueue, SourceError
+from common.errors import BrokerUnavailable, CaptionerError, ConfigError, NothingToEnqueue, SourceError, UnknownItem
 from common.ledger import JobInfo, ledger_from_settings
 from common.messages import (
     TASK_CAPTION_CHUNK,
@@ -304,11 +304,17 @@ class JobClient:
         flagged: frozenset[str] | None = None,
         params: GenParams | None = None,
         chunk_size: int | None = None,
+        ids: list[str] | None = None,
     ) -> int:
         """Queue again the items that failed (and cancelled ones if asked), or with ``flagged`` the captions
-        carrying those quality flags (an empty set: any flag), optionally with other parameters."""
+        carrying those quality flags (an empty set: any flag), or with ``ids`` exactly those items whatever their
+        status (a reviewer's "caption again"), optionally with other parameters."""
         info = self._caption_job(job_id, "retry")
-        if flagged is not None:
+        if ids is not None:
+            items: Iterable[tuple[str, str]] = [
+                (i, str(self._known_item(job_id, i)["ref"])) for i in dict.fromkeys(ids)
+            ]
+        elif flagged is not None:
             items = self.ledger.iter_flagged(job_id, flagged or None)
         else:
             want = [ItemStatus.ERROR] + ([ItemStatus.CANCELLED] if include_cancelled else [])
@@ -322,7 +328,7 @@ class JobClient:
             with self.app.producer_or_acquire() as producer:
                 for chunk in _chunks(todo, chunk_size or self.settings.chunk_size):
                     pairs = dict(chunk)
-                    self.ledger.requeue(job_id, list(pairs), flagged=flagged is not None)
+                    self.ledger.requeue(job_id, list(pairs), flagged=flagged is not None, captioned=ids is not None)
                     self._send(job_id, pairs, params or info.params, producer)
                     sent += len(pairs)
         finally:
@@ -344,6 +350,12 @@ class JobClient:
                 sent += len(chunk)
         self.ledger.seal(job_id)
         return sent
+
+    def _known_item(self, job_id: str, item: str) -> dict[str, Any]:
+        row = self.ledger.item(job_id, item)
+        if row is None:
+            raise UnknownItem(f"job {job_id} has no item {item!r}")
+        return row
 
     def _caption_job(self, job_id: str, what: str) -> JobInfo:
         """The job, which must be a caption job: a training job has no items to re-send."""

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from common.ledger import Ledger, RedisLedger
 from common.settings import Settings
 from producer.jobs import JobClient
 from producer.local import WorkerProcess
@@ -28,6 +29,8 @@ BROKER_DB = DB_BASE + 1  # Celery's queues for the session worker
 LEDGER_DB = DB_BASE + 2  # job ledger, flushed before every test
 WEBHOOK_SECRET = "test-webhook-secret"
 MAX_LENGTH = 12  # short captions keep the suite fast; the engine tests cover the default of 50
+#: The machine's PostgreSQL, for the ledger's second backend (each test uses a schema of its own).
+PG_URL = os.environ.get("CAPTIONER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 def redis_url(db: int) -> str:
@@ -105,6 +108,26 @@ def caption_worker(worker_env: dict[str, str], tmp_path_factory: pytest.TempPath
         yield proc
     finally:
         proc.terminate()
+
+
+@pytest.fixture(params=["redis", "postgresql"])
+def ledger(request: pytest.FixtureRequest) -> Iterator[Ledger]:
+    """An empty ledger under a prefix of its own, on each backend in turn: the machine's Redis and PostgreSQL."""
+    prefix = f"ledger_test_{uuid.uuid4().hex[:8]}"
+    if request.param == "redis":
+        client = redis.Redis.from_url(redis_url(LEDGER_DB))
+        led: Ledger = RedisLedger(client, prefix)
+        yield led
+        for key in client.scan_iter(f"{prefix}:*"):
+            client.delete(key)
+        client.close()
+    else:
+        from common.ledger.pg_ledger import PostgresLedger
+
+        pg = PostgresLedger(PG_URL, prefix)
+        yield pg
+        pg._run(f"DROP SCHEMA IF EXISTS {pg.schema} CASCADE")
+        pg.close()
 
 
 @pytest.fixture

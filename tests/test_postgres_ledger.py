@@ -14,8 +14,7 @@ from click.testing import CliRunner
 from producer.cli import cli
 from producer.jobs import JobClient
 from producer.local import WorkerProcess
-from tests.conftest import reconciling, redis_url, settings_from, shape_files, tally
-from tests.test_ledger import PG_URL
+from tests.conftest import PG_URL, reconciling, redis_url, settings_from, shape_files, tally
 from tests.test_recovery import recovery_env, wait_for
 
 

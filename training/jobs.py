@@ -356,7 +356,8 @@ def run_evaluate(settings: Settings, req: EvaluateRequest) -> dict[str, Any]:
     report = evaluate_model(version.path, examples, max_length=req.max_length,
                             image_policy=local_image_policy(examples, settings))  # fmt: skip
     metrics_ = {k: v for k, v in report.items() if isinstance(v, int | float) and k != "n"}
-    store.record_evaluation(version.version, dataset_fingerprint(examples), metrics_)
+    samples = report.get("samples")  # a few generated captions beside their references, shown by captioner review
+    store.record_evaluation(version.version, dataset_fingerprint(examples), metrics_, samples=samples)
     return {"version": version.version, "dataset": req.dataset, **report}
 
 

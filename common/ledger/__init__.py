@@ -9,6 +9,9 @@ from __future__ import annotations
 from common.ledger.base import (
     JOB_ID_PATTERN,
     MAX_CORRECTION_CHARS,
+    MAX_REVIEW_IDS,
+    PAGE_SCAN_BUDGET,
+    REVIEW_MARKS,
     Attempt,
     ItemFilter,
     JobInfo,
@@ -23,6 +26,9 @@ from common.settings import Settings
 __all__ = [
     "JOB_ID_PATTERN",
     "MAX_CORRECTION_CHARS",
+    "MAX_REVIEW_IDS",
+    "PAGE_SCAN_BUDGET",
+    "REVIEW_MARKS",
     "Attempt",
     "ItemFilter",
     "JobInfo",

@@ -104,6 +104,11 @@ class ItemFilter:
     #: True: corrected items only; False: uncorrected only.
     corrected: bool | None = None
 
+    @property
+    def empty(self) -> bool:
+        """No field set: every item matches."""
+        return self == ItemFilter()
+
     def matches(self, row: dict[str, Any]) -> bool:
         if self.status is not None and row["status"] != self.status.value:
             return False
@@ -135,10 +140,54 @@ class Page:
     scanned: int
 
 
-#: Longest correction a reviewer may store (characters).
+#: Longest correction a reviewer may store (characters; a caption is a sentence or two).
 MAX_CORRECTION_CHARS = 2000
-#: Items a filter that can only be answered by looking at rows examines per page request at most.
-SCAN_BUDGET = 5000
+#: Most items a filtered page examines in one call; past it the page ends early with a cursor to continue.
+PAGE_SCAN_BUDGET = 10_000
+#: Most items one page holds, and one bulk review call may name.
+MAX_REVIEW_IDS = 1000
+#: Review marks: a human's verdict on the model's caption.
+REVIEW_MARKS = ("accepted", "rejected")
+
+
+def check_page_limit(limit: int) -> None:
+    from common.errors import InvalidReview
+
+    if not 1 <= limit <= MAX_REVIEW_IDS:
+        raise InvalidReview(f"a page holds 1 to {MAX_REVIEW_IDS} items, not {limit}")
+
+
+def check_correction(text: str) -> str:
+    """A correction as stored: stripped, not empty, within MAX_CORRECTION_CHARS."""
+    from common.errors import InvalidReview
+
+    text = (text or "").strip()
+    if not text:
+        raise InvalidReview("a correction cannot be empty (clear it instead)")
+    if len(text) > MAX_CORRECTION_CHARS:
+        raise InvalidReview(f"a correction holds at most {MAX_CORRECTION_CHARS} characters, not {len(text)}")
+    return text
+
+
+def check_marks(item_ids: list[str], mark: str | None) -> None:
+    from common.errors import InvalidReview
+
+    if mark is not None and mark not in REVIEW_MARKS:
+        raise InvalidReview(f"a mark is one of {', '.join(REVIEW_MARKS)} (or none), not {mark!r}")
+    if len(item_ids) > MAX_REVIEW_IDS:
+        raise InvalidReview(f"at most {MAX_REVIEW_IDS} items per call, not {len(item_ids)}")
+
+
+def bad_cursor(cursor: str) -> Exception:
+    from common.errors import InvalidReview
+
+    return InvalidReview(f"bad page cursor {cursor[:40]!r}; start from the first page")
+
+
+def not_captioned(job_id: str, item_id: str) -> Exception:
+    from common.errors import NotCaptioned
+
+    return NotCaptioned(f"item {item_id} of job {job_id} has no caption yet (pending, failed or cancelled)")
 
 
 class Ledger(ABC):
@@ -263,9 +312,10 @@ class Ledger(ABC):
         caption once written is never replaced, and rows for items the job does not hold are refused."""
 
     @abstractmethod
-    def requeue(self, job_id: str, ids: list[str], *, flagged: bool = False) -> int:
-        """Make items pending again before they are re-sent: their failed or cancelled rows go (and with
-        ``flagged``, captions with quality flags), and so do their attempt counts."""
+    def requeue(self, job_id: str, ids: list[str], *, flagged: bool = False, captioned: bool = False) -> int:
+        """Make items pending again before they are re-sent: their failed or cancelled rows go (with ``flagged``,
+        captions with quality flags; with ``captioned``, every caption: a reviewer's "caption again"), and so do
+        their attempt counts. Reviews stay."""
 
     @abstractmethod
     def iter_results(self, job_id: str) -> Iterator[dict[str, Any]]:
@@ -323,7 +373,8 @@ class Ledger(ABC):
 
     @abstractmethod
     def set_mark(self, job_id: str, item_ids: list[str], mark: str | None, reviewer: str) -> int:
-        """Mark captions accepted or rejected (None clears); returns how many changed."""
+        """Mark captions accepted or rejected (None clears); returns how many changed. An id the job does not hold
+        refuses the whole call (nothing changes); items without a caption are skipped."""
 
     @abstractmethod
     def reviewed(self, job_id: str) -> Iterator[dict[str, Any]]:

@@ -197,8 +197,6 @@ def decode(item_id: str, stored: bytes, *, base: str, created: float, provenance
 
 # --- review marks and corrections ----------------------------------------------------------------
 
-REVIEW_MARKS = ("accepted", "rejected")
-
 
 def encode_review(text: str | None, mark: str | None, reviewer: str, at: float) -> bytes:
     packed: bytes = msgpack.packb([text, mark, reviewer, round(at, 1)], use_bin_type=True)

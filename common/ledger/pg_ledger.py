@@ -23,19 +23,22 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from common.errors import BrokerUnavailable, NotCaptioned, UnknownItem, UnknownJob
-from common.ledger import codec
+from common.errors import BrokerUnavailable, UnknownItem, UnknownJob
+from common.ledger import base, codec
 from common.ledger.base import (
-    SCAN_BUDGET,
     Attempt,
     ItemFilter,
     JobInfo,
     Ledger,
     Page,
     Recorded,
+    bad_cursor,
+    check_correction,
     check_job_id,
+    check_marks,
+    check_page_limit,
+    not_captioned,
 )
-from common.ledger.redis_ledger import check_correction, check_mark
 from common.messages import GenParams, ItemResult, ItemStatus, JobKind, JobState
 
 _JSON_FIELDS = ("progress", "result", "webhook_error")
@@ -468,7 +471,7 @@ class PostgresLedger(Ledger):
             finished = self._finish(conn, job_id)
         return Recorded(changed, finished, refused)
 
-    def requeue(self, job_id: str, ids: list[str], *, flagged: bool = False) -> int:
+    def requeue(self, job_id: str, ids: list[str], *, flagged: bool = False, captioned: bool = False) -> int:
         if not ids:
             return 0
         check_job_id(job_id)
@@ -484,7 +487,7 @@ class PostgresLedger(Ledger):
             ).fetchall()
             for raw, status, bits in held:
                 quality = bits & codec.QUALITY_MASK
-                if status is None or (status == "o" and not (flagged and quality)):
+                if status is None or (status == "o" and not captioned and not (flagged and quality)):
                     continue
                 back.append(bytes(raw))
                 counters[_COUNTER[status]] = counters.get(_COUNTER[status], 0) - 1
@@ -605,15 +608,16 @@ class PostgresLedger(Ledger):
     # --- review ---------------------------------------------------------------------------------
     def page(self, job_id: str, *, cursor: str | None = None, limit: int = 50, filt: ItemFilter | None = None) -> Page:
         """Keyset pages in item id order. Indexed filters (status, errors, flags, corrections) walk their partial
-        index; the others examine at most ``SCAN_BUDGET`` items per page and return a cursor to go on."""
+        index; the others examine at most ``PAGE_SCAN_BUDGET`` items per page and return a cursor to go on."""
+        check_page_limit(limit)
         self.job(job_id)
         filt = filt or ItemFilter()
         where, params = ["job_id = %s"], list[Any]([job_id])
         if filt.status is ItemStatus.PENDING:
             where.append("status IS NULL")
-        elif filt.status is None:
-            where.append("status IS NOT NULL")  # as in Redis: pages show settled items unless pending are asked for
-        else:
+        elif filt.status is None and not filt.matches({"id": "", "ref": "", "status": ItemStatus.PENDING.value}):
+            where.append("status IS NOT NULL")  # nothing pending can match (a caption search, a version)
+        elif filt.status is not None:
             where.append("status = %s")
             params.append(_STATUS_CHAR[filt.status])
         if filt.error_class:
@@ -623,12 +627,17 @@ class PostgresLedger(Ledger):
         if filt.corrected:
             where.append("review IS NOT NULL")
         if cursor:
+            try:
+                after = bytes.fromhex(cursor)
+            except ValueError:
+                raise bad_cursor(cursor) from None
             where.append("id > %s")
-            params.append(bytes.fromhex(cursor))
+            params.append(after)
         decode = self._decoder(job_id)
+        fetch = base.PAGE_SCAN_BUDGET if self._needs_scan(filt) else limit
         rows = self._all(
             f"SELECT {_ROW_COLUMNS} FROM {{s}}.items WHERE {' AND '.join(where)} ORDER BY id LIMIT %s",
-            (*params, SCAN_BUDGET if self._needs_scan(filt) else limit),
+            (*params, fetch),
         )
         out: list[dict[str, Any]] = []
         scanned = 0
@@ -639,7 +648,7 @@ class PostgresLedger(Ledger):
                 out.append(row)
                 if len(out) == limit:
                     break
-        more = scanned < len(rows) or len(rows) == (SCAN_BUDGET if self._needs_scan(filt) else limit)
+        more = scanned < len(rows) or len(rows) == fetch
         last = bytes(rows[scanned - 1][0]).hex() if scanned else None
         return Page(out, last if more and last else None, scanned)
 
@@ -661,7 +670,7 @@ class PostgresLedger(Ledger):
         if row is None:
             raise UnknownItem(f"job {job_id} has no item {item_id!r}")
         if row["status"] != ItemStatus.OK.value:
-            raise NotCaptioned(f"item {item_id} of job {job_id} has no caption to review (it is {row['status']})")
+            raise not_captioned(job_id, item_id)
         return row
 
     def _store_review(self, job_id: str, item_id: str, text: str | None, mark: str | None, reviewer: str) -> None:
@@ -678,20 +687,27 @@ class PostgresLedger(Ledger):
 
     def clear_correction(self, job_id: str, item_id: str, reviewer: str) -> dict[str, Any]:
         row = self._captioned(job_id, item_id)
-        self._store_review(job_id, item_id, None, row.get("mark"), reviewer)
+        if "corrected" in row:
+            self._store_review(job_id, item_id, None, row.get("mark"), reviewer)
         return self._captioned(job_id, item_id)
 
     def set_mark(self, job_id: str, item_ids: list[str], mark: str | None, reviewer: str) -> int:
-        check_mark(mark)
+        check_marks(item_ids, mark)
+        self.job(job_id)
+        rows = [self.item(job_id, i) for i in item_ids]
+        unknown = [i for i, row in zip(item_ids, rows, strict=True) if row is None]
+        if unknown:
+            raise UnknownItem(f"job {job_id} has no item {unknown[0]!r}")
         changed = 0
-        for item_id in item_ids:
-            row = self._captioned(job_id, item_id)
-            if row.get("mark") != mark:
+        for item_id, row in zip(item_ids, rows, strict=True):
+            assert row is not None
+            if row["status"] == ItemStatus.OK.value and row.get("mark") != mark:
                 self._store_review(job_id, item_id, row.get("corrected"), mark, reviewer)
                 changed += 1
         return changed
 
     def reviewed(self, job_id: str) -> Iterator[dict[str, Any]]:
+        self.job(job_id)
         yield from self._stream(check_job_id(job_id), "review IS NOT NULL AND status = 'o'")
 
 

@@ -29,18 +29,21 @@ import msgpack
 import redis
 
 from common.connections import settings_client
-from common.errors import BrokerUnavailable, NotCaptioned, UnknownItem, UnknownJob
-from common.ledger import codec
+from common.errors import BrokerUnavailable, UnknownItem, UnknownJob
+from common.ledger import base, codec
 from common.ledger.base import (
-    MAX_CORRECTION_CHARS,
-    SCAN_BUDGET,
     Attempt,
     ItemFilter,
     JobInfo,
     Ledger,
     Page,
     Recorded,
+    bad_cursor,
+    check_correction,
     check_job_id,
+    check_marks,
+    check_page_limit,
+    not_captioned,
 )
 from common.messages import GenParams, ItemResult, ItemStatus, JobKind, JobState
 from common.settings import Settings
@@ -140,9 +143,9 @@ local function ref_of(row)
 end
 """
 
-# KEYS: job, src, res, att, err, flg.  ARGV: mode ('failed' or 'flagged'), then item ids going back on the queue.
-# Their failed or cancelled rows (and in mode 'flagged', captions with quality flags) are removed, counters
-# follow, and the reference moves back to the manifest: the item is pending again.
+# KEYS: job, src, res, att, err, flg.  ARGV: mode ('failed', 'flagged' or 'all'), then item ids going back on the
+# queue. Their failed or cancelled rows (in mode 'flagged' also captions with quality flags, in mode 'all' every
+# caption) are removed, counters follow, and the reference moves back to the manifest: the item is pending again.
 _REQUEUE = (
     _STATUS_FIELD
     + _FLAG_NAMES
@@ -155,7 +158,7 @@ for i = 2, #ARGV do
   if prev then
     local st, bits = status_of(prev), quality_of(prev)
     local flagged = bits ~= 0
-    if st ~= 'o' or (ARGV[1] == 'flagged' and flagged) then
+    if st ~= 'o' or ARGV[1] == 'all' or (ARGV[1] == 'flagged' and flagged) then
       redis.call('HSET', KEYS[2], id, ref_of(prev))
       redis.call('HDEL', KEYS[3], id)
       redis.call('HINCRBY', KEYS[1], names[st], -1)
@@ -479,11 +482,12 @@ class RedisLedger(Ledger):
         changed, finished, refused = self._record(keys=self._keys(job_id), args=argv)
         return Recorded(int(changed), bool(finished), int(refused))
 
-    def requeue(self, job_id: str, ids: list[str], *, flagged: bool = False) -> int:
+    def requeue(self, job_id: str, ids: list[str], *, flagged: bool = False, captioned: bool = False) -> int:
         if not ids:
             return 0
         keys = self._keys(job_id)[:6]
-        args = ["flagged" if flagged else "failed", *(codec.id_bytes(i) for i in ids)]
+        mode = "all" if captioned else "flagged" if flagged else "failed"
+        args: list[str | bytes] = [mode, *(codec.id_bytes(i) for i in ids)]
         return int(self._requeue(keys=keys, args=args))
 
     def _provenance_table(self, job_id: str) -> list[codec.Provenance]:
@@ -608,45 +612,53 @@ class RedisLedger(Ledger):
 
     # --- review ---------------------------------------------------------------------------------
     def page(self, job_id: str, *, cursor: str | None = None, limit: int = 50, filt: ItemFilter | None = None) -> Page:
-        """Cheap filters follow an index: errors their set, flags theirs, corrections the review hash, pending
-        items the manifest; everything else follows the rows' own HSCAN cursor, examining at most
-        ``SCAN_BUDGET`` rows per page. The cursor is the scan position of the batch the page ended in and how
-        many of that batch's matches were shown already (a batch can hold more rows than a page)."""
+        """Walks the smallest structure that holds every item the filter can match, with HSCAN/SSCAN from the
+        cursor: errors their set, flagged captions theirs, corrections the review hash, otherwise the rows and
+        then the manifest (pending items). The cursor is "phase.scan position.matches already shown from that
+        batch", so pages come out exactly ``limit`` long."""
+        check_page_limit(limit)
         self.job(job_id)
         filt = filt or ItemFilter()
-        if filt.status is ItemStatus.PENDING:
-            source = "src"
-        elif filt.status is ItemStatus.ERROR or filt.error_class:
-            source = "err"
-        elif filt.flag:
-            source = "flg"
-        elif filt.corrected:
-            source = "rev"
-        else:
-            source = "res"
-        rows_of = self._page_rows(job_id, source)
-        pos, skip = (int(part) for part in (cursor or "0:0").split(":", 1))
+        phases = self._page_phases(filt)
+        phase, pos, skip = _parse_cursor(cursor, len(phases))
+        budget = base.PAGE_SCAN_BUDGET
         rows: list[dict[str, Any]] = []
         scanned = 0
         while True:
             start = pos
-            pos, fields = self._scan_batch(job_id, source, start, max(limit, 10))
+            count = max(limit, 10) if filt.empty else min(500, budget)
+            pos, fields = self._scan_batch(job_id, phases[phase], start, count)
             shown = 0
-            for row in rows_of(fields):
+            for row in self._rows_of_fields(job_id, fields):
                 scanned += 1
                 if row is None or not filt.matches(row):
                     continue
                 shown += 1
                 if shown <= skip:
                     continue
-                if len(rows) == limit:  # this batch has more: the next page starts inside it
-                    return Page(rows, f"{start}:{shown - 1}", scanned)
+                if len(rows) == limit:  # this batch holds more: the next page starts inside it
+                    return Page(rows, f"{phase}.{start}.{shown - 1}", scanned)
                 rows.append(row)
             skip = 0
             if pos == 0:
-                return Page(rows, None, scanned)
-            if len(rows) == limit or scanned >= SCAN_BUDGET:
-                return Page(rows, f"{pos}:0", scanned)
+                if phase + 1 == len(phases):
+                    return Page(rows, None, scanned)
+                phase += 1
+            if len(rows) == limit or scanned >= budget:
+                return Page(rows, f"{phase}.{pos}.0", scanned)
+
+    @staticmethod
+    def _page_phases(filt: ItemFilter) -> list[str]:
+        """Which of the job's hashes and sets to walk, in order, for a filter."""
+        if filt.status is ItemStatus.ERROR or filt.error_class:
+            return ["err"]
+        if filt.flag:
+            return ["flg"]
+        if filt.corrected:
+            return ["rev"]
+        settled = [] if filt.status is ItemStatus.PENDING else ["res"]
+        pending = ["src"] if filt.matches({"id": "", "ref": "", "status": ItemStatus.PENDING.value}) else []
+        return settled + pending or ["res"]
 
     def _scan_batch(self, job_id: str, source: str, pos: int, count: int) -> tuple[int, list[bytes]]:
         key = self.job_key(job_id, source)
@@ -656,64 +668,44 @@ class RedisLedger(Ledger):
         pos, pairs = self.r.hscan(key, pos, count=count)
         return int(pos), list(cast("dict[bytes, bytes]", pairs))
 
-    def _page_rows(self, job_id: str, source: str) -> Any:
-        """A function from a batch of item fields to their rows (None for items settled or gone meanwhile)."""
-        decode, base = self._decoder(job_id), self._base(job_id)
-
-        def rows_of(fields: list[bytes]) -> Iterator[dict[str, Any] | None]:
-            if not fields:
-                return
-            pipe = self.r.pipeline(transaction=False)
-            pipe.hmget(self.job_key(job_id, "src" if source == "src" else "res"), fields)
-            pipe.hmget(self.job_key(job_id, "rev"), fields)
-            stored, reviews = pipe.execute()
-            for field, body, review in zip(fields, stored, reviews, strict=True):
-                if not body:
-                    yield None
-                    continue
-                if source == "src":
-                    ref = codec.unpack_ref(body.decode("utf-8", "surrogateescape"), base)
-                    yield {"id": codec.id_text(field), "ref": ref, "status": ItemStatus.PENDING.value}
-                    continue
+    def _rows_of_fields(self, job_id: str, fields: list[bytes]) -> list[dict[str, Any] | None]:
+        """Rows (settled or pending) with their review fields, in order; None where the job holds no such item."""
+        if not fields:
+            return []
+        base, decode = self._base(job_id), self._decoder(job_id)
+        pipe = self.r.pipeline(transaction=False)
+        for part in ("res", "src", "rev"):
+            pipe.hmget(self.job_key(job_id, part), fields)
+        stored, refs, reviews = pipe.execute()
+        out: list[dict[str, Any] | None] = []
+        for field, body, ref, review in zip(fields, stored, refs, reviews, strict=True):
+            if body:
                 row = decode(field, body)
-                if review:
-                    row.update(codec.decode_review(review))
-                yield row
-
-        return rows_of
+            elif ref is not None:
+                row = {
+                    "id": codec.id_text(field),
+                    "ref": codec.unpack_ref(ref.decode("utf-8", "surrogateescape"), base),
+                    "status": ItemStatus.PENDING.value,
+                }
+            else:
+                out.append(None)
+                continue
+            if review:
+                row.update(codec.decode_review(review))
+            out.append(row)
+        return out
 
     def item(self, job_id: str, item_id: str) -> dict[str, Any] | None:
         self.job(job_id)
-        raw = codec.id_bytes(item_id)
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hget(self.job_key(job_id, "res"), raw)
-        pipe.hget(self.job_key(job_id, "src"), raw)
-        pipe.hget(self.job_key(job_id, "rev"), raw)
-        stored, ref, review = pipe.execute()
-        if stored:
-            row = self._decoder(job_id)(raw, stored)
-        elif ref is not None:
-            row = {"id": item_id, "ref": codec.unpack_ref(ref.decode(), self._base(job_id)), "status": "pending"}
-        else:
-            return None
-        if review:
-            row.update(codec.decode_review(review))
-        return cast("dict[str, Any]", row)
+        return self._rows_of_fields(job_id, [codec.id_bytes(item_id)])[0]
 
     def _captioned(self, job_id: str, item_id: str) -> dict[str, Any]:
         row = self.item(job_id, item_id)
         if row is None:
             raise UnknownItem(f"job {job_id} has no item {item_id!r}")
         if row["status"] != ItemStatus.OK.value:
-            raise NotCaptioned(f"item {item_id} of job {job_id} has no caption to review (it is {row['status']})")
+            raise not_captioned(job_id, item_id)
         return row
-
-    def _review(self, job_id: str, item_id: str) -> tuple[str | None, str | None]:
-        raw = self.r.hget(self.job_key(job_id, "rev"), codec.id_bytes(item_id))
-        if not raw:
-            return None, None
-        fields = codec.decode_review(cast(bytes, raw))
-        return fields.get("corrected"), fields.get("mark")
 
     def _store_review(self, job_id: str, item_id: str, text: str | None, mark: str | None, reviewer: str) -> None:
         key, raw = self.job_key(job_id, "rev"), codec.id_bytes(item_id)
@@ -724,55 +716,53 @@ class RedisLedger(Ledger):
 
     def set_correction(self, job_id: str, item_id: str, text: str, reviewer: str) -> dict[str, Any]:
         text = check_correction(text)
-        self._captioned(job_id, item_id)
-        _, mark = self._review(job_id, item_id)
-        self._store_review(job_id, item_id, text, mark, reviewer)
+        row = self._captioned(job_id, item_id)
+        self._store_review(job_id, item_id, text, row.get("mark"), reviewer)
         return self._captioned(job_id, item_id)
 
     def clear_correction(self, job_id: str, item_id: str, reviewer: str) -> dict[str, Any]:
-        self._captioned(job_id, item_id)
-        _, mark = self._review(job_id, item_id)
-        self._store_review(job_id, item_id, None, mark, reviewer)
+        row = self._captioned(job_id, item_id)
+        if "corrected" in row:
+            self._store_review(job_id, item_id, None, row.get("mark"), reviewer)
         return self._captioned(job_id, item_id)
 
     def set_mark(self, job_id: str, item_ids: list[str], mark: str | None, reviewer: str) -> int:
-        check_mark(mark)
+        check_marks(item_ids, mark)
+        self.job(job_id)
+        rows = self._rows_of_fields(job_id, [codec.id_bytes(i) for i in item_ids])
+        unknown = [i for i, row in zip(item_ids, rows, strict=True) if row is None]
+        if unknown:
+            raise UnknownItem(f"job {job_id} has no item {unknown[0]!r}")
         changed = 0
-        for item_id in item_ids:
-            self._captioned(job_id, item_id)
-            text, old = self._review(job_id, item_id)
-            if old != mark:
-                self._store_review(job_id, item_id, text, mark, reviewer)
+        for item_id, row in zip(item_ids, rows, strict=True):
+            assert row is not None
+            if row["status"] == ItemStatus.OK.value and row.get("mark") != mark:
+                self._store_review(job_id, item_id, row.get("corrected"), mark, reviewer)
                 changed += 1
         return changed
 
     def reviewed(self, job_id: str) -> Iterator[dict[str, Any]]:
-        decode = self._decoder(job_id)
-        for field, review in self._scan(self.job_key(job_id, "rev")):
-            stored = self.r.hget(self.job_key(job_id, "res"), field)
-            if stored:
-                row = decode(field, stored)
-                row.update(codec.decode_review(review))
-                yield row
+        self.job(job_id)
+        batch: list[bytes] = []
+        for field, _ in self._scan(self.job_key(job_id, "rev")):
+            batch.append(field)
+            if len(batch) >= 1000:
+                yield from (r for r in self._rows_of_fields(job_id, batch) if r and r["status"] == "ok")
+                batch = []
+        yield from (r for r in self._rows_of_fields(job_id, batch) if r and r["status"] == "ok")
 
 
-def check_correction(text: str) -> str:
-    """A correction as stored: stripped, not empty, within MAX_CORRECTION_CHARS."""
-    from common.errors import InvalidReview
-
-    text = (text or "").strip()
-    if not text:
-        raise InvalidReview("a correction cannot be empty (clear it instead)")
-    if len(text) > MAX_CORRECTION_CHARS:
-        raise InvalidReview(f"a correction is at most {MAX_CORRECTION_CHARS} characters, got {len(text)}")
-    return text
-
-
-def check_mark(mark: str | None) -> None:
-    from common.errors import InvalidReview
-
-    if mark is not None and mark not in codec.REVIEW_MARKS:
-        raise InvalidReview(f"a mark is {' or '.join(codec.REVIEW_MARKS)} (or none), not {mark!r}")
+def _parse_cursor(cursor: str | None, phases: int) -> tuple[int, int, int]:
+    """A page cursor: (phase, scan position, matches of that batch already shown); InvalidReview when malformed."""
+    if not cursor:
+        return 0, 0, 0
+    try:
+        phase, pos, skip = (int(part) for part in cursor.split("."))
+    except ValueError:
+        raise bad_cursor(cursor) from None
+    if not 0 <= phase < phases or pos < 0 or skip < 0:
+        raise bad_cursor(cursor)
+    return phase, pos, skip
 
 
 def redis_ledger(settings: Settings) -> RedisLedger:

@@ -1,0 +1,1 @@
+"""The review page (`captioner review`): look at a job's captions in a browser, correct them, and train on them."""

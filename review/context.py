@@ -1,0 +1,112 @@
+"""What every handler of the review page shares: settings, the job client and its ledger, thumbnails, templates,
+and the request helpers (filters from a query string, JSON bodies, named errors as HTTP statuses)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import jinja2
+from starlette.requests import Request
+from starlette.templating import Jinja2Templates
+
+from common.errors import (
+    ITEM_ERROR_CODES,
+    BrokerUnavailable,
+    CaptionerError,
+    ConfigError,
+    InvalidReview,
+    NotCaptioned,
+    UnknownItem,
+    UnknownJob,
+)
+from common.ledger import Ledger
+from common.messages import QUALITY_FLAGS, ItemStatus
+from common.settings import Settings
+from producer.jobs import JobClient
+from review.security import Access
+from review.thumbs import Thumbnails
+
+HERE = Path(__file__).parent
+#: Largest request body the page accepts (a correction is at most a few KB of JSON).
+MAX_BODY_BYTES = 64 * 1024
+PAGE_SIZES = (24, 48, 96, 200)
+
+STATUS_OF_ERROR: dict[type[CaptionerError], int] = {
+    UnknownJob: 404,
+    UnknownItem: 404,
+    NotCaptioned: 409,
+    InvalidReview: 422,
+    ConfigError: 422,
+    BrokerUnavailable: 503,
+}
+
+
+def status_of(exc: CaptionerError) -> int:
+    """The HTTP status a named error becomes: 404 unknown, 409 nothing to review, 422 refused, 503 Redis down."""
+    return next((code for cls, code in STATUS_OF_ERROR.items() if isinstance(exc, cls)), 400)
+
+
+def _templates() -> Jinja2Templates:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True)
+    env.filters["q"] = lambda value: quote(str(value), safe="")
+    env.filters["when"] = lambda ts: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(ts))) if ts else ""
+    env.globals.update(ERROR_CODES=ITEM_ERROR_CODES, FLAGS=QUALITY_FLAGS, STATUSES=[s.value for s in ItemStatus])
+    return Jinja2Templates(env=env)
+
+
+@dataclass
+class Review:
+    """The page's state for one server process."""
+
+    settings: Settings
+    client: JobClient
+    access: Access
+    thumbs: Thumbnails
+    templates: Jinja2Templates = field(default_factory=_templates)
+    #: (when, snapshot) of the last workers and queues look-up, shared by every open page.
+    workers_cache: tuple[float, dict[str, Any]] | None = None
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.client.ledger
+
+    @property
+    def reviewer(self) -> str:
+        s = self.settings
+        return s.review_reviewer or s.review_user or "local"
+
+    def render(self, request: Request, name: str, status_code: int = 200, **context: Any) -> Any:
+        context.update(csrf=request.state.csrf, reviewer=self.reviewer)
+        return self.templates.TemplateResponse(request, name, context, status_code=status_code)
+
+
+def review_of(request: Request) -> Review:
+    ctx = request.app.state.review
+    assert isinstance(ctx, Review)
+    return ctx
+
+
+async def json_body(request: Request) -> dict[str, Any]:
+    """The request's JSON object, refused (422) when too large, not JSON or not an object."""
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise InvalidReview(f"request body over {MAX_BODY_BYTES} bytes")
+    try:
+        body = json.loads(raw or b"{}")
+    except ValueError:
+        raise InvalidReview("request body is not JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidReview("request body must be a JSON object")
+    return body
+
+
+def page_link(path: str, params: dict[str, str], **changes: str | None) -> str:
+    """``path`` with the query ``params`` updated by ``changes`` (None or "" removes a parameter)."""
+    merged = {**params, **changes}
+    query = urlencode({k: v for k, v in merged.items() if v})
+    return f"{path}?{query}" if query else path
