@@ -364,17 +364,55 @@ class Ledger(ABC):
     def item(self, job_id: str, item_id: str) -> dict[str, Any] | None:
         """One item's row with its review fields (pending: id, ref and status only); None when not in the job."""
 
-    @abstractmethod
     def set_correction(self, job_id: str, item_id: str, text: str, reviewer: str) -> dict[str, Any]:
         """Store a reviewer's caption beside the model's (never over it); returns the updated row."""
+        text = check_correction(text)
+        row = self._captioned(job_id, item_id)
+        self._store_review(job_id, item_id, text, row.get("mark"), reviewer)
+        return self._captioned(job_id, item_id)
 
-    @abstractmethod
-    def clear_correction(self, job_id: str, item_id: str, reviewer: str) -> dict[str, Any]: ...
+    def clear_correction(self, job_id: str, item_id: str, reviewer: str) -> dict[str, Any]:
+        """Remove the correction (the model's caption is what remains); returns the updated row."""
+        row = self._captioned(job_id, item_id)
+        if "corrected" in row:
+            self._store_review(job_id, item_id, None, row.get("mark"), reviewer)
+        return self._captioned(job_id, item_id)
 
-    @abstractmethod
     def set_mark(self, job_id: str, item_ids: list[str], mark: str | None, reviewer: str) -> int:
         """Mark captions accepted or rejected (None clears); returns how many changed. An id the job does not hold
         refuses the whole call (nothing changes); items without a caption are skipped."""
+        check_marks(item_ids, mark)
+        self.job(job_id)
+        rows = self._items(job_id, item_ids)
+        unknown = [i for i, row in zip(item_ids, rows, strict=True) if row is None]
+        if unknown:
+            from common.errors import UnknownItem
+
+            raise UnknownItem(f"job {job_id} has no item {unknown[0]!r}")
+        changed = 0
+        for item_id, row in zip(item_ids, rows, strict=True):
+            if row is not None and row["status"] == ItemStatus.OK.value and row.get("mark") != mark:
+                self._store_review(job_id, item_id, row.get("corrected"), mark, reviewer)
+                changed += 1
+        return changed
+
+    def _captioned(self, job_id: str, item_id: str) -> dict[str, Any]:
+        row = self.item(job_id, item_id)
+        if row is None:
+            from common.errors import UnknownItem
+
+            raise UnknownItem(f"job {job_id} has no item {item_id!r}")
+        if row["status"] != ItemStatus.OK.value:
+            raise not_captioned(job_id, item_id)
+        return row
+
+    def _items(self, job_id: str, item_ids: list[str]) -> list[dict[str, Any] | None]:
+        """``item`` for several ids at once (backends read them in one round trip)."""
+        return [self.item(job_id, i) for i in item_ids]
+
+    @abstractmethod
+    def _store_review(self, job_id: str, item_id: str, text: str | None, mark: str | None, reviewer: str) -> None:
+        """Write (or with neither text nor mark, remove) one item's review."""
 
     @abstractmethod
     def reviewed(self, job_id: str) -> Iterator[dict[str, Any]]:

@@ -176,23 +176,32 @@ def decode(item_id: str, stored: bytes, *, base: str, created: float, provenance
     else:
         row["error_class"] = error_class
         row["error"] = text
-    prov = provenance[pv] if 0 <= pv < len(provenance) else Provenance(None, None)
+    add_provenance(row, provenance, pv)
+    row["attempts"] = attempts
+    add_marks(row, transient=bool(header & _H_TRANSIENT), reused=bool(header & _H_REUSED))
+    if finished:
+        row["finished_at"] = round(created + finished - 1, 1)
+    if extra is not None:
+        row["extra"] = extra
+    return row
+
+
+def add_provenance(row: dict[str, Any], table: list[Provenance], index: int | None) -> None:
+    """A row's model version, parameters and profile, from its job's provenance table."""
+    prov = table[index] if index is not None and 0 <= index < len(table) else Provenance(None, None)
     if prov.model_version is not None:
         row["model_version"] = prov.model_version
     if prov.params is not None:
         row["params"] = prov.params.model_dump(exclude_none=True)
     if prov.profile:
         row["profile"] = prov.profile
-    row["attempts"] = attempts
-    if header & _H_TRANSIENT:
+
+
+def add_marks(row: dict[str, Any], *, transient: bool, reused: bool) -> None:
+    if transient:
         row["transient"] = True
-    if header & _H_REUSED:
+    if reused:
         row["reused"] = True
-    if finished:
-        row["finished_at"] = round(created + finished - 1, 1)
-    if extra is not None:
-        row["extra"] = extra
-    return row
 
 
 # --- review marks and corrections ----------------------------------------------------------------

@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from common.errors import BrokerUnavailable, UnknownItem, UnknownJob
+from common.errors import BrokerUnavailable, UnknownJob
 from common.ledger import base, codec
 from common.ledger.base import (
     Attempt,
@@ -33,11 +33,8 @@ from common.ledger.base import (
     Page,
     Recorded,
     bad_cursor,
-    check_correction,
     check_job_id,
-    check_marks,
     check_page_limit,
-    not_captioned,
 )
 from common.messages import GenParams, ItemResult, ItemStatus, JobKind, JobState
 
@@ -665,46 +662,11 @@ class PostgresLedger(Ledger):
         )
         return None if values is None else self._decoder(job_id)(values)
 
-    def _captioned(self, job_id: str, item_id: str) -> dict[str, Any]:
-        row = self.item(job_id, item_id)
-        if row is None:
-            raise UnknownItem(f"job {job_id} has no item {item_id!r}")
-        if row["status"] != ItemStatus.OK.value:
-            raise not_captioned(job_id, item_id)
-        return row
-
     def _store_review(self, job_id: str, item_id: str, text: str | None, mark: str | None, reviewer: str) -> None:
         review = None if text is None and mark is None else codec.encode_review(text, mark, reviewer, time.time())
         self._run(
             "UPDATE {s}.items SET review = %s WHERE job_id = %s AND id = %s", (review, job_id, codec.id_bytes(item_id))
         )
-
-    def set_correction(self, job_id: str, item_id: str, text: str, reviewer: str) -> dict[str, Any]:
-        text = check_correction(text)
-        row = self._captioned(job_id, item_id)
-        self._store_review(job_id, item_id, text, row.get("mark"), reviewer)
-        return self._captioned(job_id, item_id)
-
-    def clear_correction(self, job_id: str, item_id: str, reviewer: str) -> dict[str, Any]:
-        row = self._captioned(job_id, item_id)
-        if "corrected" in row:
-            self._store_review(job_id, item_id, None, row.get("mark"), reviewer)
-        return self._captioned(job_id, item_id)
-
-    def set_mark(self, job_id: str, item_ids: list[str], mark: str | None, reviewer: str) -> int:
-        check_marks(item_ids, mark)
-        self.job(job_id)
-        rows = [self.item(job_id, i) for i in item_ids]
-        unknown = [i for i, row in zip(item_ids, rows, strict=True) if row is None]
-        if unknown:
-            raise UnknownItem(f"job {job_id} has no item {unknown[0]!r}")
-        changed = 0
-        for item_id, row in zip(item_ids, rows, strict=True):
-            assert row is not None
-            if row["status"] == ItemStatus.OK.value and row.get("mark") != mark:
-                self._store_review(job_id, item_id, row.get("corrected"), mark, reviewer)
-                changed += 1
-        return changed
 
     def reviewed(self, job_id: str) -> Iterator[dict[str, Any]]:
         self.job(job_id)
@@ -749,18 +711,9 @@ def _row_from_columns(values: tuple[Any, ...], base: str, table: list[codec.Prov
     else:
         row["error_class"] = codec.error_code(error_class)
         row["error"] = error
-    prov = table[pv] if pv is not None and 0 <= pv < len(table) else codec.Provenance(None, None)
-    if prov.model_version is not None:
-        row["model_version"] = prov.model_version
-    if prov.params is not None:
-        row["params"] = prov.params.model_dump(exclude_none=True)
-    if prov.profile:
-        row["profile"] = prov.profile
+    codec.add_provenance(row, table, pv)
     row["attempts"] = attempts
-    if bits & codec.TRANSIENT_BIT:
-        row["transient"] = True
-    if bits & codec.REUSED_BIT:
-        row["reused"] = True
+    codec.add_marks(row, transient=bool(bits & codec.TRANSIENT_BIT), reused=bool(bits & codec.REUSED_BIT))
     if finished:
         row["finished_at"] = float(finished)
     if extra:

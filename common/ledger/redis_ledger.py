@@ -29,7 +29,7 @@ import msgpack
 import redis
 
 from common.connections import settings_client
-from common.errors import BrokerUnavailable, UnknownItem, UnknownJob
+from common.errors import BrokerUnavailable, UnknownJob
 from common.ledger import base, codec
 from common.ledger.base import (
     Attempt,
@@ -39,11 +39,8 @@ from common.ledger.base import (
     Page,
     Recorded,
     bad_cursor,
-    check_correction,
     check_job_id,
-    check_marks,
     check_page_limit,
-    not_captioned,
 )
 from common.messages import GenParams, ItemResult, ItemStatus, JobKind, JobState
 from common.settings import Settings
@@ -699,13 +696,8 @@ class RedisLedger(Ledger):
         self.job(job_id)
         return self._rows_of_fields(job_id, [codec.id_bytes(item_id)])[0]
 
-    def _captioned(self, job_id: str, item_id: str) -> dict[str, Any]:
-        row = self.item(job_id, item_id)
-        if row is None:
-            raise UnknownItem(f"job {job_id} has no item {item_id!r}")
-        if row["status"] != ItemStatus.OK.value:
-            raise not_captioned(job_id, item_id)
-        return row
+    def _items(self, job_id: str, item_ids: list[str]) -> list[dict[str, Any] | None]:
+        return self._rows_of_fields(job_id, [codec.id_bytes(i) for i in item_ids])
 
     def _store_review(self, job_id: str, item_id: str, text: str | None, mark: str | None, reviewer: str) -> None:
         key, raw = self.job_key(job_id, "rev"), codec.id_bytes(item_id)
@@ -713,33 +705,6 @@ class RedisLedger(Ledger):
             self.r.hdel(key, raw)
         else:
             self.r.hset(key, raw, codec.encode_review(text, mark, reviewer, time.time()))
-
-    def set_correction(self, job_id: str, item_id: str, text: str, reviewer: str) -> dict[str, Any]:
-        text = check_correction(text)
-        row = self._captioned(job_id, item_id)
-        self._store_review(job_id, item_id, text, row.get("mark"), reviewer)
-        return self._captioned(job_id, item_id)
-
-    def clear_correction(self, job_id: str, item_id: str, reviewer: str) -> dict[str, Any]:
-        row = self._captioned(job_id, item_id)
-        if "corrected" in row:
-            self._store_review(job_id, item_id, None, row.get("mark"), reviewer)
-        return self._captioned(job_id, item_id)
-
-    def set_mark(self, job_id: str, item_ids: list[str], mark: str | None, reviewer: str) -> int:
-        check_marks(item_ids, mark)
-        self.job(job_id)
-        rows = self._rows_of_fields(job_id, [codec.id_bytes(i) for i in item_ids])
-        unknown = [i for i, row in zip(item_ids, rows, strict=True) if row is None]
-        if unknown:
-            raise UnknownItem(f"job {job_id} has no item {unknown[0]!r}")
-        changed = 0
-        for item_id, row in zip(item_ids, rows, strict=True):
-            assert row is not None
-            if row["status"] == ItemStatus.OK.value and row.get("mark") != mark:
-                self._store_review(job_id, item_id, row.get("corrected"), mark, reviewer)
-                changed += 1
-        return changed
 
     def reviewed(self, job_id: str) -> Iterator[dict[str, Any]]:
         self.job(job_id)
