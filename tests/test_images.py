@@ -7,12 +7,14 @@ import contextlib
 import gzip
 import io
 import ipaddress
+import json
 import os
 import shutil
 import socket
 import ssl
 import struct
 import subprocess
+import sys
 import threading
 import time
 import tracemalloc
@@ -33,7 +35,7 @@ from common.messages import Source
 from common.settings import DEFAULT_FORMATS, Settings
 from worker.images import ImagePolicy, check_address, decode_image, fetch_url, load_image, read_path, read_source
 
-RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
+RED, GREEN, BLUE, WHITE, GREY = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (128, 128, 128)
 TOTAL_S = 1.0  # the fetch deadline of every HTTP test: small, so the file stays fast
 
 
@@ -68,6 +70,66 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 PNG = encode(Image.new("RGB", (8, 6), RED), "PNG")
+
+
+def tiff_tiled(width: int, height: int, tile: tuple[int, int], fill: int | None = None) -> bytes:
+    """A little-endian greyscale TIFF of width x height in deflated tiles of the given size.
+
+    ``fill`` None: one tile whose data is 64 zero bytes. The tile's declared size is what libtiff allocates,
+    whatever the image's size and however few bytes follow: ``tiff_tiled(16, 16, (40960, 40960))`` is under
+    200 bytes and costs 1.6 GB to decode unguarded. With ``fill``, every tile is complete and holds that value.
+    """
+    count = 1 if fill is None else -(-width // tile[0]) * -(-height // tile[1])
+    body = zlib.compress(b"\0" * 64) if fill is None else zlib.compress(bytes([fill]) * (tile[0] * tile[1]))
+    arrays = 8 + count * len(body)  # the offsets and byte counts follow the tiles, then the IFD
+    ifd_at = arrays + 8 * count
+    # One tile: its offset and byte count stand in the IFD entries themselves; several: the entries point at arrays.
+    offsets_at, lengths_at = (8, len(body)) if count == 1 else (arrays, arrays + 4 * count)
+    tags = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 8), (262, 3, 1, 1),
+            (277, 3, 1, 1), (284, 3, 1, 1), (322, 4, 1, tile[0]), (323, 4, 1, tile[1]),
+            (324, 4, count, offsets_at), (325, 4, count, lengths_at)]  # fmt: skip
+    ifd = struct.pack("<H", len(tags))
+    for tag, kind, n, value in tags:
+        ifd += struct.pack("<HHI", tag, kind, n) + (
+            struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value)
+        )
+    offsets = struct.pack(f"<{count}I", *(8 + i * len(body) for i in range(count)))
+    lengths = struct.pack(f"<{count}I", *([len(body)] * count))
+    return b"II*\x00" + struct.pack("<I", ifd_at) + body * count + offsets + lengths + ifd + struct.pack("<I", 0)
+
+
+_PEAK = """
+import gc, json, resource, sys
+from worker.images import ImagePolicy, decode_image
+policy = ImagePolicy(**json.loads(sys.argv[2]))
+data = open(sys.argv[1], "rb").read()
+gc.collect()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    out = decode_image(data, policy)
+    result = {"size": list(out.size), "mode": out.mode}
+except Exception as exc:
+    result = {"error": getattr(exc, "code", type(exc).__name__), "message": str(exc)}
+result["peak"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+print(json.dumps(result))
+"""
+
+
+def decode_peak(data: bytes, tmp_path: Path, **changes: object) -> dict:
+    """decode_image in a fresh process: its outcome and how far it raised the process's RSS high-water mark.
+
+    A process of its own, because the high-water mark never comes down and Pillow's pixel buffers are not
+    Python allocations (tracemalloc does not see them).
+    """
+    policy = make_policy(**changes)
+    fields = {"allowed_roots": [], "max_bytes": policy.max_bytes, "max_pixels": policy.max_pixels,
+              "formats": list(policy.formats), "connect_timeout_s": 1, "total_timeout_s": 1, "max_redirects": 0,
+              "allow_private": True}  # fmt: skip
+    path = tmp_path / f"decode-{len(data)}-{zlib.crc32(data)}.bin"
+    path.write_bytes(data)
+    done = subprocess.run([sys.executable, "-c", _PEAK, str(path), json.dumps(fields)],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # --- a real HTTP server ------------------------------------------------------------------------------
@@ -481,6 +543,32 @@ def test_decompression_bomb_is_too_large_and_fast(side: int) -> None:
         with pytest.raises(TooLarge):
             decode_image(bomb, make_policy(max_pixels=10**12) if side == 10_000 else make_policy())
     assert time.monotonic() - start < 2
+
+
+# --- decoding: memory that the pixel cap does not bound -------------------------------------------------
+
+
+def test_tiff_tile_bomb_is_refused_before_the_decoder_allocates(tmp_path: Path) -> None:
+    bomb = tiff_tiled(16, 16, (40960, 40960))
+    assert len(bomb) < 200 and Image.open(io.BytesIO(bomb)).size == (16, 16)  # passes every size cap
+    got = decode_peak(bomb, tmp_path)
+    assert got["error"] == "too_large" and "40960x40960" in got["message"]
+    assert got["peak"] < 64 << 20  # unguarded, libtiff allocates the 1.6 GB tile
+
+
+@pytest.mark.parametrize(
+    ("size", "tile"), [((16, 16), (2048, 2048)), ((16, 16), (1 << 20, 16)), ((3000, 20), (4096, 4096))]
+)
+def test_tiff_tiles_larger_than_their_image_are_too_large(size: tuple[int, int], tile: tuple[int, int]) -> None:
+    with pytest.raises(TooLarge, match="TIFF tile"):
+        decode_image(tiff_tiled(*size, tile), make_policy())
+
+
+@pytest.mark.parametrize(("size", "tile"), [((16, 16), (256, 256)), ((600, 400), (1024, 1024)), ((48, 40), (16, 16))])
+def test_honest_tiled_tiffs_decode(size: tuple[int, int], tile: tuple[int, int]) -> None:
+    """Tiles larger than a small image are normal (an encoder's default 256x256 tile): up to a megapixel passes."""
+    out = decode_image(tiff_tiled(*size, tile, fill=128), make_policy())
+    assert (out.size, out.getpixel((0, 0)), out.getpixel((size[0] - 1, size[1] - 1))) == (size, GREY, GREY)
 
 
 # --- URLs: HTTP behaviour (loopback allowed) --------------------------------------------------------

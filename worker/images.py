@@ -36,6 +36,12 @@ _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 # Modes whose "transparency" info Pillow turns into an alpha channel on convert("RGBA").
 _KEYED_MODES = frozenset({"1", "L", "P", "RGB"})
 _WIDE_MODES = frozenset({"I", "F", "I;16", "I;16B", "I;16L", "I;16N"})
+# TIFF tags that size libtiff's decode buffer. libtiff allocates a whole tile whatever the image's declared size,
+# so a 16x16 image may carry a 40960x40960 tile (a 158-byte file, +1.6 GB in one decode).
+_TIFF_TILE_WIDTH, _TIFF_TILE_LENGTH = 322, 323
+#: Most pixels a TIFF tile may hold beyond its image's own: room for an honest encoder's 256x256 or 1024x1024
+#: tiles on a small image, nothing like a tile bomb's.
+TIFF_TILE_FLOOR = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -420,6 +426,7 @@ def decode_image(data: bytes, policy: ImagePolicy) -> Image.Image:
     try:
         im = Image.open(io.BytesIO(data), formats=policy.formats)
         _check_pixels(im, policy)  # from the header, before any pixel is decoded (and before draft shrinks it)
+        _check_containers(im)
         if policy.draft_edge and im.format == "JPEG":
             im.draft("RGB", (policy.draft_edge, policy.draft_edge))
         im.load()
@@ -446,6 +453,24 @@ def _check_pixels(im: Image.Image, policy: ImagePolicy) -> None:
         raise DecodeError(f"image has no pixels ({width}x{height})")
     if width * height > policy.max_pixels:
         raise TooLarge(f"image is {width}x{height} = {width * height} pixels, over the limit of {policy.max_pixels}")
+
+
+def _check_containers(im: Image.Image) -> None:
+    """Geometry inside the file that sizes the decoder's buffers, checked before any pixel is decoded."""
+    if im.format != "TIFF":
+        return  # the other allowed formats decode into buffers the size of the image (or a row of it)
+    tags = getattr(im, "tag_v2", {})
+    width, length = tags.get(_TIFF_TILE_WIDTH), tags.get(_TIFF_TILE_LENGTH)
+    if width is None and length is None:
+        return  # strips: libtiff clamps a strip's rows to the image's height
+    if not isinstance(width, int) or not isinstance(length, int) or width <= 0 or length <= 0:
+        raise DecodeError(f"TIFF tile size {width}x{length} is not a size")
+    limit = max(im.size[0] * im.size[1], TIFF_TILE_FLOOR)
+    if width * length > limit:
+        raise TooLarge(
+            f"TIFF tile {width}x{length} = {width * length} pixels for a {im.size[0]}x{im.size[1]} image; the "
+            f"decoder would allocate the whole tile (at most {limit} pixels are accepted)"
+        )
 
 
 def _orient(im: Image.Image) -> Image.Image:
