@@ -32,8 +32,17 @@ from PIL import Image, ImageOps
 
 from common.errors import DecodeError, FetchError, FetchTimeout, Forbidden, InvalidInput, ItemError, TooLarge
 from common.messages import Source
-from common.settings import DEFAULT_FORMATS, Settings
-from worker.images import ImagePolicy, check_address, decode_image, fetch_url, load_image, read_path, read_source
+from common.settings import DECODE_OVERHEAD_BYTES, DEFAULT_FORMATS, Settings
+from worker.images import (
+    ImagePolicy,
+    check_address,
+    decode_cost,
+    decode_image,
+    fetch_url,
+    load_image,
+    read_path,
+    read_source,
+)
 
 RED, GREEN, BLUE, WHITE, GREY = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (128, 128, 128)
 TOTAL_S = 1.0  # the fetch deadline of every HTTP test: small, so the file stays fast
@@ -99,27 +108,38 @@ def tiff_tiled(width: int, height: int, tile: tuple[int, int], fill: int | None 
 
 
 _PEAK = """
-import gc, json, resource, sys
+import gc, json, sys
+from PIL import Image
 from worker.images import ImagePolicy, decode_image
+
+Image.init()  # every format plugin imported now, not counted in the decode
+
+def high_water():
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+
 policy = ImagePolicy(**json.loads(sys.argv[2]))
 data = open(sys.argv[1], "rb").read()
 gc.collect()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")  # Linux: the high-water mark restarts from what is in use now (imports peaked above it)
+before = high_water()
 try:
     out = decode_image(data, policy)
     result = {"size": list(out.size), "mode": out.mode}
 except Exception as exc:
     result = {"error": getattr(exc, "code", type(exc).__name__), "message": str(exc)}
-result["peak"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+result["peak"] = high_water() - before
 print(json.dumps(result))
 """
 
 
 def decode_peak(data: bytes, tmp_path: Path, **changes: object) -> dict:
-    """decode_image in a fresh process: its outcome and how far it raised the process's RSS high-water mark.
+    """decode_image in a fresh process: its outcome and how far it raised the process's RSS high-water mark
+    (VmHWM, what ru_maxrss reports, restarted just before the decode).
 
-    A process of its own, because the high-water mark never comes down and Pillow's pixel buffers are not
-    Python allocations (tracemalloc does not see them).
+    A process of its own, because Pillow's pixel buffers are not Python allocations (tracemalloc does not see
+    them) and freed memory from earlier work would hide a peak.
     """
     policy = make_policy(**changes)
     fields = {"allowed_roots": [], "max_bytes": policy.max_bytes, "max_pixels": policy.max_pixels,
@@ -569,6 +589,49 @@ def test_honest_tiled_tiffs_decode(size: tuple[int, int], tile: tuple[int, int])
     """Tiles larger than a small image are normal (an encoder's default 256x256 tile): up to a megapixel passes."""
     out = decode_image(tiff_tiled(*size, tile, fill=128), make_policy())
     assert (out.size, out.getpixel((0, 0)), out.getpixel((size[0] - 1, size[1] - 1))) == (size, GREY, GREY)
+
+
+def _webp_rgba(side: int) -> bytes:
+    return encode(Image.new("RGBA", (side, side), (10, 200, 30, 128)), "WEBP")
+
+
+#: Images of every kind that needs more than one plain convert, or a decoder with buffers of its own.
+MEMORY_CASES = {
+    "rgba_png": lambda side: encode(Image.new("RGBA", (side, side), (10, 200, 30, 128)), "PNG"),
+    "la_png": lambda side: encode(Image.new("LA", (side, side), (10, 128)), "PNG"),
+    "i16_png": lambda side: encode(Image.new("I;16", (side, side), 40000), "PNG"),
+    "float_tiff": lambda side: encode(Image.new("F", (side, side), 0.5), "TIFF", compression="tiff_deflate"),
+    "palette_gif": lambda side: encode(Image.new("P", (side, side), 0), "GIF", transparency=0),
+    "cmyk_jpeg": lambda side: encode(Image.new("CMYK", (side, side), (0, 255, 255, 0)), "JPEG"),
+    "progressive_jpeg": lambda side: encode(
+        Image.new("RGB", (side, side), RED), "JPEG", progressive=True, subsampling=0
+    ),
+    "rgba_webp": _webp_rgba,
+}
+
+
+@pytest.mark.parametrize("case", sorted(MEMORY_CASES))
+def test_decode_peak_stays_within_the_budget_its_header_promises(case: str, tmp_path: Path) -> None:
+    """The decode's real peak (RSS high-water mark, own process) is within pixels x decode_cost: the figure the
+    per-decode budget rests on. Converting by whole-image steps (composite, scale) would double it."""
+    side = 3000
+    data = MEMORY_CASES[case](side)
+    cost = decode_cost(Image.open(io.BytesIO(data)))
+    got = decode_peak(data, tmp_path, max_bytes=len(data), max_pixels=side * side * 2)
+    assert got.get("size") == [side, side], got
+    assert got["peak"] <= side * side * cost + DECODE_OVERHEAD_BYTES, (got["peak"] / side / side, cost)
+
+
+def test_decoders_that_need_more_memory_get_fewer_pixels() -> None:
+    """WebP costs 16 bytes per pixel, a progressive CMYK JPEG 12: over budget/cost pixels they are too large."""
+    policy = make_policy(max_pixels=100 * 100)  # a budget of 80,000 bytes
+    assert decode_image(_webp_rgba(70), policy).size == (70, 70)  # 4,900 pixels x 16
+    with pytest.raises(TooLarge, match=r"WEBP needs 16 bytes per pixel"):
+        decode_image(_webp_rgba(80), policy)  # 6,400 pixels x 16
+    cmyk = Image.new("CMYK", (90, 90), (0, 255, 255, 0))
+    assert decode_image(encode(cmyk, "JPEG"), policy).size == (90, 90)  # baseline: 8 bytes per pixel
+    with pytest.raises(TooLarge, match=r"JPEG needs 12 bytes per pixel"):
+        decode_image(encode(cmyk, "JPEG", progressive=True, subsampling=0), policy)
 
 
 # --- URLs: HTTP behaviour (loopback allowed) --------------------------------------------------------

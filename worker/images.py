@@ -10,7 +10,7 @@ import socket
 import stat
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,11 +19,11 @@ from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
 
 import httpx2
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, Image
 
 from common.errors import DecodeError, FetchError, FetchTimeout, Forbidden, InvalidInput, ItemError, TooLarge
 from common.messages import Source
-from common.settings import Settings
+from common.settings import DECODE_BYTES_PER_PIXEL, Settings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -420,19 +420,25 @@ def _body_decoder(encoding: str) -> zlib._Decompress | None:
 
 
 def decode_image(data: bytes, policy: ImagePolicy) -> Image.Image:
-    """A fully loaded RGB image from encoded bytes: allowed formats only, first frame, EXIF orientation."""
+    """A fully loaded RGB image from encoded bytes: allowed formats only, first frame, EXIF orientation.
+
+    Memory: the decoded image, its RGB copy and one band of working memory at most (see ``_to_rgb``); what the
+    header promises is checked first (pixels, TIFF tiles), so no decoder allocates more than the policy allows.
+    """
     if not data:
         raise DecodeError("empty file (0 bytes)")
     try:
         im = Image.open(io.BytesIO(data), formats=policy.formats)
         _check_pixels(im, policy)  # from the header, before any pixel is decoded (and before draft shrinks it)
         _check_containers(im)
+        _check_memory(im, policy)
         if policy.draft_edge and im.format == "JPEG":
             im.draft("RGB", (policy.draft_edge, policy.draft_edge))
         im.load()
-        out = _to_rgb(_orient(im))
-        # A multi-frame file keeps its decoder open to seek: the copy is the first frame alone, detached.
-        return im.copy() if out is im and getattr(im, "n_frames", 1) > 1 else out
+        turn = _orientation(im)
+        # Rebinding drops the decoded source as soon as its RGB copy exists (one image less at the peak).
+        im = _detached(_to_rgb(im), im)
+        return im.transpose(turn) if turn is not None else im
     except ItemError:
         raise
     except Image.UnidentifiedImageError:
@@ -446,6 +452,15 @@ def decode_image(data: bytes, policy: ImagePolicy) -> Image.Image:
         raise DecodeError(f"corrupt or truncated image: {type(exc).__name__}: {exc}") from None
 
 
+def _detached(out: Image.Image, source: Image.Image) -> Image.Image:
+    """``out`` free of the decoder behind ``source``: a multi-frame file keeps its decoder open to seek, and a
+    WebP its canvases; when ``out`` is the source itself, the first frame is copied alone."""
+    if out is source and (getattr(source, "n_frames", 1) > 1 or source.format == "WEBP"):
+        out = source.copy()
+        source.close()  # the decoder's buffers go now, not whenever the source is collected
+    return out
+
+
 def _check_pixels(im: Image.Image, policy: ImagePolicy) -> None:
     """Size from the header, before any pixel is decoded; Pillow's own bomb check is only a warning below 2x."""
     width, height = im.size
@@ -453,6 +468,38 @@ def _check_pixels(im: Image.Image, policy: ImagePolicy) -> None:
         raise DecodeError(f"image has no pixels ({width}x{height})")
     if width * height > policy.max_pixels:
         raise TooLarge(f"image is {width}x{height} = {width * height} pixels, over the limit of {policy.max_pixels}")
+
+
+def _check_memory(im: Image.Image, policy: ImagePolicy) -> None:
+    """Refuse an image whose decoder would hold more than the budget of the largest ordinary image."""
+    width, height = im.size
+    cost = decode_cost(im)
+    budget = policy.max_pixels * DECODE_BYTES_PER_PIXEL
+    if width * height * cost > budget:
+        allowed = int(budget // cost)
+        raise TooLarge(
+            f"a {width}x{height} {im.format} needs {cost:g} bytes per pixel to decode; over {allowed} pixels it "
+            f"would pass the budget of one decode ({budget >> 20} MiB, CAPTIONER_MAX_IMAGE_PIXELS x "
+            f"{DECODE_BYTES_PER_PIXEL} bytes)"
+        )
+
+
+def decode_cost(im: Image.Image) -> float:
+    """Bytes per pixel a decode of ``im`` holds at its peak, from its header (measured: bench/hostile.py).
+
+    The decoded image and its RGB copy take 4 bytes per pixel each. WebP decodes through libwebp's two canvases
+    and a copy of the frame first; a progressive JPEG keeps every DCT coefficient (2 bytes per sample) until its
+    last scan.
+    """
+    if im.format == "WEBP":
+        return 16.0
+    layers = getattr(im, "layer", None)
+    if im.format == "JPEG" and im.info.get("progressive") and layers:
+        h_max, v_max = max(layer[1] for layer in layers), max(layer[2] for layer in layers)
+        coefficients = sum(2.0 * h * v / (h_max * v_max) for _, h, v, *_ in layers)
+        # The coefficients go before a CMYK image is converted to RGB, so the peak is the larger of the two.
+        return 4.0 + max(coefficients, 4.0 if im.mode == "CMYK" else 0.0)
+    return float(DECODE_BYTES_PER_PIXEL)
 
 
 def _check_containers(im: Image.Image) -> None:
@@ -473,30 +520,67 @@ def _check_containers(im: Image.Image) -> None:
         )
 
 
-def _orient(im: Image.Image) -> Image.Image:
+#: EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose does it).
+_TURNS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+#: Pixels converted at a time: a conversion's working memory is one band of this size, not whole-image copies.
+BAND_PIXELS = 1 << 18
+
+
+def _orientation(im: Image.Image) -> Image.Transpose | None:
+    """The transpose EXIF asks for; applied after the RGB conversion, so it copies the RGB image only."""
     try:
-        if im.getexif().get(ExifTags.Base.Orientation, 1) == 1:
-            return im  # upright already: no copy (exif_transpose copies even then)
-        return ImageOps.exif_transpose(im) or im
+        return _TURNS.get(im.getexif().get(ExifTags.Base.Orientation, 1))
     except Exception:
-        return im  # a corrupt EXIF block should not cost the caption; orientation is cosmetic
+        return None  # a corrupt EXIF block should not cost the caption; orientation is cosmetic
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
-    """RGB that shows what a viewer shows: transparency on white, wide samples scaled, not clipped."""
+    """RGB that shows what a viewer shows: transparency on white, wide samples scaled, not clipped.
+
+    Conversions that take several steps (compositing, scaling) run band by band into one RGB image, so they
+    cost the source, the result and one band: never the several whole-image copies the steps would make.
+    """
+    if im.mode == "RGB":
+        return im
+    step = _band_step(im)
+    if step is None:
+        return im.convert("RGB")  # one step: the result is the only copy
+    out = Image.new("RGB", im.size)
+    width, height = im.size
+    rows = max(1, BAND_PIXELS // width)
+    for top in range(0, height, rows):
+        box = (0, top, width, min(height, top + rows))
+        out.paste(step(im.crop(box)), box[:2])
+    return out
+
+
+def _band_step(im: Image.Image) -> Callable[[Image.Image], Image.Image] | None:
+    """How one band of ``im`` becomes RGB when a plain convert would be wrong; None when it would be right."""
     if im.mode in _WIDE_MODES:
-        im = _scale_to_l(im)
+        to_l = _scaler(im)
+        return lambda band: to_l(band).convert("RGB")
     if im.mode in _ALPHA_MODES or (im.mode in _KEYED_MODES and "transparency" in im.info):
-        # Composite instead of dropping alpha: colour hidden under alpha=0 must not show.
-        return Image.alpha_composite(Image.new("RGBA", im.size, _WHITE), im.convert("RGBA")).convert("RGB")
-    return im if im.mode == "RGB" else im.convert("RGB")
+        return _on_white
+    return None
 
 
-def _scale_to_l(im: Image.Image) -> Image.Image:
-    """8-bit grey from 16-bit, 32-bit or float samples, scaled to their range instead of clipped at 255."""
+def _on_white(band: Image.Image) -> Image.Image:
+    # Composite instead of dropping alpha: colour hidden under alpha=0 must not show.
+    return Image.alpha_composite(Image.new("RGBA", band.size, _WHITE), band.convert("RGBA")).convert("RGB")
+
+
+def _scaler(im: Image.Image) -> Callable[[Image.Image], Image.Image]:
+    """8-bit grey from 16-bit, 32-bit or float samples, scaled to the whole image's range instead of clipped."""
     if im.mode.startswith("I;16"):
         lo, hi = 0.0, 65535.0
-        im = im.convert("I")
     else:
         lo, hi = (float(v) for v in im.getextrema())
         if im.mode == "I" and lo >= 0 and hi <= 65535:
@@ -504,4 +588,9 @@ def _scale_to_l(im: Image.Image) -> Image.Image:
         elif im.mode == "F" and lo >= 0 and hi <= 1:
             lo, hi = 0.0, 1.0  # normalised float data
     scale = 255.0 / (hi - lo) if hi > lo else 0.0
-    return im.convert("F").point(lambda v: v * scale - lo * scale).convert("L")
+
+    def to_l(band: Image.Image) -> Image.Image:
+        wide = band.convert("I") if band.mode.startswith("I;16") else band
+        return wide.convert("F").point(lambda v: v * scale - lo * scale).convert("L")
+
+    return to_l
