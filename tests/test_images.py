@@ -9,6 +9,7 @@ import io
 import ipaddress
 import json
 import os
+import queue
 import shutil
 import socket
 import ssl
@@ -34,6 +35,7 @@ from common.errors import DecodeError, FetchError, FetchTimeout, Forbidden, Inva
 from common.messages import Source
 from common.settings import DECODE_OVERHEAD_BYTES, DEFAULT_FORMATS, Settings
 from worker.images import (
+    FetchGuard,
     ImagePolicy,
     check_address,
     decode_cost,
@@ -186,25 +188,43 @@ class Handler(BaseHTTPRequestHandler):
     def route_loop(self, q: dict) -> None:
         self.reply(302, Location="/loop")
 
+    def drip(self, head: bytes, byte: bytes, *, every: float = 0.05) -> None:
+        """Send ``head``, then ``byte`` again and again: no single read ever times out. Until the client hangs up."""
+        self.server.started.put(self.path)
+        try:
+            self.wfile.write(head)
+            while not self.server.stop.wait(every):
+                self.wfile.write(byte)
+                self.wfile.flush()
+        except OSError:  # the client hung up: what the tests wait for
+            self.server.hangups.put(self.path)
+        self.close_connection = True
+
+    def wait_for_hangup(self) -> None:
+        self.server.started.put(self.path)
+        self.connection.settimeout(30)
+        with contextlib.suppress(OSError):
+            while self.connection.recv(1024):
+                pass
+            self.server.hangups.put(self.path)  # the client shut the connection down
+        self.close_connection = True
+
     def route_drip(self, q: dict) -> None:
-        self.send_response(200)
-        self.send_header("Content-Length", "1000")
-        self.end_headers()
-        for _ in range(1000):  # one byte every 0.1 s: no single read ever times out
-            self.wfile.write(b"x")
-            self.wfile.flush()
-            if self.server.stop.wait(0.1):
-                return
+        self.drip(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n", b"x")
+
+    def route_drip_headers(self, q: dict) -> None:
+        self.drip(b"HTTP/1.1 200 OK\r\nX-Slow: ", b"x")  # the header line never ends
+
+    def route_continue_forever(self, q: dict) -> None:
+        self.drip(b"", b"HTTP/1.1 100 Continue\r\n\r\n")  # informational responses, never the response
 
     def route_hang(self, q: dict) -> None:
-        self.server.stop.wait(10)
+        self.wait_for_hangup()
 
     def route_hang_body(self, q: dict) -> None:
-        self.send_response(200)
-        self.send_header("Content-Length", "1000")
-        self.end_headers()
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
         self.wfile.flush()
-        self.server.stop.wait(10)
+        self.wait_for_hangup()
 
     def route_declared_huge(self, q: dict) -> None:
         self.send_response(200)
@@ -251,6 +271,9 @@ class LocalServer(ThreadingHTTPServer):
             self.socket = tls.wrap_socket(self.socket, server_side=True)
         self.seen: list[dict[str, str]] = []
         self.stop = threading.Event()
+        #: Paths of slow routes, as each one starts, and as its client hangs up.
+        self.started: queue.Queue[str] = queue.Queue()
+        self.hangups: queue.Queue[str] = queue.Queue()
         # 64 MiB of zeros, gzipped to ~64 KiB: far past every cap used here.
         packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
         zeros = b"\0" * (1 << 20)
@@ -281,6 +304,9 @@ def live() -> Iterator[LocalServer]:
 @pytest.fixture
 def server(live: LocalServer) -> LocalServer:
     live.seen.clear()
+    for events in (live.started, live.hangups):
+        while not events.empty():
+            events.get_nowait()
     return live
 
 
@@ -547,9 +573,8 @@ def test_pixel_limit_checked_from_header() -> None:
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 @pytest.mark.parametrize("side", [10_000, 20_000, 100_000])  # warn band of Pillow, above its error, absurd
-def test_decompression_bomb_is_too_large_and_fast(side: int) -> None:
+def test_decompression_bomb_is_too_large(side: int) -> None:
     bomb = png_header_only(side, side)
-    start = time.monotonic()
     with pytest.raises(TooLarge):
         decode_image(bomb, make_policy())
     # Our limit lifted: Pillow's own DecompressionBombError must still come out as TooLarge, not escape.
@@ -562,7 +587,6 @@ def test_decompression_bomb_is_too_large_and_fast(side: int) -> None:
         warnings.simplefilter("error")
         with pytest.raises(TooLarge):
             decode_image(bomb, make_policy(max_pixels=10**12) if side == 10_000 else make_policy())
-    assert time.monotonic() - start < 2
 
 
 # --- decoding: memory that the pixel cap does not bound -------------------------------------------------
@@ -669,39 +693,72 @@ def test_redirect_to_other_scheme_forbidden(server: LocalServer) -> None:
         fetch_url(server.url("/redirect?to=file:///etc/passwd"), make_policy())
 
 
-def test_dripping_body_hits_total_deadline(server: LocalServer) -> None:
+@pytest.mark.timeout(30)  # unguarded, the header drip and the informational responses never end
+@pytest.mark.parametrize("path", ["/drip", "/drip-headers", "/continue-forever", "/hang", "/hang-body"])
+def test_one_deadline_over_the_whole_exchange(server: LocalServer, path: str) -> None:
+    """Each of these servers defeats per-read timeouts in its own way; the fetch still ends at its deadline, hangs
+    up on the server, and is not retried (a retry would hold a decode thread for another whole deadline)."""
     start = time.monotonic()
-    with pytest.raises(FetchTimeout):
-        fetch_url(server.url("/drip"), make_policy())
-    assert TOTAL_S <= time.monotonic() - start < TOTAL_S + 1.0
-
-
-@pytest.mark.parametrize("path", ["/hang", "/hang-body"])
-def test_hanging_server_times_out(server: LocalServer, path: str) -> None:
-    start = time.monotonic()
-    with pytest.raises(FetchTimeout) as err:
+    with pytest.raises(FetchTimeout, match=f"no complete answer within {TOTAL_S:g}s") as err:
         fetch_url(server.url(path), make_policy())
+    assert time.monotonic() - start >= TOTAL_S
+    assert not err.value.transient
+    assert server.hangups.get(timeout=10) == path  # the server saw the connection end while it was still at it
+
+
+def test_connect_timeout_is_transient() -> None:
+    """Unreachable now may be reachable later: a connect timeout is worth another try, unlike a slow answer."""
+    with socket.socket() as listener, contextlib.ExitStack() as fillers:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)  # never accepted: once its backlog is full, a new connection's SYN goes unanswered
+        port = listener.getsockname()[1]
+        for _ in range(8):
+            filler = fillers.enter_context(socket.socket())
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+        with pytest.raises(FetchTimeout, match="connecting timed out") as err:
+            fetch_url(f"http://127.0.0.1:{port}/img.png", make_policy(connect_timeout_s=0.3))
     assert err.value.transient
-    assert time.monotonic() - start < TOTAL_S + 1.0
+
+
+def test_a_stopped_guard_abandons_fetches_in_flight_and_refuses_new_ones(server: LocalServer) -> None:
+    guard = FetchGuard()
+    failures: list[ItemError] = []
+
+    def fetch() -> None:
+        try:
+            fetch_url(server.url("/drip-headers"), make_policy(total_timeout_s=600), guard=guard)
+        except ItemError as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=fetch) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    assert [server.started.get(timeout=10) for _ in threads] == ["/drip-headers"] * 3  # all three connected
+    guard.stop()
+    for thread in threads:
+        thread.join(timeout=30)  # unguarded: a 600 s deadline
+    assert [type(f) for f in failures] == [FetchError] * 3
+    assert all(f.transient and "the worker is stopping" in str(f) for f in failures)  # another worker may fetch it
+    assert sorted(server.hangups.get(timeout=10) for _ in threads) == ["/drip-headers"] * 3
+    with pytest.raises(FetchError, match="stopping") as err:
+        fetch_url(server.url("/img.png"), make_policy(), guard=guard)
+    assert err.value.transient and [r["path"] for r in server.seen] == ["/drip-headers"] * 3  # never connected
 
 
 def test_endless_body_is_capped(server: LocalServer) -> None:
-    start = time.monotonic()
-    with pytest.raises(TooLarge):
+    with pytest.raises(TooLarge):  # not FetchTimeout: the cap ends it, long before the deadline
         fetch_url(server.url("/endless"), make_policy())
-    assert time.monotonic() - start < 1.5
 
 
 def test_declared_length_refused_up_front(server: LocalServer) -> None:
-    start = time.monotonic()
+    # The server never sends the body: only the header can end it before the deadline (FetchTimeout).
     with pytest.raises(TooLarge, match="Content-Length"):
         fetch_url(server.url("/declared-huge"), make_policy())
-    assert time.monotonic() - start < 1.0  # the server never sends the body: only the header can end it early
 
 
 def test_gzip_bomb_is_capped_on_decoded_bytes(server: LocalServer) -> None:
     assert len(server.bomb) < (1 << 20)  # it would pass a cap applied to the wire bytes
-    start = time.monotonic()
     tracemalloc.start()
     try:
         with pytest.raises(TooLarge):
@@ -709,7 +766,6 @@ def test_gzip_bomb_is_capped_on_decoded_bytes(server: LocalServer) -> None:
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert time.monotonic() - start < 1.5
     assert peak < 8 << 20  # one 64 KiB chunk of this bomb inflates to 64 MiB if decoded without a bound
 
 
@@ -835,10 +891,8 @@ def test_hung_resolver_is_bounded_by_the_deadline(monkeypatch: pytest.MonkeyPatc
         return real(host, *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", slow)
-    start = time.monotonic()
-    with pytest.raises(FetchTimeout, match="resolving"):
+    with pytest.raises(FetchTimeout, match="resolving"):  # the answer would come only after the deadline
         fetch_url("http://slow.example/a.png", make_policy())
-    assert time.monotonic() - start < TOTAL_S + 0.5
 
 
 def test_check_address_directly() -> None:

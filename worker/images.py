@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import ipaddress
 import os
 import re
 import socket
 import stat
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
+from typing import Any
 
 import httpx2
 from PIL import ExifTags, Image
@@ -86,17 +89,21 @@ class ImagePolicy:
 # --- entry points ---------------------------------------------------------------------------------
 
 
-def load_image(src: Source, policy: ImagePolicy, *, client: httpx2.Client | None = None) -> Image.Image:
+def load_image(
+    src: Source, policy: ImagePolicy, *, client: httpx2.Client | None = None, guard: FetchGuard | None = None
+) -> Image.Image:
     """The source's image as a fully loaded RGB image, or an ItemError saying why not."""
-    return decode_image(read_source(src, policy, client=client), policy)
+    return decode_image(read_source(src, policy, client=client, guard=guard), policy)
 
 
-def read_source(src: Source, policy: ImagePolicy, *, client: httpx2.Client | None = None) -> bytes:
-    """The encoded bytes of a source, within the policy's limits."""
+def read_source(
+    src: Source, policy: ImagePolicy, *, client: httpx2.Client | None = None, guard: FetchGuard | None = None
+) -> bytes:
+    """The encoded bytes of a source, within the policy's limits. ``guard`` ends URL fetches (see FetchGuard)."""
     if src.kind == "path":
         return read_path(src.path or "", policy)
     if src.kind == "url":
-        return fetch_url(src.url or "", policy, client=client)
+        return fetch_url(src.url or "", policy, client=client, guard=guard)
     return src.decode_b64(policy.max_bytes)
 
 
@@ -192,30 +199,35 @@ def make_client() -> httpx2.Client:
     )
 
 
-def fetch_url(url: str, policy: ImagePolicy, *, client: httpx2.Client | None = None) -> bytes:
-    """Body of an http(s) URL: every hop's address checked before connecting, one deadline, a byte cap.
+def fetch_url(
+    url: str, policy: ImagePolicy, *, client: httpx2.Client | None = None, guard: FetchGuard | None = None
+) -> bytes:
+    """Body of an http(s) URL: every hop's address checked before connecting, a byte cap, and one deadline over
+    the whole exchange (resolving, connecting, every hop's headers and the body), enforced by ``guard`` (the
+    process's default one when None).
 
     A shared ``client`` should come from make_client(); without one a fresh client is used for this fetch.
     """
     deadline = time.monotonic() + policy.total_timeout_s
-    if client is None:
-        with make_client() as own:
-            return _fetch(url, policy, own, deadline)
-    return _fetch(url, policy, client, deadline)
+    with (guard or default_guard()).watch(deadline, policy.total_timeout_s) as watch:
+        if client is None:
+            with make_client() as own:
+                return _fetch(url, policy, own, watch)
+        return _fetch(url, policy, client, watch)
 
 
-def _fetch(url: str, policy: ImagePolicy, client: httpx2.Client, deadline: float) -> bytes:
+def _fetch(url: str, policy: ImagePolicy, client: httpx2.Client, watch: Watch) -> bytes:
     target, came_from = parse_url(url), ""
     for _ in range(policy.max_redirects + 1):
         try:
-            ip = resolve_checked(target, policy, deadline)
+            ip = resolve_checked(target, policy, watch.deadline, watch)
         except Forbidden as exc:
             raise Forbidden(f"redirect from {came_from} refused: {exc}" if came_from else str(exc)) from None
         host = target.raw_host.decode("ascii")
-        with _http_errors(host), _get(client, target, ip, policy, deadline) as resp:
+        with http_errors(host, watch), _get(client, target, ip, policy, watch) as resp:
             location = _redirect_target(resp, host)
             if location is None:
-                return _read_body(resp, policy, deadline)
+                return _read_body(resp, policy, watch)
         target, came_from = _follow(target, location, host), host
     raise FetchError(f"too many redirects (more than {policy.max_redirects})")
 
@@ -246,10 +258,10 @@ def parse_url(url: str) -> httpx2.URL:
     return target
 
 
-def resolve_checked(target: httpx2.URL, policy: ImagePolicy, deadline: float) -> IPAddress:
+def resolve_checked(target: httpx2.URL, policy: ImagePolicy, deadline: float, watch: Watch | None = None) -> IPAddress:
     """The address to connect to, after checking every address the host resolves to."""
     host = target.raw_host.decode("ascii")
-    addresses = _resolve(host, target.port or (443 if target.scheme == "https" else 80), deadline)
+    addresses = _resolve(host, target.port or (443 if target.scheme == "https" else 80), deadline, watch)
     for ip in addresses:
         check_address(ip, policy, host=host)
     return addresses[0]
@@ -292,16 +304,23 @@ def _dns_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=8, thread_name_prefix="captioner-dns")
 
 
-def _resolve(host: str, port: int, deadline: float) -> list[IPAddress]:
+def _resolve(host: str, port: int, deadline: float, watch: Watch | None = None) -> list[IPAddress]:
     try:
         return [ipaddress.ip_address(host)]  # a literal needs no resolver
     except ValueError:
         pass
     future = _dns_pool().submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    woken = threading.Event()  # by the answer, or by the watch ending (deadline, a worker stopping)
+    future.add_done_callback(lambda _: woken.set())
+    if watch is not None:
+        watch.on_end(woken.set)
+    woken.wait(max(0.0, deadline - time.monotonic()))
+    if not future.done():
+        if watch is not None and watch.ended == "stopping":
+            raise watch.error(host)
+        raise FetchTimeout(f"resolving {host} timed out")  # transient: resolvers recover
     try:
-        infos = future.result(timeout=max(0.0, deadline - time.monotonic()))
-    except TimeoutError:
-        raise FetchTimeout(f"resolving {host} timed out") from None
+        infos = future.result()
     except socket.gaierror as exc:
         raise FetchError(f"cannot resolve {host}: {exc.strerror}", transient=exc.errno == socket.EAI_AGAIN) from None
     except UnicodeError:
@@ -317,13 +336,19 @@ def _resolve(host: str, port: int, deadline: float) -> list[IPAddress]:
 
 @contextmanager
 def _get(
-    client: httpx2.Client, target: httpx2.URL, ip: IPAddress, policy: ImagePolicy, deadline: float
+    client: httpx2.Client, target: httpx2.URL, ip: IPAddress, policy: ImagePolicy, watch: Watch
 ) -> Iterator[httpx2.Response]:
     """GET target from the already checked ip; the hostname travels only in Host and TLS SNI."""
-    remaining = deadline - time.monotonic()
+    remaining = watch.deadline - time.monotonic()
     if remaining <= 0:
-        raise FetchTimeout(f"fetch took longer than {policy.total_timeout_s}s")
-    timeout = httpx2.Timeout(remaining, connect=min(policy.connect_timeout_s, remaining))
+        raise (
+            watch.error(target.host)
+            if watch.ended
+            else FetchTimeout(f"fetch took longer than {policy.total_timeout_s}s", transient=False)
+        )
+    # Per-read timeouts a little past the deadline: the guard ends the exchange at the deadline itself, so
+    # every way of running out of time (hanging, dripping, informational responses) ends the same way.
+    timeout = httpx2.Timeout(remaining + 1, connect=min(policy.connect_timeout_s, remaining))
     # Connection: close, whoever built the client: pools key connections by IP, and a TLS connection checked
     # for one host name must never carry a request for another name on the same IP.
     headers = {
@@ -332,27 +357,50 @@ def _get(
         "Accept": "image/*,*/*;q=0.5",
         "Connection": "close",
     }
-    extensions = {"sni_hostname": target.raw_host.decode("ascii")} if target.scheme == "https" else {}
+    extensions: dict[str, Any] = {"trace": watch.trace}
+    if target.scheme == "https":
+        extensions["sni_hostname"] = target.raw_host.decode("ascii")
     with client.stream(
         "GET", target.copy_with(host=str(ip)), headers=headers, timeout=timeout, extensions=extensions
     ) as resp:
         yield resp
 
 
+#: HTTP statuses a later try may pass: a timeout on the server's side, too early, too many requests, and
+#: the server or a gateway failing or overloaded. Every other error status stays what it is.
+_TRANSIENT_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
 @contextmanager
-def _http_errors(host: str) -> Iterator[None]:
-    """httpx's exceptions as our named ones; transient where a later try may work."""
+def http_errors(host: str, watch: Watch) -> Iterator[None]:
+    """httpx's exceptions as our named ones; transient only where a later try may work.
+
+    Connecting (refused, reset, timed out) and a connection dropped mid-way may work later. A server that has
+    not answered completely by the deadline (hanging, dripping headers or body, informational responses
+    forever) is not retried: it would hold a decode thread for another whole deadline. Nor is a malformed
+    answer or a certificate that does not match.
+    """
     try:
         yield
-    except httpx2.TimeoutException as exc:
-        raise FetchTimeout(f"{host}: timed out ({type(exc).__name__})") from None
-    except httpx2.ConnectError as exc:
-        # A bad certificate will not fix itself; a refused or reset connection may.
-        raise FetchError(f"cannot connect to {host}: {exc}", transient=not _cert_error(exc)) from None
-    except httpx2.InvalidURL as exc:
-        raise InvalidInput(f"invalid URL: {exc}") from None
     except (httpx2.HTTPError, httpx2.StreamError) as exc:
-        raise FetchError(f"{host}: {type(exc).__name__}: {exc}", transient=True) from None
+        raise _fetch_error(host, watch, exc) from None
+
+
+def _fetch_error(host: str, watch: Watch, exc: Exception) -> ItemError:
+    if watch.ended:
+        return watch.error(host)  # the guard ended it: the deadline, or the worker stopping
+    if isinstance(exc, httpx2.ConnectTimeout):
+        return FetchTimeout(f"{host}: connecting timed out", transient=True)
+    if isinstance(exc, httpx2.TimeoutException):
+        return watch.error(host, "deadline")
+    if isinstance(exc, httpx2.ConnectError):
+        # A bad certificate will not fix itself; a refused or reset connection may.
+        return FetchError(f"cannot connect to {host}: {exc}", transient=not _cert_error(exc))
+    if isinstance(exc, httpx2.InvalidURL):
+        return InvalidInput(f"invalid URL: {exc}")
+    if isinstance(exc, httpx2.ReadError | httpx2.WriteError):
+        return FetchError(f"{host}: connection lost ({type(exc).__name__}: {exc})", transient=True)
+    return FetchError(f"{host}: {type(exc).__name__}: {exc}")  # a malformed answer is the same next time
 
 
 def _cert_error(exc: BaseException) -> bool:
@@ -371,12 +419,10 @@ def _redirect_target(resp: httpx2.Response, host: str) -> str | None:
         return resp.headers["location"]
     if 200 <= code < 300:
         return None
-    # 429 and 5xx may pass; other statuses (404, 403, a 3xx we do not follow) will not.
-    transient = code == 429 or code >= 500
-    raise FetchError(f"HTTP {code} {resp.reason_phrase} from {host}".rstrip(), transient=transient)
+    raise FetchError(f"HTTP {code} {resp.reason_phrase} from {host}".rstrip(), transient=code in _TRANSIENT_STATUSES)
 
 
-def _read_body(resp: httpx2.Response, policy: ImagePolicy, deadline: float) -> bytes:
+def _read_body(resp: httpx2.Response, policy: ImagePolicy, watch: Watch) -> bytes:
     """The decoded body, stopped at max_bytes (after decoding) and at the fetch deadline."""
     decoder = _body_decoder(resp.headers.get("content-encoding", ""))
     declared = resp.headers.get("content-length", "")
@@ -384,12 +430,14 @@ def _read_body(resp: httpx2.Response, policy: ImagePolicy, deadline: float) -> b
         raise TooLarge(f"Content-Length {declared} is over the limit of {policy.max_bytes} bytes")
     body = bytearray()
     for raw in resp.iter_raw():
-        # A dripping body never trips the per-read timeout; only the total deadline stops it.
-        if time.monotonic() > deadline:
-            raise FetchTimeout(f"body still arriving after {policy.total_timeout_s}s")
         body += _inflate(decoder, raw, policy.max_bytes + 1 - len(body)) if decoder else raw
         if len(body) > policy.max_bytes:
             raise TooLarge(f"body is over the limit of {policy.max_bytes} bytes")
+        if watch.ended:
+            break
+    if watch.ended:
+        # The guard shut the connection: what arrived is a truncated body, whatever the stream made of it.
+        raise watch.error(resp.url.host)
     if decoder is not None:
         body += _inflate(decoder, b"", 0)
         if len(body) > policy.max_bytes:
@@ -414,6 +462,123 @@ def _body_decoder(encoding: str) -> zlib._Decompress | None:
     if encoding in ("gzip", "x-gzip", "deflate"):
         return zlib.decompressobj(32 + zlib.MAX_WBITS)  # 32+: accepts both gzip and zlib headers
     raise FetchError(f"unsupported Content-Encoding {encoding!r}")
+
+
+# --- one deadline over the whole exchange ------------------------------------------------------------
+
+
+class Watch:
+    """One fetch under a FetchGuard: its deadline, its connection's socket, and why it was ended (if it was)."""
+
+    def __init__(self, deadline: float, total_s: float) -> None:
+        self.deadline, self.total_s = deadline, total_s
+        #: "deadline" or "stopping" once the guard has ended the fetch.
+        self.ended: str | None = None
+        self._sock: socket.socket | None = None
+        self._wakers: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+
+    def trace(self, event: str, info: dict[str, Any]) -> None:
+        """httpcore's trace hook: learns each connection's socket the moment it is connected (or wrapped in TLS)."""
+        if not event.endswith((".connect_tcp.complete", ".start_tls.complete")):
+            return
+        stream = info.get("return_value")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        with self._lock:
+            self._sock = sock
+            ended = self.ended
+        if ended:  # connected after the end: hang up at once
+            _shut(sock)
+
+    def on_end(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` when the fetch is ended (a wait that is not on a socket, such as the resolver)."""
+        with self._lock:
+            if self.ended is None:
+                self._wakers.append(wake)
+                return
+        wake()
+
+    def end(self, why: str) -> None:
+        with self._lock:
+            if self.ended is not None:
+                return
+            self.ended, sock, wakers = why, self._sock, self._wakers
+        _shut(sock)
+        for wake in wakers:
+            wake()
+
+    def error(self, host: str, why: str | None = None) -> ItemError:
+        """The row's error for a fetch that ran out of time or was abandoned."""
+        if (why or self.ended) == "stopping":
+            return FetchError(f"{host}: abandoned, the worker is stopping", transient=True)
+        return FetchTimeout(f"{host}: no complete answer within {self.total_s:g}s", transient=False)
+
+
+def _shut(sock: socket.socket | None) -> None:
+    """End every read and write on the socket, in whatever thread they block. socket.socket's own shutdown, also
+    under TLS: SSLSocket.shutdown would drop its TLS state under a reader still using it."""
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+class FetchGuard:
+    """Ends fetches at their deadline wherever they block, and every one at once when stopped.
+
+    httpx applies its timeouts per read: a server that drips header bytes, or sends ``100 Continue`` forever,
+    never trips them. One thread here shuts down the socket of a fetch when its deadline passes, which ends a
+    blocked read at once whatever the protocol state; ``stop`` does the same to every fetch in flight (a worker
+    shutting down) and refuses new ones.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._watches: set[Watch] = set()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def watch(self, deadline: float, total_s: float) -> Iterator[Watch]:
+        watch = Watch(deadline, total_s)
+        with self._cond:
+            if self._stopped:
+                raise watch.error("fetch", "stopping")
+            self._watches.add(watch)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="fetch-deadlines", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        try:
+            yield watch
+        finally:
+            with self._cond:
+                self._watches.discard(watch)
+
+    def stop(self) -> None:
+        """Abandon every fetch in flight (their rows say so, transient) and refuse new ones."""
+        with self._cond:
+            self._stopped = True
+            watches = list(self._watches)
+        for watch in watches:
+            watch.end("stopping")
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                live = [w for w in self._watches if w.ended is None]
+                due = [w for w in live if w.deadline <= now]
+                if not due:
+                    self._cond.wait(min((w.deadline for w in live), default=now + 3600) - now)
+                    continue
+            for watch in due:
+                watch.end("deadline")
+
+
+@cache
+def default_guard() -> FetchGuard:
+    """The guard of fetches that name none (tools, training); a worker's service has its own to stop."""
+    return FetchGuard()
 
 
 # --- decoding ---------------------------------------------------------------------------------------

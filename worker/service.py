@@ -23,7 +23,7 @@ from common.settings import Settings
 from common.store import ModelStore, resolve_model
 from worker import metrics
 from worker.batcher import MicroBatcher
-from worker.images import ImagePolicy, load_image
+from worker.images import FetchGuard, ImagePolicy, load_image
 from worker.quality import quality_flags
 
 if TYPE_CHECKING:
@@ -70,6 +70,8 @@ class CaptionService:
         self._watcher: threading.Thread | None = None
         self._stopped = threading.Event()
         self._pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        #: Ends URL fetches at their deadline, and all of them when the worker stops (see abandon_fetches).
+        self.fetches = FetchGuard()
         self.batcher: MicroBatcher[GenParams] = MicroBatcher(
             self._run_batch,
             max_batch=settings.max_batch_size,
@@ -153,7 +155,7 @@ class CaptionService:
             log.error("drill: %s kills this worker (CAPTIONER_FAULT_KILL_REF)", src.ref)
             os._exit(137)  # as abrupt as the OOM killer or a segfaulting decoder
         try:
-            pixels = self.engine.prepare([load_image(src, self.policy)])
+            pixels = self.engine.prepare([load_image(src, self.policy, guard=self.fetches)])
         except BaseException:
             self.batcher.arrived()  # announced in caption_items, and not coming: batches stop waiting for it
             raise
@@ -207,8 +209,14 @@ class CaptionService:
     def caption_sources(self, sources: list[Source], params: GenParams) -> list[ItemResult]:
         return self.caption_items([(item_id(s.ref), s) for s in sources], params)
 
+    def abandon_fetches(self) -> None:
+        """A worker asked to stop: end the URL fetches in flight now (their items get transient rows and go back
+        to the queue) and refuse new ones, so no slow server holds the shutdown; batches in flight still finish."""
+        self.fetches.stop()
+
     def close(self) -> None:
         self._stopped.set()
+        self.abandon_fetches()
         self.batcher.stop(timeout=30)
         self._pool.shutdown(wait=False, cancel_futures=True)
 

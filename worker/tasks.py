@@ -236,4 +236,5 @@ def _queue_depths() -> dict[str, int]:
 @worker_shutting_down.connect
 def _stop(**kwargs: Any) -> None:
     if _service is not None:
-        log.info("shutting down: finishing batches in flight")
+        log.info("shutting down: finishing batches in flight, abandoning URL fetches in flight")
+        _service.abandon_fetches()
