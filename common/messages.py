@@ -8,10 +8,11 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.errors import InvalidMessage
 
@@ -35,6 +36,29 @@ MAX_REF_CHARS = 4096
 #: Most items in one message.
 MAX_ITEMS_PER_MESSAGE = 10_000
 MAX_PROMPT_CHARS = 500
+#: Longest job id. Ids are part of ledger key names and of default export file names.
+MAX_JOB_ID_CHARS = 128
+# Letters, digits, ".", "_" and "-", starting with a letter or digit: no ":" (a key suffix of another job, such
+# as "<id>:res"), no "/" and no leading "." (a path), no spaces or control characters (a terminal).
+_JOB_ID = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_JOB_ID_CHARS - 1}}}")
+
+
+def check_job_id(value: str) -> str:
+    """``value`` when it is a valid job id, else ValueError saying what a job id may hold.
+
+    The producer checks ids before anything is written and the worker before anything is read, so no id can
+    name another job's keys, and none the worker would refuse is accepted at enqueue.
+    """
+    if not _JOB_ID.fullmatch(value) or ".." in value:
+        raise ValueError(
+            f"job id {value[:80]!r} is not valid: 1 to {MAX_JOB_ID_CHARS} letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, without '..'"
+        )
+    return value
+
+
+#: A job id field of a message (see check_job_id).
+JobId = Annotated[str, AfterValidator(check_job_id)]
 
 
 class ItemStatus(StrEnum):
@@ -187,7 +211,7 @@ class ChunkMessage(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    job_id: Annotated[str, Field(min_length=1, max_length=128)]
+    job_id: JobId
     items: Annotated[list[ChunkItem], Field(min_length=1, max_length=MAX_ITEMS_PER_MESSAGE)]
     params: GenParams = GenParams()
 
@@ -228,7 +252,7 @@ class TrainRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    job_id: Annotated[str, Field(min_length=1, max_length=128)]
+    job_id: JobId
     # A local imagefolder (metadata.jsonl/.csv/.parquet), a JSONL/CSV manifest, or a hub dataset id.
     dataset: Annotated[str, Field(min_length=1, max_length=MAX_REF_CHARS)]
     column: str | None = None

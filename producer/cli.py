@@ -152,9 +152,20 @@ def _gen_params(settings: Settings, max_length: int | None, num_beams: int | Non
         raise click.BadParameter(first["msg"], param_hint=f"--{str(first['loc'][0]).replace('_', '-')}") from None
 
 
+def _job_id_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A --job-id the worker will accept, or a usage error now (before anything is written)."""
+    from common.messages import check_job_id
+
+    try:
+        return None if value is None else check_job_id(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @cli.command()
 @click.argument("sources", nargs=-1, required=True)
-@click.option("--job-id", help="Job id (default: derived from the sources and options, so a re-run resumes).")
+@click.option("--job-id", callback=_job_id_option,
+              help="Job id (default: derived from the sources and options, so a re-run resumes).")  # fmt: skip
 @click.option("--name", help="A label shown by `captioner jobs`.")
 @click.option("--column", help="Column holding image references in csv/jsonl/parquet lists.")
 @click.option("--chunk-size", type=click.IntRange(1, 10_000), envvar="CAPTIONER_CHUNK_SIZE", help="Images per message.")
@@ -540,7 +551,7 @@ def _store(ctx: click.Context) -> ModelStore:
 
 @cli.command()
 @click.argument("dataset")
-@click.option("--job-id", help="Job id (default: a new one).")
+@click.option("--job-id", callback=_job_id_option, help="Job id (default: a new one).")
 @click.option("--base-model", help="Hub id or directory to start from (default microsoft/git-base).")
 @click.option("--epochs", type=click.IntRange(1, 100_000))
 @click.option("--max-steps", type=click.IntRange(1, 10_000_000), help="Stop after this many optimizer steps.")
@@ -745,6 +756,14 @@ def doctor(ctx: click.Context, as_json: bool) -> None:
 
 
 def _default_export_name(job_id: str, fmt: str) -> str:
+    """The file an export writes without -o, in the current directory: only a valid job id names it (no "/",
+    no ".."), so an id from before ids were checked cannot send it elsewhere."""
+    from common.messages import check_job_id
+
+    try:
+        check_job_id(job_id)
+    except ValueError as exc:
+        raise ConfigError(f"{exc}; it cannot name the export file: give one with -o") from None
     return {"metadata": "metadata.jsonl", "webdataset": f"{job_id}-shards", "kohya": f"{job_id}.kohya.json"}.get(
         fmt, f"{job_id}.{fmt}"
     )

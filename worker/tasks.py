@@ -25,6 +25,7 @@ from common.messages import (
     CaptionRequest,
     ChunkItem,
     ChunkMessage,
+    check_job_id,
     parse_message,
     source_from_wire,
 )
@@ -158,6 +159,10 @@ def notify_done(self: Task, job_id: str) -> dict:
     from worker.callbacks import post_webhook
     from worker.images import ImagePolicy
 
+    try:
+        check_job_id(job_id)  # as for chunks: no id reads another job's keys
+    except (TypeError, ValueError) as exc:
+        raise InvalidMessage(f"notify_done: {exc}") from None
     settings = get_settings()
     ledger = chunks().ledger
     info = ledger.job(job_id)
