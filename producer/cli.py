@@ -512,20 +512,24 @@ def export(
 ) -> None:
     """Write a job's results: JSONL, CSV, Parquet, caption files next to the images (sidecar), an imagefolder
     metadata.jsonl, WebDataset shards, or kohya-style metadata JSON."""
+    from common.paths import LocalFiles
     from producer.export import export_rows
 
+    settings = _settings(ctx)
     rows = _client(ctx).results(job_id)
     out = None if output == "-" else Path(output or _default_export_name(job_id, fmt))
+    local = LocalFiles.under(settings.allowed_roots, settings.max_image_bytes)  # the workers' rules, checked again
     summary = export_rows(rows, fmt, None if fmt == "sidecar" else out, sidecar_ext=sidecar_ext, overwrite=overwrite,
-                          shard_size=shard_size, exclude_flags=exclude_flags)  # fmt: skip
+                          shard_size=shard_size, exclude_flags=exclude_flags, local=local)  # fmt: skip
     data = {"job_id": job_id, "format": fmt, **{k: str(v) if isinstance(v, Path) else v
                                                 for k, v in summary.__dict__.items()}}  # fmt: skip
     if as_json:
         click.echo(json.dumps(data, default=str))
     elif out is not None or fmt == "sidecar":
         where = "next to the images" if fmt == "sidecar" else str(out)
+        reasons = ", ".join(f"{n} {why}" for why, n in sorted(summary.skipped_by_reason.items()))
         click.echo(f"wrote {summary.rows_written} row(s) {where}" +
-                   (f", skipped {summary.skipped}" if summary.skipped else ""), err=True)  # fmt: skip
+                   (f", skipped {summary.skipped} ({reasons})" if summary.skipped else ""), err=True)  # fmt: skip
 
 
 # --- training and models ---------------------------------------------------------------------------

@@ -5,10 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import ipaddress
-import os
 import re
 import socket
-import stat
 import threading
 import time
 import zlib
@@ -26,6 +24,7 @@ from PIL import ExifTags, Image
 
 from common.errors import DecodeError, FetchError, FetchTimeout, Forbidden, InvalidInput, ItemError, TooLarge
 from common.messages import Source
+from common.paths import LocalFiles
 from common.settings import DECODE_BYTES_PER_PIXEL, Settings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -111,75 +110,8 @@ def read_source(
 
 
 def read_path(path: str, policy: ImagePolicy) -> bytes:
-    """Bytes of a regular file whose real path lies under an allowed root."""
-    if not policy.allowed_roots:
-        raise Forbidden("local paths are disabled: set CAPTIONER_ALLOWED_ROOTS to the directories workers may read")
-    if "\0" in path:
-        raise InvalidInput("path contains a NUL byte")
-    real = os.path.realpath(path)
-    root = next((r for r in policy.allowed_roots if Path(real).is_relative_to(r)), None)
-    if root is None:
-        raise Forbidden(f"{path} is outside the allowed roots")
-    # stat before open: a FIFO or device is refused without ever being opened.
-    _check_regular(_stat(real, path), path, policy)
-    fd = _open_nofollow(real, path)
-    try:
-        _check_regular(os.fstat(fd), path, policy)
-        if not _fd_under(fd, root):
-            raise Forbidden(f"{path} moved outside the allowed roots while being opened")
-        return _read_capped(fd, path, policy.max_bytes)
-    finally:
-        os.close(fd)
-
-
-def _stat(real: str, path: str) -> os.stat_result:
-    try:
-        return os.stat(real)
-    except FileNotFoundError:
-        raise FetchError(f"no such file: {path}") from None
-    except OSError as exc:
-        raise FetchError(f"cannot read {path}: {exc.strerror}") from None
-
-
-def _check_regular(st: os.stat_result, path: str, policy: ImagePolicy) -> None:
-    if stat.S_ISDIR(st.st_mode):
-        raise Forbidden(f"{path} is a directory, not a file")
-    if not stat.S_ISREG(st.st_mode):
-        raise Forbidden(f"{path} is not a regular file (FIFO, socket or device)")
-    if st.st_size > policy.max_bytes:
-        raise TooLarge(f"{path} is {st.st_size} bytes, over the limit of {policy.max_bytes}")
-
-
-def _open_nofollow(real: str, path: str) -> int:
-    # O_NOFOLLOW: a symlink swapped in after realpath() is refused; O_NONBLOCK: a FIFO swapped in cannot block.
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        return os.open(real, flags)
-    except FileNotFoundError:
-        raise FetchError(f"no such file: {path}") from None
-    except OSError as exc:
-        raise Forbidden(f"cannot open {path}: {exc.strerror}") from None
-
-
-def _fd_under(fd: int, root: Path) -> bool:
-    """Whether the file actually opened lies under root (catches a directory swapped for a symlink mid-way)."""
-    try:
-        actual = os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return True  # no /proc (not Linux): the realpath check is the guard there
-    return Path(actual).is_relative_to(root)
-
-
-def _read_capped(fd: int, path: str, max_bytes: int) -> bytes:
-    chunks: list[bytes] = []
-    total = 0
-    # Read one byte past the cap so a file that grew after stat() is still caught.
-    while chunk := os.read(fd, min(1 << 20, max_bytes + 1 - total)):
-        total += len(chunk)
-        if total > max_bytes:
-            raise TooLarge(f"{path} is over the limit of {max_bytes} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    """Bytes of a regular file whose real path lies under an allowed root (the rules of common.paths)."""
+    return LocalFiles(policy.allowed_roots, policy.max_bytes).read(path)
 
 
 # --- URLs -------------------------------------------------------------------------------------------
