@@ -300,7 +300,7 @@ def _get(
 
 #: HTTP statuses a later try may pass: a timeout on the server's side, too early, too many requests, and
 #: the server or a gateway failing or overloaded. Every other error status stays what it is.
-_TRANSIENT_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+TRANSIENT_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
 @contextmanager
@@ -351,7 +351,7 @@ def _redirect_target(resp: httpx2.Response, host: str) -> str | None:
         return resp.headers["location"]
     if 200 <= code < 300:
         return None
-    raise FetchError(f"HTTP {code} {resp.reason_phrase} from {host}".rstrip(), transient=code in _TRANSIENT_STATUSES)
+    raise FetchError(f"HTTP {code} {resp.reason_phrase} from {host}".rstrip(), transient=code in TRANSIENT_STATUSES)
 
 
 def _read_body(resp: httpx2.Response, policy: ImagePolicy, watch: Watch) -> bytes:

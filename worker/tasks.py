@@ -178,7 +178,8 @@ def notify_done(self: Task, job_id: str) -> dict:
         secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
         policy = ImagePolicy.from_settings(settings)
         try:
-            sent["webhook_status"] = post_webhook(url, summary, secret=secret, policy=policy)
+            guard = chunks().service.fetches  # a stopping worker abandons it too (then it is retried)
+            sent["webhook_status"] = post_webhook(url, summary, secret=secret, policy=policy, guard=guard)
         except CaptionerError as exc:
             if getattr(exc, "transient", False) and self.request.retries < self.max_retries:
                 raise self.retry(countdown=_backoff(self.request.retries + 1)) from None
