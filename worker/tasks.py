@@ -16,6 +16,7 @@ from celery.worker.control import inspect_command
 from common.connections import RETRYABLE_REDIS_ERRORS
 from common.errors import ConfigError, InvalidMessage
 from common.ledger import ledger_from_settings
+from common.memory import machine_memory_bytes
 from common.messages import (
     TASK_CAPTION,
     TASK_CAPTION_CHUNK,
@@ -203,6 +204,10 @@ def captioner_info(state: Any, **kwargs: Any) -> dict[str, Any]:
         "device": str(eng.device),
         "dtype": str(eng.dtype).removeprefix("torch."),
         "max_batch_size": svc.batcher.max_batch,
+        # For `captioner doctor`: the worst case of this worker's decode threads against its machine's memory.
+        "decode_threads": svc.settings.decode_threads,
+        "image_memory_bytes": svc.settings.image_memory_bytes,
+        "memory_bytes": machine_memory_bytes(),
         "batches": stats.batches,
         "items": stats.items,
         "infer_s": round(stats.infer_s, 3),
