@@ -124,16 +124,19 @@ class Source(BaseModel):
     def ref(self) -> str:
         """The reference as one string: a path, a URL, or ``b64:<sha1>`` for inline bytes."""
         if self.b64 is not None:
-            return "b64:" + hashlib.sha1(self.b64.encode()).hexdigest()
+            digest = hashlib.sha1()
+            for start in range(0, len(self.b64), 1 << 16):  # in slices: no second copy of a huge payload
+                digest.update(self.b64[start : start + (1 << 16)].encode())
+            return "b64:" + digest.hexdigest()
         return self.path if self.path is not None else self.url  # type: ignore[return-value]
 
     def decode_b64(self, max_bytes: int) -> bytes:
-        """The inline bytes, checked against a size cap before and after decoding."""
+        """The inline bytes, checked against a size cap by length before anything is decoded, and after."""
         from common.errors import InvalidInput, TooLarge
 
         assert self.b64 is not None
-        if len(self.b64) > (max_bytes * 4) // 3 + 8:
-            raise TooLarge(f"inline image is over {max_bytes} bytes")
+        if len(self.b64) > 4 * -(-max_bytes // 3):  # the longest text max_bytes can encode to, padding included
+            raise TooLarge(f"inline image is {len(self.b64)} base64 characters, over {max_bytes} bytes decoded")
         try:
             data = base64.b64decode(self.b64, validate=True)
         except (binascii.Error, ValueError) as exc:

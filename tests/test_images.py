@@ -426,6 +426,26 @@ def test_b64_sources(root: Path) -> None:
         read_source(Source(b64=base64.b64encode(b"\0" * 2048).decode()), replace(policy, max_bytes=1024))
 
 
+def test_b64_far_over_its_cap_is_refused_by_length_before_anything_is_decoded() -> None:
+    cap = 1 << 20
+    policy = make_policy(max_bytes=cap)
+    # Not even base64: decoding first would make this an invalid_input, and cost a copy of 8 MiB.
+    huge = Source(b64="!" * (8 * cap))
+    tracemalloc.start()
+    try:
+        assert huge.ref.startswith("b64:")  # the item id hashes it in slices
+        with pytest.raises(TooLarge, match="base64 characters"):
+            read_source(huge, policy)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < cap // 4
+    longest = base64.b64encode(b"\0" * (cap - 1)).decode()  # padding included, it still fits the cap
+    assert len(read_source(Source(b64=longest), policy)) == cap - 1
+    with pytest.raises(TooLarge):
+        read_source(Source(b64=longest + "AAAA"), policy)
+
+
 # --- decoding: modes ----------------------------------------------------------------------------------
 
 
