@@ -90,10 +90,23 @@ class GenParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_length: int = Field(50, ge=1, le=512)
+    # Tokens in all, the start token and the prompt included: 1 would leave no room for a single word.
+    max_length: int = Field(50, ge=2, le=512)
     num_beams: int = Field(1, ge=1, le=16)
     # Text the caption starts with: GIT continues it, and the result includes it.
     prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+
+    @model_validator(mode="after")
+    def _room_for_a_caption(self) -> GenParams:
+        # Every word is at least one token, so this refuses only what the model could never caption; a prompt of
+        # few words and many tokens is refused by the worker, which has the tokenizer (invalid_input rows).
+        words = len(self.prompt.split()) if self.prompt else 0
+        if words and words + 1 >= self.max_length:
+            raise ValueError(
+                f"max_length {self.max_length} leaves no room for a caption after the start token and a prompt of "
+                f"{words} word(s), at least {words + 1} tokens: raise max_length or shorten the prompt"
+            )
+        return self
 
     def key(self) -> tuple[int, int, str]:
         """Batches only mix items whose parameters share this key."""
@@ -277,7 +290,7 @@ class EvaluateRequest(BaseModel):
     column: str | None = None
     text_column: str | None = None
     max_samples: int | None = Field(None, ge=1)
-    max_length: int = Field(50, ge=1, le=512)
+    max_length: int = Field(50, ge=2, le=512)
 
 
 class ItemResult(BaseModel):

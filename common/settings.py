@@ -131,9 +131,13 @@ class Settings(BaseSettings):
     chunk_size: int = Field(64, ge=1, le=10_000)
     # Attempts per item before it is recorded as poison.
     max_attempts: int = Field(3, ge=1, le=100)
+    # Most images in one captioner.caption_many.v1 call. A call must end well inside the visibility timeout, or it
+    # is delivered again and captioned twice: keep this below half the timeout times the worker's images per
+    # second (`captioner doctor` compares). Larger lists go as jobs (captioner enqueue, JobClient).
+    max_list_items: int = Field(256, ge=1, le=10_000)
 
     # --- generation defaults (a job may override; every result records what was used) ------------
-    max_length: int = Field(50, ge=1, le=512)
+    max_length: int = Field(50, ge=2, le=512)
     num_beams: int = Field(1, ge=1, le=16)
 
     # --- image inputs ---------------------------------------------------------------------------

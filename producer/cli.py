@@ -149,7 +149,10 @@ def _gen_params(settings: Settings, max_length: int | None, num_beams: int | Non
         )
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise click.BadParameter(first["msg"], param_hint=f"--{str(first['loc'][0]).replace('_', '-')}") from None
+        # A field's own error names it; one about the fields together (no room for a caption) names both.
+        where = first["loc"][0] if first["loc"] else "max_length/--prompt"
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise click.BadParameter(message, param_hint=f"--{str(where).replace('_', '-')}") from None
 
 
 def _job_id_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -169,7 +172,8 @@ def _job_id_option(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option("--name", help="A label shown by `captioner jobs`.")
 @click.option("--column", help="Column holding image references in csv/jsonl/parquet lists.")
 @click.option("--chunk-size", type=click.IntRange(1, 10_000), envvar="CAPTIONER_CHUNK_SIZE", help="Images per message.")
-@click.option("--max-length", type=click.IntRange(1, 512), help="Longest caption in tokens (default 50).")
+@click.option("--max-length", type=click.IntRange(2, 512), help="Longest caption in tokens, the start token and the "
+              "prompt included (default 50).")  # fmt: skip
 @click.option("--num-beams", type=click.IntRange(1, 16), help="Beam search width (default 1: greedy).")
 @click.option("--prompt", help="Text every caption starts with.")
 @click.option("--follow-links", is_flag=True, help="Follow symlinked directories when walking.")
@@ -422,7 +426,7 @@ def jobs(ctx: click.Context, limit: int, as_json: bool) -> None:
 @click.option("--cancelled", "include_cancelled", is_flag=True, help="Re-queue cancelled items too.")
 @click.option("--flagged", "flagged", multiple=True, type=click.Choice(["any", *QUALITY_FLAGS]),
               help="Instead: caption again the captions with this quality flag (repeatable).")  # fmt: skip
-@click.option("--max-length", type=click.IntRange(1, 512), help="Other parameters for this retry.")
+@click.option("--max-length", type=click.IntRange(2, 512), help="Other parameters for this retry.")
 @click.option("--num-beams", type=click.IntRange(1, 16))
 @json_option
 @click.pass_context
@@ -440,8 +444,7 @@ def retry(
     params = None
     if max_length or num_beams:
         old = client.status(job_id).params or GenParams()
-        params = GenParams(max_length=max_length or old.max_length, num_beams=num_beams or old.num_beams,
-                           prompt=old.prompt)  # fmt: skip
+        params = _gen_params(_settings(ctx), max_length or old.max_length, num_beams or old.num_beams, old.prompt)
     which = None if not flagged else frozenset(f for f in flagged if f != "any")
     n = client.retry(job_id, include_cancelled=include_cancelled, flagged=which, params=params)
     _emit(as_json, {"job_id": job_id, "requeued": n}, lambda: click.echo(f"re-queued {n} item(s) of {job_id}"))
@@ -634,7 +637,7 @@ def _train_ticker() -> Callable[[JobInfo], None]:
 @click.argument("version")
 @click.argument("dataset")
 @click.option("--max-samples", type=click.IntRange(1, 10_000_000))
-@click.option("--max-length", type=click.IntRange(1, 512), default=50, show_default=True)
+@click.option("--max-length", type=click.IntRange(2, 512), default=50, show_default=True)
 @click.option("--timeout", type=float, default=3600, show_default=True)
 @json_option
 @click.pass_context

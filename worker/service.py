@@ -17,7 +17,7 @@ from contextvars import copy_context
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from common.errors import Cancelled, EngineError, ItemError
+from common.errors import Cancelled, EngineError, InvalidInput, ItemError
 from common.messages import GenParams, ItemResult, ItemStatus, Source, item_id
 from common.settings import Settings
 from common.store import ModelStore, resolve_model
@@ -173,7 +173,12 @@ class CaptionService:
 
         ``alone``: each item is a model batch by itself (suspects of killing a worker; see ``_triage``).
         """
-        self.engine  # noqa: B018 - load before fanning out, so decode threads don't all wait on the lock
+        engine = self.engine  # loaded before fanning out, so decode threads don't all wait on the lock
+        refused = self._no_room(engine, params)
+        if refused is not None:  # every item would fail the same way in the model: one row each, saying why
+            tried = attempts or {}
+            return [error_row({"id": i, "ref": s.ref, "params": params, "attempts": tried.get(i, 1)}, refused)
+                    for i, s in items]  # fmt: skip
         self.batcher.expect(len(items))
         # A copy of this thread's context per item: decode threads log with the task's job and task ids.
         prepared = [
@@ -205,6 +210,19 @@ class CaptionService:
                 )
             )
         return rows
+
+    @staticmethod
+    def _no_room(engine: CaptionEngine, params: GenParams) -> InvalidInput | None:
+        """Parameters the model can only fail on: the start token and the prompt's tokens fill max_length."""
+        if not params.prompt:
+            return None  # the start token alone: GenParams keeps max_length at 2 or more
+        used = int(engine.prompt_ids(params.prompt).shape[-1])
+        if used < params.max_length:
+            return None
+        return InvalidInput(
+            f"the prompt is {used - 1} token(s) after the start token, so max_length {params.max_length} leaves no "
+            "room for a caption: raise max_length or shorten the prompt"
+        )
 
     def caption_sources(self, sources: list[Source], params: GenParams) -> list[ItemResult]:
         return self.caption_items([(item_id(s.ref), s) for s in sources], params)
