@@ -252,7 +252,11 @@ class CaptionRequest(BaseModel):
 
 
 class CaptionManyRequest(BaseModel):
-    """Payload of ``captioner.caption_many.v1``: up to 10,000 images, results in the same order."""
+    """Payload of ``captioner.caption_many.v1``: up to 10,000 images, results in the same order.
+
+    Workers take fewer per call (``CAPTIONER_MAX_LIST_ITEMS``): a call still running when the visibility timeout
+    passes is delivered again and captioned twice. Larger lists are jobs.
+    """
 
     model_config = ConfigDict(extra="forbid")
 

@@ -140,10 +140,17 @@ def caption(self: Task, source: Any = None, params: Any = None, **extra: Any) ->
 @app.task(name=TASK_CAPTION_MANY, bind=True, autoretry_for=_INFRA_ERRORS, retry_backoff=True, max_retries=None)
 def caption_many(self: Task, sources: Any = None, params: Any = None, **extra: Any) -> list[dict]:
     """A list of images in, a list of result rows out, same order and length."""
-    req = parse_message(CaptionManyRequest, _payload(sources=sources, params=params, **extra))
-    srcs = [source_from_wire(s) for s in req.sources]  # type: ignore[attr-defined]
+    req = cast(CaptionManyRequest, parse_message(CaptionManyRequest, _payload(sources=sources, params=params, **extra)))
+    limit = get_settings().max_list_items
+    if len(req.sources) > limit:
+        raise InvalidMessage(
+            f"CaptionManyRequest: {len(req.sources)} images, over this worker's {limit} per call "
+            "(CAPTIONER_MAX_LIST_ITEMS): a call running past the visibility timeout would be delivered again and "
+            "captioned twice; split the list, or send it as a job (captioner.caption_chunk.v1, JobClient.enqueue)"
+        )
+    srcs = [source_from_wire(s) for s in req.sources]
     with job_context(None, self.request.id):
-        rows = service().caption_sources(srcs, req.params)  # type: ignore[attr-defined]
+        rows = service().caption_sources(srcs, req.params)
     metrics.observe_rows(rows)
     return [r.model_dump(mode="json", exclude_none=True) for r in rows]
 
