@@ -115,6 +115,12 @@ def _emit(as_json: bool, data: Any, human: Callable[[], None]) -> None:
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
 
 
+def _shown(text: object) -> str:
+    """Text from the ledger as a terminal should show it: job names, ids, references and error messages are
+    anyone's input, so control and format characters (escape sequences, bidi overrides) print as escapes."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in str(text))
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--broker-url", envvar="CAPTIONER_BROKER_URL", help="Celery broker (redis://...).")
 @click.option("--redis-url", envvar="CAPTIONER_REDIS_URL", help="Ledger Redis; defaults to the broker.")
@@ -266,7 +272,7 @@ def _warn_roots(settings: Settings, refs: Iterable[str]) -> Iterator[str]:
 
 
 def _print_status(info: JobInfo) -> None:
-    click.echo(f"job        {info.id}  ({info.name})")
+    click.echo(f"job        {_shown(info.id)}  ({_shown(info.name)})")
     click.echo(f"state      {info.state.value}")
     if info.kind is JobKind.TRAIN:
         _print_training(info)
@@ -306,7 +312,7 @@ def _print_training(info: JobInfo) -> None:
         note = "promoted" if result.get("promoted") else result.get("promotion")
         click.echo(f"version    {result['version']}" + (f"  ({note})" if note else ""))
     if result.get("error"):
-        click.echo(f"error      {result['error']}")
+        click.echo(f"error      {_shown(result['error'])}")
 
 
 @cli.command()
@@ -408,11 +414,14 @@ def jobs(ctx: click.Context, limit: int, as_json: bool) -> None:
 
     def human() -> None:
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
 
         table = Table("job", "name", "state", "total", "ok", "failed", "pending", box=None)
         for i in infos:
-            table.add_row(i.id, i.name, i.state.value, str(i.total), str(i.ok), str(i.error), str(i.pending))
+            # Escaped twice: control characters for the terminal, [brackets] for rich's markup.
+            table.add_row(escape(_shown(i.id)), escape(_shown(i.name)), i.state.value, str(i.total), str(i.ok),
+                          str(i.error), str(i.pending))  # fmt: skip
         Console().print(table)
 
     _emit(as_json, [i.as_dict() for i in infos], human)
@@ -471,11 +480,11 @@ def failures(ctx: click.Context, job_id: str, limit: int, as_json: bool) -> None
 
     def human() -> None:
         if not groups:
-            click.echo(f"no failed items in {job_id}")
+            click.echo(f"no failed items in {_shown(job_id)}")
         for cls, items in sorted(groups.items(), key=lambda kv: -len(kv[1])):
-            click.echo(f"{cls}: {len(items)}")
+            click.echo(f"{_shown(cls)}: {len(items)}")
             for it in items[:limit]:
-                click.echo(f"  {it['ref']}  (attempts {it['attempts']}): {it['error']}")
+                click.echo(f"  {_shown(it['ref'])}  (attempts {it['attempts']}): {_shown(it['error'])}")
 
     _emit(as_json, groups, human)
 
