@@ -188,15 +188,23 @@ class Handler(BaseHTTPRequestHandler):
     def route_loop(self, q: dict) -> None:
         self.reply(302, Location="/loop")
 
-    def drip(self, head: bytes, byte: bytes, *, every: float = 0.05) -> None:
-        """Send ``head``, then ``byte`` again and again: no single read ever times out. Until the client hangs up."""
+    def do_POST(self) -> None:
+        """A webhook receiver whose answer never ends (a status line, then zeros for ever)."""
+        self.server.posted.append(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+        self.drip(b"HTTP/1.1 200 OK\r\n\r\n", b"\0" * 65536, every=0)
+
+    def drip(self, head: bytes, more: bytes, *, every: float = 0.05) -> None:
+        """Send ``head``, then ``more`` again and again: no single read ever times out. Until the client hangs up."""
         self.server.started.put(self.path)
+        sent = 0
         try:
             self.wfile.write(head)
             while not self.server.stop.wait(every):
-                self.wfile.write(byte)
+                self.wfile.write(more)
                 self.wfile.flush()
+                sent += len(more)
         except OSError:  # the client hung up: what the tests wait for
+            self.server.sent[self.path] = sent
             self.server.hangups.put(self.path)
         self.close_connection = True
 
@@ -274,6 +282,8 @@ class LocalServer(ThreadingHTTPServer):
         #: Paths of slow routes, as each one starts, and as its client hangs up.
         self.started: queue.Queue[str] = queue.Queue()
         self.hangups: queue.Queue[str] = queue.Queue()
+        self.sent: dict[str, int] = {}  # bytes a dripping route had sent when its client hung up
+        self.posted: list[bytes] = []
         # 64 MiB of zeros, gzipped to ~64 KiB: far past every cap used here.
         packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
         zeros = b"\0" * (1 << 20)
