@@ -198,6 +198,8 @@ def _workers(settings: Settings, app: Any, training_waiting: int) -> list[Check]
         if "image_memory_bytes" in i:  # what the worker itself may need (its own settings) and has
             need, threads = i["image_memory_bytes"], i["decode_threads"]
             out.append(image_memory(need, threads, i.get("memory_bytes"), worker=host))
+        if i.get("max_list_items") and i.get("items") and i.get("infer_s"):
+            out.append(list_calls(host, i["max_list_items"], i["items"] / i["infer_s"], i["visibility_timeout_s"]))
     if model := _served_versions(settings, caption):
         out.append(model)
     return out
@@ -245,6 +247,17 @@ def image_memory(need: int, threads: int, have: int | None, *, worker: str = "")
     if need > have / 2:
         return Check(name, WARN, f"{share}: over half, beside the model and its batches; {fix}")
     return Check(name, OK, share)
+
+
+def list_calls(worker: str, max_items: int, per_s: float, visibility_timeout_s: float) -> Check:
+    """The largest list call at the worker's own speed (model time only, so a lower bound) against half its
+    visibility timeout: a call still running when the timeout passes is delivered again and captioned twice."""
+    took = max_items / per_s
+    detail = (f"{max_items} images per caption_many call at {per_s:.1f} images/s (model time) take at least "
+              f"{took:.0f}s; visibility timeout {visibility_timeout_s:g}s")  # fmt: skip
+    if took > visibility_timeout_s / 2:
+        return Check(f"list calls {worker}", WARN, f"{detail}: lower CAPTIONER_MAX_LIST_ITEMS or raise the timeout")
+    return Check(f"list calls {worker}", OK, detail)
 
 
 def _config(settings: Settings) -> list[Check]:

@@ -386,8 +386,10 @@ def test_a_list_call_over_the_workers_bound_is_refused_whole(settings: Settings,
 
 
 def test_doctor_holds_decode_threads_times_the_largest_image_to_the_machines_memory(
-    worker_env: dict[str, str], caption_worker: WorkerProcess
+    worker_env: dict[str, str], settings: Settings, caption_worker: WorkerProcess, images: Path
 ) -> None:
+    image = str(sorted(images.glob("*.jpg"))[0])
+    assert create_app(settings).send_task(TASK_CAPTION, args=[image]).get(timeout=60)["status"] == "ok"
     env = {**worker_env, "CAPTIONER_DECODE_THREADS": "256", "CAPTIONER_MAX_IMAGE_PIXELS": str(10**10)}
     checks = {c["name"]: c for c in json.loads(CliRunner().invoke(cli, ["doctor", "--json"], env=env).stdout)}
     local = checks["image memory"]
@@ -398,3 +400,14 @@ def test_doctor_holds_decode_threads_times_the_largest_image_to_the_machines_mem
     (worker,) = [c for name, c in checks.items() if name == f"image memory {caption_worker.name}"]
     assert worker["detail"].startswith(f"4 decode thread(s) x the largest image allowed = "
                                        f"{own.image_memory_bytes / 2**30:.1f} GiB")  # fmt: skip
+    # ... and its largest list call at its own speed against its visibility timeout (the tiny model is fast).
+    calls = checks[f"list calls {caption_worker.name}"]
+    assert calls["level"] == "ok" and calls["detail"].startswith("256 images per caption_many call at"), calls
+
+
+def test_doctor_warns_when_a_list_call_would_outlast_half_the_visibility_timeout() -> None:
+    from producer.doctor import list_calls
+
+    assert list_calls("w", 256, 2.0, 300).level == "ok"  # 128 s of 300
+    slow = list_calls("w", 256, 1.0, 300)  # 256 s: past half, a second delivery is near
+    assert slow.level == "warn" and "CAPTIONER_MAX_LIST_ITEMS" in slow.detail

@@ -215,6 +215,9 @@ def captioner_info(state: Any, **kwargs: Any) -> dict[str, Any]:
         "decode_threads": svc.settings.decode_threads,
         "image_memory_bytes": svc.settings.image_memory_bytes,
         "memory_bytes": machine_memory_bytes(),
+        # ... and how long its largest list call takes at its own speed, against its visibility timeout.
+        "max_list_items": svc.settings.max_list_items,
+        "visibility_timeout_s": svc.settings.visibility_timeout_s,
         "batches": stats.batches,
         "items": stats.items,
         "infer_s": round(stats.infer_s, 3),
