@@ -159,7 +159,7 @@ def _fetch(url: str, policy: ImagePolicy, client: httpx2.Client, watch: Watch) -
         with http_errors(host, watch), _get(client, target, ip, policy, watch) as resp:
             location = _redirect_target(resp, host)
             if location is None:
-                return _read_body(resp, policy, watch)
+                return _read_body(resp, policy, watch, host)
         target, came_from = _follow(target, location, host), host
     raise FetchError(f"too many redirects (more than {policy.max_redirects})")
 
@@ -272,12 +272,8 @@ def _get(
 ) -> Iterator[httpx2.Response]:
     """GET target from the already checked ip; the hostname travels only in Host and TLS SNI."""
     remaining = watch.deadline - time.monotonic()
-    if remaining <= 0:
-        raise (
-            watch.error(target.host)
-            if watch.ended
-            else FetchTimeout(f"fetch took longer than {policy.total_timeout_s}s", transient=False)
-        )
+    if remaining <= 0:  # spent on earlier hops
+        raise watch.error(target.host, watch.ended or "deadline")
     # Per-read timeouts a little past the deadline: the guard ends the exchange at the deadline itself, so
     # every way of running out of time (hanging, dripping, informational responses) ends the same way.
     timeout = httpx2.Timeout(remaining + 1, connect=min(policy.connect_timeout_s, remaining))
@@ -354,7 +350,7 @@ def _redirect_target(resp: httpx2.Response, host: str) -> str | None:
     raise FetchError(f"HTTP {code} {resp.reason_phrase} from {host}".rstrip(), transient=code in TRANSIENT_STATUSES)
 
 
-def _read_body(resp: httpx2.Response, policy: ImagePolicy, watch: Watch) -> bytes:
+def _read_body(resp: httpx2.Response, policy: ImagePolicy, watch: Watch, host: str) -> bytes:
     """The decoded body, stopped at max_bytes (after decoding) and at the fetch deadline."""
     decoder = _body_decoder(resp.headers.get("content-encoding", ""))
     declared = resp.headers.get("content-length", "")
@@ -369,7 +365,7 @@ def _read_body(resp: httpx2.Response, policy: ImagePolicy, watch: Watch) -> byte
             break
     if watch.ended:
         # The guard shut the connection: what arrived is a truncated body, whatever the stream made of it.
-        raise watch.error(resp.url.host)
+        raise watch.error(host)
     if decoder is not None:
         body += _inflate(decoder, b"", 0)
         if len(body) > policy.max_bytes:
