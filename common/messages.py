@@ -8,10 +8,11 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.errors import InvalidMessage
 
@@ -35,6 +36,29 @@ MAX_REF_CHARS = 4096
 #: Most items in one message.
 MAX_ITEMS_PER_MESSAGE = 10_000
 MAX_PROMPT_CHARS = 500
+#: Longest job id. Ids are part of ledger key names and of default export file names.
+MAX_JOB_ID_CHARS = 128
+# Letters, digits, ".", "_" and "-", starting with a letter or digit: no ":" (a key suffix of another job, such
+# as "<id>:res"), no "/" and no leading "." (a path), no spaces or control characters (a terminal).
+_JOB_ID = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_JOB_ID_CHARS - 1}}}")
+
+
+def check_job_id(value: str) -> str:
+    """``value`` when it is a valid job id, else ValueError saying what a job id may hold.
+
+    The producer checks ids before anything is written and the worker before anything is read, so no id can
+    name another job's keys, and none the worker would refuse is accepted at enqueue.
+    """
+    if not _JOB_ID.fullmatch(value) or ".." in value:
+        raise ValueError(
+            f"job id {value[:80]!r} is not valid: 1 to {MAX_JOB_ID_CHARS} letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, without '..'"
+        )
+    return value
+
+
+#: A job id field of a message (see check_job_id).
+JobId = Annotated[str, AfterValidator(check_job_id)]
 
 
 class ItemStatus(StrEnum):
@@ -78,10 +102,23 @@ class GenParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_length: int = Field(50, ge=1, le=512)
+    # Tokens in all, the start token and the prompt included: 1 would leave no room for a single word.
+    max_length: int = Field(50, ge=2, le=512)
     num_beams: int = Field(1, ge=1, le=16)
     # Text the caption starts with: GIT continues it, and the result includes it.
     prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+
+    @model_validator(mode="after")
+    def _room_for_a_caption(self) -> GenParams:
+        # Every word is at least one token, so this refuses only what the model could never caption; a prompt of
+        # few words and many tokens is refused by the worker, which has the tokenizer (invalid_input rows).
+        words = len(self.prompt.split()) if self.prompt else 0
+        if words and words + 1 >= self.max_length:
+            raise ValueError(
+                f"max_length {self.max_length} leaves no room for a caption after the start token and a prompt of "
+                f"{words} word(s), at least {words + 1} tokens: raise max_length or shorten the prompt"
+            )
+        return self
 
     def key(self) -> tuple[int, int, str]:
         """Batches only mix items whose parameters share this key."""
@@ -112,16 +149,19 @@ class Source(BaseModel):
     def ref(self) -> str:
         """The reference as one string: a path, a URL, or ``b64:<sha1>`` for inline bytes."""
         if self.b64 is not None:
-            return "b64:" + hashlib.sha1(self.b64.encode()).hexdigest()
+            digest = hashlib.sha1()
+            for start in range(0, len(self.b64), 1 << 16):  # in slices: no second copy of a huge payload
+                digest.update(self.b64[start : start + (1 << 16)].encode())
+            return "b64:" + digest.hexdigest()
         return self.path if self.path is not None else self.url  # type: ignore[return-value]
 
     def decode_b64(self, max_bytes: int) -> bytes:
-        """The inline bytes, checked against a size cap before and after decoding."""
+        """The inline bytes, checked against a size cap by length before anything is decoded, and after."""
         from common.errors import InvalidInput, TooLarge
 
         assert self.b64 is not None
-        if len(self.b64) > (max_bytes * 4) // 3 + 8:
-            raise TooLarge(f"inline image is over {max_bytes} bytes")
+        if len(self.b64) > 4 * -(-max_bytes // 3):  # the longest text max_bytes can encode to, padding included
+            raise TooLarge(f"inline image is {len(self.b64)} base64 characters, over {max_bytes} bytes decoded")
         try:
             data = base64.b64decode(self.b64, validate=True)
         except (binascii.Error, ValueError) as exc:
@@ -199,7 +239,7 @@ class ChunkMessage(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    job_id: Annotated[str, Field(min_length=1, max_length=128)]
+    job_id: JobId
     items: Annotated[list[ChunkItem], Field(min_length=1, max_length=MAX_ITEMS_PER_MESSAGE)]
     params: GenParams = GenParams()
 
@@ -224,7 +264,11 @@ class CaptionRequest(BaseModel):
 
 
 class CaptionManyRequest(BaseModel):
-    """Payload of ``captioner.caption_many.v1``: up to 10,000 images, results in the same order."""
+    """Payload of ``captioner.caption_many.v1``: up to 10,000 images, results in the same order.
+
+    Workers take fewer per call (``CAPTIONER_MAX_LIST_ITEMS``): a call still running when the visibility timeout
+    passes is delivered again and captioned twice. Larger lists are jobs.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -240,7 +284,7 @@ class TrainRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    job_id: Annotated[str, Field(min_length=1, max_length=128)]
+    job_id: JobId
     # A local imagefolder (metadata.jsonl/.csv/.parquet), a JSONL/CSV manifest, or a hub dataset id.
     dataset: Annotated[str, Field(min_length=1, max_length=MAX_REF_CHARS)]
     column: str | None = None
@@ -264,7 +308,7 @@ class EvaluateRequest(BaseModel):
     column: str | None = None
     text_column: str | None = None
     max_samples: int | None = Field(None, ge=1)
-    max_length: int = Field(50, ge=1, le=512)
+    max_length: int = Field(50, ge=2, le=512)
 
 
 class ItemResult(BaseModel):

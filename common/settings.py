@@ -19,6 +19,12 @@ DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 
 #: Pillow format names we decode; anything else (EPS would start Ghostscript) is refused unopened.
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+#: Bytes per pixel one image decode may hold at its peak: the decoded image and its RGB copy, 4 bytes per pixel
+#: each in Pillow. Decoders that need more (WebP, progressive JPEG) get a proportionally smaller pixel allowance,
+#: so no decode passes its budget (worker/images.py, docs/faults.md).
+DECODE_BYTES_PER_PIXEL = 8
+#: Working memory of one decode besides its images: a conversion band, decoder tables.
+DECODE_OVERHEAD_BYTES = 16 << 20
 
 
 def _split_list(value: object) -> object:
@@ -140,9 +146,13 @@ class Settings(BaseSettings):
     reuse_captions: bool = False
     # Seconds a model version's remembered captions live after the last one was added.
     reuse_ttl_s: int = Field(7 * 86400, ge=60)
+    # Most images in one captioner.caption_many.v1 call. A call must end well inside the visibility timeout, or it
+    # is delivered again and captioned twice: keep this below half the timeout times the worker's images per
+    # second (`captioner doctor` compares). Larger lists go as jobs (captioner enqueue, JobClient).
+    max_list_items: int = Field(256, ge=1, le=10_000)
 
     # --- generation defaults (a job may override; every result records what was used) ------------
-    max_length: int = Field(50, ge=1, le=512)
+    max_length: int = Field(50, ge=2, le=512)
     num_beams: int = Field(1, ge=1, le=16)
 
     # --- image inputs ---------------------------------------------------------------------------
@@ -275,6 +285,17 @@ class Settings(BaseSettings):
         return (*self.caption_queues, self.training_queue)
 
     # Plain-string views, so callers never pass a SecretStr to a client by accident.
+    @property
+    def decode_budget_bytes(self) -> int:
+        """Most memory one image decode may hold: the pixel cap at DECODE_BYTES_PER_PIXEL, the encoded bytes
+        twice (read, then copied by some decoders) and the working memory."""
+        return self.max_image_pixels * DECODE_BYTES_PER_PIXEL + 2 * self.max_image_bytes + DECODE_OVERHEAD_BYTES
+
+    @property
+    def image_memory_bytes(self) -> int:
+        """Worst case of the decode threads together: every one decoding the largest image allowed."""
+        return self.decode_threads * self.decode_budget_bytes
+
     @property
     def broker_url_str(self) -> str:
         return self.broker_url.get_secret_value()

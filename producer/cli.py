@@ -115,6 +115,12 @@ def _emit(as_json: bool, data: Any, human: Callable[[], None]) -> None:
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
 
 
+def _shown(text: object) -> str:
+    """Text from the ledger as a terminal should show it: job names, ids, references and error messages are
+    anyone's input, so control and format characters (escape sequences, bidi overrides) print as escapes."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in str(text))
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--broker-url", envvar="CAPTIONER_BROKER_URL", help="Celery broker (redis://...).")
 @click.option("--redis-url", envvar="CAPTIONER_REDIS_URL", help="Ledger Redis; defaults to the broker.")
@@ -149,16 +155,31 @@ def _gen_params(settings: Settings, max_length: int | None, num_beams: int | Non
         )
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise click.BadParameter(first["msg"], param_hint=f"--{str(first['loc'][0]).replace('_', '-')}") from None
+        # A field's own error names it; one about the fields together (no room for a caption) names both.
+        where = first["loc"][0] if first["loc"] else "max_length/--prompt"
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise click.BadParameter(message, param_hint=f"--{str(where).replace('_', '-')}") from None
+
+
+def _job_id_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A --job-id the worker will accept, or a usage error now (before anything is written)."""
+    from common.messages import check_job_id
+
+    try:
+        return None if value is None else check_job_id(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @cli.command()
 @click.argument("sources", nargs=-1, required=True)
-@click.option("--job-id", help="Job id (default: derived from the sources and options, so a re-run resumes).")
+@click.option("--job-id", callback=_job_id_option,
+              help="Job id (default: derived from the sources and options, so a re-run resumes).")  # fmt: skip
 @click.option("--name", help="A label shown by `captioner jobs`.")
 @click.option("--column", help="Column holding image references in csv/jsonl/parquet lists.")
 @click.option("--chunk-size", type=click.IntRange(1, 10_000), envvar="CAPTIONER_CHUNK_SIZE", help="Images per message.")
-@click.option("--max-length", type=click.IntRange(1, 512), help="Longest caption in tokens (default 50).")
+@click.option("--max-length", type=click.IntRange(2, 512), help="Longest caption in tokens, the start token and the "
+              "prompt included (default 50).")  # fmt: skip
 @click.option("--num-beams", type=click.IntRange(1, 16), help="Beam search width (default 1: greedy).")
 @click.option("--prompt", help="Text every caption starts with.")
 @click.option("--follow-links", is_flag=True, help="Follow symlinked directories when walking.")
@@ -269,7 +290,7 @@ def _warn_roots(settings: Settings, refs: Iterable[str]) -> Iterator[str]:
 
 
 def _print_status(info: JobInfo) -> None:
-    click.echo(f"job        {info.id}  ({info.name})")
+    click.echo(f"job        {_shown(info.id)}  ({_shown(info.name)})")
     click.echo(f"state      {info.state.value}")
     if info.kind is JobKind.TRAIN:
         _print_training(info)
@@ -311,7 +332,7 @@ def _print_training(info: JobInfo) -> None:
         note = "promoted" if result.get("promoted") else result.get("promotion")
         click.echo(f"version    {result['version']}" + (f"  ({note})" if note else ""))
     if result.get("error"):
-        click.echo(f"error      {result['error']}")
+        click.echo(f"error      {_shown(result['error'])}")
 
 
 @cli.command()
@@ -413,11 +434,14 @@ def jobs(ctx: click.Context, limit: int, as_json: bool) -> None:
 
     def human() -> None:
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
 
         table = Table("job", "name", "state", "total", "ok", "failed", "pending", box=None)
         for i in infos:
-            table.add_row(i.id, i.name, i.state.value, str(i.total), str(i.ok), str(i.error), str(i.pending))
+            # Escaped twice: control characters for the terminal, [brackets] for rich's markup.
+            table.add_row(escape(_shown(i.id)), escape(_shown(i.name)), i.state.value, str(i.total), str(i.ok),
+                          str(i.error), str(i.pending))  # fmt: skip
         Console().print(table)
 
     _emit(as_json, [i.as_dict() for i in infos], human)
@@ -431,7 +455,7 @@ def jobs(ctx: click.Context, limit: int, as_json: bool) -> None:
 @click.option("--cancelled", "include_cancelled", is_flag=True, help="Re-queue cancelled items too.")
 @click.option("--flagged", "flagged", multiple=True, type=click.Choice(["any", *QUALITY_FLAGS]),
               help="Instead: caption again the captions with this quality flag (repeatable).")  # fmt: skip
-@click.option("--max-length", type=click.IntRange(1, 512), help="Other parameters for this retry.")
+@click.option("--max-length", type=click.IntRange(2, 512), help="Other parameters for this retry.")
 @click.option("--num-beams", type=click.IntRange(1, 16))
 @json_option
 @click.pass_context
@@ -449,8 +473,7 @@ def retry(
     params = None
     if max_length or num_beams:
         old = client.status(job_id).params or GenParams()
-        params = GenParams(max_length=max_length or old.max_length, num_beams=num_beams or old.num_beams,
-                           prompt=old.prompt)  # fmt: skip
+        params = _gen_params(_settings(ctx), max_length or old.max_length, num_beams or old.num_beams, old.prompt)
     which = None if not flagged else frozenset(f for f in flagged if f != "any")
     n = client.retry(job_id, include_cancelled=include_cancelled, flagged=which, params=params)
     _emit(as_json, {"job_id": job_id, "requeued": n}, lambda: click.echo(f"re-queued {n} item(s) of {job_id}"))
@@ -477,11 +500,11 @@ def failures(ctx: click.Context, job_id: str, limit: int, as_json: bool) -> None
 
     def human() -> None:
         if not groups:
-            click.echo(f"no failed items in {job_id}")
+            click.echo(f"no failed items in {_shown(job_id)}")
         for cls, items in sorted(groups.items(), key=lambda kv: -len(kv[1])):
-            click.echo(f"{cls}: {len(items)}")
+            click.echo(f"{_shown(cls)}: {len(items)}")
             for it in items[:limit]:
-                click.echo(f"  {it['ref']}  (attempts {it['attempts']}): {it['error']}")
+                click.echo(f"  {_shown(it['ref'])}  (attempts {it['attempts']}): {_shown(it['error'])}")
 
     _emit(as_json, groups, human)
 
@@ -525,21 +548,25 @@ def export(
     """Write a job's results: JSONL, CSV, Parquet, caption files next to the images (sidecar), an imagefolder
     metadata.jsonl, WebDataset shards, or kohya-style metadata JSON. A reviewer's correction travels beside the
     model's caption, and is the caption the dataset formats write."""
+    from common.paths import LocalFiles
     from producer.export import export_rows
 
+    settings = _settings(ctx)
     client = _client(ctx)
     rows = client.ledger.reviewed(job_id) if reviewed_only else client.results(job_id)
     out = None if output == "-" else Path(output or _default_export_name(job_id, fmt))
+    local = LocalFiles.under(settings.allowed_roots, settings.max_image_bytes)  # the workers' rules, checked again
     summary = export_rows(rows, fmt, None if fmt == "sidecar" else out, sidecar_ext=sidecar_ext, overwrite=overwrite,
-                          shard_size=shard_size, exclude_flags=exclude_flags)  # fmt: skip
+                          shard_size=shard_size, exclude_flags=exclude_flags, local=local)  # fmt: skip
     data = {"job_id": job_id, "format": fmt, **{k: str(v) if isinstance(v, Path) else v
                                                 for k, v in summary.__dict__.items()}}  # fmt: skip
     if as_json:
         click.echo(json.dumps(data, default=str))
     elif out is not None or fmt == "sidecar":
         where = "next to the images" if fmt == "sidecar" else str(out)
+        reasons = ", ".join(f"{n} {why}" for why, n in sorted(summary.skipped_by_reason.items()))
         click.echo(f"wrote {summary.rows_written} row(s) {where}" +
-                   (f", skipped {summary.skipped}" if summary.skipped else ""), err=True)  # fmt: skip
+                   (f", skipped {summary.skipped} ({reasons})" if summary.skipped else ""), err=True)  # fmt: skip
 
 
 # --- training and models ---------------------------------------------------------------------------
@@ -565,7 +592,7 @@ def _store(ctx: click.Context) -> ModelStore:
 
 @cli.command()
 @click.argument("dataset")
-@click.option("--job-id", help="Job id (default: a new one).")
+@click.option("--job-id", callback=_job_id_option, help="Job id (default: a new one).")
 @click.option("--base-model", help="Hub id or directory to start from (default microsoft/git-base).")
 @click.option("--epochs", "--num-train-epochs", "epochs", type=click.IntRange(1, 100_000))
 @click.option("--max-steps", type=click.IntRange(1, 10_000_000), help="Stop after this many optimizer steps.")
@@ -678,7 +705,7 @@ def _train_ticker() -> Callable[[JobInfo], None]:
 @click.argument("version")
 @click.argument("dataset")
 @click.option("--max-samples", type=click.IntRange(1, 10_000_000))
-@click.option("--max-length", type=click.IntRange(1, 512), default=50, show_default=True)
+@click.option("--max-length", type=click.IntRange(2, 512), default=50, show_default=True)
 @click.option("--timeout", type=float, default=3600, show_default=True)
 @json_option
 @click.pass_context
@@ -787,6 +814,14 @@ def doctor(ctx: click.Context, as_json: bool) -> None:
 
 
 def _default_export_name(job_id: str, fmt: str) -> str:
+    """The file an export writes without -o, in the current directory: only a valid job id names it (no "/",
+    no ".."), so an id from before ids were checked cannot send it elsewhere."""
+    from common.messages import check_job_id
+
+    try:
+        check_job_id(job_id)
+    except ValueError as exc:
+        raise ConfigError(f"{exc}; it cannot name the export file: give one with -o") from None
     return {"metadata": "metadata.jsonl", "webdataset": f"{job_id}-shards", "kohya": f"{job_id}.kohya.json"}.get(
         fmt, f"{job_id}.{fmt}"
     )

@@ -11,6 +11,7 @@ import redis
 from pydantic import SecretStr
 
 from common.connections import queue_depths, settings_client
+from common.memory import machine_memory_bytes
 from common.settings import Settings
 from common.store import ModelStore
 
@@ -217,6 +218,12 @@ def _workers(settings: Settings, app: Any, training_waiting: int) -> list[Check]
         out.append(Check("training workers", WARN, detail))
     else:
         out.append(Check("training workers", OK, "none online (none needed: the training queue is empty)"))
+    for host, i in caption.items():
+        if "image_memory_bytes" in i:  # what the worker itself may need (its own settings) and has
+            need, threads = i["image_memory_bytes"], i["decode_threads"]
+            out.append(image_memory(need, threads, i.get("memory_bytes"), worker=host))
+        if i.get("max_list_items") and i.get("items") and i.get("infer_s"):
+            out.append(list_calls(host, i["max_list_items"], i["items"] / i["infer_s"], i["visibility_timeout_s"]))
     if model := _served_versions(settings, caption):
         out.append(model)
     return out
@@ -247,6 +254,36 @@ def _served_versions(settings: Settings, caption: dict[str, dict[str, Any]]) -> 
     return Check("model version", OK, f"{len(following)} worker(s) on @current serve {current.version}")
 
 
+def image_memory(need: int, threads: int, have: int | None, *, worker: str = "") -> Check:
+    """The worst case of the decode threads (each decoding the largest image allowed) against a machine's memory.
+
+    Over the machine's memory is a failure (the OOM killer ends the worker); over half of it a warning, since the
+    model, its batches and the images waiting for them need the rest.
+    """
+    name, where = (f"image memory {worker}", f"on {worker}") if worker else ("image memory", "here")
+    budget = f"{threads} decode thread(s) x the largest image allowed = {need / 2**30:.1f} GiB"
+    fix = "lower CAPTIONER_DECODE_THREADS or CAPTIONER_MAX_IMAGE_PIXELS"
+    if have is None:
+        return Check(name, WARN, f"{budget}; cannot read the memory {where}")
+    share = f"{budget} of {have / 2**30:.1f} GiB {where}"
+    if need > have:
+        return Check(name, FAIL, f"{share}: more than the machine has; {fix}")
+    if need > have / 2:
+        return Check(name, WARN, f"{share}: over half, beside the model and its batches; {fix}")
+    return Check(name, OK, share)
+
+
+def list_calls(worker: str, max_items: int, per_s: float, visibility_timeout_s: float) -> Check:
+    """The largest list call at the worker's own speed (model time only, so a lower bound) against half its
+    visibility timeout: a call still running when the timeout passes is delivered again and captioned twice."""
+    took = max_items / per_s
+    detail = (f"{max_items} images per caption_many call at {per_s:.1f} images/s (model time) take at least "
+              f"{took:.0f}s; visibility timeout {visibility_timeout_s:g}s")  # fmt: skip
+    if took > visibility_timeout_s / 2:
+        return Check(f"list calls {worker}", WARN, f"{detail}: lower CAPTIONER_MAX_LIST_ITEMS or raise the timeout")
+    return Check(f"list calls {worker}", OK, detail)
+
+
 def _config(settings: Settings) -> list[Check]:
     out = []
     if not settings.allowed_roots:
@@ -257,6 +294,7 @@ def _config(settings: Settings) -> list[Check]:
         out.append(Check("visibility timeout", WARN, f"{settings.visibility_timeout_s}s: slow chunks will run twice"))
     if settings.model.startswith("@") and settings.model_store is None:
         out.append(Check("model", FAIL, f"CAPTIONER_MODEL={settings.model} needs CAPTIONER_MODEL_STORE"))
+    out.append(image_memory(settings.image_memory_bytes, settings.decode_threads, machine_memory_bytes()))
     if settings.fault_oom_above:
         out.append(Check("fault injection", WARN, f"CAPTIONER_FAULT_OOM_ABOVE={settings.fault_oom_above} is on"))
-    return out or [Check("settings", OK, "no known misconfiguration")]
+    return out

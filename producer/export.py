@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from common.errors import ConfigError
+from common.errors import ConfigError, FetchError, Forbidden, ItemError, TooLarge
 from common.messages import is_url
+from common.paths import LocalFiles, write_beside
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,8 @@ class ExportSummary:
     skipped: int = 0
     path: Path | None = None
     #: Why rows were skipped (caption formats only): not_ok, rejected, flagged, not_local, missing_image, unreadable,
-    #: exists, name_clash, bad_key.
+    #: forbidden (outside the allowed roots, a link leading out, not a regular file), too_large, exists,
+    #: name_clash, bad_key.
     skipped_by_reason: dict[str, int] = field(default_factory=dict)
 
 
@@ -85,6 +87,8 @@ class _Options:
     #: Folder that metadata.jsonl file names are made relative to (None: absolute names).
     base: str | None = None
     exclude_flags: frozenset[str] = frozenset()
+    #: The files sidecar and webdataset exports may touch (None: those formats refuse to run).
+    local: LocalFiles | None = None
     skipped: Counter[str] = field(default_factory=Counter)
 
 
@@ -101,6 +105,7 @@ def export_rows(
     batch_rows: int = 10_000,
     shard_size: int = 10_000,
     exclude_flags: Iterable[str] = (),
+    local: LocalFiles | None = None,
 ) -> ExportSummary:
     """Write ``rows`` (ItemResult dicts) as ``fmt``, one row at a time.
 
@@ -116,6 +121,11 @@ def export_rows(
     samples into the folder ``out`` or after the pattern ``out`` (``shards/train-%05d.tar``), all renamed
     into place only once every shard is complete (with ``overwrite``, higher-numbered shards an older export
     left are removed); ``kohya`` writes one JSON object {absolute image path: {"caption": caption}}.
+
+    ``sidecar`` and ``webdataset`` touch files beside the images, long after a worker checked their paths: each
+    file is checked again as it is written or read, by the workers' rules (``local``: real path under an allowed
+    root, a regular file, no link leading out), and skipped as ``forbidden`` when it fails them. They need
+    ``local``; CSV cells that a spreadsheet would run as a formula are neutralised (see ``_cell``).
     """
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -123,7 +133,12 @@ def export_rows(
         raise ConfigError(f"batch_rows must be at least 1, got {batch_rows}")
     if shard_size < 1:
         raise ConfigError(f"shard_size must be at least 1, got {shard_size}")
-    opts = _Options(batch_rows=batch_rows, exclude_flags=frozenset(exclude_flags))
+    opts = _Options(batch_rows=batch_rows, exclude_flags=frozenset(exclude_flags), local=local)
+    if fmt in ("sidecar", "webdataset") and (local is None or not local.roots):
+        raise ConfigError(
+            f"{fmt} exports read or write files beside the images, which must lie under CAPTIONER_ALLOWED_ROOTS "
+            "(none set here): set it as on the workers"
+        )
     if fmt == "sidecar":
         summary = _export_sidecars(rows, sidecar_ext=sidecar_ext, overwrite=overwrite, opts=opts)
     elif fmt == "webdataset":
@@ -281,10 +296,31 @@ def _write_csv(rows: Iterable[Mapping[str, Any]], fh: IO[str], _opts: _Options) 
     count = 0
     for row in rows:
         flat = flatten_row(row)
-        writer.writerow(["" if flat[name] is None else flat[name] for name in FLAT_COLUMNS])
+        writer.writerow(["" if flat[name] is None else _cell(flat[name]) for name in FLAT_COLUMNS])
         count += 1
     fh.flush()
     return count
+
+
+#: First characters that make a spreadsheet take a cell for a formula (=, +, -, @), and tab and carriage return,
+#: which some strip before looking.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: Any) -> Any:
+    """A CSV cell that a spreadsheet shows as text: a text cell starting like a formula gets a leading ``'`` (what
+    OWASP advises for CSV injection). A cell of quotes before such a start gets one more, so that ``_uncell``
+    gives back exactly the original."""
+    if isinstance(value, str) and value.lstrip("'").startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
+def _uncell(value: str | None) -> str | None:
+    """The text ``_cell`` was given."""
+    if value and value.startswith("'") and value.lstrip("'").startswith(_FORMULA_START):
+        return value[1:]
+    return value
 
 
 def _parquet_schema() -> Any:
@@ -372,7 +408,7 @@ def _export_sidecars(
         raise ConfigError(f"sidecar extension must look like '.txt', got {sidecar_ext!r}")
     summary = ExportSummary()
     for row in rows:
-        reason = _write_sidecar(_as_mapping(row), sidecar_ext, overwrite, opts.exclude_flags)
+        reason = _write_sidecar(_as_mapping(row), sidecar_ext, overwrite, opts)
         if reason is None:
             summary.rows_written += 1
             summary.files_written += 1
@@ -381,28 +417,35 @@ def _export_sidecars(
     return summary
 
 
-def _write_sidecar(row: Mapping[str, Any], ext: str, overwrite: bool, exclude_flags: frozenset[str]) -> str | None:
+def _write_sidecar(row: Mapping[str, Any], ext: str, overwrite: bool, opts: _Options) -> str | None:
     """Write one sidecar; return None when written, else the reason it was skipped."""
-    reason = _caption_skip(row, exclude_flags)
+    reason = _caption_skip(row, opts.exclude_flags)
     if reason is not None:
         return reason
-    image = Path(str(row["ref"]))
-    # Refs are paths as the worker saw them; in another container or host they may not exist.
-    if not image.is_file():
-        return "missing_image"
-    target = image.with_suffix(ext)
-    if target == image:
+    assert opts.local is not None
+    image = str(row["ref"])
+    name = Path(image).with_suffix(ext).name
+    if name == Path(image).name:
         return "name_clash"  # e.g. captioning notes.txt with ext .txt would replace the input itself
-    if target.exists() and not overwrite:
-        return "exists"
     try:
-        # No directory fsync per sidecar: a rename lost to a power cut only means a re-export, never a
-        # partial file, and one fsync per directory entry would make million-image exports crawl.
-        with _atomic_target(target, overwrite=overwrite, sync_dir=False) as tmp:
-            tmp.write_text(caption_text(row) + "\n", encoding="utf-8")
-    except FileExistsError:
-        return "exists"
-    return None
+        # Refs are paths as the worker saw them: checked again now, the image and the folder written into.
+        opts.local.check(image)
+        with opts.local.folder(os.path.dirname(image) or ".") as folder:
+            # No directory fsync per sidecar: a rename lost to a power cut only means a re-export, never a
+            # partial file, and one fsync per directory entry would make million-image exports crawl.
+            written = write_beside(folder, name, (caption_text(row) + "\n").encode(), overwrite=overwrite)
+    except ItemError as exc:
+        return _file_skip(exc)
+    return None if written else "exists"
+
+
+def _file_skip(exc: ItemError) -> str:
+    """The skip reason of a file the local rules refused."""
+    if isinstance(exc, Forbidden):
+        return "forbidden"
+    if isinstance(exc, TooLarge):
+        return "too_large"
+    return "missing_image" if isinstance(exc, FetchError) else "unreadable"
 
 
 # --- webdataset ------------------------------------------------------------------------------
@@ -420,7 +463,7 @@ def _export_webdataset(
     try:
         for row in rows:
             row = _as_mapping(row)
-            members = _sample(row, opts.exclude_flags)
+            members = _sample(row, opts)
             if isinstance(members, str):
                 opts.skipped[members] += 1
                 continue
@@ -457,22 +500,24 @@ def _shard_pattern(out: Path | str | None) -> tuple[Path, str]:
     return folder, name
 
 
-def _sample(row: Mapping[str, Any], exclude_flags: frozenset[str]) -> list[tuple[str, bytes]] | str:
+def _sample(row: Mapping[str, Any], opts: _Options) -> list[tuple[str, bytes]] | str:
     """The (extension, bytes) members of one sample, or the reason the row is skipped."""
-    reason = _caption_skip(row, exclude_flags)
+    reason = _caption_skip(row, opts.exclude_flags)
     if reason is not None:
         return reason
     if not _SAFE_KEY.fullmatch(str(row.get("id") or "")):
         return "bad_key"
-    image = Path(str(row["ref"]))
-    if not image.is_file():
-        return "missing_image"
-    ext = image.suffix.lower().lstrip(".") or "img"
+    image = str(row["ref"])
+    ext = Path(image).suffix.lower().lstrip(".") or "img"
     if ext in ("txt", "json"):
         return "name_clash"
+    assert opts.local is not None
     try:
-        # Read whole (images are capped in size): a read failing halfway must not leave half a member in the tar.
-        data = image.read_bytes()
+        # Read whole, now, by the workers' rules (images are capped in size): the path was checked when it was
+        # captioned, and a link put there since must not carry another file into the shards.
+        data = opts.local.read(image)
+    except ItemError as exc:
+        return _file_skip(exc)
     except OSError:
         return "unreadable"
     row_json = json.dumps(row, ensure_ascii=False, separators=(",", ":"), default=str)
@@ -560,7 +605,7 @@ def _read_csv(path: Path) -> Iterator[dict[str, Any]]:
     # Files written before a column existed (flags) read it as None.
     with open(path, encoding="utf-8", newline="") as fh:
         for record in csv.DictReader(fh):
-            yield {name: _coerce(name, record.get(name) or None) for name in FLAT_COLUMNS}
+            yield {name: _coerce(name, _uncell(record.get(name)) or None) for name in FLAT_COLUMNS}
 
 
 def _read_parquet(path: Path) -> Iterator[dict[str, Any]]:

@@ -28,6 +28,7 @@ from common.messages import (
     JobKind,
     JobState,
     TrainRequest,
+    check_job_id,
     item_id,
 )
 from common.settings import Settings
@@ -114,6 +115,7 @@ class JobClient:
         params = params or GenParams(max_length=self.settings.max_length, num_beams=self.settings.num_beams)
         size = chunk_size or self.settings.chunk_size
         started = time.perf_counter()
+        _valid_id(job_id)
         self.check()
         it = iter(refs)
         first = next(it, None)  # nothing is written for an empty source list
@@ -187,6 +189,7 @@ class JobClient:
             report.messages += 1
 
     def _send(self, job_id: str, pairs: dict[str, str], params: GenParams, producer: Any = None) -> None:
+        _valid_id(job_id)  # workers refuse a chunk of any other id: say so here, not through a job that never ends
         body = {
             "job_id": job_id,
             "items": [ref if i == item_id(ref) else {"id": i, "src": ref} for i, ref in pairs.items()],
@@ -386,6 +389,13 @@ class JobClient:
     def close(self) -> None:
         with contextlib.suppress(redis.RedisError):
             self.ledger.close()
+
+
+def _valid_id(job_id: str) -> None:
+    try:
+        check_job_id(job_id)
+    except ValueError as exc:
+        raise ConfigError(f"{exc} (workers refuse chunks of such a job; enqueue it under a valid --job-id)") from None
 
 
 def workers_info(app: Celery, timeout: float = 2.0) -> dict[str, dict[str, Any]]:

@@ -12,6 +12,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from common.errors import SourceError
 from common.messages import is_url
@@ -127,8 +128,11 @@ def read_list(path: Path, *, column: str | None = None) -> Iterator[str]:
         raise SourceError(f"{path}: not UTF-8 text") from None
 
 
+# utf-8-sig: a byte-order mark (Windows editors write one) is dropped instead of sticking to the first reference.
+
+
 def _read_lines(path: Path) -> Iterator[str]:
-    with path.open(encoding="utf-8") as fh:
+    with path.open(encoding="utf-8-sig") as fh:
         for line in fh:
             if not line.lstrip().startswith("#"):
                 yield line.rstrip("\n")
@@ -148,7 +152,7 @@ def _pick(columns: list[str], column: str | None, path: Path) -> str:
 
 
 def _read_csv(path: Path, column: str | None, *, delimiter: str) -> Iterator[str]:
-    with path.open(encoding="utf-8", newline="") as fh:
+    with path.open(encoding="utf-8-sig", newline="") as fh:
         reader = csv.DictReader(fh, delimiter=delimiter)
         name = _pick(list(reader.fieldnames or []), column, path)
         for row in reader:
@@ -156,7 +160,7 @@ def _read_csv(path: Path, column: str | None, *, delimiter: str) -> Iterator[str
 
 
 def _read_jsonl(path: Path, column: str | None) -> Iterator[str]:
-    with path.open(encoding="utf-8") as fh:
+    with path.open(encoding="utf-8-sig") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -169,7 +173,11 @@ def _read_jsonl(path: Path, column: str | None) -> Iterator[str]:
                 continue
             if not isinstance(obj, dict):
                 raise SourceError(f"{path}:{n}: expected an object or a string")
-            yield str(obj.get(_pick(list(obj), column, path), ""))
+            name = _pick(list(obj), column, path)
+            value = obj.get(name)
+            if value is not None and not isinstance(value, str):
+                raise SourceError(f"{path}:{n}: {name!r} is {type(value).__name__}, not text (a path or URL)")
+            yield value or ""
 
 
 def _read_parquet(path: Path, column: str | None) -> Iterator[str]:
@@ -180,6 +188,22 @@ def _read_parquet(path: Path, column: str | None) -> Iterator[str]:
     except Exception as exc:  # pyarrow raises several unrelated classes for a bad file
         raise SourceError(f"{path}: not a readable Parquet file ({exc})") from None
     name = _pick(pf.schema_arrow.names, column, path)
+    kind = pf.schema_arrow.field(name).type
+    if not _is_text(kind):
+        raise SourceError(f"{path}: column {name!r} holds {kind}, not text (paths or URLs); name another with --column")
     for batch in pf.iter_batches(columns=[name], batch_size=65_536):
         for value in batch.column(0).to_pylist():
             yield value or ""
+
+
+def _is_text(kind: Any) -> bool:
+    """Whether a Parquet column of this Arrow type holds strings (plain, large, view or dictionary-encoded)."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return bool(
+        pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+        or getattr(pa.types, "is_string_view", lambda _: False)(kind)
+    )

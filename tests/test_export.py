@@ -18,6 +18,7 @@ import pytest
 
 from common.errors import ConfigError
 from common.messages import GenParams, ItemResult, ItemStatus
+from common.paths import LocalFiles
 from producer.export import FLAT_COLUMNS, FORMATS, export_rows, flatten_row, read_rows, split_flags
 
 FILE_FORMATS = ("jsonl", "csv", "parquet")
@@ -198,7 +199,32 @@ def test_jsonl_to_stdout(capsys: pytest.CaptureFixture[str], out: Any) -> None:
 def test_csv_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
     export_rows(awkward_rows(), "csv", "-")
     records = list(csv.DictReader(io.StringIO(capsys.readouterr().out, newline="")))
-    assert [r["caption"] for r in records[: len(AWKWARD)]] == AWKWARD
+    # The formula-like caption is written as text (see the next test); the rest exactly as they are.
+    assert [r["caption"] for r in records[: len(AWKWARD)]] == [*AWKWARD[:-1], "'" + AWKWARD[-1]]
+
+
+FORMULAS = ['=HYPERLINK("http://evil.example","open me")', "+1+1", "-2+3", "@SUM(A1:A9)", "\t=1+1", "\r=1+1"]
+# Text that is no formula, and quotes before a formula, which must come back as they were.
+NOT_FORMULAS = ["a = b", "'plain quote", "''", "1-2", "'=already quoted", "''+double"]
+
+
+def test_csv_cells_starting_like_a_formula_are_text_to_a_spreadsheet(tmp_path: Path) -> None:
+    """Captions, prompts, references and error messages are untrusted text: a cell a spreadsheet would run as a
+    formula gets a leading ' (OWASP's advice for CSV injection), and read_rows takes exactly that ' off again."""
+    texts = FORMULAS + NOT_FORMULAS
+    rows = [_ok(i, text, prompt=text, ref=text) for i, text in enumerate(texts)]
+    rows += [_error(100 + i, "decode_error", text, ref=f"/e{i}") for i, text in enumerate(FORMULAS)]
+    out = tmp_path / "untrusted.csv"
+    export_rows(rows, "csv", out)
+    with open(out, encoding="utf-8", newline="") as fh:
+        records = list(csv.DictReader(fh))
+    cells = [(r["caption"], r["prompt"], r["ref"]) for r in records[: len(texts)]]
+    assert cells[: len(FORMULAS)] == [("'" + t,) * 3 for t in FORMULAS]
+    quoted = ["a = b", "'plain quote", "''", "1-2", "''=already quoted", "'''+double"]
+    assert cells[len(FORMULAS) :] == [(t,) * 3 for t in quoted]
+    assert [r["error"] for r in records[len(texts) :]] == ["'" + t for t in FORMULAS]
+    assert not any(cell.startswith(("=", "+", "-", "@", "\t", "\r")) for r in records for cell in r.values())
+    assert list(read_rows(out, "csv")) == [flatten_row(r) for r in rows]
 
 
 def test_parquet_refuses_stdout() -> None:
@@ -294,6 +320,11 @@ def test_missing_output_directory_is_a_config_error(tmp_path: Path) -> None:
 # --- sidecars ---------------------------------------------------------------------------------
 
 
+def _local(root: Path) -> LocalFiles:
+    """The workers' rules for files under ``root`` (what `captioner export` builds from CAPTIONER_ALLOWED_ROOTS)."""
+    return LocalFiles.under([root], 1 << 20)
+
+
 def _image(folder: Path, name: str) -> Path:
     path = folder / name
     path.write_bytes(b"not really an image; sidecars never open it")
@@ -314,7 +345,7 @@ def test_sidecars_skip_existing_then_overwrite(tmp_path: Path) -> None:
         _ok(7, "gone", ref=str(tmp_path / "missing.jpg")),
     ]
 
-    summary = export_rows(rows, "sidecar", None)
+    summary = export_rows(rows, "sidecar", None, local=_local(tmp_path))
     assert (summary.rows_written, summary.files_written, summary.skipped, summary.path) == (2, 2, 5, None)
     assert summary.skipped_by_reason == {"exists": 1, "not_ok": 1, "not_local": 2, "missing_image": 1}
     assert (tmp_path / "a.txt").read_text(encoding="utf-8") == 'a cat, "quoted"\nand unicode ✓\n'
@@ -322,7 +353,7 @@ def test_sidecars_skip_existing_then_overwrite(tmp_path: Path) -> None:
     assert (tmp_path / "c.txt").read_text() == "hand-written caption\n"
     assert not (tmp_path / "d.txt").exists()
 
-    again = export_rows(rows, "sidecar", tmp_path / "ignored.jsonl", overwrite=True)
+    again = export_rows(rows, "sidecar", tmp_path / "ignored.jsonl", overwrite=True, local=_local(tmp_path))
     assert (again.files_written, again.skipped_by_reason.get("exists", 0)) == (3, 0)
     assert (tmp_path / "c.txt").read_text() == "machine caption\n"
     assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / "ignored.jsonl").exists()
@@ -331,14 +362,20 @@ def test_sidecars_skip_existing_then_overwrite(tmp_path: Path) -> None:
 def test_sidecar_extension_and_self_clash(tmp_path: Path) -> None:
     img = _image(tmp_path, "scan.jpg")
     notes = _image(tmp_path, "notes.txt")
-    summary = export_rows([_ok(1, "x", ref=str(img)), _ok(2, "y", ref=str(notes))], "sidecar", None, sidecar_ext=".txt")
+    summary = export_rows(
+        [_ok(1, "x", ref=str(img)), _ok(2, "y", ref=str(notes))],
+        "sidecar",
+        None,
+        sidecar_ext=".txt",
+        local=_local(tmp_path),
+    )
     assert summary.skipped_by_reason == {"name_clash": 1}
     assert notes.read_bytes().startswith(b"not really")  # the input was not replaced by its own caption
-    export_rows([_ok(1, "x", ref=str(img))], "sidecar", None, sidecar_ext=".caption")
+    export_rows([_ok(1, "x", ref=str(img))], "sidecar", None, sidecar_ext=".caption", local=_local(tmp_path))
     assert (tmp_path / "scan.caption").read_text() == "x\n"
     for bad in ("txt", ".", "../x", "./a/b"):
         with pytest.raises(ConfigError, match="sidecar extension"):
-            export_rows([], "sidecar", None, sidecar_ext=bad)
+            export_rows([], "sidecar", None, sidecar_ext=bad, local=_local(tmp_path))
 
 
 # --- dataset formats: imagefolder metadata.jsonl, WebDataset shards, kohya JSON ---------------------------
@@ -413,7 +450,7 @@ def test_webdataset_shards_hold_image_caption_and_row(tmp_path: Path) -> None:
     (root / "missing.jpg").touch()
     rows.append(_ok(8, "gone", ref=str(root / "gone.jpg")))
     out = tmp_path / "shards"
-    summary = export_rows(iter(rows), "webdataset", out, shard_size=3)
+    summary = export_rows(iter(rows), "webdataset", out, shard_size=3, local=_local(tmp_path))
     assert (summary.rows_written, summary.files_written, summary.path) == (4, 2, out)
     assert summary.skipped_by_reason == {"not_ok": 1, "not_local": 2, "missing_image": 1}
     assert sorted(p.name for p in out.iterdir()) == ["shard-000000.tar", "shard-000001.tar"]
@@ -436,12 +473,14 @@ def test_webdataset_shards_hold_image_caption_and_row(tmp_path: Path) -> None:
 def test_webdataset_pattern_overwrite_and_stale_shards(tmp_path: Path) -> None:
     _, rows, _ = _dataset(tmp_path)
     pattern = tmp_path / "train-%03d.tar"
-    assert export_rows(rows, "webdataset", pattern, shard_size=1).files_written == 4
+    assert export_rows(rows, "webdataset", pattern, shard_size=1, local=_local(tmp_path)).files_written == 4
     assert sorted(p.name for p in tmp_path.glob("train-*.tar")) == [f"train-{i:03d}.tar" for i in range(4)]
     with pytest.raises(ConfigError, match="overwrite"):
-        export_rows(rows, "webdataset", pattern, shard_size=1)
+        export_rows(rows, "webdataset", pattern, shard_size=1, local=_local(tmp_path))
     # Overwriting with fewer shards removes the higher-numbered ones the first export left.
-    summary = export_rows(rows, "webdataset", pattern, shard_size=3, overwrite=True, exclude_flags=["repetition"])
+    summary = export_rows(
+        rows, "webdataset", pattern, shard_size=3, overwrite=True, exclude_flags=["repetition"], local=_local(tmp_path)
+    )
     assert (summary.rows_written, summary.files_written) == (3, 1)
     assert [p.name for p in tmp_path.glob("train-*.tar")] == ["train-000.tar"]
     assert len(_members(tmp_path / "train-000.tar")) == 9
@@ -459,21 +498,21 @@ def test_webdataset_failure_midway_leaves_no_shards(tmp_path: Path) -> None:
 
     out = tmp_path / "shards"
     with pytest.raises(RuntimeError, match="midway"):
-        export_rows(rows(), "webdataset", out, shard_size=10)
+        export_rows(rows(), "webdataset", out, shard_size=10, local=_local(tmp_path))
     assert list(out.iterdir()) == []  # three complete shards were written, none moved into place
 
 
 def test_webdataset_refuses_bad_targets(tmp_path: Path) -> None:
     for bad in (None, "-", tmp_path / "one.tar", tmp_path / "no-field%.tar", tmp_path / "x%s%s.tar"):
         with pytest.raises(ConfigError):
-            export_rows([], "webdataset", bad)
+            export_rows([], "webdataset", bad, local=_local(tmp_path))
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="is a file"):
-        export_rows([], "webdataset", tmp_path / "file")
+        export_rows([], "webdataset", tmp_path / "file", local=_local(tmp_path))
     with pytest.raises(ConfigError, match="does not exist"):
-        export_rows([], "webdataset", tmp_path / "nope" / "deeper")
+        export_rows([], "webdataset", tmp_path / "nope" / "deeper", local=_local(tmp_path))
     with pytest.raises(ConfigError, match="shard_size"):
-        export_rows([], "webdataset", tmp_path / "shards", shard_size=0)
+        export_rows([], "webdataset", tmp_path / "shards", shard_size=0, local=_local(tmp_path))
 
 
 def test_kohya_json_maps_paths_to_captions(tmp_path: Path) -> None:
@@ -505,7 +544,7 @@ def test_dataset_formats_stream(tmp_path: Path, fmt: str) -> None:
                 seen_on_disk.extend(p.stat().st_size for p in temps)
             yield _ok(i, f"caption number {i}", ref=str(image))
 
-    summary = export_rows(rows(), fmt, out, shard_size=1_000)
+    summary = export_rows(rows(), fmt, out, shard_size=1_000, local=_local(tmp_path))
     assert summary.rows_written == 3_000
     assert seen_on_disk and max(seen_on_disk) > 0, "nothing written before the input ended"
     assert not [p for p in tmp_path.rglob(".*.tmp")]
@@ -516,6 +555,79 @@ def test_dataset_formats_stream(tmp_path: Path, fmt: str) -> None:
 def test_exclude_flags_applies_to_sidecars(tmp_path: Path) -> None:
     a, b = _image(tmp_path, "a.jpg"), _image(tmp_path, "b.jpg")
     rows = [_ok(1, "fine", ref=str(a)), {**_ok(2, "cut off at the", ref=str(b)), "flags": "truncated"}]
-    summary = export_rows(rows, "sidecar", None, exclude_flags={"truncated"})
+    summary = export_rows(rows, "sidecar", None, exclude_flags={"truncated"}, local=_local(tmp_path))
     assert (summary.files_written, summary.skipped_by_reason) == (1, {"flagged": 1})
     assert (tmp_path / "a.txt").exists() and not (tmp_path / "b.txt").exists()
+
+
+# --- files are checked when they are used, by the workers' rules --------------------------------
+
+
+def _swapped(tmp_path: Path) -> tuple[Path, Path, list[dict[str, Any]]]:
+    """Images captioned under the root, whose folder has since become a symlink to a folder outside it."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "photos").mkdir(parents=True)
+    outside.mkdir()
+    rows = [_ok(i, f"caption {i}", ref=str(_image(root / "photos", f"p{i}.jpg"))) for i in range(2)]
+    (root / "photos").rename(root / "photos-then")
+    (outside / "p0.jpg").write_bytes(b"a file outside the allowed roots")
+    (outside / "p1.jpg").write_bytes(b"another")
+    (root / "photos").symlink_to(outside)
+    return root, outside, rows
+
+
+def test_sidecars_are_not_written_through_a_folder_swapped_for_a_symlink(tmp_path: Path) -> None:
+    root, outside, rows = _swapped(tmp_path)
+    summary = export_rows(rows, "sidecar", None, local=_local(root))
+    assert (summary.files_written, summary.skipped_by_reason) == (0, {"forbidden": 2})
+    assert sorted(p.name for p in outside.iterdir()) == ["p0.jpg", "p1.jpg"]  # nothing written outside
+
+
+def test_webdataset_does_not_pack_what_a_swapped_link_points_at(tmp_path: Path) -> None:
+    root, outside, rows = _swapped(tmp_path)
+    (root / "secret-link.jpg").symlink_to(outside / "p0.jpg")  # a file link leading out, inside the root
+    rows.append(_ok(9, "a link", ref=str(root / "secret-link.jpg")))
+    inside = _image(root, "fine.jpg")
+    rows.append(_ok(10, "a real image", ref=str(inside)))
+    summary = export_rows(rows, "webdataset", tmp_path / "shards", local=_local(root))
+    assert (summary.rows_written, summary.skipped_by_reason) == (1, {"forbidden": 3})
+    (shard,) = (tmp_path / "shards").iterdir()
+    packed = _members(shard)
+    assert packed[f"{rows[-1]['id']}.jpg"] == inside.read_bytes()
+    assert not any(b"outside the allowed roots" in data for data in packed.values())
+
+
+def test_a_symlink_where_the_sidecar_goes_is_replaced_not_written_through(tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (tmp_path / "root").mkdir()
+    image = _image(tmp_path / "root", "a.jpg")
+    (tmp_path / "root" / "a.txt").symlink_to(victim)
+    rows = [_ok(1, "the caption", ref=str(image))]
+    assert export_rows(rows, "sidecar", None, local=_local(tmp_path / "root")).skipped_by_reason == {"exists": 1}
+    summary = export_rows(rows, "sidecar", None, overwrite=True, local=_local(tmp_path / "root"))
+    assert summary.files_written == 1 and victim.read_text() == "precious\n"
+    sidecar = tmp_path / "root" / "a.txt"
+    assert not sidecar.is_symlink() and sidecar.read_text() == "the caption\n"
+
+
+def test_files_outside_the_roots_and_special_files_are_forbidden(tmp_path: Path) -> None:
+    import os
+
+    (tmp_path / "root").mkdir()
+    os.mkfifo(tmp_path / "root" / "pipe.jpg")
+    elsewhere = _image(tmp_path, "elsewhere.jpg")
+    rows = [_ok(1, "a fifo", ref=str(tmp_path / "root" / "pipe.jpg")), _ok(2, "outside", ref=str(elsewhere))]
+    for fmt, out in (("sidecar", None), ("webdataset", tmp_path / "shards")):
+        summary = export_rows(rows, fmt, out, local=_local(tmp_path / "root"))
+        assert summary.skipped_by_reason == {"forbidden": 2}, fmt
+    assert not (tmp_path / "elsewhere.txt").exists()
+
+
+def test_file_formats_need_the_allowed_roots(tmp_path: Path) -> None:
+    image = _image(tmp_path, "a.jpg")
+    for fmt, out in (("sidecar", None), ("webdataset", tmp_path / "shards")):
+        for local in (None, LocalFiles.under([], 1 << 20)):
+            with pytest.raises(ConfigError, match="CAPTIONER_ALLOWED_ROOTS"):
+                export_rows([_ok(1, "x", ref=str(image))], fmt, out, local=local)
+    assert not (tmp_path / "a.txt").exists()

@@ -1,20 +1,46 @@
 """Hostile input through a real worker: each bad item gets its named error, batch-mates are captioned,
-and the worker keeps serving. (tests/test_images.py covers each case in depth, in-process.)"""
+and the worker keeps serving; and the hostile probe's classes end to end (memory bombs inside the caps, fetches
+that outlive their deadline, job ids that reach other jobs' keys, text that a terminal would run).
+(tests/test_images.py covers each case in depth, in-process.)"""
 
 from __future__ import annotations
 
 import io
+import json
 import os
+import time
+import tracemalloc
+import uuid
 import zlib
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from threading import Thread
 
 import pytest
+from click.testing import CliRunner
 from PIL import Image
+from pydantic import ValidationError
 
-from common.messages import TASK_CAPTION, TASK_CAPTION_MANY
-from tests.test_images import png_header_only
+from common.errors import ConfigError, InvalidMessage
+from common.messages import (
+    TASK_CAPTION,
+    TASK_CAPTION_CHUNK,
+    TASK_CAPTION_MANY,
+    ChunkMessage,
+    GenParams,
+    TrainRequest,
+    check_job_id,
+    parse_message,
+)
+from common.settings import Settings
+from producer.cli import cli
+from producer.jobs import JobClient
+from producer.local import WorkerProcess
+from tests.conftest import settings_from
+from tests.test_images import LocalServer, make_policy, png_header_only, serve, tiff_tiled
+from tests.test_recovery import wait_for
+from worker.callbacks import ANSWER_CAP, post_webhook
 from worker.celery_app import create_app
 
 pytestmark = pytest.mark.usefixtures("caption_worker")
@@ -125,3 +151,263 @@ def test_exif_orientation_is_honoured_through_the_worker(settings, images: Path)
     b = app.send_task(TASK_CAPTION, args=[str(images / "upright.jpg")]).get(timeout=60)
     assert a["status"] == b["status"] == "ok"
     assert a["caption"] == b["caption"]
+
+
+# --- the hostile probe's classes ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def web() -> Iterator[LocalServer]:
+    """A real HTTP server on 127.0.0.1 with the slow routes of tests/test_images.py and an endless POST answer."""
+    yield from serve(LocalServer())
+
+
+@pytest.fixture
+def slow(web: LocalServer) -> LocalServer:
+    for events in (web.started, web.hangups):
+        while not events.empty():
+            events.get_nowait()
+    return web
+
+
+def _high_water(proc: WorkerProcess) -> int:
+    """The worker process's peak resident memory so far (VmHWM, what ru_maxrss reports), in bytes."""
+    assert proc.proc is not None
+    with open(f"/proc/{proc.proc.pid}/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+
+
+def test_tile_bombs_in_one_list_call_leave_the_worker_small(
+    settings: Settings, session_root: Path, images: Path, caption_worker: WorkerProcess
+) -> None:
+    """Eight 158-byte TIFFs, each declaring a 40960x40960 tile, took a worker to 8.9 GB in one list call."""
+    folder = session_root / f"bombs-{uuid.uuid4().hex[:6]}"
+    folder.mkdir()
+    bombs = []
+    for i in range(8):
+        (folder / f"bomb{i}.tif").write_bytes(tiff_tiled(16, 16, (40960, 40960)))
+        bombs.append(str(folder / f"bomb{i}.tif"))
+    good = str(sorted(images.glob("*.jpg"))[0])
+    before = _high_water(caption_worker)
+    rows = create_app(settings).send_task(TASK_CAPTION_MANY, kwargs={"sources": [*bombs, good]}).get(timeout=120)
+    assert [(r["status"], r.get("error_class")) for r in rows] == [("error", "too_large")] * 8 + [("ok", None)]
+    assert "TIFF tile 40960x40960" in rows[0]["error"]
+    assert _high_water(caption_worker) - before < 256 << 20  # unguarded: +1.6 GB per decode thread
+
+
+def test_urls_that_defeat_per_read_timeouts_end_at_the_deadline_in_the_worker(
+    settings: Settings, slow: LocalServer, images: Path
+) -> None:
+    """Header bytes one at a time, informational responses for ever, a body one byte at a time: each ends at
+    the worker's deadline (3 s here) as a timeout row that is not retried, and the worker hangs up on it."""
+    paths = ["/drip-headers", "/continue-forever", "/drip"]
+    good = str(sorted(images.glob("*.jpg"))[0])
+    sources = [*(slow.url(p) for p in paths), good]
+    rows = create_app(settings).send_task(TASK_CAPTION_MANY, kwargs={"sources": sources}).get(timeout=120)
+    got = [(r["status"], r.get("error_class"), r.get("transient")) for r in rows]
+    assert got == [("error", "timeout", None)] * 3 + [("ok", None, None)]
+    assert all("no complete answer within 3s" in r["error"] for r in rows[:3])
+    assert sorted(slow.hangups.get(timeout=10) for _ in paths) == sorted(paths)
+
+
+def test_a_stopping_worker_abandons_its_fetches_in_flight(
+    worker_env: dict[str, str], settings: Settings, slow: LocalServer, tmp_path: Path
+) -> None:
+    """SIGTERM while every decode thread waits on a server that drips its headers: with a 600 s deadline the
+    worker would wait 600 s; it abandons the fetches, sends their items again, and exits cleanly at once."""
+    queue = f"captions-stop-{uuid.uuid4().hex[:8]}"
+    env = {**worker_env, "CAPTIONER_CAPTION_QUEUE": queue, "CAPTIONER_INTERACTIVE_QUEUE": f"{queue}-now",
+           "CAPTIONER_URL_TOTAL_TIMEOUT_S": "600", "CAPTIONER_DECODE_THREADS": "4"}  # fmt: skip
+    own = settings_from(env)
+    client = JobClient(own)
+    worker = WorkerProcess(env, log=tmp_path / "stopping.log").start()
+    try:
+        worker.wait_ready()
+        urls = [slow.url(f"/drip-headers?item={i}") for i in range(4)]
+        client.enqueue(urls, job_id="job-stopping")
+        started = sorted(slow.started.get(timeout=60) for _ in urls)  # all four decode threads are in a fetch
+        signalled = time.monotonic()
+        code = worker.terminate(timeout=120)
+        took = time.monotonic() - signalled
+    finally:
+        worker.terminate()
+    assert code == 0, worker.log_tail()
+    assert sorted(slow.hangups.get(timeout=10) for _ in urls) == started
+    info = client.status("job-stopping")
+    assert (info.pending, info.error) == (4, 0)  # abandoned is transient: no row, the items go round again
+    assert not client.stalled(info), "the abandoned items' message must be back with the broker"
+    assert "abandoning URL fetches in flight" in worker.log_path.read_text()
+    client.close()
+    print(f"SIGTERM with 4 fetches in flight: exited in {took:.1f}s")
+
+
+def test_an_endless_webhook_answer_is_read_to_a_small_cap(slow: LocalServer) -> None:
+    tracemalloc.start()
+    try:
+        status = post_webhook(slow.url("/hook"), {"id": "job-x"}, secret="s", policy=make_policy(total_timeout_s=60))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert status == 200 and json.loads(slow.posted[-1]) == {"id": "job-x"}
+    assert slow.hangups.get(timeout=10) == "/hook"  # it hung up instead of reading for ever
+    assert peak < ANSWER_CAP * 8
+
+
+def test_a_worker_posting_to_an_endless_receiver_hangs_up_and_keeps_serving(
+    client: JobClient, settings: Settings, slow: LocalServer, images: Path
+) -> None:
+    refs = [str(p) for p in sorted(images.glob("*.jpg"))[:2]]
+    client.enqueue(refs, job_id="job-endless-hook", extra={"webhook": slow.url("/endless-hook")})
+    assert slow.hangups.get(timeout=120) == "/endless-hook"  # unguarded, it reads (and grows) for ever
+    assert json.loads(slow.posted[-1])["id"] == "job-endless-hook"
+    row = create_app(settings).send_task(TASK_CAPTION, args=[refs[0]]).get(timeout=60)
+    assert row["status"] == "ok"
+    print(f"endless webhook answer: the receiver had sent {slow.sent['/endless-hook']} bytes when the worker hung up")
+
+
+BAD_JOB_IDS = ["victim:res", "victim:src", "../../tmp/x", "a/b", ".hidden", "a..b", "x" * 129, "tab\there", "é", ""]
+
+
+@pytest.mark.parametrize("job_id", BAD_JOB_IDS)
+def test_job_ids_outside_the_alphabet_are_refused_by_producer_and_worker_alike(job_id: str) -> None:
+    with pytest.raises(ValueError, match="not valid"):
+        check_job_id(job_id)
+    with pytest.raises(InvalidMessage, match="job_id"):
+        parse_message(ChunkMessage, {"job_id": job_id, "items": ["/a.jpg"]})
+    with pytest.raises(ValidationError, match="not valid"):
+        TrainRequest(job_id=job_id, dataset="/data")
+    check_job_id("job-" + "a" * 124)  # the longest id, and the derived ids' shape
+
+
+def test_the_producer_refuses_an_id_the_worker_would_refuse_before_writing(
+    client: JobClient, settings: Settings, images: Path
+) -> None:
+    image = str(sorted(images.glob("*.jpg"))[0])
+    env = _cli_env(settings)
+    for bad in ("x" * 200, "other-job:res"):
+        result = CliRunner().invoke(cli, ["enqueue", image, "--job-id", bad], env=env)
+        assert result.exit_code == 2 and "job id" in result.output and "Traceback" not in result.output
+        with pytest.raises(ConfigError, match="not valid"):
+            client.enqueue([image], job_id=bad)
+    assert client.jobs() == []  # nothing was written for any of them
+
+
+def test_a_chunk_naming_another_jobs_keys_is_refused_and_that_job_stays_whole(
+    client: JobClient, settings: Settings, images: Path, caption_worker: WorkerProcess, tmp_path: Path
+) -> None:
+    """A service's chunk for "victim:res" wrote into the victim's results; its export and failures then crashed."""
+    from producer.export import export_rows
+
+    refs = [str(p) for p in sorted(images.glob("*.jpg"))[:2]]
+    client.enqueue(refs, job_id="victim")
+    client.wait("victim", timeout=120, on_tick=lambda _: None)
+    before = sorted(json.dumps(r, sort_keys=True) for r in client.results("victim"))
+    app = create_app(settings)
+    for bad in ("victim:res", "victim:src", "victim:att"):
+        sent = app.send_task(
+            TASK_CAPTION_CHUNK, kwargs={"job_id": bad, "items": [refs[0]]}, queue=settings.caption_queue
+        )
+        wait_for(lambda sent=sent: f"[{sent.id}] raised unexpected: InvalidMessage" in caption_worker.log_tail(400),
+                 60, f"the worker to refuse the chunk of {bad!r}")  # fmt: skip
+    assert sorted(json.dumps(r, sort_keys=True) for r in client.results("victim")) == before
+    assert client.failures("victim") == {} and client.status("victim").ok == 2
+    assert export_rows(client.results("victim"), "jsonl", tmp_path / "victim.jsonl").rows_written == 2
+
+
+def test_the_default_export_name_never_comes_from_an_id_that_leaves_the_folder(
+    client: JobClient, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    # The ledger refuses such an id at every key it would name, so no job can hold one.
+    with pytest.raises(InvalidMessage, match="is not valid"):
+        client.ledger.open_job("../escaped", "a job named to climb out", GenParams())
+    for args in (["export", "../escaped"], ["export", "../escaped", "-o", "old.jsonl"]):
+        result = CliRunner().invoke(cli, args, env=_cli_env(settings))
+        assert result.exit_code == 1 and "is not valid" in result.output and "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == [tmp_path / "here"] and list((tmp_path / "here").iterdir()) == []
+
+
+def _cli_env(settings: Settings) -> dict[str, str]:
+    return {"CAPTIONER_BROKER_URL": settings.broker_url_str, "CAPTIONER_REDIS_URL": settings.redis_url_str,
+            "CAPTIONER_KEY_PREFIX": settings.key_prefix, "CAPTIONER_CAPTION_QUEUE": settings.caption_queue,
+            "CAPTIONER_INTERACTIVE_QUEUE": settings.interactive_queue_name,
+            "CAPTIONER_ALLOWED_ROOTS": ",".join(map(str, settings.allowed_roots))}  # fmt: skip
+
+
+def test_jobs_status_and_failures_show_control_characters_as_escapes(
+    client: JobClient, settings: Settings, images: Path
+) -> None:
+    name = "\x1b[2J\x1b]0;owned\x07 [bold]name[/bold] \u202eevil"
+    client.ledger.open_job("job-escapes", name, GenParams())
+    client.ledger.seal("job-escapes")
+    env = _cli_env(settings)
+    for args in (["jobs"], ["status", "job-escapes"]):
+        shown = CliRunner().invoke(cli, args, env=env, catch_exceptions=False).output
+        assert "\x1b" not in shown and "\x07" not in shown and "\u202e" not in shown, args
+        assert "\\x1b[2J" in shown and "\\u202e" in shown and "[bold]name[/bold]" in shown, (args, shown)
+
+
+@pytest.mark.parametrize(
+    ("args", "hint"),
+    [(["--max-length", "1"], "--max-length"), (["--prompt", "a photo of", "--max-length", "4"], "no room")],
+)
+def test_parameters_that_leave_no_room_for_a_caption_are_refused_at_the_edge(
+    settings: Settings, images: Path, args: list[str], hint: str
+) -> None:
+    """max_length 1, or a prompt as long as max_length, was an engine_error on every item."""
+    result = CliRunner().invoke(cli, ["enqueue", str(images), *args], env=_cli_env(settings))
+    assert result.exit_code == 2 and hint in result.output, result.output
+    for params in ({"max_length": 1}, {"max_length": 4, "prompt": "a photo of"}):
+        with pytest.raises(InvalidMessage, match="max_length"):
+            parse_message(ChunkMessage, {"job_id": "job-p", "items": ["/a.jpg"], "params": params})
+    GenParams(max_length=5, prompt="a photo of")  # the start token, three words, room for one more
+
+
+def test_a_prompt_of_few_words_and_many_tokens_is_an_invalid_input_row(settings: Settings, images: Path) -> None:
+    """Past the edge's word count, the worker counts tokens: no room is a named row, not an engine_error."""
+    image = str(sorted(images.glob("*.jpg"))[0])
+    params = {"max_length": 3, "prompt": "antidisestablishmentarianism"}  # one word, several word pieces
+    row = create_app(settings).send_task(TASK_CAPTION, kwargs={"source": image, "params": params}).get(timeout=60)
+    assert (row["status"], row["error_class"]) == ("error", "invalid_input"), row
+    assert "leaves no room for a caption" in row["error"]
+
+
+def test_a_list_call_over_the_workers_bound_is_refused_whole(settings: Settings, images: Path) -> None:
+    """A list call running past the visibility timeout is delivered again and captioned twice: over
+    CAPTIONER_MAX_LIST_ITEMS (256) the worker refuses it and says to send a job."""
+    image = str(sorted(images.glob("*.jpg"))[0])
+    result = create_app(settings).send_task(TASK_CAPTION_MANY, kwargs={"sources": [image] * 257})
+    with pytest.raises(Exception, match=r"257 images, over this worker's 256 per call") as err:
+        result.get(timeout=60)
+    assert type(err.value).__name__ == "InvalidMessage"
+    rows = create_app(settings).send_task(TASK_CAPTION_MANY, kwargs={"sources": [image] * 3}).get(timeout=60)
+    assert [r["status"] for r in rows] == ["ok"] * 3
+
+
+def test_doctor_holds_decode_threads_times_the_largest_image_to_the_machines_memory(
+    worker_env: dict[str, str], settings: Settings, caption_worker: WorkerProcess, images: Path
+) -> None:
+    image = str(sorted(images.glob("*.jpg"))[0])
+    assert create_app(settings).send_task(TASK_CAPTION, args=[image]).get(timeout=60)["status"] == "ok"
+    env = {**worker_env, "CAPTIONER_DECODE_THREADS": "256", "CAPTIONER_MAX_IMAGE_PIXELS": str(10**10)}
+    checks = {c["name"]: c for c in json.loads(CliRunner().invoke(cli, ["doctor", "--json"], env=env).stdout)}
+    local = checks["image memory"]
+    assert local["level"] == "fail" and local["detail"].startswith("256 decode thread(s)")
+    assert "more than the machine has" in local["detail"] and "CAPTIONER_DECODE_THREADS" in local["detail"]
+    # Each worker reports its own: 4 threads and the default caps, against its own machine's memory.
+    own = Settings(decode_threads=4)
+    (worker,) = [c for name, c in checks.items() if name == f"image memory {caption_worker.name}"]
+    assert worker["detail"].startswith(f"4 decode thread(s) x the largest image allowed = "
+                                       f"{own.image_memory_bytes / 2**30:.1f} GiB")  # fmt: skip
+    # ... and its largest list call at its own speed against its visibility timeout (the tiny model is fast).
+    calls = checks[f"list calls {caption_worker.name}"]
+    assert calls["level"] == "ok" and calls["detail"].startswith("256 images per caption_many call at"), calls
+
+
+def test_doctor_warns_when_a_list_call_would_outlast_half_the_visibility_timeout() -> None:
+    from producer.doctor import list_calls
+
+    assert list_calls("w", 256, 2.0, 300).level == "ok"  # 128 s of 300
+    slow = list_calls("w", 256, 1.0, 300)  # 256 s: past half, a second delivery is near
+    assert slow.level == "warn" and "CAPTIONER_MAX_LIST_ITEMS" in slow.detail

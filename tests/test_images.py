@@ -7,12 +7,15 @@ import contextlib
 import gzip
 import io
 import ipaddress
+import json
 import os
+import queue
 import shutil
 import socket
 import ssl
 import struct
 import subprocess
+import sys
 import threading
 import time
 import tracemalloc
@@ -30,10 +33,20 @@ from PIL import Image, ImageOps
 
 from common.errors import DecodeError, FetchError, FetchTimeout, Forbidden, InvalidInput, ItemError, TooLarge
 from common.messages import Source
-from common.settings import DEFAULT_FORMATS, Settings
-from worker.images import ImagePolicy, check_address, decode_image, fetch_url, load_image, read_path, read_source
+from common.settings import DECODE_OVERHEAD_BYTES, DEFAULT_FORMATS, Settings
+from worker.images import (
+    FetchGuard,
+    ImagePolicy,
+    check_address,
+    decode_cost,
+    decode_image,
+    fetch_url,
+    load_image,
+    read_path,
+    read_source,
+)
 
-RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
+RED, GREEN, BLUE, WHITE, GREY = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (128, 128, 128)
 TOTAL_S = 1.0  # the fetch deadline of every HTTP test: small, so the file stays fast
 
 
@@ -70,6 +83,77 @@ def png_header_only(width: int, height: int) -> bytes:
 PNG = encode(Image.new("RGB", (8, 6), RED), "PNG")
 
 
+def tiff_tiled(width: int, height: int, tile: tuple[int, int], fill: int | None = None) -> bytes:
+    """A little-endian greyscale TIFF of width x height in deflated tiles of the given size.
+
+    ``fill`` None: one tile whose data is 64 zero bytes. The tile's declared size is what libtiff allocates,
+    whatever the image's size and however few bytes follow: ``tiff_tiled(16, 16, (40960, 40960))`` is under
+    200 bytes and costs 1.6 GB to decode unguarded. With ``fill``, every tile is complete and holds that value.
+    """
+    count = 1 if fill is None else -(-width // tile[0]) * -(-height // tile[1])
+    body = zlib.compress(b"\0" * 64) if fill is None else zlib.compress(bytes([fill]) * (tile[0] * tile[1]))
+    arrays = 8 + count * len(body)  # the offsets and byte counts follow the tiles, then the IFD
+    ifd_at = arrays + 8 * count
+    # One tile: its offset and byte count stand in the IFD entries themselves; several: the entries point at arrays.
+    offsets_at, lengths_at = (8, len(body)) if count == 1 else (arrays, arrays + 4 * count)
+    tags = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 8), (262, 3, 1, 1),
+            (277, 3, 1, 1), (284, 3, 1, 1), (322, 4, 1, tile[0]), (323, 4, 1, tile[1]),
+            (324, 4, count, offsets_at), (325, 4, count, lengths_at)]  # fmt: skip
+    ifd = struct.pack("<H", len(tags))
+    for tag, kind, n, value in tags:
+        ifd += struct.pack("<HHI", tag, kind, n) + (
+            struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value)
+        )
+    offsets = struct.pack(f"<{count}I", *(8 + i * len(body) for i in range(count)))
+    lengths = struct.pack(f"<{count}I", *([len(body)] * count))
+    return b"II*\x00" + struct.pack("<I", ifd_at) + body * count + offsets + lengths + ifd + struct.pack("<I", 0)
+
+
+_PEAK = """
+import gc, json, sys
+from PIL import Image
+from worker.images import ImagePolicy, decode_image
+
+Image.init()  # every format plugin imported now, not counted in the decode
+
+def high_water():
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+
+policy = ImagePolicy(**json.loads(sys.argv[2]))
+data = open(sys.argv[1], "rb").read()
+gc.collect()
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")  # Linux: the high-water mark restarts from what is in use now (imports peaked above it)
+before = high_water()
+try:
+    out = decode_image(data, policy)
+    result = {"size": list(out.size), "mode": out.mode}
+except Exception as exc:
+    result = {"error": getattr(exc, "code", type(exc).__name__), "message": str(exc)}
+result["peak"] = high_water() - before
+print(json.dumps(result))
+"""
+
+
+def decode_peak(data: bytes, tmp_path: Path, **changes: object) -> dict:
+    """decode_image in a fresh process: its outcome and how far it raised the process's RSS high-water mark
+    (VmHWM, what ru_maxrss reports, restarted just before the decode).
+
+    A process of its own, because Pillow's pixel buffers are not Python allocations (tracemalloc does not see
+    them) and freed memory from earlier work would hide a peak.
+    """
+    policy = make_policy(**changes)
+    fields = {"allowed_roots": [], "max_bytes": policy.max_bytes, "max_pixels": policy.max_pixels,
+              "formats": list(policy.formats), "connect_timeout_s": 1, "total_timeout_s": 1, "max_redirects": 0,
+              "allow_private": True}  # fmt: skip
+    path = tmp_path / f"decode-{len(data)}-{zlib.crc32(data)}.bin"
+    path.write_bytes(data)
+    done = subprocess.run([sys.executable, "-c", _PEAK, str(path), json.dumps(fields)],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 # --- a real HTTP server ------------------------------------------------------------------------------
 
 
@@ -104,25 +188,51 @@ class Handler(BaseHTTPRequestHandler):
     def route_loop(self, q: dict) -> None:
         self.reply(302, Location="/loop")
 
+    def do_POST(self) -> None:
+        """A webhook receiver whose answer never ends (a status line, then zeros for ever)."""
+        self.server.posted.append(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+        self.drip(b"HTTP/1.1 200 OK\r\n\r\n", b"\0" * 65536, every=0)
+
+    def drip(self, head: bytes, more: bytes, *, every: float = 0.05) -> None:
+        """Send ``head``, then ``more`` again and again: no single read ever times out. Until the client hangs up."""
+        self.server.started.put(self.path)
+        sent = 0
+        try:
+            self.wfile.write(head)
+            while not self.server.stop.wait(every):
+                self.wfile.write(more)
+                self.wfile.flush()
+                sent += len(more)
+        except OSError:  # the client hung up: what the tests wait for
+            self.server.sent[self.path] = sent
+            self.server.hangups.put(self.path)
+        self.close_connection = True
+
+    def wait_for_hangup(self) -> None:
+        self.server.started.put(self.path)
+        self.connection.settimeout(30)
+        with contextlib.suppress(OSError):
+            while self.connection.recv(1024):
+                pass
+            self.server.hangups.put(self.path)  # the client shut the connection down
+        self.close_connection = True
+
     def route_drip(self, q: dict) -> None:
-        self.send_response(200)
-        self.send_header("Content-Length", "1000")
-        self.end_headers()
-        for _ in range(1000):  # one byte every 0.1 s: no single read ever times out
-            self.wfile.write(b"x")
-            self.wfile.flush()
-            if self.server.stop.wait(0.1):
-                return
+        self.drip(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n", b"x")
+
+    def route_drip_headers(self, q: dict) -> None:
+        self.drip(b"HTTP/1.1 200 OK\r\nX-Slow: ", b"x")  # the header line never ends
+
+    def route_continue_forever(self, q: dict) -> None:
+        self.drip(b"", b"HTTP/1.1 100 Continue\r\n\r\n")  # informational responses, never the response
 
     def route_hang(self, q: dict) -> None:
-        self.server.stop.wait(10)
+        self.wait_for_hangup()
 
     def route_hang_body(self, q: dict) -> None:
-        self.send_response(200)
-        self.send_header("Content-Length", "1000")
-        self.end_headers()
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
         self.wfile.flush()
-        self.server.stop.wait(10)
+        self.wait_for_hangup()
 
     def route_declared_huge(self, q: dict) -> None:
         self.send_response(200)
@@ -169,6 +279,11 @@ class LocalServer(ThreadingHTTPServer):
             self.socket = tls.wrap_socket(self.socket, server_side=True)
         self.seen: list[dict[str, str]] = []
         self.stop = threading.Event()
+        #: Paths of slow routes, as each one starts, and as its client hangs up.
+        self.started: queue.Queue[str] = queue.Queue()
+        self.hangups: queue.Queue[str] = queue.Queue()
+        self.sent: dict[str, int] = {}  # bytes a dripping route had sent when its client hung up
+        self.posted: list[bytes] = []
         # 64 MiB of zeros, gzipped to ~64 KiB: far past every cap used here.
         packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
         zeros = b"\0" * (1 << 20)
@@ -199,6 +314,9 @@ def live() -> Iterator[LocalServer]:
 @pytest.fixture
 def server(live: LocalServer) -> LocalServer:
     live.seen.clear()
+    for events in (live.started, live.hangups):
+        while not events.empty():
+            events.get_nowait()
     return live
 
 
@@ -316,6 +434,26 @@ def test_b64_sources(root: Path) -> None:
         read_source(Source(b64="not base64!"), policy)
     with pytest.raises(TooLarge):
         read_source(Source(b64=base64.b64encode(b"\0" * 2048).decode()), replace(policy, max_bytes=1024))
+
+
+def test_b64_far_over_its_cap_is_refused_by_length_before_anything_is_decoded() -> None:
+    cap = 1 << 20
+    policy = make_policy(max_bytes=cap)
+    # Not even base64: decoding first would make this an invalid_input, and cost a copy of 8 MiB.
+    huge = Source(b64="!" * (8 * cap))
+    tracemalloc.start()
+    try:
+        assert huge.ref.startswith("b64:")  # the item id hashes it in slices
+        with pytest.raises(TooLarge, match="base64 characters"):
+            read_source(huge, policy)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < cap // 4
+    longest = base64.b64encode(b"\0" * (cap - 1)).decode()  # padding included, it still fits the cap
+    assert len(read_source(Source(b64=longest), policy)) == cap - 1
+    with pytest.raises(TooLarge):
+        read_source(Source(b64=longest + "AAAA"), policy)
 
 
 # --- decoding: modes ----------------------------------------------------------------------------------
@@ -465,9 +603,8 @@ def test_pixel_limit_checked_from_header() -> None:
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 @pytest.mark.parametrize("side", [10_000, 20_000, 100_000])  # warn band of Pillow, above its error, absurd
-def test_decompression_bomb_is_too_large_and_fast(side: int) -> None:
+def test_decompression_bomb_is_too_large(side: int) -> None:
     bomb = png_header_only(side, side)
-    start = time.monotonic()
     with pytest.raises(TooLarge):
         decode_image(bomb, make_policy())
     # Our limit lifted: Pillow's own DecompressionBombError must still come out as TooLarge, not escape.
@@ -480,7 +617,75 @@ def test_decompression_bomb_is_too_large_and_fast(side: int) -> None:
         warnings.simplefilter("error")
         with pytest.raises(TooLarge):
             decode_image(bomb, make_policy(max_pixels=10**12) if side == 10_000 else make_policy())
-    assert time.monotonic() - start < 2
+
+
+# --- decoding: memory that the pixel cap does not bound -------------------------------------------------
+
+
+def test_tiff_tile_bomb_is_refused_before_the_decoder_allocates(tmp_path: Path) -> None:
+    bomb = tiff_tiled(16, 16, (40960, 40960))
+    assert len(bomb) < 200 and Image.open(io.BytesIO(bomb)).size == (16, 16)  # passes every size cap
+    got = decode_peak(bomb, tmp_path)
+    assert got["error"] == "too_large" and "40960x40960" in got["message"]
+    assert got["peak"] < 64 << 20  # unguarded, libtiff allocates the 1.6 GB tile
+
+
+@pytest.mark.parametrize(
+    ("size", "tile"), [((16, 16), (2048, 2048)), ((16, 16), (1 << 20, 16)), ((3000, 20), (4096, 4096))]
+)
+def test_tiff_tiles_larger_than_their_image_are_too_large(size: tuple[int, int], tile: tuple[int, int]) -> None:
+    with pytest.raises(TooLarge, match="TIFF tile"):
+        decode_image(tiff_tiled(*size, tile), make_policy())
+
+
+@pytest.mark.parametrize(("size", "tile"), [((16, 16), (256, 256)), ((600, 400), (1024, 1024)), ((48, 40), (16, 16))])
+def test_honest_tiled_tiffs_decode(size: tuple[int, int], tile: tuple[int, int]) -> None:
+    """Tiles larger than a small image are normal (an encoder's default 256x256 tile): up to a megapixel passes."""
+    out = decode_image(tiff_tiled(*size, tile, fill=128), make_policy())
+    assert (out.size, out.getpixel((0, 0)), out.getpixel((size[0] - 1, size[1] - 1))) == (size, GREY, GREY)
+
+
+def _webp_rgba(side: int) -> bytes:
+    return encode(Image.new("RGBA", (side, side), (10, 200, 30, 128)), "WEBP")
+
+
+#: Images of every kind that needs more than one plain convert, or a decoder with buffers of its own.
+MEMORY_CASES = {
+    "rgba_png": lambda side: encode(Image.new("RGBA", (side, side), (10, 200, 30, 128)), "PNG"),
+    "la_png": lambda side: encode(Image.new("LA", (side, side), (10, 128)), "PNG"),
+    "i16_png": lambda side: encode(Image.new("I;16", (side, side), 40000), "PNG"),
+    "float_tiff": lambda side: encode(Image.new("F", (side, side), 0.5), "TIFF", compression="tiff_deflate"),
+    "palette_gif": lambda side: encode(Image.new("P", (side, side), 0), "GIF", transparency=0),
+    "cmyk_jpeg": lambda side: encode(Image.new("CMYK", (side, side), (0, 255, 255, 0)), "JPEG"),
+    "progressive_jpeg": lambda side: encode(
+        Image.new("RGB", (side, side), RED), "JPEG", progressive=True, subsampling=0
+    ),
+    "rgba_webp": _webp_rgba,
+}
+
+
+@pytest.mark.parametrize("case", sorted(MEMORY_CASES))
+def test_decode_peak_stays_within_the_budget_its_header_promises(case: str, tmp_path: Path) -> None:
+    """The decode's real peak (RSS high-water mark, own process) is within pixels x decode_cost: the figure the
+    per-decode budget rests on. Converting by whole-image steps (composite, scale) would double it."""
+    side = 3000
+    data = MEMORY_CASES[case](side)
+    cost = decode_cost(Image.open(io.BytesIO(data)))
+    got = decode_peak(data, tmp_path, max_bytes=len(data), max_pixels=side * side * 2)
+    assert got.get("size") == [side, side], got
+    assert got["peak"] <= side * side * cost + DECODE_OVERHEAD_BYTES, (got["peak"] / side / side, cost)
+
+
+def test_decoders_that_need_more_memory_get_fewer_pixels() -> None:
+    """WebP costs 16 bytes per pixel, a progressive CMYK JPEG 12: over budget/cost pixels they are too large."""
+    policy = make_policy(max_pixels=100 * 100)  # a budget of 80,000 bytes
+    assert decode_image(_webp_rgba(70), policy).size == (70, 70)  # 4,900 pixels x 16
+    with pytest.raises(TooLarge, match=r"WEBP needs 16 bytes per pixel"):
+        decode_image(_webp_rgba(80), policy)  # 6,400 pixels x 16
+    cmyk = Image.new("CMYK", (90, 90), (0, 255, 255, 0))
+    assert decode_image(encode(cmyk, "JPEG"), policy).size == (90, 90)  # baseline: 8 bytes per pixel
+    with pytest.raises(TooLarge, match=r"JPEG needs 12 bytes per pixel"):
+        decode_image(encode(cmyk, "JPEG", progressive=True, subsampling=0), policy)
 
 
 # --- URLs: HTTP behaviour (loopback allowed) --------------------------------------------------------
@@ -518,39 +723,72 @@ def test_redirect_to_other_scheme_forbidden(server: LocalServer) -> None:
         fetch_url(server.url("/redirect?to=file:///etc/passwd"), make_policy())
 
 
-def test_dripping_body_hits_total_deadline(server: LocalServer) -> None:
+@pytest.mark.timeout(30)  # unguarded, the header drip and the informational responses never end
+@pytest.mark.parametrize("path", ["/drip", "/drip-headers", "/continue-forever", "/hang", "/hang-body"])
+def test_one_deadline_over_the_whole_exchange(server: LocalServer, path: str) -> None:
+    """Each of these servers defeats per-read timeouts in its own way; the fetch still ends at its deadline, hangs
+    up on the server, and is not retried (a retry would hold a decode thread for another whole deadline)."""
     start = time.monotonic()
-    with pytest.raises(FetchTimeout):
-        fetch_url(server.url("/drip"), make_policy())
-    assert TOTAL_S <= time.monotonic() - start < TOTAL_S + 1.0
-
-
-@pytest.mark.parametrize("path", ["/hang", "/hang-body"])
-def test_hanging_server_times_out(server: LocalServer, path: str) -> None:
-    start = time.monotonic()
-    with pytest.raises(FetchTimeout) as err:
+    with pytest.raises(FetchTimeout, match=f"no complete answer within {TOTAL_S:g}s") as err:
         fetch_url(server.url(path), make_policy())
+    assert time.monotonic() - start >= TOTAL_S
+    assert not err.value.transient
+    assert server.hangups.get(timeout=10) == path  # the server saw the connection end while it was still at it
+
+
+def test_connect_timeout_is_transient() -> None:
+    """Unreachable now may be reachable later: a connect timeout is worth another try, unlike a slow answer."""
+    with socket.socket() as listener, contextlib.ExitStack() as fillers:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)  # never accepted: once its backlog is full, a new connection's SYN goes unanswered
+        port = listener.getsockname()[1]
+        for _ in range(8):
+            filler = fillers.enter_context(socket.socket())
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+        with pytest.raises(FetchTimeout, match="connecting timed out") as err:
+            fetch_url(f"http://127.0.0.1:{port}/img.png", make_policy(connect_timeout_s=0.3))
     assert err.value.transient
-    assert time.monotonic() - start < TOTAL_S + 1.0
+
+
+def test_a_stopped_guard_abandons_fetches_in_flight_and_refuses_new_ones(server: LocalServer) -> None:
+    guard = FetchGuard()
+    failures: list[ItemError] = []
+
+    def fetch() -> None:
+        try:
+            fetch_url(server.url("/drip-headers"), make_policy(total_timeout_s=600), guard=guard)
+        except ItemError as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=fetch) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    assert [server.started.get(timeout=10) for _ in threads] == ["/drip-headers"] * 3  # all three connected
+    guard.stop()
+    for thread in threads:
+        thread.join(timeout=30)  # unguarded: a 600 s deadline
+    assert [type(f) for f in failures] == [FetchError] * 3
+    assert all(f.transient and "the worker is stopping" in str(f) for f in failures)  # another worker may fetch it
+    assert sorted(server.hangups.get(timeout=10) for _ in threads) == ["/drip-headers"] * 3
+    with pytest.raises(FetchError, match="stopping") as err:
+        fetch_url(server.url("/img.png"), make_policy(), guard=guard)
+    assert err.value.transient and [r["path"] for r in server.seen] == ["/drip-headers"] * 3  # never connected
 
 
 def test_endless_body_is_capped(server: LocalServer) -> None:
-    start = time.monotonic()
-    with pytest.raises(TooLarge):
+    with pytest.raises(TooLarge):  # not FetchTimeout: the cap ends it, long before the deadline
         fetch_url(server.url("/endless"), make_policy())
-    assert time.monotonic() - start < 1.5
 
 
 def test_declared_length_refused_up_front(server: LocalServer) -> None:
-    start = time.monotonic()
+    # The server never sends the body: only the header can end it before the deadline (FetchTimeout).
     with pytest.raises(TooLarge, match="Content-Length"):
         fetch_url(server.url("/declared-huge"), make_policy())
-    assert time.monotonic() - start < 1.0  # the server never sends the body: only the header can end it early
 
 
 def test_gzip_bomb_is_capped_on_decoded_bytes(server: LocalServer) -> None:
     assert len(server.bomb) < (1 << 20)  # it would pass a cap applied to the wire bytes
-    start = time.monotonic()
     tracemalloc.start()
     try:
         with pytest.raises(TooLarge):
@@ -558,7 +796,6 @@ def test_gzip_bomb_is_capped_on_decoded_bytes(server: LocalServer) -> None:
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert time.monotonic() - start < 1.5
     assert peak < 8 << 20  # one 64 KiB chunk of this bomb inflates to 64 MiB if decoded without a bound
 
 
@@ -684,10 +921,8 @@ def test_hung_resolver_is_bounded_by_the_deadline(monkeypatch: pytest.MonkeyPatc
         return real(host, *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", slow)
-    start = time.monotonic()
-    with pytest.raises(FetchTimeout, match="resolving"):
+    with pytest.raises(FetchTimeout, match="resolving"):  # the answer would come only after the deadline
         fetch_url("http://slow.example/a.png", make_policy())
-    assert time.monotonic() - start < TOTAL_S + 0.5
 
 
 def test_check_address_directly() -> None:

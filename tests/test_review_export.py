@@ -16,6 +16,7 @@ from PIL import Image
 
 from common.ledger import Ledger, RedisLedger
 from common.messages import GenParams, ItemResult, ItemStatus, item_id
+from common.paths import LocalFiles
 from producer.cli import cli
 from producer.export import export_rows, read_rows
 from tests.conftest import LEDGER_DB, redis_url
@@ -76,11 +77,12 @@ def test_dataset_formats_write_the_corrected_text_and_leave_rejected_items_out(j
     export_rows(ledger.iter_results(JOB), "kohya", tmp_path / "k.json")
     kohya = json.loads((tmp_path / "k.json").read_text())
     assert {Path(k).name: v["caption"] for k, v in kohya.items()} == wanted
-    export_rows(ledger.iter_results(JOB), "webdataset", tmp_path / "shards")
+    local = LocalFiles.under([tmp_path], 1 << 20)  # the images' folder, as the workers' allowed root
+    export_rows(ledger.iter_results(JOB), "webdataset", tmp_path / "shards", local=local)
     with tarfile.open(tmp_path / "shards" / "shard-000000.tar") as tar:
         texts = {m.name: tar.extractfile(m).read().decode() for m in tar.getmembers() if m.name.endswith(".txt")}
     assert sorted(texts.values()) == sorted(wanted.values())
-    export_rows(ledger.iter_results(JOB), "sidecar", None)
+    export_rows(ledger.iter_results(JOB), "sidecar", None, local=local)
     images = tmp_path / "images"
     assert {p.name: p.read_text().strip() for p in images.glob("*.txt")} == {
         name.replace(".png", ".txt"): text for name, text in wanted.items()}  # fmt: skip

@@ -90,3 +90,41 @@ def test_sniff_takes_images_without_an_image_extension(tmp_path: Path) -> None:
     assert list(expand(str(tmp_path))) == [str(tmp_path / "a.png")]
     assert list(expand(str(tmp_path), sniff=True)) == [str(tmp_path / n) for n in
                                                       ("IMG_0001", "a.png", "anim", "photo.jpg_large")]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["l.txt", "l.csv", "l.jsonl"])
+def test_a_byte_order_mark_is_not_part_of_the_first_reference(tmp_path: Path, name: str) -> None:
+    """Editors on Windows start UTF-8 files with a byte-order mark; it must not turn the first path into another."""
+    body = {
+        "l.txt": "a.jpg\nb.jpg\n",
+        "l.csv": "path,n\na.jpg,1\nb.jpg,2\n",  # the mark would otherwise stick to the header: no column 'path'
+        "l.jsonl": '{"path": "a.jpg"}\n{"path": "b.jpg"}\n',
+    }[name]
+    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + body.encode())
+    assert list(expand(str(tmp_path / name))) == [str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")]
+
+
+@pytest.mark.parametrize(
+    ("column", "kind"),
+    [(pa.array([1, 2]), "int64"), (pa.array([{"p": "a.jpg"}, {"p": "b.jpg"}]), "struct"),
+     (pa.array([1.5, 2.5]), "double"), (pa.array([["a.jpg"], ["b.jpg"]]), "list")],
+)  # fmt: skip
+def test_a_parquet_column_that_is_not_text_is_one_line(tmp_path: Path, column: pa.Array, kind: str) -> None:
+    pq.write_table(pa.table({"url": column}), tmp_path / "l.parquet")
+    with pytest.raises(SourceError, match=rf"column 'url' holds {kind}.*, not text"):
+        list(expand(str(tmp_path / "l.parquet")))
+
+
+def test_parquet_text_columns_of_every_arrow_kind_are_read(tmp_path: Path) -> None:
+    for kind, column in [("large", pa.array(["a.jpg"], pa.large_string())),
+                         ("dictionary", pa.array(["a.jpg"]).dictionary_encode())]:  # fmt: skip
+        pq.write_table(pa.table({"url": column}), tmp_path / f"{kind}.parquet")
+        assert list(expand(str(tmp_path / f"{kind}.parquet"))) == [str(tmp_path / "a.jpg")], kind
+
+
+def test_jsonl_values_that_are_not_text_are_named(tmp_path: Path) -> None:
+    (tmp_path / "l.jsonl").write_text('{"path": "a.jpg"}\n{"path": null}\n{"path": 7}\n')
+    refs = expand(str(tmp_path / "l.jsonl"))
+    assert next(refs) == str(tmp_path / "a.jpg")  # a null is skipped like an empty line, never the path "None"
+    with pytest.raises(SourceError, match=r"l.jsonl:3: 'path' is int, not text"):
+        next(refs)

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import redis
 
-from common.errors import Cancelled, EngineError, ItemError
+from common.errors import Cancelled, EngineError, InvalidInput, ItemError
 from common.messages import GenParams, ItemResult, ItemStatus, Source, item_id
 from common.settings import Settings
 from common.store import ModelStore, resolve_model
 from worker import metrics
 from worker.batcher import MicroBatcher
-from worker.images import ImagePolicy, decode_image, load_image, read_source
+from worker.images import FetchGuard, ImagePolicy, decode_image, load_image, read_source
 from worker.quality import quality_flags
 
 if TYPE_CHECKING:
@@ -91,6 +91,8 @@ class CaptionService:
         self._watcher: threading.Thread | None = None
         self._stopped = threading.Event()
         self._pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        #: Ends URL fetches at their deadline, and all of them when the worker stops (see abandon_fetches).
+        self.fetches = FetchGuard()
         self.batcher: MicroBatcher[GenParams] = MicroBatcher(
             self._run_batch,
             max_batch=settings.max_batch_size,
@@ -182,9 +184,9 @@ class CaptionService:
         digest = None
         try:
             if self.reuse is None:
-                image = load_image(src, self.policy)
+                image = load_image(src, self.policy, guard=self.fetches)
             else:
-                data = read_source(src, self.policy)
+                data = read_source(src, self.policy, guard=self.fetches)
                 digest = hashlib.blake2b(data, digest_size=16).digest()
                 hit = self._reused(digest, params)
                 if hit is not None:
@@ -237,7 +239,12 @@ class CaptionService:
 
         ``alone``: each item is a model batch by itself (suspects of killing a worker; see ``_triage``).
         """
-        self.engine  # noqa: B018 - load before fanning out, so decode threads don't all wait on the lock
+        engine = self.engine  # loaded before fanning out, so decode threads don't all wait on the lock
+        refused = self._no_room(engine, params)
+        if refused is not None:  # every item would fail the same way in the model: one row each, saying why
+            tried = attempts or {}
+            return [error_row({"id": i, "ref": s.ref, "params": params, "attempts": tried.get(i, 1)}, refused)
+                    for i, s in items]  # fmt: skip
         self.batcher.expect(len(items))
         # A copy of this thread's context per item: decode threads log with the task's job and task ids.
         prepared = [
@@ -275,11 +282,30 @@ class CaptionService:
         self._remember(params, fresh)
         return rows
 
+    @staticmethod
+    def _no_room(engine: CaptionEngine, params: GenParams) -> InvalidInput | None:
+        """Parameters the model can only fail on: the start token and the prompt's tokens fill max_length."""
+        if not params.prompt:
+            return None  # the start token alone: GenParams keeps max_length at 2 or more
+        used = int(engine.prompt_ids(params.prompt).shape[-1])
+        if used < params.max_length:
+            return None
+        return InvalidInput(
+            f"the prompt is {used - 1} token(s) after the start token, so max_length {params.max_length} leaves no "
+            "room for a caption: raise max_length or shorten the prompt"
+        )
+
     def caption_sources(self, sources: list[Source], params: GenParams) -> list[ItemResult]:
         return self.caption_items([(item_id(s.ref), s) for s in sources], params)
 
+    def abandon_fetches(self) -> None:
+        """A worker asked to stop: end the URL fetches in flight now (their items get transient rows and go back
+        to the queue) and refuse new ones, so no slow server holds the shutdown; batches in flight still finish."""
+        self.fetches.stop()
+
     def close(self) -> None:
         self._stopped.set()
+        self.abandon_fetches()
         self.batcher.stop(timeout=30)
         self._pool.shutdown(wait=False, cancel_futures=True)
 

@@ -16,6 +16,7 @@ from celery.worker.control import inspect_command
 from common.connections import RETRYABLE_REDIS_ERRORS
 from common.errors import ConfigError, InvalidMessage
 from common.ledger import ledger_from_settings
+from common.memory import machine_memory_bytes
 from common.messages import (
     TASK_CAPTION,
     TASK_CAPTION_CHUNK,
@@ -25,6 +26,7 @@ from common.messages import (
     CaptionRequest,
     ChunkItem,
     ChunkMessage,
+    check_job_id,
     parse_message,
     source_from_wire,
 )
@@ -140,10 +142,17 @@ def caption(self: Task, source: Any = None, params: Any = None, **extra: Any) ->
 @app.task(name=TASK_CAPTION_MANY, bind=True, autoretry_for=_INFRA_ERRORS, retry_backoff=True, max_retries=None)
 def caption_many(self: Task, sources: Any = None, params: Any = None, **extra: Any) -> list[dict]:
     """A list of images in, a list of result rows out, same order and length."""
-    req = parse_message(CaptionManyRequest, _payload(sources=sources, params=params, **extra))
-    srcs = [source_from_wire(s) for s in req.sources]  # type: ignore[attr-defined]
+    req = cast(CaptionManyRequest, parse_message(CaptionManyRequest, _payload(sources=sources, params=params, **extra)))
+    limit = get_settings().max_list_items
+    if len(req.sources) > limit:
+        raise InvalidMessage(
+            f"CaptionManyRequest: {len(req.sources)} images, over this worker's {limit} per call "
+            "(CAPTIONER_MAX_LIST_ITEMS): a call running past the visibility timeout would be delivered again and "
+            "captioned twice; split the list, or send it as a job (captioner.caption_chunk.v1, JobClient.enqueue)"
+        )
+    srcs = [source_from_wire(s) for s in req.sources]
     with job_context(None, self.request.id):
-        rows = service().caption_sources(srcs, req.params)  # type: ignore[attr-defined]
+        rows = service().caption_sources(srcs, req.params)
     metrics.observe_rows(rows)
     return [r.model_dump(mode="json", exclude_none=True) for r in rows]
 
@@ -160,6 +169,10 @@ def notify_done(self: Task, job_id: str) -> dict:
     from worker.callbacks import post_webhook
     from worker.images import ImagePolicy
 
+    try:
+        check_job_id(job_id)  # as for chunks: no id reads another job's keys
+    except (TypeError, ValueError) as exc:
+        raise InvalidMessage(f"notify_done: {exc}") from None
     settings = get_settings()
     ledger = chunks().ledger
     info = ledger.job(job_id)
@@ -175,7 +188,8 @@ def notify_done(self: Task, job_id: str) -> dict:
         secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
         policy = ImagePolicy.from_settings(settings)
         try:
-            sent["webhook_status"] = post_webhook(url, summary, secret=secret, policy=policy)
+            guard = chunks().service.fetches  # a stopping worker abandons it too (then it is retried)
+            sent["webhook_status"] = post_webhook(url, summary, secret=secret, policy=policy, guard=guard)
         except CaptionerError as exc:
             if getattr(exc, "transient", False) and self.request.retries < self.max_retries:
                 raise self.retry(countdown=_backoff(self.request.retries + 1)) from None
@@ -199,6 +213,13 @@ def captioner_info(state: Any, **kwargs: Any) -> dict[str, Any]:
         "device": str(eng.device),
         "dtype": str(eng.dtype).removeprefix("torch."),
         "max_batch_size": svc.batcher.max_batch,
+        # For `captioner doctor`: the worst case of this worker's decode threads against its machine's memory.
+        "decode_threads": svc.settings.decode_threads,
+        "image_memory_bytes": svc.settings.image_memory_bytes,
+        "memory_bytes": machine_memory_bytes(),
+        # ... and how long its largest list call takes at its own speed, against its visibility timeout.
+        "max_list_items": svc.settings.max_list_items,
+        "visibility_timeout_s": svc.settings.visibility_timeout_s,
         "batches": stats.batches,
         "items": stats.items,
         "infer_s": round(stats.infer_s, 3),
@@ -238,4 +259,5 @@ def _queue_depths() -> dict[str, int]:
 @worker_shutting_down.connect
 def _stop(**kwargs: Any) -> None:
     if _service is not None:
-        log.info("shutting down: finishing batches in flight")
+        log.info("shutting down: finishing batches in flight, abandoning URL fetches in flight")
+        _service.abandon_fetches()

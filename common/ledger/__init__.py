@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 from common.ledger.base import (
-    JOB_ID_PATTERN,
     MAX_CORRECTION_CHARS,
     MAX_REVIEW_IDS,
     PAGE_SCAN_BUDGET,
@@ -24,7 +23,6 @@ from common.ledger.redis_ledger import RedisLedger, redis_ledger
 from common.settings import Settings
 
 __all__ = [
-    "JOB_ID_PATTERN",
     "MAX_CORRECTION_CHARS",
     "MAX_REVIEW_IDS",
     "PAGE_SCAN_BUDGET",

@@ -2,27 +2,23 @@
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from common import messages
 from common.errors import InvalidMessage
 from common.messages import GenParams, ItemResult, ItemStatus, JobKind, JobState
 
-#: Job ids name ledger keys and tables: one alphabet and length everywhere, so no id can reach another job's keys.
-JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
 
 def check_job_id(job_id: str) -> str:
-    """``job_id`` if it is a valid job id, else InvalidMessage saying what is allowed."""
-    if not isinstance(job_id, str) or not JOB_ID_PATTERN.fullmatch(job_id):
-        raise InvalidMessage(
-            f"invalid job id {str(job_id)[:80]!r}: use 1 to 128 letters, digits, '.', '_' or '-', starting with a "
-            "letter or digit"
-        )
-    return job_id
+    """``job_id`` if it is a valid job id (``common.messages.check_job_id``), else InvalidMessage: ids name ledger
+    keys and tables, so no id may reach another job's."""
+    try:
+        return messages.check_job_id(job_id)
+    except (ValueError, TypeError) as exc:
+        raise InvalidMessage(str(exc)) from None
 
 
 class Attempt(NamedTuple):
