@@ -276,7 +276,7 @@ def test_both_backends_give_the_same_rows() -> None:
             led.set_correction("same", item_id(items[3]), "fixed", "ann")
             out.append(sorted(led.iter_results("same"), key=lambda r: r["id"]))
         for redis_row, pg_row in zip(out[0], out[1], strict=True):
-            # Redis keeps whole seconds after the job's creation, PostgreSQL a tenth of a second.
+            # Both keep a tenth of a second (Redis as an offset from the job's creation).
             assert abs(redis_row.pop("finished_at") - pg_row.pop("finished_at")) <= 1
             assert abs(redis_row.pop("reviewed_at", 0) - pg_row.pop("reviewed_at", 0)) <= 1
         assert out[0] == out[1]

@@ -8,8 +8,8 @@ which runs to the end of the value::
 
 The header holds the status (2 bits), the quality flags (3 bits) and the transient, reused and has-extra marks,
 so the ledger's Lua scripts read an item's status and flags from one byte. ``provenance`` indexes the job's
-table of (model version, parameters, profile) triples. ``finished`` is whole seconds after the job's creation,
-plus one (0: not recorded). ``ref`` is stored relative to the job's base when it lies under it (else NUL and the
+table of (model version, parameters, profile) triples. ``finished`` is tenths of a second after the job's
+creation, plus one (0: not recorded). ``ref`` is stored relative to the job's base when it lies under it (else NUL and the
 full reference). ``error class`` indexes ``ITEM_ERROR_CODES``. ``extra`` (columns a source row carries to the
 export) is a length and a msgpack map. Timings are not stored: the worker's logs and metrics have them.
 """
@@ -131,8 +131,8 @@ def encode(row: ItemResult, *, base: str, created: float, provenance: int) -> by
     """A row as stored in Redis (see the module docstring)."""
     header = _STATUS_CODE[row.status] | quality_bits(row.flags if row.status is ItemStatus.OK else None) << 2
     header |= (_H_TRANSIENT if row.transient else 0) | (_H_REUSED if row.reused else 0) | (_H_EXTRA if row.extra else 0)
-    # Seconds after the job's creation, plus one: 0 stands for "not recorded".
-    finished = max(1, round(row.finished_at - created) + 1) if row.finished_at else 0
+    # Tenths of a second after the job's creation, plus one: 0 stands for "not recorded".
+    finished = max(1, round((row.finished_at - created) * 10) + 1) if row.finished_at else 0
     ref = pack_ref(row.ref, base).encode("utf-8", "surrogateescape")
     out = [bytes([header]), _varint(provenance), _varint(row.attempts), _varint(finished), _varint(len(ref)), ref]
     if row.status is not ItemStatus.OK:
@@ -180,7 +180,7 @@ def decode(item_id: str, stored: bytes, *, base: str, created: float, provenance
     row["attempts"] = attempts
     add_marks(row, transient=bool(header & _H_TRANSIENT), reused=bool(header & _H_REUSED))
     if finished:
-        row["finished_at"] = round(created + finished - 1, 1)
+        row["finished_at"] = round(created + (finished - 1) / 10, 1)
     if extra is not None:
         row["extra"] = extra
     return row
