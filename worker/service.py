@@ -36,14 +36,15 @@ EngineFactory = Callable[[], "CaptionEngine"]
 
 def _default_engine_factory(settings: Settings) -> EngineFactory:
     def load() -> CaptionEngine:
+        # The model name first (@current -> a version): a store with nothing promoted fails before torch loads.
+        model = resolve_model(settings.model, settings.model_store)
         from worker.engine import CaptionEngine, EngineConfig  # torch is imported here, not at module load
 
         if settings.torch_threads:
             import torch
 
             torch.set_num_threads(settings.torch_threads)
-        # Every engine setting from one place; only the model name is resolved here (@current -> a version).
-        cfg = replace(EngineConfig.from_settings(settings), model=resolve_model(settings.model, settings.model_store))
+        cfg = replace(EngineConfig.from_settings(settings), model=model)  # every engine setting from one place
         return CaptionEngine.load(cfg)
 
     return load
