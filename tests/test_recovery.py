@@ -91,9 +91,10 @@ def test_two_workers_one_killed_and_replaced_repeatedly(
     worker_env: dict[str, str], session_root: Path, tmp_path: Path, settings
 ) -> None:
     """Three times: one worker killed with SIGKILL, a replacement started. The survivor is frozen (SIGSTOP) from
-    just before the kill until the replacement is up, so every kill lands mid-job however fast the machine, and
-    what the frozen worker held is redelivered and captioned while it still holds it: once it thaws it captions
-    those items a second time, and the ledger must keep the first caption."""
+    just before the kill until the replacement is up, so every kill lands mid-job however fast the machine. The
+    last survivor stays frozen until the replacement has finished the job (its messages redelivered after the
+    visibility timeout); thawed and stopped, it finishes the chunks it held, captioning their items a second
+    time: the ledger must keep the first captions and count each item once."""
     env = recovery_env(worker_env)
     redis.Redis.from_url(env["CAPTIONER_BROKER_URL"]).flushdb()
     refs = shape_files(session_root, "churn", 160, seed=8)
@@ -102,8 +103,9 @@ def test_two_workers_one_killed_and_replaced_repeatedly(
         w.wait_ready()
     client = JobClient(settings_from(env))
     client.enqueue(refs, job_id="job-churn", chunk_size=4)
-    before: dict[str, dict] = {}
+    before: dict[str, dict] = {}  # each item's first captioned row seen
     at_kills: list[int] = []
+    resent: list[int] = []
     try:
         for round_ in range(3):
             target = client.status("job-churn").ok + 12
@@ -115,21 +117,27 @@ def test_two_workers_one_killed_and_replaced_repeatedly(
             assert 0 < at_kills[-1] < len(refs), f"kill {round_ + 1} landed at ok={at_kills[-1]} of {len(refs)}"
             workers[round_ % 2] = WorkerProcess(env, log=tmp_path / f"r{round_}.log").start()
             workers[round_ % 2].wait_ready()
-            before |= snapshot(client, "job-churn")  # what the survivor, thawed, may caption again
-            _freeze(survivor, signal.SIGCONT)
-        resent: list[int] = []
+            for item, row in snapshot(client, "job-churn").items():
+                before.setdefault(item, row)
+            if round_ < 2:
+                _freeze(survivor, signal.SIGCONT)
         info = client.wait("job-churn", timeout=240, on_tick=lambda _: None, on_stall=reconciling(client, resent),
                            stall_s=8)  # fmt: skip
+        for item, row in snapshot(client, "job-churn").items():
+            before.setdefault(item, row)
     finally:
         for w in workers:
             _freeze(w, signal.SIGCONT)
-            w.terminate()
+        for w in workers:
+            w.terminate()  # warm: the thawed survivor finishes (and writes) the chunks it held
     rows = list(client.results("job-churn"))
+    info = client.status("job-churn")  # counters once every worker has written all it will
     client.close()
     figures = tally("two workers, one killed with SIGKILL and replaced, three times", refs, rows, info,
                     before=before, reconciled=sum(resent),
                     happened=f"killed at {', '.join(map(str, at_kills))} captioned, the survivor frozen until the "
-                    "replacement was up; each victim's messages went to the survivor or the replacement, no item was "
-                    "charged as poison")  # fmt: skip
+                    "replacement was up (the last one until the job was done, then thawed to finish what it held); "
+                    "each victim's messages went to the survivor or the replacement, no item was charged as "
+                    "poison")  # fmt: skip
     assert (figures["lost"], figures["counters_off"], figures["replaced"]) == (0, 0, 0)
     assert (info.state.value, info.ok, info.error) == ("done", len(refs), 0)
