@@ -232,8 +232,8 @@ def test_wait_sees_a_stalled_job_and_reconciles_it(
 # --- the job commands, as a user runs them against the session's real worker ------------------------------------
 
 
-def _wait_json(settings: Settings, job: str, env: dict[str, str], *args: str) -> dict:
-    code, out, err = invoke(settings, "wait", job, "--json", "--timeout", "120", *args, env=env)
+def _wait_json(settings: Settings, job: str, env: dict[str, str]) -> dict:
+    code, out, err = invoke(settings, "wait", job, "--json", "--timeout", "120", env=env)
     assert code == 0, err
     return json.loads(out.splitlines()[-1])
 
@@ -342,9 +342,10 @@ def test_cancel_while_a_worker_is_captioning(
     code, out, err = invoke(settings, "enqueue", str(listing), "--chunk-size", "1", "--json", env=cli_env)
     assert code == 0, err
     job = json.loads(out)["job_id"]
-    concurrency = 4  # the session worker's CAPTIONER_CONCURRENCY (the default): chunks it can hold at once
+    # The session worker's settings: one-image chunks it can hold at once, each fetched by a decode thread.
+    in_hand = min(settings.concurrency, settings.decode_threads)
     # Six captioned, then every one of the worker's threads holds a chunk whose image is stuck behind the gate.
-    wait_for(lambda: len(requested) >= 6 + concurrency, 60, "the worker to hold chunks behind the gate")
+    wait_for(lambda: len(requested) >= 6 + in_hand, 60, "the worker to hold chunks behind the gate")
     code, out, err = invoke(settings, "cancel", job, "--json", env=cli_env)
     seen_before_cancel = {u.rsplit("/", 1)[1] for u in requested}
     gate.set()
@@ -403,6 +404,7 @@ def test_dataset_exports_and_exclude_flags_through_the_cli(
     assert code == 0, err
     assert json.loads(kohya.read_text()) == {ref: {"caption": rows[ref]["caption"]} for ref in set(rows) - flagged}
     code, _, err = invoke(settings, "export", job, "--format", "kohya", "-o", str(tmp_path / "all.json"))
+    assert code == 0, err
     assert json.loads((tmp_path / "all.json").read_text()) == {
         ref: {"caption": r["caption"]} for ref, r in rows.items()
     }
