@@ -25,6 +25,7 @@ def rss_bytes(pid: int) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # the whole 100,000 items: longer than the suite's 300 s per test on a busy machine
 def test_one_hundred_thousand_items_exactly_once_with_flat_worker_memory(
     worker_env: dict[str, str], session_root: Path, tmp_path: Path
 ) -> None:
