@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from producer.local import WorkerProcess
 from tests.test_recovery import wait_for
 
@@ -25,49 +23,47 @@ def _make_not_git(tiny_model: Path, target: Path) -> Path:
     return target
 
 
-@pytest.mark.parametrize(
-    ("setting", "reason"),
-    [
-        ({"CAPTIONER_MODEL": "MISSING"}, "is not a directory"),
-        ({"CAPTIONER_MODEL": "NOT_GIT"}, "is a 'bert' checkpoint, not GIT"),
-        ({"CAPTIONER_MODEL": "@current"}, "CAPTIONER_MODEL=@current needs CAPTIONER_MODEL_STORE"),
-        ({"CAPTIONER_MODEL": "@current", "CAPTIONER_MODEL_STORE": "STORE"}, "no promoted model in"),
-        ({"CAPTIONER_DEVICE": "tpu"}, "unknown device 'tpu'"),
-    ],
-    ids=[
-        "missing-model-dir",
-        "not-a-git-checkpoint",
-        "current-without-store",
-        "current-never-promoted",
-        "unknown-device",
-    ],
-)
 def test_a_caption_worker_that_cannot_work_refuses_to_start_in_one_line(
-    worker_env: dict[str, str], tiny_model: Path, tmp_path: Path, setting: dict[str, str], reason: str
+    worker_env: dict[str, str], tiny_model: Path, tmp_path: Path
 ) -> None:
-    env = dict(worker_env)
-    env.pop("CAPTIONER_MODEL_STORE", None)
-    for key, value in setting.items():
-        if value == "MISSING":
-            value = str(tmp_path / "no-such-model")
-        elif value == "NOT_GIT":
-            value = str(_make_not_git(tiny_model, tmp_path / "bert"))
-        elif value == "STORE":
-            (tmp_path / "store").mkdir()
-            value = str(tmp_path / "store")
-        env[key] = value
-    worker = WorkerProcess(env, log=tmp_path / "worker.log").start()  # `captioner worker`, as a user starts it
+    """Each setting below, given to `captioner worker` as a user starts it: exit 1, one line that says why, no
+    traceback, never 'ready'. The five workers start side by side (each imports torch; the machine has cores)."""
+    (tmp_path / "store").mkdir()
+    cases = {
+        "missing model directory": ({"CAPTIONER_MODEL": str(tmp_path / "no-such-model")}, "is not a directory"),
+        "a checkpoint that is not GIT": (
+            {"CAPTIONER_MODEL": str(_make_not_git(tiny_model, tmp_path / "bert"))},
+            "is a 'bert' checkpoint, not GIT",
+        ),
+        "@current without a store": (
+            {"CAPTIONER_MODEL": "@current"},
+            "CAPTIONER_MODEL=@current needs CAPTIONER_MODEL_STORE",
+        ),
+        "@current with nothing promoted": (
+            {"CAPTIONER_MODEL": "@current", "CAPTIONER_MODEL_STORE": str(tmp_path / "store")},
+            "no promoted model in",
+        ),
+        "an unknown device": ({"CAPTIONER_DEVICE": "tpu"}, "unknown device 'tpu'"),
+    }
+    base = {k: v for k, v in worker_env.items() if k != "CAPTIONER_MODEL_STORE"}
+    workers = {
+        case: WorkerProcess({**base, **setting}, log=tmp_path / f"worker-{i}.log").start()
+        for i, (case, (setting, _)) in enumerate(cases.items())
+    }
     try:
-        wait_for(lambda: worker.proc.poll() is not None or b" ready." in worker.log_path.read_bytes(), 180,
-                 "the worker to exit or to start serving")  # fmt: skip
-        code = worker.proc.poll()
+        for case, worker in workers.items():
+            wait_for(lambda w=worker: w.proc.poll() is not None or b" ready." in w.log_path.read_bytes(), 180,
+                     f"the worker with {case} to exit or to start serving")  # fmt: skip
+        codes = {case: worker.proc.poll() for case, worker in workers.items()}
     finally:
-        worker.terminate()
-    output = worker.log_path.read_text()
-    said = [line for line in output.splitlines() if "cannot start a caption worker" in line]
-    assert code == 1, output[-3000:]
-    assert len(said) == 1 and reason in said[0], output[-3000:]
-    assert "Traceback" not in output and " ready." not in output, output[-3000:]
+        for worker in workers.values():
+            worker.terminate()
+    for case, (_, reason) in cases.items():
+        output = workers[case].log_path.read_text()
+        said = [line for line in output.splitlines() if "cannot start a caption worker" in line]
+        assert codes[case] == 1, f"{case}: exit {codes[case]}\n{output[-3000:]}"
+        assert len(said) == 1 and reason in said[0], f"{case}:\n{output[-3000:]}"
+        assert "Traceback" not in output and " ready." not in output, f"{case}:\n{output[-3000:]}"
 
 
 def test_the_parts_that_know_no_queues_import_neither_celery_nor_redis() -> None:
