@@ -49,7 +49,8 @@ test: setup
 test-full: setup
 	$(BIN)/pytest -q -m "slow or not slow"
 
-# Runs the fault tests and writes their figures (lost / duplicated / ok out of N) into docs/faults.md.
+# Runs the fault tests and writes their figures (ok, lost, counters off, captions replaced, reconciled out of N)
+# into docs/faults.md.
 fault-report: setup
 	rm -f .fault-report.jsonl
 	FAULT_REPORT=$(CURDIR)/.fault-report.jsonl $(BIN)/pytest -q -m "slow or not slow" \

@@ -881,7 +881,22 @@ def worker(ctx: click.Context, training: bool, model: str | None, revision: str 
     argv = ["worker", "--pool=threads", f"--concurrency={n}", f"--queues={queue}", "--task-events", *prefetch,
             f"--hostname={hostname or node}", f"--loglevel={settings.log_level}", "--without-mingle",
             *ctx.args]  # fmt: skip
-    app.worker_main(argv)
+    code = _celery_main(app, argv)
+    if code:  # a worker that refused to start (a model that does not load, a device that is not there)
+        ctx.exit(code)
+
+
+def _celery_main(app: Any, argv: list[str]) -> int:
+    """``app.worker_main(argv)``, keeping the worker's exit code (worker_main and app.start drop it)."""
+    from celery.bin.celery import celery as celery_command
+
+    celery_command.params[0].default = app  # what app.start does: the command runs this app, not an -A import
+    try:
+        return int(celery_command.main(args=argv, standalone_mode=False) or 0)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    finally:
+        celery_command.params[0].default = None
 
 
 @cli.command()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from common.ledger import Ledger, RedisLedger
+from common.ledger import JobInfo, Ledger, RedisLedger
 from common.settings import Settings
 from producer.jobs import JobClient
 from producer.local import WorkerProcess
@@ -155,6 +155,27 @@ def shape_files(root: Path, name: str, n: int, *, seed: int) -> list[str]:
     return [str(p) for p, _ in make_shapes(root / f"{name}-{uuid.uuid4().hex[:6]}", n, seed=seed, size=32)]
 
 
+def direct_captions(
+    model_dir: Path, paths: list[Path] | list[str], max_length: int = MAX_LENGTH, num_beams: int = 1
+) -> dict[str, str]:
+    """Captions from transformers' own GitForCausalLM.generate, one image at a time, float32, in this process: what
+    a worker serving the same model must answer."""
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, GitForCausalLM
+
+    model = GitForCausalLM.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    out = {}
+    with torch.inference_mode():
+        for p in paths:
+            pixels = processor(images=Image.open(p).convert("RGB"), return_tensors="pt").pixel_values
+            ids = model.generate(pixel_values=pixels, max_length=max_length, num_beams=num_beams)
+            assert ids.shape[1] <= max_length, "generate went past max_length"
+            out[str(p)] = processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
+    return out
+
+
 class _QuietHandler(SimpleHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass
@@ -185,22 +206,56 @@ def reconciling(client: JobClient, resent: list[int]):
     return on_stall
 
 
-def tally(
-    fault: str, refs: list[str], rows: list[dict], *, reconciled: int = 0, happened: str = "", **extra: object
-) -> dict[str, int]:
-    """Lost, duplicated and ok out of N for one fault, with what happened; appended to $FAULT_REPORT (JSON
-    lines) when set, which `make fault-report` turns into the table in docs/faults.md."""
-    import json
+def snapshot(client: JobClient, job_id: str) -> dict[str, dict]:
+    """A job's captioned rows now, by item id: taken when a fault strikes, compared by ``tally`` once the job is over
+    (the ledger keeps an item's first caption, whatever is redelivered or captioned twice afterwards)."""
+    return {r["id"]: r for r in client.results(job_id) if r["status"] == "ok"}
 
-    ok_refs = [r["ref"] for r in rows if r["status"] == "ok"]
-    figures = {
-        "n": len(set(refs)),
-        "ok": len(set(ok_refs)),
+
+#: What must not change in a captioned row after the fault (a second caption, another model's, a later time).
+_KEPT = ("caption", "model_version", "finished_at")
+
+
+def tally(
+    fault: str,
+    refs: list[str],
+    rows: list[dict],
+    info: JobInfo,
+    *,
+    before: dict[str, dict] | None = None,
+    reconciled: int = 0,
+    happened: str = "",
+    **extra: object,
+) -> dict[str, int | None]:
+    """The figures of one fault, each of which a bug could move; appended to $FAULT_REPORT (JSON lines) when set,
+    which `make fault-report` turns into the table in docs/faults.md.
+
+    ``rows`` are the job's exported rows, ``info`` its ledger counters (``JobClient.status``), ``before`` a
+    ``snapshot`` taken at the fault. lost: references without a row; counters_off: how far the job's counters are
+    from its rows (ok, error and cancelled each against the rows of that status, total against the references);
+    replaced: captions of ``before`` that changed since; reconciled: items ``captioner reconcile`` had to send
+    again (said in ``happened`` too, so a fault that needed it never passes silently).
+    """
+    import json
+    from collections import Counter
+
+    status = Counter(r["status"] for r in rows)
+    after = {r["id"]: r for r in rows}
+    n = len(set(refs))
+    figures: dict[str, int | None] = {
+        "n": n,
+        "ok": status["ok"],
         "lost": len(set(refs) - {r["ref"] for r in rows}),
-        "duplicated": len(rows) - len({r["id"] for r in rows}),
+        "counters_off": abs(info.ok - status["ok"]) + abs(info.error - status["error"])
+        + abs(info.cancelled - status["cancelled"]) + abs(info.total - n),
+        "replaced": None if before is None else sum(
+            1 for i, row in before.items() if [after.get(i, {}).get(k) for k in _KEPT] != [row.get(k) for k in _KEPT]
+        ),
         "attempted_twice": sum(1 for r in rows if r.get("attempts", 1) > 1),
         "reconciled": reconciled,
-    }
+    }  # fmt: skip
+    if reconciled:
+        happened += f"; reconcile re-sent {reconciled} item(s) whose message the broker lost"
     if report := os.environ.get("FAULT_REPORT"):
         with open(report, "a") as fh:
             fh.write(json.dumps({"fault": fault, "happened": happened, **figures, **extra}) + "\n")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
+import re
 import threading
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,9 +18,9 @@ import redis
 from producer.jobs import JobClient
 from tests.conftest import WEBHOOK_SECRET
 from tests.test_recovery import wait_for
-from worker.callbacks import sign
 
 pytestmark = pytest.mark.usefixtures("caption_worker")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -41,6 +44,15 @@ def hook_server():
     server.server_close()
 
 
+def documented_verifier():
+    """``verify_signature`` as docs/integration.md gives it to receivers, run as written."""
+    text = (ROOT / "docs" / "integration.md").read_text()
+    [block] = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "def verify_signature" in b]
+    namespace: dict[str, object] = {}
+    exec(compile(block, "docs/integration.md", "exec"), namespace)
+    return namespace["verify_signature"]
+
+
 def test_finished_job_sends_its_summary_to_a_task_and_a_signed_webhook(
     client: JobClient, images: Path, hook_server, settings
 ) -> None:
@@ -48,21 +60,34 @@ def test_finished_job_sends_its_summary_to_a_task_and_a_signed_webhook(
     queue = f"svc-{uuid.uuid4().hex[:8]}"  # another service's queue: nothing consumes it in this test
     refs = [str(p) for p in sorted(images.glob("*.jpg"))]
     extra = {"on_done_task": "othersvc.job_finished", "on_done_queue": queue, "webhook": url}
-    client.enqueue(refs, job_id="job-hooks", extra=extra)
+    client.enqueue(refs, job_id="job-hooks", extra=extra, chunk_size=2)  # five chunks race to finish the job
     client.wait("job-hooks", timeout=60, on_tick=lambda _: None)
     wait_for(lambda: len(received) >= 1, 30, "the webhook")
     headers, body = received[0]
     summary = json.loads(body)
     assert (summary["id"], summary["ok"], summary["state"]) == ("job-hooks", 10, "done")
-    assert headers["X-Captioner-Signature"] == sign(WEBHOOK_SECRET, headers["X-Captioner-Timestamp"], body)
+    # The documented recipe, by hand: "sha256=" + hex HMAC-SHA256 of "<timestamp>.<body>" under the secret.
+    stamp = headers["X-Captioner-Timestamp"]
+    mac = hmac.new(WEBHOOK_SECRET.encode(), f"{stamp}.".encode() + body, hashlib.sha256).hexdigest()
+    assert headers["X-Captioner-Signature"] == f"sha256={mac}"
+    verify = documented_verifier()
+    assert verify(WEBHOOK_SECRET, headers, body)
+    assert not verify(WEBHOOK_SECRET, headers, body.replace(b'"ok":10', b'"ok":11'))  # a body changed on the way
+    assert not verify("another-secret", headers, body)
     r = redis.Redis.from_url(settings.broker_url_str)
-    wait_for(lambda: r.llen(queue) == 1, 30, "the completion task message")
+    wait_for(lambda: r.llen(queue) >= 1, 30, "the completion task message")
     message = json.loads(r.lpop(queue))
     assert message["headers"]["task"] == "othersvc.job_finished"
     _args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
     assert kwargs["job"]["id"] == "job-hooks" and kwargs["job"]["ok"] == 10
-    client.enqueue(refs, job_id="job-hooks", extra=extra)  # a re-run finds it all captioned: one more end
-    wait_for(lambda: len(received) == 2, 30, "the second webhook")
+
+    # A re-run finds it all captioned: the job ends once more, and that end is the barrier: every call of the
+    # first end went out before it, so by the time the second webhook is in, a duplicate would be too.
+    client.enqueue(refs, job_id="job-hooks", extra=extra)
+    wait_for(lambda: len(received) >= 2 and r.llen(queue) >= 1, 30, "the second end's webhook and task")
+    ends = [json.loads(b)["finished"] for _, b in received]
+    assert len(received) == 2 and ends[0] != ends[1], f"{len(received)} webhook call(s) for 2 job ends: {ends}"
+    assert r.llen(queue) == 1, "the completion task was sent more than once for one job end"
 
 
 def test_webhook_to_a_private_address_is_refused_and_recorded(client: JobClient, images: Path) -> None:

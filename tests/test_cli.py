@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import threading
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import redis
 from click.testing import CliRunner
 
 from common.settings import Settings
 from producer.cli import cli
 from producer.export import flatten_row, read_rows
+from tests.conftest import direct_captions
+from tests.test_recovery import wait_for
 
 
 def invoke(settings: Settings, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -106,11 +113,18 @@ def test_bad_options_are_usage_errors(settings: Settings, args: list[str]) -> No
     assert code == 2 and "Traceback" not in out + err and "Usage:" in err
 
 
-def test_bad_setting_in_environment_is_one_line(images: Path) -> None:
-    env = {"CAPTIONER_MAX_BATCH_SIZE": "many", "CAPTIONER_BROKER_URL": "rediss://127.0.0.1:6379/0"}
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"CAPTIONER_MAX_BATCH_SIZE": "many"}, "error: bad setting max_batch_size: Input should be a valid integer"),
+        ({"CAPTIONER_BROKER_URL": "rediss://127.0.0.1:6379/0"}, "error: rediss:// needs CAPTIONER_REDIS_SSL_CA_CERTS"),
+    ],
+)
+def test_bad_setting_in_environment_is_one_line(env: dict[str, str], message: str) -> None:
     result = CliRunner().invoke(cli, ["jobs"], env=env, catch_exceptions=False)
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "max_batch_size" in result.stderr or "rediss://" in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), lines
 
 
 def test_producer_never_imports_torch() -> None:
@@ -213,3 +227,221 @@ def test_wait_sees_a_stalled_job_and_reconciles_it(
                             "--json", env=cli_env)  # fmt: skip
     assert code == 0, err
     assert "re-sent 3 item(s)" in err and json.loads(out.splitlines()[-1])["ok"] == 3
+
+
+# --- the job commands, as a user runs them against the session's real worker ------------------------------------
+
+
+def _wait_json(settings: Settings, job: str, env: dict[str, str]) -> dict:
+    code, out, err = invoke(settings, "wait", job, "--json", "--timeout", "120", env=env)
+    assert code == 0, err
+    return json.loads(out.splitlines()[-1])
+
+
+def _rows(settings: Settings, job: str) -> dict[str, dict]:
+    code, out, err = invoke(settings, "export", job, "--format", "jsonl", "-o", "-")
+    assert code == 0, err
+    return {row["ref"]: row for row in map(json.loads, out.splitlines())}
+
+
+@pytest.mark.usefixtures("caption_worker")
+def test_failures_then_retry_once_the_cause_is_fixed(
+    settings: Settings, cli_env: dict[str, str], images: Path, tmp_path: Path
+) -> None:
+    """A file missing when the job ran: `failures` names it with its class and attempts; once it is there, `retry`
+    queues it, and only it, again, and the job ends with every item captioned."""
+    late = images / "late.jpg"
+    listing = tmp_path / "refs.txt"
+    listing.write_text("".join(f"{p}\n" for p in [*sorted(images.glob("*.jpg")), late]))
+    code, out, err = invoke(settings, "enqueue", str(listing), "--wait", "--json", env=cli_env)
+    assert code == 0, err
+    job = json.loads(out)["job"]
+    assert (job["ok"], job["error"], job["state"]) == (10, 1, "done")
+
+    code, out, _ = invoke(settings, "failures", job["id"], "--json", env=cli_env)
+    groups = json.loads(out)
+    assert list(groups) == ["fetch_error"] and len(groups["fetch_error"]) == 1
+    failed = groups["fetch_error"][0]
+    assert (failed["ref"], failed["attempts"], failed["error"]) == (str(late), 1, f"no such file: {late}")
+    code, out, _ = invoke(settings, "failures", job["id"], env=cli_env)
+    assert code == 0 and out.splitlines() == ["fetch_error: 1", f"  {late}  (attempts 1): no such file: {late}"]
+
+    before = _rows(settings, job["id"])
+    shutil.copy(sorted(images.glob("*.jpg"))[0], late)  # the cause, fixed
+    code, out, err = invoke(settings, "retry", job["id"], "--json", env=cli_env)
+    assert code == 0 and json.loads(out) == {"job_id": job["id"], "requeued": 1}, err
+    done = _wait_json(settings, job["id"], cli_env)
+    assert (done["state"], done["ok"], done["error"], done["total"]) == ("done", 11, 0, 11)
+    after = _rows(settings, job["id"])
+    assert after[str(late)]["status"] == "ok" and after[str(late)]["caption"]
+    assert all(after[ref] == row for ref, row in before.items() if ref != str(late)), "retry redid captioned items"
+    code, out, _ = invoke(settings, "failures", job["id"], env=cli_env)
+    assert out.strip() == f"no failed items in {job['id']}"
+
+
+@pytest.mark.usefixtures("caption_worker")
+def test_reconcile_sends_again_what_the_broker_lost(settings: Settings, cli_env: dict[str, str], images: Path) -> None:
+    """The job's messages went to a queue that was then lost (a broker without AOF, restarted): the job waits
+    forever until `captioner reconcile` sends its pending items again from the manifest."""
+    lost = {**cli_env, "CAPTIONER_CAPTION_QUEUE": f"lost-{uuid.uuid4().hex[:8]}"}
+    code, out, err = invoke(settings, "enqueue", str(images), "--json", env=lost)
+    assert code == 0, err
+    job = json.loads(out)["job_id"]
+    broker = redis.Redis.from_url(settings.broker_url_str)
+    assert broker.llen(lost["CAPTIONER_CAPTION_QUEUE"]) == 1
+    broker.delete(lost["CAPTIONER_CAPTION_QUEUE"])  # the broker loses the message
+    code, out, _ = invoke(settings, "status", job, "--json", env=cli_env)
+    assert (json.loads(out)["pending"], json.loads(out)["state"]) == (10, "running")
+    code, out, err = invoke(settings, "reconcile", job, "--json", env=cli_env)
+    assert code == 0 and json.loads(out) == {"job_id": job, "requeued": 10}, err
+    done = _wait_json(settings, job, cli_env)
+    assert (done["state"], done["ok"], done["pending"]) == ("done", 10, 0)
+    code, out, _ = invoke(settings, "reconcile", job, env=cli_env)
+    assert out.strip() == f"re-queued 0 pending item(s) of {job}"  # nothing pending: nothing sent twice
+
+
+@pytest.fixture
+def gated_images(images: Path):
+    """An HTTP server of the folder's first image under 40 names: the first six requests are answered at once, the
+    rest wait until the test opens the gate. Yields (urls, requested paths in order, gate)."""
+    body = sorted(images.glob("*.jpg"))[0].read_bytes()
+    requested: list[str] = []
+    gate = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            requested.append(self.path)
+            if len(requested) > 6:
+                gate.wait(60)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    yield [f"{base}/img-{i:02d}.jpg" for i in range(40)], requested, gate
+    gate.set()
+    server.shutdown()
+    server.server_close()
+
+
+def test_cancel_while_a_worker_is_captioning(
+    settings: Settings, cli_env: dict[str, str], caption_worker, gated_images, tmp_path: Path
+) -> None:
+    """`captioner cancel` mid-flight: the chunks a worker holds finish, every chunk it takes after the cancel is
+    recorded cancelled unseen (its images are never even fetched), and the job ends `cancelled` with
+    ok + cancelled = total."""
+    urls, requested, gate = gated_images
+    listing = tmp_path / "urls.txt"
+    listing.write_text("".join(f"{u}\n" for u in urls))
+    code, out, err = invoke(settings, "enqueue", str(listing), "--chunk-size", "1", "--json", env=cli_env)
+    assert code == 0, err
+    job = json.loads(out)["job_id"]
+    # The session worker's settings: one-image chunks it can hold at once, each fetched by a decode thread.
+    in_hand = min(settings.concurrency, settings.decode_threads)
+    # Six captioned, then every one of the worker's threads holds a chunk whose image is stuck behind the gate.
+    wait_for(lambda: len(requested) >= 6 + in_hand, 60, "the worker to hold chunks behind the gate")
+    code, out, err = invoke(settings, "cancel", job, "--json", env=cli_env)
+    seen_before_cancel = {u.rsplit("/", 1)[1] for u in requested}
+    gate.set()
+    assert code == 0 and json.loads(out)["state"] == "cancelled", err
+    done = _wait_json(settings, job, cli_env)
+    assert (done["state"], done["error"], done["pending"]) == ("cancelled", 0, 0)
+    assert done["ok"] + done["cancelled"] == done["total"] == 40 and done["cancelled"] > 0
+    rows = _rows(settings, job)
+    captioned = {ref.rsplit("/", 1)[1] for ref, row in rows.items() if row["status"] == "ok"}
+    # Only images whose chunks were in hand at the cancel were captioned; nothing taken after it was.
+    assert captioned <= seen_before_cancel and len(captioned) == done["ok"] >= 6
+    assert {row["status"] for ref, row in rows.items() if ref.rsplit("/", 1)[1] not in captioned} == {"cancelled"}
+
+
+@pytest.mark.usefixtures("caption_worker")
+def test_dataset_exports_and_exclude_flags_through_the_cli(
+    settings: Settings, cli_env: dict[str, str], images: Path, tmp_path: Path
+) -> None:
+    """WebDataset shards and kohya JSON of a real job hold each image with its ledger caption; --exclude-flags
+    leaves out exactly the captions carrying the flag (here: cut at a max_length of 5)."""
+    import tarfile
+
+    code, out, err = invoke(settings, "enqueue", str(images), "--max-length", "5", "--wait", "--json", env=cli_env)
+    assert code == 0, err
+    job = json.loads(out)["job"]["id"]
+    rows = _rows(settings, job)
+    flagged = {ref for ref, row in rows.items() if "truncated" in (row.get("flags") or [])}
+    assert len(rows) == 10 and flagged, "a random tiny GIT does not end a caption within 5 tokens"
+
+    def shards(*extra: str) -> dict[str, dict[str, bytes]]:
+        target = tmp_path / f"wds-{uuid.uuid4().hex[:6]}"
+        code, _, err = invoke(settings, "export", job, "--format", "webdataset", "-o", str(target), *extra)
+        assert code == 0, err
+        samples: dict[str, dict[str, bytes]] = {}
+        for shard in sorted(target.glob("*.tar")):
+            with tarfile.open(shard) as tar:
+                for member in tar.getmembers():
+                    key, ext = member.name.split(".", 1)
+                    samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        return samples
+
+    by_id = {row["id"]: row for row in rows.values()}
+    every = shards("--shard-size", "4")
+    assert set(every) == set(by_id)
+    for key, sample in every.items():
+        row = by_id[key]
+        assert sample["jpg"] == Path(row["ref"]).read_bytes()
+        assert sample["txt"].decode() == row["caption"] and json.loads(sample["json"]) == row
+    kept = shards("--exclude-flags", "truncated")
+    assert {by_id[k]["ref"] for k in kept} == set(rows) - flagged
+
+    kohya = tmp_path / "kohya.json"
+    code, _, err = invoke(
+        settings, "export", job, "--format", "kohya", "-o", str(kohya), "--exclude-flags", "truncated"
+    )
+    assert code == 0, err
+    assert json.loads(kohya.read_text()) == {ref: {"caption": rows[ref]["caption"]} for ref in set(rows) - flagged}
+    code, _, err = invoke(settings, "export", job, "--format", "kohya", "-o", str(tmp_path / "all.json"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "all.json").read_text()) == {
+        ref: {"caption": r["caption"]} for ref, r in rows.items()
+    }
+
+
+@pytest.mark.usefixtures("caption_worker")
+def test_max_length_fifty_runs_when_none_is_given_and_a_small_one_bounds_the_caption(
+    settings: Settings, cli_env: dict[str, str], images: Path, tiny_model: Path
+) -> None:
+    """`captioner enqueue` with no --max-length and no CAPTIONER_MAX_LENGTH captions at 50 tokens (the worker's own
+    setting of 12 applies only to calls that leave it out); --max-length 4 cuts each caption to 4 positions."""
+    env = {k: v for k, v in cli_env.items() if k != "CAPTIONER_MAX_LENGTH"}
+    paths = sorted(images.glob("*.jpg"))[:3]
+    expected = {n: direct_captions(tiny_model, paths, n) for n in (4, 12, 50)}
+    assert expected[50] != expected[12], "the tiny GIT must run past 12 tokens for this test to tell 50 from 12"
+    for args, n in (((), 50), (("--max-length", "4"), 4)):
+        code, out, err = invoke(settings, "enqueue", *map(str, paths), *args, "--wait", "--json", env=env)
+        assert code == 0, err
+        job = json.loads(out)["job"]
+        assert job["params"]["max_length"] == n and job["ok"] == 3
+        rows = _rows(settings, job["id"])
+        assert {ref: row["caption"] for ref, row in rows.items()} == expected[n]
+        assert all(row["params"]["max_length"] == n for row in rows.values())
+    # [CLS] takes the first of the 4 positions: at most 3 caption tokens, so at most 3 words.
+    assert all(len(caption.split()) <= 3 for caption in expected[4].values())
+
+
+def test_paths_outside_the_allowed_roots_are_warned_about_by_the_producer(
+    settings: Settings, cli_env: dict[str, str], images: Path, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(sorted(images.glob("*.jpg"))[0], outside / "a.jpg")
+    code, _, err = invoke(settings, "enqueue", str(images), env=cli_env)
+    assert code == 0 and "warning" not in err, err
+    code, _, err = invoke(settings, "enqueue", str(outside), env=cli_env)
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert code == 0 and len(warnings) == 1, err
+    assert str(outside / "a.jpg") in warnings[0] and "outside CAPTIONER_ALLOWED_ROOTS" in warnings[0]
+    assert cli_env["CAPTIONER_ALLOWED_ROOTS"] in warnings[0]

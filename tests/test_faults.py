@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pickle
 import re
-import time
 import uuid
 from pathlib import Path
 
@@ -12,10 +11,11 @@ import pytest
 import redis
 from kombu import Connection, Exchange, Producer, Queue
 
+from common.errors import InvalidMessage
 from common.messages import TASK_CAPTION, GenParams, item_id
 from producer.jobs import JobClient
 from producer.local import WorkerProcess
-from tests.conftest import settings_from, shape_files, tally
+from tests.conftest import settings_from, shape_files, snapshot, tally
 from tests.test_recovery import recovery_env, wait_for
 from worker.celery_app import create_app
 
@@ -73,7 +73,7 @@ def test_malformed_messages_get_a_clear_error(settings, kwargs: dict, message: s
         row = result.get(timeout=30)
         assert (row["status"], row["error_class"]) == ("error", "invalid_input")
         return
-    with pytest.raises(Exception, match=message):
+    with pytest.raises(InvalidMessage, match=message):  # the worker's named error, rebuilt by Celery
         result.get(timeout=30)
 
 
@@ -132,10 +132,10 @@ def test_out_of_memory_batches_are_split_and_every_item_is_captioned(
         client.enqueue(refs, job_id="job-oom", chunk_size=16)
         info = client.wait("job-oom", timeout=120, on_tick=lambda _: None)
         figures = tally("out of memory at batch > 3 (injected): halve and retry", refs, list(client.results("job-oom")),
-                        happened="each failing batch was split in halves until it fit; the worker kept 3 as its "
-                        "ceiling")  # fmt: skip
+                        info, happened="each failing batch was split in halves until it fit; the worker kept 3 as "
+                        "its ceiling")  # fmt: skip
         client.close()
-    assert (figures["lost"], figures["duplicated"]) == (0, 0)
+    assert (figures["lost"], figures["counters_off"]) == (0, 0)
     assert (info.ok, info.error) == (16, 0)
     log = proc.log_path.read_text()
     # A long batching wait fills batches past the injected limit of 3 even on a busy machine.
@@ -154,20 +154,20 @@ def test_sigterm_mid_job_is_a_warm_shutdown_and_nothing_is_lost(
     first.wait_ready()
     client.enqueue(refs, job_id="job-term", chunk_size=4)
     wait_for(lambda: client.status("job-term").ok >= 8, 120, "the first captions")
-    started = time.monotonic()
-    assert first.terminate(timeout=60) == 0  # warm shutdown: tasks in hand finish, then a clean exit
-    took = time.monotonic() - started
+    assert first.terminate(timeout=120) == 0  # warm shutdown: tasks in hand finish, then a clean exit
     at_stop = client.status("job-term")
-    assert at_stop.ok < len(refs), "the SIGTERM must land mid-job"
+    assert 0 < at_stop.ok < len(refs), "the SIGTERM must land mid-job"
+    before = snapshot(client, "job-term")
+    log = first.log_path.read_text()
     with WorkerProcess(env, log=tmp_path / "second.log") as second:
         second.wait_ready()
         info = client.wait("job-term", timeout=180, on_tick=lambda _: None)
     rows = list(client.results("job-term"))
     client.close()
-    figures = tally("SIGTERM mid-job (warm shutdown), then a new worker", refs, rows,
-                    happened=f"the worker finished its chunks in hand and exited 0 in {took:.1f} s; the rest went to "
-                    "the new worker")  # fmt: skip
-    assert (figures["lost"], figures["duplicated"]) == (0, 0)
-    assert took < 30
+    figures = tally("SIGTERM mid-job (warm shutdown), then a new worker", refs, rows, info, before=before,
+                    happened="the worker finished its chunks in hand and exited 0; the rest went to the new "
+                    "worker")  # fmt: skip
+    assert (figures["lost"], figures["counters_off"], figures["replaced"]) == (0, 0, 0)
     assert (info.ok, info.error) == (len(refs), 0)
-    assert len({r["id"] for r in rows}) == len(rows) == len(refs)
+    # Warm: what it held was finished and acknowledged, not left for redelivery.
+    assert "Warm shutdown" in log and figures["attempted_twice"] == 0

@@ -25,6 +25,7 @@ def rss_bytes(pid: int) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # the whole 100,000 items: longer than the suite's 300 s per test on a busy machine
 def test_one_hundred_thousand_items_exactly_once_with_flat_worker_memory(
     worker_env: dict[str, str], session_root: Path, tmp_path: Path
 ) -> None:
@@ -74,13 +75,13 @@ def test_one_hundred_thousand_items_exactly_once_with_flat_worker_memory(
     rss_mib = [round(rss / 2**20, 1) for _, _, rss in samples[:: max(1, len(samples) // 12)]]
     happened = (f"{N / seconds:.0f} img/s; worker RSS {quarter[0] / 2**20:.0f} -> {max(quarter) / 2**20:.0f} MiB "
                 f"from 25% to the end ({growth:+.1%}); Redis {per_item:.0f} B per pending item")  # fmt: skip
-    figures = tally(f"one job of {N:,} items through one worker", refs, rows, happened=happened, rss_mib=rss_mib)
+    figures = tally(f"one job of {N:,} items through one worker", refs, rows, info, happened=happened, rss_mib=rss_mib)
     print(f"\nload: {N} items in {seconds:.0f}s ({N / seconds:.0f} img/s); enqueue {enqueue_rate:.0f} items/s; "
           f"Redis {per_item:.0f} B per pending item; worker RSS {quarter[0] / 2**20:.0f} -> {max(quarter) / 2**20:.0f}"
           f" MiB after 25% ({growth:+.1%})")  # fmt: skip
     for t, done, rss in samples[:: max(1, len(samples) // 12)]:
         print(f"  t={t:6.0f}s done={done:7d} rss={rss / 2**20:7.1f} MiB")
-    assert (figures["lost"], figures["duplicated"], figures["ok"]) == (0, 0, N)
+    assert (figures["lost"], figures["counters_off"], figures["ok"]) == (0, 0, N)
     assert info.state.value == "done"
     assert growth < 0.10, "worker memory grows with the job"
     assert per_item <= 300

@@ -17,6 +17,7 @@ from producer.cli import cli
 from producer.jobs import JobClient
 from producer.local import LocalRedis, WorkerProcess, free_port
 from tests.conftest import settings_from
+from tests.test_recovery import wait_for
 
 
 class _Unavailable(BaseHTTPRequestHandler):
@@ -60,7 +61,7 @@ def test_metrics_endpoint_and_json_logs_of_a_real_worker(
         env = {**worker_env, "CAPTIONER_BROKER_URL": server.url(0), "CAPTIONER_RESULT_BACKEND": server.url(0),
                "CAPTIONER_REDIS_URL": server.url(1), "CAPTIONER_METRICS_PORT": str(port),
                "CAPTIONER_METRICS_ADDR": "127.0.0.1", "CAPTIONER_LOG_JSON": "true",
-               "CAPTIONER_MAX_ATTEMPTS": "2"}  # fmt: skip
+               "CAPTIONER_MAX_ATTEMPTS": "2", "CAPTIONER_LEDGER_TTL_S": "5"}  # fmt: skip
         training_queue = env["CAPTIONER_TRAINING_QUEUE"]
         with WorkerProcess(env, log=tmp_path / "w.log") as proc:
             proc.wait_ready()
@@ -74,6 +75,15 @@ def test_metrics_endpoint_and_json_logs_of_a_real_worker(
             while _sample(text := _scrape(port), "captioner_queue_depth", queue=training_queue) != 1.0:
                 assert time.monotonic() < deadline, "queue depth never sampled"
                 time.sleep(0.5)
+
+            # CAPTIONER_LEDGER_TTL_S: the finished job leaves the ledger once its time is up; the queued fine-tune,
+            # not finished, stays.
+            def expired() -> bool:
+                result = CliRunner().invoke(cli, ["status", "job-metrics"], env=env)
+                return result.exit_code == 1 and "no job 'job-metrics'" in result.stderr
+
+            wait_for(expired, 60, "the finished job's keys to expire")
+            assert CliRunner().invoke(cli, ["status", "train-queued"], env=env).exit_code == 0
     http.shutdown()
     http.server_close()
     assert _sample(text, "captioner_images_total", status="ok") == 6.0
@@ -126,9 +136,16 @@ def test_doctor_fails_without_persistence_or_workers_and_passes_on_a_sound_setup
         with WorkerProcess(env, log=tmp_path / "w.log") as proc:
             proc.wait_ready()
             result = CliRunner().invoke(cli, ["doctor", "--json"], env=env, catch_exceptions=False)
-    checks = {c["name"]: c for c in json.loads(result.stdout)}
-    assert result.exit_code == 0, result.stdout
-    assert "tiny-git@" in checks["caption workers"]["detail"]
+            checks = {c["name"]: c for c in json.loads(result.stdout)}
+            assert result.exit_code == 0, result.stdout
+            assert "tiny-git@" in checks["caption workers"]["detail"]
+            # The same sound setup, but Redis may evict keys when full: queue and ledger keys could vanish.
+            redis.Redis(port=sound.port).config_set("maxmemory-policy", "allkeys-lru")
+            code, checks = _doctor(env)
+    assert code == 1
+    assert [(c["name"], c["detail"]) for c in checks.values() if c["level"] == "fail"] == [
+        ("broker eviction", "maxmemory-policy allkeys-lru may silently drop queue or ledger keys")
+    ]
     result = CliRunner().invoke(cli, ["--broker-url", "redis://127.0.0.1:1/0", "doctor"], catch_exceptions=False)
     assert result.exit_code == 1 and "broker reachable" in result.stdout
 

@@ -11,30 +11,14 @@ from pathlib import Path
 
 import pytest
 import redis
-from PIL import Image
 
+from common.errors import InvalidMessage
 from common.messages import TASK_CAPTION, TASK_CAPTION_MANY, GenParams, item_id
 from producer.jobs import JobClient, workers_info
-from tests.conftest import MAX_LENGTH
+from tests.conftest import MAX_LENGTH, direct_captions
 from worker.celery_app import create_app
 
 pytestmark = pytest.mark.usefixtures("caption_worker")
-
-
-def direct_captions(model_dir: Path, paths: list[Path], max_length: int = MAX_LENGTH) -> dict[str, str]:
-    """Captions from transformers' own GitForCausalLM.generate, one image at a time, float32."""
-    import torch
-    from transformers import AutoProcessor, GitForCausalLM
-
-    model = GitForCausalLM.from_pretrained(model_dir).eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
-    out = {}
-    with torch.inference_mode():
-        for p in paths:
-            pixels = processor(images=Image.open(p).convert("RGB"), return_tensors="pt").pixel_values
-            ids = model.generate(pixel_values=pixels, max_length=max_length)
-            out[str(p)] = processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
-    return out
 
 
 def run_job(client: JobClient, refs: list[str], job_id: str, **kw: object) -> list[dict]:
@@ -116,6 +100,18 @@ def test_cancel_records_queued_items_as_cancelled_and_enqueue_reopens(client: Jo
     assert (info.state.value, info.cancelled, info.ok) == ("done", 0, 10)
 
 
+def test_parameters_the_engine_refuses_are_engine_error_rows(client: JobClient, images: Path) -> None:
+    """A prompt longer than max_length: generate refuses it. Each item is tried alone, then recorded as
+    engine_error (not transient: the same parameters fail again), and the job ends with them as failures."""
+    refs = [str(p) for p in sorted(images.glob("*.jpg"))[:3]]
+    rows = run_job(client, refs, "job-engine-error", params=GenParams(max_length=3, prompt="a photo of a cat on a mat"))
+    assert [(r["status"], r["error_class"], r.get("transient")) for r in rows] == [("error", "engine_error", None)] * 3
+    assert all("max_length" in r["error"] for r in rows)
+    info = client.status("job-engine-error")
+    assert (info.state.value, info.ok, info.error) == ("done", 0, 3)
+    assert list(client.failures("job-engine-error")) == ["engine_error"]
+
+
 def test_service_single_image_by_task_name(settings, images: Path, http_root, tiny_model: Path) -> None:
     """A service with only a task name and JSON: a path, a URL and inline base64, in and out."""
     app = create_app(settings)
@@ -193,10 +189,10 @@ def test_celery_call_cli_by_task_name(settings, images: Path, worker_env: dict[s
 def test_bad_message_is_rejected_with_a_clear_error(settings) -> None:
     app = create_app(settings)
     result = app.send_task(TASK_CAPTION, kwargs={"source": {"path": "/x", "url": "http://y"}})
-    with pytest.raises(Exception, match="exactly one of"):
+    with pytest.raises(InvalidMessage, match="exactly one of"):
         result.get(timeout=30)
     result = app.send_task(TASK_CAPTION, kwargs={"source": "/x", "colour": "red"})
-    with pytest.raises(Exception, match="colour"):
+    with pytest.raises(InvalidMessage, match="colour"):
         result.get(timeout=30)
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from producer.jobs import JobClient
 from producer.local import LocalRedis, WorkerProcess
-from tests.conftest import reconciling, settings_from, shape_files, tally
+from tests.conftest import reconciling, settings_from, shape_files, snapshot, tally
 from tests.test_recovery import wait_for
 
 
@@ -26,14 +26,18 @@ def own_redis_env(worker_env: dict[str, str]):
 
 @pytest.fixture
 def flaky_server(images: Path):
-    """/flaky-N answers 503 twice, then the image; /down always 503; /gone 404. Counts requests per path."""
+    """/flaky-N answers 503 twice, then the image; /down always 503; /gone 404; /stall never answers (until the
+    test ends). Counts requests per path."""
     body = sorted(images.glob("*.jpg"))[0].read_bytes()
     hits: dict[str, int] = {}
+    done = threading.Event()
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             hits[self.path] = hits.get(self.path, 0) + 1
-            if self.path.startswith("/flaky") and hits[self.path] > 2:
+            if self.path == "/stall":
+                done.wait()  # a server that accepts and then says nothing: only the worker's deadline ends it
+            elif self.path.startswith("/flaky") and hits[self.path] > 2:
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -47,6 +51,7 @@ def flaky_server(images: Path):
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}", hits
+    done.set()
     server.shutdown()
     server.server_close()
 
@@ -55,12 +60,12 @@ def test_transient_failures_are_retried_with_backoff_and_permanent_ones_are_not(
     own_redis_env: dict[str, str], flaky_server, tmp_path: Path
 ) -> None:
     base, hits = flaky_server
-    refs = [f"{base}/flaky-1", f"{base}/flaky-2", f"{base}/down", f"{base}/gone"]
+    refs = [f"{base}/flaky-1", f"{base}/flaky-2", f"{base}/down", f"{base}/gone", f"{base}/stall"]
     with WorkerProcess(own_redis_env, log=tmp_path / "w.log") as proc:
         proc.wait_ready()
         client = JobClient(settings_from(own_redis_env))
         client.enqueue(refs, job_id="job-flaky")
-        client.wait("job-flaky", timeout=120, on_tick=lambda _: None)
+        info = client.wait("job-flaky", timeout=120, on_tick=lambda _: None)
         rows = {r["ref"].rsplit("/", 1)[1]: r for r in client.results("job-flaky")}
         client.close()
     assert (rows["flaky-1"]["status"], rows["flaky-1"]["attempts"]) == ("ok", 3)
@@ -68,9 +73,18 @@ def test_transient_failures_are_retried_with_backoff_and_permanent_ones_are_not(
     down = rows["down"]
     assert (down["error_class"], down["attempts"], down["transient"]) == ("fetch_error", 3, True)
     assert (rows["gone"]["error_class"], rows["gone"]["attempts"]) == ("fetch_error", 1)
-    assert hits["/gone"] == 1 and hits["/down"] == 3  # 404 is permanent; 503 is tried max_attempts times
+    # A server that never answers: the worker's total deadline (CAPTIONER_URL_TOTAL_TIMEOUT_S) ends each attempt.
+    stall = rows["stall"]
+    assert (stall["status"], stall["error_class"], stall["attempts"], stall["transient"]) == (
+        "error",
+        "timeout",
+        3,
+        True,
+    )
+    assert (info.ok, info.error, info.state.value) == (2, 3, "done")
+    assert hits["/gone"] == 1 and hits["/down"] == 3 and hits["/stall"] == 3  # 404 is permanent; the rest: 3 tries
     log = proc.log_path.read_text()
-    assert "retrying 3 transient item(s) in 2s" in log and "retrying 3 transient item(s) in 4s" in log
+    assert "retrying 4 transient item(s) in 2s" in log and "retrying 4 transient item(s) in 4s" in log
 
 
 def test_items_that_keep_killing_their_worker_become_poison(
@@ -92,6 +106,8 @@ def test_items_that_keep_killing_their_worker_become_poison(
     # Killed between two chunks, a worker would hold nothing: wait until it holds some.
     wait_for(lambda: client.status("job-poison").ok >= 8 and in_hand() > 0, 120, "the first captions")
     first.kill()  # the items in its hands were attempted once: with a limit of 1, they are now poison
+    assert 0 < client.status("job-poison").ok < len(refs), "the kill must land mid-job"
+    before = snapshot(client, "job-poison")
     resent: list[int] = []
     with WorkerProcess(env, log=tmp_path / "w2.log") as second:
         second.wait_ready()
@@ -99,13 +115,13 @@ def test_items_that_keep_killing_their_worker_become_poison(
                            stall_s=8)  # fmt: skip
     rows = list(client.results("job-poison"))
     client.close()
-    figures = tally("items whose worker died with them, attempt limit 1 (poison)", refs, rows, reconciled=sum(resent),
-                    happened="with one attempt allowed, the items in the dead worker's hands became poison rows, the "
-                    "rest were captioned")  # fmt: skip
+    figures = tally("items whose worker died with them, attempt limit 1 (poison)", refs, rows, info, before=before,
+                    reconciled=sum(resent), happened="with one attempt allowed, the items in the dead worker's hands "
+                    "became poison rows, the rest were captioned")  # fmt: skip
     poison = [r for r in rows if r.get("error_class") == "poison"]
-    assert (figures["lost"], figures["duplicated"]) == (0, 0)
+    assert (figures["lost"], figures["counters_off"], figures["replaced"]) == (0, 0, 0)
     assert poison and all(r["attempts"] == 2 for r in poison)
-    assert info.ok + len(poison) == len(refs) and info.state.value == "done"
+    assert (info.ok, info.error, info.state.value) == (len(refs) - len(poison), len(poison), "done")
 
 
 def test_an_item_that_kills_its_worker_is_isolated_and_only_it_becomes_poison(
@@ -125,7 +141,7 @@ def test_an_item_that_kills_its_worker_is_isolated_and_only_it_becomes_poison(
     refs[5] = str(killer)
     client = JobClient(settings_from(env))
     client.enqueue(refs, job_id="job-killer", chunk_size=4)
-    deaths, resent = 0, []
+    deaths, resent, before = 0, [], {}
     for turn in range(6):  # an operator's restart policy: a dead worker is replaced
         with WorkerProcess(env, log=tmp_path / f"w{turn}.log") as proc:
             wait_for(lambda: b" ready." in proc.log_path.read_bytes(), 120, "the worker to start")
@@ -133,13 +149,15 @@ def test_an_item_that_kills_its_worker_is_isolated_and_only_it_becomes_poison(
             if proc.proc.poll() is None:
                 break
             deaths += 1
+            before |= snapshot(client, "job-killer")  # captions its death must not disturb
     rows = {r["ref"]: r for r in client.results("job-killer")}
     info = client.status("job-killer")
     client.close()
-    tally("an item that kills its worker, attempt limit 3 (poison, batch-mates captioned)", refs, list(rows.values()),
-          reconciled=sum(resent),
-          happened=f"the worker died {deaths} times; after the first, suspects ran alone: the killer became poison, "
-          "its 23 batch-mates were captioned")  # fmt: skip
+    figures = tally("an item that kills its worker, attempt limit 3 (poison, batch-mates captioned)", refs,
+                    list(rows.values()), info, before=before, reconciled=sum(resent),
+                    happened=f"the worker died {deaths} times; after the first, suspects ran alone: the killer became "
+                    "poison, its 23 batch-mates were captioned")  # fmt: skip
+    assert (figures["lost"], figures["counters_off"], figures["replaced"]) == (0, 0, 0)
     assert deaths == 3, f"the killer should have had 3 attempts, the worker died {deaths} time(s)"
     assert (rows[str(killer)]["error_class"], rows[str(killer)]["attempts"]) == ("poison", 4)
     assert "died 3 time(s)" in rows[str(killer)]["error"]

@@ -14,7 +14,7 @@ from common.messages import TASK_TRAIN, GenParams, JobState, TrainRequest
 from common.store import ModelStore
 from producer.jobs import JobClient
 from producer.local import LocalRedis, WorkerProcess
-from tests.conftest import note_fault, settings_from, shape_files, tally
+from tests.conftest import note_fault, settings_from, shape_files, snapshot, tally
 from tests.test_recovery import wait_for
 
 FAST = {"learning_rate": 3e-3, "lr_scheduler": "constant", "batch_size": 8, "grad_accum": 1, "epochs": 1000,
@@ -41,7 +41,6 @@ def _tiny(store: ModelStore, tmp_path: Path, seed: int, name: str) -> str:
 
 
 def test_hot_swap_under_load_loses_nothing_and_rows_switch_version(stack, session_root: Path, tmp_path: Path) -> None:
-
     env, store = stack
     store.promote(_tiny(store, tmp_path, 0, "v-old"))
     new = _tiny(store, tmp_path, 1, "v-new")
@@ -51,16 +50,21 @@ def test_hot_swap_under_load_loses_nothing_and_rows_switch_version(stack, sessio
         client = JobClient(settings_from(env))
         client.enqueue(refs, job_id="job-swap", chunk_size=4, params=GenParams(max_length=12))
         wait_for(lambda: client.status("job-swap").ok >= 40, 120, "captions from the old version")
+        before = snapshot(client, "job-swap")  # taken before the promotion: all of these are v-old's
         store.promote(new)
         promoted_at = time.time()
+        at_promote = client.status("job-swap").ok
+        assert 0 < at_promote < len(refs), f"the promotion landed at ok={at_promote} of {len(refs)}, not mid-job"
         info = client.wait("job-swap", timeout=240, on_tick=lambda _: None)
         rows = list(client.results("job-swap"))
         client.close()
     by_version = {v: sum(r["model_version"] == v for r in rows) for v in ("v-old", "v-new")}
-    figures = tally("model promoted while a job runs (hot swap)", refs, rows,
+    figures = tally("model promoted while a job runs (hot swap)", refs, rows, info, before=before,
                     happened=f"the worker loaded the new version beside the old and switched between batches: "
                     f"{by_version['v-old']} rows from v-old, then {by_version['v-new']} from v-new")  # fmt: skip
-    assert (figures["lost"], figures["duplicated"], info.error) == (0, 0, 0)
+    assert (figures["lost"], figures["counters_off"], figures["replaced"]) == (0, 0, 0)
+    assert (info.state.value, info.ok, info.error) == ("done", len(refs), 0)
+    assert {r["model_version"] for r in before.values()} == {"v-old"}
     versions = [r["model_version"] for r in sorted(rows, key=lambda r: r["finished_at"])]
     assert set(versions) == {"v-old", "v-new"}
     assert versions[:20] == ["v-old"] * 20 and versions[-20:] == ["v-new"] * 20

@@ -18,8 +18,6 @@ from contextvars import copy_context
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-import redis
-
 from common.errors import Cancelled, EngineError, InvalidInput, ItemError
 from common.messages import GenParams, ItemResult, ItemStatus, Source, item_id
 from common.settings import Settings
@@ -39,14 +37,15 @@ EngineFactory = Callable[[], "CaptionEngine"]
 
 def _default_engine_factory(settings: Settings) -> EngineFactory:
     def load() -> CaptionEngine:
+        # The model name first (@current -> a version): a store with nothing promoted fails before torch loads.
+        model = resolve_model(settings.model, settings.model_store)
         from worker.engine import CaptionEngine, EngineConfig  # torch is imported here, not at module load
 
         if settings.torch_threads:
             import torch
 
             torch.set_num_threads(settings.torch_threads)
-        # Every engine setting from one place; only the model name is resolved here (@current -> a version).
-        cfg = replace(EngineConfig.from_settings(settings), model=resolve_model(settings.model, settings.model_store))
+        cfg = replace(EngineConfig.from_settings(settings), model=model)  # every engine setting from one place
         return CaptionEngine.load(cfg)
 
     return load
@@ -208,8 +207,8 @@ class CaptionService:
         version = self.engine.version
         try:
             found = self.reuse.reuse_get(reuse_key(version, params), [digest]).get(digest)
-        except redis.RedisError as exc:  # the cache is an optimisation: caption the image instead
-            log.warning("caption reuse lookup failed (%s); captioning the image", exc)
+        except Exception as exc:  # the cache (Redis, PostgreSQL) is an optimisation: caption the image instead
+            log.warning("caption reuse lookup failed (%s: %s); captioning the image", type(exc).__name__, exc)
             return None
         if found is None:
             return None
@@ -224,8 +223,8 @@ class CaptionService:
         try:
             for version, entries in by_version.items():
                 self.reuse.reuse_put(reuse_key(version, params), entries, self.settings.reuse_ttl_s)
-        except redis.RedisError as exc:
-            log.warning("caption reuse: %d caption(s) not remembered (%s)", len(fresh), exc)
+        except Exception as exc:  # as above: a cache that fails loses nothing but the reuse
+            log.warning("caption reuse: %d caption(s) not remembered (%s: %s)", len(fresh), type(exc).__name__, exc)
 
     def caption_items(
         self,

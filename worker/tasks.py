@@ -14,7 +14,7 @@ from celery.signals import celeryd_after_setup, worker_shutting_down
 from celery.worker.control import inspect_command
 
 from common.connections import RETRYABLE_REDIS_ERRORS
-from common.errors import ConfigError, InvalidMessage
+from common.errors import CaptionerError, ConfigError, InvalidMessage
 from common.ledger import ledger_from_settings
 from common.memory import machine_memory_bytes
 from common.messages import (
@@ -245,7 +245,13 @@ def _warm_up(sender: str, instance: Any, **kwargs: Any) -> None:
         # it fed (measured: tiny model, service 0.74 -> 0.99 of the in-process engine on 2 cores).
         sys.setswitchinterval(GIL_SWITCH_S)
         svc = service()
-        version = svc.warm_up()
+        try:
+            version = svc.warm_up()
+        except CaptionerError as exc:
+            # A model that does not load (missing, not GIT, no promoted version) or a device that is not there
+            # fails every job it would take: say so in one line and do not start. SystemExit, as above.
+            log.critical("cannot start a caption worker: %s", exc)
+            raise SystemExit(1) from None
         engine = svc.engine
         metrics.set_model(version, str(engine.device), str(engine.dtype).removeprefix("torch."))
         metrics.serve(settings.metrics_port, settings.metrics_addr, _queue_depths)

@@ -9,9 +9,10 @@ which runs to the end of the value::
 The header holds the status (2 bits), the quality flags (3 bits) and the transient, reused and has-extra marks,
 so the ledger's Lua scripts read an item's status and flags from one byte. ``provenance`` indexes the job's
 table of (model version, parameters, profile) triples. ``finished`` is tenths of a second after the job's
-creation, plus one (0: not recorded). ``ref`` is stored relative to the job's base when it lies under it (else NUL and the
-full reference). ``error class`` indexes ``ITEM_ERROR_CODES``. ``extra`` (columns a source row carries to the
-export) is a length and a msgpack map. Timings are not stored: the worker's logs and metrics have them.
+creation, plus one (0: not recorded). ``ref`` is stored relative to the job's base when it lies under it (else
+NUL and the full reference). ``error class`` indexes ``ITEM_ERROR_CODES``. ``extra`` (columns a source row
+carries to the export) is a length and a msgpack map. Timings are not stored: the worker's logs and metrics have
+them.
 """
 
 from __future__ import annotations
