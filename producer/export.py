@@ -56,6 +56,7 @@ FLAT_COLUMNS = (
     "mark",
     "reviewer",
     "reviewed_at",
+    "extra",
 )
 _PARAM_COLUMNS = ("max_length", "num_beams", "prompt")
 _INT_COLUMNS = frozenset({"max_length", "num_beams", "attempts"})
@@ -743,6 +744,8 @@ def _file_name(ref: str, base: str | None) -> str:
 def _coerce(name: str, value: Any) -> Any:
     if value is None:
         return None
+    if name == "extra":  # the columns a source row carried (Parquet, datasets), as one JSON text cell
+        return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
     if name == "flags":
         # A list from a row, a string from a file (or a row flattened already).
         text = value if isinstance(value, str) else ",".join(str(flag) for flag in value)
