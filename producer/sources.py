@@ -184,6 +184,10 @@ def check(arg: str, *, column: str | None = None, containers: Containers | None 
     if path.is_dir():
         if not os.access(path, os.R_OK | os.X_OK):
             raise SourceError(f"{arg}: directory not readable")
+    elif (path.is_file() and (is_shard(str(path)) or path.suffix.lower() == ".arrow")) or (
+        path.is_file() and path.suffix.lower() == ".parquet" and parquet_specs(str(path), column, opts.store)
+    ):
+        return
     elif path.is_file() and path.suffix.lower() in LIST_EXTENSIONS:
         next(read_list(path, column=column), None)
     elif path.is_file():

@@ -133,10 +133,10 @@ def _rows(n: int, prefix: str) -> list[ItemResult]:
     for i in range(n):
         ref = f"{prefix}{i:02d}.jpg"
         status = ItemStatus.OK if i % 3 else ItemStatus.ERROR
+        ok = status is ItemStatus.OK
         rows.append(ItemResult(id=item_id(ref), ref=ref, status=status, params=params, model_version="v1",
-                               caption=f"caption {i}" if status is ItemStatus.OK else None,
-                               error_class=None if status is ItemStatus.OK else "decode_error",
-                               error=None if status is ItemStatus.OK else "bad", extra={"n": i, "s": {"k": [i]}}))  # fmt: skip
+                               caption=f"caption {i}" if ok else None, error_class=None if ok else "decode_error",
+                               error=None if ok else "bad", extra={"n": i, "s": {"k": [i]}}))  # fmt: skip
     return rows
 
 
