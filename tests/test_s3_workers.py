@@ -36,8 +36,9 @@ def test_two_workers_without_local_roots_caption_a_prefix_and_export_to_s3(
     fs.pipe(f"{bucket}/shards/s-000.tar", buf.getvalue())
     fs.pipe(f"{bucket}/secret/x.png", images[0])  # in the bucket, outside the allowed prefixes
     queue = f"captions-s3-{uuid.uuid4().hex[:6]}"
+    roots = f"s3://{bucket}/in,s3://{bucket}/shards"  # no local root at all
     env = {**worker_env, **s3.env, "CAPTIONER_CAPTION_QUEUE": queue, "CAPTIONER_INTERACTIVE_QUEUE": f"{queue}-now",
-           "CAPTIONER_ALLOWED_ROOTS": f"s3://{bucket}/in,s3://{bucket}/shards", "CAPTIONER_CONCURRENCY": "2"}  # fmt: skip
+           "CAPTIONER_ALLOWED_ROOTS": roots, "CAPTIONER_CONCURRENCY": "2"}  # fmt: skip
     logs = [tmp_path / f"w{i}.log" for i in range(2)]
     workers = [WorkerProcess(env, log=log).start() for log in logs]
     try:
