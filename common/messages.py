@@ -15,16 +15,18 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.errors import InvalidMessage
+from common.objects import is_object_uri
 
 # --- task names (stable, versioned) ------------------------------------------------------------
 TASK_CAPTION = "captioner.caption.v1"  # one image in, one result out (services)
 TASK_CAPTION_MANY = "captioner.caption_many.v1"  # a list of images in, a list of results out (services)
 TASK_CAPTION_CHUNK = "captioner.caption_chunk.v1"  # a chunk of a ledger job (the producer)
+TASK_CAPTION_CONTAINER = "captioner.caption_container.v1"  # a shard or row group of a ledger job (the producer)
 TASK_NOTIFY = "captioner.notify_done.v1"  # a job ended: send its completion task and/or webhook
 TASK_TRAIN = "captioner.train.v1"  # fine-tune (training queue)
 TASK_EVALUATE = "captioner.evaluate.v1"  # score a model version (training queue)
 
-CAPTION_TASKS = (TASK_CAPTION_CHUNK, TASK_NOTIFY)  # the bulk caption queue
+CAPTION_TASKS = (TASK_CAPTION_CHUNK, TASK_CAPTION_CONTAINER, TASK_NOTIFY)  # the bulk caption queue
 INTERACTIVE_TASKS = (TASK_CAPTION, TASK_CAPTION_MANY)  # the interactive caption queue, taken from first
 TRAINING_TASKS = (TASK_TRAIN, TASK_EVALUATE)
 
@@ -126,24 +128,29 @@ class GenParams(BaseModel):
 
 
 class Source(BaseModel):
-    """One image reference: exactly one of a local path, an http(s) URL, or inline base64 bytes."""
+    """One image reference: exactly one of a local path, an http(s) URL, an object in a store (``s3://bucket/key``,
+    ``gs://...``), or inline base64 bytes."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     path: Annotated[str, Field(min_length=1, max_length=MAX_REF_CHARS)] | None = None
     url: Annotated[str, Field(min_length=1, max_length=MAX_REF_CHARS)] | None = None
+    #: An object URI, read through fsspec under the operator's allowed prefixes (never credentials in it).
+    uri: Annotated[str, Field(min_length=1, max_length=MAX_REF_CHARS)] | None = None
     b64: str | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Source:
-        given = [name for name in ("path", "url", "b64") if getattr(self, name) is not None]
+        given = [name for name in ("path", "url", "uri", "b64") if getattr(self, name) is not None]
         if len(given) != 1:
-            raise ValueError("a source needs exactly one of 'path', 'url' or 'b64'")
+            raise ValueError("a source needs exactly one of 'path', 'url', 'uri' or 'b64'")
         return self
 
     @property
-    def kind(self) -> Literal["path", "url", "b64"]:
-        return "path" if self.path is not None else "url" if self.url is not None else "b64"
+    def kind(self) -> Literal["path", "url", "uri", "b64"]:
+        if self.path is not None:
+            return "path"
+        return "url" if self.url is not None else "uri" if self.uri is not None else "b64"
 
     @property
     def ref(self) -> str:
@@ -153,7 +160,7 @@ class Source(BaseModel):
             for start in range(0, len(self.b64), 1 << 16):  # in slices: no second copy of a huge payload
                 digest.update(self.b64[start : start + (1 << 16)].encode())
             return "b64:" + digest.hexdigest()
-        return self.path if self.path is not None else self.url  # type: ignore[return-value]
+        return self.path or self.url or self.uri or ""
 
     def decode_b64(self, max_bytes: int) -> bytes:
         """The inline bytes, checked against a size cap by length before anything is decoded, and after."""
@@ -172,9 +179,12 @@ class Source(BaseModel):
 
     @classmethod
     def parse(cls, text: str) -> Source:
-        """A source from one string as users write it: http(s) URLs, everything else is a path."""
+        """A source from one string as users write it: http(s) URLs, other ``scheme://`` strings are objects in a
+        store, everything else is a path."""
         if is_url(text):
             return cls(url=text)
+        if is_object_uri(text):
+            return cls(uri=text)
         return cls(path=text)
 
 
@@ -249,6 +259,61 @@ class ChunkMessage(BaseModel):
         if isinstance(value, list):
             return [{"id": item_id(v), "src": v} if isinstance(v, str) else v for v in value]
         return value
+
+
+#: What a container is: a WebDataset tar shard, a Parquet row group, a slice of an Arrow file, a shard of a 🤗 dataset.
+ContainerKind = Literal["tar", "parquet", "arrow", "hf"]
+
+
+class ContainerSpec(BaseModel):
+    """A container of images whose members a worker discovers by reading it once, sequentially.
+
+    ``ref`` is the file (a path, an http(s) URL or an object URI) or, for ``hf``, the dataset (a folder or a hub
+    id). Members become items whose reference is ``<ref>#<key>`` (``hf:<ref>/<split>#<key>``) and whose id derives
+    from it, so the same member is the same item on every run.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: ContainerKind
+    ref: Annotated[str, Field(min_length=1, max_length=MAX_REF_CHARS)]
+    #: The image column (Parquet, Arrow, hf).
+    column: str | None = None
+    #: Parquet: the row group; hf: the shard index (of ``parts``).
+    part: int | None = Field(None, ge=0)
+    parts: int | None = Field(None, ge=1)
+    #: Arrow: the rows [start, stop).
+    start: int | None = Field(None, ge=0)
+    stop: int | None = Field(None, ge=0)
+    #: hf: the split, and whether to download the dataset whole instead of streaming it.
+    split: str | None = None
+    download: bool = False
+
+    def json_key(self) -> str:
+        return self.model_dump_json(exclude_defaults=True)
+
+    @property
+    def id(self) -> str:
+        """Deterministic: the same container of the same job is recorded once."""
+        return item_id(self.json_key())
+
+    def member_ref(self, key: str) -> str:
+        base = f"hf:{self.ref}/{self.split or 'train'}" if self.kind == "hf" else self.ref
+        return f"{base}#{key}"
+
+
+class ContainerMessage(BaseModel):
+    """Payload of ``captioner.caption_container.v1``: caption the members of one container of a ledger job.
+
+    The message names the container; the worker reads its spec from the ledger, where the producer recorded it,
+    so a message cannot point a worker at anything the job does not hold.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: JobId
+    container: Annotated[str, Field(min_length=1, max_length=64)]
+    params: GenParams = GenParams()
 
 
 class CaptionRequest(BaseModel):

@@ -11,6 +11,7 @@ import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from common.errors import FetchError, Forbidden, InvalidInput, TooLarge
 
@@ -36,6 +37,12 @@ class LocalFiles:
         """Bytes of a regular file whose real path lies under a root, at most ``max_bytes``."""
         with self._opened(path) as fd:
             return _read_capped(fd, path, self.max_bytes)
+
+    @contextlib.contextmanager
+    def open(self, path: str) -> Iterator[IO[bytes]]:
+        """A sequential reader of a regular file under a root (a shard, a Parquet file), checked like ``read``."""
+        with self._opened(path) as fd, os.fdopen(os.dup(fd), "rb") as fh:
+            yield fh
 
     def check(self, path: str) -> None:
         """Forbidden, FetchError or TooLarge unless ``read(path)`` would be allowed (without reading it)."""

@@ -8,9 +8,9 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, IPvAnyNetwork, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, IPvAnyNetwork, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from common.errors import ConfigError
@@ -156,8 +156,20 @@ class Settings(BaseSettings):
     num_beams: int = Field(1, ge=1, le=16)
 
     # --- image inputs ---------------------------------------------------------------------------
-    # Local paths are read only under these directories (comma or os.pathsep separated). Empty: none.
+    # Local paths are read only under these directories, and objects only under these object-store prefixes
+    # (s3://bucket/prefix, gs://bucket), comma separated (os.pathsep too when no prefix is given). Empty: none.
     allowed_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    # fsspec protocols object URIs may use (s3, gs; r2 and MinIO are s3 with an endpoint). file:// never: local
+    # files go through allowed_roots. Credentials and endpoints come from each library's own configuration.
+    object_store_protocols: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["s3", "gs"])
+    # Largest container file (WebDataset shard, Parquet or Arrow file) read over http(s), which is fetched whole into
+    # memory (local and object-store containers are streamed); members keep max_image_bytes.
+    max_container_bytes: int = Field(1 << 30, ge=1024)
+    # Seconds for a whole container fetched over http(s); objects in stores have per-request timeouts instead.
+    container_timeout_s: float = Field(600.0, gt=0)
+    # Let workers stream 🤗 datasets named by hub id (they reach the hub's network); folders are read under
+    # allowed_roots either way.
+    hub_datasets: bool = False
     # Largest encoded image accepted, from any source.
     max_image_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     # Largest decoded image (width x height); kept below Pillow's own bomb limit on purpose.
@@ -222,10 +234,42 @@ class Settings(BaseSettings):
     # Address the metrics endpoint binds to.
     metrics_addr: str = "0.0.0.0"
 
-    @field_validator("allowed_roots", "allowed_formats", mode="before")
+    #: The object-store prefixes of allowed_roots, normalised (see common.objects), apart from the local roots.
+    _allowed_prefixes: tuple[str, ...] = PrivateAttr(default=())
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _split_roots(cls, data: object, handler: Any) -> Settings:
+        # Object-store prefixes share CAPTIONER_ALLOWED_ROOTS with local roots, but must never become Paths
+        # (Path("s3://b/p") would turn into a local folder): they are taken apart before the field is validated.
+        prefixes: list[str] = []
+        if isinstance(data, dict) and "allowed_roots" in data:
+            raw = data["allowed_roots"]
+            if isinstance(raw, str) and "://" in raw and not raw.strip().startswith("["):
+                raw = [part.strip() for part in raw.split(",") if part.strip()]
+            if isinstance(raw, list | tuple):
+                prefixes = [str(r) for r in raw if "://" in str(r)]
+                data = {**data, "allowed_roots": [r for r in raw if "://" not in str(r)]}
+        settings = handler(data)
+        if prefixes:
+            from common.objects import normalise_prefix
+
+            settings._allowed_prefixes = tuple(normalise_prefix(p, settings.object_store_protocols) for p in prefixes)
+        elif isinstance(data, Settings):
+            settings._allowed_prefixes = data._allowed_prefixes
+        return settings  # type: ignore[no-any-return]
+
+    @field_validator("allowed_roots", "allowed_formats", "object_store_protocols", mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)
+
+    @field_validator("object_store_protocols")
+    @classmethod
+    def _protocols(cls, value: list[str]) -> list[str]:
+        from common.objects import check_protocols
+
+        return check_protocols(value)
 
     @field_validator("url_allowed_networks", mode="before")
     @classmethod
@@ -283,6 +327,11 @@ class Settings(BaseSettings):
     def queues(self) -> tuple[str, str, str]:
         """Every queue of this deployment: the two caption queues, then the training queue."""
         return (*self.caption_queues, self.training_queue)
+
+    @property
+    def allowed_prefixes(self) -> tuple[str, ...]:
+        """The object-store prefixes of CAPTIONER_ALLOWED_ROOTS, normalised (``s3://bucket/prefix/``)."""
+        return self._allowed_prefixes
 
     # Plain-string views, so callers never pass a SecretStr to a client by accident.
     @property

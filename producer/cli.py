@@ -188,6 +188,10 @@ def _job_id_option(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option("--on-done-task", metavar="TASK", help="Celery task sent with the job summary when the job ends.")
 @click.option("--on-done-queue", metavar="QUEUE", help="Queue for --on-done-task (default: Celery's routing).")
 @click.option("--webhook", metavar="URL", help="URL POSTed the signed job summary when the job ends.")
+@click.option("--dataset", "as_dataset", is_flag=True, help="Read each source with 🤗 datasets: an imagefolder or a "
+              "hub id (streamed); save_to_disk folders are recognised without it.")  # fmt: skip
+@click.option("--split", default="train", show_default=True, help="With --dataset: the split to caption.")
+@click.option("--download", is_flag=True, help="With --dataset: download a hub dataset whole instead of streaming it.")
 @click.option("--wait", "wait_", is_flag=True, help="Follow the job until it is done, with a progress bar.")
 @json_option
 @click.pass_context
@@ -206,32 +210,40 @@ def enqueue(
     on_done_task: str | None,
     on_done_queue: str | None,
     webhook: str | None,
+    as_dataset: bool,
+    split: str,
+    download: bool,
     wait_: bool,
     as_json: bool,
 ) -> None:
-    """Create (or resume) a job from image files, directories, globs, URLs and URL/path lists.
+    """Create (or resume) a job from image files, directories, globs, URLs, object-store prefixes (s3://bucket/prefix/,
+    listed recursively), URL/path lists, WebDataset shards (.tar, shard-{000..009}.tar), Parquet or Arrow files with
+    an image-bytes column, and 🤗 datasets.
 
     Prints the job id. Running the same command again resumes the job: captioned items are skipped.
     """
     import itertools
 
+    from common.objects import ObjectStore
     from producer.jobs import derive_job_id
-    from producer.sources import check, expand
+    from producer.sources import Containers, check, expand
 
     settings = _settings(ctx)
+    opts = Containers(store=ObjectStore.from_settings(settings), dataset=as_dataset, split=split, download=download,
+                      per_part=settings.chunk_size)  # fmt: skip
     for source in sources:  # every argument, before anything is written: a bad one leaves no half job
-        check(source, column=column)
+        check(source, column=column, containers=opts)
     params = _gen_params(settings, max_length, num_beams, prompt)
-    keys = [s if is_url(s) else str(Path(s).expanduser().resolve()) for s in sources]
-    job_id = job_id or derive_job_id([*keys, column or ""], params)
+    keys = [_source_key(s) for s in sources]
+    job_id = job_id or derive_job_id([*keys, column or "", *(["dataset", split] if as_dataset else [])], params)
     refs = itertools.chain.from_iterable(
-        expand(s, column=column, follow_links=follow_links, sniff=sniff) for s in sources
+        expand(s, column=column, follow_links=follow_links, sniff=sniff, containers=opts) for s in sources
     )
     refs = _warn_roots(settings, refs)
     if webhook and not is_url(webhook):
         raise click.BadParameter("must be an http(s) URL", param_hint="--webhook")
     extra = {k: v for k, v in {"on_done_task": on_done_task, "on_done_queue": on_done_queue,
-                               "webhook": webhook}.items() if v}  # fmt: skip
+                               "webhook": webhook, "column": column}.items() if v}  # fmt: skip
     report = _client(ctx).enqueue(
         refs, job_id=job_id, name=name or "", params=params, chunk_size=chunk_size, extra=extra or None,
         base=_common_folder(keys), on_hold=_say_held(settings),
@@ -261,29 +273,47 @@ def _say_held(settings: Settings) -> Callable[[int], None]:
     return held
 
 
+def _source_key(source: str) -> str:
+    """An argument as it names the job: URLs, objects and hub ids as given, paths made absolute."""
+    from common.objects import is_object_uri
+
+    if is_url(source) or is_object_uri(source) or not os.path.exists(os.path.expanduser(source)):
+        return source
+    return str(Path(source).expanduser().resolve())
+
+
 def _common_folder(sources: list[str]) -> str | None:
-    """The folder every directory argument lies in (the ledger stores references relative to it); None when
-    another kind of source is given (the first reference's folder is used then)."""
+    """The folder every directory argument lies in, or the one object prefix enqueued (the ledger stores references
+    relative to it); None when another kind of source is given (the first reference's folder is used then)."""
+    from common.objects import is_object_uri
+
+    if len(sources) == 1 and is_object_uri(sources[0]) and not os.path.splitext(sources[0].rstrip("/"))[1]:
+        return sources[0].rstrip("/") + "/"
     if not sources or not all(os.path.isdir(s) for s in sources):
         return None
     return os.path.join(os.path.commonpath(sources), "")
 
 
-def _warn_roots(settings: Settings, refs: Iterable[str]) -> Iterator[str]:
-    """Tell the user now, not after a million forbidden rows, when paths fall outside the allowed roots."""
+def _warn_roots(settings: Settings, refs: Iterable[Any]) -> Iterator[Any]:
+    """Tell the user now, not after a million forbidden rows, when paths or objects fall outside the allowed roots."""
     roots = tuple(str(r).rstrip(os.sep) + os.sep for r in settings.allowed_roots)
     warned = False
-    for ref in refs:
-        if not warned and not ref.startswith(("http://", "https://", *roots)):  # paths are absolute here
+    for item in refs:
+        ref = getattr(item, "ref", item)  # a container's file is read by the same rules
+        if (
+            not warned
+            and not ref.startswith(("http://", "https://", "hf:", *roots, *settings.allowed_prefixes))
+            and ("://" in ref or os.path.isabs(ref))
+        ):
             warned = True
-            where = ", ".join(map(str, settings.allowed_roots)) or "none set"
+            where = ", ".join([*map(str, settings.allowed_roots), *settings.allowed_prefixes]) or "none set"
             click.secho(
                 f"warning: {ref} is outside CAPTIONER_ALLOWED_ROOTS ({where}); workers with the same "
                 "settings will refuse it as 'forbidden'",
                 err=True,
                 fg="yellow",
             )
-        yield ref
+        yield item
 
 
 # --- follow ----------------------------------------------------------------------------------------
@@ -548,16 +578,26 @@ def export(
     """Write a job's results: JSONL, CSV, Parquet, caption files next to the images (sidecar), an imagefolder
     metadata.jsonl, WebDataset shards, or kohya-style metadata JSON. A reviewer's correction travels beside the
     model's caption, and is the caption the dataset formats write."""
+    from common.objects import ObjectStore, is_object_uri
     from common.paths import LocalFiles
-    from producer.export import export_rows
+    from producer.export import export_rows, export_to_store
 
     settings = _settings(ctx)
     client = _client(ctx)
     rows = client.ledger.reviewed(job_id) if reviewed_only else client.results(job_id)
-    out = None if output == "-" else Path(output or _default_export_name(job_id, fmt))
     local = LocalFiles.under(settings.allowed_roots, settings.max_image_bytes)  # the workers' rules, checked again
-    summary = export_rows(rows, fmt, None if fmt == "sidecar" else out, sidecar_ext=sidecar_ext, overwrite=overwrite,
-                          shard_size=shard_size, exclude_flags=exclude_flags, local=local)  # fmt: skip
+    store = ObjectStore.from_settings(settings)
+    options: dict[str, Any] = {"shard_size": shard_size, "exclude_flags": exclude_flags, "local": local}
+    if fmt == "webdataset":
+        options["remote"] = _remote_reader(settings)
+    out: Path | str | None
+    if output and is_object_uri(output):
+        summary = export_to_store(rows, fmt, output, store, overwrite=overwrite, **options)
+        out = summary.location
+    else:
+        out = None if output == "-" else Path(output or _default_export_name(job_id, fmt))
+        summary = export_rows(rows, fmt, None if fmt == "sidecar" else out, sidecar_ext=sidecar_ext,
+                              overwrite=overwrite, **options)  # fmt: skip
     data = {"job_id": job_id, "format": fmt, **{k: str(v) if isinstance(v, Path) else v
                                                 for k, v in summary.__dict__.items()}}  # fmt: skip
     if as_json:
@@ -811,6 +851,21 @@ def doctor(ctx: click.Context, as_json: bool) -> None:
           lambda: [click.echo(f"{marks[c.level]}  {c.name:20} {c.detail}") for c in checks])  # fmt: skip
     if any(c.level == FAIL for c in checks):
         ctx.exit(EXIT_ERROR)
+
+
+def _remote_reader(settings: Settings) -> Callable[[str], bytes] | None:
+    """What a webdataset export reads URLs and objects with: the workers' image policy (the URL guard, the allowed
+    prefixes, the byte cap); None where the image stack is not installed (such rows are skipped as not_local)."""
+    try:
+        from worker.images import ImagePolicy, fetch_url, read_object
+    except ImportError:
+        return None
+    policy = ImagePolicy.from_settings(settings)
+
+    def read(ref: str) -> bytes:
+        return fetch_url(ref, policy) if is_url(ref) else read_object(ref, policy)
+
+    return read
 
 
 def _default_export_name(job_id: str, fmt: str) -> str:

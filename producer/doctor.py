@@ -57,6 +57,8 @@ def effective_settings(settings: Settings) -> dict[str, Any]:
         elif value is not None and not isinstance(value, bool | int | float | str):
             value = str(value)
         out[f"CAPTIONER_{name.upper()}"] = value
+    # Object-store prefixes live beside local roots in one variable (no credential can be in them: refused at start).
+    out["CAPTIONER_ALLOWED_ROOTS"] = ",".join([*map(str, settings.allowed_roots), *settings.allowed_prefixes])
     out["CAPTIONER_RESULT_BACKEND"] = mask_url(settings.result_backend_str)
     out["CAPTIONER_REDIS_URL"] = mask_url(settings.redis_url_str)
     return out

@@ -16,14 +16,16 @@ import re
 import secrets
 import sys
 import tarfile
+import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from common.errors import ConfigError, FetchError, Forbidden, ItemError, TooLarge
 from common.messages import is_url
+from common.objects import ObjectStore, is_object_uri
 from common.paths import LocalFiles, write_beside
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ FLAT_COLUMNS = (
     "mark",
     "reviewer",
     "reviewed_at",
+    "extra",
 )
 _PARAM_COLUMNS = ("max_length", "num_beams", "prompt")
 _INT_COLUMNS = frozenset({"max_length", "num_beams", "attempts"})
@@ -77,6 +80,8 @@ class ExportSummary:
     #: forbidden (outside the allowed roots, a link leading out, not a regular file), too_large, exists,
     #: name_clash, bad_key.
     skipped_by_reason: dict[str, int] = field(default_factory=dict)
+    #: Where an export to an object store went (``s3://...``): the object, or the shard folder.
+    location: str | None = None
 
 
 @dataclass
@@ -89,6 +94,9 @@ class _Options:
     exclude_flags: frozenset[str] = frozenset()
     #: The files sidecar and webdataset exports may touch (None: those formats refuse to run).
     local: LocalFiles | None = None
+    #: Reads the bytes of a URL or an object for webdataset exports, by the workers' image policy (None: such rows
+    #: are skipped as not_local).
+    remote: Callable[[str], bytes] | None = None
     skipped: Counter[str] = field(default_factory=Counter)
 
 
@@ -106,6 +114,7 @@ def export_rows(
     shard_size: int = 10_000,
     exclude_flags: Iterable[str] = (),
     local: LocalFiles | None = None,
+    remote: Callable[[str], bytes] | None = None,
 ) -> ExportSummary:
     """Write ``rows`` (ItemResult dicts) as ``fmt``, one row at a time.
 
@@ -133,8 +142,10 @@ def export_rows(
         raise ConfigError(f"batch_rows must be at least 1, got {batch_rows}")
     if shard_size < 1:
         raise ConfigError(f"shard_size must be at least 1, got {shard_size}")
-    opts = _Options(batch_rows=batch_rows, exclude_flags=frozenset(exclude_flags), local=local)
-    if fmt in ("sidecar", "webdataset") and (local is None or not local.roots):
+    opts = _Options(batch_rows=batch_rows, exclude_flags=frozenset(exclude_flags), local=local, remote=remote)
+    if (fmt == "sidecar" and (local is None or not local.roots)) or (
+        fmt == "webdataset" and (local is None or not local.roots) and remote is None
+    ):
         raise ConfigError(
             f"{fmt} exports read or write files beside the images, which must lie under CAPTIONER_ALLOWED_ROOTS "
             "(none set here): set it as on the workers"
@@ -161,6 +172,62 @@ def export_rows(
         f" -> {summary.path}" if summary.path else "",
     )
     return summary
+
+
+def export_to_store(
+    rows: Iterable[Mapping[str, Any]],
+    fmt: str,
+    uri: str,
+    store: ObjectStore,
+    *,
+    overwrite: bool = False,
+    **options: Any,
+) -> ExportSummary:
+    """``export_rows`` to an object store (``s3://bucket/out/job.jsonl``; a folder or shard pattern for webdataset;
+    a folder ending in ``/`` takes the default file name). The export is written to a local temporary folder,
+    complete, then uploaded: an object store shows each object whole or not at all, and shards uploaded before a
+    failure are removed, so a failed export leaves nothing under the final names."""
+    if fmt == "sidecar":
+        raise ConfigError("sidecar exports write caption files beside local images; give no -o for them")
+    with tempfile.TemporaryDirectory(prefix="captioner-export-") as tmp:
+        if fmt == "webdataset":
+            folder, name = (uri.rsplit("/", 1)[0] + "/", uri.rsplit("/", 1)[1]) if "%" in uri else (
+                uri.rstrip("/") + "/", _SHARD_NAME)  # fmt: skip
+            summary = export_rows(rows, fmt, Path(tmp) / "shards" / name, overwrite=True, **options)
+            files = sorted((Path(tmp) / "shards").glob("*.tar")) if (Path(tmp) / "shards").is_dir() else []
+            targets = [folder + f.name for f in files]
+            _upload_all(store, list(zip(files, targets, strict=True)), overwrite)
+            summary.location = folder
+        else:
+            target = uri + _store_file_name(fmt) if uri.endswith("/") else uri
+            if not overwrite and store.exists(target, checked=False):  # before the first row, as for files
+                raise ConfigError(f"{target} already exists; pass overwrite (--overwrite) to replace it")
+            local = Path(tmp) / target.rsplit("/", 1)[-1]
+            summary = export_rows(rows, fmt, local, overwrite=True, **options)
+            _upload_all(store, [(local, target)], overwrite)
+            summary.location = target
+    summary.path = None
+    return summary
+
+
+def _store_file_name(fmt: str) -> str:
+    return {"metadata": "metadata.jsonl", "kohya": "kohya.json"}.get(fmt, f"export.{fmt}")
+
+
+def _upload_all(store: ObjectStore, pairs: list[tuple[Path, str]], overwrite: bool) -> None:
+    """Upload every file or none: on a failure, the objects already uploaded are removed again."""
+    if not overwrite and (clash := next((t for _, t in pairs if store.exists(t, checked=False)), None)):
+        raise ConfigError(f"{clash} already exists; pass overwrite (--overwrite) to replace it")
+    done: list[str] = []
+    try:
+        for local, target in pairs:
+            store.upload(str(local), target, overwrite=True, checked=False)
+            done.append(target)
+    except BaseException:
+        for target in done:
+            with contextlib.suppress(Exception):
+                store.remove(target, checked=False)
+        raise
 
 
 def read_rows(path: Path | str, fmt: str) -> Iterator[dict[str, Any]]:
@@ -502,20 +569,29 @@ def _shard_pattern(out: Path | str | None) -> tuple[Path, str]:
 
 def _sample(row: Mapping[str, Any], opts: _Options) -> list[tuple[str, bytes]] | str:
     """The (extension, bytes) members of one sample, or the reason the row is skipped."""
-    reason = _caption_skip(row, opts.exclude_flags)
+    reason = _caption_skip(row, opts.exclude_flags, remote=opts.remote is not None)
     if reason is not None:
         return reason
     if not _SAFE_KEY.fullmatch(str(row.get("id") or "")):
         return "bad_key"
     image = str(row["ref"])
-    ext = Path(image).suffix.lower().lstrip(".") or "img"
-    if ext in ("txt", "json"):
-        return "name_clash"
-    assert opts.local is not None
+    remote = is_url(image) or is_object_uri(image)
+    if remote and "#" in image.rsplit("/", 1)[-1]:
+        return "container_member"  # a member of a shard or row group: its bytes are in that container
+    ext = Path(image.split("?", 1)[0]).suffix.lower().lstrip(".") or "img"
+    if ext in ("txt", "json") or not re.fullmatch(r"[a-z0-9]{1,8}", ext):
+        return "name_clash" if ext in ("txt", "json") else "bad_key"
     try:
         # Read whole, now, by the workers' rules (images are capped in size): the path was checked when it was
-        # captioned, and a link put there since must not carry another file into the shards.
-        data = opts.local.read(image)
+        # captioned, and a link put there since must not carry another file into the shards. URLs and objects are
+        # fetched again through the same image policy (allowed prefixes, the URL guard, the byte cap).
+        if remote:
+            assert opts.remote is not None
+            data = opts.remote(image)
+        elif opts.local is not None and opts.local.roots:
+            data = opts.local.read(image)
+        else:
+            return "not_local"
     except ItemError as exc:
         return _file_skip(exc)
     except OSError:
@@ -637,7 +713,7 @@ def caption_text(row: Mapping[str, Any]) -> str:
     return str(row.get("corrected") or row["caption"])
 
 
-def _caption_skip(row: Mapping[str, Any], exclude_flags: frozenset[str]) -> str | None:
+def _caption_skip(row: Mapping[str, Any], exclude_flags: frozenset[str], *, remote: bool = False) -> str | None:
     """Why a row gives no caption entry (not_ok, rejected, flagged, not_local), or None when it does."""
     if str(row.get("status")) != "ok" or row.get("caption") is None:
         return "not_ok"
@@ -648,8 +724,9 @@ def _caption_skip(row: Mapping[str, Any], exclude_flags: frozenset[str]) -> str 
         if not exclude_flags.isdisjoint(split_flags(flags) if isinstance(flags, str) else flags):
             return "flagged"
     ref = str(row.get("ref") or "")
-    # URLs and the ``b64:<sha1>`` stand-in for inline bytes are not local files.
-    if not ref or is_url(ref) or ref.startswith("b64:"):
+    # URLs, objects and the ``b64:<sha1>`` stand-in for inline bytes are not local files (webdataset exports fetch
+    # URLs and objects again when given a reader for them).
+    if not ref or ref.startswith("b64:") or (not remote and (is_url(ref) or is_object_uri(ref))):
         return "not_local"
     return None
 
@@ -667,6 +744,8 @@ def _file_name(ref: str, base: str | None) -> str:
 def _coerce(name: str, value: Any) -> Any:
     if value is None:
         return None
+    if name == "extra":  # the columns a source row carried (Parquet, datasets), as one JSON text cell
+        return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
     if name == "flags":
         # A list from a row, a string from a file (or a row flattened already).
         text = value if isinstance(value, str) else ",".join(str(flag) for flag in value)

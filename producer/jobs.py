@@ -19,9 +19,11 @@ from common.errors import BrokerUnavailable, CaptionerError, ConfigError, Nothin
 from common.ledger import JobInfo, ledger_from_settings
 from common.messages import (
     TASK_CAPTION_CHUNK,
+    TASK_CAPTION_CONTAINER,
     TASK_EVALUATE,
     TASK_NOTIFY,
     TASK_TRAIN,
+    ContainerSpec,
     EvaluateRequest,
     GenParams,
     ItemStatus,
@@ -31,7 +33,9 @@ from common.messages import (
     check_job_id,
     item_id,
 )
+from common.objects import ObjectStore
 from common.settings import Settings
+from producer.containers import member_container
 
 
 def ref_base(ref: str) -> str:
@@ -60,6 +64,8 @@ class EnqueueReport:
     seconds: float
     #: Seconds the producer waited for workers because the queue was full (see ``max_queued_chunks``).
     held_s: float = 0.0
+    #: Containers (shards, row groups) sent: their members are counted by the workers that read them.
+    containers: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -94,7 +100,7 @@ class JobClient:
     # --- enqueue --------------------------------------------------------------------------------
     def enqueue(
         self,
-        refs: Iterable[str],
+        refs: Iterable[str | ContainerSpec],
         *,
         job_id: str,
         name: str = "",
@@ -121,8 +127,9 @@ class JobClient:
         first = next(it, None)  # nothing is written for an empty source list
         if first is None:
             raise NothingToEnqueue("the sources hold no image files or URLs")
+        first_ref = first.ref if isinstance(first, ContainerSpec) else first
         created = self.ledger.open_job(
-            job_id, name or job_id, params, extra, base=ref_base(first) if base is None else base
+            job_id, name or job_id, params, extra, base=ref_base(first_ref) if base is None else base
         )
         report = EnqueueReport(job_id, created, 0, 0, 0, 0, 0, 0.0)
         try:
@@ -171,8 +178,16 @@ class JobClient:
             return queue_depths(conn.default_channel.client, [self.settings.caption_queue])[self.settings.caption_queue]
 
     def _enqueue_chunk(
-        self, job_id: str, refs: list[str], params: GenParams, created: bool, producer: Any, report: EnqueueReport
+        self, job_id: str, refs: list[Any], params: GenParams, created: bool, producer: Any, report: EnqueueReport
     ) -> None:
+        specs = [r for r in refs if isinstance(r, ContainerSpec)]
+        if specs:
+            self._send_containers(job_id, specs, params, producer)
+            report.containers += len(specs)
+            report.messages += len(specs)
+            refs = [r for r in refs if not isinstance(r, ContainerSpec)]
+            if not refs:
+                return
         pairs = dict((item_id(ref), ref) for ref in refs)  # the same reference twice is one item
         report.items += len(refs)
         report.new += self.ledger.add_items(job_id, pairs.items())
@@ -187,6 +202,15 @@ class JobClient:
             self._send(job_id, pairs, params, producer)
             report.sent += len(pairs)
             report.messages += 1
+
+    def _send_containers(self, job_id: str, specs: list[ContainerSpec], params: GenParams, producer: Any) -> None:
+        """Record containers (open until a worker has read them whole) and send one message each. A container read
+        before is read again: its captioned members are skipped."""
+        self.ledger.add_containers(job_id, [(spec.id, spec.json_key()) for spec in specs])
+        for spec in specs:
+            body = {"job_id": job_id, "container": spec.id, "params": params.model_dump(exclude_none=True)}
+            self.app.send_task(TASK_CAPTION_CONTAINER, kwargs=body, queue=self.settings.caption_queue,
+                               producer=producer)  # fmt: skip
 
     def _send(self, job_id: str, pairs: dict[str, str], params: GenParams, producer: Any = None) -> None:
         _valid_id(job_id)  # workers refuse a chunk of any other id: say so here, not through a job that never ends
@@ -329,15 +353,43 @@ class JobClient:
         sent = 0
         try:
             with self.app.producer_or_acquire() as producer:
-                for chunk in _chunks(todo, chunk_size or self.settings.chunk_size):
+                plain, members = _split_members(todo)
+                for chunk in _chunks(plain, chunk_size or self.settings.chunk_size):
                     pairs = dict(chunk)
                     self.ledger.requeue(job_id, list(pairs), flagged=flagged is not None, captioned=ids is not None)
                     self._send(job_id, pairs, params or info.params, producer)
                     sent += len(pairs)
+                sent += self._retry_members(job_id, members, params or info.params, producer, flagged, ids)
         finally:
             if self.ledger.seal(job_id):
                 self.app.send_task(TASK_NOTIFY, kwargs={"job_id": job_id}, queue=self.settings.caption_queue)
         return sent
+
+    def _retry_members(
+        self,
+        job_id: str,
+        members: dict[str, list[str]],
+        params: GenParams,
+        producer: Any,
+        flagged: frozenset[str] | None,
+        ids: list[str] | None,
+    ) -> int:
+        """Members of containers go back through their containers: made pending, then each container is read again
+        (its captioned members are skipped)."""
+        from producer.sources import Containers, expand
+
+        store = ObjectStore.from_settings(self.settings)
+        column = (self.ledger.job(job_id).extra or {}).get("column")
+        for container, member_ids in members.items():
+            self.ledger.requeue(job_id, member_ids, flagged=flagged is not None, captioned=ids is not None)
+            if container.startswith("hf:"):
+                dataset, _, split = container[3:].rpartition("/")
+                opts = Containers(store=store, dataset=True, split=split, per_part=self.settings.chunk_size)
+            else:
+                dataset, opts = container, Containers(store=store)
+            specs = [s for s in expand(dataset, column=column, containers=opts) if isinstance(s, ContainerSpec)]
+            self._send_containers(job_id, specs, params, producer)
+        return sum(len(v) for v in members.values())
 
     def reconcile(self, job_id: str, *, chunk_size: int | None = None) -> int:
         """Send again every manifest item that has no row yet (a message the broker lost, a producer that died
@@ -347,7 +399,13 @@ class JobClient:
             return 0
         sent = 0
         with self.app.producer_or_acquire() as producer:
-            pending = self.ledger.iter_pending(job_id)
+            # Open containers first: their messages may be lost too, and their pending members are theirs to caption.
+            specs = [ContainerSpec.model_validate_json(spec) for _, spec in self.ledger.iter_containers(job_id)]
+            for spec in specs:
+                self._send_containers(job_id, [spec], info.params, producer)
+                sent += 1
+            owned = {spec.ref for spec in specs}
+            pending = ((i, ref) for i, ref in self.ledger.iter_pending(job_id) if member_container(ref) not in owned)
             for chunk in _chunks(pending, chunk_size or self.settings.chunk_size):
                 self._send(job_id, dict(chunk), info.params, producer)
                 sent += len(chunk)
@@ -402,6 +460,19 @@ def workers_info(app: Celery, timeout: float = 2.0) -> dict[str, dict[str, Any]]
     """Each caption worker's answer to ``captioner_info``: the model version it serves and its batch figures."""
     replies = app.control.broadcast("captioner_info", reply=True, timeout=timeout) or []
     return {host: info for reply in replies for host, info in reply.items()}
+
+
+def _split_members(items: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:
+    """Plain items, and container members grouped by their container's reference."""
+    plain: list[tuple[str, str]] = []
+    members: dict[str, list[str]] = {}
+    for iid, ref in items:
+        container = member_container(ref)
+        if container is None:
+            plain.append((iid, ref))
+        else:
+            members.setdefault(container, []).append(iid)
+    return plain, members
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

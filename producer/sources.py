@@ -11,39 +11,82 @@ import glob
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.errors import SourceError
-from common.messages import is_url
+from common.errors import ItemError, SourceError
+from common.messages import ContainerSpec, is_url
+from common.objects import ObjectStore, is_object_uri, parse_uri, store_errors
+from producer.containers import (
+    _BRACES,
+    arrow_specs,
+    dataset_specs,
+    expand_braces,
+    is_saved_dataset,
+    is_shard,
+    parquet_specs,
+    saved_dataset_specs,
+    shard_spec,
+)
 
 #: Extensions of the formats the worker decodes (see Settings.allowed_formats).
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+IMAGE_EXTENSIONS_TUPLE = tuple(sorted(IMAGE_EXTENSIONS))
 #: Leading bytes of the formats the worker decodes, for files whose name says nothing (``sniff``).
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
 #: Files read as lists of references, one per line or row.
 LIST_EXTENSIONS = frozenset({".txt", ".lst", ".csv", ".tsv", ".jsonl", ".ndjson", ".parquet"})
 
 
-def expand(arg: str, *, column: str | None = None, follow_links: bool = False, sniff: bool = False) -> Iterator[str]:
-    """References named by one argument: a URL, an image file, a list file, a directory or a glob."""
-    if is_url(arg):
-        yield arg
+@dataclass(frozen=True)
+class Containers:
+    """How container sources are read: the object store's protocols (listing needs no allowed prefix), and for
+    ``--dataset`` arguments the split, whether to download, and the files per container."""
+
+    store: ObjectStore = field(default_factory=lambda: ObjectStore((), ("s3", "gs"), 1 << 30))
+    dataset: bool = False
+    split: str = "train"
+    download: bool = False
+    per_part: int = 64
+
+
+#: What an argument expands to: image references, and containers (shards, row groups) workers read whole.
+Ref = str | ContainerSpec
+
+
+def expand(
+    arg: str,
+    *,
+    column: str | None = None,
+    follow_links: bool = False,
+    sniff: bool = False,
+    containers: Containers | None = None,
+) -> Iterator[Ref]:
+    """References named by one argument: a URL, an object URI or prefix, an image file, a list file, a directory, a
+    glob; WebDataset shards (``.tar``, ``{000..009}`` ranges), Parquet or Arrow files with an image-bytes column,
+    ``save_to_disk`` folders and, with ``containers.dataset``, 🤗 datasets become containers."""
+    opts = containers or Containers()
+    if opts.dataset:
+        yield from dataset_specs(arg, split=opts.split, column=column, download=opts.download, per_part=opts.per_part)
+        return
+    if is_url(arg) or is_object_uri(arg):
+        for one in expand_braces(arg):
+            yield from _remote(one, column, opts)
         return
     path = Path(arg).expanduser()
-    if path.is_dir():
+    if path.is_dir() and is_saved_dataset(path):
+        yield from saved_dataset_specs(path.resolve(), column)
+    elif path.is_dir():
         yield from walk_images(path, follow_links=follow_links, sniff=sniff)
     elif path.is_file():
-        suffix = path.suffix.lower()
-        if suffix in LIST_EXTENSIONS:
-            yield from read_list(path, column=column)
-        else:
-            yield str(path.resolve())
-    elif glob.has_magic(arg):
+        yield from _file(path, column, opts)
+    elif glob.has_magic(arg) or _BRACES.search(arg):
         matched = False
-        for hit in sorted(glob.iglob(os.path.expanduser(arg), recursive=True)):
-            matched = True
-            yield from expand(hit, column=column, follow_links=follow_links, sniff=sniff)
+        for pattern in expand_braces(arg):
+            for hit in sorted(glob.iglob(os.path.expanduser(pattern), recursive=True)):
+                matched = True
+                yield from expand(hit, column=column, follow_links=follow_links, sniff=sniff, containers=opts)
         if not matched:
             raise SourceError(f"{arg}: the pattern matches no file")
     elif path.exists():
@@ -52,22 +95,105 @@ def expand(arg: str, *, column: str | None = None, follow_links: bool = False, s
         raise SourceError(f"{arg}: no such file, directory or URL")
 
 
-def check(arg: str, *, column: str | None = None) -> None:
+def _file(path: Path, column: str | None, opts: Containers) -> Iterator[Ref]:
+    suffix, ref = path.suffix.lower(), str(path.resolve())
+    if is_shard(ref):
+        yield shard_spec(ref)
+    elif suffix == ".arrow":
+        yield from arrow_specs(ref, column, opts.store)
+    elif suffix == ".parquet" and (specs := parquet_specs(ref, column, opts.store)) is not None:
+        yield from specs
+    elif suffix in LIST_EXTENSIONS:
+        for item in read_list(path, column=column):
+            yield shard_spec(item) if is_shard(item) else item
+    else:
+        yield ref
+
+
+def _remote(ref: str, column: str | None, opts: Containers) -> Iterator[Ref]:
+    """A URL or an object: a shard, a Parquet/Arrow object, an image, or (objects) a prefix listed recursively."""
+    if is_shard(ref):
+        yield shard_spec(ref)
+        return
+    if is_url(ref):
+        yield ref
+        return
+    lower = ref.lower()
+    if lower.endswith(".arrow"):
+        yield from arrow_specs(ref, column, opts.store)
+    elif lower.endswith(".parquet"):
+        specs = parquet_specs(ref, column, opts.store)
+        if specs is None:
+            raise SourceError(f"{ref}: lists of references are read from local files; this object has no image column")
+        yield from specs
+    elif lower.endswith(IMAGE_EXTENSIONS_TUPLE):
+        yield ref
+    elif glob.has_magic(ref):
+        yield from _object_glob(ref, opts)
+    else:
+        yield from list_prefix(ref, opts.store)
+
+
+def list_prefix(ref: str, store: ObjectStore) -> Iterator[str]:
+    """The images under an object prefix, recursively, in key order, streamed page by page; SourceError when the
+    bucket or the prefix does not exist."""
+    folder = ref if ref.endswith("/") or ref.count("/") == 2 else ref + "/"
+    try:
+        yield from store.iter_objects(folder, IMAGE_EXTENSIONS_TUPLE)
+    except ItemError as exc:
+        raise SourceError(str(exc)) from None
+
+
+def _object_glob(ref: str, opts: Containers) -> Iterator[Ref]:
+    try:
+        uri = parse_uri(ref, opts.store.protocols)
+        with store_errors(ref):
+            hits = sorted(opts.store.filesystem(uri.protocol).glob(uri.path))
+    except ItemError as exc:
+        raise SourceError(str(exc)) from None
+    if not hits:
+        raise SourceError(f"{ref}: the pattern matches no object")
+    for hit in hits:
+        yield from _remote(f"{uri.protocol}://{hit}", None, opts)
+
+
+def check_object(arg: str, store: ObjectStore) -> None:
+    """SourceError now, in one line, when an object prefix's bucket or prefix does not exist (or access is refused)."""
+    try:
+        parse_uri(arg, store.protocols)
+        if glob.has_magic(arg) or _BRACES.search(arg):
+            return
+        lower = arg.lower()
+        single = is_shard(arg) or lower.endswith((".parquet", ".arrow", *IMAGE_EXTENSIONS_TUPLE))
+        store.check_prefix(arg if single or arg.endswith("/") or arg.count("/") == 2 else arg + "/")
+    except ItemError as exc:
+        raise SourceError(str(exc)) from None
+
+
+def check(arg: str, *, column: str | None = None, containers: Containers | None = None) -> None:
     """Raise ``SourceError`` now if ``arg`` cannot be expanded: a missing path, an empty glob, an unreadable
     directory, a list file whose format or column is wrong. Cheap (reads at most one reference of a list), so
     the CLI checks every argument before a job is opened: a bad third argument leaves no half-recorded job."""
-    if is_url(arg):
+    opts = containers or Containers()
+    if is_url(arg) or opts.dataset:
+        return
+    if is_object_uri(arg):
+        check_object(arg, opts.store)
         return
     path = Path(arg).expanduser()
     if path.is_dir():
         if not os.access(path, os.R_OK | os.X_OK):
             raise SourceError(f"{arg}: directory not readable")
+    elif (path.is_file() and (is_shard(str(path)) or path.suffix.lower() == ".arrow")) or (
+        path.is_file() and path.suffix.lower() == ".parquet" and parquet_specs(str(path), column, opts.store)
+    ):
+        return
     elif path.is_file() and path.suffix.lower() in LIST_EXTENSIONS:
         next(read_list(path, column=column), None)
     elif path.is_file():
         return
-    elif glob.has_magic(arg):
-        if next(glob.iglob(os.path.expanduser(arg), recursive=True), None) is None:
+    elif glob.has_magic(arg) or _BRACES.search(arg):
+        if not any(next(glob.iglob(os.path.expanduser(p), recursive=True), None) for p in expand_braces(arg)):
             raise SourceError(f"{arg}: the pattern matches no file")
     elif path.exists():
         raise SourceError(f"{arg}: not a regular file or directory")

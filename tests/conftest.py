@@ -3,6 +3,7 @@ a real caption worker process, and a real HTTP server on 127.0.0.1."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import uuid
@@ -269,3 +270,86 @@ def note_fault(fault: str, happened: str, **figures: object) -> None:
     if report := os.environ.get("FAULT_REPORT"):
         with open(report, "a") as fh:
             fh.write(json.dumps({"fault": fault, "happened": happened, **figures}) + "\n")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class S3Server:
+    """moto's standalone S3 server on 127.0.0.1 (what s3fs's own tests use): a real S3 HTTP API."""
+
+    def __init__(self, *, refuse_all: bool = False) -> None:
+        import subprocess
+        import sys
+        import time
+
+        self.port = _free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"} if refuse_all else dict(os.environ)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket_to(self.port):
+                break
+            if self.proc.poll() is not None:
+                raise RuntimeError("moto's S3 server exited at start")
+            time.sleep(0.1)
+        #: What a process needs to reach it: botocore reads every one of these from its environment.
+        self.env = {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "AKIAIOSFODNN7EXAMPLE",
+            "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def fs(self):
+        """An s3fs filesystem for setting data up (tests only give it the endpoint by hand)."""
+        import s3fs
+
+        return s3fs.S3FileSystem(
+            endpoint_url=self.endpoint, key=self.env["AWS_ACCESS_KEY_ID"], secret=self.env["AWS_SECRET_ACCESS_KEY"],
+            skip_instance_cache=True, use_listings_cache=False,
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def socket_to(port: int):
+    import socket
+
+    return socket.create_connection(("127.0.0.1", port), timeout=1)
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Server]:
+    """A real S3 server for the session; this process reaches it through the standard AWS_* variables."""
+    server = S3Server()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    try:
+        yield server
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
+
+
+@pytest.fixture
+def bucket(s3: S3Server) -> str:
+    """A fresh, empty bucket."""
+    name = f"b-{uuid.uuid4().hex[:10]}"
+    s3.fs().mkdir(name)
+    return name

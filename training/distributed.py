@@ -171,6 +171,7 @@ def _policy_json(policy: ImagePolicy) -> dict[str, Any]:
     data = asdict(policy)
     data["allowed_roots"] = [str(p) for p in policy.allowed_roots]
     data["allowed_networks"] = [str(n) for n in policy.allowed_networks]
+    data["objects"] = None if policy.objects is None else policy.objects.as_dict()
     return data
 
 

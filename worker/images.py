@@ -24,6 +24,7 @@ from PIL import ExifTags, Image
 
 from common.errors import DecodeError, FetchError, FetchTimeout, Forbidden, InvalidInput, ItemError, TooLarge
 from common.messages import Source
+from common.objects import ObjectStore
 from common.paths import LocalFiles
 from common.settings import DECODE_BYTES_PER_PIXEL, Settings
 
@@ -63,12 +64,16 @@ class ImagePolicy:
     #: JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) whose both sides stay at least this many
     #: pixels (0: full size). Much cheaper for large photos; the pixels differ slightly from a full decode.
     draft_edge: int = 0
+    #: Objects in stores (s3://, gs://) that may be read: allowed prefixes and protocols (None: none).
+    objects: ObjectStore | None = None
 
     def __post_init__(self) -> None:
         # Normalise once so every check compares like with like (real paths, upper-case format ids, networks).
         object.__setattr__(self, "allowed_roots", tuple(Path(r).resolve() for r in self.allowed_roots))
         object.__setattr__(self, "formats", tuple(f.upper() for f in self.formats))
         object.__setattr__(self, "allowed_networks", tuple(ipaddress.ip_network(n) for n in self.allowed_networks))
+        if isinstance(self.objects, dict):  # from JSON (a training child's policy)
+            object.__setattr__(self, "objects", ObjectStore(**self.objects))
 
     @classmethod
     def from_settings(cls, s: Settings) -> ImagePolicy:
@@ -82,6 +87,7 @@ class ImagePolicy:
             max_redirects=s.url_max_redirects,
             allow_private=s.allow_private_urls,
             allowed_networks=tuple(s.url_allowed_networks),
+            objects=ObjectStore.from_settings(s),
         )
 
 
@@ -103,7 +109,16 @@ def read_source(
         return read_path(src.path or "", policy)
     if src.kind == "url":
         return fetch_url(src.url or "", policy, client=client, guard=guard)
+    if src.kind == "uri":
+        return read_object(src.uri or "", policy)
     return src.decode_b64(policy.max_bytes)
+
+
+def read_object(uri: str, policy: ImagePolicy) -> bytes:
+    """Bytes of an object under an allowed prefix (the rules of common.objects), within the byte cap."""
+    if policy.objects is None:
+        raise Forbidden(f"{uri}: object storage is off (put s3://bucket/prefix in CAPTIONER_ALLOWED_ROOTS)")
+    return policy.objects.read(uri, policy.max_bytes)
 
 
 # --- local paths ------------------------------------------------------------------------------------

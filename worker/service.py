@@ -24,7 +24,7 @@ from common.settings import Settings
 from common.store import ModelStore, resolve_model
 from worker import metrics
 from worker.batcher import MicroBatcher
-from worker.images import FetchGuard, ImagePolicy, decode_image, load_image, read_source
+from worker.images import FetchGuard, ImagePolicy, decode_image, read_source
 from worker.quality import quality_flags
 
 if TYPE_CHECKING:
@@ -49,6 +49,20 @@ def _default_engine_factory(settings: Settings) -> EngineFactory:
         return CaptionEngine.load(cfg)
 
     return load
+
+
+class Blob(NamedTuple):
+    """An image whose bytes are already in hand (a member of a shard or a Parquet row, read once by the container
+    reader), or the error that reading it met (too large, truncated). ``extra``: the row's other columns."""
+
+    ref: str
+    data: bytes | None
+    error: ItemError | None = None
+    extra: dict[str, Any] | None = None
+
+
+#: What an item to caption is: a reference to fetch, or bytes in hand.
+ItemSource = Source | Blob
 
 
 class Captioned(NamedTuple):
@@ -169,8 +183,16 @@ class CaptionService:
         return out
 
     # --- captioning -----------------------------------------------------------------------------
+    def _read(self, src: ItemSource) -> bytes:
+        """The encoded bytes of an item: fetched (paths, URLs, objects, base64), or already in hand."""
+        if isinstance(src, Blob):
+            if src.error is not None:
+                raise src.error
+            return src.data or b""
+        return read_source(src, self.policy, guard=self.fetches)
+
     def _prepare(
-        self, src: Source, params: GenParams, group: Hashable | None
+        self, src: ItemSource, params: GenParams, group: Hashable | None
     ) -> tuple[Future[Any], float, bytes | None]:
         """Fetch, decode and preprocess one image, then queue it for a batch: (caption future, load ms, digest).
 
@@ -183,9 +205,9 @@ class CaptionService:
         digest = None
         try:
             if self.reuse is None:
-                image = load_image(src, self.policy, guard=self.fetches)
+                image = decode_image(self._read(src), self.policy)
             else:
-                data = read_source(src, self.policy, guard=self.fetches)
+                data = self._read(src)
                 digest = hashlib.blake2b(data, digest_size=16).digest()
                 hit = self._reused(digest, params)
                 if hit is not None:
@@ -228,7 +250,7 @@ class CaptionService:
 
     def caption_items(
         self,
-        items: list[tuple[str, Source]],
+        items: list[tuple[str, ItemSource]],
         params: GenParams,
         attempts: dict[str, int] | None = None,
         *,
@@ -242,8 +264,7 @@ class CaptionService:
         refused = self._no_room(engine, params)
         if refused is not None:  # every item would fail the same way in the model: one row each, saying why
             tried = attempts or {}
-            return [error_row({"id": i, "ref": s.ref, "params": params, "attempts": tried.get(i, 1)}, refused)
-                    for i, s in items]  # fmt: skip
+            return [error_row(_row_base(i, s, params, tried.get(i, 1)), refused) for i, s in items]
         self.batcher.expect(len(items))
         # A copy of this thread's context per item: decode threads log with the task's job and task ids.
         prepared = [
@@ -253,7 +274,7 @@ class CaptionService:
         rows: list[ItemResult] = []
         fresh: dict[bytes, Captioned] = {}
         for (iid, src), fut in zip(items, prepared, strict=True):
-            base = {"id": iid, "ref": src.ref, "params": params, "attempts": (attempts or {}).get(iid, 1)}
+            base = _row_base(iid, src, params, (attempts or {}).get(iid, 1))
             try:
                 caption_future, load_ms, digest = fut.result()
                 done: Captioned = caption_future.result()
@@ -307,6 +328,14 @@ class CaptionService:
         self.abandon_fetches()
         self.batcher.stop(timeout=30)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _row_base(iid: str, src: ItemSource, params: GenParams, attempts: int) -> dict[str, Any]:
+    """The fields every row of an item has, caption or error: the columns its source row carries included."""
+    base = {"id": iid, "ref": src.ref, "params": params, "attempts": attempts}
+    if isinstance(src, Blob) and src.extra:
+        base["extra"] = src.extra
+    return base
 
 
 def error_row(base: dict[str, Any], exc: ItemError) -> ItemResult:

@@ -20,12 +20,14 @@ from common.memory import machine_memory_bytes
 from common.messages import (
     TASK_CAPTION,
     TASK_CAPTION_CHUNK,
+    TASK_CAPTION_CONTAINER,
     TASK_CAPTION_MANY,
     TASK_NOTIFY,
     CaptionManyRequest,
     CaptionRequest,
     ChunkItem,
     ChunkMessage,
+    ContainerMessage,
     check_job_id,
     parse_message,
     source_from_wire,
@@ -34,6 +36,7 @@ from common.settings import get_settings
 from worker import metrics
 from worker.celery_app import app, queue_depths
 from worker.chunks import ChunkRunner
+from worker.containers import ContainerRunner
 from worker.logs import job_context
 from worker.service import CaptionService
 
@@ -41,6 +44,7 @@ log = logging.getLogger(__name__)
 
 _service: CaptionService | None = None
 _chunks: ChunkRunner | None = None
+_containers: ContainerRunner | None = None
 _service_lock = threading.Lock()
 
 # Infrastructure blips: retried with backoff until Redis answers again (or has memory again).
@@ -116,6 +120,40 @@ def caption_chunk(self: Task, job_id: Any = None, items: Any = None, params: Any
             again = [it for it in msg.items if it.id in set(outcome.retry)]
             _resend(self, msg, again, outcome.retry_attempt)
         return outcome.as_dict()
+
+
+# Like chunks: rows reach the ledger before the ack; a redelivery skips captioned members; a closed container: no-op.
+@app.task(name=TASK_CAPTION_CONTAINER, bind=True, ignore_result=True)
+def caption_container(self: Task, job_id: Any = None, container: Any = None, params: Any = None, **extra: Any) -> dict:
+    """Caption the members of one container (a shard, a row group) of a ledger job, read once, sequentially."""
+    msg = cast(ContainerMessage, parse_message(ContainerMessage, _payload(job_id=job_id, container=container,
+                                                                          params=params, **extra)))  # fmt: skip
+    with job_context(msg.job_id, self.request.id):
+        try:
+            outcome = containers().run(msg)
+        except _INFRA_ERRORS as exc:
+            log.warning("container of job %s given back: %s: %s", msg.job_id, type(exc).__name__, exc)
+            raise Reject(exc, requeue=True) from None
+        except InvalidMessage:
+            raise
+        except Exception as exc:
+            if self.request.retries >= _BUG_RETRIES:
+                log.exception("container of job %s failed %d times; it stays open", msg.job_id, _BUG_RETRIES + 1)
+                raise
+            log.exception("container of job %s failed; trying again", msg.job_id)
+            raise self.retry(exc=exc, countdown=_backoff(self.request.retries + 1), max_retries=_BUG_RETRIES) from None
+        return outcome.as_dict()
+
+
+def containers() -> ContainerRunner:
+    """The process's container runner, on its chunk runner."""
+    global _containers
+    if _containers is None:
+        runner = chunks()
+        with _service_lock:
+            if _containers is None:
+                _containers = ContainerRunner(runner, get_settings())
+    return _containers
 
 
 def _resend(task: Task, msg: ChunkMessage, items: list[ChunkItem], attempt: int) -> None:

@@ -342,6 +342,10 @@ class Ledger(ABC):
     def iter_containers(self, job_id: str) -> Iterator[tuple[str, str]]:
         """(container id, spec JSON) of the containers not closed yet."""
 
+    @abstractmethod
+    def container(self, job_id: str, container_id: str) -> str | None:
+        """The spec JSON of an open container; None when it is closed or the job never had it."""
+
     # --- captions reused by content ------------------------------------------------------------------
     @abstractmethod
     def reuse_get(self, key: str, digests: list[bytes]) -> dict[bytes, tuple[str, list[str]]]:

@@ -573,6 +573,12 @@ class PostgresLedger(Ledger):
             )
             return self._finish(conn, job_id)
 
+    def container(self, job_id: str, container_id: str) -> str | None:
+        row = self._one(
+            "SELECT spec FROM {s}.containers WHERE job_id = %s AND id = %s", (check_job_id(job_id), container_id)
+        )
+        return None if row is None else str(row[0])
+
     def iter_containers(self, job_id: str) -> Iterator[tuple[str, str]]:
         rows = self._all("SELECT id, spec FROM {s}.containers WHERE job_id = %s ORDER BY id", (check_job_id(job_id),))
         yield from ((cid, spec) for cid, spec in rows)

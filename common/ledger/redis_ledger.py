@@ -586,6 +586,10 @@ class RedisLedger(Ledger):
         for cid, spec in self._scan(self.job_key(job_id, "ctr")):
             yield cid.decode(), spec.decode()
 
+    def container(self, job_id: str, container_id: str) -> str | None:
+        spec = self.r.hget(self.job_key(job_id, "ctr"), container_id)
+        return None if spec is None else _text(spec)
+
     # --- reuse ----------------------------------------------------------------------------------
     def reuse_get(self, key: str, digests: list[bytes]) -> dict[bytes, tuple[str, list[str]]]:
         if not digests:

@@ -1,0 +1,151 @@
+"""Containers through a real worker: WebDataset shards (local and over HTTP), Parquet row groups and 🤗 datasets on
+disk, each read once; corrupt, oversized and truncated members become named rows and the worker keeps serving."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from common.messages import TASK_CAPTION_CONTAINER, ContainerSpec, item_id
+from producer.cli import cli
+from producer.jobs import JobClient
+from producer.local import WorkerProcess
+from tests.conftest import shape_files
+
+
+def _images(root: Path, n: int, seed: int) -> list[bytes]:
+    return [Path(p).read_bytes() for p in shape_files(root, "src", n, seed=seed)]
+
+
+def _shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for key, parts in samples:
+            for ext, data in parts.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _enqueue(worker_env: dict[str, str], *args: str) -> str:
+    result = CliRunner().invoke(cli, ["enqueue", *args, "--wait", "--json"], env=worker_env)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output.strip().splitlines()[-1])["job"]["id"]
+
+
+def _rows(client: JobClient, job_id: str) -> dict[str, dict]:
+    return {row["ref"].rsplit("#", 1)[1]: row for row in client.results(job_id)}
+
+
+def test_a_shard_is_read_once_and_a_bad_member_is_one_row(
+    caption_worker: WorkerProcess, worker_env: dict[str, str], session_root: Path, client: JobClient
+) -> None:
+    folder = session_root / f"wds-{uuid.uuid4().hex[:6]}"
+    folder.mkdir()
+    good = _images(session_root, 5, seed=11)
+    samples = [(f"s{i:03d}", {"png": data, "txt": f"alt text {i}".encode()}) for i, data in enumerate(good)]
+    samples.insert(2, ("bad", {"jpg": b"\xff\xd8\xff not really a jpeg"}))
+    samples.append(("huge", {"png": b"\0" * (32 * 1024 * 1024 + 1)}))  # over the worker's 32 MiB image cap
+    samples.append(("textonly", {"txt": b"no image in this sample"}))  # not an item
+    shard = _shard(folder / "shard-000000.tar", samples)
+    job_id = _enqueue(worker_env, str(shard))
+    info = client.status(job_id)
+    rows = _rows(client, job_id)
+    assert info.state.value == "done" and info.total == len(rows) == 7 and info.containers == 0
+    assert {k for k, r in rows.items() if r["status"] == "ok"} == {f"s{i:03d}" for i in range(5)}
+    assert rows["bad"]["error_class"] == "decode_error" and rows["huge"]["error_class"] == "too_large"
+    assert rows["s003"]["extra"] == {"txt": "alt text 3"} and rows["s003"]["ref"] == f"{shard}#s003"
+    assert rows["s003"]["id"] == item_id(f"{shard}#s003")  # ids from shard and key: the same on every run
+    # A redelivered message finds its container closed and does nothing; a resumed enqueue reads the shard again
+    # and skips every captioned member.
+    spec = ContainerSpec(kind="tar", ref=str(shard))
+    client.app.send_task(TASK_CAPTION_CONTAINER, kwargs={"job_id": job_id, "container": spec.id,
+                                                         "params": info.params.model_dump()},
+                         queue=client.settings.caption_queue)  # fmt: skip
+    again = _enqueue(worker_env, str(shard))
+    assert again == job_id
+    after = _rows(client, job_id)
+    assert after == rows and client.status(job_id).total == 7
+    assert caption_worker.log_tail(200).count(f"container job={job_id}") >= 3
+
+
+def test_a_truncated_shard_over_http_gives_rows_for_what_was_read_and_the_worker_serves_on(
+    caption_worker: WorkerProcess, worker_env: dict[str, str], http_root, session_root: Path, client: JobClient
+) -> None:
+    base, folder = http_root
+    good = _images(session_root, 6, seed=12)
+    whole = _shard(folder / "whole-0.tar", [(f"k{i}", {"png": d}) for i, d in enumerate(good)]).read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(whole)) as tar:
+        cut = tar.getmember("k3.png").offset_data + 10  # in the middle of the fourth member's bytes
+    (folder / "cut.tar").write_bytes(whole[:cut])
+    job_id = _enqueue(worker_env, f"{base}/cut.tar")
+    rows = _rows(client, job_id)
+    read = {k for k, r in rows.items() if r["status"] == "ok"}
+    assert read == {"k0", "k1", "k2"} and set(rows) == read | {"*"}
+    assert rows["*"]["error_class"] == "decode_error" and "after" in rows["*"]["error"]
+    assert client.status(job_id).state.value == "done"
+    # The same worker goes on: the whole shard, named by a brace range, is captioned.
+    job_id = _enqueue(worker_env, f"{base}/whole-{{0..0}}.tar")
+    assert {r["status"] for r in client.results(job_id)} == {"ok"} and client.status(job_id).total == 6
+
+
+def test_parquet_row_groups_carry_their_other_columns_to_the_export(
+    caption_worker: WorkerProcess, worker_env: dict[str, str], session_root: Path, client: JobClient, tmp_path: Path
+) -> None:
+    good = _images(session_root, 5, seed=13)
+    cells = [*good, b"corrupt cell", None]
+    table = pa.table({
+        "image": pa.array([None if c is None else {"bytes": c, "path": f"{i}.png"} for i, c in enumerate(cells)],
+                          pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+        "n": pa.array(range(7), pa.int64()),
+        "meta": pa.array([{"w": i, "tags": ["a", str(i)]} for i in range(7)]),
+        "thumb": pa.array([b"\x00\x01"] * 7, pa.binary()),
+    })  # fmt: skip
+    path = session_root / f"set-{uuid.uuid4().hex[:6]}.parquet"
+    pq.write_table(table, path, row_group_size=3)
+    job_id = _enqueue(worker_env, str(path))
+    rows = _rows(client, job_id)
+    assert client.status(job_id).total == 7 and len(rows) == 7
+    assert [rows[str(i)]["status"] for i in range(7)] == ["ok"] * 5 + ["error"] * 2
+    assert rows["5"]["error_class"] == rows["6"]["error_class"] == "decode_error"
+    assert rows["4"]["extra"] == {"n": 4, "meta": {"w": 4, "tags": ["a", "4"]}, "_omitted": ["thumb"]}
+    out = tmp_path / "out.csv"
+    result = CliRunner().invoke(cli, ["export", job_id, "--format", "csv", "-o", str(out)], env=worker_env)
+    assert result.exit_code == 0, result.output
+    from producer.export import read_rows
+
+    back = {r["ref"].rsplit("#", 1)[1]: r for r in read_rows(out, "csv")}
+    assert json.loads(back["1"]["extra"])["meta"] == {"w": 1, "tags": ["a", "1"]}
+
+
+def test_datasets_saved_to_disk_and_imagefolders_are_containers(
+    caption_worker: WorkerProcess, worker_env: dict[str, str], session_root: Path, client: JobClient
+) -> None:
+    datasets = pytest.importorskip("datasets")
+    from training.synthetic import make_shapes
+
+    folder = session_root / f"imgfolder-{uuid.uuid4().hex[:6]}"
+    rows = make_shapes(folder, 6, seed=14, size=32)  # images and a metadata.jsonl with their captions
+    saved = session_root / f"saved-{uuid.uuid4().hex[:6]}"
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string"),
+                                  "n": datasets.Value("int32")})  # fmt: skip
+    data = {"image": [{"bytes": p.read_bytes(), "path": None} for p, _ in rows], "text": [c for _, c in rows],
+            "n": list(range(6))}  # fmt: skip
+    datasets.Dataset.from_dict(data, features=features).save_to_disk(str(saved))
+    job_id = _enqueue(worker_env, str(saved))
+    got = _rows(client, job_id)
+    assert client.status(job_id).total == 6 and {r["status"] for r in got.values()} == {"ok"}
+    assert sorted(r["extra"]["n"] for r in got.values()) == list(range(6))
+    assert {r["extra"]["text"] for r in got.values()} == {c for _, c in rows}
+    job_id = _enqueue(worker_env, str(folder), "--dataset")
+    got = _rows(client, job_id)
+    assert sorted(got) == sorted(p.name for p, _ in rows) and {r["status"] for r in got.values()} == {"ok"}
+    assert {r["extra"]["text"] for r in got.values()} == {c for _, c in rows}

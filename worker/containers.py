@@ -1,0 +1,320 @@
+"""Containers: WebDataset tar shards, Parquet row groups, slices of Arrow files and shards of 🤗 datasets, each read
+once, sequentially, by the worker that takes its message; their members become items of the job as they are read.
+
+Steps for one container: take its spec from the ledger (a closed one is done: the message is a no-op), read it
+member by member, and for every batch of members add them to the job's manifest (ids from container and member
+key), caption them through the chunk protocol from the bytes already read (what is captioned is skipped on a
+redelivery), and write their rows; then close the container, which may settle the job. A member that cannot be
+used is a row (``too_large``, ``decode_error``); a container that cannot be opened, or that ends early (a
+truncated shard), gets one error row for an item named ``<ref>#*``: the members that could not be read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import tarfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import IO, Any
+
+from common.errors import DecodeError, Forbidden, ItemError, TooLarge
+from common.messages import ContainerMessage, ContainerSpec, ItemStatus, JobState, is_url, item_id
+from common.objects import is_object_uri
+from common.paths import LocalFiles
+from common.settings import Settings
+from worker.chunks import ChunkOutcome, ChunkRunner
+from worker.images import FetchGuard, ImagePolicy, fetch_url
+from worker.service import Blob
+
+log = logging.getLogger(__name__)
+
+#: Member extensions taken as the sample's image (the first one present), in WebDataset's naming.
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "jpe")
+#: Member extensions kept beside a tar sample's caption (its text, metadata, class), when small.
+_SIDE_EXTS = ("txt", "json", "cls", "caption")
+#: Largest serialised ``extra`` a row keeps (columns of a source row); larger values are left out, named.
+MAX_EXTRA_BYTES = 4096
+#: The key of the item that stands for a container's members that could not be read.
+UNREAD = "*"
+
+
+@dataclass
+class Member:
+    """One member as read: its key in the container and its bytes (or the error reading it met)."""
+
+    key: str
+    blob: Blob
+
+
+class ContainerRunner:
+    """Runs container messages on a process's chunk runner (same service, ledger and durable writes)."""
+
+    def __init__(self, chunks: ChunkRunner, settings: Settings) -> None:
+        self.chunks, self.settings = chunks, settings
+        policy = chunks.service.policy
+        # Containers are larger than images: their own byte cap and deadline; members keep the image cap.
+        self.policy = replace(
+            policy, max_bytes=settings.max_container_bytes, total_timeout_s=settings.container_timeout_s
+        )
+
+    def run(self, msg: ContainerMessage) -> ChunkOutcome:
+        ledger, total = self.chunks.ledger, ChunkOutcome(job_id=msg.job_id, items=0)
+        started = time.perf_counter()
+        raw = ledger.container(msg.job_id, msg.container)
+        if raw is None:  # closed already (a redelivery), or never recorded: nothing to do
+            log.info("container job=%s id=%s is not open; nothing to do", msg.job_id, msg.container)
+            return total
+        spec = ContainerSpec.model_validate_json(raw)
+        if ledger.state(msg.job_id) is not JobState.CANCELLED:
+            unread_seen = False
+            for batch in _batched(read_members(spec, self.policy, self.settings, self.chunks.service.fetches),
+                                  self.settings.chunk_size):  # fmt: skip
+                unread_seen |= any(m.key == UNREAD for m in batch)
+                self._caption(msg, spec, batch, total)
+            if not unread_seen:
+                self._settle_unread(msg, spec, total)
+        finished = self.chunks._durably(ledger.close_container, msg.job_id, msg.container)
+        if finished:
+            self.chunks.job_finished(msg.job_id)
+        log.info("container job=%s ref=%s items=%d ok=%d error=%d skipped=%d total_ms=%.0f", msg.job_id, spec.ref,
+                 total.items, total.ok, total.error, total.skipped, (time.perf_counter() - started) * 1000)  # fmt: skip
+        return total
+
+    def _caption(self, msg: ContainerMessage, spec: ContainerSpec, batch: list[Member], total: ChunkOutcome) -> None:
+        items = {item_id(m.blob.ref): m.blob for m in batch}  # a key twice in one container is one item
+        self.chunks._durably(self.chunks.ledger.add_items, msg.job_id, [(i, b.ref) for i, b in items.items()])
+        out = self.chunks.run_items(msg.job_id, list(items.items()), msg.params, kind="container")
+        for name in ("items", "ok", "error", "skipped", "refused"):
+            setattr(total, name, getattr(total, name) + getattr(out, name))
+
+    def _settle_unread(self, msg: ContainerMessage, spec: ContainerSpec, total: ChunkOutcome) -> None:
+        """An earlier run's ``#*`` row (a truncated read) stays pending after ``retry`` once the container reads
+        whole: it is settled as cancelled, saying so, so the job can finish."""
+        iid = item_id(spec.member_ref(UNREAD))
+        if self.chunks.ledger.statuses(msg.job_id, [iid])[iid] is ItemStatus.PENDING:
+            from common.errors import Cancelled
+            from worker.service import error_row
+
+            whole = Cancelled("the container was read whole on a later run: no member was missing")
+            row = error_row({"id": iid, "ref": spec.member_ref(UNREAD), "params": msg.params}, whole)
+            self.chunks._write(msg.job_id, [row], total)
+
+
+def _batched(members: Iterator[Member], size: int) -> Iterator[list[Member]]:
+    batch: list[Member] = []
+    for member in members:
+        batch.append(member)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# --- reading ----------------------------------------------------------------------------------------
+
+
+def read_members(spec: ContainerSpec, policy: ImagePolicy, settings: Settings, guard: FetchGuard) -> Iterator[Member]:
+    """The members of a container in order; an error opening or reading it ends with one ``UNREAD`` member."""
+    count = 0
+    try:
+        if spec.kind == "tar":
+            with open_container(spec.ref, policy, settings, guard) as fh:
+                for member in _tar_members(spec, fh, settings.max_image_bytes):
+                    count += 1
+                    yield member
+        elif spec.kind in ("parquet", "arrow"):
+            with open_container(spec.ref, policy, settings, guard) as fh:
+                reader = _parquet_members if spec.kind == "parquet" else _arrow_members
+                for member in reader(spec, fh, settings.max_image_bytes):
+                    count += 1
+                    yield member
+        else:
+            for member in _hf_members(spec, policy, settings):
+                count += 1
+                yield member
+    except ItemError as exc:
+        yield _unread(spec, exc, count)
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:  # a truncated or corrupt container
+        yield _unread(spec, DecodeError(f"{type(exc).__name__}: {exc}"), count)
+    except Exception as exc:  # pyarrow and datasets raise many unrelated classes for bad files
+        yield _unread(spec, DecodeError(f"{type(exc).__name__}: {exc}"[:400]), count)
+
+
+def _unread(spec: ContainerSpec, exc: ItemError, count: int) -> Member:
+    where = f"after {count} member(s)" if count else "before any member"
+    error = type(exc)(f"{spec.ref}: read stopped {where}; the rest could not be read: {exc}"[:480])
+    error.transient = exc.transient
+    return Member(UNREAD, Blob(spec.member_ref(UNREAD), None, error))
+
+
+@contextlib.contextmanager
+def open_container(ref: str, policy: ImagePolicy, settings: Settings, guard: FetchGuard) -> Iterator[IO[bytes]]:
+    """A reader of a container file by the workers' rules: a path under an allowed root, an object under an allowed
+    prefix (both streamed), or an http(s) URL through the URL guard (fetched whole, within the container cap)."""
+    if is_url(ref):
+        yield io.BytesIO(fetch_url(ref, policy, guard=guard))
+    elif is_object_uri(ref):
+        if policy.objects is None:
+            raise Forbidden(f"{ref}: object storage is off")
+        with policy.objects.open(ref) as fh:
+            yield fh  # type: ignore[misc]
+    else:
+        with LocalFiles(policy.allowed_roots, settings.max_container_bytes).open(ref) as fh:
+            yield fh
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """A tar member's WebDataset key and extension: the path up to the first dot of its file name."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def _tar_members(spec: ContainerSpec, fh: IO[bytes], max_bytes: int) -> Iterator[Member]:
+    """Samples of a WebDataset shard, grouped by key as the members come (one pass, streaming)."""
+    key: str | None = None
+    sample: dict[str, bytes | ItemError] = {}
+    with tarfile.open(fileobj=fh, mode="r|*") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            k, ext = _split_name(info.name)
+            if k != key:
+                if key is not None and (member := _sample(spec, key, sample)):
+                    yield member
+                key, sample = k, {}
+            if info.size > max_bytes and ext in IMAGE_EXTS:
+                sample[ext] = TooLarge(f"member {info.name} is {info.size} bytes, over the limit of {max_bytes}")
+            elif ext in IMAGE_EXTS or (ext in _SIDE_EXTS and info.size <= MAX_EXTRA_BYTES):
+                member = tar.extractfile(info)
+                sample[ext] = member.read() if member is not None else b""
+    if key is not None and (last := _sample(spec, key, sample)):
+        yield last
+
+
+def _sample(spec: ContainerSpec, key: str, parts: dict[str, bytes | ItemError]) -> Member | None:
+    """A sample's image (its first image member) with its small text members as ``extra``; None without an image."""
+    ext = next((e for e in IMAGE_EXTS if e in parts), None)
+    if ext is None:
+        return None
+    image = parts[ext]
+    extra = {e: _text_value(e, v) for e, v in parts.items() if e in _SIDE_EXTS and isinstance(v, bytes)}
+    ref = spec.member_ref(key)
+    if isinstance(image, ItemError):
+        return Member(key, Blob(ref, None, image, clean_extra(extra)))
+    return Member(key, Blob(ref, image, None, clean_extra(extra)))
+
+
+def _text_value(ext: str, data: bytes) -> Any:
+    text = data.decode("utf-8", "replace")
+    if ext == "json":
+        with contextlib.suppress(ValueError):
+            return json.loads(text)
+    return text
+
+
+def _image_cell(value: Any, where: str, max_bytes: int) -> tuple[bytes | None, ItemError | None]:
+    """The bytes of an image cell: binary, or a 🤗 Image struct {"bytes", "path"}; an error row's cause otherwise."""
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    if value is None:
+        return None, DecodeError(f"{where}: the image cell is empty")
+    if not isinstance(value, bytes | bytearray | memoryview):
+        return None, DecodeError(f"{where}: the image cell holds {type(value).__name__}, not bytes")
+    if len(value) > max_bytes:
+        return None, TooLarge(f"{where}: the image cell is {len(value)} bytes, over the limit of {max_bytes}")
+    return bytes(value), None
+
+
+def _rows_as_members(spec: ContainerSpec, rows: list[dict[str, Any]], first: int, max_bytes: int) -> Iterator[Member]:
+    column = spec.column or "image"
+    for n, row in enumerate(rows):
+        key = str(first + n)
+        if column not in row:
+            raise DecodeError(f"{spec.ref}: no column {column!r}")
+        data, error = _image_cell(row.pop(column), f"row {key}", max_bytes)
+        yield Member(key, Blob(spec.member_ref(key), data, error, clean_extra(row)))
+
+
+def _parquet_members(spec: ContainerSpec, fh: IO[bytes], max_bytes: int) -> Iterator[Member]:
+    """The rows of one row group; a row's key is its index in the file."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(fh)
+    group = spec.part or 0
+    first = sum(pf.metadata.row_group(i).num_rows for i in range(group))
+    table = pf.read_row_group(group)
+    yield from _rows_as_members(spec, table.to_pylist(), first, max_bytes)
+
+
+def _arrow_members(spec: ContainerSpec, fh: IO[bytes], max_bytes: int) -> Iterator[Member]:
+    """The rows [start, stop) of an Arrow IPC file or stream (what ``save_to_disk`` writes), batch by batch."""
+    import pyarrow as pa
+
+    head = fh.read(6)
+    fh.seek(0)
+    batches = pa.ipc.open_file(fh) if head == b"ARROW1" else pa.ipc.open_stream(fh)
+    start, stop = spec.start or 0, spec.stop
+    seen = 0
+    for batch in (batches.get_batch(i) for i in range(batches.num_record_batches)) if head == b"ARROW1" else batches:
+        lo, hi = seen, seen + batch.num_rows
+        seen = hi
+        if hi <= start:
+            continue
+        if stop is not None and lo >= stop:
+            return
+        part = batch.slice(max(0, start - lo), (min(hi, stop) if stop is not None else hi) - max(lo, start))
+        yield from _rows_as_members(spec, part.to_pylist(), max(lo, start), max_bytes)
+
+
+def _hf_members(spec: ContainerSpec, policy: ImagePolicy, settings: Settings) -> Iterator[Member]:
+    """One shard of a 🤗 dataset (an imagefolder or a hub id), streamed unless ``download``; images by path are read
+    under the workers' rules."""
+    from worker.datasets import iter_shard
+
+    for key, row, cell in iter_shard(spec, policy, settings):
+        data, error = (None, cell) if isinstance(cell, ItemError) else _image_cell(cell, f"row {key}", policy.max_bytes)
+        yield Member(key, Blob(spec.member_ref(key), data, error, clean_extra(row)))
+
+
+def clean_extra(row: dict[str, Any]) -> dict[str, Any] | None:
+    """The other columns of a source row as JSON-safe values (integers, text, lists, structs; bytes left out), within
+    MAX_EXTRA_BYTES: columns that do not fit are named in ``_omitted``."""
+    out: dict[str, Any] = {}
+    omitted: list[str] = []
+    size = 2
+    for name, value in row.items():
+        safe = _json_safe(value)
+        if safe is _DROP:
+            omitted.append(str(name))
+            continue
+        cost = len(json.dumps({str(name): safe}, ensure_ascii=False, default=str))
+        if size + cost > MAX_EXTRA_BYTES:
+            omitted.append(str(name))
+            continue
+        out[str(name)] = safe
+        size += cost
+    if omitted:
+        out["_omitted"] = omitted
+    return out or None
+
+
+_DROP = object()
+
+
+def _json_safe(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, bytes | bytearray | memoryview):
+        return _DROP  # image bytes of another column, embeddings: never into the ledger
+    if isinstance(value, dict):
+        items = {str(k): _json_safe(v) for k, v in value.items()}
+        return {k: v for k, v in items.items() if v is not _DROP}
+    if isinstance(value, list | tuple):
+        return [v for v in (_json_safe(v) for v in value) if v is not _DROP]
+    return str(value)  # dates, decimals: as text
