@@ -70,13 +70,13 @@ def enqueue_rates(redis: LocalRedis, n_objects: int, n_shards: int) -> dict[str,
         del env
 
 
-def reuse_ratio(redis: LocalRedis, work: Path, n_images: int) -> dict[str, Any]:
+def reuse_ratio(redis: LocalRedis, work: Path, n_images: int, kind: str = "tiny") -> dict[str, Any]:
     """The same archive (30% of its images duplicates of others) captioned by a worker with reuse off, then one with
-    reuse on (a fresh cache): wall time of each job, and their ratio."""
+    reuse on (a fresh cache): wall time of each job, and their ratio. ``kind``: the model (bench.corpus.MODELS)."""
+    from bench.corpus import build_model
     from training.synthetic import make_shapes
-    from training.tiny import build_tiny_git
 
-    model = build_tiny_git(work / "tiny-git", seed=0)
+    model = build_model(kind, work / f"{kind}-git")
     distinct = int(n_images * 0.7)
     made = make_shapes(work / "distinct", distinct, seed=5, size=32)
     archive = work / "archive"
@@ -86,7 +86,7 @@ def reuse_ratio(redis: LocalRedis, work: Path, n_images: int) -> dict[str, Any]:
     rng.shuffle(sources)
     for i, src in enumerate(sources):
         (archive / f"{i:05d}.png").write_bytes(src.read_bytes())
-    out: dict[str, Any] = {"images": n_images, "duplicates": n_images - distinct}
+    out: dict[str, Any] = {"model": kind, "images": n_images, "duplicates": n_images - distinct}
     for label, reuse in (("off", "false"), ("on", "true")):
         queue = f"bench-reuse-{label}"
         env = {"CAPTIONER_BROKER_URL": redis.url(3), "CAPTIONER_REDIS_URL": redis.url(4), "CAPTIONER_MODEL": str(model),
@@ -121,10 +121,12 @@ def main() -> None:
     parser.add_argument("--objects", type=int, default=3000)
     parser.add_argument("--shards", type=int, default=10000)
     parser.add_argument("--images", type=int, default=120)
+    parser.add_argument("--reuse-model", choices=["tiny", "git-base"], default="tiny",
+                        help="the model of the reuse run (git-base: its shapes, random weights)")  # fmt: skip
     args = parser.parse_args()
     with LocalRedis() as redis, tempfile.TemporaryDirectory(prefix="bench-sources-") as tmp:
         figures = {"enqueue": enqueue_rates(redis, args.objects, args.shards),
-                   "reuse": reuse_ratio(redis, Path(tmp), args.images)}  # fmt: skip
+                   "reuse": reuse_ratio(redis, Path(tmp), args.images, args.reuse_model)}  # fmt: skip
     print(json.dumps(figures, indent=2))
 
 

@@ -591,7 +591,7 @@ def _sample(row: Mapping[str, Any], opts: _Options) -> list[tuple[str, bytes]] |
         elif opts.local is not None and opts.local.roots:
             data = opts.local.read(image)
         else:
-            return "not_local"
+            return "forbidden"  # a local file, and no allowed root to read it under
     except ItemError as exc:
         return _file_skip(exc)
     except OSError:

@@ -377,7 +377,8 @@ def test_dataset_exports_and_exclude_flags_through_the_cli(
 
     def shards(*extra: str) -> dict[str, dict[str, bytes]]:
         target = tmp_path / f"wds-{uuid.uuid4().hex[:6]}"
-        code, _, err = invoke(settings, "export", job, "--format", "webdataset", "-o", str(target), *extra)
+        code, _, err = invoke(settings, "export", job, "--format", "webdataset", "-o", str(target), *extra,
+                              env=cli_env)  # fmt: skip
         assert code == 0, err
         samples: dict[str, dict[str, bytes]] = {}
         for shard in sorted(target.glob("*.tar")):

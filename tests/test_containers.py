@@ -73,8 +73,14 @@ def test_a_shard_is_read_once_and_a_bad_member_is_one_row(
     again = _enqueue(worker_env, str(shard))
     assert again == job_id
     after = _rows(client, job_id)
-    assert after == rows and client.status(job_id).total == 7
-    assert caption_worker.log_tail(200).count(f"container job={job_id}") >= 3
+    captions = {k: r for k, r in rows.items() if r["status"] == "ok"}
+    assert {k: r for k, r in after.items() if r["status"] == "ok"} == captions and client.status(job_id).total == 7
+    assert {k: after[k]["error_class"] for k in ("bad", "huge")} == {"bad": "decode_error", "huge": "too_large"}
+    log = caption_worker.log_tail(400)
+    assert f"container job={job_id} id={spec.id} is not open; nothing to do" in log  # the redelivered message
+    # The resumed read: the five captioned members skipped, only the two failures tried again.
+    reads = [line for line in log.splitlines() if f"container job={job_id} ref=" in line]
+    assert len(reads) == 2 and "ok=5 error=2 skipped=0" in reads[0] and "ok=0 error=2 skipped=5" in reads[1], reads
 
 
 def test_a_truncated_shard_over_http_gives_rows_for_what_was_read_and_the_worker_serves_on(

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from common.errors import InvalidMessage
-from common.messages import TASK_CAPTION, TASK_CAPTION_MANY, GenParams, item_id
+from common.messages import TASK_CAPTION, TASK_CAPTION_MANY, GenParams, ItemStatus, item_id
 from producer.jobs import JobClient, workers_info
 from tests.conftest import MAX_LENGTH, direct_captions
 from worker.celery_app import create_app
@@ -100,16 +100,42 @@ def test_cancel_records_queued_items_as_cancelled_and_enqueue_reopens(client: Jo
     assert (info.state.value, info.cancelled, info.ok) == ("done", 0, 10)
 
 
-def test_parameters_the_engine_refuses_are_engine_error_rows(client: JobClient, images: Path) -> None:
-    """A prompt longer than max_length: generate refuses it. Each item is tried alone, then recorded as
-    engine_error (not transient: the same parameters fail again), and the job ends with them as failures."""
+def test_parameters_the_model_cannot_run_are_engine_error_rows(settings, images: Path, tmp_path: Path) -> None:
+    """A max_length past the model's positions: the engine refuses every batch, each item is tried alone, then
+    recorded as engine_error (not transient: the same model refuses again), and the job ends with them as
+    failures. Through the real service, engine and ledger; parameters a model of GenParams' range refuses never
+    reach one (they are refused at the edge), so the model here has fewer positions than max_length asks."""
+    from common.ledger import ledger_from_settings
+    from common.messages import ChunkMessage
+    from training.tiny import build_random_git, tiny_git_config
+    from worker.chunks import ChunkRunner
+    from worker.engine import CaptionEngine, EngineConfig
+    from worker.service import CaptionService
+
+    config = tiny_git_config()
+    config.max_position_embeddings = 16
+    model = build_random_git(tmp_path / "short-git", config)
+    service = CaptionService(
+        settings,
+        engine_factory=lambda: CaptionEngine.load(EngineConfig(model=str(model), device="cpu", dtype="float32")),
+    )
+    ledger = ledger_from_settings(settings)
     refs = [str(p) for p in sorted(images.glob("*.jpg"))[:3]]
-    rows = run_job(client, refs, "job-engine-error", params=GenParams(max_length=3, prompt="a photo of a cat on a mat"))
+    ledger.open_job("job-engine-error", "engine error", GenParams(max_length=20))
+    ledger.add_items("job-engine-error", [(item_id(r), r) for r in refs])
+    ledger.seal("job-engine-error")
+    try:
+        ChunkRunner(service, ledger, settings).run(
+            ChunkMessage(job_id="job-engine-error", items=refs, params=GenParams(max_length=20))
+        )
+    finally:
+        service.close()
+    rows = list(ledger.iter_results("job-engine-error"))
     assert [(r["status"], r["error_class"], r.get("transient")) for r in rows] == [("error", "engine_error", None)] * 3
-    assert all("max_length" in r["error"] for r in rows)
-    info = client.status("job-engine-error")
+    assert all("max_length 20 exceeds the model's 16 positions" in r["error"] for r in rows)
+    info = ledger.job("job-engine-error")
     assert (info.state.value, info.ok, info.error) == ("done", 0, 3)
-    assert list(client.failures("job-engine-error")) == ["engine_error"]
+    assert {r["error_class"] for r in ledger.iter_status("job-engine-error", ItemStatus.ERROR)} == {"engine_error"}
 
 
 def test_service_single_image_by_task_name(settings, images: Path, http_root, tiny_model: Path) -> None:

@@ -97,6 +97,9 @@ class CaptionService:
         self.settings = settings
         #: Where captions are looked up by image digest before decoding (CAPTIONER_REUSE_CAPTIONS); None: off.
         self.reuse = reuse if settings.reuse_captions else None
+        #: Images being captioned now, by digest and params: a duplicate arriving meanwhile waits for its twin.
+        self._claims: dict[tuple[bytes, Hashable], Future[Any]] = {}
+        self._claims_lock = threading.Lock()
         self.policy = ImagePolicy.from_settings(settings)
         self._engine_factory = engine_factory or _default_engine_factory(settings)
         self._engine: CaptionEngine | None = None
@@ -202,26 +205,67 @@ class CaptionService:
         if self.settings.fault_kill_ref and self.settings.fault_kill_ref in src.ref:
             log.error("drill: %s kills this worker (CAPTIONER_FAULT_KILL_REF)", src.ref)
             os._exit(137)  # as abrupt as the OOM killer or a segfaulting decoder
-        digest = None
+        digest, own = None, None
         try:
             if self.reuse is None:
                 image = decode_image(self._read(src), self.policy)
             else:
                 data = self._read(src)
                 digest = hashlib.blake2b(data, digest_size=16).digest()
-                hit = self._reused(digest, params)
-                if hit is not None:
+                twin = self._reused(digest, params)
+                if twin is None:
+                    twin, own = self._claim(digest, params)
+                if twin is not None:  # captioned before, or being captioned now for another item
                     self.batcher.arrived()
-                    done: Future[Any] = Future()
-                    done.set_result(hit)
-                    return done, (time.perf_counter() - started) * 1000, None
+                    return twin, (time.perf_counter() - started) * 1000, None
                 image = decode_image(data, self.policy)
             pixels = self.engine.prepare([image])
-        except BaseException:
+            future = self.batcher.submit(pixels, params, group=group, expected=True)
+        except BaseException as exc:
             self.batcher.arrived()  # announced in caption_items, and not coming: batches stop waiting for it
+            if own is not None:  # items with the same bytes waiting on this one fail the same way
+                self._settle_claim(digest, params, own, exc=exc)
             raise
-        future = self.batcher.submit(pixels, params, group=group, expected=True)
+        if own is not None:
+            future.add_done_callback(lambda done: self._settle_claim(digest, params, own, done=done))
         return future, (time.perf_counter() - started) * 1000, digest
+
+    def _claim(self, digest: bytes, params: GenParams) -> tuple[Future[Any] | None, Future[Any] | None]:
+        """(a future of the caption another item with these bytes is getting now, None), or (None, a future this
+        item now owns: items with the same bytes arriving meanwhile wait on it instead of being captioned)."""
+        key = (digest, params.key())
+        with self._claims_lock:
+            owner = self._claims.get(key)
+            if owner is None:
+                own: Future[Any] = Future()
+                self._claims[key] = own
+                return None, own
+        twin: Future[Any] = Future()
+
+        def copy(done: Future[Any]) -> None:
+            if done.exception() is not None:
+                twin.set_exception(done.exception())
+            else:
+                twin.set_result(done.result()._replace(reused=True, batch_ms=0.0))
+
+        owner.add_done_callback(copy)
+        return twin, None
+
+    def _settle_claim(
+        self,
+        digest: bytes | None,
+        params: GenParams,
+        own: Future[Any],
+        *,
+        done: Future[Any] | None = None,
+        exc: BaseException | None = None,
+    ) -> None:
+        with self._claims_lock:
+            self._claims.pop((digest, params.key()), None)
+        if done is not None and done.exception() is None:
+            own.set_result(done.result())
+        else:
+            own.set_exception(exc if exc is not None else done.exception())  # type: ignore[union-attr]
 
     def _reused(self, digest: bytes, params: GenParams) -> Captioned | None:
         """The caption this model version made before for the same bytes and params, if the cache has it."""

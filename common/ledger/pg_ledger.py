@@ -157,11 +157,19 @@ class PostgresLedger(Ledger):
                         raise BrokerUnavailable(f"cannot reach the ledger PostgreSQL: {exc}") from None
                     flags = ",\n  ".join(f"{c} bigint NOT NULL DEFAULT 0" for c in _FLAG_COLUMNS.values())
                     with self._pool.connection() as conn:
-                        # One creator at a time across processes: CREATE ... IF NOT EXISTS can still race.
-                        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.schema,))
-                        conn.execute(_SCHEMA.replace("{flag_columns}", flags).format(s=self.schema))
+                        # Only when the tables are missing: CREATE INDEX IF NOT EXISTS takes a share lock on its
+                        # table even when the index exists, which deadlocks against workers writing rows. One
+                        # creator at a time across processes (the advisory lock), checking again under it.
+                        if not self._tables_exist(conn):
+                            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.schema,))
+                            if not self._tables_exist(conn):
+                                conn.execute(_SCHEMA.replace("{flag_columns}", flags).format(s=self.schema))
                     self._opened = True
         return self._pool.connection()
+
+    def _tables_exist(self, conn: Any) -> bool:
+        """Whether this schema's last table exists (the schema is created in one transaction, tables in order)."""
+        return conn.execute("SELECT to_regclass(%s)", (f"{self.schema}.reuse",)).fetchone()[0] is not None
 
     def _one(self, sql: str, params: Any = None) -> Any:
         with self._connection() as conn:
