@@ -245,6 +245,8 @@ class ItemResult(BaseModel):
     #: Stage timings in milliseconds: load (fetch, decode, preprocess this image), infer (the model batch it ran in).
     timings: dict[str, float] = Field(default_factory=dict)
     finished_at: float | None = None
+    #: Speed profile the caption was made with: "exact", or "fast:<pieces in use>" (e.g. "fast:sdpa,compile").
+    profile: str | None = None
 
 
 def parse_message(model: type[BaseModel], payload: object) -> BaseModel:

@@ -71,6 +71,7 @@ class Captioned(NamedTuple):
     version: str
     flags: list[str] | None
     batch_ms: float  # wall time of the model batch it ran in
+    profile: str | None = None  # the speed pieces the batch ran with ("exact", "fast:sdpa,compile")
 
 
 @dataclass
@@ -115,6 +116,9 @@ class CaptionService:
         self._alone = threading.Lock()
         self._watcher: threading.Thread | None = None
         self._stopped = threading.Event()
+        #: Seconds the engine's warm-up took at start (compiled and captured pieces; 0 when none).
+        self.warm_up_s = 0.0
+        self._reported_profile: str | None = None
         self._pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         self.batcher: MicroBatcher[GenParams] = MicroBatcher(
             self._run_batch,
@@ -141,7 +145,7 @@ class CaptionService:
                         engine.dtype,
                         time.perf_counter() - started,
                     )
-                    if self.settings.jpeg_draft:
+                    if "draft" in getattr(engine, "pieces", ()):  # CAPTIONER_JPEG_DRAFT, or the profile's piece
                         self.policy = replace(self.policy, draft_edge=engine.input_edge)
                     self._engine = engine
         return self._engine
@@ -153,6 +157,10 @@ class CaptionService:
 
     def warm_up(self) -> str:
         version = self.engine.version
+        # Compiled and graph-captured pieces are built now, at start, not on the first request.
+        params = GenParams(max_length=self.settings.max_length)
+        if hasattr(self.engine, "warm_up"):
+            self.warm_up_s = self.engine.warm_up(self.settings.max_batch_size, params)
         if self.settings.model == "@current" and self._watcher is None:
             self._watcher = threading.Thread(target=self._follow_store, name="model-watch", daemon=True)
             self._watcher.start()
@@ -164,9 +172,12 @@ class CaptionService:
         if current is None or (self._engine is not None and self._engine.version == current.version):
             return False
         engine = self._engine_factory()  # loads beside the old model; batches keep running meanwhile
+        if hasattr(engine, "warm_up"):  # its compiled pieces too, before it takes a batch
+            engine.warm_up(self.settings.max_batch_size, GenParams(max_length=self.settings.max_length))
         old = self._engine.version if self._engine else None
         self.swap_engine(engine)
-        metrics.set_model(engine.version, str(engine.device), str(engine.dtype).removeprefix("torch."))
+        metrics.set_model(engine.version, str(engine.device), str(engine.dtype).removeprefix("torch."),
+                          getattr(engine, "profile", None))  # fmt: skip
         log.info("model swapped %s -> %s (promoted)", old, engine.version)
         return True
 
@@ -184,12 +195,16 @@ class CaptionService:
         started = time.perf_counter()
         generated = engine.generate_detailed(engine.stack(items), params)
         batch_ms = round((time.perf_counter() - started) * 1000, 2)
+        profile = getattr(engine, "profile", None)  # after the batch: a piece that failed in it is not counted
+        if profile != self._reported_profile:
+            self._reported_profile = profile
+            metrics.set_model(engine.version, str(engine.device), str(engine.dtype).removeprefix("torch."), profile)
         out = []
         for gen in generated:
             # A caption that ended on its own is not cut, even when its end token fell on the last position.
             tokens = gen.tokens - 1 if gen.ended else gen.tokens
             flags = quality_flags(gen.text, generated_tokens=tokens, max_length=params.max_length) or None
-            out.append(Captioned(gen.text, engine.version, flags, batch_ms))
+            out.append(Captioned(gen.text, engine.version, flags, batch_ms, profile))
         return out
 
     # --- captioning -----------------------------------------------------------------------------
@@ -244,6 +259,7 @@ class CaptionService:
                     caption=done.caption,
                     flags=done.flags,
                     model_version=done.version,
+                    profile=done.profile,
                     timings={"load_ms": round(load_ms, 2), "infer_ms": done.batch_ms},
                     finished_at=time.time(),
                 )

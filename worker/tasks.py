@@ -185,6 +185,9 @@ def captioner_info(state: Any, **kwargs: Any) -> dict[str, Any]:
         "device": str(eng.device),
         "dtype": str(eng.dtype).removeprefix("torch."),
         "max_batch_size": svc.batcher.max_batch,
+        # The speed profile in use ("exact", "fast:sdpa,compile"), its pieces, and pieces that fell back (why).
+        **(eng.pieces.as_dict() if hasattr(eng, "pieces") else {}),
+        "warm_up_s": round(svc.warm_up_s, 2),
         "batches": stats.batches,
         "items": stats.items,
         "infer_s": round(stats.infer_s, 3),
@@ -210,9 +213,15 @@ def _warm_up(sender: str, instance: Any, **kwargs: Any) -> None:
         # it fed (measured: tiny model, service 0.74 -> 0.99 of the in-process engine on 2 cores).
         sys.setswitchinterval(GIL_SWITCH_S)
         svc = service()
-        version = svc.warm_up()
+        try:
+            version = svc.warm_up()
+        except ConfigError as exc:  # an unknown profile, piece, device...: one line, and the worker does not start
+            log.critical("%s", exc)
+            raise SystemExit(2) from None
         engine = svc.engine
-        metrics.set_model(version, str(engine.device), str(engine.dtype).removeprefix("torch."))
+        metrics.set_model(version, str(engine.device), str(engine.dtype).removeprefix("torch."),
+                          getattr(engine, "profile", None))  # fmt: skip
+        metrics.WARM_UP.set(svc.warm_up_s)
         metrics.serve(settings.metrics_port, settings.metrics_addr, _queue_depths)
         log.info("worker %s serves model %s", sender, version)
 
