@@ -216,8 +216,7 @@ class GitGreedyDecoder:
                 hidden, prefix = self.compiled(pixel_values, input_ids)
             except Exception as exc:  # a backend that cannot compile this model or shape: eager from now on
                 self.compiled = None
-                first = (str(exc).strip().splitlines() or [""])[0][:300]  # inductor appends paragraphs of advice
-                self.on_fallback("compile", f"torch.compile failed: {type(exc).__name__}: {first}")
+                self.on_fallback("compile", f"torch.compile failed: {_cause(exc)}")
             else:
                 self.stats.prefill_s = self._clock() - clock if self.timing else 0.0  # encoder included
                 cache = self._new_cache(pixel_values.shape[0], capacity, prefix[0].dtype, prefix[0].device)
@@ -396,6 +395,14 @@ class GitGreedyDecoder:
         for old, new in zip(cache, grown, strict=True):
             new[:, :, :capacity] = old
         return grown
+
+
+def _cause(exc: BaseException) -> str:
+    """The innermost error a compiler wrapper carries, on one line (inductor appends paragraphs of advice)."""
+    while getattr(exc, "inner_exception", None) is not None:
+        exc = exc.inner_exception  # type: ignore[attr-defined]
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return f"{type(exc).__name__}: {first}"
 
 
 def bucket(rows: int) -> int:
