@@ -44,3 +44,51 @@ def test_bench_smoke_measures_every_path_and_writes_the_ratios(tmp_path: Path) -
     assert len(checks) == 4 and all(c["value"] > 0 and c["verdict"] in ("PASS", "FAIL") for c in checks)
     assert (out / "bench.md").read_text(encoding="utf-8").count("| b/") == 3
     assert (out / data["chart"]).is_file()
+
+
+def test_gpu_bench_refuses_a_cpu_machine_and_writes_its_readme_section(tmp_path: Path) -> None:
+    """bench/gpu.sh's measurement needs CUDA (it says so and exits 2 here); its results land between the README's
+    GPU markers, replacing what was there and nothing else."""
+    import torch
+
+    from bench import gpu
+
+    if not torch.cuda.is_available():
+        proc = subprocess.run([sys.executable, "-m", "bench.gpu"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
+        assert proc.returncode == 2 and "no CUDA device" in proc.stderr
+    readme = tmp_path / "README.md"
+    original = (ROOT / "bench" / "README.md").read_text(encoding="utf-8")
+    readme.write_text(original, encoding="utf-8")
+    row = {"batch": 8, "images_per_s": 900.0, "ms_per_batch": 8.9, "encoder_ms": 3.0, "prefill_ms": 2.0,
+           "decode_ms": 3.9, "peak_memory_gib": 1.2}  # fmt: skip
+    e2e = {
+        "profile": "exact",
+        "images": 64,
+        "images_per_s": 700.0,
+        "mean_batch": 32.0,
+        "stages_ms_per_image": {"generate": 1.1},
+        "cpu_ms_per_image": 9.0,
+        "oom_halvings": [],
+        "captioned": 64,
+    }
+    data = {
+        "meta": {
+            "device": "GPU X",
+            "date": "today",
+            "command": "bench/gpu.sh",
+            "code": "abc",
+            "seconds": 400.0,
+            "max_length": 20,
+        },
+        "inprocess": [{"profile": "exact", "fallbacks": {}, "warm_up_s": 0.0, "rows": [row]}],
+        "end_to_end": [e2e],
+        "oom": {**e2e, "oom_halvings": [(2048, 1024)], "fraction": 0.04, "batch": 2048},
+    }
+    gpu.into_readme(readme, gpu.markdown(data))
+    written = readme.read_text(encoding="utf-8")
+    assert "### GPU: GPU X" in written and "| 8 | 900.0 | 8.9 | 3.0 | 2.0 | 3.9 | 1.2 |" in written
+    assert "halvings 2048 -> 1024; 64/64 captioned" in written
+    start, end = original.index(gpu.README_START), original.index(gpu.README_END)
+    assert written.startswith(original[: start + len(gpu.README_START)])
+    assert written.endswith(original[end:]) and "Not measured yet" not in written
