@@ -282,6 +282,22 @@ def test_int8_quantises_every_linear_layer_on_cpu(tiny_model: Path, shape_images
     assert len(captions) == len(shape_images) and all(isinstance(c, str) for c in captions)
 
 
+@pytest.mark.slow  # inductor writes and compiles C++ for the encoder and prefill: minutes on 2 busy cores
+def test_compile_piece_is_built_at_warm_up_into_its_cache_dir(
+    tiny_model: Path, shape_images: list[Image.Image], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "compiled"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "elsewhere"))  # restored after the test
+    engine = CaptionEngine.load(EngineConfig(model=str(tiny_model), dtype="float32", pieces="+compile",
+                                             compile_cache_dir=str(cache)))  # fmt: skip
+    assert engine.warm_up_sizes(8) == [8, 1]  # batch 1 is compiled apart from every other size
+    assert engine.warm_up(8, SHORT) > 0 and engine.profile == "fast:compile" and not engine.pieces.fallbacks
+    assert any(p.is_file() for p in cache.rglob("*")), "inductor kept nothing in CAPTIONER_COMPILE_CACHE_DIR"
+    exact = CaptionEngine.load(EngineConfig(model=str(tiny_model), dtype="float32"))
+    assert engine.caption(shape_images, SHORT) == exact.caption(shape_images, SHORT)  # fp32: rounding only
+    assert engine.profile == "fast:compile"  # it ran compiled, without falling back
+
+
 # --- loading ---------------------------------------------------------------------------------------
 
 

@@ -18,8 +18,9 @@ The algorithm, and where it saves work over transformers' eager ``generate``:
 
 Speed pieces (worker/profiles.py), each off by default and each giving up exactness for speed:
 - ``fused_attention``: PyTorch's ``scaled_dot_product_attention`` instead of HF's eager arithmetic in the decoder.
-- ``compile_prefill``: the image encoder and the prefill run as one ``torch.compile``d function (dynamic batch size);
-  if compiling or a compiled call fails, the eager path takes over for good and ``on_fallback`` is told why.
+- ``compile_prefill``: the image encoder and the prefill run as one ``torch.compile``d function (dynamic batch size)
+  for requests without a prompt; if compiling or a compiled call fails, the eager path takes over for good and
+  ``on_fallback`` is told why.
 - ``cuda_graphs``: the decode step at fixed shapes (rows padded to a power-of-two bucket, the cache sized for the
   whole caption, attention masked past the current position), captured once per shape as a CUDA graph and replayed.
   Without CUDA the same static step runs eagerly (tests compare its ids with HF's on a CPU).
@@ -210,7 +211,9 @@ class GitGreedyDecoder:
 
     def _start(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, capacity: int) -> tuple[Any, list[Any]]:
         """Encoder and prefill: the last position's hidden state, and a cache of ``capacity`` slots with the prefix."""
-        if self.compiled is not None:
+        # Prompted requests run eagerly: compiled for [BOS] alone, a prompt's length would recompile (minutes on a
+        # CPU) in the middle of serving.
+        if self.compiled is not None and input_ids.shape[1] == 1:
             clock = self._clock()
             try:
                 hidden, prefix = self.compiled(pixel_values, input_ids)
