@@ -199,7 +199,8 @@ class GitGreedyDecoder:
         if reason is not None:
             raise ValueError(f"the fast GIT decoder cannot run this request: {reason}")
         self.stats = DecodeStats(rows=rows)
-        text_slots = min(max_length - 1, max(TEXT_SLOTS, input_ids.shape[1]))
+        # The static steps copy the prefix into caches of their own: then the prefill's needs no room to grow.
+        text_slots = input_ids.shape[1] if self.static else min(max_length - 1, max(TEXT_SLOTS, input_ids.shape[1]))
         hidden, cache = self._start(pixel_values.to(device), input_ids, self.image_tokens + text_slots)
         clock = self._clock()
         if self.static is not None:
@@ -222,6 +223,8 @@ class GitGreedyDecoder:
                 self.on_fallback("compile", f"torch.compile failed: {_cause(exc)}")
             else:
                 self.stats.prefill_s = self._clock() - clock if self.timing else 0.0  # encoder included
+                if prefix[0].shape[2] == capacity:
+                    return hidden, prefix
                 cache = self._new_cache(pixel_values.shape[0], capacity, prefix[0].dtype, prefix[0].device)
                 for full, part in zip(cache, prefix, strict=True):
                     full[:, :, : part.shape[2]] = part
