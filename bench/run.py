@@ -150,7 +150,10 @@ def measure_model(kind: str, cfg: BenchConfig, work: Path, paths: list[Path], se
             if fast:
                 say(f"{kind}: (a) {_rate(rounds['a'][-1])}; (e) engine in-process, {fast.engine.profile}")
                 rounds["e"].append(fast.measure(paths, sizes))
-            say(f"{kind}: ({keys[-1] if fast else 'a'}) done; (d) HF pipeline, {best_dtype}, batch sizes {sizes}")
+            say(
+                f"{kind}: ({'e' if fast else 'a'}) {_rate(rounds['e' if fast else 'a'][-1])}; (d) HF pipeline, "
+                f"{best_dtype}, batch sizes {sizes}"
+            )
             rounds["d"].append(pipe.measure(paths, sizes))
             say(f"{kind}: (d) {_rate(rounds['d'][-1])}")
             if workers is None:
@@ -162,7 +165,10 @@ def measure_model(kind: str, cfg: BenchConfig, work: Path, paths: list[Path], se
             if fast_queue is not None:
                 say(f"{kind}: (b) {_rate(rounds['b'][-1])}; (f) queue end to end, fast profile")
                 rounds["f"].append(fast_queue.measure(paths, tokenizer))
-            say(f"{kind}: ({'f' if fast_queue else 'b'}) done; (c) naive Celery, float32, batch 1")
+            say(
+                f"{kind}: ({'f' if fast_queue else 'b'}) {_rate(rounds['f' if fast_queue else 'b'][-1])}; (c) naive "
+                "Celery, float32, batch 1"
+            )
             rounds["c"].append(naive.measure(model_dir, paths, max_length=cfg.max_length, tokenizer=tokenizer))
             say(f"{kind}: (c) {_rate(rounds['c'][-1])}")
         say(f"{kind}: single-image latency, {cfg.latency_calls} calls one at a time")
