@@ -66,7 +66,7 @@ def sweep(model_dir: Path, profile: str, sizes: list[int], max_length: int, cach
     engine = CaptionEngine.load(EngineConfig(model=str(model_dir), device="cuda", dtype="bfloat16", profile=profile,
                                              compile_cache_dir=str(cache)))  # fmt: skip
     params = GenParams(max_length=max_length)
-    warm_s = engine.warm_up(max(sizes), params)
+    warm_s = engine.warm_up(max(sizes), params, sizes)
     decoder = engine._fast
     rows = []
     for size in sizes:

@@ -37,7 +37,7 @@ class EnginePath:
     """(a) CaptionEngine over batches of the files, with decode, prepare and generate timed apart."""
 
     def __init__(self, model_dir: Path, *, dtype: str, max_length: int, settings: Settings, key: str = "a",
-                 profile: str = "exact", pieces: str = "", max_batch: int = 32) -> None:  # fmt: skip
+                 profile: str = "exact", pieces: str = "", sizes: tuple[int, ...] = (32,)) -> None:  # fmt: skip
         from dataclasses import replace
 
         from worker.engine import CaptionEngine, EngineConfig
@@ -49,7 +49,7 @@ class EnginePath:
         self.engine = CaptionEngine.load(cfg)
         self.params = GenParams(max_length=max_length)
         # Compiled pieces are built here, as a worker builds them at start: never inside a timed run.
-        self.warm_up_s = self.engine.warm_up(max_batch, self.params)
+        self.warm_up_s = self.engine.warm_up(max(sizes), self.params, list(sizes))  # every size of the sweep
         draft = self.engine.input_edge if "draft" in self.engine.pieces else 0
         self.policy = replace(ImagePolicy.from_settings(settings), draft_edge=draft)
         self.tokens: list[int] = []

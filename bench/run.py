@@ -138,7 +138,7 @@ def measure_model(kind: str, cfg: BenchConfig, work: Path, paths: list[Path], se
     if cfg.fast:
         say(f"{kind}: (e) loading the engine with the fast profile {cfg.fast_pieces} (compiling is not timed)")
         fast = EnginePath(model_dir, dtype=dtype, max_length=cfg.max_length, settings=settings, key="e",
-                          profile="fast", pieces=cfg.fast_pieces, max_batch=max(sizes))  # fmt: skip
+                          profile="fast", pieces=cfg.fast_pieces, sizes=tuple(sizes))  # fmt: skip
     pipe = PipelinePath(model_dir, dtype=best_dtype, max_length=cfg.max_length, device=str(device))
     keys = "abcdef" if fast else "abcd"
     rounds: dict[str, list[PathResult]] = {key: [] for key in keys}

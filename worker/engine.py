@@ -357,18 +357,21 @@ class CaptionEngine:
         except Exception as exc:  # no compiler backend on this platform, an unsupported torch build
             self.pieces.drop("compile", f"torch.compile is unavailable: {type(exc).__name__}: {exc}")
 
-    def warm_up(self, max_batch: int, params: GenParams) -> float:
+    def warm_up(self, max_batch: int, params: GenParams, sizes: list[int] | None = None) -> float:
         """Compile and capture now what would otherwise be built on first use (the compiled prefill, CUDA graphs),
         on blank images at the batch sizes that need it; the seconds taken (0 when no such piece is on).
 
         Run at worker start, so no request pays for it; a piece that fails here falls back to exact, with a log line.
+        ``sizes`` adds batch sizes to compile (a benchmark's sweep); a worker's batches fill to ``max_batch``.
         """
-        sizes = self.warm_up_sizes(max_batch)
-        if not sizes:
+        if self._fast is None or not (self._fast.compiled or self._fast.static):
             return 0.0
+        sizes = sorted(set(sizes or []) | set(self.warm_up_sizes(max_batch)), reverse=True)
         started = time.perf_counter()
         edge = self.model.config.vision_config.image_size
         for rows in sizes:
+            if self._fast.compiled is not None:
+                self._fast.compiled_sizes.add(rows)
             self.generate_detailed(torch.zeros((rows, 3, edge, edge), dtype=torch.float32), params)
         took = time.perf_counter() - started
         log.info("warm-up: profile %s, batch sizes %s, max_length %d: %.1fs", self.profile, sizes, params.max_length,
@@ -376,13 +379,14 @@ class CaptionEngine:
         return took
 
     def warm_up_sizes(self, max_batch: int) -> list[int]:
-        """Batch sizes whose first run compiles or captures something: the compiled prefill specialises batch 1 and
-        compiles one graph for every other size; CUDA graphs are captured per power-of-two row bucket."""
+        """Batch sizes whose first run compiles or captures something: the compiled prefill runs at the largest batch
+        (what bulk work fills) and at 1 (a lone request), other sizes run eager; CUDA graphs are captured per
+        power-of-two row bucket."""
         if self._fast is None:
             return []
         sizes: set[int] = set()
         if self._fast.compiled is not None:
-            sizes |= {1, max(2, max_batch)} if max_batch > 1 else {1}
+            sizes |= {1, max_batch}
         if self._fast.static is not None:
             sizes |= {fastgen.bucket(1) << i for i in range(fastgen.bucket(max_batch).bit_length())}
         return sorted(sizes, reverse=True)

@@ -18,9 +18,10 @@ The algorithm, and where it saves work over transformers' eager ``generate``:
 
 Speed pieces (worker/profiles.py), each off by default and each giving up exactness for speed:
 - ``fused_attention``: PyTorch's ``scaled_dot_product_attention`` instead of HF's eager arithmetic in the decoder.
-- ``compile_prefill``: the image encoder and the prefill run as one ``torch.compile``d function (dynamic batch size)
-  for requests without a prompt; if compiling or a compiled call fails, the eager path takes over for good and
-  ``on_fallback`` is told why.
+- ``compile_prefill``: the image encoder and the prefill run as one ``torch.compile``d function for requests
+  without a prompt, at the batch sizes in ``compiled_sizes`` (the engine's warm-up compiles them at start; other
+  sizes run eagerly rather than stall a worker for a compile); if compiling or a compiled call fails, the eager
+  path takes over for good and ``on_fallback`` is told why.
 - ``cuda_graphs``: the decode step at fixed shapes (rows padded to a power-of-two bucket, the cache sized for the
   whole caption, attention masked past the current position), captured once per shape as a CUDA graph and replayed.
   Without CUDA the same static step runs eagerly (tests compare its ids with HF's on a CPU).
@@ -161,6 +162,8 @@ class GitGreedyDecoder:
         self.fused_attention = fused_attention
         #: The compiled encoder + prefill (``compile_prefill``), None when it is off or fell back.
         self.compiled: Callable[..., Any] | None = None
+        #: Batch sizes the compiled function runs at (compiled on their first run, which warm-up makes).
+        self.compiled_sizes: set[int] = set()
         #: Fixed-shape decode steps (CUDA graphs on CUDA), None for the dynamic loop.
         self.static: _StaticSteps | None = _StaticSteps(self) if static_steps else None
         self.on_fallback = on_fallback or (lambda piece, why: None)
@@ -168,8 +171,12 @@ class GitGreedyDecoder:
         self.timing = False
 
     def compile_prefill(self, **options: Any) -> None:
-        """Compile the image encoder and the prefill as one function (batch size dynamic); eager stays the fallback."""
-        self.compiled = torch.compile(self._encode_prefill, dynamic=True, **options)
+        """Compile the image encoder and the prefill as one function; eager stays the fallback.
+
+        One graph per batch size, not a dynamic one: on CPU with frozen weights in bf16, inductor specialised every
+        size anyway (measured), and a size met for the first time while serving would stall the worker for a compile.
+        """
+        self.compiled = torch.compile(self._encode_prefill, dynamic=False, **options)
 
     def request_reason(self, input_len: int, max_length: int) -> str | None:
         """Why a request must go to HF (mostly ones HF refuses with its own error), else None."""
@@ -214,7 +221,7 @@ class GitGreedyDecoder:
         """Encoder and prefill: the last position's hidden state, and a cache of ``capacity`` slots with the prefix."""
         # Prompted requests run eagerly: compiled for [BOS] alone, a prompt's length would recompile (minutes on a
         # CPU) in the middle of serving.
-        if self.compiled is not None and input_ids.shape[1] == 1:
+        if self.compiled is not None and input_ids.shape[1] == 1 and pixel_values.shape[0] in self.compiled_sizes:
             clock = self._clock()
             try:
                 hidden, prefix = self.compiled(pixel_values, input_ids)
