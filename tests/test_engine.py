@@ -288,7 +288,6 @@ def test_compile_piece_is_built_at_warm_up_into_its_cache_dir(
 ) -> None:
     cache = tmp_path / "compiled"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "elsewhere"))  # restored after the test
-    # With sdpa: torch 2.13's inductor fails on the eager attention once the batch size is dynamic.
     engine = CaptionEngine.load(EngineConfig(model=str(tiny_model), dtype="float32", pieces="+sdpa,+compile",
                                              compile_cache_dir=str(cache)))  # fmt: skip
     assert engine.warm_up_sizes(8) == [8, 1]  # batch 1 is compiled apart from every other size
