@@ -236,6 +236,9 @@ def test_profile_and_pieces_reach_the_engine_config() -> None:
     assert (cfg.profile, cfg.pieces, cfg.compile_cache_dir) == ("fast", "-compile,+int8", "/tmp/cc")
     assert cfg.requested_pieces("cpu") == ("sdpa", "int8", "draft")
     assert cfg.requested_pieces("cuda") == ("sdpa", "int8", "cudagraphs", "draft")
+    fast = EngineConfig(model="m", profile="fast")
+    assert fast.requested_pieces("cpu") == ("sdpa", "draft")
+    assert fast.requested_pieces("cuda") == ("sdpa", "compile", "cudagraphs", "draft")
     # The older switches turn their piece on; the exact default turns nothing on.
     older = EngineConfig.from_settings(Settings(encoder_attention="sdpa", jpeg_draft=True))
     assert older.requested_pieces("cpu") == ("sdpa", "draft")

@@ -81,8 +81,8 @@ def test_plain_celery_worker_with_an_unknown_piece_refuses_to_start(worker_env: 
 def test_pieces_in_use_reach_rows_info_doctor_and_metrics(
     worker_env: dict[str, str], session_root: Path, tmp_path: Path
 ) -> None:
-    """fast on a CPU, compile switched off (it takes minutes to build) and cudagraphs on: cudagraphs cannot run
-    without CUDA, so it falls back with its reason and the rows say what really ran: sdpa and draft."""
+    """fast on a CPU (sdpa and draft), compile switched off (as on a CPU's fast already) and cudagraphs on:
+    cudagraphs cannot run without CUDA, so it falls back with its reason and the rows say what really ran."""
     from training.synthetic import make_shapes
 
     refs = [str(p) for p, _ in make_shapes(session_root / f"prof-{uuid.uuid4().hex[:6]}", 4, seed=8, size=96,
