@@ -36,14 +36,22 @@ def quiet_transformers() -> None:
 class EnginePath:
     """(a) CaptionEngine over batches of the files, with decode, prepare and generate timed apart."""
 
-    def __init__(self, model_dir: Path, *, dtype: str, max_length: int, settings: Settings) -> None:
+    def __init__(self, model_dir: Path, *, dtype: str, max_length: int, settings: Settings, key: str = "a",
+                 profile: str = "exact", pieces: str = "", sizes: tuple[int, ...] = (32,)) -> None:  # fmt: skip
+        from dataclasses import replace
+
         from worker.engine import CaptionEngine, EngineConfig
 
-        # The worker's own settings (device, decoder, ...) with this model and dtype: (b) runs the same.
-        cfg = EngineConfig.from_settings(settings.model_copy(update={"model": str(model_dir), "dtype": dtype}))
+        # The worker's own settings (device, decoder, ...) with this model, dtype and profile: (b) and (f) run the same.
+        update = {"model": str(model_dir), "dtype": dtype, "profile": profile, "pieces": pieces}
+        cfg = EngineConfig.from_settings(settings.model_copy(update=update))
+        self.key = key
         self.engine = CaptionEngine.load(cfg)
-        self.policy = ImagePolicy.from_settings(settings)
         self.params = GenParams(max_length=max_length)
+        # Compiled pieces are built here, as a worker builds them at start: never inside a timed run.
+        self.warm_up_s = self.engine.warm_up(max(sizes), self.params, list(sizes))  # every size of the sweep
+        draft = self.engine.input_edge if "draft" in self.engine.pieces else 0
+        self.policy = replace(ImagePolicy.from_settings(settings), draft_edge=draft)
         self.tokens: list[int] = []
         # The engine's hook that returns ids, whichever decoder (its own fast one or HF generate) runs.
         count_tokens(self.engine, "_generate_ids", self.engine.processor.tokenizer.pad_token_id, self.tokens)
@@ -75,7 +83,7 @@ class EnginePath:
         best = min(runs, key=lambda b: runs[b][0])
         seconds, stages, captions, cpu_s, tokens = runs[best]
         return PathResult(
-            key="a",
+            key=self.key,
             images=len(paths),
             seconds=seconds,
             batch_size=best,
@@ -86,6 +94,9 @@ class EnginePath:
             extra={
                 "device": str(self.engine.device),
                 "decoder": "hf" if getattr(self.engine, "_fast", None) is None else "fast (worker/fastgen.py)",
+                "profile": self.engine.profile,
+                "fallbacks": dict(self.engine.pieces.fallbacks),
+                "warm_up_s": round(self.warm_up_s, 1),
                 "cpu_ms_per_image": round(cpu_s * 1000 / len(paths), 1),
                 "generated_tokens": round(sum(tokens) / len(tokens), 2),
             },

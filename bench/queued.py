@@ -87,7 +87,9 @@ class QueueRun:
     """(b) A real caption worker with the model loaded, and a JobClient; ``measure`` times one job end to end."""
 
     def __init__(self, redis: LocalRedis, model_dir: Path, image_dir: Path, *, dtype: str, batch_size: int,
-                 max_length: int, log: Path, extra_env: dict[str, str] | None = None) -> None:  # fmt: skip
+                 max_length: int, log: Path, extra_env: dict[str, str] | None = None,
+                 key: str = "b") -> None:  # fmt: skip
+        self.key = key
         self.tag = uuid.uuid4().hex[:8]
         self.queue = f"bench-{self.tag}"
         self.dtype, self.batch_size, self.max_length = dtype, batch_size, max_length
@@ -139,7 +141,7 @@ class QueueRun:
         chunks = _chunk_lines(self.worker.log_path, job_id)
         n = len(paths)
         return PathResult(
-            key="b",
+            key=self.key,
             images=n,
             seconds=seconds,
             batch_size=self.batch_size,
@@ -156,6 +158,9 @@ class QueueRun:
                 "chunk_size": self.settings.chunk_size,
                 "worker_concurrency": self.settings.concurrency,
                 "worker_env": self.extra_env,
+                "profile": after.get("profile"),
+                "fallbacks": after.get("fallbacks"),
+                "warm_up_s": after.get("warm_up_s"),
                 "worker_log": str(self.worker.log_path),
             },
             captions=captions,

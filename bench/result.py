@@ -12,6 +12,8 @@ PATHS = {
     "b": "queue end to end (LocalRedis + worker + JobClient)",
     "c": "naive Celery (task per image, fp32, batch 1)",
     "d": "HF pipeline in-process (best batch and dtype)",
+    "e": "engine in-process, fast profile (best batch)",
+    "f": "queue end to end, fast profile",
 }
 
 

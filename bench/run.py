@@ -1,7 +1,9 @@
 """``python -m bench.run``: every caption path on the same images and model, in one run, as a table of ratios.
 
 (a) the engine in-process, (b) the queue end to end through a real worker, (c) a naive task-per-image Celery
-app, (d) the Hugging Face pipeline; then the producer's enqueue rate and Redis bytes per pending item.
+app, (d) the Hugging Face pipeline, (e) and (f): (a) and (b) with the fast speed profile; then what each profile
+and piece costs in held-out WER of the fine-tuned demo model, and the producer's enqueue rate and Redis bytes
+per pending item.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from bench.corpus import MODELS, build_model, make_images
 from bench.report import agreement, latency_check, producer_checks, ratios, write_outputs
 from bench.result import PathResult, best_of
 
-#: Model load and warm-up of a git-base worker on a busy 2-core machine take well under this.
-READY_TIMEOUT_S = 600
+#: Model load and warm-up (torch.compile of git-base's encoder included) on a busy 2-core machine fit in this.
+READY_TIMEOUT_S = 1800
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,12 @@ class BenchConfig:
     worker_env: tuple[tuple[str, str], ...] = ()
     #: Single-image calls sent one after another to measure a service's latency at light load.
     latency_calls: int = 20
+    #: Measure the fast profile too: (e) in process and (f) end to end.
+    fast: bool = True
+    #: Pieces switched on or off on top of fast for (e), (f) and the quality run (CAPTIONER_PIECES syntax).
+    fast_pieces: str = ""
+    #: Held-out images scored per variant on the fine-tuned demo model (0: no quality run).
+    quality_images: int = 600
 
 
 def parse_args(argv: list[str]) -> BenchConfig:
@@ -61,6 +69,13 @@ def parse_args(argv: list[str]) -> BenchConfig:
         default=[],
         metavar="CAPTIONER_NAME=VALUE",
         help="extra setting for the (b) worker, e.g. CAPTIONER_MAX_WAIT_MS=200 (repeatable)",
+    )
+    p.add_argument("--no-fast", action="store_true", help="skip the fast profile's paths (e) and (f)")
+    p.add_argument("--fast-pieces", help="pieces on/off on top of fast, e.g. -compile (default none; smoke -compile)")
+    p.add_argument(
+        "--quality-images",
+        type=int,
+        help="held-out images per variant for the WER of the demo model (default 600; smoke 0: skipped)",
     )
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="where JSON, markdown and chart go")
     p.add_argument("--workdir", type=Path, help="keep images and models here and reuse them (default: a temp dir)")
@@ -92,6 +107,10 @@ def parse_args(argv: list[str]) -> BenchConfig:
         workdir=a.workdir,
         smoke=a.smoke,
         latency_calls=5 if a.smoke else 20,
+        fast=not a.no_fast,
+        # Compiling takes minutes on a small CPU: the smoke run checks the fast paths without it.
+        fast_pieces=a.fast_pieces if a.fast_pieces is not None else ("-compile" if a.smoke else ""),
+        quality_images=a.quality_images if a.quality_images is not None else (0 if a.smoke else 600),
     )
 
 
@@ -115,28 +134,46 @@ def measure_model(kind: str, cfg: BenchConfig, work: Path, paths: list[Path], se
     best_dtype = str(resolve_dtype("auto", device)).removeprefix("torch.")
     sizes = list(cfg.batch_sizes)
     engine = EnginePath(model_dir, dtype=dtype, max_length=cfg.max_length, settings=settings)
+    fast = None
+    if cfg.fast:
+        say(f"{kind}: (e) loading the engine with the fast profile {cfg.fast_pieces} (compiling is not timed)")
+        fast = EnginePath(model_dir, dtype=dtype, max_length=cfg.max_length, settings=settings, key="e",
+                          profile="fast", pieces=cfg.fast_pieces, sizes=tuple(sizes))  # fmt: skip
     pipe = PipelinePath(model_dir, dtype=best_dtype, max_length=cfg.max_length, device=str(device))
-    rounds: dict[str, list[PathResult]] = {key: [] for key in "abcd"}
+    keys = "abcdef" if fast else "abcd"
+    rounds: dict[str, list[PathResult]] = {key: [] for key in keys}
     with ExitStack() as stack:
         workers = None
         for n in range(1, cfg.rounds + 1):
             say(f"{kind} round {n}/{cfg.rounds}: (a) engine in-process, {dtype}, batch sizes {sizes}")
             rounds["a"].append(engine.measure(paths, sizes))
-            say(f"{kind}: (a) {_rate(rounds['a'][-1])}; (d) HF pipeline, {best_dtype}, batch sizes {sizes}")
+            if fast:
+                say(f"{kind}: (a) {_rate(rounds['a'][-1])}; (e) engine in-process, {fast.engine.profile}")
+                rounds["e"].append(fast.measure(paths, sizes))
+            say(
+                f"{kind}: ({'e' if fast else 'a'}) {_rate(rounds['e' if fast else 'a'][-1])}; (d) HF pipeline, "
+                f"{best_dtype}, batch sizes {sizes}"
+            )
             rounds["d"].append(pipe.measure(paths, sizes))
             say(f"{kind}: (d) {_rate(rounds['d'][-1])}")
             if workers is None:
                 # The worker batches at (a)'s best size of the first round; workers idle while (a), (d) run.
                 workers = _start_workers(stack, kind, cfg, work, model_dir, paths, dtype, rounds["a"][0].batch_size)
-            queue, naive = workers
+            queue, naive, fast_queue = workers
             say(f"{kind}: (b) queue end to end, {dtype}, max batch {queue.batch_size}")
             rounds["b"].append(queue.measure(paths, tokenizer))
-            say(f"{kind}: (b) {_rate(rounds['b'][-1])}; (c) naive Celery, float32, batch 1")
+            if fast_queue is not None:
+                say(f"{kind}: (b) {_rate(rounds['b'][-1])}; (f) queue end to end, fast profile")
+                rounds["f"].append(fast_queue.measure(paths, tokenizer))
+            say(
+                f"{kind}: ({'f' if fast_queue else 'b'}) {_rate(rounds['f' if fast_queue else 'b'][-1])}; (c) naive "
+                "Celery, float32, batch 1"
+            )
             rounds["c"].append(naive.measure(model_dir, paths, max_length=cfg.max_length, tokenizer=tokenizer))
             say(f"{kind}: (c) {_rate(rounds['c'][-1])}")
         say(f"{kind}: single-image latency, {cfg.latency_calls} calls one at a time")
         latency = queue.latency(paths, cfg.latency_calls)
-    best = {key: best_of(rounds[key]) for key in "abcd"}
+    best = {key: best_of(rounds[key]) for key in keys}
     best["b"].extra["latency"] = latency
     return best
 
@@ -160,11 +197,22 @@ def _start_workers(
     naive = NaiveWorker(redis, log=work / f"naive-worker-{kind}.log")
     stack.callback(naive.terminate)
     stack.callback(queue.stop)
+    fast = None
+    if cfg.fast:
+        env = {"CAPTIONER_PROFILE": "fast", "CAPTIONER_PIECES": cfg.fast_pieces,
+               "CAPTIONER_COMPILE_CACHE_DIR": str(work / "compile-cache"), **dict(cfg.worker_env)}  # fmt: skip
+        fast = QueueRun(redis, model_dir, paths[0].parent, dtype=dtype, batch_size=batch_size,
+                        max_length=cfg.max_length, log=work / f"worker-{kind}-fast.log", extra_env=env,
+                        key="f")  # fmt: skip
+        stack.callback(fast.stop)
     queue.start()
     naive.start()
     queue.ready(READY_TIMEOUT_S, warm_up=paths[:2])
     naive.wait_ready(READY_TIMEOUT_S)
-    return queue, naive
+    if fast is not None:  # started once the others are loaded: its compile has the cores to itself
+        fast.start()
+        fast.ready(READY_TIMEOUT_S, warm_up=paths[:2])
+    return queue, naive, fast
 
 
 def _code_version() -> str | None:
@@ -197,6 +245,7 @@ def _meta(argv: list[str], origin: str, cfg: BenchConfig) -> dict[str, Any]:
         "max_length": cfg.max_length,
         "rounds": cfg.rounds,
         "worker_env": dict(cfg.worker_env),
+        "fast_pieces": cfg.fast_pieces,
         "smoke": cfg.smoke,
     }
 
@@ -211,7 +260,8 @@ def run(cfg: BenchConfig, argv: list[str]) -> dict[str, Any]:
         work = work.resolve()
         say(f"writing {cfg.images} JPEGs (64..1024 px) to {work / 'images'}")
         paths, origin = make_images(work / "images", cfg.images)
-        settings = Settings(allowed_roots=[str(work / "images")], max_length=cfg.max_length)
+        settings = Settings(allowed_roots=[str(work / "images")], max_length=cfg.max_length,
+                            compile_cache_dir=work / "compile-cache")  # fmt: skip
         data: dict[str, Any] = {"meta": _meta(argv, origin, cfg), "models": {}}
         results: dict[str, dict[str, PathResult]] = {}
         for kind in cfg.models:
@@ -224,6 +274,16 @@ def run(cfg: BenchConfig, argv: list[str]) -> dict[str, Any]:
                 "latency": latency_check(results[kind]["b"].extra["latency"]),
                 "captions": agreement(results[kind]),
             }
+        if cfg.quality_images:
+            from bench.quality import measure_quality
+            from worker.engine import resolve_device, resolve_dtype
+            from worker.profiles import PIECES
+
+            device = resolve_device(settings.device)
+            dtype = str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")
+            usable = tuple(p for p in PIECES if p != "cudagraphs" or device.type == "cuda")
+            data["quality"] = measure_quality(work / "quality", images=cfg.quality_images, dtype=dtype,
+                                              pieces=usable, fast_pieces=cfg.fast_pieces, say=say)  # fmt: skip
         say(f"producer: enqueue {cfg.producer_items:,} files from a directory, then as many URLs from a list")
         producer = measure_producer(work / "producer", cfg.producer_items, max_length=cfg.max_length)
         producer["checks"] = producer_checks(producer)

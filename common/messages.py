@@ -394,7 +394,7 @@ class ItemResult(BaseModel):
     flags: list[str] | None = None
     #: Set on errors that may pass on a later attempt (timeouts, 5xx, out of memory).
     transient: bool | None = None
-    #: The speed profile pieces the caption was made with ("exact", or "fast:" and the pieces in use).
+    #: Speed profile the caption was made with: "exact", or "fast:<pieces in use>" (e.g. "fast:sdpa,compile").
     profile: str | None = None
     #: The caption was reused from an earlier item with the same image bytes, model version and parameters.
     reused: bool | None = None

@@ -112,6 +112,17 @@ class Settings(BaseSettings):
     # output); sdpa is PyTorch's fused kernel, the same math rounded differently in bf16/fp16: faster (about
     # 20% of the encoder on a CPU), and a caption can differ where two tokens nearly tie (bench/ reports how often).
     encoder_attention: Literal["eager", "sdpa"] = "eager"
+    # Speed profile: exact (captions equal transformers' greedy output in the same dtype) or fast (per device,
+    # the pieces that measured faster at a small, measured cost in held-out WER; bench/README.md).
+    profile: Literal["exact", "fast"] = "exact"
+    # Speed pieces switched on (name or +name) or off (-name) on top of the profile, comma separated:
+    # sdpa, compile, int8, cudagraphs, draft (worker/profiles.py); checked when a worker starts.
+    pieces: str = ""
+    # Directory where torch.compile keeps compiled code, so a restarted worker reuses it (empty: torch's own,
+    # under /tmp). Only used with the compile piece.
+    compile_cache_dir: Path | None = None
+    # Share of the GPU's memory this worker's allocator may take (1: all); below 1 when workers share a GPU.
+    cuda_memory_fraction: float = Field(1.0, gt=0, le=1)
 
     # CPU threads torch may use for one worker (0: torch's default, one per core). Lower it when several
     # workers or other busy processes share the cores: oversubscribed threads spin and crawl.

@@ -898,22 +898,33 @@ def _default_export_name(job_id: str, fmt: str) -> str:
               help="Longest wait for a batch to fill.")  # fmt: skip
 @click.option("--concurrency", type=click.IntRange(1, 256), envvar="CAPTIONER_CONCURRENCY",
               help="Messages in flight (threads).")  # fmt: skip
+@click.option(
+    "--profile",
+    envvar="CAPTIONER_PROFILE",
+    type=click.Choice(["exact", "fast"]),
+    help="Speed profile: exact (transformers' greedy output) or fast (measured cost: bench/README.md).",
+)
+@click.option("--pieces", envvar="CAPTIONER_PIECES", metavar="[+|-]PIECE,...",
+              help="Speed pieces on (+name) or off (-name) on top of the profile: sdpa, compile, int8, cudagraphs, "
+                   "draft.")  # fmt: skip
 @click.option("--hostname", help="Worker node name (default caption@<host> / train@<host>).")
 @click.option("--loglevel", envvar="CAPTIONER_LOG_LEVEL", help="DEBUG, INFO, WARNING... (default INFO).")
 @click.pass_context
 def worker(ctx: click.Context, training: bool, model: str | None, revision: str | None, device: str | None,
            dtype: str | None, max_batch_size: int | None, max_wait_ms: int | None, concurrency: int | None,
-           hostname: str | None, loglevel: str | None) -> None:  # fmt: skip
+           profile: str | None, pieces: str | None, hostname: str | None, loglevel: str | None) -> None:  # fmt: skip
     """Start a worker: one model per process, threads sharing its batches (CUDA-safe), events on.
 
     Options override the CAPTIONER_* settings of the same name; extra arguments go to `celery worker` unchanged.
     """
     from common.settings import use_settings
+    from worker.profiles import parse_adjustments
 
     given = {"model": model, "model_revision": revision, "device": device, "dtype": dtype,
              "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, "concurrency": concurrency,
-             "log_level": loglevel}  # fmt: skip
+             "profile": profile, "pieces": pieces, "log_level": loglevel}  # fmt: skip
     settings = _settings(ctx).model_copy(update={k: v for k, v in given.items() if v is not None})
+    parse_adjustments(settings.pieces)  # an unknown piece is one line here, before Celery starts
     use_settings(settings)  # before the Celery app is built: it reads concurrency and queues from them
     if training:
         from training.jobs import check_training_worker

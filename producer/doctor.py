@@ -209,8 +209,15 @@ def _workers(settings: Settings, app: Any, training_waiting: int) -> list[Check]
     if not caption:
         out.append(Check("caption workers", FAIL, "no caption worker answered (captioner worker starts one)"))
     else:
-        versions = ", ".join(f"{h}: {i.get('model_version') or 'loading'}" for h, i in caption.items())
+        versions = ", ".join(
+            f"{h}: {i.get('model_version') or 'loading'}" + (f" ({i['profile']})" if i.get("profile") else "")
+            for h, i in caption.items()
+        )
         out.append(Check("caption workers", OK, f"{len(caption)} online; {versions}"))
+        fallbacks = [f"{h}: {piece} off ({why})" for h, i in caption.items()
+                     for piece, why in (i.get("fallbacks") or {}).items()]  # fmt: skip
+        if fallbacks:  # asked for, but the device or model could not use them: those parts run exact
+            out.append(Check("speed pieces", WARN, "; ".join(fallbacks)))
     if training:
         out.append(Check("training workers", OK, f"{len(training)} online: {', '.join(training)}"))
     elif training_waiting:

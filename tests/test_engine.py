@@ -231,6 +231,76 @@ def test_encoder_attention_setting_reaches_the_engine_and_is_checked(tiny_model:
     assert loaded.model.config.vision_config._attn_implementation == "sdpa" and loaded.dtype == torch.float32
 
 
+def test_profile_and_pieces_reach_the_engine_config() -> None:
+    cfg = EngineConfig.from_settings(Settings(profile="fast", pieces="-compile,+int8", compile_cache_dir="/tmp/cc"))
+    assert (cfg.profile, cfg.pieces, cfg.compile_cache_dir) == ("fast", "-compile,+int8", "/tmp/cc")
+    assert cfg.requested_pieces("cpu") == ("sdpa", "int8", "draft")
+    assert cfg.requested_pieces("cuda") == ("sdpa", "int8", "cudagraphs", "draft")
+    fast = EngineConfig(model="m", profile="fast")
+    assert fast.requested_pieces("cpu") == ("sdpa", "draft")
+    assert fast.requested_pieces("cuda") == ("sdpa", "compile", "cudagraphs", "draft")
+    # The older switches turn their piece on; the exact default turns nothing on.
+    older = EngineConfig.from_settings(Settings(encoder_attention="sdpa", jpeg_draft=True))
+    assert older.requested_pieces("cpu") == ("sdpa", "draft")
+    assert EngineConfig(model="m").requested_pieces("cpu") == () == EngineConfig(model="m").requested_pieces("cuda")
+
+
+def test_unknown_profile_or_piece_is_refused_before_the_model_is_read(tmp_path: Path) -> None:
+    import pydantic
+
+    with pytest.raises(pydantic.ValidationError, match="profile"):
+        Settings(profile="turbo")
+    nowhere = str(tmp_path / "no-such-model")  # reading it would be a ModelLoadError
+    with pytest.raises(ConfigError, match=r"unknown speed piece 'turbo'.*sdpa, compile, int8, cudagraphs, draft"):
+        CaptionEngine.load(EngineConfig(model=nowhere, pieces="+turbo"))
+    with pytest.raises(ConfigError, match="unknown speed profile 'turbo': use exact or fast"):
+        CaptionEngine.load(EngineConfig(model=nowhere, profile="turbo"))
+
+
+def test_exact_engine_runs_no_piece(engine: CaptionEngine) -> None:
+    assert engine.profile == "exact" and engine.pieces.in_use == () and not engine.pieces.fallbacks
+    assert engine.warm_up(16, SHORT) == 0.0 and engine.warm_up_sizes(16) == []  # nothing to compile or capture
+
+
+def test_a_piece_the_device_cannot_use_falls_back_with_its_reason(
+    tiny_model: Path, shape_images: list[Image.Image], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("WARNING", logger="worker.profiles")
+    engine = CaptionEngine.load(EngineConfig(model=str(tiny_model), dtype="float32", pieces="cudagraphs,sdpa"))
+    assert engine.pieces.in_use == ("sdpa",) and engine.profile == "fast:sdpa"
+    assert engine.pieces.fallbacks == {"cudagraphs": "CUDA graphs need a CUDA device; this model runs on cpu"}
+    assert "speed piece cudagraphs is off: CUDA graphs need a CUDA device" in caplog.text
+    assert engine.model.config.vision_config._attn_implementation == "sdpa"
+    assert engine._fast is not None and engine._fast.fused_attention and engine._fast.static is None
+    assert len(engine.caption(shape_images, SHORT)) == len(shape_images)
+
+
+def test_int8_quantises_every_linear_layer_on_cpu(tiny_model: Path, shape_images: list[Image.Image]) -> None:
+    engine = CaptionEngine.load(EngineConfig(model=str(tiny_model), dtype="bfloat16", pieces="+int8"))
+    assert engine.profile == "fast:int8" and engine.dtype == torch.float32  # int8 linears take float32 activations
+    linears = [m for m in engine.model.modules() if isinstance(m, torch.nn.Linear)]
+    quantised = [m for m in engine.model.modules() if type(m).__module__.startswith("torch.ao.nn.quantized.dynamic")]
+    assert not linears and len(quantised) >= 10  # every linear layer (each attention, MLP, projection, output)
+    captions = engine.caption(shape_images, SHORT)
+    assert len(captions) == len(shape_images) and all(isinstance(c, str) for c in captions)
+
+
+@pytest.mark.slow  # inductor writes and compiles C++ for the encoder and prefill: minutes on 2 busy cores
+def test_compile_piece_is_built_at_warm_up_into_its_cache_dir(
+    tiny_model: Path, shape_images: list[Image.Image], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "compiled"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "elsewhere"))  # restored after the test
+    engine = CaptionEngine.load(EngineConfig(model=str(tiny_model), dtype="float32", pieces="+sdpa,+compile",
+                                             compile_cache_dir=str(cache)))  # fmt: skip
+    assert engine.warm_up_sizes(8) == [8, 1]  # batch 1 is compiled apart from every other size
+    assert engine.warm_up(8, SHORT) > 0 and engine.profile == "fast:sdpa,compile", engine.pieces.fallbacks
+    assert any(p.is_file() for p in cache.rglob("*")), "inductor kept nothing in CAPTIONER_COMPILE_CACHE_DIR"
+    exact = CaptionEngine.load(EngineConfig(model=str(tiny_model), dtype="float32"))
+    assert engine.caption(shape_images, SHORT) == exact.caption(shape_images, SHORT)  # fp32: rounding only
+    assert engine.profile == "fast:sdpa,compile"  # it ran compiled, without falling back
+
+
 # --- loading ---------------------------------------------------------------------------------------
 
 

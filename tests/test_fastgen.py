@@ -89,11 +89,11 @@ def hf_ids(model: Any, pixel_values: torch.Tensor, max_length: int, input_ids: t
 
 
 def assert_same_as_hf(
-    model: Any, pixel_values: torch.Tensor, max_length: int, input_ids: torch.Tensor | None = None
+    model: Any, pixel_values: torch.Tensor, max_length: int, input_ids: torch.Tensor | None = None, **options: Any
 ) -> GitGreedyDecoder:
-    """Fast ids == HF ids, token for token and in shape; the decoder is returned for its stats."""
+    """Fast ids == HF ids, token for token and in shape; the decoder (built with ``options``) is returned."""
     pixel_values = pixel_values.to(model.dtype)
-    decoder = GitGreedyDecoder(model)
+    decoder = GitGreedyDecoder(model, **options)
     expected = hf_ids(model, pixel_values, max_length, input_ids)
     got = decoder.generate(pixel_values, max_length, input_ids)
     assert got.dtype == expected.dtype == torch.long
@@ -284,3 +284,59 @@ def test_decoder_setting_reaches_the_engine_config() -> None:
     assert Settings().decoder == "auto"
     assert EngineConfig.from_settings(Settings(decoder="hf")).decoder == "hf"
     assert EngineConfig(model="m").decoder == "auto"
+
+
+# --- speed pieces: fused attention, the static (CUDA graph) step, compile's fallback ------------------
+
+
+@pytest.mark.parametrize("options", [{"fused_attention": True}, {"static_steps": True},
+                                     {"static_steps": True, "fused_attention": True}])  # fmt: skip
+def test_pieces_keep_hf_ids_in_fp32(tiny_model: Any, pixels: torch.Tensor, options: dict[str, bool]) -> None:
+    """In fp32 the fused kernel and the masked full-cache attention round like HF's eager arithmetic: same ids."""
+    decoder = assert_same_as_hf(tiny_model, pixels, 20, **options)
+    assert decoder.stats.static_steps == (18 if options.get("static_steps") else 0)  # every step after the first
+    assert_same_as_hf(tiny_model, pixels[:3], 12, torch.tensor([PROMPT_IDS] * 3), **options)
+
+
+def test_static_steps_pad_rows_to_a_bucket_and_shrink_it(tiny_model: Any, pixels: torch.Tensor) -> None:
+    """Seven rows run in a bucket of 8; as rows end, the running ones move to smaller buckets; ids stay HF's."""
+    model = with_eos_bias(tiny_model, 10.0)
+    decoder = assert_same_as_hf(model, pixels[:7], 30, static_steps=True)
+    assert decoder.static is not None
+    buckets = sorted({rows for rows, _, _ in decoder.static.shapes})
+    assert buckets[-1] == 8 and len(buckets) >= 2  # 7 rows padded to 8, then at least one smaller bucket
+    assert {capacity for _, capacity, _ in decoder.static.shapes} == {decoder.image_tokens + 29}
+    stats = decoder.stats
+    assert stats.compactions >= 1 and stats.rows_dropped >= 2 and stats.graph_replays == 0  # no CUDA here
+    with torch.inference_mode():  # what a diverged batch could leave behind in the reused caches
+        for shape in decoder.static.shapes.values():
+            for kv in shape.cache:
+                kv.fill_(float("nan"))
+    again = decoder.generate(pixels[:7], 30)  # shapes are reused, their old contents never leak into a new batch
+    assert again.tolist() == hf_ids(model, pixels[:7], 30).tolist()
+
+
+def test_bucket_is_the_next_power_of_two() -> None:
+    from worker.fastgen import MAX_BUCKET, bucket
+
+    assert [bucket(n) for n in (0, 1, 2, 3, 5, 8, 9, 500)] == [1, 1, 2, 4, 8, 8, 16, 512]
+    assert bucket(10**6) == MAX_BUCKET
+
+
+@pytest.mark.slow  # dynamo traces the whole encoder and prefill before the backend runs: a minute on 2 busy cores
+def test_a_compiled_prefill_that_cannot_be_built_falls_back_for_good(tiny_model: Any, pixels: torch.Tensor) -> None:
+    """A compiler backend that fails (here: the name of none) leaves the exact path running and says why, once."""
+    dropped: list[tuple[str, str]] = []
+    decoder = GitGreedyDecoder(tiny_model, on_fallback=lambda piece, why: dropped.append((piece, why)))
+    decoder.compiled = torch.compile(decoder._encode_prefill, backend=_failing_backend)
+    decoder.compiled_sizes.add(3)
+    expected = hf_ids(tiny_model, pixels[:3], 10).tolist()
+    assert decoder.generate(pixels[:3], 10).tolist() == expected
+    assert decoder.compiled is None and [p for p, _ in dropped] == ["compile"]
+    assert "RuntimeError: no C++ compiler on this host" in dropped[0][1]
+    assert decoder.generate(pixels[:3], 10).tolist() == expected and len(dropped) == 1
+
+
+def _failing_backend(graph: Any, example_inputs: Any) -> Any:
+    """A torch.compile backend as a host without a C++ compiler behaves: tracing works, building the code fails."""
+    raise RuntimeError("no C++ compiler on this host")

@@ -17,7 +17,7 @@ import torch
 from common.errors import CaptionerError, ConfigError, EngineError, ModelLoadError, UnsafeCheckpoint
 from common.messages import GenParams
 from common.store import META
-from worker import fastgen
+from worker import fastgen, profiles
 from worker.preprocess import ClipPreprocess
 
 if TYPE_CHECKING:
@@ -62,11 +62,28 @@ class EngineConfig:
     # "eager": transformers' attention in the image encoder (exact); "sdpa": PyTorch's fused kernel (faster; a
     # caption can differ on near-ties in half precision).
     encoder_attention: str = "eager"
+    # Speed profile, "exact" or "fast", and pieces switched on or off on top of it ("+sdpa,-int8"): see
+    # worker/profiles.py. encoder_attention="sdpa" and jpeg_draft=True switch their piece on as well.
+    profile: str = "exact"
+    pieces: str = ""
+    jpeg_draft: bool = False
+    # Where torch.compile keeps its artefacts so a restart reuses them; None: torch's default (under /tmp).
+    compile_cache_dir: str | None = None
+    # Share of the GPU's memory the allocator may take (below 1 when workers share a GPU).
+    cuda_memory_fraction: float = 1.0
 
     @classmethod
     def from_settings(cls, s: Settings) -> EngineConfig:
+        cache = str(s.compile_cache_dir) if s.compile_cache_dir else None
         return cls(model=s.model, revision=s.model_revision, device=s.device, dtype=s.dtype, decoder=s.decoder,
-                   encoder_attention=s.encoder_attention)  # fmt: skip
+                   encoder_attention=s.encoder_attention, profile=s.profile, pieces=s.pieces,
+                   jpeg_draft=s.jpeg_draft, compile_cache_dir=cache,
+                   cuda_memory_fraction=s.cuda_memory_fraction)  # fmt: skip
+
+    def requested_pieces(self, device_type: str) -> tuple[str, ...]:
+        """The speed pieces this config asks for on a device type; unknown names raise ``ConfigError``."""
+        extra = [name for name, on in (("sdpa", self.encoder_attention == "sdpa"), ("draft", self.jpeg_draft)) if on]
+        return profiles.requested(self.profile, self.pieces, device_type, extra=extra)
 
 
 # --- device and dtype ------------------------------------------------------------------------------
@@ -261,7 +278,16 @@ def _length(ids: list[int], eos: set[int]) -> tuple[int, bool]:
 class CaptionEngine:
     """A loaded GIT model and its processor. ``prepare`` runs on decode threads, ``generate`` on one model thread."""
 
-    def __init__(self, model: Any, processor: Any, *, name: str, version: str, decoder: str = "auto") -> None:
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        *,
+        name: str,
+        version: str,
+        decoder: str = "auto",
+        pieces: profiles.Pieces | None = None,
+    ) -> None:
         self.model = model
         self.processor = processor
         self.name = name
@@ -269,10 +295,17 @@ class CaptionEngine:
         self.device: torch.device = model.device
         self.dtype: torch.dtype = model.dtype
         self._max_positions: int = int(model.config.max_position_embeddings)
-        self._fast = _fast_decoder(model, decoder, name)
+        #: The speed pieces in use and the ones that fell back, with why (worker/profiles.py).
+        self.pieces = pieces or profiles.Pieces()
+        self._fast = _fast_decoder(model, decoder, name, self.pieces)
         # The processor's own numbers with less work per image, when it is the PIL CLIP processor GIT ships with.
         self._preprocess = ClipPreprocess.matching(processor.image_processor)
         self._eos = {int(t) for t in _as_list(model.generation_config.eos_token_id)}
+
+    @property
+    def profile(self) -> str:
+        """What runs, as every result row records it: ``exact``, or ``fast:<pieces in use>``."""
+        return self.pieces.provenance
 
     @classmethod
     def load(cls, cfg: EngineConfig) -> CaptionEngine:
@@ -280,7 +313,14 @@ class CaptionEngine:
         if cfg.encoder_attention not in ("eager", "sdpa"):  # before any download or read
             raise ConfigError(f"unknown encoder attention {cfg.encoder_attention!r}: use eager or sdpa")
         device = resolve_device(cfg.device)
+        pieces = profiles.Pieces.asked(cfg.requested_pieces(device.type))
+        if device.type == "cuda" and cfg.cuda_memory_fraction < 1:
+            torch.cuda.set_per_process_memory_fraction(cfg.cuda_memory_fraction, device)
         dtype = resolve_dtype(cfg.dtype, device)
+        if "int8" in pieces and device.type == "cpu" and dtype != torch.float32:
+            # Dynamically quantised linear layers take and give float32: the rest of the model runs in it too.
+            log.info("int8: the model runs in float32 around its int8 linear layers (asked for %s)", dtype)
+            dtype = torch.float32
         started = time.perf_counter()
         local = _local_dir(cfg.model)
         try:
@@ -295,19 +335,68 @@ class CaptionEngine:
             model, processor = _load_pretrained(source, revision, dtype)
             # GIT refuses SDPA as a whole (its text attention mask), but its vision tower asks its own config which
             # attention to run, and transformers' SDPA path there takes no mask: the same computation, fused.
-            model.config.vision_config._attn_implementation = cfg.encoder_attention
+            model.config.vision_config._attn_implementation = "sdpa" if "sdpa" in pieces else "eager"
             model.to(device)
         except CaptionerError:
             raise
         except Exception as exc:
             raise _load_error(cfg.model, exc) from exc
-        engine = cls(model, processor, name=cfg.model, version=version, decoder=cfg.decoder)
+        if "int8" in pieces:
+            _quantize_int8(model, pieces)
+        engine = cls(model, processor, name=cfg.model, version=version, decoder=cfg.decoder, pieces=pieces)
+        if "compile" in pieces:
+            engine._compile(cfg.compile_cache_dir)
         log.info(
-            "model %s loaded: version=%s device=%s dtype=%s encoder_attention=%s in %.1fs",
-            cfg.model, version, device, str(dtype).removeprefix("torch."), cfg.encoder_attention,
+            "model %s loaded: version=%s device=%s dtype=%s profile=%s in %.1fs",
+            cfg.model, version, device, str(engine.dtype).removeprefix("torch."), engine.profile,
             time.perf_counter() - started,
         )  # fmt: skip
         return engine
+
+    def _compile(self, cache_dir: str | None) -> None:
+        """torch.compile the encoder and prefill (compiled on first use, or by ``warm_up``); off when it cannot be."""
+        if self._fast is None:
+            self.pieces.drop("compile", "it compiles the fast greedy decoder's prefill, which this model does not use")
+            return
+        try:
+            _configure_inductor(cache_dir, self.device)
+            self._fast.compile_prefill()
+        except Exception as exc:  # no compiler backend on this platform, an unsupported torch build
+            self.pieces.drop("compile", f"torch.compile is unavailable: {type(exc).__name__}: {exc}")
+
+    def warm_up(self, max_batch: int, params: GenParams, sizes: list[int] | None = None) -> float:
+        """Compile and capture now what would otherwise be built on first use (the compiled prefill, CUDA graphs),
+        on blank images at the batch sizes that need it; the seconds taken (0 when no such piece is on).
+
+        Run at worker start, so no request pays for it; a piece that fails here falls back to exact, with a log line.
+        ``sizes`` adds batch sizes to compile (a benchmark's sweep); a worker's batches fill to ``max_batch``.
+        """
+        if self._fast is None or not (self._fast.compiled or self._fast.static):
+            return 0.0
+        sizes = sorted(set(sizes or []) | set(self.warm_up_sizes(max_batch)), reverse=True)
+        started = time.perf_counter()
+        edge = self.model.config.vision_config.image_size
+        for rows in sizes:
+            if self._fast.compiled is not None:
+                self._fast.compiled_sizes.add(rows)
+            self.generate_detailed(torch.zeros((rows, 3, edge, edge), dtype=torch.float32), params)
+        took = time.perf_counter() - started
+        log.info("warm-up: profile %s, batch sizes %s, max_length %d: %.1fs", self.profile, sizes, params.max_length,
+                 took)  # fmt: skip
+        return took
+
+    def warm_up_sizes(self, max_batch: int) -> list[int]:
+        """Batch sizes whose first run compiles or captures something: the compiled prefill runs at the largest batch
+        (what bulk work fills) and at 1 (a lone request), other sizes run eager; CUDA graphs are captured per
+        power-of-two row bucket."""
+        if self._fast is None:
+            return []
+        sizes: set[int] = set()
+        if self._fast.compiled is not None:
+            sizes |= {1, max_batch}
+        if self._fast.static is not None:
+            sizes |= {fastgen.bucket(1) << i for i in range(fastgen.bucket(max_batch).bit_length())}
+        return sorted(sizes, reverse=True)
 
     def prepare(self, images: list[Image]) -> torch.Tensor:
         """Pixel values for ``images`` (CPU, float32), one row per image; thread-safe, meant for decode threads."""
@@ -351,8 +440,14 @@ class CaptionEngine:
             return []
         if params.max_length > self._max_positions:
             raise EngineError(f"max_length {params.max_length} exceeds the model's {self._max_positions} positions")
-        with torch.inference_mode():
-            sequences = self._generate_ids(pixel_values, params)
+        try:
+            with torch.inference_mode():
+                sequences = self._generate_ids(pixel_values, params)
+        except torch.OutOfMemoryError:
+            # Give the cached blocks back before the batcher halves the batch and tries again.
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise
         captions = self._decode(sequences)
         if len(captions) != count:
             raise EngineError(f"the model returned {len(captions)} captions for {count} images; results not aligned")
@@ -406,19 +501,67 @@ class CaptionEngine:
         return [text.strip() for text in texts]
 
 
-def _fast_decoder(model: Any, decoder: str, name: str) -> fastgen.GitGreedyDecoder | None:
+def _fast_decoder(
+    model: Any, decoder: str, name: str, pieces: profiles.Pieces | None = None
+) -> fastgen.GitGreedyDecoder | None:
     """The fast greedy decoder when ``decoder`` asks for it and the model allows it; None means HF generate."""
     if decoder not in ("auto", "fast", "hf"):
         raise ConfigError(f"unknown decoder {decoder!r}: use auto, fast or hf")
-    if decoder == "hf":
-        return None
-    reason = fastgen.unsupported_reason(model)
+    pieces = pieces or profiles.Pieces()
+    reason = "decoder hf was asked for" if decoder == "hf" else fastgen.unsupported_reason(model)
     if reason is None:
-        return fastgen.GitGreedyDecoder(model)
+        graphs = "cudagraphs" in pieces and _cuda_graphs_usable(model, pieces)
+        return fastgen.GitGreedyDecoder(
+            model, fused_attention="sdpa" in pieces, static_steps=graphs, on_fallback=pieces.drop
+        )
     if decoder == "fast":
         raise ConfigError(f"decoder 'fast' cannot run model {name!r}: {reason}; use decoder auto or hf")
-    log.info("model %s: fast decoder off (%s); HF generate is used", name, reason)
+    if decoder == "auto":
+        log.info("model %s: fast decoder off (%s); HF generate is used", name, reason)
+    for piece in ("cudagraphs",):  # it lives in the fast decoder only (sdpa still runs in the image encoder)
+        if piece in pieces:
+            pieces.drop(piece, f"it replays the fast greedy decoder's step, which is off ({reason})")
     return None
+
+
+def _cuda_graphs_usable(model: Any, pieces: profiles.Pieces) -> bool:
+    if model.device.type != "cuda":
+        pieces.drop("cudagraphs", f"CUDA graphs need a CUDA device; this model runs on {model.device.type}")
+        return False
+    return True
+
+
+def _quantize_int8(model: Any, pieces: profiles.Pieces) -> None:
+    """Dynamic int8 quantisation of every linear layer (CPU only); off, with the reason, where it cannot run."""
+    if model.device.type != "cpu":
+        pieces.drop("int8", f"dynamic int8 quantisation runs on CPU only; this model runs on {model.device.type}")
+        return
+    try:
+        import warnings
+
+        from torch.ao.quantization import quantize_dynamic
+
+        with warnings.catch_warnings():  # torch marks its eager quantisation API deprecated; it still runs
+            warnings.simplefilter("ignore")
+            quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    except Exception as exc:  # no quantised engine in this torch build, an unsupported platform
+        pieces.drop("int8", f"dynamic quantisation failed: {type(exc).__name__}: {exc}")
+
+
+def _configure_inductor(cache_dir: str | None, device: torch.device) -> None:
+    """Point inductor's on-disk cache at ``cache_dir`` (restarts reuse compiled code) and, on CPU, freeze weights."""
+    import os
+
+    import torch._inductor.config as inductor
+
+    if cache_dir:
+        # Inductor reads its cache location from this variable when it first compiles (no other knob exists).
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    inductor.fx_graph_cache = True
+    if device.type == "cpu":
+        # Weights become constants: oneDNN prepacks them and fuses linear + pointwise ops (inference only).
+        inductor.freezing = True
 
 
 def _load_pretrained(source: str, revision: Any, dtype: torch.dtype) -> tuple[Any, Any]:

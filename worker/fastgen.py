@@ -16,9 +16,19 @@ The algorithm, and where it saves work over transformers' eager ``generate``:
    row pay for its length. HF keeps computing finished rows; the output is padded exactly as HF pads it, and it is
    as wide as HF's (the input plus the steps until the last row ends or ``max_length`` is reached).
 
-Exactness: embeddings, linear layers, layer norms and activations are the model's own modules, and attention is
-HF's eager arithmetic op for op, so the numbers match HF's up to the float rounding of different matrix shapes
-(fewer rows after a drop); the tests compare ids with ``model.generate`` token for token, in fp32, bf16 and fp16.
+Speed pieces (worker/profiles.py), each off by default and each giving up exactness for speed:
+- ``fused_attention``: PyTorch's ``scaled_dot_product_attention`` instead of HF's eager arithmetic in the decoder.
+- ``compile_prefill``: the image encoder and the prefill run as one ``torch.compile``d function for requests
+  without a prompt, at the batch sizes in ``compiled_sizes`` (the engine's warm-up compiles them at start; other
+  sizes run eagerly rather than stall a worker for a compile); if compiling or a compiled call fails, the eager
+  path takes over for good and ``on_fallback`` is told why.
+- ``cuda_graphs``: the decode step at fixed shapes (rows padded to a power-of-two bucket, the cache sized for the
+  whole caption, attention masked past the current position), captured once per shape as a CUDA graph and replayed.
+  Without CUDA the same static step runs eagerly (tests compare its ids with HF's on a CPU).
+
+Exactness (no piece on): embeddings, linear layers, layer norms and activations are the model's own modules, and
+attention is HF's eager arithmetic op for op, so the numbers match HF's up to the float rounding of different matrix
+shapes (fewer rows after a drop); the tests compare ids with ``model.generate`` token for token, in fp32, bf16 and fp16.
 ``unsupported_reason`` refuses models and generation configs whose output this module would not reproduce (video
 GIT, logits processors or extra stopping criteria in the generation config, ...). Callers then use HF ``generate``,
 as they do for beam search and sampling: this module always decodes greedily.
@@ -26,11 +36,20 @@ as they do for beam search and sampling: this module always decodes greedily.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+#: Smallest and largest row buckets of the static (CUDA graph) decode step: rows are padded up to a power of two.
+MIN_BUCKET, MAX_BUCKET = 1, 4096
 
 #: Text slots the cache starts with (the default max_length of 50 fits); longer captions double it as they grow.
 TEXT_SLOTS = 64
@@ -61,6 +80,11 @@ class DecodeStats:
     rows_dropped: int = 0  # finished rows removed from the batch (and its cache) before the last pass
     compactions: int = 0  # times the cache was copied to remove finished rows
     cache_grows: int = 0  # times the cache was copied into a longer one (captions past TEXT_SLOTS tokens)
+    static_steps: int = 0  # decode steps run by the static step (CUDA graphs, or its eager twin)
+    graph_replays: int = 0  # of those, steps replayed from a captured CUDA graph
+    encode_s: float = 0.0  # image encoder + visual projection (filled only when timing is on)
+    prefill_s: float = 0.0  # decoder pass over image tokens and the input ids
+    decode_s: float = 0.0  # every decode step after the first token
 
 
 def unsupported_reason(model: Any) -> str | None:
@@ -100,10 +124,22 @@ def _eos_ids(gen: Any) -> list[int]:
     return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
 
 
-class GitGreedyDecoder:
-    """Greedy decoding of one loaded ``GitForCausalLM``; ``generate`` returns what HF greedy ``generate`` returns."""
+#: Called with (piece, why) when a piece stops being used at run time (a compiled call that failed).
+OnFallback = Callable[[str, str], None]
 
-    def __init__(self, model: Any) -> None:
+
+class GitGreedyDecoder:
+    """Greedy decoding of one loaded ``GitForCausalLM``; ``generate`` returns what HF greedy ``generate`` returns
+    when no speed piece is on."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        fused_attention: bool = False,
+        static_steps: bool = False,
+        on_fallback: OnFallback | None = None,
+    ) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"the fast GIT decoder cannot run this model: {reason}")
@@ -123,6 +159,24 @@ class GitGreedyDecoder:
         pad = gen.pad_token_id if gen.pad_token_id is not None else (self.eos[0] if self.eos else None)
         self.pad = int(pad) if pad is not None else 0
         self.stats = DecodeStats()
+        self.fused_attention = fused_attention
+        #: The compiled encoder + prefill (``compile_prefill``), None when it is off or fell back.
+        self.compiled: Callable[..., Any] | None = None
+        #: Batch sizes the compiled function runs at (compiled on their first run, which warm-up makes).
+        self.compiled_sizes: set[int] = set()
+        #: Fixed-shape decode steps (CUDA graphs on CUDA), None for the dynamic loop.
+        self.static: _StaticSteps | None = _StaticSteps(self) if static_steps else None
+        self.on_fallback = on_fallback or (lambda piece, why: None)
+        #: Synchronise and time the three stages into ``stats`` (bench only: the syncs cost a little).
+        self.timing = False
+
+    def compile_prefill(self, **options: Any) -> None:
+        """Compile the image encoder and the prefill as one function; eager stays the fallback.
+
+        One graph per batch size, not a dynamic one: on CPU with frozen weights in bf16, inductor specialised every
+        size anyway (measured), and a size met for the first time while serving would stall the worker for a compile.
+        """
+        self.compiled = torch.compile(self._encode_prefill, dynamic=False, **options)
 
     def request_reason(self, input_len: int, max_length: int) -> str | None:
         """Why a request must go to HF (mostly ones HF refuses with its own error), else None."""
@@ -152,11 +206,59 @@ class GitGreedyDecoder:
         if reason is not None:
             raise ValueError(f"the fast GIT decoder cannot run this request: {reason}")
         self.stats = DecodeStats(rows=rows)
-        image_embeds = self._encode_images(pixel_values.to(device))
-        text_slots = min(max_length - 1, max(TEXT_SLOTS, input_ids.shape[1]))
-        cache = self._new_cache(rows, self.image_tokens + text_slots, image_embeds.dtype, device)
+        # The static steps copy the prefix into caches of their own: then the prefill's needs no room to grow.
+        text_slots = input_ids.shape[1] if self.static else min(max_length - 1, max(TEXT_SLOTS, input_ids.shape[1]))
+        hidden, cache = self._start(pixel_values.to(device), input_ids, self.image_tokens + text_slots)
+        clock = self._clock()
+        if self.static is not None:
+            out = self.static.decode(hidden, input_ids, cache, max_length)
+        else:
+            out = self._decode_loop(hidden, input_ids, cache, max_length)
+        self.stats.decode_s = self._clock() - clock if self.timing else 0.0
+        return out
+
+    def _start(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, capacity: int) -> tuple[Any, list[Any]]:
+        """Encoder and prefill: the last position's hidden state, and a cache of ``capacity`` slots with the prefix."""
+        # Prompted requests run eagerly: compiled for [BOS] alone, a prompt's length would recompile (minutes on a
+        # CPU) in the middle of serving.
+        if self.compiled is not None and input_ids.shape[1] == 1 and pixel_values.shape[0] in self.compiled_sizes:
+            clock = self._clock()
+            try:
+                hidden, prefix = self.compiled(pixel_values, input_ids)
+            except Exception as exc:  # a backend that cannot compile this model or shape: eager from now on
+                self.compiled = None
+                self.on_fallback("compile", f"torch.compile failed: {_cause(exc)}")
+            else:
+                self.stats.prefill_s = self._clock() - clock if self.timing else 0.0  # encoder included
+                if prefix[0].shape[2] == capacity:
+                    return hidden, prefix
+                cache = self._new_cache(pixel_values.shape[0], capacity, prefix[0].dtype, prefix[0].device)
+                for full, part in zip(cache, prefix, strict=True):
+                    full[:, :, : part.shape[2]] = part
+                return hidden, cache
+        clock = self._clock()
+        image_embeds = self._encode_images(pixel_values)
+        encoded = self._clock()
+        cache = self._new_cache(pixel_values.shape[0], capacity, image_embeds.dtype, image_embeds.device)
         hidden = self._prefill(image_embeds, input_ids, cache)
-        return self._decode_loop(hidden, input_ids, cache, max_length)
+        if self.timing:
+            self.stats.encode_s, self.stats.prefill_s = encoded - clock, self._clock() - encoded
+        return hidden, cache
+
+    def _encode_prefill(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> tuple[Any, list[Any]]:
+        """Encoder and prefill into a cache that holds just the prefix: the function ``compile_prefill`` compiles."""
+        image_embeds = self._encode_images(pixel_values)
+        capacity = image_embeds.shape[1] + input_ids.shape[1]
+        cache = self._new_cache(pixel_values.shape[0], capacity, image_embeds.dtype, image_embeds.device)
+        return self._prefill(image_embeds, input_ids, cache), cache
+
+    def _clock(self) -> float:
+        """Wall time after the device's queued work (only when timing; otherwise 0, at no cost)."""
+        if not self.timing:
+            return 0.0
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+        return time.perf_counter()
 
     # --- the three stages ---------------------------------------------------------------------
 
@@ -264,10 +366,12 @@ class GitGreedyDecoder:
     ) -> torch.Tensor:
         """HF's eager attention arithmetic, op for op: scores / sqrt(d) + mask, softmax in the model dtype.
 
-        Not ``scaled_dot_product_attention``: its fused softmax keeps fp32 probabilities where HF rounds them to
-        bf16/fp16, and with near-tied logits that flips greedy picks (measured: 25 of 40 bf16 cases differed on a
-        random tiny GIT, 0 of 40 with this). The attention is a small share of GIT's FLOPs either way.
+        Not ``scaled_dot_product_attention`` unless ``fused_attention`` asks for it: its fused softmax keeps fp32
+        probabilities where HF rounds them to bf16/fp16, and with near-tied logits that flips greedy picks (measured:
+        25 of 40 bf16 cases differed on a random tiny GIT, 0 of 40 with this).
         """
+        if self.fused_attention:
+            return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask)
         if keys.device.type == "cpu" and keys.dtype != torch.float32:
             # oneDNN's half-precision batched matmul is ~4x slower on a strided K^T (a slice of the preallocated
             # cache) than on a dense one; copying the slice first is faster and gives the same values (measured).
@@ -281,10 +385,13 @@ class GitGreedyDecoder:
         """``[rows, length, hidden]`` -> ``[rows, heads, length, head_dim]``."""
         return x.view(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
 
-    def _new_cache(self, rows: int, capacity: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    def _new_cache(
+        self, rows: int, capacity: int, dtype: torch.dtype, device: torch.device, *, zeros: bool = False
+    ) -> list[torch.Tensor]:
         """Every layer's keys and values, ``[K0, V0, K1, ...]``, each ``[rows, heads, capacity, head_dim]``."""
         shape = (rows, self.heads, capacity, self.head_dim)
-        return [torch.empty(shape, dtype=dtype, device=device) for _ in range(2 * len(self.layers))]
+        make = torch.zeros if zeros else torch.empty
+        return [make(shape, dtype=dtype, device=device) for _ in range(2 * len(self.layers))]
 
     def _with_room(self, cache: list[torch.Tensor], needed: int, limit: int) -> list[torch.Tensor]:
         """``cache``, or a copy with twice its text slots (at most ``limit`` in all) when ``needed`` does not fit.
@@ -301,6 +408,154 @@ class GitGreedyDecoder:
         for old, new in zip(cache, grown, strict=True):
             new[:, :, :capacity] = old
         return grown
+
+
+def _cause(exc: BaseException) -> str:
+    """The innermost error a compiler wrapper carries, on one line (inductor appends paragraphs of advice)."""
+    while getattr(exc, "inner_exception", None) is not None:
+        exc = exc.inner_exception  # type: ignore[attr-defined]
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return f"{type(exc).__name__}: {first}"
+
+
+def bucket(rows: int) -> int:
+    """The power of two at or above ``rows``: the row count the static decode step runs at."""
+    return min(MAX_BUCKET, max(MIN_BUCKET, 1 << (max(rows, 1) - 1).bit_length()))
+
+
+class _StaticShape:
+    """One fixed shape of the decode step: its zero-filled cache, token and position buffers, and on CUDA its graph.
+
+    The step reads the previous tokens from ``tokens`` and writes the next ones back into it, so a replay needs no
+    copy in or out; only the position is filled before each replay.
+    """
+
+    def __init__(self, dec: GitGreedyDecoder, rows: int, capacity: int, dtype: torch.dtype, device: torch.device,
+                 pool: Any) -> None:  # fmt: skip
+        self.dec, self.rows, self.capacity = dec, rows, capacity
+        self.cache = dec._new_cache(rows, capacity, dtype, device, zeros=True)
+        self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.slots = torch.arange(capacity, device=device)
+        self.allow = torch.zeros((), dtype=dtype, device=device)
+        self.block = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)
+        self.graph: Any = None
+        if device.type == "cuda":
+            self.graph = self._capture(pool)
+
+    def _capture(self, pool: Any) -> Any:
+        # CUDA's recipe: warm the step up on a side stream (allocator, cuBLAS handles), then capture it.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._body()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            self._body()
+        return graph
+
+    def load(self, cache: list[torch.Tensor], used: int, rows: torch.Tensor | None, tokens: torch.Tensor) -> None:
+        """Copy the first ``used`` slots of ``cache`` (its rows ``rows``, or all) and their last tokens in."""
+        n = tokens.shape[0]
+        for mine, theirs in zip(self.cache, cache, strict=True):
+            mine.zero_()  # pad rows and slots past the prefix: zeros keep their attention finite
+            mine[:n, :, :used] = theirs[:, :, :used] if rows is None else theirs[rows, :, :used]
+        self.tokens.zero_()
+        self.tokens[:n] = tokens
+
+    def step(self, position: int) -> torch.Tensor:
+        """Feed ``tokens`` at text ``position``; the next token of every row (the same tensor, updated)."""
+        self.pos.fill_(position)
+        if self.graph is not None:
+            self.graph.replay()
+            self.dec.stats.graph_replays += 1
+        else:
+            self._body()
+        return self.tokens
+
+    def _body(self) -> None:
+        dec = self.dec
+        ids = self.tokens[:, None]
+        hidden = dec.git.embeddings(input_ids=ids, position_ids=self.pos.view(1, 1).expand(self.rows, 1))
+        slot = self.pos + dec.image_tokens
+        # Everything up to and including the new token's slot; later slots (zeros) get the dtype's minimum.
+        mask = torch.where(self.slots > slot, self.block, self.allow).view(1, 1, 1, self.capacity)
+        for index, layer in enumerate(dec.layers):
+            keys, values = self.cache[2 * index], self.cache[2 * index + 1]
+            attention = layer.attention.self
+            keys.index_copy_(2, slot, dec._heads(attention.key(hidden)))
+            values.index_copy_(2, slot, dec._heads(attention.value(hidden)))
+            query = dec._heads(attention.query(hidden))
+            context = dec._attend(query, keys, values, mask).transpose(1, 2).reshape(hidden.shape)
+            attended = layer.attention.output(context, hidden)
+            hidden = layer.output(layer.intermediate(attended), attended)
+        self.tokens.copy_(dec.model.output(hidden[:, -1]).float().argmax(dim=-1))
+
+
+class _StaticSteps:
+    """The decode loop on fixed shapes (row bucket x cache capacity), each captured once as a CUDA graph on CUDA.
+
+    Rows are padded to a power-of-two bucket and the cache holds the whole caption, so every step has the same
+    shapes and a replay costs one launch instead of hundreds. When at most half a bucket is still running, the
+    running rows move to the smaller bucket (as the dynamic loop drops finished rows).
+    """
+
+    def __init__(self, dec: GitGreedyDecoder) -> None:
+        self.dec = dec
+        self.shapes: dict[tuple[int, int, torch.dtype], _StaticShape] = {}
+        self.pool: Any = None
+
+    def shape(self, rows: int, capacity: int, dtype: torch.dtype, device: torch.device) -> _StaticShape:
+        key = (rows, capacity, dtype)
+        if key not in self.shapes:
+            if device.type == "cuda" and self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()  # one memory pool shared by every graph
+            self.shapes[key] = _StaticShape(self.dec, rows, capacity, dtype, device, self.pool)
+        return self.shapes[key]
+
+    def decode(self, hidden: torch.Tensor, input_ids: torch.Tensor, cache: list[torch.Tensor], max_length: int
+               ) -> torch.Tensor:  # fmt: skip
+        """What ``_decode_loop`` returns, from fixed-shape steps."""
+        dec, stats = self.dec, self.dec.stats
+        rows, input_len = input_ids.shape
+        device = input_ids.device
+        out = torch.full((rows, max_length), dec.pad, dtype=torch.long, device=device)
+        out[:, :input_len] = input_ids
+        eos = torch.tensor(dec.eos, dtype=torch.long, device=device)
+        tokens = dec.model.output(hidden[:, -1]).float().argmax(dim=-1)
+        out[:, input_len] = tokens
+        length = input_len + 1
+        stats.steps, stats.row_steps = 1, rows
+        running = ~torch.isin(tokens, eos)
+        if length >= max_length or not bool(running.any()):
+            return out[:, :length]
+        capacity = dec.image_tokens + max_length - 1
+        shape = self.shape(bucket(rows), capacity, cache[0].dtype, device)
+        shape.load(cache, dec.image_tokens + input_len, None, tokens)
+        alive = torch.arange(rows, device=device)
+        while True:
+            picked = shape.step(length - 1)[: alive.numel()]
+            out[alive, length] = torch.where(running, picked, dec.pad)
+            length += 1
+            stats.steps += 1
+            stats.static_steps += 1
+            stats.row_steps += shape.rows
+            if length >= max_length:
+                break
+            running &= ~torch.isin(picked, eos)
+            left = int(running.sum())  # the one host sync per step, as in the dynamic loop
+            if left == 0:
+                break
+            if bucket(left) < shape.rows:
+                keep = running.nonzero().squeeze(1)
+                smaller = self.shape(bucket(left), capacity, cache[0].dtype, device)
+                smaller.load(shape.cache, dec.image_tokens + length - 1, keep, picked[keep].clone())
+                stats.rows_dropped += alive.numel() - left
+                stats.compactions += 1
+                alive, running, shape = alive[keep], running[keep], smaller
+        return out[:, :length]
 
 
 def _worth_dropping(rows: int, running: int) -> bool:

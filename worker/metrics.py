@@ -27,6 +27,8 @@ STAGE = Histogram(
 QUEUE_DEPTH = Gauge("captioner_queue_depth", "Messages waiting in a queue.", ["queue"])
 MODEL = Info("captioner_model", "The model this worker serves.")
 GPU_MEMORY = Gauge("captioner_gpu_memory_bytes", "CUDA memory of this worker.", ["kind"])
+PROFILE = Info("captioner_speed_profile", "The speed pieces this worker's engine uses now (exact: none).")
+WARM_UP = Gauge("captioner_warm_up_seconds", "Seconds the engine's start-up warm-up took (compiled pieces; 0: none).")
 
 
 def observe_batch(size: int, seconds: float) -> None:
@@ -46,8 +48,10 @@ def observe_rows(rows: Iterable[object]) -> None:
             STAGE.labels("load").observe(load_ms / 1000)
 
 
-def set_model(version: str, device: str, dtype: str) -> None:
+def set_model(version: str, device: str, dtype: str, profile: str | None = None) -> None:
+    """The served model; ``profile`` is the speed pieces in use ("exact", "fast:sdpa,compile")."""
     MODEL.info({"version": version, "device": device, "dtype": dtype})
+    PROFILE.info({"profile": profile or "exact"})
 
 
 _serving = threading.Lock()

@@ -73,6 +73,7 @@ class Captioned(NamedTuple):
     flags: list[str] | None
     batch_ms: float  # wall time of the model batch it ran in
     reused: bool = False  # taken from the reuse cache, not from the model
+    profile: str | None = None  # the speed pieces the batch ran with ("exact", "fast:sdpa,compile")
 
 
 class ReuseCache(Protocol):
@@ -83,9 +84,10 @@ class ReuseCache(Protocol):
     def reuse_put(self, key: str, entries: dict[bytes, tuple[str, list[str]]], ttl_s: int) -> None: ...
 
 
-def reuse_key(version: str, params: GenParams) -> str:
-    """What a reusable caption depends on besides the image bytes: the model version and the generation params."""
-    return f"{version}|{params.max_length}|{params.num_beams}|{params.prompt or ''}"
+def reuse_key(version: str, params: GenParams, profile: str | None = None) -> str:
+    """What a reusable caption depends on besides the image bytes: the model version, the generation params and the
+    speed profile (a fast profile's caption can differ from the exact one on a near-tie)."""
+    return f"{version}|{profile or 'exact'}|{params.max_length}|{params.num_beams}|{params.prompt or ''}"
 
 
 class CaptionService:
@@ -106,6 +108,9 @@ class CaptionService:
         self._lock = threading.Lock()
         self._watcher: threading.Thread | None = None
         self._stopped = threading.Event()
+        #: Seconds the engine's warm-up took at start (compiled and captured pieces; 0 when none).
+        self.warm_up_s = 0.0
+        self._reported_profile: str | None = None
         self._pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         #: Ends URL fetches at their deadline, and all of them when the worker stops (see abandon_fetches).
         self.fetches = FetchGuard()
@@ -134,7 +139,7 @@ class CaptionService:
                         engine.dtype,
                         time.perf_counter() - started,
                     )
-                    if self.settings.jpeg_draft:
+                    if "draft" in getattr(engine, "pieces", ()):  # CAPTIONER_JPEG_DRAFT, or the profile's piece
                         self.policy = replace(self.policy, draft_edge=engine.input_edge)
                     self._engine = engine
         return self._engine
@@ -146,6 +151,10 @@ class CaptionService:
 
     def warm_up(self) -> str:
         version = self.engine.version
+        # Compiled and graph-captured pieces are built now, at start, not on the first request.
+        params = GenParams(max_length=self.settings.max_length)
+        if hasattr(self.engine, "warm_up"):
+            self.warm_up_s = self.engine.warm_up(self.settings.max_batch_size, params)
         if self.settings.model == "@current" and self._watcher is None:
             self._watcher = threading.Thread(target=self._follow_store, name="model-watch", daemon=True)
             self._watcher.start()
@@ -157,9 +166,12 @@ class CaptionService:
         if current is None or (self._engine is not None and self._engine.version == current.version):
             return False
         engine = self._engine_factory()  # loads beside the old model; batches keep running meanwhile
+        if hasattr(engine, "warm_up"):  # its compiled pieces too, before it takes a batch
+            engine.warm_up(self.settings.max_batch_size, GenParams(max_length=self.settings.max_length))
         old = self._engine.version if self._engine else None
         self.swap_engine(engine)
-        metrics.set_model(engine.version, str(engine.device), str(engine.dtype).removeprefix("torch."))
+        metrics.set_model(engine.version, str(engine.device), str(engine.dtype).removeprefix("torch."),
+                          getattr(engine, "profile", None))  # fmt: skip
         log.info("model swapped %s -> %s (promoted)", old, engine.version)
         return True
 
@@ -177,12 +189,16 @@ class CaptionService:
         started = time.perf_counter()
         generated = engine.generate_detailed(engine.stack(items), params)
         batch_ms = round((time.perf_counter() - started) * 1000, 2)
+        profile = getattr(engine, "profile", None)  # after the batch: a piece that failed in it is not counted
+        if profile != self._reported_profile:
+            self._reported_profile = profile
+            metrics.set_model(engine.version, str(engine.device), str(engine.dtype).removeprefix("torch."), profile)
         out = []
         for gen in generated:
             # A caption that ended on its own is not cut, even when its end token fell on the last position.
             tokens = gen.tokens - 1 if gen.ended else gen.tokens
             flags = quality_flags(gen.text, generated_tokens=tokens, max_length=params.max_length) or None
-            out.append(Captioned(gen.text, engine.version, flags, batch_ms))
+            out.append(Captioned(gen.text, engine.version, flags, batch_ms, profile=profile))
         return out
 
     # --- captioning -----------------------------------------------------------------------------
@@ -270,25 +286,27 @@ class CaptionService:
     def _reused(self, digest: bytes, params: GenParams) -> Captioned | None:
         """The caption this model version made before for the same bytes and params, if the cache has it."""
         assert self.reuse is not None
-        version = self.engine.version
+        engine = self.engine
+        version, profile = engine.version, getattr(engine, "profile", None)
         try:
-            found = self.reuse.reuse_get(reuse_key(version, params), [digest]).get(digest)
+            found = self.reuse.reuse_get(reuse_key(version, params, profile), [digest]).get(digest)
         except Exception as exc:  # the cache (Redis, PostgreSQL) is an optimisation: caption the image instead
             log.warning("caption reuse lookup failed (%s: %s); captioning the image", type(exc).__name__, exc)
             return None
         if found is None:
             return None
-        return Captioned(found[0], version, found[1] or None, 0.0, reused=True)
+        return Captioned(found[0], version, found[1] or None, 0.0, reused=True, profile=profile)
 
     def _remember(self, params: GenParams, fresh: dict[bytes, Captioned]) -> None:
         if self.reuse is None or not fresh:
             return
-        by_version: dict[str, dict[bytes, tuple[str, list[str]]]] = {}
+        by_key: dict[str, dict[bytes, tuple[str, list[str]]]] = {}
         for digest, done in fresh.items():
-            by_version.setdefault(done.version, {})[digest] = (done.caption, done.flags or [])
+            key = reuse_key(done.version, params, done.profile)
+            by_key.setdefault(key, {})[digest] = (done.caption, done.flags or [])
         try:
-            for version, entries in by_version.items():
-                self.reuse.reuse_put(reuse_key(version, params), entries, self.settings.reuse_ttl_s)
+            for key, entries in by_key.items():
+                self.reuse.reuse_put(key, entries, self.settings.reuse_ttl_s)
         except Exception as exc:  # as above: a cache that fails loses nothing but the reuse
             log.warning("caption reuse: %d caption(s) not remembered (%s: %s)", len(fresh), type(exc).__name__, exc)
 
@@ -337,6 +355,7 @@ class CaptionService:
                     flags=done.flags,
                     model_version=done.version,
                     reused=done.reused or None,
+                    profile=done.profile,
                     timings={"load_ms": round(load_ms, 2), "infer_ms": done.batch_ms},
                     finished_at=time.time(),
                 )

@@ -258,6 +258,9 @@ def captioner_info(state: Any, **kwargs: Any) -> dict[str, Any]:
         # ... and how long its largest list call takes at its own speed, against its visibility timeout.
         "max_list_items": svc.settings.max_list_items,
         "visibility_timeout_s": svc.settings.visibility_timeout_s,
+        # The speed profile in use ("exact", "fast:sdpa,compile"), its pieces, and pieces that fell back (why).
+        **(eng.pieces.as_dict() if hasattr(eng, "pieces") else {}),
+        "warm_up_s": round(svc.warm_up_s, 2),
         "batches": stats.batches,
         "items": stats.items,
         "infer_s": round(stats.infer_s, 3),
@@ -286,12 +289,15 @@ def _warm_up(sender: str, instance: Any, **kwargs: Any) -> None:
         try:
             version = svc.warm_up()
         except CaptionerError as exc:
-            # A model that does not load (missing, not GIT, no promoted version) or a device that is not there
-            # fails every job it would take: say so in one line and do not start. SystemExit, as above.
+            # A model that does not load (missing, not GIT, no promoted version), a device that is not there or an
+            # unknown speed profile or piece fails every job it would take: say so in one line and do not start.
+            # SystemExit, as above.
             log.critical("cannot start a caption worker: %s", exc)
             raise SystemExit(1) from None
         engine = svc.engine
-        metrics.set_model(version, str(engine.device), str(engine.dtype).removeprefix("torch."))
+        metrics.set_model(version, str(engine.device), str(engine.dtype).removeprefix("torch."),
+                          getattr(engine, "profile", None))  # fmt: skip
+        metrics.WARM_UP.set(svc.warm_up_s)
         metrics.serve(settings.metrics_port, settings.metrics_addr, _queue_depths)
         log.info("worker %s serves model %s", sender, version)
 
