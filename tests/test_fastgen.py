@@ -265,8 +265,10 @@ def test_engine_routes_greedy_to_fast_and_beams_to_hf(
     assert calls == [] and engine._fast.stats.rows == len(images)
     engine.caption(images, GenParams(max_length=10, num_beams=2))
     assert calls == [2]
-    with pytest.raises(ValueError, match="max_length"):  # HF's own refusal, as without the fast decoder
-        engine.caption(images, GenParams(max_length=4, prompt="a red circle"))
+    # A prompt that fills max_length never gets here from a message (GenParams and the service refuse it first);
+    # built without those checks, the engine hands it to HF, whose own refusal it raises, as without fastgen.
+    with pytest.raises(ValueError, match="max_length"):
+        engine.caption(images, GenParams.model_construct(max_length=4, num_beams=1, prompt="a red circle"))
     assert calls == [2, 1]
 
 

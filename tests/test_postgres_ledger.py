@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from producer.cli import cli
 from producer.jobs import JobClient
 from producer.local import WorkerProcess
-from tests.conftest import PG_URL, reconciling, redis_url, settings_from, shape_files, tally
+from tests.conftest import PG_URL, reconciling, redis_url, settings_from, shape_files, snapshot, tally
 from tests.test_recovery import recovery_env, wait_for
 
 
@@ -43,10 +43,12 @@ def test_a_postgres_ledger_survives_a_kill_and_reuses_captions_of_duplicate_imag
     try:
         first.wait_ready()
         client.enqueue(refs, job_id="job-pg", chunk_size=4)
-        wait_for(lambda: client.status("job-pg").ok >= 12, 120, "the first captions")
+        wait_for(lambda: client.status("job-pg").ok >= 12 and client.ledger.attempts_open("job-pg") > 0, 120,
+                 "the first captions, and items in hand")  # fmt: skip
         assert first.kill() == -9
         killed_at = client.status("job-pg").ok
         assert 0 < killed_at < len(refs), "the kill must land mid-job"
+        before = snapshot(client, "job-pg")
         second = WorkerProcess(env, log=tmp_path / "second.log").start()
         second.wait_ready()
         resent: list[int] = []
@@ -57,10 +59,10 @@ def test_a_postgres_ledger_survives_a_kill_and_reuses_captions_of_duplicate_imag
         if second is not None:
             second.terminate()
     rows = list(client.results("job-pg"))
-    figures = tally("kill -9 of a worker whose ledger is PostgreSQL", refs, rows, reconciled=sum(resent),
-                    happened="the killed worker's items came back after the visibility timeout; rows, counters "
-                    "and reused captions all in PostgreSQL")  # fmt: skip
-    assert (figures["lost"], figures["ok"]) == (0, len(refs))
+    figures = tally("kill -9 of a worker whose ledger is PostgreSQL", refs, rows, info, before=before,
+                    reconciled=sum(resent), happened="the killed worker's items came back after the visibility "
+                    "timeout; rows, counters and reused captions all in PostgreSQL")  # fmt: skip
+    assert (figures["lost"], figures["counters_off"], figures["replaced"]) == (0, 0, 0)
     assert (info.state.value, info.total, info.ok, info.error) == ("done", len(refs), len(refs), 0)
     by_ref = {r["ref"]: r for r in rows}
     assert len(by_ref) == len(rows) == len(refs)

@@ -54,7 +54,9 @@ def test_kill_9_mid_job_then_restart_captions_every_item_exactly_once(
     first.wait_ready()
     client = JobClient(s)
     client.enqueue(refs, job_id="job-kill", chunk_size=4)
-    wait_for(lambda: client.status("job-kill").ok >= 12, 120, "the first captions")
+    # Killed between two chunks, a worker holds nothing; wait until it holds items (their attempts begun).
+    wait_for(lambda: client.status("job-kill").ok >= 12 and client.ledger.attempts_open("job-kill") > 0, 120,
+             "the first captions, and items in hand")  # fmt: skip
     assert first.kill() == -9
     killed_at = client.status("job-kill")
     assert 0 < killed_at.ok < len(refs), "the kill must land mid-job"

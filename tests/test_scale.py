@@ -74,3 +74,36 @@ def test_references_under_the_folder_enqueued_are_stored_relative_to_it(
     raw = redis.Redis.from_url(settings.redis_url_str).hvals(f"{settings.key_prefix}:job:rel:src")
     assert raw and all(not v.startswith(str(folder).encode()) and len(v) < len(str(folder)) for v in raw)
     client.close()
+
+
+def test_duplicate_images_in_flight_are_captioned_once(settings, session_root: Path, tiny_model: Path) -> None:
+    """With reuse on, items whose bytes another item in hand is being captioned for wait for that caption: one
+    model run per distinct image, however many copies arrive together, and the copies' rows say reused."""
+    import shutil
+
+    from common.ledger import ledger_from_settings
+    from common.messages import GenParams, Source
+    from tests.conftest import shape_files
+    from worker.engine import CaptionEngine, EngineConfig
+    from worker.service import CaptionService
+
+    originals = shape_files(session_root, "twins", 3, seed=31)
+    copies = []
+    for i, src in enumerate(originals):
+        for k in range(2):
+            copies.append(str(Path(src).with_name(f"copy-{i}-{k}.png")))
+            shutil.copyfile(src, copies[-1])
+    items = [(f"{i:016x}", Source(path=p)) for i, p in enumerate(originals + copies)]
+    engine = EngineConfig(model=str(tiny_model), device="cpu", dtype="float32")
+    service = CaptionService(settings.model_copy(update={"reuse_captions": True}), reuse=ledger_from_settings(settings),
+                             engine_factory=lambda: CaptionEngine.load(engine))  # fmt: skip
+    try:
+        rows = service.caption_items(items, GenParams(max_length=12))
+        ran = service.batcher.stats.items
+    finally:
+        service.close()
+    by_ref = {r.ref: r for r in rows}
+    assert all(r.status.value == "ok" for r in rows) and ran == len(originals)
+    for i, src in enumerate(originals):
+        twins = [by_ref[src], by_ref[copies[2 * i]], by_ref[copies[2 * i + 1]]]
+        assert len({r.caption for r in twins}) == 1 and sum(bool(r.reused) for r in twins) == 2

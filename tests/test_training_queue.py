@@ -304,6 +304,8 @@ def test_a_two_process_run_matches_one_process_survives_a_kill_and_stores_one_ve
     train(TrainConfig(**single), train_set, eval_set, tmp_path / "one", on_progress=events.append)
     one = {e["step"]: e["loss"] for e in events if e["kind"] == "train"}
     assert one.keys() == two.keys()
+    # 1%: float rounding of two processes' summed gradients drifts by up to about 0.5% over these steps (measured),
+    # while two processes that wrongly saw the same images are 1.3% off at step 2 already.
     for step in range(1, 13):
-        assert two[step] == pytest.approx(one[step], rel=5e-3), (step, two[step], one[step])
+        assert two[step] == pytest.approx(one[step], rel=1e-2), (step, two[step], one[step])
     assert two[24] < two[1]

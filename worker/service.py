@@ -228,8 +228,12 @@ class CaptionService:
             else:
                 data = self._read(src)
                 digest = hashlib.blake2b(data, digest_size=16).digest()
-                twin = self._reused(digest, params)
-                if twin is None:
+                hit = self._reused(digest, params)
+                twin: Future[Any] | None = None
+                if hit is not None:
+                    twin = Future()
+                    twin.set_result(hit)
+                else:
                     twin, own = self._claim(digest, params)
                 if twin is not None:  # captioned before, or being captioned now for another item
                     self.batcher.arrived()
