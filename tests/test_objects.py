@@ -87,6 +87,24 @@ def test_refused_credentials_are_a_fetch_error_that_holds_no_secret(monkeypatch:
         s3fs.S3FileSystem.clear_instance_cache()
 
 
+def test_a_store_message_that_spells_out_credentials_reaches_no_row() -> None:
+    """What botocore and signed URLs put in their messages (an access key id, a secret, a presigned query) is
+    masked before the message becomes a row's error."""
+    from common.objects import _error
+
+    secret = "Zr8pQ2vXw9Lm4Nc7Tb1Yk6Hd3Fs0Ja5Ge8Ru2Wq9"
+    message = (
+        "An error occurred (SignatureDoesNotMatch) when calling the GetObject operation: The request signature we "
+        f"calculated does not match. AWSAccessKeyId: AKIAIOSFODNN7EXAMPLE, secret {secret}, url "
+        "https://b.s3.amazonaws.com/k?X-Amz-Credential=AKIAIOSFODNN7EXAMPLE%2F20261203&X-Amz-Signature=0f9a8b7c6d"
+        "&X-Amz-Security-Token=FwoGZXIvYXdzEJr"
+    )
+    text = str(_error("s3://private/cat.jpg", PermissionError(message)))
+    assert "SignatureDoesNotMatch" in text and "the store refused access" in text
+    for leaked in (secret, "AKIAIOSFODNN7EXAMPLE", "0f9a8b7c6d", "FwoGZXIvYXdzEJr"):
+        assert leaked not in text, leaked
+
+
 def test_prefix_listing_is_paged_recursive_sorted_and_filtered(
     s3: S3Server, bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
