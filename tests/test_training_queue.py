@@ -4,6 +4,7 @@ running once, cancel."""
 
 from __future__ import annotations
 
+import gc
 import time
 import uuid
 from pathlib import Path
@@ -101,6 +102,10 @@ def test_rollback_reaches_current_workers_and_a_pinned_version_stays(stack, sess
         store.promote("v-a")  # the rollback
         wait_for(lambda: served(current_queue) == "v-a", 60, "the @current worker to switch back to v-a")
         assert served(f"{pinned_queue}-now") == "v-b"
+    # The results' pub/sub is closed while the test's redis-server still runs (collected later, they would
+    # try to unsubscribe from a server that is gone).
+    gc.collect()
+    app.close()
     assert "serves model v-b" in pinned.log_path.read_text()
 
 
