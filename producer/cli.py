@@ -5,6 +5,7 @@ A user's mistake is one line on stderr and a non-zero exit, never a traceback.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -17,7 +18,7 @@ import click
 
 from common.errors import CaptionerError, ConfigError
 from common.messages import QUALITY_FLAGS, GenParams, JobKind, is_url
-from producer.export import FORMATS
+from producer.export import FORMATS, ShardReader
 
 if TYPE_CHECKING:  # the CLI imports these lazily, so `captioner --help` stays fast
     from common.ledger import JobInfo
@@ -590,6 +591,7 @@ def export(
     options: dict[str, Any] = {"shard_size": shard_size, "exclude_flags": exclude_flags, "local": local}
     if fmt == "webdataset":
         options["remote"] = _remote_reader(settings)
+        options["shards"] = _shard_reader(settings)
     out: Path | str | None
     if output and is_object_uri(output):
         summary = export_to_store(rows, fmt, output, store, overwrite=overwrite, **options)
@@ -866,6 +868,16 @@ def _remote_reader(settings: Settings) -> Callable[[str], bytes] | None:
         return fetch_url(ref, policy) if is_url(ref) else read_object(ref, policy)
 
     return read
+
+
+def _shard_reader(settings: Settings) -> ShardReader | None:
+    """What a webdataset export reads tar shards with, to repack their members: as a worker reads them (None where
+    the worker's stack is not installed: such members are skipped as container_member)."""
+    try:
+        from worker.containers import shard_images
+    except ImportError:
+        return None
+    return functools.partial(shard_images, settings=settings)
 
 
 def _default_export_name(job_id: str, fmt: str) -> str:

@@ -27,6 +27,7 @@ from common.errors import ConfigError, FetchError, Forbidden, ItemError, TooLarg
 from common.messages import is_url
 from common.objects import ObjectStore, is_object_uri
 from common.paths import LocalFiles, write_beside
+from producer.containers import TAR_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +79,14 @@ class ExportSummary:
     path: Path | None = None
     #: Why rows were skipped (caption formats only): not_ok, rejected, flagged, not_local, missing_image, unreadable,
     #: forbidden (outside the allowed roots, a link leading out, not a regular file), too_large, exists,
-    #: name_clash, bad_key.
+    #: name_clash, bad_key, container_member (a member of a Parquet, Arrow or 🤗 dataset container).
     skipped_by_reason: dict[str, int] = field(default_factory=dict)
     #: Where an export to an object store went (``s3://...``): the object, or the shard folder.
     location: str | None = None
+
+
+#: What reads a tar shard for a webdataset export (``worker.containers.shard_images`` bound to the settings).
+ShardReader = Callable[[str], Iterator[tuple[str, str, "bytes | ItemError"]]]
 
 
 @dataclass
@@ -97,6 +102,9 @@ class _Options:
     #: Reads the bytes of a URL or an object for webdataset exports, by the workers' image policy (None: such rows
     #: are skipped as not_local).
     remote: Callable[[str], bytes] | None = None
+    #: Reads a tar shard for webdataset exports: (key, image extension, bytes or the error) per sample, in order
+    #: (None: members of shards are skipped as container_member).
+    shards: ShardReader | None = None
     skipped: Counter[str] = field(default_factory=Counter)
 
 
@@ -115,6 +123,7 @@ def export_rows(
     exclude_flags: Iterable[str] = (),
     local: LocalFiles | None = None,
     remote: Callable[[str], bytes] | None = None,
+    shards: ShardReader | None = None,
 ) -> ExportSummary:
     """Write ``rows`` (ItemResult dicts) as ``fmt``, one row at a time.
 
@@ -135,6 +144,11 @@ def export_rows(
     file is checked again as it is written or read, by the workers' rules (``local``: real path under an allowed
     root, a regular file, no link leading out), and skipped as ``forbidden`` when it fails them. They need
     ``local``; CSV cells that a spreadsheet would run as a formula are neutralised (see ``_cell``).
+
+    ``webdataset`` fetches URLs and objects again with ``remote``, and repacks the members of tar shards by
+    reading each shard once with ``shards``, after the other rows (the rows of a shard are set aside on disk until
+    then, so a job of any size needs the memory of one shard's rows); members of Parquet, Arrow and 🤗 datasets
+    containers are skipped as ``container_member`` (export parquet: its rows carry the source's columns).
     """
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -142,7 +156,8 @@ def export_rows(
         raise ConfigError(f"batch_rows must be at least 1, got {batch_rows}")
     if shard_size < 1:
         raise ConfigError(f"shard_size must be at least 1, got {shard_size}")
-    opts = _Options(batch_rows=batch_rows, exclude_flags=frozenset(exclude_flags), local=local, remote=remote)
+    opts = _Options(batch_rows=batch_rows, exclude_flags=frozenset(exclude_flags), local=local, remote=remote,
+                    shards=shards)  # fmt: skip
     if (fmt == "sidecar" and (local is None or not local.roots)) or (
         fmt == "webdataset" and (local is None or not local.roots) and remote is None
     ):
@@ -528,18 +543,87 @@ def _export_webdataset(
     shards = _ShardSet(folder, name, shard_size)
     count = 0
     try:
-        for row in rows:
-            row = _as_mapping(row)
-            members = _sample(row, opts)
-            if isinstance(members, str):
-                opts.skipped[members] += 1
-                continue
-            shards.add(str(row["id"]), members, mtime=float(row.get("finished_at") or 0))
-            count += 1
+        with tempfile.TemporaryDirectory(prefix="captioner-members-") as spill_dir:
+            set_aside = _MemberRows(Path(spill_dir))
+            for row in rows:
+                row = _as_mapping(row)
+                members = _sample(row, opts)
+                if isinstance(members, tuple):  # a member of a tar shard: packed when its shard is read
+                    set_aside.add(*members, row)
+                    continue
+                if isinstance(members, str):
+                    opts.skipped[members] += 1
+                    continue
+                shards.add(str(row["id"]), members, mtime=float(row.get("finished_at") or 0))
+                count += 1
+            for shard, by_key in set_aside.by_shard():
+                count += _repack(shard, by_key, shards, opts)
         written = shards.commit(overwrite=overwrite)
     finally:
         shards.discard()
     return ExportSummary(rows_written=count, files_written=written, path=folder)
+
+
+def _repack(shard: str, by_key: dict[str, Mapping[str, Any]], out: _ShardSet, opts: _Options) -> int:
+    """Read ``shard`` once and add a sample for each of its members that has a row in ``by_key``."""
+    assert opts.shards is not None
+    count = 0
+    try:
+        for key, ext, data in opts.shards(shard):
+            row = by_key.pop(key, None)
+            if row is None:
+                continue  # not exported (not captioned, filtered out) or a key already packed
+            if isinstance(data, ItemError):
+                opts.skipped[_file_skip(data)] += 1
+                continue
+            out.add(str(row["id"]), _members(row, ext, data), mtime=float(row.get("finished_at") or 0))
+            count += 1
+    except ItemError as exc:  # the shard could not be opened or fetched
+        opts.skipped[_file_skip(exc)] += len(by_key)
+        by_key.clear()
+    except (tarfile.TarError, EOFError, OSError) as exc:  # read until it broke off (truncated since captioning)
+        log.warning("export: %s could not be read to its end (%s: %s)", shard, type(exc).__name__, exc)
+        opts.skipped["unreadable"] += len(by_key)
+        by_key.clear()
+    opts.skipped["missing_image"] += len(by_key)  # members no longer in the shard
+    return count
+
+
+class _MemberRows:
+    """The rows of tar-shard members, grouped by shard: held in memory up to ``limit`` rows, then appended to one
+    JSON-lines file per shard in ``folder``."""
+
+    def __init__(self, folder: Path, limit: int = 20_000) -> None:
+        self.folder, self.limit = folder, limit
+        self.held: dict[str, list[str]] = {}
+        self.files: dict[str, Path] = {}
+        self.count = 0
+
+    def add(self, shard: str, key: str, row: Mapping[str, Any]) -> None:
+        line = json.dumps({"key": key, "row": row}, ensure_ascii=False, separators=(",", ":"), default=str)
+        self.held.setdefault(shard, []).append(line)
+        self.count += 1
+        if self.count >= self.limit:
+            self._spill()
+
+    def by_shard(self) -> Iterator[tuple[str, dict[str, Mapping[str, Any]]]]:
+        """Each shard with its rows by member key (the first row of a key kept), in the order shards first came."""
+        for shard in [*self.files, *(s for s in self.held if s not in self.files)]:
+            lines = self.held.pop(shard, [])
+            if shard in self.files:
+                lines = self.files[shard].read_text(encoding="utf-8").splitlines() + lines
+            by_key: dict[str, Mapping[str, Any]] = {}
+            for line in lines:
+                entry = json.loads(line)
+                by_key.setdefault(entry["key"], entry["row"])
+            yield shard, by_key
+
+    def _spill(self) -> None:
+        for shard, lines in self.held.items():
+            path = self.files.setdefault(shard, self.folder / f"{len(self.files)}.jsonl")
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write("\n".join(lines) + "\n")
+        self.held, self.count = {}, 0
 
 
 def _shard_pattern(out: Path | str | None) -> tuple[Path, str]:
@@ -567,17 +651,21 @@ def _shard_pattern(out: Path | str | None) -> tuple[Path, str]:
     return folder, name
 
 
-def _sample(row: Mapping[str, Any], opts: _Options) -> list[tuple[str, bytes]] | str:
-    """The (extension, bytes) members of one sample, or the reason the row is skipped."""
-    reason = _caption_skip(row, opts.exclude_flags, remote=opts.remote is not None)
+def _sample(row: Mapping[str, Any], opts: _Options) -> list[tuple[str, bytes]] | tuple[str, str] | str:
+    """The (extension, bytes) members of one sample; (shard, member key) for a member of a tar shard that is
+    repacked later; or the reason the row is skipped."""
+    image = str(row.get("ref") or "")
+    container = container_member(image)
+    reason = _caption_skip(row, opts.exclude_flags, remote=opts.remote is not None or container is not None)
     if reason is not None:
         return reason
     if not _SAFE_KEY.fullmatch(str(row.get("id") or "")):
         return "bad_key"
-    image = str(row["ref"])
+    if container is not None:
+        # A member of a shard, a row group or a dataset: its bytes are in that container. Tar shards are read again.
+        shard, key = container
+        return container if opts.shards is not None and shard.lower().endswith(TAR_SUFFIXES) else "container_member"
     remote = is_url(image) or is_object_uri(image)
-    if remote and "#" in image.rsplit("/", 1)[-1]:
-        return "container_member"  # a member of a shard or row group: its bytes are in that container
     ext = Path(image.split("?", 1)[0]).suffix.lower().lstrip(".") or "img"
     if ext in ("txt", "json") or not re.fullmatch(r"[a-z0-9]{1,8}", ext):
         return "name_clash" if ext in ("txt", "json") else "bad_key"
@@ -596,8 +684,23 @@ def _sample(row: Mapping[str, Any], opts: _Options) -> list[tuple[str, bytes]] |
         return _file_skip(exc)
     except OSError:
         return "unreadable"
+    return _members(row, ext, data)
+
+
+def _members(row: Mapping[str, Any], ext: str, data: bytes) -> list[tuple[str, bytes]]:
+    """A sample's members: the image, its caption (``txt``) and its row (``json``)."""
     row_json = json.dumps(row, ensure_ascii=False, separators=(",", ":"), default=str)
     return [(ext, data), ("txt", caption_text(row).encode()), ("json", row_json.encode())]
+
+
+#: ``<container>#<member key>``: the reference of a member of a shard, a Parquet or Arrow file, or a 🤗 dataset.
+_MEMBER_REF = re.compile(r"(?is)(hf:[^#]+|.+?(?:\.tar|\.tgz|\.tar\.gz|\.parquet|\.arrow))#(.+)")
+
+
+def container_member(ref: str) -> tuple[str, str] | None:
+    """(container, member key) when ``ref`` names a member of a container, else None."""
+    match = _MEMBER_REF.fullmatch(ref)
+    return (match.group(1), match.group(2)) if match else None
 
 
 class _ShardSet:

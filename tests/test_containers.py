@@ -103,6 +103,62 @@ def test_a_truncated_shard_over_http_gives_rows_for_what_was_read_and_the_worker
     assert {r["status"] for r in client.results(job_id)} == {"ok"} and client.status(job_id).total == 6
 
 
+def _read_shards(folder: Path) -> dict[str, dict[str, bytes]]:
+    samples: dict[str, dict[str, bytes]] = {}
+    for path in sorted(folder.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            for info in tar:
+                key, _, ext = info.name.partition(".")
+                member = tar.extractfile(info)
+                assert member is not None and ext not in samples.setdefault(key, {})
+                samples[key][ext] = member.read()
+    return samples
+
+
+def test_a_webdataset_export_repacks_the_members_of_shards_read_once_each(
+    caption_worker: WorkerProcess, worker_env: dict[str, str], http_root, session_root: Path, tmp_path: Path,
+    client: JobClient,
+) -> None:  # fmt: skip
+    base, www = http_root
+    folder = session_root / f"wds-{uuid.uuid4().hex[:6]}"
+    folder.mkdir()
+    images = _images(session_root, 7, seed=13)
+    local = [(f"a{i}", {"png": d, "txt": b"alt"}) for i, d in enumerate(images[:4])] + [
+        ("bad", {"jpg": b"\xff\xd8 no"})
+    ]
+    _shard(folder / "a.tar", local)
+    remote = _shard(www / "b.tar", [(f"b{i}", {"png": d}) for i, d in enumerate(images[4:])]).read_bytes()
+    job_id = _enqueue(worker_env, str(folder / "a.tar"), f"{base}/b.tar")
+    source = {key: parts for key, parts in local} | {f"b{i}": {"png": d} for i, d in enumerate(images[4:])}
+    rows = _rows(client, job_id)
+    assert client.status(job_id).ok == 7 and rows["bad"]["error_class"] == "decode_error"
+
+    def export(out: Path, *extra: str) -> dict:
+        result = CliRunner().invoke(cli, ["export", job_id, "--format", "webdataset", "-o", str(out), "--json",
+                                          *extra], env=worker_env)  # fmt: skip
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output.strip().splitlines()[-1])
+
+    summary = export(tmp_path / "out")
+    assert (summary["rows_written"], summary["skipped_by_reason"]) == (7, {"not_ok": 1})
+    samples = _read_shards(tmp_path / "out")
+    assert set(samples) == {r["id"] for r in rows.values() if r["status"] == "ok"}
+    for sample in samples.values():
+        row = json.loads(sample["json"])
+        key = row["ref"].rsplit("#", 1)[1]
+        assert sample["png"] == source[key]["png"]  # the member's own bytes, repacked
+        assert sample["txt"].decode() == row["caption"] == rows[key]["caption"]
+    # The HTTP shard is cut short after captioning (in the middle of its second member): the first member is
+    # packed, the two that can no longer be read are counted, and nothing else is lost.
+    with tarfile.open(fileobj=io.BytesIO(remote)) as tar:
+        cut = tar.getmember("b1.png").offset_data + 10
+    (www / "b.tar").write_bytes(remote[:cut])
+    summary = export(tmp_path / "out", "--overwrite")
+    assert (summary["rows_written"], summary["skipped_by_reason"]) == (5, {"not_ok": 1, "unreadable": 2})
+    packed = {json.loads(s["json"])["ref"].rsplit("#", 1)[1] for s in _read_shards(tmp_path / "out").values()}
+    assert packed == {"a0", "a1", "a2", "a3", "b0"}
+
+
 def test_parquet_row_groups_carry_their_other_columns_to_the_export(
     caption_worker: WorkerProcess, worker_env: dict[str, str], session_root: Path, client: JobClient, tmp_path: Path
 ) -> None:

@@ -631,3 +631,28 @@ def test_file_formats_need_the_allowed_roots(tmp_path: Path) -> None:
             with pytest.raises(ConfigError, match="CAPTIONER_ALLOWED_ROOTS"):
                 export_rows([_ok(1, "x", ref=str(image))], fmt, out, local=local)
     assert not (tmp_path / "a.txt").exists()
+
+
+def test_members_of_shards_set_aside_on_disk_come_back_grouped_by_shard(tmp_path: Path) -> None:
+    from producer.export import _MemberRows
+
+    held = _MemberRows(tmp_path, limit=3)
+    for i in range(10):
+        held.add(f"s{i % 3}.tar", f"k{i}", {"id": str(i)})
+    held.add("s0.tar", "k0", {"id": "again"})  # a key twice: its first row is the one packed
+    assert len(held.files) == 3  # spilled to disk past the limit
+    got = {shard: {key: row["id"] for key, row in rows.items()} for shard, rows in held.by_shard()}
+    assert got == {"s0.tar": {"k0": "0", "k3": "3", "k6": "6", "k9": "9"},
+                   "s1.tar": {"k1": "1", "k4": "4", "k7": "7"}, "s2.tar": {"k2": "2", "k5": "5", "k8": "8"}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("ref", "member"),
+    [("/data/a.tar#k1", ("/data/a.tar", "k1")), ("s3://b/x/shard.tar.gz#dir/k", ("s3://b/x/shard.tar.gz", "dir/k")),
+     ("https://h/p.parquet#12", ("https://h/p.parquet", "12")), ("hf:user/set/train#7", ("hf:user/set/train", "7")),
+     ("/data/photo#1.jpg", None), ("/data/a.tar", None)],
+)  # fmt: skip
+def test_container_member_refs_are_told_from_files(ref: str, member: tuple[str, str] | None) -> None:
+    from producer.export import container_member
+
+    assert container_member(ref) == member

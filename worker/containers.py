@@ -27,7 +27,7 @@ from common.objects import is_object_uri
 from common.paths import LocalFiles
 from common.settings import Settings
 from worker.chunks import ChunkOutcome, ChunkRunner
-from worker.images import FetchGuard, ImagePolicy, fetch_url
+from worker.images import FetchGuard, ImagePolicy, default_guard, fetch_url
 from worker.service import Blob
 
 log = logging.getLogger(__name__)
@@ -175,8 +175,9 @@ def _split_name(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def _tar_members(spec: ContainerSpec, fh: IO[bytes], max_bytes: int) -> Iterator[Member]:
-    """Samples of a WebDataset shard, grouped by key as the members come (one pass, streaming)."""
+def _tar_groups(fh: IO[bytes], max_bytes: int) -> Iterator[tuple[str, dict[str, bytes | ItemError]]]:
+    """A WebDataset shard's samples as (key, {extension: bytes, or why they were not read}), grouped by key as the
+    members come (one pass, streaming); only images and small text members are read."""
     key: str | None = None
     sample: dict[str, bytes | ItemError] = {}
     with tarfile.open(fileobj=fh, mode="r|*") as tar:
@@ -185,16 +186,37 @@ def _tar_members(spec: ContainerSpec, fh: IO[bytes], max_bytes: int) -> Iterator
                 continue
             k, ext = _split_name(info.name)
             if k != key:
-                if key is not None and (member := _sample(spec, key, sample)):
-                    yield member
+                if key is not None:
+                    yield key, sample
                 key, sample = k, {}
             if info.size > max_bytes and ext in IMAGE_EXTS:
                 sample[ext] = TooLarge(f"member {info.name} is {info.size} bytes, over the limit of {max_bytes}")
             elif ext in IMAGE_EXTS or (ext in _SIDE_EXTS and info.size <= MAX_EXTRA_BYTES):
                 member = tar.extractfile(info)
                 sample[ext] = member.read() if member is not None else b""
-    if key is not None and (last := _sample(spec, key, sample)):
-        yield last
+    if key is not None:
+        yield key, sample
+
+
+def _tar_members(spec: ContainerSpec, fh: IO[bytes], max_bytes: int) -> Iterator[Member]:
+    """Samples of a WebDataset shard with an image, as members of ``spec``."""
+    for key, parts in _tar_groups(fh, max_bytes):
+        if member := _sample(spec, key, parts):
+            yield member
+
+
+def shard_images(ref: str, settings: Settings) -> Iterator[tuple[str, str, bytes | ItemError]]:
+    """(key, image extension, its bytes or why they were not read) of every sample of the tar shard ``ref``, in
+    order: what an export repacks. Read as a worker reads it (an allowed root or prefix, the URL guard, the
+    container's cap and deadline, the image cap per member); a shard that cannot be opened or read to its end
+    raises (an ``ItemError``, or the ``tarfile``/``OSError`` of a truncated one)."""
+    image_policy = ImagePolicy.from_settings(settings)
+    policy = replace(image_policy, max_bytes=settings.max_container_bytes, total_timeout_s=settings.container_timeout_s)
+    with open_container(ref, policy, settings, default_guard()) as fh:
+        for key, parts in _tar_groups(fh, settings.max_image_bytes):
+            ext = next((e for e in IMAGE_EXTS if e in parts), None)
+            if ext is not None:
+                yield key, ext, parts[ext]
 
 
 def _sample(spec: ContainerSpec, key: str, parts: dict[str, bytes | ItemError]) -> Member | None:
