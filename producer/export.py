@@ -585,7 +585,8 @@ def _repack(shard: str, by_key: dict[str, Mapping[str, Any]], out: _ShardSet, op
         log.warning("export: %s could not be read to its end (%s: %s)", shard, type(exc).__name__, exc)
         opts.skipped["unreadable"] += len(by_key)
         by_key.clear()
-    opts.skipped["missing_image"] += len(by_key)  # members no longer in the shard
+    if by_key:  # members no longer in the shard
+        opts.skipped["missing_image"] += len(by_key)
     return count
 
 
@@ -663,8 +664,8 @@ def _sample(row: Mapping[str, Any], opts: _Options) -> list[tuple[str, bytes]] |
         return "bad_key"
     if container is not None:
         # A member of a shard, a row group or a dataset: its bytes are in that container. Tar shards are read again.
-        shard, key = container
-        return container if opts.shards is not None and shard.lower().endswith(TAR_SUFFIXES) else "container_member"
+        repacked = opts.shards is not None and container[0].lower().endswith(TAR_SUFFIXES)
+        return container if repacked else "container_member"
     remote = is_url(image) or is_object_uri(image)
     ext = Path(image.split("?", 1)[0]).suffix.lower().lstrip(".") or "img"
     if ext in ("txt", "json") or not re.fullmatch(r"[a-z0-9]{1,8}", ext):

@@ -642,8 +642,11 @@ def test_members_of_shards_set_aside_on_disk_come_back_grouped_by_shard(tmp_path
     held.add("s0.tar", "k0", {"id": "again"})  # a key twice: its first row is the one packed
     assert len(held.files) == 3  # spilled to disk past the limit
     got = {shard: {key: row["id"] for key, row in rows.items()} for shard, rows in held.by_shard()}
-    assert got == {"s0.tar": {"k0": "0", "k3": "3", "k6": "6", "k9": "9"},
-                   "s1.tar": {"k1": "1", "k4": "4", "k7": "7"}, "s2.tar": {"k2": "2", "k5": "5", "k8": "8"}}  # fmt: skip
+    assert got == {
+        "s0.tar": {"k0": "0", "k3": "3", "k6": "6", "k9": "9"},
+        "s1.tar": {"k1": "1", "k4": "4", "k7": "7"},
+        "s2.tar": {"k2": "2", "k5": "5", "k8": "8"},
+    }
 
 
 @pytest.mark.parametrize(
