@@ -562,6 +562,38 @@ def test_should_stop_cancels_with_a_checkpoint(tiny_dir: Path, shapes_split: tup
     assert done.status == TrainStatus.COMPLETED and done.steps == 6 and done.final_dir is not None
 
 
+def test_a_run_stopped_under_two_processes_resumes_in_one(
+    tiny_dir: Path, shapes_split: tuple, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run cancelled under two processes (torchrun, gloo) resumes in one process from the checkpoint the cancel
+    wrote, and finishes: no step run twice, the change of process count logged and recorded."""
+    import logging
+
+    from training.distributed import run
+
+    train_set, eval_set = shapes_split[0][:32], shapes_split[1][:4]
+    policy = local_image_policy(train_set + eval_set)
+    opts = {**FAST, "batch_size": 4, "log_steps": 1, "eval_steps": 1000, "save_steps": 1000}
+    cfg = TrainConfig(**opts, base_model=str(tiny_dir), max_steps=2000)  # stopped long before its end
+    seen: list[dict] = []
+    first = run(cfg, train_set, eval_set, tmp_path, processes=2, on_progress=seen.append,
+                should_stop=lambda: any(e["kind"] == "train" for e in seen), lost=lambda: False, image_policy=policy,
+                torch_threads=1)  # fmt: skip
+    assert first.status == TrainStatus.CANCELLED and 1 <= first.steps < 1000
+    end = first.steps + 6
+    stopped = tmp_path / CHECKPOINTS / f"step-{first.steps}"
+    assert json.loads((stopped / STATE_FILE).read_text())["processes"] == 2
+    events: list[dict] = []
+    with caplog.at_level(logging.WARNING, logger="training.checkpoints"):
+        done = run(TrainConfig(**opts, base_model=str(tiny_dir), max_steps=end), train_set, eval_set, tmp_path,
+                   processes=1, on_progress=events.append, should_stop=lambda: False, lost=lambda: False,
+                   image_policy=policy)  # fmt: skip
+    assert done.status == TrainStatus.COMPLETED and done.steps == end and done.final_dir is not None
+    assert [e["step"] for e in events if e["kind"] == "train"] == list(range(first.steps + 1, end + 1))
+    assert "processes 2 -> 1" in caplog.text
+    assert json.loads((tmp_path / CHECKPOINTS / f"step-{end}" / STATE_FILE).read_text())["processes"] == 1
+
+
 def test_bad_settings_fail_before_any_work(tiny_dir: Path, tmp_path: Path) -> None:
     ex = [Example("/nowhere.png", ["x"])]
     with pytest.raises(ConfigError, match="multiple of eval_steps"):
