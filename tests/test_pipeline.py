@@ -242,3 +242,75 @@ def test_quality_flags_are_counted_and_flagged_items_can_be_captioned_again(clie
     assert n == len(truncated) and info.ok == 10
     assert all(again[i]["params"]["max_length"] == 9 for i in truncated)
     assert all(again[i]["params"]["max_length"] == 6 for i in again if i not in truncated)
+
+
+def test_a_cpu_model_decodes_one_image_at_a_time_while_fetches_overlap(
+    settings, images: Path, tiny_model: Path
+) -> None:
+    """Where the model runs on the CPU its threads use every core, so by default one image decodes at a time (more
+    decoders preempt the model's threads); fetching still runs on every decode thread at once."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from common.messages import Source
+    from worker.engine import CaptionEngine, EngineConfig
+    from worker.service import CaptionService
+
+    body = sorted(images.glob("*.jpg"))[0].read_bytes()
+    together = threading.Barrier(3, timeout=2.5)  # three fetches in flight at once, or none is answered
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            try:
+                together.wait()
+            except threading.BrokenBarrierError:
+                self.send_error(503)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    own = settings.model_copy(update={"decode_threads": 4, "decode_concurrency": 0})
+    service = CaptionService(own, engine_factory=lambda: CaptionEngine.load(
+        EngineConfig(model=str(tiny_model), device="cpu", dtype="float32")))  # fmt: skip
+    # Watch the engine's preprocessing (the end of a decode): each one waits a moment for company, which it gets
+    # at once unless the decode slots keep the others out.
+    engine, lock, company = service.engine, threading.Lock(), threading.Event()
+    inside, most = [0], [0]
+    prepare = engine.prepare
+
+    def watched(batch: list) -> object:
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+            if inside[0] > 1:
+                company.set()
+        company.wait(1)
+        try:
+            return prepare(batch)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    engine.prepare = watched  # type: ignore[method-assign]
+    try:
+        assert service.decode_slots() == 1
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        rows = service.caption_sources([Source(url=f"{base}/{i}.jpg") for i in range(3)], GenParams(max_length=8))
+    finally:
+        service.close()
+        server.shutdown()
+        server.server_close()
+    assert [r.status for r in rows] == [ItemStatus.OK] * 3, [r.error for r in rows]
+    assert most[0] == 1
+    chosen = CaptionService(settings.model_copy(update={"decode_concurrency": 3}), engine_factory=lambda: engine)
+    try:
+        assert chosen.decode_slots() == 3
+    finally:
+        chosen.close()

@@ -112,6 +112,9 @@ class CaptionService:
         self.warm_up_s = 0.0
         self._reported_profile: str | None = None
         self._pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        #: Decodes running at once, at most ``decode_slots()`` (made on first use: the automatic figure needs the
+        #: engine's device).
+        self._decoding: threading.BoundedSemaphore | None = None
         #: Ends URL fetches at their deadline, and all of them when the worker stops (see abandon_fetches).
         self.fetches = FetchGuard()
         self.batcher: MicroBatcher[GenParams] = MicroBatcher(
@@ -201,7 +204,26 @@ class CaptionService:
             out.append(Captioned(gen.text, engine.version, flags, batch_ms, profile=profile))
         return out
 
+    def decode_slots(self) -> int:
+        """How many images decode and preprocess at once (CAPTIONER_DECODE_CONCURRENCY; automatic: one where the
+        model runs on the CPU, every decode thread elsewhere)."""
+        wanted = self.settings.decode_concurrency
+        if wanted == 0:
+            on_cpu = str(getattr(self.engine, "device", "cpu")).startswith("cpu")
+            wanted = 1 if on_cpu else self.settings.decode_threads
+        return min(wanted, self.settings.decode_threads)
+
     # --- captioning -----------------------------------------------------------------------------
+    def _decode(self, data: bytes) -> Any:
+        """Decode and preprocess one image's bytes, holding one of the decode slots."""
+        if self._decoding is None:
+            slots = self.decode_slots()
+            with self._claims_lock:
+                if self._decoding is None:
+                    self._decoding = threading.BoundedSemaphore(slots)
+        with self._decoding:
+            return self.engine.prepare([decode_image(data, self.policy)])
+
     def _read(self, src: ItemSource) -> bytes:
         """The encoded bytes of an item: fetched (paths, URLs, objects, base64), or already in hand."""
         if isinstance(src, Blob):
@@ -224,7 +246,7 @@ class CaptionService:
         digest, own = None, None
         try:
             if self.reuse is None:
-                image = decode_image(self._read(src), self.policy)
+                pixels = self._decode(self._read(src))
             else:
                 data = self._read(src)
                 digest = hashlib.blake2b(data, digest_size=16).digest()
@@ -238,8 +260,7 @@ class CaptionService:
                 if twin is not None:  # captioned before, or being captioned now for another item
                     self.batcher.arrived()
                     return twin, (time.perf_counter() - started) * 1000, None
-                image = decode_image(data, self.policy)
-            pixels = self.engine.prepare([image])
+                pixels = self._decode(data)
             future = self.batcher.submit(pixels, params, group=group, expected=True)
         except BaseException as exc:
             self.batcher.arrived()  # announced in caption_items, and not coming: batches stop waiting for it

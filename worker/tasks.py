@@ -253,6 +253,7 @@ def captioner_info(state: Any, **kwargs: Any) -> dict[str, Any]:
         "max_batch_size": svc.batcher.max_batch,
         # For `captioner doctor`: the worst case of this worker's decode threads against its machine's memory.
         "decode_threads": svc.settings.decode_threads,
+        "decode_concurrency": svc.decode_slots(),
         "image_memory_bytes": svc.settings.image_memory_bytes,
         "memory_bytes": machine_memory_bytes(),
         # ... and how long its largest list call takes at its own speed, against its visibility timeout.
@@ -299,7 +300,8 @@ def _warm_up(sender: str, instance: Any, **kwargs: Any) -> None:
                           getattr(engine, "profile", None))  # fmt: skip
         metrics.WARM_UP.set(svc.warm_up_s)
         metrics.serve(settings.metrics_port, settings.metrics_addr, _queue_depths)
-        log.info("worker %s serves model %s", sender, version)
+        log.info("worker %s serves model %s; %d decode threads, %d decoding at once", sender, version,
+                 settings.decode_threads, svc.decode_slots())  # fmt: skip
 
 
 def _queue_depths() -> dict[str, int]:
