@@ -108,9 +108,17 @@ def _client(ctx: click.Context) -> JobClient:
 
 def _emit(as_json: bool, data: Any, human: Callable[[], None]) -> None:
     if as_json:
-        click.echo(json.dumps(data, ensure_ascii=False, default=str))
+        click.echo(_json_text(data))
     else:
         human()
+
+
+def _json_text(data: Any) -> str:
+    """JSON with text readable as it is, except what a terminal may act on: C0 controls (JSON escapes them), and C1
+    controls (U+009B opens an escape sequence on 8-bit terminals), separators and format characters (bidi
+    overrides), which JSON would leave raw and are written as ``\\uXXXX`` escapes of the same text."""
+    text = json.dumps(data, ensure_ascii=False, default=str)
+    return "".join(ch if ch.isascii() or ch.isprintable() else json.dumps(ch)[1:-1] for ch in text)
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")

@@ -348,6 +348,23 @@ def test_jobs_status_and_failures_show_control_characters_as_escapes(
         assert "\\x1b[2J" in shown and "\\u202e" in shown and "[bold]name[/bold]" in shown, (args, shown)
 
 
+def test_json_output_escapes_what_a_terminal_would_act_on_and_keeps_the_text(
+    client: JobClient, settings: Settings
+) -> None:
+    """--json prints non-ASCII text as it is (a caption in Japanese stays readable), but C1 controls (U+009B opens an
+    escape sequence on 8-bit terminals), bidi overrides and separators as escapes: a reader gets the same text."""
+    name = "\x1b[2J \x9b31m \u202eevil \u2028 \U000e0041 写真"
+    client.ledger.open_job("job-json-escapes", name, GenParams())
+    client.ledger.seal("job-json-escapes")
+    for args in (["jobs", "--json"], ["status", "job-json-escapes", "--json"]):
+        out = CliRunner().invoke(cli, args, env=_cli_env(settings), catch_exceptions=False).output
+        assert not any(ch in out for ch in "\x1b\x9b\u202e\u2028\U000e0041"), (args, out)
+        assert "写真" in out, out
+        data = json.loads(out)
+        info = next(j for j in data if j["id"] == "job-json-escapes") if isinstance(data, list) else data
+        assert info["name"] == name
+
+
 @pytest.mark.parametrize(
     ("args", "hint"),
     [(["--max-length", "1"], "--max-length"), (["--prompt", "a photo of", "--max-length", "4"], "no room")],
