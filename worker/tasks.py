@@ -6,6 +6,7 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 from celery import Task
@@ -35,7 +36,7 @@ from common.messages import (
 from common.settings import get_settings
 from worker import metrics
 from worker.celery_app import app, queue_depths
-from worker.chunks import ChunkRunner
+from worker.chunks import ChunkOutcome, ChunkRunner
 from worker.containers import ContainerRunner
 from worker.logs import job_context
 from worker.service import CaptionService
@@ -92,30 +93,36 @@ def _backoff(attempt: int) -> int:
     return min(2 ** max(attempt, 1), 60)
 
 
+def _run_or_give_back(task: Task, what: str, job_id: str, run: Callable[[], ChunkOutcome], left: str) -> ChunkOutcome:
+    """``run()`` a chunk or a container of a ledger job, with the failure rules both share. ``left`` says what
+    remains when a bug outlives its retries."""
+    try:
+        return run()
+    except _INFRA_ERRORS as exc:
+        # Redis down or full past CAPTIONER_WRITE_RETRY_S. Not a retry (publishing a copy needs the Redis that
+        # just failed): the message goes back to its queue, or, if even that fails, stays unacked and returns
+        # after the visibility timeout. Either way nothing is lost.
+        log.warning("%s of job %s given back: %s: %s", what, job_id, type(exc).__name__, exc)
+        raise Reject(exc, requeue=True) from None
+    except InvalidMessage:
+        raise
+    except Exception as exc:
+        # Not bad input (that is a row) nor Redis (above): a bug. A few tries, then what the message held stays as
+        # it was (pending items, an open container), which `captioner reconcile JOB` sends again once it is fixed.
+        if task.request.retries >= _BUG_RETRIES:
+            log.exception("%s of job %s failed %d times; %s", what, job_id, _BUG_RETRIES + 1, left)
+            raise
+        log.exception("%s of job %s failed; trying again", what, job_id)
+        raise task.retry(exc=exc, countdown=_backoff(task.request.retries + 1), max_retries=_BUG_RETRIES) from None
+
+
 # ignore_result: the ledger is the record of a chunk; a result per chunk would only cost Redis memory and a write.
 @app.task(name=TASK_CAPTION_CHUNK, bind=True, ignore_result=True)
 def caption_chunk(self: Task, job_id: Any = None, items: Any = None, params: Any = None, **extra: Any) -> dict:
     """Caption a chunk of a ledger job; rows are in Redis before this returns (and the message is acked)."""
     msg = cast(ChunkMessage, parse_message(ChunkMessage, _payload(job_id=job_id, items=items, params=params, **extra)))
     with job_context(msg.job_id, self.request.id):
-        try:
-            outcome = chunks().run(msg)
-        except _INFRA_ERRORS as exc:
-            # Redis down or full past CAPTIONER_WRITE_RETRY_S. Not a retry (publishing a copy needs the Redis that
-            # just failed): the message goes back to its queue, or, if even that fails, stays unacked and returns
-            # after the visibility timeout. Either way nothing is lost.
-            log.warning("chunk of job %s given back: %s: %s", msg.job_id, type(exc).__name__, exc)
-            raise Reject(exc, requeue=True) from None
-        except InvalidMessage:
-            raise
-        except Exception as exc:
-            # Not bad input (that is a row) nor Redis (above): a bug. A few tries, then the items stay pending,
-            # which `captioner reconcile JOB` sends again once it is fixed.
-            if self.request.retries >= _BUG_RETRIES:
-                log.exception("chunk of job %s failed %d times; its items stay pending", msg.job_id, _BUG_RETRIES + 1)
-                raise
-            log.exception("chunk of job %s failed; trying again", msg.job_id)
-            raise self.retry(exc=exc, countdown=_backoff(self.request.retries + 1), max_retries=_BUG_RETRIES) from None
+        outcome = _run_or_give_back(self, "chunk", msg.job_id, lambda: chunks().run(msg), "its items stay pending")
         if outcome.retry:
             again = [it for it in msg.items if it.id in set(outcome.retry)]
             _resend(self, msg, again, outcome.retry_attempt)
@@ -129,19 +136,7 @@ def caption_container(self: Task, job_id: Any = None, container: Any = None, par
     msg = cast(ContainerMessage, parse_message(ContainerMessage, _payload(job_id=job_id, container=container,
                                                                           params=params, **extra)))  # fmt: skip
     with job_context(msg.job_id, self.request.id):
-        try:
-            outcome = containers().run(msg)
-        except _INFRA_ERRORS as exc:
-            log.warning("container of job %s given back: %s: %s", msg.job_id, type(exc).__name__, exc)
-            raise Reject(exc, requeue=True) from None
-        except InvalidMessage:
-            raise
-        except Exception as exc:
-            if self.request.retries >= _BUG_RETRIES:
-                log.exception("container of job %s failed %d times; it stays open", msg.job_id, _BUG_RETRIES + 1)
-                raise
-            log.exception("container of job %s failed; trying again", msg.job_id)
-            raise self.retry(exc=exc, countdown=_backoff(self.request.retries + 1), max_retries=_BUG_RETRIES) from None
+        outcome = _run_or_give_back(self, "container", msg.job_id, lambda: containers().run(msg), "it stays open")
         return outcome.as_dict()
 
 
