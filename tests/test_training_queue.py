@@ -5,6 +5,7 @@ running once, cancel."""
 from __future__ import annotations
 
 import gc
+import re
 import time
 import uuid
 from pathlib import Path
@@ -263,12 +264,13 @@ def test_a_two_process_run_matches_one_process_survives_a_kill_and_stores_one_ve
     stack, session_root: Path, tmp_path: Path
 ) -> None:
     """num_processes=2 on the CPU (gloo): the training worker launches torchrun, is killed mid-run with its
-    processes, the next worker resumes the run from its checkpoint; the loss curve equals a single process's at
-    the same global batch (2 x 4 against 1 x 8) within 0.5% over the first 12 of 24 steps, which hold the kill
-    and the resume, and the job stores one version. Later the gap grows from float rounding in the gradient
-    all-reduce, amplified by Adam at this high learning rate (measured in three runs: 0.0003% at step 1, 0.017%
-    at step 7, 0.12% at step 15, 0.65% at step 21); two processes that saw the same images instead differ by
-    1.3% at step 2."""
+    processes (its log shows where the next launch resumed: before the run's end), the next worker resumes the
+    run from its checkpoint, and the job stores one version. The loss curve equals a single process's at the same
+    global batch (2 x 4 against 1 x 8) within 0.1% over the first 8 steps; later the gap grows from float rounding
+    in the gradient all-reduce, amplified by Adam at this high learning rate on a model at its loss plateau
+    (measured: 0.015% at step 8, 0.1% at step 9, 0.5-1.3% at steps 10-12, up to 3% by step 20), while two
+    processes that saw the same images instead differ by 1.3% at step 2. The run is long (120 steps, a few
+    seconds) so that the kill, taken as the step-4 checkpoint appears, lands mid-run."""
     import json
 
     from training.config import TrainConfig
@@ -281,8 +283,8 @@ def test_a_two_process_run_matches_one_process_survives_a_kill_and_stores_one_ve
     base = store.add(build_tiny_git(tmp_path / "base", seed=0, dropout=0.0), {"base_model": "tiny"}, "base-nodrop")
     data = session_root / f"ddp-{uuid.uuid4().hex[:6]}"
     make_shapes(data, 36, seed=12, size=32)
-    config = {**FAST, "base_model": str(base.path), "batch_size": 4, "max_steps": 24, "eval_steps": 4, "save_steps": 4,
-              "log_steps": 1, "max_length": 8, "eval_max_samples": 4, "num_processes": 2}  # fmt: skip
+    config = {**FAST, "base_model": str(base.path), "batch_size": 4, "max_steps": 120, "eval_steps": 4,
+              "save_steps": 4, "log_steps": 1, "max_length": 8, "eval_max_samples": 4, "num_processes": 2}  # fmt: skip
     req = TrainRequest(job_id="train-ddp", dataset=str(data), config=config)
     client, first = _submit_to_a_new_worker(env, req, tmp_path)
     run_dir = store.root / ".runs" / req.job_id
@@ -293,24 +295,24 @@ def test_a_two_process_run_matches_one_process_survives_a_kill_and_stores_one_ve
         second.wait_ready()
         info = client.wait(req.job_id, timeout=600, on_tick=lambda _: None)
     client.close()
-    assert info.state is JobState.DONE and info.extra["result"]["steps"] == 24, info.extra
+    assert info.state is JobState.DONE and info.extra["result"]["steps"] == 120, info.extra
     log2 = second.log_path.read_text()
     assert "resuming training job train-ddp" in log2 and "launching 2 training processes" in log2
-    assert "resumed from" in (run_dir / "launch.log").read_text()
+    [resumed_at] = {int(n) for n in re.findall(r"resumed from \S+ at step (\d+)", (run_dir / "launch.log").read_text())}
+    assert 4 <= resumed_at < 120  # the kill landed mid-run
     versions = [v for v in store.list() if v.meta.get("job_id") == req.job_id]
     assert len(versions) == 1 and versions[0].meta["processes"] == 2
     # The curve over both launches: the resumed run repeats the steps after its checkpoint; the last word counts.
     records = [json.loads(line) for line in (run_dir / "progress.jsonl").read_text().splitlines()]
     two = {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
-    assert sorted(two) == list(range(1, 25))
+    assert sorted(two) == list(range(1, 121))
     train_set, eval_set = split_examples(load_examples(str(data)), 0.1, 42)
-    single = {k: v for k, v in config.items() if k != "num_processes"} | {"batch_size": 8}
+    # A constant learning rate: the first 8 steps of a single process do not depend on max_steps.
+    single = {k: v for k, v in config.items() if k != "num_processes"} | {"batch_size": 8, "max_steps": 8}
     events: list[dict] = []
     train(TrainConfig(**single), train_set, eval_set, tmp_path / "one", on_progress=events.append)
     one = {e["step"]: e["loss"] for e in events if e["kind"] == "train"}
-    assert one.keys() == two.keys()
-    # 1%: float rounding of two processes' summed gradients drifts by up to about 0.5% over these steps (measured),
-    # while two processes that wrongly saw the same images are 1.3% off at step 2 already.
-    for step in range(1, 13):
-        assert two[step] == pytest.approx(one[step], rel=1e-2), (step, two[step], one[step])
-    assert two[24] < two[1]
+    assert sorted(one) == list(range(1, 9))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-3), (step, two[step], one[step])
+    assert two[120] < two[1]

@@ -158,7 +158,8 @@ def _control(out_dir: Path, *, stop: bool, lost: bool) -> None:
 
 
 def _die_with_parent() -> None:
-    """In the child: SIGTERM when the training worker dies (Linux), so torchrun stops its processes too."""
+    """SIGTERM to this process when its parent dies (Linux): torchrun when the training worker dies, and each
+    training process when torchrun does."""
     try:
         import ctypes
 
@@ -204,6 +205,13 @@ def main(spec_path: str) -> int:
 
     from training.checkpoints import quiet_progress_bars
 
+    # SIGTERM when torchrun's agent dies, as the agent has when the worker dies: a worker killed with its process
+    # group (torchrun too, by SIGKILL) must not leave its training processes writing into a run that the next
+    # worker resumes. An agent gone before this line is caught by the parent's pid changing.
+    agent = os.getppid()
+    _die_with_parent()
+    if os.getppid() != agent:
+        return 1
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s %(levelname)s rank {rank}] %(name)s: %(message)s")
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
