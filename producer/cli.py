@@ -879,13 +879,13 @@ def _remote_reader(settings: Settings) -> Callable[[str], bytes] | None:
 
 
 def _shard_reader(settings: Settings) -> ShardReader | None:
-    """What a webdataset export reads tar shards with, to repack their members: as a worker reads them (None where
-    the worker's stack is not installed: such members are skipped as container_member)."""
+    """What a webdataset export reads shards, Parquet and Arrow files with, to repack their members: as a worker
+    reads them (None where the worker's stack is not installed: such members are skipped as container_member)."""
     try:
-        from worker.containers import shard_images
+        from worker.containers import container_images
     except ImportError:
         return None
-    return functools.partial(shard_images, settings=settings)
+    return functools.partial(container_images, settings=settings)
 
 
 def _default_export_name(job_id: str, fmt: str) -> str:

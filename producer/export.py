@@ -79,13 +79,13 @@ class ExportSummary:
     path: Path | None = None
     #: Why rows were skipped (caption formats only): not_ok, rejected, flagged, not_local, missing_image, unreadable,
     #: forbidden (outside the allowed roots, a link leading out, not a regular file), too_large, exists,
-    #: name_clash, bad_key, container_member (a member of a Parquet, Arrow or 🤗 dataset container).
+    #: name_clash, bad_key, container_member (a member of a 🤗 dataset).
     skipped_by_reason: dict[str, int] = field(default_factory=dict)
     #: Where an export to an object store went (``s3://...``): the object, or the shard folder.
     location: str | None = None
 
 
-#: What reads a tar shard for a webdataset export (``worker.containers.shard_images`` bound to the settings).
+#: What reads a container for a webdataset export (``worker.containers.container_images`` bound to the settings).
 ShardReader = Callable[[str], Iterator[tuple[str, str, "bytes | ItemError"]]]
 
 
@@ -102,8 +102,8 @@ class _Options:
     #: Reads the bytes of a URL or an object for webdataset exports, by the workers' image policy (None: such rows
     #: are skipped as not_local).
     remote: Callable[[str], bytes] | None = None
-    #: Reads a tar shard for webdataset exports: (key, image extension, bytes or the error) per sample, in order
-    #: (None: members of shards are skipped as container_member).
+    #: Reads a tar shard, a Parquet or an Arrow file for webdataset exports: (key, image extension, bytes or the
+    #: error) per member, in order (None: members of containers are skipped as container_member).
     shards: ShardReader | None = None
     skipped: Counter[str] = field(default_factory=Counter)
 
@@ -145,10 +145,10 @@ def export_rows(
     root, a regular file, no link leading out), and skipped as ``forbidden`` when it fails them. They need
     ``local``; CSV cells that a spreadsheet would run as a formula are neutralised (see ``_cell``).
 
-    ``webdataset`` fetches URLs and objects again with ``remote``, and repacks the members of tar shards by
-    reading each shard once with ``shards``, after the other rows (the rows of a shard are set aside on disk until
-    then, so a job of any size needs the memory of one shard's rows); members of Parquet, Arrow and 🤗 datasets
-    containers are skipped as ``container_member`` (export parquet: its rows carry the source's columns).
+    ``webdataset`` fetches URLs and objects again with ``remote``, and repacks the members of tar shards, Parquet
+    and Arrow files by reading each container once with ``shards``, after the other rows (the rows of a container
+    are set aside on disk until then, so a job of any size needs the memory of one container's rows); members of
+    🤗 datasets are skipped as ``container_member``.
     """
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -565,7 +565,8 @@ def _export_webdataset(
 
 
 def _repack(shard: str, by_key: dict[str, Mapping[str, Any]], out: _ShardSet, opts: _Options) -> int:
-    """Read ``shard`` once and add a sample for each of its members that has a row in ``by_key``."""
+    """Read ``shard`` (a tar shard, a Parquet or an Arrow file) once and add a sample for each of its members that
+    has a row in ``by_key``."""
     assert opts.shards is not None
     count = 0
     try:
@@ -581,7 +582,7 @@ def _repack(shard: str, by_key: dict[str, Mapping[str, Any]], out: _ShardSet, op
     except ItemError as exc:  # the shard could not be opened or fetched
         opts.skipped[_file_skip(exc)] += len(by_key)
         by_key.clear()
-    except (tarfile.TarError, EOFError, OSError) as exc:  # read until it broke off (truncated since captioning)
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:  # broke off (truncated since captioning)
         log.warning("export: %s could not be read to its end (%s: %s)", shard, type(exc).__name__, exc)
         opts.skipped["unreadable"] += len(by_key)
         by_key.clear()
@@ -663,8 +664,9 @@ def _sample(row: Mapping[str, Any], opts: _Options) -> list[tuple[str, bytes]] |
     if not _SAFE_KEY.fullmatch(str(row.get("id") or "")):
         return "bad_key"
     if container is not None:
-        # A member of a shard, a row group or a dataset: its bytes are in that container. Tar shards are read again.
-        repacked = opts.shards is not None and container[0].lower().endswith(TAR_SUFFIXES)
+        # A member of a shard, a row group or a dataset: its bytes are in that container, which is read again (a
+        # dataset, by name from a hub, is not).
+        repacked = opts.shards is not None and container[0].lower().endswith((*TAR_SUFFIXES, ".parquet", ".arrow"))
         return container if repacked else "container_member"
     remote = is_url(image) or is_object_uri(image)
     ext = Path(image.split("?", 1)[0]).suffix.lower().lstrip(".") or "img"

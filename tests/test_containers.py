@@ -103,6 +103,13 @@ def test_a_truncated_shard_over_http_gives_rows_for_what_was_read_and_the_worker
     assert {r["status"] for r in client.results(job_id)} == {"ok"} and client.status(job_id).total == 6
 
 
+def _export_webdataset(worker_env: dict[str, str], job_id: str, out: Path, *extra: str) -> dict:
+    result = CliRunner().invoke(cli, ["export", job_id, "--format", "webdataset", "-o", str(out), "--json", *extra],
+                                env=worker_env)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output.strip().splitlines()[-1])
+
+
 def _read_shards(folder: Path) -> dict[str, dict[str, bytes]]:
     samples: dict[str, dict[str, bytes]] = {}
     for path in sorted(folder.glob("*.tar")):
@@ -133,13 +140,7 @@ def test_a_webdataset_export_repacks_the_members_of_shards_read_once_each(
     rows = _rows(client, job_id)
     assert client.status(job_id).ok == 7 and rows["bad"]["error_class"] == "decode_error"
 
-    def export(out: Path, *extra: str) -> dict:
-        result = CliRunner().invoke(cli, ["export", job_id, "--format", "webdataset", "-o", str(out), "--json",
-                                          *extra], env=worker_env)  # fmt: skip
-        assert result.exit_code == 0, result.output
-        return json.loads(result.output.strip().splitlines()[-1])
-
-    summary = export(tmp_path / "out")
+    summary = _export_webdataset(worker_env, job_id, tmp_path / "out")
     assert (summary["rows_written"], summary["skipped_by_reason"]) == (7, {"not_ok": 1})
     samples = _read_shards(tmp_path / "out")
     assert set(samples) == {r["id"] for r in rows.values() if r["status"] == "ok"}
@@ -153,7 +154,7 @@ def test_a_webdataset_export_repacks_the_members_of_shards_read_once_each(
     with tarfile.open(fileobj=io.BytesIO(remote)) as tar:
         cut = tar.getmember("b1.png").offset_data + 10
     (www / "b.tar").write_bytes(remote[:cut])
-    summary = export(tmp_path / "out", "--overwrite")
+    summary = _export_webdataset(worker_env, job_id, tmp_path / "out", "--overwrite")
     assert (summary["rows_written"], summary["skipped_by_reason"]) == (5, {"not_ok": 1, "unreadable": 2})
     packed = {json.loads(s["json"])["ref"].rsplit("#", 1)[1] for s in _read_shards(tmp_path / "out").values()}
     assert packed == {"a0", "a1", "a2", "a3", "b0"}
@@ -186,10 +187,18 @@ def test_parquet_row_groups_carry_their_other_columns_to_the_export(
 
     back = {r["ref"].rsplit("#", 1)[1]: r for r in read_rows(out, "csv")}
     assert json.loads(back["1"]["extra"])["meta"] == {"w": 1, "tags": ["a", "1"]}
+    # As WebDataset samples: the file read once more, each captioned row's cell repacked under its image type.
+    summary = _export_webdataset(worker_env, job_id, tmp_path / "shards")
+    assert (summary["rows_written"], summary["skipped_by_reason"]) == (5, {"not_ok": 2})
+    for sample in _read_shards(tmp_path / "shards").values():
+        row = json.loads(sample.pop("json"))
+        assert sample.pop("txt").decode() == row["caption"]
+        [(ext, data)] = sample.items()
+        assert data == good[int(row["ref"].rsplit("#", 1)[1])] and ext == "png"
 
 
 def test_datasets_saved_to_disk_and_imagefolders_are_containers(
-    caption_worker: WorkerProcess, worker_env: dict[str, str], session_root: Path, client: JobClient
+    caption_worker: WorkerProcess, worker_env: dict[str, str], session_root: Path, client: JobClient, tmp_path: Path
 ) -> None:
     datasets = pytest.importorskip("datasets")
     from training.synthetic import make_shapes
@@ -207,6 +216,11 @@ def test_datasets_saved_to_disk_and_imagefolders_are_containers(
     assert client.status(job_id).total == 6 and {r["status"] for r in got.values()} == {"ok"}
     assert sorted(r["extra"]["n"] for r in got.values()) == list(range(6))
     assert {r["extra"]["text"] for r in got.values()} == {c for _, c in rows}
+    # save_to_disk wrote Arrow files: a WebDataset export repacks their rows' image bytes.
+    summary = _export_webdataset(worker_env, job_id, tmp_path / "shards")
+    assert (summary["rows_written"], summary["skipped_by_reason"]) == (6, {})
+    packed = {json.loads(s["json"])["extra"]["n"]: s["png"] for s in _read_shards(tmp_path / "shards").values()}
+    assert packed == {i: p.read_bytes() for i, (p, _) in enumerate(rows)}
     job_id = _enqueue(worker_env, str(folder), "--dataset")
     got = _rows(client, job_id)
     assert sorted(got) == sorted(p.name for p, _ in rows) and {r["status"] for r in got.values()} == {"ok"}

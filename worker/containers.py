@@ -205,18 +205,79 @@ def _tar_members(spec: ContainerSpec, fh: IO[bytes], max_bytes: int) -> Iterator
             yield member
 
 
-def shard_images(ref: str, settings: Settings) -> Iterator[tuple[str, str, bytes | ItemError]]:
-    """(key, image extension, its bytes or why they were not read) of every sample of the tar shard ``ref``, in
-    order: what an export repacks. Read as a worker reads it (an allowed root or prefix, the URL guard, the
-    container's cap and deadline, the image cap per member); a shard that cannot be opened or read to its end
-    raises (an ``ItemError``, or the ``tarfile``/``OSError`` of a truncated one)."""
+def container_images(ref: str, settings: Settings) -> Iterator[tuple[str, str, bytes | ItemError]]:
+    """(key, image extension, its bytes or why they were not read) of every member of the container ``ref``, in
+    order: the samples of a tar shard, the rows of a Parquet or Arrow file (keys are row numbers, as when they were
+    captioned). What an export repacks. Read as a worker reads it (an allowed root or prefix, the URL guard, the
+    container's cap and deadline, the image cap per member); a container that cannot be opened or read to its end
+    raises (an ``ItemError``, or the ``tarfile``/``OSError``/pyarrow error of a truncated one)."""
     image_policy = ImagePolicy.from_settings(settings)
     policy = replace(image_policy, max_bytes=settings.max_container_bytes, total_timeout_s=settings.container_timeout_s)
     with open_container(ref, policy, settings, default_guard()) as fh:
+        if ref.lower().endswith((".parquet", ".arrow")):
+            yield from _table_images(ref, fh, settings.max_image_bytes)
+            return
         for key, parts in _tar_groups(fh, settings.max_image_bytes):
             ext = next((e for e in IMAGE_EXTS if e in parts), None)
             if ext is not None:
                 yield key, ext, parts[ext]
+
+
+def _table_images(ref: str, fh: IO[bytes], max_bytes: int) -> Iterator[tuple[str, str, bytes | ItemError]]:
+    """The image cells of a Parquet or Arrow file, row by row, one row group or record batch in memory at a time. The
+    image column is ``image``, or the only column holding bytes (the column chosen at enqueue is not recorded)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if ref.lower().endswith(".parquet"):
+        pf = pq.ParquetFile(fh)
+        column = _image_column(ref, pf.schema_arrow)
+        tables: Iterator[Any] = (pf.read_row_group(i, columns=[column]) for i in range(pf.num_row_groups))
+    else:
+        head = fh.read(6)
+        fh.seek(0)
+        batches = pa.ipc.open_file(fh) if head == b"ARROW1" else pa.ipc.open_stream(fh)
+        column = _image_column(ref, batches.schema)
+        tables = (
+            (batches.get_batch(i) for i in range(batches.num_record_batches)) if head == b"ARROW1" else iter(batches)
+        )
+    row = 0
+    for table in tables:
+        for cell in table.column(column).to_pylist():
+            data, error = _image_cell(cell, f"row {row}", max_bytes)
+            yield str(row), _image_ext(data) if data is not None else "img", data if error is None else error
+            row += 1
+
+
+def _image_column(ref: str, schema: Any) -> str:
+    import pyarrow as pa
+
+    if "image" in schema.names:
+        return "image"
+    holding_bytes = [
+        f.name for f in schema
+        if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)
+        or (pa.types.is_struct(f.type) and f.type.get_field_index("bytes") >= 0)
+    ]  # fmt: skip
+    if len(holding_bytes) != 1:
+        raise DecodeError(f"{ref}: no column named image, and {len(holding_bytes)} columns holding bytes, not one")
+    return holding_bytes[0]
+
+
+#: PIL's format names whose usual file extension is not their name in lower case.
+_FORMAT_EXTS = {"JPEG": "jpg", "MPO": "jpg", "TIFF": "tif"}
+
+
+def _image_ext(data: bytes) -> str:
+    """The file extension of an image's bytes, from their header (``img`` when PIL does not know them)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            name = str(image.format or "")
+    except Exception:  # not an image PIL reads: the sample still carries its bytes
+        return "img"
+    return _FORMAT_EXTS.get(name, name.lower() or "img")
 
 
 def _sample(spec: ContainerSpec, key: str, parts: dict[str, bytes | ItemError]) -> Member | None:
