@@ -4,7 +4,6 @@ running once, cancel."""
 
 from __future__ import annotations
 
-import gc
 import re
 import time
 import uuid
@@ -90,7 +89,11 @@ def test_rollback_reaches_current_workers_and_a_pinned_version_stays(stack, sess
     app = create_app(settings_from(env))
 
     def served(queue: str) -> str:
-        return app.send_task(TASK_CAPTION, args=[image], queue=queue).get(timeout=60)["model_version"]
+        # Polled, not awaited: a result awaited over pub/sub unsubscribes when it is collected, which fails once the
+        # test's redis-server has stopped.
+        result = app.send_task(TASK_CAPTION, args=[image], queue=queue)
+        wait_for(result.ready, 60, "a caption")
+        return result.result["model_version"]
 
     current_queue = settings_from(env).interactive_queue_name
     with (WorkerProcess(env, log=tmp_path / "current.log") as current,
@@ -103,10 +106,6 @@ def test_rollback_reaches_current_workers_and_a_pinned_version_stays(stack, sess
         store.promote("v-a")  # the rollback
         wait_for(lambda: served(current_queue) == "v-a", 60, "the @current worker to switch back to v-a")
         assert served(f"{pinned_queue}-now") == "v-b"
-    # The results' pub/sub is closed while the test's redis-server still runs (collected later, they would
-    # try to unsubscribe from a server that is gone).
-    gc.collect()
-    app.close()
     assert "serves model v-b" in pinned.log_path.read_text()
 
 
