@@ -144,9 +144,10 @@ class Settings(BaseSettings):
     prefetch_multiplier: int = Field(1, ge=1, le=64)
     # Threads fetching and decoding images while the model generates.
     decode_threads: int = Field(4, ge=1, le=256)
-    # Of those, how many decode and preprocess at once (CPU work); fetching is not limited by it. 0: automatic,
-    # 1 where the model runs on the CPU (its threads use every core: more decoders preempt them, and the model's
-    # threads then wait on each other), decode_threads elsewhere.
+    # Of those, how many decode and preprocess at once while the model generates (CPU work; fetching is not
+    # limited by it, and while the model waits for images every thread decodes). 0: automatic, 1 where the model
+    # runs on the CPU (its threads use every core: more decoders preempt them, and the model's threads then wait on
+    # each other), decode_threads elsewhere.
     decode_concurrency: int = Field(0, ge=0, le=256)
     # Image references per queue message when the producer enqueues a job.
     chunk_size: int = Field(64, ge=1, le=10_000)

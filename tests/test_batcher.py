@@ -158,3 +158,56 @@ def test_a_wrong_number_of_outputs_is_caught_not_misaligned(make) -> None:
     futures = [batcher.submit(i, "p") for i in range(3)]
     assert [f.result(timeout=30) for f in futures] == ["out:0", "out:1", "out:2"]
     assert batcher.stats.splits >= 2
+
+
+def test_the_decode_gate_holds_decoders_beside_a_running_batch_and_frees_them_while_the_model_waits() -> None:
+    from worker.service import DecodeGate
+
+    gate = DecodeGate(while_generating=1, idle=3)
+    # The model waits: three decode together (the barrier breaks unless all three are inside at once).
+    together = threading.Barrier(3, timeout=10)
+
+    def decode_together() -> None:
+        with gate.decoding():
+            together.wait()
+
+    threads = [threading.Thread(target=decode_together) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+    assert not together.broken and gate.active == 0
+    # A batch runs: one decodes beside it, a second waits for it...
+    first_in, release_first, second_in = threading.Event(), threading.Event(), threading.Event()
+    batch_over = threading.Event()
+
+    def first() -> None:
+        with gate.decoding():
+            first_in.set()
+            release_first.wait(10)
+
+    def second() -> None:
+        first_in.wait(10)
+        with gate.decoding():
+            second_in.set()
+
+    def batch() -> None:
+        with gate.generation():
+            batch_over.wait(10)
+
+    runner = threading.Thread(target=batch)
+    runner.start()
+    while not gate.generating:
+        time.sleep(0.001)
+    helpers = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in helpers:
+        t.start()
+    assert first_in.wait(10)
+    assert not second_in.wait(0.3)  # held while the first decodes beside the batch
+    # ... until the batch ends: then it goes at once, while the first is still decoding.
+    batch_over.set()
+    assert second_in.wait(10) and not release_first.is_set()
+    release_first.set()
+    for t in (runner, *helpers):
+        t.join(10)
+    assert gate.active == 0 and not gate.generating

@@ -244,11 +244,12 @@ def test_quality_flags_are_counted_and_flagged_items_can_be_captioned_again(clie
     assert all(again[i]["params"]["max_length"] == 6 for i in again if i not in truncated)
 
 
-def test_a_cpu_model_decodes_one_image_at_a_time_while_fetches_overlap(
+def test_a_cpu_model_decodes_beside_its_batches_one_image_at_a_time_while_fetches_overlap(
     settings, images: Path, tiny_model: Path
 ) -> None:
-    """Where the model runs on the CPU its threads use every core, so by default one image decodes at a time (more
-    decoders preempt the model's threads); fetching still runs on every decode thread at once."""
+    """Where the model runs on the CPU its threads use every core, so by default one image decodes beside a running
+    batch (more decoders preempt the model's threads); fetching still runs on every decode thread at once, and the
+    service's decodes and batches go through its gate."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -279,28 +280,22 @@ def test_a_cpu_model_decodes_one_image_at_a_time_while_fetches_overlap(
     own = settings.model_copy(update={"decode_threads": 4, "decode_concurrency": 0})
     service = CaptionService(own, engine_factory=lambda: CaptionEngine.load(
         EngineConfig(model=str(tiny_model), device="cpu", dtype="float32")))  # fmt: skip
-    # Watch the engine's preprocessing (the end of a decode): each one waits a moment for company, which it gets
-    # at once unless the decode slots keep the others out.
-    engine, lock, company = service.engine, threading.Lock(), threading.Event()
-    inside, most = [0], [0]
-    prepare = engine.prepare
+    # What the gate saw: decodes counted while preprocessing, and batches marked while generating.
+    engine, seen = service.engine, {"decoding": [], "generating": []}
+    prepare, generate = engine.prepare, engine.generate_detailed
 
-    def watched(batch: list) -> object:
-        with lock:
-            inside[0] += 1
-            most[0] = max(most[0], inside[0])
-            if inside[0] > 1:
-                company.set()
-        company.wait(1)
-        try:
-            return prepare(batch)
-        finally:
-            with lock:
-                inside[0] -= 1
+    def watched_prepare(batch: list) -> object:
+        seen["decoding"].append(service.gate.active)
+        return prepare(batch)
 
-    engine.prepare = watched  # type: ignore[method-assign]
+    def watched_generate(*args: object, **kwargs: object) -> object:
+        seen["generating"].append(service.gate.generating)
+        return generate(*args, **kwargs)
+
+    engine.prepare = watched_prepare  # type: ignore[method-assign]
+    engine.generate_detailed = watched_generate  # type: ignore[method-assign]
     try:
-        assert service.decode_slots() == 1
+        assert (service.decode_slots(), service.gate.while_generating, service.gate.idle) == (1, 1, 4)
         base = f"http://127.0.0.1:{server.server_address[1]}"
         rows = service.caption_sources([Source(url=f"{base}/{i}.jpg") for i in range(3)], GenParams(max_length=8))
     finally:
@@ -308,7 +303,8 @@ def test_a_cpu_model_decodes_one_image_at_a_time_while_fetches_overlap(
         server.shutdown()
         server.server_close()
     assert [r.status for r in rows] == [ItemStatus.OK] * 3, [r.error for r in rows]
-    assert most[0] == 1
+    assert len(seen["decoding"]) == 3 and all(n >= 1 for n in seen["decoding"])
+    assert seen["generating"] and all(seen["generating"])
     chosen = CaptionService(settings.model_copy(update={"decode_concurrency": 3}), engine_factory=lambda: engine)
     try:
         assert chosen.decode_slots() == 3

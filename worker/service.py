@@ -12,8 +12,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from contextvars import copy_context
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -90,6 +91,52 @@ def reuse_key(version: str, params: GenParams, profile: str | None = None) -> st
     return f"{version}|{profile or 'exact'}|{params.max_length}|{params.num_beams}|{params.prompt or ''}"
 
 
+class DecodeGate:
+    """How many images decode at once: ``while_generating`` while the model runs a batch, ``idle`` while it waits.
+
+    On a CPU the model's threads use every core: a decoder running beside them preempts one, and the others wait
+    for it at their next parallel region, so a batch takes longer than decoding saved. While the model waits for
+    images, decoding is all there is to run. Decodes already under way when a batch starts run on."""
+
+    def __init__(self, while_generating: int, idle: int) -> None:
+        self.while_generating, self.idle = while_generating, max(idle, while_generating)
+        self._cond = threading.Condition()
+        self._active = 0
+        self._generating = 0
+
+    @property
+    def active(self) -> int:
+        """Images decoding now."""
+        return self._active
+
+    @property
+    def generating(self) -> bool:
+        return self._generating > 0
+
+    @contextmanager
+    def decoding(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: self._active < (self.while_generating if self._generating else self.idle))
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def generation(self) -> Iterator[None]:
+        with self._cond:
+            self._generating += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._generating -= 1
+                self._cond.notify_all()
+
+
 class CaptionService:
     """Owns the engine, the batcher and the decode pool of one worker process."""
 
@@ -112,9 +159,9 @@ class CaptionService:
         self.warm_up_s = 0.0
         self._reported_profile: str | None = None
         self._pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
-        #: Decodes running at once, at most ``decode_slots()`` (made on first use: the automatic figure needs the
-        #: engine's device).
-        self._decoding: threading.BoundedSemaphore | None = None
+        #: Decodes beside the model: ``decode_slots()`` while it generates, every decode thread while it waits (made
+        #: on first use: the automatic figure needs the engine's device).
+        self._gate: DecodeGate | None = None
         #: Ends URL fetches at their deadline, and all of them when the worker stops (see abandon_fetches).
         self.fetches = FetchGuard()
         self.batcher: MicroBatcher[GenParams] = MicroBatcher(
@@ -190,7 +237,8 @@ class CaptionService:
         if self.settings.fault_oom_above and len(items) > self.settings.fault_oom_above:
             raise MemoryError(f"out of memory (injected: batch {len(items)} > {self.settings.fault_oom_above})")
         started = time.perf_counter()
-        generated = engine.generate_detailed(engine.stack(items), params)
+        with self.gate.generation():
+            generated = engine.generate_detailed(engine.stack(items), params)
         batch_ms = round((time.perf_counter() - started) * 1000, 2)
         profile = getattr(engine, "profile", None)  # after the batch: a piece that failed in it is not counted
         if profile != self._reported_profile:
@@ -205,23 +253,28 @@ class CaptionService:
         return out
 
     def decode_slots(self) -> int:
-        """How many images decode and preprocess at once (CAPTIONER_DECODE_CONCURRENCY; automatic: one where the
-        model runs on the CPU, every decode thread elsewhere)."""
+        """How many images decode and preprocess at once while the model generates (CAPTIONER_DECODE_CONCURRENCY;
+        automatic: one where the model runs on the CPU, every decode thread elsewhere). While the model waits for
+        images, every decode thread decodes."""
         wanted = self.settings.decode_concurrency
         if wanted == 0:
             on_cpu = str(getattr(self.engine, "device", "cpu")).startswith("cpu")
             wanted = 1 if on_cpu else self.settings.decode_threads
         return min(wanted, self.settings.decode_threads)
 
-    # --- captioning -----------------------------------------------------------------------------
-    def _decode(self, data: bytes) -> Any:
-        """Decode and preprocess one image's bytes, holding one of the decode slots."""
-        if self._decoding is None:
+    @property
+    def gate(self) -> DecodeGate:
+        if self._gate is None:
             slots = self.decode_slots()
             with self._claims_lock:
-                if self._decoding is None:
-                    self._decoding = threading.BoundedSemaphore(slots)
-        with self._decoding:
+                if self._gate is None:
+                    self._gate = DecodeGate(slots, self.settings.decode_threads)
+        return self._gate
+
+    # --- captioning -----------------------------------------------------------------------------
+    def _decode(self, data: bytes) -> Any:
+        """Decode and preprocess one image's bytes, when the gate lets it."""
+        with self.gate.decoding():
             return self.engine.prepare([decode_image(data, self.policy)])
 
     def _read(self, src: ItemSource) -> bytes:
