@@ -19,7 +19,7 @@ from typing import Any
 
 import redis
 
-from common.ledger import PAGE_SCAN_BUDGET, ItemFilter, Ledger
+from common.ledger import PAGE_SCAN_BUDGET, ItemFilter, Ledger, RedisLedger
 from common.messages import GenParams, ItemResult, ItemStatus, item_id
 from producer.local import LocalRedis
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", type=Path, help="write the figures as JSON here too")
     args = ap.parse_args(argv)
     with LocalRedis() as server:
-        ledger = Ledger(redis.Redis.from_url(server.url(0)), "bench")
+        ledger = RedisLedger(redis.Redis.from_url(server.url(0)), "bench")
         fill_s = {"small": fill(ledger, "job-small", args.small), "large": fill(ledger, "job-large", args.large)}
         memory = int(ledger.r.info("memory")["used_memory"])
         results: dict[str, Any] = {}

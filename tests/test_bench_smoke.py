@@ -92,3 +92,20 @@ def test_gpu_bench_refuses_a_cpu_machine_and_writes_its_readme_section(tmp_path:
     start, end = original.index(gpu.README_START), original.index(gpu.README_END)
     assert written.startswith(original[: start + len(gpu.README_START)])
     assert written.endswith(original[end:]) and "Not measured yet" not in written
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="the benchmarks start their own redis-server")
+@pytest.mark.parametrize(
+    ("module", "args", "expect"),
+    [
+        ("bench.review_paging", ["--large", "2000", "--small", "400", "--repeats", "1"], "| unfiltered |"),
+        ("bench.ledger_size", ["--items", "300", "--backend", "redis"], '"redis_bytes_per_captioned_item"'),
+    ],
+)
+def test_standalone_benchmarks_still_run_at_a_small_size(module: str, args: list[str], expect: str) -> None:
+    """The benchmarks outside bench.run are run by hand, rarely: at a small size here, so a change of the code they
+    measure cannot leave them broken unnoticed (the review paging one was, after the ledger became a package)."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert expect in proc.stdout, proc.stdout[-2000:]
