@@ -7,8 +7,8 @@ import contextlib
 import os
 import threading
 import uuid
-from collections.abc import Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -193,6 +193,33 @@ def http_root(session_root: Path) -> Iterator[tuple[str, Path]]:
     yield f"http://127.0.0.1:{server.server_address[1]}", folder
     server.shutdown()
     server.server_close()
+
+
+@contextlib.contextmanager
+def image_server(body: bytes, answer: Callable[[str], bool]) -> Iterator[str]:
+    """A real HTTP server on 127.0.0.1 that answers every GET with ``body`` once ``answer(path)`` returns True (the
+    test's hold on each request), and with a 503 when it returns False. Yields the base URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if not answer(self.path):
+                self.send_error(503)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def reconciling(client: JobClient, resent: list[int]):

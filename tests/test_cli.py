@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from click.testing import CliRunner
 from common.settings import Settings
 from producer.cli import cli
 from producer.export import flatten_row, read_rows
-from tests.conftest import direct_captions
+from tests.conftest import direct_captions, image_server
 from tests.test_recovery import wait_for
 
 
@@ -304,30 +303,18 @@ def test_reconcile_sends_again_what_the_broker_lost(settings: Settings, cli_env:
 def gated_images(images: Path):
     """An HTTP server of the folder's first image under 40 names: the first six requests are answered at once, the
     rest wait until the test opens the gate. Yields (urls, requested paths in order, gate)."""
-    body = sorted(images.glob("*.jpg"))[0].read_bytes()
     requested: list[str] = []
     gate = threading.Event()
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            requested.append(self.path)
-            if len(requested) > 6:
-                gate.wait(60)
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def answer(path: str) -> bool:
+        requested.append(path)
+        if len(requested) > 6:
+            gate.wait(60)
+        return True
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-    yield [f"{base}/img-{i:02d}.jpg" for i in range(40)], requested, gate
-    gate.set()
-    server.shutdown()
-    server.server_close()
+    with image_server(sorted(images.glob("*.jpg"))[0].read_bytes(), answer) as base:
+        yield [f"{base}/img-{i:02d}.jpg" for i in range(40)], requested, gate
+        gate.set()
 
 
 def test_cancel_while_a_worker_is_captioning(

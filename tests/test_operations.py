@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import urllib.request
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -71,10 +70,10 @@ def test_metrics_endpoint_and_json_logs_of_a_real_worker(
             client.submit_training(TrainRequest(job_id="train-queued", dataset=str(tmp_path / "none")))
             client.wait("job-metrics", timeout=60, on_tick=lambda _: None)
             client.close()
-            deadline = time.monotonic() + 15  # the sampler reads queue depths every 5 s
-            while _sample(text := _scrape(port), "captioner_queue_depth", queue=training_queue) != 1.0:
-                assert time.monotonic() < deadline, "queue depth never sampled"
-                time.sleep(0.5)
+            # The sampler reads queue depths every 5 s.
+            wait_for(lambda: _sample(_scrape(port), "captioner_queue_depth", queue=training_queue) == 1.0, 120,
+                     "the training queue's depth to be sampled")  # fmt: skip
+            text = _scrape(port)
 
             # CAPTIONER_LEDGER_TTL_S: the finished job leaves the ledger once its time is up; the queued fine-tune,
             # not finished, stays.

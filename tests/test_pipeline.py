@@ -251,32 +251,21 @@ def test_a_cpu_model_decodes_beside_its_batches_one_image_at_a_time_while_fetche
     batch (more decoders preempt the model's threads); fetching still runs on every decode thread at once, and the
     service's decodes and batches go through its gate."""
     import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from common.messages import Source
+    from tests.conftest import image_server
     from worker.engine import CaptionEngine, EngineConfig
     from worker.service import CaptionService
 
-    body = sorted(images.glob("*.jpg"))[0].read_bytes()
     together = threading.Barrier(3, timeout=2.5)  # three fetches in flight at once, or none is answered
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            try:
-                together.wait()
-            except threading.BrokenBarrierError:
-                self.send_error(503)
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def answer(path: str) -> bool:
+        try:
+            together.wait()
+        except threading.BrokenBarrierError:
+            return False
+        return True
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     own = settings.model_copy(update={"decode_threads": 4, "decode_concurrency": 0})
     service = CaptionService(own, engine_factory=lambda: CaptionEngine.load(
         EngineConfig(model=str(tiny_model), device="cpu", dtype="float32")))  # fmt: skip
@@ -296,12 +285,11 @@ def test_a_cpu_model_decodes_beside_its_batches_one_image_at_a_time_while_fetche
     engine.generate_detailed = watched_generate  # type: ignore[method-assign]
     try:
         assert (service.decode_slots(), service.gate.while_generating, service.gate.idle) == (1, 1, 4)
-        base = f"http://127.0.0.1:{server.server_address[1]}"
-        rows = service.caption_sources([Source(url=f"{base}/{i}.jpg") for i in range(3)], GenParams(max_length=8))
+        with image_server(sorted(images.glob("*.jpg"))[0].read_bytes(), answer) as base:
+            sources = [Source(url=f"{base}/{i}.jpg") for i in range(3)]
+            rows = service.caption_sources(sources, GenParams(max_length=8))
     finally:
         service.close()
-        server.shutdown()
-        server.server_close()
     assert [r.status for r in rows] == [ItemStatus.OK] * 3, [r.error for r in rows]
     assert len(seen["decoding"]) == 3 and all(n >= 1 for n in seen["decoding"])
     assert seen["generating"] and all(seen["generating"])
