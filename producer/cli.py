@@ -18,7 +18,7 @@ import click
 
 from common.errors import CaptionerError, ConfigError
 from common.messages import QUALITY_FLAGS, GenParams, JobKind, is_url
-from producer.export import FORMATS, ShardReader
+from producer.export import FORMATS, ContainerReader
 
 if TYPE_CHECKING:  # the CLI imports these lazily, so `captioner --help` stays fast
     from common.ledger import JobInfo
@@ -599,7 +599,7 @@ def export(
     options: dict[str, Any] = {"shard_size": shard_size, "exclude_flags": exclude_flags, "local": local}
     if fmt == "webdataset":
         options["remote"] = _remote_reader(settings)
-        options["shards"] = _shard_reader(settings)
+        options["containers"] = _container_reader(settings)
     out: Path | str | None
     if output and is_object_uri(output):
         summary = export_to_store(rows, fmt, output, store, overwrite=overwrite, **options)
@@ -878,7 +878,7 @@ def _remote_reader(settings: Settings) -> Callable[[str], bytes] | None:
     return read
 
 
-def _shard_reader(settings: Settings) -> ShardReader | None:
+def _container_reader(settings: Settings) -> ContainerReader | None:
     """What a webdataset export reads shards, Parquet and Arrow files with, to repack their members: as a worker
     reads them (None where the worker's stack is not installed: such members are skipped as container_member)."""
     try:

@@ -86,7 +86,7 @@ class ExportSummary:
 
 
 #: What reads a container for a webdataset export (``worker.containers.container_images`` bound to the settings).
-ShardReader = Callable[[str], Iterator[tuple[str, str, "bytes | ItemError"]]]
+ContainerReader = Callable[[str], Iterator[tuple[str, str, "bytes | ItemError"]]]
 
 
 @dataclass
@@ -104,7 +104,7 @@ class _Options:
     remote: Callable[[str], bytes] | None = None
     #: Reads a tar shard, a Parquet or an Arrow file for webdataset exports: (key, image extension, bytes or the
     #: error) per member, in order (None: members of containers are skipped as container_member).
-    shards: ShardReader | None = None
+    containers: ContainerReader | None = None
     skipped: Counter[str] = field(default_factory=Counter)
 
 
@@ -123,7 +123,7 @@ def export_rows(
     exclude_flags: Iterable[str] = (),
     local: LocalFiles | None = None,
     remote: Callable[[str], bytes] | None = None,
-    shards: ShardReader | None = None,
+    containers: ContainerReader | None = None,
 ) -> ExportSummary:
     """Write ``rows`` (ItemResult dicts) as ``fmt``, one row at a time.
 
@@ -146,7 +146,7 @@ def export_rows(
     ``local``; CSV cells that a spreadsheet would run as a formula are neutralised (see ``_cell``).
 
     ``webdataset`` fetches URLs and objects again with ``remote``, and repacks the members of tar shards, Parquet
-    and Arrow files by reading each container once with ``shards``, after the other rows (the rows of a container
+    and Arrow files by reading each container once with ``containers``, after the other rows (the rows of a container
     are set aside on disk until then, so a job of any size needs the memory of one container's rows); members of
     🤗 datasets are skipped as ``container_member``.
     """
@@ -157,7 +157,7 @@ def export_rows(
     if shard_size < 1:
         raise ConfigError(f"shard_size must be at least 1, got {shard_size}")
     opts = _Options(batch_rows=batch_rows, exclude_flags=frozenset(exclude_flags), local=local, remote=remote,
-                    shards=shards)  # fmt: skip
+                    containers=containers)  # fmt: skip
     if (fmt == "sidecar" and (local is None or not local.roots)) or (
         fmt == "webdataset" and (local is None or not local.roots) and remote is None
     ):
@@ -548,7 +548,7 @@ def _export_webdataset(
             for row in rows:
                 row = _as_mapping(row)
                 members = _sample(row, opts)
-                if isinstance(members, tuple):  # a member of a tar shard: packed when its shard is read
+                if isinstance(members, tuple):  # a container member: packed when its container is read
                     set_aside.add(*members, row)
                     continue
                 if isinstance(members, str):
@@ -556,21 +556,21 @@ def _export_webdataset(
                     continue
                 shards.add(str(row["id"]), members, mtime=float(row.get("finished_at") or 0))
                 count += 1
-            for shard, by_key in set_aside.by_shard():
-                count += _repack(shard, by_key, shards, opts)
+            for container, by_key in set_aside.by_container():
+                count += _repack(container, by_key, shards, opts)
         written = shards.commit(overwrite=overwrite)
     finally:
         shards.discard()
     return ExportSummary(rows_written=count, files_written=written, path=folder)
 
 
-def _repack(shard: str, by_key: dict[str, Mapping[str, Any]], out: _ShardSet, opts: _Options) -> int:
-    """Read ``shard`` (a tar shard, a Parquet or an Arrow file) once and add a sample for each of its members that
+def _repack(container: str, by_key: dict[str, Mapping[str, Any]], out: _ShardSet, opts: _Options) -> int:
+    """Read ``container`` (a tar shard, a Parquet or an Arrow file) once and add a sample for each of its members that
     has a row in ``by_key``."""
-    assert opts.shards is not None
+    assert opts.containers is not None
     count = 0
     try:
-        for key, ext, data in opts.shards(shard):
+        for key, ext, data in opts.containers(container):
             row = by_key.pop(key, None)
             if row is None:
                 continue  # not exported (not captioned, filtered out) or a key already packed
@@ -579,21 +579,21 @@ def _repack(shard: str, by_key: dict[str, Mapping[str, Any]], out: _ShardSet, op
                 continue
             out.add(str(row["id"]), _members(row, ext, data), mtime=float(row.get("finished_at") or 0))
             count += 1
-    except ItemError as exc:  # the shard could not be opened or fetched
+    except ItemError as exc:  # the container could not be opened or fetched
         opts.skipped[_file_skip(exc)] += len(by_key)
         by_key.clear()
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:  # broke off (truncated since captioning)
-        log.warning("export: %s could not be read to its end (%s: %s)", shard, type(exc).__name__, exc)
+        log.warning("export: %s could not be read to its end (%s: %s)", container, type(exc).__name__, exc)
         opts.skipped["unreadable"] += len(by_key)
         by_key.clear()
-    if by_key:  # members no longer in the shard
+    if by_key:  # members no longer in the container
         opts.skipped["missing_image"] += len(by_key)
     return count
 
 
 class _MemberRows:
-    """The rows of tar-shard members, grouped by shard: held in memory up to ``limit`` rows, then appended to one
-    JSON-lines file per shard in ``folder``."""
+    """The rows of container members, grouped by container: held in memory up to ``limit`` rows, then appended to
+    one JSON-lines file per container in ``folder``."""
 
     def __init__(self, folder: Path, limit: int = 20_000) -> None:
         self.folder, self.limit = folder, limit
@@ -601,28 +601,28 @@ class _MemberRows:
         self.files: dict[str, Path] = {}
         self.count = 0
 
-    def add(self, shard: str, key: str, row: Mapping[str, Any]) -> None:
+    def add(self, container: str, key: str, row: Mapping[str, Any]) -> None:
         line = json.dumps({"key": key, "row": row}, ensure_ascii=False, separators=(",", ":"), default=str)
-        self.held.setdefault(shard, []).append(line)
+        self.held.setdefault(container, []).append(line)
         self.count += 1
         if self.count >= self.limit:
             self._spill()
 
-    def by_shard(self) -> Iterator[tuple[str, dict[str, Mapping[str, Any]]]]:
-        """Each shard with its rows by member key (the first row of a key kept), in the order shards first came."""
-        for shard in [*self.files, *(s for s in self.held if s not in self.files)]:
-            lines = self.held.pop(shard, [])
-            if shard in self.files:
-                lines = self.files[shard].read_text(encoding="utf-8").splitlines() + lines
+    def by_container(self) -> Iterator[tuple[str, dict[str, Mapping[str, Any]]]]:
+        """Each container with its rows by member key (the first row of a key kept), in the order they first came."""
+        for container in [*self.files, *(c for c in self.held if c not in self.files)]:
+            lines = self.held.pop(container, [])
+            if container in self.files:
+                lines = self.files[container].read_text(encoding="utf-8").splitlines() + lines
             by_key: dict[str, Mapping[str, Any]] = {}
             for line in lines:
                 entry = json.loads(line)
                 by_key.setdefault(entry["key"], entry["row"])
-            yield shard, by_key
+            yield container, by_key
 
     def _spill(self) -> None:
-        for shard, lines in self.held.items():
-            path = self.files.setdefault(shard, self.folder / f"{len(self.files)}.jsonl")
+        for container, lines in self.held.items():
+            path = self.files.setdefault(container, self.folder / f"{len(self.files)}.jsonl")
             with open(path, "a", encoding="utf-8") as fh:
                 fh.write("\n".join(lines) + "\n")
         self.held, self.count = {}, 0
@@ -654,8 +654,8 @@ def _shard_pattern(out: Path | str | None) -> tuple[Path, str]:
 
 
 def _sample(row: Mapping[str, Any], opts: _Options) -> list[tuple[str, bytes]] | tuple[str, str] | str:
-    """The (extension, bytes) members of one sample; (shard, member key) for a member of a tar shard that is
-    repacked later; or the reason the row is skipped."""
+    """The (extension, bytes) members of one sample; (container, member key) for a member of a tar shard, a
+    Parquet or an Arrow file, repacked later; or the reason the row is skipped."""
     image = str(row.get("ref") or "")
     container = container_member(image)
     reason = _caption_skip(row, opts.exclude_flags, remote=opts.remote is not None or container is not None)
@@ -666,7 +666,7 @@ def _sample(row: Mapping[str, Any], opts: _Options) -> list[tuple[str, bytes]] |
     if container is not None:
         # A member of a shard, a row group or a dataset: its bytes are in that container, which is read again (a
         # dataset, by name from a hub, is not).
-        repacked = opts.shards is not None and container[0].lower().endswith((*TAR_SUFFIXES, ".parquet", ".arrow"))
+        repacked = opts.containers is not None and container[0].lower().endswith((*TAR_SUFFIXES, ".parquet", ".arrow"))
         return container if repacked else "container_member"
     remote = is_url(image) or is_object_uri(image)
     ext = Path(image.split("?", 1)[0]).suffix.lower().lstrip(".") or "img"

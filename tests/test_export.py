@@ -633,7 +633,7 @@ def test_file_formats_need_the_allowed_roots(tmp_path: Path) -> None:
     assert not (tmp_path / "a.txt").exists()
 
 
-def test_members_of_shards_set_aside_on_disk_come_back_grouped_by_shard(tmp_path: Path) -> None:
+def test_members_set_aside_on_disk_come_back_grouped_by_container(tmp_path: Path) -> None:
     from producer.export import _MemberRows
 
     held = _MemberRows(tmp_path, limit=3)
@@ -641,7 +641,7 @@ def test_members_of_shards_set_aside_on_disk_come_back_grouped_by_shard(tmp_path
         held.add(f"s{i % 3}.tar", f"k{i}", {"id": str(i)})
     held.add("s0.tar", "k0", {"id": "again"})  # a key twice: its first row is the one packed
     assert len(held.files) == 3  # spilled to disk past the limit
-    got = {shard: {key: row["id"] for key, row in rows.items()} for shard, rows in held.by_shard()}
+    got = {container: {key: row["id"] for key, row in rows.items()} for container, rows in held.by_container()}
     assert got == {
         "s0.tar": {"k0": "0", "k3": "3", "k6": "6", "k9": "9"},
         "s1.tar": {"k1": "1", "k4": "4", "k7": "7"},
