@@ -156,7 +156,7 @@ class JobClient:
         finally:
             report.seconds = time.perf_counter() - started
         if self.ledger.seal(job_id):  # everything was captioned already: the job ends here, not in a worker
-            self.app.send_task(TASK_NOTIFY, kwargs={"job_id": job_id}, queue=self.settings.caption_queue)
+            self._fire(TASK_NOTIFY, {"job_id": job_id}, self.settings.caption_queue)
         return report
 
     def _hold_back(self, on_hold: Callable[[int], None] | None) -> float:
@@ -209,8 +209,7 @@ class JobClient:
         self.ledger.add_containers(job_id, [(spec.id, spec.json_key()) for spec in specs])
         for spec in specs:
             body = {"job_id": job_id, "container": spec.id, "params": params.model_dump(exclude_none=True)}
-            self.app.send_task(TASK_CAPTION_CONTAINER, kwargs=body, queue=self.settings.caption_queue,
-                               producer=producer)  # fmt: skip
+            self._fire(TASK_CAPTION_CONTAINER, body, self.settings.caption_queue, producer)
 
     def _send(self, job_id: str, pairs: dict[str, str], params: GenParams, producer: Any = None) -> None:
         _valid_id(job_id)  # workers refuse a chunk of any other id: say so here, not through a job that never ends
@@ -219,7 +218,13 @@ class JobClient:
             "items": [ref if i == item_id(ref) else {"id": i, "src": ref} for i, ref in pairs.items()],
             "params": params.model_dump(exclude_none=True),
         }
-        self.app.send_task(TASK_CAPTION_CHUNK, kwargs=body, queue=self.settings.caption_queue, producer=producer)
+        self._fire(TASK_CAPTION_CHUNK, body, self.settings.caption_queue, producer)
+
+    def _fire(self, task: str, body: dict[str, Any], queue: str, producer: Any = None) -> None:
+        """Send a task whose record is the ledger, not a Celery result. ``ignore_result`` matters on this side too:
+        without it Celery subscribes this client to the task's result channel as it sends (a SUBSCRIBE per chunk,
+        and an UNSUBSCRIBE when the unused AsyncResult is collected)."""
+        self.app.send_task(task, kwargs=body, queue=queue, producer=producer, ignore_result=True)
 
     def submit_training(self, req: TrainRequest) -> None:
         """Check the request's config here (a mistake is one error now, not a job failing on a worker), record
@@ -229,7 +234,7 @@ class JobClient:
         check_train_request(req)
         self.check()
         open_train_job(self.ledger, req)
-        self.app.send_task(TASK_TRAIN, kwargs=req.model_dump(), queue=self.settings.training_queue)
+        self._fire(TASK_TRAIN, req.model_dump(), self.settings.training_queue)
 
     def evaluate(self, req: EvaluateRequest, *, timeout: float = 3600) -> dict[str, Any]:
         """Score a model version on the training queue and return its report (metrics, ``n``, samples, info).
@@ -362,7 +367,7 @@ class JobClient:
                 sent += self._retry_members(job_id, members, params or info.params, producer, flagged, ids)
         finally:
             if self.ledger.seal(job_id):
-                self.app.send_task(TASK_NOTIFY, kwargs={"job_id": job_id}, queue=self.settings.caption_queue)
+                self._fire(TASK_NOTIFY, {"job_id": job_id}, self.settings.caption_queue)
         return sent
 
     def _retry_members(

@@ -110,3 +110,24 @@ def test_duplicate_images_in_flight_are_captioned_once(settings, session_root: P
     for i, src in enumerate(originals):
         twins = [by_ref[src], by_ref[copies[2 * i]], by_ref[copies[2 * i + 1]]]
         assert len({r.caption for r in twins}) == 1 and sum(bool(r.reused) for r in twins) == 2
+
+
+def test_enqueueing_subscribes_to_no_result_channel(worker_env: dict[str, str]) -> None:
+    """Chunks, notices and fine-tunes are recorded in the ledger: a producer sending thousands of them must not
+    subscribe to each one's Celery result channel (a SUBSCRIBE per message, an UNSUBSCRIBE as each unused result is
+    collected). Counted by the producer's own redis-server, which sees no other client."""
+    from common.messages import TrainRequest
+    from producer.local import LocalRedis
+
+    with LocalRedis() as server:
+        env = {**worker_env, "CAPTIONER_BROKER_URL": server.url(0), "CAPTIONER_RESULT_BACKEND": server.url(0),
+               "CAPTIONER_REDIS_URL": server.url(1)}  # fmt: skip
+        client = JobClient(settings_from(env))
+        refs = [f"https://images.example.org/s/{i:05d}.jpg" for i in range(300)]
+        report = client.enqueue(refs, job_id="quiet", chunk_size=10)
+        client.submit_training(TrainRequest(job_id="quiet-train", dataset="/data/set", config={"max_steps": 1}))
+        client.close()
+        stats = redis.Redis.from_url(server.url(0)).info("commandstats")
+    assert report.messages == 30
+    assert stats["cmdstat_lpush"]["calls"] >= 31  # the messages went out through this server
+    assert "cmdstat_subscribe" not in stats and "cmdstat_unsubscribe" not in stats
