@@ -261,10 +261,10 @@ def test_a_two_process_run_matches_one_process_survives_a_kill_and_stores_one_ve
     """num_processes=2 on the CPU (gloo): the training worker launches torchrun, is killed mid-run with its
     processes (its log shows where the next launch resumed: before the run's end), the next worker resumes the
     run from its checkpoint, and the job stores one version. The loss curve equals a single process's at the same
-    global batch (2 x 4 against 1 x 8) within 0.1% over the first 8 steps; later the gap grows from float rounding
-    in the gradient all-reduce, amplified by Adam at this high learning rate on a model at its loss plateau
-    (measured: 0.015% at step 8, 0.1% at step 9, 0.5-1.3% at steps 10-12, up to 3% by step 20), while two
-    processes that saw the same images instead differ by 1.3% at step 2. The run is long (120 steps, a few
+    global batch (2 x 4 against 1 x 8) within 0.1% over the first 6 steps, while two processes that saw the same
+    images instead differ by 1.3% at step 2. After that the gap grows from float rounding in the gradient all-reduce,
+    amplified by Adam at this high learning rate on a model at its loss plateau, about threefold a step (measured:
+    at most 0.001% to step 6; at step 8 0.0005-0.013% in most runs and 0.22% in one). The run is long (120 steps, a few
     seconds) so that the kill, taken as the step-4 checkpoint appears, lands mid-run."""
     import json
 
@@ -302,12 +302,12 @@ def test_a_two_process_run_matches_one_process_survives_a_kill_and_stores_one_ve
     two = {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
     assert sorted(two) == list(range(1, 121))
     train_set, eval_set = split_examples(load_examples(str(data)), 0.1, 42)
-    # A constant learning rate: the first 8 steps of a single process do not depend on max_steps.
-    single = {k: v for k, v in config.items() if k != "num_processes"} | {"batch_size": 8, "max_steps": 8}
+    # A constant learning rate: the first 6 steps of a single process do not depend on max_steps.
+    single = {k: v for k, v in config.items() if k != "num_processes"} | {"batch_size": 8, "max_steps": 6}
     events: list[dict] = []
     train(TrainConfig(**single), train_set, eval_set, tmp_path / "one", on_progress=events.append)
     one = {e["step"]: e["loss"] for e in events if e["kind"] == "train"}
-    assert sorted(one) == list(range(1, 9))
+    assert sorted(one) == list(range(1, 7))
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-3), (step, two[step], one[step])
     assert two[120] < two[1]
