@@ -262,6 +262,8 @@ class JobClient:
             raise
         except Exception as exc:  # the worker's exception, rebuilt by Celery under whatever class it could find
             raise CaptionerError(f"evaluation failed on the worker: {type(exc).__name__}: {exc}") from None
+        finally:  # a result given up on stays subscribed to its channel until collected: leave it now
+            self.app.backend.remove_pending_result(result)
 
     def training_capabilities(self, timeout: float = 2.0) -> list[dict[str, Any]]:
         """What each answering training worker offers (devices, optional packages); empty when none answers."""

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from click.testing import CliRunner
 
 from common.connections import redis_client
@@ -297,6 +298,8 @@ def run(
         client.submit_training(TrainRequest(job_id="train-f", dataset=str(tmp / "gone"), config={}))
         # Queued behind H, A and F: the user gives up after a second, and the evaluation is withdrawn.
         out["evaluate_late"] = _cli(env, "evaluate", "current", str(data), "--timeout", "1")
+        # The withdrawn result no longer listens for an answer (the CLI's exception still holds it here).
+        out["result_channels_after_late"] = redis.Redis.from_url(server.url(2)).pubsub_channels("celery-task-meta-*")
         f_sent = float(client.ledger.get_field("train-f", "sent"))
         wait_for(lambda: time.time() > f_sent + 2 * TTL_S, 60, "F's grace to pass")  # the orphan scan's grace
         seen = scans()
@@ -397,6 +400,7 @@ def test_an_evaluation_not_answered_in_time_is_one_line_and_withdrawn(run: dict[
     late = run["evaluate_late"]
     assert late.exit_code == 1 and "Traceback" not in late.output
     assert "no evaluation result after 1s" in late.stderr and "it was withdrawn" in late.stderr
+    assert run["result_channels_after_late"] == []
     # The worker reached it after A and F and skipped it: only the later evaluation ran.
     assert "Discarding revoked task" in run["log"] and f"{TASK_EVALUATE}[" in run["log"]
     assert "evaluations" not in run["store"].get("champion").meta  # 'current' when it was sent
