@@ -10,7 +10,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
@@ -221,15 +220,6 @@ def image_server(body: bytes, answer: Callable[[str], bool]) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
-
-
-def polled(result: Any, timeout: float = 60) -> Any:
-    """A task's result, polled rather than awaited over pub/sub: a result awaited that way unsubscribes when it is
-    collected, which fails (a warning at exit) once the test's own redis-server has stopped."""
-    from tests.test_recovery import wait_for  # imported here: test_recovery imports this module
-
-    wait_for(result.ready, timeout, f"the result of task {result.id}")
-    return result.result
 
 
 def reconciling(client: JobClient, resent: list[int]):

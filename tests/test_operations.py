@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from producer.cli import cli
 from producer.jobs import JobClient
 from producer.local import LocalRedis, WorkerProcess, free_port
-from tests.conftest import polled, settings_from
+from tests.conftest import settings_from
 from tests.test_recovery import wait_for
 
 
@@ -235,7 +235,7 @@ def test_plain_celery_worker_command_serves_too(worker_env: dict[str, str], tmp_
         argv = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel", "INFO"]
         with WorkerProcess(env, argv=argv, log=tmp_path / "celery.log") as proc:
             proc.wait_ready()
-            row = polled(create_app(settings_from(env)).send_task(TASK_CAPTION, args=[str(path)]))
+            row = create_app(settings_from(env)).send_task(TASK_CAPTION, args=[str(path)]).get(timeout=60)
     assert row["status"] == "ok" and row["model_version"].startswith("tiny-git@")
     log = proc.log_path.read_text()
     assert "serves model tiny-git@" in log and "(thread)" in log

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from producer.cli import cli
 from producer.local import LocalRedis, WorkerProcess
-from tests.conftest import polled, settings_from, shape_files
+from tests.conftest import settings_from, shape_files
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_PW, USER_PW = "admin-pw-1", "captioner-pw-2"
@@ -51,7 +51,7 @@ def test_documented_acl_user_runs_worker_and_cli_and_is_refused_the_dangerous_re
             from common.messages import TASK_CAPTION
             from worker.celery_app import create_app
 
-            row = polled(create_app(settings_from(env)).send_task(TASK_CAPTION, kwargs={"source": refs[0]}))
+            row = create_app(settings_from(env)).send_task(TASK_CAPTION, kwargs={"source": refs[0]}).get(timeout=60)
             assert row["status"] == "ok"
             doctor = runner.invoke(cli, ["doctor", "--json"], env=env)
         checks = {c["name"]: c for c in json.loads(doctor.stdout)}

@@ -15,7 +15,7 @@ from common.messages import TASK_TRAIN, GenParams, JobState, TrainRequest
 from common.store import ModelStore
 from producer.jobs import JobClient
 from producer.local import LocalRedis, WorkerProcess
-from tests.conftest import note_fault, polled, settings_from, shape_files, snapshot, tally
+from tests.conftest import note_fault, settings_from, shape_files, snapshot, tally
 from tests.test_recovery import wait_for
 
 FAST = {"learning_rate": 3e-3, "lr_scheduler": "constant", "batch_size": 8, "grad_accum": 1, "epochs": 1000,
@@ -89,7 +89,7 @@ def test_rollback_reaches_current_workers_and_a_pinned_version_stays(stack, sess
     app = create_app(settings_from(env))
 
     def served(queue: str) -> str:
-        return polled(app.send_task(TASK_CAPTION, args=[image], queue=queue))["model_version"]
+        return app.send_task(TASK_CAPTION, args=[image], queue=queue).get(timeout=60)["model_version"]
 
     current_queue = settings_from(env).interactive_queue_name
     with (WorkerProcess(env, log=tmp_path / "current.log") as current,
