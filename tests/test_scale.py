@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -18,39 +17,55 @@ from tests.test_recovery import wait_for
 
 
 def test_enqueue_waits_while_the_queue_is_full_and_goes_on_as_it_drains(
-    worker_env: dict[str, str], tmp_path: Path, settings
+    worker_env: dict[str, str], tmp_path: Path
 ) -> None:
+    """On a redis-server of the test's own, whose LLEN count is the producer's looks at the queue."""
+    from producer.local import LocalRedis
+
     queue = f"captions-full-{uuid.uuid4().hex[:6]}"
-    env = {**os.environ, **worker_env, "CAPTIONER_CAPTION_QUEUE": queue, "CAPTIONER_MAX_QUEUED_CHUNKS": "20"}
     urls = tmp_path / "urls.txt"
     n = 3 * _DEPTH_CHECK_EVERY + 50
     urls.write_text("".join(f"https://images.example.org/a/{i:06d}.jpg\n" for i in range(n)))
     stderr = tmp_path / "stderr.txt"
     argv = [sys.executable, "-m", "producer.cli", "enqueue", str(urls), "--chunk-size", "1", "--job-id", "full"]
-    broker = redis.Redis.from_url(settings.broker_url_str)
-    with stderr.open("wb") as err:
-        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=err)
+    with LocalRedis() as server, stderr.open("wb") as err:
+        own = {**worker_env, "CAPTIONER_BROKER_URL": server.url(0), "CAPTIONER_RESULT_BACKEND": server.url(0),
+               "CAPTIONER_REDIS_URL": server.url(1), "CAPTIONER_CAPTION_QUEUE": queue,
+               "CAPTIONER_MAX_QUEUED_CHUNKS": "20"}  # fmt: skip
+        broker = redis.Redis.from_url(server.url(0))
+        proc = subprocess.Popen(argv, env={**os.environ, **own}, stdout=subprocess.PIPE, stderr=err)
 
         def waiting() -> bool:
             assert proc.poll() is None, stderr.read_text()
             return b"waiting" in stderr.read_bytes()
 
+        def looks() -> int:
+            return broker.info("commandstats").get("cmdstat_llen", {}).get("calls", 0)
+
         wait_for(waiting, 120, "the producer to wait for the queue")
-        # It stopped at its first look at the queue, a hundred messages in, and stays stopped.
+        # It stopped at its first look at the queue, a hundred messages in, and stays stopped while it looks again.
+        seen = looks()
+
+        def stays_stopped() -> bool:  # LINDEX, not LLEN: the test's own reads leave the producer's count alone
+            assert proc.poll() is None and broker.lindex(queue, _DEPTH_CHECK_EVERY) is None, "it went on"
+            return looks() >= seen + 3
+
+        wait_for(stays_stopped, 120, "the producer to look at the full queue three more times")
         assert broker.llen(queue) == _DEPTH_CHECK_EVERY and proc.poll() is None
         depths, taken = [], 0
-        gave_up_at = time.monotonic() + 300  # a hang guard, not a speed bound
-        while proc.poll() is None or broker.llen(queue):  # a worker's part: take messages off the queue
-            depths.append(broker.llen(queue))
-            if broker.rpop(queue) is not None:
-                taken += 1
-            else:
-                time.sleep(0.01)
-            assert time.monotonic() < gave_up_at, "the producer did not go on"
+
+        def drained() -> bool:  # a worker's part: take what is queued; done once the producer has ended
+            nonlocal taken
+            while depth := broker.llen(queue):
+                depths.append(depth)
+                taken += broker.rpop(queue) is not None
+            return proc.poll() is not None and not broker.llen(queue)
+
+        wait_for(drained, 300, "the producer to go on as the queue drains")
         assert proc.wait(10) == 0, stderr.read_text()
+        info = JobClient(settings_from(own)).status("full")
     assert taken == n
     assert max(depths) <= 20 + _DEPTH_CHECK_EVERY  # it never ran more than one check's worth past the limit
-    info = JobClient(settings_from(worker_env)).status("full")
     assert info.total == n and info.state.value == "running"
 
 
