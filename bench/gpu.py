@@ -61,7 +61,7 @@ def sweep(model_dir: Path, profile: str, sizes: list[int], max_length: int, cach
     import torch
 
     from common.messages import GenParams
-    from worker.engine import CaptionEngine, EngineConfig
+    from model.engine import CaptionEngine, EngineConfig
 
     engine = CaptionEngine.load(EngineConfig(model=str(model_dir), device="cuda", dtype="bfloat16", profile=profile,
                                              compile_cache_dir=str(cache)))  # fmt: skip

@@ -108,7 +108,7 @@ def _child_peak(case: str, how: str) -> None:
     from PIL import Image
 
     from common.settings import Settings
-    from worker.images import ImagePolicy, decode_image
+    from media.images import ImagePolicy, decode_image
 
     Image.init()
     data = _image(case)
@@ -260,14 +260,14 @@ def _slow_server() -> Iterator[_SlowServer]:
 
 def _policy(total_s: float) -> Any:
     from common.settings import Settings
-    from worker.images import ImagePolicy
+    from media.images import ImagePolicy
 
     return ImagePolicy.from_settings(Settings(url_total_timeout_s=total_s, allow_private_urls=True))
 
 
 def measure_fetch(total_s: float = 5.0) -> list[dict[str, str]]:
     from common.errors import ItemError
-    from worker.images import fetch_url
+    from media.images import fetch_url
 
     rows = []
     with _slow_server() as srv:
@@ -399,8 +399,8 @@ def measure_refusals() -> list[dict[str, str]]:
     """Outcomes, counted on real files and messages in this process (the tests run them through workers)."""
     from common.errors import InvalidMessage, SourceError
     from common.messages import ChunkMessage, check_job_id, parse_message
-    from common.paths import LocalFiles
-    from producer.export import export_rows, read_rows
+    from exports.export import export_rows, read_rows
+    from media.paths import LocalFiles
 
     refused = 0
     for job_id in HOSTILE_JOB_IDS:

@@ -10,7 +10,7 @@ from bench.corpus import caption_tokens
 from bench.result import PathResult, batches, generated_tokens
 from common.messages import GenParams, Source
 from common.settings import Settings
-from worker.images import ImagePolicy, load_image
+from media.images import ImagePolicy, load_image
 
 
 def count_tokens(obj: Any, method: str, pad_id: int, sink: list[int]) -> None:
@@ -40,7 +40,7 @@ class EnginePath:
                  profile: str = "exact", pieces: str = "", sizes: tuple[int, ...] = (32,)) -> None:  # fmt: skip
         from dataclasses import replace
 
-        from worker.engine import CaptionEngine, EngineConfig
+        from model.engine import CaptionEngine, EngineConfig
 
         # The worker's own settings (device, decoder, ...) with this model, dtype and profile: (b) and (f) run the same.
         update = {"model": str(model_dir), "dtype": dtype, "profile": profile, "pieces": pieces}
@@ -93,7 +93,7 @@ class EnginePath:
             sweep={b: len(paths) / runs[b][0] for b in batch_sizes},
             extra={
                 "device": str(self.engine.device),
-                "decoder": "hf" if getattr(self.engine, "_fast", None) is None else "fast (worker/fastgen.py)",
+                "decoder": "hf" if getattr(self.engine, "_fast", None) is None else "fast (model/fastgen.py)",
                 "profile": self.engine.profile,
                 "fallbacks": dict(self.engine.pieces.fallbacks),
                 "warm_up_s": round(self.warm_up_s, 1),

@@ -17,9 +17,9 @@ import time
 import uuid
 from typing import Any
 
-from common.ledger import Ledger
 from common.messages import ChunkMessage, GenParams, ItemResult, ItemStatus
 from common.settings import Settings
+from ledger import Ledger
 from producer.jobs import JobClient
 from producer.local import LocalRedis
 
@@ -107,7 +107,7 @@ def measure(backend: str, n: int, caption_chars: int, chunk_size: int) -> dict[s
             "postgres_bytes_per_item": round((disk_done - disk_before) / n, 1) if backend == "postgresql" else None,
         }
         if backend == "postgresql":
-            from common.ledger.pg_ledger import PostgresLedger
+            from ledger.pg_ledger import PostgresLedger
 
             assert isinstance(ledger, PostgresLedger)
             ledger._run(f"DROP SCHEMA IF EXISTS {ledger.schema} CASCADE")

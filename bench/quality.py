@@ -4,7 +4,7 @@ The demo model (`captioner demo`'s small GIT, trained on synthetic shapes) is tr
 directory, in process, with the demo's own recipe; later runs reuse it. Held-out images are drawn by the same
 generator with another seed, at twice the model's input size and saved as JPEG, so JPEG draft decoding has
 something to skip. Every variant captions the same images; each is scored with
-``training.metrics.caption_metrics`` (WER, the real criterion) and compared caption by caption with ``exact``
+``training.scores.caption_metrics`` (WER, the real criterion) and compared caption by caption with ``exact``
 in the same dtype.
 """
 
@@ -23,7 +23,7 @@ TRAIN_IMAGES, TRAIN_STEPS = 2000, 2000
 
 @dataclass(frozen=True)
 class Variant:
-    """One way of captioning: a dtype, a profile and piece adjustments (worker/profiles.py)."""
+    """One way of captioning: a dtype, a profile and piece adjustments (model/profiles.py)."""
 
     name: str
     dtype: str
@@ -43,7 +43,7 @@ def variants(dtype: str, pieces: tuple[str, ...], fast_pieces: str = "") -> list
 
 def demo_model(work: Path, *, steps: int = TRAIN_STEPS, train_images: int = TRAIN_IMAGES) -> Path:
     """The fine-tuned demo model in ``work`` (trained there the first time, with `captioner demo`'s recipe)."""
-    from producer.demo import DEMO_TRAINING, IMAGE_SIZE, _demo_model
+    from cli.demo import DEMO_TRAINING, IMAGE_SIZE, _demo_model
     from training.config import TrainConfig
     from training.data import load_examples
     from training.finetune import train
@@ -66,7 +66,7 @@ def demo_model(work: Path, *, steps: int = TRAIN_STEPS, train_images: int = TRAI
 
 def held_out(work: Path, n: int) -> list[tuple[Path, str]]:
     """``n`` held-out JPEGs (seed 2, the demo's held-out seed) with their reference captions."""
-    from producer.demo import IMAGE_SIZE
+    from cli.demo import IMAGE_SIZE
     from training.synthetic import make_shapes
 
     folder = work / f"held-out-{n}"
@@ -83,9 +83,9 @@ def score(model_dir: Path, images: list[tuple[Path, str]], variant: Variant, *, 
     """Caption ``images`` with ``variant`` in process; WER and friends, images/s, the pieces that really ran."""
     from common.messages import GenParams, Source
     from common.settings import Settings
-    from training.metrics import caption_metrics
-    from worker.engine import CaptionEngine, EngineConfig
-    from worker.images import ImagePolicy, load_image
+    from media.images import ImagePolicy, load_image
+    from model.engine import CaptionEngine, EngineConfig
+    from training.scores import caption_metrics
 
     engine = CaptionEngine.load(EngineConfig(model=str(model_dir), dtype=variant.dtype, profile=variant.profile,
                                              pieces=variant.pieces))  # fmt: skip

@@ -19,8 +19,8 @@ from typing import Any
 
 import redis
 
-from common.ledger import PAGE_SCAN_BUDGET, ItemFilter, Ledger, RedisLedger
 from common.messages import GenParams, ItemResult, ItemStatus, item_id
+from ledger import PAGE_SCAN_BUDGET, ItemFilter, Ledger, RedisLedger
 from producer.local import LocalRedis
 
 CASES: dict[str, ItemFilter] = {

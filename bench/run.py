@@ -123,7 +123,7 @@ def measure_model(kind: str, cfg: BenchConfig, work: Path, paths: list[Path], se
     from transformers import AutoTokenizer
 
     from bench.inprocess import EnginePath, PipelinePath, quiet_transformers
-    from worker.engine import resolve_device, resolve_dtype
+    from model.engine import resolve_device, resolve_dtype
 
     quiet_transformers()
     say(f"{kind}: building random weights")
@@ -276,8 +276,8 @@ def run(cfg: BenchConfig, argv: list[str]) -> dict[str, Any]:
             }
         if cfg.quality_images:
             from bench.quality import measure_quality
-            from worker.engine import resolve_device, resolve_dtype
-            from worker.profiles import PIECES
+            from model.engine import resolve_device, resolve_dtype
+            from model.profiles import PIECES
 
             device = resolve_device(settings.device)
             dtype = str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")

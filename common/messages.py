@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.errors import InvalidMessage
-from common.objects import is_object_uri
+from common.uris import is_object_uri
 
 # --- task names (stable, versioned) ------------------------------------------------------------
 TASK_CAPTION = "captioner.caption.v1"  # one image in, one result out (services)
@@ -30,7 +30,7 @@ CAPTION_TASKS = (TASK_CAPTION_CHUNK, TASK_CAPTION_CONTAINER, TASK_NOTIFY)  # the
 INTERACTIVE_TASKS = (TASK_CAPTION, TASK_CAPTION_MANY)  # the interactive caption queue, taken from first
 TRAINING_TASKS = (TASK_TRAIN, TASK_EVALUATE)
 
-#: Caption quality flags a result row may carry (see worker.quality), in the order they are checked.
+#: Caption quality flags a result row may carry (see model.flags), in the order they are checked.
 QUALITY_FLAGS = ("empty", "truncated", "repetition")
 
 #: Longest string accepted in any reference (paths and URLs); base64 payloads have their own byte cap.
@@ -265,6 +265,10 @@ class ChunkMessage(BaseModel):
 ContainerKind = Literal["tar", "parquet", "arrow", "hf"]
 
 
+#: Names of WebDataset tar shards (plain or gzipped).
+TAR_SUFFIXES = (".tar", ".tgz", ".tar.gz")
+
+
 class ContainerSpec(BaseModel):
     """A container of images whose members a worker discovers by reading it once, sequentially.
 
@@ -390,7 +394,7 @@ class ItemResult(BaseModel):
     model_version: str | None = None
     params: GenParams | None = None
     attempts: int = 1
-    #: Caption quality flags: empty, truncated (cut at max_length), repetition (see worker.quality).
+    #: Caption quality flags: empty, truncated (cut at max_length), repetition (see model.flags).
     flags: list[str] | None = None
     #: Set on errors that may pass on a later attempt (timeouts, 5xx, out of memory).
     transient: bool | None = None

@@ -21,7 +21,7 @@ DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 #: Bytes per pixel one image decode may hold at its peak: the decoded image and its RGB copy, 4 bytes per pixel
 #: each in Pillow. Decoders that need more (WebP, progressive JPEG) get a proportionally smaller pixel allowance,
-#: so no decode passes its budget (worker/images.py, docs/faults.md).
+#: so no decode passes its budget (media/images.py, docs/faults.md).
 DECODE_BYTES_PER_PIXEL = 8
 #: Working memory of one decode besides its images: a conversion band, decoder tables.
 DECODE_OVERHEAD_BYTES = 16 << 20
@@ -106,7 +106,7 @@ class Settings(BaseSettings):
     device: str = "auto"
     # float32, bfloat16, float16, or auto (fp16/bf16 on GPU, bf16 on CPUs with native support, else fp32).
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # Greedy decoder: fast (worker/fastgen.py, HF's exact ids), hf (transformers generate), auto (fast if able).
+    # Greedy decoder: fast (model/fastgen.py, HF's exact ids), hf (transformers generate), auto (fast if able).
     decoder: Literal["auto", "fast", "hf"] = "auto"
     # Attention in the image encoder: eager is transformers' own for GIT (exact: captions equal HF's greedy
     # output); sdpa is PyTorch's fused kernel, the same math rounded differently in bf16/fp16: faster (about
@@ -116,7 +116,7 @@ class Settings(BaseSettings):
     # the pieces that measured faster at a small, measured cost in held-out WER; bench/README.md).
     profile: Literal["exact", "fast"] = "exact"
     # Speed pieces switched on (name or +name) or off (-name) on top of the profile, comma separated:
-    # sdpa, compile, int8, cudagraphs, draft (worker/profiles.py); checked when a worker starts.
+    # sdpa, compile, int8, cudagraphs, draft (model/profiles.py); checked when a worker starts.
     pieces: str = ""
     # Directory where torch.compile keeps compiled code, so a restarted worker reuses it (empty: torch's own,
     # under /tmp). Only used with the compile piece.
@@ -250,7 +250,7 @@ class Settings(BaseSettings):
     # Address the metrics endpoint binds to.
     metrics_addr: str = "0.0.0.0"
 
-    #: The object-store prefixes of allowed_roots, normalised (see common.objects), apart from the local roots.
+    #: The object-store prefixes of allowed_roots, normalised (see media.objects), apart from the local roots.
     _allowed_prefixes: tuple[str, ...] = PrivateAttr(default=())
 
     @model_validator(mode="wrap")
@@ -268,7 +268,7 @@ class Settings(BaseSettings):
                 data = {**data, "allowed_roots": [r for r in raw if "://" not in str(r)]}
         settings = handler(data)
         if prefixes:
-            from common.objects import normalise_prefix
+            from common.uris import normalise_prefix
 
             settings._allowed_prefixes = tuple(normalise_prefix(p, settings.object_store_protocols) for p in prefixes)
         elif isinstance(data, Settings):
@@ -283,7 +283,7 @@ class Settings(BaseSettings):
     @field_validator("object_store_protocols")
     @classmethod
     def _protocols(cls, value: list[str]) -> list[str]:
-        from common.objects import check_protocols
+        from common.uris import check_protocols
 
         return check_protocols(value)
 

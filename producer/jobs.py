@@ -16,7 +16,6 @@ from kombu.exceptions import OperationalError
 
 from common.connections import queue_depths
 from common.errors import BrokerUnavailable, CaptionerError, ConfigError, NothingToEnqueue, SourceError, UnknownItem
-from common.ledger import JobInfo, ledger_from_settings
 from common.messages import (
     TASK_CAPTION_CHUNK,
     TASK_CAPTION_CONTAINER,
@@ -33,9 +32,10 @@ from common.messages import (
     check_job_id,
     item_id,
 )
-from common.objects import ObjectStore
 from common.settings import Settings
-from producer.containers import member_container
+from ledger import JobInfo, ledger_from_settings
+from media.objects import ObjectStore
+from producer.container_sources import member_container
 
 
 def ref_base(ref: str) -> str:
@@ -82,7 +82,7 @@ class JobClient:
     """Talks to the ledger and the broker on behalf of the CLI and of Python services."""
 
     def __init__(self, settings: Settings, app: Celery | None = None) -> None:
-        from worker.celery_app import create_app
+        from runtime.celery_app import create_app
 
         self.settings = settings
         self.ledger = ledger_from_settings(settings)

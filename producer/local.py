@@ -104,7 +104,7 @@ class WorkerProcess:
     ) -> None:
         self.name = f"{'train' if training else 'caption'}-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
         self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
-        self.args = [sys.executable, "-m", "producer.cli", "worker", "--hostname", self.name]
+        self.args = [sys.executable, "-m", "cli.main", "worker", "--hostname", self.name]
         self.args += (["--training"] if training else []) + (extra_args or [])
         if argv is not None:  # any other command line, e.g. a plain `celery -A worker.celery_app worker`
             self.args = [*argv, "--hostname", self.name]

@@ -17,8 +17,8 @@ from typing import Any
 
 from common.errors import ItemError, SourceError
 from common.messages import ContainerSpec, is_url
-from common.objects import ObjectStore, is_object_uri, parse_uri, store_errors
-from producer.containers import (
+from media.objects import ObjectStore, is_object_uri, parse_uri, store_errors
+from producer.container_sources import (
     _BRACES,
     arrow_specs,
     dataset_specs,

@@ -14,8 +14,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from common.errors import ConfigError, InvalidReview
-from common.ledger import MAX_REVIEW_IDS
 from common.messages import GenParams, TrainRequest
+from ledger import MAX_REVIEW_IDS
 from review.context import Review, json_body, review_of
 from review.live import job_summary
 from review.pages import FILTER_PARAMS, item_filter, page_size
@@ -154,7 +154,7 @@ def _train_config(body: dict[str, Any]) -> dict[str, Any]:
 
 def _export(ctx: Review, job_id: str) -> tuple[Path, Any]:
     """The reviewed items of a job as a new imagefolder in the export folder; refused when there are none."""
-    from producer.export import export_rows
+    from exports.export import export_rows
 
     root = ctx.settings.review_export_dir
     if root is None:

@@ -24,9 +24,9 @@ from common.errors import (
     UnknownItem,
     UnknownJob,
 )
-from common.ledger import Ledger
 from common.messages import QUALITY_FLAGS, ItemStatus
 from common.settings import Settings
+from ledger import Ledger
 from producer.jobs import JobClient
 from review.security import Access
 from review.thumbs import Thumbnails

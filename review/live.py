@@ -14,8 +14,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
-from common.ledger import JobInfo
 from common.messages import JobKind
+from ledger import JobInfo
 from review.context import Review, review_of
 
 #: Seconds between two progress events.
@@ -87,7 +87,7 @@ async def job_events(request: Request) -> StreamingResponse:
 def workers_snapshot(ctx: Review) -> dict[str, Any]:
     """Caption workers with the model version each serves, training workers, and queue depths (blocking)."""
     from producer.jobs import workers_info
-    from worker.celery_app import queue_depths
+    from runtime.celery_app import queue_depths
 
     now = time.monotonic()
     if ctx.workers_cache and now - ctx.workers_cache[0] < WORKERS_TTL_S:

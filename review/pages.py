@@ -9,8 +9,8 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
 from common.errors import ITEM_ERROR_CODES, InvalidReview, UnknownItem
-from common.ledger import ItemFilter
 from common.messages import QUALITY_FLAGS, ItemStatus, JobKind
+from ledger import ItemFilter
 from review.charts import metric_charts
 from review.context import PAGE_SIZES, Review, page_link, review_of
 from review.live import job_summary

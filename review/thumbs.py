@@ -36,7 +36,7 @@ class Thumbnails:
     """Makes and caches thumbnails; the cache holds at most ``max_bytes`` of them (failures cost their message)."""
 
     def __init__(self, settings: Settings, max_bytes: int) -> None:
-        from worker.images import ImagePolicy  # the image stack is imported by the page only, never by the CLI
+        from media.images import ImagePolicy  # the image stack is imported by the page only, never by the CLI
 
         self.policy = ImagePolicy.from_settings(settings)
         self._cache: LRUCache[tuple[str, str, str], Thumb] = LRUCache(
@@ -65,7 +65,7 @@ class Thumbnails:
         return thumb
 
     def _make(self, ref: str, edge: int) -> Thumb:
-        from worker.images import load_image
+        from media.images import load_image
 
         if ref.startswith("b64:"):
             return Thumb(b"", "inline image: its bytes were never kept")

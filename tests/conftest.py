@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from common.ledger import JobInfo, Ledger, RedisLedger
 from common.settings import Settings
+from ledger import JobInfo, Ledger, RedisLedger
 from producer.jobs import JobClient
 from producer.local import WorkerProcess
 
@@ -123,7 +123,7 @@ def ledger(request: pytest.FixtureRequest) -> Iterator[Ledger]:
             client.delete(key)
         client.close()
     else:
-        from common.ledger.pg_ledger import PostgresLedger
+        from ledger.pg_ledger import PostgresLedger
 
         pg = PostgresLedger(PG_URL, prefix)
         yield pg

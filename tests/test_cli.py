@@ -14,9 +14,9 @@ import pytest
 import redis
 from click.testing import CliRunner
 
+from cli.main import cli
 from common.settings import Settings
-from producer.cli import cli
-from producer.export import flatten_row, read_rows
+from exports.export import flatten_row, read_rows
 from tests.conftest import direct_captions, image_server
 from tests.test_recovery import wait_for
 
@@ -128,9 +128,9 @@ def test_bad_setting_in_environment_is_one_line(env: dict[str, str], message: st
 
 def test_producer_never_imports_torch() -> None:
     code = (
-        "import sys, producer.cli, producer.jobs, producer.sources, producer.demo, worker.celery_app, producer.export;"
+        "import sys, cli.main, producer.jobs, producer.sources, cli.demo, runtime.celery_app, exports.export;"
         "import training.config, training.jobs;"  # the producer checks a fine-tune's config before sending it
-        "from producer.cli import cli;"
+        "from cli.main import cli;"
         "bad = sorted(m for m in ('torch', 'transformers', 'PIL', 'httpx2') if m in sys.modules);"
         "print(bad); sys.exit(1 if bad else 0)"
     )
@@ -145,8 +145,8 @@ def test_help_lists_every_command() -> None:
 
 
 def test_cli_export_formats_match_the_sinks() -> None:
-    from producer.cli import FORMATS
-    from producer.export import FORMATS as SINK_FORMATS
+    from cli.main import FORMATS
+    from exports.export import FORMATS as SINK_FORMATS
 
     assert FORMATS == SINK_FORMATS
 
@@ -177,8 +177,8 @@ def test_worker_options_override_the_settings(worker_env: dict[str, str], tiny_m
 
     from producer.jobs import workers_info
     from producer.local import LocalRedis, WorkerProcess
+    from runtime.celery_app import create_app
     from tests.conftest import settings_from
-    from worker.celery_app import create_app
 
     with LocalRedis() as server:
         env = {**worker_env, "CAPTIONER_BROKER_URL": server.url(0), "CAPTIONER_RESULT_BACKEND": server.url(0),

@@ -316,7 +316,7 @@ def test_dockerignore_keeps_the_context_small() -> None:
     unwanted = (".venv/bin/python", ".git/HEAD", "data/a.jpg", "models/m.safetensors", ".env", "runs/x/log.txt")
     for path in (*unwanted, "worker/__pycache__/sinks.cpython-311.pyc"):
         assert ignored(path), f"{path} would be sent to the Docker daemon"
-    for path in ("pyproject.toml", "README.md", "producer/export.py", "producer/cli.py", "training/tiny.py"):
+    for path in ("pyproject.toml", "README.md", "exports/export.py", "cli/main.py", "training/tiny.py"):
         assert not ignored(path), f"{path} is needed by pip install ."
 
 

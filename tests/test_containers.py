@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
+from cli.main import cli
 from common.messages import TASK_CAPTION_CONTAINER, ContainerSpec, item_id
-from producer.cli import cli
 from producer.jobs import JobClient
 from producer.local import WorkerProcess
 from tests.conftest import shape_files
@@ -183,7 +183,7 @@ def test_parquet_row_groups_carry_their_other_columns_to_the_export(
     out = tmp_path / "out.csv"
     result = CliRunner().invoke(cli, ["export", job_id, "--format", "csv", "-o", str(out)], env=worker_env)
     assert result.exit_code == 0, result.output
-    from producer.export import read_rows
+    from exports.export import read_rows
 
     back = {r["ref"].rsplit("#", 1)[1]: r for r in read_rows(out, "csv")}
     assert json.loads(back["1"]["extra"])["meta"] == {"w": 1, "tags": ["a", "1"]}

@@ -32,7 +32,7 @@ def test_demo_fine_tunes_through_the_queue_and_captions_held_out_images(tmp_path
     nobody = f"redis://127.0.0.1:{free_port()}/0"  # a free port: no Redis answers there
     path = os.pathsep.join([str(Path(sys.executable).parent), str(Path(redis_server).parent)])
     env = {"CAPTIONER_BROKER_URL": nobody, "PATH": path, "HOME": "/tmp"}
-    argv = [sys.executable, "-m", "producer.cli", "demo", "--json", "--steps", "300", "--train-images", "400",
+    argv = [sys.executable, "-m", "cli.main", "demo", "--json", "--steps", "300", "--train-images", "400",
             "--images", "6", "--workdir", str(tmp_path / "demo")]  # fmt: skip
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -57,8 +57,8 @@ def test_demo_fine_tunes_through_the_queue_and_captions_held_out_images(tmp_path
 
 def test_the_demo_model_with_gits_own_tokenizer(tmp_path: Path) -> None:
     """`captioner demo --vocab bert`: the same small GIT with bert-base-uncased's 30522 words, loadable as usual."""
-    from producer.demo import _demo_model
-    from worker.engine import CaptionEngine, EngineConfig
+    from cli.demo import _demo_model
+    from model.engine import CaptionEngine, EngineConfig
 
     engine = CaptionEngine.load(EngineConfig(model=str(_demo_model(tmp_path / "m", "bert")), dtype="float32"))
     assert engine.model.config.vocab_size == 30522 and len(engine.processor.tokenizer) == 30522

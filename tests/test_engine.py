@@ -16,9 +16,9 @@ from PIL import Image
 from common.errors import ConfigError, EngineError, ModelLoadError, UnsafeCheckpoint
 from common.messages import GenParams
 from common.settings import Settings
+from model import engine as engine_mod
+from model.engine import CaptionEngine, EngineConfig, resolve_device, resolve_dtype
 from training import synthetic, tiny
-from worker import engine as engine_mod
-from worker.engine import CaptionEngine, EngineConfig, resolve_device, resolve_dtype
 
 UNK_ID = 100
 SHORT = GenParams(max_length=16)
@@ -265,7 +265,7 @@ def test_exact_engine_runs_no_piece(engine: CaptionEngine) -> None:
 def test_a_piece_the_device_cannot_use_falls_back_with_its_reason(
     tiny_model: Path, shape_images: list[Image.Image], caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level("WARNING", logger="worker.profiles")
+    caplog.set_level("WARNING", logger="model.profiles")
     engine = CaptionEngine.load(EngineConfig(model=str(tiny_model), dtype="float32", pieces="cudagraphs,sdpa"))
     assert engine.pieces.in_use == ("sdpa",) and engine.profile == "fast:sdpa"
     assert engine.pieces.fallbacks == {"cudagraphs": "CUDA graphs need a CUDA device; this model runs on cpu"}

@@ -18,8 +18,8 @@ import pytest
 
 from common.errors import ConfigError
 from common.messages import GenParams, ItemResult, ItemStatus
-from common.paths import LocalFiles
-from producer.export import FLAT_COLUMNS, FORMATS, export_rows, flatten_row, read_rows, split_flags
+from exports.export import FLAT_COLUMNS, FORMATS, export_rows, flatten_row, read_rows, split_flags
+from media.paths import LocalFiles
 
 FILE_FORMATS = ("jsonl", "csv", "parquet")
 AWKWARD = [
@@ -62,7 +62,7 @@ def _error(i: int, error_class: str, message: str, *, ref: str | None = None) ->
 
 def awkward_rows() -> list[dict[str, Any]]:
     rows = [_ok(i, caption, prompt="a photo of" if i % 2 else None) for i, caption in enumerate(AWKWARD)]
-    rows[0]["flags"] = ["truncated", "repetition"]  # quality flags (worker.quality), an optional field
+    rows[0]["flags"] = ["truncated", "repetition"]  # quality flags (model.flags), an optional field
     rows[1]["flags"] = []
     rows[2]["flags"] = ["empty"]
     rows.append(_error(100, "decode_error", 'cannot identify image file, "broken.jpg"\nsecond line'))
@@ -634,7 +634,7 @@ def test_file_formats_need_the_allowed_roots(tmp_path: Path) -> None:
 
 
 def test_members_set_aside_on_disk_come_back_grouped_by_container(tmp_path: Path) -> None:
-    from producer.export import _MemberRows
+    from exports.export import _MemberRows
 
     held = _MemberRows(tmp_path, limit=3)
     for i in range(10):
@@ -656,6 +656,6 @@ def test_members_set_aside_on_disk_come_back_grouped_by_container(tmp_path: Path
      ("/data/photo#1.jpg", None), ("/data/a.tar", None)],
 )  # fmt: skip
 def test_container_member_refs_are_told_from_files(ref: str, member: tuple[str, str] | None) -> None:
-    from producer.export import container_member
+    from exports.export import container_member
 
     assert container_member(ref) == member

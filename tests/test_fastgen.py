@@ -16,9 +16,9 @@ from PIL import Image
 from common.errors import ConfigError
 from common.messages import GenParams
 from common.settings import Settings
+from model.engine import CaptionEngine, EngineConfig
+from model.fastgen import GitGreedyDecoder, unsupported_reason
 from training import synthetic, tiny
-from worker.engine import CaptionEngine, EngineConfig
-from worker.fastgen import GitGreedyDecoder, unsupported_reason
 
 CLS, SEP = tiny.CLS_ID, tiny.SEP_ID
 PROMPT_IDS = [CLS, 1037, 2417, 4418]  # [CLS] a red circle
@@ -319,7 +319,7 @@ def test_static_steps_pad_rows_to_a_bucket_and_shrink_it(tiny_model: Any, pixels
 
 
 def test_bucket_is_the_next_power_of_two() -> None:
-    from worker.fastgen import MAX_BUCKET, bucket
+    from model.fastgen import MAX_BUCKET, bucket
 
     assert [bucket(n) for n in (0, 1, 2, 3, 5, 8, 9, 500)] == [1, 1, 2, 4, 8, 8, 16, 512]
     assert bucket(10**6) == MAX_BUCKET

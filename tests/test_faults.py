@@ -15,9 +15,9 @@ from common.errors import InvalidMessage
 from common.messages import TASK_CAPTION, GenParams, item_id
 from producer.jobs import JobClient
 from producer.local import WorkerProcess
+from runtime.celery_app import create_app
 from tests.conftest import settings_from, shape_files, snapshot, tally
 from tests.test_recovery import recovery_env, wait_for
-from worker.celery_app import create_app
 
 
 class _Boom:

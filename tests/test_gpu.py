@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from common.messages import GenParams
+from model.engine import CaptionEngine, EngineConfig
+from model.fastgen import GitGreedyDecoder
 from training import tiny
 from worker.batcher import MicroBatcher
-from worker.engine import CaptionEngine, EngineConfig
-from worker.fastgen import GitGreedyDecoder
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

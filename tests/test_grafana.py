@@ -8,7 +8,7 @@ from pathlib import Path
 
 from prometheus_client import REGISTRY
 
-import worker.metrics  # noqa: F401 - registers the worker's metrics in the default registry
+import runtime.metrics  # noqa: F401 - registers the worker's metrics in the default registry
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS = sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))
@@ -47,7 +47,7 @@ def _check(where: str, expr: str, registered: dict[str, str]) -> list[str]:
     names = METRIC_RE.findall(expr)
     if not names:
         problems.append(f"{where}: {expr!r} uses no captioner metric")
-    problems += [f"{where}: {n} is not registered by worker/metrics.py" for n in names if n not in registered]
+    problems += [f"{where}: {n} is not registered by runtime/metrics.py" for n in names if n not in registered]
     for n in names:
         if registered.get(n) == "counter" and n.endswith("_total") and "rate(" not in expr and "increase(" not in expr:
             problems.append(f"{where}: counter {n} is shown raw; use rate() or increase()")

@@ -22,6 +22,7 @@ from click.testing import CliRunner
 from PIL import Image
 from pydantic import ValidationError
 
+from cli.main import cli
 from common.errors import ConfigError, InvalidMessage
 from common.messages import (
     TASK_CAPTION,
@@ -34,14 +35,13 @@ from common.messages import (
     parse_message,
 )
 from common.settings import Settings
-from producer.cli import cli
 from producer.jobs import JobClient
 from producer.local import WorkerProcess
+from runtime.celery_app import create_app
 from tests.conftest import settings_from
 from tests.test_images import LocalServer, make_policy, png_header_only, serve, tiff_tiled
 from tests.test_recovery import wait_for
 from worker.callbacks import ANSWER_CAP, post_webhook
-from worker.celery_app import create_app
 
 pytestmark = pytest.mark.usefixtures("caption_worker")
 
@@ -296,7 +296,7 @@ def test_a_chunk_naming_another_jobs_keys_is_refused_and_that_job_stays_whole(
     client: JobClient, settings: Settings, images: Path, caption_worker: WorkerProcess, tmp_path: Path
 ) -> None:
     """A service's chunk for "victim:res" wrote into the victim's results; its export and failures then crashed."""
-    from producer.export import export_rows
+    from exports.export import export_rows
 
     refs = [str(p) for p in sorted(images.glob("*.jpg"))[:2]]
     client.enqueue(refs, job_id="victim")
@@ -423,7 +423,7 @@ def test_doctor_holds_decode_threads_times_the_largest_image_to_the_machines_mem
 
 
 def test_doctor_warns_when_a_list_call_would_outlast_half_the_visibility_timeout() -> None:
-    from producer.doctor import list_calls
+    from cli.doctor import list_calls
 
     assert list_calls("w", 256, 2.0, 300).level == "ok"  # 128 s of 300
     slow = list_calls("w", 256, 1.0, 300)  # 256 s: past half, a second delivery is near

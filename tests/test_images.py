@@ -34,7 +34,7 @@ from PIL import Image, ImageOps
 from common.errors import DecodeError, FetchError, FetchTimeout, Forbidden, InvalidInput, ItemError, TooLarge
 from common.messages import Source
 from common.settings import DECODE_OVERHEAD_BYTES, DEFAULT_FORMATS, Settings
-from worker.images import (
+from media.images import (
     FetchGuard,
     ImagePolicy,
     check_address,
@@ -112,7 +112,7 @@ def tiff_tiled(width: int, height: int, tile: tuple[int, int], fill: int | None 
 _PEAK = """
 import gc, json, sys
 from PIL import Image
-from worker.images import ImagePolicy, decode_image
+from media.images import ImagePolicy, decode_image
 
 Image.init()  # every format plugin imported now, not counted in the decode
 

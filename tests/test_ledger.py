@@ -9,8 +9,8 @@ import pytest
 import redis
 
 from common.errors import InvalidMessage, InvalidReview, NotCaptioned, UnknownItem, UnknownJob
-from common.ledger import ItemFilter, Ledger, RedisLedger
 from common.messages import GenParams, ItemResult, ItemStatus, JobState, item_id
+from ledger import ItemFilter, Ledger, RedisLedger
 from tests.conftest import LEDGER_DB, PG_URL, redis_url
 
 BASE = "/archive/photos/"
@@ -256,7 +256,7 @@ def test_fields_listing_expiry_and_reuse(ledger: Ledger) -> None:
 
 def test_both_backends_give_the_same_rows() -> None:
     """One job written to each backend reads back as identical rows (the export does not depend on the backend)."""
-    from common.ledger.pg_ledger import PostgresLedger
+    from ledger.pg_ledger import PostgresLedger
 
     client = redis.Redis.from_url(redis_url(LEDGER_DB))
     prefix = f"ledger_same_{uuid.uuid4().hex[:8]}"

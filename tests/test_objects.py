@@ -8,12 +8,12 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from cli.main import cli
 from common.errors import ConfigError, FetchError, Forbidden, InvalidInput, TooLarge
 from common.messages import GenParams, ItemResult, ItemStatus, Source, item_id
-from common.objects import ObjectStore
 from common.settings import Settings
-from producer.cli import cli
-from producer.export import FORMATS, export_to_store, read_rows
+from exports.export import FORMATS, export_to_store, read_rows
+from media.objects import ObjectStore
 from tests.conftest import S3Server
 
 
@@ -65,8 +65,8 @@ def test_reads_are_capped_and_failures_are_named(s3: S3Server, bucket: str) -> N
 def test_refused_credentials_are_a_fetch_error_that_holds_no_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     import s3fs
 
-    from common import objects
-    from worker.images import ImagePolicy, read_source
+    from media import objects
+    from media.images import ImagePolicy, read_source
     from worker.service import error_row
 
     server = S3Server(refuse_all=True)  # every key is unknown to it
@@ -90,7 +90,7 @@ def test_refused_credentials_are_a_fetch_error_that_holds_no_secret(monkeypatch:
 def test_a_store_message_that_spells_out_credentials_reaches_no_row() -> None:
     """What botocore and signed URLs put in their messages (an access key id, a secret, a presigned query) is
     masked before the message becomes a row's error."""
-    from common.objects import _error
+    from media.objects import _error
 
     secret = "Zr8pQ2vXw9Lm4Nc7Tb1Yk6Hd3Fs0Ja5Ge8Ru2Wq9"
     message = (
@@ -108,7 +108,7 @@ def test_a_store_message_that_spells_out_credentials_reaches_no_row() -> None:
 def test_prefix_listing_is_paged_recursive_sorted_and_filtered(
     s3: S3Server, bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from common import objects
+    from media import objects
     from producer.sources import Containers, expand
 
     fs = s3.fs()

@@ -12,7 +12,7 @@ from pathlib import Path
 import redis
 from click.testing import CliRunner
 
-from producer.cli import cli
+from cli.main import cli
 from producer.jobs import JobClient
 from producer.local import LocalRedis, WorkerProcess, free_port
 from tests.conftest import settings_from
@@ -225,8 +225,8 @@ def test_plain_celery_worker_command_serves_too(worker_env: dict[str, str], tmp_
     import sys
 
     from common.messages import TASK_CAPTION
+    from runtime.celery_app import create_app
     from training.synthetic import make_shapes
-    from worker.celery_app import create_app
 
     (path, _), *_ = make_shapes(session_root / f"plain-{uuid.uuid4().hex[:6]}", 1, seed=11, size=32)
     with LocalRedis() as server:

@@ -15,8 +15,8 @@ import redis
 from common.errors import InvalidMessage
 from common.messages import TASK_CAPTION, TASK_CAPTION_MANY, GenParams, ItemStatus, item_id
 from producer.jobs import JobClient, workers_info
+from runtime.celery_app import create_app
 from tests.conftest import MAX_LENGTH, direct_captions
-from worker.celery_app import create_app
 
 pytestmark = pytest.mark.usefixtures("caption_worker")
 
@@ -105,11 +105,11 @@ def test_parameters_the_model_cannot_run_are_engine_error_rows(settings, images:
     recorded as engine_error (not transient: the same model refuses again), and the job ends with them as
     failures. Through the real service, engine and ledger; parameters a model of GenParams' range refuses never
     reach one (they are refused at the edge), so the model here has fewer positions than max_length asks."""
-    from common.ledger import ledger_from_settings
     from common.messages import ChunkMessage
+    from ledger import ledger_from_settings
+    from model.engine import CaptionEngine, EngineConfig
     from training.tiny import build_random_git, tiny_git_config
     from worker.chunks import ChunkRunner
-    from worker.engine import CaptionEngine, EngineConfig
     from worker.service import CaptionService
 
     config = tiny_git_config()
@@ -253,8 +253,8 @@ def test_a_cpu_model_decodes_beside_its_batches_one_image_at_a_time_while_fetche
     import threading
 
     from common.messages import Source
+    from model.engine import CaptionEngine, EngineConfig
     from tests.conftest import image_server
-    from worker.engine import CaptionEngine, EngineConfig
     from worker.service import CaptionService
 
     together = threading.Barrier(3, timeout=2.5)  # three fetches in flight at once, or none is answered

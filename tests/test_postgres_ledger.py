@@ -11,7 +11,7 @@ from pathlib import Path
 import redis
 from click.testing import CliRunner
 
-from producer.cli import cli
+from cli.main import cli
 from producer.jobs import JobClient
 from producer.local import WorkerProcess
 from tests.conftest import PG_URL, reconciling, redis_url, settings_from, shape_files, snapshot, tally
@@ -21,7 +21,7 @@ from tests.test_recovery import recovery_env, wait_for
 def test_a_postgres_ledger_survives_a_kill_and_reuses_captions_of_duplicate_images(
     worker_env: dict[str, str], session_root: Path, tmp_path: Path, settings
 ) -> None:
-    from common.ledger.pg_ledger import PostgresLedger
+    from ledger.pg_ledger import PostgresLedger
 
     prefix = f"captioner_pg_{uuid.uuid4().hex[:8]}"
     env = {**recovery_env(worker_env), "CAPTIONER_LEDGER_URL": PG_URL, "CAPTIONER_KEY_PREFIX": prefix,
@@ -98,7 +98,7 @@ def _captions_in_process(worker_env: dict[str, str], paths: list[str], max_lengt
     from PIL import Image
 
     from common.messages import GenParams
-    from worker.engine import CaptionEngine, EngineConfig
+    from model.engine import CaptionEngine, EngineConfig
 
     engine = CaptionEngine.load(EngineConfig(model=worker_env["CAPTIONER_MODEL"], device="cpu", dtype="float32"))
     images = [Image.open(p).convert("RGB") for p in paths]

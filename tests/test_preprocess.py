@@ -1,4 +1,4 @@
-"""worker/preprocess.py gives the same pixel values as transformers' CLIP processor, bit for bit, on every shape."""
+"""model/preprocess.py gives the same pixel values as transformers' CLIP processor, bit for bit, on every shape."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
+from model.preprocess import ClipPreprocess
 from training.tiny import build_git_processor
-from worker.preprocess import ClipPreprocess
 
 
 def _images() -> list[Image.Image]:

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from cli.main import cli
 from common.errors import ConfigError
-from producer.cli import cli
+from model import profiles
 from producer.jobs import JobClient, workers_info
 from producer.local import LocalRedis, WorkerProcess, free_port
 from tests.conftest import settings_from
-from worker import profiles
 
 
 def test_pieces_and_profiles_parse_and_print_in_one_order() -> None:

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from common.messages import QUALITY_FLAGS as FLAGS
-from worker.quality import quality_flags
+from model.flags import quality_flags
 
 NORMAL = [
     "a red circle on the left of a white background",

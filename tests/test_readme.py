@@ -50,7 +50,7 @@ def test_every_captioner_command_line_in_the_docs_parses() -> None:
 
     import click
 
-    from producer.cli import cli
+    from cli.main import cli
 
     lines = []
     for doc in ("README.md", "docs/operations.md", "docs/troubleshooting.md"):

@@ -8,9 +8,9 @@ import pytest
 import redis
 from click.testing import CliRunner
 
+from cli.main import cli
 from common.errors import ConfigError
 from common.settings import Settings
-from producer.cli import cli
 from producer.jobs import JobClient
 from producer.local import LocalRedis, WorkerProcess
 from tests.conftest import note_fault, reconciling, settings_from, shape_files, snapshot, tally
@@ -120,7 +120,7 @@ def test_rediss_without_certificate_settings_is_refused() -> None:
     with pytest.raises(ConfigError, match="rediss://"):
         Settings(broker_url="rediss://cache.example:6380/0")
     ok = Settings(broker_url="rediss://cache.example:6380/0", redis_ssl_cert_reqs="required")
-    from worker.celery_app import celery_config
+    from runtime.celery_app import celery_config
 
     assert celery_config(ok)["broker_use_ssl"]["ssl_cert_reqs"] == 2  # ssl.CERT_REQUIRED
 

@@ -12,7 +12,7 @@ import pytest
 import redis
 from click.testing import CliRunner
 
-from producer.cli import cli
+from cli.main import cli
 from producer.local import LocalRedis, WorkerProcess
 from tests.conftest import settings_from, shape_files
 
@@ -49,7 +49,7 @@ def test_documented_acl_user_runs_worker_and_cli_and_is_refused_the_dangerous_re
             status = json.loads(runner.invoke(cli, ["status", "job-acl", "--json"], env=env).stdout)
             assert (status["state"], status["ok"]) == ("done", 4)
             from common.messages import TASK_CAPTION
-            from worker.celery_app import create_app
+            from runtime.celery_app import create_app
 
             row = create_app(settings_from(env)).send_task(TASK_CAPTION, kwargs={"source": refs[0]}).get(timeout=60)
             assert row["status"] == "ok"

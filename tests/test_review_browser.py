@@ -39,7 +39,7 @@ class ReviewProcess:
     def __init__(self, env: dict[str, str], log: Path) -> None:
         self.port = free_port()
         self.log = log
-        cmd = [sys.executable, "-m", "producer.cli", "review", "--port", str(self.port)]
+        cmd = [sys.executable, "-m", "cli.main", "review", "--port", str(self.port)]
         self.proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
     @property

@@ -14,11 +14,11 @@ import redis
 from click.testing import CliRunner
 from PIL import Image
 
-from common.ledger import Ledger, RedisLedger
+from cli.main import cli
 from common.messages import GenParams, ItemResult, ItemStatus, item_id
-from common.paths import LocalFiles
-from producer.cli import cli
-from producer.export import export_rows, read_rows
+from exports.export import export_rows, read_rows
+from ledger import Ledger, RedisLedger
+from media.paths import LocalFiles
 from tests.conftest import LEDGER_DB, redis_url
 
 JOB = "job-reviewed"

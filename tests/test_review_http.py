@@ -19,11 +19,11 @@ from click.testing import CliRunner
 from PIL import Image
 from pydantic import SecretStr
 
+from cli.main import cli
 from common.errors import ConfigError
-from common.ledger import Ledger, ledger_from_settings
 from common.messages import GenParams, ItemResult, ItemStatus, item_id
 from common.settings import Settings
-from producer.cli import cli
+from ledger import Ledger, ledger_from_settings
 from producer.local import free_port
 from review.app import create_app
 from review.security import check_bind

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-import common.ledger.base as ledger_module
+import ledger.base as ledger_module
 from common.errors import InvalidReview, NotCaptioned, UnknownItem, UnknownJob
-from common.ledger import MAX_CORRECTION_CHARS, ItemFilter, Ledger
 from common.messages import GenParams, ItemResult, ItemStatus, item_id
+from ledger import MAX_CORRECTION_CHARS, ItemFilter, Ledger
 
 JOB = "job-review"
 N = 600  # past Redis's small-hash encoding (512 entries), so HSCAN really walks in steps

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
+from cli.main import cli
 from common.messages import item_id
-from producer.cli import cli
 from producer.jobs import JobClient
 from producer.local import WorkerProcess
 from tests.conftest import S3Server, settings_from, shape_files

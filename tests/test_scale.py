@@ -27,7 +27,7 @@ def test_enqueue_waits_while_the_queue_is_full_and_goes_on_as_it_drains(
     n = 3 * _DEPTH_CHECK_EVERY + 50
     urls.write_text("".join(f"https://images.example.org/a/{i:06d}.jpg\n" for i in range(n)))
     stderr = tmp_path / "stderr.txt"
-    argv = [sys.executable, "-m", "producer.cli", "enqueue", str(urls), "--chunk-size", "1", "--job-id", "full"]
+    argv = [sys.executable, "-m", "cli.main", "enqueue", str(urls), "--chunk-size", "1", "--job-id", "full"]
     with LocalRedis() as server, stderr.open("wb") as err:
         own = {**worker_env, "CAPTIONER_BROKER_URL": server.url(0), "CAPTIONER_RESULT_BACKEND": server.url(0),
                "CAPTIONER_REDIS_URL": server.url(1), "CAPTIONER_CAPTION_QUEUE": queue,
@@ -74,7 +74,7 @@ def test_references_under_the_folder_enqueued_are_stored_relative_to_it(
 ) -> None:
     from click.testing import CliRunner
 
-    from producer.cli import cli
+    from cli.main import cli
 
     folder = session_root / f"deep-{uuid.uuid4().hex[:6]}"
     for sub in ("2024/01", "2024/02"):
@@ -99,10 +99,10 @@ def test_duplicate_images_in_flight_are_captioned_once(settings, session_root: P
     model run per distinct image, however many copies arrive together, and the copies' rows say reused."""
     import shutil
 
-    from common.ledger import ledger_from_settings
     from common.messages import GenParams, Source
+    from ledger import ledger_from_settings
+    from model.engine import CaptionEngine, EngineConfig
     from tests.conftest import shape_files
-    from worker.engine import CaptionEngine, EngineConfig
     from worker.service import CaptionService
 
     originals = shape_files(session_root, "twins", 3, seed=31)

@@ -20,18 +20,18 @@ from safetensors.torch import load_file
 
 from common.errors import ConfigError, SourceError
 from common.messages import GenParams, Source
+from media.images import load_image
+from model.engine import CaptionEngine, EngineConfig
 from tests.conftest import LEDGER_DB, redis_url
 from training.checkpoints import CHECKPOINTS, CONFIG_FILE, OPTIMIZER_FILE, STATE_FILE, rotate
 from training.config import TrainConfig
 from training.data import Example, check_columns, dataset_fingerprint, load_examples, split_examples
 from training.evaluation import evaluate_model
 from training.finetune import TrainStatus, caption_loss, encode_captions, train
-from training.metrics import caption_metrics, normalize
 from training.pixels import local_image_policy
+from training.scores import caption_metrics, normalize
 from training.synthetic import make_shapes
 from training.tiny import build_tiny_git
-from worker.engine import CaptionEngine, EngineConfig
-from worker.images import load_image
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -703,9 +703,9 @@ def test_exported_metadata_feeds_training(
     (absolute names) loads back as an imagefolder and as a manifest."""
     from click.testing import CliRunner
 
-    from common.ledger import RedisLedger
+    from cli.main import cli
     from common.messages import GenParams, ItemResult, ItemStatus, item_id
-    from producer.cli import cli
+    from ledger import RedisLedger
 
     _, rows = shapes6
     images = tmp_path / "images"

@@ -20,12 +20,12 @@ import pytest
 import redis
 from click.testing import CliRunner
 
+from cli.main import cli
 from common.connections import redis_client
 from common.errors import ConfigError
-from common.ledger import RedisLedger
 from common.messages import TASK_EVALUATE, TASK_TRAIN, JobState, TrainOutcome, TrainRequest
 from common.store import ModelStore
-from producer.cli import cli
+from ledger import RedisLedger
 from producer.jobs import JobClient
 from producer.local import LocalRedis, WorkerProcess, free_port
 from tests.conftest import settings_from
@@ -207,7 +207,7 @@ def test_a_training_worker_that_cannot_store_versions_does_not_start(
     else:
         (tmp_path / "a-file").write_text("x")
         env["CAPTIONER_MODEL_STORE"] = str(tmp_path / "a-file" / "store")
-    proc = subprocess.run([sys.executable, "-m", "producer.cli", "worker", "--training"], env=env,
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "worker", "--training"], env=env,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 1, proc.stderr
     [line] = proc.stderr.strip().splitlines()

@@ -77,7 +77,7 @@ def test_rollback_reaches_current_workers_and_a_pinned_version_stays(stack, sess
     """Promoting an older version rolls @current workers back between batches; a worker started with
     CAPTIONER_MODEL=@<version> serves that version whatever is promoted."""
     from common.messages import TASK_CAPTION
-    from worker.celery_app import create_app
+    from runtime.celery_app import create_app
 
     env, store = stack
     store.promote(_tiny(store, tmp_path, 0, "v-a"))

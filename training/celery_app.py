@@ -3,6 +3,6 @@ tasks instead of the caption tasks (``captioner worker --training``, or ``celery
 
 from __future__ import annotations
 
-from worker.celery_app import create_app
+from runtime.celery_app import create_app
 
 app = create_app(include=("training.tasks",))

@@ -13,7 +13,7 @@ from typing import Any
 
 from common.errors import ConfigError
 
-#: Metrics that training and promotion can rank by (training.metrics.caption_metrics returns them).
+#: Metrics that training and promotion can rank by (training.scores.caption_metrics returns them).
 METRIC_NAMES = ("wer", "cer", "bleu4", "rouge_l", "cider")
 #: Names resolve_precision understands; whether fp16 is possible is only known on the worker's device.
 PRECISIONS = ("auto", "no", "none", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16")

@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import CaptionerError, ConfigError
+from media.images import ImagePolicy
 from training.config import TrainConfig
 from training.data import Example
 from training.finetune import TrainResult, train
-from worker.images import ImagePolicy
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Scores of generated captions: the one evaluation path, used inside the training loop and by the evaluate job.
 
 Captions are generated greedily through the caption engine, as caption workers run them (not teacher-forced
-argmax, the seed recipe's flaw), and scored with ``training.metrics.caption_metrics``.
+argmax, the seed recipe's flaw), and scored with ``training.scores.caption_metrics``.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from typing import Any
 
 from common.errors import SourceError
 from common.messages import GenParams
+from media.images import ImagePolicy
+from model.engine import CaptionEngine, EngineConfig
 from training.data import Example
-from training.metrics import caption_metrics
 from training.pixels import Item, PixelSource, local_image_policy
-from worker.engine import CaptionEngine, EngineConfig
-from worker.images import ImagePolicy
+from training.scores import caption_metrics
 
 #: Captions shown with each evaluation.
 SAMPLE_COUNT = 4

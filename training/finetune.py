@@ -24,6 +24,8 @@ from typing import Any
 import torch
 
 from common.errors import ConfigError, SourceError
+from media.images import ImagePolicy
+from model.engine import CaptionEngine, EngineConfig, half_dtype, resolve_device
 from training.checkpoints import (
     CHECKPOINTS,
     best_step,
@@ -41,8 +43,6 @@ from training.config import TrainConfig
 from training.data import Example, dataset_fingerprint
 from training.evaluation import evaluate_items
 from training.pixels import Item, PixelSource, local_image_policy
-from worker.engine import CaptionEngine, EngineConfig, half_dtype, resolve_device
-from worker.images import ImagePolicy
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +328,7 @@ def _check_config(cfg: TrainConfig, train_set: list[Example], eval_set: list[Exa
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``mixed_precision`` on ``device``; None means plain fp32.
 
-    ``auto`` is the device's fast half type (``worker.engine.half_dtype``, the rule the caption engine uses) on
+    ``auto`` is the device's fast half type (``model.engine.half_dtype``, the rule the caption engine uses) on
     GPUs; on CPU it stays fp32: autocast there pays only with native bf16 units, and fp32 keeps CPU runs
     exactly reproducible. Ask for ``bf16`` to train in bf16 on such a CPU.
     """

@@ -25,11 +25,11 @@ from typing import Any
 import redis
 
 from common.errors import CaptionerError, ConfigError
-from common.ledger import Ledger
 from common.messages import EvaluateRequest, JobKind, JobState, TrainOutcome, TrainRequest
 from common.settings import Settings
 from common.store import ModelStore
-from worker import metrics
+from ledger import Ledger
+from runtime import metrics
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ import torch
 from common.errors import ItemError, SourceError
 from common.messages import Source
 from common.settings import Settings, get_settings
+from media.images import ImagePolicy, load_image
+from model.engine import CaptionEngine
 from training.data import Example
-from worker.engine import CaptionEngine
-from worker.images import ImagePolicy, load_image
 
 log = logging.getLogger(__name__)
 

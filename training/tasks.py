@@ -11,9 +11,12 @@ from celery.signals import celeryd_after_setup, worker_shutting_down
 from celery.worker.control import inspect_command
 
 from common.errors import ConfigError
-from common.ledger import Ledger, ledger_from_settings
 from common.messages import TASK_EVALUATE, TASK_TRAIN, EvaluateRequest, TrainRequest, parse_message
 from common.settings import get_settings
+from ledger import Ledger, ledger_from_settings
+from runtime import metrics
+from runtime.celery_app import queue_depths
+from runtime.logs import current_job
 from training.celery_app import app
 from training.jobs import (
     SHUTTING_DOWN,
@@ -23,9 +26,6 @@ from training.jobs import (
     run_train,
     worker_capabilities,
 )
-from worker import metrics
-from worker.celery_app import queue_depths
-from worker.logs import current_job
 
 log = logging.getLogger(__name__)
 

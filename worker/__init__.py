@@ -1,1 +1,2 @@
-"""Caption worker: settings, queue contract, image loading, GIT engine, batching, ledger and Celery tasks."""
+"""The caption worker: the caption service (micro-batching, the model held once), the chunk and container protocol,
+and its Celery tasks. No other room imports it."""

@@ -16,7 +16,7 @@ from typing import Any
 import httpx2
 
 from common.errors import FetchError
-from worker.images import (
+from media.images import (
     TRANSIENT_STATUSES,
     FetchGuard,
     ImagePolicy,

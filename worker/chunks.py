@@ -20,11 +20,11 @@ from common.connections import RETRYABLE_REDIS_ERRORS
 from common.errors import Cancelled, Poison
 from common.messages import ChunkMessage, GenParams, ItemResult, ItemStatus, JobState
 from common.settings import Settings
-from worker import metrics
+from runtime import metrics
 from worker.service import Blob, CaptionService, ItemSource, error_row
 
 if TYPE_CHECKING:
-    from common.ledger import Attempt, Ledger
+    from ledger import Attempt, Ledger
 
 log = logging.getLogger(__name__)
 

@@ -23,13 +23,14 @@ from common.errors import Cancelled, EngineError, InvalidInput, ItemError
 from common.messages import GenParams, ItemResult, ItemStatus, Source, item_id
 from common.settings import Settings
 from common.store import ModelStore, resolve_model
-from worker import metrics
+from media.containers import Blob
+from media.images import FetchGuard, ImagePolicy, decode_image, read_source
+from model.flags import quality_flags
+from runtime import metrics
 from worker.batcher import MicroBatcher
-from worker.images import FetchGuard, ImagePolicy, decode_image, read_source
-from worker.quality import quality_flags
 
 if TYPE_CHECKING:
-    from worker.engine import CaptionEngine
+    from model.engine import CaptionEngine
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def _default_engine_factory(settings: Settings) -> EngineFactory:
     def load() -> CaptionEngine:
         # The model name first (@current -> a version): a store with nothing promoted fails before torch loads.
         model = resolve_model(settings.model, settings.model_store)
-        from worker.engine import CaptionEngine, EngineConfig  # torch is imported here, not at module load
+        from model.engine import CaptionEngine, EngineConfig  # torch is imported here, not at module load
 
         if settings.torch_threads:
             import torch
@@ -50,16 +51,6 @@ def _default_engine_factory(settings: Settings) -> EngineFactory:
         return CaptionEngine.load(cfg)
 
     return load
-
-
-class Blob(NamedTuple):
-    """An image whose bytes are already in hand (a member of a shard or a Parquet row, read once by the container
-    reader), or the error that reading it met (too large, truncated). ``extra``: the row's other columns."""
-
-    ref: str
-    data: bytes | None
-    error: ItemError | None = None
-    extra: dict[str, Any] | None = None
 
 
 #: What an item to caption is: a reference to fetch, or bytes in hand.

@@ -16,7 +16,6 @@ from celery.worker.control import inspect_command
 
 from common.connections import RETRYABLE_REDIS_ERRORS
 from common.errors import CaptionerError, ConfigError, InvalidMessage
-from common.ledger import ledger_from_settings
 from common.memory import machine_memory_bytes
 from common.messages import (
     TASK_CAPTION,
@@ -34,11 +33,13 @@ from common.messages import (
     source_from_wire,
 )
 from common.settings import get_settings
-from worker import metrics
-from worker.celery_app import app, queue_depths
+from ledger import ledger_from_settings
+from runtime import metrics
+from runtime.celery_app import queue_depths
+from runtime.logs import job_context
+from worker.celery_app import app
 from worker.chunks import ChunkOutcome, ChunkRunner
-from worker.containers import ContainerRunner
-from worker.logs import job_context
+from worker.container_runner import ContainerRunner
 from worker.service import CaptionService
 
 log = logging.getLogger(__name__)
@@ -199,8 +200,8 @@ def _job_done(job_id: str) -> None:
 def notify_done(self: Task, job_id: str) -> dict:
     """Send a finished job's summary to the Celery task and/or webhook it named at enqueue."""
     from common.errors import CaptionerError
+    from media.images import ImagePolicy
     from worker.callbacks import post_webhook
-    from worker.images import ImagePolicy
 
     try:
         check_job_id(job_id)  # as for chunks: no id reads another job's keys

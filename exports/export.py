@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from common.errors import ConfigError, FetchError, Forbidden, ItemError, TooLarge
-from common.messages import is_url
-from common.objects import ObjectStore, is_object_uri
-from common.paths import LocalFiles, write_beside
-from producer.containers import TAR_SUFFIXES
+from common.messages import TAR_SUFFIXES, is_url
+from media.objects import ObjectStore, is_object_uri
+from media.paths import LocalFiles, write_beside
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +36,7 @@ FORMATS = ("jsonl", "csv", "parquet", "sidecar", "metadata", "webdataset", "kohy
 READABLE_FORMATS = ("jsonl", "csv", "parquet")
 
 #: Columns of the flat formats (CSV, Parquet): the row with ``params`` spread out, ``timings`` dropped and
-#: ``flags`` (quality flags, see worker.quality) joined by commas; null when a row has none. The review columns
+#: ``flags`` (quality flags, see model.flags) joined by commas; null when a row has none. The review columns
 #: (``corrected``, ``mark``, ``reviewer``, ``reviewed_at``) sit beside the model's ``caption``.
 FLAT_COLUMNS = (
     "id",
@@ -85,7 +84,7 @@ class ExportSummary:
     location: str | None = None
 
 
-#: What reads a container for a webdataset export (``worker.containers.container_images`` bound to the settings).
+#: What reads a container for a webdataset export (``media.containers.container_images`` bound to the settings).
 ContainerReader = Callable[[str], Iterator[tuple[str, str, "bytes | ItemError"]]]
 
 

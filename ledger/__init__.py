@@ -6,7 +6,8 @@
 
 from __future__ import annotations
 
-from common.ledger.base import (
+from common.settings import Settings
+from ledger.base import (
     MAX_CORRECTION_CHARS,
     MAX_REVIEW_IDS,
     PAGE_SCAN_BUDGET,
@@ -19,8 +20,7 @@ from common.ledger.base import (
     Recorded,
     check_job_id,
 )
-from common.ledger.redis_ledger import RedisLedger, redis_ledger
-from common.settings import Settings
+from ledger.redis_ledger import RedisLedger, redis_ledger
 
 __all__ = [
     "MAX_CORRECTION_CHARS",
@@ -43,7 +43,7 @@ def ledger_from_settings(settings: Settings) -> Ledger:
     """The job ledger the settings name: PostgreSQL for a postgresql:// ``ledger_url``, else Redis."""
     url = settings.ledger_url_str
     if url:
-        from common.ledger.pg_ledger import PostgresLedger
+        from ledger.pg_ledger import PostgresLedger
 
         return PostgresLedger(url, settings.key_prefix)
     return redis_ledger(settings)

@@ -17,8 +17,8 @@ import torch
 from common.errors import CaptionerError, ConfigError, EngineError, ModelLoadError, UnsafeCheckpoint
 from common.messages import GenParams
 from common.store import META
-from worker import fastgen, profiles
-from worker.preprocess import ClipPreprocess
+from model import fastgen, profiles
+from model.preprocess import ClipPreprocess
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -56,14 +56,14 @@ class EngineConfig:
     revision: str | None = None
     device: str = "auto"
     dtype: str = "auto"
-    # "fast": worker/fastgen.py for greedy requests (same ids as HF); "hf": transformers' generate; "auto": fast
+    # "fast": model/fastgen.py for greedy requests (same ids as HF); "hf": transformers' generate; "auto": fast
     # when the model allows it. Beam search always runs HF generate.
     decoder: str = "auto"
     # "eager": transformers' attention in the image encoder (exact); "sdpa": PyTorch's fused kernel (faster; a
     # caption can differ on near-ties in half precision).
     encoder_attention: str = "eager"
     # Speed profile, "exact" or "fast", and pieces switched on or off on top of it ("+sdpa,-int8"): see
-    # worker/profiles.py. encoder_attention="sdpa" and jpeg_draft=True switch their piece on as well.
+    # model/profiles.py. encoder_attention="sdpa" and jpeg_draft=True switch their piece on as well.
     profile: str = "exact"
     pieces: str = ""
     jpeg_draft: bool = False
@@ -295,7 +295,7 @@ class CaptionEngine:
         self.device: torch.device = model.device
         self.dtype: torch.dtype = model.dtype
         self._max_positions: int = int(model.config.max_position_embeddings)
-        #: The speed pieces in use and the ones that fell back, with why (worker/profiles.py).
+        #: The speed pieces in use and the ones that fell back, with why (model/profiles.py).
         self.pieces = pieces or profiles.Pieces()
         self._fast = _fast_decoder(model, decoder, name, self.pieces)
         # The processor's own numbers with less work per image, when it is the PIL CLIP processor GIT ships with.
@@ -471,7 +471,7 @@ class CaptionEngine:
 
     def _generate_ids(self, pixel_values: torch.Tensor, params: GenParams) -> torch.Tensor:
         count = pixel_values.shape[0]
-        # --- fast greedy decoder (worker/fastgen.py): the ids HF generate would return, fewer wasted steps ---
+        # --- fast greedy decoder (model/fastgen.py): the ids HF generate would return, fewer wasted steps ---
         if self._fast is not None and params.num_beams == 1:
             ids = self.prompt_ids(params.prompt).to(self.device).repeat(count, 1) if params.prompt else None
             # Requests HF refuses (max_length not above the prompt's length) go to HF, which raises as before.

@@ -92,7 +92,7 @@ def run_checks(settings: Settings, app: Any) -> list[Check]:
 def _postgres_ledger(settings: Settings) -> Check:
     """The PostgreSQL ledger answers, and how much it holds."""
     from common.errors import CaptionerError
-    from common.ledger import ledger_from_settings
+    from ledger import ledger_from_settings
 
     where = mask_url(settings.ledger_url_str)
     try:

@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import SourceError
-from common.messages import ContainerSpec, is_url
-from common.objects import ObjectStore, is_object_uri
+from common.messages import TAR_SUFFIXES, ContainerSpec, is_url
+from media.objects import ObjectStore, is_object_uri
 
 #: File names read as WebDataset shards.
-TAR_SUFFIXES = (".tar", ".tgz", ".tar.gz")
 #: Columns that hold image bytes, guessed in this order when --column is not given.
 IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "img", "image_bytes", "bytes")
 _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")

@@ -24,8 +24,9 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from common.errors import BrokerUnavailable, UnknownJob
-from common.ledger import base, codec
-from common.ledger.base import (
+from common.messages import GenParams, ItemResult, ItemStatus, JobKind, JobState
+from ledger import base, codec
+from ledger.base import (
     Attempt,
     ItemFilter,
     JobInfo,
@@ -36,7 +37,6 @@ from common.ledger.base import (
     check_job_id,
     check_page_limit,
 )
-from common.messages import GenParams, ItemResult, ItemStatus, JobKind, JobState
 
 _JSON_FIELDS = ("progress", "result", "webhook_error")
 _STATUS_CHAR = {ItemStatus.OK: "o", ItemStatus.ERROR: "e", ItemStatus.CANCELLED: "c"}

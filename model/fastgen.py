@@ -16,7 +16,7 @@ The algorithm, and where it saves work over transformers' eager ``generate``:
    row pay for its length. HF keeps computing finished rows; the output is padded exactly as HF pads it, and it is
    as wide as HF's (the input plus the steps until the last row ends or ``max_length`` is reached).
 
-Speed pieces (worker/profiles.py), each off by default and each giving up exactness for speed:
+Speed pieces (model/profiles.py), each off by default and each giving up exactness for speed:
 - ``fused_attention``: PyTorch's ``scaled_dot_product_attention`` instead of HF's eager arithmetic in the decoder.
 - ``compile_prefill``: the image encoder and the prefill run as one ``torch.compile``d function for requests
   without a prompt, at the batch sizes in ``compiled_sizes`` (the engine's warm-up compiles them at start; other

@@ -189,8 +189,8 @@ def not_captioned(job_id: str, item_id: str) -> Exception:
 class Ledger(ABC):
     """Job and item state: the durable record of every job. Every write is idempotent by item id.
 
-    Two backends: Redis (the default, ``common.ledger.redis_ledger``) and PostgreSQL (``CAPTIONER_LEDGER_URL``,
-    ``common.ledger.pg_ledger``) for jobs larger than Redis memory. The same behaviour holds for both; the tests
+    Two backends: Redis (the default, ``ledger.redis_ledger``) and PostgreSQL (``CAPTIONER_LEDGER_URL``,
+    ``ledger.pg_ledger``) for jobs larger than Redis memory. The same behaviour holds for both; the tests
     run one suite against each.
     """
 

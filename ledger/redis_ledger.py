@@ -30,8 +30,10 @@ import redis
 
 from common.connections import settings_client
 from common.errors import BrokerUnavailable, UnknownJob
-from common.ledger import base, codec
-from common.ledger.base import (
+from common.messages import GenParams, ItemResult, ItemStatus, JobKind, JobState
+from common.settings import Settings
+from ledger import base, codec
+from ledger.base import (
     Attempt,
     ItemFilter,
     JobInfo,
@@ -42,8 +44,6 @@ from common.ledger.base import (
     check_job_id,
     check_page_limit,
 )
-from common.messages import GenParams, ItemResult, ItemStatus, JobKind, JobState
-from common.settings import Settings
 
 # A shebang makes Redis (7+) refuse the whole script at maxmemory. Without one, Redis checks memory only at a
 # script's first write, and a script that starts by deleting (HDEL) could then grow past maxmemory unchecked.

@@ -1,12 +1,7 @@
-"""Containers: WebDataset tar shards, Parquet row groups, slices of Arrow files and shards of 🤗 datasets, each read
-once, sequentially, by the worker that takes its message; their members become items of the job as they are read.
-
-Steps for one container: take its spec from the ledger (a closed one is done: the message is a no-op), read it
-member by member, and for every batch of members add them to the job's manifest (ids from container and member
-key), caption them through the chunk protocol from the bytes already read (what is captioned is skipped on a
-redelivery), and write their rows; then close the container, which may settle the job. A member that cannot be
-used is a row (``too_large``, ``decode_error``); a container that cannot be opened, or that ends early (a
-truncated shard), gets one error row for an item named ``<ref>#*``: the members that could not be read.
+"""Reading containers: WebDataset tar shards, Parquet row groups, slices of Arrow files and shards of 🤗 datasets,
+member by member, sequentially, with the bytes of each image in hand and never decoded here. A member that cannot
+be used carries its error (``too_large``, ``decode_error``); a container that cannot be opened, or that ends early
+(a truncated shard), yields one member named ``*`` standing for the members that could not be read.
 """
 
 from __future__ import annotations
@@ -16,19 +11,16 @@ import io
 import json
 import logging
 import tarfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from common.errors import DecodeError, Forbidden, ItemError, TooLarge
-from common.messages import ContainerMessage, ContainerSpec, ItemStatus, JobState, is_url, item_id
-from common.objects import is_object_uri
-from common.paths import LocalFiles
+from common.messages import ContainerSpec, is_url
 from common.settings import Settings
-from worker.chunks import ChunkOutcome, ChunkRunner
-from worker.images import FetchGuard, ImagePolicy, default_guard, fetch_url
-from worker.service import Blob
+from media.images import FetchGuard, ImagePolicy, default_guard, fetch_url
+from media.objects import is_object_uri
+from media.paths import LocalFiles
 
 log = logging.getLogger(__name__)
 
@@ -42,77 +34,22 @@ MAX_EXTRA_BYTES = 4096
 UNREAD = "*"
 
 
+class Blob(NamedTuple):
+    """An image whose bytes are already in hand (a member of a shard or a Parquet row, read once by the container
+    reader), or the error that reading it met (too large, truncated). ``extra``: the row's other columns."""
+
+    ref: str
+    data: bytes | None
+    error: ItemError | None = None
+    extra: dict[str, Any] | None = None
+
+
 @dataclass
 class Member:
     """One member as read: its key in the container and its bytes (or the error reading it met)."""
 
     key: str
     blob: Blob
-
-
-class ContainerRunner:
-    """Runs container messages on a process's chunk runner (same service, ledger and durable writes)."""
-
-    def __init__(self, chunks: ChunkRunner, settings: Settings) -> None:
-        self.chunks, self.settings = chunks, settings
-        policy = chunks.service.policy
-        # Containers are larger than images: their own byte cap and deadline; members keep the image cap.
-        self.policy = replace(
-            policy, max_bytes=settings.max_container_bytes, total_timeout_s=settings.container_timeout_s
-        )
-
-    def run(self, msg: ContainerMessage) -> ChunkOutcome:
-        ledger, total = self.chunks.ledger, ChunkOutcome(job_id=msg.job_id, items=0)
-        started = time.perf_counter()
-        raw = ledger.container(msg.job_id, msg.container)
-        if raw is None:  # closed already (a redelivery), or never recorded: nothing to do
-            log.info("container job=%s id=%s is not open; nothing to do", msg.job_id, msg.container)
-            return total
-        spec = ContainerSpec.model_validate_json(raw)
-        if ledger.state(msg.job_id) is not JobState.CANCELLED:
-            unread_seen = False
-            for batch in _batched(read_members(spec, self.policy, self.settings, self.chunks.service.fetches),
-                                  self.settings.chunk_size):  # fmt: skip
-                unread_seen |= any(m.key == UNREAD for m in batch)
-                self._caption(msg, spec, batch, total)
-            if not unread_seen:
-                self._settle_unread(msg, spec, total)
-        finished = self.chunks._durably(ledger.close_container, msg.job_id, msg.container)
-        if finished:
-            self.chunks.job_finished(msg.job_id)
-        log.info("container job=%s ref=%s items=%d ok=%d error=%d skipped=%d total_ms=%.0f", msg.job_id, spec.ref,
-                 total.items, total.ok, total.error, total.skipped, (time.perf_counter() - started) * 1000)  # fmt: skip
-        return total
-
-    def _caption(self, msg: ContainerMessage, spec: ContainerSpec, batch: list[Member], total: ChunkOutcome) -> None:
-        items = {item_id(m.blob.ref): m.blob for m in batch}  # a key twice in one container is one item
-        self.chunks._durably(self.chunks.ledger.add_items, msg.job_id, [(i, b.ref) for i, b in items.items()])
-        out = self.chunks.run_items(msg.job_id, list(items.items()), msg.params, kind="container")
-        for name in ("items", "ok", "error", "skipped", "refused"):
-            setattr(total, name, getattr(total, name) + getattr(out, name))
-
-    def _settle_unread(self, msg: ContainerMessage, spec: ContainerSpec, total: ChunkOutcome) -> None:
-        """An earlier run's ``#*`` row (a truncated read) stays pending after ``retry`` once the container reads
-        whole: it is settled as cancelled, saying so, so the job can finish."""
-        iid = item_id(spec.member_ref(UNREAD))
-        if self.chunks.ledger.statuses(msg.job_id, [iid])[iid] is ItemStatus.PENDING:
-            from common.errors import Cancelled
-            from worker.service import error_row
-
-            whole = Cancelled("the container was read whole on a later run: no member was missing")
-            row = error_row({"id": iid, "ref": spec.member_ref(UNREAD), "params": msg.params}, whole)
-            self.chunks._write(msg.job_id, [row], total)
-
-
-def _batched(members: Iterator[Member], size: int) -> Iterator[list[Member]]:
-    batch: list[Member] = []
-    for member in members:
-        batch.append(member)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 # --- reading ----------------------------------------------------------------------------------------
@@ -358,7 +295,7 @@ def _arrow_members(spec: ContainerSpec, fh: IO[bytes], max_bytes: int) -> Iterat
 def _hf_members(spec: ContainerSpec, policy: ImagePolicy, settings: Settings) -> Iterator[Member]:
     """One shard of a 🤗 dataset (an imagefolder or a hub id), streamed unless ``download``; images by path are read
     under the workers' rules."""
-    from worker.datasets import iter_shard
+    from media.datasets import iter_shard
 
     for key, row, cell in iter_shard(spec, policy, settings):
         data, error = (None, cell) if isinstance(cell, ItemError) else _image_cell(cell, f"row {key}", policy.max_bytes)

@@ -24,9 +24,9 @@ from PIL import ExifTags, Image
 
 from common.errors import DecodeError, FetchError, FetchTimeout, Forbidden, InvalidInput, ItemError, TooLarge
 from common.messages import Source
-from common.objects import ObjectStore
-from common.paths import LocalFiles
 from common.settings import DECODE_BYTES_PER_PIXEL, Settings
+from media.objects import ObjectStore
+from media.paths import LocalFiles
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -115,7 +115,7 @@ def read_source(
 
 
 def read_object(uri: str, policy: ImagePolicy) -> bytes:
-    """Bytes of an object under an allowed prefix (the rules of common.objects), within the byte cap."""
+    """Bytes of an object under an allowed prefix (the rules of media.objects), within the byte cap."""
     if policy.objects is None:
         raise Forbidden(f"{uri}: object storage is off (put s3://bucket/prefix in CAPTIONER_ALLOWED_ROOTS)")
     return policy.objects.read(uri, policy.max_bytes)
@@ -125,7 +125,7 @@ def read_object(uri: str, policy: ImagePolicy) -> bytes:
 
 
 def read_path(path: str, policy: ImagePolicy) -> bytes:
-    """Bytes of a regular file whose real path lies under an allowed root (the rules of common.paths)."""
+    """Bytes of a regular file whose real path lies under an allowed root (the rules of media.paths)."""
     return LocalFiles(policy.allowed_roots, policy.max_bytes).read(path)
 
 

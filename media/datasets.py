@@ -10,9 +10,9 @@ from typing import Any
 
 from common.errors import FetchError, Forbidden, ItemError
 from common.messages import ContainerSpec
-from common.paths import LocalFiles
 from common.settings import Settings
-from worker.images import ImagePolicy
+from media.images import ImagePolicy
+from media.paths import LocalFiles
 
 
 def load(spec: ContainerSpec, policy: ImagePolicy, settings: Settings) -> Any:

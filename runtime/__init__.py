@@ -1,0 +1,1 @@
+"""What every long-running process shares: the Celery configuration, log lines, Prometheus metrics."""
