@@ -75,7 +75,7 @@ class CliState:
     touch the broker)."""
 
     settings: Settings
-    client_of: JobClient | None = None
+    _client: JobClient | None = None
 
     @property
     def client(self) -> JobClient:
