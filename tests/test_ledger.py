@@ -256,7 +256,7 @@ def test_fields_listing_expiry_and_reuse(ledger: Ledger) -> None:
 
 def test_both_backends_give_the_same_rows() -> None:
     """One job written to each backend reads back as identical rows (the export does not depend on the backend)."""
-    from ledger.pg_ledger import PostgresLedger
+    from ledger.postgres import PostgresLedger
 
     client = redis.Redis.from_url(redis_url(LEDGER_DB))
     prefix = f"ledger_same_{uuid.uuid4().hex[:8]}"

@@ -21,7 +21,7 @@ from tests.test_recovery import recovery_env, wait_for
 def test_a_postgres_ledger_survives_a_kill_and_reuses_captions_of_duplicate_images(
     worker_env: dict[str, str], session_root: Path, tmp_path: Path, settings
 ) -> None:
-    from ledger.pg_ledger import PostgresLedger
+    from ledger.postgres import PostgresLedger
 
     prefix = f"captioner_pg_{uuid.uuid4().hex[:8]}"
     env = {**recovery_env(worker_env), "CAPTIONER_LEDGER_URL": PG_URL, "CAPTIONER_KEY_PREFIX": prefix,

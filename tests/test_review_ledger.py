@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-import ledger.base as ledger_module
+import ledger.records as ledger_module
 from common.errors import InvalidReview, NotCaptioned, UnknownItem, UnknownJob
 from common.messages import GenParams, ItemResult, ItemStatus, item_id
 from ledger import MAX_CORRECTION_CHARS, ItemFilter, Ledger
