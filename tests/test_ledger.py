@@ -287,3 +287,31 @@ def test_both_backends_give_the_same_rows() -> None:
         assert isinstance(pg, PostgresLedger)
         pg._run(f"DROP SCHEMA IF EXISTS {pg.schema} CASCADE")
         pg.close()
+
+
+def test_a_training_run_is_a_typed_record_stored_as_the_job_fields_it_always_was(ledger: Ledger) -> None:
+    from common.messages import JobKind, TrainOutcome, TrainRequest
+    from ledger import TrainingRun, TrainResult
+
+    req = TrainRequest(job_id="train-1", dataset="/data/shapes", config={"max_steps": 3}, promote=True)
+    ledger.open_job("train-1", "train /data/shapes", None, kind=JobKind.TRAIN)
+    assert ledger.training_run("train-1") == TrainingRun()
+    ledger.update_training_run("train-1", TrainingRun(request=req, sent=100.5, started=None, result=None))
+    ledger.update_training_run("train-1", TrainingRun(progress={"step": 2, "total_steps": 3, "loss": 0.5}))
+    run = ledger.training_run("train-1")
+    assert (run.request, run.sent, run.started, run.result) == (req, 100.5, None, None)
+    # Fields not set in a record stay as stored; the stored shapes are the free-form ones of before.
+    ledger.update_training_run("train-1", TrainingRun(started=101.0))
+    assert ledger.get_field("train-1", "request") == req.model_dump() and ledger.get_field("train-1", "sent") == 100.5
+    assert ledger.job("train-1").extra["progress"] == {"step": 2, "total_steps": 3, "loss": 0.5}
+    done = TrainResult(job_id="train-1", status=TrainOutcome.DONE, version="v3", promoted=True, steps=None)
+    ledger.update_training_run("train-1", TrainingRun(version="v3", result=done))
+    assert ledger.job("train-1").extra["result"] == {
+        "job_id": "train-1", "status": "done", "version": "v3", "promoted": True, "steps": None,
+    }  # fmt: skip
+    run = ledger.training_run("train-1")
+    assert (run.started, run.version, run.result) == (101.0, "v3", done)
+    # A record written by the free-form fields of before reads as the typed one.
+    ledger.set_fields("train-1", result={"job_id": "train-1", "status": "failed", "error": "boom", "later": 1})
+    result = ledger.training_run("train-1").result
+    assert result is not None and (result.status, result.error) == (TrainOutcome.FAILED, "boom")

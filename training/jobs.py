@@ -28,7 +28,7 @@ from common.errors import CaptionerError, ConfigError
 from common.messages import EvaluateRequest, JobKind, JobState, TrainOutcome, TrainRequest
 from common.settings import Settings
 from common.store import ModelStore
-from ledger import Ledger
+from ledger import Ledger, TrainingRun, TrainResult
 from runtime import metrics
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def open_train_job(ledger: Ledger, req: TrainRequest) -> bool:
     Submitting a job id again re-opens it: a failed or cancelled job runs again from its last checkpoint.
     """
     created = ledger.open_job(req.job_id, f"train {req.dataset}", None, kind=JobKind.TRAIN)
-    ledger.set_fields(req.job_id, request=req.model_dump(), sent=time.time(), started=None, result=None)
+    ledger.update_training_run(req.job_id, TrainingRun(request=req, sent=time.time(), started=None, result=None))
     ledger.seal(req.job_id)
     return created
 
@@ -220,7 +220,7 @@ def run_train(settings: Settings, ledger: Ledger, req: TrainRequest) -> dict[str
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    ledger.set_fields(req.job_id, started=time.time())
+    ledger.update_training_run(req.job_id, TrainingRun(started=time.time()))
     metrics.training_started(req.job_id)
     try:
         summary = _fine_tune(settings, _store(settings), ledger, req, beat)
@@ -265,7 +265,7 @@ def _fine_tune(
         def progress(p: dict[str, Any]) -> None:
             metrics.observe_training(req.job_id, p)
             try:
-                ledger.set_fields(req.job_id, progress=p)
+                ledger.update_training_run(req.job_id, TrainingRun(progress=p))
             except redis.RedisError as exc:  # progress is a view; a blip must not end a long run
                 log.warning("job %s: progress not recorded (%s)", req.job_id, exc)
 
@@ -280,7 +280,7 @@ def _fine_tune(
             return {**done, "status": TrainOutcome.INTERRUPTED, "steps": result.steps}
         if result.status is TrainStatus.CANCELLED:
             cancelled = {**done, "status": TrainOutcome.CANCELLED, "steps": result.steps}
-            ledger.set_fields(req.job_id, result=cancelled, finished=time.time())
+            ledger.update_training_run(req.job_id, TrainingRun(result=TrainResult(**cancelled), finished=time.time()))
             return cancelled
         if result.status is TrainStatus.LOST_LOCK or beat.lost():
             return {**done, "status": TrainOutcome.LOST_LOCK, "steps": result.steps}
@@ -299,7 +299,7 @@ def _fine_tune(
         }
         assert result.final_dir is not None
         version = store.add(Path(result.final_dir), meta).version
-        ledger.set_fields(req.job_id, version=version)
+        ledger.update_training_run(req.job_id, TrainingRun(version=version))
     mv = store.get(version)
     summary = {**done, "status": TrainOutcome.DONE, "version": version, "promoted": False,
                "metrics": mv.metrics, "steps": mv.meta.get("steps")}  # fmt: skip
@@ -310,13 +310,13 @@ def _fine_tune(
         except ConfigError as exc:  # the gate said no: the version stays, the job is done, never re-run
             summary["promotion"] = f"not promoted: {exc}"
             log.info("job %s: %s", req.job_id, summary["promotion"])
-    ledger.set_fields(req.job_id, result=summary)
+    ledger.update_training_run(req.job_id, TrainingRun(result=TrainResult(**summary)))
     ledger.set_state(req.job_id, JobState.DONE)
     return summary
 
 
 def _stored_version(store: ModelStore, ledger: Ledger, job_id: str) -> str | None:
-    version = ledger.get_field(job_id, "version")
+    version = ledger.training_run(job_id).version
     if not version:
         return None
     try:
@@ -331,8 +331,8 @@ def _record_failure(ledger: Ledger, job_id: str, exc: Exception) -> None:
     error = " ".join(error.split())  # one line: library errors (hub, OS) often span several
     log.error("training job %s failed: %s", job_id, error, exc_info=not isinstance(exc, CaptionerError))
     try:
-        ledger.set_fields(job_id, result={"job_id": job_id, "status": TrainOutcome.FAILED, "error": error},
-                          finished=time.time())  # fmt: skip
+        failed = TrainResult(job_id=job_id, status=TrainOutcome.FAILED, error=error)
+        ledger.update_training_run(job_id, TrainingRun(result=failed, finished=time.time()))
         ledger.set_state(job_id, JobState.FAILED)
     except redis.RedisError as write_error:
         log.error("job %s: could not record the failure (%s); it will be resumed", job_id, write_error)
@@ -380,14 +380,14 @@ def orphaned_train_jobs(
     for info in ledger.jobs(limit):
         if info.kind is not JobKind.TRAIN or info.state is not JobState.RUNNING or ledger.locked(info.id):
             continue
-        started = float(ledger.get_field(info.id, "started") or 0)
-        sent = max(info.created, float(ledger.get_field(info.id, "sent") or 0))
+        run = ledger.training_run(info.id)
+        started = run.started or 0.0
+        sent = max(info.created, run.sent or 0.0)
         # Unstarted: give the message time to arrive. Started: once re-sent, give that message time too.
         if (not started or sent > started) and now - sent < grace_s:
             continue
-        request = ledger.get_field(info.id, "request")
-        if request:
-            candidates.append(TrainRequest.model_validate(request))
+        if run.request is not None:
+            candidates.append(run.request)
     if not candidates:
         return []
     queued = waiting([req.job_id for req in candidates])
