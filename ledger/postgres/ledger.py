@@ -16,6 +16,7 @@ from common.errors import UnknownJob
 from common.messages import GenParams, ItemResult, ItemStatus, JobKind, JobState
 from ledger import codec, records
 from ledger.contracts import Ledger
+from ledger.postgres import text
 from ledger.postgres.pool import Pool
 from ledger.postgres.schema import FINISH, FLAG_COLUMNS, schema_name
 from ledger.records import Attempt, ItemFilter, JobInfo, Page, Recorded, bad_cursor, check_job_id, check_page_limit
@@ -75,24 +76,29 @@ class PostgresLedger(Ledger):
     ) -> bool:
         check_job_id(job_id)
         self._purge_expired()
+        escaped = text.unsafe(name)
         row = self._one(
             """
-            INSERT INTO {s}.jobs (id, kind, name, params, state, created, open, base, extra)
-            VALUES (%(id)s, %(kind)s, %(name)s, %(params)s, 'running', %(now)s, true, %(base)s, %(extra)s)
+            INSERT INTO {s}.jobs (id, kind, name, params, state, created, open, base, extra, fields)
+            VALUES (%(id)s, %(kind)s, %(name)s, %(params)s, 'running', %(now)s, true, %(base)s, %(extra)s, %(marks)s)
             ON CONFLICT (id) DO UPDATE SET
               kind = EXCLUDED.kind, name = EXCLUDED.name, params = COALESCE(EXCLUDED.params, {s}.jobs.params),
-              state = 'running', open = true, finished = NULL, fields = {s}.jobs.fields - 'done_task_sent',
+              state = 'running', open = true, finished = NULL,
+              fields = ({s}.jobs.fields - 'done_task_sent' - %(mark)s) || EXCLUDED.fields,
               extra = COALESCE(EXCLUDED.extra, {s}.jobs.extra)
             RETURNING (xmax = 0) AS created
             """,
             {
                 "id": job_id,
                 "kind": kind.value,
-                "name": name,
-                "params": params.model_dump_json() if params is not None else None,
+                "name": text.escape(name) if escaped else name,
+                "params": text.object_in(params.model_dump(mode="json")) if params is not None else None,
                 "now": time.time(),
-                "base": base,
-                "extra": json.dumps(extra) if extra else None,
+                # Never read back (references are stored whole here): kept for the record, escaped.
+                "base": text.escape(base),
+                "extra": text.object_in(extra) if extra else None,
+                "mark": text.NAME_MARK,
+                "marks": json.dumps({text.NAME_MARK: True} if escaped else {}),
             },
         )
         return bool(row[0])
@@ -119,10 +125,10 @@ class PostgresLedger(Ledger):
         flag_counts, (extra, fields, containers) = rest[: len(FLAG_COLUMNS)], rest[len(FLAG_COLUMNS) :]
         return JobInfo(
             id=job_id,
-            name=name,
+            name=text.unescape(name) if text.NAME_MARK in fields else name,
             state=JobState(state),
             kind=JobKind(kind),
-            params=GenParams.model_validate(params) if params else None,
+            params=GenParams.model_validate(text.object_out(params)) if params else None,
             created=float(created),
             finished=float(finished) if finished else None,
             total=int(total),
@@ -130,7 +136,10 @@ class PostgresLedger(Ledger):
             error=int(error),
             cancelled=int(cancelled),
             flags={f: int(n) for f, n in zip(FLAG_COLUMNS, flag_counts, strict=True) if n},
-            extra={**(extra or {}), **{k: fields[k] for k in _JSON_FIELDS if k in fields}},
+            extra={
+                **(text.object_out(extra) or {}),
+                **{k: text.field_out(fields[k]) for k in _JSON_FIELDS if k in fields},
+            },
             containers=int(containers),
         )
 
@@ -164,14 +173,14 @@ class PostgresLedger(Ledger):
         )
 
     def set_fields(self, job_id: str, **fields: Any) -> None:
-        values = json.dumps({k: json.loads(json.dumps(v, default=str)) for k, v in fields.items()})
+        values = text.fields_in(fields)
         self._run("UPDATE {s}.jobs SET fields = fields || %s::jsonb WHERE id = %s", (values, check_job_id(job_id)))
 
     def get_fields(self, job_id: str, names: Iterable[str]) -> dict[str, Any]:
         names = list(names)
         row = self._one("SELECT fields FROM {s}.jobs WHERE id = %s", (check_job_id(job_id),))
         fields = row[0] if row else {}
-        return {n: fields[n] for n in names if n in fields}
+        return {n: text.field_out(fields[n]) for n in names if n in fields}
 
     def expire_job(self, job_id: str, ttl_s: int) -> None:
         self._run("UPDATE {s}.jobs SET expires = %s WHERE id = %s", (time.time() + ttl_s, check_job_id(job_id)))
@@ -190,12 +199,12 @@ class PostgresLedger(Ledger):
             WHERE {s}.locks.owner = EXCLUDED.owner OR {s}.locks.expires < %(now)s
             RETURNING 1
             """,
-            {"job": check_job_id(job_id), "owner": owner, "until": now + ttl_s, "now": now},
+            {"job": check_job_id(job_id), "owner": text.escape(owner), "until": now + ttl_s, "now": now},
         )
         return row is not None
 
     def unlock(self, job_id: str, owner: str) -> None:
-        self._run("DELETE FROM {s}.locks WHERE job_id = %s AND owner = %s", (check_job_id(job_id), owner))
+        self._run("DELETE FROM {s}.locks WHERE job_id = %s AND owner = %s", (check_job_id(job_id), text.escape(owner)))
 
     def locked(self, job_id: str) -> bool:
         row = self._one(
@@ -215,13 +224,15 @@ class PostgresLedger(Ledger):
             return 0
         ids = [codec.id_bytes(i) for i in pairs]
         refs = [codec.pack_ref(r, base) for r in pairs.values()]
+        bits = [text.ESCAPED_BIT if text.unsafe(r) else 0 for r in refs]
+        refs = [text.text_in(r, bool(b)) for r, b in zip(refs, bits, strict=True)]
         with self._connection() as conn, conn.transaction():
             inserted = conn.execute(
                 self._sql(
-                    "INSERT INTO {s}.items (job_id, id, ref) SELECT %s, * FROM unnest(%s::bytea[], %s::text[]) "
-                    "ON CONFLICT DO NOTHING"
+                    "INSERT INTO {s}.items (job_id, id, ref, flagbits) "
+                    "SELECT %s, * FROM unnest(%s::bytea[], %s::text[], %s::smallint[]) ON CONFLICT DO NOTHING"
                 ),
-                (job_id, ids, refs),
+                (job_id, ids, refs, bits),
             ).rowcount
             if inserted:
                 conn.execute(self._sql("UPDATE {s}.jobs SET n_total = n_total + %s WHERE id = %s"), (inserted, job_id))
@@ -366,9 +377,10 @@ class PostgresLedger(Ledger):
                 conn.execute(
                     self._sql(
                         "UPDATE {s}.items SET status = NULL, caption = NULL, error = NULL, error_class = NULL, "
-                        "pv = NULL, attempts = NULL, finished = NULL, flagbits = 0 WHERE job_id = %s AND id = ANY(%s)"
+                        "pv = NULL, attempts = NULL, finished = NULL, flagbits = flagbits & %s "
+                        "WHERE job_id = %s AND id = ANY(%s)"
                     ),
-                    (job_id, back),
+                    (text.ESCAPED_BIT, job_id, back),  # the reference stays, escaped or not
                 )
             # Attempt counts start afresh: an operator's retry is a fresh start, not a step towards poison.
             conn.execute(
@@ -459,14 +471,15 @@ class PostgresLedger(Ledger):
             return {}
         rows = self._all(
             "SELECT digest, caption, flags FROM {s}.reuse WHERE key = %s AND digest = ANY(%s) AND expires > %s",
-            (key, digests, time.time()),
+            (text.escape(key), digests, time.time()),
         )
-        return {bytes(d): (c, list(f)) for d, c, f in rows}
+        return {bytes(d): _reused_out(c, list(f)) for d, c, f in rows}
 
     def reuse_put(self, key: str, entries: dict[bytes, tuple[str, list[str]]], ttl_s: int) -> None:
         if not entries:
             return
         until = time.time() + ttl_s
+        stored_key = text.escape(key)  # only ever compared: escaped always, the same key the same text
         with self._connection() as conn:
             conn.cursor().executemany(
                 self._sql(
@@ -474,9 +487,9 @@ class PostgresLedger(Ledger):
                     "ON CONFLICT (key, digest) DO UPDATE SET caption = EXCLUDED.caption, flags = EXCLUDED.flags, "
                     "expires = EXCLUDED.expires"
                 ),
-                [(key, d, c, f, until) for d, (c, f) in entries.items()],
+                [(stored_key, d, *_reused_in(c, f), until) for d, (c, f) in entries.items()],
             )
-            conn.execute(self._sql("UPDATE {s}.reuse SET expires = %s WHERE key = %s"), (until, key))
+            conn.execute(self._sql("UPDATE {s}.reuse SET expires = %s WHERE key = %s"), (until, stored_key))
 
     # --- review ---------------------------------------------------------------------------------
     def page(self, job_id: str, *, cursor: str | None = None, limit: int = 50, filt: ItemFilter | None = None) -> Page:
@@ -567,17 +580,24 @@ def _item_values(
     error_class = None
     if row.status is not ItemStatus.OK:
         error_class = codec.error_index(row.error_class)
+    ref = codec.pack_ref(row.ref, base)
+    caption = row.caption if row.status is ItemStatus.OK else None
+    error = None if row.status is ItemStatus.OK else (row.error or "")
+    # Text PostgreSQL cannot hold: the row's text is stored escaped, and marked so (see ledger.postgres.text).
+    escaped = any(t is not None and text.unsafe(t) for t in (ref, caption, error))
+    if escaped:
+        bits |= text.ESCAPED_BIT
     return (
-        codec.pack_ref(row.ref, base),
+        text.text_in(ref, escaped),
         status,
-        row.caption if row.status is ItemStatus.OK else None,
-        None if row.status is ItemStatus.OK else (row.error or ""),
+        text.text_in(caption, escaped),
+        text.text_in(error, escaped),
         error_class,
         pv,
         row.attempts,
         round(row.finished_at, 1) if row.finished_at else None,  # the precision the Redis rows keep
         bits,
-        json.dumps(row.extra) if row.extra else None,
+        text.object_in(row.extra) if row.extra else None,
         job_id,
         raw,
     )
@@ -586,6 +606,8 @@ def _item_values(
 def _row_from_columns(values: tuple[Any, ...], base: str, table: list[codec.Provenance]) -> dict[str, Any]:
     """An items table row as the row dict the Redis ledger gives for the same item."""
     raw, ref, status, caption, error, error_class, pv, attempts, finished, bits, extra, review = values
+    escaped = bool(bits & text.ESCAPED_BIT)
+    ref, caption, error = text.text_out(ref, escaped), text.text_out(caption, escaped), text.text_out(error, escaped)
     row: dict[str, Any] = {"id": codec.id_text(bytes(raw)), "ref": codec.unpack_ref(ref, base)}
     if status is None:
         row["status"] = ItemStatus.PENDING.value
@@ -605,7 +627,21 @@ def _row_from_columns(values: tuple[Any, ...], base: str, table: list[codec.Prov
     if finished:
         row["finished_at"] = float(finished)
     if extra:
-        row["extra"] = extra
+        row["extra"] = text.object_out(extra)
     if review:
         row.update(codec.decode_review(bytes(review)))
     return row
+
+
+def _reused_in(caption: str, flags: list[str]) -> tuple[str, list[str]]:
+    """A reused caption and its flags as stored: escaped, with ``ESCAPED_FLAG`` among the flags, when needed."""
+    escaped = text.unsafe(caption) or any(text.unsafe(f) or f == text.ESCAPED_FLAG for f in flags)
+    if not escaped:
+        return caption, flags
+    return text.escape(caption), [*(text.escape(f) for f in flags), text.ESCAPED_FLAG]
+
+
+def _reused_out(caption: str, flags: list[str]) -> tuple[str, list[str]]:
+    if text.ESCAPED_FLAG not in flags:
+        return caption, flags
+    return text.unescape(caption), [text.unescape(f) for f in flags if f != text.ESCAPED_FLAG]

@@ -189,7 +189,8 @@ class RedisLedger(Ledger):
         base = self._base(job_id)
         args: list[bytes | str] = []
         for iid, ref in dict(items).items():
-            args += [codec.id_bytes(iid), codec.pack_ref(ref, base)]
+            # Like the rows: a file name that is not UTF-8 (surrogate escapes) is kept as its bytes.
+            args += [codec.id_bytes(iid), codec.pack_ref(ref, base).encode("utf-8", "surrogateescape")]
         if not args:
             return 0
         keys = [self.job_key(job_id, "src"), self.job_key(job_id), self.job_key(job_id, "res")]
@@ -506,4 +507,3 @@ def _parse_cursor(cursor: str | None, phases: int) -> tuple[int, int, int]:
     if not 0 <= phase < phases or pos < 0 or skip < 0:
         raise bad_cursor(cursor)
     return phase, pos, skip
-

@@ -74,7 +74,7 @@ def encode(row: ItemResult, *, base: str, created: float, provenance: int) -> by
         packed = msgpack.packb(row.extra, use_bin_type=True)
         out += [_varint(len(packed)), packed]
     text = row.caption if row.status is ItemStatus.OK else row.error
-    out.append((text or "").encode())
+    out.append((text or "").encode("utf-8", "surrogateescape"))  # an error naming a file that is not UTF-8
     return b"".join(out)
 
 
@@ -100,7 +100,7 @@ def decode(item_id: str, stored: bytes, *, base: str, created: float, provenance
     if header & _H_EXTRA:
         length, pos = _read_varint(stored, pos)
         extra, pos = msgpack.unpackb(stored[pos : pos + length], raw=False), pos + length
-    text = stored[pos:].decode()
+    text = stored[pos:].decode("utf-8", "surrogateescape")
     if status is ItemStatus.OK:
         row["caption"] = text
         flags = [name for name, bit in FLAG_BITS.items() if (header >> 2) & bit]
