@@ -121,7 +121,7 @@ def test_doctor_checks_the_postgres_ledger_and_config_masks_its_password(worker_
     assert wrong.exit_code == 1 and "must be a postgresql:// URL" in wrong.stderr and "Traceback" not in wrong.output
 
 
-def test_nul_bytes_in_a_shard_member_and_a_list_line_are_rows_with_the_postgres_ledger(
+def test_nul_bytes_in_shard_members_parquet_text_and_list_lines_are_rows_with_the_postgres_ledger(
     worker_env: dict[str, str], session_root: Path, tmp_path: Path
 ) -> None:
     """A NUL in a shard's .txt member used to fail every write of the shard (`\\u0000 cannot be converted to text`):
@@ -143,6 +143,15 @@ def test_nul_bytes_in_a_shard_member_and_a_list_line_are_rows_with_the_postgres_
                 info = tarfile.TarInfo(f"s{i}.{ext}")
                 info.size = len(body)
                 tar.addfile(info, io.BytesIO(body))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parquet = session_root / f"nul-{uuid.uuid4().hex[:6]}.parquet"
+    pq.write_table(pa.table({
+        "image": pa.array([{"bytes": c, "path": f"{i}.png"} for i, c in enumerate(images)],
+                          pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+        "text": pa.array([f"caption\x00{i}" for i in range(3)], pa.string()),
+    }), parquet)  # fmt: skip
     good = shape_files(session_root, "nul-list", 1, seed=6)[0]
     listing = tmp_path / "list.txt"
     listing.write_bytes(f"{good}\n{session_root}/bad\x00name.png\n".encode())
@@ -158,6 +167,11 @@ def test_nul_bytes_in_a_shard_member_and_a_list_line_are_rows_with_the_postgres_
         wait_for(lambda: client.status(job_id).state.value == "done", 120, "the shard's job to finish")
         job = client.status(job_id)
         assert (job.ok, job.total, job.containers) == (3, 3, 0)
+        sent = runner.invoke(cli, ["enqueue", str(parquet), "--json"], env=env)
+        assert sent.exit_code == 0, sent.output
+        parquet_id = json.loads(sent.output.strip().splitlines()[-1])["job_id"]
+        wait_for(lambda: client.status(parquet_id).state.value == "done", 120, "the Parquet job to finish")
+        parquet_rows = {r["ref"].rsplit("#", 1)[1]: r for r in client.results(parquet_id)}
         listed = runner.invoke(cli, ["enqueue", str(listing), "--wait", "--json"], env=env)
         assert listed.exit_code == 0 and listed.exception is None, listed.output  # the job's summary, no traceback
         listed_job = json.loads(listed.output.strip().splitlines()[-1])["job"]
@@ -171,6 +185,9 @@ def test_nul_bytes_in_a_shard_member_and_a_list_line_are_rows_with_the_postgres_
         pg.close()
     expected = {f"s{i}": {"txt": f"alt\x00text {i}\x00"} for i in range(3)}
     assert {k: r["extra"] for k, r in shard_rows.items()} == expected
+    assert {k: (r["status"], r["extra"]) for k, r in parquet_rows.items()} == {
+        str(i): ("ok", {"text": f"caption\x00{i}"}) for i in range(3)
+    }
     assert list_rows[good]["status"] == "ok" and listed_job["state"] == "done"
     bad = list_rows[f"{session_root}/bad\x00name.png"]
     assert (bad["status"], bad["error_class"], bad["error"]) == ("error", "invalid_input", "path contains a NUL byte")
