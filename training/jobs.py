@@ -29,7 +29,6 @@ from common.messages import EvaluateRequest, JobKind, JobState, TrainOutcome, Tr
 from common.settings import Settings
 from common.store import ModelStore
 from ledger import Ledger
-from runtime import metrics
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +219,8 @@ def run_train(settings: Settings, ledger: Ledger, req: TrainRequest) -> dict[str
         import torch
 
         torch.set_num_threads(settings.torch_threads)
+    from runtime import metrics  # the training worker's stack (prometheus_client); senders of a job never need it
+
     ledger.set_fields(req.job_id, started=time.time())
     metrics.training_started(req.job_id)
     try:
@@ -263,6 +264,8 @@ def _fine_tune(
         run_dir = store.root / ".runs" / req.job_id
 
         def progress(p: dict[str, Any]) -> None:
+            from runtime import metrics
+
             metrics.observe_training(req.job_id, p)
             try:
                 ledger.set_fields(req.job_id, progress=p)
