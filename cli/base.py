@@ -196,5 +196,3 @@ def job_id_option(ctx: click.Context, param: click.Parameter, value: str | None)
         return None if value is None else check_job_id(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
-
-

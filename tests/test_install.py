@@ -4,7 +4,6 @@ without a traceback, a missing extra is one line naming it, and the rooms' impor
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -150,9 +149,9 @@ def test_a_producer_only_install_runs_every_sender_command(tmp_path: Path) -> No
             "models": run("models"),
             "train": run("train", str(data), "--max-steps", "1"),
             "evaluate": run("evaluate", "current", str(data), "--timeout", "1"),
-            **{f"export {fmt}": run("export", "only-producer", "--format", fmt, "-o", str(tmp_path / f"out.{fmt}"))
-               for fmt in ("jsonl", "csv", "parquet")},  # fmt: skip
         }
+        for fmt in ("jsonl", "csv", "parquet"):
+            results[f"export {fmt}"] = run("export", "only-producer", "--format", fmt, "-o", str(tmp_path / f"o.{fmt}"))
         needs = {"worker": "captioner[worker]", "review": "captioner[review]", "demo": "captioner[train]"}
         for command, extra in needs.items():
             results[command] = proc = run(command)
@@ -162,8 +161,10 @@ def test_a_producer_only_install_runs_every_sender_command(tmp_path: Path) -> No
         assert "Traceback" not in proc.stdout + proc.stderr, (command, proc.stderr)
         assert proc.returncode in (0, 1), (command, proc.returncode, proc.stderr)
         if proc.returncode and command != "doctor":  # the doctor's exit 1 comes with its report of checks
-            assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: "), (command,
-                                                                                                     proc.stderr)
+            assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: "), (
+                command,
+                proc.stderr,
+            )
     assert "caption workers" in results["doctor"].stdout
     assert results["jobs"].returncode == 0 and "only-producer" in results["jobs"].stdout
     assert results["train"].returncode == 0, results["train"].stderr  # checked here, sent to the training queue
