@@ -68,8 +68,8 @@ def _jpeg(image: Image.Image, quality: int) -> Image.Image:
 def test_phash_finds_copies_and_keeps_different_pictures_apart() -> None:
     from skimage import data  # real photographs shipped with scikit-image
 
-    photos = [Image.fromarray(getattr(data, name)()).convert("RGB") for name in ("astronaut", "coffee", "chelsea",
-                                                                                 "rocket", "immunohistochemistry")]  # fmt: skip
+    names = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")
+    photos = [Image.fromarray(getattr(data, name)()).convert("RGB") for name in names]
     for photo in photos:
         w, h = photo.size
         copies = [photo.resize((w // 2, h // 2)), _jpeg(photo, 40),
