@@ -12,7 +12,7 @@ import click
 
 from common.errors import ConfigError
 from common.messages import QUALITY_FLAGS, is_url
-from exports.export import FORMATS, ContainerReader
+from exports import FORMATS, ContainerReader
 
 if TYPE_CHECKING:  # the CLI imports these lazily, so `captioner --help` stays fast
     from common.settings import Settings
@@ -48,7 +48,7 @@ def export(
     """Write a job's results: JSONL, CSV, Parquet, caption files next to the images (sidecar), an imagefolder
     metadata.jsonl, WebDataset shards, or kohya-style metadata JSON. A reviewer's correction travels beside the
     model's caption, and is the caption the dataset formats write."""
-    from exports.export import export_rows, export_to_store
+    from exports import export_rows, export_to_store
     from media.objects import ObjectStore, is_object_uri
     from media.paths import LocalFiles
 

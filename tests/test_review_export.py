@@ -16,7 +16,7 @@ from PIL import Image
 
 from cli.main import cli
 from common.messages import GenParams, ItemResult, ItemStatus, item_id
-from exports.export import export_rows, read_rows
+from exports import export_rows, read_rows
 from ledger import Ledger, RedisLedger
 from media.paths import LocalFiles
 from tests.conftest import LEDGER_DB, redis_url
