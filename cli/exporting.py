@@ -28,7 +28,8 @@ from cli.base import cli, client_of, json_option, settings_of
               help="Dataset formats: leave out captions with this flag (repeatable).")  # fmt: skip
 @click.option("-o", "--output", help="Output file ('-' for stdout; default <job>.<format>).")
 @click.option("--sidecar-ext", default=".txt", show_default=True, help="Extension of sidecar caption files.")
-@click.option("--overwrite", is_flag=True, help="Replace an output file (or sidecar caption files) that exists.")
+@click.option("--overwrite", is_flag=True, help="Replace an output file (or sidecar caption files) that exists; only "
+              "a regular file is ever replaced (never a link, a device or a pipe).")  # fmt: skip
 @click.option("--reviewed-only", is_flag=True,
               help="Only items a reviewer corrected or marked (captioner review).")  # fmt: skip
 @json_option
