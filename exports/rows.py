@@ -9,11 +9,11 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from common.errors import FetchError, Forbidden, ItemError, TooLarge
 from common.messages import is_url
-from media.objects import is_object_uri
+from common.uris import is_object_uri
 from media.paths import LocalFiles
 
 #: Columns of the flat formats (CSV, Parquet): the row with ``params`` spread out, ``timings`` dropped and
@@ -100,8 +100,9 @@ def kept(rows: Iterable[Any], skipped: Counter[str], take: Callable[[Mapping[str
 def as_mapping(row: Any) -> Mapping[str, Any]:
     """A row as a dict: ItemResult models are dumped the way they travel as JSON (enums as strings)."""
     if hasattr(row, "model_dump"):
-        return row.model_dump(mode="json")
-    return row
+        dumped: Mapping[str, Any] = row.model_dump(mode="json")
+        return dumped
+    return cast("Mapping[str, Any]", row)
 
 
 def flatten_row(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Any
 
 from common.errors import ConfigError, ItemError
 from common.messages import TAR_SUFFIXES, is_url
+from common.uris import is_object_uri
 from exports.place import check_target, fsync_path, is_regular, move_into_place
 from exports.rows import (
     ExportSummary,
@@ -27,7 +28,6 @@ from exports.rows import (
     file_skip,
     kept,
 )
-from media.objects import is_object_uri
 
 log = logging.getLogger(__name__)
 
