@@ -177,9 +177,8 @@ def gen_params(settings: Settings, max_length: int | None, num_beams: int | None
     from pydantic import ValidationError
 
     try:
-        return GenParams(
-            max_length=max_length or settings.max_length, num_beams=num_beams or settings.num_beams, prompt=prompt
-        )
+        given = {k: v for k, v in {"max_length": max_length, "num_beams": num_beams}.items() if v is not None}
+        return GenParams(**settings.gen_params(given), prompt=prompt)
     except ValidationError as exc:
         first = exc.errors()[0]
         # A field's own error names it; one about the fields together (no room for a caption) names both.
