@@ -99,7 +99,7 @@ def train(ctx: click.Context, dataset: str, job_id: str | None, base_model: str 
 def _check_training_workers(client: Any, req: Any) -> None:
     """Options that depend on the training worker (process count, LoRA, TensorBoard, hub datasets), checked
     against what the training workers that answer report; with none answering, the worker checks at the start."""
-    from training.jobs import check_against_workers, needs_worker_check
+    from training.requests import check_against_workers, needs_worker_check
 
     if not needs_worker_check(req):
         return
