@@ -403,7 +403,7 @@ def measure_refusals() -> list[dict[str, str]]:
     """Outcomes, counted on real files and messages in this process (the tests run them through workers)."""
     from common.errors import InvalidMessage, SourceError
     from common.messages import ChunkMessage, check_job_id, parse_message
-    from exports.export import export_rows, read_rows
+    from exports import export_rows, read_rows
     from media.paths import LocalFiles
 
     refused = 0

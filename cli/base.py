@@ -22,6 +22,30 @@ if TYPE_CHECKING:  # the CLI imports these lazily, so `captioner --help` stays f
 
 EXIT_ERROR = 1
 
+#: The modules each extra brings (import names), checked before a command that needs them starts: a producer-only
+#: install (`pip install captioner`) gets one line naming the extra instead of a traceback from deep inside.
+_WORKER = ("torch", "transformers", "safetensors", "PIL", "httpx2", "prometheus_client")
+EXTRAS: dict[str, tuple[str, ...]] = {
+    "worker": _WORKER,
+    "train": (*_WORKER, "jiwer", "sacrebleu", "rouge_score", "accelerate", "tensorboard"),
+    "review": ("PIL", "httpx2", "starlette", "uvicorn", "jinja2", "cachetools"),
+}
+
+
+def require_extra(extra: str, what: str) -> None:
+    """Fail in one line when ``extra``'s modules are not installed: ``what`` needs them."""
+    import importlib.util
+
+    def absent(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is None
+        except ImportError:  # a finder that knows it is not there
+            return True
+
+    missing = [m for m in EXTRAS[extra] if absent(m)]
+    if missing:
+        raise Fail(f"{what} needs its extra: pip install 'captioner[{extra}]' (missing: {', '.join(missing)})")
+
 
 class Group(click.Group):
     """Turns the errors a user can cause into one clear line."""
@@ -153,9 +177,8 @@ def gen_params(settings: Settings, max_length: int | None, num_beams: int | None
     from pydantic import ValidationError
 
     try:
-        return GenParams(
-            max_length=max_length or settings.max_length, num_beams=num_beams or settings.num_beams, prompt=prompt
-        )
+        given = {k: v for k, v in {"max_length": max_length, "num_beams": num_beams}.items() if v is not None}
+        return GenParams(**settings.gen_params(given), prompt=prompt)
     except ValidationError as exc:
         first = exc.errors()[0]
         # A field's own error names it; one about the fields together (no room for a caption) names both.
@@ -172,5 +195,3 @@ def job_id_option(ctx: click.Context, param: click.Parameter, value: str | None)
         return None if value is None else check_job_id(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
-
-

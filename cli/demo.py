@@ -112,7 +112,7 @@ def run_demo(
     vocab: str = "words",
 ) -> dict[str, Any]:
     from common.store import ModelStore
-    from exports.export import export_rows
+    from exports import export_rows
     from producer.jobs import JobClient, workers_info
     from training.synthetic import make_shapes
 

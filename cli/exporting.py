@@ -12,7 +12,7 @@ import click
 
 from common.errors import ConfigError
 from common.messages import QUALITY_FLAGS, is_url
-from exports.export import FORMATS, ContainerReader
+from exports import FORMATS, ContainerReader
 
 if TYPE_CHECKING:  # the CLI imports these lazily, so `captioner --help` stays fast
     from common.settings import Settings
@@ -28,7 +28,8 @@ from cli.base import cli, client_of, json_option, settings_of
               help="Dataset formats: leave out captions with this flag (repeatable).")  # fmt: skip
 @click.option("-o", "--output", help="Output file ('-' for stdout; default <job>.<format>).")
 @click.option("--sidecar-ext", default=".txt", show_default=True, help="Extension of sidecar caption files.")
-@click.option("--overwrite", is_flag=True, help="Replace an output file (or sidecar caption files) that exists.")
+@click.option("--overwrite", is_flag=True, help="Replace an output file (or sidecar caption files) that exists; only "
+              "a regular file is ever replaced (never a link, a device or a pipe).")  # fmt: skip
 @click.option("--reviewed-only", is_flag=True,
               help="Only items a reviewer corrected or marked (captioner review).")  # fmt: skip
 @json_option
@@ -48,7 +49,7 @@ def export(
     """Write a job's results: JSONL, CSV, Parquet, caption files next to the images (sidecar), an imagefolder
     metadata.jsonl, WebDataset shards, or kohya-style metadata JSON. A reviewer's correction travels beside the
     model's caption, and is the caption the dataset formats write."""
-    from exports.export import export_rows, export_to_store
+    from exports import export_rows, export_to_store
     from media.objects import ObjectStore, is_object_uri
     from media.paths import LocalFiles
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from cli import exporting, jobs, models, ops  # noqa: F401  (each registers its commands)
 from cli.base import cli
-from exports.export import FORMATS
+from exports import FORMATS
 
 __all__ = ["FORMATS", "cli", "main"]
 

@@ -80,12 +80,12 @@ def train(ctx: click.Context, dataset: str, job_id: str | None, base_model: str 
                        text_column=text_column, config=config, promote=promote, download=download,
                        require_no_worse=require_no_worse)  # fmt: skip
     client = client_of(ctx)
-    from training.jobs import check_train_request
 
-    check_train_request(req)
-    check_columns(dataset, column=column, text_column=text_column)
-    _check_training_workers(client, req)
-    client.submit_training(req)
+    def check_data_and_workers(req: TrainRequest) -> None:  # after the request's own check, which submit makes
+        check_columns(dataset, column=column, text_column=text_column)
+        _check_training_workers(client, req)
+
+    client.submit_training(req, then_check=check_data_and_workers)
     if not wait_:
         emit(as_json, {"job_id": req.job_id}, lambda: click.echo(req.job_id))
         return
@@ -99,7 +99,7 @@ def train(ctx: click.Context, dataset: str, job_id: str | None, base_model: str 
 def _check_training_workers(client: Any, req: Any) -> None:
     """Options that depend on the training worker (process count, LoRA, TensorBoard, hub datasets), checked
     against what the training workers that answer report; with none answering, the worker checks at the start."""
-    from training.jobs import check_against_workers, needs_worker_check
+    from training.requests import check_against_workers, needs_worker_check
 
     if not needs_worker_check(req):
         return

@@ -9,7 +9,7 @@ import click
 
 if TYPE_CHECKING:  # the CLI imports these lazily, so `captioner --help` stays fast
     pass
-from cli.base import EXIT_ERROR, Fail, cli, emit, json_option, settings_of
+from cli.base import EXIT_ERROR, cli, emit, json_option, require_extra, settings_of
 
 # --- operating ------------------------------------------------------------------------------------
 
@@ -79,6 +79,7 @@ def worker(ctx: click.Context, training: bool, model: str | None, revision: str 
 
     Options override the CAPTIONER_* settings of the same name; extra arguments go to `celery worker` unchanged.
     """
+    require_extra("train" if training else "worker", "a training worker" if training else "a caption worker")
     from common.settings import use_settings
     from model.profiles import parse_adjustments
 
@@ -138,10 +139,8 @@ def review(ctx: click.Context, host: str | None, port: int | None) -> None:
     Binds 127.0.0.1 unless told otherwise; any other address needs CAPTIONER_REVIEW_TOKEN or
     CAPTIONER_REVIEW_USER/CAPTIONER_REVIEW_PASSWORD, or it refuses to start.
     """
-    try:
-        from review.server import serve
-    except ImportError as exc:
-        raise Fail(f"the review page needs its extra: pip install 'captioner[review]' ({exc})") from None
+    require_extra("review", "the review page")
+    from review.server import serve
     given = {"review_host": host, "review_port": port}
     settings = settings_of(ctx).model_copy(update={k: v for k, v in given.items() if v is not None})
     serve(settings, say=lambda line: click.echo(line, err=True))
@@ -166,6 +165,7 @@ def demo(ctx: click.Context, n_images: int, train_images: int, steps: int, workd
          as_json: bool) -> None:  # fmt: skip
     """Offline end to end: synthetic images -> fine-tune a small GIT on the queue -> evaluate -> promote ->
     caption held-out images as a bulk job -> export; prints captions and WER before and after."""
+    require_extra("train", "the demo (it trains and serves a model)")
     from cli.demo import run_demo
 
     run_demo(settings_of(ctx), n_images=n_images, train_images=train_images, steps=steps, workdir=workdir,

@@ -6,6 +6,7 @@ Nothing else in the project reads ``os.environ``: code receives a ``Settings`` (
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -329,6 +330,11 @@ class Settings(BaseSettings):
         if (self.review_user is None) != (self.review_password is None):
             raise ConfigError("set both CAPTIONER_REVIEW_USER and CAPTIONER_REVIEW_PASSWORD, or neither")
         return self
+
+    def gen_params(self, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """A job's generation parameters (GenParams fields): ``given`` over this deployment's defaults. The one place
+        they are filled in, for the CLI, the job client and the worker (a message from elsewhere may leave some out)."""
+        return {"max_length": self.max_length, "num_beams": self.num_beams, **(given or {})}
 
     @property
     def interactive_queue_name(self) -> str:

@@ -118,7 +118,7 @@ class JobClient:
         ``max_queued_chunks`` messages, the producer waits for workers (``on_hold`` is told the depth once per wait),
         so the broker's memory stays bounded whatever the archive's size.
         """
-        params = params or GenParams(max_length=self.settings.max_length, num_beams=self.settings.num_beams)
+        params = params or GenParams(**self.settings.gen_params())
         size = chunk_size or self.settings.chunk_size
         started = time.perf_counter()
         _valid_id(job_id)
@@ -226,12 +226,15 @@ class JobClient:
         and an UNSUBSCRIBE when the unused AsyncResult is collected)."""
         self.app.send_task(task, kwargs=body, queue=queue, producer=producer, ignore_result=True)
 
-    def submit_training(self, req: TrainRequest) -> None:
-        """Check the request's config here (a mistake is one error now, not a job failing on a worker), record
-        the fine-tune in the ledger (so a lost message can be found and resumed), then queue it."""
-        from training.jobs import check_train_request, open_train_job
+    def submit_training(self, req: TrainRequest, *, then_check: Callable[[TrainRequest], None] | None = None) -> None:
+        """Check the request's config here (a mistake is one error now, not a job failing on a worker), and with
+        ``then_check`` what the caller checks besides (its data, the training workers); record the fine-tune in the
+        ledger (so a lost message can be found and resumed), then queue it."""
+        from training.requests import check_train_request, open_train_job
 
         check_train_request(req)
+        if then_check is not None:
+            then_check(req)
         self.check()
         open_train_job(self.ledger, req)
         self._fire(TASK_TRAIN, req.model_dump(), self.settings.training_queue)

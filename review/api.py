@@ -154,7 +154,7 @@ def _train_config(body: dict[str, Any]) -> dict[str, Any]:
 
 def _export(ctx: Review, job_id: str) -> tuple[Path, Any]:
     """The reviewed items of a job as a new imagefolder in the export folder; refused when there are none."""
-    from exports.export import export_rows
+    from exports import export_rows
 
     root = ctx.settings.review_export_dir
     if root is None:

@@ -24,7 +24,9 @@ from producer.local import WorkerProcess
 REDIS_HOST = os.environ.get("CAPTIONER_TEST_REDIS", "127.0.0.1:6379")
 # Three DB numbers of the machine's Redis, from CAPTIONER_TEST_DB_BASE (default 13: DBs 13-15), so two
 # checkouts can run their suites at once on one Redis without flushing each other's data.
-DB_BASE = int(os.environ.get("CAPTIONER_TEST_DB_BASE", "13"))
+# Under pytest-xdist each test process takes the three DBs below the previous one's (gw0: 13-15, gw1: 10-12).
+_PROCESS = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+DB_BASE = int(os.environ.get("CAPTIONER_TEST_DB_BASE", "13")) - 3 * _PROCESS
 RECOVERY_DB = DB_BASE  # broker of the recovery tests, whose short visibility timeout must touch no other queue
 BROKER_DB = DB_BASE + 1  # Celery's queues for the session worker
 LEDGER_DB = DB_BASE + 2  # job ledger, flushed before every test

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from common.settings import Settings
-from exports.export import flatten_row, read_rows
+from exports import flatten_row, read_rows
 from tests.conftest import direct_captions, image_server
 from tests.test_recovery import wait_for
 
@@ -146,7 +146,7 @@ def test_help_lists_every_command() -> None:
 
 def test_cli_export_formats_match_the_sinks() -> None:
     from cli.main import FORMATS
-    from exports.export import FORMATS as SINK_FORMATS
+    from exports import FORMATS as SINK_FORMATS
 
     assert FORMATS == SINK_FORMATS
 

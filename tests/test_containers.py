@@ -183,7 +183,7 @@ def test_parquet_row_groups_carry_their_other_columns_to_the_export(
     out = tmp_path / "out.csv"
     result = CliRunner().invoke(cli, ["export", job_id, "--format", "csv", "-o", str(out)], env=worker_env)
     assert result.exit_code == 0, result.output
-    from exports.export import read_rows
+    from exports import read_rows
 
     back = {r["ref"].rsplit("#", 1)[1]: r for r in read_rows(out, "csv")}
     assert json.loads(back["1"]["extra"])["meta"] == {"w": 1, "tags": ["a", "1"]}

@@ -18,7 +18,7 @@ import pytest
 
 from common.errors import ConfigError
 from common.messages import GenParams, ItemResult, ItemStatus
-from exports.export import FLAT_COLUMNS, FORMATS, export_rows, flatten_row, read_rows, split_flags
+from exports import FLAT_COLUMNS, FORMATS, export_rows, flatten_row, read_rows, split_flags
 from media.paths import LocalFiles
 
 FILE_FORMATS = ("jsonl", "csv", "parquet")
@@ -634,9 +634,9 @@ def test_file_formats_need_the_allowed_roots(tmp_path: Path) -> None:
 
 
 def test_members_set_aside_on_disk_come_back_grouped_by_container(tmp_path: Path) -> None:
-    from exports.export import _MemberRows
+    from exports.webdataset import MemberRows
 
-    held = _MemberRows(tmp_path, limit=3)
+    held = MemberRows(tmp_path, limit=3)
     for i in range(10):
         held.add(f"s{i % 3}.tar", f"k{i}", {"id": str(i)})
     held.add("s0.tar", "k0", {"id": "again"})  # a key twice: its first row is the one packed
@@ -656,6 +656,92 @@ def test_members_set_aside_on_disk_come_back_grouped_by_container(tmp_path: Path
      ("/data/photo#1.jpg", None), ("/data/a.tar", None)],
 )  # fmt: skip
 def test_container_member_refs_are_told_from_files(ref: str, member: tuple[str, str] | None) -> None:
-    from exports.export import container_member
+    from exports import container_member
 
     assert container_member(ref) == member
+
+
+# --- outputs that are not regular files, names that are not paths -----------------------------
+
+
+def _not_regular_outputs(tmp_path: Path) -> dict[str, Path]:
+    """A symlink to a file, a dangling symlink, a FIFO, and (where this process may make one) a character device."""
+    import os
+    import stat
+
+    (tmp_path / "target.jsonl").write_text("kept\n")
+    found = {"symlink": tmp_path / "link.jsonl", "dangling": tmp_path / "dangling.jsonl", "fifo": tmp_path / "fifo"}
+    found["symlink"].symlink_to(tmp_path / "target.jsonl")
+    found["dangling"].symlink_to(tmp_path / "nowhere.jsonl")
+    os.mkfifo(found["fifo"])
+    try:
+        os.mknod(tmp_path / "full", stat.S_IFCHR | 0o666, os.makedev(1, 7))  # what /dev/full is
+        found["device"] = tmp_path / "full"
+    except PermissionError:
+        pass  # not root: the symlinks and the FIFO stand for the class
+    return found
+
+
+def _kind(path: Path) -> tuple[int, str | None]:
+    import os
+    import stat
+
+    mode = os.lstat(path).st_mode
+    return stat.S_IFMT(mode), os.readlink(path) if stat.S_ISLNK(mode) else None
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "kohya"])
+def test_an_output_that_is_not_a_regular_file_is_refused_never_replaced(tmp_path: Path, fmt: str) -> None:
+    outputs = _not_regular_outputs(tmp_path)
+    for what, out in outputs.items():
+        before = _kind(out)
+        for overwrite in (False, True):
+            with pytest.raises(ConfigError, match=r"symbolic link|not a regular file") as err:
+                export_rows(awkward_rows(), fmt, out, overwrite=overwrite)
+            assert "overwrite" not in str(err.value), (what, overwrite)  # --overwrite would not help
+            assert _kind(out) == before, (what, overwrite)
+    assert (tmp_path / "target.jsonl").read_text() == "kept\n"
+    assert not (tmp_path / "nowhere.jsonl").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_dev_stdout_is_not_an_output_file_and_overwrite_is_not_suggested(tmp_path: Path) -> None:
+    # Only ever without overwrite here: a wrong implementation must not get the chance to replace it.
+    with pytest.raises(ConfigError, match="'-' for stdout") as err:
+        export_rows(awkward_rows(), "jsonl", Path("/dev/stdout"))
+    assert "overwrite" not in str(err.value)
+
+
+def test_a_shard_that_is_not_a_regular_file_is_refused_never_replaced(tmp_path: Path) -> None:
+    (tmp_path / "root").mkdir()
+    rows = [_ok(1, "one", ref=str(_image(tmp_path / "root", "a.jpg")))]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (tmp_path / "elsewhere.tar").write_bytes(b"kept")
+    (shards / "shard-000000.tar").symlink_to(tmp_path / "elsewhere.tar")
+    for overwrite in (False, True):
+        with pytest.raises(ConfigError, match="symbolic link"):
+            export_rows(rows, "webdataset", shards, overwrite=overwrite, local=_local(tmp_path / "root"))
+    assert (shards / "shard-000000.tar").is_symlink() and (tmp_path / "elsewhere.tar").read_bytes() == b"kept"
+    # A stale higher-numbered shard that is a link is left alone when an overwrite clears older shards.
+    (shards / "shard-000000.tar").unlink()
+    (shards / "shard-000001.tar").symlink_to(tmp_path / "elsewhere.tar")
+    export_rows(rows, "webdataset", shards, overwrite=True, local=_local(tmp_path / "root"))
+    assert (shards / "shard-000001.tar").is_symlink() and (tmp_path / "elsewhere.tar").read_bytes() == b"kept"
+
+
+def test_container_members_are_not_file_names_in_formats_that_name_files(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "deep" / "shards").mkdir(parents=True)
+    escape = f"{root}/deep/shards/s.tar#a/../../b"  # as a path: <root>/deep/b, a file the shard never held
+    refs = [escape, f"{root}/t.parquet#12", f"{root}/a.arrow#3", "hf:user/set/train#7"]
+    rows = [_ok(i, f"member {i}", ref=ref) for i, ref in enumerate(refs)]
+    rows.append(_ok(9, "a file", ref=str(_image(root, "real.jpg"))))
+    metadata = export_rows(rows, "metadata", root / "metadata.jsonl")
+    kohya = export_rows(rows, "kohya", tmp_path / "k.json")
+    sidecar = export_rows(rows, "sidecar", None, local=_local(root))
+    for summary in (metadata, kohya, sidecar):
+        assert (summary.rows_written, summary.skipped_by_reason) == (1, {"container_member": 4})
+    names = [json.loads(line)["file_name"] for line in (root / "metadata.jsonl").read_text().splitlines()]
+    assert names == ["real.jpg"]
+    assert list(json.loads((tmp_path / "k.json").read_text())) == [str(root / "real.jpg")]

@@ -296,7 +296,7 @@ def test_a_chunk_naming_another_jobs_keys_is_refused_and_that_job_stays_whole(
     client: JobClient, settings: Settings, images: Path, caption_worker: WorkerProcess, tmp_path: Path
 ) -> None:
     """A service's chunk for "victim:res" wrote into the victim's results; its export and failures then crashed."""
-    from exports.export import export_rows
+    from exports import export_rows
 
     refs = [str(p) for p in sorted(images.glob("*.jpg"))[:2]]
     client.enqueue(refs, job_id="victim")

@@ -12,7 +12,7 @@ from cli.main import cli
 from common.errors import ConfigError, FetchError, Forbidden, InvalidInput, TooLarge
 from common.messages import GenParams, ItemResult, ItemStatus, Source, item_id
 from common.settings import Settings
-from exports.export import FORMATS, export_to_store, read_rows
+from exports import FORMATS, export_to_store, read_rows
 from media.objects import ObjectStore
 from tests.conftest import S3Server
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from cli.main import cli
 from common.messages import GenParams, ItemResult, ItemStatus, item_id
-from exports.export import export_rows, read_rows
+from exports import export_rows, read_rows
 from ledger import Ledger, RedisLedger
 from media.paths import LocalFiles
 from tests.conftest import LEDGER_DB, redis_url
@@ -105,3 +105,17 @@ def test_cli_exports_the_reviewed_items_only(job, tmp_path: Path) -> None:
         ids[r] for r in ("corrected", "rejected", "accepted"))  # fmt: skip
     result = CliRunner().invoke(cli, ["export", "job-nope", "--reviewed-only", "-o", "-"], env=env)
     assert result.exit_code == 1 and "no job 'job-nope'" in result.stderr
+
+
+def test_cli_refuses_outputs_that_are_not_regular_files_in_one_line(job, tmp_path: Path) -> None:
+    env = {"CAPTIONER_BROKER_URL": redis_url(LEDGER_DB), "CAPTIONER_KEY_PREFIX": PREFIX}
+    (tmp_path / "kept.jsonl").write_text("kept\n")
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "kept.jsonl")
+    # /dev/stdout without --overwrite only: a wrong implementation must not get the chance to replace it.
+    for args in (["-o", "/dev/stdout"], ["-o", str(tmp_path / "link.jsonl"), "--overwrite"]):
+        result = CliRunner().invoke(cli, ["export", JOB, *args], env=env)
+        assert result.exit_code == 1 and "symbolic link" in result.stderr, result.output
+        assert "overwrite" not in result.stderr and "Traceback" not in result.output
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "link.jsonl").is_symlink() and (tmp_path / "kept.jsonl").read_text() == "kept\n"
+

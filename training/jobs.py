@@ -29,7 +29,7 @@ from common.messages import EvaluateRequest, JobKind, JobState, TrainOutcome, Tr
 from common.settings import Settings
 from common.store import ModelStore
 from ledger import Ledger, TrainingRun, TrainResult
-from runtime import metrics
+from training.requests import check_train_request, open_train_job  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -63,20 +63,6 @@ def check_training_worker(settings: Settings) -> None:
         check_processes(settings.train_processes)
 
 
-def check_train_request(req: TrainRequest) -> None:
-    """Everything about a fine-tune request that can be checked without its data: config keys, types, values."""
-    from training.config import METRIC_NAMES, TrainConfig
-
-    TrainConfig.from_dict(req.config)
-    if req.require_no_worse is not None:
-        if not req.promote:
-            raise ConfigError("require_no_worse (--require-no-worse) only applies with promote (--promote)")
-        if req.require_no_worse not in METRIC_NAMES:
-            raise ConfigError(
-                f"require_no_worse must name a metric ({', '.join(METRIC_NAMES)}), not {req.require_no_worse!r}"
-            )
-
-
 def worker_capabilities() -> dict[str, Any]:
     """What this training worker offers a job: devices for processes, and the optional packages it has."""
     import importlib.util
@@ -86,45 +72,6 @@ def worker_capabilities() -> dict[str, Any]:
     count, kind = devices()
     have = {name: importlib.util.find_spec(name) is not None for name in ("peft", "datasets", "tensorboard")}
     return {"devices": count, "device_kind": kind, **have}
-
-
-def _is_hub_id(dataset: str) -> bool:
-    return not os.path.exists(dataset) and not dataset.startswith((".", "/", "~"))
-
-
-def needs_worker_check(req: TrainRequest) -> bool:
-    """Whether the request asks for something only a training worker can say it has."""
-    cfg = req.config
-    return bool((cfg.get("num_processes") or 1) > 1 or cfg.get("lora_r") or cfg.get("report_to") == "tensorboard"
-                or _is_hub_id(req.dataset))  # fmt: skip
-
-
-def check_against_workers(req: TrainRequest, workers: list[dict[str, Any]]) -> None:
-    """The request against the best that the answering training workers offer; a ConfigError says what is missing."""
-    cfg = req.config
-    processes = cfg.get("num_processes") or 1
-    most = max(workers, key=lambda w: w.get("devices", 0))
-    if processes > most.get("devices", 1):
-        raise ConfigError(f"{processes} training processes asked for, but the training workers have at most "
-                          f"{most['devices']} {most.get('device_kind', 'device')}(s)")  # fmt: skip
-    wanted = [("peft", "lora", bool(cfg.get("lora_r"))),
-              ("tensorboard", "train", cfg.get("report_to") == "tensorboard"),
-              ("datasets", "datasets", _is_hub_id(req.dataset))]  # fmt: skip
-    for package, extra, asked in wanted:
-        if asked and not any(w.get(package) for w in workers):
-            raise ConfigError(f"{'LoRA' if package == 'peft' else package} is asked for, but no training worker has "
-                              f"{package} installed (pip install 'captioner[{extra}]' there)")  # fmt: skip
-
-
-def open_train_job(ledger: Ledger, req: TrainRequest) -> bool:
-    """Record a training job before its message is sent (so a lost message can be found and resumed).
-
-    Submitting a job id again re-opens it: a failed or cancelled job runs again from its last checkpoint.
-    """
-    created = ledger.open_job(req.job_id, f"train {req.dataset}", None, kind=JobKind.TRAIN)
-    ledger.update_training_run(req.job_id, TrainingRun(request=req, sent=time.time(), started=None, result=None))
-    ledger.seal(req.job_id)
-    return created
 
 
 class _Heartbeat:
@@ -220,6 +167,8 @@ def run_train(settings: Settings, ledger: Ledger, req: TrainRequest) -> dict[str
         import torch
 
         torch.set_num_threads(settings.torch_threads)
+    from runtime import metrics  # the training worker's stack (prometheus_client); senders of a job never need it
+
     ledger.update_training_run(req.job_id, TrainingRun(started=time.time()))
     metrics.training_started(req.job_id)
     try:
@@ -263,6 +212,8 @@ def _fine_tune(
         run_dir = store.root / ".runs" / req.job_id
 
         def progress(p: dict[str, Any]) -> None:
+            from runtime import metrics
+
             metrics.observe_training(req.job_id, p)
             try:
                 ledger.update_training_run(req.job_id, TrainingRun(progress=p))

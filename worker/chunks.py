@@ -21,7 +21,7 @@ from common.errors import Cancelled, Poison
 from common.messages import ChunkMessage, GenParams, ItemResult, ItemStatus, JobState
 from common.settings import Settings
 from runtime import metrics
-from worker.service import Blob, CaptionService, ItemSource, error_row
+from worker.service import CaptionService, ItemSource, error_row, row_base
 
 if TYPE_CHECKING:
     from ledger import Attempt, Ledger
@@ -95,7 +95,7 @@ class ChunkRunner:
         if not todo:
             return out
         if ledger.state(job_id) is JobState.CANCELLED:
-            rows = [error_row(_base(it, params), Cancelled("job cancelled")) for it in todo]
+            rows = [error_row(row_base(*it, params), Cancelled("job cancelled")) for it in todo]
             self._write(job_id, rows, out)
             return out
         attempts = self._durably(ledger.begin_attempt, job_id, [iid for iid, _ in todo])
@@ -153,11 +153,11 @@ class ChunkRunner:
             crashes = att.started - 1 - att.finished
             if att.suspect and att.alone >= limit - 1:
                 text = f"its worker died {crashes} time(s) while captioning it ({att.alone} alone); not tried again"
-                poison.append(error_row(_base(it, params, att.started), Poison(text)))
+                poison.append(error_row(row_base(*it, params, att.started), Poison(text)))
             elif att.suspect:
                 alone.append(it)
             elif att.started > limit:
-                poison.append(error_row(_base(it, params, att.started), Poison(f"gave up after {limit} attempts")))
+                poison.append(error_row(row_base(*it, params, att.started), Poison(f"gave up after {limit} attempts")))
             else:
                 work.append(it)
         return poison, work, alone
@@ -201,11 +201,3 @@ class ChunkRunner:
                 log.warning("ledger write failed (%s: %s); retrying in %.1fs", type(exc).__name__, exc, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
-
-
-def _base(item: tuple[str, ItemSource], params: GenParams, attempts: int = 1) -> dict[str, Any]:
-    iid, src = item
-    base = {"id": iid, "ref": src.ref, "params": params, "attempts": attempts}
-    if isinstance(src, Blob) and src.extra:
-        base["extra"] = src.extra
-    return base

@@ -395,7 +395,7 @@ class CaptionService:
         refused = self._no_room(engine, params)
         if refused is not None:  # every item would fail the same way in the model: one row each, saying why
             tried = attempts or {}
-            return [error_row(_row_base(i, s, params, tried.get(i, 1)), refused) for i, s in items]
+            return [error_row(row_base(i, s, params, tried.get(i, 1)), refused) for i, s in items]
         self.batcher.expect(len(items))
         # A copy of this thread's context per item: decode threads log with the task's job and task ids.
         prepared = [
@@ -405,7 +405,7 @@ class CaptionService:
         rows: list[ItemResult] = []
         fresh: dict[bytes, Captioned] = {}
         for (iid, src), fut in zip(items, prepared, strict=True):
-            base = _row_base(iid, src, params, (attempts or {}).get(iid, 1))
+            base = row_base(iid, src, params, (attempts or {}).get(iid, 1))
             try:
                 caption_future, load_ms, digest = fut.result()
                 done: Captioned = caption_future.result()
@@ -462,7 +462,7 @@ class CaptionService:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _row_base(iid: str, src: ItemSource, params: GenParams, attempts: int) -> dict[str, Any]:
+def row_base(iid: str, src: ItemSource, params: GenParams, attempts: int = 1) -> dict[str, Any]:
     """The fields every row of an item has, caption or error: the columns its source row carries included."""
     base = {"id": iid, "ref": src.ref, "params": params, "attempts": attempts}
     if isinstance(src, Blob) and src.extra:

@@ -7,7 +7,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast
 
 from celery import Task
 from celery.exceptions import Reject
@@ -43,11 +43,7 @@ from worker.container_runner import ContainerRunner
 from worker.service import CaptionService
 
 log = logging.getLogger(__name__)
-
-_service: CaptionService | None = None
-_chunks: ChunkRunner | None = None
-_containers: ContainerRunner | None = None
-_service_lock = threading.Lock()
+T = TypeVar("T")
 
 # Infrastructure blips: retried with backoff until Redis answers again (or has memory again).
 _INFRA_ERRORS = RETRYABLE_REDIS_ERRORS
@@ -57,36 +53,47 @@ GIL_SWITCH_S = 0.0005
 _BUG_RETRIES = 3
 
 
-def service() -> CaptionService:
-    """The process's one CaptionService (model, batcher, decode pool), built on first use."""
-    global _service
-    if _service is None:
-        with _service_lock:
-            if _service is None:
-                settings = get_settings()
-                reuse = ledger_from_settings(settings) if settings.reuse_captions else None
-                _service = CaptionService(settings, reuse=reuse)
-    return _service
+class _Lazy(Generic[T]):
+    """One heavy object of this process, built on first use (never at import: no model load before the worker is
+    set up), once, under a lock all of them share; ``made`` is it, or None while nobody asked."""
+
+    _lock = threading.RLock()  # reentrant: the chunk runner is built on the service, the container runner on both
+
+    def __init__(self, build: Callable[[], T]) -> None:
+        self._build = build
+        self.made: T | None = None
+
+    def __call__(self) -> T:
+        if self.made is None:
+            with self._lock:
+                if self.made is None:
+                    self.made = self._build()
+        return self.made
 
 
-def chunks() -> ChunkRunner:
-    """The process's chunk runner: the service's batches, written to the ledger."""
-    global _chunks
-    if _chunks is None:
-        svc = service()
-        with _service_lock:
-            if _chunks is None:
-                settings = get_settings()
-                _chunks = ChunkRunner(svc, ledger_from_settings(settings), settings, on_job_done=_job_done)
-    return _chunks
+def _new_service() -> CaptionService:
+    settings = get_settings()
+    return CaptionService(settings, reuse=ledger_from_settings(settings) if settings.reuse_captions else None)
+
+
+def _new_chunks() -> ChunkRunner:
+    settings = get_settings()
+    return ChunkRunner(service(), ledger_from_settings(settings), settings, on_job_done=_job_done)
+
+
+#: The process's one CaptionService (model, batcher, decode pool).
+service = _Lazy(_new_service)
+#: The process's chunk runner: the service's batches, written to the ledger.
+chunks = _Lazy(_new_chunks)
+#: The process's container runner, on its chunk runner.
+containers = _Lazy(lambda: ContainerRunner(chunks(), get_settings()))
 
 
 def _payload(**fields: Any) -> dict[str, Any]:
     """Keyword arguments as a payload; parameters the caller left out take this worker's defaults."""
     payload = {k: v for k, v in fields.items() if v is not None}
     if isinstance(payload.get("params", {}), dict):
-        s = get_settings()
-        payload["params"] = {"max_length": s.max_length, "num_beams": s.num_beams, **payload.get("params", {})}
+        payload["params"] = get_settings().gen_params(payload.get("params"))
     return payload
 
 
@@ -139,17 +146,6 @@ def caption_container(self: Task, job_id: Any = None, container: Any = None, par
     with job_context(msg.job_id, self.request.id):
         outcome = _run_or_give_back(self, "container", msg.job_id, lambda: containers().run(msg), "it stays open")
         return outcome.as_dict()
-
-
-def containers() -> ContainerRunner:
-    """The process's container runner, on its chunk runner."""
-    global _containers
-    if _containers is None:
-        runner = chunks()
-        with _service_lock:
-            if _containers is None:
-                _containers = ContainerRunner(runner, get_settings())
-    return _containers
 
 
 def _resend(task: Task, msg: ChunkMessage, items: list[ChunkItem], attempt: int) -> None:
@@ -236,7 +232,7 @@ def notify_done(self: Task, job_id: str) -> dict:
 @inspect_command()
 def captioner_info(state: Any, **kwargs: Any) -> dict[str, Any]:
     """`celery inspect captioner_info`: the model version this worker serves, and its batching figures."""
-    svc = _service
+    svc = service.made
     if svc is None or svc._engine is None:
         return {"model_version": None, "loaded": False}
     eng, stats = svc._engine, svc.batcher.stats
@@ -306,6 +302,6 @@ def _queue_depths() -> dict[str, int]:
 
 @worker_shutting_down.connect
 def _stop(**kwargs: Any) -> None:
-    if _service is not None:
+    if service.made is not None:
         log.info("shutting down: finishing batches in flight, abandoning URL fetches in flight")
-        _service.abandon_fetches()
+        service.made.abandon_fetches()
