@@ -136,6 +136,8 @@ class Page:
     scanned: int
 
 
+#: Job fields shown with the job (``JobInfo.extra``): a training run's progress and result, a webhook's error.
+SHOWN_FIELDS = ("progress", "result", "webhook_error")
 #: Longest correction a reviewer may store (characters; a caption is a sentence or two).
 MAX_CORRECTION_CHARS = 2000
 #: Most items a filtered page examines in one call; past it the page ends early with a cursor to continue.

@@ -21,7 +21,6 @@ from ledger.postgres.pool import Pool
 from ledger.postgres.schema import FINISH, FLAG_COLUMNS, schema_name
 from ledger.records import Attempt, ItemFilter, JobInfo, Page, Recorded, bad_cursor, check_job_id, check_page_limit
 
-_JSON_FIELDS = ("progress", "result", "webhook_error")
 _STATUS_CHAR = {ItemStatus.OK: "o", ItemStatus.ERROR: "e", ItemStatus.CANCELLED: "c"}
 _CHAR_STATUS = {v: k for k, v in _STATUS_CHAR.items()}
 _COUNTER = {"o": "n_ok", "e": "n_error", "c": "n_cancelled"}
@@ -138,7 +137,7 @@ class PostgresLedger(Ledger):
             flags={f: int(n) for f, n in zip(FLAG_COLUMNS, flag_counts, strict=True) if n},
             extra={
                 **(text.object_out(extra) or {}),
-                **{k: text.field_out(fields[k]) for k in _JSON_FIELDS if k in fields},
+                **{k: text.field_out(fields[k]) for k in records.SHOWN_FIELDS if k in fields},
             },
             containers=int(containers),
         )

@@ -24,9 +24,6 @@ from ledger.records import check_job_id
 
 #: A job's keys besides its hash (expiring a job expires them all).
 SUFFIXES = ("src", "res", "pv", "att", "err", "flg", "rev", "ctr")
-#: Job fields stored as JSON and shown with the job (``JobInfo.extra``): a training run's progress and result,
-#: a completion webhook's error.
-JSON_FIELDS = ("progress", "result", "webhook_error")
 
 
 class Keys:

@@ -17,7 +17,7 @@ from ledger.contracts import Ledger
 from ledger.records import Attempt, ItemFilter, JobInfo, Page, Recorded, bad_cursor, check_page_limit
 from ledger.redis import rows as rowform
 from ledger.redis.connection import Connection
-from ledger.redis.keys import JSON_FIELDS, SUFFIXES, Keys
+from ledger.redis.keys import SUFFIXES, Keys
 
 _STATUS_CHAR = {ItemStatus.OK: "o", ItemStatus.ERROR: "e", ItemStatus.CANCELLED: "c"}
 
@@ -126,7 +126,7 @@ class RedisLedger(Ledger):
             cancelled=num("n_cancelled"),
             extra={
                 **(json.loads(raw[b"extra"]) if b"extra" in raw else {}),
-                **{k: json.loads(raw[k.encode()]) for k in JSON_FIELDS if k.encode() in raw},
+                **{k: json.loads(raw[k.encode()]) for k in records.SHOWN_FIELDS if k.encode() in raw},
             },
         )
 
