@@ -81,7 +81,7 @@ def base_url(url: str) -> str:
     except httpx2.InvalidURL as exc:
         raise ConfigError(f"CAPTIONER_ENDPOINT_URL {url!r} is not a URL: {exc}") from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ConfigError(f"CAPTIONER_ENDPOINT_URL must be an http(s) URL such as http://127.0.0.1:8000/v1, not {url!r}")
+        raise ConfigError(f"CAPTIONER_ENDPOINT_URL must be an http(s) URL like http://127.0.0.1:8000/v1, not {url!r}")
     if parsed.userinfo or parsed.query or parsed.fragment:
         # Anything secret in the URL would reach logs and `captioner_info`: keys go in CAPTIONER_ENDPOINT_API_KEY.
         raise ConfigError("CAPTIONER_ENDPOINT_URL must carry no credentials, query or fragment; put the key in "
@@ -319,7 +319,8 @@ def parse_answer(raw: bytes, max_length: int) -> Generated:
         choice = doc["choices"][0]
         content = choice["message"]["content"]
     except (ValueError, KeyError, IndexError, TypeError) as exc:
-        raise EndpointError(f"the answer is not a chat completion ({type(exc).__name__}: {_reason(raw)[:120]})") from None
+        what = f"{type(exc).__name__}: {_reason(raw)[:120]}"
+        raise EndpointError(f"the answer is not a chat completion ({what})") from None
     if isinstance(content, list):  # some servers answer in parts: [{"type": "text", "text": ...}]
         content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
     if content is None:
