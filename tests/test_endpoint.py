@@ -40,7 +40,7 @@ FAKE_MODEL = "fake-vlm"
 class FakeServer(ThreadingHTTPServer):
     """An OpenAI-compatible server whose answer is chosen by the prompt: ``ok``, ``503-once`` (per image), ``429``,
     ``refuse``, ``malformed``, ``huge``, ``slow`` (holds the request until the client hangs up), ``hold`` (holds
-    requests until ``hold_for`` are in flight together). It records every request's Authorization header."""
+    requests until ``hold_for`` are in flight together, or half a second). It records every request's Authorization header."""
 
     daemon_threads = True
 
@@ -125,7 +125,9 @@ class _Handler(BaseHTTPRequestHandler):
                 server.inflight += 1
                 server.max_inflight = max(server.max_inflight, server.inflight)
                 server.lock.notify_all()
-                server.lock.wait_for(lambda: server.inflight >= server.hold_for, timeout=3)
+                # Held until more requests than the bound are in flight together (never, when the bound holds) or
+                # half a second passed: time enough for every image decoded meanwhile to arrive if unbounded.
+                server.lock.wait_for(lambda: server.inflight >= server.hold_for, timeout=0.5)
                 server.inflight -= 1
         caption = f"a picture {hashlib.sha1(url.encode()).hexdigest()[:6]}"
         message = {"role": "assistant", "content": caption}
@@ -271,7 +273,7 @@ def test_requests_in_flight_are_bounded_per_worker(fake: FakeServer, worker_env:
     from worker.service import CaptionService
 
     fake.reset()
-    fake.hold_for = 2
+    fake.hold_for = 3  # one past the bound
     env = endpoint_env(worker_env, fake.url, FAKE_MODEL, CAPTIONER_ENDPOINT_CONCURRENCY="2")
     service = CaptionService(settings_from(env))
     try:
