@@ -40,7 +40,8 @@ FAKE_MODEL = "fake-vlm"
 class FakeServer(ThreadingHTTPServer):
     """An OpenAI-compatible server whose answer is chosen by the prompt: ``ok``, ``503-once`` (per image), ``429``,
     ``refuse``, ``malformed``, ``huge``, ``slow`` (holds the request until the client hangs up), ``hold`` (holds
-    requests until ``hold_for`` are in flight together, or half a second). It records every request's Authorization header."""
+    requests until ``hold_for`` are in flight together, or half a second). It records every request's Authorization
+    header."""
 
     daemon_threads = True
 
