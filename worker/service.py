@@ -19,7 +19,7 @@ from contextvars import copy_context
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from common.errors import Cancelled, EngineError, InvalidInput, ItemError
+from common.errors import Cancelled, EngineError, FetchError, InvalidInput, ItemError
 from common.messages import GenParams, ItemResult, ItemStatus, Source, item_id
 from common.settings import Settings
 from common.store import ModelStore, resolve_model
@@ -330,6 +330,9 @@ class CaptionService:
         started = time.perf_counter()
 
         def settle(done: Future[Any]) -> None:
+            if done.cancelled():  # the engine was closed with the request still queued: it goes back for later
+                out.set_exception(FetchError("abandoned, the worker is stopping", transient=True))
+                return
             exc = done.exception()
             if exc is not None:
                 out.set_exception(exc if isinstance(exc, ItemError) else EngineError(f"{type(exc).__name__}: {exc}"))
@@ -491,6 +494,8 @@ class CaptionService:
         self.abandon_fetches()
         self.batcher.stop(timeout=30)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if hasattr(self._engine, "close"):  # an endpoint's request threads and connections
+            self._engine.close()
 
 
 def _with_default_prompt(engine: Any, params: GenParams) -> GenParams:
