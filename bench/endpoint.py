@@ -16,6 +16,7 @@ way keeps its best (a shared machine's load changes from minute to minute). Noth
     python -m bench.endpoint                                  # tiny LLaVA on this machine's CPU
     python -m bench.endpoint --images 256 --concurrency 32 --device cuda
     python -m bench.endpoint --url http://127.0.0.1:8000/v1 --model Qwen/Qwen2.5-VL-3B-Instruct
+    python -m bench.endpoint --instant                        # a server that answers at once: our own ceiling
 """
 
 from __future__ import annotations
@@ -129,6 +130,56 @@ class Queued:
         self.redis.stop()
 
 
+class InstantServer:
+    """An OpenAI-compatible server that answers at once, the same caption for every image (``--instant``): the
+    server costs nothing, so the ratio shows the ceiling of our own side (reading, decoding, re-encoding, the
+    ledger) rather than the server's rate."""
+
+    MODEL = "instant"
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        message = {"role": "assistant", "content": "a photo of something"}
+        answer = json.dumps({"object": "chat.completion", "model": self.MODEL, "usage": {"completion_tokens": 4},
+                             "choices": [{"index": 0, "finish_reason": "stop", "message": message}]})  # fmt: skip
+        models = json.dumps({"object": "list", "data": [{"id": self.MODEL, "object": "model"}]})
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a: object) -> None:
+                pass
+
+            def reply(self, body: str) -> None:
+                data = body.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                self.reply(models)
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                self.reply(answer)
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            request_queue_size = 128
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from bench.corpus import make_images
     from common.settings import Settings
@@ -137,9 +188,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-endpoint-"))
     paths, origin = make_images(workdir / "images", args.images)
     prompt = args.prompt or str(Settings.model_fields["endpoint_prompt"].default)
-    server = None
+    server: Any = None
     url, model = args.url, args.model
-    if url is None:
+    if args.instant:
+        server = InstantServer()
+        url, model = server.url, InstantServer.MODEL
+    elif url is None:
         from training.tiny_vlm import build_tiny_llava
 
         model_dir = workdir / "tiny-llava"
@@ -166,9 +220,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     best = {k: max(v, key=lambda r: r["images_per_s"]) for k, v in rounds.items()}
     same = sum(a == b for a, b in zip(best["direct"]["captions"], best["queued"]["captions"], strict=True))
     return {
-        "server": "transformers serve, tiny random LLaVA" if server is not None else url,
+        "server": "instant (answers at once)"
+        if args.instant
+        else "transformers serve, tiny random LLaVA"
+        if server is not None
+        else url,
         "model": model,
-        "device": args.device if server is not None else "the server's",
+        "device": "-" if args.instant else args.device if server is not None else "the server's",
         "images": len(paths),
         "image_origin": origin,
         "concurrency": args.concurrency,
@@ -195,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.endpoint", description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="an OpenAI-compatible server's API base; default: start transformers serve")
     parser.add_argument("--model", help="the name the --url server serves")
+    parser.add_argument(
+        "--instant", action="store_true", help="a server that answers at once instead: the ceiling of our own side"
+    )
     parser.add_argument("--device", default="cpu", help="device of the transformers serve started here")
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=8)
