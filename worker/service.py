@@ -325,7 +325,6 @@ class CaptionService:
         engine = self.engine
         if not hasattr(engine, "submit"):
             return self.batcher.submit(pixels, params, group=group, expected=True)
-        self.batcher.arrived()  # announced in caption_items; it goes to the engine, not into a batch
         out: Future[Any] = Future()
         started = time.perf_counter()
 
@@ -344,6 +343,7 @@ class CaptionService:
             out.set_result(Captioned(gen.text, engine.version, flags, round(took * 1000, 2)))
 
         engine.submit(pixels, params).add_done_callback(settle)
+        self.batcher.arrived()  # announced in caption_items; it went to the engine, not into a batch
         return out
 
     def _claim(self, digest: bytes, params: GenParams) -> tuple[Future[Any] | None, Future[Any] | None]:
