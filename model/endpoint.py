@@ -103,8 +103,7 @@ class EndpointEngine:
     family = FAMILY
     #: What runs where: the rows' model version is ``endpoint:<model name>``; device is the API base.
     dtype = "remote"
-    profile = None
-    pieces: tuple[str, ...] = ()
+    profile = None  # no speed pieces: what runs is the server's business (rows carry no profile)
 
     def __init__(self, cfg: EndpointConfig, *, served: list[str] | None = None) -> None:
         self.cfg = cfg

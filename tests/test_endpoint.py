@@ -26,7 +26,7 @@ from common.messages import GenParams, ItemStatus, Source
 from common.settings import Settings
 from media.images import encode_upload
 from model.endpoint import EndpointConfig, EndpointEngine
-from producer.jobs import JobClient
+from producer.jobs import JobClient, workers_info
 from producer.local import ServeProcess, WorkerProcess, free_port
 from tests.conftest import BROKER_DB, LEDGER_DB, MAX_LENGTH, redis_url, settings_from
 
@@ -355,6 +355,7 @@ def test_the_key_travels_only_in_the_request_and_a_503_once_is_retried(
             assert result.exit_code == 0, result.output
             exports.append(out.read_bytes())
         config = CliRunner().invoke(cli, ["config"], env=env).output
+        info = workers_info(client.app, timeout=5.0).get(worker.name, {})  # `celery inspect captioner_info`
         dumps = _redis_text(redis_url(BROKER_DB)) + _redis_text(redis_url(LEDGER_DB))
     finally:
         client.close()
@@ -367,8 +368,10 @@ def test_the_key_travels_only_in_the_request_and_a_503_once_is_retried(
     # The key went to the server with every request, start-up check included ...
     assert fake.auth and set(fake.auth) == {f"Bearer {key}"}
     # ... and nowhere else: not the ledger or the broker, the rows, the worker's DEBUG log, the exports, the config.
+    assert (info.get("model_version"), info.get("device")) == (f"endpoint:{FAKE_MODEL}", fake.url), info
     haystacks = {"redis": dumps, "rows": json.dumps(rows + refused).encode(), "log": worker.log_path.read_bytes(),
-                 "config": config.encode(), **{f"export {i}": e for i, e in enumerate(exports)}}  # fmt: skip
+                 "config": config.encode(), "captioner_info": json.dumps(info).encode(),
+                 **{f"export {i}": e for i, e in enumerate(exports)}}  # fmt: skip
     assert len(dumps) > 1000 and b"job-endpoint-503" in dumps  # the scan saw the job's keys
     leaked = [where for where, text in haystacks.items() if key.encode() in text or key[8:].encode() in text]
     assert not leaked, f"the API key is in: {leaked}"
