@@ -429,3 +429,12 @@ def test_uploads_are_jpegs_within_the_byte_and_side_caps() -> None:
 def _stub() -> EndpointEngine:
     """An engine that was never connected (prepare needs only its config)."""
     return EndpointEngine(EndpointConfig(url="http://127.0.0.1:9/v1", model="m"))
+
+
+def test_the_request_is_one_image_then_the_prompt_greedy_with_max_length_as_max_tokens() -> None:
+    engine = _stub()
+    body = engine.body("data:image/jpeg;base64,AAAA", GenParams(max_length=33, prompt="List the objects."))
+    engine.close()
+    content = body["messages"][0]["content"]
+    assert [c["type"] for c in content] == ["image_url", "text"] and content[1]["text"] == "List the objects."
+    assert (body["model"], body["max_tokens"], body["temperature"], body["stream"]) == ("m", 33, 0, False)
