@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup system-tools demo test test-full fault-report lint bench clean check-pip23
+.PHONY: setup system-tools demo test test-full fault-report lint bench bench-endpoint clean check-pip23
 
 $(BIN)/captioner: pyproject.toml tests/node/package-lock.json
 	$(PY) -m venv $(VENV)
@@ -75,6 +75,11 @@ check-pip23:
 
 bench: setup
 	$(BIN)/python -m bench.run
+
+# Captions through an OpenAI-compatible server (transformers serve with a tiny LLaVA, from the dev extra's
+# transformers[serving]) against the same server driven directly: the endpoint backend's overhead as a ratio.
+bench-endpoint: setup
+	$(BIN)/python -m bench.endpoint
 
 clean:
 	rm -rf $(VENV) *.egg-info

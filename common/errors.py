@@ -68,6 +68,12 @@ class EngineError(ItemError):
     code = "engine_error"
 
 
+class EndpointError(ItemError):
+    """The captioning server refused this image or answered something that is not a chat completion."""
+
+    code = "endpoint_error"
+
+
 class Cancelled(ItemError):
     """The job was cancelled before this item was captioned."""
 
@@ -82,6 +88,7 @@ class Poison(ItemError):
 
 ITEM_ERROR_CLASSES: tuple[type[ItemError], ...] = (
     InvalidInput, Forbidden, FetchError, FetchTimeout, TooLarge, DecodeError, EngineError, Cancelled, Poison,
+    EndpointError,  # last: the ledger stores a row's error class as its index here
 )  # fmt: skip
 ITEM_ERROR_CODES: tuple[str, ...] = tuple(cls.code for cls in ITEM_ERROR_CLASSES)
 

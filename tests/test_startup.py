@@ -74,7 +74,7 @@ def test_the_parts_that_know_no_queues_import_neither_celery_nor_redis() -> None
         if p.stem != "__init__" and not p.stem.startswith(("ledger", "connections"))
     )  # fmt: skip
     plain = [*shared, "media.images", "model.flags", "worker.batcher", "model.preprocess", "model.fastgen",
-             "model.engine", "worker.service"]  # fmt: skip
+             "model.engine", "model.endpoint", "worker.service"]  # fmt: skip
     assert {"common.messages", "common.settings", "common.errors", "common.store"} <= set(plain)
     code = (
         "import importlib, json, sys\n"

@@ -19,7 +19,7 @@ from contextvars import copy_context
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from common.errors import Cancelled, EngineError, InvalidInput, ItemError
+from common.errors import Cancelled, EngineError, FetchError, InvalidInput, ItemError
 from common.messages import GenParams, ItemResult, ItemStatus, Source, item_id
 from common.settings import Settings
 from common.store import ModelStore, resolve_model
@@ -39,6 +39,10 @@ EngineFactory = Callable[[], "CaptionEngine"]
 
 def _default_engine_factory(settings: Settings) -> EngineFactory:
     def load() -> CaptionEngine:
+        if settings.endpoint_url:  # captions from an OpenAI-compatible server: no model in this process
+            from model.endpoint import EndpointConfig, EndpointEngine
+
+            return EndpointEngine.load(EndpointConfig.from_settings(settings))  # type: ignore[return-value]
         # The model name first (@current -> a version): a store with nothing promoted fails before torch loads.
         model = resolve_model(settings.model, settings.model_store)
         from model.engine import CaptionEngine, EngineConfig  # torch is imported here, not at module load
@@ -305,7 +309,7 @@ class CaptionService:
                     self.batcher.arrived()
                     return twin, (time.perf_counter() - started) * 1000, None
                 pixels = self._decode(data)
-            future = self.batcher.submit(pixels, params, group=group, expected=True)
+            future = self._queue(pixels, params, group)
         except BaseException as exc:
             self.batcher.arrived()  # announced in caption_items, and not coming: batches stop waiting for it
             if own is not None:  # items with the same bytes waiting on this one fail the same way
@@ -314,6 +318,33 @@ class CaptionService:
         if own is not None:
             future.add_done_callback(lambda done: self._settle_claim(digest, params, own, done=done))
         return future, (time.perf_counter() - started) * 1000, digest
+
+    def _queue(self, pixels: Any, params: GenParams, group: Hashable | None) -> Future[Any]:
+        """Queue one prepared image: into the micro-batcher, or straight to an engine that schedules its own requests
+        (an endpoint: the server batches them, and a batch here would only wait for its slowest answer)."""
+        engine = self.engine
+        if not hasattr(engine, "submit"):
+            return self.batcher.submit(pixels, params, group=group, expected=True)
+        out: Future[Any] = Future()
+        started = time.perf_counter()
+
+        def settle(done: Future[Any]) -> None:
+            if done.cancelled():  # the engine was closed with the request still queued: it goes back for later
+                out.set_exception(FetchError("abandoned, the worker is stopping", transient=True))
+                return
+            exc = done.exception()
+            if exc is not None:
+                out.set_exception(exc if isinstance(exc, ItemError) else EngineError(f"{type(exc).__name__}: {exc}"))
+                return
+            gen, took = done.result(), time.perf_counter() - started
+            metrics.observe_batch(1, took)
+            tokens = gen.tokens - 1 if gen.ended else gen.tokens
+            flags = quality_flags(gen.text, generated_tokens=tokens, max_length=params.max_length) or None
+            out.set_result(Captioned(gen.text, engine.version, flags, round(took * 1000, 2)))
+
+        engine.submit(pixels, params).add_done_callback(settle)
+        self.batcher.arrived()  # announced in caption_items; it went to the engine, not into a batch
+        return out
 
     def _claim(self, digest: bytes, params: GenParams) -> tuple[Future[Any] | None, Future[Any] | None]:
         """(a future of the caption another item with these bytes is getting now, None), or (None, a future this
@@ -392,6 +423,7 @@ class CaptionService:
         ``alone``: each item is a model batch by itself (suspects of killing a worker; see ``_triage``).
         """
         engine = self.engine  # loaded before fanning out, so decode threads don't all wait on the lock
+        params = _with_default_prompt(engine, params)
         refused = self._no_room(engine, params)
         if refused is not None:  # every item would fail the same way in the model: one row each, saying why
             tried = attempts or {}
@@ -437,6 +469,8 @@ class CaptionService:
     @staticmethod
     def _no_room(engine: CaptionEngine, params: GenParams) -> InvalidInput | None:
         """Parameters the model can only fail on: the start token and the prompt's tokens fill max_length."""
+        if hasattr(engine, "refuses"):  # an engine without a tokenizer here (an endpoint) says itself
+            return engine.refuses(params)  # type: ignore[no-any-return]
         if not params.prompt:
             return None  # the start token alone: GenParams keeps max_length at 2 or more
         used = int(engine.prompt_ids(params.prompt).shape[-1])
@@ -460,6 +494,19 @@ class CaptionService:
         self.abandon_fetches()
         self.batcher.stop(timeout=30)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if hasattr(self._engine, "close"):  # an endpoint's request threads and connections
+            self._engine.close()
+
+
+def _with_default_prompt(engine: Any, params: GenParams) -> GenParams:
+    """A job without a prompt gets the engine's default one (an endpoint's), so its rows record what was sent."""
+    default = getattr(engine, "default_prompt", None)
+    if params.prompt or not default:
+        return params
+    try:
+        return GenParams.model_validate({**params.model_dump(), "prompt": default})
+    except ValueError:  # no room for it in max_length: the engine refuses these params with a row saying so
+        return params
 
 
 def row_base(iid: str, src: ItemSource, params: GenParams, attempts: int = 1) -> dict[str, Any]:
