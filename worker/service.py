@@ -41,14 +41,15 @@ def _default_engine_factory(settings: Settings) -> EngineFactory:
     def load() -> CaptionEngine:
         # The model name first (@current -> a version): a store with nothing promoted fails before torch loads.
         model = resolve_model(settings.model, settings.model_store)
-        from model.engine import CaptionEngine, EngineConfig  # torch is imported here, not at module load
+        from model.engine import EngineConfig  # torch is imported here, not at module load
+        from model.families import load_engine
 
         if settings.torch_threads:
             import torch
 
             torch.set_num_threads(settings.torch_threads)
         cfg = replace(EngineConfig.from_settings(settings), model=model)  # every engine setting from one place
-        return CaptionEngine.load(cfg)
+        return load_engine(cfg)  # what the checkpoint is: GIT on its fast decoder, any other family on its adapter
 
     return load
 
