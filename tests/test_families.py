@@ -231,3 +231,52 @@ def test_family_checkpoint_missing_weights_refused(family_models: dict[str, Path
     save_file({k: v for k, v in weights.items() if k != dropped}, copy / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ModelLoadError, match="lacks or mis-shapes 1 weight"):
         load_engine(EngineConfig(model=str(copy), dtype="float32"))
+
+
+# --- through a real worker process -----------------------------------------------------------------------------
+
+
+def test_one_worker_captions_a_folder_with_each_family_promoted_in_turn(
+    worker_env: dict[str, str], family_models: dict[str, Path], tiny_model: Path, session_root: Path, tmp_path: Path
+) -> None:
+    """A worker serving ``@current`` swaps to each promoted family between batches, GIT last, and every family's
+    captions of a folder equal transformers' greedy generate one image at a time (fp32)."""
+    import uuid
+
+    from common.store import ModelStore
+    from producer.jobs import JobClient
+    from producer.local import WorkerProcess
+    from tests.conftest import MAX_LENGTH as WORKER_MAX_LENGTH
+    from tests.conftest import direct_captions, settings_from
+    from tests.test_recovery import wait_for
+    from training.synthetic import make_shapes
+
+    store = ModelStore(tmp_path / "store")
+    order = [*BUILDERS, "git"]
+    for family in order:
+        store.add(tiny_model if family == "git" else family_models[family], {"base_model": family}, f"v-{family}")
+    store.promote(f"v-{order[0]}")
+    folder = session_root / f"families-{uuid.uuid4().hex[:6]}"
+    paths = [p for p, _ in make_shapes(folder, 5, seed=9, size=40)]
+    queue = f"captions-families-{uuid.uuid4().hex[:8]}"
+    env = {**worker_env, "CAPTIONER_CAPTION_QUEUE": queue, "CAPTIONER_INTERACTIVE_QUEUE": f"{queue}-now",
+           "CAPTIONER_MODEL": "@current", "CAPTIONER_MODEL_STORE": str(store.root), "CAPTIONER_MODEL_POLL_S": "0.2"}  # fmt: skip
+    log = tmp_path / "worker.log"
+    client = JobClient(settings_from(env))
+    with WorkerProcess(env, log=log) as worker:
+        worker.wait_ready()
+        for n, family in enumerate(order):
+            if n:
+                store.promote(f"v-{family}")
+                wait_for(lambda f=family: f"-> v-{f} (promoted)" in log.read_text(), 60, f"the swap to {family}")
+            client.enqueue([str(p) for p in paths], job_id=f"job-{family}", chunk_size=3)
+            client.wait(f"job-{family}", timeout=120, on_tick=lambda _: None)
+            rows = {r["ref"]: r for r in client.results(f"job-{family}")}
+            assert {r["model_version"] for r in rows.values()} == {f"v-{family}"}, family
+            got = [rows[str(p)]["caption"] for p in paths]
+            if family == "git":
+                want = [direct_captions(tiny_model, paths)[str(p)] for p in paths]
+            else:
+                want = reference_captions(family, family_models[family], paths, max_length=WORKER_MAX_LENGTH)
+            assert got == want, family
+    client.close()
