@@ -269,10 +269,12 @@ def test_one_worker_captions_a_folder_with_each_family_promoted_in_turn(
             if n:
                 store.promote(f"v-{family}")
                 wait_for(lambda f=family: f"-> v-{f} (promoted)" in log.read_text(), 60, f"the swap to {family}")
-            client.enqueue([str(p) for p in paths], job_id=f"job-{family}", chunk_size=3)
-            client.wait(f"job-{family}", timeout=120, on_tick=lambda _: None)
-            rows = {r["ref"]: r for r in client.results(f"job-{family}")}
+            job = f"job-{family}-{uuid.uuid4().hex[:6]}"
+            client.enqueue([str(p) for p in paths], job_id=job, chunk_size=3)
+            client.wait(job, timeout=120, on_tick=lambda _: None)
+            rows = {r["ref"]: r for r in client.results(job)}
             assert {r["model_version"] for r in rows.values()} == {f"v-{family}"}, family
+            assert {r.get("family") for r in rows.values()} == {None if family == "git" else family}
             got = [rows[str(p)]["caption"] for p in paths]
             if family == "git":
                 want = [direct_captions(tiny_model, paths)[str(p)] for p in paths]

@@ -67,6 +67,7 @@ class Captioned(NamedTuple):
     batch_ms: float  # wall time of the model batch it ran in
     reused: bool = False  # taken from the reuse cache, not from the model
     profile: str | None = None  # the speed pieces the batch ran with ("exact", "fast:sdpa,compile")
+    family: str | None = None  # the model family, when not GIT ("blip", "llava"...)
 
 
 class ReuseCache(Protocol):
@@ -241,7 +242,7 @@ class CaptionService:
             # A caption that ended on its own is not cut, even when its end token fell on the last position.
             tokens = gen.tokens - 1 if gen.ended else gen.tokens
             flags = quality_flags(gen.text, generated_tokens=tokens, max_length=params.max_length) or None
-            out.append(Captioned(gen.text, engine.version, flags, batch_ms, profile=profile))
+            out.append(Captioned(gen.text, engine.version, flags, batch_ms, profile=profile, family=_family(engine)))
         return out
 
     def decode_slots(self) -> int:
@@ -365,7 +366,7 @@ class CaptionService:
             return None
         if found is None:
             return None
-        return Captioned(found[0], version, found[1] or None, 0.0, reused=True, profile=profile)
+        return Captioned(found[0], version, found[1] or None, 0.0, reused=True, profile=profile, family=_family(engine))
 
     def _remember(self, params: GenParams, fresh: dict[bytes, Captioned]) -> None:
         if self.reuse is None or not fresh:
@@ -426,6 +427,7 @@ class CaptionService:
                     model_version=done.version,
                     reused=done.reused or None,
                     profile=done.profile,
+                    family=done.family,
                     timings={"load_ms": round(load_ms, 2), "infer_ms": done.batch_ms},
                     finished_at=time.time(),
                 )
@@ -461,6 +463,12 @@ class CaptionService:
         self.abandon_fetches()
         self.batcher.stop(timeout=30)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _family(engine: Any) -> str | None:
+    """The family a row records: None for GIT (rows made before other families existed look the same)."""
+    family = getattr(engine, "family_name", "git")
+    return None if family == "git" else family
 
 
 def _row_base(iid: str, src: ItemSource, params: GenParams, attempts: int) -> dict[str, Any]:
