@@ -259,8 +259,14 @@ def test_one_worker_captions_a_folder_with_each_family_promoted_in_turn(
     folder = session_root / f"families-{uuid.uuid4().hex[:6]}"
     paths = [p for p, _ in make_shapes(folder, 5, seed=9, size=40)]
     queue = f"captions-families-{uuid.uuid4().hex[:8]}"
-    env = {**worker_env, "CAPTIONER_CAPTION_QUEUE": queue, "CAPTIONER_INTERACTIVE_QUEUE": f"{queue}-now",
-           "CAPTIONER_MODEL": "@current", "CAPTIONER_MODEL_STORE": str(store.root), "CAPTIONER_MODEL_POLL_S": "0.2"}  # fmt: skip
+    env = {
+        **worker_env,
+        "CAPTIONER_CAPTION_QUEUE": queue,
+        "CAPTIONER_INTERACTIVE_QUEUE": f"{queue}-now",
+        "CAPTIONER_MODEL": "@current",
+        "CAPTIONER_MODEL_STORE": str(store.root),
+        "CAPTIONER_MODEL_POLL_S": "0.2",
+    }
     log = tmp_path / "worker.log"
     client = JobClient(settings_from(env))
     with WorkerProcess(env, log=log) as worker:
