@@ -2,8 +2,9 @@
 # The whole GPU measurement in one command, on a machine with one CUDA GPU (about 8 minutes on an H100-class
 # GPU): the gpu-marked tests (CUDA graphs, fused attention, compile, a real out-of-memory), then bench.gpu
 # (in process at batch 1..512, exact and fast, with the encoder / prefill / decode split and GPU memory per batch;
-# end to end through a redis-server and a worker; the out-of-memory drill). Results: bench/results-gpu/ and the
-# GPU section of bench/README.md. Extra arguments go to `python -m bench.gpu`.
+# end to end through a redis-server and a worker; the out-of-memory drill), then bench.families (every captioning
+# family in process against transformers' generate, fp32 and bf16). Results: bench/results-gpu/ and the GPU
+# section of bench/README.md. Extra arguments go to `python -m bench.gpu`.
 #
 # A GPU host without the project's dependencies or redis-server (no network) gets them from .gpu/, which
 # bench/gpu_prepare.sh fills on a machine with a package index: wheels in .gpu/wheels, Debian packages in .gpu/debs.
@@ -29,3 +30,8 @@ fi
 # Tests first: the measurement below relies on what they check. Their failure is reported, not fatal.
 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT_DIR/gpu-tests.log" || true
 "$PY" -m bench.gpu --out "$OUT_DIR" --readme bench/README.md "$@" 2>&1 | tee "$OUT_DIR/gpu-bench.log"
+# Every captioning family (tiny random models built offline: no hub needed) against transformers' generate.
+for dtype in float32 bfloat16; do
+  "$PY" -m bench.families --device cuda --dtype "$dtype" --images 256 --batch 64 --out "$OUT_DIR/families-$dtype.json" \
+    2>&1 | tee "$OUT_DIR/families-$dtype.log" || true
+done
