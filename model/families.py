@@ -423,7 +423,10 @@ class FamilyEngine:
         if not images:
             return []
         prompt = self.family.prompt(params)
-        batch = self.family.batch(self.processor, images, prompt, self.device, self.dtype)
+        try:
+            batch = self.family.batch(self.processor, images, prompt, self.device, self.dtype)
+        except (ValueError, TypeError, KeyError) as exc:  # the processor refuses this prompt (a misplaced task token)
+            raise EngineError(f"{self.family_name} cannot caption with prompt {prompt!r}: {exc}") from exc
         new_tokens = params.max_length - batch.prefix
         if new_tokens < 1:
             raise EngineError(f"max_length {params.max_length} leaves no room after {batch.prefix} prompt token(s)")

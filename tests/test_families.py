@@ -184,6 +184,36 @@ def test_prompt_is_per_call_not_per_model(family_models: dict[str, Path], shapes
     assert detailed == reference_captions("florence-2", family_models["florence-2"], shapes[:1], "<DETAILED_CAPTION>")
 
 
+def test_left_padded_rows_of_different_lengths_equal_one_at_a_time(
+    tmp_path: Path, shapes: list[Path], family_models: dict[str, Path]
+) -> None:
+    """Idefics3 splitting images into tiles by aspect ratio (as SmolVLM does): rows of one batch have different
+    lengths, so the shorter ones are padded on the left, and the captions still equal transformers' one by one."""
+    model_dir = tiny_families.build_tiny_idefics3(tmp_path / "idefics3-split", split=True)
+    paths = []
+    for n, (path, size) in enumerate(
+        zip(shapes, [(96, 32), (32, 32), (64, 96), (48, 48), (96, 64), (32, 96)], strict=True)
+    ):
+        paths.append(tmp_path / f"{n}.png")
+        Image.open(path).convert("RGB").resize(size).save(paths[-1])
+    engine = _load(model_dir)
+    images = [Image.open(p) for p in paths]
+    batch = engine.family.batch(
+        engine.processor, images, engine.family.prompt(GenParams()), engine.device, engine.dtype
+    )
+    assert len(set(batch.inputs["attention_mask"].sum(1).tolist())) > 1, "no row was padded: the test proves nothing"
+    got = engine.caption(images, GenParams(max_length=MAX_LENGTH))
+    assert got == reference_captions("idefics3", model_dir, paths)
+
+
+def test_a_prompt_the_processor_refuses_is_named(family_models: dict[str, Path], shapes: list[Path]) -> None:
+    from common.errors import EngineError
+
+    engine = _load(family_models["florence-2"])
+    with pytest.raises(EngineError, match="florence-2 cannot caption with prompt '<CAPTION> of a dog'"):
+        engine.caption([Image.open(shapes[0])], GenParams(max_length=MAX_LENGTH, prompt="<CAPTION> of a dog"))
+
+
 def test_prefix_prompt_counts_against_max_length(family_models: dict[str, Path]) -> None:
     engine = _load(family_models["blip"])
     assert engine.prompt_ids("a picture of").shape == (1, 4)  # [DEC] + three words, as GIT counts [CLS] + prompt

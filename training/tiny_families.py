@@ -473,9 +473,10 @@ IDEFICS3_TOKENS = (
 )
 
 
-def build_tiny_idefics3(out_dir: Path, *, seed: int = 0) -> Path:
+def build_tiny_idefics3(out_dir: Path, *, seed: int = 0, split: bool = False) -> Path:
     """Idefics3 (``Idefics3ForConditionalGeneration``, SmolVLM's architecture): a SigLIP-style encoder, pixel
-    shuffle, a Llama decoder; one global image per picture (no splitting into tiles), a chat template."""
+    shuffle, a Llama decoder, a chat template; one global image per picture, or with ``split`` also tiles whose
+    count follows the image's aspect ratio (as SmolVLM does), so rows of a batch differ in length and are padded."""
     from transformers import (
         Idefics3Config,
         Idefics3ForConditionalGeneration,
@@ -493,8 +494,9 @@ def build_tiny_idefics3(out_dir: Path, *, seed: int = 0) -> Path:
         scale_factor=scale,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
     )
+    longest = 2 * IMAGE_SIZE if split else IMAGE_SIZE  # split: up to 2x2 tiles of IMAGE_SIZE, plus the global image
     image = Idefics3ImageProcessorPil(
-        do_image_splitting=False, size={"longest_edge": IMAGE_SIZE}, max_image_size={"longest_edge": IMAGE_SIZE}
+        do_image_splitting=split, size={"longest_edge": longest}, max_image_size={"longest_edge": IMAGE_SIZE}
     )
     processor = Idefics3Processor(
         image_processor=image,
