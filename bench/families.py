@@ -64,8 +64,17 @@ def transformers_captions(engine: Any, images: list[Any], max_length: int, batch
     return out
 
 
-def measure(family: str, model_dir: Path, images: list[Any], *, device: str, dtype: str, batch: int,
-            max_length: int, rounds: int = 3) -> dict[str, Any]:  # fmt: skip
+def measure(
+    family: str,
+    model_dir: Path,
+    images: list[Any],
+    *,
+    device: str,
+    dtype: str,
+    batch: int,
+    max_length: int,
+    rounds: int = 3,
+) -> dict[str, Any]:
     from common.messages import GenParams
     from model.engine import EngineConfig
     from model.families import load_engine
@@ -107,8 +116,13 @@ def measure(family: str, model_dir: Path, images: list[Any], *, device: str, dty
 
 
 def table(rows: list[dict[str, Any]], header: str) -> str:
-    lines = [header, "", "| family | params | ours img/s | HF bs1 img/s | HF batched img/s | ours/bs1 | ours/batched "
-             "| captions = HF bs1 |", "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        header,
+        "",
+        "| family | params | ours img/s | HF bs1 img/s | HF batched img/s | ours/bs1 | ours/batched "
+        "| captions = HF bs1 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['family']} | {r['params'] / 1e6:.2f}M | {r['ours_img_s']} | {r['hf_one_img_s']} | "
@@ -149,11 +163,23 @@ def main(argv: list[str] | None = None) -> int:
             Image.open(path).convert("RGB") for path, _ in make_shapes(root / "img", args.images, seed=7, size=64)
         ]
         for family in families:
-            rows.append(measure(family, build(family, root), images, device=args.device, dtype=args.dtype,
-                                batch=args.batch, max_length=args.max_length, rounds=args.rounds))  # fmt: skip
+            rows.append(
+                measure(
+                    family,
+                    build(family, root),
+                    images,
+                    device=args.device,
+                    dtype=args.dtype,
+                    batch=args.batch,
+                    max_length=args.max_length,
+                    rounds=args.rounds,
+                )
+            )
             print(json.dumps(rows[-1]), file=sys.stderr)
-    header = (f"Tiny random models, {args.images} images, batch {args.batch}, max_length {args.max_length}, "
-              f"{args.device} {args.dtype}, torch threads {torch.get_num_threads()}, best of {args.rounds} rounds")  # fmt: skip
+    header = (
+        f"Tiny random models, {args.images} images, batch {args.batch}, max_length {args.max_length}, "
+        f"{args.device} {args.dtype}, torch threads {torch.get_num_threads()}, best of {args.rounds} rounds"
+    )
     print(table(rows, header))
     if args.out:
         args.out.write_text(json.dumps({"header": header, "rows": rows}, indent=1))
