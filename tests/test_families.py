@@ -318,3 +318,17 @@ def test_one_worker_captions_a_folder_with_each_family_promoted_in_turn(
                 want = reference_captions(family, family_models[family], paths, max_length=WORKER_MAX_LENGTH)
             assert got == want, family
     client.close()
+
+
+def test_hub_id_of_a_family_loads_from_cache_with_commit_version(
+    family_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shapes: list[Path]
+) -> None:
+    from tests.test_engine import HUB_COMMIT, _fake_hub_repo
+
+    _fake_hub_repo(tmp_path, "tiny-florence", family_models["florence-2"], monkeypatch)
+    engine = load_engine(EngineConfig(model="acme/tiny-florence", device="cpu", dtype="float32"))
+    assert isinstance(engine, FamilyEngine) and engine.version == f"acme/tiny-florence@{HUB_COMMIT}"
+    image = [Image.open(shapes[0])]
+    assert engine.caption(image, GenParams(max_length=MAX_LENGTH)) == _load(family_models["florence-2"]).caption(
+        image, GenParams(max_length=MAX_LENGTH)
+    )
