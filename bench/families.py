@@ -84,24 +84,28 @@ def measure(
     engine.caption(images[:2], params)  # warm-up, not timed
     transformers_captions(engine, images[:1], max_length, 1)
 
-    def timed(fn: Any) -> tuple[float, list[str]]:
-        """The best of ``rounds`` runs: on a shared machine the slower ones measure the neighbours."""
-        best, captions = 0.0, []
-        for _ in range(rounds):
-            started = time.perf_counter()
-            captions = fn()
-            best = max(best, len(images) / (time.perf_counter() - started))
-        return best, captions
-
     def ours() -> list[str]:
         out: list[str] = []
         for start in range(0, len(images), batch):
             out += engine.caption(images[start : start + batch], params)
         return out
 
-    ours_rate, ours_caps = timed(ours)
-    one_rate, one_caps = timed(lambda: transformers_captions(engine, images, max_length, 1))
-    batch_rate, _ = timed(lambda: transformers_captions(engine, images, max_length, batch))
+    paths = {
+        "ours": ours,
+        "one": lambda: transformers_captions(engine, images, max_length, 1),
+        "batch": lambda: transformers_captions(engine, images, max_length, batch),
+    }
+    # Rounds interleave the paths, and each path's fastest round counts: on a shared machine the neighbours' load
+    # then slows every path alike, and a slow round measures the neighbours, not the path.
+    best = dict.fromkeys(paths, 0.0)
+    captions: dict[str, list[str]] = {}
+    for _ in range(rounds):
+        for name, run in paths.items():
+            started = time.perf_counter()
+            captions[name] = run()
+            best[name] = max(best[name], len(images) / (time.perf_counter() - started))
+    ours_rate, one_rate, batch_rate = best["ours"], best["one"], best["batch"]
+    ours_caps, one_caps = captions["ours"], captions["one"]
     params_count = sum(p.numel() for p in engine.model.parameters())
     return {
         "family": family,
