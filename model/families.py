@@ -83,6 +83,9 @@ class Family:
     def eos_ids(self, model: Any, processor: Any) -> set[int]:
         return {int(t) for t in git_engine._as_list(model.generation_config.eos_token_id)}
 
+    def bind(self, model: Any) -> None:
+        """Take what ``batch`` needs from the loaded model's config (nothing, for most families)."""
+
 
 def _to(features: Any, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Tensors onto the device; floating ones (pixels) in the model's dtype, ids and masks as they are."""
@@ -130,13 +133,14 @@ class Blip2(Family):
         if "input_ids" not in features:
             # What Blip2ForConditionalGeneration.generate starts from without a prompt, made here so its length
             # (where the caption begins in the returned rows) is known.
-            config = self._config
-            start = [config.image_token_index] * config.num_query_tokens + [config.text_config.bos_token_id]
+            start = self._start
             features["input_ids"] = torch.tensor([start] * len(images), dtype=torch.long)
             features["attention_mask"] = torch.ones_like(features["input_ids"])
         return Batch(_to(features, device, dtype), int(features["input_ids"].shape[1]), 1)
 
-    _config: Any = None
+    def bind(self, model: Any) -> None:
+        config = model.config
+        self._start = [config.image_token_index] * config.num_query_tokens + [config.text_config.bos_token_id]
 
 
 class Florence2(Family):
@@ -184,7 +188,8 @@ class VisionEncoderDecoder(Family):
             features["decoder_input_ids"] = torch.tensor([start] * len(images), dtype=torch.long)
         return Batch(_to(features, device, dtype), 0, len(prefix))
 
-    _start: int = 0
+    def bind(self, model: Any) -> None:
+        self._start = int(model.config.decoder_start_token_id)
 
 
 class ChatVLM(Family):
@@ -335,10 +340,7 @@ class FamilyEngine:
         self.pieces = pieces or profiles.Pieces()
         for piece in self.pieces.in_use:
             self.pieces.drop(piece, f"speed pieces run on GIT's decoder only; {family.name} runs exact")
-        if isinstance(family, Blip2):
-            family._config = model.config
-        if isinstance(family, VisionEncoderDecoder):
-            family._start = int(model.config.decoder_start_token_id)
+        family.bind(model)
         self._eos = family.eos_ids(model, processor)
 
     @property
