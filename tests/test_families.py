@@ -13,6 +13,7 @@ from PIL import Image
 
 from common.errors import ModelLoadError
 from common.messages import GenParams
+from ledger import Ledger
 from model.engine import CaptionEngine, EngineConfig
 from model.families import FamilyEngine, load_engine
 from training import tiny_families
@@ -332,3 +333,28 @@ def test_hub_id_of_a_family_loads_from_cache_with_commit_version(
     assert engine.caption(image, GenParams(max_length=MAX_LENGTH)) == _load(family_models["florence-2"]).caption(
         image, GenParams(max_length=MAX_LENGTH)
     )
+
+
+def test_rows_keep_their_family_in_both_ledgers_and_git_keys_stay_as_before(ledger: Ledger) -> None:
+    """The family travels in the job's provenance table (Redis and PostgreSQL); a GIT row's key keeps its three
+    parts, so provenance written before families existed reads back the same."""
+    import json
+
+    from common.messages import ItemResult, ItemStatus, item_id
+    from ledger.codec import Provenance
+    from tests.test_ledger import new_job
+
+    blip = Provenance("v-blip", GenParams(max_length=12), "exact", "blip")
+    git = Provenance("v-git", GenParams(max_length=12), "exact")
+    assert Provenance.from_key(blip.key()) == blip and Provenance.from_key(git.key()) == git
+    assert len(json.loads(git.key())) == 3
+    refs = ["/data/a.jpg", "/data/b.jpg"]
+    new_job(ledger, "fam", refs)
+    rows = [
+        ItemResult(id=item_id(r), ref=r, status=ItemStatus.OK, caption="a caption", model_version=v,
+                   params=GenParams(max_length=12), profile="exact", family=f)
+        for r, v, f in ((refs[0], "v-blip", "blip"), (refs[1], "v-git", None))
+    ]  # fmt: skip
+    ledger.record("fam", rows)
+    back = {r["ref"]: r for r in ledger.iter_results("fam")}
+    assert back[refs[0]]["family"] == "blip" and "family" not in back[refs[1]]
