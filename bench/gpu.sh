@@ -5,7 +5,8 @@
 # end to end through a redis-server and a worker; the out-of-memory drill). Results: bench/results-gpu/ and the
 # GPU section of bench/README.md. Extra arguments go to `python -m bench.gpu`. Then the endpoint backend:
 # `transformers serve` with a tiny random LLaVA on the GPU, captioned through a worker and driven directly at the
-# same concurrency (bench.endpoint; results-gpu/endpoint.md). GPU_BENCH_ENDPOINT=0 skips it.
+# same concurrency (bench.endpoint; results-gpu/endpoint.md). GPU_BENCH_ENDPOINT=0 skips it. Last, bench.families:
+# every captioning family in process against transformers' generate, fp32 and bf16.
 #
 # A GPU host without the project's dependencies or redis-server (no network) gets them from .gpu/, which
 # bench/gpu_prepare.sh fills on a machine with a package index: wheels in .gpu/wheels, Debian packages in .gpu/debs.
@@ -42,3 +43,8 @@ if [ "${GPU_BENCH_ENDPOINT:-1}" != 0 ]; then
       | tee "$OUT_DIR/endpoint-bench.log"
   fi
 fi
+# Every captioning family (tiny random models built offline: no hub needed) against transformers' generate.
+for dtype in float32 bfloat16; do
+  "$PY" -m bench.families --device cuda --dtype "$dtype" --images 256 --batch 64 --out "$OUT_DIR/families-$dtype.json" \
+    2>&1 | tee "$OUT_DIR/families-$dtype.log" || true
+done

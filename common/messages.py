@@ -400,6 +400,8 @@ class ItemResult(BaseModel):
     transient: bool | None = None
     #: Speed profile the caption was made with: "exact", or "fast:<pieces in use>" (e.g. "fast:sdpa,compile").
     profile: str | None = None
+    #: The model family that made the caption ("blip", "florence-2", "llava"...); absent for GIT, the default family.
+    family: str | None = None
     #: The caption was reused from an earlier item with the same image bytes, model version and parameters.
     reused: bool | None = None
     #: Columns of the source row that travel to the export (Parquet and dataset sources).

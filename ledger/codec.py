@@ -27,21 +27,25 @@ _ERROR_INDEX = {code: i for i, code in enumerate(ITEM_ERROR_CODES)}
 
 @dataclass(frozen=True)
 class Provenance:
-    """What made a caption, shared by many rows of a job: model version, generation parameters, speed profile."""
+    """What made a caption, shared by many rows of a job: model version, generation parameters, speed profile, and
+    the model family when it is not GIT."""
 
     model_version: str | None
     params: GenParams | None
     profile: str | None = None
+    family: str | None = None
 
     def key(self) -> str:
-        """The triple as one stable string: the key of the job's provenance table."""
+        """The triple (with the family, when one is set) as one stable string: the key of the job's provenance
+        table. GIT rows keep the three-part key written before families existed."""
         params = self.params.model_dump(exclude_none=True) if self.params else None
-        return json.dumps([self.model_version, params, self.profile], separators=(",", ":"), sort_keys=True)
+        parts = [self.model_version, params, self.profile] + ([self.family] if self.family else [])
+        return json.dumps(parts, separators=(",", ":"), sort_keys=True)
 
     @classmethod
     def from_key(cls, key: str | bytes) -> Provenance:
-        version, params, profile = json.loads(key)
-        return cls(version, GenParams.model_validate(params) if params else None, profile)
+        version, params, profile, *family = json.loads(key)
+        return cls(version, GenParams.model_validate(params) if params else None, profile, *family[:1])
 
 
 def id_bytes(item_id: str) -> bytes:
@@ -102,6 +106,8 @@ def add_provenance(row: dict[str, Any], table: list[Provenance], index: int | No
         row["params"] = prov.params.model_dump(exclude_none=True)
     if prov.profile:
         row["profile"] = prov.profile
+    if prov.family:
+        row["family"] = prov.family
 
 
 def add_marks(row: dict[str, Any], *, transient: bool, reused: bool) -> None:

@@ -278,6 +278,9 @@ def _length(ids: list[int], eos: set[int]) -> tuple[int, bool]:
 class CaptionEngine:
     """A loaded GIT model and its processor. ``prepare`` runs on decode threads, ``generate`` on one model thread."""
 
+    #: The captioning family, as ``model.families.FamilyEngine`` names its own.
+    family_name = "git"
+
     def __init__(
         self,
         model: Any,

@@ -45,14 +45,15 @@ def _default_engine_factory(settings: Settings) -> EngineFactory:
             return EndpointEngine.load(EndpointConfig.from_settings(settings))  # type: ignore[return-value]
         # The model name first (@current -> a version): a store with nothing promoted fails before torch loads.
         model = resolve_model(settings.model, settings.model_store)
-        from model.engine import CaptionEngine, EngineConfig  # torch is imported here, not at module load
+        from model.engine import EngineConfig  # torch is imported here, not at module load
+        from model.families import load_engine
 
         if settings.torch_threads:
             import torch
 
             torch.set_num_threads(settings.torch_threads)
         cfg = replace(EngineConfig.from_settings(settings), model=model)  # every engine setting from one place
-        return CaptionEngine.load(cfg)
+        return load_engine(cfg)  # what the checkpoint is: GIT on its fast decoder, any other family on its adapter
 
     return load
 
@@ -70,6 +71,7 @@ class Captioned(NamedTuple):
     batch_ms: float  # wall time of the model batch it ran in
     reused: bool = False  # taken from the reuse cache, not from the model
     profile: str | None = None  # the speed pieces the batch ran with ("exact", "fast:sdpa,compile")
+    family: str | None = None  # the model family, when not GIT ("blip", "llava"...)
 
 
 class ReuseCache(Protocol):
@@ -244,7 +246,7 @@ class CaptionService:
             # A caption that ended on its own is not cut, even when its end token fell on the last position.
             tokens = gen.tokens - 1 if gen.ended else gen.tokens
             flags = quality_flags(gen.text, generated_tokens=tokens, max_length=params.max_length) or None
-            out.append(Captioned(gen.text, engine.version, flags, batch_ms, profile=profile))
+            out.append(Captioned(gen.text, engine.version, flags, batch_ms, profile=profile, family=_family(engine)))
         return out
 
     def decode_slots(self) -> int:
@@ -395,7 +397,7 @@ class CaptionService:
             return None
         if found is None:
             return None
-        return Captioned(found[0], version, found[1] or None, 0.0, reused=True, profile=profile)
+        return Captioned(found[0], version, found[1] or None, 0.0, reused=True, profile=profile, family=_family(engine))
 
     def _remember(self, params: GenParams, fresh: dict[bytes, Captioned]) -> None:
         if self.reuse is None or not fresh:
@@ -457,6 +459,7 @@ class CaptionService:
                     model_version=done.version,
                     reused=done.reused or None,
                     profile=done.profile,
+                    family=done.family,
                     timings={"load_ms": round(load_ms, 2), "infer_ms": done.batch_ms},
                     finished_at=time.time(),
                 )
@@ -507,6 +510,12 @@ def _with_default_prompt(engine: Any, params: GenParams) -> GenParams:
         return GenParams.model_validate({**params.model_dump(), "prompt": default})
     except ValueError:  # no room for it in max_length: the engine refuses these params with a row saying so
         return params
+
+
+def _family(engine: Any) -> str | None:
+    """The family a row records: None for GIT (rows made before other families existed look the same)."""
+    family = getattr(engine, "family_name", None) or getattr(engine, "family", None) or "git"
+    return None if family == "git" else str(family)
 
 
 def row_base(iid: str, src: ItemSource, params: GenParams, attempts: int = 1) -> dict[str, Any]:

@@ -240,6 +240,7 @@ def captioner_info(state: Any, **kwargs: Any) -> dict[str, Any]:
         "loaded": True,
         "model": svc.settings.model,
         "model_version": eng.version,
+        "family": getattr(eng, "family_name", "git"),
         "device": str(eng.device),
         "dtype": str(eng.dtype).removeprefix("torch."),
         "max_batch_size": svc.batcher.max_batch,

@@ -304,7 +304,8 @@ class PostgresLedger(Ledger):
         base = self._base(job_id)
         by_id = {codec.id_bytes(r.id): r for r in rows}
         pv = {
-            id(r): self._provenance_index(job_id, codec.Provenance(r.model_version, r.params, r.profile)) for r in rows
+            id(r): self._provenance_index(job_id, codec.Provenance(r.model_version, r.params, r.profile, r.family))
+            for r in rows
         }
         counters: dict[str, int] = {}
         changed = refused = 0

@@ -246,7 +246,8 @@ class RedisLedger(Ledger):
         base, created = self._job_consts(job_id)
         argv: list[bytes | str | int] = [repr(time.time())]
         for row in rows:
-            pv = self._provenance_index(job_id, codec.Provenance(row.model_version, row.params, row.profile))
+            prov = codec.Provenance(row.model_version, row.params, row.profile, row.family)
+            pv = self._provenance_index(job_id, prov)
             body = rowform.encode(row, base=base, created=created, provenance=pv)
             quality = codec.quality_bits(row.flags) if row.status is ItemStatus.OK else 0
             argv += [codec.id_bytes(row.id), _STATUS_CHAR[row.status], quality, body]
