@@ -191,7 +191,7 @@ def test_bad_requests_get_a_clear_4xx_and_change_nothing(job) -> None:
         assert long.status_code == 422 and "at most 2000 characters" in long.json()["error"]
         assert post(f"/items/{ids['plain']}/correction", content=b"{not json").status_code == 422
         assert post(f"/items/{ids['plain']}/correction", json={"text": 5}).status_code == 422
-        assert post(f"/items/{ids['plain']}/correction", content=b"x" * 70_000).status_code == 422
+        assert post(f"/items/{ids['plain']}/correction", content=b"x" * 70_000).status_code == 413
         assert post("/marks", json={"ids": [ids["plain"], "nope"], "mark": "accepted"}).status_code == 404
         assert post("/marks", json={"ids": [ids["plain"]], "mark": "maybe"}).status_code == 422
         assert post("/retry", json={"ids": [ids["plain"]], "max_length": 9999}).status_code == 422
@@ -312,3 +312,60 @@ def test_a_redis_that_went_away_is_a_503_that_says_so(tmp_path: Path) -> None:
             page, api = c.get(f"/jobs/{JOB}"), c.get("/api/jobs")
     assert page.status_code == 503 and "cannot reach Redis" in page.text
     assert api.status_code == 503 and api.json()["error"].startswith("cannot reach Redis")
+
+
+def test_concurrent_workers_lookups_take_one_snapshot_and_every_route_still_answers(job) -> None:
+    """Fifty open tabs polling /api/workers at once: one look-up goes to the broker, the others share it, and the
+    rest of the page keeps answering meanwhile (it used to hang every route until restart)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings, _ = job
+    with Server(settings) as srv, ThreadPoolExecutor(52) as pool:
+        review = srv.app.state.review
+
+        def get(path: str) -> int:
+            with httpx2.Client(base_url=srv.url, timeout=30) as c:
+                return c.get(path).status_code
+
+        polls = [pool.submit(get, "/api/workers") for _ in range(50)]
+        pages = [pool.submit(get, "/"), pool.submit(get, f"/jobs/{JOB}")]
+        assert [p.result() for p in pages] == [200, 200]
+        assert [p.result() for p in polls] == [200] * 50
+        assert review.workers_taken == 1
+
+
+def _raw_post(srv: Server, csrf: str, cookie: str, headers: str, body: bytes) -> bytes:
+    """A POST written by hand on a socket, its body left unfinished: the answer must come without the rest."""
+    import socket
+
+    path = f"/api/jobs/{JOB}/marks"
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=20) as sock:
+        head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"X-CSRF-Token: {csrf}\r\nCookie: {cookie}\r\n{headers}\r\n")  # fmt: skip
+        sock.sendall(head.encode() + body)
+        answer = b""  # a read times out (the test fails) when the server waits for the whole body
+        while b"\r\n\r\n" not in answer:
+            answer += sock.recv(4096)
+        length = int(re.search(rb"content-length: (\d+)", answer, re.I).group(1))
+        while len(answer.partition(b"\r\n\r\n")[2]) < length:
+            answer += sock.recv(4096)
+        return answer
+
+
+def test_an_oversized_body_is_refused_before_it_is_read_whole(job) -> None:
+    from review.context import MAX_BODY_BYTES
+    from review.security import SESSION_COOKIE
+
+    settings, _ = job
+    with Server(settings) as srv, httpx2.Client(base_url=srv.url) as c:
+        csrf = _csrf(c)
+        cookie = f"{SESSION_COOKIE}={c.cookies[SESSION_COOKIE]}"
+        # Declared 1 GiB, 10 bytes sent: refused by its Content-Length at once.
+        answer = _raw_post(srv, csrf, cookie, f"Content-Length: {2**30}\r\n", b'{"ids": [')
+        assert answer.startswith(b"HTTP/1.1 413 ") and b"Content-Length 1073741824" in answer
+        # Streamed (chunked, no length): refused as soon as it passes the cap, the stream still open.
+        chunk = b"x" * 8192
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(MAX_BODY_BYTES // len(chunk) + 2))
+        answer = _raw_post(srv, csrf, cookie, "Transfer-Encoding: chunked\r\n", chunks)
+        assert answer.startswith(b"HTTP/1.1 413 ") and f"over {MAX_BODY_BYTES} bytes".encode() in answer
+        assert c.get("/").status_code == 200
