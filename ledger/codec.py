@@ -208,13 +208,23 @@ def add_marks(row: dict[str, Any], *, transient: bool, reused: bool) -> None:
 # --- review marks and corrections ----------------------------------------------------------------
 
 
-def encode_review(text: str | None, mark: str | None, reviewer: str, at: float) -> bytes:
-    packed: bytes = msgpack.packb([text, mark, reviewer, round(at, 1)], use_bin_type=True)
+def encode_review(
+    text: str | None, mark: str | None, reviewer: str, at: float, reason: str | None = None, version: int = 0
+) -> bytes:
+    """A review as stored; ``reason`` (why a caption was rejected) and ``version`` (how many review writes the item
+    has had) are appended only when set, so older four-field reviews still read."""
+    fields: list[Any] = [text, mark, reviewer, round(at, 1)]
+    if reason is not None or version:
+        fields += [reason, version]
+    packed: bytes = msgpack.packb(fields, use_bin_type=True)
     return packed
 
 
 def decode_review(stored: bytes) -> dict[str, Any]:
-    """The review fields a row gains: ``corrected``, ``mark``, ``reviewer``, ``reviewed_at`` (None left out)."""
-    text, mark, reviewer, at = msgpack.unpackb(stored, raw=False)
-    fields = {"corrected": text, "mark": mark, "reviewer": reviewer, "reviewed_at": at}
+    """The review fields a row gains: ``corrected``, ``mark``, ``reviewer``, ``reviewed_at``, ``reason`` and
+    ``review_version`` (None left out)."""
+    text, mark, reviewer, at, *more = msgpack.unpackb(stored, raw=False)
+    reason, version = (more + [None, None])[:2]
+    fields = {"corrected": text, "mark": mark, "reviewer": reviewer, "reviewed_at": at, "reason": reason,
+              "review_version": version or None}  # fmt: skip
     return {k: v for k, v in fields.items() if v is not None}

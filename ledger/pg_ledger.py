@@ -97,6 +97,13 @@ CREATE TABLE IF NOT EXISTS {s}.containers (
   spec text NOT NULL,
   PRIMARY KEY (job_id, id)
 );
+CREATE TABLE IF NOT EXISTS {s}.review_log (
+  job_id text NOT NULL REFERENCES {s}.jobs (id) ON DELETE CASCADE,
+  id bytea NOT NULL,
+  version integer NOT NULL,
+  entry bytea NOT NULL,
+  PRIMARY KEY (job_id, id, version)
+);
 CREATE TABLE IF NOT EXISTS {s}.locks (job_id text PRIMARY KEY, owner text NOT NULL, expires double precision NOT NULL);
 CREATE TABLE IF NOT EXISTS {s}.reuse (
   key text NOT NULL,
@@ -684,7 +691,26 @@ class PostgresLedger(Ledger):
 
     def reviewed(self, job_id: str) -> Iterator[dict[str, Any]]:
         self.job(job_id)
-        yield from self._stream(check_job_id(job_id), "review IS NOT NULL AND status = 'o'")
+        rows = self._stream(check_job_id(job_id), "review IS NOT NULL AND status = 'o'")
+        # A review cleared back to nothing stays (it holds the item's version) but is no longer reviewed.
+        yield from (r for r in rows if "corrected" in r or "mark" in r)
+
+    def _log_review(self, job_id: str, item_id: str, version: int, entry: dict[str, Any]) -> bool:
+        # The entry is JSON in bytea, not jsonb: a correction may hold any string, NUL included.
+        return 1 == self._run(
+            "INSERT INTO {s}.review_log (job_id, id, version, entry) VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            (job_id, codec.id_bytes(item_id), version, json.dumps(entry).encode()),
+        )
+
+    def _put_review(self, job_id: str, item_id: str, packed: bytes) -> None:
+        self._run("UPDATE {s}.items SET review = %s WHERE job_id = %s AND id = %s",
+                  (packed, job_id, codec.id_bytes(item_id)))  # fmt: skip
+
+    def review_history(self, job_id: str, item_id: str) -> list[dict[str, Any]]:
+        self.job(job_id)
+        rows = self._all("SELECT entry FROM {s}.review_log WHERE job_id = %s AND id = %s ORDER BY version",
+                         (job_id, codec.id_bytes(item_id)))  # fmt: skip
+        return [json.loads(bytes(r[0])) for r in rows]
 
 
 def _item_values(

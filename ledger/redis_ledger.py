@@ -9,7 +9,8 @@ Keys, all under ``<prefix>:job:<id>`` (item ids are stored as 8 bytes, see ``cod
   :pv          HASH   provenance (model version, params, profile) -> its index in rows
   :att         HASH   item -> attempts started; <item>:f finished; <item>:s run alone (while unsettled)
   :err / :flg  SET    items whose row is an error / a caption with quality flags (retry and review find them)
-  :rev         HASH   item -> review (correction, mark, reviewer, time)
+  :rev         HASH   item -> review (correction, mark, reviewer, time, rejection reason, version)
+  :rlog        HASH   <item>:<version> -> that review change (JSON): the item's review history
   :ctr         HASH   container -> spec: shards and row groups whose items are not all known yet
   :lock        STRING the training runner holding the job
 
@@ -229,7 +230,7 @@ return 0
 
 #: Free-form job fields (set_fields) shown with the job: a training job's progress and result, webhook errors.
 _JSON_FIELDS = ("progress", "result", "webhook_error")
-_SUFFIXES = ("src", "res", "pv", "att", "err", "flg", "rev", "ctr")
+_SUFFIXES = ("src", "res", "pv", "att", "err", "flg", "rev", "ctr", "rlog")
 _STATUS_CHAR = {ItemStatus.OK: "o", ItemStatus.ERROR: "e", ItemStatus.CANCELLED: "c"}
 
 
@@ -713,12 +714,33 @@ class RedisLedger(Ledger):
     def reviewed(self, job_id: str) -> Iterator[dict[str, Any]]:
         self.job(job_id)
         batch: list[bytes] = []
+
+        def kept(rows: list[dict[str, Any] | None]) -> Iterator[dict[str, Any]]:
+            # A review cleared back to nothing stays (it holds the item's version) but is no longer reviewed.
+            return (r for r in rows if r and r["status"] == "ok" and ("corrected" in r or "mark" in r))
+
         for field, _ in self._scan(self.job_key(job_id, "rev")):
             batch.append(field)
             if len(batch) >= 1000:
-                yield from (r for r in self._rows_of_fields(job_id, batch) if r and r["status"] == "ok")
+                yield from kept(self._rows_of_fields(job_id, batch))
                 batch = []
-        yield from (r for r in self._rows_of_fields(job_id, batch) if r and r["status"] == "ok")
+        yield from kept(self._rows_of_fields(job_id, batch))
+
+    def _log_review(self, job_id: str, item_id: str, version: int, entry: dict[str, Any]) -> bool:
+        field = codec.id_bytes(item_id) + b":%d" % version
+        return bool(self.r.hsetnx(self.job_key(job_id, "rlog"), field, json.dumps(entry)))
+
+    def _put_review(self, job_id: str, item_id: str, packed: bytes) -> None:
+        self.r.hset(self.job_key(job_id, "rev"), codec.id_bytes(item_id), packed)
+
+    def review_history(self, job_id: str, item_id: str) -> list[dict[str, Any]]:
+        row = self.item(job_id, item_id) or {}
+        last = int(row.get("review_version") or 0)
+        if not last:
+            return []
+        raw = codec.id_bytes(item_id)
+        stored = self.r.hmget(self.job_key(job_id, "rlog"), [raw + b":%d" % v for v in range(1, last + 1)])
+        return [json.loads(e) for e in cast("list[bytes | None]", stored) if e]
 
 
 def _parse_cursor(cursor: str | None, phases: int) -> tuple[int, int, int]:
