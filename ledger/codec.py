@@ -224,7 +224,7 @@ def decode_review(stored: bytes) -> dict[str, Any]:
     """The review fields a row gains: ``corrected``, ``mark``, ``reviewer``, ``reviewed_at``, ``reason`` and
     ``review_version`` (None left out)."""
     text, mark, reviewer, at, *more = msgpack.unpackb(stored, raw=False)
-    reason, version = (more + [None, None])[:2]
+    reason, version = [*more, None, None][:2]
     fields = {"corrected": text, "mark": mark, "reviewer": reviewer, "reviewed_at": at, "reason": reason,
               "review_version": version or None}  # fmt: skip
     return {k: v for k, v in fields.items() if v is not None}

@@ -697,9 +697,12 @@ class PostgresLedger(Ledger):
 
     def _log_review(self, job_id: str, item_id: str, version: int, entry: dict[str, Any]) -> bool:
         # The entry is JSON in bytea, not jsonb: a correction may hold any string, NUL included.
-        return 1 == self._run(
-            "INSERT INTO {s}.review_log (job_id, id, version, entry) VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
-            (job_id, codec.id_bytes(item_id), version, json.dumps(entry).encode()),
+        return (
+            self._run(
+                "INSERT INTO {s}.review_log (job_id, id, version, entry) VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                (job_id, codec.id_bytes(item_id), version, json.dumps(entry).encode()),
+            )
+            == 1
         )
 
     def _put_review(self, job_id: str, item_id: str, packed: bytes) -> None:
