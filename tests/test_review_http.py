@@ -369,3 +369,60 @@ def test_an_oversized_body_is_refused_before_it_is_read_whole(job) -> None:
         answer = _raw_post(srv, csrf, cookie, "Transfer-Encoding: chunked\r\n", chunks)
         assert answer.startswith(b"HTTP/1.1 413 ") and f"over {MAX_BODY_BYTES} bytes".encode() in answer
         assert c.get("/").status_code == 200
+
+
+def test_sign_in_links_from_other_sites_bearer_writes_and_a_restart_mid_edit(job) -> None:
+    settings, ids = job
+    tokened = settings.model_copy(update={"review_token": SecretStr(TOKEN)})
+    url = f"/api/jobs/{JOB}/items/{ids['plain']}/correction"
+    c = httpx2.Client()
+    with Server(tokened) as srv:
+        c.base_url = httpx2.URL(srv.url)
+        login = c.get("/login", params={"token": TOKEN})
+        # Lax: a /login link opened from another site keeps its cookie on the redirect that follows it.
+        assert "samesite=lax" in login.headers["set-cookie"].lower()
+        csrf = _csrf(c)
+        # API clients with the token as Bearer write without a page's CSRF token; a wrong Bearer gets nothing.
+        bearer = httpx2.post(srv.url + url, json={"text": "by the api"}, headers={"authorization": f"Bearer {TOKEN}"})
+        assert bearer.status_code == 200 and bearer.json()["corrected"] == "by the api"
+        wrong = httpx2.post(srv.url + url, json={"text": "x"}, headers={"authorization": f"Bearer x{TOKEN}"})
+        assert wrong.status_code == 401
+    # The server restarts while the page is open: the sign-in cookie and the page's CSRF token still hold.
+    with Server(tokened) as again:
+        c.base_url = httpx2.URL(again.url)
+        saved = c.post(url, json={"text": "after a restart"}, headers={"x-csrf-token": csrf})
+        assert saved.status_code == 200, saved.text
+        assert saved.json()["corrected"] == "after a restart"
+    c.close()
+
+
+def test_the_sign_in_token_never_reaches_the_access_log(job, tmp_path: Path) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    settings, _ = job
+    port = free_port()
+    log = tmp_path / "review.log"
+    env = {**os.environ, **_env(settings), "CAPTIONER_REVIEW_TOKEN": TOKEN, "CAPTIONER_LOG_LEVEL": "INFO"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "cli.main", "review", "--port", str(port)], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        assert httpx2.get(f"http://127.0.0.1:{port}/login", params={"token": TOKEN}).status_code == 303
+        assert httpx2.get(f"http://127.0.0.1:{port}/login", params={"token": "wrong-" + TOKEN}).status_code == 401
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    text = log.read_text()
+    assert 'GET /login?token=*** HTTP/1.1" 303' in text and "401" in text, text
+    assert TOKEN not in text
