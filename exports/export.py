@@ -37,7 +37,7 @@ READABLE_FORMATS = ("jsonl", "csv", "parquet")
 
 #: Columns of the flat formats (CSV, Parquet): the row with ``params`` spread out, ``timings`` dropped and
 #: ``flags`` (quality flags, see model.flags) joined by commas; null when a row has none. The review columns
-#: (``corrected``, ``mark``, ``reviewer``, ``reviewed_at``) sit beside the model's ``caption``.
+#: (``corrected``, ``mark``, ``reason``, ``reviewer``, ``reviewed_at``) sit beside the model's ``caption``.
 FLAT_COLUMNS = (
     "id",
     "ref",
@@ -54,6 +54,7 @@ FLAT_COLUMNS = (
     "flags",
     "corrected",
     "mark",
+    "reason",
     "reviewer",
     "reviewed_at",
     "extra",

@@ -502,6 +502,11 @@ class Ledger(ABC):
             raise not_captioned(job_id, item_id)
         return row
 
+    def items(self, job_id: str, item_ids: list[str]) -> list[dict[str, Any] | None]:
+        """Rows (with their review fields) of several items at once, in order; None where the job has no such id."""
+        self.job(job_id)
+        return self._items(job_id, item_ids)
+
     def _items(self, job_id: str, item_ids: list[str]) -> list[dict[str, Any] | None]:
         """``item`` for several ids at once (backends read them in one round trip)."""
         return [self.item(job_id, i) for i in item_ids]

@@ -22,6 +22,7 @@ from common.errors import (
     ConfigError,
     InvalidReview,
     NotCaptioned,
+    ReviewConflict,
     UnknownItem,
     UnknownJob,
 )
@@ -31,6 +32,7 @@ from ledger import Ledger
 from producer.jobs import JobClient
 from review.security import Access
 from review.thumbs import Thumbnails
+from review.views import Bulks, Views
 
 HERE = Path(__file__).parent
 #: Largest request body the page accepts (a correction is at most a few KB of JSON).
@@ -48,6 +50,7 @@ STATUS_OF_ERROR: dict[type[CaptionerError], int] = {
     UnknownJob: 404,
     UnknownItem: 404,
     NotCaptioned: 409,
+    ReviewConflict: 409,
     InvalidReview: 422,
     ConfigError: 422,
     BrokerUnavailable: 503,
@@ -81,6 +84,8 @@ class Review:
     #: The one workers look-up in flight (every request meanwhile waits for it) and how many were taken.
     workers_lookup: asyncio.Future[dict[str, Any]] | None = None
     workers_taken: int = 0
+    views: Views = field(default_factory=Views)
+    bulks: Bulks = field(default_factory=Bulks)
 
     @property
     def ledger(self) -> Ledger:

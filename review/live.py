@@ -86,7 +86,7 @@ async def job_events(request: Request) -> StreamingResponse:
 
 
 #: Seconds a request waits for the one look-up in flight before it answers with the last snapshot (or a 503).
-WORKERS_WAIT_S = 8.0
+WORKERS_WAIT_S = 15.0
 #: Seconds the broker gets for each question of a look-up (workers' answers, training workers).
 WORKERS_REPLY_S = 1.0
 
