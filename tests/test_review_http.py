@@ -29,6 +29,7 @@ from review.app import create_app
 from review.security import check_bind
 from review.thumbs import Thumbnails
 from tests.conftest import BROKER_DB, LEDGER_DB, redis_url, settings_from
+from tests.test_recovery import wait_for
 
 JOB = "job-http"
 HOSTILE = '<script>alert("x")</script><img src=x onerror=alert(1)>'
@@ -426,3 +427,92 @@ def test_the_sign_in_token_never_reaches_the_access_log(job, tmp_path: Path) -> 
     text = log.read_text()
     assert 'GET /login?token=*** HTTP/1.1" 303' in text and "401" in text, text
     assert TOKEN not in text
+
+
+def test_demo_prefix_unset_roots_and_a_fine_tune_page_say_where_things_are(job, tmp_path: Path) -> None:
+    from common.messages import TrainRequest
+    from training.jobs import open_train_job
+
+    settings, ids = job
+    demo = settings.model_copy(update={"key_prefix": settings.key_prefix + "-demo"})
+    ledger = _ledger(demo)
+    ledger.open_job("demo-x", "demo", GenParams())
+    ledger.r.close()
+    empty = settings.model_copy(update={"key_prefix": settings.key_prefix + "-nothing", "allowed_roots": []})
+    with Server(empty) as srv:  # no job here and none under this prefix's demo prefix: no hint
+        page = httpx2.get(srv.url + "/").text
+    assert "No jobs yet under the key prefix" in page and 'id="other-prefix"' not in page
+    with Server(settings.model_copy(update={"allowed_roots": []})) as srv:
+        ledger = _ledger(settings)
+        # The demo's jobs are under <prefix>-demo: the empty jobs list says how to see them.
+        bare = settings.model_copy(update={"key_prefix": settings.key_prefix + "-x"})
+        _ledger(settings.model_copy(update={"key_prefix": bare.key_prefix + "-demo"})).open_job("d", "d", GenParams())
+        grid = httpx2.get(f"{srv.url}/jobs/{JOB}").text
+        item = httpx2.get(f"{srv.url}/jobs/{JOB}/items/{ids['plain']}").text
+        req = TrainRequest(job_id="train-x", dataset=str(tmp_path / "reviewed-set"), config={}, promote=False)
+        open_train_job(ledger, req)
+        train = httpx2.get(f"{srv.url}/jobs/train-x").text
+    assert 'id="roots-warning"' in grid and "CAPTIONER_ALLOWED_ROOTS" in grid and 'id="roots-warning"' in item
+    assert f'<dd class="dataset">{tmp_path / "reviewed-set"}</dd>' in train
+    with Server(bare) as srv:
+        page = httpx2.get(srv.url + "/").text
+    assert f"CAPTIONER_KEY_PREFIX={bare.key_prefix}-demo captioner review" in page
+    with Server(settings) as srv:  # roots set: no warning
+        assert 'id="roots-warning"' not in httpx2.get(f"{srv.url}/jobs/{JOB}").text
+
+
+def test_stale_edits_are_refused_with_the_newer_text_and_undo_over_http(job) -> None:
+    settings, ids = job
+    url = f"/api/jobs/{JOB}/items/{ids['plain']}"
+    with Server(settings) as srv, httpx2.Client(base_url=srv.url) as c:
+        h = {"x-csrf-token": _csrf(c)}
+        # Saving the model's own caption is no correction.
+        same = c.post(url + "/correction", headers=h, json={"text": "a plain caption", "base_version": 0})
+        assert same.status_code == 200 and "corrected" not in same.json()
+        first = c.post(url + "/correction", headers=h, json={"text": "a blue box", "base_version": 0}).json()
+        assert first["review_version"] == 1
+        stale = c.post(url + "/correction", headers=h, json={"text": "a red box", "base_version": 0})
+        assert stale.status_code == 409 and stale.json()["current"]["corrected"] == "a blue box"
+        page = c.get(f"/jobs/{JOB}/items/{ids['plain']}").text
+        assert '<span class="diff-del">plain caption</span>' in page and '<span class="diff-ins">blue box</span>' in page
+        assert c.post(f"/api/jobs/{JOB}/marks", headers=h, json={"ids": [ids["plain"]], "mark": "rejected",
+                                                                  "reason": "wrong colour"}).json() == {"changed": 1}
+        history = c.get(url + "/history").json()
+        assert [(e["version"], e["mark"], e["reason"]) for e in history] == [(1, None, None),
+                                                                            (2, "rejected", "wrong colour")]
+        undone = c.post(url + "/undo", headers=h, json={"base_version": 2}).json()
+        assert undone["corrected"] == "a blue box" and "mark" not in undone and undone["review_version"] == 3
+        assert c.post(url + "/undo", headers=h, json={"base_version": 2}).status_code == 409
+
+
+def test_bulk_actions_cover_the_whole_filter_and_downloads_carry_reasons(job) -> None:
+    import csv
+
+    settings, ids = job
+    ledger = _ledger(settings)
+    more = [(f"extra{i:03d}", f"/elsewhere/x{i:03d}.png") for i in range(130)]
+    ledger.add_items(JOB, more)
+    ledger.record(JOB, [ItemResult(id=i, ref=r, status=ItemStatus.OK, caption=f"a shape {n}")
+                        for n, (i, r) in enumerate(more)])  # fmt: skip
+    with Server(settings) as srv, httpx2.Client(base_url=srv.url) as c:
+        h = {"x-csrf-token": _csrf(c)}
+        grid = c.get(f"/jobs/{JOB}", params={"q": "shape", "limit": "24", "sort": "name"}).text
+        assert "1-24 of 130" in grid  # the filtered view's total, not only this page's
+        names = re.findall(r'alt="/elsewhere/(x\d+)\.png"', grid)
+        assert names == sorted(names) and names[0] == "x000"
+        started = c.post(f"/api/jobs/{JOB}/bulk", headers=h,
+                         json={"action": "reject", "filter": {"q": "shape"}, "reason": "blurry"})  # fmt: skip
+        assert started.status_code == 202 and started.json()["total"] == 130
+        bulk_id = started.json()["id"]
+        wait_for(lambda: c.get(f"/api/bulk/{bulk_id}").json()["state"] != "running", 60, "the bulk action to end")
+        state = c.get(f"/api/bulk/{bulk_id}").json()
+        assert (state["state"], state["done"], state["changed"]) == ("done", 130, 130)
+        rejected = [r for r in ledger.reviewed(JOB)]
+        assert len(rejected) == 130 and {r["reason"] for r in rejected} == {"blurry"}
+        assert ledger.item(JOB, ids["plain"]).get("mark") is None  # outside the filter: untouched
+        got = c.get(f"/api/jobs/{JOB}/download", params={"format": "csv", "reviewed": "1"})
+        assert got.status_code == 200 and 'filename="job-http-reviewed.csv"' in got.headers["content-disposition"]
+        rows = list(csv.DictReader(io.StringIO(got.text)))
+        assert len(rows) == 130 and {r["reason"] for r in rows} == {"blurry"}
+        assert c.get(f"/api/jobs/{JOB}/download", params={"format": "sidecar"}).status_code == 422
+    ledger.r.close()
