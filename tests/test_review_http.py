@@ -474,12 +474,18 @@ def test_stale_edits_are_refused_with_the_newer_text_and_undo_over_http(job) -> 
         stale = c.post(url + "/correction", headers=h, json={"text": "a red box", "base_version": 0})
         assert stale.status_code == 409 and stale.json()["current"]["corrected"] == "a blue box"
         page = c.get(f"/jobs/{JOB}/items/{ids['plain']}").text
-        assert '<span class="diff-del">plain caption</span>' in page and '<span class="diff-ins">blue box</span>' in page
-        assert c.post(f"/api/jobs/{JOB}/marks", headers=h, json={"ids": [ids["plain"]], "mark": "rejected",
-                                                                  "reason": "wrong colour"}).json() == {"changed": 1}
+        assert '<span class="diff-del">plain caption</span>' in page
+        assert '<span class="diff-ins">blue box</span>' in page
+        assert c.post(
+            f"/api/jobs/{JOB}/marks",
+            headers=h,
+            json={"ids": [ids["plain"]], "mark": "rejected", "reason": "wrong colour"},
+        ).json() == {"changed": 1}
         history = c.get(url + "/history").json()
-        assert [(e["version"], e["mark"], e["reason"]) for e in history] == [(1, None, None),
-                                                                            (2, "rejected", "wrong colour")]
+        assert [(e["version"], e["mark"], e["reason"]) for e in history] == [
+            (1, None, None),
+            (2, "rejected", "wrong colour"),
+        ]
         undone = c.post(url + "/undo", headers=h, json={"base_version": 2}).json()
         assert undone["corrected"] == "a blue box" and "mark" not in undone and undone["review_version"] == 3
         assert c.post(url + "/undo", headers=h, json={"base_version": 2}).status_code == 409

@@ -289,7 +289,7 @@
     const img = $("#zoom-image");
     if (!box || !img) return;
     let scale = 1;
-    const apply = () => { img.style.width = `${Math.round(scale * 100)}%`; box.classList.toggle("zoomed", scale > 1); };
+    const apply = () => { img.style.width = scale > 1 ? `${Math.round(scale * 100)}%` : ""; box.classList.toggle("zoomed", scale > 1); };
     const zoom = (how) => {
       scale = how === "in" ? Math.min(8, scale * 1.5) : how === "out" ? Math.max(1, scale / 1.5) : 1;
       apply();
