@@ -192,7 +192,8 @@ def test_review_correct_export_and_fine_tune_in_a_browser(
             driver.execute_script("window.scrollTo(0, 0)")
             _screenshot(driver, Path(shots) / "review-item.png")
         driver.find_element(By.ID, "back").click()
-        wait.until(lambda d: d.current_url == f"{server.url}/jobs/{job_id}?status=ok")  # back to the same filter
+        back = f"{server.url}/jobs/{job_id}?status=ok#item-{order[3]}"
+        wait.until(lambda d: d.current_url == back)  # back to the same filter, on the same item
         # 5. Caption a selection again with other parameters: it goes through the queue as a retry.
         wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f'.card[data-item="{order[4]}"]'))
         driver.find_element(By.CSS_SELECTOR, f'.card[data-item="{order[4]}"]').send_keys("x")

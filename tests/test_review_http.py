@@ -522,3 +522,15 @@ def test_bulk_actions_cover_the_whole_filter_and_downloads_carry_reasons(job) ->
         assert len(rows) == 130 and {r["reason"] for r in rows} == {"blurry"}
         assert c.get(f"/api/jobs/{JOB}/download", params={"format": "sidecar"}).status_code == 422
     ledger.r.close()
+
+
+def test_the_demo_says_how_to_review_its_captions(tmp_path: Path) -> None:
+    from cli.demo import review_hint
+
+    settings = _settings(tmp_path, CAPTIONER_KEY_PREFIX="captioner-demo", CAPTIONER_MODEL_STORE=str(tmp_path / "m"))
+    hint = review_hint(settings, tmp_path, "demo-1", kept=True, local_redis=False)
+    assert hint == (f"Review these captions in the browser: CAPTIONER_KEY_PREFIX=captioner-demo "
+                    f"CAPTIONER_ALLOWED_ROOTS={tmp_path} CAPTIONER_MODEL_STORE={tmp_path / 'm'} captioner review, "
+                    "then open http://127.0.0.1:8765/jobs/demo-1")  # fmt: skip
+    gone = review_hint(settings, tmp_path, "demo-1", kept=False, local_redis=True)
+    assert "--workdir DIR" in gone and "a running Redis" in gone
