@@ -225,8 +225,12 @@ async def train(request: Request) -> JSONResponse:
 
     def run() -> dict[str, Any]:
         folder, summary = _export(ctx, job_id)
+        promote = bool(body.get("promote"))
+        # Promoting from the page is gated unless the reviewer says otherwise: a version trained on a few reviewed
+        # items must score no worse than the current one on the same data before it serves.
+        gate = (body.get("require_no_worse") or None) if promote else None
         req = TrainRequest(job_id=f"train-{folder.name}"[:128], dataset=str(folder), config=config,
-                           promote=bool(body.get("promote")))  # fmt: skip
+                           promote=promote, require_no_worse=gate)  # fmt: skip
         try:
             ctx.client.submit_training(req)
         except Exception:

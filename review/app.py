@@ -17,7 +17,7 @@ from starlette.staticfiles import StaticFiles
 from common.errors import BrokerUnavailable, CaptionerError, ReviewConflict
 from common.settings import Settings
 from producer.jobs import JobClient
-from review import api, live, pages
+from review import api, live, models, pages
 from review.context import HERE, Review, status_of
 from review.security import Access, Guard, allowed_hosts
 from review.thumbs import Thumbnails
@@ -54,6 +54,9 @@ def create_app(settings: Settings, *, client: JobClient | None = None) -> Starle
         Route("/api" + job + "/retry", api.caption_again, methods=["POST"]),
         Route("/api" + job + "/export", api.export_reviewed, methods=["POST"]),
         Route("/api" + job + "/train", api.train, methods=["POST"]),
+        Route("/api/models/{version:str}/promote", models.promote, methods=["POST"]),
+        Route("/api/models/{version:str}/rollback", models.rollback, methods=["POST"]),
+        Route("/api/models/{version:str}/evaluate", models.evaluate, methods=["POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     middleware = [

@@ -86,6 +86,8 @@ class Review:
     workers_taken: int = 0
     views: Views = field(default_factory=Views)
     bulks: Bulks = field(default_factory=Bulks)
+    #: Evaluations started from the models page: version -> what became of the last one.
+    evaluations: dict[str, str] = field(default_factory=dict)
 
     @property
     def ledger(self) -> Ledger:

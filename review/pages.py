@@ -215,9 +215,15 @@ async def thumbnail(request: Request) -> Response:
 
 async def models_page(request: Request) -> Response:
     ctx = review_of(request)
+    from review.charts import dataset_label
+
     versions, current = await run_in_threadpool(_versions, ctx)
+    now = next((v for v in versions if v["version"] == current), None)
+    evaluations = (now or {}).get("evaluations") or []
+    datasets = {e["fingerprint"]: dataset_label(e) for e in evaluations if e.get("fingerprint")}
     return ctx.render(request, "models.html", versions=versions, current=current, charts=metric_charts(versions),
-                      store=ctx.settings.model_store)  # fmt: skip
+                      store=ctx.settings.model_store, datasets=datasets, label=dataset_label,
+                      running=dict(ctx.evaluations))  # fmt: skip
 
 
 def _versions(ctx: Review) -> tuple[list[dict[str, Any]], str | None]:

@@ -280,9 +280,12 @@ def test_models_page_shows_versions_evaluations_over_time_and_their_samples(job,
     assert f'{new} <span class="current">current</span>' in text
     assert "&lt;script&gt;alert(&#34;x&#34;)" in text and "<script>alert" not in text  # samples are text too
     assert "a red circle" in text and "No sample captions were kept" in text  # the second evaluation kept none
-    wer = re.search(r'aria-label="wer over evaluations">\s*<polyline points="([^"]+)"', text).group(1)
-    heights = [float(point.split(",")[1]) for point in wer.split()]
-    assert len(heights) == 3 and heights[0] < heights[1] < heights[2]  # 0.9, 0.5, 0.25: falling WER, lower is lower
+    wers = re.findall(r'aria-label="wer over evaluations">\s*<polyline points="([^"]+)"', text)
+    heights = [[float(point.split(",")[1]) for point in line.split()] for line in wers]
+    # One chart per dataset: the two evaluations on "fp" (0.5, 0.25: falling WER, lower is lower), and apart from
+    # them, labelled, the old version's training-time score; never one line across different data.
+    assert len(heights) == 2 and len(heights[0]) == 2 and heights[0][0] < heights[0][1] and len(heights[1]) == 1
+    assert "fingerprint fp)" in text and "training-time: ? example(s) held out of" in text
 
 
 def test_progress_rate_and_eta_come_from_successive_samples(job) -> None:
@@ -534,3 +537,39 @@ def test_the_demo_says_how_to_review_its_captions(tmp_path: Path) -> None:
                     "then open http://127.0.0.1:8765/jobs/demo-1")  # fmt: skip
     gone = review_hint(settings, tmp_path, "demo-1", kept=False, local_redis=True)
     assert "--workdir DIR" in gone and "a running Redis" in gone
+
+
+def test_promote_from_the_models_page_is_gated_on_one_dataset_and_rollback_is_a_button(job, tmp_path: Path) -> None:
+    from common.store import ModelStore
+
+    settings, _ = job
+    store = ModelStore(tmp_path / "store")
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "config.json").write_text("{}")
+    old = store.add(weights, {"base_model": "tiny"}, "v-old").version
+    new = store.add(weights, {"base_model": "tiny", "metrics": {"wer": 0.12}, "eval_fingerprint": "tiny5",
+                              "eval_examples": 5, "dataset": "/x/reviewed"}, "v-new").version  # fmt: skip
+    store.record_evaluation(old, "held100", {"wer": 0.232}, dataset="/data/held-out", n=100)
+    store.promote(old)
+    with Server(settings.model_copy(update={"model_store": store.root})) as srv, httpx2.Client(base_url=srv.url) as c:
+        page = c.get("/models").text
+        assert "/data/held-out, 100 image(s) (fingerprint held100)" in page
+        assert "training-time: 5 example(s) held out of /x/reviewed (fingerprint tiny5)" in page
+        h = {"x-csrf-token": _csrf(c, "/models")}
+        gate = {"require_no_worse": "wer", "fingerprint": "held100"}
+        # The new version's 0.12 was measured on 5 training images: no score on the current one's data, no promotion.
+        refused = c.post(f"/api/models/{new}/promote", headers=h, json=gate)
+        assert refused.status_code == 422 and "v-new has no evaluation on the dataset held100" in refused.json()["error"]
+        store.record_evaluation(new, "held100", {"wer": 0.246}, dataset="/data/held-out", n=100)
+        worse = c.post(f"/api/models/{new}/promote", headers=h, json=gate)
+        assert worse.status_code == 422
+        assert worse.json()["error"].startswith("not promoted: v-new wer 0.2460 vs current v-old 0.2320 on "
+                                                "/data/held-out, 100 image(s)")  # fmt: skip
+        assert store.current().version == old
+        store.record_evaluation(new, "held100", {"wer": 0.2}, dataset="/data/held-out", n=100)
+        better = c.post(f"/api/models/{new}/promote", headers=h, json=gate).json()
+        assert better["promoted"] == new and better["comparison"]["new"] == 0.2 and store.current().version == new
+        back = c.post(f"/api/models/{old}/rollback", headers=h, json={}).json()
+        assert back == {"promoted": old, "previous": new} and store.current().version == old
+        assert c.post("/api/models/v-nope/rollback", headers=h, json={}).status_code == 422

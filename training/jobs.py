@@ -357,7 +357,8 @@ def run_evaluate(settings: Settings, req: EvaluateRequest) -> dict[str, Any]:
                             image_policy=local_image_policy(examples, settings))  # fmt: skip
     metrics_ = {k: v for k, v in report.items() if isinstance(v, int | float) and k != "n"}
     samples = report.get("samples")  # a few generated captions beside their references, shown by captioner review
-    store.record_evaluation(version.version, dataset_fingerprint(examples), metrics_, samples=samples)
+    store.record_evaluation(version.version, dataset_fingerprint(examples), metrics_, samples=samples,
+                            dataset=req.dataset, n=len(examples))  # fmt: skip
     return {"version": version.version, "dataset": req.dataset, **report}
 
 

@@ -272,6 +272,7 @@
         ev.preventDefault();
         const data = Object.fromEntries(new FormData(form).entries());
         data.promote = form.elements.promote.checked;
+        if (!data.promote) delete data.require_no_worse;
         act(api("POST", `/api/jobs/${encodeURIComponent(jobId())}/train`, data).then((res) => {
           const out = $("#train-result");
           const link = document.createElement("a");
@@ -359,7 +360,34 @@
     $("#take-theirs").addEventListener("click", reload);
   }
 
+  // --- model versions: promote (gated), roll back, evaluate -------------------------------------------------
+  function initModels() {
+    $$(".model-actions").forEach((box) => {
+      const version = box.dataset.version;
+      const url = (what) => `/api/models/${encodeURIComponent(version)}/${what}`;
+      const out = $(".model-result", box);
+      const done = (text) => { out.textContent = text; };
+      const promote = $(".promote-form", box);
+      if (promote) promote.addEventListener("submit", (ev) => {
+        ev.preventDefault();
+        const data = Object.fromEntries(new FormData(promote).entries());
+        act(api("POST", url("promote"), data).then((res) => {
+          done(`promoted ${res.promoted}${res.comparison ? `: ${res.comparison.said}` : " (no gate)"}`);
+        }).catch((err) => { done(err.message); throw err; }));
+      });
+      const back = $('[data-model-act="rollback"]', box);
+      if (back) back.addEventListener("click", () => act(api("POST", url("rollback"), {}).then((res) => done(`rolled back to ${res.promoted} (was ${res.previous})`))));
+      const evaluate = $(".evaluate-form", box);
+      evaluate.addEventListener("submit", (ev) => {
+        ev.preventDefault();
+        act(api("POST", url("evaluate"), Object.fromEntries(new FormData(evaluate).entries()))
+          .then((res) => done(`evaluation of ${res.version} on ${res.dataset} queued: reload to see its scores`)));
+      });
+    });
+  }
+
   const page = document.body.dataset.page;
+  if (page === "models") initModels();
   if (page === "jobs") initJobs();
   if (page === "job" || page === "train-job") initJobHead();
   if (page === "job") initGrid();
