@@ -699,7 +699,8 @@ class PostgresLedger(Ledger):
         # The entry is JSON in bytea, not jsonb: a correction may hold any string, NUL included.
         return (
             self._run(
-                "INSERT INTO {s}.review_log (job_id, id, version, entry) VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                "INSERT INTO {s}.review_log (job_id, id, version, entry) VALUES (%s, %s, %s, %s) "
+                "ON CONFLICT DO NOTHING",
                 (job_id, codec.id_bytes(item_id), version, json.dumps(entry).encode()),
             )
             == 1

@@ -560,7 +560,8 @@ def test_promote_from_the_models_page_is_gated_on_one_dataset_and_rollback_is_a_
         gate = {"require_no_worse": "wer", "fingerprint": "held100"}
         # The new version's 0.12 was measured on 5 training images: no score on the current one's data, no promotion.
         refused = c.post(f"/api/models/{new}/promote", headers=h, json=gate)
-        assert refused.status_code == 422 and "v-new has no evaluation on the dataset held100" in refused.json()["error"]
+        assert refused.status_code == 422
+        assert "v-new has no evaluation on the dataset held100" in refused.json()["error"]
         store.record_evaluation(new, "held100", {"wer": 0.246}, dataset="/data/held-out", n=100)
         worse = c.post(f"/api/models/{new}/promote", headers=h, json=gate)
         assert worse.status_code == 422
