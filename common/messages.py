@@ -404,6 +404,8 @@ class ItemResult(BaseModel):
     reused: bool | None = None
     #: Columns of the source row that travel to the export (Parquet and dataset sources).
     extra: dict[str, Any] | None = None
+    #: Mean log-probability of the caption's tokens (<= 0; nearer 0: surer), where the decoder measured it.
+    confidence: float | None = None
     #: Stage timings in milliseconds: load (fetch, decode, preprocess this image), infer (the model batch it ran in).
     #: Single calls return them; ledger rows leave them out (the worker's log line and metrics carry them per chunk).
     timings: dict[str, float] = Field(default_factory=dict)

@@ -128,8 +128,31 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
+#: The key a row's confidence travels under inside its stored extra (both ledgers), taken out again on reading.
+CONFIDENCE_KEY = "_confidence"
+
+
+def extra_with_confidence(row: ItemResult) -> dict[str, Any] | None:
+    """The extra a row is stored with: its source columns, plus its confidence when it has one."""
+    if row.confidence is None or row.status is not ItemStatus.OK:
+        return row.extra
+    return {**(row.extra or {}), CONFIDENCE_KEY: round(float(row.confidence), 4)}
+
+
+def put_extra(row: dict[str, Any], extra: dict[str, Any] | None) -> None:
+    """Set a decoded row's ``extra`` and ``confidence`` from what was stored."""
+    if not extra:
+        return
+    if CONFIDENCE_KEY in extra:
+        extra = dict(extra)
+        row["confidence"] = extra.pop(CONFIDENCE_KEY)
+    if extra:
+        row["extra"] = extra
+
+
 def encode(row: ItemResult, *, base: str, created: float, provenance: int) -> bytes:
     """A row as stored in Redis (see the module docstring)."""
+    row = row.model_copy(update={"extra": extra_with_confidence(row), "confidence": None})
     header = _STATUS_CODE[row.status] | quality_bits(row.flags if row.status is ItemStatus.OK else None) << 2
     header |= (_H_TRANSIENT if row.transient else 0) | (_H_REUSED if row.reused else 0) | (_H_EXTRA if row.extra else 0)
     # Tenths of a second after the job's creation, plus one: 0 stands for "not recorded".
@@ -182,8 +205,7 @@ def decode(item_id: str, stored: bytes, *, base: str, created: float, provenance
     add_marks(row, transient=bool(header & _H_TRANSIENT), reused=bool(header & _H_REUSED))
     if finished:
         row["finished_at"] = round(created + (finished - 1) / 10, 1)
-    if extra is not None:
-        row["extra"] = extra
+    put_extra(row, extra)
     return row
 
 

@@ -733,7 +733,7 @@ def _item_values(
         row.attempts,
         round(row.finished_at, 1) if row.finished_at else None,  # the precision the Redis rows keep
         bits,
-        json.dumps(row.extra) if row.extra else None,
+        json.dumps(codec.extra_with_confidence(row)) if codec.extra_with_confidence(row) else None,
         job_id,
         raw,
     )
@@ -760,8 +760,7 @@ def _row_from_columns(values: tuple[Any, ...], base: str, table: list[codec.Prov
     codec.add_marks(row, transient=bool(bits & codec.TRANSIENT_BIT), reused=bool(bits & codec.REUSED_BIT))
     if finished:
         row["finished_at"] = float(finished)
-    if extra:
-        row["extra"] = extra
+    codec.put_extra(row, extra)
     if review:
         row.update(codec.decode_review(bytes(review)))
     return row
