@@ -429,7 +429,7 @@ class Ledger(ABC):
             if row is None or row["status"] != ItemStatus.OK.value:
                 continue
             if row.get("mark") != mark or row.get("reason") != reason:
-                self._review(job_id, item_id, row, row.get("corrected"), mark, reason, reviewer, None)
+                self._review(job_id, item_id, row, row.get("corrected"), mark, reason, reviewer, None, reread=False)
                 changed += 1
         return changed
 
@@ -447,7 +447,7 @@ class Ledger(ABC):
 
     def _review(
         self, job_id: str, item_id: str, row: dict[str, Any], text: str | None, mark: str | None,
-        reason: str | None, reviewer: str, base_version: int | None,
+        reason: str | None, reviewer: str, base_version: int | None, *, reread: bool = True,
     ) -> dict[str, Any]:  # fmt: skip
         """Write one review as the item's next version: its history entry first (the entry's version is unique,
         so of two writers on the same version one wins and the other gets ``ReviewConflict``), then the review."""
@@ -463,7 +463,7 @@ class Ledger(ABC):
                      "reason": reason}  # fmt: skip
             if self._log_review(job_id, item_id, version, entry):
                 self._put_review(job_id, item_id, codec.encode_review(text, mark, reviewer, at, reason, version))
-                return self._captioned(job_id, item_id)
+                return self._captioned(job_id, item_id) if reread else row
             row = self._captioned(job_id, item_id)
             if base_version is None:
                 continue  # nobody named a version: write on top of the newer one
