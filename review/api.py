@@ -144,6 +144,37 @@ async def bulk(request: Request) -> JSONResponse:
     return JSONResponse(await run_in_threadpool(start), status_code=202)
 
 
+async def assign(request: Request) -> JSONResponse:
+    """Give a reviewer the items a filter matches (``{"reviewer": "bea", "filter": {"q": "dog"}}``; an empty filter
+    takes the assignment back). Advisory: the job page links each reviewer to their items, and the item view says
+    whose an item is, so two reviewers do not take the same items."""
+    ctx = review_of(request)
+    body = await json_body(request)
+    job_id = request.path_params["job_id"]
+    reviewer = str(body.get("reviewer") or "").strip()
+    if not reviewer or len(reviewer) > 100:
+        raise InvalidReview("name the reviewer (at most 100 characters)")
+    params = {k: str(v) for k, v in (body.get("filter") or {}).items() if k in FILTER_PARAMS and v not in (None, "")}
+    params.pop("sort", None)
+    item_filter(params)  # refused (422) when a value is outside its choices
+
+    def run() -> dict[str, Any]:
+        ctx.ledger.job(job_id)
+        current = dict(ctx.ledger.get_field(job_id, ASSIGNMENTS) or {})
+        if params:
+            current[reviewer] = params
+        else:
+            current.pop(reviewer, None)
+        ctx.ledger.set_fields(job_id, **{ASSIGNMENTS: current})
+        return current
+
+    return JSONResponse(await run_in_threadpool(run))
+
+
+#: The job field holding reviewer -> filter (query parameters) assignments.
+ASSIGNMENTS = "review_assignments"
+
+
 async def bulk_progress(request: Request) -> JSONResponse:
     bulk = review_of(request).bulks.get(request.path_params["bulk_id"])
     if bulk.state != "running":

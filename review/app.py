@@ -49,6 +49,7 @@ def create_app(settings: Settings, *, client: JobClient | None = None) -> Starle
         Route("/api" + item + "/history", api.history),
         Route("/api" + job + "/marks", api.set_marks, methods=["POST"]),
         Route("/api" + job + "/bulk", api.bulk, methods=["POST"]),
+        Route("/api" + job + "/assign", api.assign, methods=["POST"]),
         Route("/api/bulk/{bulk_id:str}", api.bulk_progress),
         Route("/api" + job + "/download", api.download),
         Route("/api" + job + "/retry", api.caption_again, methods=["POST"]),

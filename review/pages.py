@@ -108,6 +108,7 @@ async def job_page(request: Request) -> Response:
     cursor = request.query_params.get("cursor")
     view = await run_in_threadpool(view_page, ctx, job_id, params, cursor)
     progress = await run_in_threadpool(ctx.ledger.review_progress, job_id)
+    assignments = await run_in_threadpool(ctx.ledger.get_field, job_id, "review_assignments") or {}
     page = view["page"]
     path = request.url.path
     filtered = not item_filter(params).empty
@@ -130,6 +131,7 @@ async def job_page(request: Request) -> Response:
         sorts=SORTS,
         store_base=_default_base_model(ctx),
         roots_unset=not ctx.settings.allowed_roots,
+        assignments={who: {"params": p, "link": page_link(path, p)} for who, p in sorted(assignments.items())},
     )
 
 
@@ -165,11 +167,20 @@ async def item_page(request: Request) -> Response:
     back = back if back.startswith("/jobs/") and "//" not in back else f"/jobs/{job_id}"  # our own pages only
     prev_id, next_id = await run_in_threadpool(_neighbours, ctx, job_id, item_id, back)
     history = await run_in_threadpool(ctx.ledger.review_history, job_id, item_id)
+    assignments = await run_in_threadpool(ctx.ledger.get_field, job_id, "review_assignments") or {}
+    owners = [who for who, p in sorted(assignments.items()) if _matches(p, row)]
     ref = str(row.get("ref") or "")
     return ctx.render(request, "item.html", job=info, row=row, back=back, prev_id=prev_id, next_id=next_id,
                       history=list(reversed(history)), file_name=ref.rsplit("/", 1)[-1].rsplit("::", 1)[-1],
                       diff=word_diff(row.get("caption") or "", row.get("corrected") or ""), reasons=REJECT_REASONS,
-                      roots_unset=not ctx.settings.allowed_roots)  # fmt: skip
+                      roots_unset=not ctx.settings.allowed_roots, owners=owners)  # fmt: skip
+
+
+def _matches(params: dict[str, str], row: dict[str, Any]) -> bool:
+    try:
+        return item_filter(params).matches(row)
+    except InvalidReview:
+        return False
 
 
 #: The short list of reasons a reviewer picks from when rejecting (free text goes beside it).

@@ -574,3 +574,20 @@ def test_promote_from_the_models_page_is_gated_on_one_dataset_and_rollback_is_a_
         back = c.post(f"/api/models/{old}/rollback", headers=h, json={}).json()
         assert back == {"promoted": old, "previous": new} and store.current().version == old
         assert c.post("/api/models/v-nope/rollback", headers=h, json={}).status_code == 422
+
+
+def test_assigning_a_filter_to_a_reviewer_links_them_to_it_and_marks_the_items_theirs(job) -> None:
+    settings, ids = job
+    with Server(settings) as srv, httpx2.Client(base_url=srv.url) as c:
+        h = {"x-csrf-token": _csrf(c)}
+        given = c.post(f"/api/jobs/{JOB}/assign", headers=h, json={"reviewer": "bea", "filter": {"status": "error"}})
+        assert given.json() == {"bea": {"status": "error"}}
+        bad = c.post(f"/api/jobs/{JOB}/assign", headers=h, json={"reviewer": "bea", "filter": {"status": "maybe"}})
+        assert bad.status_code == 422
+        grid = c.get(f"/jobs/{JOB}").text
+        assert f'href="/jobs/{JOB}?status=error">bea: status=error</a>' in grid
+        theirs = c.get(f"/jobs/{JOB}/items/{ids['failed']}").text
+        assert "This item is assigned to bea." in theirs
+        assert 'id="assigned-to"' not in c.get(f"/jobs/{JOB}/items/{ids['plain']}").text
+        assert c.post(f"/api/jobs/{JOB}/assign", headers=h, json={"reviewer": "bea", "filter": {}}).json() == {}
+        assert "This item is assigned" not in c.get(f"/jobs/{JOB}/items/{ids['failed']}").text

@@ -251,6 +251,14 @@
     const first = cameFrom || cards()[0];
     if (first && document.body.dataset.page === "job") { first.focus(); first.scrollIntoView({ block: "nearest" }); }
     $$("#bulk-filter [data-bulk]").forEach((b) => b.addEventListener("click", () => act(bulk(b.dataset.bulk))));
+    const assignForm = $("#assign-form");
+    if (assignForm) assignForm.addEventListener("submit", (ev) => {
+      ev.preventDefault();
+      const filter = Object.fromEntries(new URLSearchParams(location.search).entries());
+      delete filter.cursor; delete filter.limit; delete filter.sort;
+      act(api("POST", `/api/jobs/${encodeURIComponent(jobId())}/assign`, { reviewer: assignForm.elements.reviewer.value, filter })
+        .then(() => location.reload()));
+    });
     const on = (name, fn) => { const b = $(`.bulk [data-act="${name}"], .train [data-act="${name}"]`); if (b) b.addEventListener("click", () => act(fn())); };
     on("select-all", async () => { const all = cards(); const all_on = !all.every((c) => $(".select", c).checked); all.forEach((c) => toggle(c, all_on)); });
     on("accept", () => mark(selected(), "accepted"));
