@@ -114,6 +114,7 @@ def test_review_correct_export_and_fine_tune_in_a_browser(
     caption_worker, worker_env: dict[str, str], session_root: Path, tiny_model: Path, client: JobClient,
     tmp_path: Path, browser
 ) -> None:  # fmt: skip
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -126,7 +127,7 @@ def test_review_correct_export_and_fine_tune_in_a_browser(
     job_id, ids, truth = _job(client, session_root, tmp_path)
     server = ReviewProcess(env, tmp_path / "review.log")
     driver = browser
-    wait = WebDriverWait(driver, WAIT_S, poll_frequency=0.1)
+    wait = WebDriverWait(driver, WAIT_S, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,))
     shots = os.environ.get("CAPTIONER_SCREENSHOTS")
     try:
         server.wait_ready()
@@ -243,6 +244,7 @@ def test_item_view_navigation_undo_conflicts_and_a_bulk_action_in_a_browser(tmp_
     next/previous by key; zoom and full resolution; a correction, its diff and undo; an edit refused because another
     reviewer changed the item meanwhile (their text shown); accept everything a filter matches as one bulk job."""
     from PIL import Image
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
@@ -272,7 +274,7 @@ def test_item_view_navigation_undo_conflicts_and_a_bulk_action_in_a_browser(tmp_
                            for n, (i, r) in enumerate(zip(ids, refs, strict=True))])  # fmt: skip
     server = ReviewProcess(env, tmp_path / "review.log")
     driver = browser
-    wait = WebDriverWait(driver, WAIT_S, poll_frequency=0.1)
+    wait = WebDriverWait(driver, WAIT_S, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,))
     try:
         server.wait_ready()
         # A sign-in link opened from another site (here a data: page) lands signed in, not on a 401.
