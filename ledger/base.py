@@ -433,7 +433,9 @@ class Ledger(ABC):
                 changed += 1
         return changed
 
-    def undo_review(self, job_id: str, item_id: str, reviewer: str, *, base_version: int | None = None) -> dict:
+    def undo_review(
+        self, job_id: str, item_id: str, reviewer: str, *, base_version: int | None = None
+    ) -> dict[str, Any]:
         """Put the item's review back as it was before its last change (itself a change in the history, so undo
         twice is redo); refused when there is nothing to undo."""
         row = self._captioned(job_id, item_id)
