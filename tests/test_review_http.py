@@ -591,3 +591,19 @@ def test_assigning_a_filter_to_a_reviewer_links_them_to_it_and_marks_the_items_t
         assert 'id="assigned-to"' not in c.get(f"/jobs/{JOB}/items/{ids['plain']}").text
         assert c.post(f"/api/jobs/{JOB}/assign", headers=h, json={"reviewer": "bea", "filter": {}}).json() == {}
         assert "This item is assigned" not in c.get(f"/jobs/{JOB}/items/{ids['failed']}").text
+
+
+def test_a_fine_tune_promoted_from_the_page_is_gated_by_default(job, tiny_model: Path) -> None:
+    settings, ids = job
+    with Server(settings) as srv, httpx2.Client(base_url=srv.url) as c:
+        h = {"x-csrf-token": _csrf(c)}
+        c.post(f"/api/jobs/{JOB}/marks", headers=h, json={"ids": [ids["plain"]], "mark": "accepted"})
+        form = {"base_model": str(tiny_model), "max_steps": "2", "promote": True, "require_no_worse": "wer"}
+        queued = c.post(f"/api/jobs/{JOB}/train", headers=h, json=form)
+        assert queued.status_code == 200, queued.text
+        request = _ledger(settings).get_field(queued.json()["train_job"], "request")
+        assert request["promote"] is True and request["require_no_worse"] == "wer"
+        page = c.get(f"/jobs/{queued.json()['train_job']}").text
+        assert "when done, if no worse on wer" in page
+    # No training worker here: the message is taken back, so no later test's worker trains on it.
+    redis.Redis.from_url(settings.broker_url_str).delete(settings.training_queue)
