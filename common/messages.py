@@ -365,6 +365,9 @@ class TrainRequest(BaseModel):
     promote: bool = False
     # Promote only when this metric is no worse than the current version's.
     require_no_worse: str | None = None
+    # With require_no_worse: score the new and the current version on this dataset first and compare them there
+    # (without it, the new version's training-time score must share the current one's evaluation data).
+    gate_dataset: Annotated[str | None, Field(max_length=MAX_REF_CHARS)] = None
 
 
 class EvaluateRequest(BaseModel):

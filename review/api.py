@@ -260,8 +260,9 @@ async def train(request: Request) -> JSONResponse:
         # Promoting from the page is gated unless the reviewer says otherwise: a version trained on a few reviewed
         # items must score no worse than the current one on the same data before it serves.
         gate = (body.get("require_no_worse") or None) if promote else None
+        gate_dataset = str(body.get("gate_dataset") or "").strip() or None if gate else None
         req = TrainRequest(job_id=f"train-{folder.name}"[:128], dataset=str(folder), config=config,
-                           promote=promote, require_no_worse=gate)  # fmt: skip
+                           promote=promote, require_no_worse=gate, gate_dataset=gate_dataset)  # fmt: skip
         try:
             ctx.client.submit_training(req)
         except Exception:

@@ -130,6 +130,7 @@ async def job_page(request: Request) -> Response:
         page_sizes=PAGE_SIZES,
         sorts=SORTS,
         store_base=_default_base_model(ctx),
+        gate_dataset=_gate_dataset(ctx),
         roots_unset=not ctx.settings.allowed_roots,
         assignments={who: {"params": p, "link": page_link(path, p)} for who, p in sorted(assignments.items())},
     )
@@ -245,6 +246,17 @@ def _versions(ctx: Review) -> tuple[list[dict[str, Any]], str | None]:
     store = ModelStore(ctx.settings.model_store)
     current = store.current()
     return [v.as_dict() for v in store.list()], current.version if current else None
+
+
+def _gate_dataset(ctx: Review) -> str:
+    """The dataset a page fine-tune's gate compares on by default: where the current version was last evaluated."""
+    from common.store import ModelStore
+
+    if ctx.settings.model_store is None:
+        return ""
+    current = ModelStore(ctx.settings.model_store).current()
+    evaluations = (current.meta.get("evaluations") or []) if current else []
+    return str(evaluations[-1].get("dataset") or "") if evaluations else ""
 
 
 def _default_base_model(ctx: Review) -> str:

@@ -598,12 +598,14 @@ def test_a_fine_tune_promoted_from_the_page_is_gated_by_default(job, tiny_model:
     with Server(settings) as srv, httpx2.Client(base_url=srv.url) as c:
         h = {"x-csrf-token": _csrf(c)}
         c.post(f"/api/jobs/{JOB}/marks", headers=h, json={"ids": [ids["plain"]], "mark": "accepted"})
-        form = {"base_model": str(tiny_model), "max_steps": "2", "promote": True, "require_no_worse": "wer"}
+        form = {"base_model": str(tiny_model), "max_steps": "2", "promote": True, "require_no_worse": "wer",
+                "gate_dataset": "/data/held-out"}
         queued = c.post(f"/api/jobs/{JOB}/train", headers=h, json=form)
         assert queued.status_code == 200, queued.text
         request = _ledger(settings).get_field(queued.json()["train_job"], "request")
         assert request["promote"] is True and request["require_no_worse"] == "wer"
+        assert request["gate_dataset"] == "/data/held-out"
         page = c.get(f"/jobs/{queued.json()['train_job']}").text
-        assert "when done, if no worse on wer" in page
+        assert "when done, if no worse on wer than the current version on /data/held-out" in page
     # No training worker here: the message is taken back, so no later test's worker trains on it.
     redis.Redis.from_url(settings.broker_url_str).delete(settings.training_queue)

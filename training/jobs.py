@@ -68,6 +68,8 @@ def check_train_request(req: TrainRequest) -> None:
     from training.config import METRIC_NAMES, TrainConfig
 
     TrainConfig.from_dict(req.config)
+    if req.gate_dataset is not None and req.require_no_worse is None:
+        raise ConfigError("gate_dataset (--gate-dataset) names where require_no_worse (--require-no-worse) compares")
     if req.require_no_worse is not None:
         if not req.promote:
             raise ConfigError("require_no_worse (--require-no-worse) only applies with promote (--promote)")
@@ -305,6 +307,8 @@ def _fine_tune(
                "metrics": mv.metrics, "steps": mv.meta.get("steps")}  # fmt: skip
     if req.promote:  # 5.
         try:
+            if req.gate_dataset and req.require_no_worse:
+                summary["gate"] = _score_both(settings, store, version, req.gate_dataset, req.require_no_worse)
             store.promote(version, require_no_worse=req.require_no_worse)
             summary["promoted"] = True
         except ConfigError as exc:  # the gate said no: the version stays, the job is done, never re-run
@@ -313,6 +317,19 @@ def _fine_tune(
     ledger.set_fields(req.job_id, result=summary)
     ledger.set_state(req.job_id, JobState.DONE)
     return summary
+
+
+def _score_both(settings: Settings, store: ModelStore, version: str, dataset: str, metric: str) -> dict[str, Any]:
+    """Evaluate the new version and the current one on ``dataset`` (each becomes that version's headline score), so
+    the promotion gate compares them on the same data; returns both scores."""
+    current = store.current()
+    scored: dict[str, Any] = {"dataset": dataset, "metric": metric}
+    for name, v in (("new", version), ("current", current.version if current else None)):
+        if v is None or (name == "current" and v == version):
+            continue
+        report = run_evaluate(settings, EvaluateRequest(version=v, dataset=dataset))
+        scored[name] = {"version": v, metric: report.get(metric)}
+    return scored
 
 
 def _stored_version(store: ModelStore, ledger: Ledger, job_id: str) -> str | None:
