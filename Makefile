@@ -38,7 +38,7 @@ system-tools:
 setup: system-tools $(BIN)/captioner
 
 demo: setup
-	$(BIN)/captioner demo
+	$(BIN)/captioner demo --workdir $(CURDIR)/runs/demo  # kept: its last line says how to review the captions
 
 test: setup
 	$(BIN)/ruff check .

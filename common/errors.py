@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 
 class CaptionerError(Exception):
@@ -141,3 +141,11 @@ class NotCaptioned(CaptionerError):
 
 class InvalidReview(CaptionerError):
     """A review request the ledger refuses: an empty or over-long correction, an unknown mark, a bad cursor."""
+
+
+class ReviewConflict(CaptionerError):
+    """A review based on an older version of the item: someone else changed it since; ``current`` is their row."""
+
+    def __init__(self, message: str, current: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.current = current or {}

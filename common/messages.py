@@ -365,6 +365,9 @@ class TrainRequest(BaseModel):
     promote: bool = False
     # Promote only when this metric is no worse than the current version's.
     require_no_worse: str | None = None
+    # With require_no_worse: score the new and the current version on this dataset first and compare them there
+    # (without it, the new version's training-time score must share the current one's evaluation data).
+    gate_dataset: Annotated[str | None, Field(max_length=MAX_REF_CHARS)] = None
 
 
 class EvaluateRequest(BaseModel):
@@ -406,6 +409,8 @@ class ItemResult(BaseModel):
     reused: bool | None = None
     #: Columns of the source row that travel to the export (Parquet and dataset sources).
     extra: dict[str, Any] | None = None
+    #: Mean log-probability of the caption's tokens (<= 0; nearer 0: surer), where the decoder measured it.
+    confidence: float | None = None
     #: Stage timings in milliseconds: load (fetch, decode, preprocess this image), infer (the model batch it ran in).
     #: Single calls return them; ledger rows leave them out (the worker's log line and metrics carry them per chunk).
     timings: dict[str, float] = Field(default_factory=dict)

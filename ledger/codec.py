@@ -12,7 +12,7 @@ from typing import Any
 import msgpack
 
 from common.errors import ITEM_ERROR_CODES
-from common.messages import QUALITY_FLAGS, GenParams, ItemResult
+from common.messages import QUALITY_FLAGS, GenParams, ItemResult, ItemStatus
 
 #: Bits of a quality-flag set, in QUALITY_FLAGS order; with the transient and reused marks, the PostgreSQL
 #: ledger's ``flagbits``.
@@ -97,6 +97,28 @@ def flag_byte(row: ItemResult) -> int:
     return quality_bits(row.flags) | (TRANSIENT_BIT if row.transient else 0) | (REUSED_BIT if row.reused else 0)
 
 
+#: The key a row's confidence travels under inside its stored extra (both ledgers), taken out again on reading.
+CONFIDENCE_KEY = "_confidence"
+
+
+def extra_with_confidence(row: ItemResult) -> dict[str, Any] | None:
+    """The extra a row is stored with: its source columns, plus its confidence when it has one."""
+    if row.confidence is None or row.status is not ItemStatus.OK:
+        return row.extra
+    return {**(row.extra or {}), CONFIDENCE_KEY: round(float(row.confidence), 4)}
+
+
+def put_extra(row: dict[str, Any], extra: dict[str, Any] | None) -> None:
+    """Set a decoded row's ``extra`` and ``confidence`` from what was stored."""
+    if not extra:
+        return
+    if CONFIDENCE_KEY in extra:
+        extra = dict(extra)
+        row["confidence"] = extra.pop(CONFIDENCE_KEY)
+    if extra:
+        row["extra"] = extra
+
+
 def add_provenance(row: dict[str, Any], table: list[Provenance], index: int | None) -> None:
     """A row's model version, parameters and profile, from its job's provenance table."""
     prov = table[index] if index is not None and 0 <= index < len(table) else Provenance(None, None)
@@ -120,13 +142,23 @@ def add_marks(row: dict[str, Any], *, transient: bool, reused: bool) -> None:
 # --- review marks and corrections ----------------------------------------------------------------
 
 
-def encode_review(text: str | None, mark: str | None, reviewer: str, at: float) -> bytes:
-    packed: bytes = msgpack.packb([text, mark, reviewer, round(at, 1)], use_bin_type=True)
+def encode_review(
+    text: str | None, mark: str | None, reviewer: str, at: float, reason: str | None = None, version: int = 0
+) -> bytes:
+    """A review as stored; ``reason`` (why a caption was rejected) and ``version`` (how many review writes the item
+    has had) are appended only when set, so older four-field reviews still read."""
+    fields: list[Any] = [text, mark, reviewer, round(at, 1)]
+    if reason is not None or version:
+        fields += [reason, version]
+    packed: bytes = msgpack.packb(fields, use_bin_type=True)
     return packed
 
 
 def decode_review(stored: bytes) -> dict[str, Any]:
-    """The review fields a row gains: ``corrected``, ``mark``, ``reviewer``, ``reviewed_at`` (None left out)."""
-    text, mark, reviewer, at = msgpack.unpackb(stored, raw=False)
-    fields = {"corrected": text, "mark": mark, "reviewer": reviewer, "reviewed_at": at}
+    """The review fields a row gains: ``corrected``, ``mark``, ``reviewer``, ``reviewed_at``, ``reason`` and
+    ``review_version`` (None left out)."""
+    text, mark, reviewer, at, *more = msgpack.unpackb(stored, raw=False)
+    reason, version = [*more, None, None][:2]
+    fields = {"corrected": text, "mark": mark, "reviewer": reviewer, "reviewed_at": at, "reason": reason,
+              "review_version": version or None}  # fmt: skip
     return {k: v for k, v in fields.items() if v is not None}

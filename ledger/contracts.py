@@ -27,6 +27,8 @@ from ledger.records import (
     TrainingRun,
     check_correction,
     check_marks,
+    check_reason,
+    check_version,
     not_captioned,
 )
 
@@ -205,31 +207,57 @@ class ReviewLedger(ABC):
         ``UnknownJob`` when there is no such job."""
 
     @abstractmethod
-    def _store_review(self, job_id: str, item_id: str, text: str | None, mark: str | None, reviewer: str) -> None:
-        """Write (or with neither text nor mark, remove) one item's review."""
-
-    @abstractmethod
     def reviewed(self, job_id: str) -> Iterator[dict[str, Any]]:
         """Rows that carry a correction or a mark."""
 
-    def set_correction(self, job_id: str, item_id: str, text: str, reviewer: str) -> dict[str, Any]:
-        """Store a reviewer's caption beside the model's (never over it); returns the updated row."""
+    @abstractmethod
+    def _log_review(self, job_id: str, item_id: str, version: int, entry: dict[str, Any]) -> bool:
+        """Add ``entry`` as version ``version`` of the item's review history; False when that version exists."""
+
+    @abstractmethod
+    def _put_review(self, job_id: str, item_id: str, packed: bytes) -> None:
+        """Store an item's current review (``codec.encode_review``)."""
+
+    @abstractmethod
+    def review_history(self, job_id: str, item_id: str) -> list[dict[str, Any]]:
+        """The item's review changes, oldest first: version, at, reviewer, corrected, mark, reason."""
+
+    def items(self, job_id: str, item_ids: list[str]) -> list[dict[str, Any] | None]:
+        """Rows (with their review fields) of several items at once, in order; None where the job has no such id."""
+        return self.review_rows(job_id, item_ids)
+
+    def set_correction(
+        self, job_id: str, item_id: str, text: str, reviewer: str, *, base_version: int | None = None
+    ) -> dict[str, Any]:
+        """Store a reviewer's caption beside the model's (never over it); returns the updated row. A text equal to
+        the model's caption is no correction (any earlier one is cleared); one equal to the stored correction
+        changes nothing. With ``base_version`` (the ``review_version`` the reviewer saw), a newer review refuses
+        the write with ``ReviewConflict`` carrying the newer row."""
         text = check_correction(text)
         row = self._captioned(job_id, item_id)
-        self._store_review(job_id, item_id, text, row.get("mark"), reviewer)
-        return self._captioned(job_id, item_id)
+        new = None if text == (row.get("caption") or "").strip() else text
+        if new == row.get("corrected"):
+            check_version(row, item_id, base_version)
+            return row
+        return self._review(job_id, item_id, row, new, row.get("mark"), row.get("reason"), reviewer, base_version)
 
-    def clear_correction(self, job_id: str, item_id: str, reviewer: str) -> dict[str, Any]:
+    def clear_correction(
+        self, job_id: str, item_id: str, reviewer: str, *, base_version: int | None = None
+    ) -> dict[str, Any]:
         """Remove the correction (the model's caption is what remains); returns the updated row."""
         row = self._captioned(job_id, item_id)
-        if "corrected" in row:
-            self._store_review(job_id, item_id, None, row.get("mark"), reviewer)
-        return self._captioned(job_id, item_id)
+        if "corrected" not in row:
+            return row
+        return self._review(job_id, item_id, row, None, row.get("mark"), row.get("reason"), reviewer, base_version)
 
-    def set_mark(self, job_id: str, item_ids: list[str], mark: str | None, reviewer: str) -> int:
+    def set_mark(
+        self, job_id: str, item_ids: list[str], mark: str | None, reviewer: str, *, reason: str | None = None
+    ) -> int:
         """Mark captions accepted or rejected (None clears); returns how many changed. An id the job does not hold
-        refuses the whole call (nothing changes); items without a caption are skipped."""
+        refuses the whole call (nothing changes); items without a caption are skipped. ``reason`` (a rejection's
+        why, at most ``MAX_REASON_CHARS``) is kept with a rejection only."""
         check_marks(item_ids, mark)
+        reason = check_reason(reason) if mark == "rejected" else None
         rows = self.review_rows(job_id, item_ids)
         unknown = [i for i, row in zip(item_ids, rows, strict=True) if row is None]
         if unknown:
@@ -238,10 +266,62 @@ class ReviewLedger(ABC):
             raise UnknownItem(f"job {job_id} has no item {unknown[0]!r}")
         changed = 0
         for item_id, row in zip(item_ids, rows, strict=True):
-            if row is not None and row["status"] == ItemStatus.OK.value and row.get("mark") != mark:
-                self._store_review(job_id, item_id, row.get("corrected"), mark, reviewer)
+            if row is None or row["status"] != ItemStatus.OK.value:
+                continue
+            if row.get("mark") != mark or row.get("reason") != reason:
+                self._review(job_id, item_id, row, row.get("corrected"), mark, reason, reviewer, None, reread=False)
                 changed += 1
         return changed
+
+    def undo_review(
+        self, job_id: str, item_id: str, reviewer: str, *, base_version: int | None = None
+    ) -> dict[str, Any]:
+        """Put the item's review back as it was before its last change (itself a change in the history, so undo
+        twice is redo); refused when there is nothing to undo."""
+        from common.errors import InvalidReview
+
+        row = self._captioned(job_id, item_id)
+        version = int(row.get("review_version") or 0)
+        history = {e["version"]: e for e in self.review_history(job_id, item_id)}
+        if version == 0 or (version > 1 and version - 1 not in history):
+            raise InvalidReview(f"item {item_id} has no earlier review to go back to")
+        before = history.get(version - 1) or {}
+        return self._review(job_id, item_id, row, before.get("corrected"), before.get("mark"), before.get("reason"),
+                            reviewer, base_version)  # fmt: skip
+
+    def _review(
+        self, job_id: str, item_id: str, row: dict[str, Any], text: str | None, mark: str | None,
+        reason: str | None, reviewer: str, base_version: int | None, *, reread: bool = True,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Write one review as the item's next version: its history entry first (the entry's version is unique,
+        so of two writers on the same version one wins and the other gets ``ReviewConflict``), then the review."""
+        import time
+
+        from common.errors import ReviewConflict
+        from ledger import codec
+
+        for _ in range(3):
+            check_version(row, item_id, base_version)
+            version = int(row.get("review_version") or 0) + 1
+            at = time.time()
+            entry = {"version": version, "at": round(at, 1), "reviewer": reviewer, "corrected": text, "mark": mark,
+                     "reason": reason}  # fmt: skip
+            if self._log_review(job_id, item_id, version, entry):
+                self._put_review(job_id, item_id, codec.encode_review(text, mark, reviewer, at, reason, version))
+                return self._captioned(job_id, item_id) if reread else row
+            row = self._captioned(job_id, item_id)
+            if base_version is None:
+                continue  # nobody named a version: write on top of the newer one
+            break
+        raise ReviewConflict(f"item {item_id} was changed by {row.get('reviewer') or 'someone'} meanwhile", row)
+
+    def review_progress(self, job_id: str) -> dict[str, Any]:
+        """Reviewed items (a correction or a mark) of a job, in all and per reviewer (the last one to touch each)."""
+        per: dict[str, int] = {}
+        for row in self.reviewed(job_id):
+            who = str(row.get("reviewer") or "")
+            per[who] = per.get(who, 0) + 1
+        return {"reviewed": sum(per.values()), "by_reviewer": dict(sorted(per.items()))}
 
     def _captioned(self, job_id: str, item_id: str) -> dict[str, Any]:
         row = self.review_rows(job_id, [item_id])[0]

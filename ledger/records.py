@@ -176,6 +176,28 @@ def check_marks(item_ids: list[str], mark: str | None) -> None:
         raise InvalidReview(f"at most {MAX_REVIEW_IDS} items per call, not {len(item_ids)}")
 
 
+#: Longest reason a rejection may carry.
+MAX_REASON_CHARS = 500
+
+
+def check_reason(reason: str | None) -> str | None:
+    from common.errors import InvalidReview
+
+    reason = (reason or "").strip() or None
+    if reason is not None and len(reason) > MAX_REASON_CHARS:
+        raise InvalidReview(f"a reason holds at most {MAX_REASON_CHARS} characters, not {len(reason)}")
+    return reason
+
+
+def check_version(row: dict[str, Any], item_id: str, base_version: int | None) -> None:
+    """``ReviewConflict`` (carrying the newer row) when the item's review is newer than the one the reviewer saw."""
+    from common.errors import ReviewConflict
+
+    if base_version is not None and base_version != int(row.get("review_version") or 0):
+        raise ReviewConflict(f"item {item_id} was changed by {row.get('reviewer') or 'someone'} since you opened it",
+                             row)  # fmt: skip
+
+
 def bad_cursor(cursor: str) -> Exception:
     from common.errors import InvalidReview
 

@@ -256,6 +256,8 @@ def _fine_tune(
                "metrics": mv.metrics, "steps": mv.meta.get("steps")}  # fmt: skip
     if req.promote:  # 5.
         try:
+            if req.gate_dataset and req.require_no_worse:
+                summary["gate"] = _score_both(settings, store, version, req.gate_dataset, req.require_no_worse)
             store.promote(version, require_no_worse=req.require_no_worse)
             summary["promoted"] = True
         except ConfigError as exc:  # the gate said no: the version stays, the job is done, never re-run
@@ -264,6 +266,19 @@ def _fine_tune(
     ledger.update_training_run(req.job_id, TrainingRun(result=TrainResult(**summary)))
     ledger.set_state(req.job_id, JobState.DONE)
     return summary
+
+
+def _score_both(settings: Settings, store: ModelStore, version: str, dataset: str, metric: str) -> dict[str, Any]:
+    """Evaluate the new version and the current one on ``dataset`` (each becomes that version's headline score), so
+    the promotion gate compares them on the same data; returns both scores."""
+    current = store.current()
+    scored: dict[str, Any] = {"dataset": dataset, "metric": metric}
+    for name, v in (("new", version), ("current", current.version if current else None)):
+        if v is None or (name == "current" and v == version):
+            continue
+        report = run_evaluate(settings, EvaluateRequest(version=v, dataset=dataset))
+        scored[name] = {"version": v, metric: report.get(metric)}
+    return scored
 
 
 def _stored_version(store: ModelStore, ledger: Ledger, job_id: str) -> str | None:
@@ -308,7 +323,8 @@ def run_evaluate(settings: Settings, req: EvaluateRequest) -> dict[str, Any]:
                             image_policy=local_image_policy(examples, settings))  # fmt: skip
     metrics_ = {k: v for k, v in report.items() if isinstance(v, int | float) and k != "n"}
     samples = report.get("samples")  # a few generated captions beside their references, shown by captioner review
-    store.record_evaluation(version.version, dataset_fingerprint(examples), metrics_, samples=samples)
+    store.record_evaluation(version.version, dataset_fingerprint(examples), metrics_, samples=samples,
+                            dataset=req.dataset, n=len(examples))  # fmt: skip
     return {"version": version.version, "dataset": req.dataset, **report}
 
 

@@ -18,6 +18,8 @@ def check_train_request(req: TrainRequest) -> None:
     from training.config import METRIC_NAMES, TrainConfig
 
     TrainConfig.from_dict(req.config)
+    if req.gate_dataset is not None and req.require_no_worse is None:
+        raise ConfigError("gate_dataset (--gate-dataset) names where require_no_worse (--require-no-worse) compares")
     if req.require_no_worse is not None:
         if not req.promote:
             raise ConfigError("require_no_worse (--require-no-worse) only applies with promote (--promote)")

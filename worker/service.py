@@ -72,6 +72,7 @@ class Captioned(NamedTuple):
     reused: bool = False  # taken from the reuse cache, not from the model
     profile: str | None = None  # the speed pieces the batch ran with ("exact", "fast:sdpa,compile")
     family: str | None = None  # the model family, when not GIT ("blip", "llava"...)
+    confidence: float | None = None  # mean token log-probability (the fast decoder measures it)
 
 
 class ReuseCache(Protocol):
@@ -246,7 +247,8 @@ class CaptionService:
             # A caption that ended on its own is not cut, even when its end token fell on the last position.
             tokens = gen.tokens - 1 if gen.ended else gen.tokens
             flags = quality_flags(gen.text, generated_tokens=tokens, max_length=params.max_length) or None
-            out.append(Captioned(gen.text, engine.version, flags, batch_ms, profile=profile, family=_family(engine)))
+            out.append(Captioned(gen.text, engine.version, flags, batch_ms, profile=profile, family=_family(engine),
+                                 confidence=getattr(gen, "confidence", None)))  # fmt: skip
         return out
 
     def decode_slots(self) -> int:
@@ -460,6 +462,7 @@ class CaptionService:
                     reused=done.reused or None,
                     profile=done.profile,
                     family=done.family,
+                    confidence=done.confidence,
                     timings={"load_ms": round(load_ms, 2), "infer_ms": done.batch_ms},
                     finished_at=time.time(),
                 )

@@ -563,15 +563,26 @@ class PostgresLedger(Ledger):
         rows = {row["id"]: row for row in map(decode, found)}
         return [rows.get(i) for i in item_ids]
 
-    def _store_review(self, job_id: str, item_id: str, text: str | None, mark: str | None, reviewer: str) -> None:
-        review = None if text is None and mark is None else codec.encode_review(text, mark, reviewer, time.time())
-        self._run(
-            "UPDATE {s}.items SET review = %s WHERE job_id = %s AND id = %s", (review, job_id, codec.id_bytes(item_id))
-        )
-
     def reviewed(self, job_id: str) -> Iterator[dict[str, Any]]:
         self.job(job_id)
-        yield from self._stream(check_job_id(job_id), "review IS NOT NULL AND status = 'o'")
+        rows = self._stream(check_job_id(job_id), "review IS NOT NULL AND status = 'o'")
+        # A review cleared back to nothing stays (it holds the item's version) but is no longer reviewed.
+        yield from (r for r in rows if "corrected" in r or "mark" in r)
+
+    def _log_review(self, job_id: str, item_id: str, version: int, entry: dict[str, Any]) -> bool:
+        # The entry is JSON in bytea, not jsonb: a correction may hold any string, NUL included.
+        sql = "INSERT INTO {s}.review_log (job_id, id, version, entry) VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING"
+        return self._run(sql, (job_id, codec.id_bytes(item_id), version, json.dumps(entry).encode())) == 1
+
+    def _put_review(self, job_id: str, item_id: str, packed: bytes) -> None:
+        self._run("UPDATE {s}.items SET review = %s WHERE job_id = %s AND id = %s",
+                  (packed, job_id, codec.id_bytes(item_id)))  # fmt: skip
+
+    def review_history(self, job_id: str, item_id: str) -> list[dict[str, Any]]:
+        self.job(job_id)
+        rows = self._all("SELECT entry FROM {s}.review_log WHERE job_id = %s AND id = %s ORDER BY version",
+                         (job_id, codec.id_bytes(item_id)))  # fmt: skip
+        return [json.loads(bytes(r[0])) for r in rows]
 
 
 def _item_values(
@@ -597,7 +608,7 @@ def _item_values(
         row.attempts,
         round(row.finished_at, 1) if row.finished_at else None,  # the precision the Redis rows keep
         bits,
-        text.object_in(row.extra) if row.extra else None,
+        text.object_in(extra) if (extra := codec.extra_with_confidence(row)) else None,
         job_id,
         raw,
     )
@@ -626,8 +637,7 @@ def _row_from_columns(values: tuple[Any, ...], base: str, table: list[codec.Prov
     codec.add_marks(row, transient=bool(bits & codec.TRANSIENT_BIT), reused=bool(bits & codec.REUSED_BIT))
     if finished:
         row["finished_at"] = float(finished)
-    if extra:
-        row["extra"] = text.object_out(extra)
+    codec.put_extra(row, text.object_out(extra) if extra else None)
     if review:
         row.update(codec.decode_review(bytes(review)))
     return row

@@ -23,7 +23,7 @@ from ledger import codec
 #: Per-flag caption counters of a job (``jobs.f_<flag>``).
 FLAG_COLUMNS = {name: f"f_{name}" for name in codec.FLAG_BITS}
 #: The tables, in the order they are created (the last one's presence says the schema is complete).
-TABLES = ("jobs", "items", "containers", "locks", "reuse")
+TABLES = ("jobs", "items", "containers", "review_log", "locks", "reuse")
 
 SCHEMA = """
 CREATE SCHEMA IF NOT EXISTS {s};
@@ -77,6 +77,13 @@ CREATE TABLE IF NOT EXISTS {s}.containers (
   spec text NOT NULL,
   PRIMARY KEY (job_id, id)
 );
+CREATE TABLE IF NOT EXISTS {s}.review_log (
+  job_id text NOT NULL REFERENCES {s}.jobs (id) ON DELETE CASCADE,
+  id bytea NOT NULL,
+  version integer NOT NULL,
+  entry bytea NOT NULL,
+  PRIMARY KEY (job_id, id, version)
+);
 CREATE TABLE IF NOT EXISTS {s}.locks (job_id text PRIMARY KEY, owner text NOT NULL, expires double precision NOT NULL);
 CREATE TABLE IF NOT EXISTS {s}.reuse (
   key text NOT NULL,
@@ -110,8 +117,11 @@ def ddl(schema: str) -> str:
 
 
 def tables_exist(conn: Any, schema: str) -> bool:
-    """Whether this schema's last table exists (the schema is created in one transaction, tables in order)."""
-    return conn.execute("SELECT to_regclass(%s)", (f"{schema}.{TABLES[-1]}",)).fetchone()[0] is not None
+    """Whether every table of this schema exists: a schema made by an older version gets the tables added since
+    (every statement is IF NOT EXISTS), once."""
+    names = [f"{schema}.{t}" for t in TABLES]
+    found = conn.execute("SELECT bool_and(to_regclass(n) IS NOT NULL) FROM unnest(%s::text[]) AS n", (names,))
+    return bool(found.fetchone()[0])
 
 
 def create(conn: Any, schema: str) -> None:

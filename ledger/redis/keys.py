@@ -10,7 +10,8 @@ Keys, all under ``<prefix>:job:<id>``:
   :pv          HASH   provenance (model version, params, profile) -> its index in rows
   :att         HASH   item -> attempts started; <item>:f finished; <item>:s run alone (while unsettled)
   :err / :flg  SET    items whose row is an error / a caption with quality flags (retry and review find them)
-  :rev         HASH   item -> review (correction, mark, reviewer, time)
+  :rev         HASH   item -> review (correction, mark, reviewer, time, rejection reason, version)
+  :rlog        HASH   <item>:<version> -> that review change (JSON): the item's review history
   :ctr         HASH   container -> spec: shards and row groups whose items are not all known yet
   :lock        STRING the training runner holding the job
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 from ledger.records import check_job_id
 
 #: A job's keys besides its hash (expiring a job expires them all).
-SUFFIXES = ("src", "res", "pv", "att", "err", "flg", "rev", "ctr")
+SUFFIXES = ("src", "res", "pv", "att", "err", "flg", "rev", "ctr", "rlog")
 
 
 class Keys:

@@ -479,22 +479,36 @@ class RedisLedger(Ledger):
         self.job(job_id)
         return self._rows_of_fields(job_id, [codec.id_bytes(i) for i in item_ids])
 
-    def _store_review(self, job_id: str, item_id: str, text: str | None, mark: str | None, reviewer: str) -> None:
-        key, raw = self.job_key(job_id, "rev"), codec.id_bytes(item_id)
-        if text is None and mark is None:
-            self.r.hdel(key, raw)
-        else:
-            self.r.hset(key, raw, codec.encode_review(text, mark, reviewer, time.time()))
-
     def reviewed(self, job_id: str) -> Iterator[dict[str, Any]]:
         self.job(job_id)
         batch: list[bytes] = []
+
+        def kept(rows: list[dict[str, Any] | None]) -> Iterator[dict[str, Any]]:
+            # A review cleared back to nothing stays (it holds the item's version) but is no longer reviewed.
+            return (r for r in rows if r and r["status"] == "ok" and ("corrected" in r or "mark" in r))
+
         for field, _ in self._scan(self.job_key(job_id, "rev")):
             batch.append(field)
             if len(batch) >= 1000:
-                yield from (r for r in self._rows_of_fields(job_id, batch) if r and r["status"] == "ok")
+                yield from kept(self._rows_of_fields(job_id, batch))
                 batch = []
-        yield from (r for r in self._rows_of_fields(job_id, batch) if r and r["status"] == "ok")
+        yield from kept(self._rows_of_fields(job_id, batch))
+
+    def _log_review(self, job_id: str, item_id: str, version: int, entry: dict[str, Any]) -> bool:
+        field = codec.id_bytes(item_id) + b":%d" % version
+        return bool(self.r.hsetnx(self.job_key(job_id, "rlog"), field, json.dumps(entry)))
+
+    def _put_review(self, job_id: str, item_id: str, packed: bytes) -> None:
+        self.r.hset(self.job_key(job_id, "rev"), codec.id_bytes(item_id), packed)
+
+    def review_history(self, job_id: str, item_id: str) -> list[dict[str, Any]]:
+        row = self.item(job_id, item_id) or {}
+        last = int(row.get("review_version") or 0)
+        if not last:
+            return []
+        raw = codec.id_bytes(item_id)
+        stored = self.r.hmget(self.job_key(job_id, "rlog"), [raw + b":%d" % v for v in range(1, last + 1)])
+        return [json.loads(e) for e in cast("list[bytes | None]", stored) if e]
 
 
 def _parse_cursor(cursor: str | None, phases: int) -> tuple[int, int, int]:

@@ -22,6 +22,7 @@ from typing import Any
 import msgpack
 
 from common.messages import ItemResult, ItemStatus
+from ledger import codec
 from ledger.codec import (
     FLAG_BITS,
     Provenance,
@@ -62,6 +63,7 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
 
 def encode(row: ItemResult, *, base: str, created: float, provenance: int) -> bytes:
     """A row as stored in Redis (see the module docstring)."""
+    row = row.model_copy(update={"extra": codec.extra_with_confidence(row), "confidence": None})
     header = _STATUS_CODE[row.status] | quality_bits(row.flags if row.status is ItemStatus.OK else None) << 2
     header |= (_H_TRANSIENT if row.transient else 0) | (_H_REUSED if row.reused else 0) | (_H_EXTRA if row.extra else 0)
     # Tenths of a second after the job's creation, plus one: 0 stands for "not recorded".
@@ -114,6 +116,5 @@ def decode(item_id: str, stored: bytes, *, base: str, created: float, provenance
     add_marks(row, transient=bool(header & _H_TRANSIENT), reused=bool(header & _H_REUSED))
     if finished:
         row["finished_at"] = round(created + (finished - 1) / 10, 1)
-    if extra is not None:
-        row["extra"] = extra
+    codec.put_extra(row, extra)
     return row
