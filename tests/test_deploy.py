@@ -235,7 +235,7 @@ def test_queue_and_metric_names_exist(overlay: str) -> None:
 
     s = Settings()
     exported = {f.name for f in BacklogCollector(lambda: ({"q": QueueCount(1, 1)}, 0)).collect()}
-    for workload, c in containers(overlay):
+    for _, c in containers(overlay):
         for arg in c.get("command", []):
             if arg.startswith("--queues="):
                 assert set(arg.split("=", 1)[1].split(",")) <= set(s.queues), arg
@@ -356,6 +356,8 @@ def _sbatch_lines(path: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("script", sorted(p.name for p in SLURM.glob("*.sbatch")))
 def test_slurm_templates_parse_and_use_real_commands_and_settings(script: str) -> None:
+    from celery.bin.worker import worker as celery_worker
+
     path = SLURM / script
     assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
     directives = _sbatch_lines(path)
@@ -366,7 +368,7 @@ def test_slurm_templates_parse_and_use_real_commands_and_settings(script: str) -
     for line in re.findall(r"^\s*(?:exec\s+|srun\s+[^\n]*?)?(captioner [^\n|&;]*)", text, re.M):
         argv = [w for w in shlex.split(line.replace("\\", "")) if not w.startswith("$")]
         command, rest = _click_command(argv)
-        assert command is not None
+        _check_options(command, rest, also=celery_worker if command.name == "worker" else None)
 
 
 def test_the_caption_array_job_hands_back_within_slurms_warning() -> None:
