@@ -29,3 +29,6 @@ fi
 # Tests first: the measurement below relies on what they check. Their failure is reported, not fatal.
 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT_DIR/gpu-tests.log" || true
 "$PY" -m bench.gpu --out "$OUT_DIR" --readme bench/README.md "$@" 2>&1 | tee "$OUT_DIR/gpu-bench.log"
+# What scale-to-zero costs on this GPU: a caption worker's start to its first message, git-base shapes (the figure
+# docs/operations.md, "Kubernetes", leaves for a GPU). Reported, not fatal.
+"$PY" -m bench.load_time --device cuda --rounds 3 2>&1 | tee "$OUT_DIR/load-time.log" || true

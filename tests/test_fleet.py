@@ -282,3 +282,48 @@ def test_sigterm_with_the_manifests_settings_finishes_within_the_grace_period_an
     assert (figures["lost"], figures["counters_off"], figures["replaced"]) == (0, 0, 0)
     assert (info.ok, info.error) == (len(refs), 0)
     assert figures["attempted_twice"] == 0
+
+
+def test_a_slurm_task_told_to_stop_finishes_its_chunks_and_exits_0(
+    worker_env: dict[str, str], session_root: Path, tmp_path: Path, settings
+) -> None:
+    """deploy/slurm/caption-workers.sbatch run as Slurm runs it (bash, SLURM_* set), then what --signal=B:TERM does at
+    the time limit: SIGTERM to the batch shell alone. It passes it on; the worker finishes its chunks, both exit 0."""
+    import os
+    import signal
+
+    env = fleet_env(worker_env, CAPTIONER_MAX_LENGTH="40", CAPTIONER_MAX_BATCH_SIZE="4", CAPTIONER_CONCURRENCY="2",
+                    CAPTIONER_DEVICE="cpu", CAPTIONER_CHUNK_SIZE="4")  # fmt: skip
+    slurm = {"SLURM_ARRAY_JOB_ID": "4242", "SLURM_ARRAY_TASK_ID": "3", "SLURM_LOCALID": "0",
+             "ENV_FILE": str(tmp_path / "none"), "VENV": str(tmp_path / "none"),
+             "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # fmt: skip
+    log = tmp_path / "task.log"
+    script = Path(__file__).resolve().parent.parent / "deploy" / "slurm" / "caption-workers.sbatch"
+    task = subprocess.Popen(["bash", str(script)], env={**os.environ, **env, **slurm, "CAPTIONER_METRICS_PORT": "0"},
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    refs = shape_files(session_root, "slurm", 80, seed=10)
+    client = JobClient(settings_from(env))
+    try:
+        wait_for(lambda: b" ready." in log.read_bytes() or task.poll() is not None, 120, "the task's worker")
+        assert task.poll() is None, log.read_text()
+        assert "caption@4242-3." in log.read_text()
+        client.enqueue(refs, job_id="job-slurm", chunk_size=4)
+        wait_for(lambda: client.status("job-slurm").ok >= 8 and client.ledger.attempts_open("job-slurm") > 0, 120,
+                 "captions, and items in hand")  # fmt: skip
+        task.send_signal(signal.SIGTERM)  # the batch shell only, as --signal=B:TERM@120 does
+        assert task.wait(120) == 0, log.read_text()[-3000:]
+    finally:
+        if task.poll() is None:
+            os.killpg(task.pid, signal.SIGKILL)
+    assert "Warm shutdown" in log.read_text()
+    before = snapshot(client, "job-slurm")
+    assert 0 < len(before) < len(refs), "the stop must land mid-job"
+    with WorkerProcess(env, log=tmp_path / "next.log") as nxt:
+        nxt.wait_ready()
+        info = client.wait("job-slurm", timeout=180, on_tick=lambda _: None)
+    rows = list(client.results("job-slurm"))
+    client.close()
+    figures = tally("SIGTERM to a Slurm array task (--signal=B:TERM), then another worker", refs, rows, info,
+                    before=before, happened="the batch script passed the signal on; the worker finished its chunks "
+                    "in hand and the task exited 0")  # fmt: skip
+    assert (figures["lost"], figures["counters_off"], figures["replaced"], figures["attempted_twice"]) == (0, 0, 0, 0)
