@@ -2,7 +2,7 @@
 loaded and warmed up), with git-base-shaped random weights (176.6M parameters, safetensors on local disk), through a
 redis-server of its own. On a pod add the image pull and the node's start, which this does not see.
 
-    python -m bench.load_time [--device cpu|cuda] [--rounds 3] [--work DIR]
+    python -m bench.load_time [--device cpu|cuda] [--rounds 3] [--model git-base|tiny] [--work DIR]
 
 Prints one line per round and the best; the first round also pays a cold page cache.
 """
@@ -49,12 +49,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--model", default="git-base", choices=["git-base", "tiny"], help="tiny: a smoke run.")
     parser.add_argument("--work", type=Path, help="Keep the model here (built once).")
     args = parser.parse_args()
     from producer.local import free_port
 
     work = args.work or Path(tempfile.mkdtemp(prefix="captioner-load-"))
-    model = build_model("git-base", work / "git-base")
+    model = build_model(args.model, work / args.model)
     port = free_port()
     server = _redis(port)
     try:
@@ -64,7 +65,7 @@ def main() -> None:
             times.append(seconds)
             print(f"round {i + 1}: {seconds:.1f} s from start to ready ({args.device})", flush=True)
         print(f"best: {min(times):.1f} s, worst: {max(times):.1f} s over {len(times)} rounds ({args.device}, "
-              f"git-base shapes)")  # fmt: skip
+              f"{args.model})")  # fmt: skip
     finally:
         server.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
