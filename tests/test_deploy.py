@@ -5,6 +5,7 @@ deploy/slurm's templates are checked the same way."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -340,6 +341,21 @@ def test_redis_keeps_its_queue_or_is_external(overlay: str) -> None:
     args = " ".join(redis["spec"]["template"]["spec"]["containers"][0]["args"])
     assert "--appendonly yes" in args and "--maxmemory-policy noeviction" in args
     assert redis["spec"]["volumeClaimTemplates"], "AOF on a volume that outlives the pod"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_that_talks_to_redis_is_admitted_by_its_network_policy(overlay: str) -> None:
+    policy = objects(overlay, "NetworkPolicy").get("redis")
+    if policy is None:
+        assert overlay == "external-services"
+        return
+    admitted = policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+    # The broker's address reaches a pod through the ConfigMap, loaded whole (envFrom) or by key (Flower).
+    clients = [w for w, c in containers(overlay) if "captioner-env" in json.dumps([c.get("envFrom"), c.get("env")])]
+    assert len(clients) >= 6
+    for workload in clients:
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert admitted.items() <= labels.items(), workload["metadata"]["name"]
 
 
 # --- Slurm ---------------------------------------------------------------------------------------------------------
