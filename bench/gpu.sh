@@ -48,3 +48,6 @@ for dtype in float32 bfloat16; do
   "$PY" -m bench.families --device cuda --dtype "$dtype" --images 256 --batch 64 --out "$OUT_DIR/families-$dtype.json" \
     2>&1 | tee "$OUT_DIR/families-$dtype.log" || true
 done
+# What scale-to-zero costs on this GPU: a caption worker's start to its first message, git-base shapes (the figure
+# docs/operations.md, "Kubernetes", leaves for a GPU). Reported, not fatal.
+"$PY" -m bench.load_time --device cuda --rounds 3 2>&1 | tee "$OUT_DIR/load-time.log" || true
