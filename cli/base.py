@@ -149,17 +149,23 @@ def cli(ctx: click.Context, broker_url: str | None, redis_url: str | None, key_p
 # --- enqueue ---------------------------------------------------------------------------------------
 
 
-def gen_params(settings: Settings, max_length: int | None, num_beams: int | None, prompt: str | None) -> GenParams:
+def gen_params(
+    settings: Settings, max_length: int | None, num_beams: int | None, prompt: str | None, **more: Any
+) -> GenParams:
+    """The generation parameters of a command's options; ``more``: further GenParams fields (tasks, sampling)."""
     from pydantic import ValidationError
 
     try:
         return GenParams(
-            max_length=max_length or settings.max_length, num_beams=num_beams or settings.num_beams, prompt=prompt
+            max_length=max_length or settings.max_length,
+            num_beams=num_beams or settings.num_beams,
+            prompt=prompt,
+            **{k: v for k, v in more.items() if v is not None},
         )
     except ValidationError as exc:
         first = exc.errors()[0]
         # A field's own error names it; one about the fields together (no room for a caption) names both.
-        where = first["loc"][0] if first["loc"] else "max_length/--prompt"
+        where = first["loc"][0] if first["loc"] else "max_length/--prompt/--task"
         message = str(first["msg"]).removeprefix("Value error, ")
         raise click.BadParameter(message, param_hint=f"--{str(where).replace('_', '-')}") from None
 

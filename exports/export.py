@@ -25,6 +25,7 @@ from typing import IO, Any
 
 from common.errors import ConfigError, FetchError, Forbidden, ItemError, TooLarge
 from common.messages import TAR_SUFFIXES, is_url
+from exports.captions import peek_tasks, task_caption, task_cells, task_columns, task_members
 from media.objects import ObjectStore, is_object_uri
 from media.paths import LocalFiles, write_beside
 
@@ -59,6 +60,8 @@ FLAT_COLUMNS = (
     "extra",
 )
 _PARAM_COLUMNS = ("max_length", "num_beams", "prompt")
+#: Columns of several captions per image (``caption_<task>``), after FLAT_COLUMNS (exports/captions.py).
+_TASK_PREFIX = "caption_"
 _INT_COLUMNS = frozenset({"max_length", "num_beams", "attempts"})
 _FLOAT_COLUMNS = frozenset({"finished_at", "reviewed_at"})
 
@@ -105,6 +108,10 @@ class _Options:
     #: error) per member, in order (None: members of containers are skipped as container_member).
     containers: ContainerReader | None = None
     skipped: Counter[str] = field(default_factory=Counter)
+    #: The job's task names: the flat formats' ``caption_<name>`` columns (exports/captions.py).
+    tasks: tuple[str, ...] = ()
+    #: The task whose caption the caption formats write (None: the row's caption, or its correction).
+    task: str | None = None
 
 
 # --- public API -------------------------------------------------------------------------------
@@ -123,8 +130,15 @@ def export_rows(
     local: LocalFiles | None = None,
     remote: Callable[[str], bytes] | None = None,
     containers: ContainerReader | None = None,
+    tasks: Iterable[str] | None = None,
+    task: str | None = None,
 ) -> ExportSummary:
     """Write ``rows`` (ItemResult dicts) as ``fmt``, one row at a time.
+
+    Rows of jobs with several captions per image (``captions``, by task) carry them: whole in JSONL, as the columns
+    ``caption_<task>`` of CSV and Parquet (``tasks``: their names, in order; None: the first row's), as members
+    ``<key>.<task>.txt`` of WebDataset samples; the caption formats write the caption of ``task`` (default: the
+    row's caption) and skip rows without one as ``no_task``.
 
     ``out`` of None or "-" means stdout (jsonl, csv, metadata, kohya). A file is written to a temporary name
     in its directory and renamed into place when complete, so readers never see a partial export; an
@@ -156,7 +170,11 @@ def export_rows(
     if shard_size < 1:
         raise ConfigError(f"shard_size must be at least 1, got {shard_size}")
     opts = _Options(batch_rows=batch_rows, exclude_flags=frozenset(exclude_flags), local=local, remote=remote,
-                    containers=containers)  # fmt: skip
+                    containers=containers, task=task)  # fmt: skip
+    if fmt in ("csv", "parquet"):
+        if tasks is None:
+            tasks, rows = peek_tasks(rows)
+        opts.tasks = tuple(tasks)
     if (fmt == "sidecar" and (local is None or not local.roots)) or (
         fmt == "webdataset" and (local is None or not local.roots) and remote is None
     ):
@@ -373,11 +391,12 @@ def _write_jsonl(rows: Iterable[Mapping[str, Any]], fh: IO[str], _opts: _Options
 
 def _write_csv(rows: Iterable[Mapping[str, Any]], fh: IO[str], _opts: _Options) -> int:
     writer = csv.writer(fh, quoting=csv.QUOTE_MINIMAL)
-    writer.writerow(FLAT_COLUMNS)
+    writer.writerow(FLAT_COLUMNS + task_columns(_opts.tasks))
     count = 0
     for row in rows:
         flat = flatten_row(row)
-        writer.writerow(["" if flat[name] is None else _cell(flat[name]) for name in FLAT_COLUMNS])
+        cells = [flat[name] for name in FLAT_COLUMNS] + task_cells(_as_mapping(row), _opts.tasks)
+        writer.writerow(["" if value is None else _cell(value) for value in cells])
         count += 1
     fh.flush()
     return count
@@ -404,13 +423,13 @@ def _uncell(value: str | None) -> str | None:
     return value
 
 
-def _parquet_schema() -> Any:
+def _parquet_schema(tasks: tuple[str, ...] = ()) -> Any:
     import pyarrow as pa  # imported here: only Parquet needs it, and it is a heavy import for the CLI
 
-    types = {name: pa.string() for name in FLAT_COLUMNS}
+    types = {name: pa.string() for name in FLAT_COLUMNS + task_columns(tasks)}
     types.update({name: pa.int32() for name in _INT_COLUMNS})
     types["finished_at"] = types["reviewed_at"] = pa.float64()  # Unix seconds, as ItemResult records them
-    return pa.schema([pa.field(name, types[name], nullable=True) for name in FLAT_COLUMNS])
+    return pa.schema([pa.field(name, kind, nullable=True) for name, kind in types.items()])
 
 
 def _write_parquet(rows: Iterable[Mapping[str, Any]], path: Path, opts: _Options) -> int:
@@ -418,18 +437,19 @@ def _write_parquet(rows: Iterable[Mapping[str, Any]], path: Path, opts: _Options
     import pyarrow.parquet as pq
 
     batch_rows = opts.batch_rows
-    schema = _parquet_schema()
+    schema = _parquet_schema(opts.tasks)
     count = 0
     with pq.ParquetWriter(str(path), schema, compression="zstd") as writer:
-        columns: dict[str, list[Any]] = {name: [] for name in FLAT_COLUMNS}
+        columns: dict[str, list[Any]] = {name: [] for name in schema.names}
         for row in rows:
             flat = flatten_row(row)
-            for name in FLAT_COLUMNS:
+            flat.update(zip(task_columns(opts.tasks), task_cells(_as_mapping(row), opts.tasks), strict=True))
+            for name in schema.names:
                 columns[name].append(flat[name])
             count += 1
             if len(columns["id"]) >= batch_rows:
                 writer.write_batch(pa.record_batch(list(columns.values()), schema=schema))
-                columns = {name: [] for name in FLAT_COLUMNS}
+                columns = {name: [] for name in schema.names}
         if columns["id"] or count == 0:
             # An empty export still gets one (empty) batch so the file carries its schema.
             writer.write_batch(pa.record_batch(list(columns.values()), schema=schema))
@@ -441,11 +461,11 @@ def _write_metadata(rows: Iterable[Mapping[str, Any]], fh: IO[str], opts: _Optio
     count = 0
     for row in rows:
         row = _as_mapping(row)
-        reason = _caption_skip(row, opts.exclude_flags)
+        reason = _caption_skip(row, opts.exclude_flags, task=opts.task)
         if reason is not None:
             opts.skipped[reason] += 1
             continue
-        record = {"file_name": _file_name(str(row["ref"]), opts.base), "text": caption_text(row)}
+        record = {"file_name": _file_name(str(row["ref"]), opts.base), "text": task_caption(row, opts.task)}
         fh.write(json.dumps(record, ensure_ascii=False))
         fh.write("\n")
         count += 1
@@ -463,12 +483,12 @@ def _write_kohya(rows: Iterable[Mapping[str, Any]], fh: IO[str], opts: _Options)
     fh.write("{")
     for row in rows:
         row = _as_mapping(row)
-        reason = _caption_skip(row, opts.exclude_flags)
+        reason = _caption_skip(row, opts.exclude_flags, task=opts.task)
         if reason is not None:
             opts.skipped[reason] += 1
             continue
         key = json.dumps(os.path.abspath(str(row["ref"])), ensure_ascii=False)
-        value = json.dumps({"caption": caption_text(row)}, ensure_ascii=False)
+        value = json.dumps({"caption": task_caption(row, opts.task)}, ensure_ascii=False)
         fh.write(f"{',' if count else ''}\n  {key}: {value}")
         count += 1
     fh.write("\n}\n" if count else "}\n")
@@ -500,7 +520,7 @@ def _export_sidecars(
 
 def _write_sidecar(row: Mapping[str, Any], ext: str, overwrite: bool, opts: _Options) -> str | None:
     """Write one sidecar; return None when written, else the reason it was skipped."""
-    reason = _caption_skip(row, opts.exclude_flags)
+    reason = _caption_skip(row, opts.exclude_flags, task=opts.task)
     if reason is not None:
         return reason
     assert opts.local is not None
@@ -514,7 +534,8 @@ def _write_sidecar(row: Mapping[str, Any], ext: str, overwrite: bool, opts: _Opt
         with opts.local.folder(os.path.dirname(image) or ".") as folder:
             # No directory fsync per sidecar: a rename lost to a power cut only means a re-export, never a
             # partial file, and one fsync per directory entry would make million-image exports crawl.
-            written = write_beside(folder, name, (caption_text(row) + "\n").encode(), overwrite=overwrite)
+            text = task_caption(row, opts.task) or ""
+            written = write_beside(folder, name, (text + "\n").encode(), overwrite=overwrite)
     except ItemError as exc:
         return _file_skip(exc)
     return None if written else "exists"
@@ -576,7 +597,7 @@ def _repack(container: str, by_key: dict[str, Mapping[str, Any]], out: _ShardSet
             if isinstance(data, ItemError):
                 opts.skipped[_file_skip(data)] += 1
                 continue
-            out.add(str(row["id"]), _members(row, ext, data), mtime=float(row.get("finished_at") or 0))
+            out.add(str(row["id"]), _members(row, ext, data, opts.task), mtime=float(row.get("finished_at") or 0))
             count += 1
     except ItemError as exc:  # the container could not be opened or fetched
         opts.skipped[_file_skip(exc)] += len(by_key)
@@ -657,7 +678,8 @@ def _sample(row: Mapping[str, Any], opts: _Options) -> list[tuple[str, bytes]] |
     Parquet or an Arrow file, repacked later; or the reason the row is skipped."""
     image = str(row.get("ref") or "")
     container = container_member(image)
-    reason = _caption_skip(row, opts.exclude_flags, remote=opts.remote is not None or container is not None)
+    reason = _caption_skip(row, opts.exclude_flags, remote=opts.remote is not None or container is not None,
+                           task=opts.task)  # fmt: skip
     if reason is not None:
         return reason
     if not _SAFE_KEY.fullmatch(str(row.get("id") or "")):
@@ -686,13 +708,15 @@ def _sample(row: Mapping[str, Any], opts: _Options) -> list[tuple[str, bytes]] |
         return _file_skip(exc)
     except OSError:
         return "unreadable"
-    return _members(row, ext, data)
+    return _members(row, ext, data, opts.task)
 
 
-def _members(row: Mapping[str, Any], ext: str, data: bytes) -> list[tuple[str, bytes]]:
-    """A sample's members: the image, its caption (``txt``) and its row (``json``)."""
+def _members(row: Mapping[str, Any], ext: str, data: bytes, task: str | None = None) -> list[tuple[str, bytes]]:
+    """A sample's members: the image, its caption (``txt``), its row (``json``) and each task's caption
+    (``<task>.txt``)."""
     row_json = json.dumps(row, ensure_ascii=False, separators=(",", ":"), default=str)
-    return [(ext, data), ("txt", caption_text(row).encode()), ("json", row_json.encode())]
+    text = task_caption(row, task) or ""
+    return [(ext, data), ("txt", text.encode()), ("json", row_json.encode()), *task_members(row)]
 
 
 #: ``<container>#<member key>``: the reference of a member of a shard, a Parquet or Arrow file, or a 🤗 dataset.
@@ -786,19 +810,22 @@ def _read_csv(path: Path) -> Iterator[dict[str, Any]]:
     # Files written before a column existed (flags) read it as None.
     with open(path, encoding="utf-8", newline="") as fh:
         for record in csv.DictReader(fh):
-            yield {name: _coerce(name, _uncell(record.get(name)) or None) for name in FLAT_COLUMNS}
+            row = {name: _coerce(name, _uncell(record.get(name)) or None) for name in FLAT_COLUMNS}
+            row.update({k: _uncell(v) or None for k, v in record.items() if k.startswith(_TASK_PREFIX)})
+            yield row
 
 
 def _read_parquet(path: Path) -> Iterator[dict[str, Any]]:
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(path)
-    present = [name for name in FLAT_COLUMNS if name in parquet.schema_arrow.names]
+    tasks = [name for name in parquet.schema_arrow.names if name.startswith(_TASK_PREFIX)]
+    present = [name for name in FLAT_COLUMNS if name in parquet.schema_arrow.names] + tasks
     missing = dict.fromkeys(name for name in FLAT_COLUMNS if name not in present)  # older files lack flags
     try:
         for batch in parquet.iter_batches(batch_size=10_000, columns=present):
             for record in batch.to_pylist():
-                yield {name: record[name] if name in record else missing[name] for name in FLAT_COLUMNS}
+                yield {name: record[name] if name in record else missing[name] for name in [*FLAT_COLUMNS, *tasks]}
     finally:
         parquet.close()
 
@@ -818,10 +845,14 @@ def caption_text(row: Mapping[str, Any]) -> str:
     return str(row.get("corrected") or row["caption"])
 
 
-def _caption_skip(row: Mapping[str, Any], exclude_flags: frozenset[str], *, remote: bool = False) -> str | None:
-    """Why a row gives no caption entry (not_ok, rejected, flagged, not_local), or None when it does."""
+def _caption_skip(
+    row: Mapping[str, Any], exclude_flags: frozenset[str], *, remote: bool = False, task: str | None = None
+) -> str | None:
+    """Why a row gives no caption entry (not_ok, rejected, flagged, not_local, no_task), or None when it does."""
     if str(row.get("status")) != "ok" or row.get("caption") is None:
         return "not_ok"
+    if task is not None and task_caption(row, task) is None:
+        return "no_task"
     if row.get("mark") == "rejected":
         return "rejected"
     if exclude_flags:

@@ -431,8 +431,12 @@ class CaptionEngine:
         """One caption per row of ``pixel_values``, in order; a count mismatch raises ``EngineError``."""
         return [c.text for c in self.generate_detailed(pixel_values, params)]
 
-    def generate_detailed(self, pixel_values: torch.Tensor, params: GenParams) -> list[Generated]:
-        """Like ``generate``, with each caption's length in tokens and whether it ended on its own (EOS)."""
+    def generate_detailed(
+        self, pixel_values: torch.Tensor, params: GenParams, seeds: list[int] | None = None
+    ) -> list[Generated]:
+        """Like ``generate``, with each caption's length in tokens and whether it ended on its own (EOS).
+
+        ``seeds``: one per row when ``params`` sample (see ``_sample_ids``); greedy and beam search ignore them."""
         if pixel_values.ndim != 4:
             raise EngineError(f"pixel_values must be (batch, 3, H, W), got shape {tuple(pixel_values.shape)}")
         count = int(pixel_values.shape[0])
@@ -442,7 +446,10 @@ class CaptionEngine:
             raise EngineError(f"max_length {params.max_length} exceeds the model's {self._max_positions} positions")
         try:
             with torch.inference_mode():
-                sequences = self._generate_ids(pixel_values, params)
+                if params.sampling:
+                    sequences = self._sample_ids(pixel_values, params, seeds or [0] * count)
+                else:
+                    sequences = self._generate_ids(pixel_values, params)
         except torch.OutOfMemoryError:
             # Give the cached blocks back before the batcher halves the batch and tries again.
             if self.device.type == "cuda":
@@ -495,6 +502,27 @@ class CaptionEngine:
             kwargs["attention_mask"] = torch.ones_like(input_ids)
         # The KV cache stays on (never use_cache=False): without it the image encoder re-runs every step.
         return self.model.generate(**kwargs)
+
+    def _sample_ids(self, pixel_values: torch.Tensor, params: GenParams, seeds: list[int]) -> torch.Tensor:
+        """Sampled captions, one image at a time, each under its own seed: an image's caption depends on its seed
+        alone, never on the batch it shares (one random stream per batch would tie it to its batch-mates)."""
+        if len(seeds) != pixel_values.shape[0]:
+            raise EngineError(f"{len(seeds)} seeds for {pixel_values.shape[0]} images")
+        kwargs: dict[str, Any] = {"max_length": params.max_length, "num_beams": 1, "do_sample": True,
+                                  "num_return_sequences": 1, "top_k": 0,  # the checkpoint's top_k would cut too
+                                  "temperature": params.temperature or 1.0, "top_p": params.top_p or 1.0}  # fmt: skip
+        if params.prompt:
+            kwargs["input_ids"] = self.prompt_ids(params.prompt).to(self.device)
+            kwargs["attention_mask"] = torch.ones_like(kwargs["input_ids"])
+        rows = []
+        for pixels, seed in zip(pixel_values, seeds, strict=True):
+            # The process's random state is set aside and restored: nothing else sees these seeds.
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                pixels = pixels[None].to(device=self.device, dtype=self.dtype, non_blocking=True)
+                rows.append(self.model.generate(pixel_values=pixels, **kwargs)[0])
+        pad = int(self.processor.tokenizer.pad_token_id or 0)
+        return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad)
 
     def _decode(self, sequences: torch.Tensor) -> list[str]:
         texts = self.processor.tokenizer.batch_decode(sequences, skip_special_tokens=True)

@@ -20,7 +20,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from common.errors import Cancelled, EngineError, InvalidInput, ItemError
-from common.messages import GenParams, ItemResult, ItemStatus, Source, item_id
+from common.messages import QUALITY_FLAGS, GenParams, ItemResult, ItemStatus, Source, item_id, task_seed
 from common.settings import Settings
 from common.store import ModelStore, resolve_model
 from media.containers import Blob
@@ -66,6 +66,20 @@ class Captioned(NamedTuple):
     batch_ms: float  # wall time of the model batch it ran in
     reused: bool = False  # taken from the reuse cache, not from the model
     profile: str | None = None  # the speed pieces the batch ran with ("exact", "fast:sdpa,compile")
+    captions: dict[str, str] | None = None  # every task's caption by name (params with tasks)
+
+
+class Sampled(NamedTuple):
+    """A prepared image whose captions are sampled: its pixels, and the item id its seeds derive from."""
+
+    pixels: Any
+    item: str
+
+
+def reusable(params: GenParams) -> bool:
+    """Whether a caption may be reused across items with the same bytes: not for several tasks (the cache keeps
+    one caption), not when sampling (an item's caption follows its own seed)."""
+    return not params.tasks and not params.sampling
 
 
 class ReuseCache(Protocol):
@@ -228,19 +242,36 @@ class CaptionService:
         if self.settings.fault_oom_above and len(items) > self.settings.fault_oom_above:
             raise MemoryError(f"out of memory (injected: batch {len(items)} > {self.settings.fault_oom_above})")
         started = time.perf_counter()
+        ids = [it.item for it in items] if params.sampling else []
+        pixels = [it.pixels for it in items] if params.sampling else items
+        # One model call per task, each with its own prompt (and seeds), over the same images.
+        per_task = []
         with self.gate.generation():
-            generated = engine.generate_detailed(engine.stack(items), params)
+            stacked = engine.stack(pixels)
+            for task in params.tasks or (None,):
+                call = params.for_task(task) if task is not None else params
+                if params.sampling:
+                    name = task.name if task is not None else None
+                    seeds = [task_seed(params.seed or 0, iid, name) for iid in ids]
+                    per_task.append(engine.generate_detailed(stacked, call, seeds))
+                else:
+                    per_task.append(engine.generate_detailed(stacked, call))
         batch_ms = round((time.perf_counter() - started) * 1000, 2)
         profile = getattr(engine, "profile", None)  # after the batch: a piece that failed in it is not counted
         if profile != self._reported_profile:
             self._reported_profile = profile
             metrics.set_model(engine.version, str(engine.device), str(engine.dtype).removeprefix("torch."), profile)
         out = []
-        for gen in generated:
-            # A caption that ended on its own is not cut, even when its end token fell on the last position.
-            tokens = gen.tokens - 1 if gen.ended else gen.tokens
-            flags = quality_flags(gen.text, generated_tokens=tokens, max_length=params.max_length) or None
-            out.append(Captioned(gen.text, engine.version, flags, batch_ms, profile=profile))
+        for gens in zip(*per_task, strict=True):
+            found: set[str] = set()
+            for gen in gens:
+                # A caption that ended on its own is not cut, even when its end token fell on the last position.
+                tokens = gen.tokens - 1 if gen.ended else gen.tokens
+                found.update(quality_flags(gen.text, generated_tokens=tokens, max_length=params.max_length))
+            # Flags of any task's caption: a retry of flagged items captions every task again.
+            flags = [f for f in QUALITY_FLAGS if f in found] or None
+            captions = {t.name: g.text for t, g in zip(params.tasks, gens, strict=True)} if params.tasks else None
+            out.append(Captioned(gens[0].text, engine.version, flags, batch_ms, profile=profile, captions=captions))
         return out
 
     def decode_slots(self) -> int:
@@ -277,7 +308,7 @@ class CaptionService:
         return read_source(src, self.policy, guard=self.fetches)
 
     def _prepare(
-        self, src: ItemSource, params: GenParams, group: Hashable | None
+        self, iid: str, src: ItemSource, params: GenParams, group: Hashable | None
     ) -> tuple[Future[Any], float, bytes | None]:
         """Fetch, decode and preprocess one image, then queue it for a batch: (caption future, load ms, digest).
 
@@ -289,7 +320,7 @@ class CaptionService:
             os._exit(137)  # as abrupt as the OOM killer or a segfaulting decoder
         digest, own = None, None
         try:
-            if self.reuse is None:
+            if self.reuse is None or not reusable(params):
                 pixels = self._decode(self._read(src))
             else:
                 data = self._read(src)
@@ -305,7 +336,8 @@ class CaptionService:
                     self.batcher.arrived()
                     return twin, (time.perf_counter() - started) * 1000, None
                 pixels = self._decode(data)
-            future = self.batcher.submit(pixels, params, group=group, expected=True)
+            item = Sampled(pixels, iid) if params.sampling else pixels
+            future = self.batcher.submit(item, params, group=group, expected=True)
         except BaseException as exc:
             self.batcher.arrived()  # announced in caption_items, and not coming: batches stop waiting for it
             if own is not None:  # items with the same bytes waiting on this one fail the same way
@@ -399,7 +431,7 @@ class CaptionService:
         self.batcher.expect(len(items))
         # A copy of this thread's context per item: decode threads log with the task's job and task ids.
         prepared = [
-            self._pool.submit(copy_context().run, self._prepare, src, params, ("alone", iid) if alone else None)
+            self._pool.submit(copy_context().run, self._prepare, iid, src, params, ("alone", iid) if alone else None)
             for iid, src in items
         ]
         rows: list[ItemResult] = []
@@ -422,6 +454,7 @@ class CaptionService:
                     status=ItemStatus.OK,
                     caption=done.caption,
                     flags=done.flags,
+                    captions=done.captions,
                     model_version=done.version,
                     reused=done.reused or None,
                     profile=done.profile,
@@ -436,10 +469,9 @@ class CaptionService:
 
     @staticmethod
     def _no_room(engine: CaptionEngine, params: GenParams) -> InvalidInput | None:
-        """Parameters the model can only fail on: the start token and the prompt's tokens fill max_length."""
-        if not params.prompt:
-            return None  # the start token alone: GenParams keeps max_length at 2 or more
-        used = int(engine.prompt_ids(params.prompt).shape[-1])
+        """Parameters the model can only fail on: the start token and a prompt's tokens fill max_length."""
+        # The start token alone fits: GenParams keeps max_length at 2 or more.
+        used = max((int(engine.prompt_ids(p).shape[-1]) for p in params.prompts() if p), default=0)
         if used < params.max_length:
             return None
         return InvalidInput(
