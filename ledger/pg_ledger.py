@@ -43,7 +43,7 @@ _STATUS_CHAR = {ItemStatus.OK: "o", ItemStatus.ERROR: "e", ItemStatus.CANCELLED:
 _CHAR_STATUS = {v: k for k, v in _STATUS_CHAR.items()}
 _COUNTER = {"o": "n_ok", "e": "n_error", "c": "n_cancelled"}
 _FLAG_COLUMNS = {name: f"f_{name}" for name in codec.FLAG_BITS}
-_ROW_COLUMNS = "id, ref, status, caption, error, error_class, pv, attempts, finished, flagbits, extra, review"
+_ROW_COLUMNS = "id, ref, status, caption, error, error_class, pv, attempts, finished, flagbits, extra, review, captions"
 
 _SCHEMA = """
 CREATE SCHEMA IF NOT EXISTS {s};
@@ -87,6 +87,8 @@ CREATE TABLE IF NOT EXISTS {s}.items (
   review bytea,
   PRIMARY KEY (job_id, id)
 );
+-- The captions of a row's second and later tasks (codec.other_captions); added to tables made before it existed.
+ALTER TABLE {s}.items ADD COLUMN IF NOT EXISTS captions jsonb;
 CREATE INDEX IF NOT EXISTS items_pending ON {s}.items (job_id, id) WHERE status IS NULL;
 CREATE INDEX IF NOT EXISTS items_errors ON {s}.items (job_id, id) WHERE status = 'e';
 CREATE INDEX IF NOT EXISTS items_flagged ON {s}.items (job_id, id) WHERE (flagbits & 7) <> 0;
@@ -465,8 +467,8 @@ class PostgresLedger(Ledger):
                 conn.cursor().executemany(
                     self._sql(
                         "UPDATE {s}.items SET ref = %s, status = %s, caption = %s, error = %s, error_class = %s, "
-                        "pv = %s, attempts = %s, finished = %s, flagbits = %s, extra = %s, att_started = 0, "
-                        "att_finished = 0, att_alone = 0 WHERE job_id = %s AND id = %s"
+                        "pv = %s, attempts = %s, finished = %s, flagbits = %s, extra = %s, captions = %s, "
+                        "att_started = 0, att_finished = 0, att_alone = 0 WHERE job_id = %s AND id = %s"
                     ),
                     updates,
                 )
@@ -704,6 +706,7 @@ def _item_values(
         round(row.finished_at, 1) if row.finished_at else None,  # the precision the Redis rows keep
         bits,
         json.dumps(row.extra) if row.extra else None,
+        json.dumps(others) if (others := codec.other_captions(row)) is not None else None,
         job_id,
         raw,
     )
@@ -711,7 +714,7 @@ def _item_values(
 
 def _row_from_columns(values: tuple[Any, ...], base: str, table: list[codec.Provenance]) -> dict[str, Any]:
     """An items table row as the row dict the Redis ledger gives for the same item."""
-    raw, ref, status, caption, error, error_class, pv, attempts, finished, bits, extra, review = values
+    raw, ref, status, caption, error, error_class, pv, attempts, finished, bits, extra, review, others = values
     row: dict[str, Any] = {"id": codec.id_text(bytes(raw)), "ref": codec.unpack_ref(ref, base)}
     if status is None:
         row["status"] = ItemStatus.PENDING.value
@@ -732,6 +735,8 @@ def _row_from_columns(values: tuple[Any, ...], base: str, table: list[codec.Prov
         row["finished_at"] = float(finished)
     if extra:
         row["extra"] = extra
+    if status == "o" and (names := codec.task_names(table, pv)):
+        row["captions"] = dict(zip(names, [caption, *(others or ())], strict=False))
     if review:
         row.update(codec.decode_review(bytes(review)))
     return row

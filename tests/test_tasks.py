@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from common.messages import CaptionTask, GenParams, ItemResult, ItemStatus, task_seed
+from common.messages import CaptionTask, GenParams, ItemResult, ItemStatus, item_id, task_seed
 from common.settings import Settings
 from exports.export import read_rows
-from ledger import codec
+from ledger import Ledger, codec
 from tests.conftest import MAX_LENGTH
 from tests.test_cli import invoke
 
@@ -203,3 +203,22 @@ def test_old_messages_without_tasks_keep_their_params_and_batch_key() -> None:
     assert msg.params.key() == (20, 1, "")
     assert msg.params.model_dump(exclude_none=True) == {"max_length": 20, "num_beams": 1}
     assert task_seed(7, "abc", "short") == task_seed(7, "abc", "short") != task_seed(7, "abc", "detailed")
+
+
+def test_both_ledgers_keep_every_tasks_caption(ledger: Ledger) -> None:
+    tasks = (CaptionTask(name="short"), CaptionTask(name="detailed", prompt="a picture of"), CaptionTask(name="tags"))
+    params = GenParams(max_length=20, tasks=tasks)
+    ledger.open_job("j", "test", params, base="/data/")
+    refs = [f"/data/{i}.jpg" for i in range(3)]
+    ledger.add_items("j", [(item_id(r), r) for r in refs])
+    captions = {"short": "a cat", "detailed": "a picture of a cat", "tags": "cat, mat"}
+    ledger.record("j", [
+        ItemResult(id=item_id(refs[0]), ref=refs[0], status=ItemStatus.OK, caption="a cat", captions=captions,
+                   params=params, model_version="v1"),
+        ItemResult(id=item_id(refs[1]), ref=refs[1], status=ItemStatus.ERROR, error_class="decode_error", error="x",
+                   params=params, model_version="v1"),
+    ])  # fmt: skip
+    rows = {r["ref"]: r for r in ledger.iter_results("j")}
+    assert rows[refs[0]]["captions"] == captions and list(rows[refs[0]]["captions"]) == ["short", "detailed", "tags"]
+    assert "captions" not in rows[refs[1]]
+    assert ledger.item("j", item_id(refs[0]))["captions"] == captions  # type: ignore[index]
