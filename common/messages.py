@@ -421,8 +421,9 @@ class TrainRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     job_id: JobId
-    # A local imagefolder (metadata.jsonl/.csv/.parquet), a JSONL/CSV manifest, or a hub dataset id.
-    dataset: Annotated[str, Field(min_length=1, max_length=MAX_REF_CHARS)]
+    # A local imagefolder (metadata.jsonl/.csv/.parquet), a JSONL/CSV manifest, or a hub dataset id; with from_job,
+    # "job:<id>" when not given.
+    dataset: Annotated[str, Field(max_length=MAX_REF_CHARS)] = ""
     column: str | None = None
     text_column: str | None = None
     # Hub datasets stream (rows read as training needs them); True downloads the whole dataset into the cache.
@@ -432,6 +433,22 @@ class TrainRequest(BaseModel):
     promote: bool = False
     # Promote only when this metric is no worse than the current version's.
     require_no_worse: str | None = None
+    #: Train on the captions of this caption job instead of a dataset (a teacher's captions: distillation).
+    from_job: JobId | None = None
+    #: With from_job: the task whose captions to learn (default: the rows' caption, or its correction).
+    task: str | None = None
+    #: With from_job: only the rows a reviewer corrected or accepted, not every ok row.
+    reviewed_only: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TrainRequest:
+        if self.from_job is None and (self.task is not None or self.reviewed_only):
+            raise ValueError("task and reviewed_only choose rows of a job: give from_job too")
+        if self.from_job is not None and not self.dataset:
+            self.dataset = f"job:{self.from_job}"  # what the training job's name and version metadata show
+        if not self.dataset:
+            raise ValueError("give a dataset, or from_job (a caption job whose captions to learn)")
+        return self
 
 
 class EvaluateRequest(BaseModel):
@@ -478,6 +495,18 @@ class ItemResult(BaseModel):
     #: Single calls return them; ledger rows leave them out (the worker's log line and metrics carry them per chunk).
     timings: dict[str, float] = Field(default_factory=dict)
     finished_at: float | None = None
+
+
+def caption_of(row: dict[str, Any], task: str | None = None) -> str | None:
+    """The caption a dataset takes from an ok row: the chosen task's (None when the row has none for it); without a
+    task, or for the first task, the reviewer's correction when there is one (corrections are of ``caption``, the
+    first task's), else the model's caption."""
+    captions = row.get("captions") or {}
+    if task is None or (captions and next(iter(captions)) == task):
+        text = row.get("corrected") or row.get("caption")
+    else:
+        text = captions.get(task)
+    return None if text is None else str(text)
 
 
 def parse_message(model: type[BaseModel], payload: object) -> BaseModel:

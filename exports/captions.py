@@ -8,6 +8,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from itertools import chain
 from typing import Any
 
+from common.messages import caption_of
+
 #: Flat formats name a task's column ``caption_<name>``.
 COLUMN_PREFIX = "caption_"
 
@@ -37,11 +39,7 @@ def task_caption(row: Mapping[str, Any], task: str | None) -> str | None:
     """The caption a caption format writes: the chosen task's (None when the row has none for it); without a task,
     or for the first task, the reviewer's correction when there is one (corrections are of ``caption``, the first
     task's), else the model's caption."""
-    captions = row.get("captions") or {}
-    if task is None or (captions and next(iter(captions)) == task):
-        return str(row.get("corrected") or row["caption"])
-    text = captions.get(task)
-    return None if text is None else str(text)
+    return caption_of(dict(row), task)
 
 
 def task_members(row: Mapping[str, Any]) -> list[tuple[str, bytes]]:
