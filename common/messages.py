@@ -12,7 +12,17 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from common.errors import InvalidMessage
 from common.uris import is_object_uri
@@ -132,6 +142,10 @@ def task_seed(seed: int, item: str, task: str | None = None) -> int:
     return int.from_bytes(digest, "big") >> 1  # 63 bits: what torch.manual_seed takes
 
 
+#: GenParams fields added after the first version of the contract (see GenParams._without_unset_options).
+_LATER_OPTIONS = ("tasks", "temperature", "top_p", "seed")
+
+
 class GenParams(BaseModel):
     """Generation options of a job or call; every result records the values used."""
 
@@ -171,6 +185,16 @@ class GenParams(BaseModel):
                     f"of {words} word(s), at least {words + 1} tokens: raise max_length or shorten the prompt"
                 )
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset_options(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Options added after v1 are left out when unset: messages, rows and derived job ids stay as they were, and
+        # a worker of an earlier version (which forbids unknown fields) still takes what a newer producer sends.
+        data: dict[str, Any] = handler(self)
+        for name in _LATER_OPTIONS:
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
 
     @property
     def sampling(self) -> bool:

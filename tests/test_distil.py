@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from common.messages import CaptionTask, GenParams, ItemResult, ItemStatus, item_id
+from common.settings import Settings
 from common.store import ModelStore
 from ledger import Ledger
 from producer.jobs import JobClient
@@ -131,3 +132,31 @@ def test_job_examples_take_the_chosen_tasks_caption_or_the_reviewed_rows(ledger:
     ledger.open_job("empty", "test", GenParams())
     with pytest.raises(SourceError, match="no captioned row"):
         job_examples(ledger, "empty")
+
+
+def test_train_from_job_is_checked_before_anything_is_sent(settings: Settings, client: JobClient,
+                                                           tmp_path: Path) -> None:  # fmt: skip
+    from common.messages import JobKind
+    from tests.test_cli import invoke
+
+    tasks = (CaptionTask(name="short"), CaptionTask(name="detailed", prompt="a picture of"))
+    client.ledger.open_job("cap", "test", GenParams(tasks=tasks))
+    client.ledger.add_items("cap", [(item_id("/x.jpg"), "/x.jpg")])
+    client.ledger.seal("cap")
+    client.ledger.open_job("fit", "test", None, kind=JobKind.TRAIN)
+    cases = [
+        (("train",), 2, "give DATASET or --from-job"),
+        (("train", str(tmp_path), "--from-job", "cap"), 2, "one of them"),
+        (("train", str(tmp_path), "--task", "short"), 2, "--from-job"),
+        (("train", "--from-job", "nope"), 1, "no job 'nope'"),
+        (("train", "--from-job", "fit"), 1, "is a train job"),
+        (("train", "--from-job", "cap"), 1, "still running"),
+    ]
+    for args, exit_code, words in cases:
+        code, _, err = invoke(settings, *args)
+        assert (code, words in err, "Traceback" in err) == (exit_code, True, False), (args, err)
+    client.ledger.record("cap", [ItemResult(id=item_id("/x.jpg"), ref="/x.jpg", status=ItemStatus.OK, caption="a",
+                                            captions={"short": "a", "detailed": "b"},
+                                            params=GenParams(tasks=tasks))])  # fmt: skip
+    code, _, err = invoke(settings, "train", "--from-job", "cap", "--task", "tags")
+    assert code == 1 and "no task 'tags' (its tasks: short, detailed)" in err, err

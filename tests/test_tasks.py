@@ -203,6 +203,10 @@ def test_old_messages_without_tasks_keep_their_params_and_batch_key() -> None:
     assert msg.params.key() == (20, 1, "")
     assert msg.params.model_dump(exclude_none=True) == {"max_length": 20, "num_beams": 1}
     assert task_seed(7, "abc", "short") == task_seed(7, "abc", "short") != task_seed(7, "abc", "detailed")
+    # What a producer sends without tasks or sampling is what it sent before they existed: a worker of an earlier
+    # version (unknown fields forbidden) takes it, and the job id derived from it is the one it always was.
+    assert GenParams(max_length=20).model_dump() == {"max_length": 20, "num_beams": 1, "prompt": None}
+    assert GenParams().model_dump_json() == '{"max_length":50,"num_beams":1,"prompt":null}'
 
 
 def test_both_ledgers_keep_every_tasks_caption(ledger: Ledger) -> None:
