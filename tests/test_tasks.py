@@ -226,3 +226,16 @@ def test_both_ledgers_keep_every_tasks_caption(ledger: Ledger) -> None:
     assert rows[refs[0]]["captions"] == captions and list(rows[refs[0]]["captions"]) == ["short", "detailed", "tags"]
     assert "captions" not in rows[refs[1]]
     assert ledger.item("j", item_id(refs[0]))["captions"] == captions  # type: ignore[index]
+
+
+@pytest.mark.usefixtures("caption_worker")
+def test_a_services_single_call_answers_every_task(settings: Settings, images: Path, tiny_model: Path) -> None:
+    from common.messages import TASK_CAPTION_MANY
+    from runtime.celery_app import create_app
+
+    paths = sorted(str(p) for p in images.iterdir())[:3]
+    params = {"max_length": MAX_LENGTH, "tasks": [{"name": "short"}, {"name": "detailed", "prompt": "a picture of"}]}
+    rows = create_app(settings).send_task(TASK_CAPTION_MANY, kwargs={"sources": paths, "params": params}).get(60)
+    short, detailed = reference(tiny_model, paths, None), reference(tiny_model, paths, "a picture of")
+    assert [r["captions"] for r in rows] == [{"short": short[p], "detailed": detailed[p]} for p in paths]
+    assert [r["caption"] for r in rows] == [short[p] for p in paths]
