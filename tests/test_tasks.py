@@ -119,6 +119,17 @@ def test_two_tasks_caption_every_image_and_every_format_carries_both(
     code, _, err = invoke(settings, "export", job, "--format", "kohya", "--task", "tags", "-o", "-", env=cli_env)
     assert code == 2 and "no task 'tags'" in err and "Traceback" not in err
 
+    # A retry with other parameters keeps the job's tasks: the captions cut at 12 tokens are made again at 14.
+    flagged = {p for p in paths if rows[p].get("flags")}
+    code, out, err = invoke(settings, "retry", job, "--flagged", "any", "--max-length", "14", "--json", env=cli_env)
+    assert code == 0 and json.loads(out)["requeued"] == len(flagged) > 0, err
+    code, _, err = invoke(settings, "wait", job, env=cli_env)
+    assert code == 0, err
+    _, out, _ = invoke(settings, "export", job, "--format", "jsonl", "-o", "-", env=cli_env)
+    again = {r["ref"]: r for r in map(json.loads, out.splitlines()) if r["ref"] in flagged}
+    assert {r["params"]["max_length"] for r in again.values()} == {14}
+    assert all(list(r["captions"]) == ["short", "detailed"] for r in again.values())
+
 
 @pytest.mark.usefixtures("caption_worker")
 def test_sampled_captions_follow_each_items_seed_whatever_its_batch(
