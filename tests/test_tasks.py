@@ -28,29 +28,43 @@ def cli_env(worker_env: dict[str, str]) -> dict[str, str]:
 
 def reference(model_dir: Path, paths: list[str], prompt: str | None, *, sample: dict | None = None,
               seeds: dict[str, int] | None = None) -> dict[str, str]:  # fmt: skip
-    """transformers' own generate, one image at a time, float32, in this process: greedy, or sampled with each
-    image's seed set first (what the worker promises for sampled captions)."""
+    """What the worker must answer, one image at a time, float32, in this process: transformers' own greedy
+    generate; or, sampling, the documented procedure token by token on the model's logits (no cache): softmax of
+    logits / temperature, the top-p nucleus, one ``torch.rand`` draw from a generator seeded with the caption's
+    seed turned into a token through the cumulative probabilities, until the end token or max_length."""
     import torch
     from PIL import Image
     from transformers import AutoProcessor, GitForCausalLM
 
     model = GitForCausalLM.from_pretrained(model_dir).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
+    tok = processor.tokenizer
     out = {}
     with torch.inference_mode():
         for p in paths:
             pixels = processor(images=Image.open(p).convert("RGB"), return_tensors="pt").pixel_values
-            kwargs: dict = {"max_length": MAX_LENGTH, "num_beams": 1}
-            if prompt:
-                tok = processor.tokenizer
-                ids = torch.tensor([[tok.cls_token_id, *tok(prompt, add_special_tokens=False)["input_ids"]]])
-                kwargs.update(input_ids=ids, attention_mask=torch.ones_like(ids))
-            if sample is not None:
+            start = [tok.cls_token_id, *(tok(prompt, add_special_tokens=False)["input_ids"] if prompt else [])]
+            if sample is None:
+                ids = torch.tensor([start])
+                kwargs: dict = {"max_length": MAX_LENGTH, "num_beams": 1}
+                if prompt:
+                    kwargs.update(input_ids=ids, attention_mask=torch.ones_like(ids))
+                ids = model.generate(pixel_values=pixels, **kwargs)[0].tolist()
+            else:
                 assert seeds is not None
-                torch.manual_seed(seeds[p])
-                kwargs.update(do_sample=True, top_k=0, **sample)
-            ids = model.generate(pixel_values=pixels, **kwargs)
-            out[p] = processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
+                generator, ids = torch.Generator().manual_seed(seeds[p]), list(start)
+                while len(ids) < MAX_LENGTH:
+                    logits = model(pixel_values=pixels, input_ids=torch.tensor([ids])).logits[0, -1]
+                    probs = torch.softmax(logits.float() / sample["temperature"], dim=-1)
+                    ordered, order = probs.sort(descending=True)
+                    ordered[(ordered.cumsum(0) - ordered) >= sample.get("top_p", 1.0)] = 0.0
+                    probs = torch.zeros_like(probs).scatter(0, order, ordered)
+                    cdf = probs.double().cumsum(0)
+                    u = torch.rand(1, generator=generator, dtype=torch.float64)
+                    ids.append(int(torch.searchsorted(cdf, u * cdf[-1], right=True).clamp(max=len(cdf) - 1)))
+                    if ids[-1] == tok.sep_token_id:
+                        break
+            out[p] = processor.batch_decode([ids], skip_special_tokens=True)[0].strip()
     return out
 
 
@@ -151,7 +165,8 @@ def test_sampled_captions_follow_each_items_seed_whatever_its_batch(
     row = next(iter(first.values()))
     assert row["params"] | {"max_length": 0} == {"max_length": 0, "num_beams": 1, "temperature": 1.5, "top_p": 0.95,
                                                   "seed": 7}  # fmt: skip
-    # Each caption is transformers' own sampled caption under the seed derived from the job's seed and the item id.
+    # Each caption is the documented draw on the model's logits, under the seed derived from the job's seed and the
+    # item id.
     paths = sorted(first)
     seeds = {p: task_seed(7, first[p]["id"]) for p in paths}
     expected = reference(tiny_model, paths, None, sample={"temperature": 1.5, "top_p": 0.95}, seeds=seeds)
