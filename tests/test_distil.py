@@ -97,9 +97,9 @@ def test_a_student_trained_on_a_teachers_job_agrees_with_the_teacher(
     before = evaluate_model(student_base, examples, max_length=20)["wer"]
     after = caption_metrics([learned[p] for p in refs], [[taught[p]] for p in refs])["wer"]
     print(f"student WER against the teacher's captions on {len(refs)} held-out images: {before:.3f} -> {after:.3f}")
-    # Measured: 1.575 -> 0.068, 1.573 -> 0.122, 1.562 -> 0.052 (training here is not bit-exact from run to run). A student trained
-    # on the same captions paired with the wrong images (each image with its neighbour's caption) learns the captions'
-    # language and still reaches 0.307: agreeing with the teacher image by image is more than that.
+    # Measured: 1.575 -> 0.068, 1.573 -> 0.122, 1.562 -> 0.052 (training here is not bit-exact from run to run).
+    # A student trained on the same captions paired with the wrong images (each image with its neighbour's caption)
+    # learns the captions' language and still reaches 0.307: agreeing with the teacher image by image is more.
     assert after < 0.2 and after < 0.15 * before, (before, after)
 
 
