@@ -173,16 +173,20 @@ def cli(ctx: click.Context, broker_url: str | None, redis_url: str | None, key_p
 # --- enqueue ---------------------------------------------------------------------------------------
 
 
-def gen_params(settings: Settings, max_length: int | None, num_beams: int | None, prompt: str | None) -> GenParams:
+def gen_params(
+    settings: Settings, max_length: int | None, num_beams: int | None, prompt: str | None, **more: Any
+) -> GenParams:
+    """The generation parameters of a command's options; ``more``: further GenParams fields (tasks, sampling)."""
     from pydantic import ValidationError
 
     try:
         given = {k: v for k, v in {"max_length": max_length, "num_beams": num_beams}.items() if v is not None}
-        return GenParams(**settings.gen_params(given), prompt=prompt)
+        extra = {k: v for k, v in more.items() if v is not None}
+        return GenParams(**settings.gen_params(given), prompt=prompt, **extra)
     except ValidationError as exc:
         first = exc.errors()[0]
         # A field's own error names it; one about the fields together (no room for a caption) names both.
-        where = first["loc"][0] if first["loc"] else "max_length/--prompt"
+        where = first["loc"][0] if first["loc"] else "max_length/--prompt/--task"
         message = str(first["msg"]).removeprefix("Value error, ")
         raise click.BadParameter(message, param_hint=f"--{str(where).replace('_', '-')}") from None
 

@@ -32,6 +32,8 @@ from cli.base import cli, client_of, json_option, settings_of
               "a regular file is ever replaced (never a link, a device or a pipe).")  # fmt: skip
 @click.option("--reviewed-only", is_flag=True,
               help="Only items a reviewer corrected or marked (captioner review).")  # fmt: skip
+@click.option("--task", metavar="NAME", help="Jobs with several captions per image: the task whose caption the "
+              "caption formats write (default: the first).")  # fmt: skip
 @json_option
 @click.pass_context
 def export(
@@ -44,6 +46,7 @@ def export(
     sidecar_ext: str,
     overwrite: bool,
     reviewed_only: bool,
+    task: str | None,
     as_json: bool,
 ) -> None:
     """Write a job's results: JSONL, CSV, Parquet, caption files next to the images (sidecar), an imagefolder
@@ -59,6 +62,7 @@ def export(
     local = LocalFiles.under(settings.allowed_roots, settings.max_image_bytes)  # the workers' rules, checked again
     store = ObjectStore.from_settings(settings)
     options: dict[str, Any] = {"shard_size": shard_size, "exclude_flags": exclude_flags, "local": local}
+    options.update(_task_options(client.status(job_id).params, task))
     if fmt == "webdataset":
         options["remote"] = _remote_reader(settings)
         options["containers"] = _container_reader(settings)
@@ -81,6 +85,15 @@ def export(
                    (f", skipped {summary.skipped} ({reasons})" if summary.skipped else ""), err=True)  # fmt: skip
 
 
+
+
+def _task_options(params: Any, task: str | None) -> dict[str, Any]:
+    """The job's task names (the flat formats' columns), and the chosen task, checked against them."""
+    names = [t.name for t in (params.tasks if params is not None and params.tasks else ())]
+    if task is not None and task not in names:
+        known = ", ".join(names) or "none: it makes one caption per image"
+        raise click.BadParameter(f"the job has no task {task!r} (its tasks: {known})", param_hint="--task")
+    return {"tasks": names, "task": task}
 
 
 def _remote_reader(settings: Settings) -> Callable[[str], bytes] | None:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from common.messages import QUALITY_FLAGS, GenParams, JobKind, is_url
+from common.messages import QUALITY_FLAGS, CaptionTask, GenParams, JobKind, is_url
 
 if TYPE_CHECKING:  # the CLI imports these lazily, so `captioner --help` stays fast
     from common.settings import Settings
@@ -32,6 +32,14 @@ from cli.base import Fail, cli, client_of, emit, gen_params, job_id_option, json
               "prompt included (default 50).")  # fmt: skip
 @click.option("--num-beams", type=click.IntRange(1, 16), help="Beam search width (default 1: greedy).")
 @click.option("--prompt", help="Text every caption starts with.")
+@click.option("--task", "tasks", multiple=True, metavar="NAME=PROMPT", callback=lambda c, p, v: parse_tasks(v),
+              help="A caption to make of every image, kept under NAME (repeatable: several captions per image; the "
+              "first is the row's caption). An empty PROMPT: none.")  # fmt: skip
+@click.option("--temperature", type=click.FloatRange(0, 10, min_open=True),
+              help="Sample captions at this temperature (default: greedy).")  # fmt: skip
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), help="Sample from this nucleus (default: greedy).")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1),
+              help="Sampling seed of the job (default 0); each caption's derives from it and the item id.")  # fmt: skip
 @click.option("--follow-links", is_flag=True, help="Follow symlinked directories when walking.")
 @click.option("--sniff", is_flag=True, help="In directories, also take files without an image extension whose "
               "contents are an image (one small read each).")  # fmt: skip
@@ -55,6 +63,10 @@ def enqueue(
     max_length: int | None,
     num_beams: int | None,
     prompt: str | None,
+    tasks: tuple[CaptionTask, ...] | None,
+    temperature: float | None,
+    top_p: float | None,
+    seed: int | None,
     follow_links: bool,
     sniff: bool,
     on_done_task: str | None,
@@ -83,7 +95,11 @@ def enqueue(
                       per_part=settings.chunk_size)  # fmt: skip
     for source in sources:  # every argument, before anything is written: a bad one leaves no half job
         check(source, column=column, containers=opts)
-    params = gen_params(settings, max_length, num_beams, prompt)
+    if seed is not None and temperature is None and top_p is None:
+        raise click.BadParameter("a seed is for sampled captions: give --temperature or --top-p too",
+                                 param_hint="--seed")  # fmt: skip
+    params = gen_params(settings, max_length, num_beams, prompt, tasks=tasks, temperature=temperature, top_p=top_p,
+                        seed=seed)  # fmt: skip
     keys = [_source_key(s) for s in sources]
     job_id = job_id or derive_job_id([*keys, column or "", *(["dataset", split] if as_dataset else [])], params)
     refs = itertools.chain.from_iterable(
@@ -112,6 +128,23 @@ def enqueue(
             click.echo(json.dumps({"enqueue": report.as_dict(), "job": info.as_dict()}))
     elif as_json:
         click.echo(json.dumps(report.as_dict()))
+
+
+def parse_tasks(values: tuple[str, ...]) -> tuple[CaptionTask, ...] | None:
+    """``--task NAME=PROMPT`` options as tasks (None when none is given); a bad one is a usage error."""
+    from pydantic import ValidationError
+
+    tasks = []
+    for value in values:
+        name, sep, prompt = value.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{value[:60]!r} is not NAME=PROMPT", param_hint="--task")
+        try:
+            tasks.append(CaptionTask(name=name.strip(), prompt=prompt or None))
+        except ValidationError as exc:
+            message = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+            raise click.BadParameter(message, param_hint="--task") from None
+    return tuple(tasks) or None
 
 
 def _say_held(settings: Settings) -> Callable[[int], None]:
@@ -179,6 +212,10 @@ def _print_status(info: JobInfo) -> None:
                f"{info.pending} pending")  # fmt: skip
     p = info.params or GenParams()
     click.echo(f"params     max_length={p.max_length} num_beams={p.num_beams} prompt={p.prompt!r}")
+    if p.tasks:
+        click.echo("tasks      " + ", ".join(f"{t.name}={t.prompt or ''!r}" for t in p.tasks))
+    if p.sampling:
+        click.echo(f"sampling   temperature={p.temperature} top_p={p.top_p} seed={p.seed or 0}")
     if info.flags:
         click.echo("flags      " + ", ".join(f"{n} {name}" for name, n in sorted(info.flags.items())))
 
@@ -376,7 +413,10 @@ def retry(
     params = None
     if max_length or num_beams:
         old = client.status(job_id).params or GenParams()
-        params = gen_params(settings_of(ctx), max_length or old.max_length, num_beams or old.num_beams, old.prompt)
+        # The job's tasks and sampling stay as they were: only the options given change.
+        more = old.model_dump(exclude={"max_length", "num_beams", "prompt"}, exclude_none=True)
+        params = gen_params(settings_of(ctx), max_length or old.max_length, num_beams or old.num_beams, old.prompt,
+                            **more)  # fmt: skip
     which = None if not flagged else frozenset(f for f in flagged if f != "any")
     n = client.retry(job_id, include_cancelled=include_cancelled, flagged=which, params=params)
     emit(as_json, {"job_id": job_id, "requeued": n}, lambda: click.echo(f"re-queued {n} item(s) of {job_id}"))

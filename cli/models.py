@@ -28,7 +28,12 @@ def _store(ctx: click.Context) -> ModelStore:
 
 
 @cli.command()
-@click.argument("dataset")
+@click.argument("dataset", required=False)
+@click.option("--from-job", callback=job_id_option, metavar="JOB",
+              help="Instead of DATASET: learn the captions of this finished caption job (a teacher's: distillation).")
+@click.option("--task", metavar="NAME", help="With --from-job: the task whose captions to learn (default: the first).")
+@click.option("--reviewed-only", is_flag=True,
+              help="With --from-job: only the rows a reviewer corrected or accepted (default: every ok row).")
 @click.option("--job-id", callback=job_id_option, help="Job id (default: a new one).")
 @click.option("--base-model", help="Hub id or directory to start from (default microsoft/git-base).")
 @click.option("--epochs", "--num-train-epochs", "epochs", type=click.IntRange(1, 100_000))
@@ -54,14 +59,18 @@ def _store(ctx: click.Context) -> ModelStore:
 @click.option("--wait", "wait_", is_flag=True, help="Follow progress until the job ends.")
 @json_option
 @click.pass_context
-def train(ctx: click.Context, dataset: str, job_id: str | None, base_model: str | None, epochs: int | None,
+def train(ctx: click.Context, dataset: str | None, from_job: str | None, task: str | None, reviewed_only: bool,
+          job_id: str | None, base_model: str | None, epochs: int | None,
           max_steps: int | None, learning_rate: float | None, batch_size: int | None, eval_steps: int | None,
           num_processes: int | None, report_to: str | None, lora_r: int | None, column: str | None,
           text_column: str | None, download: bool, settings_: tuple[str, ...], promote: bool,
           require_no_worse: str | None, gate_dataset: str | None, wait_: bool,
           as_json: bool) -> None:  # fmt: skip
     """Fine-tune on DATASET (imagefolder or kohya folder, JSONL/CSV manifest, parquet, save_to_disk folder, or hub
-    id) on the training queue.
+    id), or on the captions of a finished caption job (--from-job), on the training queue.
+
+    --from-job distils: caption a sample with a big model, train a small fast one on its captions (--base-model),
+    then caption the archive with the small one.
 
     Everything is checked here, before anything is sent (options and their TrainingArguments aliases, dataset
     columns, and with a training worker answering: its GPUs and packages): a mistake is one line, not a job
@@ -73,7 +82,11 @@ def train(ctx: click.Context, dataset: str, job_id: str | None, base_model: str 
     from training.config import canonical_options
     from training.data import check_columns
 
-    if Path(dataset).exists():
+    if (dataset is None) == (from_job is None):
+        raise click.UsageError("give DATASET or --from-job JOB (one of them)")
+    if from_job is None and (task is not None or reviewed_only):
+        raise click.UsageError("--task and --reviewed-only choose the rows of --from-job JOB")
+    if dataset is not None and Path(dataset).exists():
         dataset = str(Path(dataset).resolve())
     if gate_dataset and Path(gate_dataset).exists():
         gate_dataset = str(Path(gate_dataset).resolve())
@@ -81,13 +94,17 @@ def train(ctx: click.Context, dataset: str, job_id: str | None, base_model: str 
              "batch_size": batch_size, "eval_steps": eval_steps, "num_processes": num_processes,
              "report_to": report_to, "lora_r": lora_r}  # fmt: skip
     config = canonical_options(_train_config({k: v for k, v in flags.items() if v is not None}, settings_))
-    req = TrainRequest(job_id=job_id or f"train-{uuid.uuid4().hex[:10]}", dataset=dataset, column=column,
+    req = TrainRequest(job_id=job_id or f"train-{uuid.uuid4().hex[:10]}", dataset=dataset or "", column=column,
                        text_column=text_column, config=config, promote=promote, download=download,
-                       require_no_worse=require_no_worse, gate_dataset=gate_dataset)  # fmt: skip
+                       require_no_worse=require_no_worse, gate_dataset=gate_dataset, from_job=from_job, task=task,
+                       reviewed_only=reviewed_only)  # fmt: skip
     client = client_of(ctx)
 
     def check_data_and_workers(req: TrainRequest) -> None:  # after the request's own check, which submit makes
-        check_columns(dataset, column=column, text_column=text_column)
+        if from_job is not None:
+            _check_teacher_job(client, from_job, task)
+        else:
+            check_columns(req.dataset, column=column, text_column=text_column)
         _check_training_workers(client, req)
 
     client.submit_training(req, then_check=check_data_and_workers)
@@ -99,6 +116,23 @@ def train(ctx: click.Context, dataset: str, job_id: str | None, base_model: str 
     emit(as_json, {**info.as_dict(), "result": result},
           lambda: click.echo(f"{req.job_id}: {info.state.value} {json.dumps(result)}"))  # fmt: skip
     fail_if_failed(info)
+
+
+def _check_teacher_job(client: Any, job_id: str, task: str | None) -> None:
+    """--from-job names a finished caption job, and --task one of its tasks: said now, not by a failed fine-tune."""
+    from common.messages import JobKind, JobState
+
+    info = client.status(job_id)
+    if info.kind is not JobKind.CAPTION:
+        raise Fail(f"job {job_id} is a {info.kind.value} job; --from-job takes a caption job")
+    if info.state is JobState.RUNNING:
+        raise Fail(f"job {job_id} is still running ({info.pending} item(s) pending): wait for it (captioner wait "
+                   f"{job_id}), then train on its captions")  # fmt: skip
+    names = [t.name for t in (info.params.tasks if info.params is not None and info.params.tasks else ())]
+    if task is not None and task not in names:
+        raise Fail(f"job {job_id} has no task {task!r} (its tasks: {', '.join(names) or 'none'})")
+    if not info.ok:
+        raise Fail(f"job {job_id} has no captioned item to learn from")
 
 
 def _check_training_workers(client: Any, req: Any) -> None:

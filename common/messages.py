@@ -12,7 +12,17 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from common.errors import InvalidMessage
 from common.uris import is_object_uri
@@ -99,6 +109,43 @@ class JobState(StrEnum):
     FAILED = "failed"
 
 
+#: Most caption tasks in one job or call: each is one more pass of the model over every image.
+MAX_TASKS = 8
+#: A task's name: it becomes a column (``caption_<name>``) and a WebDataset member (``<key>.<name>.txt``).
+_TASK_NAME = re.compile(r"[a-z0-9][a-z0-9_]{0,31}")
+
+
+class CaptionTask(BaseModel):
+    """One caption asked of every image of a job: a name the rows keep it under, and the prompt the model gets."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    #: The prompt of this task's captions ("" or None: none). GIT continues it, and the caption includes it.
+    prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not _TASK_NAME.fullmatch(value):
+            raise ValueError(
+                f"task name {value[:40]!r} is not valid: 1 to 32 lowercase letters, digits or '_', starting with a "
+                "letter or digit (it names a column and a file)"
+            )
+        return value
+
+
+def task_seed(seed: int, item: str, task: str | None = None) -> int:
+    """The sampling seed of one caption: derived from the job's seed, the item's id and the task's name, so the
+    same item gets the same caption whichever batch, worker or delivery it lands in."""
+    digest = hashlib.blake2b(f"{seed}:{item}:{task or ''}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1  # 63 bits: what torch.manual_seed takes
+
+
+#: GenParams fields added after the first version of the contract (see GenParams._without_unset_options).
+_LATER_OPTIONS = ("tasks", "temperature", "top_p", "seed")
+
+
 class GenParams(BaseModel):
     """Generation options of a job or call; every result records the values used."""
 
@@ -109,22 +156,66 @@ class GenParams(BaseModel):
     num_beams: int = Field(1, ge=1, le=16)
     # Text the caption starts with: GIT continues it, and the result includes it.
     prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    #: Several captions per image, each with its own prompt: rows keep them all by name (``captions``), and
+    #: ``caption`` is the first task's. None: one caption, with ``prompt``.
+    tasks: tuple[CaptionTask, ...] | None = Field(None, min_length=1, max_length=MAX_TASKS)
+    #: Sampling instead of greedy decoding when either is set (greedy is the default).
+    temperature: float | None = Field(None, gt=0, le=10)
+    top_p: float | None = Field(None, gt=0, le=1)
+    #: The job's sampling seed (default 0); each caption's own seed derives from it (see ``task_seed``).
+    seed: int | None = Field(None, ge=0, lt=2**63)
 
     @model_validator(mode="after")
     def _room_for_a_caption(self) -> GenParams:
+        if self.tasks is not None:
+            if self.prompt:
+                raise ValueError("give a prompt per task (tasks), or one prompt, not both")
+            names = [t.name for t in self.tasks]
+            if len(set(names)) != len(names):
+                raise ValueError(f"task names must differ, got {', '.join(names)}")
+        if self.sampling and self.num_beams > 1:
+            raise ValueError("sampling (temperature, top_p) and beam search (num_beams > 1) do not mix")
         # Every word is at least one token, so this refuses only what the model could never caption; a prompt of
         # few words and many tokens is refused by the worker, which has the tokenizer (invalid_input rows).
-        words = len(self.prompt.split()) if self.prompt else 0
-        if words and words + 1 >= self.max_length:
-            raise ValueError(
-                f"max_length {self.max_length} leaves no room for a caption after the start token and a prompt of "
-                f"{words} word(s), at least {words + 1} tokens: raise max_length or shorten the prompt"
-            )
+        for prompt in self.prompts():
+            words = len(prompt.split()) if prompt else 0
+            if words and words + 1 >= self.max_length:
+                raise ValueError(
+                    f"max_length {self.max_length} leaves no room for a caption after the start token and a prompt "
+                    f"of {words} word(s), at least {words + 1} tokens: raise max_length or shorten the prompt"
+                )
         return self
 
-    def key(self) -> tuple[int, int, str]:
+    @model_serializer(mode="wrap")
+    def _without_unset_options(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Options added after v1 are left out when unset: messages, rows and derived job ids stay as they were, and
+        # a worker of an earlier version (which forbids unknown fields) still takes what a newer producer sends.
+        data: dict[str, Any] = handler(self)
+        for name in _LATER_OPTIONS:
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
+
+    @property
+    def sampling(self) -> bool:
+        """Whether captions are sampled (temperature or top_p given) rather than greedy."""
+        return self.temperature is not None or self.top_p is not None
+
+    def prompts(self) -> list[str | None]:
+        """The prompt of each caption asked: one per task, or the one prompt."""
+        return [t.prompt for t in self.tasks] if self.tasks else [self.prompt]
+
+    def for_task(self, task: CaptionTask) -> GenParams:
+        """The parameters of one task's model call: its prompt, the rest shared."""
+        return self.model_copy(update={"tasks": None, "prompt": task.prompt or None})
+
+    def key(self) -> tuple[Any, ...]:
         """Batches only mix items whose parameters share this key."""
-        return (self.max_length, self.num_beams, self.prompt or "")
+        key: tuple[Any, ...] = (self.max_length, self.num_beams, self.prompt or "")
+        if self.tasks or self.sampling:  # older keys unchanged
+            tasks = tuple((t.name, t.prompt or "") for t in self.tasks or ())
+            key += (tasks, self.temperature, self.top_p, self.seed)
+        return key
 
 
 class Source(BaseModel):
@@ -354,8 +445,9 @@ class TrainRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     job_id: JobId
-    # A local imagefolder (metadata.jsonl/.csv/.parquet), a JSONL/CSV manifest, or a hub dataset id.
-    dataset: Annotated[str, Field(min_length=1, max_length=MAX_REF_CHARS)]
+    # A local imagefolder (metadata.jsonl/.csv/.parquet), a JSONL/CSV manifest, or a hub dataset id; with from_job,
+    # "job:<id>" when not given.
+    dataset: Annotated[str, Field(max_length=MAX_REF_CHARS)] = ""
     column: str | None = None
     text_column: str | None = None
     # Hub datasets stream (rows read as training needs them); True downloads the whole dataset into the cache.
@@ -368,6 +460,22 @@ class TrainRequest(BaseModel):
     # With require_no_worse: score the new and the current version on this dataset first and compare them there
     # (without it, the new version's training-time score must share the current one's evaluation data).
     gate_dataset: Annotated[str | None, Field(max_length=MAX_REF_CHARS)] = None
+    #: Train on the captions of this caption job instead of a dataset (a teacher's captions: distillation).
+    from_job: JobId | None = None
+    #: With from_job: the task whose captions to learn (default: the rows' caption, or its correction).
+    task: str | None = None
+    #: With from_job: only the rows a reviewer corrected or accepted, not every ok row.
+    reviewed_only: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TrainRequest:
+        if self.from_job is None and (self.task is not None or self.reviewed_only):
+            raise ValueError("task and reviewed_only choose rows of a job: give from_job too")
+        if self.from_job is not None and not self.dataset:
+            self.dataset = f"job:{self.from_job}"  # what the training job's name and version metadata show
+        if not self.dataset:
+            raise ValueError("give a dataset, or from_job (a caption job whose captions to learn)")
+        return self
 
 
 class EvaluateRequest(BaseModel):
@@ -411,10 +519,25 @@ class ItemResult(BaseModel):
     extra: dict[str, Any] | None = None
     #: Mean log-probability of the caption's tokens (<= 0; nearer 0: surer), where the decoder measured it.
     confidence: float | None = None
+    #: Every task's caption by task name, in the tasks' order (jobs and calls with ``params.tasks``); the first is
+    #: also ``caption``.
+    captions: dict[str, str] | None = None
     #: Stage timings in milliseconds: load (fetch, decode, preprocess this image), infer (the model batch it ran in).
     #: Single calls return them; ledger rows leave them out (the worker's log line and metrics carry them per chunk).
     timings: dict[str, float] = Field(default_factory=dict)
     finished_at: float | None = None
+
+
+def caption_of(row: dict[str, Any], task: str | None = None) -> str | None:
+    """The caption a dataset takes from an ok row: the chosen task's (None when the row has none for it); without a
+    task, or for the first task, the reviewer's correction when there is one (corrections are of ``caption``, the
+    first task's), else the model's caption."""
+    captions = row.get("captions") or {}
+    if task is None or (captions and next(iter(captions)) == task):
+        text = row.get("corrected") or row.get("caption")
+    else:
+        text = captions.get(task)
+    return None if text is None else str(text)
 
 
 def parse_message(model: type[BaseModel], payload: object) -> BaseModel:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError
+from exports.captions import peek_tasks
 from exports.files import export_sidecars, write_kohya, write_metadata
 from exports.place import atomic_target, check_target, upload_all
 from exports.rows import ContainerReader, ExportSummary, Options
@@ -40,12 +41,16 @@ def export_rows(
     local: LocalFiles | None = None,
     remote: Callable[[str], bytes] | None = None,
     containers: ContainerReader | None = None,
+    tasks: Iterable[str] | None = None,
+    task: str | None = None,
 ) -> ExportSummary:
     """Write ``rows`` (ItemResult dicts) as ``fmt``, one row at a time, to ``out`` (None or "-": stdout).
 
     A file appears whole or not at all, and an existing one is replaced only with ``overwrite``. ``local`` holds
     the workers' file rules (sidecar and webdataset check every file again as they touch it); ``remote`` and
-    ``containers`` read images again for webdataset. docs/exports.md tells each format and skip reason.
+    ``containers`` read images again for webdataset. Rows with several captions (``captions``, by task) carry them
+    all (CSV/Parquet columns ``caption_<task>``: ``tasks`` names them, None: the first row's); the caption formats
+    write ``task``'s. docs/exports.md tells each format and skip reason.
     """
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -54,8 +59,13 @@ def export_rows(
     if shard_size < 1:
         raise ConfigError(f"shard_size must be at least 1, got {shard_size}")
     opts = Options(
-        batch_rows, exclude_flags=frozenset(exclude_flags), local=local, remote=remote, containers=containers
+        batch_rows, exclude_flags=frozenset(exclude_flags), local=local, remote=remote, containers=containers,
+        task=task,
     )
+    if fmt in ("csv", "parquet"):
+        if tasks is None:
+            tasks, rows = peek_tasks(rows)
+        opts.tasks = tuple(tasks)
     if (fmt == "sidecar" and (local is None or not local.roots)) or (
         fmt == "webdataset" and (local is None or not local.roots) and remote is None
     ):

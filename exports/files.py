@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from common.errors import ConfigError, ItemError
-from exports.rows import ExportSummary, Options, caption_skip, caption_text, file_name, file_skip, kept
+from exports.captions import task_caption
+from exports.rows import ExportSummary, Options, caption_skip, file_name, file_skip, kept
 from media.paths import write_beside
 
 
@@ -17,8 +18,8 @@ def write_metadata(rows: Iterable[Mapping[str, Any]], fh: IO[str], opts: Options
     """Imagefolder ``metadata.jsonl``: {"file_name", "text"} per ok row with a local image."""
 
     def entry(row: Mapping[str, Any]) -> dict[str, str] | str:
-        reason = caption_skip(row, opts.exclude_flags)
-        return reason or {"file_name": file_name(str(row["ref"]), opts.base), "text": caption_text(row)}
+        reason = caption_skip(row, opts.exclude_flags, task=opts.task)
+        return reason or {"file_name": file_name(str(row["ref"]), opts.base), "text": task_caption(row, opts.task)}
 
     count = 0
     for record in kept(rows, opts.skipped, entry):
@@ -37,10 +38,10 @@ def write_kohya(rows: Iterable[Mapping[str, Any]], fh: IO[str], opts: Options) -
     """
 
     def entry(row: Mapping[str, Any]) -> tuple[str, str] | str:
-        reason = caption_skip(row, opts.exclude_flags)
+        reason = caption_skip(row, opts.exclude_flags, task=opts.task)
         if reason is not None:
             return reason
-        return os.path.abspath(str(row["ref"])), caption_text(row)
+        return os.path.abspath(str(row["ref"])), task_caption(row, opts.task) or ""
 
     count = 0
     fh.write("{")
@@ -65,7 +66,7 @@ def export_sidecars(
 
 def _write_sidecar(row: Mapping[str, Any], ext: str, overwrite: bool, opts: Options) -> int | str:
     """Write one sidecar: 1 when written, else the reason it was skipped."""
-    reason = caption_skip(row, opts.exclude_flags)
+    reason = caption_skip(row, opts.exclude_flags, task=opts.task)
     if reason is not None:
         return reason
     assert opts.local is not None
@@ -79,7 +80,8 @@ def _write_sidecar(row: Mapping[str, Any], ext: str, overwrite: bool, opts: Opti
         with opts.local.folder(os.path.dirname(image) or ".") as folder:
             # No directory fsync per sidecar: a rename lost to a power cut only means a re-export, never a
             # partial file, and one fsync per directory entry would make million-image exports crawl.
-            written = write_beside(folder, name, (caption_text(row) + "\n").encode(), overwrite=overwrite)
+            text = task_caption(row, opts.task) or ""
+            written = write_beside(folder, name, (text + "\n").encode(), overwrite=overwrite)
     except ItemError as exc:
         return file_skip(exc)
     return 1 if written else "exists"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from common.errors import FetchError, Forbidden, ItemError, TooLarge
-from common.messages import is_url
+from common.messages import caption_of, is_url
 from common.uris import is_object_uri
 from media.paths import LocalFiles
 
@@ -85,6 +85,10 @@ class Options:
     #: Reads a container for webdataset exports (None: its members are skipped as container_member).
     containers: ContainerReader | None = None
     skipped: Counter[str] = field(default_factory=Counter)
+    #: The job's task names: the flat formats' ``caption_<name>`` columns (exports/captions.py).
+    tasks: tuple[str, ...] = ()
+    #: The task whose caption the caption formats write (None: the row's caption, or its correction).
+    task: str | None = None
 
 
 def kept(rows: Iterable[Any], skipped: Counter[str], take: Callable[[Mapping[str, Any]], T | str]) -> Iterator[T]:
@@ -147,12 +151,20 @@ def caption_text(row: Mapping[str, Any]) -> str:
 
 
 def caption_skip(
-    row: Mapping[str, Any], exclude_flags: frozenset[str], *, remote: bool = False, members: bool = False
+    row: Mapping[str, Any],
+    exclude_flags: frozenset[str],
+    *,
+    remote: bool = False,
+    members: bool = False,
+    task: str | None = None,
 ) -> str | None:
     """Why a row gives no caption entry, or None when it does. ``remote``: URLs and objects are read again;
-    ``members``: members of containers are repacked (else skipped: their names are not paths)."""
+    ``members``: members of containers are repacked (else skipped: their names are not paths); ``task``: the row
+    must have that task's caption (else ``no_task``)."""
     if str(row.get("status")) != "ok" or row.get("caption") is None:
         return "not_ok"
+    if task is not None and caption_of(dict(row), task) is None:
+        return "no_task"
     if row.get("mark") == "rejected":
         return "rejected"
     if exclude_flags:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from common.errors import ConfigError
+from exports.captions import COLUMN_PREFIX, task_cells, task_columns
 from exports.rows import FLAT_COLUMNS, INT_COLUMNS, Options, as_mapping, coerce, flatten_row
 
 #: Formats a reader exists for (the caption formats hold captions only; a ``metadata.jsonl`` is plain JSON Lines and
@@ -30,13 +31,14 @@ def write_jsonl(rows: Iterable[Mapping[str, Any]], fh: IO[str], _opts: Options) 
     return count
 
 
-def write_csv(rows: Iterable[Mapping[str, Any]], fh: IO[str], _opts: Options) -> int:
+def write_csv(rows: Iterable[Mapping[str, Any]], fh: IO[str], opts: Options) -> int:
     writer = csv.writer(fh, quoting=csv.QUOTE_MINIMAL)
-    writer.writerow(FLAT_COLUMNS)
+    writer.writerow(FLAT_COLUMNS + task_columns(opts.tasks))
     count = 0
     for row in rows:
         flat = flatten_row(row)
-        writer.writerow(["" if flat[name] is None else _cell(flat[name]) for name in FLAT_COLUMNS])
+        cells = [flat[name] for name in FLAT_COLUMNS] + task_cells(as_mapping(row), opts.tasks)
+        writer.writerow(["" if value is None else _cell(value) for value in cells])
         count += 1
     fh.flush()
     return count
@@ -58,31 +60,32 @@ def _uncell(value: str | None) -> str | None:
     return value
 
 
-def _parquet_schema() -> Any:
+def _parquet_schema(tasks: tuple[str, ...] = ()) -> Any:
     import pyarrow as pa  # imported here: only Parquet needs it, and it is a heavy import for the CLI
 
-    types = {name: pa.string() for name in FLAT_COLUMNS}
+    types = {name: pa.string() for name in FLAT_COLUMNS + task_columns(tasks)}
     types.update({name: pa.int32() for name in INT_COLUMNS})
     types["finished_at"] = types["reviewed_at"] = pa.float64()  # Unix seconds, as ItemResult records them
-    return pa.schema([pa.field(name, types[name], nullable=True) for name in FLAT_COLUMNS])
+    return pa.schema([pa.field(name, kind, nullable=True) for name, kind in types.items()])
 
 
 def write_parquet(rows: Iterable[Mapping[str, Any]], path: Path, opts: Options) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = _parquet_schema()
+    schema = _parquet_schema(opts.tasks)
     count = 0
     with pq.ParquetWriter(str(path), schema, compression="zstd") as writer:
-        columns: dict[str, list[Any]] = {name: [] for name in FLAT_COLUMNS}
+        columns: dict[str, list[Any]] = {name: [] for name in schema.names}
         for row in rows:
             flat = flatten_row(row)
-            for name in FLAT_COLUMNS:
+            flat.update(zip(task_columns(opts.tasks), task_cells(as_mapping(row), opts.tasks), strict=True))
+            for name in schema.names:
                 columns[name].append(flat[name])
             count += 1
             if len(columns["id"]) >= opts.batch_rows:
                 writer.write_batch(pa.record_batch(list(columns.values()), schema=schema))
-                columns = {name: [] for name in FLAT_COLUMNS}
+                columns = {name: [] for name in schema.names}
         if columns["id"] or count == 0:
             # An empty export still gets one (empty) batch so the file carries its schema.
             writer.write_batch(pa.record_batch(list(columns.values()), schema=schema))
@@ -116,18 +119,21 @@ def _read_csv(path: Path) -> Iterator[dict[str, Any]]:
     # Files written before a column existed (flags) read it as None.
     with open(path, encoding="utf-8", newline="") as fh:
         for record in csv.DictReader(fh):
-            yield {name: coerce(name, _uncell(record.get(name)) or None) for name in FLAT_COLUMNS}
+            row = {name: coerce(name, _uncell(record.get(name)) or None) for name in FLAT_COLUMNS}
+            row.update({k: _uncell(v) or None for k, v in record.items() if k.startswith(COLUMN_PREFIX)})
+            yield row
 
 
 def _read_parquet(path: Path) -> Iterator[dict[str, Any]]:
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(path)
-    present = [name for name in FLAT_COLUMNS if name in parquet.schema_arrow.names]
+    tasks = [name for name in parquet.schema_arrow.names if name.startswith(COLUMN_PREFIX)]
+    present = [name for name in FLAT_COLUMNS if name in parquet.schema_arrow.names] + tasks
     missing = dict.fromkeys(name for name in FLAT_COLUMNS if name not in present)  # older files lack flags
     try:
         for batch in parquet.iter_batches(batch_size=10_000, columns=present):
             for record in batch.to_pylist():
-                yield {name: record[name] if name in record else missing[name] for name in FLAT_COLUMNS}
+                yield {name: record[name] if name in record else missing[name] for name in [*FLAT_COLUMNS, *tasks]}
     finally:
         parquet.close()

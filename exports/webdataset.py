@@ -18,12 +18,12 @@ from typing import Any
 from common.errors import ConfigError, ItemError
 from common.messages import TAR_SUFFIXES, is_url
 from common.uris import is_object_uri
+from exports.captions import task_caption, task_members
 from exports.place import check_target, fsync_path, is_regular, move_into_place
 from exports.rows import (
     ExportSummary,
     Options,
     caption_skip,
-    caption_text,
     container_member,
     file_skip,
     kept,
@@ -82,7 +82,7 @@ def _repack(container: str, by_key: dict[str, Mapping[str, Any]], out: _ShardSet
             if isinstance(data, ItemError):
                 opts.skipped[file_skip(data)] += 1
                 continue
-            out.add(str(row["id"]), _members(row, ext, data), mtime=float(row.get("finished_at") or 0))
+            out.add(str(row["id"]), _members(row, ext, data, opts.task), mtime=float(row.get("finished_at") or 0))
             count += 1
     except ItemError as exc:  # the container could not be opened or fetched
         opts.skipped[file_skip(exc)] += len(by_key)
@@ -164,7 +164,7 @@ def _sample(row: Mapping[str, Any], opts: Options) -> list[tuple[str, bytes]] | 
     image = str(row.get("ref") or "")
     container = container_member(image)
     refetch = opts.remote is not None or container is not None
-    reason = caption_skip(row, opts.exclude_flags, remote=refetch, members=True)
+    reason = caption_skip(row, opts.exclude_flags, remote=refetch, members=True, task=opts.task)
     if reason is not None:
         return reason
     if not _SAFE_KEY.fullmatch(str(row.get("id") or "")):
@@ -193,13 +193,15 @@ def _sample(row: Mapping[str, Any], opts: Options) -> list[tuple[str, bytes]] | 
         return file_skip(exc)
     except OSError:
         return "unreadable"
-    return _members(row, ext, data)
+    return _members(row, ext, data, opts.task)
 
 
-def _members(row: Mapping[str, Any], ext: str, data: bytes) -> list[tuple[str, bytes]]:
-    """A sample's members: the image, its caption (``txt``) and its row (``json``)."""
+def _members(row: Mapping[str, Any], ext: str, data: bytes, task: str | None = None) -> list[tuple[str, bytes]]:
+    """A sample's members: the image, its caption (``txt``), its row (``json``) and each task's caption
+    (``<task>.txt``)."""
     row_json = json.dumps(row, ensure_ascii=False, separators=(",", ":"), default=str)
-    return [(ext, data), ("txt", caption_text(row).encode()), ("json", row_json.encode())]
+    text = task_caption(row, task) or ""
+    return [(ext, data), ("txt", text.encode()), ("json", row_json.encode()), *task_members(row)]
 
 
 class _ShardSet:

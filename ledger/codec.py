@@ -119,6 +119,27 @@ def put_extra(row: dict[str, Any], extra: dict[str, Any] | None) -> None:
         row["extra"] = extra
 
 
+# --- several captions per item (jobs with tasks) --------------------------------------------------
+# The tasks' names are in the job's provenance table (the params), so a row stores only the texts of the tasks after
+# the first, in order (the first is the caption); rows of one-task and task-less jobs store nothing more.
+
+
+def task_names(table: list[Provenance], index: int | None) -> list[str]:
+    """The task names of a row's provenance, in order ([] when its job asked one caption without tasks)."""
+    prov = table[index] if index is not None and 0 <= index < len(table) else None
+    tasks = prov.params.tasks if prov is not None and prov.params is not None else None
+    return [t.name for t in tasks or ()]
+
+
+def other_captions(row: ItemResult) -> list[str] | None:
+    """The captions a row stores besides its caption: those of its second and later tasks (None when it has none)."""
+    tasks = row.params.tasks if row.params is not None else None
+    if row.status is not ItemStatus.OK or not tasks or len(tasks) < 2:
+        return None
+    captions = row.captions or {}
+    return [captions.get(t.name, "") for t in tasks[1:]]
+
+
 def add_provenance(row: dict[str, Any], table: list[Provenance], index: int | None) -> None:
     """A row's model version, parameters and profile, from its job's provenance table."""
     prov = table[index] if index is not None and 0 <= index < len(table) else Provenance(None, None)

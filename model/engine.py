@@ -436,8 +436,12 @@ class CaptionEngine:
         """One caption per row of ``pixel_values``, in order; a count mismatch raises ``EngineError``."""
         return [c.text for c in self.generate_detailed(pixel_values, params)]
 
-    def generate_detailed(self, pixel_values: torch.Tensor, params: GenParams) -> list[Generated]:
-        """Like ``generate``, with each caption's length in tokens and whether it ended on its own (EOS)."""
+    def generate_detailed(
+        self, pixel_values: torch.Tensor, params: GenParams, seeds: list[int] | None = None
+    ) -> list[Generated]:
+        """Like ``generate``, with each caption's length in tokens and whether it ended on its own (EOS).
+
+        ``seeds``: one per row when ``params`` sample (see ``_sample_ids``); greedy and beam search ignore them."""
         if pixel_values.ndim != 4:
             raise EngineError(f"pixel_values must be (batch, 3, H, W), got shape {tuple(pixel_values.shape)}")
         count = int(pixel_values.shape[0])
@@ -447,7 +451,10 @@ class CaptionEngine:
             raise EngineError(f"max_length {params.max_length} exceeds the model's {self._max_positions} positions")
         try:
             with torch.inference_mode():
-                sequences = self._generate_ids(pixel_values, params)
+                if params.sampling:
+                    sequences = self._sample_ids(pixel_values, params, seeds or [0] * count)
+                else:
+                    sequences = self._generate_ids(pixel_values, params)
         except torch.OutOfMemoryError:
             # Give the cached blocks back before the batcher halves the batch and tries again.
             if self.device.type == "cuda":
@@ -509,6 +516,26 @@ class CaptionEngine:
             kwargs["input_ids"] = input_ids
             kwargs["attention_mask"] = torch.ones_like(input_ids)
         # The KV cache stays on (never use_cache=False): without it the image encoder re-runs every step.
+        return self.model.generate(**kwargs)
+
+    def _sample_ids(self, pixel_values: torch.Tensor, params: GenParams, seeds: list[int]) -> torch.Tensor:
+        """Sampled captions in one batched call: each row draws its tokens from its own generator (``RowSampler``),
+        so an image's caption depends on its seed alone, never on the batch it shares."""
+        count = int(pixel_values.shape[0])
+        if len(seeds) != count:
+            raise EngineError(f"{len(seeds)} seeds for {count} images")
+        sampler = RowSampler(seeds, params.temperature or 1.0, params.top_p or 1.0)
+        # Greedy over the sampler's output, which leaves one token per row: the checkpoint's own sampling settings
+        # (top_k, temperature) never apply, so the params recorded with each row determine its caption.
+        kwargs: dict[str, Any] = {
+            "pixel_values": pixel_values.to(device=self.device, dtype=self.dtype, non_blocking=True),
+            "max_length": params.max_length, "num_beams": 1, "do_sample": False, "num_return_sequences": 1,
+            "logits_processor": [sampler],
+        }  # fmt: skip
+        if params.prompt:
+            input_ids = self.prompt_ids(params.prompt).to(self.device).repeat(count, 1)
+            kwargs["input_ids"] = input_ids
+            kwargs["attention_mask"] = torch.ones_like(input_ids)
         return self.model.generate(**kwargs)
 
     def _decode(self, sequences: torch.Tensor) -> list[str]:
@@ -618,3 +645,38 @@ def _load_error(model: str, exc: Exception) -> ModelLoadError:
             "Use a revision that has model.safetensors, or convert the weights where they are trusted"
         )
     return ModelLoadError(f"model {model!r} could not be loaded: {type(exc).__name__}: {exc}")
+
+
+class RowSampler:
+    """A logits processor that samples every row of a batch with its own ``torch.Generator`` (seeded per caption):
+    the row's scores over ``temperature``, softmax, cut to the smallest set of tokens whose probability reaches
+    ``top_p``, then one uniform draw (``torch.rand``) turned into a token through the cumulative probabilities, on
+    the CPU. It returns scores that keep only the drawn token, for
+    greedy decoding to take. A row draws once per step whatever its batch-mates do, so its caption is the same
+    alone or in any batch."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float) -> None:
+        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = nucleus(torch.softmax(scores.float().cpu() / self.temperature, dim=-1), self.top_p)
+        # One uniform draw per row from its own generator, then the token where the row's cumulative probability
+        # passes it (inverse transform sampling: one vectorised search instead of a multinomial per row).
+        draws = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators])
+        cdf = probs.double().cumsum(dim=-1)
+        picks = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True).clamp_(max=probs.shape[-1] - 1)
+        out = torch.full_like(scores, float("-inf"))
+        out.scatter_(1, picks.to(scores.device), 0.0)
+        return out
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``probs`` (rows of a softmax) with the tokens outside each row's top-p nucleus set to 0: the most probable
+    tokens are kept until their total reaches ``top_p`` (the one that crosses it included)."""
+    if top_p >= 1.0:
+        return probs
+    ordered, order = probs.sort(dim=-1, descending=True)
+    before = ordered.cumsum(dim=-1) - ordered  # the probability of the tokens ranked above each one
+    ordered = ordered.masked_fill(before >= top_p, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, ordered)

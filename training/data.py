@@ -369,3 +369,42 @@ def dataset_fingerprint(examples: list[Example]) -> str:
     for image, captions in sorted((ex.image, tuple(ex.captions)) for ex in examples):
         digest.update(json.dumps([image, list(captions)], ensure_ascii=False).encode() + b"\n")
     return digest.hexdigest()[:16]
+
+
+# --- a caption job's captions (teacher -> student) -------------------------------------------------------------
+
+
+def job_examples(ledger: Any, job_id: str, *, task: str | None = None, reviewed_only: bool = False) -> list[Example]:
+    """The captions of a caption job as examples: its ok rows (or, ``reviewed_only``, the rows a reviewer corrected
+    or accepted), each image with the caption of ``task`` (default: the row's caption, or its correction).
+
+    What the review page's "fine-tune from corrections" exports, read from the ledger by the training worker itself
+    (no folder to share). Rows a reviewer rejected are left out; so are images that are not a local file or an
+    http(s) URL (inline bytes, objects in a store, members of shards: not readable by training), with a count.
+    """
+    from common.messages import ItemStatus, JobKind, caption_of
+
+    info = ledger.job(job_id)
+    if info.kind is not JobKind.CAPTION:
+        raise ConfigError(f"job {job_id} is a {info.kind.value} job; give a caption job to learn its captions")
+    names = [t.name for t in (info.params.tasks if info.params is not None and info.params.tasks else ())]
+    if task is not None and task not in names:
+        raise ConfigError(f"job {job_id} has no task {task!r} (its tasks: {', '.join(names) or 'none'})")
+    rows = ledger.reviewed(job_id) if reviewed_only else ledger.iter_status(job_id, ItemStatus.OK)
+    examples, unreadable = [], 0
+    for row in rows:
+        if row.get("status") != ItemStatus.OK.value or row.get("mark") == "rejected":
+            continue
+        text = caption_of(row, task)
+        ref = str(row.get("ref") or "")
+        if not _URL.match(ref) and not os.path.isabs(ref):
+            unreadable += 1
+            continue
+        if text and text.strip():
+            examples.append(Example(image=ref, captions=[text.strip()]))
+    if unreadable:
+        log.warning("job %s: %d row(s) left out: their images are not local files or http(s) URLs", job_id, unreadable)
+    if not examples:
+        which = "reviewed (corrected or accepted)" if reviewed_only else "captioned"
+        raise SourceError(f"job {job_id} has no {which} row with a readable image to learn from")
+    return _merge(examples)

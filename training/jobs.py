@@ -193,9 +193,8 @@ def _fine_tune(
     from training import distributed
     from training.checkpoints import quiet_progress_bars
     from training.config import TrainConfig
-    from training.data import dataset_fingerprint, load_examples, split_examples
+    from training.data import dataset_fingerprint, split_examples
     from training.finetune import TrainStatus
-    from training.pixels import local_image_policy
 
     quiet_progress_bars()
     cfg = TrainConfig.from_dict(req.config)
@@ -207,7 +206,7 @@ def _fine_tune(
     done = {"job_id": req.job_id}
     version = _stored_version(store, ledger, req.job_id)  # a crash after step 4: never store it twice
     if version is None:
-        examples = load_examples(req.dataset, column=req.column, text_column=req.text_column)  # 2.
+        examples = _examples(ledger, req)  # 2.
         train_set, eval_set = split_examples(examples, cfg.test_fraction, cfg.seed)
         run_dir = store.root / ".runs" / req.job_id
 
@@ -223,7 +222,7 @@ def _fine_tune(
         result = distributed.run(cfg, train_set, eval_set, run_dir, on_progress=progress,  # 3.
                                  processes=cfg.num_processes or settings.train_processes,
                                  should_stop=lambda: SHUTTING_DOWN.is_set() or beat.cancelled(), lost=beat.lost,
-                                 image_policy=local_image_policy(examples, settings),
+                                 image_policy=_image_policy(examples, settings, req),
                                  torch_threads=settings.torch_threads)  # fmt: skip
         if result.status is TrainStatus.CANCELLED and not beat.cancelled():
             log.info("training job %s interrupted at step %d by the worker's shutdown; the next training worker "
@@ -279,6 +278,24 @@ def _score_both(settings: Settings, store: ModelStore, version: str, dataset: st
         report = run_evaluate(settings, EvaluateRequest(version=v, dataset=dataset))
         scored[name] = {"version": v, metric: report.get(metric)}
     return scored
+
+
+def _examples(ledger: Ledger, req: TrainRequest) -> list[Any]:
+    """The request's dataset, or the captions of its caption job (from_job), as examples."""
+    from training.data import job_examples, load_examples
+
+    if req.from_job is not None:
+        return job_examples(ledger, req.from_job, task=req.task, reviewed_only=req.reviewed_only)
+    return load_examples(req.dataset, column=req.column, text_column=req.text_column)
+
+
+def _image_policy(examples: list[Any], settings: Settings, req: TrainRequest) -> Any:
+    """How training reads images: a dataset's in its own folders; a caption job's by the caption workers' rules
+    (CAPTIONER_ALLOWED_ROOTS), checked again now, since its references came from whoever enqueued the job."""
+    from media.images import ImagePolicy
+    from training.pixels import local_image_policy
+
+    return ImagePolicy.from_settings(settings) if req.from_job is not None else local_image_policy(examples, settings)
 
 
 def _stored_version(store: ModelStore, ledger: Ledger, job_id: str) -> str | None:

@@ -30,7 +30,8 @@ def check_train_request(req: TrainRequest) -> None:
 
 
 def is_hub_id(dataset: str) -> bool:
-    return not os.path.exists(dataset) and not dataset.startswith((".", "/", "~"))
+    # "job:<id>" names a caption job (from_job), read from the ledger.
+    return not os.path.exists(dataset) and not dataset.startswith((".", "/", "~", "job:"))
 
 
 def needs_worker_check(req: TrainRequest) -> bool:

@@ -7,6 +7,7 @@ loaded once, lazily, on first use (or by ``warm_up`` when the worker starts).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -20,7 +21,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from common.errors import Cancelled, EngineError, FetchError, InvalidInput, ItemError
-from common.messages import GenParams, ItemResult, ItemStatus, Source, item_id
+from common.messages import QUALITY_FLAGS, GenParams, ItemResult, ItemStatus, Source, item_id, task_seed
 from common.settings import Settings
 from common.store import ModelStore, resolve_model
 from media.containers import Blob
@@ -73,6 +74,20 @@ class Captioned(NamedTuple):
     profile: str | None = None  # the speed pieces the batch ran with ("exact", "fast:sdpa,compile")
     family: str | None = None  # the model family, when not GIT ("blip", "llava"...)
     confidence: float | None = None  # mean token log-probability (the fast decoder measures it)
+    captions: dict[str, str] | None = None  # every task's caption by name (params with tasks)
+
+
+class Sampled(NamedTuple):
+    """A prepared image whose captions are sampled: its pixels, and the item id its seeds derive from."""
+
+    pixels: Any
+    item: str
+
+
+def reusable(params: GenParams) -> bool:
+    """Whether a caption may be reused across items with the same bytes: not for several tasks (the cache keeps
+    one caption), not when sampling (an item's caption follows its own seed)."""
+    return not params.tasks and not params.sampling
 
 
 class ReuseCache(Protocol):
@@ -235,20 +250,37 @@ class CaptionService:
         if self.settings.fault_oom_above and len(items) > self.settings.fault_oom_above:
             raise MemoryError(f"out of memory (injected: batch {len(items)} > {self.settings.fault_oom_above})")
         started = time.perf_counter()
+        ids = [it.item for it in items] if params.sampling else []
+        pixels = [it.pixels for it in items] if params.sampling else items
+        # One model call per task, each with its own prompt (and seeds), over the same images.
+        per_task = []
         with self.gate.generation():
-            generated = engine.generate_detailed(engine.stack(items), params)
+            stacked = engine.stack(pixels)
+            for task in params.tasks or (None,):
+                call = params.for_task(task) if task is not None else params
+                if params.sampling:
+                    name = task.name if task is not None else None
+                    seeds = [task_seed(params.seed or 0, iid, name) for iid in ids]
+                    per_task.append(engine.generate_detailed(stacked, call, seeds))
+                else:
+                    per_task.append(engine.generate_detailed(stacked, call))
         batch_ms = round((time.perf_counter() - started) * 1000, 2)
         profile = getattr(engine, "profile", None)  # after the batch: a piece that failed in it is not counted
         if profile != self._reported_profile:
             self._reported_profile = profile
             metrics.set_model(engine.version, str(engine.device), str(engine.dtype).removeprefix("torch."), profile)
         out = []
-        for gen in generated:
-            # A caption that ended on its own is not cut, even when its end token fell on the last position.
-            tokens = gen.tokens - 1 if gen.ended else gen.tokens
-            flags = quality_flags(gen.text, generated_tokens=tokens, max_length=params.max_length) or None
-            out.append(Captioned(gen.text, engine.version, flags, batch_ms, profile=profile, family=_family(engine),
-                                 confidence=getattr(gen, "confidence", None)))  # fmt: skip
+        for gens in zip(*per_task, strict=True):
+            found: set[str] = set()
+            for gen in gens:
+                # A caption that ended on its own is not cut, even when its end token fell on the last position.
+                tokens = gen.tokens - 1 if gen.ended else gen.tokens
+                found.update(quality_flags(gen.text, generated_tokens=tokens, max_length=params.max_length))
+            # Flags of any task's caption: a retry of flagged items captions every task again.
+            flags = [f for f in QUALITY_FLAGS if f in found] or None
+            captions = {t.name: g.text for t, g in zip(params.tasks, gens, strict=True)} if params.tasks else None
+            out.append(Captioned(gens[0].text, engine.version, flags, batch_ms, profile=profile, family=_family(engine),
+                                 confidence=getattr(gens[0], "confidence", None), captions=captions))  # fmt: skip
         return out
 
     def decode_slots(self) -> int:
@@ -285,7 +317,7 @@ class CaptionService:
         return read_source(src, self.policy, guard=self.fetches)
 
     def _prepare(
-        self, src: ItemSource, params: GenParams, group: Hashable | None
+        self, iid: str, src: ItemSource, params: GenParams, group: Hashable | None
     ) -> tuple[Future[Any], float, bytes | None]:
         """Fetch, decode and preprocess one image, then queue it for a batch: (caption future, load ms, digest).
 
@@ -297,7 +329,7 @@ class CaptionService:
             os._exit(137)  # as abrupt as the OOM killer or a segfaulting decoder
         digest, own = None, None
         try:
-            if self.reuse is None:
+            if self.reuse is None or not reusable(params):
                 pixels = self._decode(self._read(src))
             else:
                 data = self._read(src)
@@ -313,7 +345,8 @@ class CaptionService:
                     self.batcher.arrived()
                     return twin, (time.perf_counter() - started) * 1000, None
                 pixels = self._decode(data)
-            future = self._queue(pixels, params, group)
+            item = Sampled(pixels, iid) if params.sampling else pixels
+            future = self._queue(item, params, group)
         except BaseException as exc:
             self.batcher.arrived()  # announced in caption_items, and not coming: batches stop waiting for it
             if own is not None:  # items with the same bytes waiting on this one fail the same way
@@ -329,24 +362,44 @@ class CaptionService:
         engine = self.engine
         if not hasattr(engine, "submit"):
             return self.batcher.submit(pixels, params, group=group, expected=True)
+        if isinstance(pixels, Sampled):  # the server samples by the request's own parameters (seed included)
+            pixels = pixels.pixels
+        calls = [params.for_task(t) for t in params.tasks] if params.tasks else [params]
         out: Future[Any] = Future()
         started = time.perf_counter()
+        answers: list[Any] = [None] * len(calls)
+        waiting = [len(calls)]
+        lock = threading.Lock()
 
-        def settle(done: Future[Any]) -> None:
-            if done.cancelled():  # the engine was closed with the request still queued: it goes back for later
-                out.set_exception(FetchError("abandoned, the worker is stopping", transient=True))
-                return
-            exc = done.exception()
-            if exc is not None:
-                out.set_exception(exc if isinstance(exc, ItemError) else EngineError(f"{type(exc).__name__}: {exc}"))
-                return
-            gen, took = done.result(), time.perf_counter() - started
+        def settle(index: int, done: Future[Any]) -> None:
+            with lock:
+                if out.done():
+                    return
+                if done.cancelled():  # the engine was closed with the request still queued: it goes back for later
+                    out.set_exception(FetchError("abandoned, the worker is stopping", transient=True))
+                    return
+                exc = done.exception()
+                if exc is not None:
+                    error = exc if isinstance(exc, ItemError) else EngineError(f"{type(exc).__name__}: {exc}")
+                    out.set_exception(error)
+                    return
+                answers[index] = done.result()
+                waiting[0] -= 1
+                if waiting[0]:
+                    return
+            took = time.perf_counter() - started
             metrics.observe_batch(1, took)
-            tokens = gen.tokens - 1 if gen.ended else gen.tokens
-            flags = quality_flags(gen.text, generated_tokens=tokens, max_length=params.max_length) or None
-            out.set_result(Captioned(gen.text, engine.version, flags, round(took * 1000, 2)))
+            found: set[str] = set()
+            for gen in answers:
+                tokens = gen.tokens - 1 if gen.ended else gen.tokens
+                found.update(quality_flags(gen.text, generated_tokens=tokens, max_length=params.max_length))
+            flags = [f for f in QUALITY_FLAGS if f in found] or None
+            captions = {t.name: g.text for t, g in zip(params.tasks, answers, strict=True)} if params.tasks else None
+            out.set_result(Captioned(answers[0].text, engine.version, flags, round(took * 1000, 2),
+                                     family=_family(engine), captions=captions))  # fmt: skip
 
-        engine.submit(pixels, params).add_done_callback(settle)
+        for index, call in enumerate(calls):
+            engine.submit(pixels, call).add_done_callback(functools.partial(settle, index))
         self.batcher.arrived()  # announced in caption_items; it went to the engine, not into a batch
         return out
 
@@ -435,7 +488,7 @@ class CaptionService:
         self.batcher.expect(len(items))
         # A copy of this thread's context per item: decode threads log with the task's job and task ids.
         prepared = [
-            self._pool.submit(copy_context().run, self._prepare, src, params, ("alone", iid) if alone else None)
+            self._pool.submit(copy_context().run, self._prepare, iid, src, params, ("alone", iid) if alone else None)
             for iid, src in items
         ]
         rows: list[ItemResult] = []
@@ -458,6 +511,7 @@ class CaptionService:
                     status=ItemStatus.OK,
                     caption=done.caption,
                     flags=done.flags,
+                    captions=done.captions,
                     model_version=done.version,
                     reused=done.reused or None,
                     profile=done.profile,
@@ -474,12 +528,11 @@ class CaptionService:
 
     @staticmethod
     def _no_room(engine: CaptionEngine, params: GenParams) -> InvalidInput | None:
-        """Parameters the model can only fail on: the start token and the prompt's tokens fill max_length."""
+        """Parameters the model can only fail on: the start token and a prompt's tokens fill max_length."""
         if hasattr(engine, "refuses"):  # an engine without a tokenizer here (an endpoint) says itself
             return engine.refuses(params)  # type: ignore[no-any-return]
-        if not params.prompt:
-            return None  # the start token alone: GenParams keeps max_length at 2 or more
-        used = int(engine.prompt_ids(params.prompt).shape[-1])
+        # The start token alone fits: GenParams keeps max_length at 2 or more.
+        used = max((int(engine.prompt_ids(p).shape[-1]) for p in params.prompts() if p), default=0)
         if used < params.max_length:
             return None
         return InvalidInput(

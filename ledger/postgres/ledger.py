@@ -24,7 +24,7 @@ from ledger.records import Attempt, ItemFilter, JobInfo, Page, Recorded, bad_cur
 _STATUS_CHAR = {ItemStatus.OK: "o", ItemStatus.ERROR: "e", ItemStatus.CANCELLED: "c"}
 _CHAR_STATUS = {v: k for k, v in _STATUS_CHAR.items()}
 _COUNTER = {"o": "n_ok", "e": "n_error", "c": "n_cancelled"}
-_ROW_COLUMNS = "id, ref, status, caption, error, error_class, pv, attempts, finished, flagbits, extra, review"
+_ROW_COLUMNS = "id, ref, status, caption, error, error_class, pv, attempts, finished, flagbits, extra, review, captions"
 
 
 class PostgresLedger(Ledger):
@@ -338,8 +338,8 @@ class PostgresLedger(Ledger):
                 conn.cursor().executemany(
                     self._sql(
                         "UPDATE {s}.items SET ref = %s, status = %s, caption = %s, error = %s, error_class = %s, "
-                        "pv = %s, attempts = %s, finished = %s, flagbits = %s, extra = %s, att_started = 0, "
-                        "att_finished = 0, att_alone = 0 WHERE job_id = %s AND id = %s"
+                        "pv = %s, attempts = %s, finished = %s, flagbits = %s, extra = %s, captions = %s, "
+                        "att_started = 0, att_finished = 0, att_alone = 0 WHERE job_id = %s AND id = %s"
                     ),
                     updates,
                 )
@@ -609,6 +609,7 @@ def _item_values(
         round(row.finished_at, 1) if row.finished_at else None,  # the precision the Redis rows keep
         bits,
         text.object_in(extra) if (extra := codec.extra_with_confidence(row)) else None,
+        text.object_in(others) if (others := codec.other_captions(row)) is not None else None,
         job_id,
         raw,
     )
@@ -616,7 +617,7 @@ def _item_values(
 
 def _row_from_columns(values: tuple[Any, ...], base: str, table: list[codec.Provenance]) -> dict[str, Any]:
     """An items table row as the row dict the Redis ledger gives for the same item."""
-    raw, ref, status, caption, error, error_class, pv, attempts, finished, bits, extra, review = values
+    raw, ref, status, caption, error, error_class, pv, attempts, finished, bits, extra, review, others = values
     escaped = bool(bits & text.ESCAPED_BIT)
     ref, caption, error = text.text_out(ref, escaped), text.text_out(caption, escaped), text.text_out(error, escaped)
     row: dict[str, Any] = {"id": codec.id_text(bytes(raw)), "ref": codec.unpack_ref(ref, base)}
@@ -638,6 +639,8 @@ def _row_from_columns(values: tuple[Any, ...], base: str, table: list[codec.Prov
     if finished:
         row["finished_at"] = float(finished)
     codec.put_extra(row, text.object_out(extra) if extra else None)
+    if status == "o" and (names := codec.task_names(table, pv)):
+        row["captions"] = dict(zip(names, [caption, *(text.object_out(others) or ())], strict=False))
     if review:
         row.update(codec.decode_review(bytes(review)))
     return row

@@ -24,6 +24,8 @@ from ledger import codec
 FLAG_COLUMNS = {name: f"f_{name}" for name in codec.FLAG_BITS}
 #: The tables, in the order they are created (the last one's presence says the schema is complete).
 TABLES = ("jobs", "items", "containers", "review_log", "locks", "reuse")
+#: The items column added last: a schema without it gets the statements again (each one IF NOT EXISTS).
+NEWEST_COLUMN = "captions"
 
 SCHEMA = """
 CREATE SCHEMA IF NOT EXISTS {s};
@@ -77,6 +79,8 @@ CREATE TABLE IF NOT EXISTS {s}.containers (
   spec text NOT NULL,
   PRIMARY KEY (job_id, id)
 );
+-- The captions of a row's second and later tasks (codec.other_captions); added to tables made before it existed.
+ALTER TABLE {s}.items ADD COLUMN IF NOT EXISTS captions jsonb;
 CREATE TABLE IF NOT EXISTS {s}.review_log (
   job_id text NOT NULL REFERENCES {s}.jobs (id) ON DELETE CASCADE,
   id bytea NOT NULL,
@@ -121,7 +125,11 @@ def tables_exist(conn: Any, schema: str) -> bool:
     (every statement is IF NOT EXISTS), once."""
     names = [f"{schema}.{t}" for t in TABLES]
     found = conn.execute("SELECT bool_and(to_regclass(n) IS NOT NULL) FROM unnest(%s::text[]) AS n", (names,))
-    return bool(found.fetchone()[0])
+    if not found.fetchone()[0]:
+        return False
+    newest = conn.execute("SELECT 1 FROM information_schema.columns WHERE table_schema = %s AND table_name = 'items' "
+                          "AND column_name = %s", (schema, NEWEST_COLUMN))  # fmt: skip
+    return newest.fetchone() is not None
 
 
 def create(conn: Any, schema: str) -> None:

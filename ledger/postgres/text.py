@@ -94,8 +94,9 @@ def json_text(value: Any) -> tuple[str, bool]:
     return text, _JSON_UNSAFE.search(text) is not None
 
 
-def object_in(value: dict[str, Any] | None) -> str | None:
-    """A JSON object (``extra``, ``params``) as jsonb input: itself, or a jsonb string of its JSON text."""
+def object_in(value: dict[str, Any] | list[Any] | None) -> str | None:
+    """A JSON object or list (``extra``, ``params``, later tasks' captions) as jsonb input: itself, or a jsonb
+    string of its JSON text."""
     if value is None:
         return None
     text, wrap = json_text(value)

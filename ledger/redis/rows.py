@@ -4,15 +4,16 @@ as few bytes as the caption allows (the 60-character caption of a typical row fi
 A stored row is a header byte, four varints, the reference, and the text (the caption, or the error message),
 which runs to the end of the value::
 
-    header | provenance | attempts | finished | ref length | ref | [error class] | [extra] | text
+    header | provenance | attempts | finished | ref length | ref | [error class] | [extra] | [captions] | text
 
 The header holds the status (2 bits), the quality flags (3 bits) and the transient, reused and has-extra marks,
 so the ledger's Lua scripts read an item's status and flags from one byte. ``provenance`` indexes the job's
 table of (model version, parameters, profile) triples. ``finished`` is tenths of a second after the job's
 creation, plus one (0: not recorded). ``ref`` is stored relative to the job's base when it lies under it (else
 NUL and the full reference). ``error class`` indexes ``ITEM_ERROR_CODES``. ``extra`` (columns a source row
-carries to the export) is a length and a msgpack map. Timings are not stored: the worker's logs and metrics have
-them.
+carries to the export) is a length and a msgpack map. ``captions`` (ok rows of jobs with two or more tasks: the
+captions of the tasks after the first, whose names the provenance's params hold) is a length and a msgpack list.
+Timings are not stored: the worker's logs and metrics have them.
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ def encode(row: ItemResult, *, base: str, created: float, provenance: int) -> by
     if row.extra:
         packed = msgpack.packb(row.extra, use_bin_type=True)
         out += [_varint(len(packed)), packed]
+    others = codec.other_captions(row)
+    if others is not None:
+        packed = msgpack.packb(others, use_bin_type=True)
+        out += [_varint(len(packed)), packed]
     text = row.caption if row.status is ItemStatus.OK else row.error
     out.append((text or "").encode("utf-8", "surrogateescape"))  # an error naming a file that is not UTF-8
     return b"".join(out)
@@ -102,6 +107,11 @@ def decode(item_id: str, stored: bytes, *, base: str, created: float, provenance
     if header & _H_EXTRA:
         length, pos = _read_varint(stored, pos)
         extra, pos = msgpack.unpackb(stored[pos : pos + length], raw=False), pos + length
+    names = codec.task_names(provenance, pv) if status is ItemStatus.OK else []
+    others: list[str] = []
+    if len(names) > 1:
+        length, pos = _read_varint(stored, pos)
+        others, pos = msgpack.unpackb(stored[pos : pos + length], raw=False), pos + length
     text = stored[pos:].decode("utf-8", "surrogateescape")
     if status is ItemStatus.OK:
         row["caption"] = text
@@ -117,4 +127,6 @@ def decode(item_id: str, stored: bytes, *, base: str, created: float, provenance
     if finished:
         row["finished_at"] = round(created + (finished - 1) / 10, 1)
     codec.put_extra(row, extra)
+    if names:
+        row["captions"] = dict(zip(names, [text, *others], strict=False))
     return row
