@@ -1,0 +1,131 @@
+"""Containers and images that lie: tar headers claiming more than the shard holds, long-name headers that expand to
+gigabytes, Parquet cells that decompress to hundreds of megabytes, progressive JPEGs with thousands of scans. Each
+is built here, small, and read as a worker reads it (in process, and through the session's worker for the shards)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import tarfile
+import time
+import tracemalloc
+import uuid
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from common.errors import DecodeError
+from common.messages import ContainerSpec
+from common.settings import Settings
+from media.containers import MAX_EXTRA_BYTES, MAX_TAR_HEADER_BYTES, UNREAD, clean_extra, read_members
+from media.images import ImagePolicy, decode_image, default_guard
+
+
+def _png(colour: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def lying_tar(claimed: int = 1 << 40) -> bytes:
+    """One PNG member, then a header claiming ``claimed`` bytes that never follow (base-256 size, GNU format)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        _member(tar, "a.png", _png())
+        info = tarfile.TarInfo("b.txt")
+        info.size = claimed
+        tar.addfile(info)  # the header alone
+    return buf.getvalue()
+
+
+def long_name_tgz(claimed: int = 1 << 30) -> bytes:
+    """A gzipped shard whose GNU long-name header claims ``claimed`` bytes of name, which gzip holds in ~1 MB."""
+    header = tarfile.TarInfo("././@LongLink")
+    header.type = tarfile.GNUTYPE_LONGNAME
+    header.size = claimed
+    raw = header.tobuf(format=tarfile.USTAR_FORMAT)
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=9) as gz:
+        gz.write(raw)
+        zeros = b"a" * (1 << 20)
+        for _ in range(claimed >> 20):
+            gz.write(zeros)
+    return out.getvalue()
+
+
+@pytest.fixture
+def local(tmp_path: Path) -> tuple[Settings, ImagePolicy, Path]:
+    settings = Settings(allowed_roots=[tmp_path], container_timeout_s=30)
+    return settings, ImagePolicy.from_settings(settings), tmp_path
+
+
+def _read(spec: ContainerSpec, settings: Settings, policy: ImagePolicy) -> list:
+    return list(read_members(spec, policy, settings, default_guard()))
+
+
+def test_a_tar_header_claiming_a_tebibyte_ends_at_the_bytes_the_shard_has(local) -> None:
+    """A 2.5 KB shard whose second header claims 1 TiB kept a worker reading for 147 s."""
+    settings, policy, root = local
+    shard = root / "liar.tar"
+    shard.write_bytes(lying_tar())
+    assert shard.stat().st_size < 12 * 1024
+    members = _read(ContainerSpec(kind="tar", ref=str(shard)), settings, policy)
+    assert [m.key for m in members] == ["a", UNREAD]
+    assert members[0].blob.data is not None
+    error = members[1].blob.error
+    assert isinstance(error, DecodeError) and "claims more" in str(error), error
+
+
+def test_a_shard_read_past_the_container_deadline_stops_with_a_timeout(local) -> None:
+    """A gzipped shard of 64 MiB of a skipped member (64 KB on disk) under a deadline it cannot meet: the read ends
+    at the deadline, whatever the container lies on."""
+    settings, policy, root = local
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        _member(tar, "a.png", _png())
+        _member(tar, "b.bin", b"\0" * (64 << 20))
+        _member(tar, "c.png", _png())
+    (root / "slow.tar.gz").write_bytes(buf.getvalue())
+    quick = settings.model_copy(update={"container_timeout_s": 0.01})
+    members = _read(ContainerSpec(kind="tar", ref=str(root / "slow.tar.gz")), quick, policy)
+    assert members[-1].key == UNREAD and type(members[-1].blob.error).__name__ == "FetchTimeout", members
+    assert "CAPTIONER_CONTAINER_TIMEOUT_S" in str(members[-1].blob.error)
+    whole = _read(ContainerSpec(kind="tar", ref=str(root / "slow.tar.gz")), settings, policy)
+    assert [m.key for m in whole] == ["a", "c"]  # the same shard inside its deadline reads whole
+
+
+def test_a_long_name_header_that_decompresses_to_a_gibibyte_is_refused_unread(local) -> None:
+    """A 1 MB .tar.gz whose GNU long-name header claims 1 GiB: tarfile read it whole (peak +2.1 GB)."""
+    settings, policy, root = local
+    shard = root / "longname.tar.gz"
+    shard.write_bytes(long_name_tgz(64 << 20))  # 64 MiB keeps the test fast; the header is refused by its size
+    tracemalloc.start()
+    try:
+        members = _read(ContainerSpec(kind="tar", ref=str(shard)), settings, policy)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [m.key for m in members] == [UNREAD]
+    assert f"over the limit of {MAX_TAR_HEADER_BYTES}" in str(members[0].blob.error)
+    assert peak < 4 << 20, peak  # read whole: +64 MiB
+
+
+def test_a_shard_decompressing_past_the_container_cap_is_refused(local) -> None:
+    settings, policy, root = local
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        _member(tar, "a.png", _png())
+        _member(tar, "b.bin", b"\0" * (8 << 20))
+    (root / "bomb.tar.gz").write_bytes(buf.getvalue())
+    small = settings.model_copy(update={"max_container_bytes": 1 << 20})
+    assert (root / "bomb.tar.gz").stat().st_size < small.max_container_bytes
+    members = _read(ContainerSpec(kind="tar", ref=str(root / "bomb.tar.gz")), small, policy)
+    assert [m.key for m in members] == ["a", UNREAD]
+    assert "over the container limit" in str(members[1].blob.error) and "decompressed" in str(members[1].blob.error)
