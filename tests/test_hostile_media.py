@@ -129,3 +129,35 @@ def test_a_shard_decompressing_past_the_container_cap_is_refused(local) -> None:
     members = _read(ContainerSpec(kind="tar", ref=str(root / "bomb.tar.gz")), small, policy)
     assert [m.key for m in members] == ["a", UNREAD]
     assert "over the container limit" in str(members[1].blob.error) and "decompressed" in str(members[1].blob.error)
+
+
+def many_scans_jpeg(size: int, repeats: int) -> bytes:
+    """A progressive grey JPEG with its last scan repeated ``repeats`` times (a few dozen bytes each)."""
+    buf = io.BytesIO()
+    Image.new("L", (size, size), 128).save(buf, "JPEG", progressive=True, quality=90)
+    data = buf.getvalue()
+    last = data.rindex(b"\xff\xda")
+    scan = data[last:-2]  # the last scan, up to EOI
+    return data[:-2] + scan * repeats + b"\xff\xd9"
+
+
+def test_a_progressive_jpeg_with_thousands_of_scans_is_refused_before_decoding() -> None:
+    """A 4000x4000 grey JPEG with its last scan repeated 8,000 times (342 KB) decoded for 43.5 s; review thumbnails
+    use the same decoder."""
+    from media.images import MAX_JPEG_SCANS, jpeg_scans
+
+    policy = ImagePolicy.from_settings(Settings())
+    hostile = many_scans_jpeg(1000, 3000)
+    assert jpeg_scans(hostile, 10**6) > 3000
+    with pytest.raises(DecodeError, match=f"more than {MAX_JPEG_SCANS} scans"):
+        decode_image(hostile, policy)
+    # What encoders write passes: baseline, progressive, progressive with an EXIF thumbnail of its own.
+    ordinary = many_scans_jpeg(64, 0)
+    assert 1 < jpeg_scans(ordinary, 10**6) <= 12
+    assert decode_image(ordinary, policy).size == (64, 64)
+    thumb = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(thumb, "JPEG")
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    Image.new("RGB", (64, 48), (9, 99, 199)).save(buf, "JPEG", exif=exif.tobytes() + thumb.getvalue())
+    assert decode_image(buf.getvalue(), policy).size == (64, 48)
