@@ -428,3 +428,26 @@ def test_doctor_warns_when_a_list_call_would_outlast_half_the_visibility_timeout
     assert list_calls("w", 256, 2.0, 300).level == "ok"  # 128 s of 300
     slow = list_calls("w", 256, 1.0, 300)  # 256 s: past half, a second delivery is near
     assert slow.level == "warn" and "CAPTIONER_MAX_LIST_ITEMS" in slow.detail
+
+
+@pytest.mark.parametrize("queue_of", ["interactive_queue_name", "caption_queue"])
+def test_a_broker_message_that_does_not_decode_is_dropped_and_the_worker_keeps_serving(
+    settings: Settings, images: Path, caption_worker: WorkerProcess, queue_of: str
+) -> None:
+    """`LPUSH captions-now '{not json'` ended the worker ("Unrecoverable error: JSONDecodeError")."""
+    import redis
+
+    broker = redis.Redis.from_url(settings.broker_url_str)
+    queue = getattr(settings, queue_of)
+    bad = [b"{not json", b"[1, 2]", b"{}", b'"text"', b"\xff\xfe\x00", b'{"body": 1, "properties": []}']
+    seen = caption_worker.log_tail(4000).count("dropped a broker message")
+    for payload in bad:
+        broker.lpush(queue, payload)
+    wait_for(lambda: broker.llen(queue) == 0, 60, "the worker to take the malformed messages")
+    wait_for(lambda: caption_worker.log_tail(4000).count("dropped a broker message") >= seen + len(bad), 60,
+             "one log line per dropped message")  # fmt: skip
+    assert caption_worker.proc is not None and caption_worker.proc.poll() is None, caption_worker.log_tail()
+    image = str(sorted(images.glob("*.jpg"))[0])
+    row = create_app(settings).send_task(TASK_CAPTION, args=[image], queue=queue).get(timeout=60)
+    assert row["status"] == "ok"
+    broker.close()
