@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import tarfile
-import time
 import tracemalloc
 import uuid
 from pathlib import Path
@@ -161,3 +161,112 @@ def test_a_progressive_jpeg_with_thousands_of_scans_is_refused_before_decoding()
     exif = Image.Exif()
     Image.new("RGB", (64, 48), (9, 99, 199)).save(buf, "JPEG", exif=exif.tobytes() + thumb.getvalue())
     assert decode_image(buf.getvalue(), policy).size == (64, 48)
+
+
+def _parquet(path: Path, columns: dict[str, list], row_group_size: int | None = None) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path, compression="zstd", row_group_size=row_group_size)
+    return path
+
+
+def test_a_parquet_cell_over_the_image_cap_is_refused_from_the_footer(local) -> None:
+    """16 KB of zstd held a 500 MB cell: decoded whole before the cap refused it (worker RSS +1.6 GB, kept)."""
+    import pyarrow as pa
+
+    settings, policy, root = local
+    small = settings.model_copy(update={"max_image_bytes": 1 << 20})
+    path = _parquet(root / "cell.parquet", {"image": [b"\0" * (64 << 20)]})
+    assert path.stat().st_size < 64 * 1024
+    before = pa.total_allocated_bytes()
+    pool_peak = pa.default_memory_pool().max_memory()
+    members = _read(ContainerSpec(kind="parquet", ref=str(path), column="image", part=0), small, policy)
+    assert [m.key for m in members] == [UNREAD]
+    error = members[0].blob.error
+    assert type(error).__name__ == "TooLarge" and "uncompressed for 1 row(s)" in str(error), error
+    assert pa.total_allocated_bytes() - before < 1 << 20
+    assert pa.default_memory_pool().max_memory() - pool_peak < 8 << 20  # decoded: +64 MiB
+
+
+def test_a_parquet_text_column_too_wide_for_the_extras_is_not_read(local) -> None:
+    """A 400 MB text column beside a valid image: peak +2.5 GB. The column is left out, named; the image is read."""
+    import pyarrow as pa
+
+    settings, policy, root = local
+    png = _png()
+    path = _parquet(root / "wide.parquet", {"image": [png, png], "caption": ["a red square", "b"],
+                                            "essay": ["x" * (8 << 20), "y"]})  # fmt: skip
+    pool_peak = pa.default_memory_pool().max_memory()
+    members = _read(ContainerSpec(kind="parquet", ref=str(path), column="image", part=0), settings, policy)
+    assert [m.key for m in members] == ["0", "1"]
+    assert all(m.blob.data == png for m in members)
+    assert members[0].blob.extra == {"caption": "a red square", "_omitted": ["essay"]}
+    assert pa.default_memory_pool().max_memory() - pool_peak < 4 << 20  # read: +8 MiB and its copies
+
+
+def test_parquet_row_groups_read_in_order_with_their_row_numbers_and_one_footer_parse(local) -> None:
+    """Many row groups: each message re-parsed the footer and summed earlier groups (quadratic in the groups)."""
+    from media import containers
+
+    settings, policy, root = local
+    png = _png()
+    path = _parquet(root / "groups.parquet", {"image": [png] * 300, "n": list(range(300))}, row_group_size=1)
+    keys = []
+    for group in (0, 150, 299):
+        spec = ContainerSpec(kind="parquet", ref=str(path), column="image", part=group)
+        keys += [(m.key, m.blob.extra) for m in _read(spec, settings, policy)]
+    with open(path, "rb") as a, open(path, "rb") as b:  # two messages of one file: one parse, kept
+        first, second = containers._footer(str(path), a), containers._footer(str(path), b)
+    assert first[0] is second[0] and first[1][150] == 150
+    assert keys == [("0", {"n": 0}), ("150", {"n": 150}), ("299", {"n": 299})]
+
+
+def test_the_omitted_column_list_is_capped_like_the_extras() -> None:
+    """20,000 byte columns: a row's `_omitted` named every one (131 KB of Redis for one row, against a 4 KiB cap)."""
+    row = {f"embedding_{i:05d}": b"\0" for i in range(20_000)}
+    extra = clean_extra({"caption": "ok", **row})
+    assert extra is not None and extra["caption"] == "ok"
+    assert len(json.dumps(extra)) <= MAX_EXTRA_BYTES
+    assert extra["_omitted"][-1].endswith("more") and extra["_omitted"][0] == "embedding_00000"
+
+
+# --- through the session's worker -------------------------------------------------------------------
+
+
+def test_lying_shards_and_parquet_cells_through_a_worker_end_named_and_leave_it_small(
+    client, settings: Settings, session_root: Path, caption_worker
+) -> None:
+    """The shard whose header claims 1 TiB, the .tar.gz whose long-name header expands to 256 MiB and the Parquet
+    file with a 64 MiB cell, in one job: each ends with a named row at once, the worker's peak memory stays put,
+    the job finishes (it stayed `running` while a second worker took the shard again), and the worker keeps serving."""
+    from tests.test_hostile import _high_water
+
+    folder = session_root / f"liars-{uuid.uuid4().hex[:6]}"
+    folder.mkdir()
+    (folder / "liar.tar").write_bytes(lying_tar())
+    (folder / "longname.tar.gz").write_bytes(long_name_tgz(256 << 20))
+    _parquet(folder / "cell.parquet", {"image": [b"\0" * (64 << 20)]})
+    specs = [ContainerSpec(kind="tar", ref=str(folder / "liar.tar")),
+             ContainerSpec(kind="tar", ref=str(folder / "longname.tar.gz")),
+             ContainerSpec(kind="parquet", ref=str(folder / "cell.parquet"), column="image", part=0)]  # fmt: skip
+    # A good shard and Parquet file first: the worker's first container loads pyarrow and runs a batch.
+    _parquet(folder / "good.parquet", {"image": [_png()]})
+    good = io.BytesIO()
+    with tarfile.open(fileobj=good, mode="w:gz") as tar:
+        _member(tar, "g.png", _png())
+    (folder / "good.tar.gz").write_bytes(good.getvalue())
+    client.enqueue([ContainerSpec(kind="tar", ref=str(folder / "good.tar.gz")),
+                    ContainerSpec(kind="parquet", ref=str(folder / "good.parquet"), column="image", part=0)],
+                   job_id="job-good-containers")  # fmt: skip
+    assert client.wait("job-good-containers", timeout=120, on_tick=lambda _: None).ok == 2
+    before = _high_water(caption_worker)
+    client.enqueue(specs, job_id="job-liars")
+    info = client.wait("job-liars", timeout=120, on_tick=lambda _: None)
+    rows = {r["ref"].rsplit("/", 1)[-1]: (r["status"], r.get("error_class")) for r in client.results("job-liars")}
+    assert rows == {
+        "liar.tar#a": ("ok", None), "liar.tar#*": ("error", "decode_error"),
+        "longname.tar.gz#*": ("error", "decode_error"), "cell.parquet#*": ("error", "too_large"),
+    }, rows  # fmt: skip
+    assert info.pending == 0
+    assert _high_water(caption_worker) - before < 48 << 20  # unguarded: +512 MiB (long name), +128 MiB (cell)
