@@ -270,3 +270,63 @@ def test_lying_shards_and_parquet_cells_through_a_worker_end_named_and_leave_it_
     }, rows  # fmt: skip
     assert info.pending == 0
     assert _high_water(caption_worker) - before < 48 << 20  # unguarded: +512 MiB (long name), +128 MiB (cell)
+
+
+def test_an_object_endpoint_that_lies_in_head_is_read_to_the_cap_on_the_wire(monkeypatch) -> None:
+    """HEAD says 1,000 bytes; the GET streams 64 MiB, range or not. s3fs read the whole body (a 300 MB stream: 636 MB
+    held for a 1,000-byte read)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from common.errors import TooLarge
+    from media.objects import ObjectStore
+
+    sent: list[int] = []
+
+    class Liar(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _head(self, length: int) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(length))
+            self.send_header("ETag", '"abc"')
+            self.send_header("Last-Modified", "Mon, 07 Dec 2026 10:00:00 GMT")
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+
+        def do_HEAD(self) -> None:
+            self._head(1000)
+
+        def do_GET(self) -> None:
+            self._head(64 << 20)
+            block, n = b"\0" * (1 << 20), 0
+            try:
+                for _ in range(64):
+                    self.wfile.write(block)
+                    n += len(block)
+            except OSError:
+                pass
+            sent.append(n)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Liar)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
+    for name, value in (("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE"), ("AWS_SECRET_ACCESS_KEY", "x" * 40),
+                        ("AWS_DEFAULT_REGION", "us-east-1")):  # fmt: skip
+        monkeypatch.setenv(name, value)
+    # Timeouts of their own: a filesystem of its own (they are kept per protocol and timeouts).
+    store = ObjectStore(prefixes=("s3://liar/",), protocols=("s3",), max_bytes=1 << 20, connect_timeout_s=4.25)
+    assert store.size("s3://liar/a.png") == 1000  # botocore's models loaded before the count starts
+    tracemalloc.start()
+    try:
+        with pytest.raises(TooLarge, match="over the limit of 1048576"):
+            store.read("s3://liar/a.png")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        server.shutdown()
+        server.server_close()
+    assert peak < 8 << 20, peak  # the whole body: +64 MiB
