@@ -572,7 +572,8 @@ def _child_container(case: str, how: str, path: str) -> None:
                 before, started = _high_water(), time.perf_counter()
             members = list(read_members(spec, policy, settings, default_guard()))
             last = members[-1].blob
-            outcome = f"{last.error.code}: {str(last.error)[-90:]}" if last.error else f"{len(members)} member(s)"
+            why = str(last.error).split("could not be read: ", 1)[-1] if last.error else ""
+            outcome = f"{last.error.code}: {why[:100]}" if last.error else f"{len(members)} member(s)"
             if last.extra and "_omitted" in last.extra:
                 outcome += f", omitted {last.extra['_omitted']}"
     except Exception as exc:
@@ -619,7 +620,7 @@ def measure_containers() -> list[dict[str, str]]:
         for case, (attack, guard) in cases.items():
             raw, ours = _container_run(case, "raw", files[case]), _container_run(case, "guarded", files[case])
             rows.append({"attack": attack, "guard": guard,
-                         "figure": f"{ours['outcome'][:120]}: {_cost(ours)} (before: {_cost(raw)})",
+                         "figure": f"{ours['outcome'][:140]}; {_cost(ours)} (before: {_cost(raw)})",
                          "command": "python -m bench.hostile containers"})  # fmt: skip
     rows += measure_messages()
     return rows
@@ -648,8 +649,8 @@ def measure_messages() -> list[dict[str, str]]:
         {"attack": "a 1,000,000-item chunk message",
          "guard": "the item count checked before any item is parsed (then each item parsed alone: one that does not "
                   "parse is an invalid_input row, the rest captioned)",
-         "figure": f"refused in {peaks[1][1] * 1000:.0f} ms, Python peak +{peaks[1][0] / MiB:.1f} MiB (parsed first: "
-                   f"{peaks[0][1]:.1f} s, +{peaks[0][0] / MiB:.0f} MiB)",
+         "figure": f"refused in {peaks[1][1] * 1000:.1f} ms, Python peak +{peaks[1][0] / 1024:.0f} KiB (parsed first, "
+                   f"under tracemalloc: {peaks[0][1]:.1f} s, +{peaks[0][0] / MiB:.0f} MiB)",
          "command": "python -m bench.hostile containers"},
         {"attack": "a Parquet row with 20,000 byte columns (each named in `_omitted`)",
          "guard": "`_omitted` capped at 1 KiB of names, then a count",
@@ -707,8 +708,9 @@ def render(rows: list[dict[str, str]]) -> str:
         "Each row is one attack a hostile probe made (tests/test_hostile.py and tests/test_images.py run each one",
         "against real parts: crafted files, HTTP servers on 127.0.0.1, real workers) with the figure measured by",
         "the command beside it. Memory: the rise of a child process's resident high-water mark (VmHWM) over one",
-        "decode; Python-side figures: tracemalloc peaks. `python -m bench.hostile --write docs/faults.md` measures",
-        "every row again (a few minutes: it decodes 64-megapixel images and starts two workers).",
+        "decode or read; Python-side figures: tracemalloc peaks. `python -m bench.hostile --write docs/faults.md`",
+        "measures every row again (a few minutes: it decodes 64-megapixel images, reads lying containers unguarded",
+        "for up to 60 s each, and starts two workers). tests/test_hostile_media.py builds the lying containers small.",
         "",
         "| attack | guard | figure | measured by |",
         "| --- | --- | --- | --- |",
