@@ -548,6 +548,176 @@ def measure_ledger(n: int = 2000) -> list[dict[str, str]]:
     }]  # fmt: skip
 
 
+# --- containers, JPEG scans, chunk messages (issue: a second hostile probe) --------------------------
+
+#: Seconds an unguarded run may take before it is stopped and reported as still running.
+RAW_LIMIT_S = 60
+
+
+def _container_files(folder: Path) -> dict[str, Path]:
+    """The probe's files, written once: sizes as it made them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.test_hostile_media import long_name_tgz, lying_tar, many_scans_jpeg
+
+    files = {"tar": folder / "liar.tar", "tgz": folder / "longname.tar.gz", "cell": folder / "cell.parquet",
+             "text": folder / "text.parquet", "jpeg": folder / "scans.jpg", "groups": folder / "groups.parquet"}
+    files["tar"].write_bytes(lying_tar(1 << 40))
+    files["tgz"].write_bytes(long_name_tgz(1 << 30))
+    pq.write_table(pa.table({"image": [b"\0" * (500 * 10**6)]}), files["cell"], compression="zstd")
+    png = io.BytesIO()
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(png, "PNG")
+    pq.write_table(pa.table({"image": [png.getvalue()], "text": ["x" * (400 * 10**6)]}), files["text"],
+                   compression="zstd")  # fmt: skip
+    files["jpeg"].write_bytes(many_scans_jpeg(4000, 8000))
+    pq.write_table(pa.table({"image": [png.getvalue()] * 20_000}), files["groups"], row_group_size=1)
+    return files
+
+
+def _child_container(case: str, how: str, path: str) -> None:
+    """In a child process: read one hostile file unguarded (the library alone, as before) or as a worker reads it,
+    and print the outcome, the seconds and the rise of the RSS high-water mark."""
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    from common.messages import ContainerSpec
+    from common.settings import Settings
+    from media.containers import read_members
+    from media.images import ImagePolicy, decode_image, default_guard
+
+    settings = Settings(allowed_roots=[str(Path(path).parent)])
+    policy = ImagePolicy.from_settings(settings)
+    kind = "parquet" if path.endswith(".parquet") else "tar"
+    spec = ContainerSpec(kind=kind, ref=path, column="image" if kind == "parquet" else None,
+                         part=19_999 if case == "groups" else 0 if kind == "parquet" else None)  # fmt: skip
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    before, started = _high_water(), time.perf_counter()
+    outcome = ""
+    try:
+        if case == "jpeg":
+            data = Path(path).read_bytes()
+            if how == "raw":
+                from PIL import Image
+
+                with Image.open(io.BytesIO(data)) as im:
+                    im.load()
+                outcome = "decoded"
+            else:
+                decode_image(data, policy)
+        elif how == "raw" and kind == "tar":
+            with tarfile.open(path, "r|*") as tar:
+                for info in tar:
+                    if info.isfile() and info.size < 32 * MiB:
+                        tar.extractfile(info).read()  # type: ignore[union-attr]
+            outcome = "read"
+        elif how == "raw":  # the reader before: parse the footer, sum earlier groups, decode the group whole
+            pf = pq.ParquetFile(path)
+            group = spec.part or 0
+            sum(pf.metadata.row_group(i).num_rows for i in range(group))
+            pf.read_row_group(group).to_pylist()
+            outcome = "read"
+        else:
+            if case == "groups":  # the worker's second message of the file: its footer is kept
+                list(read_members(spec.model_copy(update={"part": 0}), policy, settings, default_guard()))
+                gc.collect()
+                with open("/proc/self/clear_refs", "w") as fh:
+                    fh.write("5")
+                before, started = _high_water(), time.perf_counter()
+            members = list(read_members(spec, policy, settings, default_guard()))
+            last = members[-1].blob
+            why = str(last.error).split("could not be read: ", 1)[-1] if last.error else ""
+            outcome = f"{last.error.code}: {why[:100]}" if last.error else f"{len(members)} member(s)"
+            if last.extra and "_omitted" in last.extra:
+                outcome += f", omitted {last.extra['_omitted']}"
+    except Exception as exc:
+        outcome = f"{getattr(exc, 'code', type(exc).__name__)}: {str(exc)[:90]}"
+    print(json.dumps({"peak": _high_water() - before, "s": time.perf_counter() - started, "outcome": outcome}))
+
+
+def _container_run(case: str, how: str, path: Path) -> dict[str, Any]:
+    limit = RAW_LIMIT_S if how == "raw" else 600
+    try:
+        done = subprocess.run([sys.executable, "-m", "bench.hostile", "_container", case, how, str(path)],
+                              capture_output=True, text=True, check=True, timeout=limit)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {"peak": None, "s": limit, "outcome": f"still running after {limit} s (stopped)"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _cost(r: dict[str, Any]) -> str:
+    if r["peak"] is None:
+        return r["outcome"]
+    return f"{r['s']:.2f} s, peak +{r['peak'] / MiB:.0f} MiB"
+
+
+def measure_containers() -> list[dict[str, str]]:
+    cases = {
+        "tar": ("a 2.5 KB shard: one PNG member, then a header claiming 1 TiB",
+                "the tar stream ends at the bytes the shard has (reading on at its end is a decode_error); one "
+                "deadline and one byte cap per container message, local, object store and URL alike"),
+        "tgz": ("a 1 MB `.tar.gz` whose GNU long-name header claims 1 GiB",
+                "name/pax headers over 8 KiB refused; the container cap counts decompressed tar bytes"),
+        "cell": ("a 16 KB zstd Parquet file, one row with a 500 MB binary cell",
+                 "the image column's uncompressed size checked from the footer (image cap per row) before any read"),
+        "text": ("a 400 MB text column beside a valid image in a Parquet file",
+                 "columns over the extras cap (4 KiB per row) not read, named in `_omitted`; batches of chunk-size "
+                 "rows, needed columns only"),
+        "groups": ("a Parquet file of 20,000 row groups, one message each (cost of one message)",
+                   "the footer parsed once per file and worker (kept by its bytes' hash), row numbers from it"),
+        "jpeg": ("a progressive 4000x4000 grey JPEG, its last scan repeated 8,000 times (342 KB)",
+                 "scans counted from the markers before decoding: over 100 is a decode_error (thumbnails too)"),
+    }
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        files = _container_files(Path(tmp))
+        for case, (attack, guard) in cases.items():
+            raw, ours = _container_run(case, "raw", files[case]), _container_run(case, "guarded", files[case])
+            rows.append({"attack": attack, "guard": guard,
+                         "figure": f"{ours['outcome'][:140]}; {_cost(ours)} (before: {_cost(raw)})",
+                         "command": "python -m bench.hostile containers"})  # fmt: skip
+    rows += measure_messages()
+    return rows
+
+
+def measure_messages() -> list[dict[str, str]]:
+    """A million-item chunk message, parsed as before and as now; a row of 20,000 byte columns' extras."""
+    from common.errors import InvalidMessage
+    from common.messages import ChunkMessage, parse_message
+    from media.containers import clean_extra
+    from worker.chunks import parse_chunk
+
+    payload = {"job_id": "job-huge", "items": ["/data/a.jpg"] * 1_000_000}
+    peaks = []
+    for parse in (lambda: parse_message(ChunkMessage, payload), lambda: parse_chunk(payload)):
+        tracemalloc.start()
+        started = time.perf_counter()
+        with contextlib.suppress(InvalidMessage):
+            parse()
+        peaks.append((tracemalloc.get_traced_memory()[1], time.perf_counter() - started))
+        tracemalloc.stop()
+    row = {f"embedding_{i:05d}": b"\0" for i in range(20_000)}
+    omitted = json.dumps(clean_extra(row))
+    names = json.dumps({"_omitted": list(row)})
+    return [
+        {"attack": "a 1,000,000-item chunk message",
+         "guard": "the item count checked before any item is parsed (then each item parsed alone: one that does not "
+                  "parse is an invalid_input row, the rest captioned)",
+         "figure": f"refused in {peaks[1][1] * 1000:.1f} ms, Python peak +{peaks[1][0] / 1024:.0f} KiB (parsed first, "
+                   f"under tracemalloc: {peaks[0][1]:.1f} s, +{peaks[0][0] / MiB:.0f} MiB)",
+         "command": "python -m bench.hostile containers"},
+        {"attack": "a Parquet row with 20,000 byte columns (each named in `_omitted`)",
+         "guard": "`_omitted` capped at 1 KiB of names, then a count",
+         "figure": f"{len(omitted)} bytes of extras (before: {len(names)} bytes)",
+         "command": "python -m bench.hostile containers"},
+    ]  # fmt: skip
+
+
 def tested_rows() -> list[dict[str, str]]:
     """Classes whose figure is what a test through a real worker asserts (it fails when the figure is not so)."""
     return [
@@ -564,6 +734,19 @@ def tested_rows() -> list[dict[str, str]]:
          "guard": "`captioner jobs`, `status` and `failures` print control characters as escapes",
          "figure": "0 raw control characters in the output",
          "command": "pytest tests/test_hostile.py -k control_characters"},
+        {"attack": "`LPUSH captions-now '{not json'` (and a list, `{}`, a string, bytes that are not UTF-8, an "
+                   "envelope without properties) on both caption queues",
+         "guard": "kombu's Redis channel with its read guarded (runtime/broker.py): dropped, logged, counted in "
+                  "captioner_broker_messages_dropped_total",
+         "figure": "the worker keeps serving (before: \"Unrecoverable error: JSONDecodeError\", the worker exited)",
+         "command": "pytest tests/test_hostile.py -k does_not_decode"},
+        {"attack": "a list with a valid path and a 1 MB URL (the worker refused the chunk; both items pending for "
+                   "ever)",
+         "guard": "the producer applies the workers' bounds (invalid_input row at enqueue, both ledgers); a worker "
+                  "records an item that does not parse as invalid_input and captions the rest; an id paired with "
+                  "another item's reference is refused",
+         "figure": "1 invalid_input row, the other items captioned, the job finishes",
+         "command": "pytest tests/test_hostile.py -k 'over_long or workers_bounds'"},
     ]  # fmt: skip
 
 
@@ -572,6 +755,7 @@ def tested_rows() -> list[dict[str, str]]:
 GROUPS: dict[str, Callable[[], list[dict[str, str]]]] = {
     "decode": measure_decode, "budget": measure_budget, "fetch": measure_fetch, "stop": measure_stop,
     "webhook": measure_webhook, "b64": measure_b64, "refusals": measure_refusals, "ledger": measure_ledger,
+    "containers": measure_containers,
 }  # fmt: skip
 
 
@@ -584,8 +768,9 @@ def render(rows: list[dict[str, str]]) -> str:
         "Each row is one attack a hostile probe made (tests/test_hostile.py and tests/test_images.py run each one",
         "against real parts: crafted files, HTTP servers on 127.0.0.1, real workers) with the figure measured by",
         "the command beside it. Memory: the rise of a child process's resident high-water mark (VmHWM) over one",
-        "decode; Python-side figures: tracemalloc peaks. `python -m bench.hostile --write docs/faults.md` measures",
-        "every row again (a few minutes: it decodes 64-megapixel images and starts two workers).",
+        "decode or read; Python-side figures: tracemalloc peaks. `python -m bench.hostile --write docs/faults.md`",
+        "measures every row again (a few minutes: it decodes 64-megapixel images, reads lying containers unguarded",
+        "for up to 60 s each, and starts two workers). tests/test_hostile_media.py builds the lying containers small.",
         "",
         "| attack | guard | figure | measured by |",
         "| --- | --- | --- | --- |",
@@ -611,6 +796,9 @@ def write(path: Path, section: str) -> None:
 def main(argv: list[str]) -> int:
     if argv[:1] == ["_peak"]:
         _child_peak(argv[1], argv[2])
+        return 0
+    if argv[:1] == ["_container"]:
+        _child_container(argv[1], argv[2], argv[3])
         return 0
     parser = argparse.ArgumentParser(prog="python -m bench.hostile", description=__doc__.splitlines()[0])
     parser.add_argument("groups", nargs="*", help=f"groups to measure: {', '.join(GROUPS)} (default: all)")

@@ -119,7 +119,9 @@ def enqueue(
         verb = "created" if report.created else "resumed"
         click.echo(
             f"{verb} job {job_id}: {report.items} item(s), {report.sent} queued, {report.skipped} already "
-            f"captioned, {report.messages} message(s) in {report.seconds:.2f}s",
+            f"captioned, {report.messages} message(s) in {report.seconds:.2f}s"
+            + (f"; {report.invalid} reference(s) out of bounds recorded as invalid_input (captioner failures "
+               f"{job_id})" if report.invalid else ""),
             err=True,
         )
     if wait_:

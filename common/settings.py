@@ -209,11 +209,13 @@ class Settings(BaseSettings):
     # fsspec protocols object URIs may use (s3, gs; r2 and MinIO are s3 with an endpoint). file:// never: local
     # files go through allowed_roots. Credentials and endpoints come from each library's own configuration.
     object_store_protocols: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["s3", "gs"])
-    # Largest container file (WebDataset shard, Parquet or Arrow file) read over http(s), which is fetched whole into
-    # memory (local and object-store containers are streamed); members keep max_image_bytes.
+    # Largest container (WebDataset shard, Parquet or Arrow file) a worker reads: the bytes of the file (one over
+    # http(s) is fetched whole into memory; local and object-store ones are streamed), and a shard's tar bytes after
+    # decompression (a 1 MB .tar.gz can stand for gigabytes); members keep max_image_bytes.
     max_container_bytes: int = Field(1 << 30, ge=1024)
-    # Seconds for a whole container fetched over http(s); objects in stores have per-request timeouts instead.
-    container_timeout_s: float = Field(600.0, gt=0)
+    # Seconds a worker reads one container message for, wherever the container lies (local, object store, http(s)).
+    # Under the visibility timeout: a message still running past it is delivered to a second worker.
+    container_timeout_s: float = Field(240.0, gt=0)
     # Let workers stream 🤗 datasets named by hub id (they reach the hub's network); folders are read under
     # allowed_roots either way.
     hub_datasets: bool = False

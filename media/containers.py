@@ -6,16 +6,22 @@ be used carries its error (``too_large``, ``decode_error``); a container that ca
 
 from __future__ import annotations
 
+import bz2
 import contextlib
+import gzip
+import hashlib
 import io
 import json
 import logging
+import lzma
 import tarfile
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import IO, Any, NamedTuple
 
-from common.errors import DecodeError, Forbidden, ItemError, TooLarge
+from common.errors import DecodeError, FetchTimeout, Forbidden, ItemError, TooLarge
 from common.messages import ContainerSpec, is_url
 from common.settings import Settings
 from media.images import FetchGuard, ImagePolicy, default_guard, fetch_url
@@ -30,8 +36,14 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "jpe")
 _SIDE_EXTS = ("txt", "json", "cls", "caption")
 #: Largest serialised ``extra`` a row keeps (columns of a source row); larger values are left out, named.
 MAX_EXTRA_BYTES = 4096
+#: Largest list of omitted column names a row keeps (serialised); past it, the rest are counted, not named.
+MAX_OMITTED_BYTES = 1024
 #: The key of the item that stands for a container's members that could not be read.
 UNREAD = "*"
+#: Largest GNU long-name/long-link or pax header a shard may carry: tarfile reads one whole, after decompression.
+MAX_TAR_HEADER_BYTES = 8192
+#: Reads a tar stream may make at its end before it counts as a member claiming bytes the shard does not have.
+_EOF_READS = 8
 
 
 class Blob(NamedTuple):
@@ -56,18 +68,27 @@ class Member:
 
 
 def read_members(spec: ContainerSpec, policy: ImagePolicy, settings: Settings, guard: FetchGuard) -> Iterator[Member]:
-    """The members of a container in order; an error opening or reading it ends with one ``UNREAD`` member."""
+    """The members of a container in order; an error opening or reading it ends with one ``UNREAD`` member.
+
+    One deadline (``container_timeout_s``) from the first read to the last, and one byte cap
+    (``max_container_bytes``: a shard's tar bytes after decompression, a file's bytes read), whatever the container
+    lies on: a local file, an object in a store, an http(s) URL."""
     count = 0
+    deadline = time.monotonic() + settings.container_timeout_s
     try:
         if spec.kind == "tar":
-            with open_container(spec.ref, policy, settings, guard) as fh:
-                for member in _tar_members(spec, fh, settings.max_image_bytes):
+            with open_container(spec.ref, policy, settings, guard, deadline=deadline) as fh:
+                tar = tar_stream(spec.ref, fh, settings.max_container_bytes, deadline)
+                for member in _tar_members(spec, tar, settings.max_image_bytes):
                     count += 1
                     yield member
         elif spec.kind in ("parquet", "arrow"):
-            with open_container(spec.ref, policy, settings, guard) as fh:
-                reader = _parquet_members if spec.kind == "parquet" else _arrow_members
-                for member in reader(spec, fh, settings.max_image_bytes):
+            with open_container(spec.ref, policy, settings, guard, deadline=deadline) as fh:
+                if spec.kind == "parquet":
+                    members = _parquet_members(spec, fh, settings.max_image_bytes, settings.chunk_size)
+                else:
+                    members = _arrow_members(spec, fh, settings.max_image_bytes)
+                for member in members:
                     count += 1
                     yield member
         else:
@@ -90,19 +111,124 @@ def _unread(spec: ContainerSpec, exc: ItemError, count: int) -> Member:
 
 
 @contextlib.contextmanager
-def open_container(ref: str, policy: ImagePolicy, settings: Settings, guard: FetchGuard) -> Iterator[IO[bytes]]:
+def open_container(
+    ref: str, policy: ImagePolicy, settings: Settings, guard: FetchGuard, *, deadline: float | None = None
+) -> Iterator[IO[bytes]]:
     """A reader of a container file by the workers' rules: a path under an allowed root, an object under an allowed
-    prefix (both streamed), or an http(s) URL through the URL guard (fetched whole, within the container cap)."""
+    prefix (both streamed), or an http(s) URL through the URL guard (fetched whole, within the container cap). Every
+    read counts against the container cap and ``deadline`` (monotonic; ``container_timeout_s`` from now if None)."""
+    cap = settings.max_container_bytes
+    if deadline is None:
+        deadline = time.monotonic() + settings.container_timeout_s
     if is_url(ref):
-        yield io.BytesIO(fetch_url(ref, policy, guard=guard))
+        fh: Any = io.BytesIO(fetch_url(ref, policy, guard=guard))
+        yield Bounded(fh, ref, cap, deadline)  # type: ignore[misc]
     elif is_object_uri(ref):
         if policy.objects is None:
             raise Forbidden(f"{ref}: object storage is off")
         with policy.objects.open(ref) as fh:
-            yield fh  # type: ignore[misc]
+            size = getattr(fh, "size", None)  # what the store says; the reads are counted whatever it says
+            if isinstance(size, int) and size > cap:
+                raise TooLarge(f"{ref} is {size} bytes, over the container limit of {cap}")
+            yield Bounded(fh, ref, cap, deadline)  # type: ignore[misc]
     else:
-        with LocalFiles(policy.allowed_roots, settings.max_container_bytes).open(ref) as fh:
-            yield fh
+        with LocalFiles(policy.allowed_roots, cap).open(ref) as fh:
+            yield Bounded(fh, ref, cap, deadline)  # type: ignore[misc]
+
+
+class Bounded(io.RawIOBase):
+    """A reader that counts what it hands out against a byte cap and a deadline (monotonic), whatever lies under it;
+    with ``eof_reads``, reading on at the end (tarfile skipping a member the stream does not hold) is a DecodeError."""
+
+    def __init__(self, fh: Any, ref: str, cap: int, deadline: float, *, what: str = "bytes",
+                 eof_reads: int | None = None) -> None:  # fmt: skip
+        super().__init__()
+        self._fh, self.ref, self.cap, self.deadline, self.what = fh, ref, cap, deadline, what
+        self.count, self._eof_reads, self._eof_limit = 0, 0, eof_reads
+
+    def _check_time(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise FetchTimeout(
+                f"{self.ref}: not read within the container deadline (CAPTIONER_CONTAINER_TIMEOUT_S) after "
+                f"{self.count} {self.what}", transient=False,
+            )  # fmt: skip
+
+    def read(self, size: int | None = -1) -> bytes:
+        self._check_time()
+        room = self.cap + 1 - self.count
+        data = bytes(self._fh.read(room if size is None or size < 0 else min(size, room)))
+        self.count += len(data)
+        if self.count > self.cap:
+            raise TooLarge(f"{self.ref}: over the container limit of {self.cap} {self.what}")
+        if not data and size and self._eof_limit is not None:
+            self._eof_reads += 1
+            if self._eof_reads > self._eof_limit:
+                raise DecodeError(
+                    f"{self.ref}: the shard ends after {self.count} {self.what}, inside a member whose header "
+                    "claims more (a truncated shard, or a header that lies about its size)"
+                )
+        return data
+
+    def readinto(self, buf: Any) -> int:
+        data = self.read(len(buf))
+        buf[: len(data)] = data
+        return len(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return bool(getattr(self._fh, "seekable", lambda: False)())
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._check_time()
+        return int(self._fh.seek(offset, whence))
+
+    def tell(self) -> int:
+        return int(self._fh.tell())
+
+    @property
+    def size(self) -> int | None:
+        return getattr(self._fh, "size", None)
+
+
+#: Compressed shards: their first bytes and the reader that decompresses them (what tarfile's ``r|*`` knows).
+_COMPRESSED: tuple[tuple[bytes, Any], ...] = (
+    (b"\x1f\x8b", lambda fh: gzip.GzipFile(fileobj=fh, mode="rb")),
+    (b"BZh", lambda fh: bz2.BZ2File(fh, "rb")),
+    (b"\xfd7zXZ\x00", lambda fh: lzma.LZMAFile(fh, "rb")),  # noqa: SIM115 (closed with the file under it)
+)
+
+
+def tar_stream(ref: str, fh: IO[bytes], cap: int, deadline: float) -> Bounded:
+    """A shard's tar bytes, decompressed here (gzip, bzip2, xz) so that the cap counts what tarfile reads, not
+    what the file holds: a 1 MB ``.tar.gz`` cannot stand for gigabytes. Reading past its end is a DecodeError."""
+    head = b""
+    if getattr(fh, "seekable", lambda: False)():
+        head = fh.read(6)
+        fh.seek(0)
+    inner: Any = fh
+    for magic, opener in _COMPRESSED:
+        if head.startswith(magic):
+            inner = opener(fh)
+            break
+    return Bounded(inner, ref, cap, deadline, what="bytes of tar (decompressed)", eof_reads=_EOF_READS)
+
+
+class _CheckedTarInfo(tarfile.TarInfo):
+    """tarfile reads a long-name, long-link or pax header whole before anything else: refused over a few KiB."""
+
+    def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+        if self.type in _EXTENDED and self.size > MAX_TAR_HEADER_BYTES:
+            raise DecodeError(
+                f"a tar name/pax header of {self.size} bytes, over the limit of {MAX_TAR_HEADER_BYTES} (a real name "
+                "or attribute list is far smaller)"
+            )
+        return super()._proc_member(tar)  # type: ignore[misc]
+
+
+_EXTENDED = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+             tarfile.SOLARIS_XHDTYPE)  # fmt: skip
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -117,7 +243,7 @@ def _tar_groups(fh: IO[bytes], max_bytes: int) -> Iterator[tuple[str, dict[str, 
     members come (one pass, streaming); only images and small text members are read."""
     key: str | None = None
     sample: dict[str, bytes | ItemError] = {}
-    with tarfile.open(fileobj=fh, mode="r|*") as tar:
+    with tarfile.open(fileobj=fh, mode="r|", tarinfo=_CheckedTarInfo) as tar:
         for info in tar:
             if not info.isfile():
                 continue
@@ -150,11 +276,13 @@ def container_images(ref: str, settings: Settings) -> Iterator[tuple[str, str, b
     raises (an ``ItemError``, or the ``tarfile``/``OSError``/pyarrow error of a truncated one)."""
     image_policy = ImagePolicy.from_settings(settings)
     policy = replace(image_policy, max_bytes=settings.max_container_bytes, total_timeout_s=settings.container_timeout_s)
-    with open_container(ref, policy, settings, default_guard()) as fh:
+    deadline = time.monotonic() + settings.container_timeout_s
+    with open_container(ref, policy, settings, default_guard(), deadline=deadline) as fh:
         if ref.lower().endswith((".parquet", ".arrow")):
             yield from _table_images(ref, fh, settings.max_image_bytes)
             return
-        for key, parts in _tar_groups(fh, settings.max_image_bytes):
+        tar = tar_stream(ref, fh, settings.max_container_bytes, deadline)
+        for key, parts in _tar_groups(tar, settings.max_image_bytes):
             ext = next((e for e in IMAGE_EXTS if e in parts), None)
             if ext is not None:
                 yield key, ext, parts[ext]
@@ -169,6 +297,8 @@ def _table_images(ref: str, fh: IO[bytes], max_bytes: int) -> Iterator[tuple[str
     if ref.lower().endswith(".parquet"):
         pf = pq.ParquetFile(fh)
         column = _image_column(ref, pf.schema_arrow)
+        for i in range(pf.num_row_groups):
+            _check_image_chunk(ref, pf.metadata.row_group(i), i, column, max_bytes)
         tables: Iterator[Any] = (pf.read_row_group(i, columns=[column]) for i in range(pf.num_row_groups))
     else:
         head = fh.read(6)
@@ -261,15 +391,96 @@ def _rows_as_members(spec: ContainerSpec, rows: list[dict[str, Any]], first: int
         yield Member(key, Blob(spec.member_ref(key), data, error, clean_extra(row)))
 
 
-def _parquet_members(spec: ContainerSpec, fh: IO[bytes], max_bytes: int) -> Iterator[Member]:
-    """The rows of one row group; a row's key is its index in the file."""
+def _parquet_members(spec: ContainerSpec, fh: IO[bytes], max_bytes: int, batch_rows: int) -> Iterator[Member]:
+    """The rows of one row group; a row's key is its index in the file.
+
+    Sizes come from the footer before any cell is read: the image column may hold at most the image cap per row
+    (else the group is refused whole, ``too_large``), and another column at most the extras cap per row (else it is
+    not read, and named in each row's ``_omitted``). Rows are read in batches of the chunk size, needed columns only.
+    """
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(fh)
+    meta, starts = _footer(spec.ref, fh)
+    pf = pq.ParquetFile(fh, metadata=meta)
     group = spec.part or 0
-    first = sum(pf.metadata.row_group(i).num_rows for i in range(group))
-    table = pf.read_row_group(group)
-    yield from _rows_as_members(spec, table.to_pylist(), first, max_bytes)
+    if group >= meta.num_row_groups:
+        raise DecodeError(f"{spec.ref}: no row group {group} (the file has {meta.num_row_groups})")
+    rg = meta.row_group(group)
+    column = spec.column or "image"
+    sizes = _column_sizes(rg)
+    if column not in sizes:
+        raise DecodeError(f"{spec.ref}: no column {column!r}")
+    _check_image_chunk(spec.ref, rg, group, column, max_bytes)
+    room = rg.num_rows * MAX_EXTRA_BYTES
+    wide = [name for name, size in sizes.items() if name != column and size > room]
+    read = [name for name in sizes if name not in wide]
+    first = starts[group]
+    for batch in pf.iter_batches(batch_size=max(1, batch_rows), row_groups=[group], columns=read):
+        rows = batch.to_pylist()
+        del batch
+        if wide:
+            for row in rows:
+                row.update(dict.fromkeys(wide, _DROP))
+        yield from _rows_as_members(spec, rows, first, max_bytes)
+        first += len(rows)
+
+
+def _column_sizes(rg: Any) -> dict[str, int]:
+    """Uncompressed bytes of each top-level column of a row group (its leaves summed), from the footer."""
+    sizes: dict[str, int] = {}
+    for j in range(rg.num_columns):
+        chunk = rg.column(j)
+        name = chunk.path_in_schema.split(".", 1)[0]
+        sizes[name] = sizes.get(name, 0) + max(int(chunk.total_uncompressed_size), 0)
+    return sizes
+
+
+def _check_image_chunk(ref: str, rg: Any, group: int, column: str, max_bytes: int) -> None:
+    """TooLarge when a row group's image column holds more than the image cap per row, uncompressed (a 16 KB file can
+    hold a 500 MB cell: pyarrow would decompress it whole)."""
+    size = _column_sizes(rg).get(column, 0)
+    limit = max(rg.num_rows, 1) * max_bytes
+    if size > limit:
+        raise TooLarge(
+            f"{ref}: row group {group}'s column {column!r} is {size} bytes uncompressed for {rg.num_rows} row(s), "
+            f"over the image limit of {max_bytes} per row"
+        )
+
+
+_FOOTERS: dict[tuple[str, str], tuple[Any, list[int]]] = {}
+_FOOTERS_LOCK = threading.Lock()
+
+
+def _footer(ref: str, fh: IO[bytes]) -> tuple[Any, list[int]]:
+    """A Parquet file's parsed footer and the first row of each row group. Parsing is linear in the row groups and
+    every message of a file needs it: the last one parsed is kept, keyed by the footer's own bytes (read again,
+    hashed), so a file with 20,000 row groups is not parsed 20,000 times."""
+    import pyarrow.parquet as pq
+
+    end = fh.seek(0, 2)
+    if end < 12:
+        raise DecodeError(f"{ref}: {end} bytes is too short for a Parquet file")
+    fh.seek(end - 8)
+    tail = fh.read(8)
+    length = int.from_bytes(tail[:4], "little")
+    if tail[4:] != b"PAR1" or length + 12 > end:
+        raise DecodeError(f"{ref}: not a Parquet file (no footer)")
+    fh.seek(end - 8 - length)
+    key = (ref, hashlib.blake2b(fh.read(length), digest_size=16).hexdigest())
+    fh.seek(0)
+    with _FOOTERS_LOCK:
+        hit = _FOOTERS.get(key)
+    if hit is not None:
+        return hit
+    meta = pq.ParquetFile(fh).metadata
+    starts, row = [], 0
+    for i in range(meta.num_row_groups):
+        starts.append(row)
+        row += meta.row_group(i).num_rows
+    with _FOOTERS_LOCK:
+        _FOOTERS.clear()
+        _FOOTERS[key] = (meta, starts)
+    return meta, starts
 
 
 def _arrow_members(spec: ContainerSpec, fh: IO[bytes], max_bytes: int) -> Iterator[Member]:
@@ -309,7 +520,7 @@ def clean_extra(row: dict[str, Any]) -> dict[str, Any] | None:
     omitted: list[str] = []
     size = 2
     for name, value in row.items():
-        safe = _json_safe(value)
+        safe = _DROP if value is _DROP else _json_safe(value)
         if safe is _DROP:
             omitted.append(str(name))
             continue
@@ -320,8 +531,22 @@ def clean_extra(row: dict[str, Any]) -> dict[str, Any] | None:
         out[str(name)] = safe
         size += cost
     if omitted:
-        out["_omitted"] = omitted
+        out["_omitted"] = _named_within(omitted, MAX_OMITTED_BYTES)
     return out or None
+
+
+def _named_within(names: list[str], limit: int) -> list[str]:
+    """As many names as fit in ``limit`` bytes of JSON, then one entry counting the rest."""
+    kept: list[str] = []
+    size = 2
+    for i, name in enumerate(names):
+        cost = len(json.dumps(name[:256], ensure_ascii=False)) + 1
+        if size + cost > limit - 32:
+            kept.append(f"... and {len(names) - i} more")
+            break
+        kept.append(name[:256])
+        size += cost
+    return kept
 
 
 _DROP = object()

@@ -45,6 +45,10 @@ _TIFF_TILE_WIDTH, _TIFF_TILE_LENGTH = 322, 323
 #: Most pixels a TIFF tile may hold beyond its image's own: room for an honest encoder's 256x256 or 1024x1024
 #: tiles on a small image, nothing like a tile bomb's.
 TIFF_TILE_FLOOR = 1 << 20
+#: Most scans a JPEG may have. Encoders write 1 (baseline) to about 10 (progressive; mozjpeg ~12); every scan costs a
+#: pass over the whole image, so a file of thousands (repeated 31-byte scans) decodes for minutes (libjpeg-turbo's
+#: own advice for untrusted files is such a limit: djpeg -maxscans).
+MAX_JPEG_SCANS = 100
 
 
 @dataclass(frozen=True)
@@ -539,6 +543,7 @@ def decode_image(data: bytes, policy: ImagePolicy) -> Image.Image:
         im = Image.open(io.BytesIO(data), formats=policy.formats)
         _check_pixels(im, policy)  # from the header, before any pixel is decoded (and before draft shrinks it)
         _check_containers(im)
+        _check_scans(im, data)
         _check_memory(im, policy)
         if policy.draft_edge and im.format == "JPEG":
             im.draft("RGB", (policy.draft_edge, policy.draft_edge))
@@ -608,6 +613,53 @@ def decode_cost(im: Image.Image) -> float:
         # The coefficients go before a CMYK image is converted to RGB, so the peak is the larger of the two.
         return 4.0 + max(coefficients, 4.0 if im.mode == "CMYK" else 0.0)
     return float(DECODE_BYTES_PER_PIXEL)
+
+
+def _check_scans(im: Image.Image, data: bytes) -> None:
+    """A JPEG's scans counted from its markers before any is decoded: each is a pass over the whole image."""
+    if im.format not in ("JPEG", "MPO"):
+        return
+    scans = jpeg_scans(data, MAX_JPEG_SCANS)
+    if scans > MAX_JPEG_SCANS:
+        raise DecodeError(
+            f"a JPEG with more than {MAX_JPEG_SCANS} scans (each a pass over all {im.size[0]}x{im.size[1]} pixels): "
+            "no encoder writes so many; refused before decoding"
+        )
+
+
+#: In entropy-coded data, 0xFF is followed by 0x00 (a stuffed byte), a restart marker or another 0xFF (fill);
+#: anything else starts the next marker.
+_NEXT_MARKER = re.compile(rb"\xff(?![\x00\xd0-\xd7\xff])")
+
+
+def jpeg_scans(data: bytes, limit: int) -> int:
+    """The number of scans (SOS markers) of a JPEG's first image, counting stops past ``limit``. Markers are walked by
+    their lengths, so an EXIF thumbnail's scans are not counted; a malformed stream stops the count (the decoder then
+    says what is wrong)."""
+    i, n, scans = 2, len(data), 0
+    while i < n:
+        if data[i] != 0xFF:
+            return scans
+        while i < n and data[i] == 0xFF:
+            i += 1
+        if i + 2 >= n:
+            return scans
+        marker = data[i]
+        i += 1
+        if marker == 0xD9:  # EOI
+            return scans
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # no length
+            continue
+        i += int.from_bytes(data[i : i + 2], "big")
+        if marker == 0xDA:  # SOS: its header, then entropy-coded data up to the next marker
+            scans += 1
+            if scans > limit:
+                return scans
+            found = _NEXT_MARKER.search(data, i)
+            if found is None:
+                return scans
+            i = found.start()
+    return scans
 
 
 def _check_containers(im: Image.Image) -> None:

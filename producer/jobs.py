@@ -17,6 +17,7 @@ from kombu.exceptions import OperationalError
 from common.connections import queue_depths
 from common.errors import BrokerUnavailable, CaptionerError, ConfigError, NothingToEnqueue, SourceError, UnknownItem
 from common.messages import (
+    MAX_REF_CHARS,
     TASK_CAPTION_CHUNK,
     TASK_CAPTION_CONTAINER,
     TASK_EVALUATE,
@@ -25,6 +26,7 @@ from common.messages import (
     ContainerSpec,
     EvaluateRequest,
     GenParams,
+    ItemResult,
     ItemStatus,
     JobKind,
     JobState,
@@ -66,6 +68,8 @@ class EnqueueReport:
     held_s: float = 0.0
     #: Containers (shards, row groups) sent: their members are counted by the workers that read them.
     containers: int = 0
+    #: References out of the workers' bounds (empty, over 4,096 characters): recorded as invalid_input rows, not sent.
+    invalid: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -188,6 +192,10 @@ class JobClient:
             refs = [r for r in refs if not isinstance(r, ContainerSpec)]
             if not refs:
                 return
+        if any(not ref or len(ref) > MAX_REF_CHARS for ref in refs):
+            refs = self._refuse_out_of_bounds(job_id, refs, params, report)
+            if not refs:
+                return
         pairs = dict((item_id(ref), ref) for ref in refs)  # the same reference twice is one item
         report.items += len(refs)
         report.new += self.ledger.add_items(job_id, pairs.items())
@@ -202,6 +210,27 @@ class JobClient:
             self._send(job_id, pairs, params, producer)
             report.sent += len(pairs)
             report.messages += 1
+
+    def _refuse_out_of_bounds(
+        self, job_id: str, refs: list[str], params: GenParams, report: EnqueueReport
+    ) -> list[str]:
+        """The workers' bounds on a reference, applied here: one out of them (empty, over MAX_REF_CHARS) would make a
+        worker refuse its whole chunk, leaving every item in it pending for ever. It becomes an invalid_input row
+        under its own id (named by its start and length), and the others go on."""
+        bad = [ref for ref in refs if not ref or len(ref) > MAX_REF_CHARS]
+        rows = {}
+        for ref in bad:
+            shown = ref if len(ref) <= 256 else f"{ref[:256]}... ({len(ref)} characters)"
+            rows[item_id(ref)] = ItemResult(
+                id=item_id(ref), ref=shown, status=ItemStatus.ERROR, error_class="invalid_input", params=params,
+                error=f"a reference must be 1 to {MAX_REF_CHARS} characters; this one has {len(ref)}",
+                finished_at=time.time(),
+            )  # fmt: skip
+        report.items += len(bad)
+        report.invalid += len(rows)
+        report.new += self.ledger.add_items(job_id, [(i, r.ref) for i, r in rows.items()])
+        self.ledger.record(job_id, list(rows.values()))
+        return [ref for ref in refs if ref and len(ref) <= MAX_REF_CHARS]
 
     def _send_containers(self, job_id: str, specs: list[ContainerSpec], params: GenParams, producer: Any) -> None:
         """Record containers (open until a worker has read them whole) and send one message each. A container read

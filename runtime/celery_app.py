@@ -69,6 +69,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_send_sent_event": True,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
     }
+    if settings.broker_url_str.startswith(("redis://", "rediss://")):
+        # kombu's Redis transport, except that one malformed message is dropped (logged, counted), not fatal.
+        from runtime.broker import TRANSPORT
+
+        conf["broker_transport"] = TRANSPORT
     tls = tls_options(settings)
     if settings.broker_url_str.startswith("rediss://"):
         conf["broker_use_ssl"] = tls

@@ -15,6 +15,9 @@ log = logging.getLogger(__name__)
 IMAGES = Counter("captioner_images_total", "Images finished, by status (ok, error, cancelled).", ["status"])
 ERRORS = Counter("captioner_errors_total", "Images that failed, by error class.", ["error_class"])
 RETRIES = Counter("captioner_retries_total", "Items sent again after a transient failure.")
+BROKER_DROPPED = Counter(
+    "captioner_broker_messages_dropped_total", "Broker messages dropped because their envelope does not decode."
+)
 BATCH_SIZE = Histogram(
     "captioner_batch_size", "Images per model batch.", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 )

@@ -428,3 +428,99 @@ def test_doctor_warns_when_a_list_call_would_outlast_half_the_visibility_timeout
     assert list_calls("w", 256, 2.0, 300).level == "ok"  # 128 s of 300
     slow = list_calls("w", 256, 1.0, 300)  # 256 s: past half, a second delivery is near
     assert slow.level == "warn" and "CAPTIONER_MAX_LIST_ITEMS" in slow.detail
+
+
+@pytest.mark.parametrize("queue_of", ["interactive_queue_name", "caption_queue"])
+def test_a_broker_message_that_does_not_decode_is_dropped_and_the_worker_keeps_serving(
+    settings: Settings, images: Path, caption_worker: WorkerProcess, queue_of: str
+) -> None:
+    """`LPUSH captions-now '{not json'` ended the worker ("Unrecoverable error: JSONDecodeError")."""
+    import redis
+
+    broker = redis.Redis.from_url(settings.broker_url_str)
+    queue = getattr(settings, queue_of)
+    bad = [b"{not json", b"[1, 2]", b"{}", b'"text"', b"\xff\xfe\x00", b'{"body": 1, "properties": []}']
+    seen = caption_worker.log_tail(4000).count("dropped a broker message")
+    for payload in bad:
+        broker.lpush(queue, payload)
+    wait_for(lambda: broker.llen(queue) == 0, 60, "the worker to take the malformed messages")
+    wait_for(lambda: caption_worker.log_tail(4000).count("dropped a broker message") >= seen + len(bad), 60,
+             "one log line per dropped message")  # fmt: skip
+    assert caption_worker.proc is not None and caption_worker.proc.poll() is None, caption_worker.log_tail()
+    image = str(sorted(images.glob("*.jpg"))[0])
+    row = create_app(settings).send_task(TASK_CAPTION, args=[image], queue=queue).get(timeout=60)
+    assert row["status"] == "ok"
+    broker.close()
+
+
+def test_a_chunk_with_an_over_long_reference_records_it_and_captions_the_rest(
+    client: JobClient, settings: Settings, images: Path, caption_worker: WorkerProcess
+) -> None:
+    """A list with a valid path and a 1 MB URL: the worker refused the whole chunk (`items.1.src` over 4,096
+    characters) and both items stayed pending for ever. Here the job holds both, as an older producer left it."""
+    from common.messages import item_id
+
+    good, other = (str(p) for p in sorted(images.glob("*.jpg"))[:2])
+    long_url = "http://127.0.0.1/" + "a" * (1 << 20)
+    client.ledger.open_job("job-long-ref", "long", GenParams(max_length=12))
+    client.ledger.add_items("job-long-ref", [(item_id(r), r) for r in (good, long_url, other)])
+    client.ledger.seal("job-long-ref")
+    app = create_app(settings)
+    # A message may not give an item another image: `other`'s id with `good`'s path is refused, not captioned.
+    app.send_task(TASK_CAPTION_CHUNK, kwargs={"job_id": "job-long-ref", "items": [{"id": item_id(other), "src": good}]},
+                  queue=settings.caption_queue, ignore_result=True)  # fmt: skip
+    wait_for(lambda: "pairs 1 id(s) with a reference that is not theirs" in caption_worker.log_tail(400), 60,
+             "the worker to refuse the item paired with another image")  # fmt: skip
+    assert client.status("job-long-ref").pending == 3
+    app.send_task(TASK_CAPTION_CHUNK, kwargs={"job_id": "job-long-ref", "items": [good, long_url, other]},
+                  queue=settings.caption_queue, ignore_result=True)  # fmt: skip
+    info = client.wait("job-long-ref", timeout=120, on_tick=lambda _: None)
+    assert (info.ok, info.error, info.pending) == (2, 1, 0)
+    (bad,) = [r for r in client.results("job-long-ref") if r["status"] == "error"]
+    assert bad["id"] == item_id(long_url) and bad["error_class"] == "invalid_input"
+    assert len(bad["ref"]) < 400 and f"({len(long_url)} characters)" in bad["ref"]
+
+
+def test_the_producer_applies_the_workers_bounds_on_references(
+    ledger, settings: Settings, images: Path
+) -> None:
+    """Both ledgers: an over-long or empty reference is an invalid_input row at enqueue; the rest is sent."""
+    import base64
+
+    import redis
+
+    from common.messages import item_id
+
+    good = str(sorted(images.glob("*.jpg"))[0])
+    long_url = "http://127.0.0.1/" + "b" * 5000
+    quiet = settings.model_copy(update={"caption_queue": f"unconsumed-{uuid.uuid4().hex[:8]}"})
+    client = JobClient(quiet)
+    own, client.ledger = client.ledger, ledger  # the fixture's ledger, on each backend (it closes it itself)
+    try:
+        report = client.enqueue([good, long_url, ""], job_id="job-bounds")
+        assert (report.invalid, report.sent, report.messages) == (2, 1, 1)
+        failures = client.failures("job-bounds")
+        assert sorted(r["id"] for r in failures["invalid_input"]) == sorted([item_id(long_url), item_id("")])
+        broker = redis.Redis.from_url(settings.broker_url_str)
+        (raw,) = broker.lrange(quiet.caption_queue, 0, -1)
+        broker.delete(quiet.caption_queue)
+        body = json.loads(base64.b64decode(json.loads(raw)["body"]))
+        assert body[1]["items"] == [good]
+    finally:
+        client.ledger = own
+        client.close()
+
+
+def test_a_million_item_chunk_is_refused_before_its_items_are_parsed() -> None:
+    """A 1,000,000-item chunk was refused only after building a million sources (+610 MB)."""
+    from worker.chunks import parse_chunk
+
+    payload = {"job_id": "job-huge", "items": ["/a.jpg"] * 1_000_000}
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidMessage, match="1000000 items, over 10000"):
+            parse_chunk(payload)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, peak

@@ -16,9 +16,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from pydantic import ValidationError
+
 from common.connections import RETRYABLE_REDIS_ERRORS
-from common.errors import Cancelled, Poison
-from common.messages import ChunkMessage, GenParams, ItemResult, ItemStatus, JobState
+from common.errors import Cancelled, InvalidInput, InvalidMessage, Poison
+from common.messages import (
+    MAX_ITEMS_PER_MESSAGE,
+    ChunkItem,
+    ChunkMessage,
+    GenParams,
+    ItemResult,
+    ItemStatus,
+    JobState,
+    item_id,
+    parse_message,
+)
 from common.settings import Settings
 from runtime import metrics
 from worker.service import CaptionService, ItemSource, error_row, row_base
@@ -29,6 +41,59 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+
+
+#: Characters of a refused reference a row keeps (a 1 MB URL is named by its start and its length).
+REF_PREVIEW_CHARS = 256
+
+
+@dataclass(frozen=True)
+class BadItem:
+    """An item of a chunk that does not parse (a reference over the bounds, a source of the wrong shape): it gets a
+    named error row under its id, and the chunk's other items are captioned."""
+
+    id: str
+    ref: str
+    error: str
+
+
+def parse_chunk(payload: dict[str, Any]) -> tuple[ChunkMessage, list[BadItem]]:
+    """A chunk message and its items that do not parse, apart. The item count is checked before any item is
+    parsed (a million-item message is refused as it is, not after building a million sources); an item with no
+    id to record it under makes the whole message invalid, as before."""
+    items = payload.get("items")
+    if not isinstance(items, list):
+        return parse_message(ChunkMessage, payload), []  # type: ignore[return-value]
+    if len(items) > MAX_ITEMS_PER_MESSAGE:
+        raise InvalidMessage(f"ChunkMessage: items: {len(items)} items, over {MAX_ITEMS_PER_MESSAGE} per message")
+    good: list[Any] = []
+    bad: list[BadItem] = []
+    for raw in items:
+        try:
+            ChunkItem.model_validate({"id": item_id(raw), "src": raw} if isinstance(raw, str) else raw)
+            good.append(raw)
+        except (ValidationError, TypeError, ValueError) as exc:
+            found = _bad_item(raw, exc)
+            if found is None:
+                raise InvalidMessage(f"ChunkMessage: an item with no id to record it under: {str(exc)[:200]}") from None
+            bad.append(found)
+    if not bad:
+        return parse_message(ChunkMessage, payload), []  # type: ignore[return-value]
+    msg = parse_message(ChunkMessage, {**payload, "items": good or ["/"]})  # job id and params checked all the same
+    return (msg if good else msg.model_copy(update={"items": []})), bad  # type: ignore[union-attr]
+
+
+def _bad_item(raw: Any, exc: Exception) -> BadItem | None:
+    if isinstance(raw, str):
+        iid, ref = item_id(raw), raw
+    elif isinstance(raw, dict) and isinstance(raw.get("id"), str) and 0 < len(raw["id"]) <= 64:
+        iid, src = raw["id"], raw.get("src")
+        ref = src if isinstance(src, str) else str(type(src).__name__)
+    else:
+        return None
+    first = exc.errors()[0] if isinstance(exc, ValidationError) else {"msg": str(exc)}
+    preview = ref if len(ref) <= REF_PREVIEW_CHARS else f"{ref[:REF_PREVIEW_CHARS]}... ({len(ref)} characters)"
+    return BadItem(iid, preview, f"the item does not parse: {first.get('msg')}"[:300])
 
 
 @dataclass
@@ -71,9 +136,40 @@ class ChunkRunner:
         #: Held while a suspect item runs by itself, so no other suspect shares its fate (see _triage).
         self._alone = threading.Lock()
 
-    def run(self, msg: ChunkMessage) -> ChunkOutcome:
-        """Caption a chunk of a job and record every row before returning (the task acks after)."""
-        return self.run_items(msg.job_id, [(it.id, it.src) for it in msg.items], msg.params)
+    def run(self, msg: ChunkMessage, bad: list[BadItem] | None = None) -> ChunkOutcome:
+        """Caption a chunk of a job and record every row before returning (the task acks after). Items that do not
+        parse get their named row; an item whose id is not its reference's names another item's image: refused."""
+        items, wrong = [], 0
+        for it in msg.items:
+            if it.id == item_id(it.src.ref):
+                items.append((it.id, it.src))
+            else:
+                wrong += 1
+        out = self.run_items(msg.job_id, items, msg.params) if items else ChunkOutcome(job_id=msg.job_id, items=0)
+        if wrong:  # a message may not give a pending item another image than its own
+            out.refused += wrong
+            log.warning("chunk of job %s pairs %d id(s) with a reference that is not theirs; refused", msg.job_id,
+                        wrong)  # fmt: skip
+        if bad:
+            self._bad_rows(msg.job_id, bad, msg.params, out)
+        return out
+
+    def _bad_rows(self, job_id: str, bad: list[BadItem], params: GenParams, out: ChunkOutcome) -> None:
+        """Rows for items that do not parse, when the job holds them and they are not captioned already."""
+        out.items += len(bad)
+        status = self.ledger.statuses(job_id, [b.id for b in bad])
+        unknown = sum(status[b.id] is None for b in bad)
+        if unknown:
+            out.refused += unknown
+            log.warning("chunk of job %s names %d unparsable item(s) not in the job; refused", job_id, unknown)
+        rows = [
+            error_row({"id": b.id, "ref": b.ref, "params": params}, InvalidInput(b.error))
+            for b in bad if status[b.id] not in (None, ItemStatus.OK)
+        ]  # fmt: skip
+        out.skipped += sum(status[b.id] is ItemStatus.OK for b in bad)
+        if rows:
+            self._write(job_id, rows, out)
+            log.info("chunk job=%s: %d item(s) that do not parse recorded as invalid_input", job_id, len(rows))
 
     def run_items(
         self, job_id: str, items: list[tuple[str, ItemSource]], params: GenParams, *, kind: str = "chunk"

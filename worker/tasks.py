@@ -39,7 +39,7 @@ from runtime import metrics
 from runtime.celery_app import queue_depths
 from runtime.logs import job_context
 from worker.celery_app import app
-from worker.chunks import ChunkOutcome, ChunkRunner
+from worker.chunks import ChunkOutcome, ChunkRunner, parse_chunk
 from worker.container_runner import ContainerRunner
 from worker.service import CaptionService
 
@@ -129,9 +129,9 @@ def _run_or_give_back(task: Task, what: str, job_id: str, run: Callable[[], Chun
 @app.task(name=TASK_CAPTION_CHUNK, bind=True, ignore_result=True)
 def caption_chunk(self: Task, job_id: Any = None, items: Any = None, params: Any = None, **extra: Any) -> dict:
     """Caption a chunk of a ledger job; rows are in Redis before this returns (and the message is acked)."""
-    msg = cast(ChunkMessage, parse_message(ChunkMessage, _payload(job_id=job_id, items=items, params=params, **extra)))
+    msg, bad = parse_chunk(_payload(job_id=job_id, items=items, params=params, **extra))
     with job_context(msg.job_id, self.request.id):
-        outcome = _run_or_give_back(self, "chunk", msg.job_id, lambda: chunks().run(msg), "its items stay pending")
+        outcome = _run_or_give_back(self, "chunk", msg.job_id, lambda: chunks().run(msg, bad), "its items stay pending")
         if outcome.retry:
             again = [it for it in msg.items if it.id in set(outcome.retry)]
             _resend(self, msg, again, outcome.retry_attempt)
