@@ -13,7 +13,7 @@ import pytest
 
 from common.messages import CaptionTask, GenParams, ItemResult, ItemStatus, item_id, task_seed
 from common.settings import Settings
-from exports.export import read_rows
+from exports import read_rows
 from ledger import Ledger, codec
 from ledger.redis import rows as rowform
 from tests.conftest import MAX_LENGTH
