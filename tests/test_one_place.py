@@ -13,7 +13,7 @@ import redis
 from click.testing import CliRunner
 
 from common.messages import ChunkMessage, GenParams, parse_message
-from common.settings import Settings, get_settings
+from common.settings import Settings, get_settings, use_settings
 from producer.jobs import JobClient
 from tests.conftest import shape_files
 
@@ -47,14 +47,15 @@ def test_generation_defaults_are_the_settings_wherever_a_job_starts(
 
     monkeypatch.setenv("CAPTIONER_MAX_LENGTH", "37")
     monkeypatch.setenv("CAPTIONER_NUM_BEAMS", "2")
-    get_settings.cache_clear()
+    before = get_settings()  # a CLI test earlier in this process may have put its own settings in place
+    use_settings(Settings())
     try:
         for params, made in ((None, GenParams(max_length=37, num_beams=2)),
                              ({"num_beams": 3}, GenParams(max_length=37, num_beams=3))):  # fmt: skip
             msg = parse_message(ChunkMessage, _payload(job_id="j", items=["/a.jpg"], params=params))
             assert isinstance(msg, ChunkMessage) and msg.params == made
     finally:
-        get_settings.cache_clear()
+        use_settings(before)
 
 
 def test_a_training_request_is_checked_once_in_the_process_that_sends_it(
