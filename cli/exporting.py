@@ -32,6 +32,8 @@ from cli.base import cli, client_of, json_option, settings_of
               "a regular file is ever replaced (never a link, a device or a pipe).")  # fmt: skip
 @click.option("--reviewed-only", is_flag=True,
               help="Only items a reviewer corrected or marked (captioner review).")  # fmt: skip
+@click.option("--min-clip-score", type=click.FloatRange(0, 100), metavar="X",
+              help="Leave out captions scored below X (--score clip jobs), or not scored.")  # fmt: skip
 @json_option
 @click.pass_context
 def export(
@@ -44,21 +46,25 @@ def export(
     sidecar_ext: str,
     overwrite: bool,
     reviewed_only: bool,
+    min_clip_score: float | None,
     as_json: bool,
 ) -> None:
     """Write a job's results: JSONL, CSV, Parquet, caption files next to the images (sidecar), an imagefolder
     metadata.jsonl, WebDataset shards, or kohya-style metadata JSON. A reviewer's correction travels beside the
     model's caption, and is the caption the dataset formats write."""
     from exports import export_rows, export_to_store
+    from exports.rows import resolve_duplicates
     from media.objects import ObjectStore, is_object_uri
     from media.paths import LocalFiles
 
     settings = settings_of(ctx)
     client = client_of(ctx)
     rows = client.ledger.reviewed(job_id) if reviewed_only else client.results(job_id)
+    rows = resolve_duplicates(rows, client.ledger.item, job_id)  # near-duplicates whose group was captioned later
     local = LocalFiles.under(settings.allowed_roots, settings.max_image_bytes)  # the workers' rules, checked again
     store = ObjectStore.from_settings(settings)
-    options: dict[str, Any] = {"shard_size": shard_size, "exclude_flags": exclude_flags, "local": local}
+    options: dict[str, Any] = {"shard_size": shard_size, "exclude_flags": exclude_flags, "local": local,
+                               "min_clip_score": min_clip_score}  # fmt: skip
     if fmt == "webdataset":
         options["remote"] = _remote_reader(settings)
         options["containers"] = _container_reader(settings)

@@ -12,7 +12,17 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from common.errors import InvalidMessage
 from common.uris import is_object_uri
@@ -99,6 +109,69 @@ class JobState(StrEnum):
     FAILED = "failed"
 
 
+#: ``phash[:BITS]`` (Hamming distance of 64-bit perceptual hashes, default 12) or ``clip[:COS]`` (cosine of CLIP
+#: image embeddings, default 0.95).
+_NEAR_DUPLICATES = re.compile(r"(phash(:(6[0-3]|[1-5]?[0-9]))?|clip(:(0(\.[0-9]+)?|1(\.0*)?))?)")
+#: ``clip`` (the worker's CAPTIONER_CLIP_MODEL) or ``clip:<model store name, directory or hub id>``.
+_SCORE = re.compile(r"clip(:[^\s]{1,500})?")
+
+
+class Curation(BaseModel):
+    """What a job asks beyond its captions (docs/curation.md): a CLIPScore on every caption, the best of N sampled
+    captions, and near-duplicates captioned once per group. Absent from messages that ask none of it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: ``clip`` or ``clip:<checkpoint>``: every caption gets its CLIPScore (rows' ``clip_score``).
+    score: str | None = None
+    #: Sample this many captions per image and keep the one with the highest CLIPScore (needs ``score``).
+    best_of: int | None = Field(None, ge=2, le=64)
+    #: Sampling of best-of-N; each image's seed derives from ``seed`` and its item id (see ``sample_seed``).
+    temperature: float = Field(1.0, gt=0, le=10)
+    top_p: float = Field(0.9, gt=0, le=1)
+    seed: int = Field(0, ge=0, lt=2**63)
+    #: ``phash[:BITS]`` or ``clip[:COS]``: images within the threshold are captioned once per group.
+    near_duplicates: str | None = None
+
+    @field_validator("score")
+    @classmethod
+    def _score(cls, value: str | None) -> str | None:
+        if value is not None and not _SCORE.fullmatch(value):
+            raise ValueError(f"score {value[:60]!r} is not 'clip' or 'clip:<model name, directory or hub id>'")
+        return value
+
+    @field_validator("near_duplicates")
+    @classmethod
+    def _near(cls, value: str | None) -> str | None:
+        if value is not None and not _NEAR_DUPLICATES.fullmatch(value):
+            raise ValueError(
+                f"near_duplicates {value[:60]!r} is not 'phash[:BITS]' (0-63 bits) or 'clip[:COS]' (a cosine 0-1)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _best_of_needs_a_score(self) -> Curation:
+        if self.best_of and not self.score:
+            raise ValueError("best_of keeps the caption with the highest CLIPScore: it needs score 'clip'")
+        return self
+
+    def scorer_ref(self, default: str | None) -> str | None:
+        """The CLIP checkpoint the scores (and clip near-duplicates) need: the job's, else the worker's default."""
+        named = self.score.partition(":")[2] if self.score else ""
+        return named or default
+
+    def needs_images(self) -> bool:
+        """Whether the engine thread keeps each decoded image beside its pixels (for CLIP)."""
+        return bool(self.score)
+
+
+def sample_seed(seed: int, item: str) -> int:
+    """The sampling seed of one image: derived from the job's seed and the item's id, so a redelivered item gets
+    the same candidates whichever batch or worker it lands in."""
+    digest = hashlib.blake2b(f"{seed}:{item}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1  # 63 bits: what torch.manual_seed takes
+
+
 class GenParams(BaseModel):
     """Generation options of a job or call; every result records the values used."""
 
@@ -109,6 +182,16 @@ class GenParams(BaseModel):
     num_beams: int = Field(1, ge=1, le=16)
     # Text the caption starts with: GIT continues it, and the result includes it.
     prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    #: Scores, best of N and near-duplicates (see Curation). Left out of messages and rows when unset, so the
+    #: messages, derived job ids and provenance of jobs that ask none of it are what they were.
+    curation: Curation | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unset_curation(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        if out.get("curation", 0) is None:
+            del out["curation"]
+        return out
 
     @model_validator(mode="after")
     def _room_for_a_caption(self) -> GenParams:
@@ -122,9 +205,10 @@ class GenParams(BaseModel):
             )
         return self
 
-    def key(self) -> tuple[int, int, str]:
+    def key(self) -> tuple[int, int, str, str]:
         """Batches only mix items whose parameters share this key."""
-        return (self.max_length, self.num_beams, self.prompt or "")
+        curation = self.curation.model_dump_json() if self.curation else ""
+        return (self.max_length, self.num_beams, self.prompt or "", curation)
 
 
 class Source(BaseModel):
@@ -404,6 +488,16 @@ class ItemResult(BaseModel):
     reused: bool | None = None
     #: Columns of the source row that travel to the export (Parquet and dataset sources).
     extra: dict[str, Any] | None = None
+    #: CLIPScore of the caption (``params.curation.score``): 100 * max(cos(image, caption), 0).
+    clip_score: float | None = None
+    #: Best of N: every candidate's CLIPScore in sampling order (the kept caption has the highest) and the seed
+    #: the image's candidates were sampled with.
+    candidates: list[float] | None = None
+    sample_seed: int | None = None
+    #: A near-duplicate of this item of the job (or of ``duplicate_job``): not captioned, its caption copied when
+    #: known, else resolved at export.
+    duplicate_of: str | None = None
+    duplicate_job: str | None = None
     #: Stage timings in milliseconds: load (fetch, decode, preprocess this image), infer (the model batch it ran in).
     #: Single calls return them; ledger rows leave them out (the worker's log line and metrics carry them per chunk).
     timings: dict[str, float] = Field(default_factory=dict)

@@ -13,7 +13,7 @@ from typing import Any
 from common.errors import ConfigError
 from exports.files import export_sidecars, write_kohya, write_metadata
 from exports.place import atomic_target, check_target, upload_all
-from exports.rows import ContainerReader, ExportSummary, Options
+from exports.rows import ContainerReader, ExportSummary, Options, above_min_score
 from exports.tables import write_csv, write_jsonl, write_parquet
 from exports.webdataset import SHARD_NAME, export_webdataset
 from media.objects import ObjectStore
@@ -40,6 +40,7 @@ def export_rows(
     local: LocalFiles | None = None,
     remote: Callable[[str], bytes] | None = None,
     containers: ContainerReader | None = None,
+    min_clip_score: float | None = None,
 ) -> ExportSummary:
     """Write ``rows`` (ItemResult dicts) as ``fmt``, one row at a time, to ``out`` (None or "-": stdout).
 
@@ -53,9 +54,9 @@ def export_rows(
         raise ConfigError(f"batch_rows must be at least 1, got {batch_rows}")
     if shard_size < 1:
         raise ConfigError(f"shard_size must be at least 1, got {shard_size}")
-    opts = Options(
-        batch_rows, exclude_flags=frozenset(exclude_flags), local=local, remote=remote, containers=containers
-    )
+    opts = Options(batch_rows, exclude_flags=frozenset(exclude_flags), local=local, remote=remote,
+                   containers=containers, min_clip_score=min_clip_score)  # fmt: skip
+    rows = above_min_score(rows, opts)
     if (fmt == "sidecar" and (local is None or not local.roots)) or (
         fmt == "webdataset" and (local is None or not local.roots) and remote is None
     ):

@@ -131,19 +131,44 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
 def encode(row: ItemResult, *, base: str, created: float, provenance: int) -> bytes:
     """A row as stored in Redis (see the module docstring)."""
     header = _STATUS_CODE[row.status] | quality_bits(row.flags if row.status is ItemStatus.OK else None) << 2
-    header |= (_H_TRANSIENT if row.transient else 0) | (_H_REUSED if row.reused else 0) | (_H_EXTRA if row.extra else 0)
+    extra = stored_extra(row)
+    header |= (_H_TRANSIENT if row.transient else 0) | (_H_REUSED if row.reused else 0) | (_H_EXTRA if extra else 0)
     # Tenths of a second after the job's creation, plus one: 0 stands for "not recorded".
     finished = max(1, round((row.finished_at - created) * 10) + 1) if row.finished_at else 0
     ref = pack_ref(row.ref, base).encode("utf-8", "surrogateescape")
     out = [bytes([header]), _varint(provenance), _varint(row.attempts), _varint(finished), _varint(len(ref)), ref]
     if row.status is not ItemStatus.OK:
         out.append(_varint(error_index(row.error_class) + 1))
-    if row.extra:
-        packed = msgpack.packb(row.extra, use_bin_type=True)
+    if extra:
+        packed = msgpack.packb(extra, use_bin_type=True)
         out += [_varint(len(packed)), packed]
     text = row.caption if row.status is ItemStatus.OK else row.error
     out.append((text or "").encode())
     return b"".join(out)
+
+
+#: Row fields of curation (scores, best of N, near-duplicates), stored in the extra map under a key no source
+#: column has, so both backends keep them without a new column or header bit and old rows read as before.
+CURATION_FIELDS = ("clip_score", "candidates", "sample_seed", "duplicate_of", "duplicate_job")
+_CURATION_KEY = "\x1fcuration"  # not NUL: PostgreSQL's jsonb refuses \u0000
+
+
+def stored_extra(row: ItemResult) -> dict[str, Any] | None:
+    """The extra map as stored: the source row's columns, plus the row's curation fields when it has any."""
+    curation = {k: getattr(row, k) for k in CURATION_FIELDS if getattr(row, k, None) is not None}
+    if not curation:
+        return row.extra
+    return {**(row.extra or {}), _CURATION_KEY: curation}
+
+
+def split_extra(row: dict[str, Any], extra: dict[str, Any] | None) -> None:
+    """Set a decoded row's ``extra`` and curation fields from the stored extra map (the inverse of stored_extra)."""
+    if not extra:
+        return
+    extra = dict(extra)
+    row.update(extra.pop(_CURATION_KEY, None) or {})
+    if extra:
+        row["extra"] = extra
 
 
 def status_of(stored: bytes) -> ItemStatus:
@@ -182,8 +207,7 @@ def decode(item_id: str, stored: bytes, *, base: str, created: float, provenance
     add_marks(row, transient=bool(header & _H_TRANSIENT), reused=bool(header & _H_REUSED))
     if finished:
         row["finished_at"] = round(created + (finished - 1) / 10, 1)
-    if extra is not None:
-        row["extra"] = extra
+    split_extra(row, extra)
     return row
 
 

@@ -703,7 +703,7 @@ def _item_values(
         row.attempts,
         round(row.finished_at, 1) if row.finished_at else None,  # the precision the Redis rows keep
         bits,
-        json.dumps(row.extra) if row.extra else None,
+        json.dumps(codec.stored_extra(row)) if codec.stored_extra(row) else None,
         job_id,
         raw,
     )
@@ -730,8 +730,7 @@ def _row_from_columns(values: tuple[Any, ...], base: str, table: list[codec.Prov
     codec.add_marks(row, transient=bool(bits & codec.TRANSIENT_BIT), reused=bool(bits & codec.REUSED_BIT))
     if finished:
         row["finished_at"] = float(finished)
-    if extra:
-        row["extra"] = extra
+    codec.split_extra(row, extra)
     if review:
         row.update(codec.decode_review(bytes(review)))
     return row

@@ -19,7 +19,7 @@ from contextvars import copy_context
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from common.errors import Cancelled, EngineError, InvalidInput, ItemError
+from common.errors import Cancelled, ConfigError, EngineError, InvalidInput, ItemError
 from common.messages import GenParams, ItemResult, ItemStatus, Source, item_id
 from common.settings import Settings
 from common.store import ModelStore, resolve_model
@@ -27,6 +27,7 @@ from media.containers import Blob
 from media.images import FetchGuard, ImagePolicy, decode_image, read_source
 from model.flags import quality_flags
 from runtime import metrics
+from worker import curation
 from worker.batcher import MicroBatcher
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ class Captioned(NamedTuple):
     batch_ms: float  # wall time of the model batch it ran in
     reused: bool = False  # taken from the reuse cache, not from the model
     profile: str | None = None  # the speed pieces the batch ran with ("exact", "fast:sdpa,compile")
+    scored: curation.Scored | None = None  # CLIPScore (and best-of-N candidates) when the job asks for them
 
 
 class ReuseCache(Protocol):
@@ -149,6 +151,8 @@ class CaptionService:
         #: Seconds the engine's warm-up took at start (compiled and captured pieces; 0 when none).
         self.warm_up_s = 0.0
         self._reported_profile: str | None = None
+        #: CLIP scorers (jobs with --score clip), loaded on first use on the engine's device.
+        self.scorers = curation.Scorers(settings)
         self._pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         #: Decodes beside the model: ``decode_slots()`` while it generates, every decode thread while it waits (made
         #: on first use: the automatic figure needs the engine's device).
@@ -196,6 +200,11 @@ class CaptionService:
         params = GenParams(max_length=self.settings.max_length)
         if hasattr(self.engine, "warm_up"):
             self.warm_up_s = self.engine.warm_up(self.settings.max_batch_size, params)
+        if self.settings.clip_model:  # a wrong default checkpoint stops the worker at start, not a job later
+            try:
+                self.scorers.load(self.settings.clip_model, str(self.engine.device))
+            except ItemError as exc:
+                raise ConfigError(f"CAPTIONER_CLIP_MODEL: {exc}") from None
         if self.settings.model == "@current" and self._watcher is None:
             self._watcher = threading.Thread(target=self._follow_store, name="model-watch", daemon=True)
             self._watcher.start()
@@ -228,19 +237,25 @@ class CaptionService:
         if self.settings.fault_oom_above and len(items) > self.settings.fault_oom_above:
             raise MemoryError(f"out of memory (injected: batch {len(items)} > {self.settings.fault_oom_above})")
         started = time.perf_counter()
+        scored: list[curation.Scored] | None = None
         with self.gate.generation():
-            generated = engine.generate_detailed(engine.stack(items), params)
+            if curation.wants_images(params):  # scored on the same device, in the same batch, right after
+                scored = curation.generate_scored(engine, self.scorers, items, params)
+                generated = [s.generated for s in scored]
+            else:
+                generated = engine.generate_detailed(engine.stack(items), params)
         batch_ms = round((time.perf_counter() - started) * 1000, 2)
         profile = getattr(engine, "profile", None)  # after the batch: a piece that failed in it is not counted
         if profile != self._reported_profile:
             self._reported_profile = profile
             metrics.set_model(engine.version, str(engine.device), str(engine.dtype).removeprefix("torch."), profile)
         out = []
-        for gen in generated:
+        for i, gen in enumerate(generated):
             # A caption that ended on its own is not cut, even when its end token fell on the last position.
             tokens = gen.tokens - 1 if gen.ended else gen.tokens
             flags = quality_flags(gen.text, generated_tokens=tokens, max_length=params.max_length) or None
-            out.append(Captioned(gen.text, engine.version, flags, batch_ms, profile=profile))
+            out.append(Captioned(gen.text, engine.version, flags, batch_ms, profile=profile,
+                                 scored=scored[i] if scored else None))  # fmt: skip
         return out
 
     def decode_slots(self) -> int:
@@ -263,10 +278,16 @@ class CaptionService:
         return self._gate
 
     # --- captioning -----------------------------------------------------------------------------
-    def _decode(self, data: bytes) -> Any:
-        """Decode and preprocess one image's bytes, when the gate lets it."""
+    def _decode(self, data: bytes, params: GenParams | None = None, iid: str = "") -> Any:
+        """Decode and preprocess one image's bytes, when the gate lets it (with the image, for CLIP jobs)."""
         with self.gate.decoding():
-            return self.engine.prepare([decode_image(data, self.policy)])
+            image = decode_image(data, self.policy)
+            pixels = self.engine.prepare([image])
+        return curation.Held(pixels, image, iid) if params is not None and curation.wants_images(params) else pixels
+
+    def decode_source(self, src: ItemSource) -> Any:
+        """The decoded image of an item (near-duplicate hashing), by the same rules as captioning reads it."""
+        return decode_image(self._read(src), self.policy)
 
     def _read(self, src: ItemSource) -> bytes:
         """The encoded bytes of an item: fetched (paths, URLs, objects, base64), or already in hand."""
@@ -277,7 +298,7 @@ class CaptionService:
         return read_source(src, self.policy, guard=self.fetches)
 
     def _prepare(
-        self, src: ItemSource, params: GenParams, group: Hashable | None
+        self, src: ItemSource, params: GenParams, group: Hashable | None, iid: str = ""
     ) -> tuple[Future[Any], float, bytes | None]:
         """Fetch, decode and preprocess one image, then queue it for a batch: (caption future, load ms, digest).
 
@@ -289,8 +310,8 @@ class CaptionService:
             os._exit(137)  # as abrupt as the OOM killer or a segfaulting decoder
         digest, own = None, None
         try:
-            if self.reuse is None:
-                pixels = self._decode(self._read(src))
+            if self.reuse is None or params.curation is not None:  # curated rows carry scores the cache has not
+                pixels = self._decode(self._read(src), params, iid)
             else:
                 data = self._read(src)
                 digest = hashlib.blake2b(data, digest_size=16).digest()
@@ -399,7 +420,7 @@ class CaptionService:
         self.batcher.expect(len(items))
         # A copy of this thread's context per item: decode threads log with the task's job and task ids.
         prepared = [
-            self._pool.submit(copy_context().run, self._prepare, src, params, ("alone", iid) if alone else None)
+            self._pool.submit(copy_context().run, self._prepare, src, params, ("alone", iid) if alone else None, iid)
             for iid, src in items
         ]
         rows: list[ItemResult] = []
@@ -425,6 +446,7 @@ class CaptionService:
                     model_version=done.version,
                     reused=done.reused or None,
                     profile=done.profile,
+                    **curation.row_fields(done.scored),
                     timings={"load_ms": round(load_ms, 2), "infer_ms": done.batch_ms},
                     finished_at=time.time(),
                 )
