@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,7 +59,7 @@ def export(
 
     settings = settings_of(ctx)
     client = client_of(ctx)
-    rows = client.ledger.reviewed(job_id) if reviewed_only else client.results(job_id)
+    rows: Iterable[Mapping[str, Any]] = client.ledger.reviewed(job_id) if reviewed_only else client.results(job_id)
     rows = resolve_duplicates(rows, client.ledger.item, job_id)  # near-duplicates whose group was captioned later
     local = LocalFiles.under(settings.allowed_roots, settings.max_image_bytes)  # the workers' rules, checked again
     store = ObjectStore.from_settings(settings)

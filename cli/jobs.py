@@ -278,7 +278,10 @@ def curation_summary(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"scored": len(scores), "duplicates": duplicates}
     if scores:
         scores.sort()
-        at = lambda q: scores[min(len(scores) - 1, int(q * len(scores)))]  # noqa: E731
+
+        def at(q: float) -> float:
+            return scores[min(len(scores) - 1, int(q * len(scores)))]
+
         out["clip_score"] = {"min": scores[0], "p10": at(0.1), "median": statistics.median(scores),
                              "p90": at(0.9), "max": scores[-1], "mean": round(statistics.fmean(scores), 4)}  # fmt: skip
     return out
