@@ -257,3 +257,17 @@ def test_curation_options_are_checked_before_anything_is_sent(clip_settings: Set
     assert not redis.Redis.from_url(clip_settings.redis_url_str).keys("*job*")
     # Old messages (no curation) keep their shape: the field is left out when unset.
     assert "curation" not in GenParams().model_dump() and "curation" not in GenParams().model_dump_json()
+
+
+def test_a_worker_with_a_wrong_clip_model_says_so_at_start(clip_env: dict[str, str], tmp_path: Path) -> None:
+    from common.errors import CaptionerError
+
+    env = {**clip_env, "CAPTIONER_CLIP_MODEL": str(tmp_path / "no-such-clip"),
+           "CAPTIONER_CAPTION_QUEUE": f"nothing-{uuid.uuid4().hex[:6]}"}  # fmt: skip
+    proc = WorkerProcess(env, log=tmp_path / "bad.log").start()
+    try:
+        with pytest.raises(CaptionerError, match="worker exited early"):
+            proc.wait_ready()
+    finally:
+        proc.terminate()
+    assert "CAPTIONER_CLIP_MODEL" in (tmp_path / "bad.log").read_text()
