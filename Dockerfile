@@ -25,7 +25,9 @@ WORKDIR /app
 FROM runtime AS base
 # .dockerignore lets only pyproject.toml, README.md and the three packages into the context.
 COPY . /app
-RUN pip install --no-cache-dir "/app[postgres]"
+# review: the review page and the backlog exporter (`captioner workers backlog --serve`) run from this image too
+# (deploy/k8s); its extra is a small web stack and prometheus-client, no torch.
+RUN pip install --no-cache-dir "/app[postgres,review]"
 
 # --- producer: the CLI, no torch ----------------------------------------------------------------------
 FROM base AS producer

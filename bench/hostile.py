@@ -140,6 +140,10 @@ def _peak(case: str, how: str) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+#: The PostgreSQL the ledger figures use (the tests' default; CAPTIONER_TEST_POSTGRES names another).
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
 def measure_decode() -> list[dict[str, str]]:
     from common.settings import Settings
 
@@ -489,6 +493,61 @@ def measure_refusals() -> list[dict[str, str]]:
     return rows
 
 
+def measure_ledger(n: int = 2000) -> list[dict[str, str]]:
+    """Rows holding NUL (a Parquet text column, a shard's .txt member, a list line) written to each ledger backend
+    and read back; PostgreSQL's text and jsonb refuse NUL, so its ledger stores such text escaped."""
+    import redis
+
+    from common.messages import GenParams, ItemResult, ItemStatus, item_id
+    from ledger import Ledger, RedisLedger
+    from ledger.postgres import PostgresLedger
+    from producer.local import LocalRedis
+
+    refs = [f"/data/set/{i:05d}\x00.jpg" if i % 2 else f"/data/set/{i:05d}.jpg" for i in range(n)]
+    rows = [ItemResult(id=item_id(r), ref=r, status=ItemStatus.OK, caption=f"caption\x00{i}", model_version="v",
+                       extra={"txt": f"alt\x00text {i}"}) for i, r in enumerate(refs)]  # fmt: skip
+    plain = [r.model_copy(update={"ref": r.ref.replace("\x00", ""), "caption": r.caption.replace("\x00", " "),
+                                  "extra": {"txt": r.extra["txt"].replace("\x00", " ")}}) for r in rows]  # fmt: skip
+    plain = [r.model_copy(update={"id": item_id(r.ref)}) for r in plain]
+    figures: dict[str, str] = {}
+    with LocalRedis() as server:
+        prefix = f"hostile_{uuid.uuid4().hex[:6]}"
+        backends: dict[str, Ledger] = {
+            "Redis": RedisLedger(redis.Redis.from_url(server.url(0)), prefix),
+            "PostgreSQL": PostgresLedger(os.environ.get("CAPTIONER_TEST_POSTGRES", PG_URL), prefix),
+        }
+        for name, led in backends.items():
+            try:
+                took = {}
+                for job, batch in (("plain", plain), ("nul", rows)):
+                    led.open_job(job, job, GenParams())
+                    led.add_items(job, [(r.id, r.ref) for r in batch])
+                    started = time.perf_counter()
+                    for k in range(0, n, 64):
+                        led.record(job, batch[k : k + 64])
+                    took[job] = (time.perf_counter() - started) * 1000 / n
+                back = {r["id"]: r for r in led.iter_results("nul")}
+                equal = sum(
+                    1 for r in rows if (back[r.id]["ref"], back[r.id]["caption"], back[r.id]["extra"]) == (
+                        r.ref, r.caption, r.extra)
+                )  # fmt: skip
+                figures[name] = (f"{name} {equal} of {n} read back equal, {took['nul']:.2f} ms per row written "
+                                 f"({took['plain']:.2f} without NUL)")  # fmt: skip
+            finally:
+                if isinstance(led, PostgresLedger):
+                    led._run(f"DROP SCHEMA IF EXISTS {led.schema} CASCADE")
+                led.close()
+    return [{
+        "attack": "NUL in a Parquet text column, a shard's `.txt` member or a list line (PostgreSQL ledger: "
+                  "`\\u0000 cannot be converted to text`, the container open after 4 attempts, the job never done)",
+        "guard": "the PostgreSQL ledger stores text it cannot hold escaped, marked per row (rows stored before read "
+                 "as they were); a list line with a NUL is a named invalid_input row",
+        "figure": f"{n} rows (every caption and extra, half the references holding NUL): "
+                  + "; ".join(figures.values()),
+        "command": "python -m bench.hostile ledger; pytest tests/test_postgres_ledger.py -k nul",
+    }]  # fmt: skip
+
+
 def tested_rows() -> list[dict[str, str]]:
     """Classes whose figure is what a test through a real worker asserts (it fails when the figure is not so)."""
     return [
@@ -512,7 +571,7 @@ def tested_rows() -> list[dict[str, str]]:
 
 GROUPS: dict[str, Callable[[], list[dict[str, str]]]] = {
     "decode": measure_decode, "budget": measure_budget, "fetch": measure_fetch, "stop": measure_stop,
-    "webhook": measure_webhook, "b64": measure_b64, "refusals": measure_refusals,
+    "webhook": measure_webhook, "b64": measure_b64, "refusals": measure_refusals, "ledger": measure_ledger,
 }  # fmt: skip
 
 

@@ -107,7 +107,7 @@ def measure(backend: str, n: int, caption_chars: int, chunk_size: int) -> dict[s
             "postgres_bytes_per_item": round((disk_done - disk_before) / n, 1) if backend == "postgresql" else None,
         }
         if backend == "postgresql":
-            from ledger.pg_ledger import PostgresLedger
+            from ledger.postgres import PostgresLedger
 
             assert isinstance(ledger, PostgresLedger)
             ledger._run(f"DROP SCHEMA IF EXISTS {ledger.schema} CASCADE")

@@ -192,12 +192,29 @@ def run_demo(
             },
             "results": [_result_row(r, truth) for r in rows],
             "workdir": str(root) if workdir else None,
+            "review": review_hint(
+                settings, root, job_id, kept=workdir is not None, local_redis=local_redis is not None
+            ),
         }
     if as_json:
         click.echo(json.dumps(summary))
     else:
         _print_table(summary)
+        click.echo(summary["review"])
     return summary
+
+
+def review_hint(settings: Settings, root: Path, job_id: str, *, kept: bool, local_redis: bool) -> str:
+    """What to run to review the demo's captions in the browser: its key prefix and image folder, or why not yet."""
+    if not kept or local_redis:
+        why = [] if kept else ["--workdir DIR (this run's images were in a temporary folder, now removed)"]
+        if local_redis:
+            why.append("a running Redis at CAPTIONER_REDIS_URL (the redis-server this run started has stopped)")
+        return "To review these captions in the browser, run the demo again with " + " and ".join(why) + "."
+    host = settings.review_host if ":" not in settings.review_host else f"[{settings.review_host}]"
+    return (f"Review these captions in the browser: CAPTIONER_KEY_PREFIX={settings.key_prefix} "
+            f"CAPTIONER_ALLOWED_ROOTS={root} CAPTIONER_MODEL_STORE={settings.model_store} captioner review, then "
+            f"open http://{host}:{settings.review_port}/jobs/{job_id}")  # fmt: skip
 
 
 def _result_row(row: dict[str, Any], truth: dict[str, str]) -> dict[str, Any]:

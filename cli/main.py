@@ -3,7 +3,7 @@ the console script calls ``main``. Never imports torch: each command imports wha
 
 from __future__ import annotations
 
-from cli import exporting, jobs, models, ops  # noqa: F401  (each registers its commands)
+from cli import exporting, jobs, models, ops, workers  # noqa: F401  (each registers its commands)
 from cli.base import cli
 from exports import FORMATS
 

@@ -49,6 +49,8 @@ def _store(ctx: click.Context) -> ModelStore:
               "gradient_accumulation_steps=4 --set warmup_ratio=0.1).")  # fmt: skip
 @click.option("--promote", is_flag=True, help="Promote the new version when training ends.")
 @click.option("--require-no-worse", metavar="METRIC", help="With --promote: only if METRIC (e.g. wer) is no worse.")
+@click.option("--gate-dataset", metavar="DATASET", help="With --require-no-worse: score the new and the current "
+              "version on DATASET first and compare them there.")  # fmt: skip
 @click.option("--wait", "wait_", is_flag=True, help="Follow progress until the job ends.")
 @json_option
 @click.pass_context
@@ -56,7 +58,8 @@ def train(ctx: click.Context, dataset: str, job_id: str | None, base_model: str 
           max_steps: int | None, learning_rate: float | None, batch_size: int | None, eval_steps: int | None,
           num_processes: int | None, report_to: str | None, lora_r: int | None, column: str | None,
           text_column: str | None, download: bool, settings_: tuple[str, ...], promote: bool,
-          require_no_worse: str | None, wait_: bool, as_json: bool) -> None:  # fmt: skip
+          require_no_worse: str | None, gate_dataset: str | None, wait_: bool,
+          as_json: bool) -> None:  # fmt: skip
     """Fine-tune on DATASET (imagefolder or kohya folder, JSONL/CSV manifest, parquet, save_to_disk folder, or hub
     id) on the training queue.
 
@@ -72,13 +75,15 @@ def train(ctx: click.Context, dataset: str, job_id: str | None, base_model: str 
 
     if Path(dataset).exists():
         dataset = str(Path(dataset).resolve())
+    if gate_dataset and Path(gate_dataset).exists():
+        gate_dataset = str(Path(gate_dataset).resolve())
     flags = {"base_model": base_model, "epochs": epochs, "max_steps": max_steps, "learning_rate": learning_rate,
              "batch_size": batch_size, "eval_steps": eval_steps, "num_processes": num_processes,
              "report_to": report_to, "lora_r": lora_r}  # fmt: skip
     config = canonical_options(_train_config({k: v for k, v in flags.items() if v is not None}, settings_))
     req = TrainRequest(job_id=job_id or f"train-{uuid.uuid4().hex[:10]}", dataset=dataset, column=column,
                        text_column=text_column, config=config, promote=promote, download=download,
-                       require_no_worse=require_no_worse)  # fmt: skip
+                       require_no_worse=require_no_worse, gate_dataset=gate_dataset)  # fmt: skip
     client = client_of(ctx)
 
     def check_data_and_workers(req: TrainRequest) -> None:  # after the request's own check, which submit makes
@@ -99,7 +104,7 @@ def train(ctx: click.Context, dataset: str, job_id: str | None, base_model: str 
 def _check_training_workers(client: Any, req: Any) -> None:
     """Options that depend on the training worker (process count, LoRA, TensorBoard, hub datasets), checked
     against what the training workers that answer report; with none answering, the worker checks at the start."""
-    from training.jobs import check_against_workers, needs_worker_check
+    from training.requests import check_against_workers, needs_worker_check
 
     if not needs_worker_check(req):
         return

@@ -51,6 +51,9 @@ def doctor(ctx: click.Context, as_json: bool) -> None:
 @click.option("--training", is_flag=True, help="Consume the training queue (fine-tune/evaluate) instead.")
 @click.option("--model", envvar="CAPTIONER_MODEL",
               help="Hub id, save_pretrained directory, or @current / @VERSION from the model store.")  # fmt: skip
+@click.option("--endpoint", envvar="CAPTIONER_ENDPOINT_URL", metavar="URL",
+              help="Caption through this OpenAI-compatible server (its API base, e.g. http://127.0.0.1:8000/v1); "
+                   "--model is then the name it serves.")  # fmt: skip
 @click.option("--revision", envvar="CAPTIONER_MODEL_REVISION", help="Hub branch, tag or commit of --model.")
 @click.option("--device", envvar="CAPTIONER_DEVICE", help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", envvar="CAPTIONER_DTYPE", type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
@@ -72,7 +75,8 @@ def doctor(ctx: click.Context, as_json: bool) -> None:
 @click.option("--hostname", help="Worker node name (default caption@<host> / train@<host>).")
 @click.option("--loglevel", envvar="CAPTIONER_LOG_LEVEL", help="DEBUG, INFO, WARNING... (default INFO).")
 @click.pass_context
-def worker(ctx: click.Context, training: bool, model: str | None, revision: str | None, device: str | None,
+def worker(ctx: click.Context, training: bool, model: str | None, endpoint: str | None, revision: str | None,
+           device: str | None,
            dtype: str | None, max_batch_size: int | None, max_wait_ms: int | None, concurrency: int | None,
            profile: str | None, pieces: str | None, hostname: str | None, loglevel: str | None) -> None:  # fmt: skip
     """Start a worker: one model per process, threads sharing its batches (CUDA-safe), events on.
@@ -83,11 +87,15 @@ def worker(ctx: click.Context, training: bool, model: str | None, revision: str 
     from common.settings import use_settings
     from model.profiles import parse_adjustments
 
-    given = {"model": model, "model_revision": revision, "device": device, "dtype": dtype,
+    given = {"model": model, "endpoint_url": endpoint, "model_revision": revision, "device": device, "dtype": dtype,
              "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, "concurrency": concurrency,
              "profile": profile, "pieces": pieces, "log_level": loglevel}  # fmt: skip
     settings = settings_of(ctx).model_copy(update={k: v for k, v in given.items() if v is not None})
     parse_adjustments(settings.pieces)  # an unknown piece is one line here, before Celery starts
+    if settings.endpoint_url and not training:
+        from model.endpoint import base_url
+
+        base_url(settings.endpoint_url)  # a malformed URL is one line here too
     use_settings(settings)  # before the Celery app is built: it reads concurrency and queues from them
     if training:
         from training.jobs import check_training_worker

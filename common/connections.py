@@ -49,10 +49,25 @@ def settings_client(settings: Settings, url: str | None = None) -> redis.Redis:
     return redis_client(url, **tls_options(settings, url))
 
 
+#: kombu's Redis transport keeps a queue in one list per priority step: the queue's name (step 0, and messages without
+#: a priority), and the name + PRIORITY_SEP + step for the others (kombu.transport.redis.Channel's defaults, which our
+#: Celery configuration keeps).
+PRIORITY_SEP = "\x06\x16"
+PRIORITY_STEPS = (0, 3, 6, 9)
+
+
+def priority_lists(queue: str) -> list[str]:
+    """The Redis lists holding ``queue``'s waiting messages, one per priority step."""
+    return [queue if step == 0 else f"{queue}{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS]
+
+
 def queue_depths(client: redis.Redis, queues: Iterable[str]) -> dict[str, int]:
-    """Messages waiting in each queue of a Redis broker (kombu keeps a queue as a list under its name)."""
+    """Messages waiting in each queue of a Redis broker, every priority's list counted (not those workers hold)."""
     pipe = client.pipeline(transaction=False)
     names = list(queues)
     for name in names:
-        pipe.llen(name)
-    return {name: int(n) for name, n in zip(names, pipe.execute(), strict=True)}
+        for key in priority_lists(name):
+            pipe.llen(key)
+    sizes = [int(n) for n in pipe.execute()]
+    steps = len(PRIORITY_STEPS)
+    return {name: sum(sizes[i * steps : (i + 1) * steps]) for i, name in enumerate(names)}

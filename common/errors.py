@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 
 class CaptionerError(Exception):
@@ -68,6 +68,12 @@ class EngineError(ItemError):
     code = "engine_error"
 
 
+class EndpointError(ItemError):
+    """The captioning server refused this image or answered something that is not a chat completion."""
+
+    code = "endpoint_error"
+
+
 class Cancelled(ItemError):
     """The job was cancelled before this item was captioned."""
 
@@ -82,6 +88,7 @@ class Poison(ItemError):
 
 ITEM_ERROR_CLASSES: tuple[type[ItemError], ...] = (
     InvalidInput, Forbidden, FetchError, FetchTimeout, TooLarge, DecodeError, EngineError, Cancelled, Poison,
+    EndpointError,  # last: the ledger stores a row's error class as its index here
 )  # fmt: skip
 ITEM_ERROR_CODES: tuple[str, ...] = tuple(cls.code for cls in ITEM_ERROR_CLASSES)
 
@@ -134,3 +141,11 @@ class NotCaptioned(CaptionerError):
 
 class InvalidReview(CaptionerError):
     """A review request the ledger refuses: an empty or over-long correction, an unknown mark, a bad cursor."""
+
+
+class ReviewConflict(CaptionerError):
+    """A review based on an older version of the item: someone else changed it since; ``current`` is their row."""
+
+    def __init__(self, message: str, current: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.current = current or {}

@@ -449,6 +449,9 @@ class TrainRequest(BaseModel):
     promote: bool = False
     # Promote only when this metric is no worse than the current version's.
     require_no_worse: str | None = None
+    # With require_no_worse: score the new and the current version on this dataset first and compare them there
+    # (without it, the new version's training-time score must share the current one's evaluation data).
+    gate_dataset: Annotated[str | None, Field(max_length=MAX_REF_CHARS)] = None
 
 
 class EvaluateRequest(BaseModel):
@@ -484,10 +487,14 @@ class ItemResult(BaseModel):
     transient: bool | None = None
     #: Speed profile the caption was made with: "exact", or "fast:<pieces in use>" (e.g. "fast:sdpa,compile").
     profile: str | None = None
+    #: The model family that made the caption ("blip", "florence-2", "llava"...); absent for GIT, the default family.
+    family: str | None = None
     #: The caption was reused from an earlier item with the same image bytes, model version and parameters.
     reused: bool | None = None
     #: Columns of the source row that travel to the export (Parquet and dataset sources).
     extra: dict[str, Any] | None = None
+    #: Mean log-probability of the caption's tokens (<= 0; nearer 0: surer), where the decoder measured it.
+    confidence: float | None = None
     #: CLIPScore of the caption (``params.curation.score``): 100 * max(cos(image, caption), 0).
     clip_score: float | None = None
     #: Best of N: every candidate's CLIPScore in sampling order (the kept caption has the highest) and the seed

@@ -129,6 +129,36 @@ class Settings(BaseSettings):
     # workers or other busy processes share the cores: oversubscribed threads spin and crawl.
     torch_threads: int = Field(0, ge=0, le=1024)
 
+    # --- captions from an OpenAI-compatible server (vLLM, SGLang, TGI, transformers serve, Ollama) ---------
+    # Base URL of the server's OpenAI API, the part before /chat/completions (usually ending in /v1), e.g.
+    # http://127.0.0.1:8000/v1. Set: workers caption through it, and CAPTIONER_MODEL is the name the server
+    # serves (GET {URL}/models lists them); unset: the model runs in the worker. The operator's own configuration,
+    # so it may be loopback or private; credentials go in endpoint_api_key, never in the URL.
+    endpoint_url: str = ""
+    # Sent as "Authorization: Bearer <key>"; OPENAI_API_KEY is honoured when ours is unset. Never written to the
+    # ledger, rows, logs or exports.
+    endpoint_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("CAPTIONER_ENDPOINT_API_KEY", "OPENAI_API_KEY")
+    )
+    # Requests a worker process keeps in flight at once (the server batches them itself).
+    endpoint_concurrency: int = Field(8, ge=1, le=1024)
+    # Seconds for one request, connecting, sending the image and the whole answer included. A slow answer is a
+    # transient `timeout` row, sent again later (up to max_attempts).
+    endpoint_timeout_s: float = Field(120.0, gt=0)
+    # Quick retries of a request the server refused for now (429, 5xx) or whose connection failed, with a backoff
+    # of 0.5 s doubling (or the server's Retry-After, up to 30 s); then the row is transient and sent again later.
+    endpoint_retries: int = Field(3, ge=0, le=20)
+    # The instruction sent with each image when a job gives no prompt (a job's --prompt replaces it); rows record
+    # the prompt that was sent.
+    endpoint_prompt: str = Field("Describe this image in one sentence.", min_length=1, max_length=2000)
+    # Images go inline as JPEG data URLs, re-encoded from the decoded pixels: at most this many bytes (shrunk until
+    # they fit) ...
+    endpoint_image_bytes: int = Field(4 * 1024 * 1024, ge=4096)
+    # ... and at most this many pixels on the longest side (0: as decoded). Servers resize to their model's input.
+    endpoint_image_side: int = Field(2048, ge=0)
+    # Largest answer read from the server; a longer one is an endpoint_error row.
+    endpoint_response_bytes: int = Field(1024 * 1024, ge=1024)
+
     # --- batching -------------------------------------------------------------------------------
     # Most images in one generate call.
     max_batch_size: int = Field(32, ge=1, le=4096)

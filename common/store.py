@@ -132,13 +132,22 @@ class ModelStore:
             raise ConfigError(f"{new.version} is worse than {old.version} on {metric}: {a:.4f} vs {b:.4f}")
 
     def record_evaluation(
-        self, version: str, fingerprint: str, metrics: dict[str, float], samples: Sequence[dict[str, Any]] | None = None
+        self,
+        version: str,
+        fingerprint: str,
+        metrics: dict[str, float],
+        samples: Sequence[dict[str, Any]] | None = None,
+        *,
+        dataset: str | None = None,
+        n: int | None = None,
     ) -> ModelVersion:
         """Store an evaluation with the version (and a few of its captions beside their references, when given);
-        the latest one is its headline ``metrics``."""
+        the latest one is its headline ``metrics``. ``dataset`` and ``n`` name what it was measured on."""
         mv = self.get(version)
         meta = dict(mv.meta)
         entry: dict[str, Any] = {"fingerprint": fingerprint, "metrics": metrics, "at": time.time()}
+        if dataset is not None:
+            entry["dataset"], entry["n"] = dataset, n
         if samples:
             entry["samples"] = list(samples)
         meta.setdefault("evaluations", []).append(entry)

@@ -18,7 +18,7 @@ from media.paths import LocalFiles
 
 #: Columns of the flat formats (CSV, Parquet): the row with ``params`` spread out, ``timings`` dropped and
 #: ``flags`` (quality flags, see model.flags) joined by commas; null when a row has none. The review columns
-#: (``corrected``, ``mark``, ``reviewer``, ``reviewed_at``) sit beside the model's ``caption``.
+#: (``corrected``, ``mark``, ``reason``, ``reviewer``, ``reviewed_at``) sit beside the model's ``caption``.
 FLAT_COLUMNS = (
     "id",
     "ref",
@@ -35,6 +35,7 @@ FLAT_COLUMNS = (
     "flags",
     "corrected",
     "mark",
+    "reason",
     "reviewer",
     "reviewed_at",
     "extra",

@@ -1,13 +1,16 @@
 """The job ledger: the durable record of every job and item (the Celery result backend is only a cache).
 
-``ledger_from_settings`` gives the backend the settings name: Redis by default, PostgreSQL when
-``CAPTIONER_LEDGER_URL`` is a postgresql:// URL (jobs larger than Redis memory).
+``contracts`` says what each caller uses (jobs, items and rows, review, the reuse cache, training runs) and
+``Ledger`` holds them all; ``records`` holds the records they hand out (``TrainingRun`` among them). Backends:
+``ledger.redis`` (the default) and ``ledger.postgres`` (``CAPTIONER_LEDGER_URL`` is a postgresql:// URL: jobs
+larger than Redis memory), each with its stored layout apart from its connection handling.
 """
 
 from __future__ import annotations
 
 from common.settings import Settings
-from ledger.base import (
+from ledger.contracts import ItemLedger, JobLedger, Ledger, LedgerConnection, ReuseCache, ReviewLedger, TrainingRuns
+from ledger.records import (
     MAX_CORRECTION_CHARS,
     MAX_REVIEW_IDS,
     PAGE_SCAN_BUDGET,
@@ -15,12 +18,13 @@ from ledger.base import (
     Attempt,
     ItemFilter,
     JobInfo,
-    Ledger,
     Page,
     Recorded,
+    TrainingRun,
+    TrainResult,
     check_job_id,
 )
-from ledger.redis_ledger import RedisLedger, redis_ledger
+from ledger.redis import RedisLedger, redis_ledger
 
 __all__ = [
     "MAX_CORRECTION_CHARS",
@@ -29,11 +33,19 @@ __all__ = [
     "REVIEW_MARKS",
     "Attempt",
     "ItemFilter",
+    "ItemLedger",
     "JobInfo",
+    "JobLedger",
     "Ledger",
+    "LedgerConnection",
     "Page",
     "Recorded",
     "RedisLedger",
+    "ReuseCache",
+    "ReviewLedger",
+    "TrainResult",
+    "TrainingRun",
+    "TrainingRuns",
     "check_job_id",
     "ledger_from_settings",
 ]
@@ -43,7 +55,7 @@ def ledger_from_settings(settings: Settings) -> Ledger:
     """The job ledger the settings name: PostgreSQL for a postgresql:// ``ledger_url``, else Redis."""
     url = settings.ledger_url_str
     if url:
-        from ledger.pg_ledger import PostgresLedger
+        from ledger.postgres import PostgresLedger
 
         return PostgresLedger(url, settings.key_prefix)
     return redis_ledger(settings)

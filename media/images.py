@@ -702,3 +702,38 @@ def _scaler(im: Image.Image) -> Callable[[Image.Image], Image.Image]:
         return wide.convert("F").point(lambda v: v * scale - lo * scale).convert("L")
 
     return to_l
+
+
+# --- re-encoding for an upload (images sent to a captioning server) -----------------------------------
+
+#: JPEG quality of images sent to a server: visually lossless for captioning, a fraction of PNG's bytes.
+UPLOAD_JPEG_QUALITY = 90
+#: Smallest longest side an upload is shrunk to before it is refused as too large.
+UPLOAD_MIN_SIDE = 64
+
+
+def encode_upload(im: Image.Image, *, max_bytes: int, max_side: int) -> bytes:
+    """A decoded RGB image (``decode_image``) as a JPEG of at most ``max_side`` pixels on its longest side and at
+    most ``max_bytes`` bytes: shrunk until it fits, or ``TooLarge`` when even ``UPLOAD_MIN_SIDE`` pixels do not.
+
+    Only pixels this project decoded travel on (never the item's own bytes): no metadata, no second format to parse.
+    """
+    side = max(im.size)
+    if max_side and side > max_side:
+        im = _shrunk(im, max_side / side)
+    while True:
+        out = io.BytesIO()
+        im.save(out, "JPEG", quality=UPLOAD_JPEG_QUALITY)
+        if out.tell() <= max_bytes:
+            return out.getvalue()
+        side = max(im.size)
+        if side <= UPLOAD_MIN_SIDE:
+            raise TooLarge(f"the image does not fit {max_bytes} bytes as a JPEG even at {side} pixels")
+        # Bytes scale with the area: shrink by the square root of the excess, and a little more, so it converges.
+        scale = max((max_bytes / out.tell()) ** 0.5 * 0.9, UPLOAD_MIN_SIDE / side)
+        im = _shrunk(im, min(scale, 0.9))
+
+
+def _shrunk(im: Image.Image, scale: float) -> Image.Image:
+    size = (max(1, round(im.size[0] * scale)), max(1, round(im.size[1] * scale)))
+    return im.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)

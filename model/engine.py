@@ -261,6 +261,8 @@ class Generated(NamedTuple):
     text: str
     tokens: int
     ended: bool  # it emitted its end token; False: generation stopped at max_length
+    #: Mean log-probability of its tokens (fast greedy decoder only; None from HF generate).
+    confidence: float | None = None
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -277,6 +279,9 @@ def _length(ids: list[int], eos: set[int]) -> tuple[int, bool]:
 
 class CaptionEngine:
     """A loaded GIT model and its processor. ``prepare`` runs on decode threads, ``generate`` on one model thread."""
+
+    #: The captioning family, as ``model.families.FamilyEngine`` names its own.
+    family_name = "git"
 
     def __init__(
         self,
@@ -452,7 +457,11 @@ class CaptionEngine:
         if len(captions) != count:
             raise EngineError(f"the model returned {len(captions)} captions for {count} images; results not aligned")
         rows = sequences.tolist()
-        return [Generated(text, *_length(row, self._eos)) for text, row in zip(captions, rows, strict=True)]
+        confidence = self._last_confidence if self._last_confidence is not None else [None] * count
+        if len(confidence) != count:
+            confidence = [None] * count
+        return [Generated(text, *_length(row, self._eos), conf)
+                for text, row, conf in zip(captions, rows, confidence, strict=True)]  # fmt: skip
 
     def sample_detailed(
         self, pixel_values: torch.Tensor, params: GenParams, n: int, *, seed: int, temperature: float, top_p: float
@@ -498,15 +507,21 @@ class CaptionEngine:
         ids = [tokenizer.cls_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
         return torch.tensor([ids], dtype=torch.long)
 
+    #: The fast decoder's per-row confidence for the last batch (None: the batch ran through HF generate).
+    _last_confidence: list[float] | None = None
+
     def _generate_ids(self, pixel_values: torch.Tensor, params: GenParams) -> torch.Tensor:
         count = pixel_values.shape[0]
+        self._last_confidence = None
         # --- fast greedy decoder (model/fastgen.py): the ids HF generate would return, fewer wasted steps ---
         if self._fast is not None and params.num_beams == 1:
             ids = self.prompt_ids(params.prompt).to(self.device).repeat(count, 1) if params.prompt else None
             # Requests HF refuses (max_length not above the prompt's length) go to HF, which raises as before.
             if self._fast.request_reason(1 if ids is None else ids.shape[1], params.max_length) is None:
                 pixel_values = pixel_values.to(device=self.device, dtype=self.dtype, non_blocking=True)
-                return self._fast.generate(pixel_values, params.max_length, ids)
+                out = self._fast.generate(pixel_values, params.max_length, ids)
+                self._last_confidence = self._fast.last_confidence
+                return out
         # --- HF generate ---
         kwargs: dict[str, Any] = {
             "pixel_values": pixel_values.to(device=self.device, dtype=self.dtype, non_blocking=True),

@@ -206,6 +206,7 @@ class GitGreedyDecoder:
         if reason is not None:
             raise ValueError(f"the fast GIT decoder cannot run this request: {reason}")
         self.stats = DecodeStats(rows=rows)
+        self.last_confidence = None
         # The static steps copy the prefix into caches of their own: then the prefill's needs no room to grow.
         text_slots = input_ids.shape[1] if self.static else min(max_length - 1, max(TEXT_SLOTS, input_ids.shape[1]))
         hidden, cache = self._start(pixel_values.to(device), input_ids, self.image_tokens + text_slots)
@@ -216,6 +217,10 @@ class GitGreedyDecoder:
             out = self._decode_loop(hidden, input_ids, cache, max_length)
         self.stats.decode_s = self._clock() - clock if self.timing else 0.0
         return out
+
+    #: Per row of the last ``generate``: the mean log-probability of the tokens it picked (its end token included),
+    #: a confidence for review ("least confident first"); None where the decode path did not measure it (static).
+    last_confidence: list[float] | None = None
 
     def _start(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, capacity: int) -> tuple[Any, list[Any]]:
         """Encoder and prefill: the last position's hidden state, and a cache of ``capacity`` slots with the prefix."""
@@ -294,10 +299,17 @@ class GitGreedyDecoder:
         running = torch.ones(rows, dtype=torch.bool, device=device)  # in the batch and not finished
         eos = torch.tensor(self.eos, dtype=torch.long, device=device)
         positions = torch.arange(max_length, device=device)
+        logp_sum = torch.zeros(rows, dtype=torch.float32, device=device)
+        logp_n = torch.zeros(rows, dtype=torch.float32, device=device)
         length = input_len
         while True:
             # Argmax over fp32 logits, as HF does (the cast is exact, so ties resolve the same way too).
-            tokens = self.model.output(hidden[:, -1]).float().argmax(dim=-1)
+            logits = self.model.output(hidden[:, -1]).float()
+            tokens = logits.argmax(dim=-1)
+            # The picked token's log-probability (read beside the argmax: the choice itself is unchanged).
+            picked = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)
+            logp_sum[alive] += torch.where(running, picked, 0.0)
+            logp_n[alive] += running.float()
             # Finished rows not yet dropped get pad, as every finished row does in HF.
             out[alive, length] = torch.where(running, tokens, self.pad)
             length += 1
@@ -317,6 +329,7 @@ class GitGreedyDecoder:
                 cache = [kv[keep] for kv in cache]
             cache = self._with_room(cache, self.image_tokens + length, self.image_tokens + max_length - 1)
             hidden = self._step(tokens, length - 1, positions, cache)
+        self.last_confidence = (logp_sum / logp_n.clamp(min=1)).tolist()
         return out[:, :length]
 
     def _step(

@@ -230,7 +230,7 @@ class JobClient:
         """Check the request's config here (a mistake is one error now, not a job failing on a worker), and with
         ``then_check`` what the caller checks besides (its data, the training workers); record the fine-tune in the
         ledger (so a lost message can be found and resumed), then queue it."""
-        from training.jobs import check_train_request, open_train_job
+        from training.requests import check_train_request, open_train_job
 
         check_train_request(req)
         if then_check is not None:

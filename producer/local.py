@@ -162,3 +162,58 @@ class WorkerProcess:
 
     def __exit__(self, *exc: Any) -> None:
         self.terminate()
+
+
+class ServeProcess:
+    """``transformers serve`` on a free loopback port with one model preloaded: a real OpenAI-compatible server
+    (``/v1/chat/completions``, ``/v1/models``) for tests and benchmarks. Needs the ``serving`` extra of transformers.
+    """
+
+    def __init__(self, model_dir: Path, *, log: Path | None = None, device: str = "cpu",
+                 extra_args: list[str] | None = None) -> None:  # fmt: skip
+        self.port = free_port()
+        self.model = str(model_dir)
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        # The transformers CLI through this interpreter (its console script may not be on PATH).
+        code = "import sys; from transformers.cli.transformers import main; sys.argv[0] = 'transformers'; main()"
+        self.args = [sys.executable, "-c", code, "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                     "--device", device, "--log-level", "warning", *(extra_args or []), self.model]  # fmt: skip
+        self.log_path = log or Path(tempfile.mkstemp(prefix="captioner-serve-", suffix=".log")[1])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 180) -> ServeProcess:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(self.args, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         preexec_fn=_own_session_tied_to_parent)  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:  # ready once /health answers (the model is preloaded before it listens)
+            if self.proc.poll() is not None:
+                raise CaptionerError(f"transformers serve exited early; log:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    s.sendall(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+                    if b" 200 " in s.recv(200):
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        tail = self.log_path.read_text()[-3000:]
+        raise CaptionerError(f"transformers serve not ready after {timeout:g}s; log:\n{tail}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+    def __enter__(self) -> ServeProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -231,6 +231,14 @@ def _raise(err: OSError) -> None:
     raise SourceError(f"{err.filename}: {err.strerror}")
 
 
+def _local_ref(base: Path, ref: str) -> str:
+    """A list line naming a local file, absolute. A path no file can have (a NUL in it) is kept as written, made
+    absolute without asking the file system: the worker gives it its row, naming the error, and the rest go on."""
+    if "\x00" in ref:
+        return os.path.normpath(base / ref)
+    return str((base / ref).resolve())
+
+
 def read_list(path: Path, *, column: str | None = None) -> Iterator[str]:
     """References from a list file; relative paths are taken relative to the list file's folder."""
     suffix = path.suffix.lower()
@@ -247,7 +255,7 @@ def read_list(path: Path, *, column: str | None = None) -> Iterator[str]:
         for ref in refs:
             ref = ref.strip()
             if ref:
-                yield ref if is_url(ref) else str((base / ref).resolve())
+                yield ref if is_url(ref) else _local_ref(base, ref)
     except OSError as exc:
         raise SourceError(f"{path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:

@@ -3,6 +3,7 @@ and the request helpers (filters from a query string, JSON bodies, named errors 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from common.errors import (
     ConfigError,
     InvalidReview,
     NotCaptioned,
+    ReviewConflict,
     UnknownItem,
     UnknownJob,
 )
@@ -30,16 +32,25 @@ from ledger import Ledger
 from producer.jobs import JobClient
 from review.security import Access
 from review.thumbs import Thumbnails
+from review.views import Bulks, Views
 
 HERE = Path(__file__).parent
 #: Largest request body the page accepts (a correction is at most a few KB of JSON).
 MAX_BODY_BYTES = 64 * 1024
 PAGE_SIZES = (24, 48, 96, 200)
 
+
+class BodyTooLarge(InvalidReview):
+    """A request body over ``MAX_BODY_BYTES`` (413): refused by its Content-Length, or as soon as a streamed body
+    passes the cap, never read whole."""
+
+
 STATUS_OF_ERROR: dict[type[CaptionerError], int] = {
+    BodyTooLarge: 413,
     UnknownJob: 404,
     UnknownItem: 404,
     NotCaptioned: 409,
+    ReviewConflict: 409,
     InvalidReview: 422,
     ConfigError: 422,
     BrokerUnavailable: 503,
@@ -70,6 +81,13 @@ class Review:
     templates: Jinja2Templates = field(default_factory=_templates)
     #: (when, snapshot) of the last workers and queues look-up, shared by every open page.
     workers_cache: tuple[float, dict[str, Any]] | None = None
+    #: The one workers look-up in flight (every request meanwhile waits for it) and how many were taken.
+    workers_lookup: asyncio.Future[dict[str, Any]] | None = None
+    workers_taken: int = 0
+    views: Views = field(default_factory=Views)
+    bulks: Bulks = field(default_factory=Bulks)
+    #: Evaluations started from the models page: version -> what became of the last one.
+    evaluations: dict[str, str] = field(default_factory=dict)
 
     @property
     def ledger(self) -> Ledger:
@@ -92,10 +110,18 @@ def review_of(request: Request) -> Review:
 
 
 async def json_body(request: Request) -> dict[str, Any]:
-    """The request's JSON object, refused (422) when too large, not JSON or not an object."""
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise InvalidReview(f"request body over {MAX_BODY_BYTES} bytes")
+    """The request's JSON object, refused (413) when too large, (422) when not JSON or not an object."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
+        raise BodyTooLarge(f"request body over {MAX_BODY_BYTES} bytes (Content-Length {declared[:20]})")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise BodyTooLarge(f"request body over {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         body = json.loads(raw or b"{}")
     except ValueError:

@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
+from common.errors import BrokerUnavailable
 from common.messages import JobKind
 from ledger import JobInfo
 from review.context import Review, review_of
@@ -84,24 +85,46 @@ async def job_events(request: Request) -> StreamingResponse:
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"x-accel-buffering": "no"})
 
 
-def workers_snapshot(ctx: Review) -> dict[str, Any]:
-    """Caption workers with the model version each serves, training workers, and queue depths (blocking)."""
+#: Seconds a request waits for the one look-up in flight before it answers with the last snapshot (or a 503).
+WORKERS_WAIT_S = 15.0
+#: Seconds the broker gets for each question of a look-up (workers' answers, training workers).
+WORKERS_REPLY_S = 1.0
+
+
+def take_workers_snapshot(ctx: Review) -> dict[str, Any]:
+    """Caption workers with the model version each serves, training workers, and queue depths (blocking; one
+    thread at a time: ``workers_snapshot`` makes sure of it)."""
     from producer.jobs import workers_info
     from runtime.celery_app import queue_depths
 
-    now = time.monotonic()
-    if ctx.workers_cache and now - ctx.workers_cache[0] < WORKERS_TTL_S:
-        return ctx.workers_cache[1]
+    ctx.workers_taken += 1
     app = ctx.client.app
-    answers = workers_info(app, timeout=1.0)
+    answers = workers_info(app, timeout=WORKERS_REPLY_S)
     caption = [{"name": host, **{k: info.get(k) for k in ("model_version", "device", "dtype", "items")}}
                for host, info in sorted(answers.items()) if "loaded" in info]  # fmt: skip
-    training = ctx.client.training_workers(timeout=1.0)
+    training = ctx.client.training_workers(timeout=WORKERS_REPLY_S)
     snapshot = {"caption": caption, "training": [{"name": name} for name in training],
                 "queues": queue_depths(app, ctx.settings)}  # fmt: skip
-    ctx.workers_cache = (now, snapshot)
+    ctx.workers_cache = (time.monotonic(), snapshot)
     return snapshot
 
 
+async def workers_snapshot(ctx: Review) -> dict[str, Any]:
+    """The workers and queues, at most ``WORKERS_TTL_S`` old. One look-up at a time for the whole process: every
+    request arriving meanwhile waits for that one (in the event loop, holding no thread) for at most
+    ``WORKERS_WAIT_S``, then answers with the last snapshot marked stale, or a 503 when there is none."""
+    cached = ctx.workers_cache
+    if cached and time.monotonic() - cached[0] < WORKERS_TTL_S:
+        return cached[1]
+    if ctx.workers_lookup is None or ctx.workers_lookup.done():
+        ctx.workers_lookup = asyncio.ensure_future(run_in_threadpool(take_workers_snapshot, ctx))
+    try:
+        return await asyncio.wait_for(asyncio.shield(ctx.workers_lookup), WORKERS_WAIT_S)
+    except TimeoutError:
+        if cached:
+            return {**cached[1], "stale_s": round(time.monotonic() - cached[0], 1)}
+        raise BrokerUnavailable(f"the broker did not answer a workers look-up within {WORKERS_WAIT_S:.0f} s") from None
+
+
 async def workers(request: Request) -> JSONResponse:
-    return JSONResponse(await run_in_threadpool(workers_snapshot, review_of(request)))
+    return JSONResponse(await workers_snapshot(review_of(request)))

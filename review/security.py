@@ -56,7 +56,12 @@ class Access:
         password = settings.review_password.get_secret_value() if settings.review_password else None
         if token is not None and len(token) < 16:
             raise ConfigError("CAPTIONER_REVIEW_TOKEN must be at least 16 characters (e.g. openssl rand -hex 16)")
-        return cls(token or None, settings.review_user, password, secrets.token_bytes(32))
+        # With a credential configured, the signing key comes from it: sessions, CSRF tokens and the sign-in
+        # cookie outlive a restart (an edit in progress is not refused as stale). Without one, a key per process.
+        known = f"{token or ''}\0{settings.review_user or ''}\0{password or ''}"
+        secret = (hmac.new(known.encode(), b"captioner review signing key", hashlib.sha256).digest()
+                  if token or password else secrets.token_bytes(32))  # fmt: skip
+        return cls(token or None, settings.review_user, password, secret)
 
     @property
     def required(self) -> bool:
@@ -72,6 +77,13 @@ class Access:
     def auth_cookie(self) -> str:
         assert self.token is not None
         return self.sign("auth:" + self.token)
+
+    def bearer(self, request: Request) -> bool:
+        """Whether the request carries the token in its Authorization header: an API client, which a browser
+        never is by itself (no page can make another site's browser send that header), so no CSRF check applies."""
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        return (self.token is not None and scheme.lower() == "bearer"
+                and hmac.compare_digest(value.strip().encode(), self.token.encode()))  # fmt: skip
 
     def allows(self, request: Request) -> bool:
         header = request.headers.get("authorization", "")
@@ -131,7 +143,7 @@ class Guard(BaseHTTPMiddleware):
         if self.access.required and not self.access.allows(request):
             return self._unauthorized(request)
         session = request.cookies.get(SESSION_COOKIE)
-        if request.method not in SAFE_METHODS:
+        if request.method not in SAFE_METHODS and not self.access.bearer(request):
             refusal = self._cross_site(request, session)
             if refusal:
                 return JSONResponse({"error": refusal}, status_code=403)
@@ -163,7 +175,9 @@ class Guard(BaseHTTPMiddleware):
         if self.access.token is None or not hmac.compare_digest(given, self.access.token):
             return PlainTextResponse("wrong or missing token", status_code=401)
         response = RedirectResponse("/", status_code=303)
-        response.set_cookie(AUTH_COOKIE, self.access.auth_cookie(), httponly=True, samesite="strict",
+        # Lax, not Strict: a sign-in link opened from another site (mail, chat) must still carry the cookie on
+        # the redirect that follows. State-changing requests stay guarded by the Strict session's CSRF token.
+        response.set_cookie(AUTH_COOKIE, self.access.auth_cookie(), httponly=True, samesite="lax",
                             secure=self.secure)  # fmt: skip
         return response
 

@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Callable
 
 from common.settings import Settings
 from review.security import check_bind
+
+
+class HideToken(logging.Filter):
+    """Access-log lines show ``token=***``, never the sign-in token a /login link carries."""
+
+    PATTERN = re.compile(r"(?i)(token=)[^&\s]*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(self.PATTERN.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args)
+        record.msg = self.PATTERN.sub(r"\1***", str(record.msg))
+        return True
 
 
 def serve(settings: Settings, *, say: Callable[[str], None] = print) -> None:
@@ -16,6 +30,7 @@ def serve(settings: Settings, *, say: Callable[[str], None] = print) -> None:
     from review.app import create_app
 
     app = create_app(settings)
+    logging.getLogger("uvicorn.access").addFilter(HideToken())
     host = settings.review_host
     shown = f"[{host}]" if ":" in host else host
     login = " (sign in at /login?token=<CAPTIONER_REVIEW_TOKEN>)" if settings.review_token else ""

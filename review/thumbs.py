@@ -18,8 +18,9 @@ from common.errors import ItemError
 from common.messages import Source
 from common.settings import Settings
 
-#: Longest side of a thumbnail in the grid and in the item view; nothing else is made.
-SIZES = {"s": 256, "l": 768}
+#: Longest side of a thumbnail in the grid, in the item view, and at full resolution on demand (capped: the
+#: image policy's pixel cap bounds the decode; this bounds what is sent); nothing else is made.
+SIZES = {"s": 256, "l": 768, "f": 4096}
 JPEG_QUALITY = 82
 #: Images decoded at once: a page of 50 thumbnails must not decode 50 large photos side by side.
 PARALLEL_DECODES = 4

@@ -125,7 +125,7 @@ def ledger(request: pytest.FixtureRequest) -> Iterator[Ledger]:
             client.delete(key)
         client.close()
     else:
-        from ledger.pg_ledger import PostgresLedger
+        from ledger.postgres import PostgresLedger
 
         pg = PostgresLedger(PG_URL, prefix)
         yield pg

@@ -9,6 +9,7 @@ from pathlib import Path
 from prometheus_client import REGISTRY
 
 import runtime.metrics  # noqa: F401 - registers the worker's metrics in the default registry
+from runtime.queues import BacklogCollector, QueueCount
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS = sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))
@@ -20,9 +21,10 @@ SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",), "histogram": ("_b
 
 
 def _registered() -> dict[str, str]:
-    """Series name -> type, for every captioner_ metric in the registry."""
+    """Series name -> type, for every captioner_ metric in the registry, and the backlog exporter's (its own registry:
+    `captioner workers backlog --serve`)."""
     out = {}
-    for family in REGISTRY.collect():
+    for family in [*REGISTRY.collect(), *BacklogCollector(lambda: ({"q": QueueCount(0, 0)}, 0)).collect()]:
         if family.name.startswith("captioner_"):
             for suffix in SUFFIXES.get(family.type, ("",)):
                 out[family.name + suffix] = family.type

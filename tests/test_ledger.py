@@ -256,7 +256,7 @@ def test_fields_listing_expiry_and_reuse(ledger: Ledger) -> None:
 
 def test_both_backends_give_the_same_rows() -> None:
     """One job written to each backend reads back as identical rows (the export does not depend on the backend)."""
-    from ledger.pg_ledger import PostgresLedger
+    from ledger.postgres import PostgresLedger
 
     client = redis.Redis.from_url(redis_url(LEDGER_DB))
     prefix = f"ledger_same_{uuid.uuid4().hex[:8]}"
@@ -287,3 +287,82 @@ def test_both_backends_give_the_same_rows() -> None:
         assert isinstance(pg, PostgresLedger)
         pg._run(f"DROP SCHEMA IF EXISTS {pg.schema} CASCADE")
         pg.close()
+
+
+def test_a_training_run_is_a_typed_record_stored_as_the_job_fields_it_always_was(ledger: Ledger) -> None:
+    from common.messages import JobKind, TrainOutcome, TrainRequest
+    from ledger import TrainingRun, TrainResult
+
+    req = TrainRequest(job_id="train-1", dataset="/data/shapes", config={"max_steps": 3}, promote=True)
+    ledger.open_job("train-1", "train /data/shapes", None, kind=JobKind.TRAIN)
+    assert ledger.training_run("train-1") == TrainingRun()
+    ledger.update_training_run("train-1", TrainingRun(request=req, sent=100.5, started=None, result=None))
+    ledger.update_training_run("train-1", TrainingRun(progress={"step": 2, "total_steps": 3, "loss": 0.5}))
+    run = ledger.training_run("train-1")
+    assert (run.request, run.sent, run.started, run.result) == (req, 100.5, None, None)
+    # Fields not set in a record stay as stored; the stored shapes are the free-form ones of before.
+    ledger.update_training_run("train-1", TrainingRun(started=101.0))
+    assert ledger.get_field("train-1", "request") == req.model_dump() and ledger.get_field("train-1", "sent") == 100.5
+    assert ledger.job("train-1").extra["progress"] == {"step": 2, "total_steps": 3, "loss": 0.5}
+    done = TrainResult(job_id="train-1", status=TrainOutcome.DONE, version="v3", promoted=True, steps=None)
+    ledger.update_training_run("train-1", TrainingRun(version="v3", result=done))
+    assert ledger.job("train-1").extra["result"] == {
+        "job_id": "train-1", "status": "done", "version": "v3", "promoted": True, "steps": None,
+    }  # fmt: skip
+    run = ledger.training_run("train-1")
+    assert (run.started, run.version, run.result) == (101.0, "v3", done)
+    # A record written by the free-form fields of before reads as the typed one.
+    ledger.set_fields("train-1", result={"job_id": "train-1", "status": "failed", "error": "boom", "later": 1})
+    result = ledger.training_run("train-1").result
+    assert result is not None and (result.status, result.error) == (TrainOutcome.FAILED, "boom")
+
+
+#: Strings PostgreSQL text and jsonb cannot hold as they are, and the escape character the PostgreSQL ledger uses.
+HOSTILE_TEXT = ["\x00", "a\x00b", "\x00lead", "tail\x00", "\x10", "\x100", "\x10\x00\x10u0000", "\\u0000"]
+
+
+def test_every_string_one_backend_holds_the_other_holds_and_reads_back_equal(ledger: Ledger) -> None:
+    """NUL (a list line, a Parquet text column, a shard's .txt member), lone surrogates (file names that are not
+    UTF-8) and the PostgreSQL ledger's own escape character, in every text the ledger keeps."""
+    # A file name that is not UTF-8 reads as surrogate escapes: references and error messages hold them.
+    items = [f"{BASE}{s}.jpg" for s in HOSTILE_TEXT] + [f"\x00{BASE}x.jpg", f"{BASE}\udcff.jpg", f"{BASE}plain.jpg"]
+    job = "nul"
+    ledger.open_job(job, "name\x00with\x10nul", GenParams(max_length=20, prompt="a\x00b"),
+                    {"webhook": "http://x/\x00", "k\x00": ["\x00"]}, base=BASE)  # fmt: skip
+    assert ledger.add_items(job, [(item_id(r), r) for r in items]) == len(items)
+    assert dict(ledger.iter_pending(job)) == {item_id(r): r for r in items}
+    assert ledger.item(job, item_id(items[1])) == {"id": item_id(items[1]), "ref": items[1], "status": "pending"}
+    rows = [
+        ok(r, caption=f"{s} caption", extra={"txt": f"member {s}", f"col{s}": [s, {s: s}]})
+        for r, s in zip(items, HOSTILE_TEXT, strict=False)
+    ]
+    rows += [failed(r, error=f"cannot open {r}", extra={"text": "\x00"}) for r in items[-3:-1]]
+    assert ledger.record(job, rows).changed == len(rows)
+    info = ledger.job(job)
+    assert (info.name, info.extra["k\x00"], info.params and info.params.prompt) == (
+        "name\x00with\x10nul",
+        ["\x00"],
+        "a\x00b",
+    )
+    back = {r["id"]: r for r in ledger.iter_results(job)}
+    for row in rows:
+        got = back[row.id]
+        assert got["ref"] == row.ref and got.get("caption") == row.caption and got.get("error") == row.error
+        assert got["extra"] == row.extra
+    # A retried failure keeps its reference whole; so does the page a reviewer reads.
+    assert ledger.requeue(job, [item_id(items[-3])]) == 1
+    assert dict(ledger.iter_pending(job)) == {item_id(items[-3]): items[-3], item_id(items[-1]): items[-1]}
+    page = ledger.page(job, limit=len(items))
+    assert {r["id"]: r["ref"] for r in page.rows} == {item_id(r): r for r in items}
+    ledger.set_fields(job, webhook_error="refused \x00", other={"a\x00": "\x10"})
+    assert ledger.get_fields(job, ["webhook_error", "other"]) == {
+        "webhook_error": "refused \x00",
+        "other": {"a\x00": "\x10"},
+    }
+    assert ledger.job(job).extra["webhook_error"] == "refused \x00"
+    ledger.reuse_put("v\x00|k", {b"d1": ("cap\x00tion", ["truncated"]), b"d2": ("\x10", ["\x10"])}, ttl_s=60)
+    assert ledger.reuse_get("v\x00|k", [b"d1", b"d2"]) == {
+        b"d1": ("cap\x00tion", ["truncated"]),
+        b"d2": ("\x10", ["\x10"]),
+    }
+    assert ledger.try_lock(job, "host\x00:1", 30) and not ledger.try_lock(job, "host\x00:2", 30)

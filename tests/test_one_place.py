@@ -60,18 +60,18 @@ def test_generation_defaults_are_the_settings_wherever_a_job_starts(
 def test_a_training_request_is_checked_once_in_the_process_that_sends_it(
     worker_env: dict[str, str], session_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import training.jobs
+    import training.requests
     from cli.main import cli
     from training.synthetic import make_shapes
 
     checked: list[str] = []
-    check = training.jobs.check_train_request
+    check = training.requests.check_train_request
 
     def counted(req: Any) -> None:
         checked.append(req.job_id)
         check(req)
 
-    monkeypatch.setattr(training.jobs, "check_train_request", counted)
+    monkeypatch.setattr(training.requests, "check_train_request", counted)
     data = session_root / f"once-{uuid.uuid4().hex[:6]}"
     make_shapes(data, 2, seed=1, size=32)
     queue = f"nobody-{uuid.uuid4().hex[:6]}"

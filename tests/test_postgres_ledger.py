@@ -21,7 +21,7 @@ from tests.test_recovery import recovery_env, wait_for
 def test_a_postgres_ledger_survives_a_kill_and_reuses_captions_of_duplicate_images(
     worker_env: dict[str, str], session_root: Path, tmp_path: Path, settings
 ) -> None:
-    from ledger.pg_ledger import PostgresLedger
+    from ledger.postgres import PostgresLedger
 
     prefix = f"captioner_pg_{uuid.uuid4().hex[:8]}"
     env = {**recovery_env(worker_env), "CAPTIONER_LEDGER_URL": PG_URL, "CAPTIONER_KEY_PREFIX": prefix,
@@ -119,3 +119,75 @@ def test_doctor_checks_the_postgres_ledger_and_config_masks_its_password(worker_
     assert shown["CAPTIONER_LEDGER_URL"] == "postgresql://captioner:****@127.0.0.1:1/none"
     wrong = runner.invoke(cli, ["jobs"], env={**env, "CAPTIONER_LEDGER_URL": "mysql://x@h/db"})
     assert wrong.exit_code == 1 and "must be a postgresql:// URL" in wrong.stderr and "Traceback" not in wrong.output
+
+
+def test_nul_bytes_in_shard_members_parquet_text_and_list_lines_are_rows_with_the_postgres_ledger(
+    worker_env: dict[str, str], session_root: Path, tmp_path: Path
+) -> None:
+    """A NUL in a shard's .txt member used to fail every write of the shard (`\\u0000 cannot be converted to text`):
+    the container stayed open and the job never finished. A NUL in a list line made `enqueue` print a traceback."""
+    import io
+    import tarfile
+
+    from ledger.postgres import PostgresLedger
+
+    prefix = f"captioner_nul_{uuid.uuid4().hex[:8]}"
+    queue = f"captions-nul-{uuid.uuid4().hex[:8]}"
+    env = {**worker_env, "CAPTIONER_LEDGER_URL": PG_URL, "CAPTIONER_KEY_PREFIX": prefix,
+           "CAPTIONER_CAPTION_QUEUE": queue, "CAPTIONER_INTERACTIVE_QUEUE": f"{queue}-now"}  # fmt: skip
+    images = [Path(p).read_bytes() for p in shape_files(session_root, "nul", 3, seed=5)]
+    shard = session_root / f"nul-{uuid.uuid4().hex[:6]}.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i, data in enumerate(images):
+            for ext, body in (("png", data), ("txt", f"alt\x00text {i}\x00".encode())):
+                info = tarfile.TarInfo(f"s{i}.{ext}")
+                info.size = len(body)
+                tar.addfile(info, io.BytesIO(body))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parquet = session_root / f"nul-{uuid.uuid4().hex[:6]}.parquet"
+    pq.write_table(pa.table({
+        "image": pa.array([{"bytes": c, "path": f"{i}.png"} for i, c in enumerate(images)],
+                          pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+        "text": pa.array([f"caption\x00{i}" for i in range(3)], pa.string()),
+    }), parquet)  # fmt: skip
+    good = shape_files(session_root, "nul-list", 1, seed=6)[0]
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(f"{good}\n{session_root}/bad\x00name.png\n".encode())
+    worker = WorkerProcess(env, log=tmp_path / "worker.log").start()
+    runner = CliRunner()
+    client = JobClient(settings_from(env))
+    try:
+        worker.wait_ready()
+        sent = runner.invoke(cli, ["enqueue", str(shard), "--json"], env=env)
+        assert sent.exit_code == 0, sent.output
+        job_id = json.loads(sent.output.strip().splitlines()[-1])["job_id"]
+        # Before, the shard's writes failed on every attempt: its container stayed open and the job never ended.
+        wait_for(lambda: client.status(job_id).state.value == "done", 120, "the shard's job to finish")
+        job = client.status(job_id)
+        assert (job.ok, job.total, job.containers) == (3, 3, 0)
+        sent = runner.invoke(cli, ["enqueue", str(parquet), "--json"], env=env)
+        assert sent.exit_code == 0, sent.output
+        parquet_id = json.loads(sent.output.strip().splitlines()[-1])["job_id"]
+        wait_for(lambda: client.status(parquet_id).state.value == "done", 120, "the Parquet job to finish")
+        parquet_rows = {r["ref"].rsplit("#", 1)[1]: r for r in client.results(parquet_id)}
+        listed = runner.invoke(cli, ["enqueue", str(listing), "--wait", "--json"], env=env)
+        assert listed.exit_code == 0 and listed.exception is None, listed.output  # the job's summary, no traceback
+        listed_job = json.loads(listed.output.strip().splitlines()[-1])["job"]
+        shard_rows = {r["ref"].rsplit("#", 1)[1]: r for r in client.results(job_id)}
+        list_rows = {r["ref"]: r for r in client.results(listed_job["id"])}
+    finally:
+        client.close()
+        worker.terminate()
+        pg = PostgresLedger(PG_URL, prefix)
+        pg._run(f"DROP SCHEMA IF EXISTS {pg.schema} CASCADE")
+        pg.close()
+    expected = {f"s{i}": {"txt": f"alt\x00text {i}\x00"} for i in range(3)}
+    assert {k: r["extra"] for k, r in shard_rows.items()} == expected
+    assert {k: (r["status"], r["extra"]) for k, r in parquet_rows.items()} == {
+        str(i): ("ok", {"text": f"caption\x00{i}"}) for i in range(3)
+    }
+    assert list_rows[good]["status"] == "ok" and listed_job["state"] == "done"
+    bad = list_rows[f"{session_root}/bad\x00name.png"]
+    assert (bad["status"], bad["error_class"], bad["error"]) == ("error", "invalid_input", "path contains a NUL byte")

@@ -114,6 +114,7 @@ def test_review_correct_export_and_fine_tune_in_a_browser(
     caption_worker, worker_env: dict[str, str], session_root: Path, tiny_model: Path, client: JobClient,
     tmp_path: Path, browser
 ) -> None:  # fmt: skip
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -126,7 +127,7 @@ def test_review_correct_export_and_fine_tune_in_a_browser(
     job_id, ids, truth = _job(client, session_root, tmp_path)
     server = ReviewProcess(env, tmp_path / "review.log")
     driver = browser
-    wait = WebDriverWait(driver, WAIT_S, poll_frequency=0.1)
+    wait = WebDriverWait(driver, WAIT_S, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,))
     shots = os.environ.get("CAPTIONER_SCREENSHOTS")
     try:
         server.wait_ready()
@@ -192,7 +193,8 @@ def test_review_correct_export_and_fine_tune_in_a_browser(
             driver.execute_script("window.scrollTo(0, 0)")
             _screenshot(driver, Path(shots) / "review-item.png")
         driver.find_element(By.ID, "back").click()
-        wait.until(lambda d: d.current_url == f"{server.url}/jobs/{job_id}?status=ok")  # back to the same filter
+        back = f"{server.url}/jobs/{job_id}?status=ok#item-{order[3]}"
+        wait.until(lambda d: d.current_url == back)  # back to the same filter, on the same item
         # 5. Caption a selection again with other parameters: it goes through the queue as a retry.
         wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f'.card[data-item="{order[4]}"]'))
         driver.find_element(By.CSS_SELECTOR, f'.card[data-item="{order[4]}"]').send_keys("x")
@@ -235,3 +237,107 @@ def test_review_correct_export_and_fine_tune_in_a_browser(
     finally:
         server.stop()
         trainer.terminate()
+
+
+def test_item_view_navigation_undo_conflicts_and_a_bulk_action_in_a_browser(tmp_path: Path, browser) -> None:
+    """Signed in from a link on another site; from the grid into an item and back (focus stays on that item);
+    next/previous by key; zoom and full resolution; a correction, its diff and undo; an edit refused because another
+    reviewer changed the item meanwhile (their text shown); accept everything a filter matches as one bulk job."""
+    from PIL import Image
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from common.messages import GenParams, ItemResult, ItemStatus
+    from ledger import ledger_from_settings
+    from tests.conftest import BROKER_DB, LEDGER_DB, redis_url, settings_from
+    from training.synthetic import make_shapes
+
+    token = "a-long-enough-review-token"
+    root = tmp_path / "root"
+    root.mkdir()
+    env = {"CAPTIONER_BROKER_URL": redis_url(BROKER_DB), "CAPTIONER_REDIS_URL": redis_url(LEDGER_DB),
+           "CAPTIONER_KEY_PREFIX": "captioner-browser-item", "CAPTIONER_ALLOWED_ROOTS": str(root),
+           "CAPTIONER_REVIEW_TOKEN": token, "CAPTIONER_REVIEW_REVIEWER": "ana"}  # fmt: skip
+    ledger = ledger_from_settings(settings_from(env))
+    job_id = f"job-item-{os.urandom(3).hex()}"
+    ledger.open_job(job_id, "item view", GenParams())
+    refs = []
+    for i, (path, _) in enumerate(make_shapes(tmp_path / "shapes", 5, seed=3, size=1200)):
+        target = root / f"shape-{i}.png"
+        Image.open(path).crop((0, 0, 1200, 900)).save(target)  # wider than the item view's 768: zoom has work
+        refs.append(str(target))
+    ids = [item_id(r) for r in refs]
+    ledger.add_items(job_id, list(zip(ids, refs, strict=True)))
+    ledger.record(job_id, [ItemResult(id=i, ref=r, status=ItemStatus.OK, caption=f"a blue square number {n}")
+                           for n, (i, r) in enumerate(zip(ids, refs, strict=True))])  # fmt: skip
+    server = ReviewProcess(env, tmp_path / "review.log")
+    driver = browser
+    wait = WebDriverWait(driver, WAIT_S, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,))
+    try:
+        server.wait_ready()
+        # A sign-in link opened from another site (here a data: page) lands signed in, not on a 401.
+        driver.get(f"data:text/html,<a id=go href='{server.url}/login?token={token}'>review</a>")
+        driver.find_element(By.ID, "go").click()
+        wait.until(lambda d: d.current_url == server.url + "/")
+        assert "Jobs" in driver.find_element(By.TAG_NAME, "h1").text
+        driver.get(f"{server.url}/jobs/{job_id}?sort=name")
+        order = [c.get_attribute("data-item") for c in driver.find_elements(By.CSS_SELECTOR, ".card")]
+        assert order == ids  # by file name
+        # Into the third item and back with Esc: the focus is on the third card, not the first.
+        driver.switch_to.active_element.send_keys(Keys.ARROW_RIGHT, Keys.ARROW_RIGHT, Keys.ENTER)
+        wait.until(lambda d: f"/items/{ids[2]}" in d.current_url)
+        driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+        wait.until(lambda d: "/items/" not in d.current_url)
+        wait.until(lambda d: d.switch_to.active_element.get_attribute("data-item") == ids[2])
+        # Next and previous by key, in the grid's order.
+        driver.switch_to.active_element.send_keys(Keys.ENTER)
+        wait.until(lambda d: f"/items/{ids[2]}" in d.current_url)
+        driver.find_element(By.TAG_NAME, "body").send_keys("n")
+        wait.until(lambda d: f"/items/{ids[3]}" in d.current_url)
+        driver.find_element(By.TAG_NAME, "body").send_keys("p")
+        wait.until(lambda d: f"/items/{ids[2]}" in d.current_url)
+        assert driver.find_element(By.CSS_SELECTOR, ".file-name").text == "shape-2.png"
+        assert driver.find_element(By.CSS_SELECTOR, ".details .ref").text == refs[2]
+        # Zoom in, then the image at full resolution.
+        img = driver.find_element(By.ID, "zoom-image")
+        fitted = img.size["width"]
+        driver.find_element(By.TAG_NAME, "body").send_keys("+")
+        wait.until(lambda d: d.find_element(By.ID, "zoom-image").size["width"] > fitted)
+        driver.find_element(By.TAG_NAME, "body").send_keys("f")
+        wait.until(lambda d: d.execute_script("const i = document.getElementById('zoom-image'); "
+                                              "return i.complete && i.naturalWidth") == 1200)  # fmt: skip
+        # A correction: its changed words are highlighted; undo puts the model's caption back.
+        box = driver.find_element(By.ID, "correction")
+        box.clear()
+        box.send_keys("a red square number 2", Keys.CONTROL, Keys.ENTER)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#diff .diff-ins"))
+        assert driver.find_element(By.CSS_SELECTOR, "#diff .diff-del").text == "blue"
+        assert driver.find_element(By.CSS_SELECTOR, "#diff .diff-ins").text == "red"
+        if os.environ.get("CAPTIONER_SCREENSHOTS"):
+            driver.find_element(By.TAG_NAME, "body").send_keys("0")
+            driver.execute_script("window.scrollTo(0, 0)")
+            _screenshot(driver, Path(os.environ["CAPTIONER_SCREENSHOTS"]) / "review-item.png")
+        driver.find_element(By.TAG_NAME, "body").send_keys("z")
+        wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#diff"))
+        assert "corrected" not in ledger.item(job_id, ids[2])
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#history li")) == 2
+        # Another reviewer changes the item while this page is open: this edit is refused, their text shown.
+        ledger.set_correction(job_id, ids[2], "a green square", "bea")
+        box = driver.find_element(By.ID, "correction")
+        box.clear()
+        box.send_keys("a purple square", Keys.CONTROL, Keys.ENTER)
+        theirs = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#conflict .theirs"))
+        wait.until(lambda d: theirs.is_displayed())
+        assert theirs.text == "bea: a green square"
+        assert ledger.item(job_id, ids[2])["corrected"] == "a green square"
+        # Accept everything the filter "number" matches (all five, across pages of 24), as one job with progress.
+        driver.get(f"{server.url}/jobs/{job_id}?q=number&limit=24")
+        driver.find_element(By.CSS_SELECTOR, '#bulk-filter [data-bulk="accept"]').click()
+        wait.until(lambda d: "(done)" in d.find_element(By.ID, "bulk-result").text)
+        assert driver.find_element(By.ID, "bulk-result").text == "accept: 5/5 item(s), 5 changed (done)"
+        assert [ledger.item(job_id, i).get("mark") for i in ids] == ["accepted"] * 5
+    finally:
+        server.stop()
+        ledger.close()

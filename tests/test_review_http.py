@@ -29,6 +29,7 @@ from review.app import create_app
 from review.security import check_bind
 from review.thumbs import Thumbnails
 from tests.conftest import BROKER_DB, LEDGER_DB, redis_url, settings_from
+from tests.test_recovery import wait_for
 
 JOB = "job-http"
 HOSTILE = '<script>alert("x")</script><img src=x onerror=alert(1)>'
@@ -191,7 +192,7 @@ def test_bad_requests_get_a_clear_4xx_and_change_nothing(job) -> None:
         assert long.status_code == 422 and "at most 2000 characters" in long.json()["error"]
         assert post(f"/items/{ids['plain']}/correction", content=b"{not json").status_code == 422
         assert post(f"/items/{ids['plain']}/correction", json={"text": 5}).status_code == 422
-        assert post(f"/items/{ids['plain']}/correction", content=b"x" * 70_000).status_code == 422
+        assert post(f"/items/{ids['plain']}/correction", content=b"x" * 70_000).status_code == 413
         assert post("/marks", json={"ids": [ids["plain"], "nope"], "mark": "accepted"}).status_code == 404
         assert post("/marks", json={"ids": [ids["plain"]], "mark": "maybe"}).status_code == 422
         assert post("/retry", json={"ids": [ids["plain"]], "max_length": 9999}).status_code == 422
@@ -279,9 +280,12 @@ def test_models_page_shows_versions_evaluations_over_time_and_their_samples(job,
     assert f'{new} <span class="current">current</span>' in text
     assert "&lt;script&gt;alert(&#34;x&#34;)" in text and "<script>alert" not in text  # samples are text too
     assert "a red circle" in text and "No sample captions were kept" in text  # the second evaluation kept none
-    wer = re.search(r'aria-label="wer over evaluations">\s*<polyline points="([^"]+)"', text).group(1)
-    heights = [float(point.split(",")[1]) for point in wer.split()]
-    assert len(heights) == 3 and heights[0] < heights[1] < heights[2]  # 0.9, 0.5, 0.25: falling WER, lower is lower
+    wers = re.findall(r'aria-label="wer over evaluations">\s*<polyline points="([^"]+)"', text)
+    heights = [[float(point.split(",")[1]) for point in line.split()] for line in wers]
+    # One chart per dataset: the two evaluations on "fp" (0.5, 0.25: falling WER, lower is lower), and apart from
+    # them, labelled, the old version's training-time score; never one line across different data.
+    assert len(heights) == 2 and len(heights[0]) == 2 and heights[0][0] < heights[0][1] and len(heights[1]) == 1
+    assert "fingerprint fp)" in text and "training-time: ? example(s) held out of" in text
 
 
 def test_progress_rate_and_eta_come_from_successive_samples(job) -> None:
@@ -312,3 +316,296 @@ def test_a_redis_that_went_away_is_a_503_that_says_so(tmp_path: Path) -> None:
             page, api = c.get(f"/jobs/{JOB}"), c.get("/api/jobs")
     assert page.status_code == 503 and "cannot reach Redis" in page.text
     assert api.status_code == 503 and api.json()["error"].startswith("cannot reach Redis")
+
+
+def test_concurrent_workers_lookups_take_one_snapshot_and_every_route_still_answers(job) -> None:
+    """Fifty open tabs polling /api/workers at once: one look-up goes to the broker, the others share it, and the
+    rest of the page keeps answering meanwhile (it used to hang every route until restart)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings, _ = job
+    with Server(settings) as srv, ThreadPoolExecutor(52) as pool:
+        review = srv.app.state.review
+
+        def get(path: str) -> int:
+            with httpx2.Client(base_url=srv.url, timeout=30) as c:
+                return c.get(path).status_code
+
+        polls = [pool.submit(get, "/api/workers") for _ in range(50)]
+        pages = [pool.submit(get, "/"), pool.submit(get, f"/jobs/{JOB}")]
+        assert [p.result() for p in pages] == [200, 200]
+        assert [p.result() for p in polls] == [200] * 50
+        assert review.workers_taken == 1
+
+
+def _raw_post(srv: Server, csrf: str, cookie: str, headers: str, body: bytes) -> bytes:
+    """A POST written by hand on a socket, its body left unfinished: the answer must come without the rest."""
+    import socket
+
+    path = f"/api/jobs/{JOB}/marks"
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=20) as sock:
+        head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"X-CSRF-Token: {csrf}\r\nCookie: {cookie}\r\n{headers}\r\n")  # fmt: skip
+        sock.sendall(head.encode() + body)
+        answer = b""  # a read times out (the test fails) when the server waits for the whole body
+        while b"\r\n\r\n" not in answer:
+            answer += sock.recv(4096)
+        length = int(re.search(rb"content-length: (\d+)", answer, re.I).group(1))
+        while len(answer.partition(b"\r\n\r\n")[2]) < length:
+            answer += sock.recv(4096)
+        return answer
+
+
+def test_an_oversized_body_is_refused_before_it_is_read_whole(job) -> None:
+    from review.context import MAX_BODY_BYTES
+    from review.security import SESSION_COOKIE
+
+    settings, _ = job
+    with Server(settings) as srv, httpx2.Client(base_url=srv.url) as c:
+        csrf = _csrf(c)
+        cookie = f"{SESSION_COOKIE}={c.cookies[SESSION_COOKIE]}"
+        # Declared 1 GiB, 10 bytes sent: refused by its Content-Length at once.
+        answer = _raw_post(srv, csrf, cookie, f"Content-Length: {2**30}\r\n", b'{"ids": [')
+        assert answer.startswith(b"HTTP/1.1 413 ") and b"Content-Length 1073741824" in answer
+        # Streamed (chunked, no length): refused as soon as it passes the cap, the stream still open.
+        chunk = b"x" * 8192
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(MAX_BODY_BYTES // len(chunk) + 2))
+        answer = _raw_post(srv, csrf, cookie, "Transfer-Encoding: chunked\r\n", chunks)
+        assert answer.startswith(b"HTTP/1.1 413 ") and f"over {MAX_BODY_BYTES} bytes".encode() in answer
+        assert c.get("/").status_code == 200
+
+
+def test_sign_in_links_from_other_sites_bearer_writes_and_a_restart_mid_edit(job) -> None:
+    settings, ids = job
+    tokened = settings.model_copy(update={"review_token": SecretStr(TOKEN)})
+    url = f"/api/jobs/{JOB}/items/{ids['plain']}/correction"
+    c = httpx2.Client()
+    with Server(tokened) as srv:
+        c.base_url = httpx2.URL(srv.url)
+        login = c.get("/login", params={"token": TOKEN})
+        # Lax: a /login link opened from another site keeps its cookie on the redirect that follows it.
+        assert "samesite=lax" in login.headers["set-cookie"].lower()
+        csrf = _csrf(c)
+        # API clients with the token as Bearer write without a page's CSRF token; a wrong Bearer gets nothing.
+        bearer = httpx2.post(srv.url + url, json={"text": "by the api"}, headers={"authorization": f"Bearer {TOKEN}"})
+        assert bearer.status_code == 200 and bearer.json()["corrected"] == "by the api"
+        wrong = httpx2.post(srv.url + url, json={"text": "x"}, headers={"authorization": f"Bearer x{TOKEN}"})
+        assert wrong.status_code == 401
+    # The server restarts while the page is open: the sign-in cookie and the page's CSRF token still hold.
+    with Server(tokened) as again:
+        c.base_url = httpx2.URL(again.url)
+        saved = c.post(url, json={"text": "after a restart"}, headers={"x-csrf-token": csrf})
+        assert saved.status_code == 200, saved.text
+        assert saved.json()["corrected"] == "after a restart"
+    c.close()
+
+
+def test_the_sign_in_token_never_reaches_the_access_log(job, tmp_path: Path) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    settings, _ = job
+    port = free_port()
+    log = tmp_path / "review.log"
+    env = {**os.environ, **_env(settings), "CAPTIONER_REVIEW_TOKEN": TOKEN, "CAPTIONER_LOG_LEVEL": "INFO"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "cli.main", "review", "--port", str(port)], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        assert httpx2.get(f"http://127.0.0.1:{port}/login", params={"token": TOKEN}).status_code == 303
+        assert httpx2.get(f"http://127.0.0.1:{port}/login", params={"token": "wrong-" + TOKEN}).status_code == 401
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    text = log.read_text()
+    assert 'GET /login?token=*** HTTP/1.1" 303' in text and "401" in text, text
+    assert TOKEN not in text
+
+
+def test_demo_prefix_unset_roots_and_a_fine_tune_page_say_where_things_are(job, tmp_path: Path) -> None:
+    from common.messages import TrainRequest
+    from training.jobs import open_train_job
+
+    settings, ids = job
+    demo = settings.model_copy(update={"key_prefix": settings.key_prefix + "-demo"})
+    ledger = _ledger(demo)
+    ledger.open_job("demo-x", "demo", GenParams())
+    ledger.r.close()
+    empty = settings.model_copy(update={"key_prefix": settings.key_prefix + "-nothing", "allowed_roots": []})
+    with Server(empty) as srv:  # no job here and none under this prefix's demo prefix: no hint
+        page = httpx2.get(srv.url + "/").text
+    assert "No jobs yet under the key prefix" in page and 'id="other-prefix"' not in page
+    with Server(settings.model_copy(update={"allowed_roots": []})) as srv:
+        ledger = _ledger(settings)
+        # The demo's jobs are under <prefix>-demo: the empty jobs list says how to see them.
+        bare = settings.model_copy(update={"key_prefix": settings.key_prefix + "-x"})
+        _ledger(settings.model_copy(update={"key_prefix": bare.key_prefix + "-demo"})).open_job("d", "d", GenParams())
+        grid = httpx2.get(f"{srv.url}/jobs/{JOB}").text
+        item = httpx2.get(f"{srv.url}/jobs/{JOB}/items/{ids['plain']}").text
+        req = TrainRequest(job_id="train-x", dataset=str(tmp_path / "reviewed-set"), config={}, promote=False)
+        open_train_job(ledger, req)
+        train = httpx2.get(f"{srv.url}/jobs/train-x").text
+    assert 'id="roots-warning"' in grid and "CAPTIONER_ALLOWED_ROOTS" in grid and 'id="roots-warning"' in item
+    assert f'<dd class="dataset">{tmp_path / "reviewed-set"}</dd>' in train
+    with Server(bare) as srv:
+        page = httpx2.get(srv.url + "/").text
+    assert f"CAPTIONER_KEY_PREFIX={bare.key_prefix}-demo captioner review" in page
+    with Server(settings) as srv:  # roots set: no warning
+        assert 'id="roots-warning"' not in httpx2.get(f"{srv.url}/jobs/{JOB}").text
+
+
+def test_stale_edits_are_refused_with_the_newer_text_and_undo_over_http(job) -> None:
+    settings, ids = job
+    url = f"/api/jobs/{JOB}/items/{ids['plain']}"
+    with Server(settings) as srv, httpx2.Client(base_url=srv.url) as c:
+        h = {"x-csrf-token": _csrf(c)}
+        # Saving the model's own caption is no correction.
+        same = c.post(url + "/correction", headers=h, json={"text": "a plain caption", "base_version": 0})
+        assert same.status_code == 200 and "corrected" not in same.json()
+        first = c.post(url + "/correction", headers=h, json={"text": "a blue box", "base_version": 0}).json()
+        assert first["review_version"] == 1
+        stale = c.post(url + "/correction", headers=h, json={"text": "a red box", "base_version": 0})
+        assert stale.status_code == 409 and stale.json()["current"]["corrected"] == "a blue box"
+        page = c.get(f"/jobs/{JOB}/items/{ids['plain']}").text
+        assert '<span class="diff-del">plain caption</span>' in page
+        assert '<span class="diff-ins">blue box</span>' in page
+        assert c.post(
+            f"/api/jobs/{JOB}/marks",
+            headers=h,
+            json={"ids": [ids["plain"]], "mark": "rejected", "reason": "wrong colour"},
+        ).json() == {"changed": 1}
+        history = c.get(url + "/history").json()
+        assert [(e["version"], e["mark"], e["reason"]) for e in history] == [
+            (1, None, None),
+            (2, "rejected", "wrong colour"),
+        ]
+        undone = c.post(url + "/undo", headers=h, json={"base_version": 2}).json()
+        assert undone["corrected"] == "a blue box" and "mark" not in undone and undone["review_version"] == 3
+        assert c.post(url + "/undo", headers=h, json={"base_version": 2}).status_code == 409
+
+
+def test_bulk_actions_cover_the_whole_filter_and_downloads_carry_reasons(job) -> None:
+    import csv
+
+    settings, ids = job
+    ledger = _ledger(settings)
+    more = [(f"extra{i:03d}", f"/elsewhere/x{i:03d}.png") for i in range(130)]
+    ledger.add_items(JOB, more)
+    ledger.record(JOB, [ItemResult(id=i, ref=r, status=ItemStatus.OK, caption=f"a shape {n}")
+                        for n, (i, r) in enumerate(more)])  # fmt: skip
+    with Server(settings) as srv, httpx2.Client(base_url=srv.url) as c:
+        h = {"x-csrf-token": _csrf(c)}
+        grid = c.get(f"/jobs/{JOB}", params={"q": "shape", "limit": "24", "sort": "name"}).text
+        assert "1-24 of 130" in grid  # the filtered view's total, not only this page's
+        names = re.findall(r'alt="/elsewhere/(x\d+)\.png"', grid)
+        assert names == sorted(names) and names[0] == "x000"
+        started = c.post(f"/api/jobs/{JOB}/bulk", headers=h,
+                         json={"action": "reject", "filter": {"q": "shape"}, "reason": "blurry"})  # fmt: skip
+        assert started.status_code == 202 and started.json()["total"] == 130
+        bulk_id = started.json()["id"]
+        wait_for(lambda: c.get(f"/api/bulk/{bulk_id}").json()["state"] != "running", 60, "the bulk action to end")
+        state = c.get(f"/api/bulk/{bulk_id}").json()
+        assert (state["state"], state["done"], state["changed"]) == ("done", 130, 130)
+        rejected = [r for r in ledger.reviewed(JOB)]
+        assert len(rejected) == 130 and {r["reason"] for r in rejected} == {"blurry"}
+        assert ledger.item(JOB, ids["plain"]).get("mark") is None  # outside the filter: untouched
+        got = c.get(f"/api/jobs/{JOB}/download", params={"format": "csv", "reviewed": "1"})
+        assert got.status_code == 200 and 'filename="job-http-reviewed.csv"' in got.headers["content-disposition"]
+        rows = list(csv.DictReader(io.StringIO(got.text)))
+        assert len(rows) == 130 and {r["reason"] for r in rows} == {"blurry"}
+        assert c.get(f"/api/jobs/{JOB}/download", params={"format": "sidecar"}).status_code == 422
+    ledger.r.close()
+
+
+def test_the_demo_says_how_to_review_its_captions(tmp_path: Path) -> None:
+    from cli.demo import review_hint
+
+    settings = _settings(tmp_path, CAPTIONER_KEY_PREFIX="captioner-demo", CAPTIONER_MODEL_STORE=str(tmp_path / "m"))
+    hint = review_hint(settings, tmp_path, "demo-1", kept=True, local_redis=False)
+    assert hint == (f"Review these captions in the browser: CAPTIONER_KEY_PREFIX=captioner-demo "
+                    f"CAPTIONER_ALLOWED_ROOTS={tmp_path} CAPTIONER_MODEL_STORE={tmp_path / 'm'} captioner review, "
+                    "then open http://127.0.0.1:8765/jobs/demo-1")  # fmt: skip
+    gone = review_hint(settings, tmp_path, "demo-1", kept=False, local_redis=True)
+    assert "--workdir DIR" in gone and "a running Redis" in gone
+
+
+def test_promote_from_the_models_page_is_gated_on_one_dataset_and_rollback_is_a_button(job, tmp_path: Path) -> None:
+    from common.store import ModelStore
+
+    settings, _ = job
+    store = ModelStore(tmp_path / "store")
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "config.json").write_text("{}")
+    old = store.add(weights, {"base_model": "tiny"}, "v-old").version
+    new = store.add(weights, {"base_model": "tiny", "metrics": {"wer": 0.12}, "eval_fingerprint": "tiny5",
+                              "eval_examples": 5, "dataset": "/x/reviewed"}, "v-new").version  # fmt: skip
+    store.record_evaluation(old, "held100", {"wer": 0.232}, dataset="/data/held-out", n=100)
+    store.promote(old)
+    with Server(settings.model_copy(update={"model_store": store.root})) as srv, httpx2.Client(base_url=srv.url) as c:
+        page = c.get("/models").text
+        assert "/data/held-out, 100 image(s) (fingerprint held100)" in page
+        assert "training-time: 5 example(s) held out of /x/reviewed (fingerprint tiny5)" in page
+        h = {"x-csrf-token": _csrf(c, "/models")}
+        gate = {"require_no_worse": "wer", "fingerprint": "held100"}
+        # The new version's 0.12 was measured on 5 training images: no score on the current one's data, no promotion.
+        refused = c.post(f"/api/models/{new}/promote", headers=h, json=gate)
+        assert refused.status_code == 422
+        assert "v-new has no evaluation on the dataset held100" in refused.json()["error"]
+        store.record_evaluation(new, "held100", {"wer": 0.246}, dataset="/data/held-out", n=100)
+        worse = c.post(f"/api/models/{new}/promote", headers=h, json=gate)
+        assert worse.status_code == 422
+        assert worse.json()["error"].startswith("not promoted: v-new wer 0.2460 vs current v-old 0.2320 on "
+                                                "/data/held-out, 100 image(s)")  # fmt: skip
+        assert store.current().version == old
+        store.record_evaluation(new, "held100", {"wer": 0.2}, dataset="/data/held-out", n=100)
+        better = c.post(f"/api/models/{new}/promote", headers=h, json=gate).json()
+        assert better["promoted"] == new and better["comparison"]["new"] == 0.2 and store.current().version == new
+        back = c.post(f"/api/models/{old}/rollback", headers=h, json={}).json()
+        assert back == {"promoted": old, "previous": new} and store.current().version == old
+        assert c.post("/api/models/v-nope/rollback", headers=h, json={}).status_code == 422
+
+
+def test_assigning_a_filter_to_a_reviewer_links_them_to_it_and_marks_the_items_theirs(job) -> None:
+    settings, ids = job
+    with Server(settings) as srv, httpx2.Client(base_url=srv.url) as c:
+        h = {"x-csrf-token": _csrf(c)}
+        given = c.post(f"/api/jobs/{JOB}/assign", headers=h, json={"reviewer": "bea", "filter": {"status": "error"}})
+        assert given.json() == {"bea": {"status": "error"}}
+        bad = c.post(f"/api/jobs/{JOB}/assign", headers=h, json={"reviewer": "bea", "filter": {"status": "maybe"}})
+        assert bad.status_code == 422
+        grid = c.get(f"/jobs/{JOB}").text
+        assert f'href="/jobs/{JOB}?status=error">bea: status=error</a>' in grid
+        theirs = c.get(f"/jobs/{JOB}/items/{ids['failed']}").text
+        assert "This item is assigned to bea." in theirs
+        assert 'id="assigned-to"' not in c.get(f"/jobs/{JOB}/items/{ids['plain']}").text
+        assert c.post(f"/api/jobs/{JOB}/assign", headers=h, json={"reviewer": "bea", "filter": {}}).json() == {}
+        assert "This item is assigned" not in c.get(f"/jobs/{JOB}/items/{ids['failed']}").text
+
+
+def test_a_fine_tune_promoted_from_the_page_is_gated_by_default(job, tiny_model: Path) -> None:
+    settings, ids = job
+    with Server(settings) as srv, httpx2.Client(base_url=srv.url) as c:
+        h = {"x-csrf-token": _csrf(c)}
+        c.post(f"/api/jobs/{JOB}/marks", headers=h, json={"ids": [ids["plain"]], "mark": "accepted"})
+        form = {"base_model": str(tiny_model), "max_steps": "2", "promote": True, "require_no_worse": "wer",
+                "gate_dataset": "/data/held-out"}
+        queued = c.post(f"/api/jobs/{JOB}/train", headers=h, json=form)
+        assert queued.status_code == 200, queued.text
+        request = _ledger(settings).get_field(queued.json()["train_job"], "request")
+        assert request["promote"] is True and request["require_no_worse"] == "wer"
+        assert request["gate_dataset"] == "/data/held-out"
+        page = c.get(f"/jobs/{queued.json()['train_job']}").text
+        assert "when done, if no worse on wer than the current version on /data/held-out" in page
+    # No training worker here: the message is taken back, so no later test's worker trains on it.
+    redis.Redis.from_url(settings.broker_url_str).delete(settings.training_queue)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-import ledger.base as ledger_module
+import ledger.records as ledger_module
 from common.errors import InvalidReview, NotCaptioned, UnknownItem, UnknownJob
 from common.messages import GenParams, ItemResult, ItemStatus, item_id
 from ledger import MAX_CORRECTION_CHARS, ItemFilter, Ledger
@@ -119,7 +119,8 @@ def test_a_correction_sits_beside_the_caption_and_every_reader_sees_it(ledger: L
     uncorrected = _walk(ledger, ItemFilter(corrected=False), limit=50)[0]
     assert len(uncorrected) == N - 1 and target not in {r["id"] for r in uncorrected}
     cleared = ledger.clear_correction(JOB, target, "ana")
-    assert cleared == before
+    kept = ("reviewer", "reviewed_at", "review_version")  # who cleared it, when, and the item's review version
+    assert {k: v for k, v in cleared.items() if k not in kept} == before and cleared["review_version"] == 2
     assert _walk(ledger, ItemFilter(corrected=True))[0] == []
 
 
@@ -180,3 +181,41 @@ def test_a_search_examines_a_bounded_number_of_items_per_page(ledger: Ledger, mo
         cursor = page.cursor
     assert sum(scanned) == N - 20  # every captioned or failed item once; pending ones cannot hold the text
     assert len(scanned) >= N // 120 and max(scanned) <= 120, scanned
+
+
+def test_reviews_keep_a_history_refuse_stale_edits_and_undo(ledger: Ledger) -> None:
+    from common.errors import ReviewConflict
+
+    kinds = _fill(ledger, n=40)
+    target = next(iter(kinds["ok"]))
+    caption = ledger.item(JOB, target)["caption"]
+    # An edit that changes nothing is no correction.
+    assert "corrected" not in ledger.set_correction(JOB, target, f"  {caption} ", "ana")
+    assert ledger.review_history(JOB, target) == []
+    first = ledger.set_correction(JOB, target, "a green triangle", "ana", base_version=0)
+    assert first["review_version"] == 1
+    # Bea saw version 1 and writes; Ana, still on version 0, is refused with Bea's text, and nothing of hers lands.
+    ledger.set_correction(JOB, target, "a yellow star", "bea", base_version=1)
+    with pytest.raises(ReviewConflict, match="changed by bea") as refused:
+        ledger.set_correction(JOB, target, "a red square\x00", "ana", base_version=1)
+    assert refused.value.current["corrected"] == "a yellow star"
+    assert ledger.set_mark(JOB, [target], "rejected", "ana", reason="wrong colour") == 1
+    row = ledger.item(JOB, target)
+    assert (row["corrected"], row["mark"], row["reason"], row["review_version"]) == ("a yellow star", "rejected",
+                                                                                     "wrong colour", 3)  # fmt: skip
+    history = ledger.review_history(JOB, target)
+    assert [(e["version"], e["reviewer"], e["corrected"], e["mark"]) for e in history] == [
+        (1, "ana", "a green triangle", None), (2, "bea", "a yellow star", None),
+        (3, "ana", "a yellow star", "rejected")]  # fmt: skip
+    [exported] = [r for r in ledger.reviewed(JOB) if r["id"] == target]
+    assert exported["reason"] == "wrong colour"
+    # Undo goes back one change (and is a change itself); twice goes back further.
+    assert "mark" not in ledger.undo_review(JOB, target, "ana")
+    assert ledger.undo_review(JOB, target, "ana")["mark"] == "rejected"  # undoing the undo
+    ledger.clear_correction(JOB, target, "ana")
+    ledger.set_mark(JOB, [target], None, "ana")
+    assert [r["id"] for r in ledger.reviewed(JOB)] == []  # cleared to nothing: no longer reviewed
+    assert ledger.review_progress(JOB) == {"reviewed": 0, "by_reviewer": {}}
+    other = next(i for i in kinds["ok"] if i != target)
+    with pytest.raises(InvalidReview, match="no earlier review"):
+        ledger.undo_review(JOB, other, "ana")

@@ -128,3 +128,13 @@ def test_jsonl_values_that_are_not_text_are_named(tmp_path: Path) -> None:
     assert next(refs) == str(tmp_path / "a.jpg")  # a null is skipped like an empty line, never the path "None"
     with pytest.raises(SourceError, match=r"l.jsonl:3: 'path' is int, not text"):
         next(refs)
+
+
+def test_a_list_line_holding_a_nul_is_kept_for_the_worker_to_name(tmp_path: Path) -> None:
+    """No file can have a NUL in its path: the line stays a reference (the worker's row says invalid_input) and the
+    lines around it are read, where resolving it used to raise ValueError out of the producer."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "l.txt").write_bytes(b"a.jpg\nsub/../bad\x00name.jpg\nb.jpg\n")
+    assert list(expand(str(tmp_path / "l.txt"))) == [
+        str(tmp_path / "a.jpg"), f"{tmp_path}/bad\x00name.jpg", str(tmp_path / "b.jpg"),
+    ]  # fmt: skip

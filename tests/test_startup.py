@@ -31,9 +31,9 @@ def test_a_caption_worker_that_cannot_work_refuses_to_start_in_one_line(
     (tmp_path / "store").mkdir()
     cases = {
         "missing model directory": ({"CAPTIONER_MODEL": str(tmp_path / "no-such-model")}, "is not a directory"),
-        "a checkpoint that is not GIT": (
+        "a checkpoint of no captioning family": (
             {"CAPTIONER_MODEL": str(_make_not_git(tiny_model, tmp_path / "bert"))},
-            "is a 'bert' checkpoint, not GIT",
+            "model_type 'bert' is not a captioning model",
         ),
         "@current without a store": (
             {"CAPTIONER_MODEL": "@current"},
@@ -74,7 +74,7 @@ def test_the_parts_that_know_no_queues_import_neither_celery_nor_redis() -> None
         if p.stem != "__init__" and not p.stem.startswith(("ledger", "connections"))
     )  # fmt: skip
     plain = [*shared, "media.images", "model.flags", "worker.batcher", "model.preprocess", "model.fastgen",
-             "model.engine", "worker.service"]  # fmt: skip
+             "model.engine", "model.endpoint", "model.families", "worker.service"]  # fmt: skip
     assert {"common.messages", "common.settings", "common.errors", "common.store"} <= set(plain)
     code = (
         "import importlib, json, sys\n"

@@ -475,7 +475,7 @@ def test_alias_clashes_and_missing_columns_are_one_line_and_send_nothing(
 
 
 def test_options_a_worker_cannot_serve_are_refused_against_what_workers_report() -> None:
-    from training.jobs import check_against_workers
+    from training.requests import check_against_workers
 
     cpu_only = [{"devices": 2, "device_kind": "CPU core", "peft": False, "datasets": True, "tensorboard": True}]
     with pytest.raises(ConfigError, match="3 training processes asked for, but the training workers have at most 2"):

@@ -28,7 +28,8 @@ from common.errors import CaptionerError, ConfigError
 from common.messages import EvaluateRequest, JobKind, JobState, TrainOutcome, TrainRequest
 from common.settings import Settings
 from common.store import ModelStore
-from ledger import Ledger
+from ledger import Ledger, TrainingRun, TrainResult
+from training.requests import check_train_request, open_train_job  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -62,20 +63,6 @@ def check_training_worker(settings: Settings) -> None:
         check_processes(settings.train_processes)
 
 
-def check_train_request(req: TrainRequest) -> None:
-    """Everything about a fine-tune request that can be checked without its data: config keys, types, values."""
-    from training.config import METRIC_NAMES, TrainConfig
-
-    TrainConfig.from_dict(req.config)
-    if req.require_no_worse is not None:
-        if not req.promote:
-            raise ConfigError("require_no_worse (--require-no-worse) only applies with promote (--promote)")
-        if req.require_no_worse not in METRIC_NAMES:
-            raise ConfigError(
-                f"require_no_worse must name a metric ({', '.join(METRIC_NAMES)}), not {req.require_no_worse!r}"
-            )
-
-
 def worker_capabilities() -> dict[str, Any]:
     """What this training worker offers a job: devices for processes, and the optional packages it has."""
     import importlib.util
@@ -85,45 +72,6 @@ def worker_capabilities() -> dict[str, Any]:
     count, kind = devices()
     have = {name: importlib.util.find_spec(name) is not None for name in ("peft", "datasets", "tensorboard")}
     return {"devices": count, "device_kind": kind, **have}
-
-
-def _is_hub_id(dataset: str) -> bool:
-    return not os.path.exists(dataset) and not dataset.startswith((".", "/", "~"))
-
-
-def needs_worker_check(req: TrainRequest) -> bool:
-    """Whether the request asks for something only a training worker can say it has."""
-    cfg = req.config
-    return bool((cfg.get("num_processes") or 1) > 1 or cfg.get("lora_r") or cfg.get("report_to") == "tensorboard"
-                or _is_hub_id(req.dataset))  # fmt: skip
-
-
-def check_against_workers(req: TrainRequest, workers: list[dict[str, Any]]) -> None:
-    """The request against the best that the answering training workers offer; a ConfigError says what is missing."""
-    cfg = req.config
-    processes = cfg.get("num_processes") or 1
-    most = max(workers, key=lambda w: w.get("devices", 0))
-    if processes > most.get("devices", 1):
-        raise ConfigError(f"{processes} training processes asked for, but the training workers have at most "
-                          f"{most['devices']} {most.get('device_kind', 'device')}(s)")  # fmt: skip
-    wanted = [("peft", "lora", bool(cfg.get("lora_r"))),
-              ("tensorboard", "train", cfg.get("report_to") == "tensorboard"),
-              ("datasets", "datasets", _is_hub_id(req.dataset))]  # fmt: skip
-    for package, extra, asked in wanted:
-        if asked and not any(w.get(package) for w in workers):
-            raise ConfigError(f"{'LoRA' if package == 'peft' else package} is asked for, but no training worker has "
-                              f"{package} installed (pip install 'captioner[{extra}]' there)")  # fmt: skip
-
-
-def open_train_job(ledger: Ledger, req: TrainRequest) -> bool:
-    """Record a training job before its message is sent (so a lost message can be found and resumed).
-
-    Submitting a job id again re-opens it: a failed or cancelled job runs again from its last checkpoint.
-    """
-    created = ledger.open_job(req.job_id, f"train {req.dataset}", None, kind=JobKind.TRAIN)
-    ledger.set_fields(req.job_id, request=req.model_dump(), sent=time.time(), started=None, result=None)
-    ledger.seal(req.job_id)
-    return created
 
 
 class _Heartbeat:
@@ -221,7 +169,7 @@ def run_train(settings: Settings, ledger: Ledger, req: TrainRequest) -> dict[str
         torch.set_num_threads(settings.torch_threads)
     from runtime import metrics  # the training worker's stack (prometheus_client); senders of a job never need it
 
-    ledger.set_fields(req.job_id, started=time.time())
+    ledger.update_training_run(req.job_id, TrainingRun(started=time.time()))
     metrics.training_started(req.job_id)
     try:
         summary = _fine_tune(settings, _store(settings), ledger, req, beat)
@@ -268,7 +216,7 @@ def _fine_tune(
 
             metrics.observe_training(req.job_id, p)
             try:
-                ledger.set_fields(req.job_id, progress=p)
+                ledger.update_training_run(req.job_id, TrainingRun(progress=p))
             except redis.RedisError as exc:  # progress is a view; a blip must not end a long run
                 log.warning("job %s: progress not recorded (%s)", req.job_id, exc)
 
@@ -283,7 +231,7 @@ def _fine_tune(
             return {**done, "status": TrainOutcome.INTERRUPTED, "steps": result.steps}
         if result.status is TrainStatus.CANCELLED:
             cancelled = {**done, "status": TrainOutcome.CANCELLED, "steps": result.steps}
-            ledger.set_fields(req.job_id, result=cancelled, finished=time.time())
+            ledger.update_training_run(req.job_id, TrainingRun(result=TrainResult(**cancelled), finished=time.time()))
             return cancelled
         if result.status is TrainStatus.LOST_LOCK or beat.lost():
             return {**done, "status": TrainOutcome.LOST_LOCK, "steps": result.steps}
@@ -302,24 +250,39 @@ def _fine_tune(
         }
         assert result.final_dir is not None
         version = store.add(Path(result.final_dir), meta).version
-        ledger.set_fields(req.job_id, version=version)
+        ledger.update_training_run(req.job_id, TrainingRun(version=version))
     mv = store.get(version)
     summary = {**done, "status": TrainOutcome.DONE, "version": version, "promoted": False,
                "metrics": mv.metrics, "steps": mv.meta.get("steps")}  # fmt: skip
     if req.promote:  # 5.
         try:
+            if req.gate_dataset and req.require_no_worse:
+                summary["gate"] = _score_both(settings, store, version, req.gate_dataset, req.require_no_worse)
             store.promote(version, require_no_worse=req.require_no_worse)
             summary["promoted"] = True
         except ConfigError as exc:  # the gate said no: the version stays, the job is done, never re-run
             summary["promotion"] = f"not promoted: {exc}"
             log.info("job %s: %s", req.job_id, summary["promotion"])
-    ledger.set_fields(req.job_id, result=summary)
+    ledger.update_training_run(req.job_id, TrainingRun(result=TrainResult(**summary)))
     ledger.set_state(req.job_id, JobState.DONE)
     return summary
 
 
+def _score_both(settings: Settings, store: ModelStore, version: str, dataset: str, metric: str) -> dict[str, Any]:
+    """Evaluate the new version and the current one on ``dataset`` (each becomes that version's headline score), so
+    the promotion gate compares them on the same data; returns both scores."""
+    current = store.current()
+    scored: dict[str, Any] = {"dataset": dataset, "metric": metric}
+    for name, v in (("new", version), ("current", current.version if current else None)):
+        if v is None or (name == "current" and v == version):
+            continue
+        report = run_evaluate(settings, EvaluateRequest(version=v, dataset=dataset))
+        scored[name] = {"version": v, metric: report.get(metric)}
+    return scored
+
+
 def _stored_version(store: ModelStore, ledger: Ledger, job_id: str) -> str | None:
-    version = ledger.get_field(job_id, "version")
+    version = ledger.training_run(job_id).version
     if not version:
         return None
     try:
@@ -334,8 +297,8 @@ def _record_failure(ledger: Ledger, job_id: str, exc: Exception) -> None:
     error = " ".join(error.split())  # one line: library errors (hub, OS) often span several
     log.error("training job %s failed: %s", job_id, error, exc_info=not isinstance(exc, CaptionerError))
     try:
-        ledger.set_fields(job_id, result={"job_id": job_id, "status": TrainOutcome.FAILED, "error": error},
-                          finished=time.time())  # fmt: skip
+        failed = TrainResult(job_id=job_id, status=TrainOutcome.FAILED, error=error)
+        ledger.update_training_run(job_id, TrainingRun(result=failed, finished=time.time()))
         ledger.set_state(job_id, JobState.FAILED)
     except redis.RedisError as write_error:
         log.error("job %s: could not record the failure (%s); it will be resumed", job_id, write_error)
@@ -360,7 +323,8 @@ def run_evaluate(settings: Settings, req: EvaluateRequest) -> dict[str, Any]:
                             image_policy=local_image_policy(examples, settings))  # fmt: skip
     metrics_ = {k: v for k, v in report.items() if isinstance(v, int | float) and k != "n"}
     samples = report.get("samples")  # a few generated captions beside their references, shown by captioner review
-    store.record_evaluation(version.version, dataset_fingerprint(examples), metrics_, samples=samples)
+    store.record_evaluation(version.version, dataset_fingerprint(examples), metrics_, samples=samples,
+                            dataset=req.dataset, n=len(examples))  # fmt: skip
     return {"version": version.version, "dataset": req.dataset, **report}
 
 
@@ -383,14 +347,14 @@ def orphaned_train_jobs(
     for info in ledger.jobs(limit):
         if info.kind is not JobKind.TRAIN or info.state is not JobState.RUNNING or ledger.locked(info.id):
             continue
-        started = float(ledger.get_field(info.id, "started") or 0)
-        sent = max(info.created, float(ledger.get_field(info.id, "sent") or 0))
+        run = ledger.training_run(info.id)
+        started = run.started or 0.0
+        sent = max(info.created, run.sent or 0.0)
         # Unstarted: give the message time to arrive. Started: once re-sent, give that message time too.
         if (not started or sent > started) and now - sent < grace_s:
             continue
-        request = ledger.get_field(info.id, "request")
-        if request:
-            candidates.append(TrainRequest.model_validate(request))
+        if run.request is not None:
+            candidates.append(run.request)
     if not candidates:
         return []
     queued = waiting([req.job_id for req in candidates])

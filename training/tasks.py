@@ -13,7 +13,7 @@ from celery.worker.control import inspect_command
 from common.errors import ConfigError
 from common.messages import TASK_EVALUATE, TASK_TRAIN, EvaluateRequest, TrainRequest, parse_message
 from common.settings import get_settings
-from ledger import Ledger, ledger_from_settings
+from ledger import Ledger, TrainingRun, ledger_from_settings
 from runtime import metrics
 from runtime.celery_app import queue_depths
 from runtime.logs import current_job
@@ -109,7 +109,7 @@ def _watch_orphans() -> None:
             ledger = _ledger()
             for req in orphaned_train_jobs(ledger, grace_s=2 * s.train_lock_ttl_s, waiting=_waiting):
                 log.info("resuming training job %s from its last checkpoint", req.job_id)
-                ledger.set_fields(req.job_id, sent=time.time())
+                ledger.update_training_run(req.job_id, TrainingRun(sent=time.time()))
                 train.apply_async(kwargs=req.model_dump(), queue=s.training_queue)
         except Exception:
             log.exception("could not scan for orphaned training jobs")

@@ -19,7 +19,7 @@ from contextvars import copy_context
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from common.errors import Cancelled, ConfigError, EngineError, InvalidInput, ItemError
+from common.errors import Cancelled, ConfigError, EngineError, FetchError, InvalidInput, ItemError
 from common.messages import GenParams, ItemResult, ItemStatus, Source, item_id
 from common.settings import Settings
 from common.store import ModelStore, resolve_model
@@ -40,16 +40,21 @@ EngineFactory = Callable[[], "CaptionEngine"]
 
 def _default_engine_factory(settings: Settings) -> EngineFactory:
     def load() -> CaptionEngine:
+        if settings.endpoint_url:  # captions from an OpenAI-compatible server: no model in this process
+            from model.endpoint import EndpointConfig, EndpointEngine
+
+            return EndpointEngine.load(EndpointConfig.from_settings(settings))  # type: ignore[return-value]
         # The model name first (@current -> a version): a store with nothing promoted fails before torch loads.
         model = resolve_model(settings.model, settings.model_store)
-        from model.engine import CaptionEngine, EngineConfig  # torch is imported here, not at module load
+        from model.engine import EngineConfig  # torch is imported here, not at module load
+        from model.families import load_engine
 
         if settings.torch_threads:
             import torch
 
             torch.set_num_threads(settings.torch_threads)
         cfg = replace(EngineConfig.from_settings(settings), model=model)  # every engine setting from one place
-        return CaptionEngine.load(cfg)
+        return load_engine(cfg)  # what the checkpoint is: GIT on its fast decoder, any other family on its adapter
 
     return load
 
@@ -67,6 +72,8 @@ class Captioned(NamedTuple):
     batch_ms: float  # wall time of the model batch it ran in
     reused: bool = False  # taken from the reuse cache, not from the model
     profile: str | None = None  # the speed pieces the batch ran with ("exact", "fast:sdpa,compile")
+    family: str | None = None  # the model family, when not GIT ("blip", "llava"...)
+    confidence: float | None = None  # mean token log-probability (the fast decoder measures it)
     scored: curation.Scored | None = None  # CLIPScore (and best-of-N candidates) when the job asks for them
 
 
@@ -254,7 +261,8 @@ class CaptionService:
             # A caption that ended on its own is not cut, even when its end token fell on the last position.
             tokens = gen.tokens - 1 if gen.ended else gen.tokens
             flags = quality_flags(gen.text, generated_tokens=tokens, max_length=params.max_length) or None
-            out.append(Captioned(gen.text, engine.version, flags, batch_ms, profile=profile,
+            out.append(Captioned(gen.text, engine.version, flags, batch_ms, profile=profile, family=_family(engine),
+                                 confidence=getattr(gen, "confidence", None),
                                  scored=scored[i] if scored else None))  # fmt: skip
         return out
 
@@ -326,7 +334,7 @@ class CaptionService:
                     self.batcher.arrived()
                     return twin, (time.perf_counter() - started) * 1000, None
                 pixels = self._decode(data)
-            future = self.batcher.submit(pixels, params, group=group, expected=True)
+            future = self._queue(pixels, params, group)
         except BaseException as exc:
             self.batcher.arrived()  # announced in caption_items, and not coming: batches stop waiting for it
             if own is not None:  # items with the same bytes waiting on this one fail the same way
@@ -335,6 +343,33 @@ class CaptionService:
         if own is not None:
             future.add_done_callback(lambda done: self._settle_claim(digest, params, own, done=done))
         return future, (time.perf_counter() - started) * 1000, digest
+
+    def _queue(self, pixels: Any, params: GenParams, group: Hashable | None) -> Future[Any]:
+        """Queue one prepared image: into the micro-batcher, or straight to an engine that schedules its own requests
+        (an endpoint: the server batches them, and a batch here would only wait for its slowest answer)."""
+        engine = self.engine
+        if not hasattr(engine, "submit"):
+            return self.batcher.submit(pixels, params, group=group, expected=True)
+        out: Future[Any] = Future()
+        started = time.perf_counter()
+
+        def settle(done: Future[Any]) -> None:
+            if done.cancelled():  # the engine was closed with the request still queued: it goes back for later
+                out.set_exception(FetchError("abandoned, the worker is stopping", transient=True))
+                return
+            exc = done.exception()
+            if exc is not None:
+                out.set_exception(exc if isinstance(exc, ItemError) else EngineError(f"{type(exc).__name__}: {exc}"))
+                return
+            gen, took = done.result(), time.perf_counter() - started
+            metrics.observe_batch(1, took)
+            tokens = gen.tokens - 1 if gen.ended else gen.tokens
+            flags = quality_flags(gen.text, generated_tokens=tokens, max_length=params.max_length) or None
+            out.set_result(Captioned(gen.text, engine.version, flags, round(took * 1000, 2)))
+
+        engine.submit(pixels, params).add_done_callback(settle)
+        self.batcher.arrived()  # announced in caption_items; it went to the engine, not into a batch
+        return out
 
     def _claim(self, digest: bytes, params: GenParams) -> tuple[Future[Any] | None, Future[Any] | None]:
         """(a future of the caption another item with these bytes is getting now, None), or (None, a future this
@@ -385,7 +420,7 @@ class CaptionService:
             return None
         if found is None:
             return None
-        return Captioned(found[0], version, found[1] or None, 0.0, reused=True, profile=profile)
+        return Captioned(found[0], version, found[1] or None, 0.0, reused=True, profile=profile, family=_family(engine))
 
     def _remember(self, params: GenParams, fresh: dict[bytes, Captioned]) -> None:
         if self.reuse is None or not fresh:
@@ -413,6 +448,7 @@ class CaptionService:
         ``alone``: each item is a model batch by itself (suspects of killing a worker; see ``_triage``).
         """
         engine = self.engine  # loaded before fanning out, so decode threads don't all wait on the lock
+        params = _with_default_prompt(engine, params)
         refused = self._no_room(engine, params)
         if refused is not None:  # every item would fail the same way in the model: one row each, saying why
             tried = attempts or {}
@@ -446,6 +482,8 @@ class CaptionService:
                     model_version=done.version,
                     reused=done.reused or None,
                     profile=done.profile,
+                    family=done.family,
+                    confidence=done.confidence,
                     **curation.row_fields(done.scored),
                     timings={"load_ms": round(load_ms, 2), "infer_ms": done.batch_ms},
                     finished_at=time.time(),
@@ -459,6 +497,8 @@ class CaptionService:
     @staticmethod
     def _no_room(engine: CaptionEngine, params: GenParams) -> InvalidInput | None:
         """Parameters the model can only fail on: the start token and the prompt's tokens fill max_length."""
+        if hasattr(engine, "refuses"):  # an engine without a tokenizer here (an endpoint) says itself
+            return engine.refuses(params)  # type: ignore[no-any-return]
         if not params.prompt:
             return None  # the start token alone: GenParams keeps max_length at 2 or more
         used = int(engine.prompt_ids(params.prompt).shape[-1])
@@ -482,6 +522,25 @@ class CaptionService:
         self.abandon_fetches()
         self.batcher.stop(timeout=30)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if hasattr(self._engine, "close"):  # an endpoint's request threads and connections
+            self._engine.close()
+
+
+def _with_default_prompt(engine: Any, params: GenParams) -> GenParams:
+    """A job without a prompt gets the engine's default one (an endpoint's), so its rows record what was sent."""
+    default = getattr(engine, "default_prompt", None)
+    if params.prompt or not default:
+        return params
+    try:
+        return GenParams.model_validate({**params.model_dump(), "prompt": default})
+    except ValueError:  # no room for it in max_length: the engine refuses these params with a row saying so
+        return params
+
+
+def _family(engine: Any) -> str | None:
+    """The family a row records: None for GIT (rows made before other families existed look the same)."""
+    family = getattr(engine, "family_name", None) or getattr(engine, "family", None) or "git"
+    return None if family == "git" else str(family)
 
 
 def row_base(iid: str, src: ItemSource, params: GenParams, attempts: int = 1) -> dict[str, Any]:

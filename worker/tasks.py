@@ -34,6 +34,7 @@ from common.messages import (
 )
 from common.settings import get_settings
 from ledger import ledger_from_settings
+from runtime import control as _control  # noqa: F401  (registers captioner_drain: `captioner workers drain`)
 from runtime import metrics
 from runtime.celery_app import queue_depths
 from runtime.logs import job_context
@@ -240,6 +241,7 @@ def captioner_info(state: Any, **kwargs: Any) -> dict[str, Any]:
         "loaded": True,
         "model": svc.settings.model,
         "model_version": eng.version,
+        "family": getattr(eng, "family_name", "git"),
         "device": str(eng.device),
         "dtype": str(eng.dtype).removeprefix("torch."),
         "max_batch_size": svc.batcher.max_batch,

@@ -1,14 +1,4 @@
-"""The ledger in PostgreSQL, for jobs larger than Redis memory: the same behaviour as the Redis ledger, in tables.
-
-Tables live in a schema named after the key prefix (``captioner``; other characters than letters, digits and
-``_`` become ``_``), created on first use:
-
-  jobs        one row per job: counters, state, options, JSON fields, the provenance table, expiry
-  items       one row per item: reference, and once settled its row (status, caption or error, provenance index,
-              attempts, flags), attempt counts while unsettled, the review (correction, mark, reviewer, time)
-  containers  shards and row groups whose items are not all known yet
-  locks       the training runner holding each job
-  reuse       captions by image digest, per model version and parameters
+"""``PostgresLedger``: every ledger contract in one PostgreSQL database (tables: ``schema``; connections: ``pool``).
 
 Every write is one transaction that locks the items it touches (in id order) before the job row, so concurrent
 workers never deadlock, counters move with the items' statuses, and a caption once written is never replaced.
@@ -17,190 +7,60 @@ workers never deadlock, counters move with the items' statuses, and a caption on
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from common.errors import BrokerUnavailable, UnknownJob
+from common.errors import UnknownJob
 from common.messages import GenParams, ItemResult, ItemStatus, JobKind, JobState
-from ledger import base, codec
-from ledger.base import (
-    Attempt,
-    ItemFilter,
-    JobInfo,
-    Ledger,
-    Page,
-    Recorded,
-    bad_cursor,
-    check_job_id,
-    check_page_limit,
-)
+from ledger import codec, records
+from ledger.contracts import Ledger
+from ledger.postgres import text
+from ledger.postgres.pool import Pool
+from ledger.postgres.schema import FINISH, FLAG_COLUMNS, schema_name
+from ledger.records import Attempt, ItemFilter, JobInfo, Page, Recorded, bad_cursor, check_job_id, check_page_limit
 
-_JSON_FIELDS = ("progress", "result", "webhook_error")
 _STATUS_CHAR = {ItemStatus.OK: "o", ItemStatus.ERROR: "e", ItemStatus.CANCELLED: "c"}
 _CHAR_STATUS = {v: k for k, v in _STATUS_CHAR.items()}
 _COUNTER = {"o": "n_ok", "e": "n_error", "c": "n_cancelled"}
-_FLAG_COLUMNS = {name: f"f_{name}" for name in codec.FLAG_BITS}
 _ROW_COLUMNS = "id, ref, status, caption, error, error_class, pv, attempts, finished, flagbits, extra, review"
-
-_SCHEMA = """
-CREATE SCHEMA IF NOT EXISTS {s};
-CREATE TABLE IF NOT EXISTS {s}.jobs (
-  id text PRIMARY KEY,
-  kind text NOT NULL,
-  name text NOT NULL,
-  params jsonb,
-  state text NOT NULL,
-  created double precision NOT NULL,
-  finished double precision,
-  open boolean NOT NULL DEFAULT true,
-  base text NOT NULL DEFAULT '',
-  n_total bigint NOT NULL DEFAULT 0,
-  n_ok bigint NOT NULL DEFAULT 0,
-  n_error bigint NOT NULL DEFAULT 0,
-  n_cancelled bigint NOT NULL DEFAULT 0,
-  {flag_columns},
-  extra jsonb,
-  fields jsonb NOT NULL DEFAULT '{{}}',
-  provenance jsonb NOT NULL DEFAULT '[]',
-  expires double precision
-);
-CREATE INDEX IF NOT EXISTS jobs_created ON {s}.jobs (created DESC);
-CREATE TABLE IF NOT EXISTS {s}.items (
-  job_id text NOT NULL REFERENCES {s}.jobs (id) ON DELETE CASCADE,
-  id bytea NOT NULL,
-  ref text NOT NULL,
-  status "char",
-  caption text,
-  error text,
-  error_class smallint,
-  pv smallint,
-  attempts integer,
-  finished double precision,
-  flagbits smallint NOT NULL DEFAULT 0,
-  extra jsonb,
-  att_started integer NOT NULL DEFAULT 0,
-  att_finished integer NOT NULL DEFAULT 0,
-  att_alone integer NOT NULL DEFAULT 0,
-  review bytea,
-  PRIMARY KEY (job_id, id)
-);
-CREATE INDEX IF NOT EXISTS items_pending ON {s}.items (job_id, id) WHERE status IS NULL;
-CREATE INDEX IF NOT EXISTS items_errors ON {s}.items (job_id, id) WHERE status = 'e';
-CREATE INDEX IF NOT EXISTS items_flagged ON {s}.items (job_id, id) WHERE (flagbits & 7) <> 0;
-CREATE INDEX IF NOT EXISTS items_reviewed ON {s}.items (job_id, id) WHERE review IS NOT NULL;
-CREATE TABLE IF NOT EXISTS {s}.containers (
-  job_id text NOT NULL REFERENCES {s}.jobs (id) ON DELETE CASCADE,
-  id text NOT NULL,
-  spec text NOT NULL,
-  PRIMARY KEY (job_id, id)
-);
-CREATE TABLE IF NOT EXISTS {s}.locks (job_id text PRIMARY KEY, owner text NOT NULL, expires double precision NOT NULL);
-CREATE TABLE IF NOT EXISTS {s}.reuse (
-  key text NOT NULL,
-  digest bytea NOT NULL,
-  caption text NOT NULL,
-  flags text[] NOT NULL,
-  expires double precision NOT NULL,
-  PRIMARY KEY (key, digest)
-);
-"""
-
-#: Marks a job done once every item has a row and no container is open, unless the producer is still adding.
-_FINISH = """
-UPDATE {s}.jobs SET state = 'done', finished = %(now)s
-WHERE id = %(job)s AND state = 'running' AND NOT open AND n_total > 0 AND n_ok + n_error + n_cancelled >= n_total
-  AND NOT EXISTS (SELECT 1 FROM {s}.containers WHERE job_id = %(job)s)
-RETURNING 1
-"""
-
-
-def schema_name(prefix: str) -> str:
-    """The PostgreSQL schema for a key prefix: letters, digits and underscores, lower case."""
-    name = re.sub(r"[^a-z0-9_]", "_", prefix.lower()) or "captioner"
-    return name if name[0].isalpha() else f"c_{name}"
 
 
 class PostgresLedger(Ledger):
-    """The ledger in one PostgreSQL database, in a schema of its own (see ``schema_name``)."""
+    """The ledger in one PostgreSQL database, in a schema of its own (see ``schema.schema_name``)."""
 
     def __init__(self, url: str, prefix: str = "captioner", *, max_connections: int = 8) -> None:
-        try:
-            from psycopg_pool import ConnectionPool
-        except ImportError:
-            from common.errors import ConfigError
-
-            raise ConfigError("a postgresql:// ledger needs psycopg (pip install 'captioner[postgres]')") from None
         self.prefix = prefix
         self.schema = schema_name(prefix)
-        self._pool = ConnectionPool(
-            url, min_size=1, max_size=max_connections, open=False, kwargs={"connect_timeout": 5}, name="ledger"
-        )
-        self._ready = threading.Lock()
-        self._opened = False
+        self.pool = Pool(url, self.schema, max_connections=max_connections)
         self._pv_index: dict[tuple[str, str], int] = {}
 
     # --- plumbing -------------------------------------------------------------------------------
     def _sql(self, text: str) -> str:
-        return text.replace("{s}", self.schema)
+        return self.pool.sql(text)
 
     def _connection(self) -> Any:
-        """A pooled connection; the schema is created on first use."""
-        if not self._opened:
-            with self._ready:
-                if not self._opened:
-                    try:
-                        self._pool.open(wait=True, timeout=10)
-                    except Exception as exc:
-                        raise BrokerUnavailable(f"cannot reach the ledger PostgreSQL: {exc}") from None
-                    flags = ",\n  ".join(f"{c} bigint NOT NULL DEFAULT 0" for c in _FLAG_COLUMNS.values())
-                    with self._pool.connection() as conn:
-                        # Only when the tables are missing: CREATE INDEX IF NOT EXISTS takes a share lock on its
-                        # table even when the index exists, which deadlocks against workers writing rows. One
-                        # creator at a time across processes (the advisory lock), checking again under it.
-                        if not self._tables_exist(conn):
-                            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.schema,))
-                            if not self._tables_exist(conn):
-                                conn.execute(_SCHEMA.replace("{flag_columns}", flags).format(s=self.schema))
-                    self._opened = True
-        return self._pool.connection()
-
-    def _tables_exist(self, conn: Any) -> bool:
-        """Whether this schema's last table exists (the schema is created in one transaction, tables in order)."""
-        return conn.execute("SELECT to_regclass(%s)", (f"{self.schema}.reuse",)).fetchone()[0] is not None
+        return self.pool.connection()
 
     def _one(self, sql: str, params: Any = None) -> Any:
-        with self._connection() as conn:
-            return conn.execute(self._sql(sql), params).fetchone()
+        return self.pool.one(sql, params)
 
     def _all(self, sql: str, params: Any = None) -> list[Any]:
-        with self._connection() as conn:
-            return list(conn.execute(self._sql(sql), params).fetchall())
+        return self.pool.all(sql, params)
 
     def _run(self, sql: str, params: Any = None) -> int:
-        with self._connection() as conn:
-            return int(conn.execute(self._sql(sql), params).rowcount)
+        return self.pool.run(sql, params)
 
     # --- connection -----------------------------------------------------------------------------
     def ping(self) -> None:
-        try:
-            self._one("SELECT 1")
-        except BrokerUnavailable:
-            raise
-        except Exception as exc:
-            raise BrokerUnavailable(f"cannot reach the ledger PostgreSQL: {exc}") from None
+        self.pool.ping()
 
     def close(self) -> None:
-        self._pool.close()
+        self.pool.close()
 
     def bytes_used(self) -> int:
-        tables = ("jobs", "items", "containers", "locks", "reuse")
-        sizes = self._one(
-            "SELECT " + " + ".join(f"pg_total_relation_size('{{s}}.{t}')" for t in tables),
-        )
-        return int(sizes[0])
+        return self.pool.bytes_used()
 
     # --- jobs -----------------------------------------------------------------------------------
     def open_job(
@@ -215,24 +75,29 @@ class PostgresLedger(Ledger):
     ) -> bool:
         check_job_id(job_id)
         self._purge_expired()
+        escaped = text.unsafe(name)
         row = self._one(
             """
-            INSERT INTO {s}.jobs (id, kind, name, params, state, created, open, base, extra)
-            VALUES (%(id)s, %(kind)s, %(name)s, %(params)s, 'running', %(now)s, true, %(base)s, %(extra)s)
+            INSERT INTO {s}.jobs (id, kind, name, params, state, created, open, base, extra, fields)
+            VALUES (%(id)s, %(kind)s, %(name)s, %(params)s, 'running', %(now)s, true, %(base)s, %(extra)s, %(marks)s)
             ON CONFLICT (id) DO UPDATE SET
               kind = EXCLUDED.kind, name = EXCLUDED.name, params = COALESCE(EXCLUDED.params, {s}.jobs.params),
-              state = 'running', open = true, finished = NULL, fields = {s}.jobs.fields - 'done_task_sent',
+              state = 'running', open = true, finished = NULL,
+              fields = ({s}.jobs.fields - 'done_task_sent' - %(mark)s) || EXCLUDED.fields,
               extra = COALESCE(EXCLUDED.extra, {s}.jobs.extra)
             RETURNING (xmax = 0) AS created
             """,
             {
                 "id": job_id,
                 "kind": kind.value,
-                "name": name,
-                "params": params.model_dump_json() if params is not None else None,
+                "name": text.escape(name) if escaped else name,
+                "params": text.object_in(params.model_dump(mode="json")) if params is not None else None,
                 "now": time.time(),
-                "base": base,
-                "extra": json.dumps(extra) if extra else None,
+                # Never read back (references are stored whole here): kept for the record, escaped.
+                "base": text.escape(base),
+                "extra": text.object_in(extra) if extra else None,
+                "mark": text.NAME_MARK,
+                "marks": json.dumps({text.NAME_MARK: True} if escaped else {}),
             },
         )
         return bool(row[0])
@@ -246,31 +111,34 @@ class PostgresLedger(Ledger):
             return self._finish(conn, job_id)
 
     def _finish(self, conn: Any, job_id: str) -> bool:
-        return conn.execute(self._sql(_FINISH), {"job": job_id, "now": time.time()}).fetchone() is not None
+        return conn.execute(self._sql(FINISH), {"job": job_id, "now": time.time()}).fetchone() is not None
 
     _JOB_COLUMNS = (
         "id, kind, name, params, state, created, finished, n_total, n_ok, n_error, n_cancelled, "
-        + ", ".join(_FLAG_COLUMNS.values())
+        + ", ".join(FLAG_COLUMNS.values())
         + ", extra, fields, (SELECT count(*) FROM {s}.containers c WHERE c.job_id = jobs.id)"
     )
 
     def _info(self, row: Any) -> JobInfo:
         (job_id, kind, name, params, state, created, finished, total, ok, error, cancelled, *rest) = row
-        flag_counts, (extra, fields, containers) = rest[: len(_FLAG_COLUMNS)], rest[len(_FLAG_COLUMNS) :]
+        flag_counts, (extra, fields, containers) = rest[: len(FLAG_COLUMNS)], rest[len(FLAG_COLUMNS) :]
         return JobInfo(
             id=job_id,
-            name=name,
+            name=text.unescape(name) if text.NAME_MARK in fields else name,
             state=JobState(state),
             kind=JobKind(kind),
-            params=GenParams.model_validate(params) if params else None,
+            params=GenParams.model_validate(text.object_out(params)) if params else None,
             created=float(created),
             finished=float(finished) if finished else None,
             total=int(total),
             ok=int(ok),
             error=int(error),
             cancelled=int(cancelled),
-            flags={f: int(n) for f, n in zip(_FLAG_COLUMNS, flag_counts, strict=True) if n},
-            extra={**(extra or {}), **{k: fields[k] for k in _JSON_FIELDS if k in fields}},
+            flags={f: int(n) for f, n in zip(FLAG_COLUMNS, flag_counts, strict=True) if n},
+            extra={
+                **(text.object_out(extra) or {}),
+                **{k: text.field_out(fields[k]) for k in records.SHOWN_FIELDS if k in fields},
+            },
             containers=int(containers),
         )
 
@@ -304,12 +172,14 @@ class PostgresLedger(Ledger):
         )
 
     def set_fields(self, job_id: str, **fields: Any) -> None:
-        values = json.dumps({k: json.loads(json.dumps(v, default=str)) for k, v in fields.items()})
+        values = text.fields_in(fields)
         self._run("UPDATE {s}.jobs SET fields = fields || %s::jsonb WHERE id = %s", (values, check_job_id(job_id)))
 
-    def get_field(self, job_id: str, name: str) -> Any:
-        row = self._one("SELECT fields -> %s FROM {s}.jobs WHERE id = %s", (name, check_job_id(job_id)))
-        return row[0] if row else None
+    def get_fields(self, job_id: str, names: Iterable[str]) -> dict[str, Any]:
+        names = list(names)
+        row = self._one("SELECT fields FROM {s}.jobs WHERE id = %s", (check_job_id(job_id),))
+        fields = row[0] if row else {}
+        return {n: text.field_out(fields[n]) for n in names if n in fields}
 
     def expire_job(self, job_id: str, ttl_s: int) -> None:
         self._run("UPDATE {s}.jobs SET expires = %s WHERE id = %s", (time.time() + ttl_s, check_job_id(job_id)))
@@ -328,12 +198,12 @@ class PostgresLedger(Ledger):
             WHERE {s}.locks.owner = EXCLUDED.owner OR {s}.locks.expires < %(now)s
             RETURNING 1
             """,
-            {"job": check_job_id(job_id), "owner": owner, "until": now + ttl_s, "now": now},
+            {"job": check_job_id(job_id), "owner": text.escape(owner), "until": now + ttl_s, "now": now},
         )
         return row is not None
 
     def unlock(self, job_id: str, owner: str) -> None:
-        self._run("DELETE FROM {s}.locks WHERE job_id = %s AND owner = %s", (check_job_id(job_id), owner))
+        self._run("DELETE FROM {s}.locks WHERE job_id = %s AND owner = %s", (check_job_id(job_id), text.escape(owner)))
 
     def locked(self, job_id: str) -> bool:
         row = self._one(
@@ -353,13 +223,15 @@ class PostgresLedger(Ledger):
             return 0
         ids = [codec.id_bytes(i) for i in pairs]
         refs = [codec.pack_ref(r, base) for r in pairs.values()]
+        bits = [text.ESCAPED_BIT if text.unsafe(r) else 0 for r in refs]
+        refs = [text.text_in(r, bool(b)) for r, b in zip(refs, bits, strict=True)]
         with self._connection() as conn, conn.transaction():
             inserted = conn.execute(
                 self._sql(
-                    "INSERT INTO {s}.items (job_id, id, ref) SELECT %s, * FROM unnest(%s::bytea[], %s::text[]) "
-                    "ON CONFLICT DO NOTHING"
+                    "INSERT INTO {s}.items (job_id, id, ref, flagbits) "
+                    "SELECT %s, * FROM unnest(%s::bytea[], %s::text[], %s::smallint[]) ON CONFLICT DO NOTHING"
                 ),
-                (job_id, ids, refs),
+                (job_id, ids, refs, bits),
             ).rowcount
             if inserted:
                 conn.execute(self._sql("UPDATE {s}.jobs SET n_total = n_total + %s WHERE id = %s"), (inserted, job_id))
@@ -432,7 +304,8 @@ class PostgresLedger(Ledger):
         base = self._base(job_id)
         by_id = {codec.id_bytes(r.id): r for r in rows}
         pv = {
-            id(r): self._provenance_index(job_id, codec.Provenance(r.model_version, r.params, r.profile)) for r in rows
+            id(r): self._provenance_index(job_id, codec.Provenance(r.model_version, r.params, r.profile, r.family))
+            for r in rows
         }
         counters: dict[str, int] = {}
         changed = refused = 0
@@ -459,7 +332,7 @@ class PostgresLedger(Ledger):
                 if new == "o":
                     for name, bit in codec.FLAG_BITS.items():
                         if bits & bit:
-                            counters[_FLAG_COLUMNS[name]] = counters.get(_FLAG_COLUMNS[name], 0) + 1
+                            counters[FLAG_COLUMNS[name]] = counters.get(FLAG_COLUMNS[name], 0) + 1
                 updates.append(_item_values(row, raw, new, bits, pv[id(row)], base, job_id))
             if updates:
                 conn.cursor().executemany(
@@ -499,14 +372,15 @@ class PostgresLedger(Ledger):
                 if status == "o":
                     for name, bit in codec.FLAG_BITS.items():
                         if bits & bit:
-                            counters[_FLAG_COLUMNS[name]] = counters.get(_FLAG_COLUMNS[name], 0) - 1
+                            counters[FLAG_COLUMNS[name]] = counters.get(FLAG_COLUMNS[name], 0) - 1
             if back:
                 conn.execute(
                     self._sql(
                         "UPDATE {s}.items SET status = NULL, caption = NULL, error = NULL, error_class = NULL, "
-                        "pv = NULL, attempts = NULL, finished = NULL, flagbits = 0 WHERE job_id = %s AND id = ANY(%s)"
+                        "pv = NULL, attempts = NULL, finished = NULL, flagbits = flagbits & %s "
+                        "WHERE job_id = %s AND id = ANY(%s)"
                     ),
-                    (job_id, back),
+                    (text.ESCAPED_BIT, job_id, back),  # the reference stays, escaped or not
                 )
             # Attempt counts start afresh: an operator's retry is a fresh start, not a step towards poison.
             conn.execute(
@@ -597,14 +471,15 @@ class PostgresLedger(Ledger):
             return {}
         rows = self._all(
             "SELECT digest, caption, flags FROM {s}.reuse WHERE key = %s AND digest = ANY(%s) AND expires > %s",
-            (key, digests, time.time()),
+            (text.escape(key), digests, time.time()),
         )
-        return {bytes(d): (c, list(f)) for d, c, f in rows}
+        return {bytes(d): _reused_out(c, list(f)) for d, c, f in rows}
 
     def reuse_put(self, key: str, entries: dict[bytes, tuple[str, list[str]]], ttl_s: int) -> None:
         if not entries:
             return
         until = time.time() + ttl_s
+        stored_key = text.escape(key)  # only ever compared: escaped always, the same key the same text
         with self._connection() as conn:
             conn.cursor().executemany(
                 self._sql(
@@ -612,9 +487,9 @@ class PostgresLedger(Ledger):
                     "ON CONFLICT (key, digest) DO UPDATE SET caption = EXCLUDED.caption, flags = EXCLUDED.flags, "
                     "expires = EXCLUDED.expires"
                 ),
-                [(key, d, c, f, until) for d, (c, f) in entries.items()],
+                [(stored_key, d, *_reused_in(c, f), until) for d, (c, f) in entries.items()],
             )
-            conn.execute(self._sql("UPDATE {s}.reuse SET expires = %s WHERE key = %s"), (until, key))
+            conn.execute(self._sql("UPDATE {s}.reuse SET expires = %s WHERE key = %s"), (until, stored_key))
 
     # --- review ---------------------------------------------------------------------------------
     def page(self, job_id: str, *, cursor: str | None = None, limit: int = 50, filt: ItemFilter | None = None) -> Page:
@@ -645,7 +520,7 @@ class PostgresLedger(Ledger):
             where.append("id > %s")
             params.append(after)
         decode = self._decoder(job_id)
-        fetch = base.PAGE_SCAN_BUDGET if self._needs_scan(filt) else limit
+        fetch = records.PAGE_SCAN_BUDGET if self._needs_scan(filt) else limit
         rows = self._all(
             f"SELECT {_ROW_COLUMNS} FROM {{s}}.items WHERE {' AND '.join(where)} ORDER BY id LIMIT %s",
             (*params, fetch),
@@ -676,15 +551,38 @@ class PostgresLedger(Ledger):
         )
         return None if values is None else self._decoder(job_id)(values)
 
-    def _store_review(self, job_id: str, item_id: str, text: str | None, mark: str | None, reviewer: str) -> None:
-        review = None if text is None and mark is None else codec.encode_review(text, mark, reviewer, time.time())
-        self._run(
-            "UPDATE {s}.items SET review = %s WHERE job_id = %s AND id = %s", (review, job_id, codec.id_bytes(item_id))
+    def review_rows(self, job_id: str, item_ids: list[str]) -> list[dict[str, Any] | None]:
+        self.job(job_id)
+        if not item_ids:
+            return []
+        decode = self._decoder(job_id)
+        found = self._all(
+            f"SELECT {_ROW_COLUMNS} FROM {{s}}.items WHERE job_id = %s AND id = ANY(%s)",
+            (job_id, [codec.id_bytes(i) for i in item_ids]),
         )
+        rows = {row["id"]: row for row in map(decode, found)}
+        return [rows.get(i) for i in item_ids]
 
     def reviewed(self, job_id: str) -> Iterator[dict[str, Any]]:
         self.job(job_id)
-        yield from self._stream(check_job_id(job_id), "review IS NOT NULL AND status = 'o'")
+        rows = self._stream(check_job_id(job_id), "review IS NOT NULL AND status = 'o'")
+        # A review cleared back to nothing stays (it holds the item's version) but is no longer reviewed.
+        yield from (r for r in rows if "corrected" in r or "mark" in r)
+
+    def _log_review(self, job_id: str, item_id: str, version: int, entry: dict[str, Any]) -> bool:
+        # The entry is JSON in bytea, not jsonb: a correction may hold any string, NUL included.
+        sql = "INSERT INTO {s}.review_log (job_id, id, version, entry) VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING"
+        return self._run(sql, (job_id, codec.id_bytes(item_id), version, json.dumps(entry).encode())) == 1
+
+    def _put_review(self, job_id: str, item_id: str, packed: bytes) -> None:
+        self._run("UPDATE {s}.items SET review = %s WHERE job_id = %s AND id = %s",
+                  (packed, job_id, codec.id_bytes(item_id)))  # fmt: skip
+
+    def review_history(self, job_id: str, item_id: str) -> list[dict[str, Any]]:
+        self.job(job_id)
+        rows = self._all("SELECT entry FROM {s}.review_log WHERE job_id = %s AND id = %s ORDER BY version",
+                         (job_id, codec.id_bytes(item_id)))  # fmt: skip
+        return [json.loads(bytes(r[0])) for r in rows]
 
 
 def _item_values(
@@ -693,17 +591,24 @@ def _item_values(
     error_class = None
     if row.status is not ItemStatus.OK:
         error_class = codec.error_index(row.error_class)
+    ref = codec.pack_ref(row.ref, base)
+    caption = row.caption if row.status is ItemStatus.OK else None
+    error = None if row.status is ItemStatus.OK else (row.error or "")
+    # Text PostgreSQL cannot hold: the row's text is stored escaped, and marked so (see ledger.postgres.text).
+    escaped = any(t is not None and text.unsafe(t) for t in (ref, caption, error))
+    if escaped:
+        bits |= text.ESCAPED_BIT
     return (
-        codec.pack_ref(row.ref, base),
+        text.text_in(ref, escaped),
         status,
-        row.caption if row.status is ItemStatus.OK else None,
-        None if row.status is ItemStatus.OK else (row.error or ""),
+        text.text_in(caption, escaped),
+        text.text_in(error, escaped),
         error_class,
         pv,
         row.attempts,
         round(row.finished_at, 1) if row.finished_at else None,  # the precision the Redis rows keep
         bits,
-        json.dumps(codec.stored_extra(row)) if codec.stored_extra(row) else None,
+        text.object_in(extra) if (extra := codec.extra_with_confidence(row)) else None,
         job_id,
         raw,
     )
@@ -712,6 +617,8 @@ def _item_values(
 def _row_from_columns(values: tuple[Any, ...], base: str, table: list[codec.Provenance]) -> dict[str, Any]:
     """An items table row as the row dict the Redis ledger gives for the same item."""
     raw, ref, status, caption, error, error_class, pv, attempts, finished, bits, extra, review = values
+    escaped = bool(bits & text.ESCAPED_BIT)
+    ref, caption, error = text.text_out(ref, escaped), text.text_out(caption, escaped), text.text_out(error, escaped)
     row: dict[str, Any] = {"id": codec.id_text(bytes(raw)), "ref": codec.unpack_ref(ref, base)}
     if status is None:
         row["status"] = ItemStatus.PENDING.value
@@ -730,7 +637,21 @@ def _row_from_columns(values: tuple[Any, ...], base: str, table: list[codec.Prov
     codec.add_marks(row, transient=bool(bits & codec.TRANSIENT_BIT), reused=bool(bits & codec.REUSED_BIT))
     if finished:
         row["finished_at"] = float(finished)
-    codec.split_extra(row, extra)
+    codec.put_extra(row, text.object_out(extra) if extra else None)
     if review:
         row.update(codec.decode_review(bytes(review)))
     return row
+
+
+def _reused_in(caption: str, flags: list[str]) -> tuple[str, list[str]]:
+    """A reused caption and its flags as stored: escaped, with ``ESCAPED_FLAG`` among the flags, when needed."""
+    escaped = text.unsafe(caption) or any(text.unsafe(f) or f == text.ESCAPED_FLAG for f in flags)
+    if not escaped:
+        return caption, flags
+    return text.escape(caption), [*(text.escape(f) for f in flags), text.ESCAPED_FLAG]
+
+
+def _reused_out(caption: str, flags: list[str]) -> tuple[str, list[str]]:
+    if text.ESCAPED_FLAG not in flags:
+        return caption, flags
+    return text.unescape(caption), [text.unescape(f) for f in flags if f != text.ESCAPED_FLAG]

@@ -1,22 +1,4 @@
-"""The ledger in Redis (the default): compact rows, one Lua script per write, every write idempotent by item id.
-
-Keys, all under ``<prefix>:job:<id>`` (item ids are stored as 8 bytes, see ``codec.id_bytes``):
-
-  (the job)    HASH   kind, name, params, state, created, finished, open, base, n_total, n_ok, n_error,
-                      n_cancelled, flag_<name> (captions per quality flag), extra and JSON fields (progress, result)
-  :src         HASH   item -> reference: the manifest of items without a row (pending or in flight)
-  :res         HASH   item -> row (``codec``): a settled item, its reference moved here from :src
-  :pv          HASH   provenance (model version, params, profile) -> its index in rows
-  :att         HASH   item -> attempts started; <item>:f finished; <item>:s run alone (while unsettled)
-  :err / :flg  SET    items whose row is an error / a caption with quality flags (retry and review find them)
-  :rev         HASH   item -> review (correction, mark, reviewer, time)
-  :ctr         HASH   container -> spec: shards and row groups whose items are not all known yet
-  :lock        STRING the training runner holding the job
-
-and ``<prefix>:jobs`` (ZSET of job ids by creation) and ``<prefix>:reuse:<key>`` (HASH image digest -> caption).
-An item lives in exactly one of :src and :res, so its reference is stored once. A caption, once written, is
-never replaced; counters move only when an item's status changes; rows for items in neither hash are refused.
-"""
+"""``RedisLedger``: every ledger contract over one Redis database, under a key prefix (layout: ``keys``)."""
 
 from __future__ import annotations
 
@@ -28,208 +10,15 @@ from typing import Any, cast
 import msgpack
 import redis
 
-from common.connections import settings_client
-from common.errors import BrokerUnavailable, UnknownJob
+from common.errors import UnknownJob
 from common.messages import GenParams, ItemResult, ItemStatus, JobKind, JobState
-from common.settings import Settings
-from ledger import base, codec
-from ledger.base import (
-    Attempt,
-    ItemFilter,
-    JobInfo,
-    Ledger,
-    Page,
-    Recorded,
-    bad_cursor,
-    check_job_id,
-    check_page_limit,
-)
+from ledger import codec, records
+from ledger.contracts import Ledger
+from ledger.records import Attempt, ItemFilter, JobInfo, Page, Recorded, bad_cursor, check_page_limit
+from ledger.redis import rows as rowform
+from ledger.redis.connection import Connection
+from ledger.redis.keys import SUFFIXES, Keys
 
-# A shebang makes Redis (7+) refuse the whole script at maxmemory. Without one, Redis checks memory only at a
-# script's first write, and a script that starts by deleting (HDEL) could then grow past maxmemory unchecked.
-_OOM_CHECKED = "#!lua\n"
-
-# Marks a job done once every manifest item has a row and no container is open, unless the producer is still
-# adding items ('open'). KEYS[1] is the job hash, KEYS[7] the containers hash; ARGV[1] is now.
-_FINISH = """
-local finished = 0
-local h = redis.call('HMGET', KEYS[1], 'n_total', 'n_ok', 'n_error', 'n_cancelled', 'state', 'open')
-local total = tonumber(h[1] or '0') or 0
-local settled = (tonumber(h[2] or '0') or 0) + (tonumber(h[3] or '0') or 0) + (tonumber(h[4] or '0') or 0)
-if total > 0 and settled >= total and h[5] == 'running' and not h[6] and redis.call('HLEN', KEYS[7]) == 0 then
-  redis.call('HSET', KEYS[1], 'state', 'done', 'finished', ARGV[1])
-  finished = 1
-end
-"""
-
-# A stored row's first byte holds its status (bits 0-1: 1 ok, 2 error, 3 cancelled) and quality flags (bits 2-4).
-_STATUS_FIELD = """local names = {o = 'n_ok', e = 'n_error', c = 'n_cancelled'}
-local codes = {[1] = 'o', [2] = 'e', [3] = 'c'}
-local function status_of(row) return codes[string.byte(row, 1) % 4] end
-local function quality_of(row) return math.floor(string.byte(row, 1) / 4) % 8 end
-"""
-_FLAG_NAMES = (
-    "local flagnames = {"
-    + ", ".join(f"'{f}'" for f in codec.FLAG_BITS)
-    + """}
-local function countflags(job, bits, delta)
-  for b = 1, #flagnames do
-    if bit.band(bits, bit.lshift(1, b - 1)) ~= 0 then redis.call('HINCRBY', job, 'flag_' .. flagnames[b], delta) end
-  end
-end
-"""
-)
-
-# KEYS: job, src, res, att, err, flg, ctr.  ARGV: now, then (id, status byte, flag byte, row) quads.
-# Returns {rows whose status changed, 1 if the job finished, rows refused (item not in the job)}.
-_RECORD = (
-    _STATUS_FIELD
-    + _FLAG_NAMES
-    + """
-local changed, refused = 0, 0
-for i = 2, #ARGV, 4 do
-  local id, st, bits, body = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
-  local prev = redis.call('HGET', KEYS[3], id)
-  if not prev and redis.call('HEXISTS', KEYS[2], id) == 0 then
-    refused = refused + 1
-  else
-    redis.call('HDEL', KEYS[4], id, id .. ':f', id .. ':s')
-    local prevst = prev and status_of(prev)
-    if prevst ~= 'o' then  -- a caption is final: exactly one row per item, whatever is redelivered
-      redis.call('HSET', KEYS[3], id, body)
-      redis.call('HDEL', KEYS[2], id)
-      if prevst ~= st then
-        if prevst then redis.call('HINCRBY', KEYS[1], names[prevst], -1) end
-        redis.call('HINCRBY', KEYS[1], names[st], 1)
-        changed = changed + 1
-      end
-      if prevst == 'e' and st ~= 'e' then redis.call('SREM', KEYS[5], id) end
-      if st == 'e' then redis.call('SADD', KEYS[5], id) end
-      if st == 'o' and bit.band(bits, 7) ~= 0 then
-        redis.call('SADD', KEYS[6], id)
-        countflags(KEYS[1], bits, 1)
-      end
-    end
-  end
-end
-"""
-    + _FINISH
-    + "return {changed, finished, refused}\n"
-)
-
-# The reference a stored row holds: after the header, three varints (provenance, attempts, finished) and its length.
-_REF_OF = """
-local function varint(s, pos)
-  local n, mul = 0, 1
-  while true do
-    local b = string.byte(s, pos)
-    pos = pos + 1
-    n = n + (b % 128) * mul
-    if b < 128 then return n, pos end
-    mul = mul * 128
-  end
-end
-local function ref_of(row)
-  local pos = 2
-  for _ = 1, 3 do
-    local _, next_pos = varint(row, pos)
-    pos = next_pos
-  end
-  local len, start = varint(row, pos)
-  return string.sub(row, start, start + len - 1)
-end
-"""
-
-# KEYS: job, src, res, att, err, flg.  ARGV: mode ('failed', 'flagged' or 'all'), then item ids going back on the
-# queue. Their failed or cancelled rows (in mode 'flagged' also captions with quality flags, in mode 'all' every
-# caption) are removed, counters follow, and the reference moves back to the manifest: the item is pending again.
-_REQUEUE = (
-    _STATUS_FIELD
-    + _FLAG_NAMES
-    + _REF_OF
-    + """
-local n = 0
-for i = 2, #ARGV do
-  local id = ARGV[i]
-  local prev = redis.call('HGET', KEYS[3], id)
-  if prev then
-    local st, bits = status_of(prev), quality_of(prev)
-    local flagged = bits ~= 0
-    if st ~= 'o' or ARGV[1] == 'all' or (ARGV[1] == 'flagged' and flagged) then
-      redis.call('HSET', KEYS[2], id, ref_of(prev))
-      redis.call('HDEL', KEYS[3], id)
-      redis.call('HINCRBY', KEYS[1], names[st], -1)
-      redis.call('SREM', KEYS[5], id)
-      if st == 'o' then
-        redis.call('SREM', KEYS[6], id)
-        countflags(KEYS[1], bits, -1)
-      end
-      n = n + 1
-    end
-  end
-  redis.call('HDEL', KEYS[4], id, id .. ':f', id .. ':s')
-end
-return n
-"""
-)
-
-# KEYS: src, job, res.  ARGV: (id, ref) pairs.  New manifest entries and the job's total move together.
-_ADD_ITEMS = """
-local new = 0
-for i = 1, #ARGV, 2 do
-  if redis.call('HEXISTS', KEYS[3], ARGV[i]) == 0 then
-    new = new + redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1])
-  end
-end
-if new > 0 then redis.call('HINCRBY', KEYS[2], 'n_total', new) end
-return new
-"""
-
-# KEYS: attempts hash.  ARGV: item ids starting an attempt.  Returns, per id: attempts started (this one
-# included), attempts finished, attempts run alone.
-_BEGIN = """
-local out = {}
-for i = 1, #ARGV do
-  local id = ARGV[i]
-  out[#out + 1] = redis.call('HINCRBY', KEYS[1], id, 1)
-  out[#out + 1] = tonumber(redis.call('HGET', KEYS[1], id .. ':f') or '0')
-  out[#out + 1] = tonumber(redis.call('HGET', KEYS[1], id .. ':s') or '0')
-end
-return out
-"""
-
-# KEYS: job, src, res, att, err, flg, ctr (the record script's).  ARGV: now.
-_SEAL = "redis.call('HDEL', KEYS[1], 'open')\n" + _FINISH + "return finished\n"
-# KEYS: the same.  ARGV: now, container id.
-_CLOSE_CONTAINER = "redis.call('HDEL', KEYS[7], ARGV[2])\n" + _FINISH + "return finished\n"
-
-# KEYS: provenance hash.  ARGV: provenance key.  Its index, given the next free one if new.
-_PROVENANCE = """
-local idx = redis.call('HGET', KEYS[1], ARGV[1])
-if idx then return tonumber(idx) end
-idx = redis.call('HLEN', KEYS[1])
-redis.call('HSET', KEYS[1], ARGV[1], idx)
-return idx
-"""
-
-# KEYS: lock key.  ARGV: owner, ttl seconds.  Take a free lock or refresh our own; 0 when another owner has it.
-_LOCK = """
-local holder = redis.call('GET', KEYS[1])
-if holder == false or holder == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-  return 1
-end
-return 0
-"""
-# KEYS: lock key.  ARGV: owner.  Delete the lock only if we still hold it.
-_UNLOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-#: Free-form job fields (set_fields) shown with the job: a training job's progress and result, webhook errors.
-_JSON_FIELDS = ("progress", "result", "webhook_error")
-_SUFFIXES = ("src", "res", "pv", "att", "err", "flg", "rev", "ctr")
 _STATUS_CHAR = {ItemStatus.OK: "o", ItemStatus.ERROR: "e", ItemStatus.CANCELLED: "c"}
 
 
@@ -244,44 +33,27 @@ class RedisLedger(Ledger):
     def __init__(self, client: redis.Redis, prefix: str = "captioner") -> None:
         self.r = client
         self.prefix = prefix
-        self._record = client.register_script(_OOM_CHECKED + _RECORD)
-        self._seal = client.register_script(_OOM_CHECKED + _SEAL)
-        self._close = client.register_script(_OOM_CHECKED + _CLOSE_CONTAINER)
-        self._requeue = client.register_script(_OOM_CHECKED + _REQUEUE)
-        self._add_items = client.register_script(_OOM_CHECKED + _ADD_ITEMS)
-        self._begin = client.register_script(_OOM_CHECKED + _BEGIN)
-        self._provenance = client.register_script(_OOM_CHECKED + _PROVENANCE)
-        # A lock's few bytes must stay refreshable at maxmemory: losing it would stop a fine-tune mid-run.
-        self._lock = client.register_script("#!lua flags=allow-oom\n" + _LOCK)
-        self._unlock = client.register_script("#!lua flags=allow-oom\n" + _UNLOCK)
+        self.keys = Keys(prefix)
+        self.conn = Connection(client)
         # Per job, never changing once set: (reference base, creation time), and provenance indexes assigned.
         self._consts: dict[str, tuple[str, float]] = {}
         self._pv_index: dict[tuple[str, str], int] = {}
 
-    # --- keys -----------------------------------------------------------------------------------
-    def _k(self, *parts: str) -> str:
-        return ":".join((self.prefix, *parts))
-
     def job_key(self, job_id: str, suffix: str | None = None) -> str:
-        check_job_id(job_id)
-        return self._k("job", job_id) if suffix is None else self._k("job", job_id, suffix)
+        return self.keys.job(job_id, suffix)
 
     def _keys(self, job_id: str) -> list[str]:
-        """The record/seal scripts' KEYS: job, src, res, att, err, flg, ctr."""
-        return [self.job_key(job_id), *(self.job_key(job_id, s) for s in ("src", "res", "att", "err", "flg", "ctr"))]
+        return self.keys.script_keys(job_id)
 
     # --- connection -----------------------------------------------------------------------------
     def ping(self) -> None:
-        try:
-            self.r.ping()
-        except redis.RedisError as exc:
-            raise BrokerUnavailable(f"cannot reach the ledger Redis: {exc}") from None
+        self.conn.ping()
 
     def close(self) -> None:
-        self.r.close()
+        self.conn.close()
 
     def bytes_used(self) -> int:
-        return int(self.r.info("memory")["used_memory"])
+        return self.conn.bytes_used()
 
     # --- jobs -----------------------------------------------------------------------------------
     def open_job(
@@ -307,12 +79,12 @@ class RedisLedger(Ledger):
         pipe.hset(key, mapping=cast("dict[Any, Any]", fields))
         pipe.hsetnx(key, "base", base)  # references already stored relative to a base keep it
         pipe.hdel(key, "finished", "done_task_sent")
-        pipe.zadd(self._k("jobs"), {job_id: now}, nx=True)
+        pipe.zadd(self.keys.jobs(), {job_id: now}, nx=True)
         pipe.execute()
         return bool(created)
 
     def seal(self, job_id: str) -> bool:
-        return bool(self._seal(keys=self._keys(job_id), args=[repr(time.time())]))
+        return bool(self.conn.seal(keys=self._keys(job_id), args=[repr(time.time())]))
 
     def job(self, job_id: str) -> JobInfo:
         raw = cast("dict[bytes, bytes]", self.r.hgetall(self.job_key(job_id)))
@@ -326,7 +98,7 @@ class RedisLedger(Ledger):
         return bool(self.r.exists(self.job_key(job_id)))
 
     def jobs(self, limit: int = 50) -> list[JobInfo]:
-        ids = [_text(i) for i in self.r.zrevrange(self._k("jobs"), 0, limit - 1)]
+        ids = [_text(i) for i in self.r.zrevrange(self.keys.jobs(), 0, limit - 1)]
         pipe = self.r.pipeline()
         for job_id in ids:
             pipe.hgetall(self.job_key(job_id))
@@ -354,7 +126,7 @@ class RedisLedger(Ledger):
             cancelled=num("n_cancelled"),
             extra={
                 **(json.loads(raw[b"extra"]) if b"extra" in raw else {}),
-                **{k: json.loads(raw[k.encode()]) for k in _JSON_FIELDS if k.encode() in raw},
+                **{k: json.loads(raw[k.encode()]) for k in records.SHOWN_FIELDS if k.encode() in raw},
             },
         )
 
@@ -375,13 +147,14 @@ class RedisLedger(Ledger):
         mapping = {k: json.dumps(v, default=str) for k, v in fields.items()}
         self.r.hset(self.job_key(job_id), mapping=cast("dict[Any, Any]", mapping))
 
-    def get_field(self, job_id: str, name: str) -> Any:
-        raw = self.r.hget(self.job_key(job_id), name)
-        return json.loads(cast(bytes, raw)) if raw else None
+    def get_fields(self, job_id: str, names: Iterable[str]) -> dict[str, Any]:
+        names = list(names)
+        raw = self.r.hmget(self.job_key(job_id), names) if names else []
+        return {n: json.loads(cast(bytes, v)) for n, v in zip(names, raw, strict=True) if v}
 
     def expire_job(self, job_id: str, ttl_s: int) -> None:
         pipe = self.r.pipeline()
-        for key in (self.job_key(job_id), *(self.job_key(job_id, s) for s in _SUFFIXES)):
+        for key in (self.job_key(job_id), *(self.job_key(job_id, s) for s in SUFFIXES)):
             pipe.expire(key, ttl_s)
         pipe.execute()
 
@@ -391,10 +164,10 @@ class RedisLedger(Ledger):
 
     # --- locks ----------------------------------------------------------------------------------
     def try_lock(self, job_id: str, owner: str, ttl_s: int) -> bool:
-        return bool(self._lock(keys=[self.job_key(job_id, "lock")], args=[owner, int(ttl_s)]))
+        return bool(self.conn.lock(keys=[self.job_key(job_id, "lock")], args=[owner, int(ttl_s)]))
 
     def unlock(self, job_id: str, owner: str) -> None:
-        self._unlock(keys=[self.job_key(job_id, "lock")], args=[owner])
+        self.conn.unlock(keys=[self.job_key(job_id, "lock")], args=[owner])
 
     def locked(self, job_id: str) -> bool:
         return bool(self.r.exists(self.job_key(job_id, "lock")))
@@ -416,11 +189,12 @@ class RedisLedger(Ledger):
         base = self._base(job_id)
         args: list[bytes | str] = []
         for iid, ref in dict(items).items():
-            args += [codec.id_bytes(iid), codec.pack_ref(ref, base)]
+            # Like the rows: a file name that is not UTF-8 (surrogate escapes) is kept as its bytes.
+            args += [codec.id_bytes(iid), codec.pack_ref(ref, base).encode("utf-8", "surrogateescape")]
         if not args:
             return 0
         keys = [self.job_key(job_id, "src"), self.job_key(job_id), self.job_key(job_id, "res")]
-        return int(self._add_items(keys=keys, args=args))
+        return int(self.conn.add_items(keys=keys, args=args))
 
     def statuses(self, job_id: str, ids: list[str]) -> dict[str, ItemStatus | None]:
         if not ids:
@@ -432,14 +206,14 @@ class RedisLedger(Ledger):
         rows, refs = pipe.execute()
         out: dict[str, ItemStatus | None] = {}
         for iid, row, ref in zip(ids, rows, refs, strict=True):
-            out[iid] = codec.status_of(row) if row else ItemStatus.PENDING if ref is not None else None
+            out[iid] = rowform.status_of(row) if row else ItemStatus.PENDING if ref is not None else None
         return out
 
     def begin_attempt(self, job_id: str, ids: list[str]) -> dict[str, Attempt]:
         if not ids:
             return {}
         raw = [codec.id_bytes(i) for i in ids]
-        flat = [int(n) for n in self._begin(keys=[self.job_key(job_id, "att")], args=raw)]
+        flat = [int(n) for n in self.conn.begin(keys=[self.job_key(job_id, "att")], args=raw)]
         return {i: Attempt(*flat[3 * k : 3 * k + 3]) for k, i in enumerate(ids)}
 
     def end_attempts(self, job_id: str, ids: list[str]) -> None:
@@ -462,7 +236,7 @@ class RedisLedger(Ledger):
         key = prov.key()
         cached = self._pv_index.get((job_id, key))
         if cached is None:
-            cached = int(self._provenance(keys=[self.job_key(job_id, "pv")], args=[key]))
+            cached = int(self.conn.provenance(keys=[self.job_key(job_id, "pv")], args=[key]))
             self._pv_index[(job_id, key)] = cached
         return cached
 
@@ -472,11 +246,12 @@ class RedisLedger(Ledger):
         base, created = self._job_consts(job_id)
         argv: list[bytes | str | int] = [repr(time.time())]
         for row in rows:
-            pv = self._provenance_index(job_id, codec.Provenance(row.model_version, row.params, row.profile))
-            body = codec.encode(row, base=base, created=created, provenance=pv)
+            prov = codec.Provenance(row.model_version, row.params, row.profile, row.family)
+            pv = self._provenance_index(job_id, prov)
+            body = rowform.encode(row, base=base, created=created, provenance=pv)
             quality = codec.quality_bits(row.flags) if row.status is ItemStatus.OK else 0
             argv += [codec.id_bytes(row.id), _STATUS_CHAR[row.status], quality, body]
-        changed, finished, refused = self._record(keys=self._keys(job_id), args=argv)
+        changed, finished, refused = self.conn.record(keys=self._keys(job_id), args=argv)
         return Recorded(int(changed), bool(finished), int(refused))
 
     def requeue(self, job_id: str, ids: list[str], *, flagged: bool = False, captioned: bool = False) -> int:
@@ -485,7 +260,7 @@ class RedisLedger(Ledger):
         keys = self._keys(job_id)[:6]
         mode = "all" if captioned else "flagged" if flagged else "failed"
         args: list[str | bytes] = [mode, *(codec.id_bytes(i) for i in ids)]
-        return int(self._requeue(keys=keys, args=args))
+        return int(self.conn.requeue(keys=keys, args=args))
 
     def _provenance_table(self, job_id: str) -> list[codec.Provenance]:
         raw = cast("dict[bytes, bytes]", self.r.hgetall(self.job_key(job_id, "pv")))
@@ -498,7 +273,7 @@ class RedisLedger(Ledger):
         (base, created), table = self._job_consts(job_id), self._provenance_table(job_id)
 
         def decode(raw_id: bytes, stored: bytes) -> dict[str, Any]:
-            return codec.decode(codec.id_text(raw_id), stored, base=base, created=created, provenance=table)
+            return rowform.decode(codec.id_text(raw_id), stored, base=base, created=created, provenance=table)
 
         return decode
 
@@ -580,7 +355,7 @@ class RedisLedger(Ledger):
         return sum(int(n) for n in pipe.execute()) if count else 0
 
     def close_container(self, job_id: str, container_id: str) -> bool:
-        return bool(self._close(keys=self._keys(job_id), args=[repr(time.time()), container_id]))
+        return bool(self.conn.close_container(keys=self._keys(job_id), args=[repr(time.time()), container_id]))
 
     def iter_containers(self, job_id: str) -> Iterator[tuple[str, str]]:
         for cid, spec in self._scan(self.job_key(job_id, "ctr")):
@@ -594,7 +369,7 @@ class RedisLedger(Ledger):
     def reuse_get(self, key: str, digests: list[bytes]) -> dict[bytes, tuple[str, list[str]]]:
         if not digests:
             return {}
-        found = self.r.hmget(self._k("reuse", key), digests)
+        found = self.r.hmget(self.keys.reuse(key), digests)
         out: dict[bytes, tuple[str, list[str]]] = {}
         for digest, raw in zip(digests, found, strict=True):
             if raw:
@@ -607,8 +382,8 @@ class RedisLedger(Ledger):
             return
         packed = {d: msgpack.packb([c, f], use_bin_type=True) for d, (c, f) in entries.items()}
         pipe = self.r.pipeline(transaction=False)
-        pipe.hset(self._k("reuse", key), mapping=cast("dict[Any, Any]", packed))
-        pipe.expire(self._k("reuse", key), ttl_s)
+        pipe.hset(self.keys.reuse(key), mapping=cast("dict[Any, Any]", packed))
+        pipe.expire(self.keys.reuse(key), ttl_s)
         pipe.execute()
 
     # --- review ---------------------------------------------------------------------------------
@@ -622,7 +397,7 @@ class RedisLedger(Ledger):
         filt = filt or ItemFilter()
         phases = self._page_phases(filt)
         phase, pos, skip = _parse_cursor(cursor, len(phases))
-        budget = base.PAGE_SCAN_BUDGET
+        budget = records.PAGE_SCAN_BUDGET
         rows: list[dict[str, Any]] = []
         scanned = 0
         while True:
@@ -700,25 +475,40 @@ class RedisLedger(Ledger):
         self.job(job_id)
         return self._rows_of_fields(job_id, [codec.id_bytes(item_id)])[0]
 
-    def _items(self, job_id: str, item_ids: list[str]) -> list[dict[str, Any] | None]:
+    def review_rows(self, job_id: str, item_ids: list[str]) -> list[dict[str, Any] | None]:
+        self.job(job_id)
         return self._rows_of_fields(job_id, [codec.id_bytes(i) for i in item_ids])
-
-    def _store_review(self, job_id: str, item_id: str, text: str | None, mark: str | None, reviewer: str) -> None:
-        key, raw = self.job_key(job_id, "rev"), codec.id_bytes(item_id)
-        if text is None and mark is None:
-            self.r.hdel(key, raw)
-        else:
-            self.r.hset(key, raw, codec.encode_review(text, mark, reviewer, time.time()))
 
     def reviewed(self, job_id: str) -> Iterator[dict[str, Any]]:
         self.job(job_id)
         batch: list[bytes] = []
+
+        def kept(rows: list[dict[str, Any] | None]) -> Iterator[dict[str, Any]]:
+            # A review cleared back to nothing stays (it holds the item's version) but is no longer reviewed.
+            return (r for r in rows if r and r["status"] == "ok" and ("corrected" in r or "mark" in r))
+
         for field, _ in self._scan(self.job_key(job_id, "rev")):
             batch.append(field)
             if len(batch) >= 1000:
-                yield from (r for r in self._rows_of_fields(job_id, batch) if r and r["status"] == "ok")
+                yield from kept(self._rows_of_fields(job_id, batch))
                 batch = []
-        yield from (r for r in self._rows_of_fields(job_id, batch) if r and r["status"] == "ok")
+        yield from kept(self._rows_of_fields(job_id, batch))
+
+    def _log_review(self, job_id: str, item_id: str, version: int, entry: dict[str, Any]) -> bool:
+        field = codec.id_bytes(item_id) + b":%d" % version
+        return bool(self.r.hsetnx(self.job_key(job_id, "rlog"), field, json.dumps(entry)))
+
+    def _put_review(self, job_id: str, item_id: str, packed: bytes) -> None:
+        self.r.hset(self.job_key(job_id, "rev"), codec.id_bytes(item_id), packed)
+
+    def review_history(self, job_id: str, item_id: str) -> list[dict[str, Any]]:
+        row = self.item(job_id, item_id) or {}
+        last = int(row.get("review_version") or 0)
+        if not last:
+            return []
+        raw = codec.id_bytes(item_id)
+        stored = self.r.hmget(self.job_key(job_id, "rlog"), [raw + b":%d" % v for v in range(1, last + 1)])
+        return [json.loads(e) for e in cast("list[bytes | None]", stored) if e]
 
 
 def _parse_cursor(cursor: str | None, phases: int) -> tuple[int, int, int]:
@@ -732,8 +522,3 @@ def _parse_cursor(cursor: str | None, phases: int) -> tuple[int, int, int]:
     if not 0 <= phase < phases or pos < 0 or skip < 0:
         raise bad_cursor(cursor)
     return phase, pos, skip
-
-
-def redis_ledger(settings: Settings) -> RedisLedger:
-    """The Redis ledger the settings name (URL, TLS options, key prefix)."""
-    return RedisLedger(settings_client(settings), settings.key_prefix)
