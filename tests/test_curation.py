@@ -115,3 +115,25 @@ def test_curation_fields_round_trip_in_both_ledgers_and_old_rows_read_as_before(
     assert set(got["c"]) & {"clip_score", "duplicate_of", "extra", "candidates"} == set()
     assert "curation" not in got["c"]["params"]
     assert ledger.item("job-cur", "a")["clip_score"] == 31.25
+
+
+def test_export_resolves_late_duplicates_and_filters_by_score(ledger, tmp_path: Path) -> None:
+    from common.messages import ItemResult, ItemStatus
+    from exports import export_rows
+    from exports.rows import resolve_duplicates
+
+    ledger.open_job("job-late", "", None)
+    ledger.add_items("job-late", [("rep", "/x/rep.jpg"), ("dup", "/x/dup.jpg"), ("low", "/x/low.jpg")])
+    ledger.record("job-late", [  # the duplicate was written while its representative was still being captioned
+        ItemResult(id="dup", ref="/x/dup.jpg", status=ItemStatus.OK, caption="", duplicate_of="rep"),
+        ItemResult(id="low", ref="/x/low.jpg", status=ItemStatus.OK, caption="a blur", clip_score=3.5),
+    ])  # fmt: skip
+    ledger.record("job-late", [ItemResult(id="rep", ref="/x/rep.jpg", status=ItemStatus.OK, caption="a cat",
+                                          clip_score=30.0)])  # fmt: skip
+    rows = {r["id"]: r for r in resolve_duplicates(ledger.iter_results("job-late"), ledger.item, "job-late")}
+    assert rows["dup"]["caption"] == "a cat" and rows["dup"]["clip_score"] == 30.0
+    out = tmp_path / "kept.jsonl"
+    rows_in = resolve_duplicates(ledger.iter_results("job-late"), ledger.item, "job-late")
+    summary = export_rows(rows_in, "jsonl", out, min_clip_score=30.0)
+    kept = sorted(__import__("json").loads(line)["id"] for line in out.read_text().splitlines())
+    assert kept == ["dup", "rep"] and summary.skipped_by_reason == {"low_clip_score": 1}
