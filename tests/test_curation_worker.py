@@ -271,3 +271,24 @@ def test_a_worker_with_a_wrong_clip_model_says_so_at_start(clip_env: dict[str, s
     finally:
         proc.terminate()
     assert "CAPTIONER_CLIP_MODEL" in (tmp_path / "bad.log").read_text()
+
+
+def test_clip_near_duplicates_group_a_copy_through_the_simhash_index(clip_settings: Settings, tiny_clip: Path) -> None:
+    import math
+
+    from skimage import data
+
+    from worker.curation import NearDuplicates, Scorers, clip_bits
+
+    assert clip_bits(1.0) == 0 and clip_bits(0.95) == round(64 * math.acos(0.95) / math.pi) == 6
+    photo = Image.fromarray(data.astronaut()).convert("RGB")
+    w, h = photo.size
+    # A 5% crop: cosine 0.996 on this tiny CLIP, 3 SimHash bits; another photograph: 9 bits.
+    images = {"a": photo, "b": photo.crop((w // 40, h // 40, w - w // 40, h - h // 40)),
+              "c": Image.fromarray(data.chelsea()).convert("RGB")}  # fmt: skip
+    client = redis.Redis.from_url(clip_settings.redis_url_str)
+    settings = clip_settings.model_copy(update={"clip_model": str(tiny_clip)})
+    index = NearDuplicates(client, f"clipnd-{uuid.uuid4().hex[:6]}", settings, Scorers(settings))
+    params = GenParams(curation=Curation(near_duplicates="clip:0.95"))
+    todo, dups = index.split("job-clip", list(images.items()), params, lambda im: im, "cpu")
+    assert [i for i, _ in todo] == ["a", "c"] and [(d.item, d.rep_id) for d in dups] == [("b", "a")]
