@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +34,8 @@ from cli.base import cli, client_of, json_option, settings_of
               help="Only items a reviewer corrected or marked (captioner review).")  # fmt: skip
 @click.option("--task", metavar="NAME", help="Jobs with several captions per image: the task whose caption the "
               "caption formats write (default: the first).")  # fmt: skip
+@click.option("--min-clip-score", type=click.FloatRange(0, 100), metavar="X",
+              help="Leave out captions scored below X (--score clip jobs), or not scored.")  # fmt: skip
 @json_option
 @click.pass_context
 def export(
@@ -47,21 +49,25 @@ def export(
     overwrite: bool,
     reviewed_only: bool,
     task: str | None,
+    min_clip_score: float | None,
     as_json: bool,
 ) -> None:
     """Write a job's results: JSONL, CSV, Parquet, caption files next to the images (sidecar), an imagefolder
     metadata.jsonl, WebDataset shards, or kohya-style metadata JSON. A reviewer's correction travels beside the
     model's caption, and is the caption the dataset formats write."""
     from exports import export_rows, export_to_store
+    from exports.rows import resolve_duplicates
     from media.objects import ObjectStore, is_object_uri
     from media.paths import LocalFiles
 
     settings = settings_of(ctx)
     client = client_of(ctx)
-    rows = client.ledger.reviewed(job_id) if reviewed_only else client.results(job_id)
+    rows: Iterable[Mapping[str, Any]] = client.ledger.reviewed(job_id) if reviewed_only else client.results(job_id)
+    rows = resolve_duplicates(rows, client.ledger.item, job_id)  # near-duplicates whose group was captioned later
     local = LocalFiles.under(settings.allowed_roots, settings.max_image_bytes)  # the workers' rules, checked again
     store = ObjectStore.from_settings(settings)
-    options: dict[str, Any] = {"shard_size": shard_size, "exclude_flags": exclude_flags, "local": local}
+    options: dict[str, Any] = {"shard_size": shard_size, "exclude_flags": exclude_flags, "local": local,
+                               "min_clip_score": min_clip_score}  # fmt: skip
     options.update(_task_options(client.status(job_id).params, task))
     if fmt == "webdataset":
         options["remote"] = _remote_reader(settings)

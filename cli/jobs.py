@@ -51,6 +51,13 @@ from cli.base import Fail, cli, client_of, emit, gen_params, job_id_option, json
 @click.option("--split", default="train", show_default=True, help="With --dataset: the split to caption.")
 @click.option("--download", is_flag=True, help="With --dataset: download a hub dataset whole instead of streaming it.")
 @click.option("--wait", "wait_", is_flag=True, help="Follow the job until it is done, with a progress bar.")
+@click.option("--score", metavar="clip[:MODEL]", help="CLIPScore every caption (rows' clip_score) with the worker's "
+              "CAPTIONER_CLIP_MODEL, or a model store name, directory or hub id after 'clip:'.")  # fmt: skip
+@click.option("--best-of", type=click.IntRange(2, 64), help="Sample N captions per image and keep the one with the "
+              "highest CLIPScore (implies --score clip).")  # fmt: skip
+@click.option("--near-duplicates", metavar="phash[:BITS]|clip[:COS]", help="Caption one image per group of "
+              "near-duplicates (perceptual hash within BITS, default 12; or CLIP cosine, default 0.95); the others "
+              "point at it (duplicate_of). Across jobs too with CAPTIONER_REUSE_CAPTIONS.")  # fmt: skip
 @json_option
 @click.pass_context
 def enqueue(
@@ -76,6 +83,9 @@ def enqueue(
     split: str,
     download: bool,
     wait_: bool,
+    score: str | None,
+    best_of: int | None,
+    near_duplicates: str | None,
     as_json: bool,
 ) -> None:
     """Create (or resume) a job from image files, directories, globs, URLs, object-store prefixes (s3://bucket/prefix/,
@@ -100,6 +110,7 @@ def enqueue(
                                  param_hint="--seed")  # fmt: skip
     params = gen_params(settings, max_length, num_beams, prompt, tasks=tasks, temperature=temperature, top_p=top_p,
                         seed=seed)  # fmt: skip
+    params = with_curation(params, score, best_of, near_duplicates)
     keys = [_source_key(s) for s in sources]
     job_id = job_id or derive_job_id([*keys, column or "", *(["dataset", split] if as_dataset else [])], params)
     refs = itertools.chain.from_iterable(
@@ -147,6 +158,25 @@ def parse_tasks(values: tuple[str, ...]) -> tuple[CaptionTask, ...] | None:
             message = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
             raise click.BadParameter(message, param_hint="--task") from None
     return tuple(tasks) or None
+
+
+def with_curation(params: GenParams, score: str | None, best_of: int | None, near_duplicates: str | None) -> GenParams:
+    """``params`` with the job's curation (scores, best of N, near-duplicates), or a usage error naming the option."""
+    from pydantic import ValidationError
+
+    from common.messages import Curation
+
+    if not (score or best_of or near_duplicates):
+        return params
+    try:
+        curation = Curation(score=score or ("clip" if best_of else None), best_of=best_of,
+                            near_duplicates=near_duplicates)  # fmt: skip
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = str(first["loc"][0]) if first["loc"] else "best_of"
+        raise click.BadParameter(str(first["msg"]).removeprefix("Value error, "),
+                                 param_hint=f"--{where.replace('_', '-')}") from None  # fmt: skip
+    return params.model_copy(update={"curation": curation})
 
 
 def _say_held(settings: Settings) -> Callable[[int], None]:
@@ -259,9 +289,50 @@ def _print_training(info: JobInfo) -> None:
 @json_option
 @click.pass_context
 def status(ctx: click.Context, job_id: str, as_json: bool) -> None:
-    """Counters and state of one job."""
-    info = client_of(ctx).status(job_id)
-    emit(as_json, info.as_dict(), lambda: _print_status(info))
+    """Counters and state of one job (with --score clip: the distribution of its CLIPScores)."""
+    client = client_of(ctx)
+    info = client.status(job_id)
+    curation = info.params.curation if info.kind is JobKind.CAPTION and info.params else None
+    summary = curation_summary(client.results(job_id)) if curation else None
+
+    def human() -> None:
+        _print_status(info)
+        if summary:
+            _print_curation(summary)
+
+    emit(as_json, {**info.as_dict(), **({"curation": summary} if summary else {})}, human)
+
+
+def curation_summary(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """How a curated job's captions score: CLIPScore quantiles of its ok rows (min, 10%, median, 90%, max, mean),
+    and how many rows are near-duplicates pointing at another."""
+    import statistics
+
+    scores: list[float] = []
+    duplicates = 0
+    for row in rows:
+        if row.get("duplicate_of"):
+            duplicates += 1
+        elif row.get("clip_score") is not None:
+            scores.append(float(row["clip_score"]))
+    out: dict[str, Any] = {"scored": len(scores), "duplicates": duplicates}
+    if scores:
+        scores.sort()
+
+        def at(q: float) -> float:
+            return scores[min(len(scores) - 1, int(q * len(scores)))]
+
+        out["clip_score"] = {"min": scores[0], "p10": at(0.1), "median": statistics.median(scores),
+                             "p90": at(0.9), "max": scores[-1], "mean": round(statistics.fmean(scores), 4)}  # fmt: skip
+    return out
+
+
+def _print_curation(summary: dict[str, Any]) -> None:
+    dist = summary.get("clip_score")
+    if dist:
+        click.echo(f"clip_score {summary['scored']} scored: " + "  ".join(f"{k} {v:.2f}" for k, v in dist.items()))
+    if summary["duplicates"]:
+        click.echo(f"duplicates {summary['duplicates']} near-duplicate row(s) point at their group's caption")
 
 
 def fail_if_failed(info: JobInfo) -> None:

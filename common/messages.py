@@ -143,7 +143,70 @@ def task_seed(seed: int, item: str, task: str | None = None) -> int:
 
 
 #: GenParams fields added after the first version of the contract (see GenParams._without_unset_options).
-_LATER_OPTIONS = ("tasks", "temperature", "top_p", "seed")
+_LATER_OPTIONS = ("tasks", "temperature", "top_p", "seed", "curation")
+
+
+#: ``phash[:BITS]`` (Hamming distance of 64-bit perceptual hashes, default 12) or ``clip[:COS]`` (cosine of CLIP
+#: image embeddings, default 0.95).
+_NEAR_DUPLICATES = re.compile(r"(phash(:(6[0-3]|[1-5]?[0-9]))?|clip(:(0(\.[0-9]+)?|1(\.0*)?))?)")
+#: ``clip`` (the worker's CAPTIONER_CLIP_MODEL) or ``clip:<model store name, directory or hub id>``.
+_SCORE = re.compile(r"clip(:[^\s]{1,500})?")
+
+
+class Curation(BaseModel):
+    """What a job asks beyond its captions (docs/curation.md): a CLIPScore on every caption, the best of N sampled
+    captions, and near-duplicates captioned once per group. Absent from messages that ask none of it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: ``clip`` or ``clip:<checkpoint>``: every caption gets its CLIPScore (rows' ``clip_score``).
+    score: str | None = None
+    #: Sample this many captions per image and keep the one with the highest CLIPScore (needs ``score``).
+    best_of: int | None = Field(None, ge=2, le=64)
+    #: Sampling of best-of-N; each image's seed derives from ``seed`` and its item id (see ``sample_seed``).
+    temperature: float = Field(1.0, gt=0, le=10)
+    top_p: float = Field(0.9, gt=0, le=1)
+    seed: int = Field(0, ge=0, lt=2**63)
+    #: ``phash[:BITS]`` or ``clip[:COS]``: images within the threshold are captioned once per group.
+    near_duplicates: str | None = None
+
+    @field_validator("score")
+    @classmethod
+    def _score(cls, value: str | None) -> str | None:
+        if value is not None and not _SCORE.fullmatch(value):
+            raise ValueError(f"score {value[:60]!r} is not 'clip' or 'clip:<model name, directory or hub id>'")
+        return value
+
+    @field_validator("near_duplicates")
+    @classmethod
+    def _near(cls, value: str | None) -> str | None:
+        if value is not None and not _NEAR_DUPLICATES.fullmatch(value):
+            raise ValueError(
+                f"near_duplicates {value[:60]!r} is not 'phash[:BITS]' (0-63 bits) or 'clip[:COS]' (a cosine 0-1)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _best_of_needs_a_score(self) -> Curation:
+        if self.best_of and not self.score:
+            raise ValueError("best_of keeps the caption with the highest CLIPScore: it needs score 'clip'")
+        return self
+
+    def scorer_ref(self, default: str | None) -> str | None:
+        """The CLIP checkpoint the scores (and clip near-duplicates) need: the job's, else the worker's default."""
+        named = self.score.partition(":")[2] if self.score else ""
+        return named or default
+
+    def needs_images(self) -> bool:
+        """Whether the engine thread keeps each decoded image beside its pixels (for CLIP)."""
+        return bool(self.score)
+
+
+def sample_seed(seed: int, item: str) -> int:
+    """The sampling seed of one image: derived from the job's seed and the item's id, so a redelivered item gets
+    the same candidates whichever batch or worker it lands in."""
+    digest = hashlib.blake2b(f"{seed}:{item}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1  # 63 bits: what torch.manual_seed takes
 
 
 class GenParams(BaseModel):
@@ -164,9 +227,15 @@ class GenParams(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     #: The job's sampling seed (default 0); each caption's own seed derives from it (see ``task_seed``).
     seed: int | None = Field(None, ge=0, lt=2**63)
+    #: Scores, best of N and near-duplicates (see Curation). Left out of messages and rows when unset, so the
+    #: messages, derived job ids and provenance of jobs that ask none of it are what they were.
+    curation: Curation | None = None
 
     @model_validator(mode="after")
     def _room_for_a_caption(self) -> GenParams:
+        if self.curation is not None and self.curation.needs_images() and (self.tasks or self.sampling):
+            raise ValueError("scores and best of N go with one greedy caption per image: not with tasks, "
+                             "temperature or top_p (best of N samples by its own temperature, top_p and seed)")
         if self.tasks is not None:
             if self.prompt:
                 raise ValueError("give a prompt per task (tasks), or one prompt, not both")
@@ -215,6 +284,8 @@ class GenParams(BaseModel):
         if self.tasks or self.sampling:  # older keys unchanged
             tasks = tuple((t.name, t.prompt or "") for t in self.tasks or ())
             key += (tasks, self.temperature, self.top_p, self.seed)
+        if self.curation:
+            key += (self.curation.model_dump_json(),)
         return key
 
 
@@ -522,6 +593,16 @@ class ItemResult(BaseModel):
     #: Every task's caption by task name, in the tasks' order (jobs and calls with ``params.tasks``); the first is
     #: also ``caption``.
     captions: dict[str, str] | None = None
+    #: CLIPScore of the caption (``params.curation.score``): 100 * max(cos(image, caption), 0).
+    clip_score: float | None = None
+    #: Best of N: every candidate's CLIPScore in sampling order (the kept caption has the highest) and the seed
+    #: the image's candidates were sampled with.
+    candidates: list[float] | None = None
+    sample_seed: int | None = None
+    #: A near-duplicate of this item of the job (or of ``duplicate_job``): not captioned, its caption copied when
+    #: known, else resolved at export.
+    duplicate_of: str | None = None
+    duplicate_job: str | None = None
     #: Stage timings in milliseconds: load (fetch, decode, preprocess this image), infer (the model batch it ran in).
     #: Single calls return them; ledger rows leave them out (the worker's log line and metrics carry them per chunk).
     timings: dict[str, float] = Field(default_factory=dict)

@@ -191,6 +191,9 @@ class Settings(BaseSettings):
     # each image's digest up in the ledger before decoding it (a scraped archive holds many duplicates). Each
     # remembered caption costs about 100 bytes of ledger memory. Rows of reused captions say "reused": true.
     reuse_captions: bool = False
+    # The CLIP checkpoint of jobs asking `--score clip` (and `--near-duplicates clip`) without naming one: a model
+    # store name, a directory or a hub id (safetensors only). Loaded at start when set, once per process.
+    clip_model: str | None = None
     # Seconds a model version's remembered captions live after the last one was added.
     reuse_ttl_s: int = Field(7 * 86400, ge=60)
     # Most images in one captioner.caption_many.v1 call. A call must end well inside the visibility timeout, or it

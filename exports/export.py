@@ -14,7 +14,7 @@ from common.errors import ConfigError
 from exports.captions import peek_tasks
 from exports.files import export_sidecars, write_kohya, write_metadata
 from exports.place import atomic_target, check_target, upload_all
-from exports.rows import ContainerReader, ExportSummary, Options
+from exports.rows import ContainerReader, ExportSummary, Options, above_min_score
 from exports.tables import write_csv, write_jsonl, write_parquet
 from exports.webdataset import SHARD_NAME, export_webdataset
 from media.objects import ObjectStore
@@ -43,6 +43,7 @@ def export_rows(
     containers: ContainerReader | None = None,
     tasks: Iterable[str] | None = None,
     task: str | None = None,
+    min_clip_score: float | None = None,
 ) -> ExportSummary:
     """Write ``rows`` (ItemResult dicts) as ``fmt``, one row at a time, to ``out`` (None or "-": stdout).
 
@@ -60,8 +61,9 @@ def export_rows(
         raise ConfigError(f"shard_size must be at least 1, got {shard_size}")
     opts = Options(
         batch_rows, exclude_flags=frozenset(exclude_flags), local=local, remote=remote, containers=containers,
-        task=task,
+        task=task, min_clip_score=min_clip_score,
     )
+    rows = above_min_score(rows, opts)
     if fmt in ("csv", "parquet"):
         if tasks is None:
             tasks, rows = peek_tasks(rows)

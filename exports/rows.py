@@ -39,10 +39,12 @@ FLAT_COLUMNS = (
     "reviewer",
     "reviewed_at",
     "extra",
+    "clip_score",
+    "duplicate_of",
 )
 PARAM_COLUMNS = ("max_length", "num_beams", "prompt")
 INT_COLUMNS = frozenset({"max_length", "num_beams", "attempts"})
-FLOAT_COLUMNS = frozenset({"finished_at", "reviewed_at"})
+FLOAT_COLUMNS = frozenset({"finished_at", "reviewed_at", "clip_score"})
 
 #: ``<container>#<member key>``: the reference of a member of a shard, a Parquet or Arrow file, or a 🤗 dataset.
 _MEMBER_REF = re.compile(r"(?is)(hf:[^#]+|.+?(?:\.tar|\.tgz|\.tar\.gz|\.parquet|\.arrow))#(.+)")
@@ -84,6 +86,8 @@ class Options:
     remote: Callable[[str], bytes] | None = None
     #: Reads a container for webdataset exports (None: its members are skipped as container_member).
     containers: ContainerReader | None = None
+    #: Leave out ok rows whose CLIPScore is below this, or that have none (``--min-clip-score``).
+    min_clip_score: float | None = None
     skipped: Counter[str] = field(default_factory=Counter)
     #: The job's task names: the flat formats' ``caption_<name>`` columns (exports/captions.py).
     tasks: tuple[str, ...] = ()
@@ -100,6 +104,40 @@ def kept(rows: Iterable[Any], skipped: Counter[str], take: Callable[[Mapping[str
             skipped[got] += 1
         else:
             yield got
+
+
+def above_min_score(rows: Iterable[Any], opts: Options) -> Iterator[Any]:
+    """The rows, less ok rows scored below ``opts.min_clip_score`` or not scored (skipped as low_clip_score);
+    error rows pass on to the formats, which keep or skip them as they always do."""
+    if opts.min_clip_score is None:
+        yield from rows
+        return
+    floor = opts.min_clip_score
+
+    def take(row: Mapping[str, Any]) -> Mapping[str, Any] | str:
+        if str(row.get("status")) != "ok":
+            return row
+        score = row.get("clip_score")
+        return row if score is not None and float(score) >= floor else "low_clip_score"
+
+    yield from kept(rows, opts.skipped, take)
+
+
+def resolve_duplicates(
+    rows: Iterable[Any], lookup: Callable[[str, str], Mapping[str, Any] | None], job_id: str
+) -> Iterator[Mapping[str, Any]]:
+    """Rows of near-duplicates written before their representative's caption was known get it now (and its
+    score), from ``lookup(job, item)``; one whose representative has no caption stays empty."""
+    for row in rows:
+        row = as_mapping(row)
+        if row.get("duplicate_of") and not row.get("caption") and str(row.get("status")) == "ok":
+            try:
+                rep = lookup(str(row.get("duplicate_job") or job_id), str(row["duplicate_of"]))
+            except Exception:  # the other job expired or was deleted
+                rep = None
+            if rep and str(rep.get("status")) == "ok" and rep.get("caption"):
+                row = {**row, "caption": rep.get("corrected") or rep["caption"], "clip_score": rep.get("clip_score")}
+        yield row
 
 
 def as_mapping(row: Any) -> Mapping[str, Any]:

@@ -101,20 +101,32 @@ def flag_byte(row: ItemResult) -> int:
 CONFIDENCE_KEY = "_confidence"
 
 
+#: Row fields of curation (scores, best of N, near-duplicates), stored in the extra map under a key no source
+#: column has, as the confidence is, so both backends keep them and old rows read as before.
+CURATION_FIELDS = ("clip_score", "candidates", "sample_seed", "duplicate_of", "duplicate_job")
+CURATION_KEY = "_curation"
+
+
 def extra_with_confidence(row: ItemResult) -> dict[str, Any] | None:
-    """The extra a row is stored with: its source columns, plus its confidence when it has one."""
-    if row.confidence is None or row.status is not ItemStatus.OK:
-        return row.extra
-    return {**(row.extra or {}), CONFIDENCE_KEY: round(float(row.confidence), 4)}
+    """The extra a row is stored with: its source columns, plus its confidence and curation fields when it has any."""
+    extra = row.extra
+    if row.confidence is not None and row.status is ItemStatus.OK:
+        extra = {**(extra or {}), CONFIDENCE_KEY: round(float(row.confidence), 4)}
+    curation = {k: getattr(row, k) for k in CURATION_FIELDS if getattr(row, k, None) is not None}
+    if curation:
+        extra = {**(extra or {}), CURATION_KEY: curation}
+    return extra
 
 
 def put_extra(row: dict[str, Any], extra: dict[str, Any] | None) -> None:
     """Set a decoded row's ``extra`` and ``confidence`` from what was stored."""
     if not extra:
         return
-    if CONFIDENCE_KEY in extra:
+    if CONFIDENCE_KEY in extra or CURATION_KEY in extra:
         extra = dict(extra)
-        row["confidence"] = extra.pop(CONFIDENCE_KEY)
+        if CONFIDENCE_KEY in extra:
+            row["confidence"] = extra.pop(CONFIDENCE_KEY)
+        row.update(extra.pop(CURATION_KEY, None) or {})
     if extra:
         row["extra"] = extra
 

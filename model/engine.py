@@ -470,6 +470,35 @@ class CaptionEngine:
         return [Generated(text, *_length(row, self._eos), conf)
                 for text, row, conf in zip(captions, rows, confidence, strict=True)]  # fmt: skip
 
+    def sample_detailed(
+        self, pixel_values: torch.Tensor, params: GenParams, n: int, *, seed: int, temperature: float, top_p: float
+    ) -> list[Generated]:
+        """``n`` sampled captions of one image (best of N): reproducible for a given seed, whatever else runs. One
+        image per call, so no batch-mate changes the random stream."""
+        if pixel_values.ndim != 4 or int(pixel_values.shape[0]) != 1:
+            raise EngineError(f"sampling takes one image, shape (1, 3, H, W); got {tuple(pixel_values.shape)}")
+        kwargs: dict[str, Any] = {
+            "pixel_values": pixel_values.to(device=self.device, dtype=self.dtype),
+            "max_length": params.max_length,
+            "do_sample": True,
+            "temperature": temperature,
+            "top_p": top_p,
+            "top_k": 0,  # top-p alone decides, not a checkpoint's default top-k
+            "num_beams": 1,
+            "num_return_sequences": n,
+        }
+        if params.prompt:
+            kwargs["input_ids"] = self.prompt_ids(params.prompt).to(self.device)
+            kwargs["attention_mask"] = torch.ones_like(kwargs["input_ids"])
+        with torch.inference_mode():
+            torch.manual_seed(seed)  # seeds every device; the engine thread is the only one generating
+            sequences = self.model.generate(**kwargs)
+        captions = self._decode(sequences)
+        if len(captions) != n:
+            raise EngineError(f"the model returned {len(captions)} samples for {n}; results not aligned")
+        rows = sequences.tolist()
+        return [Generated(text, *_length(row, self._eos)) for text, row in zip(captions, rows, strict=True)]
+
     def caption(self, images: list[Image], params: GenParams) -> list[str]:
         """Captions for ``images``, same length and order."""
         captions = self.generate(self.prepare(images), params)

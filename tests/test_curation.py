@@ -91,3 +91,49 @@ def test_bands_find_every_pair_within_the_distance() -> None:
             for bit in flips:
                 b ^= 1 << bit
             assert any(x == y for x, y in zip(bands(a, distance), bands(b, distance), strict=True))
+
+
+def test_curation_fields_round_trip_in_both_ledgers_and_old_rows_read_as_before(ledger) -> None:
+    from common.messages import Curation, GenParams, ItemResult, ItemStatus
+
+    params = GenParams(max_length=12, curation=Curation(score="clip", best_of=4, seed=3))
+    ledger.open_job("job-cur", "", params)
+    ledger.add_items("job-cur", [("a", "/x/a.jpg"), ("b", "/x/b.jpg"), ("c", "/x/c.jpg")])
+    rows = [
+        ItemResult(id="a", ref="/x/a.jpg", status=ItemStatus.OK, caption="a cat", params=params, clip_score=31.25,
+                   candidates=[12.5, 31.25, 0.0, 7.0], sample_seed=99, extra={"url": "u"}),
+        ItemResult(id="b", ref="/x/b.jpg", status=ItemStatus.OK, caption="", params=params, duplicate_of="a",
+                   duplicate_job="job-old"),
+        ItemResult(id="c", ref="/x/c.jpg", status=ItemStatus.OK, caption="a dog", params=GenParams(max_length=12)),
+    ]
+    ledger.record("job-cur", rows)
+    got = {r["id"]: r for r in ledger.iter_results("job-cur")}
+    assert got["a"]["clip_score"] == 31.25 and got["a"]["candidates"] == [12.5, 31.25, 0.0, 7.0]
+    assert got["a"]["sample_seed"] == 99 and got["a"]["extra"] == {"url": "u"}
+    assert got["a"]["params"]["curation"]["best_of"] == 4
+    assert got["b"]["duplicate_of"] == "a" and got["b"]["duplicate_job"] == "job-old" and "extra" not in got["b"]
+    assert set(got["c"]) & {"clip_score", "duplicate_of", "extra", "candidates"} == set()
+    assert "curation" not in got["c"]["params"]
+    assert ledger.item("job-cur", "a")["clip_score"] == 31.25
+
+
+def test_export_resolves_late_duplicates_and_filters_by_score(ledger, tmp_path: Path) -> None:
+    from common.messages import ItemResult, ItemStatus
+    from exports import export_rows
+    from exports.rows import resolve_duplicates
+
+    ledger.open_job("job-late", "", None)
+    ledger.add_items("job-late", [("rep", "/x/rep.jpg"), ("dup", "/x/dup.jpg"), ("low", "/x/low.jpg")])
+    ledger.record("job-late", [  # the duplicate was written while its representative was still being captioned
+        ItemResult(id="dup", ref="/x/dup.jpg", status=ItemStatus.OK, caption="", duplicate_of="rep"),
+        ItemResult(id="low", ref="/x/low.jpg", status=ItemStatus.OK, caption="a blur", clip_score=3.5),
+    ])  # fmt: skip
+    ledger.record("job-late", [ItemResult(id="rep", ref="/x/rep.jpg", status=ItemStatus.OK, caption="a cat",
+                                          clip_score=30.0)])  # fmt: skip
+    rows = {r["id"]: r for r in resolve_duplicates(ledger.iter_results("job-late"), ledger.item, "job-late")}
+    assert rows["dup"]["caption"] == "a cat" and rows["dup"]["clip_score"] == 30.0
+    out = tmp_path / "kept.jsonl"
+    rows_in = resolve_duplicates(ledger.iter_results("job-late"), ledger.item, "job-late")
+    summary = export_rows(rows_in, "jsonl", out, min_clip_score=30.0)
+    kept = sorted(__import__("json").loads(line)["id"] for line in out.read_text().splitlines())
+    assert kept == ["dup", "rep"] and summary.skipped_by_reason == {"low_clip_score": 1}

@@ -33,6 +33,7 @@ from common.messages import (
 )
 from common.settings import Settings
 from runtime import metrics
+from worker import curation
 from worker.service import CaptionService, ItemSource, error_row, row_base
 
 if TYPE_CHECKING:
@@ -135,6 +136,7 @@ class ChunkRunner:
         self.on_job_done = on_job_done
         #: Held while a suspect item runs by itself, so no other suspect shares its fate (see _triage).
         self._alone = threading.Lock()
+        self._dups: curation.NearDuplicates | None = None  # the near-duplicate index, made on first use
 
     def run(self, msg: ChunkMessage, bad: list[BadItem] | None = None) -> ChunkOutcome:
         """Caption a chunk of a job and record every row before returning (the task acks after). Items that do not
@@ -199,7 +201,11 @@ class ChunkRunner:
         poison, work, alone = self._triage(todo, params, attempts)
         batcher = self.service.batcher
         infer_before = batcher.stats.infer_s
+        work, dups = self._near_duplicates(job_id, work, params)
         rows = poison + self.service.caption_items(work, params, counts)
+        if dups:  # after their representatives: a representative captioned in this chunk gives them its caption
+            base = lambda iid, src: row_base(iid, src, params, counts.get(iid, 1))  # noqa: E731
+            rows += curation.duplicate_rows(job_id, dups, rows, self.ledger.item, base)
         self._settle(job_id, rows, out)
         for iid, src in alone:  # each by itself, recorded at once: if it kills the worker, it is alone in dying
             with self._alone:  # counted and recorded while it holds the lock: waiting for it is no attempt
@@ -217,6 +223,18 @@ class ChunkRunner:
             out.write_ms, (time.perf_counter() - started) * 1000,
         )  # fmt: skip
         return out
+
+    def _near_duplicates(
+        self, job_id: str, work: list[tuple[str, ItemSource]], params: GenParams
+    ) -> tuple[list[tuple[str, ItemSource]], list[curation.Duplicate]]:
+        """Items to caption, and near-duplicates of a group's representative (when the job asks for them)."""
+        if not work or params.curation is None or not params.curation.near_duplicates:
+            return work, []
+        if self._dups is None:
+            self._dups = curation.NearDuplicates(*curation.index_client(self.ledger, self.settings),
+                                                 self.settings, self.service.scorers)  # fmt: skip
+        device = str(getattr(self.service.engine, "device", "cpu"))
+        return self._dups.split(job_id, work, params, self.service.decode_source, device)
 
     def _settle(self, job_id: str, rows: list[ItemResult], out: ChunkOutcome) -> None:
         """Write final rows; transient failures with attempts left are not written but sent again (by the task).

@@ -20,7 +20,7 @@ from contextvars import copy_context
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from common.errors import Cancelled, EngineError, FetchError, InvalidInput, ItemError
+from common.errors import Cancelled, ConfigError, EngineError, FetchError, InvalidInput, ItemError
 from common.messages import QUALITY_FLAGS, GenParams, ItemResult, ItemStatus, Source, item_id, task_seed
 from common.settings import Settings
 from common.store import ModelStore, resolve_model
@@ -28,6 +28,7 @@ from media.containers import Blob
 from media.images import FetchGuard, ImagePolicy, decode_image, read_source
 from model.flags import quality_flags
 from runtime import metrics
+from worker import curation
 from worker.batcher import MicroBatcher
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ class Captioned(NamedTuple):
     family: str | None = None  # the model family, when not GIT ("blip", "llava"...)
     confidence: float | None = None  # mean token log-probability (the fast decoder measures it)
     captions: dict[str, str] | None = None  # every task's caption by name (params with tasks)
+    scored: curation.Scored | None = None  # CLIPScore (and best-of-N candidates) when the job asks for them
 
 
 class Sampled(NamedTuple):
@@ -171,6 +173,8 @@ class CaptionService:
         #: Seconds the engine's warm-up took at start (compiled and captured pieces; 0 when none).
         self.warm_up_s = 0.0
         self._reported_profile: str | None = None
+        #: CLIP scorers (jobs with --score clip), loaded on first use on the engine's device.
+        self.scorers = curation.Scorers(settings)
         self._pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         #: Decodes beside the model: ``decode_slots()`` while it generates, every decode thread while it waits (made
         #: on first use: the automatic figure needs the engine's device).
@@ -218,6 +222,11 @@ class CaptionService:
         params = GenParams(max_length=self.settings.max_length)
         if hasattr(self.engine, "warm_up"):
             self.warm_up_s = self.engine.warm_up(self.settings.max_batch_size, params)
+        if self.settings.clip_model:  # a wrong default checkpoint stops the worker at start, not a job later
+            try:
+                self.scorers.load(self.settings.clip_model, str(self.engine.device))
+            except ItemError as exc:
+                raise ConfigError(f"CAPTIONER_CLIP_MODEL: {exc}") from None
         if self.settings.model == "@current" and self._watcher is None:
             self._watcher = threading.Thread(target=self._follow_store, name="model-watch", daemon=True)
             self._watcher.start()
@@ -250,27 +259,32 @@ class CaptionService:
         if self.settings.fault_oom_above and len(items) > self.settings.fault_oom_above:
             raise MemoryError(f"out of memory (injected: batch {len(items)} > {self.settings.fault_oom_above})")
         started = time.perf_counter()
-        ids = [it.item for it in items] if params.sampling else []
-        pixels = [it.pixels for it in items] if params.sampling else items
-        # One model call per task, each with its own prompt (and seeds), over the same images.
+        scored: list[curation.Scored] | None = None
         per_task = []
         with self.gate.generation():
-            stacked = engine.stack(pixels)
-            for task in params.tasks or (None,):
-                call = params.for_task(task) if task is not None else params
-                if params.sampling:
-                    name = task.name if task is not None else None
-                    seeds = [task_seed(params.seed or 0, iid, name) for iid in ids]
-                    per_task.append(engine.generate_detailed(stacked, call, seeds))
-                else:
-                    per_task.append(engine.generate_detailed(stacked, call))
+            if curation.wants_images(params):  # scored on the same device, in the same batch, right after
+                scored = curation.generate_scored(engine, self.scorers, items, params)
+                per_task.append([s.generated for s in scored])
+            else:
+                ids = [it.item for it in items] if params.sampling else []
+                pixels = [it.pixels for it in items] if params.sampling else items
+                # One model call per task, each with its own prompt (and seeds), over the same images.
+                stacked = engine.stack(pixels)
+                for task in params.tasks or (None,):
+                    call = params.for_task(task) if task is not None else params
+                    if params.sampling:
+                        name = task.name if task is not None else None
+                        seeds = [task_seed(params.seed or 0, iid, name) for iid in ids]
+                        per_task.append(engine.generate_detailed(stacked, call, seeds))
+                    else:
+                        per_task.append(engine.generate_detailed(stacked, call))
         batch_ms = round((time.perf_counter() - started) * 1000, 2)
         profile = getattr(engine, "profile", None)  # after the batch: a piece that failed in it is not counted
         if profile != self._reported_profile:
             self._reported_profile = profile
             metrics.set_model(engine.version, str(engine.device), str(engine.dtype).removeprefix("torch."), profile)
         out = []
-        for gens in zip(*per_task, strict=True):
+        for i, gens in enumerate(zip(*per_task, strict=True)):
             found: set[str] = set()
             for gen in gens:
                 # A caption that ended on its own is not cut, even when its end token fell on the last position.
@@ -280,7 +294,8 @@ class CaptionService:
             flags = [f for f in QUALITY_FLAGS if f in found] or None
             captions = {t.name: g.text for t, g in zip(params.tasks, gens, strict=True)} if params.tasks else None
             out.append(Captioned(gens[0].text, engine.version, flags, batch_ms, profile=profile, family=_family(engine),
-                                 confidence=getattr(gens[0], "confidence", None), captions=captions))  # fmt: skip
+                                 confidence=getattr(gens[0], "confidence", None), captions=captions,
+                                 scored=scored[i] if scored else None))  # fmt: skip
         return out
 
     def decode_slots(self) -> int:
@@ -303,10 +318,16 @@ class CaptionService:
         return self._gate
 
     # --- captioning -----------------------------------------------------------------------------
-    def _decode(self, data: bytes) -> Any:
-        """Decode and preprocess one image's bytes, when the gate lets it."""
+    def _decode(self, data: bytes, params: GenParams | None = None, iid: str = "") -> Any:
+        """Decode and preprocess one image's bytes, when the gate lets it (with the image, for CLIP jobs)."""
         with self.gate.decoding():
-            return self.engine.prepare([decode_image(data, self.policy)])
+            image = decode_image(data, self.policy)
+            pixels = self.engine.prepare([image])
+        return curation.Held(pixels, image, iid) if params is not None and curation.wants_images(params) else pixels
+
+    def decode_source(self, src: ItemSource) -> Any:
+        """The decoded image of an item (near-duplicate hashing), by the same rules as captioning reads it."""
+        return decode_image(self._read(src), self.policy)
 
     def _read(self, src: ItemSource) -> bytes:
         """The encoded bytes of an item: fetched (paths, URLs, objects, base64), or already in hand."""
@@ -329,8 +350,9 @@ class CaptionService:
             os._exit(137)  # as abrupt as the OOM killer or a segfaulting decoder
         digest, own = None, None
         try:
-            if self.reuse is None or not reusable(params):
-                pixels = self._decode(self._read(src))
+            # Curated rows carry scores the cache has not; tasks or sampling: the cache keeps one greedy caption.
+            if self.reuse is None or params.curation is not None or not reusable(params):
+                pixels = self._decode(self._read(src), params, iid)
             else:
                 data = self._read(src)
                 digest = hashlib.blake2b(data, digest_size=16).digest()
@@ -517,6 +539,7 @@ class CaptionService:
                     profile=done.profile,
                     family=done.family,
                     confidence=done.confidence,
+                    **curation.row_fields(done.scored),
                     timings={"load_ms": round(load_ms, 2), "infer_ms": done.batch_ms},
                     finished_at=time.time(),
                 )
