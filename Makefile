@@ -47,6 +47,7 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	@# The pip of Python 3.11 resolves our dev install too (checked beside the tests, its log shown if it fails).

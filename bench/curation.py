@@ -172,8 +172,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = {
         "images": n,
         "device": str(engine.device),
-        "images_per_s": {"plain": n / best["plain"], "scored": n / best["scored"],
-                         "best_of_4": args.best_of_images / best["best4"]},
+        "images_per_s": {
+            "plain": n / best["plain"],
+            "scored": n / best["scored"],
+            "best_of_4": args.best_of_images / best["best4"],
+        },
         "ratios": {
             "score/plain": best["plain"] / best["scored"],
             "best4/greedy": best["greedy_few"] / best["best4"],  # the same images, the same batch size

@@ -25,8 +25,9 @@ def _redis(port: int) -> subprocess.Popen[bytes]:
     server = shutil.which("redis-server")
     if server is None:
         raise SystemExit("redis-server is needed (the worker needs a broker to be ready)")
-    return subprocess.Popen([server, "--port", str(port), "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL)  # fmt: skip
+    return subprocess.Popen(
+        [server, "--port", str(port), "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL
+    )
 
 
 def start_to_ready(model: Path, device: str, broker: str, log: Path) -> float:
@@ -34,8 +35,14 @@ def start_to_ready(model: Path, device: str, broker: str, log: Path) -> float:
     from producer.local import WorkerProcess
 
     queue = f"load-{uuid.uuid4().hex[:6]}"
-    env = {"CAPTIONER_BROKER_URL": broker, "CAPTIONER_MODEL": str(model), "CAPTIONER_DEVICE": device,
-           "CAPTIONER_METRICS_PORT": "0", "CAPTIONER_CAPTION_QUEUE": queue, "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    env = {
+        "CAPTIONER_BROKER_URL": broker,
+        "CAPTIONER_MODEL": str(model),
+        "CAPTIONER_DEVICE": device,
+        "CAPTIONER_METRICS_PORT": "0",
+        "CAPTIONER_CAPTION_QUEUE": queue,
+        "HF_HUB_OFFLINE": "1",
+    }
     started = time.perf_counter()
     worker = WorkerProcess(env, log=log).start()
     try:
@@ -64,8 +71,10 @@ def main() -> None:
             seconds = start_to_ready(model, args.device, f"redis://127.0.0.1:{port}/0", work / f"worker-{i}.log")
             times.append(seconds)
             print(f"round {i + 1}: {seconds:.1f} s from start to ready ({args.device})", flush=True)
-        print(f"best: {min(times):.1f} s, worst: {max(times):.1f} s over {len(times)} rounds ({args.device}, "
-              f"{args.model})")  # fmt: skip
+        print(
+            f"best: {min(times):.1f} s, worst: {max(times):.1f} s over {len(times)} rounds ({args.device}, "
+            f"{args.model})"
+        )
     finally:
         server.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):

@@ -56,10 +56,17 @@ def _row(i: int, ref: str) -> ItemResult:
     if i % 100 == 0:
         return ItemResult(id=item_id(ref), ref=ref, status=ItemStatus.ERROR, error_class="fetch_error", error="404")
     animal = "zebra" if i % 1000 == 7 else "horse"
-    return ItemResult(id=item_id(ref), ref=ref, status=ItemStatus.OK, model_version="git-base@bench",
-                      caption=f"a brown {animal} standing in a field of tall grass, photo {i}",
-                      flags=["truncated"] if i % 20 == 3 else None, params=GenParams(max_length=30),
-                      timings={"load_ms": 3.1, "infer_ms": 40.2}, finished_at=1.8e9 + i)  # fmt: skip
+    return ItemResult(
+        id=item_id(ref),
+        ref=ref,
+        status=ItemStatus.OK,
+        model_version="git-base@bench",
+        caption=f"a brown {animal} standing in a field of tall grass, photo {i}",
+        flags=["truncated"] if i % 20 == 3 else None,
+        params=GenParams(max_length=30),
+        timings={"load_ms": 3.1, "infer_ms": 40.2},
+        finished_at=1.8e9 + i,
+    )
 
 
 def measure(
@@ -107,17 +114,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         page_figures = review_page(server, ledger, "job-small", args.repeats)
         results: dict[str, Any] = {}
         for name, filt in CASES.items():
-            timed = measure(ledger, ("job-small", "job-large"), filt, later=args.later, limit=args.limit,
-                            repeats=args.repeats)  # fmt: skip
+            timed = measure(
+                ledger, ("job-small", "job-large"), filt, later=args.later, limit=args.limit, repeats=args.repeats
+            )
             small, large = timed["job-small"], timed["job-large"]
             # The small job's first page is the yardstick: a later page of the small job often does not exist (its
             # 100 errors fill three pages), and a page should cost the same wherever it lies in a job of any size.
             later = large["later_ms"] and large["later_ms"] / small["first_ms"]
-            results[name] = {"small": small, "large": large, "ratio_first": large["first_ms"] / small["first_ms"],
-                             "ratio_later": later}  # fmt: skip
-    report = {"large": args.large, "small": args.small, "limit": args.limit, "later_page": args.later,
-              "scan_budget": PAGE_SCAN_BUDGET, "fill_s": fill_s, "redis_used_memory": memory,
-              "cases": results, "review_page": page_figures}  # fmt: skip
+            results[name] = {
+                "small": small,
+                "large": large,
+                "ratio_first": large["first_ms"] / small["first_ms"],
+                "ratio_later": later,
+            }
+    report = {
+        "large": args.large,
+        "small": args.small,
+        "limit": args.limit,
+        "later_page": args.later,
+        "scan_budget": PAGE_SCAN_BUDGET,
+        "fill_s": fill_s,
+        "redis_used_memory": memory,
+        "cases": results,
+        "review_page": page_figures,
+    }
     print(_table(report))
     print()
     print(_page_table(page_figures, args.small))
@@ -170,14 +190,21 @@ def review_page(server: LocalRedis, ledger: Ledger, job_id: str, repeats: int) -
                 out[name] = best
             csrf = re.search(r'csrf-token" content="([0-9a-f]+)', c.get("/").text).group(1)  # type: ignore[union-attr]
             t = time.perf_counter()
-            bulk = c.post(f"/api/jobs/{job_id}/bulk", json={"action": "accept", "filter": {"q": "horse"}},
-                          headers={"x-csrf-token": csrf}).json()  # fmt: skip
+            bulk = c.post(
+                f"/api/jobs/{job_id}/bulk",
+                json={"action": "accept", "filter": {"q": "horse"}},
+                headers={"x-csrf-token": csrf},
+            ).json()
             while bulk["state"] == "running":
                 time.sleep(0.05)
                 bulk = c.get(f"/api/bulk/{bulk['id']}").json()
             seconds = time.perf_counter() - t
-            out["bulk accept over a filter"] = {"items": bulk["done"], "changed": bulk["changed"],
-                                                "seconds": seconds, "items_per_s": bulk["done"] / seconds}  # fmt: skip
+            out["bulk accept over a filter"] = {
+                "items": bulk["done"],
+                "changed": bulk["changed"],
+                "seconds": seconds,
+                "items_per_s": bulk["done"] / seconds,
+            }
     finally:
         srv.should_exit = True
         thread.join(10)
@@ -188,8 +215,10 @@ def _page_table(figures: dict[str, Any], n: int) -> str:
     lines = [f"| review page, {n:,}-item job | best of the repeats |", "| --- | ---: |"]
     for name, value in figures.items():
         if isinstance(value, dict):
-            lines.append(f"| {name} ({value['items']:,} items, {value['changed']:,} changed) | "
-                         f"{value['seconds']:.2f} s, {value['items_per_s']:,.0f} items/s |")  # fmt: skip
+            lines.append(
+                f"| {name} ({value['items']:,} items, {value['changed']:,} changed) | "
+                f"{value['seconds']:.2f} s, {value['items_per_s']:,.0f} items/s |"
+            )
         else:
             lines.append(f"| {name} | {value:.1f} ms |")
     return "\n".join(lines)
@@ -197,20 +226,24 @@ def _page_table(figures: dict[str, Any], n: int) -> str:
 
 def _table(report: dict[str, Any]) -> str:
     small, large, later = f"{report['small']:,}", f"{report['large']:,}", report["later_page"]
-    lines = [f"| filter | first page, {small} items | first page, {large} | request {later}, {large} | "
-             f"ratio first | ratio request {later} | items examined: {small} / {large} first / "
-             f"{large} request {later} |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    lines = [
+        f"| filter | first page, {small} items | first page, {large} | request {later}, {large} | "
+        f"ratio first | ratio request {later} | items examined: {small} / {large} first / "
+        f"{large} request {later} |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
 
     def num(value: float | None, spec: str, unit: str = "") -> str:
         return "-" if value is None else f"{value:{spec}}{unit}"
 
     for name, r in report["cases"].items():
         s, g = r["small"], r["large"]
-        lines.append(f"| {name} | {num(s['first_ms'], '.1f', ' ms')} | {num(g['first_ms'], '.1f', ' ms')} | "
-                     f"{num(g['later_ms'], '.1f', ' ms')} | {num(r['ratio_first'], '.2f')} | "
-                     f"{num(r['ratio_later'], '.2f')} | "
-                     f"{s['first_scanned']:,} / {g['first_scanned']:,} / {num(g['later_scanned'], ',')} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {num(s['first_ms'], '.1f', ' ms')} | {num(g['first_ms'], '.1f', ' ms')} | "
+            f"{num(g['later_ms'], '.1f', ' ms')} | {num(r['ratio_first'], '.2f')} | "
+            f"{num(r['ratio_later'], '.2f')} | "
+            f"{s['first_scanned']:,} / {g['first_scanned']:,} / {num(g['later_scanned'], ',')} |"
+        )
     return "\n".join(lines)
 
 

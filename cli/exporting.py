@@ -22,20 +22,39 @@ from cli.base import cli, client_of, json_option, settings_of
 @cli.command()
 @click.argument("job_id")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="jsonl", show_default=True)
-@click.option("--shard-size", type=click.IntRange(1, 10_000_000), default=10_000, show_default=True,
-              help="WebDataset: samples per tar shard.")  # fmt: skip
-@click.option("--exclude-flags", multiple=True, type=click.Choice(QUALITY_FLAGS),
-              help="Dataset formats: leave out captions with this flag (repeatable).")  # fmt: skip
+@click.option(
+    "--shard-size",
+    type=click.IntRange(1, 10_000_000),
+    default=10_000,
+    show_default=True,
+    help="WebDataset: samples per tar shard.",
+)
+@click.option(
+    "--exclude-flags",
+    multiple=True,
+    type=click.Choice(QUALITY_FLAGS),
+    help="Dataset formats: leave out captions with this flag (repeatable).",
+)
 @click.option("-o", "--output", help="Output file ('-' for stdout; default <job>.<format>).")
 @click.option("--sidecar-ext", default=".txt", show_default=True, help="Extension of sidecar caption files.")
-@click.option("--overwrite", is_flag=True, help="Replace an output file (or sidecar caption files) that exists; only "
-              "a regular file is ever replaced (never a link, a device or a pipe).")  # fmt: skip
-@click.option("--reviewed-only", is_flag=True,
-              help="Only items a reviewer corrected or marked (captioner review).")  # fmt: skip
-@click.option("--task", metavar="NAME", help="Jobs with several captions per image: the task whose caption the "
-              "caption formats write (default: the first).")  # fmt: skip
-@click.option("--min-clip-score", type=click.FloatRange(0, 100), metavar="X",
-              help="Leave out captions scored below X (--score clip jobs), or not scored.")  # fmt: skip
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an output file (or sidecar caption files) that exists; only "
+    "a regular file is ever replaced (never a link, a device or a pipe).",
+)
+@click.option("--reviewed-only", is_flag=True, help="Only items a reviewer corrected or marked (captioner review).")
+@click.option(
+    "--task",
+    metavar="NAME",
+    help="Jobs with several captions per image: the task whose caption the caption formats write (default: the first).",
+)
+@click.option(
+    "--min-clip-score",
+    type=click.FloatRange(0, 100),
+    metavar="X",
+    help="Leave out captions scored below X (--score clip jobs), or not scored.",
+)
 @json_option
 @click.pass_context
 def export(
@@ -66,8 +85,12 @@ def export(
     rows = resolve_duplicates(rows, client.ledger.item, job_id)  # near-duplicates whose group was captioned later
     local = LocalFiles.under(settings.allowed_roots, settings.max_image_bytes)  # the workers' rules, checked again
     store = ObjectStore.from_settings(settings)
-    options: dict[str, Any] = {"shard_size": shard_size, "exclude_flags": exclude_flags, "local": local,
-                               "min_clip_score": min_clip_score}  # fmt: skip
+    options: dict[str, Any] = {
+        "shard_size": shard_size,
+        "exclude_flags": exclude_flags,
+        "local": local,
+        "min_clip_score": min_clip_score,
+    }
     options.update(_task_options(client.status(job_id).params, task))
     if fmt == "webdataset":
         options["remote"] = _remote_reader(settings)
@@ -78,19 +101,24 @@ def export(
         out = summary.location
     else:
         out = None if output == "-" else Path(output or _default_export_name(job_id, fmt))
-        summary = export_rows(rows, fmt, None if fmt == "sidecar" else out, sidecar_ext=sidecar_ext,
-                              overwrite=overwrite, **options)  # fmt: skip
-    data = {"job_id": job_id, "format": fmt, **{k: str(v) if isinstance(v, Path) else v
-                                                for k, v in summary.__dict__.items()}}  # fmt: skip
+        summary = export_rows(
+            rows, fmt, None if fmt == "sidecar" else out, sidecar_ext=sidecar_ext, overwrite=overwrite, **options
+        )
+    data = {
+        "job_id": job_id,
+        "format": fmt,
+        **{k: str(v) if isinstance(v, Path) else v for k, v in summary.__dict__.items()},
+    }
     if as_json:
         click.echo(json.dumps(data, default=str))
     elif out is not None or fmt == "sidecar":
         where = "next to the images" if fmt == "sidecar" else str(out)
         reasons = ", ".join(f"{n} {why}" for why, n in sorted(summary.skipped_by_reason.items()))
-        click.echo(f"wrote {summary.rows_written} row(s) {where}" +
-                   (f", skipped {summary.skipped} ({reasons})" if summary.skipped else ""), err=True)  # fmt: skip
-
-
+        click.echo(
+            f"wrote {summary.rows_written} row(s) {where}"
+            + (f", skipped {summary.skipped} ({reasons})" if summary.skipped else ""),
+            err=True,
+        )
 
 
 def _task_options(params: Any, task: str | None) -> dict[str, Any]:
@@ -139,5 +167,3 @@ def _default_export_name(job_id: str, fmt: str) -> str:
     return {"metadata": "metadata.jsonl", "webdataset": f"{job_id}-shards", "kohya": f"{job_id}.kohya.json"}.get(
         fmt, f"{job_id}.{fmt}"
     )
-
-

@@ -23,41 +23,79 @@ from cli.base import Fail, cli, client_of, emit, gen_params, job_id_option, json
 
 @cli.command()
 @click.argument("sources", nargs=-1, required=True)
-@click.option("--job-id", callback=job_id_option,
-              help="Job id (default: derived from the sources and options, so a re-run resumes).")  # fmt: skip
+@click.option(
+    "--job-id",
+    callback=job_id_option,
+    help="Job id (default: derived from the sources and options, so a re-run resumes).",
+)
 @click.option("--name", help="A label shown by `captioner jobs`.")
 @click.option("--column", help="Column holding image references in csv/jsonl/parquet lists.")
 @click.option("--chunk-size", type=click.IntRange(1, 10_000), envvar="CAPTIONER_CHUNK_SIZE", help="Images per message.")
-@click.option("--max-length", type=click.IntRange(2, 512), help="Longest caption in tokens, the start token and the "
-              "prompt included (default 50).")  # fmt: skip
+@click.option(
+    "--max-length",
+    type=click.IntRange(2, 512),
+    help="Longest caption in tokens, the start token and the prompt included (default 50).",
+)
 @click.option("--num-beams", type=click.IntRange(1, 16), help="Beam search width (default 1: greedy).")
 @click.option("--prompt", help="Text every caption starts with.")
-@click.option("--task", "tasks", multiple=True, metavar="NAME=PROMPT", callback=lambda c, p, v: parse_tasks(v),
-              help="A caption to make of every image, kept under NAME (repeatable: several captions per image; the "
-              "first is the row's caption). An empty PROMPT: none.")  # fmt: skip
-@click.option("--temperature", type=click.FloatRange(0, 10, min_open=True),
-              help="Sample captions at this temperature (default: greedy).")  # fmt: skip
+@click.option(
+    "--task",
+    "tasks",
+    multiple=True,
+    metavar="NAME=PROMPT",
+    callback=lambda c, p, v: parse_tasks(v),
+    help="A caption to make of every image, kept under NAME (repeatable: several captions per image; the "
+    "first is the row's caption). An empty PROMPT: none.",
+)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(0, 10, min_open=True),
+    help="Sample captions at this temperature (default: greedy).",
+)
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), help="Sample from this nucleus (default: greedy).")
-@click.option("--seed", type=click.IntRange(0, 2**63 - 1),
-              help="Sampling seed of the job (default 0); each caption's derives from it and the item id.")  # fmt: skip
+@click.option(
+    "--seed",
+    type=click.IntRange(0, 2**63 - 1),
+    help="Sampling seed of the job (default 0); each caption's derives from it and the item id.",
+)
 @click.option("--follow-links", is_flag=True, help="Follow symlinked directories when walking.")
-@click.option("--sniff", is_flag=True, help="In directories, also take files without an image extension whose "
-              "contents are an image (one small read each).")  # fmt: skip
+@click.option(
+    "--sniff",
+    is_flag=True,
+    help="In directories, also take files without an image extension whose "
+    "contents are an image (one small read each).",
+)
 @click.option("--on-done-task", metavar="TASK", help="Celery task sent with the job summary when the job ends.")
 @click.option("--on-done-queue", metavar="QUEUE", help="Queue for --on-done-task (default: Celery's routing).")
 @click.option("--webhook", metavar="URL", help="URL POSTed the signed job summary when the job ends.")
-@click.option("--dataset", "as_dataset", is_flag=True, help="Read each source with 🤗 datasets: an imagefolder or a "
-              "hub id (streamed); save_to_disk folders are recognised without it.")  # fmt: skip
+@click.option(
+    "--dataset",
+    "as_dataset",
+    is_flag=True,
+    help="Read each source with 🤗 datasets: an imagefolder or a "
+    "hub id (streamed); save_to_disk folders are recognised without it.",
+)
 @click.option("--split", default="train", show_default=True, help="With --dataset: the split to caption.")
 @click.option("--download", is_flag=True, help="With --dataset: download a hub dataset whole instead of streaming it.")
 @click.option("--wait", "wait_", is_flag=True, help="Follow the job until it is done, with a progress bar.")
-@click.option("--score", metavar="clip[:MODEL]", help="CLIPScore every caption (rows' clip_score) with the worker's "
-              "CAPTIONER_CLIP_MODEL, or a model store name, directory or hub id after 'clip:'.")  # fmt: skip
-@click.option("--best-of", type=click.IntRange(2, 64), help="Sample N captions per image and keep the one with the "
-              "highest CLIPScore (implies --score clip).")  # fmt: skip
-@click.option("--near-duplicates", metavar="phash[:BITS]|clip[:COS]", help="Caption one image per group of "
-              "near-duplicates (perceptual hash within BITS, default 12; or CLIP cosine, default 0.95); the others "
-              "point at it (duplicate_of). Across jobs too with CAPTIONER_REUSE_CAPTIONS.")  # fmt: skip
+@click.option(
+    "--score",
+    metavar="clip[:MODEL]",
+    help="CLIPScore every caption (rows' clip_score) with the worker's "
+    "CAPTIONER_CLIP_MODEL, or a model store name, directory or hub id after 'clip:'.",
+)
+@click.option(
+    "--best-of",
+    type=click.IntRange(2, 64),
+    help="Sample N captions per image and keep the one with the highest CLIPScore (implies --score clip).",
+)
+@click.option(
+    "--near-duplicates",
+    metavar="phash[:BITS]|clip[:COS]",
+    help="Caption one image per group of "
+    "near-duplicates (perceptual hash within BITS, default 12; or CLIP cosine, default 0.95); the others "
+    "point at it (duplicate_of). Across jobs too with CAPTIONER_REUSE_CAPTIONS.",
+)
 @json_option
 @click.pass_context
 def enqueue(
@@ -101,15 +139,22 @@ def enqueue(
     from producer.sources import Containers, check, expand
 
     settings = settings_of(ctx)
-    opts = Containers(store=ObjectStore.from_settings(settings), dataset=as_dataset, split=split, download=download,
-                      per_part=settings.chunk_size)  # fmt: skip
+    opts = Containers(
+        store=ObjectStore.from_settings(settings),
+        dataset=as_dataset,
+        split=split,
+        download=download,
+        per_part=settings.chunk_size,
+    )
     for source in sources:  # every argument, before anything is written: a bad one leaves no half job
         check(source, column=column, containers=opts)
     if seed is not None and temperature is None and top_p is None:
-        raise click.BadParameter("a seed is for sampled captions: give --temperature or --top-p too",
-                                 param_hint="--seed")  # fmt: skip
-    params = gen_params(settings, max_length, num_beams, prompt, tasks=tasks, temperature=temperature, top_p=top_p,
-                        seed=seed)  # fmt: skip
+        raise click.BadParameter(
+            "a seed is for sampled captions: give --temperature or --top-p too", param_hint="--seed"
+        )
+    params = gen_params(
+        settings, max_length, num_beams, prompt, tasks=tasks, temperature=temperature, top_p=top_p, seed=seed
+    )
     params = with_curation(params, score, best_of, near_duplicates)
     keys = [_source_key(s) for s in sources]
     job_id = job_id or derive_job_id([*keys, column or "", *(["dataset", split] if as_dataset else [])], params)
@@ -119,20 +164,37 @@ def enqueue(
     refs = _warn_roots(settings, refs)
     if webhook and not is_url(webhook):
         raise click.BadParameter("must be an http(s) URL", param_hint="--webhook")
-    extra = {k: v for k, v in {"on_done_task": on_done_task, "on_done_queue": on_done_queue,
-                               "webhook": webhook, "column": column}.items() if v}  # fmt: skip
+    extra = {
+        k: v
+        for k, v in {
+            "on_done_task": on_done_task,
+            "on_done_queue": on_done_queue,
+            "webhook": webhook,
+            "column": column,
+        }.items()
+        if v
+    }
     report = client_of(ctx).enqueue(
-        refs, job_id=job_id, name=name or "", params=params, chunk_size=chunk_size, extra=extra or None,
-        base=_common_folder(keys), on_hold=_say_held(settings),
-    )  # fmt: skip
+        refs,
+        job_id=job_id,
+        name=name or "",
+        params=params,
+        chunk_size=chunk_size,
+        extra=extra or None,
+        base=_common_folder(keys),
+        on_hold=_say_held(settings),
+    )
     if not as_json:
         click.echo(job_id)
         verb = "created" if report.created else "resumed"
         click.echo(
             f"{verb} job {job_id}: {report.items} item(s), {report.sent} queued, {report.skipped} already "
             f"captioned, {report.messages} message(s) in {report.seconds:.2f}s"
-            + (f"; {report.invalid} reference(s) out of bounds recorded as invalid_input (captioner failures "
-               f"{job_id})" if report.invalid else ""),
+            + (
+                f"; {report.invalid} reference(s) out of bounds recorded as invalid_input (captioner failures {job_id})"
+                if report.invalid
+                else ""
+            ),
             err=True,
         )
     if wait_:
@@ -169,13 +231,15 @@ def with_curation(params: GenParams, score: str | None, best_of: int | None, nea
     if not (score or best_of or near_duplicates):
         return params
     try:
-        curation = Curation(score=score or ("clip" if best_of else None), best_of=best_of,
-                            near_duplicates=near_duplicates)  # fmt: skip
+        curation = Curation(
+            score=score or ("clip" if best_of else None), best_of=best_of, near_duplicates=near_duplicates
+        )
     except ValidationError as exc:
         first = exc.errors()[0]
         where = str(first["loc"][0]) if first["loc"] else "best_of"
-        raise click.BadParameter(str(first["msg"]).removeprefix("Value error, "),
-                                 param_hint=f"--{where.replace('_', '-')}") from None  # fmt: skip
+        raise click.BadParameter(
+            str(first["msg"]).removeprefix("Value error, "), param_hint=f"--{where.replace('_', '-')}"
+        ) from None
     return params.model_copy(update={"curation": curation})
 
 
@@ -240,8 +304,10 @@ def _print_status(info: JobInfo) -> None:
     if info.kind is JobKind.TRAIN:
         _print_training(info)
         return
-    click.echo(f"items      {info.total}: {info.ok} ok, {info.error} failed, {info.cancelled} cancelled, "
-               f"{info.pending} pending")  # fmt: skip
+    click.echo(
+        f"items      {info.total}: {info.ok} ok, {info.error} failed, {info.cancelled} cancelled, "
+        f"{info.pending} pending"
+    )
     p = info.params or GenParams()
     click.echo(f"params     max_length={p.max_length} num_beams={p.num_beams} prompt={p.prompt!r}")
     if p.tasks:
@@ -322,8 +388,14 @@ def curation_summary(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
         def at(q: float) -> float:
             return scores[min(len(scores) - 1, int(q * len(scores)))]
 
-        out["clip_score"] = {"min": scores[0], "p10": at(0.1), "median": statistics.median(scores),
-                             "p90": at(0.9), "max": scores[-1], "mean": round(statistics.fmean(scores), 4)}  # fmt: skip
+        out["clip_score"] = {
+            "min": scores[0],
+            "p10": at(0.1),
+            "median": statistics.median(scores),
+            "p90": at(0.9),
+            "max": scores[-1],
+            "mean": round(statistics.fmean(scores), 4),
+        }
     return out
 
 
@@ -366,9 +438,12 @@ def _stall_handler(client: JobClient, reconcile: bool) -> Callable[[JobInfo], No
             n = client.reconcile(info.id)
             click.secho(f"job {info.id}: re-sent {n} item(s) whose messages the broker lost", err=True, fg="yellow")
         else:
-            click.secho(f"warning: job {info.id} has {info.pending} pending item(s) and no message queued or in "
-                        f"flight: the broker lost them; run `captioner reconcile {info.id}` (or wait --reconcile)",
-                        err=True, fg="yellow")  # fmt: skip
+            click.secho(
+                f"warning: job {info.id} has {info.pending} pending item(s) and no message queued or in "
+                f"flight: the broker lost them; run `captioner reconcile {info.id}` (or wait --reconcile)",
+                err=True,
+                fg="yellow",
+            )
 
     return on_stall
 
@@ -420,14 +495,28 @@ def follow_job(
 @click.argument("job_id")
 @click.option("--timeout", type=float, help="Give up after this many seconds (exit 1).")
 @click.option("--strict", is_flag=True, help="Exit 1 when any item failed.")
-@click.option("--reconcile", is_flag=True,
-              help="If the job stalls with no message left for its pending items, send them again.")  # fmt: skip
-@click.option("--stall-after", type=click.FloatRange(1, 86_400), default=30, show_default=True, metavar="SECONDS",
-              help="No progress this long, and nothing queued or in flight: the job has stalled.")  # fmt: skip
+@click.option(
+    "--reconcile", is_flag=True, help="If the job stalls with no message left for its pending items, send them again."
+)
+@click.option(
+    "--stall-after",
+    type=click.FloatRange(1, 86_400),
+    default=30,
+    show_default=True,
+    metavar="SECONDS",
+    help="No progress this long, and nothing queued or in flight: the job has stalled.",
+)
 @json_option
 @click.pass_context
-def wait(ctx: click.Context, job_id: str, timeout: float | None, strict: bool, reconcile: bool, stall_after: float,
-         as_json: bool) -> None:  # fmt: skip
+def wait(
+    ctx: click.Context,
+    job_id: str,
+    timeout: float | None,
+    strict: bool,
+    reconcile: bool,
+    stall_after: float,
+    as_json: bool,
+) -> None:
     """Follow a job until every item is settled."""
     info = follow_job(ctx, job_id, timeout, as_json, reconcile, stall_after)
     if as_json:
@@ -453,8 +542,15 @@ def jobs(ctx: click.Context, limit: int, as_json: bool) -> None:
         table = Table("job", "name", "state", "total", "ok", "failed", "pending", box=None)
         for i in infos:
             # Escaped twice: control characters for the terminal, [brackets] for rich's markup.
-            table.add_row(escape(shown(i.id)), escape(shown(i.name)), i.state.value, str(i.total), str(i.ok),
-                          str(i.error), str(i.pending))  # fmt: skip
+            table.add_row(
+                escape(shown(i.id)),
+                escape(shown(i.name)),
+                i.state.value,
+                str(i.total),
+                str(i.ok),
+                str(i.error),
+                str(i.pending),
+            )
         Console().print(table)
 
     emit(as_json, [i.as_dict() for i in infos], human)
@@ -466,8 +562,13 @@ def jobs(ctx: click.Context, limit: int, as_json: bool) -> None:
 @cli.command()
 @click.argument("job_id")
 @click.option("--cancelled", "include_cancelled", is_flag=True, help="Re-queue cancelled items too.")
-@click.option("--flagged", "flagged", multiple=True, type=click.Choice(["any", *QUALITY_FLAGS]),
-              help="Instead: caption again the captions with this quality flag (repeatable).")  # fmt: skip
+@click.option(
+    "--flagged",
+    "flagged",
+    multiple=True,
+    type=click.Choice(["any", *QUALITY_FLAGS]),
+    help="Instead: caption again the captions with this quality flag (repeatable).",
+)
 @click.option("--max-length", type=click.IntRange(2, 512), help="Other parameters for this retry.")
 @click.option("--num-beams", type=click.IntRange(1, 16))
 @json_option
@@ -488,8 +589,9 @@ def retry(
         old = client.status(job_id).params or GenParams()
         # The job's tasks and sampling stay as they were: only the options given change.
         more = old.model_dump(exclude={"max_length", "num_beams", "prompt"}, exclude_none=True)
-        params = gen_params(settings_of(ctx), max_length or old.max_length, num_beams or old.num_beams, old.prompt,
-                            **more)  # fmt: skip
+        params = gen_params(
+            settings_of(ctx), max_length or old.max_length, num_beams or old.num_beams, old.prompt, **more
+        )
     which = None if not flagged else frozenset(f for f in flagged if f != "any")
     n = client.retry(job_id, include_cancelled=include_cancelled, flagged=which, params=params)
     emit(as_json, {"job_id": job_id, "requeued": n}, lambda: click.echo(f"re-queued {n} item(s) of {job_id}"))
@@ -533,5 +635,3 @@ def cancel(ctx: click.Context, job_id: str, as_json: bool) -> None:
     """Stop a job: items not yet captioned are recorded as cancelled."""
     info = client_of(ctx).cancel(job_id)
     emit(as_json, info.as_dict(), lambda: click.echo(f"cancelled {job_id} ({info.pending} item(s) not captioned)"))
-
-

@@ -50,24 +50,31 @@ def fleet(app: Celery, settings: Settings, timeout: float) -> list[dict[str, Any
         uptime = float(st.get("uptime") or 0)
         items = inf.get("items") if not training else sum((st.get("total") or {}).values())
         state = "draining" if dr.get("draining") else "loading" if not training and not inf.get("loaded") else "serving"
-        rows.append({
-            "node": node,
-            "host": node.split("@", 1)[-1],
-            "kind": "training" if training else "caption",
-            "state": state,
-            "queues": queues.get(node, []),
-            "model_version": inf.get("model_version"),
-            "items": items,
-            "items_per_s": round(items / uptime, 2) if items is not None and uptime > 0 else None,
-            "uptime_s": round(uptime),
-            "in_hand": dr.get("in_hand"),
-        })  # fmt: skip
+        rows.append(
+            {
+                "node": node,
+                "host": node.split("@", 1)[-1],
+                "kind": "training" if training else "caption",
+                "state": state,
+                "queues": queues.get(node, []),
+                "model_version": inf.get("model_version"),
+                "items": items,
+                "items_per_s": round(items / uptime, 2) if items is not None and uptime > 0 else None,
+                "uptime_s": round(uptime),
+                "in_hand": dr.get("in_hand"),
+            }
+        )
     return rows
 
 
 @workers.command("list")
-@click.option("--timeout", type=click.FloatRange(0.1, 60), default=2.0, show_default=True,
-              help="Seconds to wait for workers' answers.")  # fmt: skip
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0.1, 60),
+    default=2.0,
+    show_default=True,
+    help="Seconds to wait for workers' answers.",
+)
 @json_option
 @click.pass_context
 def list_(ctx: click.Context, timeout: float, as_json: bool) -> None:
@@ -80,9 +87,11 @@ def list_(ctx: click.Context, timeout: float, as_json: bool) -> None:
             return
         click.echo(f"{'NODE':32} {'KIND':8} {'STATE':8} {'MODEL VERSION':24} {'QUEUES':24} {'ITEMS':>8} {'ITEMS/S':>8}")
         for r in rows:
-            click.echo(f"{shown(r['node']):32} {r['kind']:8} {r['state']:8} {shown(r['model_version'] or '-'):24} "
-                       f"{shown(','.join(r['queues']) or '-'):24} {r['items'] if r['items'] is not None else '-':>8} "
-                       f"{r['items_per_s'] if r['items_per_s'] is not None else '-':>8}")  # fmt: skip
+            click.echo(
+                f"{shown(r['node']):32} {r['kind']:8} {r['state']:8} {shown(r['model_version'] or '-'):24} "
+                f"{shown(','.join(r['queues']) or '-'):24} {r['items'] if r['items'] is not None else '-':>8} "
+                f"{r['items_per_s'] if r['items_per_s'] is not None else '-':>8}"
+            )
 
     emit(as_json, rows, human)
 
@@ -90,8 +99,13 @@ def list_(ctx: click.Context, timeout: float, as_json: bool) -> None:
 @workers.command()
 @click.argument("node")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until the worker has exited.")
-@click.option("--timeout", type=click.FloatRange(1, 86_400), default=3600, show_default=True,
-              help="Seconds to wait for it with --wait.")  # fmt: skip
+@click.option(
+    "--timeout",
+    type=click.FloatRange(1, 86_400),
+    default=3600,
+    show_default=True,
+    help="Seconds to wait for it with --wait.",
+)
 @json_option
 @click.pass_context
 def drain(ctx: click.Context, node: str, wait: bool, timeout: float, as_json: bool) -> None:
@@ -115,9 +129,14 @@ def drain(ctx: click.Context, node: str, wait: bool, timeout: float, as_json: bo
             break
         time.sleep(0.5)
     result = {"node": node, **answer, "exited": gone if wait else None}
-    emit(as_json, result, lambda: click.echo(
-        f"{node}: stopped consuming {', '.join(answer.get('queues') or []) or 'nothing'}, "
-        f"{answer.get('in_hand', 0)} message(s) in hand" + ("; it has exited" if wait and gone else "")))  # fmt: skip
+    emit(
+        as_json,
+        result,
+        lambda: click.echo(
+            f"{node}: stopped consuming {', '.join(answer.get('queues') or []) or 'nothing'}, "
+            f"{answer.get('in_hand', 0)} message(s) in hand" + ("; it has exited" if wait and gone else "")
+        ),
+    )
     if wait and not gone:
         raise Fail(f"{node} still answers after {timeout:g} s: it is finishing what it holds (it exits when done)")
 

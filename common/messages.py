@@ -234,8 +234,10 @@ class GenParams(BaseModel):
     @model_validator(mode="after")
     def _room_for_a_caption(self) -> GenParams:
         if self.curation is not None and self.curation.needs_images() and (self.tasks or self.sampling):
-            raise ValueError("scores and best of N go with one greedy caption per image: not with tasks, "
-                             "temperature or top_p (best of N samples by its own temperature, top_p and seed)")
+            raise ValueError(
+                "scores and best of N go with one greedy caption per image: not with tasks, "
+                "temperature or top_p (best of N samples by its own temperature, top_p and seed)"
+            )
         if self.tasks is not None:
             if self.prompt:
                 raise ValueError("give a prompt per task (tasks), or one prompt, not both")

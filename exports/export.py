@@ -60,8 +60,13 @@ def export_rows(
     if shard_size < 1:
         raise ConfigError(f"shard_size must be at least 1, got {shard_size}")
     opts = Options(
-        batch_rows, exclude_flags=frozenset(exclude_flags), local=local, remote=remote, containers=containers,
-        task=task, min_clip_score=min_clip_score,
+        batch_rows,
+        exclude_flags=frozenset(exclude_flags),
+        local=local,
+        remote=remote,
+        containers=containers,
+        task=task,
+        min_clip_score=min_clip_score,
     )
     rows = above_min_score(rows, opts)
     if fmt in ("csv", "parquet"):

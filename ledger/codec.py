@@ -192,6 +192,12 @@ def decode_review(stored: bytes) -> dict[str, Any]:
     ``review_version`` (None left out)."""
     text, mark, reviewer, at, *more = msgpack.unpackb(stored, raw=False)
     reason, version = [*more, None, None][:2]
-    fields = {"corrected": text, "mark": mark, "reviewer": reviewer, "reviewed_at": at, "reason": reason,
-              "review_version": version or None}  # fmt: skip
+    fields = {
+        "corrected": text,
+        "mark": mark,
+        "reviewer": reviewer,
+        "reviewed_at": at,
+        "reason": reason,
+        "review_version": version or None,
+    }
     return {k: v for k, v in fields.items() if v is not None}

@@ -286,13 +286,30 @@ class ReviewLedger(ABC):
         if version == 0 or (version > 1 and version - 1 not in history):
             raise InvalidReview(f"item {item_id} has no earlier review to go back to")
         before = history.get(version - 1) or {}
-        return self._review(job_id, item_id, row, before.get("corrected"), before.get("mark"), before.get("reason"),
-                            reviewer, base_version)  # fmt: skip
+        return self._review(
+            job_id,
+            item_id,
+            row,
+            before.get("corrected"),
+            before.get("mark"),
+            before.get("reason"),
+            reviewer,
+            base_version,
+        )
 
     def _review(
-        self, job_id: str, item_id: str, row: dict[str, Any], text: str | None, mark: str | None,
-        reason: str | None, reviewer: str, base_version: int | None, *, reread: bool = True,
-    ) -> dict[str, Any]:  # fmt: skip
+        self,
+        job_id: str,
+        item_id: str,
+        row: dict[str, Any],
+        text: str | None,
+        mark: str | None,
+        reason: str | None,
+        reviewer: str,
+        base_version: int | None,
+        *,
+        reread: bool = True,
+    ) -> dict[str, Any]:
         """Write one review as the item's next version: its history entry first (the entry's version is unique,
         so of two writers on the same version one wins and the other gets ``ReviewConflict``), then the review."""
         import time
@@ -304,8 +321,14 @@ class ReviewLedger(ABC):
             check_version(row, item_id, base_version)
             version = int(row.get("review_version") or 0) + 1
             at = time.time()
-            entry = {"version": version, "at": round(at, 1), "reviewer": reviewer, "corrected": text, "mark": mark,
-                     "reason": reason}  # fmt: skip
+            entry = {
+                "version": version,
+                "at": round(at, 1),
+                "reviewer": reviewer,
+                "corrected": text,
+                "mark": mark,
+                "reason": reason,
+            }
             if self._log_review(job_id, item_id, version, entry):
                 self._put_review(job_id, item_id, codec.encode_review(text, mark, reviewer, at, reason, version))
                 return self._captioned(job_id, item_id) if reread else row

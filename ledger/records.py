@@ -194,8 +194,9 @@ def check_version(row: dict[str, Any], item_id: str, base_version: int | None) -
     from common.errors import ReviewConflict
 
     if base_version is not None and base_version != int(row.get("review_version") or 0):
-        raise ReviewConflict(f"item {item_id} was changed by {row.get('reviewer') or 'someone'} since you opened it",
-                             row)  # fmt: skip
+        raise ReviewConflict(
+            f"item {item_id} was changed by {row.get('reviewer') or 'someone'} since you opened it", row
+        )
 
 
 def bad_cursor(cursor: str) -> Exception:

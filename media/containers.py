@@ -140,8 +140,9 @@ class Bounded(io.RawIOBase):
     """A reader that counts what it hands out against a byte cap and a deadline (monotonic), whatever lies under it;
     with ``eof_reads``, reading on at the end (tarfile skipping a member the stream does not hold) is a DecodeError."""
 
-    def __init__(self, fh: Any, ref: str, cap: int, deadline: float, *, what: str = "bytes",
-                 eof_reads: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, fh: Any, ref: str, cap: int, deadline: float, *, what: str = "bytes", eof_reads: int | None = None
+    ) -> None:
         super().__init__()
         self._fh, self.ref, self.cap, self.deadline, self.what = fh, ref, cap, deadline, what
         self.count, self._eof_reads, self._eof_limit = 0, 0, eof_reads
@@ -150,8 +151,9 @@ class Bounded(io.RawIOBase):
         if time.monotonic() > self.deadline:
             raise FetchTimeout(
                 f"{self.ref}: not read within the container deadline (CAPTIONER_CONTAINER_TIMEOUT_S) after "
-                f"{self.count} {self.what}", transient=False,
-            )  # fmt: skip
+                f"{self.count} {self.what}",
+                transient=False,
+            )
 
     def read(self, size: int | None = -1) -> bytes:
         self._check_time()
@@ -227,8 +229,13 @@ class _CheckedTarInfo(tarfile.TarInfo):
         return super()._proc_member(tar)  # type: ignore[misc]
 
 
-_EXTENDED = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
-             tarfile.SOLARIS_XHDTYPE)  # fmt: skip
+_EXTENDED = (
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+)
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -322,10 +329,12 @@ def _image_column(ref: str, schema: Any) -> str:
     if "image" in schema.names:
         return "image"
     holding_bytes = [
-        f.name for f in schema
-        if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)
+        f.name
+        for f in schema
+        if pa.types.is_binary(f.type)
+        or pa.types.is_large_binary(f.type)
         or (pa.types.is_struct(f.type) and f.type.get_field_index("bytes") >= 0)
-    ]  # fmt: skip
+    ]
     if len(holding_bytes) != 1:
         raise DecodeError(f"{ref}: no column named image, and {len(holding_bytes)} columns holding bytes, not one")
     return holding_bytes[0]

@@ -84,8 +84,13 @@ class ObjectStore:
 
     def as_dict(self) -> dict[str, Any]:
         """The fields as JSON (``ObjectStore(**d)`` makes it again)."""
-        return {"prefixes": list(self.prefixes), "protocols": list(self.protocols), "max_bytes": self.max_bytes,
-                "connect_timeout_s": self.connect_timeout_s, "read_timeout_s": self.read_timeout_s}  # fmt: skip
+        return {
+            "prefixes": list(self.prefixes),
+            "protocols": list(self.protocols),
+            "max_bytes": self.max_bytes,
+            "connect_timeout_s": self.connect_timeout_s,
+            "read_timeout_s": self.read_timeout_s,
+        }
 
     # --- access ---------------------------------------------------------------------------------
     def place(self, text: str) -> ObjectURI:
@@ -206,8 +211,9 @@ def _s3_read_capped(fs: Any, uri: ObjectURI, limit: int, start: int = 0) -> byte
     from fsspec.asyn import sync
 
     async def read() -> bytes:
-        resp = await fs._call_s3("get_object", Bucket=uri.bucket, Key=uri.key,
-                                 Range=f"bytes={start}-{start + limit - 1}")  # fmt: skip
+        resp = await fs._call_s3(
+            "get_object", Bucket=uri.bucket, Key=uri.key, Range=f"bytes={start}-{start + limit - 1}"
+        )
         body = resp["Body"]
         chunks, total = [], 0
         try:

@@ -75,10 +75,19 @@ class EngineConfig:
     @classmethod
     def from_settings(cls, s: Settings) -> EngineConfig:
         cache = str(s.compile_cache_dir) if s.compile_cache_dir else None
-        return cls(model=s.model, revision=s.model_revision, device=s.device, dtype=s.dtype, decoder=s.decoder,
-                   encoder_attention=s.encoder_attention, profile=s.profile, pieces=s.pieces,
-                   jpeg_draft=s.jpeg_draft, compile_cache_dir=cache,
-                   cuda_memory_fraction=s.cuda_memory_fraction)  # fmt: skip
+        return cls(
+            model=s.model,
+            revision=s.model_revision,
+            device=s.device,
+            dtype=s.dtype,
+            decoder=s.decoder,
+            encoder_attention=s.encoder_attention,
+            profile=s.profile,
+            pieces=s.pieces,
+            jpeg_draft=s.jpeg_draft,
+            compile_cache_dir=cache,
+            cuda_memory_fraction=s.cuda_memory_fraction,
+        )
 
     def requested_pieces(self, device_type: str) -> tuple[str, ...]:
         """The speed pieces this config asks for on a device type; unknown names raise ``ConfigError``."""
@@ -353,9 +362,13 @@ class CaptionEngine:
             engine._compile(cfg.compile_cache_dir)
         log.info(
             "model %s loaded: version=%s device=%s dtype=%s profile=%s in %.1fs",
-            cfg.model, version, device, str(engine.dtype).removeprefix("torch."), engine.profile,
+            cfg.model,
+            version,
+            device,
+            str(engine.dtype).removeprefix("torch."),
+            engine.profile,
             time.perf_counter() - started,
-        )  # fmt: skip
+        )
         return engine
 
     def _compile(self, cache_dir: str | None) -> None:
@@ -386,8 +399,9 @@ class CaptionEngine:
                 self._fast.compiled_sizes.add(rows)
             self.generate_detailed(torch.zeros((rows, 3, edge, edge), dtype=torch.float32), params)
         took = time.perf_counter() - started
-        log.info("warm-up: profile %s, batch sizes %s, max_length %d: %.1fs", self.profile, sizes, params.max_length,
-                 took)  # fmt: skip
+        log.info(
+            "warm-up: profile %s, batch sizes %s, max_length %d: %.1fs", self.profile, sizes, params.max_length, took
+        )
         return took
 
     def warm_up_sizes(self, max_batch: int) -> list[int]:
@@ -467,8 +481,10 @@ class CaptionEngine:
         confidence = self._last_confidence if self._last_confidence is not None else [None] * count
         if len(confidence) != count:
             confidence = [None] * count
-        return [Generated(text, *_length(row, self._eos), conf)
-                for text, row, conf in zip(captions, rows, confidence, strict=True)]  # fmt: skip
+        return [
+            Generated(text, *_length(row, self._eos), conf)
+            for text, row, conf in zip(captions, rows, confidence, strict=True)
+        ]
 
     def sample_detailed(
         self, pixel_values: torch.Tensor, params: GenParams, n: int, *, seed: int, temperature: float, top_p: float
@@ -558,9 +574,12 @@ class CaptionEngine:
         # (top_k, temperature) never apply, so the params recorded with each row determine its caption.
         kwargs: dict[str, Any] = {
             "pixel_values": pixel_values.to(device=self.device, dtype=self.dtype, non_blocking=True),
-            "max_length": params.max_length, "num_beams": 1, "do_sample": False, "num_return_sequences": 1,
+            "max_length": params.max_length,
+            "num_beams": 1,
+            "do_sample": False,
+            "num_return_sequences": 1,
             "logits_processor": [sampler],
-        }  # fmt: skip
+        }
         if params.prompt:
             input_ids = self.prompt_ids(params.prompt).to(self.device).repeat(count, 1)
             kwargs["input_ids"] = input_ids

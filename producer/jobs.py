@@ -222,10 +222,14 @@ class JobClient:
         for ref in bad:
             shown = ref if len(ref) <= 256 else f"{ref[:256]}... ({len(ref)} characters)"
             rows[item_id(ref)] = ItemResult(
-                id=item_id(ref), ref=shown, status=ItemStatus.ERROR, error_class="invalid_input", params=params,
+                id=item_id(ref),
+                ref=shown,
+                status=ItemStatus.ERROR,
+                error_class="invalid_input",
+                params=params,
                 error=f"a reference must be 1 to {MAX_REF_CHARS} characters; this one has {len(ref)}",
                 finished_at=time.time(),
-            )  # fmt: skip
+            )
         report.items += len(bad)
         report.invalid += len(rows)
         report.new += self.ledger.add_items(job_id, [(i, r.ref) for i, r in rows.items()])
@@ -279,8 +283,9 @@ class JobClient:
         self.check()
         queue = self.settings.training_queue
         if not self.training_workers():
-            raise CaptionerError(f"no training worker answers on the queue {queue!r}; start one "
-                                 "(captioner worker --training)")  # fmt: skip
+            raise CaptionerError(
+                f"no training worker answers on the queue {queue!r}; start one (captioner worker --training)"
+            )
         result = self.app.send_task(TASK_EVALUATE, kwargs=req.model_dump(), queue=queue)
         try:
             return result.get(timeout=timeout)

@@ -32,8 +32,15 @@ async def items(request: Request) -> JSONResponse:
     cursor = request.query_params.get("cursor")
     view = await run_in_threadpool(view_page, ctx, job_id, params, cursor)
     page = view["page"]
-    return JSONResponse({"rows": page.rows, "cursor": page.cursor, "scanned": page.scanned, "total": view["total"],
-                         "complete": view["complete"]})  # fmt: skip
+    return JSONResponse(
+        {
+            "rows": page.rows,
+            "cursor": page.cursor,
+            "scanned": page.scanned,
+            "total": view["total"],
+            "complete": view["complete"],
+        }
+    )
 
 
 async def jobs(request: Request) -> JSONResponse:
@@ -62,8 +69,9 @@ async def set_correction(request: Request) -> JSONResponse:
         raise InvalidReview('give the corrected caption as {"text": "..."}')
     job_id, item_id = request.path_params["job_id"], request.path_params["item_id"]
     base = _base_version(body)
-    row = await run_in_threadpool(lambda: ctx.ledger.set_correction(job_id, item_id, text, ctx.reviewer,
-                                                                     base_version=base))  # fmt: skip
+    row = await run_in_threadpool(
+        lambda: ctx.ledger.set_correction(job_id, item_id, text, ctx.reviewer, base_version=base)
+    )
     ctx.views.forget(job_id)
     return JSONResponse(row)
 
@@ -73,8 +81,7 @@ async def clear_correction(request: Request) -> JSONResponse:
     job_id, item_id = request.path_params["job_id"], request.path_params["item_id"]
     raw = request.query_params.get("base_version")
     base = _base_version({"base_version": int(raw) if raw and raw.isdigit() else raw})
-    row = await run_in_threadpool(lambda: ctx.ledger.clear_correction(job_id, item_id, ctx.reviewer,
-                                                                       base_version=base))  # fmt: skip
+    row = await run_in_threadpool(lambda: ctx.ledger.clear_correction(job_id, item_id, ctx.reviewer, base_version=base))
     ctx.views.forget(job_id)
     return JSONResponse(row)
 
@@ -214,8 +221,12 @@ async def download(request: Request) -> Response:
     out = await run_in_threadpool(write)
     slug = re.sub(r"[^A-Za-z0-9_.-]", "_", job_id)[:80]
     name = f"{slug}{'-reviewed' if reviewed else ''}.{DOWNLOAD_FORMATS[fmt]}"
-    return FileResponse(out, filename=name, media_type="application/octet-stream",
-                        background=BackgroundTask(shutil.rmtree, out.parent, True))  # fmt: skip
+    return FileResponse(
+        out,
+        filename=name,
+        media_type="application/octet-stream",
+        background=BackgroundTask(shutil.rmtree, out.parent, True),
+    )
 
 
 #: Export formats a download offers, with the file's extension.
@@ -261,8 +272,14 @@ async def train(request: Request) -> JSONResponse:
         # items must score no worse than the current one on the same data before it serves.
         gate = (body.get("require_no_worse") or None) if promote else None
         gate_dataset = str(body.get("gate_dataset") or "").strip() or None if gate else None
-        req = TrainRequest(job_id=f"train-{folder.name}"[:128], dataset=str(folder), config=config,
-                           promote=promote, require_no_worse=gate, gate_dataset=gate_dataset)  # fmt: skip
+        req = TrainRequest(
+            job_id=f"train-{folder.name}"[:128],
+            dataset=str(folder),
+            config=config,
+            promote=promote,
+            require_no_worse=gate,
+            gate_dataset=gate_dataset,
+        )
         try:
             ctx.client.submit_training(req)
         except Exception:

@@ -15,8 +15,10 @@ def dataset_label(entry: dict[str, Any]) -> str:
     fp = entry.get("fingerprint") or "unknown"
     if entry.get("training"):
         n = entry.get("n")
-        return f"training-time: {n if n is not None else '?'} example(s) held out of {entry.get('dataset') or '?'} " \
-               f"(fingerprint {fp})"  # fmt: skip
+        return (
+            f"training-time: {n if n is not None else '?'} example(s) held out of {entry.get('dataset') or '?'} "
+            f"(fingerprint {fp})"
+        )
     name = entry.get("dataset") or "a dataset recorded without its name"
     size = f", {entry['n']} image(s)" if entry.get("n") is not None else ""
     return f"{name}{size} (fingerprint {fp})"
@@ -28,13 +30,29 @@ def scores(versions: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for v in versions:
         evaluations = v.get("evaluations") or []
         for e in evaluations:
-            out.append({"version": v["version"], "at": float(e.get("at") or 0), "fingerprint": e.get("fingerprint"),
-                        "dataset": e.get("dataset"), "n": e.get("n"), "metrics": e.get("metrics") or {},
-                        "training": False})  # fmt: skip
+            out.append(
+                {
+                    "version": v["version"],
+                    "at": float(e.get("at") or 0),
+                    "fingerprint": e.get("fingerprint"),
+                    "dataset": e.get("dataset"),
+                    "n": e.get("n"),
+                    "metrics": e.get("metrics") or {},
+                    "training": False,
+                }
+            )
         if not evaluations and v.get("metrics"):
-            out.append({"version": v["version"], "at": float(v.get("created") or 0),
-                        "fingerprint": v.get("eval_fingerprint"), "dataset": v.get("dataset"),
-                        "n": v.get("eval_examples"), "metrics": v["metrics"], "training": True})  # fmt: skip
+            out.append(
+                {
+                    "version": v["version"],
+                    "at": float(v.get("created") or 0),
+                    "fingerprint": v.get("eval_fingerprint"),
+                    "dataset": v.get("dataset"),
+                    "n": v.get("eval_examples"),
+                    "metrics": v["metrics"],
+                    "training": True,
+                }
+            )
     out.sort(key=lambda e: e["at"])
     return out
 
@@ -50,8 +68,11 @@ def metric_charts(versions: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for group in ordered:
         label = dataset_label(group[-1] | {"dataset": next((s["dataset"] for s in group if s["dataset"]), None)})
         for name in METRICS:
-            series = [(s["at"], s["version"], float(s["metrics"][name])) for s in group
-                      if isinstance(s["metrics"].get(name), int | float)]  # fmt: skip
+            series = [
+                (s["at"], s["version"], float(s["metrics"][name]))
+                for s in group
+                if isinstance(s["metrics"].get(name), int | float)
+            ]
             if not series:
                 continue
             charts.append(_chart(name, series, label, group[0]["fingerprint"], group[0]["training"]))
@@ -73,5 +94,15 @@ def _chart(name: str, series: list[tuple[float, str, float]], label: str, fp: An
         for i, (at, version, value) in enumerate(series)
     ]
     line = " ".join(f"{p['x']},{p['y']}" for p in points)
-    return {"metric": name, "points": points, "line": line, "low": low, "high": high, "width": WIDTH,
-            "height": HEIGHT, "dataset": label, "fingerprint": fp, "training": training}  # fmt: skip
+    return {
+        "metric": name,
+        "points": points,
+        "line": line,
+        "low": low,
+        "high": high,
+        "width": WIDTH,
+        "height": HEIGHT,
+        "dataset": label,
+        "fingerprint": fp,
+        "training": training,
+    }

@@ -100,11 +100,17 @@ def take_workers_snapshot(ctx: Review) -> dict[str, Any]:
     ctx.workers_taken += 1
     app = ctx.client.app
     answers = workers_info(app, timeout=WORKERS_REPLY_S)
-    caption = [{"name": host, **{k: info.get(k) for k in ("model_version", "device", "dtype", "items")}}
-               for host, info in sorted(answers.items()) if "loaded" in info]  # fmt: skip
+    caption = [
+        {"name": host, **{k: info.get(k) for k in ("model_version", "device", "dtype", "items")}}
+        for host, info in sorted(answers.items())
+        if "loaded" in info
+    ]
     training = ctx.client.training_workers(timeout=WORKERS_REPLY_S)
-    snapshot = {"caption": caption, "training": [{"name": name} for name in training],
-                "queues": queue_depths(app, ctx.settings)}  # fmt: skip
+    snapshot = {
+        "caption": caption,
+        "training": [{"name": name} for name in training],
+        "queues": queue_depths(app, ctx.settings),
+    }
     ctx.workers_cache = (time.monotonic(), snapshot)
     return snapshot
 

@@ -42,8 +42,10 @@ def compare(new: Any, old: Any, metric: str, fingerprint: str) -> dict[str, Any]
     if not isinstance(x, int | float) or not isinstance(y, int | float):
         raise ConfigError(f"no {metric} score for both versions on the dataset {fingerprint}")
     worse = x > y if metric in LOWER_IS_BETTER else x < y
-    said = (f"{new.version} {metric} {x:.4f} vs current {old.version} {y:.4f} on {dataset_label(a)} "
-            f"({'lower' if metric in LOWER_IS_BETTER else 'higher'} is better)")  # fmt: skip
+    said = (
+        f"{new.version} {metric} {x:.4f} vs current {old.version} {y:.4f} on {dataset_label(a)} "
+        f"({'lower' if metric in LOWER_IS_BETTER else 'higher'} is better)"
+    )
     if worse:
         raise ConfigError(f"not promoted: {said}")
     return {"metric": metric, "new": x, "current": y, "fingerprint": fingerprint, "said": said}
@@ -100,8 +102,9 @@ async def evaluate(request: Request) -> JSONResponse:
     req = EvaluateRequest(version=version, dataset=dataset, max_length=int(body.get("max_length") or 50))
     workers = await run_in_threadpool(ctx.client.training_workers, 1.0)
     if not workers:
-        raise ConfigError(f"no training worker answers on {ctx.settings.training_queue!r}: start one "
-                          "(captioner worker --training)")  # fmt: skip
+        raise ConfigError(
+            f"no training worker answers on {ctx.settings.training_queue!r}: start one (captioner worker --training)"
+        )
 
     def wait() -> None:
         try:

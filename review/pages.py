@@ -54,8 +54,9 @@ async def jobs_page(request: Request) -> Response:
     ctx = review_of(request)
     infos = await run_in_threadpool(ctx.ledger.jobs, 50)
     other = None if infos else await run_in_threadpool(_demo_prefix, ctx)
-    return ctx.render(request, "jobs.html", jobs=[job_summary(i) for i in infos], prefix=ctx.settings.key_prefix,
-                      other_prefix=other)  # fmt: skip
+    return ctx.render(
+        request, "jobs.html", jobs=[job_summary(i) for i in infos], prefix=ctx.settings.key_prefix, other_prefix=other
+    )
 
 
 def _demo_prefix(ctx: Review) -> str | None:
@@ -102,8 +103,9 @@ async def job_page(request: Request) -> Response:
     info = await run_in_threadpool(ctx.ledger.job, job_id)
     if info.kind is JobKind.TRAIN:
         request_fields = await run_in_threadpool(ctx.ledger.get_field, job_id, "request")
-        return ctx.render(request, "train_job.html", job=info, summary=job_summary(info),
-                          request_fields=request_fields or {})  # fmt: skip
+        return ctx.render(
+            request, "train_job.html", job=info, summary=job_summary(info), request_fields=request_fields or {}
+        )
     params = {k: v for k, v in request.query_params.items() if k in (*FILTER_PARAMS, "limit")}
     cursor = request.query_params.get("cursor")
     view = await run_in_threadpool(view_page, ctx, job_id, params, cursor)
@@ -171,10 +173,21 @@ async def item_page(request: Request) -> Response:
     assignments = await run_in_threadpool(ctx.ledger.get_field, job_id, "review_assignments") or {}
     owners = [who for who, p in sorted(assignments.items()) if _matches(p, row)]
     ref = str(row.get("ref") or "")
-    return ctx.render(request, "item.html", job=info, row=row, back=back, prev_id=prev_id, next_id=next_id,
-                      history=list(reversed(history)), file_name=ref.rsplit("/", 1)[-1].rsplit("::", 1)[-1],
-                      diff=word_diff(row.get("caption") or "", row.get("corrected") or ""), reasons=REJECT_REASONS,
-                      roots_unset=not ctx.settings.allowed_roots, owners=owners)  # fmt: skip
+    return ctx.render(
+        request,
+        "item.html",
+        job=info,
+        row=row,
+        back=back,
+        prev_id=prev_id,
+        next_id=next_id,
+        history=list(reversed(history)),
+        file_name=ref.rsplit("/", 1)[-1].rsplit("::", 1)[-1],
+        diff=word_diff(row.get("caption") or "", row.get("corrected") or ""),
+        reasons=REJECT_REASONS,
+        roots_unset=not ctx.settings.allowed_roots,
+        owners=owners,
+    )
 
 
 def _matches(params: dict[str, str], row: dict[str, Any]) -> bool:
@@ -185,8 +198,15 @@ def _matches(params: dict[str, str], row: dict[str, Any]) -> bool:
 
 
 #: The short list of reasons a reviewer picks from when rejecting (free text goes beside it).
-REJECT_REASONS = ("wrong object", "wrong colour", "wrong count", "missing detail", "hallucinated", "not English",
-                  "image unreadable")  # fmt: skip
+REJECT_REASONS = (
+    "wrong object",
+    "wrong colour",
+    "wrong count",
+    "missing detail",
+    "hallucinated",
+    "not English",
+    "image unreadable",
+)
 
 
 def word_diff(caption: str, corrected: str) -> list[tuple[str, str]]:
@@ -233,9 +253,17 @@ async def models_page(request: Request) -> Response:
     now = next((v for v in versions if v["version"] == current), None)
     evaluations = (now or {}).get("evaluations") or []
     datasets = {e["fingerprint"]: dataset_label(e) for e in evaluations if e.get("fingerprint")}
-    return ctx.render(request, "models.html", versions=versions, current=current, charts=metric_charts(versions),
-                      store=ctx.settings.model_store, datasets=datasets, label=dataset_label,
-                      running=dict(ctx.evaluations))  # fmt: skip
+    return ctx.render(
+        request,
+        "models.html",
+        versions=versions,
+        current=current,
+        charts=metric_charts(versions),
+        store=ctx.settings.model_store,
+        datasets=datasets,
+        label=dataset_label,
+        running=dict(ctx.evaluations),
+    )
 
 
 def _versions(ctx: Review) -> tuple[list[dict[str, Any]], str | None]:

@@ -59,8 +59,11 @@ class Access:
         # With a credential configured, the signing key comes from it: sessions, CSRF tokens and the sign-in
         # cookie outlive a restart (an edit in progress is not refused as stale). Without one, a key per process.
         known = f"{token or ''}\0{settings.review_user or ''}\0{password or ''}"
-        secret = (hmac.new(known.encode(), b"captioner review signing key", hashlib.sha256).digest()
-                  if token or password else secrets.token_bytes(32))  # fmt: skip
+        secret = (
+            hmac.new(known.encode(), b"captioner review signing key", hashlib.sha256).digest()
+            if token or password
+            else secrets.token_bytes(32)
+        )
         return cls(token or None, settings.review_user, password, secret)
 
     @property
@@ -82,8 +85,11 @@ class Access:
         """Whether the request carries the token in its Authorization header: an API client, which a browser
         never is by itself (no page can make another site's browser send that header), so no CSRF check applies."""
         scheme, _, value = request.headers.get("authorization", "").partition(" ")
-        return (self.token is not None and scheme.lower() == "bearer"
-                and hmac.compare_digest(value.strip().encode(), self.token.encode()))  # fmt: skip
+        return (
+            self.token is not None
+            and scheme.lower() == "bearer"
+            and hmac.compare_digest(value.strip().encode(), self.token.encode())
+        )
 
     def allows(self, request: Request) -> bool:
         header = request.headers.get("authorization", "")
@@ -177,12 +183,14 @@ class Guard(BaseHTTPMiddleware):
         response = RedirectResponse("/", status_code=303)
         # Lax, not Strict: a sign-in link opened from another site (mail, chat) must still carry the cookie on
         # the redirect that follows. State-changing requests stay guarded by the Strict session's CSRF token.
-        response.set_cookie(AUTH_COOKIE, self.access.auth_cookie(), httponly=True, samesite="lax",
-                            secure=self.secure)  # fmt: skip
+        response.set_cookie(AUTH_COOKIE, self.access.auth_cookie(), httponly=True, samesite="lax", secure=self.secure)
         return response
 
     def _unauthorized(self, request: Request) -> Response:
         if self.access.user is not None:
-            return PlainTextResponse("authentication required", status_code=401,
-                                     headers={"www-authenticate": 'Basic realm="captioner review"'})  # fmt: skip
+            return PlainTextResponse(
+                "authentication required",
+                status_code=401,
+                headers={"www-authenticate": 'Basic realm="captioner review"'},
+            )
         return PlainTextResponse("authentication required: open /login?token=<CAPTIONER_REVIEW_TOKEN>", status_code=401)

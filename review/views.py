@@ -114,8 +114,10 @@ class Bulk:
     started: float = field(default_factory=time.time)
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("id", "job_id", "action", "total", "done", "changed", "state", "error",
-                                               "started")}  # fmt: skip
+        return {
+            k: getattr(self, k)
+            for k in ("id", "job_id", "action", "total", "done", "changed", "state", "error", "started")
+        }
 
 
 #: What a bulk action does: accept, reject (with a reason), clear marks, or caption again.

@@ -27,8 +27,12 @@ def _dropped(where: str, exc: BaseException) -> None:
     from runtime import metrics
 
     metrics.BROKER_DROPPED.inc()
-    log.error("dropped a broker message whose envelope does not decode (%s): %s: %s", where, type(exc).__name__,
-              str(exc)[:200])  # fmt: skip
+    log.error(
+        "dropped a broker message whose envelope does not decode (%s): %s: %s",
+        where,
+        type(exc).__name__,
+        str(exc)[:200],
+    )
 
 
 class Channel(kombu_redis.Channel):

@@ -34,8 +34,11 @@ def captioner_drain(state: Any, **kwargs: Any) -> dict[str, Any]:
     for queue in queues:
         consumer.cancel_task_queue(queue)  # in the consumer's own thread: control commands run there
     held = len(worker_state.reserved_requests) + len(worker_state.active_requests)
-    log.warning("draining: stopped consuming %s; exiting once the %d message(s) in hand are done",
-                ", ".join(queues) or "nothing", held)  # fmt: skip
+    log.warning(
+        "draining: stopped consuming %s; exiting once the %d message(s) in hand are done",
+        ", ".join(queues) or "nothing",
+        held,
+    )
     threading.Thread(target=_exit_when_idle, name="drain", daemon=True).start()
     return {"ok": "draining", "queues": queues, "in_hand": held}
 

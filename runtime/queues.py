@@ -102,5 +102,6 @@ class BacklogCollector:
                 family.add_metric([queue], count.as_dict()[field])
         yield from families.values()
         if running is not None:
-            yield GaugeMetricFamily("captioner_train_jobs_running", "Training jobs running or waiting to be resumed.",
-                                    value=running)  # fmt: skip
+            yield GaugeMetricFamily(
+                "captioner_train_jobs_running", "Training jobs running or waiting to be resumed.", value=running
+            )

@@ -24,8 +24,12 @@ def _pictures(n: int, seed: int) -> list[Image.Image]:
     from training.synthetic import COLOURS, POSITIONS, SHAPES, draw_shape
 
     rng = random.Random(seed)
-    return [draw_shape(rng.choice(SHAPES), rng.choice(list(COLOURS)[1:]), rng.choice(list(POSITIONS)), "white",
-                       size=48, rng=rng) for _ in range(n)]  # fmt: skip
+    return [
+        draw_shape(
+            rng.choice(SHAPES), rng.choice(list(COLOURS)[1:]), rng.choice(list(POSITIONS)), "white", size=48, rng=rng
+        )
+        for _ in range(n)
+    ]
 
 
 def test_clipscore_equals_torchmetrics(tiny_clip: Path) -> None:
@@ -47,8 +51,12 @@ def test_clipscore_equals_torchmetrics(tiny_clip: Path) -> None:
             return self.inner.get_text_features(*args, **kwargs).pooler_output
 
     images = _pictures(4, seed=1)
-    captions = [["a red circle on a white background", "a blue square"], ["a green triangle"], ["x"],
-                ["a yellow star " * 40]]  # fmt: skip
+    captions = [
+        ["a red circle on a white background", "a blue square"],
+        ["a green triangle"],
+        ["x"],
+        ["a yellow star " * 40],
+    ]
     ours = scorer.scores(images, captions)
     reference = ReturnsTensors(scorer.model)
     for image, cands, got in zip(images, captions, ours, strict=True):
@@ -72,8 +80,11 @@ def test_phash_finds_copies_and_keeps_different_pictures_apart() -> None:
     photos = [Image.fromarray(getattr(data, name)()).convert("RGB") for name in names]
     for photo in photos:
         w, h = photo.size
-        copies = [photo.resize((w // 2, h // 2)), _jpeg(photo, 40),
-                  photo.crop((w // 40, h // 40, w - w // 40, h - h // 40))]  # fmt: skip
+        copies = [
+            photo.resize((w // 2, h // 2)),
+            _jpeg(photo, 40),
+            photo.crop((w // 40, h // 40, w - w // 40, h - h // 40)),
+        ]
         for copy in copies:
             assert hamming(phash(photo), phash(copy)) <= 12  # the default phash distance
     for i, a in enumerate(photos):
@@ -100,10 +111,26 @@ def test_curation_fields_round_trip_in_both_ledgers_and_old_rows_read_as_before(
     ledger.open_job("job-cur", "", params)
     ledger.add_items("job-cur", [("a", "/x/a.jpg"), ("b", "/x/b.jpg"), ("c", "/x/c.jpg")])
     rows = [
-        ItemResult(id="a", ref="/x/a.jpg", status=ItemStatus.OK, caption="a cat", params=params, clip_score=31.25,
-                   candidates=[12.5, 31.25, 0.0, 7.0], sample_seed=99, extra={"url": "u"}),
-        ItemResult(id="b", ref="/x/b.jpg", status=ItemStatus.OK, caption="", params=params, duplicate_of="a",
-                   duplicate_job="job-old"),
+        ItemResult(
+            id="a",
+            ref="/x/a.jpg",
+            status=ItemStatus.OK,
+            caption="a cat",
+            params=params,
+            clip_score=31.25,
+            candidates=[12.5, 31.25, 0.0, 7.0],
+            sample_seed=99,
+            extra={"url": "u"},
+        ),
+        ItemResult(
+            id="b",
+            ref="/x/b.jpg",
+            status=ItemStatus.OK,
+            caption="",
+            params=params,
+            duplicate_of="a",
+            duplicate_job="job-old",
+        ),
         ItemResult(id="c", ref="/x/c.jpg", status=ItemStatus.OK, caption="a dog", params=GenParams(max_length=12)),
     ]
     ledger.record("job-cur", rows)
@@ -124,12 +151,16 @@ def test_export_resolves_late_duplicates_and_filters_by_score(ledger, tmp_path: 
 
     ledger.open_job("job-late", "", None)
     ledger.add_items("job-late", [("rep", "/x/rep.jpg"), ("dup", "/x/dup.jpg"), ("low", "/x/low.jpg")])
-    ledger.record("job-late", [  # the duplicate was written while its representative was still being captioned
-        ItemResult(id="dup", ref="/x/dup.jpg", status=ItemStatus.OK, caption="", duplicate_of="rep"),
-        ItemResult(id="low", ref="/x/low.jpg", status=ItemStatus.OK, caption="a blur", clip_score=3.5),
-    ])  # fmt: skip
-    ledger.record("job-late", [ItemResult(id="rep", ref="/x/rep.jpg", status=ItemStatus.OK, caption="a cat",
-                                          clip_score=30.0)])  # fmt: skip
+    ledger.record(
+        "job-late",
+        [  # the duplicate was written while its representative was still being captioned
+            ItemResult(id="dup", ref="/x/dup.jpg", status=ItemStatus.OK, caption="", duplicate_of="rep"),
+            ItemResult(id="low", ref="/x/low.jpg", status=ItemStatus.OK, caption="a blur", clip_score=3.5),
+        ],
+    )
+    ledger.record(
+        "job-late", [ItemResult(id="rep", ref="/x/rep.jpg", status=ItemStatus.OK, caption="a cat", clip_score=30.0)]
+    )
     rows = {r["id"]: r for r in resolve_duplicates(ledger.iter_results("job-late"), ledger.item, "job-late")}
     assert rows["dup"]["caption"] == "a cat" and rows["dup"]["clip_score"] == 30.0
     out = tmp_path / "kept.jsonl"

@@ -33,8 +33,13 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def clip_env(worker_env: dict[str, str], tiny_clip: Path) -> dict[str, str]:
     queue = f"curation-{uuid.uuid4().hex[:8]}"
-    return {**worker_env, "CAPTIONER_CLIP_MODEL": str(tiny_clip), "CAPTIONER_REUSE_CAPTIONS": "true",
-            "CAPTIONER_CAPTION_QUEUE": queue, "CAPTIONER_INTERACTIVE_QUEUE": f"{queue}-now"}  # fmt: skip
+    return {
+        **worker_env,
+        "CAPTIONER_CLIP_MODEL": str(tiny_clip),
+        "CAPTIONER_REUSE_CAPTIONS": "true",
+        "CAPTIONER_CAPTION_QUEUE": queue,
+        "CAPTIONER_INTERACTIVE_QUEUE": f"{queue}-now",
+    }
 
 
 def _start(env: dict[str, str], tmp: Path) -> WorkerProcess:
@@ -97,9 +102,11 @@ def test_every_ok_row_has_the_clipscore_of_its_caption(
     floor = scores[len(scores) // 2]  # the upper half passes
     out = tmp_path / "kept.jsonl"
     runner = CliRunner()
-    env = {"CAPTIONER_REDIS_URL": clip_client.settings.redis_url_str,
-           "CAPTIONER_BROKER_URL": clip_client.settings.broker_url_str,
-           "CAPTIONER_KEY_PREFIX": clip_client.settings.key_prefix}  # fmt: skip
+    env = {
+        "CAPTIONER_REDIS_URL": clip_client.settings.redis_url_str,
+        "CAPTIONER_BROKER_URL": clip_client.settings.broker_url_str,
+        "CAPTIONER_KEY_PREFIX": clip_client.settings.key_prefix,
+    }
     got = runner.invoke(cli, ["export", "job-scored", "-o", str(out), "--min-clip-score", str(floor)], env=env)
     assert got.exit_code == 0, got.output
     kept = [json.loads(line) for line in out.read_text().splitlines()]
@@ -129,8 +136,9 @@ def test_best_of_four_keeps_the_highest_scoring_sample(
         row = rows[ref]
         assert len(row["candidates"]) == 4 and row["sample_seed"] is not None
         image = Image.open(ref).convert("RGB")
-        samples = engine.sample_detailed(engine.prepare([image]), params, 4, seed=row["sample_seed"],
-                                         temperature=1.5, top_p=1.0)  # fmt: skip
+        samples = engine.sample_detailed(
+            engine.prepare([image]), params, 4, seed=row["sample_seed"], temperature=1.5, top_p=1.0
+        )
         texts = [s.text for s in samples]
         scores = scorer.scores([image], [texts])[0]
         assert row["candidates"] == pytest.approx(scores, abs=1e-3)
@@ -159,8 +167,12 @@ def _photo_copies(folder: Path, names: tuple[str, ...]) -> dict[str, list[str]]:
         photo.resize((w // 2, h // 2)).save(folder / f"{name}-half.png")
         cropped = photo.crop((w // 40, h // 40, w - w // 40, h - h // 40))
         cropped.save(folder / f"{name}-crop.png")
-        groups[name] = [str(original), str(folder / f"{name}-half.png"), _jpeg(photo, folder / f"{name}-q40.jpg"),
-                        str(folder / f"{name}-crop.png")]  # fmt: skip
+        groups[name] = [
+            str(original),
+            str(folder / f"{name}-half.png"),
+            _jpeg(photo, folder / f"{name}-q40.jpg"),
+            str(folder / f"{name}-crop.png"),
+        ]
     return groups
 
 
@@ -187,9 +199,11 @@ def test_near_duplicates_are_captioned_once_per_group_across_jobs_and_restarts(
             assert ids[row["duplicate_of"]] == ids[row["id"]]
     # Every near-duplicate row has its group's caption once exported (copied, or resolved at export).
     out = tmp_path / "dups.jsonl"
-    env = {"CAPTIONER_REDIS_URL": clip_client.settings.redis_url_str,
-           "CAPTIONER_BROKER_URL": clip_client.settings.broker_url_str,
-           "CAPTIONER_KEY_PREFIX": clip_client.settings.key_prefix}  # fmt: skip
+    env = {
+        "CAPTIONER_REDIS_URL": clip_client.settings.redis_url_str,
+        "CAPTIONER_BROKER_URL": clip_client.settings.broker_url_str,
+        "CAPTIONER_KEY_PREFIX": clip_client.settings.key_prefix,
+    }
     got = CliRunner().invoke(cli, ["export", "job-dups", "-o", str(out)], env=env)
     assert got.exit_code == 0, got.output
     exported = {r["ref"]: r for r in map(json.loads, out.read_text().splitlines())}
@@ -205,8 +219,10 @@ def test_near_duplicates_are_captioned_once_per_group_across_jobs_and_restarts(
         folder.mkdir()
         from skimage import data
 
-        again = {name: _jpeg(Image.fromarray(getattr(data, name)()).convert("RGB"), folder / f"{name}.jpg", 70)
-                 for name in NAMES}  # fmt: skip
+        again = {
+            name: _jpeg(Image.fromarray(getattr(data, name)()).convert("RGB"), folder / f"{name}.jpg", 70)
+            for name in NAMES
+        }
         rows2 = _run(clip_client, list(again.values()), Curation(near_duplicates="phash"), "job-dups-2")
     finally:
         second.terminate()
@@ -262,8 +278,11 @@ def test_curation_options_are_checked_before_anything_is_sent(clip_settings: Set
 def test_a_worker_with_a_wrong_clip_model_says_so_at_start(clip_env: dict[str, str], tmp_path: Path) -> None:
     from common.errors import CaptionerError
 
-    env = {**clip_env, "CAPTIONER_CLIP_MODEL": str(tmp_path / "no-such-clip"),
-           "CAPTIONER_CAPTION_QUEUE": f"nothing-{uuid.uuid4().hex[:6]}"}  # fmt: skip
+    env = {
+        **clip_env,
+        "CAPTIONER_CLIP_MODEL": str(tmp_path / "no-such-clip"),
+        "CAPTIONER_CAPTION_QUEUE": f"nothing-{uuid.uuid4().hex[:6]}",
+    }
     proc = WorkerProcess(env, log=tmp_path / "bad.log").start()
     try:
         with pytest.raises(CaptionerError, match="worker exited early"):
@@ -284,8 +303,11 @@ def test_clip_near_duplicates_group_a_copy_through_the_simhash_index(clip_settin
     photo = Image.fromarray(data.astronaut()).convert("RGB")
     w, h = photo.size
     # A 5% crop: cosine 0.996 on this tiny CLIP, 3 SimHash bits; another photograph: 9 bits.
-    images = {"a": photo, "b": photo.crop((w // 40, h // 40, w - w // 40, h - h // 40)),
-              "c": Image.fromarray(data.chelsea()).convert("RGB")}  # fmt: skip
+    images = {
+        "a": photo,
+        "b": photo.crop((w // 40, h // 40, w - w // 40, h - h // 40)),
+        "c": Image.fromarray(data.chelsea()).convert("RGB"),
+    }
     client = redis.Redis.from_url(clip_settings.redis_url_str)
     settings = clip_settings.model_copy(update={"clip_model": str(tiny_clip)})
     index = NearDuplicates(client, f"clipnd-{uuid.uuid4().hex[:6]}", settings, Scorers(settings))

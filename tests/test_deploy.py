@@ -57,8 +57,9 @@ def kubectl() -> str:
 
 @cache
 def render(overlay: str) -> tuple[dict[str, Any], ...]:
-    out = subprocess.run([kubectl(), "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True,
-                         timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [kubectl(), "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
 
@@ -69,8 +70,12 @@ def objects(overlay: str, kind: str) -> dict[str, dict[str, Any]]:
 
 def containers(overlay: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """(workload, container) for every container of every Deployment and StatefulSet."""
-    return [(w, c) for kind in ("Deployment", "StatefulSet") for w in objects(overlay, kind).values()
-            for c in w["spec"]["template"]["spec"]["containers"]]  # fmt: skip
+    return [
+        (w, c)
+        for kind in ("Deployment", "StatefulSet")
+        for w in objects(overlay, kind).values()
+        for c in w["spec"]["template"]["spec"]["containers"]
+    ]
 
 
 def config(overlay: str) -> dict[str, str]:
@@ -250,10 +255,15 @@ def test_queue_and_metric_names_exist(overlay: str) -> None:
             assert host in objects(overlay, "Service"), trigger
         assert so["spec"]["scaleTargetRef"]["name"] in objects(overlay, "Deployment")
     # Each queue's ScaledObject scales the workers that consume it.
-    scaled = {so["spec"]["scaleTargetRef"]["name"]: QUEUE_LABEL_RE.findall(so["spec"]["triggers"][0]["metadata"]
-              ["query"]) for so in objects(overlay, "ScaledObject").values()}  # fmt: skip
-    assert scaled == {"caption-worker": [s.caption_queue], "interactive-worker": [s.interactive_queue_name],
-                      "training-worker": [s.training_queue]}  # fmt: skip
+    scaled = {
+        so["spec"]["scaleTargetRef"]["name"]: QUEUE_LABEL_RE.findall(so["spec"]["triggers"][0]["metadata"]["query"])
+        for so in objects(overlay, "ScaledObject").values()
+    }
+    assert scaled == {
+        "caption-worker": [s.caption_queue],
+        "interactive-worker": [s.interactive_queue_name],
+        "training-worker": [s.training_queue],
+    }
 
 
 def grace_and_timeout(overlay: str, name: str) -> dict[str, float]:
@@ -263,10 +273,13 @@ def grace_and_timeout(overlay: str, name: str) -> dict[str, float]:
     s = settings_of(env_of(overlay, c))
     rate = float(deployment["metadata"]["annotations"]["captioner/min-images-per-second"])
     chunk_s = s.chunk_size / rate
-    return {"chunk_s": chunk_s, "in_hand_s": s.concurrency * chunk_s,
-            "prefetched_s": (s.concurrency * s.prefetch_multiplier + 1) * chunk_s,
-            "grace_s": deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"],
-            "visibility_timeout_s": s.visibility_timeout_s}  # fmt: skip
+    return {
+        "chunk_s": chunk_s,
+        "in_hand_s": s.concurrency * chunk_s,
+        "prefetched_s": (s.concurrency * s.prefetch_multiplier + 1) * chunk_s,
+        "grace_s": deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"],
+        "visibility_timeout_s": s.visibility_timeout_s,
+    }
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -283,8 +296,9 @@ def test_grace_period_covers_the_chunks_in_hand_and_stays_under_the_visibility_t
 @pytest.mark.parametrize("overlay", ["gpu", "external-services"])
 def test_max_replicas_fit_the_gpu_budget(overlay: str) -> None:
     deployments = objects(overlay, "Deployment")
-    budget = int(next(iter(objects(overlay, "ScaledObject").values()))["metadata"]["annotations"]
-                 ["captioner/gpu-budget"])  # fmt: skip
+    budget = int(
+        next(iter(objects(overlay, "ScaledObject").values()))["metadata"]["annotations"]["captioner/gpu-budget"]
+    )
     used = 0
     for so in objects(overlay, "ScaledObject").values():
         pod = deployments[so["spec"]["scaleTargetRef"]["name"]]["spec"]["template"]["spec"]
@@ -293,8 +307,11 @@ def test_max_replicas_fit_the_gpu_budget(overlay: str) -> None:
         used += so["spec"]["maxReplicaCount"] * gpus
     assert used <= budget, (used, budget)
     workers = [c for w, c in containers(overlay) if c.get("command", [])[:2] == ["captioner", "worker"]]
-    assert all(env_of(overlay, c).get("CAPTIONER_DEVICE", "cuda") == "cuda" for c in workers if "--training" not in
-               c["command"])  # fmt: skip
+    assert all(
+        env_of(overlay, c).get("CAPTIONER_DEVICE", "cuda") == "cuda"
+        for c in workers
+        if "--training" not in c["command"]
+    )
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

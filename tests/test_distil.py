@@ -22,8 +22,24 @@ from tests.conftest import settings_from
 
 IMAGE_SIZE = 48
 #: The demo's recipe for a GIT trained from scratch (cli/demo.py), as `captioner train` options.
-RECIPE = ("--learning-rate", "3e-3", "--batch-size", "32", "--set", "lr_scheduler=linear", "--set", "grad_accum=1",
-          "--set", "epochs=1000", "--set", "max_length=20", "--set", "eval_max_samples=20", "--set", "log_steps=50")
+RECIPE = (
+    "--learning-rate",
+    "3e-3",
+    "--batch-size",
+    "32",
+    "--set",
+    "lr_scheduler=linear",
+    "--set",
+    "grad_accum=1",
+    "--set",
+    "epochs=1000",
+    "--set",
+    "max_length=20",
+    "--set",
+    "eval_max_samples=20",
+    "--set",
+    "log_steps=50",
+)
 
 
 def _small_git(out: Path, seed: int) -> Path:
@@ -31,8 +47,9 @@ def _small_git(out: Path, seed: int) -> Path:
     from training.synthetic import vocabulary
     from training.tiny import build_word_git
 
-    return build_word_git(out, vocabulary(), seed=seed, image_size=IMAGE_SIZE, patch_size=16, hidden_size=32,
-                          init_range=0.1, dropout=0.0)  # fmt: skip
+    return build_word_git(
+        out, vocabulary(), seed=seed, image_size=IMAGE_SIZE, patch_size=16, hidden_size=32, init_range=0.1, dropout=0.0
+    )
 
 
 def _run(env: dict[str, str], *args: str) -> dict:
@@ -66,14 +83,29 @@ def test_a_student_trained_on_a_teachers_job_agrees_with_the_teacher(
     teacher_base, student_base = _small_git(tmp_path / "teacher-base", 0), _small_git(tmp_path / "student-base", 1)
     with LocalRedis() as server:
         store = ModelStore(tmp_path / "models")
-        env = {**worker_env, "CAPTIONER_BROKER_URL": server.url(0), "CAPTIONER_RESULT_BACKEND": server.url(0),
-               "CAPTIONER_REDIS_URL": server.url(1), "CAPTIONER_MODEL_STORE": str(store.root),
-               "CAPTIONER_MAX_LENGTH": "20", "CAPTIONER_TORCH_THREADS": "1"}  # fmt: skip
+        env = {
+            **worker_env,
+            "CAPTIONER_BROKER_URL": server.url(0),
+            "CAPTIONER_RESULT_BACKEND": server.url(0),
+            "CAPTIONER_REDIS_URL": server.url(1),
+            "CAPTIONER_MODEL_STORE": str(store.root),
+            "CAPTIONER_MAX_LENGTH": "20",
+            "CAPTIONER_TORCH_THREADS": "1",
+        }
         with WorkerProcess(env, training=True, log=tmp_path / "train.log") as trainer:
             trainer.wait_ready()
             # 1. A teacher: the small GIT trained on labelled shapes (a big captioner's stand-in).
-            teacher = _run(env, "train", str(root / "labelled"), "--base-model", str(teacher_base), "--max-steps",
-                           "300", *RECIPE, "--wait")["result"]["version"]  # fmt: skip
+            teacher = _run(
+                env,
+                "train",
+                str(root / "labelled"),
+                "--base-model",
+                str(teacher_base),
+                "--max-steps",
+                "300",
+                *RECIPE,
+                "--wait",
+            )["result"]["version"]
             # 2. The teacher captions the sample (and the held-out images, the references of agreement).
             with WorkerProcess({**env, "CAPTIONER_MODEL": f"@{teacher}"}, log=tmp_path / "teacher.log") as worker:
                 worker.wait_ready()
@@ -83,8 +115,18 @@ def test_a_student_trained_on_a_teachers_job_agrees_with_the_teacher(
             taught = _captions(env, "teacher-held-out")
             assert len(taught) == len(held_out)
             # 3. A fresh student learns the teacher's captions of the sample.
-            result = _run(env, "train", "--from-job", "teacher-sample", "--base-model", str(student_base),
-                          "--max-steps", "300", *RECIPE, "--wait")["result"]  # fmt: skip
+            result = _run(
+                env,
+                "train",
+                "--from-job",
+                "teacher-sample",
+                "--base-model",
+                str(student_base),
+                "--max-steps",
+                "300",
+                *RECIPE,
+                "--wait",
+            )["result"]
             student = result["version"]
         assert store.get(student).meta["dataset"] == "job:teacher-sample"
         # 4. The student captions the held-out images through a worker: the archive, captioned by the small model.
@@ -112,10 +154,20 @@ def test_job_examples_take_the_chosen_tasks_caption_or_the_reviewed_rows(ledger:
     refs = [str(tmp_path / f"{i}.jpg") for i in range(4)] + ["https://example.org/x.jpg", "b64:0123"]
     ledger.open_job("teach", "test", params)
     ledger.add_items("teach", [(item_id(r), r) for r in refs])
-    rows = [ItemResult(id=item_id(r), ref=r, status=ItemStatus.OK, caption=f"short {i}", params=params,
-                       captions={"short": f"short {i}", "detailed": f"a picture of {i}"}) for i, r in enumerate(refs)]
-    rows[3] = ItemResult(id=item_id(refs[3]), ref=refs[3], status=ItemStatus.ERROR, error_class="decode_error",
-                         error="x", params=params)  # fmt: skip
+    rows = [
+        ItemResult(
+            id=item_id(r),
+            ref=r,
+            status=ItemStatus.OK,
+            caption=f"short {i}",
+            params=params,
+            captions={"short": f"short {i}", "detailed": f"a picture of {i}"},
+        )
+        for i, r in enumerate(refs)
+    ]
+    rows[3] = ItemResult(
+        id=item_id(refs[3]), ref=refs[3], status=ItemStatus.ERROR, error_class="decode_error", error="x", params=params
+    )
     ledger.record("teach", rows)
     ledger.set_correction("teach", item_id(refs[0]), "a corrected caption", "ann")
     ledger.set_mark("teach", [item_id(refs[1])], "rejected", "ann")
@@ -135,8 +187,9 @@ def test_job_examples_take_the_chosen_tasks_caption_or_the_reviewed_rows(ledger:
         job_examples(ledger, "empty")
 
 
-def test_train_from_job_is_checked_before_anything_is_sent(settings: Settings, client: JobClient,
-                                                           tmp_path: Path) -> None:  # fmt: skip
+def test_train_from_job_is_checked_before_anything_is_sent(
+    settings: Settings, client: JobClient, tmp_path: Path
+) -> None:
     from common.messages import JobKind
     from tests.test_cli import invoke
 
@@ -156,8 +209,18 @@ def test_train_from_job_is_checked_before_anything_is_sent(settings: Settings, c
     for args, exit_code, words in cases:
         code, _, err = invoke(settings, *args)
         assert (code, words in err, "Traceback" in err) == (exit_code, True, False), (args, err)
-    client.ledger.record("cap", [ItemResult(id=item_id("/x.jpg"), ref="/x.jpg", status=ItemStatus.OK, caption="a",
-                                            captions={"short": "a", "detailed": "b"},
-                                            params=GenParams(tasks=tasks))])  # fmt: skip
+    client.ledger.record(
+        "cap",
+        [
+            ItemResult(
+                id=item_id("/x.jpg"),
+                ref="/x.jpg",
+                status=ItemStatus.OK,
+                caption="a",
+                captions={"short": "a", "detailed": "b"},
+                params=GenParams(tasks=tasks),
+            )
+        ],
+    )
     code, _, err = invoke(settings, "train", "--from-job", "cap", "--task", "tags")
     assert code == 1 and "no task 'tags' (its tasks: short, detailed)" in err, err

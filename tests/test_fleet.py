@@ -48,8 +48,11 @@ def test_our_priority_lists_and_unacked_key_are_kombus() -> None:
     """The names the scaler counts are the ones kombu writes: its Channel's separator, steps and unacked hash."""
     from kombu.transport.redis import Channel
 
-    assert (PRIORITY_SEP, list(PRIORITY_STEPS), UNACKED_KEY) == (Channel.sep, Channel.priority_steps,
-                                                                 Channel.unacked_key)  # fmt: skip
+    assert (PRIORITY_SEP, list(PRIORITY_STEPS), UNACKED_KEY) == (
+        Channel.sep,
+        Channel.priority_steps,
+        Channel.unacked_key,
+    )
     transport = create_app().conf.broker_transport_options
     assert not {"sep", "priority_steps", "unacked_key"} & set(transport), "our configuration must keep kombu's"
 
@@ -69,9 +72,12 @@ def _scrape(port: int) -> dict[tuple[str, str], float]:
 
 
 def _exporter(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "cli.main", "workers", "backlog", f"--serve={port}",
-                             "--addr=127.0.0.1"], env={**__import__("os").environ, **env},
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "workers", "backlog", f"--serve={port}", "--addr=127.0.0.1"],
+        env={**__import__("os").environ, **env},
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 def test_the_backlog_counts_every_priority_and_the_prefetched_messages_and_scales_to_zero_and_back(
@@ -79,8 +85,9 @@ def test_the_backlog_counts_every_priority_and_the_prefetched_messages_and_scale
 ) -> None:
     from tests.conftest import image_server
 
-    env = fleet_env(worker_env, CAPTIONER_CONCURRENCY="2", CAPTIONER_PREFETCH_MULTIPLIER="2",
-                    CAPTIONER_URL_TOTAL_TIMEOUT_S="120")  # fmt: skip
+    env = fleet_env(
+        worker_env, CAPTIONER_CONCURRENCY="2", CAPTIONER_PREFETCH_MULTIPLIER="2", CAPTIONER_URL_TOTAL_TIMEOUT_S="120"
+    )
     s = settings_from(env)
     bulk = s.caption_queue
     broker = redis.Redis.from_url(env["CAPTIONER_BROKER_URL"])
@@ -110,8 +117,11 @@ def test_the_backlog_counts_every_priority_and_the_prefetched_messages_and_scale
         try:
             worker.wait_ready()
             # The worker takes concurrency x prefetch = 4 messages: 2 running (their fetch held), 2 prefetched.
-            wait_for(lambda: count_queues(broker, [bulk])[bulk].reserved == 4 and len(asked) >= 2, 60,
-                     "four messages in the worker's hands")  # fmt: skip
+            wait_for(
+                lambda: count_queues(broker, [bulk])[bulk].reserved == 4 and len(asked) >= 2,
+                60,
+                "four messages in the worker's hands",
+            )
             count = count_queues(broker, [bulk])[bulk]
             in_lists = sum(broker.llen(k) for k in priority_lists(bulk))
             assert (count.ready, count.reserved, count.backlog) == (in_lists, broker.hlen(UNACKED_KEY), n)
@@ -184,8 +194,11 @@ def test_workers_lists_and_drains_a_worker_that_loses_nothing(
         a.wait_ready()
         b.wait_ready()
         client.enqueue(refs, job_id="job-drain", chunk_size=4)
-        wait_for(lambda: client.status("job-drain").ok >= 8 and client.ledger.attempts_open("job-drain") > 0, 120,
-                 "the first captions, and items in hand")  # fmt: skip
+        wait_for(
+            lambda: client.status("job-drain").ok >= 8 and client.ledger.attempts_open("job-drain") > 0,
+            120,
+            "the first captions, and items in hand",
+        )
         listed = CliRunner().invoke(cli, ["workers", "list", "--json"], env=env)
         assert listed.exit_code == 0, listed.output
         rows = {r["node"]: r for r in json.loads(listed.output)}
@@ -214,9 +227,15 @@ def test_workers_lists_and_drains_a_worker_that_loses_nothing(
         a.terminate()
         b.terminate()
     rows_ = list(client.results("job-drain"))
-    figures = tally("drain of one worker mid-job (captioner workers drain)", refs, rows_, info, before=before,
-                    happened="the drained worker stopped taking chunks, finished those it held and exited 0; the "
-                    "other worker finished the job")  # fmt: skip
+    figures = tally(
+        "drain of one worker mid-job (captioner workers drain)",
+        refs,
+        rows_,
+        info,
+        before=before,
+        happened="the drained worker stopped taking chunks, finished those it held and exited 0; the "
+        "other worker finished the job",
+    )
     assert (figures["lost"], figures["counters_off"], figures["replaced"]) == (0, 0, 0)
     assert (info.ok, info.error) == (len(refs), 0)
     # Finished, not handed back: no item of the drained worker was attempted a second time.
@@ -244,8 +263,13 @@ def manifest_settings(overlay: str = "gpu") -> tuple[dict[str, str], int]:
     deployment = objects(overlay, "Deployment")["caption-worker"]
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     env = env_of(overlay, container)
-    keep = ("CAPTIONER_CONCURRENCY", "CAPTIONER_PREFETCH_MULTIPLIER", "CAPTIONER_VISIBILITY_TIMEOUT_S",
-            "CAPTIONER_CHUNK_SIZE", "CAPTIONER_MAX_BATCH_SIZE")  # fmt: skip
+    keep = (
+        "CAPTIONER_CONCURRENCY",
+        "CAPTIONER_PREFETCH_MULTIPLIER",
+        "CAPTIONER_VISIBILITY_TIMEOUT_S",
+        "CAPTIONER_CHUNK_SIZE",
+        "CAPTIONER_MAX_BATCH_SIZE",
+    )
     grace = int(deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"])
     return {k: env[k] for k in keep if k in env}, grace
 
@@ -263,8 +287,11 @@ def test_sigterm_with_the_manifests_settings_finishes_within_the_grace_period_an
     first = WorkerProcess(env, log=tmp_path / "first.log").start()
     first.wait_ready()
     client.enqueue(refs, job_id="job-grace", chunk_size=chunk)
-    wait_for(lambda: client.status("job-grace").ok >= chunk // 2 and client.ledger.attempts_open("job-grace") > 0,
-             180, "captions, and items in hand")  # fmt: skip
+    wait_for(
+        lambda: client.status("job-grace").ok >= chunk // 2 and client.ledger.attempts_open("job-grace") > 0,
+        180,
+        "captions, and items in hand",
+    )
     # What the kubelet does: SIGTERM, then SIGKILL after the grace period (terminate's timeout). Exit 0 means the
     # worker finished in time.
     assert first.terminate(timeout=grace) == 0
@@ -276,9 +303,15 @@ def test_sigterm_with_the_manifests_settings_finishes_within_the_grace_period_an
         info = client.wait("job-grace", timeout=300, on_tick=lambda _: None)
     rows = list(client.results("job-grace"))
     client.close()
-    figures = tally(f"SIGTERM mid-job with the {overlay} manifests' settings and grace period ({grace} s)", refs,
-                    rows, info, before=before, happened="the pod's worker finished its chunks in hand within the "
-                    "grace period and exited 0; the rest went to the next worker")  # fmt: skip
+    figures = tally(
+        f"SIGTERM mid-job with the {overlay} manifests' settings and grace period ({grace} s)",
+        refs,
+        rows,
+        info,
+        before=before,
+        happened="the pod's worker finished its chunks in hand within the "
+        "grace period and exited 0; the rest went to the next worker",
+    )
     assert (figures["lost"], figures["counters_off"], figures["replaced"]) == (0, 0, 0)
     assert (info.ok, info.error) == (len(refs), 0)
     assert figures["attempted_twice"] == 0
@@ -292,15 +325,31 @@ def test_a_slurm_task_told_to_stop_finishes_its_chunks_and_exits_0(
     import os
     import signal
 
-    env = fleet_env(worker_env, CAPTIONER_MAX_LENGTH="40", CAPTIONER_MAX_BATCH_SIZE="4", CAPTIONER_CONCURRENCY="2",
-                    CAPTIONER_DEVICE="cpu", CAPTIONER_CHUNK_SIZE="4")  # fmt: skip
-    slurm = {"SLURM_ARRAY_JOB_ID": "4242", "SLURM_ARRAY_TASK_ID": "3", "SLURM_LOCALID": "0",
-             "ENV_FILE": str(tmp_path / "none"), "VENV": str(tmp_path / "none"),
-             "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # fmt: skip
+    env = fleet_env(
+        worker_env,
+        CAPTIONER_MAX_LENGTH="40",
+        CAPTIONER_MAX_BATCH_SIZE="4",
+        CAPTIONER_CONCURRENCY="2",
+        CAPTIONER_DEVICE="cpu",
+        CAPTIONER_CHUNK_SIZE="4",
+    )
+    slurm = {
+        "SLURM_ARRAY_JOB_ID": "4242",
+        "SLURM_ARRAY_TASK_ID": "3",
+        "SLURM_LOCALID": "0",
+        "ENV_FILE": str(tmp_path / "none"),
+        "VENV": str(tmp_path / "none"),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
     log = tmp_path / "task.log"
     script = Path(__file__).resolve().parent.parent / "deploy" / "slurm" / "caption-workers.sbatch"
-    task = subprocess.Popen(["bash", str(script)], env={**os.environ, **env, **slurm, "CAPTIONER_METRICS_PORT": "0"},
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    task = subprocess.Popen(
+        ["bash", str(script)],
+        env={**os.environ, **env, **slurm, "CAPTIONER_METRICS_PORT": "0"},
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     refs = shape_files(session_root, "slurm", 80, seed=10)
     client = JobClient(settings_from(env))
     try:
@@ -308,8 +357,11 @@ def test_a_slurm_task_told_to_stop_finishes_its_chunks_and_exits_0(
         assert task.poll() is None, log.read_text()
         assert "caption@4242-3." in log.read_text()
         client.enqueue(refs, job_id="job-slurm", chunk_size=4)
-        wait_for(lambda: client.status("job-slurm").ok >= 8 and client.ledger.attempts_open("job-slurm") > 0, 120,
-                 "captions, and items in hand")  # fmt: skip
+        wait_for(
+            lambda: client.status("job-slurm").ok >= 8 and client.ledger.attempts_open("job-slurm") > 0,
+            120,
+            "captions, and items in hand",
+        )
         task.send_signal(signal.SIGTERM)  # the batch shell only, as --signal=B:TERM@120 does
         assert task.wait(120) == 0, log.read_text()[-3000:]
     finally:
@@ -323,7 +375,12 @@ def test_a_slurm_task_told_to_stop_finishes_its_chunks_and_exits_0(
         info = client.wait("job-slurm", timeout=180, on_tick=lambda _: None)
     rows = list(client.results("job-slurm"))
     client.close()
-    figures = tally("SIGTERM to a Slurm array task (--signal=B:TERM), then another worker", refs, rows, info,
-                    before=before, happened="the batch script passed the signal on; the worker finished its chunks "
-                    "in hand and the task exited 0")  # fmt: skip
+    figures = tally(
+        "SIGTERM to a Slurm array task (--signal=B:TERM), then another worker",
+        refs,
+        rows,
+        info,
+        before=before,
+        happened="the batch script passed the signal on; the worker finished its chunks in hand and the task exited 0",
+    )
     assert (figures["lost"], figures["counters_off"], figures["replaced"], figures["attempted_twice"]) == (0, 0, 0, 0)

@@ -255,27 +255,35 @@ def test_lying_shards_and_parquet_cells_through_a_worker_end_named_and_leave_it_
     (folder / "liar.tar").write_bytes(lying_tar())
     (folder / "longname.tar.gz").write_bytes(long_name_tgz(256 << 20))
     _parquet(folder / "cell.parquet", {"image": [b"\0" * (64 << 20)]})
-    specs = [ContainerSpec(kind="tar", ref=str(folder / "liar.tar")),
-             ContainerSpec(kind="tar", ref=str(folder / "longname.tar.gz")),
-             ContainerSpec(kind="parquet", ref=str(folder / "cell.parquet"), column="image", part=0)]  # fmt: skip
+    specs = [
+        ContainerSpec(kind="tar", ref=str(folder / "liar.tar")),
+        ContainerSpec(kind="tar", ref=str(folder / "longname.tar.gz")),
+        ContainerSpec(kind="parquet", ref=str(folder / "cell.parquet"), column="image", part=0),
+    ]
     # A good shard and Parquet file first: the worker's first container loads pyarrow and runs a batch.
     _parquet(folder / "good.parquet", {"image": [_png()]})
     good = io.BytesIO()
     with tarfile.open(fileobj=good, mode="w:gz") as tar:
         _member(tar, "g.png", _png())
     (folder / "good.tar.gz").write_bytes(good.getvalue())
-    client.enqueue([ContainerSpec(kind="tar", ref=str(folder / "good.tar.gz")),
-                    ContainerSpec(kind="parquet", ref=str(folder / "good.parquet"), column="image", part=0)],
-                   job_id="job-good-containers")  # fmt: skip
+    client.enqueue(
+        [
+            ContainerSpec(kind="tar", ref=str(folder / "good.tar.gz")),
+            ContainerSpec(kind="parquet", ref=str(folder / "good.parquet"), column="image", part=0),
+        ],
+        job_id="job-good-containers",
+    )
     assert client.wait("job-good-containers", timeout=120, on_tick=lambda _: None).ok == 2
     before = _high_water(caption_worker)
     client.enqueue(specs, job_id="job-liars")
     info = client.wait("job-liars", timeout=120, on_tick=lambda _: None)
     rows = {r["ref"].rsplit("/", 1)[-1]: (r["status"], r.get("error_class")) for r in client.results("job-liars")}
     assert rows == {
-        "liar.tar#a": ("ok", None), "liar.tar#*": ("error", "decode_error"),
-        "longname.tar.gz#*": ("error", "decode_error"), "cell.parquet#*": ("error", "too_large"),
-    }, rows  # fmt: skip
+        "liar.tar#a": ("ok", None),
+        "liar.tar#*": ("error", "decode_error"),
+        "longname.tar.gz#*": ("error", "decode_error"),
+        "cell.parquet#*": ("error", "too_large"),
+    }, rows
     assert info.pending == 0
     assert _high_water(caption_worker) - before < 48 << 20  # unguarded: +512 MiB (long name), +128 MiB (cell)
 
@@ -322,8 +330,11 @@ def test_an_object_endpoint_that_lies_in_head_is_read_to_the_cap_on_the_wire(mon
     server = ThreadingHTTPServer(("127.0.0.1", 0), Liar)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
-    for name, value in (("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE"), ("AWS_SECRET_ACCESS_KEY", "x" * 40),
-                        ("AWS_DEFAULT_REGION", "us-east-1")):  # fmt: skip
+    for name, value in (
+        ("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE"),
+        ("AWS_SECRET_ACCESS_KEY", "x" * 40),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ):
         monkeypatch.setenv(name, value)
     # Timeouts of their own: a filesystem of its own (they are kept per protocol and timeouts).
     store = ObjectStore(prefixes=("s3://liar/",), protocols=("s3",), max_bytes=1 << 20, connect_timeout_s=4.25)

@@ -50,8 +50,10 @@ def test_generation_defaults_are_the_settings_wherever_a_job_starts(
     before = get_settings()  # a CLI test earlier in this process may have put its own settings in place
     use_settings(Settings())
     try:
-        for params, made in ((None, GenParams(max_length=37, num_beams=2)),
-                             ({"num_beams": 3}, GenParams(max_length=37, num_beams=3))):  # fmt: skip
+        for params, made in (
+            (None, GenParams(max_length=37, num_beams=2)),
+            ({"num_beams": 3}, GenParams(max_length=37, num_beams=3)),
+        ):
             msg = parse_message(ChunkMessage, _payload(job_id="j", items=["/a.jpg"], params=params))
             assert isinstance(msg, ChunkMessage) and msg.params == made
     finally:

@@ -28,8 +28,9 @@ def model_and_pixels(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, tor
         model.output.bias[tiny.SEP_ID] += 10.0
     rows = synthetic.make_shapes(tmp_path_factory.mktemp("shapes"), 5, seed=11, size=48)
     images = [Image.open(path).convert("RGB") for path, _ in rows]
-    pixels = torch.as_tensor(AutoProcessor.from_pretrained(folder).image_processor(images, return_tensors="pt")[
-        "pixel_values"])  # fmt: skip
+    pixels = torch.as_tensor(
+        AutoProcessor.from_pretrained(folder).image_processor(images, return_tensors="pt")["pixel_values"]
+    )
     # Eight rows: a row that ends alone stays in the batch (finished) until a quarter of it has, as the decoder does.
     noise = torch.randn(3, *pixels.shape[1:], generator=torch.Generator().manual_seed(7))
     return model, torch.cat([pixels, noise])
@@ -40,8 +41,14 @@ def test_the_decoders_confidence_is_the_mean_log_probability_of_its_tokens(model
     decoder = GitGreedyDecoder(model)
     with torch.inference_mode():
         ids = decoder.generate(pixels, 30)
-        hf = model.generate(pixel_values=pixels, max_length=30, do_sample=False, num_beams=1,
-                            output_scores=True, return_dict_in_generate=True)  # fmt: skip
+        hf = model.generate(
+            pixel_values=pixels,
+            max_length=30,
+            do_sample=False,
+            num_beams=1,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
     assert ids.tolist() == hf.sequences.tolist()
     expected = []
     for row in range(pixels.shape[0]):
@@ -61,10 +68,15 @@ def test_the_decoders_confidence_is_the_mean_log_probability_of_its_tokens(model
 def test_confidence_travels_with_the_row_through_both_ledgers(ledger: Ledger) -> None:
     ledger.open_job("job-conf", "conf", GenParams())
     ledger.add_items("job-conf", [("a" * 16, "/d/a.png"), ("b" * 16, "/d/b.png")])
-    ledger.record("job-conf", [
-        ItemResult(id="a" * 16, ref="/d/a.png", status=ItemStatus.OK, caption="x", confidence=-0.123456),
-        ItemResult(id="b" * 16, ref="/d/b.png", status=ItemStatus.OK, caption="y", extra={"label": "cat"},
-                   confidence=-2.5)])  # fmt: skip
+    ledger.record(
+        "job-conf",
+        [
+            ItemResult(id="a" * 16, ref="/d/a.png", status=ItemStatus.OK, caption="x", confidence=-0.123456),
+            ItemResult(
+                id="b" * 16, ref="/d/b.png", status=ItemStatus.OK, caption="y", extra={"label": "cat"}, confidence=-2.5
+            ),
+        ],
+    )
     a, b = ledger.item("job-conf", "a" * 16), ledger.item("job-conf", "b" * 16)
     assert a["confidence"] == -0.1235 and "extra" not in a
     assert b["confidence"] == -2.5 and b["extra"] == {"label": "cat"}

@@ -34,14 +34,27 @@ def test_a_version_worse_on_the_gate_dataset_stays_unpromoted_and_says_why(
     current = store.add(base, {"base_model": "tiny"}, "v-current").version
     store.promote(current)
     settings = settings_from({**worker_env, "CAPTIONER_MODEL_STORE": str(store.root), "CAPTIONER_TORCH_THREADS": "1"})
-    config = {"base_model": str(base), "max_steps": 2, "eval_steps": 1000, "save_steps": 1000, "batch_size": 4,
-              "max_length": 8, "learning_rate": 0.5}  # fmt: skip
+    config = {
+        "base_model": str(base),
+        "max_steps": 2,
+        "eval_steps": 1000,
+        "save_steps": 1000,
+        "batch_size": 4,
+        "max_length": 8,
+        "learning_rate": 0.5,
+    }
     with pytest.raises(ConfigError, match="gate_dataset"):
         check_train_request(TrainRequest(job_id="t", dataset=str(data), promote=True, gate_dataset=str(held)))
     with LocalRedis() as server:
         ledger = RedisLedger(redis.Redis.from_url(server.url(1)), "gate")
-        req = TrainRequest(job_id="train-gate", dataset=str(data), config=config, promote=True,
-                           require_no_worse="wer", gate_dataset=str(held))  # fmt: skip
+        req = TrainRequest(
+            job_id="train-gate",
+            dataset=str(data),
+            config=config,
+            promote=True,
+            require_no_worse="wer",
+            gate_dataset=str(held),
+        )
         open_train_job(ledger, req)
         summary = run_train(settings, ledger, req)
         ledger.r.close()

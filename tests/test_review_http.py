@@ -37,9 +37,13 @@ TOKEN = "a-long-enough-review-token"
 
 
 def _settings(tmp_path: Path, **env: str) -> Settings:
-    base = {"CAPTIONER_BROKER_URL": redis_url(BROKER_DB), "CAPTIONER_REDIS_URL": redis_url(LEDGER_DB),
-            "CAPTIONER_KEY_PREFIX": "captioner-test", "CAPTIONER_ALLOWED_ROOTS": str(tmp_path / "root"),
-            "CAPTIONER_REVIEW_EXPORT_DIR": str(tmp_path / "exports")}  # fmt: skip
+    base = {
+        "CAPTIONER_BROKER_URL": redis_url(BROKER_DB),
+        "CAPTIONER_REDIS_URL": redis_url(LEDGER_DB),
+        "CAPTIONER_KEY_PREFIX": "captioner-test",
+        "CAPTIONER_ALLOWED_ROOTS": str(tmp_path / "root"),
+        "CAPTIONER_REVIEW_EXPORT_DIR": str(tmp_path / "exports"),
+    }
     return settings_from({**base, **env})
 
 
@@ -49,8 +53,9 @@ class Server:
     def __init__(self, settings: Settings) -> None:
         self.port = free_port()
         self.app = create_app(settings)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                timeout_graceful_shutdown=1)  # fmt: skip
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=self.port, log_level="warning", timeout_graceful_shutdown=1
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -79,19 +84,30 @@ def job(tmp_path: Path) -> Iterator[tuple[Settings, dict[str, str]]]:
     ledger = ledger_from_settings(settings)
     root = tmp_path / "root"
     root.mkdir()
-    refs = {"hostile": root / "a.png", "plain": root / "b.png", "failed": root / "c.png", "pending": root / "d.png",
-            "outside": tmp_path / "outside.png"}  # fmt: skip
+    refs = {
+        "hostile": root / "a.png",
+        "plain": root / "b.png",
+        "failed": root / "c.png",
+        "pending": root / "d.png",
+        "outside": tmp_path / "outside.png",
+    }
     for path in refs.values():
         Image.new("RGB", (640, 480), (10, 120, 200)).save(path)
     ids = {k: item_id(str(p)) for k, p in refs.items()}
     ledger.open_job(JOB, "http job", GenParams())
     ledger.add_items(JOB, [(ids[k], str(p)) for k, p in refs.items()])
-    rows = [ItemResult(id=ids["hostile"], ref=str(refs["hostile"]), status=ItemStatus.OK, caption=HOSTILE),
-            ItemResult(id=ids["plain"], ref=str(refs["plain"]), status=ItemStatus.OK, caption="a plain caption"),
-            ItemResult(id=ids["failed"], ref=str(refs["failed"]), status=ItemStatus.ERROR, error_class="decode_error",
-                       error="<b>corrupt</b>"),
-            ItemResult(id=ids["outside"], ref=str(refs["outside"]), status=ItemStatus.OK,
-                       caption="outside")]  # fmt: skip
+    rows = [
+        ItemResult(id=ids["hostile"], ref=str(refs["hostile"]), status=ItemStatus.OK, caption=HOSTILE),
+        ItemResult(id=ids["plain"], ref=str(refs["plain"]), status=ItemStatus.OK, caption="a plain caption"),
+        ItemResult(
+            id=ids["failed"],
+            ref=str(refs["failed"]),
+            status=ItemStatus.ERROR,
+            error_class="decode_error",
+            error="<b>corrupt</b>",
+        ),
+        ItemResult(id=ids["outside"], ref=str(refs["outside"]), status=ItemStatus.OK, caption="outside"),
+    ]
     ledger.record(JOB, rows)
     ledger.r.close()
     yield settings, ids
@@ -116,8 +132,11 @@ def test_it_refuses_to_listen_beyond_loopback_without_authentication(tmp_path: P
         "CAPTIONER_REVIEW_USER/CAPTIONER_REVIEW_PASSWORD (or bind 127.0.0.1)"
     ]
     check_bind(_settings(tmp_path, CAPTIONER_REVIEW_HOST="0.0.0.0", CAPTIONER_REVIEW_TOKEN=TOKEN))
-    check_bind(_settings(tmp_path, CAPTIONER_REVIEW_HOST="10.1.2.3", CAPTIONER_REVIEW_USER="ana",
-                         CAPTIONER_REVIEW_PASSWORD="pw"))  # fmt: skip
+    check_bind(
+        _settings(
+            tmp_path, CAPTIONER_REVIEW_HOST="10.1.2.3", CAPTIONER_REVIEW_USER="ana", CAPTIONER_REVIEW_PASSWORD="pw"
+        )
+    )
     check_bind(_settings(tmp_path))  # loopback by default
     with pytest.raises(ConfigError, match="both CAPTIONER_REVIEW_USER and CAPTIONER_REVIEW_PASSWORD"):
         _settings(tmp_path, CAPTIONER_REVIEW_USER="ana")
@@ -144,8 +163,11 @@ def test_token_and_basic_authentication(job, tmp_path: Path) -> None:
 
 
 def _env(settings: Settings) -> dict[str, str]:
-    return {"CAPTIONER_BROKER_URL": settings.broker_url_str, "CAPTIONER_REDIS_URL": settings.redis_url_str,
-            "CAPTIONER_KEY_PREFIX": settings.key_prefix}  # fmt: skip
+    return {
+        "CAPTIONER_BROKER_URL": settings.broker_url_str,
+        "CAPTIONER_REDIS_URL": settings.redis_url_str,
+        "CAPTIONER_KEY_PREFIX": settings.key_prefix,
+    }
 
 
 def test_edits_need_the_session_csrf_token_and_our_origin(job) -> None:
@@ -211,8 +233,12 @@ def test_captions_and_messages_render_as_text_everywhere(job) -> None:
     with Server(settings) as srv, httpx2.Client(base_url=srv.url) as c:
         h = {"x-csrf-token": _csrf(c)}
         c.post(f"/api/jobs/{JOB}/items/{ids['plain']}/correction", headers=h, json={"text": HOSTILE})
-        for path in (f"/jobs/{JOB}", f"/jobs/{JOB}/items/{ids['hostile']}", f"/jobs/{JOB}/items/{ids['plain']}",
-                     f"/jobs/{JOB}?q=script"):  # fmt: skip
+        for path in (
+            f"/jobs/{JOB}",
+            f"/jobs/{JOB}/items/{ids['hostile']}",
+            f"/jobs/{JOB}/items/{ids['plain']}",
+            f"/jobs/{JOB}?q=script",
+        ):
             page = c.get(path)
             assert page.status_code == 200
             assert "<script>alert" not in page.text and "<img src=x" not in page.text and "<b>corrupt" not in page.text
@@ -268,8 +294,12 @@ def test_models_page_shows_versions_evaluations_over_time_and_their_samples(job,
     (weights / "config.json").write_text("{}")
     old = store.add(weights, {"base_model": "tiny", "metrics": {"wer": 0.9}}, "v-old").version
     new = store.add(weights, {"base_model": "tiny"}, "v-new").version
-    store.record_evaluation(new, "fp", {"wer": 0.5, "bleu4": 0.2}, samples=[
-        {"image": "/d/1.png", "prediction": HOSTILE, "references": ["a red circle"]}])  # fmt: skip
+    store.record_evaluation(
+        new,
+        "fp",
+        {"wer": 0.5, "bleu4": 0.2},
+        samples=[{"image": "/d/1.png", "prediction": HOSTILE, "references": ["a red circle"]}],
+    )
     store.record_evaluation(new, "fp", {"wer": 0.25, "bleu4": 0.4})
     store.promote(new)
     with Server(settings.model_copy(update={"model_store": store.root})) as srv:
@@ -344,8 +374,10 @@ def _raw_post(srv: Server, csrf: str, cookie: str, headers: str, body: bytes) ->
 
     path = f"/api/jobs/{JOB}/marks"
     with socket.create_connection(("127.0.0.1", srv.port), timeout=20) as sock:
-        head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                f"X-CSRF-Token: {csrf}\r\nCookie: {cookie}\r\n{headers}\r\n")  # fmt: skip
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"X-CSRF-Token: {csrf}\r\nCookie: {cookie}\r\n{headers}\r\n"
+        )
         sock.sendall(head.encode() + body)
         answer = b""  # a read times out (the test fails) when the server waits for the whole body
         while b"\r\n\r\n" not in answer:
@@ -411,8 +443,12 @@ def test_the_sign_in_token_never_reaches_the_access_log(job, tmp_path: Path) -> 
     log = tmp_path / "review.log"
     env = {**os.environ, **_env(settings), "CAPTIONER_REVIEW_TOKEN": TOKEN, "CAPTIONER_LOG_LEVEL": "INFO"}
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "cli.main", "review", "--port", str(port)], env=env,
-                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "review", "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -501,16 +537,18 @@ def test_bulk_actions_cover_the_whole_filter_and_downloads_carry_reasons(job) ->
     ledger = _ledger(settings)
     more = [(f"extra{i:03d}", f"/elsewhere/x{i:03d}.png") for i in range(130)]
     ledger.add_items(JOB, more)
-    ledger.record(JOB, [ItemResult(id=i, ref=r, status=ItemStatus.OK, caption=f"a shape {n}")
-                        for n, (i, r) in enumerate(more)])  # fmt: skip
+    ledger.record(
+        JOB, [ItemResult(id=i, ref=r, status=ItemStatus.OK, caption=f"a shape {n}") for n, (i, r) in enumerate(more)]
+    )
     with Server(settings) as srv, httpx2.Client(base_url=srv.url) as c:
         h = {"x-csrf-token": _csrf(c)}
         grid = c.get(f"/jobs/{JOB}", params={"q": "shape", "limit": "24", "sort": "name"}).text
         assert "1-24 of 130" in grid  # the filtered view's total, not only this page's
         names = re.findall(r'alt="/elsewhere/(x\d+)\.png"', grid)
         assert names == sorted(names) and names[0] == "x000"
-        started = c.post(f"/api/jobs/{JOB}/bulk", headers=h,
-                         json={"action": "reject", "filter": {"q": "shape"}, "reason": "blurry"})  # fmt: skip
+        started = c.post(
+            f"/api/jobs/{JOB}/bulk", headers=h, json={"action": "reject", "filter": {"q": "shape"}, "reason": "blurry"}
+        )
         assert started.status_code == 202 and started.json()["total"] == 130
         bulk_id = started.json()["id"]
         wait_for(lambda: c.get(f"/api/bulk/{bulk_id}").json()["state"] != "running", 60, "the bulk action to end")
@@ -532,9 +570,11 @@ def test_the_demo_says_how_to_review_its_captions(tmp_path: Path) -> None:
 
     settings = _settings(tmp_path, CAPTIONER_KEY_PREFIX="captioner-demo", CAPTIONER_MODEL_STORE=str(tmp_path / "m"))
     hint = review_hint(settings, tmp_path, "demo-1", kept=True, local_redis=False)
-    assert hint == (f"Review these captions in the browser: CAPTIONER_KEY_PREFIX=captioner-demo "
-                    f"CAPTIONER_ALLOWED_ROOTS={tmp_path} CAPTIONER_MODEL_STORE={tmp_path / 'm'} captioner review, "
-                    "then open http://127.0.0.1:8765/jobs/demo-1")  # fmt: skip
+    assert hint == (
+        f"Review these captions in the browser: CAPTIONER_KEY_PREFIX=captioner-demo "
+        f"CAPTIONER_ALLOWED_ROOTS={tmp_path} CAPTIONER_MODEL_STORE={tmp_path / 'm'} captioner review, "
+        "then open http://127.0.0.1:8765/jobs/demo-1"
+    )
     gone = review_hint(settings, tmp_path, "demo-1", kept=False, local_redis=True)
     assert "--workdir DIR" in gone and "a running Redis" in gone
 
@@ -548,8 +588,17 @@ def test_promote_from_the_models_page_is_gated_on_one_dataset_and_rollback_is_a_
     weights.mkdir()
     (weights / "config.json").write_text("{}")
     old = store.add(weights, {"base_model": "tiny"}, "v-old").version
-    new = store.add(weights, {"base_model": "tiny", "metrics": {"wer": 0.12}, "eval_fingerprint": "tiny5",
-                              "eval_examples": 5, "dataset": "/x/reviewed"}, "v-new").version  # fmt: skip
+    new = store.add(
+        weights,
+        {
+            "base_model": "tiny",
+            "metrics": {"wer": 0.12},
+            "eval_fingerprint": "tiny5",
+            "eval_examples": 5,
+            "dataset": "/x/reviewed",
+        },
+        "v-new",
+    ).version
     store.record_evaluation(old, "held100", {"wer": 0.232}, dataset="/data/held-out", n=100)
     store.promote(old)
     with Server(settings.model_copy(update={"model_store": store.root})) as srv, httpx2.Client(base_url=srv.url) as c:
@@ -565,8 +614,9 @@ def test_promote_from_the_models_page_is_gated_on_one_dataset_and_rollback_is_a_
         store.record_evaluation(new, "held100", {"wer": 0.246}, dataset="/data/held-out", n=100)
         worse = c.post(f"/api/models/{new}/promote", headers=h, json=gate)
         assert worse.status_code == 422
-        assert worse.json()["error"].startswith("not promoted: v-new wer 0.2460 vs current v-old 0.2320 on "
-                                                "/data/held-out, 100 image(s)")  # fmt: skip
+        assert worse.json()["error"].startswith(
+            "not promoted: v-new wer 0.2460 vs current v-old 0.2320 on /data/held-out, 100 image(s)"
+        )
         assert store.current().version == old
         store.record_evaluation(new, "held100", {"wer": 0.2}, dataset="/data/held-out", n=100)
         better = c.post(f"/api/models/{new}/promote", headers=h, json=gate).json()
@@ -598,8 +648,13 @@ def test_a_fine_tune_promoted_from_the_page_is_gated_by_default(job, tiny_model:
     with Server(settings) as srv, httpx2.Client(base_url=srv.url) as c:
         h = {"x-csrf-token": _csrf(c)}
         c.post(f"/api/jobs/{JOB}/marks", headers=h, json={"ids": [ids["plain"]], "mark": "accepted"})
-        form = {"base_model": str(tiny_model), "max_steps": "2", "promote": True, "require_no_worse": "wer",
-                "gate_dataset": "/data/held-out"}
+        form = {
+            "base_model": str(tiny_model),
+            "max_steps": "2",
+            "promote": True,
+            "require_no_worse": "wer",
+            "gate_dataset": "/data/held-out",
+        }
         queued = c.post(f"/api/jobs/{JOB}/train", headers=h, json=form)
         assert queued.status_code == 200, queued.text
         request = _ledger(settings).get_field(queued.json()["train_job"], "request")

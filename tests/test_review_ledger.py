@@ -38,8 +38,9 @@ def _fill(ledger: Ledger, job: str = JOB, n: int = N) -> dict[str, dict[str, str
             caption = f"A Red Circle number {i}" if i % 3 == 0 else f"a blue square number {i}"
             flags = ["truncated"] if i % 7 == 0 else None
             version = "v-new" if i % 2 else "v-old"
-            rows.append(ItemResult(id=iid, ref=ref, status=ItemStatus.OK, caption=caption, model_version=version,
-                                   flags=flags))  # fmt: skip
+            rows.append(
+                ItemResult(id=iid, ref=ref, status=ItemStatus.OK, caption=caption, model_version=version, flags=flags)
+            )
             kinds["ok"][iid] = ref
     ledger.record(job, rows)
     return kinds
@@ -201,12 +202,18 @@ def test_reviews_keep_a_history_refuse_stale_edits_and_undo(ledger: Ledger) -> N
     assert refused.value.current["corrected"] == "a yellow star"
     assert ledger.set_mark(JOB, [target], "rejected", "ana", reason="wrong colour") == 1
     row = ledger.item(JOB, target)
-    assert (row["corrected"], row["mark"], row["reason"], row["review_version"]) == ("a yellow star", "rejected",
-                                                                                     "wrong colour", 3)  # fmt: skip
+    assert (row["corrected"], row["mark"], row["reason"], row["review_version"]) == (
+        "a yellow star",
+        "rejected",
+        "wrong colour",
+        3,
+    )
     history = ledger.review_history(JOB, target)
     assert [(e["version"], e["reviewer"], e["corrected"], e["mark"]) for e in history] == [
-        (1, "ana", "a green triangle", None), (2, "bea", "a yellow star", None),
-        (3, "ana", "a yellow star", "rejected")]  # fmt: skip
+        (1, "ana", "a green triangle", None),
+        (2, "bea", "a yellow star", None),
+        (3, "ana", "a yellow star", "rejected"),
+    ]
     [exported] = [r for r in ledger.reviewed(JOB) if r["id"] == target]
     assert exported["reason"] == "wrong colour"
     # Undo goes back one change (and is a change itself); twice goes back further.

@@ -27,8 +27,14 @@ def cli_env(worker_env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in worker_env.items() if k.startswith("CAPTIONER_")}
 
 
-def reference(model_dir: Path, paths: list[str], prompt: str | None, *, sample: dict | None = None,
-              seeds: dict[str, int] | None = None) -> dict[str, str]:  # fmt: skip
+def reference(
+    model_dir: Path,
+    paths: list[str],
+    prompt: str | None,
+    *,
+    sample: dict | None = None,
+    seeds: dict[str, int] | None = None,
+) -> dict[str, str]:
     """What the worker must answer, one image at a time, float32, in this process: transformers' own greedy
     generate; or, sampling, the documented procedure token by token on the model's logits (no cache): softmax of
     logits / temperature, the top-p nucleus, one ``torch.rand`` draw from a generator seeded with the caption's
@@ -78,8 +84,9 @@ def _members(shard: Path) -> dict[str, bytes]:
 def test_two_tasks_caption_every_image_and_every_format_carries_both(
     settings: Settings, cli_env: dict[str, str], images: Path, tiny_model: Path, tmp_path: Path
 ) -> None:
-    code, out, err = invoke(settings, "enqueue", str(images), *TASKS, "--chunk-size", "4", "--wait", "--json",
-                            env=cli_env)  # fmt: skip
+    code, out, err = invoke(
+        settings, "enqueue", str(images), *TASKS, "--chunk-size", "4", "--wait", "--json", env=cli_env
+    )
     assert code == 0, err
     job = json.loads(out)["job"]["id"]
     code, out, err = invoke(settings, "export", job, "--format", "jsonl", "-o", "-", env=cli_env)
@@ -117,16 +124,18 @@ def test_two_tasks_caption_every_image_and_every_format_carries_both(
         assert members[f"{key}.txt"].decode() == short[p]
 
     kohya = tmp_path / "kohya.json"
-    code, _, err = invoke(settings, "export", job, "--format", "kohya", "--task", "detailed", "-o", str(kohya),
-                          env=cli_env)  # fmt: skip
+    code, _, err = invoke(
+        settings, "export", job, "--format", "kohya", "--task", "detailed", "-o", str(kohya), env=cli_env
+    )
     assert code == 0, err
     assert {k: v["caption"] for k, v in json.loads(kohya.read_text()).items()} == detailed
     code, _, err = invoke(settings, "export", job, "--format", "sidecar", "--task", "detailed", env=cli_env)
     assert code == 0, err
     assert {p: Path(p).with_suffix(".txt").read_text() for p in paths} == {p: detailed[p] + "\n" for p in paths}
     metadata = tmp_path / "metadata.jsonl"
-    code, _, err = invoke(settings, "export", job, "--format", "metadata", "--task", "short", "-o", str(metadata),
-                          env=cli_env)  # fmt: skip
+    code, _, err = invoke(
+        settings, "export", job, "--format", "metadata", "--task", "short", "-o", str(metadata), env=cli_env
+    )
     assert code == 0, err
     assert sorted(json.loads(line)["text"] for line in metadata.read_text().splitlines()) == sorted(short.values())
 
@@ -164,8 +173,13 @@ def test_sampled_captions_follow_each_items_seed_whatever_its_batch(
     again = run(*sampling, "--seed", "7", "--chunk-size", "1")
     assert {p: r["caption"] for p, r in first.items()} == {p: r["caption"] for p, r in again.items()}
     row = next(iter(first.values()))
-    assert row["params"] | {"max_length": 0} == {"max_length": 0, "num_beams": 1, "temperature": 1.5, "top_p": 0.95,
-                                                  "seed": 7}  # fmt: skip
+    assert row["params"] | {"max_length": 0} == {
+        "max_length": 0,
+        "num_beams": 1,
+        "temperature": 1.5,
+        "top_p": 0.95,
+        "seed": 7,
+    }
     # Each caption is the documented draw on the model's logits, under the seed derived from the job's seed and the
     # item id.
     paths = sorted(first)
@@ -196,9 +210,15 @@ def test_task_options_are_checked_before_anything_is_sent(
 def test_the_row_codec_keeps_every_tasks_caption_and_stores_the_names_once() -> None:
     tasks = (CaptionTask(name="short"), CaptionTask(name="detailed", prompt="a picture of"))
     params = GenParams(max_length=20, tasks=tasks)
-    row = ItemResult(id="0123456789abcdef", ref="/data/a.jpg", status=ItemStatus.OK, caption="a cat",
-                     captions={"short": "a cat", "detailed": "a picture of a cat on a mat"}, params=params,
-                     model_version="v1")  # fmt: skip
+    row = ItemResult(
+        id="0123456789abcdef",
+        ref="/data/a.jpg",
+        status=ItemStatus.OK,
+        caption="a cat",
+        captions={"short": "a cat", "detailed": "a picture of a cat on a mat"},
+        params=params,
+        model_version="v1",
+    )
     table = [codec.Provenance("v1", params)]
     stored = rowform.encode(row, base="/data/", created=0.0, provenance=0)
     back = rowform.decode(row.id, stored, base="/data/", created=0.0, provenance=table)
@@ -208,18 +228,27 @@ def test_the_row_codec_keeps_every_tasks_caption_and_stores_the_names_once() -> 
     one = GenParams(tasks=tasks[:1])
     single = row.model_copy(update={"params": one, "captions": {"short": "a cat"}})
     stored_one = rowform.encode(single, base="/data/", created=0.0, provenance=0)
-    assert stored_one == rowform.encode(single.model_copy(update={"params": None}), base="/data/", created=0.0,
-                                      provenance=0)  # fmt: skip
+    assert stored_one == rowform.encode(
+        single.model_copy(update={"params": None}), base="/data/", created=0.0, provenance=0
+    )
     assert rowform.decode(row.id, stored_one, base="/data/", created=0.0, provenance=[codec.Provenance("v1", one)])[
-        "captions"] == {"short": "a cat"}  # fmt: skip
+        "captions"
+    ] == {"short": "a cat"}
     # Error rows of a job with tasks store no captions; rows of jobs without tasks gain no field.
-    error = ItemResult(id=row.id, ref=row.ref, status=ItemStatus.ERROR, error_class="decode_error", error="bad",
-                       params=params)  # fmt: skip
-    assert "captions" not in rowform.decode(row.id, rowform.encode(error, base="", created=0.0, provenance=0), base="",
-                                          created=0.0, provenance=table)  # fmt: skip
+    error = ItemResult(
+        id=row.id, ref=row.ref, status=ItemStatus.ERROR, error_class="decode_error", error="bad", params=params
+    )
+    assert "captions" not in rowform.decode(
+        row.id, rowform.encode(error, base="", created=0.0, provenance=0), base="", created=0.0, provenance=table
+    )
     plain = row.model_copy(update={"params": GenParams(), "captions": None})
-    assert "captions" not in rowform.decode(row.id, rowform.encode(plain, base="", created=0.0, provenance=0), base="",
-                                          created=0.0, provenance=[codec.Provenance("v1", GenParams())])  # fmt: skip
+    assert "captions" not in rowform.decode(
+        row.id,
+        rowform.encode(plain, base="", created=0.0, provenance=0),
+        base="",
+        created=0.0,
+        provenance=[codec.Provenance("v1", GenParams())],
+    )
 
 
 def test_old_messages_without_tasks_keep_their_params_and_batch_key() -> None:
@@ -243,12 +272,29 @@ def test_both_ledgers_keep_every_tasks_caption(ledger: Ledger) -> None:
     refs = [f"/data/{i}.jpg" for i in range(3)]
     ledger.add_items("j", [(item_id(r), r) for r in refs])
     captions = {"short": "a cat", "detailed": "a picture of a cat", "tags": "cat, mat"}
-    ledger.record("j", [
-        ItemResult(id=item_id(refs[0]), ref=refs[0], status=ItemStatus.OK, caption="a cat", captions=captions,
-                   params=params, model_version="v1"),
-        ItemResult(id=item_id(refs[1]), ref=refs[1], status=ItemStatus.ERROR, error_class="decode_error", error="x",
-                   params=params, model_version="v1"),
-    ])  # fmt: skip
+    ledger.record(
+        "j",
+        [
+            ItemResult(
+                id=item_id(refs[0]),
+                ref=refs[0],
+                status=ItemStatus.OK,
+                caption="a cat",
+                captions=captions,
+                params=params,
+                model_version="v1",
+            ),
+            ItemResult(
+                id=item_id(refs[1]),
+                ref=refs[1],
+                status=ItemStatus.ERROR,
+                error_class="decode_error",
+                error="x",
+                params=params,
+                model_version="v1",
+            ),
+        ],
+    )
     rows = {r["ref"]: r for r in ledger.iter_results("j")}
     assert rows[refs[0]]["captions"] == captions and list(rows[refs[0]]["captions"]) == ["short", "detailed", "tags"]
     assert "captions" not in rows[refs[1]]

@@ -172,8 +172,9 @@ def train(
 
     def evaluate_now() -> None:
         started = time.perf_counter()
-        metrics, samples, _ = evaluate_items(engine, pixels, eval_items, max_length=cfg.max_length,
-                                             batch_size=cfg.eval_batch_size, autocast=acc.autocast)  # fmt: skip
+        metrics, samples, _ = evaluate_items(
+            engine, pixels, eval_items, max_length=cfg.max_length, batch_size=cfg.eval_batch_size, autocast=acc.autocast
+        )
         clock.eval_done(time.perf_counter() - started)
         record = {"step": step, "epoch": step / plan.steps_per_epoch, "metrics": metrics}
         state["history"].append(record)
@@ -300,8 +301,10 @@ def _load_model(cfg: TrainConfig, resume: Path | None, device: torch.device) -> 
         require_peft()  # before the model is read: the one line that says what to install
     start = cfg.base_model if lora or resume is None else str(resume)
     if resume is not None and lora != (resume / ADAPTER_RUN).is_file():
-        raise ConfigError(f"{resume} is a {'full' if lora else 'LoRA'} checkpoint; resume it with lora_r "
-                          f"{'0' if lora else '> 0'} or use a new run directory")  # fmt: skip
+        raise ConfigError(
+            f"{resume} is a {'full' if lora else 'LoRA'} checkpoint; resume it with lora_r "
+            f"{'0' if lora else '> 0'} or use a new run directory"
+        )
     engine = CaptionEngine.load(EngineConfig(model=start, device=str(device), dtype="float32"))
     if cfg.gradient_checkpointing:
         engine.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -554,8 +557,10 @@ class _Reporter:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ConfigError("report_to tensorboard needs the tensorboard package on the training worker "
-                              "(pip install 'captioner[train]')") from None  # fmt: skip
+            raise ConfigError(
+                "report_to tensorboard needs the tensorboard package on the training worker "
+                "(pip install 'captioner[train]')"
+            ) from None
         self.path = out_dir / TENSORBOARD_DIR
         self._writer = SummaryWriter(str(self.path))
 

@@ -35,10 +35,16 @@ def add_adapters(model: Any, cfg: TrainConfig) -> Any:
     wanted = set(cfg.lora_modules())
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     if not wanted & present:
-        raise ConfigError(f"lora_target_modules {sorted(wanted)} match no layer of the model (e.g. query, value, "
-                          "q_proj, v_proj)")  # fmt: skip
-    lora = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                           target_modules=sorted(wanted & present), bias="none")  # fmt: skip
+        raise ConfigError(
+            f"lora_target_modules {sorted(wanted)} match no layer of the model (e.g. query, value, q_proj, v_proj)"
+        )
+    lora = peft.LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=sorted(wanted & present),
+        bias="none",
+    )
     return peft.get_peft_model(model, lora)
 
 

@@ -150,8 +150,9 @@ class ChunkRunner:
         out = self.run_items(msg.job_id, items, msg.params) if items else ChunkOutcome(job_id=msg.job_id, items=0)
         if wrong:  # a message may not give a pending item another image than its own
             out.refused += wrong
-            log.warning("chunk of job %s pairs %d id(s) with a reference that is not theirs; refused", msg.job_id,
-                        wrong)  # fmt: skip
+            log.warning(
+                "chunk of job %s pairs %d id(s) with a reference that is not theirs; refused", msg.job_id, wrong
+            )
         if bad:
             self._bad_rows(msg.job_id, bad, msg.params, out)
         return out
@@ -166,8 +167,9 @@ class ChunkRunner:
             log.warning("chunk of job %s names %d unparsable item(s) not in the job; refused", job_id, unknown)
         rows = [
             error_row({"id": b.id, "ref": b.ref, "params": params}, InvalidInput(b.error))
-            for b in bad if status[b.id] not in (None, ItemStatus.OK)
-        ]  # fmt: skip
+            for b in bad
+            if status[b.id] not in (None, ItemStatus.OK)
+        ]
         out.skipped += sum(status[b.id] is ItemStatus.OK for b in bad)
         if rows:
             self._write(job_id, rows, out)
@@ -186,8 +188,9 @@ class ChunkRunner:
         unknown = [iid for iid, _ in items if status[iid] is None]
         if unknown:  # a message may only name items of its job's manifest: nothing is added behind its back
             out.refused = len(unknown)
-            log.warning("chunk of job %s names %d item(s) not in the job (e.g. %s); refused", job_id,
-                        len(unknown), unknown[0])  # fmt: skip
+            log.warning(
+                "chunk of job %s names %d item(s) not in the job (e.g. %s); refused", job_id, len(unknown), unknown[0]
+            )
         todo = [(iid, src) for iid, src in items if status[iid] not in (ItemStatus.OK, None)]  # redelivery: skip done
         out.skipped = len(items) - len(todo) - out.refused
         if not todo:
@@ -219,9 +222,18 @@ class ChunkRunner:
         log.info(
             "%s job=%s items=%d ok=%d error=%d skipped=%d alone=%d load_ms=%.0f infer_ms=%.0f write_ms=%.1f "
             "total_ms=%.0f",
-            kind, job_id, out.items, out.ok, out.error, out.skipped, len(alone), out.load_ms, out.infer_ms,
-            out.write_ms, (time.perf_counter() - started) * 1000,
-        )  # fmt: skip
+            kind,
+            job_id,
+            out.items,
+            out.ok,
+            out.error,
+            out.skipped,
+            len(alone),
+            out.load_ms,
+            out.infer_ms,
+            out.write_ms,
+            (time.perf_counter() - started) * 1000,
+        )
         return out
 
     def _near_duplicates(
@@ -231,8 +243,9 @@ class ChunkRunner:
         if not work or params.curation is None or not params.curation.near_duplicates:
             return work, []
         if self._dups is None:
-            self._dups = curation.NearDuplicates(*curation.index_client(self.ledger, self.settings),
-                                                 self.settings, self.service.scorers)  # fmt: skip
+            self._dups = curation.NearDuplicates(
+                *curation.index_client(self.ledger, self.settings), self.settings, self.service.scorers
+            )
         device = str(getattr(self.service.engine, "device", "cpu"))
         return self._dups.split(job_id, work, params, self.service.decode_source, device)
 

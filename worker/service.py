@@ -242,8 +242,12 @@ class CaptionService:
             engine.warm_up(self.settings.max_batch_size, GenParams(max_length=self.settings.max_length))
         old = self._engine.version if self._engine else None
         self.swap_engine(engine)
-        metrics.set_model(engine.version, str(engine.device), str(engine.dtype).removeprefix("torch."),
-                          getattr(engine, "profile", None))  # fmt: skip
+        metrics.set_model(
+            engine.version,
+            str(engine.device),
+            str(engine.dtype).removeprefix("torch."),
+            getattr(engine, "profile", None),
+        )
         log.info("model swapped %s -> %s (promoted)", old, engine.version)
         return True
 
@@ -293,9 +297,19 @@ class CaptionService:
             # Flags of any task's caption: a retry of flagged items captions every task again.
             flags = [f for f in QUALITY_FLAGS if f in found] or None
             captions = {t.name: g.text for t, g in zip(params.tasks, gens, strict=True)} if params.tasks else None
-            out.append(Captioned(gens[0].text, engine.version, flags, batch_ms, profile=profile, family=_family(engine),
-                                 confidence=getattr(gens[0], "confidence", None), captions=captions,
-                                 scored=scored[i] if scored else None))  # fmt: skip
+            out.append(
+                Captioned(
+                    gens[0].text,
+                    engine.version,
+                    flags,
+                    batch_ms,
+                    profile=profile,
+                    family=_family(engine),
+                    confidence=getattr(gens[0], "confidence", None),
+                    captions=captions,
+                    scored=scored[i] if scored else None,
+                )
+            )
         return out
 
     def decode_slots(self) -> int:
@@ -417,8 +431,16 @@ class CaptionService:
                 found.update(quality_flags(gen.text, generated_tokens=tokens, max_length=params.max_length))
             flags = [f for f in QUALITY_FLAGS if f in found] or None
             captions = {t.name: g.text for t, g in zip(params.tasks, answers, strict=True)} if params.tasks else None
-            out.set_result(Captioned(answers[0].text, engine.version, flags, round(took * 1000, 2),
-                                     family=_family(engine), captions=captions))  # fmt: skip
+            out.set_result(
+                Captioned(
+                    answers[0].text,
+                    engine.version,
+                    flags,
+                    round(took * 1000, 2),
+                    family=_family(engine),
+                    captions=captions,
+                )
+            )
 
         for index, call in enumerate(calls):
             engine.submit(pixels, call).add_done_callback(functools.partial(settle, index))

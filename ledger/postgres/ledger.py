@@ -575,13 +575,16 @@ class PostgresLedger(Ledger):
         return self._run(sql, (job_id, codec.id_bytes(item_id), version, json.dumps(entry).encode())) == 1
 
     def _put_review(self, job_id: str, item_id: str, packed: bytes) -> None:
-        self._run("UPDATE {s}.items SET review = %s WHERE job_id = %s AND id = %s",
-                  (packed, job_id, codec.id_bytes(item_id)))  # fmt: skip
+        self._run(
+            "UPDATE {s}.items SET review = %s WHERE job_id = %s AND id = %s", (packed, job_id, codec.id_bytes(item_id))
+        )
 
     def review_history(self, job_id: str, item_id: str) -> list[dict[str, Any]]:
         self.job(job_id)
-        rows = self._all("SELECT entry FROM {s}.review_log WHERE job_id = %s AND id = %s ORDER BY version",
-                         (job_id, codec.id_bytes(item_id)))  # fmt: skip
+        rows = self._all(
+            "SELECT entry FROM {s}.review_log WHERE job_id = %s AND id = %s ORDER BY version",
+            (job_id, codec.id_bytes(item_id)),
+        )
         return [json.loads(bytes(r[0])) for r in rows]
 
 

@@ -127,8 +127,11 @@ def tables_exist(conn: Any, schema: str) -> bool:
     found = conn.execute("SELECT bool_and(to_regclass(n) IS NOT NULL) FROM unnest(%s::text[]) AS n", (names,))
     if not found.fetchone()[0]:
         return False
-    newest = conn.execute("SELECT 1 FROM information_schema.columns WHERE table_schema = %s AND table_name = 'items' "
-                          "AND column_name = %s", (schema, NEWEST_COLUMN))  # fmt: skip
+    newest = conn.execute(
+        "SELECT 1 FROM information_schema.columns WHERE table_schema = %s AND table_name = 'items' "
+        "AND column_name = %s",
+        (schema, NEWEST_COLUMN),
+    )
     return newest.fetchone() is not None
 
 
