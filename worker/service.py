@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from contextvars import copy_context
@@ -289,14 +289,7 @@ class CaptionService:
             metrics.set_model(engine.version, str(engine.device), str(engine.dtype).removeprefix("torch."), profile)
         out = []
         for i, gens in enumerate(zip(*per_task, strict=True)):
-            found: set[str] = set()
-            for gen in gens:
-                # A caption that ended on its own is not cut, even when its end token fell on the last position.
-                tokens = gen.tokens - 1 if gen.ended else gen.tokens
-                found.update(quality_flags(gen.text, generated_tokens=tokens, max_length=params.max_length))
-            # Flags of any task's caption: a retry of flagged items captions every task again.
-            flags = [f for f in QUALITY_FLAGS if f in found] or None
-            captions = {t.name: g.text for t, g in zip(params.tasks, gens, strict=True)} if params.tasks else None
+            flags, captions = _flags_and_captions(gens, params)
             out.append(
                 Captioned(
                     gens[0].text,
@@ -425,12 +418,7 @@ class CaptionService:
                     return
             took = time.perf_counter() - started
             metrics.observe_batch(1, took)
-            found: set[str] = set()
-            for gen in answers:
-                tokens = gen.tokens - 1 if gen.ended else gen.tokens
-                found.update(quality_flags(gen.text, generated_tokens=tokens, max_length=params.max_length))
-            flags = [f for f in QUALITY_FLAGS if f in found] or None
-            captions = {t.name: g.text for t, g in zip(params.tasks, answers, strict=True)} if params.tasks else None
+            flags, captions = _flags_and_captions(answers, params)
             out.set_result(
                 Captioned(
                     answers[0].text,
@@ -611,6 +599,19 @@ def _with_default_prompt(engine: Any, params: GenParams) -> GenParams:
         return GenParams.model_validate({**params.model_dump(), "prompt": default})
     except ValueError:  # no room for it in max_length: the engine refuses these params with a row saying so
         return params
+
+
+def _flags_and_captions(gens: Sequence[Any], params: GenParams) -> tuple[list[str] | None, dict[str, str] | None]:
+    """One image's quality flags and captions by task from its generations (one per task, or the one caption).
+    Flags of any task's caption count: a retry of flagged items captions every task again."""
+    found: set[str] = set()
+    for gen in gens:
+        # A caption that ended on its own is not cut, even when its end token fell on the last position.
+        tokens = gen.tokens - 1 if gen.ended else gen.tokens
+        found.update(quality_flags(gen.text, generated_tokens=tokens, max_length=params.max_length))
+    flags = [f for f in QUALITY_FLAGS if f in found] or None
+    captions = {t.name: g.text for t, g in zip(params.tasks, gens, strict=True)} if params.tasks else None
+    return flags, captions
 
 
 def _family(engine: Any) -> str | None:
