@@ -168,8 +168,8 @@ def _append_answers(inputs: dict[str, Any], answers: list[list[int]], pad: int) 
 
 
 def _decoder_rows(start: list[int], captions: list[list[int]], pad: int, device: torch.device) -> TrainBatch:
-    """Encoder-decoder training rows: ``start`` (the decoder start token and a prompt prefix), then each caption,
-    right-padded, as ``decoder_input_ids``; labels are the captions only."""
+    """Training rows of a decoder that attends to the image: ``start`` (its start token and a prompt prefix), then
+    each caption, right-padded, as ``decoder_input_ids``; labels are the captions only."""
     width = len(start) + max(len(c) for c in captions)
     ids = torch.full((len(captions), width), pad, dtype=torch.long)
     labels = torch.full((len(captions), width), -100, dtype=torch.long)
@@ -212,17 +212,20 @@ class Blip(Family):
         device: torch.device,
         dtype: torch.dtype,
     ) -> TrainBatch:
-        # [DEC], the prompt, the caption, [SEP]: generation starts from [DEC] (BLIP's generate swaps it for [CLS]).
-        prefix = len(self.prefix_ids(processor, prompt))
-        text = [f"{prompt} {c}" if prompt else c for c in captions]
-        features = dict(processor(images=images, text=text, padding="longest", truncation=True,
-                                  max_length=max_tokens + prefix - 1, return_tensors="pt"))  # fmt: skip
-        ids = features["input_ids"].clone()
-        ids[:, 0] = processor.tokenizer.bos_token_id
-        features["input_ids"] = ids
-        labels = ids.masked_fill(features["attention_mask"] == 0, -100)
-        labels[:, :prefix] = -100
-        return TrainBatch(_to(features, device, dtype), labels.to(device))
+        # [DEC], the prompt, the caption, [SEP]: generation starts from [DEC] (BLIP's generate swaps it for [CLS])
+        # and stops at [SEP]; BLIP's own recipe swaps the first token the same way.
+        tokenizer = processor.tokenizer
+        start = [self._start, *self.prefix_ids(processor, prompt)[1:]]
+        rows = [_caption_ids(tokenizer, c, self._end, max_tokens - 1) for c in captions]
+        text = _decoder_rows(start, rows, tokenizer.pad_token_id, device)
+        features = dict(processor.image_processor(images=images, return_tensors="pt"))
+        features["input_ids"] = text.inputs["decoder_input_ids"]
+        features["attention_mask"] = text.inputs["decoder_attention_mask"]
+        return TrainBatch(_to(features, device, dtype), text.labels)
+
+    def bind(self, model: Any) -> None:
+        self._start = int(model.config.text_config.bos_token_id)
+        self._end = int(model.config.text_config.sep_token_id)
 
 
 class Blip2(Family):

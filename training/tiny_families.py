@@ -178,25 +178,29 @@ def _clip_pil(size: int = IMAGE_SIZE, **over: Any) -> Any:
 # --- encoder-decoder and Q-former families -------------------------------------------------------------------
 
 
-def build_tiny_blip(out_dir: Path, *, seed: int = 0, init: float = INIT) -> Path:
-    """BLIP (``BlipForConditionalGeneration``): ViT + BERT decoder with cross-attention, BERT vocab + ``[DEC]``."""
+def build_tiny_blip(out_dir: Path, *, seed: int = 0, init: float = INIT, words: bool = False) -> Path:
+    """BLIP (``BlipForConditionalGeneration``): ViT + BERT decoder with cross-attention, BERT vocab + ``[DEC]``;
+    with ``words`` a word-level vocabulary instead (``<s>`` as its ``[DEC]``, ``</s>`` as its ``[SEP]``), whose
+    small output layer a LoRA on the attention alone can steer within a test's few steps."""
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil, BlipProcessor
 
-    tokenizer = _bert_tokenizer(extra={"bos_token": "[DEC]"})
+    tokenizer = word_tokenizer() if words else _bert_tokenizer(extra={"bos_token": "[DEC]"})
+    sep = tokenizer.eos_token_id if words else tokenizer.sep_token_id
     text = _text(
         len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
-        sep_token_id=tokenizer.sep_token_id,
+        sep_token_id=sep,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.sep_token_id,
+        eos_token_id=sep,
     )
     config = BlipConfig(text_config=text, vision_config=_vision(), projection_dim=HIDDEN)
     image = BlipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     return _save(out_dir, BlipForConditionalGeneration, config, BlipProcessor(image, tokenizer), seed, init)
 
 
-def build_tiny_vision_encoder_decoder(out_dir: Path, *, seed: int = 0, init: float = INIT) -> Path:
-    """``VisionEncoderDecoderModel``: a ViT encoder and a BERT decoder with cross-attention (ViT->BERT style)."""
+def build_tiny_vision_encoder_decoder(out_dir: Path, *, seed: int = 0, init: float = INIT, words: bool = False) -> Path:
+    """``VisionEncoderDecoderModel``: a ViT encoder and a BERT decoder with cross-attention (ViT->BERT style); with
+    ``words`` a word-level vocabulary (``<s>`` starts the decoder) instead of BERT's."""
     from transformers import (
         BertConfig,
         VisionEncoderDecoderConfig,
@@ -205,14 +209,14 @@ def build_tiny_vision_encoder_decoder(out_dir: Path, *, seed: int = 0, init: flo
         ViTImageProcessorPil,
     )
 
-    tokenizer = _bert_tokenizer()
+    tokenizer = word_tokenizer() if words else _bert_tokenizer()
     vision = ViTConfig(**_vision())
     decoder = BertConfig(**_text(len(tokenizer)), is_decoder=True, add_cross_attention=True)
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(vision, decoder)
     special = {
-        "decoder_start_token_id": tokenizer.cls_token_id,
+        "decoder_start_token_id": tokenizer.bos_token_id if words else tokenizer.cls_token_id,
         "pad_token_id": tokenizer.pad_token_id,
-        "eos_token_id": tokenizer.sep_token_id,
+        "eos_token_id": tokenizer.eos_token_id if words else tokenizer.sep_token_id,
     }
     for key, value in special.items():
         setattr(config, key, value)
