@@ -115,7 +115,7 @@ def test_each_family_learns_the_shapes_and_its_version_loads_in_a_caption_worker
     result = train(_config(bases[family], lora), train_set, eval_set, tmp_path, on_progress=events.append)
     losses = [e["loss"] for e in events if e["kind"] == "train"]
     wers = [r["metrics"]["wer"] for r in result.history]
-    print(f"{family} lora={lora}: loss {losses[0]:.3f} -> {losses[-1]:.3f}, held-out WER {wers[0]:.3f} -> {wers[-1]:.3f}")
+    print(f"{family} lora={lora}: loss {losses[0]:.3f}->{losses[-1]:.3f}, held-out WER {wers[0]:.3f}->{wers[-1]:.3f}")
     assert [r["step"] for r in result.history] == [0, STEPS[lora]]
     assert losses[-1] < 0.75 * losses[0], f"{family}: training loss {losses[0]:.3f} -> {losses[-1]:.3f}"
     assert wers[-1] < wers[0] - 0.25, f"{family}: held-out WER {wers[0]:.3f} -> {wers[-1]:.3f}"
@@ -189,7 +189,8 @@ def test_a_family_trains_on_the_training_queue_into_the_model_store(
 ) -> None:
     """``captioner train --base-model DIR``'s job: run_train on the ledger stores the family's version."""
     from common.connections import redis_client
-    from training.jobs import open_train_job, run_train
+    from training.jobs import run_train
+    from training.requests import open_train_job
 
     data = tmp_path / "data"
     make_shapes(data, 40, seed=3, size=32)
