@@ -163,6 +163,8 @@ def test_only_the_caption_is_labelled(family: str, bases: dict[str, Path]) -> No
         width = asked["input_ids"].shape[1]
         assert torch.equal(batch.inputs["input_ids"][:, :width], asked["input_ids"])
         assert (batch.labels[:, :width] == -100).all()
+    if "token_type_ids" in batch.inputs:  # PaliGemma: the answer is the suffix (causal), the prompt the prefix
+        assert torch.equal(batch.inputs["token_type_ids"].bool(), batch.labels != -100)
     # max_tokens bounds a caption, its end token kept.
     short = engine.family.train_batch(engine.processor, images, captions, prompt, 4, engine.device, engine.dtype)
     assert [int((row != -100).sum()) for row in short.labels] <= [3, 3]
