@@ -210,3 +210,8 @@ def test_a_family_trains_on_the_training_queue_into_the_model_store(
     engine = load_engine(EngineConfig(model=str(version.path), device="cpu", dtype="float32"))
     assert isinstance(engine, FamilyEngine) and engine.family_name == "florence-2"
     assert len(engine.generate([Image.new("RGB", (32, 32), (200, 30, 30))], GenParams(max_length=12))) == 1
+    # Its model card (captioner push-to-hub) names what it is.
+    from training.modelcard import model_card
+
+    card = model_card(version, "someone/tiny-florence")
+    assert "- florence2" in card and "(`Florence2ForConditionalGeneration`)" in card and "GIT" not in card
