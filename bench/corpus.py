@@ -14,8 +14,23 @@ SIZES = (64, 160, 256, 384, 512, 768, 1024)
 #: Width/height ratios, cycled with the sizes (landscape, square, portrait).
 ASPECTS = (4 / 3, 1.0, 3 / 4, 16 / 9, 2 / 3)
 #: scikit-image's bundled photos that need no download (RGB, or grey converted to RGB).
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
-          "colorwheel", "camera", "coins", "moon", "clock", "grass", "gravel", "brick")  # fmt: skip
+PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "colorwheel",
+    "camera",
+    "coins",
+    "moon",
+    "clock",
+    "grass",
+    "gravel",
+    "brick",
+)
 MODELS = ("tiny", "git-base")
 
 

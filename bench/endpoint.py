@@ -79,26 +79,46 @@ def direct(url: str, bodies: list[bytes], concurrency: int, api_key: str | None)
 class Queued:
     """A redis-server and a real caption worker on the endpoint; ``measure`` times one job end to end."""
 
-    def __init__(self, workdir: Path, url: str, model: str, concurrency: int, max_length: int, image_dir: Path,
-                 worker_env: dict[str, str]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        workdir: Path,
+        url: str,
+        model: str,
+        concurrency: int,
+        max_length: int,
+        image_dir: Path,
+        worker_env: dict[str, str],
+    ) -> None:
         from common.settings import Settings
         from producer.local import LocalRedis, WorkerProcess
 
         self.redis = LocalRedis()
         queue = f"bench-endpoint-{uuid.uuid4().hex[:8]}"
         env = {
-            "CAPTIONER_BROKER_URL": self.redis.url(0), "CAPTIONER_RESULT_BACKEND": self.redis.url(0),
-            "CAPTIONER_REDIS_URL": self.redis.url(1), "CAPTIONER_KEY_PREFIX": "bench", "CAPTIONER_CAPTION_QUEUE": queue,
-            "CAPTIONER_ENDPOINT_URL": url, "CAPTIONER_MODEL": model, "CAPTIONER_MAX_LENGTH": str(max_length),
-            "CAPTIONER_ENDPOINT_CONCURRENCY": str(concurrency), "CAPTIONER_ALLOWED_ROOTS": str(image_dir),
-            "CAPTIONER_METRICS_PORT": "0", "HF_HUB_OFFLINE": "1",
+            "CAPTIONER_BROKER_URL": self.redis.url(0),
+            "CAPTIONER_RESULT_BACKEND": self.redis.url(0),
+            "CAPTIONER_REDIS_URL": self.redis.url(1),
+            "CAPTIONER_KEY_PREFIX": "bench",
+            "CAPTIONER_CAPTION_QUEUE": queue,
+            "CAPTIONER_ENDPOINT_URL": url,
+            "CAPTIONER_MODEL": model,
+            "CAPTIONER_MAX_LENGTH": str(max_length),
+            "CAPTIONER_ENDPOINT_CONCURRENCY": str(concurrency),
+            "CAPTIONER_ALLOWED_ROOTS": str(image_dir),
+            "CAPTIONER_METRICS_PORT": "0",
+            "HF_HUB_OFFLINE": "1",
             "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
             **worker_env,
-        }  # fmt: skip
+        }
         self.worker = WorkerProcess(env, log=workdir / "endpoint-worker.log").start()
-        self.settings = Settings(broker_url=self.redis.url(0), result_backend=self.redis.url(0),
-                                 redis_url=self.redis.url(1), key_prefix="bench", caption_queue=queue,
-                                 max_length=max_length)  # fmt: skip
+        self.settings = Settings(
+            broker_url=self.redis.url(0),
+            result_backend=self.redis.url(0),
+            redis_url=self.redis.url(1),
+            key_prefix="bench",
+            caption_queue=queue,
+            max_length=max_length,
+        )
         self.max_length = max_length
         self.client: Any = None
 
@@ -113,15 +133,15 @@ class Queued:
 
         job_id = f"bench-{uuid.uuid4().hex[:8]}"
         started = time.time()
-        self.client.enqueue([str(p) for p in paths], job_id=job_id,
-                            params=GenParams(max_length=self.max_length, prompt=prompt))  # fmt: skip
+        self.client.enqueue(
+            [str(p) for p in paths], job_id=job_id, params=GenParams(max_length=self.max_length, prompt=prompt)
+        )
         info = self.client.wait(job_id, timeout=60 + 30 * len(paths), poll_s=0.02, on_tick=lambda _: None)
         if info.ok != len(paths):
             raise RuntimeError(f"{info.ok} of {len(paths)} captioned; see {self.worker.log_path}")
         seconds = (info.finished or time.time()) - started
         by_ref = {row["ref"]: row.get("caption") or "" for row in self.client.results(job_id)}
-        return {"seconds": seconds, "images_per_s": len(paths) / seconds,
-                "captions": [by_ref[str(p)] for p in paths]}  # fmt: skip
+        return {"seconds": seconds, "images_per_s": len(paths) / seconds, "captions": [by_ref[str(p)] for p in paths]}
 
     def close(self) -> None:
         if self.client is not None:
@@ -142,8 +162,14 @@ class InstantServer:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         message = {"role": "assistant", "content": "a photo of something"}
-        answer = json.dumps({"object": "chat.completion", "model": self.MODEL, "usage": {"completion_tokens": 4},
-                             "choices": [{"index": 0, "finish_reason": "stop", "message": message}]})  # fmt: skip
+        answer = json.dumps(
+            {
+                "object": "chat.completion",
+                "model": self.MODEL,
+                "usage": {"completion_tokens": 4},
+                "choices": [{"index": 0, "finish_reason": "stop", "message": message}],
+            }
+        )
         models = json.dumps({"object": "list", "data": [{"id": self.MODEL, "object": "model"}]})
 
         class Handler(BaseHTTPRequestHandler):
@@ -202,8 +228,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         server = ServeProcess(model_dir, log=workdir / "serve.log", device=args.device).start()
         url, model = server.url, server.model
     api_key = os.environ.get("CAPTIONER_ENDPOINT_API_KEY") or os.environ.get("OPENAI_API_KEY")
-    queued = Queued(workdir, url, model, args.concurrency, args.max_length, paths[0].parent,
-                    dict(e.split("=", 1) for e in args.worker_env))  # fmt: skip
+    queued = Queued(
+        workdir,
+        url,
+        model,
+        args.concurrency,
+        args.max_length,
+        paths[0].parent,
+        dict(e.split("=", 1) for e in args.worker_env),
+    )
     try:
         bodies = encoded_bodies(paths, model, prompt, args.max_length)
         direct(url, bodies[:2], 2, api_key)  # warm-up, untimed (first requests load kernels and caches)

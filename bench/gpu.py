@@ -63,8 +63,11 @@ def sweep(model_dir: Path, profile: str, sizes: list[int], max_length: int, cach
     from common.messages import GenParams
     from model.engine import CaptionEngine, EngineConfig
 
-    engine = CaptionEngine.load(EngineConfig(model=str(model_dir), device="cuda", dtype="bfloat16", profile=profile,
-                                             compile_cache_dir=str(cache)))  # fmt: skip
+    engine = CaptionEngine.load(
+        EngineConfig(
+            model=str(model_dir), device="cuda", dtype="bfloat16", profile=profile, compile_cache_dir=str(cache)
+        )
+    )
     params = GenParams(max_length=max_length)
     warm_s = engine.warm_up(max(sizes), params, sizes)
     decoder = engine._fast
@@ -87,14 +90,29 @@ def sweep(model_dir: Path, profile: str, sizes: list[int], max_length: int, cach
             engine.generate_detailed(pixels, params)
             decoder.timing = False
             s = decoder.stats
-            split = {"encoder_ms": s.encode_s * 1000, "prefill_ms": s.prefill_s * 1000, "decode_ms": s.decode_s * 1000,
-                     "steps": s.steps, "graph_replays": s.graph_replays}  # fmt: skip
-        rows.append({"batch": size, "images_per_s": round(size * batches / seconds, 1),
-                     "ms_per_batch": round(seconds * 1000 / batches, 2), "peak_memory_gib": round(peak / 2**30, 2),
-                     **{k: round(v, 2) if isinstance(v, float) else v for k, v in split.items()}})  # fmt: skip
+            split = {
+                "encoder_ms": s.encode_s * 1000,
+                "prefill_ms": s.prefill_s * 1000,
+                "decode_ms": s.decode_s * 1000,
+                "steps": s.steps,
+                "graph_replays": s.graph_replays,
+            }
+        rows.append(
+            {
+                "batch": size,
+                "images_per_s": round(size * batches / seconds, 1),
+                "ms_per_batch": round(seconds * 1000 / batches, 2),
+                "peak_memory_gib": round(peak / 2**30, 2),
+                **{k: round(v, 2) if isinstance(v, float) else v for k, v in split.items()},
+            }
+        )
         say(f"{profile} bs{size}: {rows[-1]}")
-    out = {"profile": engine.profile, "fallbacks": dict(engine.pieces.fallbacks), "warm_up_s": round(warm_s, 1),
-           "rows": rows}  # fmt: skip
+    out = {
+        "profile": engine.profile,
+        "fallbacks": dict(engine.pieces.fallbacks),
+        "warm_up_s": round(warm_s, 1),
+        "rows": rows,
+    }
     del engine
     torch.cuda.empty_cache()
     return out
@@ -117,33 +135,61 @@ def corpus(work: Path, n: int) -> list[Path]:
     return paths
 
 
-def end_to_end(model_dir: Path, paths: list[Path], profile: str, batch: int, max_length: int, work: Path,
-               extra: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+def end_to_end(
+    model_dir: Path,
+    paths: list[Path],
+    profile: str,
+    batch: int,
+    max_length: int,
+    work: Path,
+    extra: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """One job of ``paths`` through a LocalRedis and a real worker (model load and warm-up not timed)."""
     from transformers import AutoTokenizer
 
     from bench.queued import QueueRun
     from producer.local import LocalRedis
 
-    env = {"CAPTIONER_DEVICE": "cuda", "CAPTIONER_PROFILE": profile, "CAPTIONER_DECODE_THREADS": str(DECODE_THREADS),
-           "CAPTIONER_CONCURRENCY": str(max(4, 2 * batch // 64)), "CAPTIONER_COMPILE_CACHE_DIR": str(work / "cc"),
-           "CAPTIONER_METRICS_PORT": "0", **(extra or {})}  # fmt: skip
+    env = {
+        "CAPTIONER_DEVICE": "cuda",
+        "CAPTIONER_PROFILE": profile,
+        "CAPTIONER_DECODE_THREADS": str(DECODE_THREADS),
+        "CAPTIONER_CONCURRENCY": str(max(4, 2 * batch // 64)),
+        "CAPTIONER_COMPILE_CACHE_DIR": str(work / "cc"),
+        "CAPTIONER_METRICS_PORT": "0",
+        **(extra or {}),
+    }
     with ExitStack() as stack:
         redis = stack.enter_context(LocalRedis())
         log = work / f"worker-{profile}-{batch}-{int(time.time())}.log"
-        run = QueueRun(redis, model_dir, paths[0].parent, dtype="bfloat16", batch_size=batch, max_length=max_length,
-                       log=log, extra_env=env, key="f" if profile == "fast" else "b")  # fmt: skip
+        run = QueueRun(
+            redis,
+            model_dir,
+            paths[0].parent,
+            dtype="bfloat16",
+            batch_size=batch,
+            max_length=max_length,
+            log=log,
+            extra_env=env,
+            key="f" if profile == "fast" else "b",
+        )
         stack.callback(run.stop)
         run.start()
         run.ready(1800, warm_up=paths[:2])
         result = run.measure(paths, AutoTokenizer.from_pretrained(str(model_dir)))
     text = log.read_text(errors="replace")
     ooms = [(int(a), int(b)) for a, b in OOM_LINE.findall(text)]
-    return {"profile": result.extra.get("profile"), "images": result.images,
-            "images_per_s": round(result.images_per_s, 1), "mean_batch": result.extra.get("mean_batch"),
-            "stages_ms_per_image": {k: round(v, 3) for k, v in result.stages_ms.items()},
-            "cpu_ms_per_image": result.extra.get("cpu_ms_per_image"), "oom_halvings": ooms,
-            "captioned": sum(1 for c in result.captions if c), "log": str(log)}  # fmt: skip
+    return {
+        "profile": result.extra.get("profile"),
+        "images": result.images,
+        "images_per_s": round(result.images_per_s, 1),
+        "mean_batch": result.extra.get("mean_batch"),
+        "stages_ms_per_image": {k: round(v, 3) for k, v in result.stages_ms.items()},
+        "cpu_ms_per_image": result.extra.get("cpu_ms_per_image"),
+        "oom_halvings": ooms,
+        "captioned": sum(1 for c in result.captions if c),
+        "log": str(log),
+    }
 
 
 # --- report ------------------------------------------------------------------------------------------
@@ -157,40 +203,60 @@ def device_line() -> str:
     with contextlib.suppress(OSError, subprocess.TimeoutExpired):
         query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
         driver = subprocess.run(query, capture_output=True, text=True, timeout=10).stdout.strip()
-    return (f"{props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs, "
-            f"driver {driver or '?'}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
-            f"{os.cpu_count()} CPU cores")  # fmt: skip
+    return (
+        f"{props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs, "
+        f"driver {driver or '?'}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+        f"{os.cpu_count()} CPU cores"
+    )
 
 
 def markdown(data: dict[str, Any]) -> str:
     meta = data["meta"]
-    lines = [f"### GPU: {meta['device']}", "", f"Measured on {meta['date']} with `{meta['command']}` at "
-             f"`{meta['code']}` ({meta['seconds']:.0f} s in all). git-base shapes, random weights, bf16, "
-             f"max_length {meta['max_length']} (random weights never end early: every caption is max_length - 1 "
-             "tokens).", ""]  # fmt: skip
+    lines = [
+        f"### GPU: {meta['device']}",
+        "",
+        f"Measured on {meta['date']} with `{meta['command']}` at "
+        f"`{meta['code']}` ({meta['seconds']:.0f} s in all). git-base shapes, random weights, bf16, "
+        f"max_length {meta['max_length']} (random weights never end early: every caption is max_length - 1 "
+        "tokens).",
+        "",
+    ]
     for prof in data["inprocess"]:
-        lines += [f"#### in process, {prof['profile']} (warm-up {prof['warm_up_s']} s)"
-                  + (f"; fell back: {prof['fallbacks']}" if prof["fallbacks"] else ""), "",
-                  "| batch | images/s | ms/batch | encoder ms | prefill ms | decode ms | peak GPU memory GiB |",
-                  "|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        lines += [
+            f"#### in process, {prof['profile']} (warm-up {prof['warm_up_s']} s)"
+            + (f"; fell back: {prof['fallbacks']}" if prof["fallbacks"] else ""),
+            "",
+            "| batch | images/s | ms/batch | encoder ms | prefill ms | decode ms | peak GPU memory GiB |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in prof["rows"]:
-            lines.append(f"| {r['batch']} | {r['images_per_s']} | {r['ms_per_batch']} "
-                         f"| {r.get('encoder_ms', '-')} | {r.get('prefill_ms', '-')} | {r.get('decode_ms', '-')} "
-                         f"| {r['peak_memory_gib']} |")  # fmt: skip
+            lines.append(
+                f"| {r['batch']} | {r['images_per_s']} | {r['ms_per_batch']} "
+                f"| {r.get('encoder_ms', '-')} | {r.get('prefill_ms', '-')} | {r.get('decode_ms', '-')} "
+                f"| {r['peak_memory_gib']} |"
+            )
         lines.append("")
-    lines += ["#### end to end (redis-server + worker + JobClient)", "",
-              "| profile | images | images/s | mean batch | ms/image by stage | CPU ms/image |",
-              "|---|---:|---:|---:|---|---:|"]  # fmt: skip
+    lines += [
+        "#### end to end (redis-server + worker + JobClient)",
+        "",
+        "| profile | images | images/s | mean batch | ms/image by stage | CPU ms/image |",
+        "|---|---:|---:|---:|---|---:|",
+    ]
     for r in data["end_to_end"]:
         stages = ", ".join(f"{k} {v}" for k, v in r["stages_ms_per_image"].items())
-        lines.append(f"| {r['profile']} | {r['images']} | {r['images_per_s']} | {r['mean_batch']} | {stages} "
-                     f"| {r['cpu_ms_per_image']} |")  # fmt: skip
+        lines.append(
+            f"| {r['profile']} | {r['images']} | {r['images_per_s']} | {r['mean_batch']} | {stages} "
+            f"| {r['cpu_ms_per_image']} |"
+        )
     oom = data.get("oom")
     if oom:
         halvings = ", ".join(f"{a} -> {b}" for a, b in oom["oom_halvings"]) or "none (the batch fitted)"
-        lines += ["", f"Out-of-memory drill: a worker allowed {oom['fraction']:.0%} of the GPU, max batch "
-                  f"{oom['batch']}: CUDA out of memory, halvings {halvings}; {oom['captioned']}/{oom['images']} "
-                  f"captioned, mean batch {oom['mean_batch']}."]  # fmt: skip
+        lines += [
+            "",
+            f"Out-of-memory drill: a worker allowed {oom['fraction']:.0%} of the GPU, max batch "
+            f"{oom['batch']}: CUDA out of memory, halvings {halvings}; {oom['captioned']}/{oom['images']} "
+            f"captioned, mean batch {oom['mean_batch']}.",
+        ]
     tests = data.get("gpu_tests")
     if tests:
         lines += ["", f"gpu tests (`pytest -m gpu tests/test_gpu.py`): {tests}"]
@@ -230,18 +296,33 @@ def main(argv: list[str] | None = None) -> int:
         say(f"end to end, {profile}, max batch {a.e2e_batch}")
         data["end_to_end"].append(end_to_end(model_dir, paths[: a.images], profile, a.e2e_batch, a.max_length, work))
     say(f"out-of-memory drill: {a.oom_fraction:.0%} of the GPU, batch {a.oom_batch}")
-    oom = end_to_end(model_dir, paths[: a.oom_batch], "exact", a.oom_batch, a.max_length, work,
-                     {"CAPTIONER_CUDA_MEMORY_FRACTION": str(a.oom_fraction), "CAPTIONER_FILL_WAIT_MS": "30000",
-                      "CAPTIONER_CONCURRENCY": str(a.oom_batch // 64)})  # fmt: skip
+    oom = end_to_end(
+        model_dir,
+        paths[: a.oom_batch],
+        "exact",
+        a.oom_batch,
+        a.max_length,
+        work,
+        {
+            "CAPTIONER_CUDA_MEMORY_FRACTION": str(a.oom_fraction),
+            "CAPTIONER_FILL_WAIT_MS": "30000",
+            "CAPTIONER_CONCURRENCY": str(a.oom_batch // 64),
+        },
+    )
     data["oom"] = {**oom, "fraction": a.oom_fraction, "batch": a.oom_batch}
     tests_log = a.out / "gpu-tests.log"
     if tests_log.is_file():
         tail = [line for line in tests_log.read_text(errors="replace").splitlines() if line.strip()]
         data["gpu_tests"] = tail[-1] if tail else None
     code = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
-    data["meta"] = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "device": device_line(), "code": code or None,
-                    "command": shlex.join(["bench/gpu.sh", *argv]), "max_length": a.max_length,
-                    "seconds": time.perf_counter() - started}  # fmt: skip
+    data["meta"] = {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "device": device_line(),
+        "code": code or None,
+        "command": shlex.join(["bench/gpu.sh", *argv]),
+        "max_length": a.max_length,
+        "seconds": time.perf_counter() - started,
+    }
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "gpu.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     text = markdown(data)

@@ -43,8 +43,19 @@ MiB = 1 << 20
 def _tiff_tile_bomb() -> bytes:
     """A 16x16 greyscale TIFF whose one deflated tile is declared 40960x40960 (158 bytes)."""
     body = zlib.compress(b"\0" * 64)
-    tags = [(256, 4, 16), (257, 4, 16), (258, 3, 8), (259, 3, 8), (262, 3, 1), (277, 3, 1), (284, 3, 1),
-            (322, 4, 40960), (323, 4, 40960), (324, 4, 8), (325, 4, len(body))]  # fmt: skip
+    tags = [
+        (256, 4, 16),
+        (257, 4, 16),
+        (258, 3, 8),
+        (259, 3, 8),
+        (262, 3, 1),
+        (277, 3, 1),
+        (284, 3, 1),
+        (322, 4, 40960),
+        (323, 4, 40960),
+        (324, 4, 8),
+        (325, 4, len(body)),
+    ]
     body += b"\0" * (len(body) % 2)
     ifd = struct.pack("<H", len(tags))
     for tag, kind, value in tags:
@@ -135,8 +146,9 @@ def _child_peak(case: str, how: str) -> None:
 
 
 def _peak(case: str, how: str) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "-m", "bench.hostile", "_peak", case, how], capture_output=True,
-                          text=True, check=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.hostile", "_peak", case, how], capture_output=True, text=True, check=True
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -150,20 +162,33 @@ def measure_decode() -> list[dict[str, str]]:
     rows = []
     bomb = "tile bomb TIFF (16x16, one 40960x40960 tile)"
     raw, guarded = _peak(bomb, "pillow"), _peak(bomb, "guarded")
-    rows.append({
-        "attack": f"a {len(_tiff_tile_bomb())}-byte TIFF declaring a 16x16 image with one 40960x40960 tile",
-        "guard": "tile geometry checked from the header: a tile may hold no more pixels than its image (or 1 MP)",
-        "figure": f"refused as too_large, peak +{guarded['peak'] / MiB:.0f} MiB (Pillow and libtiff alone: "
-                  f"+{raw['peak'] / MiB:.0f} MiB)",
-        "command": "python -m bench.hostile decode",
-    })  # fmt: skip
+    rows.append(
+        {
+            "attack": f"a {len(_tiff_tile_bomb())}-byte TIFF declaring a 16x16 image with one 40960x40960 tile",
+            "guard": "tile geometry checked from the header: a tile may hold no more pixels than its image (or 1 MP)",
+            "figure": f"refused as too_large, peak +{guarded['peak'] / MiB:.0f} MiB (Pillow and libtiff alone: "
+            f"+{raw['peak'] / MiB:.0f} MiB)",
+            "command": "python -m bench.hostile decode",
+        }
+    )
     budget = Settings().decode_budget_bytes
-    for case in ("RGBA PNG", "16-bit PNG", "float TIFF", "palette GIF with transparency", "CMYK JPEG",
-                 "RGB JPEG", "progressive 4:4:4 JPEG", "RGBA WebP (32 MP)", "RGBA WebP (64 MP)"):  # fmt: skip
+    for case in (
+        "RGBA PNG",
+        "16-bit PNG",
+        "float TIFF",
+        "palette GIF with transparency",
+        "CMYK JPEG",
+        "RGB JPEG",
+        "progressive 4:4:4 JPEG",
+        "RGBA WebP (32 MP)",
+        "RGBA WebP (64 MP)",
+    ):
         naive, ours = _peak(case, "naive"), _peak(case, "guarded")
         if ours["outcome"].startswith("RGB "):
-            figure = (f"peak +{ours['peak'] / MiB:.0f} MiB in {ours['s']:.1f}s (converted by whole-image steps, "
-                      f"as before: +{naive['peak'] / MiB:.0f} MiB)")  # fmt: skip
+            figure = (
+                f"peak +{ours['peak'] / MiB:.0f} MiB in {ours['s']:.1f}s (converted by whole-image steps, "
+                f"as before: +{naive['peak'] / MiB:.0f} MiB)"
+            )
         else:
             peaks = ours["peak"] / MiB, naive["peak"] / MiB
             figure = "refused as too_large, peak +{:.0f} MiB (decoded: +{:.0f} MiB)".format(*peaks)
@@ -173,12 +198,14 @@ def measure_decode() -> list[dict[str, str]]:
             guard = "one plain conversion, the source dropped as soon as its copy exists"
         else:
             guard = "the conversion's steps run band by band into one RGB image"
-        rows.append({
-            "attack": case + ("" if "MP)" in case else f", {SIDE}x{SIDE} (64 MP, inside the pixel cap)"),
-            "guard": f"{guard}; budget {budget / MiB:.0f} MiB per decode",
-            "figure": figure,
-            "command": "python -m bench.hostile decode",
-        })  # fmt: skip
+        rows.append(
+            {
+                "attack": case + ("" if "MP)" in case else f", {SIDE}x{SIDE} (64 MP, inside the pixel cap)"),
+                "guard": f"{guard}; budget {budget / MiB:.0f} MiB per decode",
+                "figure": figure,
+                "command": "python -m bench.hostile decode",
+            }
+        )
     return rows
 
 
@@ -188,14 +215,16 @@ def measure_budget() -> list[dict[str, str]]:
 
     s = Settings()
     have = machine_memory_bytes()
-    return [{
-        "attack": f"every decode thread ({s.decode_threads}) decoding the largest image allowed at once",
-        "guard": "decode budget per image x CAPTIONER_DECODE_THREADS, checked by `captioner doctor` against the "
-                 "machine's memory (workers report theirs)",
-        "figure": f"{s.decode_budget_bytes / MiB:.0f} MiB per decode, {s.image_memory_bytes / 2**30:.1f} GiB for "
-                  f"{s.decode_threads} threads" + (f" ({have / 2**30:.1f} GiB here)" if have else ""),
-        "command": "python -m bench.hostile budget",
-    }]  # fmt: skip
+    return [
+        {
+            "attack": f"every decode thread ({s.decode_threads}) decoding the largest image allowed at once",
+            "guard": "decode budget per image x CAPTIONER_DECODE_THREADS, checked by `captioner doctor` against the "
+            "machine's memory (workers report theirs)",
+            "figure": f"{s.decode_budget_bytes / MiB:.0f} MiB per decode, {s.image_memory_bytes / 2**30:.1f} GiB for "
+            f"{s.decode_threads} threads" + (f" ({have / 2**30:.1f} GiB here)" if have else ""),
+            "command": "python -m bench.hostile budget",
+        }
+    ]
 
 
 # --- fetches ----------------------------------------------------------------------------------
@@ -275,9 +304,11 @@ def measure_fetch(total_s: float = 5.0) -> list[dict[str, str]]:
 
     rows = []
     with _slow_server() as srv:
-        for path, what in (("/drip-headers", "sends its response headers one byte every 50 ms"),
-                           ("/continue-forever", "sends `100 Continue` every 50 ms, never a response"),
-                           ("/drip-body", "sends its body one byte every 50 ms")):  # fmt: skip
+        for path, what in (
+            ("/drip-headers", "sends its response headers one byte every 50 ms"),
+            ("/continue-forever", "sends `100 Continue` every 50 ms, never a response"),
+            ("/drip-body", "sends its body one byte every 50 ms"),
+        ):
             started = time.monotonic()
             try:
                 fetch_url(srv.url(path), _policy(total_s))
@@ -285,13 +316,15 @@ def measure_fetch(total_s: float = 5.0) -> list[dict[str, str]]:
             except ItemError as exc:
                 outcome = f"{exc.code}, transient={exc.transient}"
             took = time.monotonic() - started
-            rows.append({
-                "attack": f"an image URL whose server {what}",
-                "guard": "one deadline over the whole exchange: a guard thread shuts the socket down at it",
-                "figure": f"ended after {took:.2f}s against a {total_s:g} s deadline ({outcome}); per-read "
-                          "timeouts alone never end it",
-                "command": "python -m bench.hostile fetch",
-            })  # fmt: skip
+            rows.append(
+                {
+                    "attack": f"an image URL whose server {what}",
+                    "guard": "one deadline over the whole exchange: a guard thread shuts the socket down at it",
+                    "figure": f"ended after {took:.2f}s against a {total_s:g} s deadline ({outcome}); per-read "
+                    "timeouts alone never end it",
+                    "command": "python -m bench.hostile fetch",
+                }
+            )
     return rows
 
 
@@ -305,14 +338,23 @@ def measure_stop() -> list[dict[str, str]]:
     work = Path(tempfile.mkdtemp(prefix="captioner-hostile-"))
     model = build_tiny_git(work / "tiny-git", seed=0)
     with LocalRedis() as server, _slow_server() as srv:
-        env = {"CAPTIONER_BROKER_URL": server.url(0), "CAPTIONER_RESULT_BACKEND": server.url(0),
-               "CAPTIONER_REDIS_URL": server.url(1), "CAPTIONER_MODEL": str(model), "CAPTIONER_DTYPE": "float32",
-               "CAPTIONER_URL_TOTAL_TIMEOUT_S": "600", "CAPTIONER_URL_ALLOWED_NETWORKS": "127.0.0.1/32",
-               "CAPTIONER_DECODE_THREADS": "4", "CAPTIONER_METRICS_PORT": "0", "CAPTIONER_TORCH_THREADS": "1",
-               "HF_HUB_OFFLINE": "1"}  # fmt: skip
+        env = {
+            "CAPTIONER_BROKER_URL": server.url(0),
+            "CAPTIONER_RESULT_BACKEND": server.url(0),
+            "CAPTIONER_REDIS_URL": server.url(1),
+            "CAPTIONER_MODEL": str(model),
+            "CAPTIONER_DTYPE": "float32",
+            "CAPTIONER_URL_TOTAL_TIMEOUT_S": "600",
+            "CAPTIONER_URL_ALLOWED_NETWORKS": "127.0.0.1/32",
+            "CAPTIONER_DECODE_THREADS": "4",
+            "CAPTIONER_METRICS_PORT": "0",
+            "CAPTIONER_TORCH_THREADS": "1",
+            "HF_HUB_OFFLINE": "1",
+        }
         idle = _terminate_after(WorkerProcess(env, log=work / "idle.log"), lambda: None)
-        client = JobClient(Settings(**{k.removeprefix("CAPTIONER_").lower(): v for k, v in env.items()
-                                       if k.startswith("CAPTIONER_")}))  # fmt: skip
+        client = JobClient(
+            Settings(**{k.removeprefix("CAPTIONER_").lower(): v for k, v in env.items() if k.startswith("CAPTIONER_")})
+        )
 
         def four_fetches() -> None:
             client.enqueue([srv.url(f"/drip-headers?item={i}") for i in range(4)], job_id=f"job-{uuid.uuid4().hex[:6]}")
@@ -321,13 +363,15 @@ def measure_stop() -> list[dict[str, str]]:
 
         busy = _terminate_after(WorkerProcess(env, log=work / "busy.log"), four_fetches)
         client.close()
-    return [{
-        "attack": "SIGTERM while all 4 decode threads wait on servers dripping their headers (deadline 600 s)",
-        "guard": "a stopping worker abandons fetches in flight (transient rows: the items go back to the queue)",
-        "figure": f"exited 0 in {busy:.1f}s after SIGTERM (an idle worker: {idle:.1f}s); the fetches alone would "
-                  "have held it 600 s",
-        "command": "python -m bench.hostile stop",
-    }]  # fmt: skip
+    return [
+        {
+            "attack": "SIGTERM while all 4 decode threads wait on servers dripping their headers (deadline 600 s)",
+            "guard": "a stopping worker abandons fetches in flight (transient rows: the items go back to the queue)",
+            "figure": f"exited 0 in {busy:.1f}s after SIGTERM (an idle worker: {idle:.1f}s); the fetches alone would "
+            "have held it 600 s",
+            "command": "python -m bench.hostile stop",
+        }
+    ]
 
 
 def _terminate_after(worker: Any, before: Callable[[], None]) -> float:
@@ -360,13 +404,15 @@ def measure_webhook() -> list[dict[str, str]]:
         while len(srv.hangups) < 2:
             time.sleep(0.01)
         sent = next(n for path, n, _ in srv.hangups if path == "/hook")
-    return [{
-        "attack": "a webhook receiver answering 200 with an endless body",
-        "guard": f"at most {ANSWER_CAP // 1024} KiB of the answer read, then the connection closed",
-        "figure": f"status {status}; Python peak {peak / 1024:.0f} KiB; the receiver had pushed {sent / MiB:.1f} MiB "
-                  "(socket buffers) when it was hung up on",
-        "command": "python -m bench.hostile webhook",
-    }]  # fmt: skip
+    return [
+        {
+            "attack": "a webhook receiver answering 200 with an endless body",
+            "guard": f"at most {ANSWER_CAP // 1024} KiB of the answer read, then the connection closed",
+            "figure": f"status {status}; Python peak {peak / 1024:.0f} KiB; the receiver had pushed {sent / MiB:.1f} MiB "
+            "(socket buffers) when it was hung up on",
+            "command": "python -m bench.hostile webhook",
+        }
+    ]
 
 
 def measure_b64() -> list[dict[str, str]]:
@@ -384,19 +430,34 @@ def measure_b64() -> list[dict[str, str]]:
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    return [{
-        "attack": f"a base64 input of {4 * cap / MiB:.0f} MiB of text (4 times the {cap / MiB:.0f} MiB cap)",
-        "guard": "refused by its length before any decoding; its item id hashed in 64 KiB slices",
-        "figure": f"Python peak {peak / 1024:.0f} KiB while refusing it (a decode first would allocate "
-                  f"{3 * cap / MiB:.0f} MiB)",
-        "command": "python -m bench.hostile b64",
-    }]  # fmt: skip
+    return [
+        {
+            "attack": f"a base64 input of {4 * cap / MiB:.0f} MiB of text (4 times the {cap / MiB:.0f} MiB cap)",
+            "guard": "refused by its length before any decoding; its item id hashed in 64 KiB slices",
+            "figure": f"Python peak {peak / 1024:.0f} KiB while refusing it (a decode first would allocate "
+            f"{3 * cap / MiB:.0f} MiB)",
+            "command": "python -m bench.hostile b64",
+        }
+    ]
 
 
 # --- refusals ---------------------------------------------------------------------------------
 
-HOSTILE_JOB_IDS = ["victim:res", "victim:src", "victim:att", "../../tmp/x", "a/b", ".hidden", "a..b", "x" * 129,
-                   "x" * 200, "tab\there", "\x1b[31m", "é", ""]  # fmt: skip
+HOSTILE_JOB_IDS = [
+    "victim:res",
+    "victim:src",
+    "victim:att",
+    "../../tmp/x",
+    "a/b",
+    ".hidden",
+    "a..b",
+    "x" * 129,
+    "x" * 200,
+    "tab\there",
+    "\x1b[31m",
+    "é",
+    "",
+]
 
 
 def measure_refusals() -> list[dict[str, str]]:
@@ -415,14 +476,16 @@ def measure_refusals() -> list[dict[str, str]]:
                 parse_message(ChunkMessage, {"job_id": job_id, "items": ["/a.jpg"]})
             except InvalidMessage:
                 refused += 1
-    rows = [{
-        "attack": "job ids naming another job's keys (`victim:res`), paths (`../x`, `a/b`), 200 characters, "
-                  "control characters",
-        "guard": "one alphabet and length (A-Za-z0-9._-, 128, no `..`) checked by producer and worker alike",
-        "figure": f"{refused} of {len(HOSTILE_JOB_IDS)} refused by both checks; through a worker, the victim job's "
-                  "rows stay as they were",
-        "command": "python -m bench.hostile refusals; pytest tests/test_hostile.py -k 'job_id or jobs_keys'",
-    }]  # fmt: skip
+    rows = [
+        {
+            "attack": "job ids naming another job's keys (`victim:res`), paths (`../x`, `a/b`), 200 characters, "
+            "control characters",
+            "guard": "one alphabet and length (A-Za-z0-9._-, 128, no `..`) checked by producer and worker alike",
+            "figure": f"{refused} of {len(HOSTILE_JOB_IDS)} refused by both checks; through a worker, the victim job's "
+            "rows stay as they were",
+            "command": "python -m bench.hostile refusals; pytest tests/test_hostile.py -k 'job_id or jobs_keys'",
+        }
+    ]
 
     with tempfile.TemporaryDirectory() as tmp:
         root, outside = Path(tmp) / "root", Path(tmp) / "outside"
@@ -433,8 +496,14 @@ def measure_refusals() -> list[dict[str, str]]:
         for i in range(n):
             (root / "photos" / f"p{i}.jpg").write_bytes(b"image")
             (outside / f"p{i}.jpg").write_bytes(b"secret outside the roots")
-            results.append({"id": f"{i:016x}", "ref": str(root / "photos" / f"p{i}.jpg"), "status": "ok",
-                            "caption": f"caption {i}"})  # fmt: skip
+            results.append(
+                {
+                    "id": f"{i:016x}",
+                    "ref": str(root / "photos" / f"p{i}.jpg"),
+                    "status": "ok",
+                    "caption": f"caption {i}",
+                }
+            )
         (root / "photos").rename(root / "photos-then")
         (root / "photos").symlink_to(outside)
         local = LocalFiles.under([root], 1 << 20)
@@ -442,19 +511,23 @@ def measure_refusals() -> list[dict[str, str]]:
         written_outside = len(list(outside.glob("*.txt")))
         shards = export_rows(results, "webdataset", Path(tmp) / "shards", local=local)
         packed = sum(p.stat().st_size for p in (Path(tmp) / "shards").glob("*.tar"))
-    rows.append({
-        "attack": f"{n} captioned images whose folder became a symlink leading out of the allowed roots",
-        "guard": "every file an export writes or reads checked when it is touched, by the workers' rules",
-        "figure": f"sidecars written outside: {written_outside} of {n} ({side.skipped_by_reason}); WebDataset "
-                  f"samples packed: {shards.rows_written} ({packed} bytes of shards)",
-        "command": "python -m bench.hostile refusals",
-    })  # fmt: skip
+    rows.append(
+        {
+            "attack": f"{n} captioned images whose folder became a symlink leading out of the allowed roots",
+            "guard": "every file an export writes or reads checked when it is touched, by the workers' rules",
+            "figure": f"sidecars written outside: {written_outside} of {n} ({side.skipped_by_reason}); WebDataset "
+            f"samples packed: {shards.rows_written} ({packed} bytes of shards)",
+            "command": "python -m bench.hostile refusals",
+        }
+    )
 
     formulas = ['=HYPERLINK("http://evil.example","x")', "+1+1", "-2+3", "@SUM(A1)", "\t=1", "\r=1"]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "x.csv"
-        items = [{"id": str(i), "ref": f, "status": "ok", "caption": f, "params": {"prompt": f}}
-                 for i, f in enumerate(formulas)]  # fmt: skip
+        items = [
+            {"id": str(i), "ref": f, "status": "ok", "caption": f, "params": {"prompt": f}}
+            for i, f in enumerate(formulas)
+        ]
         export_rows(items, "csv", out)
         import csv
 
@@ -462,13 +535,15 @@ def measure_refusals() -> list[dict[str, str]]:
             cells = [cell for record in list(csv.reader(fh))[1:] for cell in record]
         live = sum(cell.startswith(("=", "+", "-", "@", "\t", "\r")) for cell in cells)
         back = [r["caption"] for r in read_rows(out, "csv")]
-    rows.append({
-        "attack": "captions, prompts and references starting with `=`, `+`, `-`, `@`, tab or CR, exported as CSV",
-        "guard": "a leading `'` on such cells (OWASP's advice); read_rows takes it off again",
-        "figure": f"cells a spreadsheet would run: {live} of {len(formulas) * 3}; read back equal: "
-                  f"{back == formulas}",
-        "command": "python -m bench.hostile refusals",
-    })  # fmt: skip
+    rows.append(
+        {
+            "attack": "captions, prompts and references starting with `=`, `+`, `-`, `@`, tab or CR, exported as CSV",
+            "guard": "a leading `'` on such cells (OWASP's advice); read_rows takes it off again",
+            "figure": f"cells a spreadsheet would run: {live} of {len(formulas) * 3}; read back equal: "
+            f"{back == formulas}",
+            "command": "python -m bench.hostile refusals",
+        }
+    )
 
     from producer.sources import expand
 
@@ -484,12 +559,14 @@ def measure_refusals() -> list[dict[str, str]]:
             parquet = "read"
         except SourceError as exc:
             parquet = f"one line: {str(exc).split(': ', 1)[1]}"
-    rows.append({
-        "attack": "a list file starting with a UTF-8 byte-order mark; a Parquet column of integers",
-        "guard": "lists read as utf-8-sig; a column that is not text is a named error",
-        "figure": f"first reference {Path(first).name!r}; Parquet: {parquet}",
-        "command": "python -m bench.hostile refusals",
-    })  # fmt: skip
+    rows.append(
+        {
+            "attack": "a list file starting with a UTF-8 byte-order mark; a Parquet column of integers",
+            "guard": "lists read as utf-8-sig; a column that is not text is a named error",
+            "figure": f"first reference {Path(first).name!r}; Parquet: {parquet}",
+            "command": "python -m bench.hostile refusals",
+        }
+    )
     return rows
 
 
@@ -504,10 +581,27 @@ def measure_ledger(n: int = 2000) -> list[dict[str, str]]:
     from producer.local import LocalRedis
 
     refs = [f"/data/set/{i:05d}\x00.jpg" if i % 2 else f"/data/set/{i:05d}.jpg" for i in range(n)]
-    rows = [ItemResult(id=item_id(r), ref=r, status=ItemStatus.OK, caption=f"caption\x00{i}", model_version="v",
-                       extra={"txt": f"alt\x00text {i}"}) for i, r in enumerate(refs)]  # fmt: skip
-    plain = [r.model_copy(update={"ref": r.ref.replace("\x00", ""), "caption": r.caption.replace("\x00", " "),
-                                  "extra": {"txt": r.extra["txt"].replace("\x00", " ")}}) for r in rows]  # fmt: skip
+    rows = [
+        ItemResult(
+            id=item_id(r),
+            ref=r,
+            status=ItemStatus.OK,
+            caption=f"caption\x00{i}",
+            model_version="v",
+            extra={"txt": f"alt\x00text {i}"},
+        )
+        for i, r in enumerate(refs)
+    ]
+    plain = [
+        r.model_copy(
+            update={
+                "ref": r.ref.replace("\x00", ""),
+                "caption": r.caption.replace("\x00", " "),
+                "extra": {"txt": r.extra["txt"].replace("\x00", " ")},
+            }
+        )
+        for r in rows
+    ]
     plain = [r.model_copy(update={"id": item_id(r.ref)}) for r in plain]
     figures: dict[str, str] = {}
     with LocalRedis() as server:
@@ -528,51 +622,68 @@ def measure_ledger(n: int = 2000) -> list[dict[str, str]]:
                     took[job] = (time.perf_counter() - started) * 1000 / n
                 back = {r["id"]: r for r in led.iter_results("nul")}
                 equal = sum(
-                    1 for r in rows if (back[r.id]["ref"], back[r.id]["caption"], back[r.id]["extra"]) == (
-                        r.ref, r.caption, r.extra)
-                )  # fmt: skip
-                figures[name] = (f"{name} {equal} of {n} read back equal, {took['nul']:.2f} ms per row written "
-                                 f"({took['plain']:.2f} without NUL)")  # fmt: skip
+                    1
+                    for r in rows
+                    if (back[r.id]["ref"], back[r.id]["caption"], back[r.id]["extra"]) == (r.ref, r.caption, r.extra)
+                )
+                figures[name] = (
+                    f"{name} {equal} of {n} read back equal, {took['nul']:.2f} ms per row written "
+                    f"({took['plain']:.2f} without NUL)"
+                )
             finally:
                 if isinstance(led, PostgresLedger):
                     led._run(f"DROP SCHEMA IF EXISTS {led.schema} CASCADE")
                 led.close()
-    return [{
-        "attack": "NUL in a Parquet text column, a shard's `.txt` member or a list line (PostgreSQL ledger: "
-                  "`\\u0000 cannot be converted to text`, the container open after 4 attempts, the job never done)",
-        "guard": "the PostgreSQL ledger stores text it cannot hold escaped, marked per row (rows stored before read "
-                 "as they were); a list line with a NUL is a named invalid_input row",
-        "figure": f"{n} rows (every caption and extra, half the references holding NUL): "
-                  + "; ".join(figures.values()),
-        "command": "python -m bench.hostile ledger; pytest tests/test_postgres_ledger.py -k nul",
-    }]  # fmt: skip
+    return [
+        {
+            "attack": "NUL in a Parquet text column, a shard's `.txt` member or a list line (PostgreSQL ledger: "
+            "`\\u0000 cannot be converted to text`, the container open after 4 attempts, the job never done)",
+            "guard": "the PostgreSQL ledger stores text it cannot hold escaped, marked per row (rows stored before read "
+            "as they were); a list line with a NUL is a named invalid_input row",
+            "figure": f"{n} rows (every caption and extra, half the references holding NUL): "
+            + "; ".join(figures.values()),
+            "command": "python -m bench.hostile ledger; pytest tests/test_postgres_ledger.py -k nul",
+        }
+    ]
 
 
 def tested_rows() -> list[dict[str, str]]:
     """Classes whose figure is what a test through a real worker asserts (it fails when the figure is not so)."""
     return [
-        {"attack": "`max_length` 1, or a prompt as long as `max_length`",
-         "guard": "refused at the edge (CLI exit 2, InvalidMessage); a prompt whose tokens fill it gets "
-                  "invalid_input rows from the worker",
-         "figure": "0 items reach the model; each was an engine_error before",
-         "command": "pytest tests/test_hostile.py -k 'no_room or many_tokens'"},
-        {"attack": "a `caption_many` call of 257 images (past the visibility timeout, it is captioned twice)",
-         "guard": "CAPTIONER_MAX_LIST_ITEMS (256) per call; doctor compares each worker's speed",
-         "figure": "refused whole with InvalidMessage naming the bound; 3 images still captioned",
-         "command": "pytest tests/test_hostile.py -k list_call"},
-        {"attack": "job names with terminal escape sequences, bidi overrides and rich markup",
-         "guard": "`captioner jobs`, `status` and `failures` print control characters as escapes",
-         "figure": "0 raw control characters in the output",
-         "command": "pytest tests/test_hostile.py -k control_characters"},
-    ]  # fmt: skip
+        {
+            "attack": "`max_length` 1, or a prompt as long as `max_length`",
+            "guard": "refused at the edge (CLI exit 2, InvalidMessage); a prompt whose tokens fill it gets "
+            "invalid_input rows from the worker",
+            "figure": "0 items reach the model; each was an engine_error before",
+            "command": "pytest tests/test_hostile.py -k 'no_room or many_tokens'",
+        },
+        {
+            "attack": "a `caption_many` call of 257 images (past the visibility timeout, it is captioned twice)",
+            "guard": "CAPTIONER_MAX_LIST_ITEMS (256) per call; doctor compares each worker's speed",
+            "figure": "refused whole with InvalidMessage naming the bound; 3 images still captioned",
+            "command": "pytest tests/test_hostile.py -k list_call",
+        },
+        {
+            "attack": "job names with terminal escape sequences, bidi overrides and rich markup",
+            "guard": "`captioner jobs`, `status` and `failures` print control characters as escapes",
+            "figure": "0 raw control characters in the output",
+            "command": "pytest tests/test_hostile.py -k control_characters",
+        },
+    ]
 
 
 # --- output -----------------------------------------------------------------------------------
 
 GROUPS: dict[str, Callable[[], list[dict[str, str]]]] = {
-    "decode": measure_decode, "budget": measure_budget, "fetch": measure_fetch, "stop": measure_stop,
-    "webhook": measure_webhook, "b64": measure_b64, "refusals": measure_refusals, "ledger": measure_ledger,
-}  # fmt: skip
+    "decode": measure_decode,
+    "budget": measure_budget,
+    "fetch": measure_fetch,
+    "stop": measure_stop,
+    "webhook": measure_webhook,
+    "b64": measure_b64,
+    "refusals": measure_refusals,
+    "ledger": measure_ledger,
+}
 
 
 def render(rows: list[dict[str, str]]) -> str:

@@ -36,8 +36,18 @@ def quiet_transformers() -> None:
 class EnginePath:
     """(a) CaptionEngine over batches of the files, with decode, prepare and generate timed apart."""
 
-    def __init__(self, model_dir: Path, *, dtype: str, max_length: int, settings: Settings, key: str = "a",
-                 profile: str = "exact", pieces: str = "", sizes: tuple[int, ...] = (32,)) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        dtype: str,
+        max_length: int,
+        settings: Settings,
+        key: str = "a",
+        profile: str = "exact",
+        pieces: str = "",
+        sizes: tuple[int, ...] = (32,),
+    ) -> None:
         from dataclasses import replace
 
         from model.engine import CaptionEngine, EngineConfig

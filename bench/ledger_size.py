@@ -52,10 +52,17 @@ def _answer(ledger: Ledger, messages: list[ChunkMessage], caption: str) -> float
         ledger.begin_attempt(msg.job_id, ids)
         now = time.time()
         rows = [
-            ItemResult(id=it.id, ref=it.src.ref, status=ItemStatus.OK, caption=caption, model_version="git-base@v1",
-                       params=msg.params, finished_at=now)
+            ItemResult(
+                id=it.id,
+                ref=it.src.ref,
+                status=ItemStatus.OK,
+                caption=caption,
+                model_version="git-base@v1",
+                params=msg.params,
+                finished_at=now,
+            )
             for it in msg.items
-        ]  # fmt: skip
+        ]
         ledger.record(msg.job_id, rows)
         n += len(rows)
     return n / (time.perf_counter() - started)
@@ -79,8 +86,9 @@ def measure(backend: str, n: int, caption_chars: int, chunk_size: int) -> dict[s
         redis_before, disk_before = used(), disk()
         started = time.perf_counter()
         # As `captioner enqueue /data/archive` does: references are kept relative to the folder enqueued.
-        client.enqueue(_refs(n), job_id="bench-job", params=GenParams(max_length=50), chunk_size=chunk_size,
-                       base="/data/archive/")  # fmt: skip
+        client.enqueue(
+            _refs(n), job_id="bench-job", params=GenParams(max_length=50), chunk_size=chunk_size, base="/data/archive/"
+        )
 
         enqueue_s = time.perf_counter() - started
         redis_pending = used()

@@ -36,11 +36,22 @@ def main() -> None:
     make_shapes(root / "data", args.images, seed=0)
     base = build_tiny_git(root / "base", seed=0, init_range=0.1, patch_size=16)
     train_set, eval_set = split_examples(load_examples(str(root / "data")), 0.1, seed=42)
-    common = {"base_model": str(base), "lr_scheduler": "constant", "batch_size": 16, "grad_accum": 1,
-              "max_length": 16, "max_steps": args.steps, "eval_steps": args.steps, "save_steps": args.steps,
-              "log_steps": 50, "eval_batch_size": 32}  # fmt: skip
-    runs = {"full": {"learning_rate": 3e-3}, f"lora r={args.lora_r}": {"learning_rate": 1e-2, "lora_r": args.lora_r,
-                                                                          "lora_alpha": 2 * args.lora_r}}  # fmt: skip
+    common = {
+        "base_model": str(base),
+        "lr_scheduler": "constant",
+        "batch_size": 16,
+        "grad_accum": 1,
+        "max_length": 16,
+        "max_steps": args.steps,
+        "eval_steps": args.steps,
+        "save_steps": args.steps,
+        "log_steps": 50,
+        "eval_batch_size": 32,
+    }
+    runs = {
+        "full": {"learning_rate": 3e-3},
+        f"lora r={args.lora_r}": {"learning_rate": 1e-2, "lora_r": args.lora_r, "lora_alpha": 2 * args.lora_r},
+    }
     before = evaluate_model(base, eval_set, max_length=16, device="cpu")["wer"]
     rows = []
     for name, extra in runs.items():
@@ -48,8 +59,15 @@ def main() -> None:
         result = train(TrainConfig(**common, **extra), train_set, eval_set, root / name.replace(" ", "-"))
         seconds = time.perf_counter() - started
         wer = evaluate_model(result.final_dir, eval_set, max_length=16, device="cpu")["wer"]
-        rows.append({"run": name, "wer_before": round(before, 3), "wer_after": round(wer, 3),
-                     "train_s": round(seconds, 1), **extra})  # fmt: skip
+        rows.append(
+            {
+                "run": name,
+                "wer_before": round(before, 3),
+                "wer_after": round(wer, 3),
+                "train_s": round(seconds, 1),
+                **extra,
+            }
+        )
     print("| run | learning rate | held-out WER before -> after | training time |")
     print("| --- | --- | --- | --- |")
     for r in rows:

@@ -66,8 +66,13 @@ def measure_producer(workdir: Path, n: int, *, max_length: int) -> dict[str, Any
     """Enqueue ``n`` files from a directory, then ``n`` URLs from a list, into a fresh redis-server with no worker."""
     folder, urls = _listing(workdir, n), _url_list(workdir, n)
     with LocalRedis() as redis:
-        settings = Settings(broker_url=redis.url(0), result_backend=redis.url(0), redis_url=redis.url(1),
-                            key_prefix="bench", caption_queue="bench-producer")  # fmt: skip
+        settings = Settings(
+            broker_url=redis.url(0),
+            result_backend=redis.url(0),
+            redis_url=redis.url(1),
+            key_prefix="bench",
+            caption_queue="bench-producer",
+        )
         client = JobClient(settings)
         try:
             # A one-item job first: connections, the queue's bindings and the jobs index exist before measuring.

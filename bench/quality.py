@@ -33,8 +33,10 @@ class Variant:
 
 def variants(dtype: str, pieces: tuple[str, ...], fast_pieces: str = "") -> list[Variant]:
     """exact and fast in ``dtype``, exact in float32 (the dtype's own cost), and each piece alone on exact."""
-    out = [Variant("exact", dtype), Variant("fast" + (f" {fast_pieces}" if fast_pieces else ""), dtype, "fast",
-                                            fast_pieces)]  # fmt: skip
+    out = [
+        Variant("exact", dtype),
+        Variant("fast" + (f" {fast_pieces}" if fast_pieces else ""), dtype, "fast", fast_pieces),
+    ]
     if dtype != "float32":
         out.append(Variant("exact float32", "float32"))
     out += [Variant(f"+{p} alone", dtype, "exact", f"+{p}") for p in pieces]
@@ -56,8 +58,9 @@ def demo_model(work: Path, *, steps: int = TRAIN_STEPS, train_images: int = TRAI
     make_shapes(work / "eval", 60, seed=3, size=IMAGE_SIZE)
     base = _demo_model(work / "base")
     every = max(25, (steps // 4) // 25 * 25)
-    cfg = TrainConfig(**{**DEMO_TRAINING, "base_model": str(base), "max_steps": steps, "eval_steps": every,
-                         "save_steps": every})  # fmt: skip
+    cfg = TrainConfig(
+        **{**DEMO_TRAINING, "base_model": str(base), "max_steps": steps, "eval_steps": every, "save_steps": every}
+    )
     result = train(cfg, load_examples(str(work / "train")), load_examples(str(work / "eval")), work / "trained")
     if result.final_dir is None:
         raise RuntimeError(f"training the demo model ended {result.status}; see {work / 'trained'}")
@@ -78,8 +81,9 @@ def held_out(work: Path, n: int) -> list[tuple[Path, str]]:
     return rows
 
 
-def score(model_dir: Path, images: list[tuple[Path, str]], variant: Variant, *, batch: int = 32,
-          max_length: int = 20) -> dict[str, Any]:  # fmt: skip
+def score(
+    model_dir: Path, images: list[tuple[Path, str]], variant: Variant, *, batch: int = 32, max_length: int = 20
+) -> dict[str, Any]:
     """Caption ``images`` with ``variant`` in process; WER and friends, images/s, the pieces that really ran."""
     from common.messages import GenParams, Source
     from common.settings import Settings
@@ -87,8 +91,9 @@ def score(model_dir: Path, images: list[tuple[Path, str]], variant: Variant, *, 
     from model.engine import CaptionEngine, EngineConfig
     from training.scores import caption_metrics
 
-    engine = CaptionEngine.load(EngineConfig(model=str(model_dir), dtype=variant.dtype, profile=variant.profile,
-                                             pieces=variant.pieces))  # fmt: skip
+    engine = CaptionEngine.load(
+        EngineConfig(model=str(model_dir), dtype=variant.dtype, profile=variant.profile, pieces=variant.pieces)
+    )
     params = GenParams(max_length=max_length)
     warm_s = engine.warm_up(batch, params)
     draft = engine.input_edge if "draft" in engine.pieces else 0
@@ -113,8 +118,9 @@ def score(model_dir: Path, images: list[tuple[Path, str]], variant: Variant, *, 
     }
 
 
-def measure_quality(work: Path, *, images: int, dtype: str, pieces: tuple[str, ...], say: Any,
-                    fast_pieces: str = "") -> dict[str, Any]:  # fmt: skip
+def measure_quality(
+    work: Path, *, images: int, dtype: str, pieces: tuple[str, ...], say: Any, fast_pieces: str = ""
+) -> dict[str, Any]:
     """Every variant on the same held-out images; agreement with exact in the same dtype, WER beside exact's."""
     say(f"quality: the fine-tuned demo model in {work} (trained there once), {images} held-out images")
     model_dir = demo_model(work)

@@ -35,8 +35,9 @@ def _env_path() -> str:
     return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
 
 
-def _worker_env(redis: LocalRedis, queue: str, model_dir: Path, image_dir: Path, dtype: str, batch: int,
-                max_length: int) -> dict[str, str]:  # fmt: skip
+def _worker_env(
+    redis: LocalRedis, queue: str, model_dir: Path, image_dir: Path, dtype: str, batch: int, max_length: int
+) -> dict[str, str]:
     return {
         "CAPTIONER_BROKER_URL": redis.url(0),
         "CAPTIONER_RESULT_BACKEND": redis.url(0),
@@ -86,9 +87,19 @@ def _stages(enqueue_s: float, infer_s: float, chunks: list[dict[str, float]], n:
 class QueueRun:
     """(b) A real caption worker with the model loaded, and a JobClient; ``measure`` times one job end to end."""
 
-    def __init__(self, redis: LocalRedis, model_dir: Path, image_dir: Path, *, dtype: str, batch_size: int,
-                 max_length: int, log: Path, extra_env: dict[str, str] | None = None,
-                 key: str = "b") -> None:  # fmt: skip
+    def __init__(
+        self,
+        redis: LocalRedis,
+        model_dir: Path,
+        image_dir: Path,
+        *,
+        dtype: str,
+        batch_size: int,
+        max_length: int,
+        log: Path,
+        extra_env: dict[str, str] | None = None,
+        key: str = "b",
+    ) -> None:
         self.key = key
         self.tag = uuid.uuid4().hex[:8]
         self.queue = f"bench-{self.tag}"
@@ -98,9 +109,13 @@ class QueueRun:
         self.extra_env = dict(extra_env or {})
         self.worker = WorkerProcess({**env, **self.extra_env}, log=log)
         self.settings = Settings(
-            broker_url=redis.url(0), result_backend=redis.url(0), redis_url=redis.url(1), key_prefix="bench",
-            caption_queue=self.queue, max_length=max_length,
-        )  # fmt: skip
+            broker_url=redis.url(0),
+            result_backend=redis.url(0),
+            redis_url=redis.url(1),
+            key_prefix="bench",
+            caption_queue=self.queue,
+            max_length=max_length,
+        )
         self.client: JobClient | None = None
 
     def start(self) -> QueueRun:
@@ -202,12 +217,27 @@ class NaiveWorker(WorkerProcess):
 
     def __init__(self, redis: LocalRedis, *, log: Path) -> None:
         self.queue = f"naive-{uuid.uuid4().hex[:8]}"
-        env = {"CELERY_BROKER_URL": redis.url(2), "CELERY_RESULT_BACKEND": redis.url(2), "HF_HUB_OFFLINE": "1",
-               "PYTHONPATH": _env_path()}  # fmt: skip
+        env = {
+            "CELERY_BROKER_URL": redis.url(2),
+            "CELERY_RESULT_BACKEND": redis.url(2),
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": _env_path(),
+        }
         super().__init__(env, log=log)
-        self.args = [sys.executable, "-m", "celery", "-A", "bench.naive_app", "worker", "--pool=solo",
-                     f"--queues={self.queue}", f"--hostname={self.name}", "--loglevel=INFO",
-                     "--without-mingle", "--without-gossip"]  # fmt: skip
+        self.args = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "bench.naive_app",
+            "worker",
+            "--pool=solo",
+            f"--queues={self.queue}",
+            f"--hostname={self.name}",
+            "--loglevel=INFO",
+            "--without-mingle",
+            "--without-gossip",
+        ]
         self.app = create_app(redis.url(2), redis.url(2))
         self.redis = redis
 

@@ -12,8 +12,14 @@ from bench.result import PATHS, PathResult
 COLOURS = {"a": "#4c72b0", "b": "#dd8452", "c": "#c44e52", "d": "#8172b3", "e": "#55a868", "f": "#937860"}
 #: (numerator, denominator, target): the queue path against its ceiling and the two baselines; the fast profile
 #: end to end against the HF pipeline, and against the exact queue path (no target: what the profile buys).
-RATIO_TARGETS = (("b", "a", 0.95), ("b", "c", 4.0), ("b", "d", 1.3), ("f", "d", 1.5), ("f", "b", None),
-                 ("e", "a", None))  # fmt: skip
+RATIO_TARGETS = (
+    ("b", "a", 0.95),
+    ("b", "c", 4.0),
+    ("b", "d", 1.3),
+    ("f", "d", 1.5),
+    ("f", "b", None),
+    ("e", "a", None),
+)
 ENQUEUE_TARGET = 20_000  # items/s
 BYTES_TARGET = 300  # Redis bytes per pending item
 
@@ -29,13 +35,21 @@ def ratios(results: dict[str, PathResult]) -> list[dict[str, Any]]:
     for num, den, target in RATIO_TARGETS:
         if num in results and den in results and results[den].images_per_s > 0:
             value = results[num].images_per_s / results[den].images_per_s
-            pairs = zip(results[num].extra.get("rounds_images_per_s", []),
-                        results[den].extra.get("rounds_images_per_s", []), strict=False)  # fmt: skip
+            pairs = zip(
+                results[num].extra.get("rounds_images_per_s", []),
+                results[den].extra.get("rounds_images_per_s", []),
+                strict=False,
+            )
             per_round = [round(n / d, 2) for n, d in pairs if d > 0]
-            out.append({"ratio": f"{num}/{den}", "value": round(value, 3),
-                        "target": "-" if target is None else f">= {target:g}",
-                        "verdict": "-" if target is None else verdict(value >= target),
-                        "per_round": per_round})  # fmt: skip
+            out.append(
+                {
+                    "ratio": f"{num}/{den}",
+                    "value": round(value, 3),
+                    "target": "-" if target is None else f">= {target:g}",
+                    "verdict": "-" if target is None else verdict(value >= target),
+                    "per_round": per_round,
+                }
+            )
     return out
 
 
@@ -55,8 +69,11 @@ def agreement(results: dict[str, PathResult]) -> dict[str, Any]:
 def latency_check(latency: dict[str, Any]) -> dict[str, Any]:
     """A service's single image at light load: p50 against the batching wait plus its own batch (the worker's
     decode+preprocess and model time for it); the rest is Celery and Redis carrying the call and its result."""
-    return {**latency, "target": f"<= {latency['bound_ms']:.1f} ms (max wait {latency['max_wait_ms']:g} + one batch)",
-            "verdict": verdict(latency["p50_ms"] <= latency["bound_ms"])}  # fmt: skip
+    return {
+        **latency,
+        "target": f"<= {latency['bound_ms']:.1f} ms (max wait {latency['max_wait_ms']:g} + one batch)",
+        "verdict": verdict(latency["p50_ms"] <= latency["bound_ms"]),
+    }
 
 
 def producer_checks(producer: dict[str, Any]) -> list[dict[str, Any]]:
@@ -139,9 +156,13 @@ def model_markdown(model: str, section: dict[str, Any], results: dict[str, PathR
 
 def quality_markdown(quality: dict[str, Any]) -> str:
     """Held-out WER of the fine-tuned demo model per variant, beside exact's, with speed and agreement."""
-    lines = [f"### quality: the fine-tuned demo model, {quality['images']} held-out images", "",
-             "| variant | dtype | pieces in use | WER | WER - exact | CER | BLEU-4 | captions equal to exact "
-             "| images/s (in process) | warm-up s |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        f"### quality: the fine-tuned demo model, {quality['images']} held-out images",
+        "",
+        "| variant | dtype | pieces in use | WER | WER - exact | CER | BLEU-4 | captions equal to exact "
+        "| images/s (in process) | warm-up s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in quality["variants"]:
         fell = "; ".join(f"{k} off: {v}" for k, v in r["fallbacks"].items())
         lines.append(
@@ -149,8 +170,12 @@ def quality_markdown(quality: dict[str, Any]) -> str:
             f"| {r['wer_minus_exact']:+.4f} | {r['cer']:.4f} | {r['bleu4']:.1f} | {r['agree_with_exact']} "
             f"| {r['images_per_s']} | {r['warm_up_s']} |"
         )
-    lines += ["", f"WER target: fast at most 0.01 above exact. Images drawn at {quality['scale']}x the model's input "
-              "and saved as JPEG (so draft decoding has something to skip).", ""]  # fmt: skip
+    lines += [
+        "",
+        f"WER target: fast at most 0.01 above exact. Images drawn at {quality['scale']}x the model's input "
+        "and saved as JPEG (so draft decoding has something to skip).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -254,14 +279,23 @@ def write_outputs(out: Path, data: dict[str, Any], models: dict[str, dict[str, P
 
 def markdown(data: dict[str, Any], models: dict[str, dict[str, PathResult]]) -> str:
     meta = data["meta"]
-    head = [f"## Benchmark results ({meta['date']})", "", f"`{meta['command']}` at `{meta.get('code')}`", "",
-            f"Machine: {meta['cpus']} CPU(s), torch {meta['torch']} ({meta['torch_threads']} threads), "
-            f"transformers {meta['transformers']}, celery {meta['celery']}; load average before/after: "
-            f"{meta['loadavg_before']} / {meta['loadavg_after']}. Images: {meta['images_origin']}, JPEG, "
-            f"longest side 64..1024 px. Best of {meta['rounds']} interleaved round(s) per path.", ""]  # fmt: skip
+    head = [
+        f"## Benchmark results ({meta['date']})",
+        "",
+        f"`{meta['command']}` at `{meta.get('code')}`",
+        "",
+        f"Machine: {meta['cpus']} CPU(s), torch {meta['torch']} ({meta['torch_threads']} threads), "
+        f"transformers {meta['transformers']}, celery {meta['celery']}; load average before/after: "
+        f"{meta['loadavg_before']} / {meta['loadavg_after']}. Images: {meta['images_origin']}, JPEG, "
+        f"longest side 64..1024 px. Best of {meta['rounds']} interleaved round(s) per path.",
+        "",
+    ]
     if meta["loadavg_before"][0] > (meta["cpus"] or 1) or meta["loadavg_after"][0] > (meta["cpus"] or 1):
-        head += ["**The machine was busy (load average above its CPU count): other processes shared the cores, "
-                 "so these figures understate every path, unevenly.**", ""]  # fmt: skip
+        head += [
+            "**The machine was busy (load average above its CPU count): other processes shared the cores, "
+            "so these figures understate every path, unevenly.**",
+            "",
+        ]
     body = [model_markdown(m, data["models"][m], models[m]) for m in models]
     body += [quality_markdown(data["quality"])] if data.get("quality") else []
     tail = [producer_markdown(data["producer"])] if data.get("producer") else []

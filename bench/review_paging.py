@@ -52,10 +52,17 @@ def _row(i: int, ref: str) -> ItemResult:
     if i % 100 == 0:
         return ItemResult(id=item_id(ref), ref=ref, status=ItemStatus.ERROR, error_class="fetch_error", error="404")
     animal = "zebra" if i % 1000 == 7 else "horse"
-    return ItemResult(id=item_id(ref), ref=ref, status=ItemStatus.OK, model_version="git-base@bench",
-                      caption=f"a brown {animal} standing in a field of tall grass, photo {i}",
-                      flags=["truncated"] if i % 20 == 3 else None, params=GenParams(max_length=30),
-                      timings={"load_ms": 3.1, "infer_ms": 40.2}, finished_at=1.8e9 + i)  # fmt: skip
+    return ItemResult(
+        id=item_id(ref),
+        ref=ref,
+        status=ItemStatus.OK,
+        model_version="git-base@bench",
+        caption=f"a brown {animal} standing in a field of tall grass, photo {i}",
+        flags=["truncated"] if i % 20 == 3 else None,
+        params=GenParams(max_length=30),
+        timings={"load_ms": 3.1, "infer_ms": 40.2},
+        finished_at=1.8e9 + i,
+    )
 
 
 def measure(
@@ -102,17 +109,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         memory = int(ledger.r.info("memory")["used_memory"])
         results: dict[str, Any] = {}
         for name, filt in CASES.items():
-            timed = measure(ledger, ("job-small", "job-large"), filt, later=args.later, limit=args.limit,
-                            repeats=args.repeats)  # fmt: skip
+            timed = measure(
+                ledger, ("job-small", "job-large"), filt, later=args.later, limit=args.limit, repeats=args.repeats
+            )
             small, large = timed["job-small"], timed["job-large"]
             # The small job's first page is the yardstick: a later page of the small job often does not exist (its
             # 100 errors fill three pages), and a page should cost the same wherever it lies in a job of any size.
             later = large["later_ms"] and large["later_ms"] / small["first_ms"]
-            results[name] = {"small": small, "large": large, "ratio_first": large["first_ms"] / small["first_ms"],
-                             "ratio_later": later}  # fmt: skip
-    report = {"large": args.large, "small": args.small, "limit": args.limit, "later_page": args.later,
-              "scan_budget": PAGE_SCAN_BUDGET, "fill_s": fill_s, "redis_used_memory": memory,
-              "cases": results}  # fmt: skip
+            results[name] = {
+                "small": small,
+                "large": large,
+                "ratio_first": large["first_ms"] / small["first_ms"],
+                "ratio_later": later,
+            }
+    report = {
+        "large": args.large,
+        "small": args.small,
+        "limit": args.limit,
+        "later_page": args.later,
+        "scan_budget": PAGE_SCAN_BUDGET,
+        "fill_s": fill_s,
+        "redis_used_memory": memory,
+        "cases": results,
+    }
     print(_table(report))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
@@ -121,20 +140,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def _table(report: dict[str, Any]) -> str:
     small, large, later = f"{report['small']:,}", f"{report['large']:,}", report["later_page"]
-    lines = [f"| filter | first page, {small} items | first page, {large} | request {later}, {large} | "
-             f"ratio first | ratio request {later} | items examined: {small} / {large} first / "
-             f"{large} request {later} |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    lines = [
+        f"| filter | first page, {small} items | first page, {large} | request {later}, {large} | "
+        f"ratio first | ratio request {later} | items examined: {small} / {large} first / "
+        f"{large} request {later} |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
 
     def num(value: float | None, spec: str, unit: str = "") -> str:
         return "-" if value is None else f"{value:{spec}}{unit}"
 
     for name, r in report["cases"].items():
         s, g = r["small"], r["large"]
-        lines.append(f"| {name} | {num(s['first_ms'], '.1f', ' ms')} | {num(g['first_ms'], '.1f', ' ms')} | "
-                     f"{num(g['later_ms'], '.1f', ' ms')} | {num(r['ratio_first'], '.2f')} | "
-                     f"{num(r['ratio_later'], '.2f')} | "
-                     f"{s['first_scanned']:,} / {g['first_scanned']:,} / {num(g['later_scanned'], ',')} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {num(s['first_ms'], '.1f', ' ms')} | {num(g['first_ms'], '.1f', ' ms')} | "
+            f"{num(g['later_ms'], '.1f', ' ms')} | {num(r['ratio_first'], '.2f')} | "
+            f"{num(r['ratio_later'], '.2f')} | "
+            f"{s['first_scanned']:,} / {g['first_scanned']:,} / {num(g['later_scanned'], ',')} |"
+        )
     return "\n".join(lines)
 
 

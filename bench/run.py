@@ -137,8 +137,16 @@ def measure_model(kind: str, cfg: BenchConfig, work: Path, paths: list[Path], se
     fast = None
     if cfg.fast:
         say(f"{kind}: (e) loading the engine with the fast profile {cfg.fast_pieces} (compiling is not timed)")
-        fast = EnginePath(model_dir, dtype=dtype, max_length=cfg.max_length, settings=settings, key="e",
-                          profile="fast", pieces=cfg.fast_pieces, sizes=tuple(sizes))  # fmt: skip
+        fast = EnginePath(
+            model_dir,
+            dtype=dtype,
+            max_length=cfg.max_length,
+            settings=settings,
+            key="e",
+            profile="fast",
+            pieces=cfg.fast_pieces,
+            sizes=tuple(sizes),
+        )
     pipe = PipelinePath(model_dir, dtype=best_dtype, max_length=cfg.max_length, device=str(device))
     keys = "abcdef" if fast else "abcd"
     rounds: dict[str, list[PathResult]] = {key: [] for key in keys}
@@ -183,27 +191,53 @@ def _rate(r: PathResult) -> str:
 
 
 def _start_workers(
-    stack: ExitStack, kind: str, cfg: BenchConfig, work: Path, model_dir: Path, paths: list[Path], dtype: str,
+    stack: ExitStack,
+    kind: str,
+    cfg: BenchConfig,
+    work: Path,
+    model_dir: Path,
+    paths: list[Path],
+    dtype: str,
     batch_size: int,
-) -> tuple[Any, Any]:  # fmt: skip
+) -> tuple[Any, Any]:
     """A LocalRedis, the caption worker of (b) and the naive worker of (c), started together; both ready."""
     from bench.queued import NaiveWorker, QueueRun
     from producer.local import LocalRedis
 
     say(f"{kind}: starting redis-server, a caption worker and a naive worker (start-up is not timed)")
     redis = stack.enter_context(LocalRedis())
-    queue = QueueRun(redis, model_dir, paths[0].parent, dtype=dtype, batch_size=batch_size, max_length=cfg.max_length,
-                     log=work / f"worker-{kind}.log", extra_env=dict(cfg.worker_env))  # fmt: skip
+    queue = QueueRun(
+        redis,
+        model_dir,
+        paths[0].parent,
+        dtype=dtype,
+        batch_size=batch_size,
+        max_length=cfg.max_length,
+        log=work / f"worker-{kind}.log",
+        extra_env=dict(cfg.worker_env),
+    )
     naive = NaiveWorker(redis, log=work / f"naive-worker-{kind}.log")
     stack.callback(naive.terminate)
     stack.callback(queue.stop)
     fast = None
     if cfg.fast:
-        env = {"CAPTIONER_PROFILE": "fast", "CAPTIONER_PIECES": cfg.fast_pieces,
-               "CAPTIONER_COMPILE_CACHE_DIR": str(work / "compile-cache"), **dict(cfg.worker_env)}  # fmt: skip
-        fast = QueueRun(redis, model_dir, paths[0].parent, dtype=dtype, batch_size=batch_size,
-                        max_length=cfg.max_length, log=work / f"worker-{kind}-fast.log", extra_env=env,
-                        key="f")  # fmt: skip
+        env = {
+            "CAPTIONER_PROFILE": "fast",
+            "CAPTIONER_PIECES": cfg.fast_pieces,
+            "CAPTIONER_COMPILE_CACHE_DIR": str(work / "compile-cache"),
+            **dict(cfg.worker_env),
+        }
+        fast = QueueRun(
+            redis,
+            model_dir,
+            paths[0].parent,
+            dtype=dtype,
+            batch_size=batch_size,
+            max_length=cfg.max_length,
+            log=work / f"worker-{kind}-fast.log",
+            extra_env=env,
+            key="f",
+        )
         stack.callback(fast.stop)
     queue.start()
     naive.start()
@@ -220,8 +254,13 @@ def _code_version() -> str | None:
     import subprocess
 
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)  # fmt: skip
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None
@@ -260,8 +299,9 @@ def run(cfg: BenchConfig, argv: list[str]) -> dict[str, Any]:
         work = work.resolve()
         say(f"writing {cfg.images} JPEGs (64..1024 px) to {work / 'images'}")
         paths, origin = make_images(work / "images", cfg.images)
-        settings = Settings(allowed_roots=[str(work / "images")], max_length=cfg.max_length,
-                            compile_cache_dir=work / "compile-cache")  # fmt: skip
+        settings = Settings(
+            allowed_roots=[str(work / "images")], max_length=cfg.max_length, compile_cache_dir=work / "compile-cache"
+        )
         data: dict[str, Any] = {"meta": _meta(argv, origin, cfg), "models": {}}
         results: dict[str, dict[str, PathResult]] = {}
         for kind in cfg.models:
@@ -282,8 +322,14 @@ def run(cfg: BenchConfig, argv: list[str]) -> dict[str, Any]:
             device = resolve_device(settings.device)
             dtype = str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")
             usable = tuple(p for p in PIECES if p != "cudagraphs" or device.type == "cuda")
-            data["quality"] = measure_quality(work / "quality", images=cfg.quality_images, dtype=dtype,
-                                              pieces=usable, fast_pieces=cfg.fast_pieces, say=say)  # fmt: skip
+            data["quality"] = measure_quality(
+                work / "quality",
+                images=cfg.quality_images,
+                dtype=dtype,
+                pieces=usable,
+                fast_pieces=cfg.fast_pieces,
+                say=say,
+            )
         say(f"producer: enqueue {cfg.producer_items:,} files from a directory, then as many URLs from a list")
         producer = measure_producer(work / "producer", cfg.producer_items, max_length=cfg.max_length)
         producer["checks"] = producer_checks(producer)

@@ -26,10 +26,17 @@ from producer.sources import Containers, expand
 
 def _moto() -> tuple[subprocess.Popen[bytes], dict[str, str]]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
-           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     os.environ.update(env)
     import socket
 
@@ -89,10 +96,20 @@ def reuse_ratio(redis: LocalRedis, work: Path, n_images: int, kind: str = "tiny"
     out: dict[str, Any] = {"model": kind, "images": n_images, "duplicates": n_images - distinct}
     for label, reuse in (("off", "false"), ("on", "true")):
         queue = f"bench-reuse-{label}"
-        env = {"CAPTIONER_BROKER_URL": redis.url(3), "CAPTIONER_REDIS_URL": redis.url(4), "CAPTIONER_MODEL": str(model),
-               "CAPTIONER_ALLOWED_ROOTS": str(work), "CAPTIONER_CAPTION_QUEUE": queue, "CAPTIONER_DTYPE": "float32",
-               "CAPTIONER_REUSE_CAPTIONS": reuse, "CAPTIONER_METRICS_PORT": "0", "CAPTIONER_CONCURRENCY": "1",
-               "CAPTIONER_TORCH_THREADS": "1", "CAPTIONER_MAX_LENGTH": "20", "HF_HUB_OFFLINE": "1"}  # fmt: skip
+        env = {
+            "CAPTIONER_BROKER_URL": redis.url(3),
+            "CAPTIONER_REDIS_URL": redis.url(4),
+            "CAPTIONER_MODEL": str(model),
+            "CAPTIONER_ALLOWED_ROOTS": str(work),
+            "CAPTIONER_CAPTION_QUEUE": queue,
+            "CAPTIONER_DTYPE": "float32",
+            "CAPTIONER_REUSE_CAPTIONS": reuse,
+            "CAPTIONER_METRICS_PORT": "0",
+            "CAPTIONER_CONCURRENCY": "1",
+            "CAPTIONER_TORCH_THREADS": "1",
+            "CAPTIONER_MAX_LENGTH": "20",
+            "HF_HUB_OFFLINE": "1",
+        }
         worker = WorkerProcess(env, log=work / f"worker-{label}.log").start()
         try:
             worker.wait_ready()
@@ -121,12 +138,18 @@ def main() -> None:
     parser.add_argument("--objects", type=int, default=3000)
     parser.add_argument("--shards", type=int, default=10000)
     parser.add_argument("--images", type=int, default=120)
-    parser.add_argument("--reuse-model", choices=["tiny", "git-base"], default="tiny",
-                        help="the model of the reuse run (git-base: its shapes, random weights)")  # fmt: skip
+    parser.add_argument(
+        "--reuse-model",
+        choices=["tiny", "git-base"],
+        default="tiny",
+        help="the model of the reuse run (git-base: its shapes, random weights)",
+    )
     args = parser.parse_args()
     with LocalRedis() as redis, tempfile.TemporaryDirectory(prefix="bench-sources-") as tmp:
-        figures = {"enqueue": enqueue_rates(redis, args.objects, args.shards),
-                   "reuse": reuse_ratio(redis, Path(tmp), args.images, args.reuse_model)}  # fmt: skip
+        figures = {
+            "enqueue": enqueue_rates(redis, args.objects, args.shards),
+            "reuse": reuse_ratio(redis, Path(tmp), args.images, args.reuse_model),
+        }
     print(json.dumps(figures, indent=2))
 
 

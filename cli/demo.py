@@ -64,8 +64,9 @@ def _demo_model(out_dir: Path, vocab: str = "words") -> Path:
     if vocab == "bert":
         cfg = tiny_git_config(image_size=IMAGE_SIZE, patch_size=16, hidden_size=32, init_range=0.1, dropout=0.0)
         return build_random_git(out_dir, cfg, seed=0)
-    return build_word_git(out_dir, vocabulary(), seed=0, image_size=IMAGE_SIZE, patch_size=16, hidden_size=32,
-                          init_range=0.1, dropout=0.0)  # fmt: skip
+    return build_word_git(
+        out_dir, vocabulary(), seed=0, image_size=IMAGE_SIZE, patch_size=16, hidden_size=32, init_range=0.1, dropout=0.0
+    )
 
 
 def _redis_or_local(
@@ -123,9 +124,14 @@ def run_demo(
         root.mkdir(parents=True, exist_ok=True)
         settings, local_redis = _redis_or_local(settings, stack, say)
         tag = uuid.uuid4().hex[:8]  # queues and keys of its own: a demo never takes work from other workers
-        settings = settings.model_copy(update={
-            "caption_queue": f"captioner-demo-{tag}", "training_queue": f"captioner-demo-train-{tag}",
-            "key_prefix": f"{settings.key_prefix}-demo", "model_store": root / "models"})  # fmt: skip
+        settings = settings.model_copy(
+            update={
+                "caption_queue": f"captioner-demo-{tag}",
+                "training_queue": f"captioner-demo-train-{tag}",
+                "key_prefix": f"{settings.key_prefix}-demo",
+                "model_store": root / "models",
+            }
+        )
         say(f"1. {train_images} training and {EVAL_IMAGES} held-out images, and a small GIT, in {root}")
         make_shapes(root / "train", train_images, seed=1, size=IMAGE_SIZE)
         held_out = make_shapes(root / "held-out", max(n_images, EVAL_IMAGES), seed=2, size=IMAGE_SIZE)[:n_images]
@@ -152,8 +158,13 @@ def run_demo(
         say("3. scoring the untrained model, fine-tuning through the queue, scoring again")
         before = evaluate(base.version)
         every = max(25, (steps // 4) // 25 * 25)  # four evaluations (and checkpoints) per run
-        config = {**DEMO_TRAINING, "base_model": str(base.path), "max_steps": steps, "eval_steps": every,
-                  "save_steps": every}  # fmt: skip
+        config = {
+            **DEMO_TRAINING,
+            "base_model": str(base.path),
+            "max_steps": steps,
+            "eval_steps": every,
+            "save_steps": every,
+        }
         req = TrainRequest(job_id=f"demo-train-{tag}", dataset=str(root / "train"), config=config)
         client.submit_training(req)
         train_started = time.perf_counter()
@@ -215,8 +226,10 @@ def _show_progress(info: Any, say: Callable[[str], None]) -> None:
     if p and p.get("step") != getattr(_show_progress, "last", None):
         _show_progress.last = p.get("step")  # type: ignore[attr-defined]
         wer, loss = (p.get("metrics") or {}).get("wer"), p.get("loss")
-        say(f"   step {p.get('step')}/{p.get('total_steps', '?')}  loss {'-' if loss is None else f'{loss:.3f}'}"
-            + (f"  held-out WER {wer:.3f} (step {p.get('metrics_step')})" if wer is not None else ""))  # fmt: skip
+        say(
+            f"   step {p.get('step')}/{p.get('total_steps', '?')}  loss {'-' if loss is None else f'{loss:.3f}'}"
+            + (f"  held-out WER {wer:.3f} (step {p.get('metrics_step')})" if wer is not None else "")
+        )
 
 
 def _wait_for_version(info: Callable[[], dict[str, dict[str, Any]]], version: str, timeout: float = 60) -> None:

@@ -200,9 +200,11 @@ def _workers(settings: Settings, app: Any, training_waiting: int) -> list[Check]
     training = sorted(h for h, n in names.items() if settings.training_queue in n)
     hosts = sorted(h for h, n in names.items() if settings.caption_queue in n or h not in training)
     # Only the caption workers are asked, and the answer ends at their last reply rather than at the timeout.
-    replies = app.control.broadcast(
-        "captioner_info", reply=True, timeout=5.0, destination=hosts, limit=len(hosts)
-    ) if hosts else []  # fmt: skip
+    replies = (
+        app.control.broadcast("captioner_info", reply=True, timeout=5.0, destination=hosts, limit=len(hosts))
+        if hosts
+        else []
+    )
     info = {host: i for reply in replies or [] for host, i in reply.items()}
     caption = {h: info.get(h, {}) for h in hosts}
     out = []
@@ -214,8 +216,9 @@ def _workers(settings: Settings, app: Any, training_waiting: int) -> list[Check]
             for h, i in caption.items()
         )
         out.append(Check("caption workers", OK, f"{len(caption)} online; {versions}"))
-        fallbacks = [f"{h}: {piece} off ({why})" for h, i in caption.items()
-                     for piece, why in (i.get("fallbacks") or {}).items()]  # fmt: skip
+        fallbacks = [
+            f"{h}: {piece} off ({why})" for h, i in caption.items() for piece, why in (i.get("fallbacks") or {}).items()
+        ]
         if fallbacks:  # asked for, but the device or model could not use them: those parts run exact
             out.append(Check("speed pieces", WARN, "; ".join(fallbacks)))
     if training:
@@ -286,8 +289,10 @@ def list_calls(worker: str, max_items: int, per_s: float, visibility_timeout_s: 
     """The largest list call at the worker's own speed (model time only, so a lower bound) against half its
     visibility timeout: a call still running when the timeout passes is delivered again and captioned twice."""
     took = max_items / per_s
-    detail = (f"{max_items} images per caption_many call at {per_s:.1f} images/s (model time) take at least "
-              f"{took:.0f}s; visibility timeout {visibility_timeout_s:g}s")  # fmt: skip
+    detail = (
+        f"{max_items} images per caption_many call at {per_s:.1f} images/s (model time) take at least "
+        f"{took:.0f}s; visibility timeout {visibility_timeout_s:g}s"
+    )
     if took > visibility_timeout_s / 2:
         return Check(f"list calls {worker}", WARN, f"{detail}: lower CAPTIONER_MAX_LIST_ITEMS or raise the timeout")
     return Check(f"list calls {worker}", OK, detail)

@@ -22,16 +22,28 @@ from cli.base import cli, client_of, json_option, settings_of
 @cli.command()
 @click.argument("job_id")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="jsonl", show_default=True)
-@click.option("--shard-size", type=click.IntRange(1, 10_000_000), default=10_000, show_default=True,
-              help="WebDataset: samples per tar shard.")  # fmt: skip
-@click.option("--exclude-flags", multiple=True, type=click.Choice(QUALITY_FLAGS),
-              help="Dataset formats: leave out captions with this flag (repeatable).")  # fmt: skip
+@click.option(
+    "--shard-size",
+    type=click.IntRange(1, 10_000_000),
+    default=10_000,
+    show_default=True,
+    help="WebDataset: samples per tar shard.",
+)
+@click.option(
+    "--exclude-flags",
+    multiple=True,
+    type=click.Choice(QUALITY_FLAGS),
+    help="Dataset formats: leave out captions with this flag (repeatable).",
+)
 @click.option("-o", "--output", help="Output file ('-' for stdout; default <job>.<format>).")
 @click.option("--sidecar-ext", default=".txt", show_default=True, help="Extension of sidecar caption files.")
-@click.option("--overwrite", is_flag=True, help="Replace an output file (or sidecar caption files) that exists; only "
-              "a regular file is ever replaced (never a link, a device or a pipe).")  # fmt: skip
-@click.option("--reviewed-only", is_flag=True,
-              help="Only items a reviewer corrected or marked (captioner review).")  # fmt: skip
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an output file (or sidecar caption files) that exists; only "
+    "a regular file is ever replaced (never a link, a device or a pipe).",
+)
+@click.option("--reviewed-only", is_flag=True, help="Only items a reviewer corrected or marked (captioner review).")
 @json_option
 @click.pass_context
 def export(
@@ -68,19 +80,24 @@ def export(
         out = summary.location
     else:
         out = None if output == "-" else Path(output or _default_export_name(job_id, fmt))
-        summary = export_rows(rows, fmt, None if fmt == "sidecar" else out, sidecar_ext=sidecar_ext,
-                              overwrite=overwrite, **options)  # fmt: skip
-    data = {"job_id": job_id, "format": fmt, **{k: str(v) if isinstance(v, Path) else v
-                                                for k, v in summary.__dict__.items()}}  # fmt: skip
+        summary = export_rows(
+            rows, fmt, None if fmt == "sidecar" else out, sidecar_ext=sidecar_ext, overwrite=overwrite, **options
+        )
+    data = {
+        "job_id": job_id,
+        "format": fmt,
+        **{k: str(v) if isinstance(v, Path) else v for k, v in summary.__dict__.items()},
+    }
     if as_json:
         click.echo(json.dumps(data, default=str))
     elif out is not None or fmt == "sidecar":
         where = "next to the images" if fmt == "sidecar" else str(out)
         reasons = ", ".join(f"{n} {why}" for why, n in sorted(summary.skipped_by_reason.items()))
-        click.echo(f"wrote {summary.rows_written} row(s) {where}" +
-                   (f", skipped {summary.skipped} ({reasons})" if summary.skipped else ""), err=True)  # fmt: skip
-
-
+        click.echo(
+            f"wrote {summary.rows_written} row(s) {where}"
+            + (f", skipped {summary.skipped} ({reasons})" if summary.skipped else ""),
+            err=True,
+        )
 
 
 def _remote_reader(settings: Settings) -> Callable[[str], bytes] | None:
@@ -120,5 +137,3 @@ def _default_export_name(job_id: str, fmt: str) -> str:
     return {"metadata": "metadata.jsonl", "webdataset": f"{job_id}-shards", "kohya": f"{job_id}.kohya.json"}.get(
         fmt, f"{job_id}.{fmt}"
     )
-
-

@@ -23,23 +23,38 @@ from cli.base import Fail, cli, client_of, emit, gen_params, job_id_option, json
 
 @cli.command()
 @click.argument("sources", nargs=-1, required=True)
-@click.option("--job-id", callback=job_id_option,
-              help="Job id (default: derived from the sources and options, so a re-run resumes).")  # fmt: skip
+@click.option(
+    "--job-id",
+    callback=job_id_option,
+    help="Job id (default: derived from the sources and options, so a re-run resumes).",
+)
 @click.option("--name", help="A label shown by `captioner jobs`.")
 @click.option("--column", help="Column holding image references in csv/jsonl/parquet lists.")
 @click.option("--chunk-size", type=click.IntRange(1, 10_000), envvar="CAPTIONER_CHUNK_SIZE", help="Images per message.")
-@click.option("--max-length", type=click.IntRange(2, 512), help="Longest caption in tokens, the start token and the "
-              "prompt included (default 50).")  # fmt: skip
+@click.option(
+    "--max-length",
+    type=click.IntRange(2, 512),
+    help="Longest caption in tokens, the start token and the prompt included (default 50).",
+)
 @click.option("--num-beams", type=click.IntRange(1, 16), help="Beam search width (default 1: greedy).")
 @click.option("--prompt", help="Text every caption starts with.")
 @click.option("--follow-links", is_flag=True, help="Follow symlinked directories when walking.")
-@click.option("--sniff", is_flag=True, help="In directories, also take files without an image extension whose "
-              "contents are an image (one small read each).")  # fmt: skip
+@click.option(
+    "--sniff",
+    is_flag=True,
+    help="In directories, also take files without an image extension whose "
+    "contents are an image (one small read each).",
+)
 @click.option("--on-done-task", metavar="TASK", help="Celery task sent with the job summary when the job ends.")
 @click.option("--on-done-queue", metavar="QUEUE", help="Queue for --on-done-task (default: Celery's routing).")
 @click.option("--webhook", metavar="URL", help="URL POSTed the signed job summary when the job ends.")
-@click.option("--dataset", "as_dataset", is_flag=True, help="Read each source with 🤗 datasets: an imagefolder or a "
-              "hub id (streamed); save_to_disk folders are recognised without it.")  # fmt: skip
+@click.option(
+    "--dataset",
+    "as_dataset",
+    is_flag=True,
+    help="Read each source with 🤗 datasets: an imagefolder or a "
+    "hub id (streamed); save_to_disk folders are recognised without it.",
+)
 @click.option("--split", default="train", show_default=True, help="With --dataset: the split to caption.")
 @click.option("--download", is_flag=True, help="With --dataset: download a hub dataset whole instead of streaming it.")
 @click.option("--wait", "wait_", is_flag=True, help="Follow the job until it is done, with a progress bar.")
@@ -79,8 +94,13 @@ def enqueue(
     from producer.sources import Containers, check, expand
 
     settings = settings_of(ctx)
-    opts = Containers(store=ObjectStore.from_settings(settings), dataset=as_dataset, split=split, download=download,
-                      per_part=settings.chunk_size)  # fmt: skip
+    opts = Containers(
+        store=ObjectStore.from_settings(settings),
+        dataset=as_dataset,
+        split=split,
+        download=download,
+        per_part=settings.chunk_size,
+    )
     for source in sources:  # every argument, before anything is written: a bad one leaves no half job
         check(source, column=column, containers=opts)
     params = gen_params(settings, max_length, num_beams, prompt)
@@ -92,12 +112,26 @@ def enqueue(
     refs = _warn_roots(settings, refs)
     if webhook and not is_url(webhook):
         raise click.BadParameter("must be an http(s) URL", param_hint="--webhook")
-    extra = {k: v for k, v in {"on_done_task": on_done_task, "on_done_queue": on_done_queue,
-                               "webhook": webhook, "column": column}.items() if v}  # fmt: skip
+    extra = {
+        k: v
+        for k, v in {
+            "on_done_task": on_done_task,
+            "on_done_queue": on_done_queue,
+            "webhook": webhook,
+            "column": column,
+        }.items()
+        if v
+    }
     report = client_of(ctx).enqueue(
-        refs, job_id=job_id, name=name or "", params=params, chunk_size=chunk_size, extra=extra or None,
-        base=_common_folder(keys), on_hold=_say_held(settings),
-    )  # fmt: skip
+        refs,
+        job_id=job_id,
+        name=name or "",
+        params=params,
+        chunk_size=chunk_size,
+        extra=extra or None,
+        base=_common_folder(keys),
+        on_hold=_say_held(settings),
+    )
     if not as_json:
         click.echo(job_id)
         verb = "created" if report.created else "resumed"
@@ -175,8 +209,10 @@ def _print_status(info: JobInfo) -> None:
     if info.kind is JobKind.TRAIN:
         _print_training(info)
         return
-    click.echo(f"items      {info.total}: {info.ok} ok, {info.error} failed, {info.cancelled} cancelled, "
-               f"{info.pending} pending")  # fmt: skip
+    click.echo(
+        f"items      {info.total}: {info.ok} ok, {info.error} failed, {info.cancelled} cancelled, "
+        f"{info.pending} pending"
+    )
     p = info.params or GenParams()
     click.echo(f"params     max_length={p.max_length} num_beams={p.num_beams} prompt={p.prompt!r}")
     if info.flags:
@@ -256,9 +292,12 @@ def _stall_handler(client: JobClient, reconcile: bool) -> Callable[[JobInfo], No
             n = client.reconcile(info.id)
             click.secho(f"job {info.id}: re-sent {n} item(s) whose messages the broker lost", err=True, fg="yellow")
         else:
-            click.secho(f"warning: job {info.id} has {info.pending} pending item(s) and no message queued or in "
-                        f"flight: the broker lost them; run `captioner reconcile {info.id}` (or wait --reconcile)",
-                        err=True, fg="yellow")  # fmt: skip
+            click.secho(
+                f"warning: job {info.id} has {info.pending} pending item(s) and no message queued or in "
+                f"flight: the broker lost them; run `captioner reconcile {info.id}` (or wait --reconcile)",
+                err=True,
+                fg="yellow",
+            )
 
     return on_stall
 
@@ -310,14 +349,28 @@ def follow_job(
 @click.argument("job_id")
 @click.option("--timeout", type=float, help="Give up after this many seconds (exit 1).")
 @click.option("--strict", is_flag=True, help="Exit 1 when any item failed.")
-@click.option("--reconcile", is_flag=True,
-              help="If the job stalls with no message left for its pending items, send them again.")  # fmt: skip
-@click.option("--stall-after", type=click.FloatRange(1, 86_400), default=30, show_default=True, metavar="SECONDS",
-              help="No progress this long, and nothing queued or in flight: the job has stalled.")  # fmt: skip
+@click.option(
+    "--reconcile", is_flag=True, help="If the job stalls with no message left for its pending items, send them again."
+)
+@click.option(
+    "--stall-after",
+    type=click.FloatRange(1, 86_400),
+    default=30,
+    show_default=True,
+    metavar="SECONDS",
+    help="No progress this long, and nothing queued or in flight: the job has stalled.",
+)
 @json_option
 @click.pass_context
-def wait(ctx: click.Context, job_id: str, timeout: float | None, strict: bool, reconcile: bool, stall_after: float,
-         as_json: bool) -> None:  # fmt: skip
+def wait(
+    ctx: click.Context,
+    job_id: str,
+    timeout: float | None,
+    strict: bool,
+    reconcile: bool,
+    stall_after: float,
+    as_json: bool,
+) -> None:
     """Follow a job until every item is settled."""
     info = follow_job(ctx, job_id, timeout, as_json, reconcile, stall_after)
     if as_json:
@@ -343,8 +396,15 @@ def jobs(ctx: click.Context, limit: int, as_json: bool) -> None:
         table = Table("job", "name", "state", "total", "ok", "failed", "pending", box=None)
         for i in infos:
             # Escaped twice: control characters for the terminal, [brackets] for rich's markup.
-            table.add_row(escape(shown(i.id)), escape(shown(i.name)), i.state.value, str(i.total), str(i.ok),
-                          str(i.error), str(i.pending))  # fmt: skip
+            table.add_row(
+                escape(shown(i.id)),
+                escape(shown(i.name)),
+                i.state.value,
+                str(i.total),
+                str(i.ok),
+                str(i.error),
+                str(i.pending),
+            )
         Console().print(table)
 
     emit(as_json, [i.as_dict() for i in infos], human)
@@ -356,8 +416,13 @@ def jobs(ctx: click.Context, limit: int, as_json: bool) -> None:
 @cli.command()
 @click.argument("job_id")
 @click.option("--cancelled", "include_cancelled", is_flag=True, help="Re-queue cancelled items too.")
-@click.option("--flagged", "flagged", multiple=True, type=click.Choice(["any", *QUALITY_FLAGS]),
-              help="Instead: caption again the captions with this quality flag (repeatable).")  # fmt: skip
+@click.option(
+    "--flagged",
+    "flagged",
+    multiple=True,
+    type=click.Choice(["any", *QUALITY_FLAGS]),
+    help="Instead: caption again the captions with this quality flag (repeatable).",
+)
 @click.option("--max-length", type=click.IntRange(2, 512), help="Other parameters for this retry.")
 @click.option("--num-beams", type=click.IntRange(1, 16))
 @json_option
@@ -420,5 +485,3 @@ def cancel(ctx: click.Context, job_id: str, as_json: bool) -> None:
     """Stop a job: items not yet captioned are recorded as cancelled."""
     info = client_of(ctx).cancel(job_id)
     emit(as_json, info.as_dict(), lambda: click.echo(f"cancelled {job_id} ({info.pending} item(s) not captioned)"))
-
-

@@ -34,29 +34,59 @@ def _store(ctx: click.Context) -> ModelStore:
 @click.option("--epochs", "--num-train-epochs", "epochs", type=click.IntRange(1, 100_000))
 @click.option("--max-steps", type=click.IntRange(1, 10_000_000), help="Stop after this many optimizer steps.")
 @click.option("--learning-rate", type=click.FloatRange(0, 1, min_open=True))
-@click.option("--batch-size", "--per-device-train-batch-size", "batch_size", type=click.IntRange(1, 4096),
-              help="Images per forward pass and process.")  # fmt: skip
+@click.option(
+    "--batch-size",
+    "--per-device-train-batch-size",
+    "batch_size",
+    type=click.IntRange(1, 4096),
+    help="Images per forward pass and process.",
+)
 @click.option("--eval-steps", type=click.IntRange(1, 10_000_000))
-@click.option("--num-processes", type=click.IntRange(1, 1024),
-              help="Processes of a distributed run on the training worker (its GPUs, else CPU processes).")  # fmt: skip
+@click.option(
+    "--num-processes",
+    type=click.IntRange(1, 1024),
+    help="Processes of a distributed run on the training worker (its GPUs, else CPU processes).",
+)
 @click.option("--report-to", type=click.Choice(["none", "tensorboard"]), help="tensorboard: event files in the run.")
 @click.option("--lora-r", type=click.IntRange(0, 4096), help="Train LoRA adapters of this rank (peft) instead.")
 @click.option("--column", help="Image column of a manifest or dataset.")
 @click.option("--text-column", help="Caption column of a manifest or dataset.")
 @click.option("--download", is_flag=True, help="Hub datasets: download whole (cached) instead of streaming.")
-@click.option("--set", "settings_", metavar="KEY=VALUE", multiple=True,
-              help="Any other training option (repeatable; our names or TrainingArguments', e.g. --set "
-              "gradient_accumulation_steps=4 --set warmup_ratio=0.1).")  # fmt: skip
+@click.option(
+    "--set",
+    "settings_",
+    metavar="KEY=VALUE",
+    multiple=True,
+    help="Any other training option (repeatable; our names or TrainingArguments', e.g. --set "
+    "gradient_accumulation_steps=4 --set warmup_ratio=0.1).",
+)
 @click.option("--promote", is_flag=True, help="Promote the new version when training ends.")
 @click.option("--require-no-worse", metavar="METRIC", help="With --promote: only if METRIC (e.g. wer) is no worse.")
 @click.option("--wait", "wait_", is_flag=True, help="Follow progress until the job ends.")
 @json_option
 @click.pass_context
-def train(ctx: click.Context, dataset: str, job_id: str | None, base_model: str | None, epochs: int | None,
-          max_steps: int | None, learning_rate: float | None, batch_size: int | None, eval_steps: int | None,
-          num_processes: int | None, report_to: str | None, lora_r: int | None, column: str | None,
-          text_column: str | None, download: bool, settings_: tuple[str, ...], promote: bool,
-          require_no_worse: str | None, wait_: bool, as_json: bool) -> None:  # fmt: skip
+def train(
+    ctx: click.Context,
+    dataset: str,
+    job_id: str | None,
+    base_model: str | None,
+    epochs: int | None,
+    max_steps: int | None,
+    learning_rate: float | None,
+    batch_size: int | None,
+    eval_steps: int | None,
+    num_processes: int | None,
+    report_to: str | None,
+    lora_r: int | None,
+    column: str | None,
+    text_column: str | None,
+    download: bool,
+    settings_: tuple[str, ...],
+    promote: bool,
+    require_no_worse: str | None,
+    wait_: bool,
+    as_json: bool,
+) -> None:
     """Fine-tune on DATASET (imagefolder or kohya folder, JSONL/CSV manifest, parquet, save_to_disk folder, or hub
     id) on the training queue.
 
@@ -72,13 +102,28 @@ def train(ctx: click.Context, dataset: str, job_id: str | None, base_model: str 
 
     if Path(dataset).exists():
         dataset = str(Path(dataset).resolve())
-    flags = {"base_model": base_model, "epochs": epochs, "max_steps": max_steps, "learning_rate": learning_rate,
-             "batch_size": batch_size, "eval_steps": eval_steps, "num_processes": num_processes,
-             "report_to": report_to, "lora_r": lora_r}  # fmt: skip
+    flags = {
+        "base_model": base_model,
+        "epochs": epochs,
+        "max_steps": max_steps,
+        "learning_rate": learning_rate,
+        "batch_size": batch_size,
+        "eval_steps": eval_steps,
+        "num_processes": num_processes,
+        "report_to": report_to,
+        "lora_r": lora_r,
+    }
     config = canonical_options(_train_config({k: v for k, v in flags.items() if v is not None}, settings_))
-    req = TrainRequest(job_id=job_id or f"train-{uuid.uuid4().hex[:10]}", dataset=dataset, column=column,
-                       text_column=text_column, config=config, promote=promote, download=download,
-                       require_no_worse=require_no_worse)  # fmt: skip
+    req = TrainRequest(
+        job_id=job_id or f"train-{uuid.uuid4().hex[:10]}",
+        dataset=dataset,
+        column=column,
+        text_column=text_column,
+        config=config,
+        promote=promote,
+        download=download,
+        require_no_worse=require_no_worse,
+    )
     client = client_of(ctx)
 
     def check_data_and_workers(req: TrainRequest) -> None:  # after the request's own check, which submit makes
@@ -91,8 +136,11 @@ def train(ctx: click.Context, dataset: str, job_id: str | None, base_model: str 
         return
     info = client.wait(req.job_id, on_tick=(lambda _: None) if as_json else train_ticker())
     result = info.extra.get("result") or {}
-    emit(as_json, {**info.as_dict(), "result": result},
-          lambda: click.echo(f"{req.job_id}: {info.state.value} {json.dumps(result)}"))  # fmt: skip
+    emit(
+        as_json,
+        {**info.as_dict(), "result": result},
+        lambda: click.echo(f"{req.job_id}: {info.state.value} {json.dumps(result)}"),
+    )
     fail_if_failed(info)
 
 
@@ -105,8 +153,11 @@ def _check_training_workers(client: Any, req: Any) -> None:
         return
     capabilities = client.training_capabilities()
     if not capabilities:
-        click.secho("warning: no training worker answered; its GPUs and packages are checked when one takes the job",
-                    err=True, fg="yellow")  # fmt: skip
+        click.secho(
+            "warning: no training worker answered; its GPUs and packages are checked when one takes the job",
+            err=True,
+            fg="yellow",
+        )
         return
     check_against_workers(req, capabilities)
 
@@ -132,8 +183,15 @@ def _train_config(flags: dict[str, Any], sets: tuple[str, ...]) -> dict[str, Any
 @click.option("--timeout", type=float, default=3600, show_default=True)
 @json_option
 @click.pass_context
-def evaluate(ctx: click.Context, version: str, dataset: str, max_samples: int | None, max_length: int,
-             timeout: float, as_json: bool) -> None:  # fmt: skip
+def evaluate(
+    ctx: click.Context,
+    version: str,
+    dataset: str,
+    max_samples: int | None,
+    max_length: int,
+    timeout: float,
+    as_json: bool,
+) -> None:
     """Score VERSION ('current' for the promoted one) on DATASET with generated captions."""
     from common.messages import EvaluateRequest
 
@@ -163,8 +221,10 @@ def models(ctx: click.Context, as_json: bool) -> None:
     def human() -> None:
         for r in rows:
             wer = r.get("metrics", {}).get("wer")
-            click.echo(f"{'*' if r['current'] else ' '} {r['version']}  wer={'-' if wer is None else f'{wer:.3f}'}"
-                       f"  base={r.get('base_model', '-')}")  # fmt: skip
+            click.echo(
+                f"{'*' if r['current'] else ' '} {r['version']}  wer={'-' if wer is None else f'{wer:.3f}'}"
+                f"  base={r.get('base_model', '-')}"
+            )
 
     emit(as_json, rows, human)
 
@@ -176,8 +236,9 @@ def models(ctx: click.Context, as_json: bool) -> None:
 @click.option("--public", is_flag=True, help="With --push-to-hub: create the repo public (default: private).")
 @json_option
 @click.pass_context
-def promote(ctx: click.Context, version: str, require_no_worse: str | None, repo_id: str | None, public: bool,
-            as_json: bool) -> None:  # fmt: skip
+def promote(
+    ctx: click.Context, version: str, require_no_worse: str | None, repo_id: str | None, public: bool, as_json: bool
+) -> None:
     """Make VERSION the one caption workers serve (@current); they switch between batches."""
     store = _store(ctx)
     if repo_id:  # before promoting: a failed upload must not leave a half-done promotion behind
@@ -203,5 +264,3 @@ def _push_to_hub(mv: Any, repo_id: str, *, private: bool) -> None:
     except Exception as exc:  # network, auth and offline errors come in many classes; all end the same way
         message = " ".join(f"{type(exc).__name__}: {exc}".split())
         raise Fail(f"could not push {mv.version} to {repo_id}: {message}") from None
-
-

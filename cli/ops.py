@@ -34,14 +34,18 @@ def doctor(ctx: click.Context, as_json: bool) -> None:
     from runtime.celery_app import create_app
 
     checks = run_checks(settings_of(ctx), create_app(settings_of(ctx)))
-    marks = {"ok": click.style("ok  ", fg="green"), "warn": click.style("warn", fg="yellow"),
-             "fail": click.style("FAIL", fg="red")}  # fmt: skip
-    emit(as_json, [c.as_dict() for c in checks],
-          lambda: [click.echo(f"{marks[c.level]}  {c.name:20} {c.detail}") for c in checks])  # fmt: skip
+    marks = {
+        "ok": click.style("ok  ", fg="green"),
+        "warn": click.style("warn", fg="yellow"),
+        "fail": click.style("FAIL", fg="red"),
+    }
+    emit(
+        as_json,
+        [c.as_dict() for c in checks],
+        lambda: [click.echo(f"{marks[c.level]}  {c.name:20} {c.detail}") for c in checks],
+    )
     if any(c.level == FAIL for c in checks):
         ctx.exit(EXIT_ERROR)
-
-
 
 
 # --- processes -------------------------------------------------------------------------------------
@@ -49,36 +53,67 @@ def doctor(ctx: click.Context, as_json: bool) -> None:
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--training", is_flag=True, help="Consume the training queue (fine-tune/evaluate) instead.")
-@click.option("--model", envvar="CAPTIONER_MODEL",
-              help="Hub id, save_pretrained directory, or @current / @VERSION from the model store.")  # fmt: skip
-@click.option("--endpoint", envvar="CAPTIONER_ENDPOINT_URL", metavar="URL",
-              help="Caption through this OpenAI-compatible server (its API base, e.g. http://127.0.0.1:8000/v1); "
-                   "--model is then the name it serves.")  # fmt: skip
+@click.option(
+    "--model",
+    envvar="CAPTIONER_MODEL",
+    help="Hub id, save_pretrained directory, or @current / @VERSION from the model store.",
+)
+@click.option(
+    "--endpoint",
+    envvar="CAPTIONER_ENDPOINT_URL",
+    metavar="URL",
+    help="Caption through this OpenAI-compatible server (its API base, e.g. http://127.0.0.1:8000/v1); "
+    "--model is then the name it serves.",
+)
 @click.option("--revision", envvar="CAPTIONER_MODEL_REVISION", help="Hub branch, tag or commit of --model.")
 @click.option("--device", envvar="CAPTIONER_DEVICE", help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", envvar="CAPTIONER_DTYPE", type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
-@click.option("--max-batch-size", type=click.IntRange(1, 4096), envvar="CAPTIONER_MAX_BATCH_SIZE",
-              help="Most images in one generate call.")  # fmt: skip
-@click.option("--max-wait-ms", type=click.IntRange(0, 60_000), envvar="CAPTIONER_MAX_WAIT_MS",
-              help="Longest wait for a batch to fill.")  # fmt: skip
-@click.option("--concurrency", type=click.IntRange(1, 256), envvar="CAPTIONER_CONCURRENCY",
-              help="Messages in flight (threads).")  # fmt: skip
+@click.option(
+    "--max-batch-size",
+    type=click.IntRange(1, 4096),
+    envvar="CAPTIONER_MAX_BATCH_SIZE",
+    help="Most images in one generate call.",
+)
+@click.option(
+    "--max-wait-ms",
+    type=click.IntRange(0, 60_000),
+    envvar="CAPTIONER_MAX_WAIT_MS",
+    help="Longest wait for a batch to fill.",
+)
+@click.option(
+    "--concurrency", type=click.IntRange(1, 256), envvar="CAPTIONER_CONCURRENCY", help="Messages in flight (threads)."
+)
 @click.option(
     "--profile",
     envvar="CAPTIONER_PROFILE",
     type=click.Choice(["exact", "fast"]),
     help="Speed profile: exact (transformers' greedy output) or fast (measured cost: bench/README.md).",
 )
-@click.option("--pieces", envvar="CAPTIONER_PIECES", metavar="[+|-]PIECE,...",
-              help="Speed pieces on (+name) or off (-name) on top of the profile: sdpa, compile, int8, cudagraphs, "
-                   "draft.")  # fmt: skip
+@click.option(
+    "--pieces",
+    envvar="CAPTIONER_PIECES",
+    metavar="[+|-]PIECE,...",
+    help="Speed pieces on (+name) or off (-name) on top of the profile: sdpa, compile, int8, cudagraphs, draft.",
+)
 @click.option("--hostname", help="Worker node name (default caption@<host> / train@<host>).")
 @click.option("--loglevel", envvar="CAPTIONER_LOG_LEVEL", help="DEBUG, INFO, WARNING... (default INFO).")
 @click.pass_context
-def worker(ctx: click.Context, training: bool, model: str | None, endpoint: str | None, revision: str | None,
-           device: str | None,
-           dtype: str | None, max_batch_size: int | None, max_wait_ms: int | None, concurrency: int | None,
-           profile: str | None, pieces: str | None, hostname: str | None, loglevel: str | None) -> None:  # fmt: skip
+def worker(
+    ctx: click.Context,
+    training: bool,
+    model: str | None,
+    endpoint: str | None,
+    revision: str | None,
+    device: str | None,
+    dtype: str | None,
+    max_batch_size: int | None,
+    max_wait_ms: int | None,
+    concurrency: int | None,
+    profile: str | None,
+    pieces: str | None,
+    hostname: str | None,
+    loglevel: str | None,
+) -> None:
     """Start a worker: one model per process, threads sharing its batches (CUDA-safe), events on.
 
     Options override the CAPTIONER_* settings of the same name; extra arguments go to `celery worker` unchanged.
@@ -87,9 +122,19 @@ def worker(ctx: click.Context, training: bool, model: str | None, endpoint: str 
     from common.settings import use_settings
     from model.profiles import parse_adjustments
 
-    given = {"model": model, "endpoint_url": endpoint, "model_revision": revision, "device": device, "dtype": dtype,
-             "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, "concurrency": concurrency,
-             "profile": profile, "pieces": pieces, "log_level": loglevel}  # fmt: skip
+    given = {
+        "model": model,
+        "endpoint_url": endpoint,
+        "model_revision": revision,
+        "device": device,
+        "dtype": dtype,
+        "max_batch_size": max_batch_size,
+        "max_wait_ms": max_wait_ms,
+        "concurrency": concurrency,
+        "profile": profile,
+        "pieces": pieces,
+        "log_level": loglevel,
+    }
     settings = settings_of(ctx).model_copy(update={k: v for k, v in given.items() if v is not None})
     parse_adjustments(settings.pieces)  # an unknown piece is one line here, before Celery starts
     if settings.endpoint_url and not training:
@@ -115,9 +160,18 @@ def worker(ctx: click.Context, training: bool, model: str | None, endpoint: str 
         queue = ",".join(settings.caption_queues)  # interactive first: taken from before the bulk queue
         n, node = settings.concurrency, "caption@%h"
         prefetch = [f"--prefetch-multiplier={settings.prefetch_multiplier}"]
-    argv = ["worker", "--pool=threads", f"--concurrency={n}", f"--queues={queue}", "--task-events", *prefetch,
-            f"--hostname={hostname or node}", f"--loglevel={settings.log_level}", "--without-mingle",
-            *ctx.args]  # fmt: skip
+    argv = [
+        "worker",
+        "--pool=threads",
+        f"--concurrency={n}",
+        f"--queues={queue}",
+        "--task-events",
+        *prefetch,
+        f"--hostname={hostname or node}",
+        f"--loglevel={settings.log_level}",
+        "--without-mingle",
+        *ctx.args,
+    ]
     code = _celery_main(app, argv)
     if code:  # a worker that refused to start (a model that does not load, a device that is not there)
         ctx.exit(code)
@@ -149,14 +203,21 @@ def review(ctx: click.Context, host: str | None, port: int | None) -> None:
     """
     require_extra("review", "the review page")
     from review.server import serve
+
     given = {"review_host": host, "review_port": port}
     settings = settings_of(ctx).model_copy(update={k: v for k, v in given.items() if v is not None})
     serve(settings, say=lambda line: click.echo(line, err=True))
 
 
 @cli.command()
-@click.option("--images", "n_images", type=click.IntRange(1, 10_000), default=12, show_default=True,
-              help="Held-out images captioned at the end.")  # fmt: skip
+@click.option(
+    "--images",
+    "n_images",
+    type=click.IntRange(1, 10_000),
+    default=12,
+    show_default=True,
+    help="Held-out images captioned at the end.",
+)
 @click.option("--train-images", type=click.IntRange(10, 100_000), default=2000, show_default=True)
 @click.option("--steps", type=click.IntRange(1, 1_000_000), default=2000, show_default=True, help="Training steps.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), help="Keep files here.")
@@ -169,14 +230,20 @@ def review(ctx: click.Context, host: str | None, port: int | None) -> None:
 )
 @json_option
 @click.pass_context
-def demo(ctx: click.Context, n_images: int, train_images: int, steps: int, workdir: Path | None, vocab: str,
-         as_json: bool) -> None:  # fmt: skip
+def demo(
+    ctx: click.Context, n_images: int, train_images: int, steps: int, workdir: Path | None, vocab: str, as_json: bool
+) -> None:
     """Offline end to end: synthetic images -> fine-tune a small GIT on the queue -> evaluate -> promote ->
     caption held-out images as a bulk job -> export; prints captions and WER before and after."""
     require_extra("train", "the demo (it trains and serves a model)")
     from cli.demo import run_demo
 
-    run_demo(settings_of(ctx), n_images=n_images, train_images=train_images, steps=steps, workdir=workdir,
-             as_json=as_json, vocab=vocab)  # fmt: skip
-
-
+    run_demo(
+        settings_of(ctx),
+        n_images=n_images,
+        train_images=train_images,
+        steps=steps,
+        workdir=workdir,
+        as_json=as_json,
+        vocab=vocab,
+    )

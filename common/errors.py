@@ -87,9 +87,17 @@ class Poison(ItemError):
 
 
 ITEM_ERROR_CLASSES: tuple[type[ItemError], ...] = (
-    InvalidInput, Forbidden, FetchError, FetchTimeout, TooLarge, DecodeError, EngineError, Cancelled, Poison,
+    InvalidInput,
+    Forbidden,
+    FetchError,
+    FetchTimeout,
+    TooLarge,
+    DecodeError,
+    EngineError,
+    Cancelled,
+    Poison,
     EndpointError,  # last: the ledger stores a row's error class as its index here
-)  # fmt: skip
+)
 ITEM_ERROR_CODES: tuple[str, ...] = tuple(cls.code for cls in ITEM_ERROR_CLASSES)
 
 

@@ -103,5 +103,3 @@ def normalise_prefix(text: str, protocols: list[str] | tuple[str, ...]) -> str:
         raise ConfigError(f"CAPTIONER_ALLOWED_ROOTS: {exc}") from None
     key = uri.key.strip("/")
     return f"{uri.protocol}://{uri.bucket}/" + (key + "/" if key else "")
-
-

@@ -192,10 +192,12 @@ def _image_column(ref: str, schema: Any) -> str:
     if "image" in schema.names:
         return "image"
     holding_bytes = [
-        f.name for f in schema
-        if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)
+        f.name
+        for f in schema
+        if pa.types.is_binary(f.type)
+        or pa.types.is_large_binary(f.type)
         or (pa.types.is_struct(f.type) and f.type.get_field_index("bytes") >= 0)
-    ]  # fmt: skip
+    ]
     if len(holding_bytes) != 1:
         raise DecodeError(f"{ref}: no column named image, and {len(holding_bytes)} columns holding bytes, not one")
     return holding_bytes[0]

@@ -30,8 +30,9 @@ def load(spec: ContainerSpec, policy: ImagePolicy, settings: Settings) -> Any:
         raise Forbidden(f"{spec.ref}: hub datasets are off on this worker (CAPTIONER_HUB_DATASETS)")
     try:
         if local:
-            ds = datasets.load_dataset("imagefolder", data_dir=spec.ref, split=spec.split or "train",
-                                       streaming=not spec.download)  # fmt: skip
+            ds = datasets.load_dataset(
+                "imagefolder", data_dir=spec.ref, split=spec.split or "train", streaming=not spec.download
+            )
         else:
             ds = datasets.load_dataset(spec.ref, split=spec.split or "train", streaming=not spec.download)
     except Exception as exc:  # the hub, the network and the loaders raise many unrelated classes

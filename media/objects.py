@@ -84,8 +84,13 @@ class ObjectStore:
 
     def as_dict(self) -> dict[str, Any]:
         """The fields as JSON (``ObjectStore(**d)`` makes it again)."""
-        return {"prefixes": list(self.prefixes), "protocols": list(self.protocols), "max_bytes": self.max_bytes,
-                "connect_timeout_s": self.connect_timeout_s, "read_timeout_s": self.read_timeout_s}  # fmt: skip
+        return {
+            "prefixes": list(self.prefixes),
+            "protocols": list(self.protocols),
+            "max_bytes": self.max_bytes,
+            "connect_timeout_s": self.connect_timeout_s,
+            "read_timeout_s": self.read_timeout_s,
+        }
 
     # --- access ---------------------------------------------------------------------------------
     def place(self, text: str) -> ObjectURI:

@@ -76,8 +76,9 @@ class ClipScorer:
             enc = self.processor(text=list(texts), return_tensors="pt", padding=True)
             n = self._max_positions()
             ids, mask = enc["input_ids"][..., :n], enc["attention_mask"][..., :n]
-            out = _features(self.model.get_text_features(input_ids=ids.to(self.device),
-                                                         attention_mask=mask.to(self.device)))  # fmt: skip
+            out = _features(
+                self.model.get_text_features(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
+            )
             return (out / out.norm(p=2, dim=-1, keepdim=True)).float().cpu()
 
     def scores(self, images: Sequence[Image.Image], captions: Sequence[Sequence[str]]) -> list[list[float]]:

@@ -68,10 +68,18 @@ class EndpointConfig:
     @classmethod
     def from_settings(cls, s: Settings) -> EndpointConfig:
         key = s.endpoint_api_key.get_secret_value() if s.endpoint_api_key else None
-        return cls(url=base_url(s.endpoint_url), model=s.model, api_key=key or None,
-                   concurrency=s.endpoint_concurrency, timeout_s=s.endpoint_timeout_s, retries=s.endpoint_retries,
-                   prompt=s.endpoint_prompt, image_bytes=s.endpoint_image_bytes, image_side=s.endpoint_image_side,
-                   response_bytes=s.endpoint_response_bytes)  # fmt: skip
+        return cls(
+            url=base_url(s.endpoint_url),
+            model=s.model,
+            api_key=key or None,
+            concurrency=s.endpoint_concurrency,
+            timeout_s=s.endpoint_timeout_s,
+            retries=s.endpoint_retries,
+            prompt=s.endpoint_prompt,
+            image_bytes=s.endpoint_image_bytes,
+            image_side=s.endpoint_image_side,
+            response_bytes=s.endpoint_response_bytes,
+        )
 
 
 def base_url(url: str) -> str:
@@ -84,8 +92,10 @@ def base_url(url: str) -> str:
         raise ConfigError(f"CAPTIONER_ENDPOINT_URL must be an http(s) URL like http://127.0.0.1:8000/v1, not {url!r}")
     if parsed.userinfo or parsed.query or parsed.fragment:
         # Anything secret in the URL would reach logs and `captioner_info`: keys go in CAPTIONER_ENDPOINT_API_KEY.
-        raise ConfigError("CAPTIONER_ENDPOINT_URL must carry no credentials, query or fragment; put the key in "
-                          "CAPTIONER_ENDPOINT_API_KEY")  # fmt: skip
+        raise ConfigError(
+            "CAPTIONER_ENDPOINT_URL must carry no credentials, query or fragment; put the key in "
+            "CAPTIONER_ENDPOINT_API_KEY"
+        )
     return str(parsed).rstrip("/")
 
 
@@ -115,11 +125,14 @@ class EndpointEngine:
         #: Model names the server listed at start-up.
         self.served = served or []
         self._url = f"{cfg.url}/chat/completions"
-        self._headers = {"Content-Type": "application/json", "Accept": "application/json",
-                         "Accept-Encoding": "identity",
-                         # One connection per request: the guard below can then end any request at its deadline,
-                         # wherever it blocks (a pooled connection's socket is not known to it).
-                         "Connection": "close"}  # fmt: skip
+        self._headers = {
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "Accept-Encoding": "identity",
+            # One connection per request: the guard below can then end any request at its deadline,
+            # wherever it blocks (a pooled connection's socket is not known to it).
+            "Connection": "close",
+        }
         if cfg.api_key:
             self._headers["Authorization"] = f"Bearer {cfg.api_key}"
         self._client = httpx2.Client(trust_env=False, follow_redirects=False, headers={"User-Agent": "captioner/0.1"})
@@ -136,13 +149,17 @@ class EndpointEngine:
         """Check the server answers and serves ``cfg.model`` (GET {url}/models), so a misconfigured worker says so
         at start-up instead of failing every item."""
         if cfg.model.startswith("@"):
-            raise ConfigError(f"an endpoint serves its own models: CAPTIONER_MODEL must be the name the server knows, "
-                              f"not the model store's {cfg.model!r}")  # fmt: skip
+            raise ConfigError(
+                f"an endpoint serves its own models: CAPTIONER_MODEL must be the name the server knows, "
+                f"not the model store's {cfg.model!r}"
+            )
         served = list_models(cfg)
         if cfg.model not in served:
             listed = ", ".join(repr(m) for m in served[:10]) or "none"
-            raise ModelLoadError(f"the endpoint {cfg.url} does not serve model {cfg.model!r}; it serves: {listed} "
-                                 "(give one of them with --model / CAPTIONER_MODEL)")  # fmt: skip
+            raise ModelLoadError(
+                f"the endpoint {cfg.url} does not serve model {cfg.model!r}; it serves: {listed} "
+                "(give one of them with --model / CAPTIONER_MODEL)"
+            )
         log.info("endpoint %s serves %s; %d request(s) in flight at most", cfg.url, cfg.model, cfg.concurrency)
         return cls(cfg, served=served)
 
@@ -167,11 +184,15 @@ class EndpointEngine:
     def refuses(self, params: GenParams) -> ItemError | None:
         """Parameters no request can honour (every item would fail alike): one row each instead, saying why."""
         if params.num_beams != 1:
-            return InvalidInput(f"num_beams {params.num_beams}: beam search is not part of the chat completions API; "
-                                "use num_beams 1 with an endpoint")  # fmt: skip
+            return InvalidInput(
+                f"num_beams {params.num_beams}: beam search is not part of the chat completions API; "
+                "use num_beams 1 with an endpoint"
+            )
         if not params.prompt:
-            return InvalidInput(f"max_length {params.max_length} leaves no room after the endpoint's prompt "
-                                f"({self.default_prompt!r}): raise max_length or give a shorter --prompt")  # fmt: skip
+            return InvalidInput(
+                f"max_length {params.max_length} leaves no room after the endpoint's prompt "
+                f"({self.default_prompt!r}): raise max_length or give a shorter --prompt"
+            )
         return None
 
     def submit(self, prepared: list[str], params: GenParams) -> Future[Generated]:
@@ -212,8 +233,9 @@ class EndpointEngine:
             except _Again as again:
                 if attempt == self.cfg.retries or self._stopped.is_set():
                     raise again.error from None
-                wait = min(again.retry_after if again.retry_after is not None else BACKOFF_S * 2**attempt,
-                           MAX_BACKOFF_S)  # fmt: skip
+                wait = min(
+                    again.retry_after if again.retry_after is not None else BACKOFF_S * 2**attempt, MAX_BACKOFF_S
+                )
                 log.info("endpoint: %s; retrying in %.1fs (%d of %d)", again.error, wait, attempt + 1, self.cfg.retries)
                 if self._stopped.wait(wait):
                     raise again.error from None
@@ -221,10 +243,17 @@ class EndpointEngine:
 
     def body(self, data_url: str, params: GenParams) -> dict[str, Any]:
         """The chat-completions request for one image: greedy unless the job's parameters say otherwise."""
-        content = [{"type": "image_url", "image_url": {"url": data_url}},
-                   {"type": "text", "text": params.prompt or self.default_prompt}]  # fmt: skip
-        body: dict[str, Any] = {"model": self.cfg.model, "messages": [{"role": "user", "content": content}],
-                                "max_tokens": params.max_length, "temperature": 0, "stream": False}  # fmt: skip
+        content = [
+            {"type": "image_url", "image_url": {"url": data_url}},
+            {"type": "text", "text": params.prompt or self.default_prompt},
+        ]
+        body: dict[str, Any] = {
+            "model": self.cfg.model,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": params.max_length,
+            "temperature": 0,
+            "stream": False,
+        }
         for name in ("temperature", "top_p", "seed"):  # sampling parameters, where a job's GenParams carries them
             value = getattr(params, name, None)
             if value is not None:
@@ -236,8 +265,14 @@ class EndpointEngine:
         deadline = time.monotonic() + self.cfg.timeout_s
         with self._guard.watch(deadline, self.cfg.timeout_s) as watch, _http_errors(host, watch):
             timeout = httpx2.Timeout(self.cfg.timeout_s + 1, connect=min(CONNECT_TIMEOUT_S, self.cfg.timeout_s))
-            with self._client.stream("POST", self._url, content=body, headers=self._headers, timeout=timeout,
-                                     extensions={"trace": watch.trace}) as resp:  # fmt: skip
+            with self._client.stream(
+                "POST",
+                self._url,
+                content=body,
+                headers=self._headers,
+                timeout=timeout,
+                extensions={"trace": watch.trace},
+            ) as resp:
                 raw = _read_capped(resp, self.cfg.response_bytes, watch, host)
         if resp.status_code != 200:
             reason = f"HTTP {resp.status_code} from {host}/chat/completions: {_reason(raw)}"
@@ -266,8 +301,14 @@ def _http_errors(host: str, watch: Any) -> Iterator[None]:
         if watch.ended or isinstance(exc, httpx2.ReadTimeout | httpx2.WriteTimeout | httpx2.PoolTimeout):
             # Not retried here: it already took the whole deadline. The row goes back to the queue for later.
             raise FetchTimeout(f"{host}: no complete answer within {watch.total_s:g}s", transient=True) from None
-        if isinstance(exc, httpx2.ConnectTimeout | httpx2.ConnectError | httpx2.ReadError | httpx2.WriteError
-                      | httpx2.RemoteProtocolError):  # fmt: skip
+        if isinstance(
+            exc,
+            httpx2.ConnectTimeout
+            | httpx2.ConnectError
+            | httpx2.ReadError
+            | httpx2.WriteError
+            | httpx2.RemoteProtocolError,
+        ):
             raise _Again(FetchError(f"{host}: {type(exc).__name__}: {exc}", transient=True)) from None
         raise EndpointError(f"{host}: {type(exc).__name__}: {exc}") from None
 
@@ -343,14 +384,20 @@ def list_models(cfg: EndpointConfig) -> list[str]:
         with httpx2.Client(trust_env=False, follow_redirects=False) as client:
             resp = client.get(where, headers=headers, timeout=httpx2.Timeout(CHECK_TIMEOUT_S))
     except httpx2.HTTPError as exc:
-        raise ConfigError(f"the endpoint {cfg.url} is unreachable ({type(exc).__name__}: {exc}); start the server "
-                          "or fix CAPTIONER_ENDPOINT_URL") from None  # fmt: skip
+        raise ConfigError(
+            f"the endpoint {cfg.url} is unreachable ({type(exc).__name__}: {exc}); start the server "
+            "or fix CAPTIONER_ENDPOINT_URL"
+        ) from None
     if resp.status_code in (401, 403):
-        raise ConfigError(f"the endpoint {cfg.url} refused the API key (HTTP {resp.status_code}): set "
-                          "CAPTIONER_ENDPOINT_API_KEY (or OPENAI_API_KEY)")  # fmt: skip
+        raise ConfigError(
+            f"the endpoint {cfg.url} refused the API key (HTTP {resp.status_code}): set "
+            "CAPTIONER_ENDPOINT_API_KEY (or OPENAI_API_KEY)"
+        )
     if resp.status_code == 404:
-        raise ConfigError(f"the endpoint has no {where} (HTTP 404): CAPTIONER_ENDPOINT_URL is the OpenAI API base, "
-                          "the part before /chat/completions, usually ending in /v1")  # fmt: skip
+        raise ConfigError(
+            f"the endpoint has no {where} (HTTP 404): CAPTIONER_ENDPOINT_URL is the OpenAI API base, "
+            "the part before /chat/completions, usually ending in /v1"
+        )
     if resp.status_code != 200:
         raise ConfigError(f"GET {where}: HTTP {resp.status_code}: {_reason(resp.content)}")
     try:

@@ -75,10 +75,19 @@ class EngineConfig:
     @classmethod
     def from_settings(cls, s: Settings) -> EngineConfig:
         cache = str(s.compile_cache_dir) if s.compile_cache_dir else None
-        return cls(model=s.model, revision=s.model_revision, device=s.device, dtype=s.dtype, decoder=s.decoder,
-                   encoder_attention=s.encoder_attention, profile=s.profile, pieces=s.pieces,
-                   jpeg_draft=s.jpeg_draft, compile_cache_dir=cache,
-                   cuda_memory_fraction=s.cuda_memory_fraction)  # fmt: skip
+        return cls(
+            model=s.model,
+            revision=s.model_revision,
+            device=s.device,
+            dtype=s.dtype,
+            decoder=s.decoder,
+            encoder_attention=s.encoder_attention,
+            profile=s.profile,
+            pieces=s.pieces,
+            jpeg_draft=s.jpeg_draft,
+            compile_cache_dir=cache,
+            cuda_memory_fraction=s.cuda_memory_fraction,
+        )
 
     def requested_pieces(self, device_type: str) -> tuple[str, ...]:
         """The speed pieces this config asks for on a device type; unknown names raise ``ConfigError``."""
@@ -351,9 +360,13 @@ class CaptionEngine:
             engine._compile(cfg.compile_cache_dir)
         log.info(
             "model %s loaded: version=%s device=%s dtype=%s profile=%s in %.1fs",
-            cfg.model, version, device, str(engine.dtype).removeprefix("torch."), engine.profile,
+            cfg.model,
+            version,
+            device,
+            str(engine.dtype).removeprefix("torch."),
+            engine.profile,
             time.perf_counter() - started,
-        )  # fmt: skip
+        )
         return engine
 
     def _compile(self, cache_dir: str | None) -> None:
@@ -384,8 +397,9 @@ class CaptionEngine:
                 self._fast.compiled_sizes.add(rows)
             self.generate_detailed(torch.zeros((rows, 3, edge, edge), dtype=torch.float32), params)
         took = time.perf_counter() - started
-        log.info("warm-up: profile %s, batch sizes %s, max_length %d: %.1fs", self.profile, sizes, params.max_length,
-                 took)  # fmt: skip
+        log.info(
+            "warm-up: profile %s, batch sizes %s, max_length %d: %.1fs", self.profile, sizes, params.max_length, took
+        )
         return took
 
     def warm_up_sizes(self, max_batch: int) -> list[int]:

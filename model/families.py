@@ -178,8 +178,9 @@ def _decoder_rows(start: list[int], captions: list[list[int]], pad: int, device:
         labels[row, len(start) : len(start) + len(tokens)] = torch.tensor(tokens, dtype=torch.long)
     mask = (labels != -100).long()
     mask[:, : len(start)] = 1
-    return TrainBatch({"decoder_input_ids": ids.to(device), "decoder_attention_mask": mask.to(device)},
-                      labels.to(device))  # fmt: skip
+    return TrainBatch(
+        {"decoder_input_ids": ids.to(device), "decoder_attention_mask": mask.to(device)}, labels.to(device)
+    )
 
 
 class Blip(Family):

@@ -59,13 +59,31 @@ TEXT_SLOTS = 64
 #: away from its default makes HF add a logits processor or stopping criterion, so the model goes to HF.
 _HARMLESS_GENERATION_FIELDS = frozenset(
     {
-        "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "max_length",
-        "do_sample", "num_beams", "num_return_sequences", "use_cache",
-        "temperature", "top_k", "top_p", "typical_p", "min_p", "epsilon_cutoff", "eta_cutoff",
-        "output_attentions", "output_hidden_states", "output_scores", "output_logits",
-        "transformers_version", "_from_model_config", "_commit_hash",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "decoder_start_token_id",
+        "max_length",
+        "do_sample",
+        "num_beams",
+        "num_return_sequences",
+        "use_cache",
+        "temperature",
+        "top_k",
+        "top_p",
+        "typical_p",
+        "min_p",
+        "epsilon_cutoff",
+        "eta_cutoff",
+        "output_attentions",
+        "output_hidden_states",
+        "output_scores",
+        "output_logits",
+        "transformers_version",
+        "_from_model_config",
+        "_commit_hash",
     }
-)  # fmt: skip
+)
 #: Of those, the ones whose value still matters: without the cache HF recomputes everything, in other shapes.
 _REQUIRED_GENERATION_VALUES = {"use_cache": True}
 
@@ -430,8 +448,9 @@ class _StaticShape:
     copy in or out; only the position is filled before each replay.
     """
 
-    def __init__(self, dec: GitGreedyDecoder, rows: int, capacity: int, dtype: torch.dtype, device: torch.device,
-                 pool: Any) -> None:  # fmt: skip
+    def __init__(
+        self, dec: GitGreedyDecoder, rows: int, capacity: int, dtype: torch.dtype, device: torch.device, pool: Any
+    ) -> None:
         self.dec, self.rows, self.capacity = dec, rows, capacity
         self.cache = dec._new_cache(rows, capacity, dtype, device, zeros=True)
         self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
@@ -515,8 +534,9 @@ class _StaticSteps:
             self.shapes[key] = _StaticShape(self.dec, rows, capacity, dtype, device, self.pool)
         return self.shapes[key]
 
-    def decode(self, hidden: torch.Tensor, input_ids: torch.Tensor, cache: list[torch.Tensor], max_length: int
-               ) -> torch.Tensor:  # fmt: skip
+    def decode(
+        self, hidden: torch.Tensor, input_ids: torch.Tensor, cache: list[torch.Tensor], max_length: int
+    ) -> torch.Tensor:
         """What ``_decode_loop`` returns, from fixed-shape steps."""
         dec, stats = self.dec, self.dec.stats
         rows, input_len = input_ids.shape

@@ -45,8 +45,14 @@ class ClipPreprocess:
         mean, std = np.asarray(p.image_mean, dtype=np.float32), np.asarray(p.image_std, dtype=np.float32)
         if mean.shape != (3,) or std.shape != (3,):
             return None
-        return cls(int(size["shortest_edge"]), (int(crop["height"]), int(crop["width"])), resample,
-                   float(p.rescale_factor), mean, std)  # fmt: skip
+        return cls(
+            int(size["shortest_edge"]),
+            (int(crop["height"]), int(crop["width"])),
+            resample,
+            float(p.rescale_factor),
+            mean,
+            std,
+        )
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         image = _rgb(image)

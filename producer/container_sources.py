@@ -146,16 +146,19 @@ def dataset_specs(ref: str, *, split: str, column: str | None, download: bool, p
         else:
             ds = datasets.load_dataset(ref, split=split, streaming=True)
     except Exception as exc:  # the hub, the network and the loaders raise many unrelated classes
-        raise SourceError(f"{ref}: cannot load the dataset: {type(exc).__name__}: {' '.join(str(exc).split())}"[:400]
-                          ) from None  # fmt: skip
+        raise SourceError(
+            f"{ref}: cannot load the dataset: {type(exc).__name__}: {' '.join(str(exc).split())}"[:400]
+        ) from None
     features = ds.features or {}
     col = column or next((c for c, f in features.items() if isinstance(f, datasets.Image)), None)
     if col is None or col not in features:
         raise SourceError(f"{ref}: no image column (name one with --column); columns: {', '.join(features)}")
     shards = max(1, int(ds.num_shards))
     parts = max(1, -(-shards // per_part)) if local else shards
-    return [ContainerSpec(kind="hf", ref=name, split=split, column=col, part=i, parts=parts, download=download)
-            for i in range(parts)]  # fmt: skip
+    return [
+        ContainerSpec(kind="hf", ref=name, split=split, column=col, part=i, parts=parts, download=download)
+        for i in range(parts)
+    ]
 
 
 class _Opened:

@@ -250,8 +250,9 @@ class JobClient:
         self.check()
         queue = self.settings.training_queue
         if not self.training_workers():
-            raise CaptionerError(f"no training worker answers on the queue {queue!r}; start one "
-                                 "(captioner worker --training)")  # fmt: skip
+            raise CaptionerError(
+                f"no training worker answers on the queue {queue!r}; start one (captioner worker --training)"
+            )
         result = self.app.send_task(TASK_EVALUATE, kwargs=req.model_dump(), queue=queue)
         try:
             return result.get(timeout=timeout)

@@ -169,23 +169,39 @@ class ServeProcess:
     (``/v1/chat/completions``, ``/v1/models``) for tests and benchmarks. Needs the ``serving`` extra of transformers.
     """
 
-    def __init__(self, model_dir: Path, *, log: Path | None = None, device: str = "cpu",
-                 extra_args: list[str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, model_dir: Path, *, log: Path | None = None, device: str = "cpu", extra_args: list[str] | None = None
+    ) -> None:
         self.port = free_port()
         self.model = str(model_dir)
         self.url = f"http://127.0.0.1:{self.port}/v1"
         # The transformers CLI through this interpreter (its console script may not be on PATH).
         code = "import sys; from transformers.cli.transformers import main; sys.argv[0] = 'transformers'; main()"
-        self.args = [sys.executable, "-c", code, "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                     "--device", device, "--log-level", "warning", *(extra_args or []), self.model]  # fmt: skip
+        self.args = [
+            sys.executable,
+            "-c",
+            code,
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--device",
+            device,
+            "--log-level",
+            "warning",
+            *(extra_args or []),
+            self.model,
+        ]
         self.log_path = log or Path(tempfile.mkstemp(prefix="captioner-serve-", suffix=".log")[1])
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 180) -> ServeProcess:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(self.args, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                         preexec_fn=_own_session_tied_to_parent)  # fmt: skip
+            self.proc = subprocess.Popen(
+                self.args, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_own_session_tied_to_parent
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:  # ready once /health answers (the model is preloaded before it listens)
             if self.proc.poll() is not None:

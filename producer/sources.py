@@ -213,8 +213,9 @@ def walk_images(root: Path, *, follow_links: bool = False, sniff: bool = False) 
         dirnames.sort()
         for name in sorted(filenames):
             suffix = os.path.splitext(name)[1].lower()
-            if suffix in IMAGE_EXTENSIONS or (sniff and suffix not in LIST_EXTENSIONS and _looks_like_image(
-                    os.path.join(dirpath, name))):  # fmt: skip
+            if suffix in IMAGE_EXTENSIONS or (
+                sniff and suffix not in LIST_EXTENSIONS and _looks_like_image(os.path.join(dirpath, name))
+            ):
                 yield os.path.join(dirpath, name)
 
 

@@ -59,8 +59,9 @@ async def set_marks(request: Request) -> JSONResponse:
     ctx = review_of(request)
     body = await json_body(request)
     mark = body.get("mark")
-    changed = await run_in_threadpool(ctx.ledger.set_mark, request.path_params["job_id"], _ids(body), mark,
-                                      ctx.reviewer)  # fmt: skip
+    changed = await run_in_threadpool(
+        ctx.ledger.set_mark, request.path_params["job_id"], _ids(body), mark, ctx.reviewer
+    )
     return JSONResponse({"changed": changed})
 
 
@@ -98,8 +99,9 @@ async def train(request: Request) -> JSONResponse:
 
     def run() -> dict[str, Any]:
         folder, summary = _export(ctx, job_id)
-        req = TrainRequest(job_id=f"train-{folder.name}"[:128], dataset=str(folder), config=config,
-                           promote=bool(body.get("promote")))  # fmt: skip
+        req = TrainRequest(
+            job_id=f"train-{folder.name}"[:128], dataset=str(folder), config=config, promote=bool(body.get("promote"))
+        )
         try:
             ctx.client.submit_training(req)
         except Exception:

@@ -40,6 +40,7 @@ def metric_charts(versions: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for i, (at, version, value) in enumerate(series)
         ]
         line = " ".join(f"{p['x']},{p['y']}" for p in points)
-        charts.append({"metric": name, "points": points, "line": line, "low": low, "high": high,
-                       "width": WIDTH, "height": HEIGHT})  # fmt: skip
+        charts.append(
+            {"metric": name, "points": points, "line": line, "low": low, "high": high, "width": WIDTH, "height": HEIGHT}
+        )
     return charts

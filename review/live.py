@@ -94,11 +94,17 @@ def workers_snapshot(ctx: Review) -> dict[str, Any]:
         return ctx.workers_cache[1]
     app = ctx.client.app
     answers = workers_info(app, timeout=1.0)
-    caption = [{"name": host, **{k: info.get(k) for k in ("model_version", "device", "dtype", "items")}}
-               for host, info in sorted(answers.items()) if "loaded" in info]  # fmt: skip
+    caption = [
+        {"name": host, **{k: info.get(k) for k in ("model_version", "device", "dtype", "items")}}
+        for host, info in sorted(answers.items())
+        if "loaded" in info
+    ]
     training = ctx.client.training_workers(timeout=1.0)
-    snapshot = {"caption": caption, "training": [{"name": name} for name in training],
-                "queues": queue_depths(app, ctx.settings)}  # fmt: skip
+    snapshot = {
+        "caption": caption,
+        "training": [{"name": name} for name in training],
+        "queues": queue_depths(app, ctx.settings),
+    }
     ctx.workers_cache = (now, snapshot)
     return snapshot
 

@@ -113,8 +113,14 @@ async def thumbnail(request: Request) -> Response:
 async def models_page(request: Request) -> Response:
     ctx = review_of(request)
     versions, current = await run_in_threadpool(_versions, ctx)
-    return ctx.render(request, "models.html", versions=versions, current=current, charts=metric_charts(versions),
-                      store=ctx.settings.model_store)  # fmt: skip
+    return ctx.render(
+        request,
+        "models.html",
+        versions=versions,
+        current=current,
+        charts=metric_charts(versions),
+        store=ctx.settings.model_store,
+    )
 
 
 def _versions(ctx: Review) -> tuple[list[dict[str, Any]], str | None]:

@@ -163,12 +163,16 @@ class Guard(BaseHTTPMiddleware):
         if self.access.token is None or not hmac.compare_digest(given, self.access.token):
             return PlainTextResponse("wrong or missing token", status_code=401)
         response = RedirectResponse("/", status_code=303)
-        response.set_cookie(AUTH_COOKIE, self.access.auth_cookie(), httponly=True, samesite="strict",
-                            secure=self.secure)  # fmt: skip
+        response.set_cookie(
+            AUTH_COOKIE, self.access.auth_cookie(), httponly=True, samesite="strict", secure=self.secure
+        )
         return response
 
     def _unauthorized(self, request: Request) -> Response:
         if self.access.user is not None:
-            return PlainTextResponse("authentication required", status_code=401,
-                                     headers={"www-authenticate": 'Basic realm="captioner review"'})  # fmt: skip
+            return PlainTextResponse(
+                "authentication required",
+                status_code=401,
+                headers={"www-authenticate": 'Basic realm="captioner review"'},
+            )
         return PlainTextResponse("authentication required: open /login?token=<CAPTIONER_REVIEW_TOKEN>", status_code=401)

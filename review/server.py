@@ -21,5 +21,11 @@ def serve(settings: Settings, *, say: Callable[[str], None] = print) -> None:
     login = " (sign in at /login?token=<CAPTIONER_REVIEW_TOKEN>)" if settings.review_token else ""
     say(f"review page on http://{shown}:{settings.review_port}/{login}")
     # One process: CSRF sessions are signed with a key made at start, and thumbnails are cached in memory.
-    uvicorn.run(app, host=host, port=settings.review_port, log_level=settings.log_level.lower(),
-                timeout_graceful_shutdown=2, server_header=False)  # fmt: skip
+    uvicorn.run(
+        app,
+        host=host,
+        port=settings.review_port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=2,
+        server_header=False,
+    )

@@ -98,4 +98,3 @@ def create_app(settings: Settings | None = None, *, include: tuple[str, ...] = (
     app = Celery("captioner", include=list(include))
     app.conf.update(celery_config(settings))
     return app
-

@@ -276,14 +276,18 @@ def tally(
         "n": n,
         "ok": status["ok"],
         "lost": len(set(refs) - {r["ref"] for r in rows}),
-        "counters_off": abs(info.ok - status["ok"]) + abs(info.error - status["error"])
-        + abs(info.cancelled - status["cancelled"]) + abs(info.total - n),
-        "replaced": None if before is None else sum(
+        "counters_off": abs(info.ok - status["ok"])
+        + abs(info.error - status["error"])
+        + abs(info.cancelled - status["cancelled"])
+        + abs(info.total - n),
+        "replaced": None
+        if before is None
+        else sum(
             1 for i, row in before.items() if [after.get(i, {}).get(k) for k in _KEPT] != [row.get(k) for k in _KEPT]
         ),
         "attempted_twice": sum(1 for r in rows if r.get("attempts", 1) > 1),
         "reconciled": reconciled,
-    }  # fmt: skip
+    }
     if reconciled:
         happened += f"; reconcile re-sent {reconciled} item(s) whose message the broker lost"
     if report := os.environ.get("FAULT_REPORT"):
@@ -322,8 +326,10 @@ class S3Server:
         env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"} if refuse_all else dict(os.environ)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError), socket_to(self.port):
@@ -344,9 +350,12 @@ class S3Server:
         import s3fs
 
         return s3fs.S3FileSystem(
-            endpoint_url=self.endpoint, key=self.env["AWS_ACCESS_KEY_ID"], secret=self.env["AWS_SECRET_ACCESS_KEY"],
-            skip_instance_cache=True, use_listings_cache=False,
-        )  # fmt: skip
+            endpoint_url=self.endpoint,
+            key=self.env["AWS_ACCESS_KEY_ID"],
+            secret=self.env["AWS_SECRET_ACCESS_KEY"],
+            skip_instance_cache=True,
+            use_listings_cache=False,
+        )
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -54,14 +54,22 @@ def test_gpu_bench_refuses_a_cpu_machine_and_writes_its_readme_section(tmp_path:
     from bench import gpu
 
     if not torch.cuda.is_available():
-        proc = subprocess.run([sys.executable, "-m", "bench.gpu"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=120)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.gpu"], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
         assert proc.returncode == 2 and "no CUDA device" in proc.stderr
     readme = tmp_path / "README.md"
     original = (ROOT / "bench" / "README.md").read_text(encoding="utf-8")
     readme.write_text(original, encoding="utf-8")
-    row = {"batch": 8, "images_per_s": 900.0, "ms_per_batch": 8.9, "encoder_ms": 3.0, "prefill_ms": 2.0,
-           "decode_ms": 3.9, "peak_memory_gib": 1.2}  # fmt: skip
+    row = {
+        "batch": 8,
+        "images_per_s": 900.0,
+        "ms_per_batch": 8.9,
+        "encoder_ms": 3.0,
+        "prefill_ms": 2.0,
+        "decode_ms": 3.9,
+        "peak_memory_gib": 1.2,
+    }
     e2e = {
         "profile": "exact",
         "images": 64,
@@ -106,7 +114,6 @@ def test_gpu_bench_refuses_a_cpu_machine_and_writes_its_readme_section(tmp_path:
 def test_standalone_benchmarks_still_run_at_a_small_size(module: str, args: list[str], expect: str) -> None:
     """The benchmarks outside bench.run are run by hand, rarely: at a small size here, so a change of the code they
     measure cannot leave them broken unnoticed (the review paging one was, after the ledger became a package)."""
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert expect in proc.stdout, proc.stdout[-2000:]

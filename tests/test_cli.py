@@ -23,8 +23,14 @@ from tests.test_recovery import wait_for
 
 def invoke(settings: Settings, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     """Run the CLI with the test's Redis; returns (exit code, stdout, stderr)."""
-    base = ["--broker-url", settings.broker_url_str, "--redis-url", settings.redis_url_str,
-            "--key-prefix", settings.key_prefix]  # fmt: skip
+    base = [
+        "--broker-url",
+        settings.broker_url_str,
+        "--redis-url",
+        settings.redis_url_str,
+        "--key-prefix",
+        settings.key_prefix,
+    ]
     result = CliRunner().invoke(cli, [*base, *args], env=env, catch_exceptions=False)
     return result.exit_code, result.stdout, result.stderr
 
@@ -181,8 +187,13 @@ def test_worker_options_override_the_settings(worker_env: dict[str, str], tiny_m
     from tests.conftest import settings_from
 
     with LocalRedis() as server:
-        env = {**worker_env, "CAPTIONER_BROKER_URL": server.url(0), "CAPTIONER_RESULT_BACKEND": server.url(0),
-               "CAPTIONER_REDIS_URL": server.url(1), "CAPTIONER_MODEL": "/no/such/model"}  # fmt: skip
+        env = {
+            **worker_env,
+            "CAPTIONER_BROKER_URL": server.url(0),
+            "CAPTIONER_RESULT_BACKEND": server.url(0),
+            "CAPTIONER_REDIS_URL": server.url(1),
+            "CAPTIONER_MODEL": "/no/such/model",
+        }
         args = ["--model", str(tiny_model), "--max-batch-size", "3", "--concurrency", "2", "--loglevel", "DEBUG"]
         with WorkerProcess(env, extra_args=args, log=tmp_path / f"w-{uuid.uuid4().hex[:6]}.log") as proc:
             proc.wait_ready()
@@ -222,8 +233,9 @@ def test_wait_sees_a_stalled_job_and_reconciles_it(
     client.ledger.seal("job-stalled")
     code, _, err = invoke(settings, "wait", "job-stalled", "--stall-after", "1", "--timeout", "4", env=cli_env)
     assert code == 1 and "captioner reconcile job-stalled" in err
-    code, out, err = invoke(settings, "wait", "job-stalled", "--stall-after", "1", "--reconcile", "--timeout", "60",
-                            "--json", env=cli_env)  # fmt: skip
+    code, out, err = invoke(
+        settings, "wait", "job-stalled", "--stall-after", "1", "--reconcile", "--timeout", "60", "--json", env=cli_env
+    )
     assert code == 0, err
     assert "re-sent 3 item(s)" in err and json.loads(out.splitlines()[-1])["ok"] == 3
 
@@ -364,8 +376,7 @@ def test_dataset_exports_and_exclude_flags_through_the_cli(
 
     def shards(*extra: str) -> dict[str, dict[str, bytes]]:
         target = tmp_path / f"wds-{uuid.uuid4().hex[:6]}"
-        code, _, err = invoke(settings, "export", job, "--format", "webdataset", "-o", str(target), *extra,
-                              env=cli_env)  # fmt: skip
+        code, _, err = invoke(settings, "export", job, "--format", "webdataset", "-o", str(target), *extra, env=cli_env)
         assert code == 0, err
         samples: dict[str, dict[str, bytes]] = {}
         for shard in sorted(target.glob("*.tar")):

@@ -387,8 +387,12 @@ def test_prometheus_finds_every_caption_worker_on_its_metrics_port(services: dic
 
     prom = services["prometheus"]
     config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
-    found = {(name, sd["port"]) for job in config["scrape_configs"] for sd in job.get("dns_sd_configs", [])
-             for name in sd["names"]}  # fmt: skip
+    found = {
+        (name, sd["port"])
+        for job in config["scrape_configs"]
+        for sd in job.get("dns_sd_configs", [])
+        for name in sd["names"]
+    }
     port = Settings().metrics_port
     assert {(name, port) for name in _caption_workers(services)} <= found, "a caption worker is never scraped"
     assert any("prometheus.yml" in v for v in prom["volumes"])

@@ -67,9 +67,11 @@ def test_a_shard_is_read_once_and_a_bad_member_is_one_row(
     # A redelivered message finds its container closed and does nothing; a resumed enqueue reads the shard again
     # and skips every captioned member.
     spec = ContainerSpec(kind="tar", ref=str(shard))
-    client.app.send_task(TASK_CAPTION_CONTAINER, kwargs={"job_id": job_id, "container": spec.id,
-                                                         "params": info.params.model_dump()},
-                         queue=client.settings.caption_queue)  # fmt: skip
+    client.app.send_task(
+        TASK_CAPTION_CONTAINER,
+        kwargs={"job_id": job_id, "container": spec.id, "params": info.params.model_dump()},
+        queue=client.settings.caption_queue,
+    )
     again = _enqueue(worker_env, str(shard))
     assert again == job_id
     after = _rows(client, job_id)
@@ -104,8 +106,9 @@ def test_a_truncated_shard_over_http_gives_rows_for_what_was_read_and_the_worker
 
 
 def _export_webdataset(worker_env: dict[str, str], job_id: str, out: Path, *extra: str) -> dict:
-    result = CliRunner().invoke(cli, ["export", job_id, "--format", "webdataset", "-o", str(out), "--json", *extra],
-                                env=worker_env)  # fmt: skip
+    result = CliRunner().invoke(
+        cli, ["export", job_id, "--format", "webdataset", "-o", str(out), "--json", *extra], env=worker_env
+    )
     assert result.exit_code == 0, result.output
     return json.loads(result.output.strip().splitlines()[-1])
 
@@ -123,9 +126,13 @@ def _read_shards(folder: Path) -> dict[str, dict[str, bytes]]:
 
 
 def test_a_webdataset_export_repacks_the_members_of_shards_read_once_each(
-    caption_worker: WorkerProcess, worker_env: dict[str, str], http_root, session_root: Path, tmp_path: Path,
+    caption_worker: WorkerProcess,
+    worker_env: dict[str, str],
+    http_root,
+    session_root: Path,
+    tmp_path: Path,
     client: JobClient,
-) -> None:  # fmt: skip
+) -> None:
     base, www = http_root
     folder = session_root / f"wds-{uuid.uuid4().hex[:6]}"
     folder.mkdir()
@@ -165,13 +172,17 @@ def test_parquet_row_groups_carry_their_other_columns_to_the_export(
 ) -> None:
     good = _images(session_root, 5, seed=13)
     cells = [*good, b"corrupt cell", None]
-    table = pa.table({
-        "image": pa.array([None if c is None else {"bytes": c, "path": f"{i}.png"} for i, c in enumerate(cells)],
-                          pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
-        "n": pa.array(range(7), pa.int64()),
-        "meta": pa.array([{"w": i, "tags": ["a", str(i)]} for i in range(7)]),
-        "thumb": pa.array([b"\x00\x01"] * 7, pa.binary()),
-    })  # fmt: skip
+    table = pa.table(
+        {
+            "image": pa.array(
+                [None if c is None else {"bytes": c, "path": f"{i}.png"} for i, c in enumerate(cells)],
+                pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
+            ),
+            "n": pa.array(range(7), pa.int64()),
+            "meta": pa.array([{"w": i, "tags": ["a", str(i)]} for i in range(7)]),
+            "thumb": pa.array([b"\x00\x01"] * 7, pa.binary()),
+        }
+    )
     path = session_root / f"set-{uuid.uuid4().hex[:6]}.parquet"
     pq.write_table(table, path, row_group_size=3)
     job_id = _enqueue(worker_env, str(path))
@@ -206,10 +217,14 @@ def test_datasets_saved_to_disk_and_imagefolders_are_containers(
     folder = session_root / f"imgfolder-{uuid.uuid4().hex[:6]}"
     rows = make_shapes(folder, 6, seed=14, size=32)  # images and a metadata.jsonl with their captions
     saved = session_root / f"saved-{uuid.uuid4().hex[:6]}"
-    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string"),
-                                  "n": datasets.Value("int32")})  # fmt: skip
-    data = {"image": [{"bytes": p.read_bytes(), "path": None} for p, _ in rows], "text": [c for _, c in rows],
-            "n": list(range(6))}  # fmt: skip
+    features = datasets.Features(
+        {"image": datasets.Image(), "text": datasets.Value("string"), "n": datasets.Value("int32")}
+    )
+    data = {
+        "image": [{"bytes": p.read_bytes(), "path": None} for p, _ in rows],
+        "text": [c for _, c in rows],
+        "n": list(range(6)),
+    }
     datasets.Dataset.from_dict(data, features=features).save_to_disk(str(saved))
     job_id = _enqueue(worker_env, str(saved))
     got = _rows(client, job_id)

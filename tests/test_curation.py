@@ -24,8 +24,12 @@ def _pictures(n: int, seed: int) -> list[Image.Image]:
     from training.synthetic import COLOURS, POSITIONS, SHAPES, draw_shape
 
     rng = random.Random(seed)
-    return [draw_shape(rng.choice(SHAPES), rng.choice(list(COLOURS)[1:]), rng.choice(list(POSITIONS)), "white",
-                       size=48, rng=rng) for _ in range(n)]  # fmt: skip
+    return [
+        draw_shape(
+            rng.choice(SHAPES), rng.choice(list(COLOURS)[1:]), rng.choice(list(POSITIONS)), "white", size=48, rng=rng
+        )
+        for _ in range(n)
+    ]
 
 
 def test_clipscore_equals_torchmetrics(tiny_clip: Path) -> None:
@@ -47,8 +51,12 @@ def test_clipscore_equals_torchmetrics(tiny_clip: Path) -> None:
             return self.inner.get_text_features(*args, **kwargs).pooler_output
 
     images = _pictures(4, seed=1)
-    captions = [["a red circle on a white background", "a blue square"], ["a green triangle"], ["x"],
-                ["a yellow star " * 40]]  # fmt: skip
+    captions = [
+        ["a red circle on a white background", "a blue square"],
+        ["a green triangle"],
+        ["x"],
+        ["a yellow star " * 40],
+    ]
     ours = scorer.scores(images, captions)
     reference = ReturnsTensors(scorer.model)
     for image, cands, got in zip(images, captions, ours, strict=True):
@@ -72,8 +80,11 @@ def test_phash_finds_copies_and_keeps_different_pictures_apart() -> None:
     photos = [Image.fromarray(getattr(data, name)()).convert("RGB") for name in names]
     for photo in photos:
         w, h = photo.size
-        copies = [photo.resize((w // 2, h // 2)), _jpeg(photo, 40),
-                  photo.crop((w // 40, h // 40, w - w // 40, h - h // 40))]  # fmt: skip
+        copies = [
+            photo.resize((w // 2, h // 2)),
+            _jpeg(photo, 40),
+            photo.crop((w // 40, h // 40, w - w // 40, h - h // 40)),
+        ]
         for copy in copies:
             assert hamming(phash(photo), phash(copy)) <= 12  # the default phash distance
     for i, a in enumerate(photos):

@@ -32,8 +32,21 @@ def test_demo_fine_tunes_through_the_queue_and_captions_held_out_images(tmp_path
     nobody = f"redis://127.0.0.1:{free_port()}/0"  # a free port: no Redis answers there
     path = os.pathsep.join([str(Path(sys.executable).parent), str(Path(redis_server).parent)])
     env = {"CAPTIONER_BROKER_URL": nobody, "PATH": path, "HOME": "/tmp"}
-    argv = [sys.executable, "-m", "cli.main", "demo", "--json", "--steps", "300", "--train-images", "400",
-            "--images", "6", "--workdir", str(tmp_path / "demo")]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "demo",
+        "--json",
+        "--steps",
+        "300",
+        "--train-images",
+        "400",
+        "--images",
+        "6",
+        "--workdir",
+        str(tmp_path / "demo"),
+    ]
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)

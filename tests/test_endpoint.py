@@ -132,8 +132,12 @@ class _Handler(BaseHTTPRequestHandler):
                 server.inflight -= 1
         caption = f"a picture {hashlib.sha1(url.encode()).hexdigest()[:6]}"
         message = {"role": "assistant", "content": caption}
-        body = {"object": "chat.completion", "model": FAKE_MODEL, "usage": {"completion_tokens": 3},
-                "choices": [{"index": 0, "finish_reason": "stop", "message": message}]}  # fmt: skip
+        body = {
+            "object": "chat.completion",
+            "model": FAKE_MODEL,
+            "usage": {"completion_tokens": 3},
+            "choices": [{"index": 0, "finish_reason": "stop", "message": message}],
+        }
         return self.answer(200, json.dumps(body).encode())
 
 
@@ -162,8 +166,14 @@ def served(llava: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
 def endpoint_env(worker_env: dict[str, str], url: str, model: str, **extra: str) -> dict[str, str]:
     """A worker environment on a queue of its own (the session's GIT worker never takes these messages)."""
     queue = f"captions-endpoint-{uuid.uuid4().hex[:8]}"
-    return {**worker_env, "CAPTIONER_CAPTION_QUEUE": queue, "CAPTIONER_INTERACTIVE_QUEUE": f"{queue}-now",
-            "CAPTIONER_ENDPOINT_URL": url, "CAPTIONER_MODEL": model, **extra}  # fmt: skip
+    return {
+        **worker_env,
+        "CAPTIONER_CAPTION_QUEUE": queue,
+        "CAPTIONER_INTERACTIVE_QUEUE": f"{queue}-now",
+        "CAPTIONER_ENDPOINT_URL": url,
+        "CAPTIONER_MODEL": model,
+        **extra,
+    }
 
 
 def run_job(client: JobClient, refs: list[str], job_id: str, **params: object) -> list[dict]:
@@ -202,8 +212,9 @@ def test_worker_captions_a_folder_through_transformers_serve(
     del env["CAPTIONER_ENDPOINT_URL"], env["CAPTIONER_MODEL"]  # given on the command line instead
     settings = settings_from(env)
     redis.Redis.from_url(settings.redis_url_str).flushdb()
-    worker = WorkerProcess(env, log=tmp_path / "worker.log",
-                           extra_args=["--endpoint", served.url, "--model", served.model]).start()  # fmt: skip
+    worker = WorkerProcess(
+        env, log=tmp_path / "worker.log", extra_args=["--endpoint", served.url, "--model", served.model]
+    ).start()
     client = JobClient(settings)
     try:
         worker.wait_ready()
@@ -335,8 +346,14 @@ def test_the_key_travels_only_in_the_request_and_a_503_once_is_retried(
 ) -> None:
     key = f"sk-test-{uuid.uuid4().hex}"
     fake.reset()
-    env = endpoint_env(worker_env, fake.url, FAKE_MODEL, CAPTIONER_ENDPOINT_API_KEY=key, CAPTIONER_LOG_LEVEL="DEBUG",
-                       CAPTIONER_MAX_ATTEMPTS="1")  # fmt: skip
+    env = endpoint_env(
+        worker_env,
+        fake.url,
+        FAKE_MODEL,
+        CAPTIONER_ENDPOINT_API_KEY=key,
+        CAPTIONER_LOG_LEVEL="DEBUG",
+        CAPTIONER_MAX_ATTEMPTS="1",
+    )
     settings = settings_from(env)
     redis.Redis.from_url(settings.redis_url_str).flushdb()
     worker = WorkerProcess(env, log=tmp_path / "worker.log").start()
@@ -349,9 +366,23 @@ def test_the_key_travels_only_in_the_request_and_a_503_once_is_retried(
         exports = []
         for fmt in ("jsonl", "csv", "parquet"):
             out = tmp_path / f"rows.{fmt}"
-            result = CliRunner().invoke(cli, ["--broker-url", settings.broker_url_str, "--redis-url",
-                                              settings.redis_url_str, "--key-prefix", settings.key_prefix, "export",
-                                              "job-endpoint-503", "--format", fmt, "-o", str(out)])  # fmt: skip
+            result = CliRunner().invoke(
+                cli,
+                [
+                    "--broker-url",
+                    settings.broker_url_str,
+                    "--redis-url",
+                    settings.redis_url_str,
+                    "--key-prefix",
+                    settings.key_prefix,
+                    "export",
+                    "job-endpoint-503",
+                    "--format",
+                    fmt,
+                    "-o",
+                    str(out),
+                ],
+            )
             assert result.exit_code == 0, result.output
             exports.append(out.read_bytes())
         config = CliRunner().invoke(cli, ["config"], env=env).output
@@ -369,9 +400,14 @@ def test_the_key_travels_only_in_the_request_and_a_503_once_is_retried(
     assert fake.auth and set(fake.auth) == {f"Bearer {key}"}
     # ... and nowhere else: not the ledger or the broker, the rows, the worker's DEBUG log, the exports, the config.
     assert (info.get("model_version"), info.get("device")) == (f"endpoint:{FAKE_MODEL}", fake.url), info
-    haystacks = {"redis": dumps, "rows": json.dumps(rows + refused).encode(), "log": worker.log_path.read_bytes(),
-                 "config": config.encode(), "captioner_info": json.dumps(info).encode(),
-                 **{f"export {i}": e for i, e in enumerate(exports)}}  # fmt: skip
+    haystacks = {
+        "redis": dumps,
+        "rows": json.dumps(rows + refused).encode(),
+        "log": worker.log_path.read_bytes(),
+        "config": config.encode(),
+        "captioner_info": json.dumps(info).encode(),
+        **{f"export {i}": e for i, e in enumerate(exports)},
+    }
     assert len(dumps) > 1000 and b"job-endpoint-503" in dumps  # the scan saw the job's keys
     leaked = [where for where, text in haystacks.items() if key.encode() in text or key[8:].encode() in text]
     assert not leaked, f"the API key is in: {leaked}"
@@ -382,9 +418,10 @@ def test_startup_check_says_when_the_endpoint_is_unreachable_or_the_model_unknow
     fake: FakeServer, worker_env: dict[str, str], tmp_path: Path
 ) -> None:
     down = f"http://127.0.0.1:{free_port()}/v1"
-    for url, model, said in [(down, FAKE_MODEL, "is unreachable"),
-                             (fake.url, "no-such-model", f"does not serve model 'no-such-model'; it serves: "
-                                                         f"'{FAKE_MODEL}'")]:  # fmt: skip
+    for url, model, said in [
+        (down, FAKE_MODEL, "is unreachable"),
+        (fake.url, "no-such-model", f"does not serve model 'no-such-model'; it serves: '{FAKE_MODEL}'"),
+    ]:
         worker = WorkerProcess(endpoint_env(worker_env, url, model), log=tmp_path / f"{model}.log").start()
         assert worker.proc is not None
         code = worker.proc.wait(120)

@@ -291,8 +291,9 @@ def test_compile_piece_is_built_at_warm_up_into_its_cache_dir(
 ) -> None:
     cache = tmp_path / "compiled"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "elsewhere"))  # restored after the test
-    engine = CaptionEngine.load(EngineConfig(model=str(tiny_model), dtype="float32", pieces="+sdpa,+compile",
-                                             compile_cache_dir=str(cache)))  # fmt: skip
+    engine = CaptionEngine.load(
+        EngineConfig(model=str(tiny_model), dtype="float32", pieces="+sdpa,+compile", compile_cache_dir=str(cache))
+    )
     assert engine.warm_up_sizes(8) == [8, 1]  # batch 1 is compiled apart from every other size
     assert engine.warm_up(8, SHORT) > 0 and engine.profile == "fast:sdpa,compile", engine.pieces.fallbacks
     assert any(p.is_file() for p in cache.rglob("*")), "inductor kept nothing in CAPTIONER_COMPILE_CACHE_DIR"

@@ -39,8 +39,13 @@ def expected_lines(code: str, caption) -> list[str]:
 
 #: Blocks that are not clients of a worker: the webhook receiver (tests/test_callbacks.py runs it).
 RECEIVERS = ("def verify_signature",)
-EXAMPLES = [(doc, lang, i, code) for doc in ("README.md", "docs/integration.md") for lang in ("python", "js")
-            for i, code in enumerate(blocks(doc, lang)) if not any(r in code for r in RECEIVERS)]  # fmt: skip
+EXAMPLES = [
+    (doc, lang, i, code)
+    for doc in ("README.md", "docs/integration.md")
+    for lang in ("python", "js")
+    for i, code in enumerate(blocks(doc, lang))
+    if not any(r in code for r in RECEIVERS)
+]
 
 
 def test_the_docs_have_python_and_node_examples() -> None:

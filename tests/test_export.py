@@ -651,10 +651,15 @@ def test_members_set_aside_on_disk_come_back_grouped_by_container(tmp_path: Path
 
 @pytest.mark.parametrize(
     ("ref", "member"),
-    [("/data/a.tar#k1", ("/data/a.tar", "k1")), ("s3://b/x/shard.tar.gz#dir/k", ("s3://b/x/shard.tar.gz", "dir/k")),
-     ("https://h/p.parquet#12", ("https://h/p.parquet", "12")), ("hf:user/set/train#7", ("hf:user/set/train", "7")),
-     ("/data/photo#1.jpg", None), ("/data/a.tar", None)],
-)  # fmt: skip
+    [
+        ("/data/a.tar#k1", ("/data/a.tar", "k1")),
+        ("s3://b/x/shard.tar.gz#dir/k", ("s3://b/x/shard.tar.gz", "dir/k")),
+        ("https://h/p.parquet#12", ("https://h/p.parquet", "12")),
+        ("hf:user/set/train#7", ("hf:user/set/train", "7")),
+        ("/data/photo#1.jpg", None),
+        ("/data/a.tar", None),
+    ],
+)
 def test_container_member_refs_are_told_from_files(ref: str, member: tuple[str, str] | None) -> None:
     from exports import container_member
 

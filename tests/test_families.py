@@ -351,10 +351,18 @@ def test_rows_keep_their_family_in_both_ledgers_and_git_keys_stay_as_before(ledg
     refs = ["/data/a.jpg", "/data/b.jpg"]
     new_job(ledger, "fam", refs)
     rows = [
-        ItemResult(id=item_id(r), ref=r, status=ItemStatus.OK, caption="a caption", model_version=v,
-                   params=GenParams(max_length=12), profile="exact", family=f)
+        ItemResult(
+            id=item_id(r),
+            ref=r,
+            status=ItemStatus.OK,
+            caption="a caption",
+            model_version=v,
+            params=GenParams(max_length=12),
+            profile="exact",
+            family=f,
+        )
         for r, v, f in ((refs[0], "v-blip", "blip"), (refs[1], "v-git", None))
-    ]  # fmt: skip
+    ]
     ledger.record("fam", rows)
     back = {r["ref"]: r for r in ledger.iter_results("fam")}
     assert back[refs[0]]["family"] == "blip" and "family" not in back[refs[1]]

@@ -291,8 +291,9 @@ def test_decoder_setting_reaches_the_engine_config() -> None:
 # --- speed pieces: fused attention, the static (CUDA graph) step, compile's fallback ------------------
 
 
-@pytest.mark.parametrize("options", [{"fused_attention": True}, {"static_steps": True},
-                                     {"static_steps": True, "fused_attention": True}])  # fmt: skip
+@pytest.mark.parametrize(
+    "options", [{"fused_attention": True}, {"static_steps": True}, {"static_steps": True, "fused_attention": True}]
+)
 def test_pieces_keep_hf_ids_in_fp32(tiny_model: Any, pixels: torch.Tensor, options: dict[str, bool]) -> None:
     """In fp32 the fused kernel and the masked full-cache attention round like HF's eager arithmetic: same ids."""
     decoder = assert_same_as_hf(tiny_model, pixels, 20, **options)

@@ -49,8 +49,11 @@ def test_pickle_bodies_are_discarded_unrun_and_the_worker_keeps_serving(
     app = create_app(settings)
     row = app.send_task(TASK_CAPTION, args=[str(next(images.glob("*.jpg")))]).get(timeout=60)
     assert row["status"] == "ok"
-    wait_for(lambda: "Refusing to deserialize untrusted content of type pickle" in caption_worker.log_tail(200),
-             10, "the worker to refuse the pickle body")  # fmt: skip
+    wait_for(
+        lambda: "Refusing to deserialize untrusted content of type pickle" in caption_worker.log_tail(200),
+        10,
+        "the worker to refuse the pickle body",
+    )
     assert not marker.exists(), "a pickle body was deserialised"
 
 
@@ -122,8 +125,13 @@ def test_failures_lists_failed_items_by_class_with_attempts(client: JobClient, i
 def test_out_of_memory_batches_are_split_and_every_item_is_captioned(
     worker_env: dict[str, str], session_root: Path, tmp_path: Path, settings
 ) -> None:
-    env = {**recovery_env(worker_env), "CAPTIONER_MAX_BATCH_SIZE": "16", "CAPTIONER_FAULT_OOM_ABOVE": "3",
-           "CAPTIONER_MAX_LENGTH": "12", "CAPTIONER_MAX_WAIT_MS": "2000"}  # fmt: skip
+    env = {
+        **recovery_env(worker_env),
+        "CAPTIONER_MAX_BATCH_SIZE": "16",
+        "CAPTIONER_FAULT_OOM_ABOVE": "3",
+        "CAPTIONER_MAX_LENGTH": "12",
+        "CAPTIONER_MAX_WAIT_MS": "2000",
+    }
     redis.Redis.from_url(env["CAPTIONER_BROKER_URL"]).flushdb()
     refs = shape_files(session_root, "oom", 16, seed=2)
     with WorkerProcess(env, log=tmp_path / "oom.log") as proc:
@@ -131,9 +139,13 @@ def test_out_of_memory_batches_are_split_and_every_item_is_captioned(
         client = JobClient(settings_from(env))
         client.enqueue(refs, job_id="job-oom", chunk_size=16)
         info = client.wait("job-oom", timeout=120, on_tick=lambda _: None)
-        figures = tally("out of memory at batch > 3 (injected): halve and retry", refs, list(client.results("job-oom")),
-                        info, happened="each failing batch was split in halves until it fit; the worker kept 3 as "
-                        "its ceiling")  # fmt: skip
+        figures = tally(
+            "out of memory at batch > 3 (injected): halve and retry",
+            refs,
+            list(client.results("job-oom")),
+            info,
+            happened="each failing batch was split in halves until it fit; the worker kept 3 as its ceiling",
+        )
         client.close()
     assert (figures["lost"], figures["counters_off"]) == (0, 0)
     assert (info.ok, info.error) == (16, 0)
@@ -164,9 +176,14 @@ def test_sigterm_mid_job_is_a_warm_shutdown_and_nothing_is_lost(
         info = client.wait("job-term", timeout=180, on_tick=lambda _: None)
     rows = list(client.results("job-term"))
     client.close()
-    figures = tally("SIGTERM mid-job (warm shutdown), then a new worker", refs, rows, info, before=before,
-                    happened="the worker finished its chunks in hand and exited 0; the rest went to the new "
-                    "worker")  # fmt: skip
+    figures = tally(
+        "SIGTERM mid-job (warm shutdown), then a new worker",
+        refs,
+        rows,
+        info,
+        before=before,
+        happened="the worker finished its chunks in hand and exited 0; the rest went to the new worker",
+    )
     assert (figures["lost"], figures["counters_off"], figures["replaced"]) == (0, 0, 0)
     assert (info.ok, info.error) == (len(refs), 0)
     # Warm: what it held was finished and acknowledged, not left for redelivery.

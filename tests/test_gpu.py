@@ -79,8 +79,9 @@ def test_fast_profile_on_cuda_uses_every_cuda_piece_after_its_warm_up(tiny_dir: 
 def test_a_real_cuda_out_of_memory_halves_the_batch_and_goes_on(tiny_dir: Path) -> None:
     """A small share of the GPU, a batch far past it: the engine frees the allocator's cache and the batcher halves
     until the batch fits; every image still gets its caption."""
-    engine = CaptionEngine.load(EngineConfig(model=str(tiny_dir), device="cuda", dtype="float32",
-                                             cuda_memory_fraction=0.001))  # fmt: skip
+    engine = CaptionEngine.load(
+        EngineConfig(model=str(tiny_dir), device="cuda", dtype="float32", cuda_memory_fraction=0.001)
+    )
     budget = 0.001 * torch.cuda.get_device_properties(0).total_memory
     rows = int(4 * budget / (tiny.VOCAB_SIZE * 4))  # one step's float32 logits alone are four times the budget
     params = GenParams(max_length=8)

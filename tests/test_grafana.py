@@ -15,8 +15,13 @@ DASHBOARDS = sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))
 METRIC_RE = re.compile(r"\bcaptioner_[a-z0-9_]+\b")
 #: The series names a metric family exposes, by type (a labelled family has no samples until it is used,
 #: so the names come from the type, not from a scrape).
-SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",), "histogram": ("_bucket", "_count", "_sum", "_created"),
-            "summary": ("_count", "_sum", "_created"), "info": ("_info",)}  # fmt: skip
+SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "gauge": ("",),
+    "histogram": ("_bucket", "_count", "_sum", "_created"),
+    "summary": ("_count", "_sum", "_created"),
+    "info": ("_info",),
+}
 
 
 def _registered() -> dict[str, str]:
@@ -66,9 +71,16 @@ def test_dashboard_queries_use_registered_metrics() -> None:
     problems = [p for where, expr in queries for p in _check(where, expr, registered)]
     assert not problems, "\n".join(problems)
     used = {n for _, expr in queries for n in METRIC_RE.findall(expr)}
-    wanted = {"captioner_images_total", "captioner_batch_size_bucket", "captioner_stage_seconds_bucket",
-              "captioner_queue_depth", "captioner_errors_total", "captioner_retries_total", "captioner_model_info",
-              "captioner_gpu_memory_bytes"}  # fmt: skip
+    wanted = {
+        "captioner_images_total",
+        "captioner_batch_size_bucket",
+        "captioner_stage_seconds_bucket",
+        "captioner_queue_depth",
+        "captioner_errors_total",
+        "captioner_retries_total",
+        "captioner_model_info",
+        "captioner_gpu_memory_bytes",
+    }
     assert wanted <= used, f"the dashboard lacks {sorted(wanted - used)}"
 
 

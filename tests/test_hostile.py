@@ -64,12 +64,21 @@ def hostile_files(session_root: Path, images: Path, tmp_path: Path) -> dict[str,
     outside.write_bytes(good[1].read_bytes())
     (d / "escape.jpg").symlink_to(outside)
     return {
-        "good0": str(good[0]), "good1": str(good[1]), "zero": str(d / "zero.jpg"),
-        "truncated": str(d / "truncated.jpg"), "text": str(d / "text.jpg"), "bomb": str(d / "bomb.png"),
-        "eps": str(d / "doc.eps"), "cmyk": str(d / "cmyk.jpg"), "deep": str(d / "deep.png"),
-        "hidden": str(d / "hidden.png"), "fifo": str(d / "fifo.jpg"), "folder": str(d / "folder.jpg"),
-        "escape": str(d / "escape.jpg"), "dotdot": str(d / ".." / ".." / "etc" / "passwd"),
-    }  # fmt: skip
+        "good0": str(good[0]),
+        "good1": str(good[1]),
+        "zero": str(d / "zero.jpg"),
+        "truncated": str(d / "truncated.jpg"),
+        "text": str(d / "text.jpg"),
+        "bomb": str(d / "bomb.png"),
+        "eps": str(d / "doc.eps"),
+        "cmyk": str(d / "cmyk.jpg"),
+        "deep": str(d / "deep.png"),
+        "hidden": str(d / "hidden.png"),
+        "fifo": str(d / "fifo.jpg"),
+        "folder": str(d / "folder.jpg"),
+        "escape": str(d / "escape.jpg"),
+        "dotdot": str(d / ".." / ".." / "etc" / "passwd"),
+    }
 
 
 @pytest.fixture
@@ -112,25 +121,47 @@ def test_one_batch_of_hostile_items_named_errors_and_batch_mates_captioned(
     settings, hostile_files: dict[str, str], hostile_server: str
 ) -> None:
     urls = {
-        "u404": f"{hostile_server}/404", "u500": f"{hostile_server}/500", "uloop": f"{hostile_server}/loop",
-        "uredirect_private": f"{hostile_server}/to-private", "ugzip": f"{hostile_server}/gzip-bomb",
-        "umetadata": "http://169.254.169.254/latest/meta-data/", "uprivate": "http://10.0.0.1/x.jpg",
-        "uhex": "http://0x7f000002/x.jpg", "uscheme": "file:///etc/passwd", "ucreds": "http://u:p@127.0.0.1/x.jpg",
-    }  # fmt: skip
+        "u404": f"{hostile_server}/404",
+        "u500": f"{hostile_server}/500",
+        "uloop": f"{hostile_server}/loop",
+        "uredirect_private": f"{hostile_server}/to-private",
+        "ugzip": f"{hostile_server}/gzip-bomb",
+        "umetadata": "http://169.254.169.254/latest/meta-data/",
+        "uprivate": "http://10.0.0.1/x.jpg",
+        "uhex": "http://0x7f000002/x.jpg",
+        "uscheme": "file:///etc/passwd",
+        "ucreds": "http://u:p@127.0.0.1/x.jpg",
+    }
     named = {**hostile_files, **urls}
     sources = list(named.values())
     rows = create_app(settings).send_task(TASK_CAPTION_MANY, kwargs={"sources": sources}).get(timeout=120)
     got = {name: (r["status"], r.get("error_class")) for name, r in zip(named, rows, strict=True)}
     expected = {
-        "good0": ("ok", None), "good1": ("ok", None), "cmyk": ("ok", None), "deep": ("ok", None),
-        "hidden": ("ok", None), "zero": ("error", "decode_error"), "truncated": ("error", "decode_error"),
-        "text": ("error", "decode_error"), "bomb": ("error", "too_large"), "eps": ("error", "decode_error"),
-        "fifo": ("error", "forbidden"), "folder": ("error", "forbidden"), "escape": ("error", "forbidden"),
-        "dotdot": ("error", "forbidden"), "u404": ("error", "fetch_error"), "u500": ("error", "fetch_error"),
-        "uloop": ("error", "fetch_error"), "uredirect_private": ("error", "forbidden"),
-        "ugzip": ("error", "too_large"), "umetadata": ("error", "forbidden"), "uprivate": ("error", "forbidden"),
-        "uhex": ("error", "forbidden"), "uscheme": ("error", "forbidden"), "ucreds": ("error", "forbidden"),
-    }  # fmt: skip
+        "good0": ("ok", None),
+        "good1": ("ok", None),
+        "cmyk": ("ok", None),
+        "deep": ("ok", None),
+        "hidden": ("ok", None),
+        "zero": ("error", "decode_error"),
+        "truncated": ("error", "decode_error"),
+        "text": ("error", "decode_error"),
+        "bomb": ("error", "too_large"),
+        "eps": ("error", "decode_error"),
+        "fifo": ("error", "forbidden"),
+        "folder": ("error", "forbidden"),
+        "escape": ("error", "forbidden"),
+        "dotdot": ("error", "forbidden"),
+        "u404": ("error", "fetch_error"),
+        "u500": ("error", "fetch_error"),
+        "uloop": ("error", "fetch_error"),
+        "uredirect_private": ("error", "forbidden"),
+        "ugzip": ("error", "too_large"),
+        "umetadata": ("error", "forbidden"),
+        "uprivate": ("error", "forbidden"),
+        "uhex": ("error", "forbidden"),
+        "uscheme": ("error", "forbidden"),
+        "ucreds": ("error", "forbidden"),
+    }
     assert got == expected
     # The worker is still serving after all of that.
     row = create_app(settings).send_task(TASK_CAPTION, args=[hostile_files["good0"]]).get(timeout=60)
@@ -216,8 +247,13 @@ def test_a_stopping_worker_abandons_its_fetches_in_flight(
     """SIGTERM while every decode thread waits on a server that drips its headers: with a 600 s deadline the
     worker would wait 600 s; it abandons the fetches, sends their items again, and exits cleanly at once."""
     queue = f"captions-stop-{uuid.uuid4().hex[:8]}"
-    env = {**worker_env, "CAPTIONER_CAPTION_QUEUE": queue, "CAPTIONER_INTERACTIVE_QUEUE": f"{queue}-now",
-           "CAPTIONER_URL_TOTAL_TIMEOUT_S": "600", "CAPTIONER_DECODE_THREADS": "4"}  # fmt: skip
+    env = {
+        **worker_env,
+        "CAPTIONER_CAPTION_QUEUE": queue,
+        "CAPTIONER_INTERACTIVE_QUEUE": f"{queue}-now",
+        "CAPTIONER_URL_TOTAL_TIMEOUT_S": "600",
+        "CAPTIONER_DECODE_THREADS": "4",
+    }
     own = settings_from(env)
     client = JobClient(own)
     worker = WorkerProcess(env, log=tmp_path / "stopping.log").start()
@@ -307,8 +343,11 @@ def test_a_chunk_naming_another_jobs_keys_is_refused_and_that_job_stays_whole(
         sent = app.send_task(
             TASK_CAPTION_CHUNK, kwargs={"job_id": bad, "items": [refs[0]]}, queue=settings.caption_queue
         )
-        wait_for(lambda sent=sent: f"[{sent.id}] raised unexpected: InvalidMessage" in caption_worker.log_tail(400),
-                 60, f"the worker to refuse the chunk of {bad!r}")  # fmt: skip
+        wait_for(
+            lambda sent=sent: f"[{sent.id}] raised unexpected: InvalidMessage" in caption_worker.log_tail(400),
+            60,
+            f"the worker to refuse the chunk of {bad!r}",
+        )
     assert sorted(json.dumps(r, sort_keys=True) for r in client.results("victim")) == before
     assert client.failures("victim") == {} and client.status("victim").ok == 2
     assert export_rows(client.results("victim"), "jsonl", tmp_path / "victim.jsonl").rows_written == 2
@@ -329,10 +368,14 @@ def test_the_default_export_name_never_comes_from_an_id_that_leaves_the_folder(
 
 
 def _cli_env(settings: Settings) -> dict[str, str]:
-    return {"CAPTIONER_BROKER_URL": settings.broker_url_str, "CAPTIONER_REDIS_URL": settings.redis_url_str,
-            "CAPTIONER_KEY_PREFIX": settings.key_prefix, "CAPTIONER_CAPTION_QUEUE": settings.caption_queue,
-            "CAPTIONER_INTERACTIVE_QUEUE": settings.interactive_queue_name,
-            "CAPTIONER_ALLOWED_ROOTS": ",".join(map(str, settings.allowed_roots))}  # fmt: skip
+    return {
+        "CAPTIONER_BROKER_URL": settings.broker_url_str,
+        "CAPTIONER_REDIS_URL": settings.redis_url_str,
+        "CAPTIONER_KEY_PREFIX": settings.key_prefix,
+        "CAPTIONER_CAPTION_QUEUE": settings.caption_queue,
+        "CAPTIONER_INTERACTIVE_QUEUE": settings.interactive_queue_name,
+        "CAPTIONER_ALLOWED_ROOTS": ",".join(map(str, settings.allowed_roots)),
+    }
 
 
 def test_jobs_status_and_failures_show_control_characters_as_escapes(
@@ -415,8 +458,9 @@ def test_doctor_holds_decode_threads_times_the_largest_image_to_the_machines_mem
     # Each worker reports its own: 4 threads and the default caps, against its own machine's memory.
     own = Settings(decode_threads=4)
     (worker,) = [c for name, c in checks.items() if name == f"image memory {caption_worker.name}"]
-    assert worker["detail"].startswith(f"4 decode thread(s) x the largest image allowed = "
-                                       f"{own.image_memory_bytes / 2**30:.1f} GiB")  # fmt: skip
+    assert worker["detail"].startswith(
+        f"4 decode thread(s) x the largest image allowed = {own.image_memory_bytes / 2**30:.1f} GiB"
+    )
     # ... and its largest list call at its own speed against its visibility timeout (the tiny model is fast).
     calls = checks[f"list calls {caption_worker.name}"]
     assert calls["level"] == "ok" and calls["detail"].startswith("256 images per caption_many call at"), calls

@@ -96,9 +96,19 @@ def tiff_tiled(width: int, height: int, tile: tuple[int, int], fill: int | None 
     ifd_at = arrays + 8 * count
     # One tile: its offset and byte count stand in the IFD entries themselves; several: the entries point at arrays.
     offsets_at, lengths_at = (8, len(body)) if count == 1 else (arrays, arrays + 4 * count)
-    tags = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 8), (262, 3, 1, 1),
-            (277, 3, 1, 1), (284, 3, 1, 1), (322, 4, 1, tile[0]), (323, 4, 1, tile[1]),
-            (324, 4, count, offsets_at), (325, 4, count, lengths_at)]  # fmt: skip
+    tags = [
+        (256, 4, 1, width),
+        (257, 4, 1, height),
+        (258, 3, 1, 8),
+        (259, 3, 1, 8),
+        (262, 3, 1, 1),
+        (277, 3, 1, 1),
+        (284, 3, 1, 1),
+        (322, 4, 1, tile[0]),
+        (323, 4, 1, tile[1]),
+        (324, 4, count, offsets_at),
+        (325, 4, count, lengths_at),
+    ]
     ifd = struct.pack("<H", len(tags))
     for tag, kind, n, value in tags:
         ifd += struct.pack("<HHI", tag, kind, n) + (
@@ -144,13 +154,21 @@ def decode_peak(data: bytes, tmp_path: Path, **changes: object) -> dict:
     them) and freed memory from earlier work would hide a peak.
     """
     policy = make_policy(**changes)
-    fields = {"allowed_roots": [], "max_bytes": policy.max_bytes, "max_pixels": policy.max_pixels,
-              "formats": list(policy.formats), "connect_timeout_s": 1, "total_timeout_s": 1, "max_redirects": 0,
-              "allow_private": True}  # fmt: skip
+    fields = {
+        "allowed_roots": [],
+        "max_bytes": policy.max_bytes,
+        "max_pixels": policy.max_pixels,
+        "formats": list(policy.formats),
+        "connect_timeout_s": 1,
+        "total_timeout_s": 1,
+        "max_redirects": 0,
+        "allow_private": True,
+    }
     path = tmp_path / f"decode-{len(data)}-{zlib.crc32(data)}.bin"
     path.write_bytes(data)
-    done = subprocess.run([sys.executable, "-c", _PEAK, str(path), json.dumps(fields)],
-                          capture_output=True, text=True, check=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK, str(path), json.dumps(fields)], capture_output=True, text=True, check=True
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -467,10 +485,25 @@ def decoded(im: Image.Image, fmt: str, **params: object) -> Image.Image:
 
 @pytest.mark.parametrize(
     ("mode", "fmt"),
-    [("1", "PNG"), ("L", "PNG"), ("P", "PNG"), ("RGB", "JPEG"), ("RGBA", "PNG"), ("LA", "PNG"), ("PA", "TIFF"),
-     ("CMYK", "JPEG"), ("CMYK", "TIFF"), ("I", "TIFF"), ("I;16", "PNG"), ("I;16B", "TIFF"), ("F", "TIFF"),
-     ("RGB", "WEBP"), ("RGB", "BMP"), ("P", "GIF")],
-)  # fmt: skip
+    [
+        ("1", "PNG"),
+        ("L", "PNG"),
+        ("P", "PNG"),
+        ("RGB", "JPEG"),
+        ("RGBA", "PNG"),
+        ("LA", "PNG"),
+        ("PA", "TIFF"),
+        ("CMYK", "JPEG"),
+        ("CMYK", "TIFF"),
+        ("I", "TIFF"),
+        ("I;16", "PNG"),
+        ("I;16B", "TIFF"),
+        ("F", "TIFF"),
+        ("RGB", "WEBP"),
+        ("RGB", "BMP"),
+        ("P", "GIF"),
+    ],
+)
 def test_every_mode_becomes_rgb(mode: str, fmt: str) -> None:
     decoded(Image.new(mode, (5, 4)), fmt)
 
@@ -823,9 +856,21 @@ def test_connection_refused_is_transient() -> None:
 
 @pytest.mark.parametrize(
     "host",
-    ["127.0.0.1", "localhost", "2130706433", "0x7f000001", "127.1", "0177.1", "0x7f.1", "[::1]",
-     "[::ffff:127.0.0.1]", "[::ffff:7f00:1]", "0.0.0.0", "[::]"],
-)  # fmt: skip
+    [
+        "127.0.0.1",
+        "localhost",
+        "2130706433",
+        "0x7f000001",
+        "127.1",
+        "0177.1",
+        "0x7f.1",
+        "[::1]",
+        "[::ffff:127.0.0.1]",
+        "[::ffff:7f00:1]",
+        "0.0.0.0",
+        "[::]",
+    ],
+)
 def test_loopback_in_any_spelling_refused_unconnected(server: LocalServer, connections: Callable, host: str) -> None:
     attempts = connections()
     with pytest.raises(Forbidden, match="not public"):
@@ -843,10 +888,20 @@ def test_octal_dotted_quad_is_not_fetched(server: LocalServer, connections: Call
 
 @pytest.mark.parametrize(
     "url",
-    ["http://169.254.169.254/latest/meta-data/", "http://10.0.0.1/a.png", "http://172.16.5.4/", "http://192.168.1.1/",
-     "http://100.64.0.1/", "http://224.0.0.1/", "http://240.0.0.1/", "http://[fe80::1]/", "http://[fd00::1]/",
-     "https://[::ffff:169.254.169.254]/", "http://[2002:a00:1::]/"],
-)  # fmt: skip
+    [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.0.0.1/a.png",
+        "http://172.16.5.4/",
+        "http://192.168.1.1/",
+        "http://100.64.0.1/",
+        "http://224.0.0.1/",
+        "http://240.0.0.1/",
+        "http://[fe80::1]/",
+        "http://[fd00::1]/",
+        "https://[::ffff:169.254.169.254]/",
+        "http://[2002:a00:1::]/",
+    ],
+)
 def test_private_ranges_refused_unconnected(connections: Callable, url: str) -> None:
     attempts = connections()
     with pytest.raises(Forbidden):
@@ -856,11 +911,18 @@ def test_private_ranges_refused_unconnected(connections: Callable, url: str) -> 
 
 @pytest.mark.parametrize(
     ("url", "error"),
-    [("ftp://example.com/a.png", Forbidden), ("file:///etc/passwd", Forbidden), ("gopher://example.com/", Forbidden),
-     ("/relative.png", Forbidden), ("http://user:pw@example.com/a.png", Forbidden),
-     ("http://%31%32%37.0.0.1/", InvalidInput), ("http:///a.png", InvalidInput), ("http://a..b/", InvalidInput),
-     ("http://" + "x" * 70 + ".example/", InvalidInput)],
-)  # fmt: skip
+    [
+        ("ftp://example.com/a.png", Forbidden),
+        ("file:///etc/passwd", Forbidden),
+        ("gopher://example.com/", Forbidden),
+        ("/relative.png", Forbidden),
+        ("http://user:pw@example.com/a.png", Forbidden),
+        ("http://%31%32%37.0.0.1/", InvalidInput),
+        ("http:///a.png", InvalidInput),
+        ("http://a..b/", InvalidInput),
+        ("http://" + "x" * 70 + ".example/", InvalidInput),
+    ],
+)
 def test_bad_urls_refused_unconnected(connections: Callable, url: str, error: type[ItemError]) -> None:
     attempts = connections()
     with pytest.raises(error):
@@ -954,11 +1016,29 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Local
         pytest.skip("openssl is needed to make a test certificate")
     d = tmp_path_factory.mktemp("tls")
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1",
-         "-keyout", d / "key.pem", "-out", d / "cert.pem", "-subj", "/CN=images.example",
-         "-addext", "subjectAltName=DNS:images.example"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-keyout",
+            d / "key.pem",
+            "-out",
+            d / "cert.pem",
+            "-subj",
+            "/CN=images.example",
+            "-addext",
+            "subjectAltName=DNS:images.example",
+        ],
+        check=True,
+        capture_output=True,
+    )
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(d / "cert.pem", d / "key.pem")
     names: list[str] = []

@@ -84,14 +84,28 @@ main()
 
 def _producer_only(argv: list[str], env: dict[str, str], blocked: list[str]) -> subprocess.CompletedProcess[str]:
     code = _RUN.format(blocked=blocked, argv=argv)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
-                          timeout=120)  # fmt: skip
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
 
 
 def test_the_blocked_set_covers_every_extra() -> None:
     blocked = set(_optional_modules())
-    for module in ("torch", "transformers", "PIL", "httpx2", "prometheus_client", "psycopg", "fsspec", "s3fs",
-                   "starlette", "uvicorn", "jinja2", "jiwer", "accelerate", "peft", "datasets"):  # fmt: skip
+    for module in (
+        "torch",
+        "transformers",
+        "PIL",
+        "httpx2",
+        "prometheus_client",
+        "psycopg",
+        "fsspec",
+        "s3fs",
+        "starlette",
+        "uvicorn",
+        "jinja2",
+        "jiwer",
+        "accelerate",
+        "peft",
+        "datasets",
+    ):
         assert module in blocked, module
     for module in ("celery", "kombu", "redis", "click", "pydantic", "rich", "pyarrow", "msgpack"):
         assert module not in blocked, module
@@ -128,14 +142,21 @@ def test_a_producer_only_install_runs_every_sender_command(tmp_path: Path) -> No
     for i in range(2):
         Image.new("RGB", (8, 8), (i * 90, 40, 40)).save(folder / f"{i}.png")
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"file_name": str(folder / f"{i}.png"), "text": "a square"}) + "\n"
-                            for i in range(2)))  # fmt: skip
+    data.write_text(
+        "".join(json.dumps({"file_name": str(folder / f"{i}.png"), "text": "a square"}) + "\n" for i in range(2))
+    )
     store = tmp_path / "store"
     store.mkdir()
     with LocalRedis() as server:
-        env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "CAPTIONER_BROKER_URL": server.url(0),
-               "CAPTIONER_REDIS_URL": server.url(1), "CAPTIONER_MODEL_STORE": str(store),
-               "CAPTIONER_ALLOWED_ROOTS": str(tmp_path), "HF_HUB_OFFLINE": "1"}  # fmt: skip
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(tmp_path),
+            "CAPTIONER_BROKER_URL": server.url(0),
+            "CAPTIONER_REDIS_URL": server.url(1),
+            "CAPTIONER_MODEL_STORE": str(store),
+            "CAPTIONER_ALLOWED_ROOTS": str(tmp_path),
+            "HF_HUB_OFFLINE": "1",
+        }
         run = lambda *argv: _producer_only(list(argv), env, blocked)  # noqa: E731
         enq = run("enqueue", str(folder), "--job-id", "only-producer", "--json")
         assert enq.returncode == 0, enq.stderr
@@ -178,12 +199,21 @@ def test_layer_rules_catch_a_planted_import(tmp_path: Path) -> None:
     if lint is None:
         pytest.fail("lint-imports is not installed (pip install -e '.[dev]')")
     tree = tmp_path / "tree"
-    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".*", "tests", "bench", "docs", "deploy", "*.egg-info",
-                                                              "node_modules", "__pycache__"))  # fmt: skip
+    shutil.copytree(
+        ROOT,
+        tree,
+        ignore=shutil.ignore_patterns(
+            ".*", "tests", "bench", "docs", "deploy", "*.egg-info", "node_modules", "__pycache__"
+        ),
+    )
     clean = subprocess.run([lint], cwd=tree, capture_output=True, text=True, env={"PYTHONPATH": str(tree)})
     assert clean.returncode == 0, clean.stdout
-    plants = {"training/scores.py": "import worker.service", "producer/sources.py": "import review.server",
-              "review/pages.py": "import cli.base", "exports/rows.py": "import model.engine"}  # fmt: skip
+    plants = {
+        "training/scores.py": "import worker.service",
+        "producer/sources.py": "import review.server",
+        "review/pages.py": "import cli.base",
+        "exports/rows.py": "import model.engine",
+    }
     for path, line in plants.items():
         target = tree / path
         original = target.read_text()

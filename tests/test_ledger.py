@@ -76,16 +76,30 @@ def test_rows_read_back_with_their_provenance_and_references_outside_the_base(le
     )
     rows = {r["ref"]: r for r in ledger.iter_results("j")}
     assert rows[inside] == {
-        "id": item_id(inside), "ref": inside, "status": "ok", "caption": "a red circle on a white background",
-        "flags": ["empty", "repetition"], "model_version": "tiny@1", "params": {"max_length": 20, "num_beams": 1},
-        "attempts": 2, "reused": True, "finished_at": rows[inside]["finished_at"],
-    }  # fmt: skip
+        "id": item_id(inside),
+        "ref": inside,
+        "status": "ok",
+        "caption": "a red circle on a white background",
+        "flags": ["empty", "repetition"],
+        "model_version": "tiny@1",
+        "params": {"max_length": 20, "num_beams": 1},
+        "attempts": 2,
+        "reused": True,
+        "finished_at": rows[inside]["finished_at"],
+    }
     assert abs(rows[inside]["finished_at"] - time.time()) < 60
     assert rows[outside] == {
-        "id": item_id(outside), "ref": outside, "status": "error", "error_class": "timeout", "error": "not an image",
-        "model_version": "tiny@2", "params": {"max_length": 30, "num_beams": 2, "prompt": "a photo of"},
-        "profile": "fast:sdpa", "attempts": 1, "transient": True,
-    }  # fmt: skip
+        "id": item_id(outside),
+        "ref": outside,
+        "status": "error",
+        "error_class": "timeout",
+        "error": "not an image",
+        "model_version": "tiny@2",
+        "params": {"max_length": 30, "num_beams": 2, "prompt": "a photo of"},
+        "profile": "fast:sdpa",
+        "attempts": 1,
+        "transient": True,
+    }
 
 
 def test_the_job_finishes_once_not_while_open_nor_while_a_container_is_open(ledger: Ledger) -> None:
@@ -307,8 +321,12 @@ def test_a_training_run_is_a_typed_record_stored_as_the_job_fields_it_always_was
     done = TrainResult(job_id="train-1", status=TrainOutcome.DONE, version="v3", promoted=True, steps=None)
     ledger.update_training_run("train-1", TrainingRun(version="v3", result=done))
     assert ledger.job("train-1").extra["result"] == {
-        "job_id": "train-1", "status": "done", "version": "v3", "promoted": True, "steps": None,
-    }  # fmt: skip
+        "job_id": "train-1",
+        "status": "done",
+        "version": "v3",
+        "promoted": True,
+        "steps": None,
+    }
     run = ledger.training_run("train-1")
     assert (run.started, run.version, run.result) == (101.0, "v3", done)
     # A record written by the free-form fields of before reads as the typed one.
@@ -327,8 +345,13 @@ def test_every_string_one_backend_holds_the_other_holds_and_reads_back_equal(led
     # A file name that is not UTF-8 reads as surrogate escapes: references and error messages hold them.
     items = [f"{BASE}{s}.jpg" for s in HOSTILE_TEXT] + [f"\x00{BASE}x.jpg", f"{BASE}\udcff.jpg", f"{BASE}plain.jpg"]
     job = "nul"
-    ledger.open_job(job, "name\x00with\x10nul", GenParams(max_length=20, prompt="a\x00b"),
-                    {"webhook": "http://x/\x00", "k\x00": ["\x00"]}, base=BASE)  # fmt: skip
+    ledger.open_job(
+        job,
+        "name\x00with\x10nul",
+        GenParams(max_length=20, prompt="a\x00b"),
+        {"webhook": "http://x/\x00", "k\x00": ["\x00"]},
+        base=BASE,
+    )
     assert ledger.add_items(job, [(item_id(r), r) for r in items]) == len(items)
     assert dict(ledger.iter_pending(job)) == {item_id(r): r for r in items}
     assert ledger.item(job, item_id(items[1])) == {"id": item_id(items[1]), "ref": items[1], "status": "pending"}

@@ -41,9 +41,16 @@ def test_one_hundred_thousand_items_exactly_once_with_flat_worker_memory(
             os.link(originals[i % len(originals)], path)
         refs.append(str(path))
     with LocalRedis() as server:
-        env = {**worker_env, "CAPTIONER_BROKER_URL": server.url(0), "CAPTIONER_RESULT_BACKEND": server.url(0),
-               "CAPTIONER_REDIS_URL": server.url(0), "CAPTIONER_MAX_LENGTH": "6", "CAPTIONER_MAX_BATCH_SIZE": "64",
-               "CAPTIONER_CHUNK_SIZE": "256", "CAPTIONER_TORCH_THREADS": "2"}  # fmt: skip
+        env = {
+            **worker_env,
+            "CAPTIONER_BROKER_URL": server.url(0),
+            "CAPTIONER_RESULT_BACKEND": server.url(0),
+            "CAPTIONER_REDIS_URL": server.url(0),
+            "CAPTIONER_MAX_LENGTH": "6",
+            "CAPTIONER_MAX_BATCH_SIZE": "64",
+            "CAPTIONER_CHUNK_SIZE": "256",
+            "CAPTIONER_TORCH_THREADS": "2",
+        }
         r = redis.Redis.from_url(server.url(0))
         client = JobClient(settings_from(env))
         before = r.info("memory")["used_memory"]
@@ -73,12 +80,16 @@ def test_one_hundred_thousand_items_exactly_once_with_flat_worker_memory(
     quarter = [rss for _, done, rss in samples if done >= N // 4]
     growth = (max(quarter) - quarter[0]) / quarter[0]
     rss_mib = [round(rss / 2**20, 1) for _, _, rss in samples[:: max(1, len(samples) // 12)]]
-    happened = (f"{N / seconds:.0f} img/s; worker RSS {quarter[0] / 2**20:.0f} -> {max(quarter) / 2**20:.0f} MiB "
-                f"from 25% to the end ({growth:+.1%}); Redis {per_item:.0f} B per pending item")  # fmt: skip
+    happened = (
+        f"{N / seconds:.0f} img/s; worker RSS {quarter[0] / 2**20:.0f} -> {max(quarter) / 2**20:.0f} MiB "
+        f"from 25% to the end ({growth:+.1%}); Redis {per_item:.0f} B per pending item"
+    )
     figures = tally(f"one job of {N:,} items through one worker", refs, rows, info, happened=happened, rss_mib=rss_mib)
-    print(f"\nload: {N} items in {seconds:.0f}s ({N / seconds:.0f} img/s); enqueue {enqueue_rate:.0f} items/s; "
-          f"Redis {per_item:.0f} B per pending item; worker RSS {quarter[0] / 2**20:.0f} -> {max(quarter) / 2**20:.0f}"
-          f" MiB after 25% ({growth:+.1%})")  # fmt: skip
+    print(
+        f"\nload: {N} items in {seconds:.0f}s ({N / seconds:.0f} img/s); enqueue {enqueue_rate:.0f} items/s; "
+        f"Redis {per_item:.0f} B per pending item; worker RSS {quarter[0] / 2**20:.0f} -> {max(quarter) / 2**20:.0f}"
+        f" MiB after 25% ({growth:+.1%})"
+    )
     for t, done, rss in samples[:: max(1, len(samples) // 12)]:
         print(f"  t={t:6.0f}s done={done:7d} rss={rss / 2**20:7.1f} MiB")
     assert (figures["lost"], figures["counters_off"], figures["ok"]) == (0, 0, N)

@@ -152,9 +152,19 @@ def _rows(n: int, prefix: str) -> list[ItemResult]:
         ref = f"{prefix}{i:02d}.jpg"
         status = ItemStatus.OK if i % 3 else ItemStatus.ERROR
         ok = status is ItemStatus.OK
-        rows.append(ItemResult(id=item_id(ref), ref=ref, status=status, params=params, model_version="v1",
-                               caption=f"caption {i}" if ok else None, error_class=None if ok else "decode_error",
-                               error=None if ok else "bad", extra={"n": i, "s": {"k": [i]}}))  # fmt: skip
+        rows.append(
+            ItemResult(
+                id=item_id(ref),
+                ref=ref,
+                status=status,
+                params=params,
+                model_version="v1",
+                caption=f"caption {i}" if ok else None,
+                error_class=None if ok else "decode_error",
+                error=None if ok else "bad",
+                extra={"n": i, "s": {"k": [i]}},
+            )
+        )
     return rows
 
 

@@ -49,8 +49,10 @@ def test_generation_defaults_are_the_settings_wherever_a_job_starts(
     monkeypatch.setenv("CAPTIONER_NUM_BEAMS", "2")
     get_settings.cache_clear()
     try:
-        for params, made in ((None, GenParams(max_length=37, num_beams=2)),
-                             ({"num_beams": 3}, GenParams(max_length=37, num_beams=3))):  # fmt: skip
+        for params, made in (
+            (None, GenParams(max_length=37, num_beams=2)),
+            ({"num_beams": 3}, GenParams(max_length=37, num_beams=3)),
+        ):
             msg = parse_message(ChunkMessage, _payload(job_id="j", items=["/a.jpg"], params=params))
             assert isinstance(msg, ChunkMessage) and msg.params == made
     finally:

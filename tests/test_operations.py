@@ -57,10 +57,17 @@ def test_metrics_endpoint_and_json_logs_of_a_real_worker(
     threading.Thread(target=http.serve_forever, daemon=True).start()
     down = f"http://127.0.0.1:{http.server_address[1]}/down.jpg"
     with LocalRedis() as server:
-        env = {**worker_env, "CAPTIONER_BROKER_URL": server.url(0), "CAPTIONER_RESULT_BACKEND": server.url(0),
-               "CAPTIONER_REDIS_URL": server.url(1), "CAPTIONER_METRICS_PORT": str(port),
-               "CAPTIONER_METRICS_ADDR": "127.0.0.1", "CAPTIONER_LOG_JSON": "true",
-               "CAPTIONER_MAX_ATTEMPTS": "2", "CAPTIONER_LEDGER_TTL_S": "5"}  # fmt: skip
+        env = {
+            **worker_env,
+            "CAPTIONER_BROKER_URL": server.url(0),
+            "CAPTIONER_RESULT_BACKEND": server.url(0),
+            "CAPTIONER_REDIS_URL": server.url(1),
+            "CAPTIONER_METRICS_PORT": str(port),
+            "CAPTIONER_METRICS_ADDR": "127.0.0.1",
+            "CAPTIONER_LOG_JSON": "true",
+            "CAPTIONER_MAX_ATTEMPTS": "2",
+            "CAPTIONER_LEDGER_TTL_S": "5",
+        }
         training_queue = env["CAPTIONER_TRAINING_QUEUE"]
         with WorkerProcess(env, log=tmp_path / "w.log") as proc:
             proc.wait_ready()
@@ -71,8 +78,11 @@ def test_metrics_endpoint_and_json_logs_of_a_real_worker(
             client.wait("job-metrics", timeout=60, on_tick=lambda _: None)
             client.close()
             # The sampler reads queue depths every 5 s.
-            wait_for(lambda: _sample(_scrape(port), "captioner_queue_depth", queue=training_queue) == 1.0, 120,
-                     "the training queue's depth to be sampled")  # fmt: skip
+            wait_for(
+                lambda: _sample(_scrape(port), "captioner_queue_depth", queue=training_queue) == 1.0,
+                120,
+                "the training queue's depth to be sampled",
+            )
             text = _scrape(port)
 
             # CAPTIONER_LEDGER_TTL_S: the finished job leaves the ledger once its time is up; the queued fine-tune,
@@ -105,9 +115,12 @@ def test_metrics_endpoint_and_json_logs_of_a_real_worker(
 
 
 def test_config_prints_every_setting_with_secrets_masked() -> None:
-    env = {"CAPTIONER_BROKER_URL": "redis://app:hunter2@cache:6379/0", "CAPTIONER_MAX_BATCH_SIZE": "48",
-           "CAPTIONER_RESULT_BACKEND": "redis://:backend-pw@[::1]:6380/2",
-           "CAPTIONER_WEBHOOK_SECRET": "whsec-topsecret://not-a-url"}  # fmt: skip
+    env = {
+        "CAPTIONER_BROKER_URL": "redis://app:hunter2@cache:6379/0",
+        "CAPTIONER_MAX_BATCH_SIZE": "48",
+        "CAPTIONER_RESULT_BACKEND": "redis://:backend-pw@[::1]:6380/2",
+        "CAPTIONER_WEBHOOK_SECRET": "whsec-topsecret://not-a-url",
+    }
     for args in (["config", "--json"], ["config"]):
         result = CliRunner().invoke(cli, args, env=env, catch_exceptions=False)
         assert result.exit_code == 0, result.output
@@ -130,8 +143,12 @@ def test_doctor_fails_without_persistence_or_workers_and_passes_on_a_sound_setup
         assert result.exit_code == 1
         assert checks["broker persistence"] == "fail" and checks["caption workers"] == "fail"
     with LocalRedis(appendonly=True) as sound:
-        env = {**worker_env, "CAPTIONER_BROKER_URL": sound.url(0), "CAPTIONER_RESULT_BACKEND": sound.url(0),
-               "CAPTIONER_REDIS_URL": sound.url(1)}  # fmt: skip
+        env = {
+            **worker_env,
+            "CAPTIONER_BROKER_URL": sound.url(0),
+            "CAPTIONER_RESULT_BACKEND": sound.url(0),
+            "CAPTIONER_REDIS_URL": sound.url(1),
+        }
         with WorkerProcess(env, log=tmp_path / "w.log") as proc:
             proc.wait_ready()
             result = CliRunner().invoke(cli, ["doctor", "--json"], env=env, catch_exceptions=False)
@@ -175,8 +192,11 @@ def test_doctor_warns_when_redis_answers_anyone_beyond_loopback() -> None:
         redis.Redis(port=server.port, password="doctor-pw").config_set("bind", "127.0.0.1 -192.0.2.1")
         _, checks = _doctor(env)
         assert checks["broker persistence"]["level"] == "ok"
-        assert checks["broker access"] == {"name": "broker access", "level": "ok",
-                                           "detail": "a password or ACL user is required"}  # fmt: skip
+        assert checks["broker access"] == {
+            "name": "broker access",
+            "level": "ok",
+            "detail": "a password or ACL user is required",
+        }
 
 
 def test_doctor_tells_training_from_caption_workers_and_sees_a_stale_model(
@@ -189,9 +209,15 @@ def test_doctor_tells_training_from_caption_workers_and_sees_a_stale_model(
     store.promote(store.add(tiny_model, {"base_model": "tiny"}, "v-one").version)
     store.add(tiny_model, {"base_model": "tiny"}, "v-two")
     with LocalRedis(appendonly=True) as server:
-        env = {**worker_env, "CAPTIONER_BROKER_URL": server.url(0), "CAPTIONER_RESULT_BACKEND": server.url(0),
-               "CAPTIONER_REDIS_URL": server.url(1), "CAPTIONER_MODEL": "@current",
-               "CAPTIONER_MODEL_STORE": str(store.root), "CAPTIONER_MODEL_POLL_S": "3600"}  # fmt: skip
+        env = {
+            **worker_env,
+            "CAPTIONER_BROKER_URL": server.url(0),
+            "CAPTIONER_RESULT_BACKEND": server.url(0),
+            "CAPTIONER_REDIS_URL": server.url(1),
+            "CAPTIONER_MODEL": "@current",
+            "CAPTIONER_MODEL_STORE": str(store.root),
+            "CAPTIONER_MODEL_POLL_S": "3600",
+        }
         with WorkerProcess(env, log=tmp_path / "caption.log") as caption:
             caption.wait_ready()
             client = JobClient(settings_from(env))
@@ -230,8 +256,12 @@ def test_plain_celery_worker_command_serves_too(worker_env: dict[str, str], tmp_
 
     (path, _), *_ = make_shapes(session_root / f"plain-{uuid.uuid4().hex[:6]}", 1, seed=11, size=32)
     with LocalRedis() as server:
-        env = {**worker_env, "CAPTIONER_BROKER_URL": server.url(0), "CAPTIONER_RESULT_BACKEND": server.url(0),
-               "CAPTIONER_REDIS_URL": server.url(1)}  # fmt: skip
+        env = {
+            **worker_env,
+            "CAPTIONER_BROKER_URL": server.url(0),
+            "CAPTIONER_RESULT_BACKEND": server.url(0),
+            "CAPTIONER_REDIS_URL": server.url(1),
+        }
         argv = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel", "INFO"]
         with WorkerProcess(env, argv=argv, log=tmp_path / "celery.log") as proc:
             proc.wait_ready()

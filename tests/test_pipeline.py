@@ -267,8 +267,10 @@ def test_a_cpu_model_decodes_beside_its_batches_one_image_at_a_time_while_fetche
         return True
 
     own = settings.model_copy(update={"decode_threads": 4, "decode_concurrency": 0})
-    service = CaptionService(own, engine_factory=lambda: CaptionEngine.load(
-        EngineConfig(model=str(tiny_model), device="cpu", dtype="float32")))  # fmt: skip
+    service = CaptionService(
+        own,
+        engine_factory=lambda: CaptionEngine.load(EngineConfig(model=str(tiny_model), device="cpu", dtype="float32")),
+    )
     # What the gate saw: decodes counted while preprocessing, and batches marked while generating.
     engine, seen = service.engine, {"decoding": [], "generating": []}
     prepare, generate = engine.prepare, engine.generate_detailed

@@ -24,8 +24,12 @@ def test_a_postgres_ledger_survives_a_kill_and_reuses_captions_of_duplicate_imag
     from ledger.postgres import PostgresLedger
 
     prefix = f"captioner_pg_{uuid.uuid4().hex[:8]}"
-    env = {**recovery_env(worker_env), "CAPTIONER_LEDGER_URL": PG_URL, "CAPTIONER_KEY_PREFIX": prefix,
-           "CAPTIONER_REUSE_CAPTIONS": "true"}  # fmt: skip
+    env = {
+        **recovery_env(worker_env),
+        "CAPTIONER_LEDGER_URL": PG_URL,
+        "CAPTIONER_KEY_PREFIX": prefix,
+        "CAPTIONER_REUSE_CAPTIONS": "true",
+    }
     redis.Redis.from_url(env["CAPTIONER_BROKER_URL"]).flushdb()
     originals = shape_files(session_root, "pg", 60, seed=21)
     # 30 more files holding the bytes of 30 of them: an archive with a third duplicates.
@@ -43,8 +47,11 @@ def test_a_postgres_ledger_survives_a_kill_and_reuses_captions_of_duplicate_imag
     try:
         first.wait_ready()
         client.enqueue(refs, job_id="job-pg", chunk_size=4)
-        wait_for(lambda: client.status("job-pg").ok >= 12 and client.ledger.attempts_open("job-pg") > 0, 120,
-                 "the first captions, and items in hand")  # fmt: skip
+        wait_for(
+            lambda: client.status("job-pg").ok >= 12 and client.ledger.attempts_open("job-pg") > 0,
+            120,
+            "the first captions, and items in hand",
+        )
         assert first.kill() == -9
         killed_at = client.status("job-pg").ok
         assert 0 < killed_at < len(refs), "the kill must land mid-job"
@@ -52,16 +59,24 @@ def test_a_postgres_ledger_survives_a_kill_and_reuses_captions_of_duplicate_imag
         second = WorkerProcess(env, log=tmp_path / "second.log").start()
         second.wait_ready()
         resent: list[int] = []
-        info = client.wait("job-pg", timeout=180, on_tick=lambda _: None, on_stall=reconciling(client, resent),
-                           stall_s=8)  # fmt: skip
+        info = client.wait(
+            "job-pg", timeout=180, on_tick=lambda _: None, on_stall=reconciling(client, resent), stall_s=8
+        )
     finally:
         first.kill()
         if second is not None:
             second.terminate()
     rows = list(client.results("job-pg"))
-    figures = tally("kill -9 of a worker whose ledger is PostgreSQL", refs, rows, info, before=before,
-                    reconciled=sum(resent), happened="the killed worker's items came back after the visibility "
-                    "timeout; rows, counters and reused captions all in PostgreSQL")  # fmt: skip
+    figures = tally(
+        "kill -9 of a worker whose ledger is PostgreSQL",
+        refs,
+        rows,
+        info,
+        before=before,
+        reconciled=sum(resent),
+        happened="the killed worker's items came back after the visibility "
+        "timeout; rows, counters and reused captions all in PostgreSQL",
+    )
     assert (figures["lost"], figures["counters_off"], figures["replaced"]) == (0, 0, 0)
     assert (info.state.value, info.total, info.ok, info.error) == ("done", len(refs), len(refs), 0)
     by_ref = {r["ref"]: r for r in rows}
@@ -133,8 +148,13 @@ def test_nul_bytes_in_shard_members_parquet_text_and_list_lines_are_rows_with_th
 
     prefix = f"captioner_nul_{uuid.uuid4().hex[:8]}"
     queue = f"captions-nul-{uuid.uuid4().hex[:8]}"
-    env = {**worker_env, "CAPTIONER_LEDGER_URL": PG_URL, "CAPTIONER_KEY_PREFIX": prefix,
-           "CAPTIONER_CAPTION_QUEUE": queue, "CAPTIONER_INTERACTIVE_QUEUE": f"{queue}-now"}  # fmt: skip
+    env = {
+        **worker_env,
+        "CAPTIONER_LEDGER_URL": PG_URL,
+        "CAPTIONER_KEY_PREFIX": prefix,
+        "CAPTIONER_CAPTION_QUEUE": queue,
+        "CAPTIONER_INTERACTIVE_QUEUE": f"{queue}-now",
+    }
     images = [Path(p).read_bytes() for p in shape_files(session_root, "nul", 3, seed=5)]
     shard = session_root / f"nul-{uuid.uuid4().hex[:6]}.tar"
     with tarfile.open(shard, "w") as tar:
@@ -147,11 +167,18 @@ def test_nul_bytes_in_shard_members_parquet_text_and_list_lines_are_rows_with_th
     import pyarrow.parquet as pq
 
     parquet = session_root / f"nul-{uuid.uuid4().hex[:6]}.parquet"
-    pq.write_table(pa.table({
-        "image": pa.array([{"bytes": c, "path": f"{i}.png"} for i, c in enumerate(images)],
-                          pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
-        "text": pa.array([f"caption\x00{i}" for i in range(3)], pa.string()),
-    }), parquet)  # fmt: skip
+    pq.write_table(
+        pa.table(
+            {
+                "image": pa.array(
+                    [{"bytes": c, "path": f"{i}.png"} for i, c in enumerate(images)],
+                    pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
+                ),
+                "text": pa.array([f"caption\x00{i}" for i in range(3)], pa.string()),
+            }
+        ),
+        parquet,
+    )
     good = shape_files(session_root, "nul-list", 1, seed=6)[0]
     listing = tmp_path / "list.txt"
     listing.write_bytes(f"{good}\n{session_root}/bad\x00name.png\n".encode())

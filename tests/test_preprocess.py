@@ -42,8 +42,12 @@ def test_same_pixel_values_as_the_transformers_processor(size: int) -> None:
 def test_processors_it_does_not_reproduce_are_left_alone() -> None:
     processor = build_git_processor(32).image_processor
     assert ClipPreprocess.matching(processor) is not None
-    for change in ({"do_center_crop": False}, {"do_normalize": False}, {"size": {"height": 32, "width": 32}},
-                   {"do_pad": True}):  # fmt: skip
+    for change in (
+        {"do_center_crop": False},
+        {"do_normalize": False},
+        {"size": {"height": 32, "width": 32}},
+        {"do_pad": True},
+    ):
         other = build_git_processor(32).image_processor
         for key, value in change.items():
             setattr(other, key, value)

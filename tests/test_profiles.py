@@ -40,8 +40,11 @@ def test_a_dropped_piece_is_logged_once_and_never_comes_back(caplog: pytest.LogC
     pieces.drop("compile", "no C++ compiler")
     pieces.drop("compile", "again")
     pieces.drop("int8", "never asked for")
-    assert pieces.as_dict() == {"profile": "fast:sdpa,draft", "pieces": ["sdpa", "draft"],
-                                "fallbacks": {"compile": "no C++ compiler"}}  # fmt: skip
+    assert pieces.as_dict() == {
+        "profile": "fast:sdpa,draft",
+        "pieces": ["sdpa", "draft"],
+        "fallbacks": {"compile": "no C++ compiler"},
+    }
     assert caplog.text.count("speed piece compile is off: no C++ compiler") == 1 and "int8" not in caplog.text
 
 
@@ -66,8 +69,13 @@ def test_unknown_piece_or_profile_stops_the_worker_command_in_one_line(worker_en
 def test_plain_celery_worker_with_an_unknown_piece_refuses_to_start(worker_env: dict[str, str], tmp_path: Path) -> None:
     """Started without our CLI, the worker checks the pieces where it loads the model, and exits with one line."""
     with LocalRedis() as server:
-        env = {**worker_env, "CAPTIONER_BROKER_URL": server.url(0), "CAPTIONER_RESULT_BACKEND": server.url(0),
-               "CAPTIONER_REDIS_URL": server.url(1), "CAPTIONER_PIECES": "+turbo"}  # fmt: skip
+        env = {
+            **worker_env,
+            "CAPTIONER_BROKER_URL": server.url(0),
+            "CAPTIONER_RESULT_BACKEND": server.url(0),
+            "CAPTIONER_REDIS_URL": server.url(1),
+            "CAPTIONER_PIECES": "+turbo",
+        }
         argv = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel", "INFO"]
         proc = WorkerProcess(env, argv=argv, log=tmp_path / "celery.log").start()
         assert proc.proc is not None
@@ -85,13 +93,20 @@ def test_pieces_in_use_reach_rows_info_doctor_and_metrics(
     cudagraphs cannot run without CUDA, so it falls back with its reason and the rows say what really ran."""
     from training.synthetic import make_shapes
 
-    refs = [str(p) for p, _ in make_shapes(session_root / f"prof-{uuid.uuid4().hex[:6]}", 4, seed=8, size=96,
-                                           fmt="jpeg")]  # fmt: skip
+    refs = [
+        str(p) for p, _ in make_shapes(session_root / f"prof-{uuid.uuid4().hex[:6]}", 4, seed=8, size=96, fmt="jpeg")
+    ]
     port = free_port()
     with LocalRedis(appendonly=True) as server:
-        env = {**worker_env, "CAPTIONER_BROKER_URL": server.url(0), "CAPTIONER_RESULT_BACKEND": server.url(0),
-               "CAPTIONER_REDIS_URL": server.url(1), "CAPTIONER_PROFILE": "fast", "CAPTIONER_METRICS_PORT": str(port),
-               "CAPTIONER_METRICS_ADDR": "127.0.0.1"}  # fmt: skip
+        env = {
+            **worker_env,
+            "CAPTIONER_BROKER_URL": server.url(0),
+            "CAPTIONER_RESULT_BACKEND": server.url(0),
+            "CAPTIONER_REDIS_URL": server.url(1),
+            "CAPTIONER_PROFILE": "fast",
+            "CAPTIONER_METRICS_PORT": str(port),
+            "CAPTIONER_METRICS_ADDR": "127.0.0.1",
+        }
         with WorkerProcess(env, log=tmp_path / "w.log", extra_args=["--pieces", "-compile,+cudagraphs"]) as proc:
             proc.wait_ready()
             client = JobClient(settings_from(env))

@@ -26,8 +26,16 @@ def test_troubleshooting_covers_every_named_error() -> None:
 
     page = (ROOT / "docs" / "troubleshooting.md").read_text()
     missing = [code for code in errors.ITEM_ERROR_CODES if f"`{code}`" not in page]
-    operator = [errors.BrokerUnavailable, errors.UnknownJob, errors.SourceError, errors.NothingToEnqueue,
-                errors.ConfigError, errors.ModelLoadError, errors.UnsafeCheckpoint, errors.InvalidMessage]  # fmt: skip
+    operator = [
+        errors.BrokerUnavailable,
+        errors.UnknownJob,
+        errors.SourceError,
+        errors.NothingToEnqueue,
+        errors.ConfigError,
+        errors.ModelLoadError,
+        errors.UnsafeCheckpoint,
+        errors.InvalidMessage,
+    ]
     missing += [cls.__name__ for cls in operator if cls.__name__ not in page]
     assert not missing, f"docs/troubleshooting.md lacks {missing}"
 

@@ -55,8 +55,11 @@ def test_kill_9_mid_job_then_restart_captions_every_item_exactly_once(
     client = JobClient(s)
     client.enqueue(refs, job_id="job-kill", chunk_size=4)
     # Killed between two chunks, a worker holds nothing; wait until it holds items (their attempts begun).
-    wait_for(lambda: client.status("job-kill").ok >= 12 and client.ledger.attempts_open("job-kill") > 0, 120,
-             "the first captions, and items in hand")  # fmt: skip
+    wait_for(
+        lambda: client.status("job-kill").ok >= 12 and client.ledger.attempts_open("job-kill") > 0,
+        120,
+        "the first captions, and items in hand",
+    )
     assert first.kill() == -9
     killed_at = client.status("job-kill")
     assert 0 < killed_at.ok < len(refs), "the kill must land mid-job"
@@ -66,15 +69,23 @@ def test_kill_9_mid_job_then_restart_captions_every_item_exactly_once(
     try:
         second.wait_ready()
         resent: list[int] = []
-        info = client.wait("job-kill", timeout=180, on_tick=lambda _: None, on_stall=reconciling(client, resent),
-                           stall_s=8)  # fmt: skip
+        info = client.wait(
+            "job-kill", timeout=180, on_tick=lambda _: None, on_stall=reconciling(client, resent), stall_s=8
+        )
     finally:
         second.terminate()
     rows = list(client.results("job-kill"))
     twice = sum(1 for r in rows if r["attempts"] >= 2)
-    figures = tally("kill -9 of the caption worker mid-job, then a new worker", refs, rows, info, before=before,
-                    reconciled=sum(resent), happened=f"its {twice} unacked items came back after the visibility "
-                    "timeout (5 s here) and were captioned by the new worker, each by itself")  # fmt: skip
+    figures = tally(
+        "kill -9 of the caption worker mid-job, then a new worker",
+        refs,
+        rows,
+        info,
+        before=before,
+        reconciled=sum(resent),
+        happened=f"its {twice} unacked items came back after the visibility "
+        "timeout (5 s here) and were captioned by the new worker, each by itself",
+    )
     assert (figures["lost"], figures["counters_off"], figures["replaced"]) == (0, 0, 0)
     assert info.state.value == "done"
     assert (info.total, info.ok, info.error) == (len(refs), len(refs), 0)
@@ -123,8 +134,9 @@ def test_two_workers_one_killed_and_replaced_repeatedly(
                 before.setdefault(item, row)
             if round_ < 2:
                 _freeze(survivor, signal.SIGCONT)
-        info = client.wait("job-churn", timeout=240, on_tick=lambda _: None, on_stall=reconciling(client, resent),
-                           stall_s=8)  # fmt: skip
+        info = client.wait(
+            "job-churn", timeout=240, on_tick=lambda _: None, on_stall=reconciling(client, resent), stall_s=8
+        )
         for item, row in snapshot(client, "job-churn").items():
             before.setdefault(item, row)
     finally:
@@ -135,11 +147,17 @@ def test_two_workers_one_killed_and_replaced_repeatedly(
     rows = list(client.results("job-churn"))
     info = client.status("job-churn")  # counters once every worker has written all it will
     client.close()
-    figures = tally("two workers, one killed with SIGKILL and replaced, three times", refs, rows, info,
-                    before=before, reconciled=sum(resent),
-                    happened=f"killed at {', '.join(map(str, at_kills))} captioned, the survivor frozen until the "
-                    "replacement was up (the last one until the job was done, then thawed to finish what it held); "
-                    "each victim's messages went to the survivor or the replacement, no item was charged as "
-                    "poison")  # fmt: skip
+    figures = tally(
+        "two workers, one killed with SIGKILL and replaced, three times",
+        refs,
+        rows,
+        info,
+        before=before,
+        reconciled=sum(resent),
+        happened=f"killed at {', '.join(map(str, at_kills))} captioned, the survivor frozen until the "
+        "replacement was up (the last one until the job was done, then thawed to finish what it held); "
+        "each victim's messages went to the survivor or the replacement, no item was charged as "
+        "poison",
+    )
     assert (figures["lost"], figures["counters_off"], figures["replaced"]) == (0, 0, 0)
     assert (info.state.value, info.ok, info.error) == ("done", len(refs), 0)

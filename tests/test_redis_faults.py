@@ -51,13 +51,24 @@ def test_redis_killed_and_restarted_mid_job_with_aof_loses_nothing(
             # the broker cannot give it back. When the job stalls with nothing queued or in flight, what is still
             # pending is exactly that loss, and reconcile sends it again from the manifest.
             resent: list[int] = []
-            info = client.wait("job-redis-restart", timeout=240, on_tick=lambda _: None,
-                               on_stall=reconciling(client, resent), stall_s=8)  # fmt: skip
+            info = client.wait(
+                "job-redis-restart",
+                timeout=240,
+                on_tick=lambda _: None,
+                on_stall=reconciling(client, resent),
+                stall_s=8,
+            )
             rows = list(client.results("job-redis-restart"))
             client.close()
-    figures = tally("Redis killed and restarted mid-job (AOF on)", refs, rows, info, before=before,
-                    reconciled=sum(resent), happened="the worker reconnected and went on; the AOF kept queue and "
-                    "ledger")  # fmt: skip
+    figures = tally(
+        "Redis killed and restarted mid-job (AOF on)",
+        refs,
+        rows,
+        info,
+        before=before,
+        reconciled=sum(resent),
+        happened="the worker reconnected and went on; the AOF kept queue and ledger",
+    )
     assert (figures["lost"], figures["counters_off"], figures["replaced"]) == (0, 0, 0)
     assert (info.ok, info.error, info.total) == (60, 0, 60)
 
@@ -78,9 +89,13 @@ def test_worker_started_before_redis_waits_and_then_serves(
         client = JobClient(settings_from(env))
         client.enqueue(refs, job_id="job-late-redis")
         info = client.wait("job-late-redis", timeout=120, on_tick=lambda _: None)
-        figures = tally("a worker started while Redis is down", refs, list(client.results("job-late-redis")), info,
-                        happened="it logged the refused connection, kept retrying, and served once Redis came "
-                        "up")  # fmt: skip
+        figures = tally(
+            "a worker started while Redis is down",
+            refs,
+            list(client.results("job-late-redis")),
+            info,
+            happened="it logged the refused connection, kept retrying, and served once Redis came up",
+        )
         client.close()
         assert (figures["lost"], figures["counters_off"], info.ok) == (0, 0, 4)
     finally:
@@ -95,8 +110,12 @@ def test_producer_fails_loudly_at_maxmemory_and_says_so(session_root: Path, tmp_
         result = CliRunner().invoke(cli, ["--broker-url", server.url(0), "enqueue", str(refs)], catch_exceptions=False)
     assert result.exit_code == 1
     assert "out of memory" in result.stderr and "Traceback" not in result.output
-    note_fault("Redis at maxmemory when the producer runs", "enqueue stopped with one line naming maxmemory (exit 1); "
-               "what it had written stays, and the same command resumes", n=20_000)  # fmt: skip
+    note_fault(
+        "Redis at maxmemory when the producer runs",
+        "enqueue stopped with one line naming maxmemory (exit 1); "
+        "what it had written stays, and the same command resumes",
+        n=20_000,
+    )
 
 
 def test_password_protected_redis_through_the_url(
@@ -129,14 +148,29 @@ def test_broker_down_with_ledger_up_writes_no_half_job(images: Path, settings) -
     """Broker and ledger on different servers, the broker down: the producer stops before writing anything."""
     result = CliRunner().invoke(
         cli,
-        ["--broker-url", "redis://127.0.0.1:1/0", "--redis-url", settings.redis_url_str, "--key-prefix",
-         settings.key_prefix, "enqueue", str(images), "--job-id", "job-half"],
+        [
+            "--broker-url",
+            "redis://127.0.0.1:1/0",
+            "--redis-url",
+            settings.redis_url_str,
+            "--key-prefix",
+            settings.key_prefix,
+            "enqueue",
+            str(images),
+            "--job-id",
+            "job-half",
+        ],
         catch_exceptions=False,
-    )  # fmt: skip
+    )
     assert result.exit_code == 1 and "cannot reach the broker" in result.stderr
     assert not redis.Redis.from_url(settings.redis_url_str).keys(f"{settings.key_prefix}:job:job-half*")
-    note_fault("broker unreachable when the producer runs", "one line naming the broker (exit 1); nothing written, no "
-               "half-recorded job", n=len(list(images.glob("*.jpg"))), ok=0, lost=0)  # fmt: skip
+    note_fault(
+        "broker unreachable when the producer runs",
+        "one line naming the broker (exit 1); nothing written, no half-recorded job",
+        n=len(list(images.glob("*.jpg"))),
+        ok=0,
+        lost=0,
+    )
 
 
 def test_workers_at_maxmemory_back_off_and_lose_nothing(
@@ -177,8 +211,9 @@ def test_workers_at_maxmemory_back_off_and_lose_nothing(
                 if workers[-1].proc is not None and workers[-1].proc.poll() is not None:
                     workers.append(WorkerProcess(env, log=tmp_path / f"w{len(workers)}.log").start())
 
-            info = client.wait("job-maxmem", timeout=240, on_tick=restart_dead_worker,
-                               on_stall=reconciling(client, resent), stall_s=8)  # fmt: skip
+            info = client.wait(
+                "job-maxmem", timeout=240, on_tick=restart_dead_worker, on_stall=reconciling(client, resent), stall_s=8
+            )
             rows = list(client.results("job-maxmem"))
         finally:
             client.close()
@@ -189,7 +224,14 @@ def test_workers_at_maxmemory_back_off_and_lose_nothing(
     )
     if len(workers) > 1:
         happened += f"; Celery stopped the worker on a refused ack ({len(workers) - 1} restart(s))"
-    figures = tally("Redis at maxmemory while workers write (noeviction), then freed", refs, rows, info, before=before,
-                    happened=happened, reconciled=sum(resent))  # fmt: skip
+    figures = tally(
+        "Redis at maxmemory while workers write (noeviction), then freed",
+        refs,
+        rows,
+        info,
+        before=before,
+        happened=happened,
+        reconciled=sum(resent),
+    )
     assert (figures["lost"], figures["counters_off"], figures["replaced"]) == (0, 0, 0)
     assert (info.ok, info.error, info.state.value) == (40, 0, "done")

@@ -38,9 +38,15 @@ def test_documented_acl_user_runs_worker_and_cli_and_is_refused_the_dangerous_re
         admin = redis.Redis(port=server.port, password=ADMIN_PW)
         assert admin.execute_command(*documented_acl(USER_PW)) == b"OK"
         url = f"redis://captioner:{USER_PW}@127.0.0.1:{server.port}"
-        env = {**worker_env, "CAPTIONER_BROKER_URL": f"{url}/0", "CAPTIONER_RESULT_BACKEND": f"{url}/0",
-               "CAPTIONER_REDIS_URL": f"{url}/1", "CAPTIONER_KEY_PREFIX": "captioner",
-               "CAPTIONER_CAPTION_QUEUE": "captions", "CAPTIONER_TRAINING_QUEUE": "training"}  # fmt: skip
+        env = {
+            **worker_env,
+            "CAPTIONER_BROKER_URL": f"{url}/0",
+            "CAPTIONER_RESULT_BACKEND": f"{url}/0",
+            "CAPTIONER_REDIS_URL": f"{url}/1",
+            "CAPTIONER_KEY_PREFIX": "captioner",
+            "CAPTIONER_CAPTION_QUEUE": "captions",
+            "CAPTIONER_TRAINING_QUEUE": "training",
+        }
         with WorkerProcess(env, log=tmp_path / "w.log") as proc:
             proc.wait_ready()
             runner = CliRunner()
@@ -66,9 +72,20 @@ def test_documented_acl_user_runs_worker_and_cli_and_is_refused_the_dangerous_re
         assert "NOPERM" not in proc.log_path.read_text()
 
         user = redis.Redis.from_url(f"{url}/1")
-        commands = [("FLUSHALL",), ("FLUSHDB",), ("CONFIG", "SET", "appendonly", "no"), ("CONFIG", "GET", "*"),
-                    ("KEYS", "*"), ("SCAN", "0"), ("SCRIPT", "FLUSH"), ("FUNCTION", "FLUSH"), ("SWAPDB", "0", "1"),
-                    ("ACL", "LIST"), ("CLIENT", "LIST"), ("MONITOR",)]  # fmt: skip
+        commands = [
+            ("FLUSHALL",),
+            ("FLUSHDB",),
+            ("CONFIG", "SET", "appendonly", "no"),
+            ("CONFIG", "GET", "*"),
+            ("KEYS", "*"),
+            ("SCAN", "0"),
+            ("SCRIPT", "FLUSH"),
+            ("FUNCTION", "FLUSH"),
+            ("SWAPDB", "0", "1"),
+            ("ACL", "LIST"),
+            ("CLIENT", "LIST"),
+            ("MONITOR",),
+        ]
         for command in commands:
             with pytest.raises(redis.exceptions.NoPermissionError, match="no permissions to run the '"):
                 user.execute_command(*command)

@@ -20,8 +20,12 @@ from tests.test_recovery import wait_for
 @pytest.fixture
 def own_redis_env(worker_env: dict[str, str]):
     with LocalRedis() as server:
-        yield {**worker_env, "CAPTIONER_BROKER_URL": server.url(0), "CAPTIONER_RESULT_BACKEND": server.url(0),
-               "CAPTIONER_REDIS_URL": server.url(1)}  # fmt: skip
+        yield {
+            **worker_env,
+            "CAPTIONER_BROKER_URL": server.url(0),
+            "CAPTIONER_RESULT_BACKEND": server.url(0),
+            "CAPTIONER_REDIS_URL": server.url(1),
+        }
 
 
 @pytest.fixture
@@ -92,9 +96,15 @@ def test_transient_failures_are_retried_with_backoff_and_permanent_ones_are_not(
 def test_items_that_keep_killing_their_worker_become_poison(
     own_redis_env: dict[str, str], session_root: Path, tmp_path: Path
 ) -> None:
-    env = {**own_redis_env, "CAPTIONER_MAX_ATTEMPTS": "1", "CAPTIONER_VISIBILITY_TIMEOUT_S": "5",
-           "CAPTIONER_UNACKED_RESTORE_INTERVAL_S": "1", "CAPTIONER_MAX_LENGTH": "40",
-           "CAPTIONER_MAX_BATCH_SIZE": "4", "CAPTIONER_CONCURRENCY": "2"}  # fmt: skip
+    env = {
+        **own_redis_env,
+        "CAPTIONER_MAX_ATTEMPTS": "1",
+        "CAPTIONER_VISIBILITY_TIMEOUT_S": "5",
+        "CAPTIONER_UNACKED_RESTORE_INTERVAL_S": "1",
+        "CAPTIONER_MAX_LENGTH": "40",
+        "CAPTIONER_MAX_BATCH_SIZE": "4",
+        "CAPTIONER_CONCURRENCY": "2",
+    }
     refs = shape_files(session_root, "poison", 60, seed=12)
     client = JobClient(settings_from(env))
     first = WorkerProcess(env, log=tmp_path / "w1.log").start()
@@ -113,13 +123,21 @@ def test_items_that_keep_killing_their_worker_become_poison(
     resent: list[int] = []
     with WorkerProcess(env, log=tmp_path / "w2.log") as second:
         second.wait_ready()
-        info = client.wait("job-poison", timeout=180, on_tick=lambda _: None, on_stall=reconciling(client, resent),
-                           stall_s=8)  # fmt: skip
+        info = client.wait(
+            "job-poison", timeout=180, on_tick=lambda _: None, on_stall=reconciling(client, resent), stall_s=8
+        )
     rows = list(client.results("job-poison"))
     client.close()
-    figures = tally("items whose worker died with them, attempt limit 1 (poison)", refs, rows, info, before=before,
-                    reconciled=sum(resent), happened="with one attempt allowed, the items in the dead worker's hands "
-                    "became poison rows, the rest were captioned")  # fmt: skip
+    figures = tally(
+        "items whose worker died with them, attempt limit 1 (poison)",
+        refs,
+        rows,
+        info,
+        before=before,
+        reconciled=sum(resent),
+        happened="with one attempt allowed, the items in the dead worker's hands "
+        "became poison rows, the rest were captioned",
+    )
     poison = [r for r in rows if r.get("error_class") == "poison"]
     assert (figures["lost"], figures["counters_off"], figures["replaced"]) == (0, 0, 0)
     assert poison and all(r["attempts"] == 2 for r in poison)
@@ -133,9 +151,15 @@ def test_an_item_that_kills_its_worker_is_isolated_and_only_it_becomes_poison(
     innocent and must be captioned; the killer alone is charged, and stopped after max_attempts deaths."""
     from training.synthetic import make_shapes
 
-    env = {**own_redis_env, "CAPTIONER_MAX_ATTEMPTS": "3", "CAPTIONER_VISIBILITY_TIMEOUT_S": "5",
-           "CAPTIONER_UNACKED_RESTORE_INTERVAL_S": "1", "CAPTIONER_MAX_BATCH_SIZE": "4",
-           "CAPTIONER_CONCURRENCY": "2", "CAPTIONER_FAULT_KILL_REF": "poison-pill"}  # fmt: skip
+    env = {
+        **own_redis_env,
+        "CAPTIONER_MAX_ATTEMPTS": "3",
+        "CAPTIONER_VISIBILITY_TIMEOUT_S": "5",
+        "CAPTIONER_UNACKED_RESTORE_INTERVAL_S": "1",
+        "CAPTIONER_MAX_BATCH_SIZE": "4",
+        "CAPTIONER_CONCURRENCY": "2",
+        "CAPTIONER_FAULT_KILL_REF": "poison-pill",
+    }
     folder = session_root / f"kills-{uuid.uuid4().hex[:6]}"
     refs = [str(p) for p, _ in make_shapes(folder, 24, seed=13, size=32)]
     killer = folder / "poison-pill.png"
@@ -155,10 +179,16 @@ def test_an_item_that_kills_its_worker_is_isolated_and_only_it_becomes_poison(
     rows = {r["ref"]: r for r in client.results("job-killer")}
     info = client.status("job-killer")
     client.close()
-    figures = tally("an item that kills its worker, attempt limit 3 (poison, batch-mates captioned)", refs,
-                    list(rows.values()), info, before=before, reconciled=sum(resent),
-                    happened=f"the worker died {deaths} times; after the first, suspects ran alone: the killer became "
-                    "poison, its 23 batch-mates were captioned")  # fmt: skip
+    figures = tally(
+        "an item that kills its worker, attempt limit 3 (poison, batch-mates captioned)",
+        refs,
+        list(rows.values()),
+        info,
+        before=before,
+        reconciled=sum(resent),
+        happened=f"the worker died {deaths} times; after the first, suspects ran alone: the killer became "
+        "poison, its 23 batch-mates were captioned",
+    )
     assert (figures["lost"], figures["counters_off"], figures["replaced"]) == (0, 0, 0)
     assert deaths == 3, f"the killer should have had 3 attempts, the worker died {deaths} time(s)"
     assert (rows[str(killer)]["error_class"], rows[str(killer)]["attempts"]) == ("poison", 4)

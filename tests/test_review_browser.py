@@ -29,8 +29,10 @@ from tests.conftest import MAX_LENGTH
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 WAIT_S = 120  # a deadline for failing, never a pace: every wait below polls for a state
 HOSTILE = '<img src=x onerror="document.title=\'pwned\'"><script>document.title="pwned"</script>'
-TRAIN_OPTIONS = ("batch_size=2 grad_accum=1 eval_steps=2 save_steps=2 lr_scheduler=constant learning_rate=0.003 "
-                 f"max_length={MAX_LENGTH} eval_max_samples=2 epochs=100")  # fmt: skip
+TRAIN_OPTIONS = (
+    "batch_size=2 grad_accum=1 eval_steps=2 save_steps=2 lr_scheduler=constant learning_rate=0.003 "
+    f"max_length={MAX_LENGTH} eval_max_samples=2 epochs=100"
+)
 
 
 class ReviewProcess:
@@ -72,9 +74,17 @@ def browser() -> Iterator[object]:
     profile = tempfile.mkdtemp(prefix="captioner-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1200,800",
-                f"--user-data-dir={profile}"):  # fmt: skip
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--window-size=1200,800",
+        f"--user-data-dir={profile}",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
@@ -111,17 +121,26 @@ def _job(client: JobClient, root: Path, tmp_path: Path) -> tuple[str, dict[str, 
 
 
 def test_review_correct_export_and_fine_tune_in_a_browser(
-    caption_worker, worker_env: dict[str, str], session_root: Path, tiny_model: Path, client: JobClient,
-    tmp_path: Path, browser
-) -> None:  # fmt: skip
+    caption_worker,
+    worker_env: dict[str, str],
+    session_root: Path,
+    tiny_model: Path,
+    client: JobClient,
+    tmp_path: Path,
+    browser,
+) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     store = tmp_path / "store"
     exports = session_root / f"exports-{os.urandom(3).hex()}"  # under the allowed roots: training workers read it
-    env = {**worker_env, "CAPTIONER_MODEL_STORE": str(store), "CAPTIONER_REVIEW_EXPORT_DIR": str(exports),
-           "CAPTIONER_REVIEW_REVIEWER": "tester"}  # fmt: skip
+    env = {
+        **worker_env,
+        "CAPTIONER_MODEL_STORE": str(store),
+        "CAPTIONER_REVIEW_EXPORT_DIR": str(exports),
+        "CAPTIONER_REVIEW_REVIEWER": "tester",
+    }
     trainer = WorkerProcess(env, training=True, log=tmp_path / "train.log").start()  # loads while we caption
     job_id, ids, truth = _job(client, session_root, tmp_path)
     server = ReviewProcess(env, tmp_path / "review.log")
@@ -158,12 +177,10 @@ def test_review_correct_export_and_fine_tune_in_a_browser(
         box.send_keys(Keys.CONTROL, "a")
         box.send_keys(truth[order[0]], Keys.ENTER)
         first = f'.card[data-item="{order[0]}"]'
-        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f"{first} .corrected").text
-                   == truth[order[0]])  # fmt: skip
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f"{first} .corrected").text == truth[order[0]])
         driver.switch_to.active_element.send_keys(Keys.ARROW_RIGHT)
         driver.switch_to.active_element.send_keys("a")
-        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f'.card[data-item="{order[1]}"] .mark').text
-                   == "accepted")  # fmt: skip
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f'.card[data-item="{order[1]}"] .mark').text == "accepted")
         driver.switch_to.active_element.send_keys(Keys.ARROW_RIGHT, "e")
         box = driver.switch_to.active_element
         box.send_keys(Keys.CONTROL, "a")

@@ -40,8 +40,13 @@ def job(tmp_path: Path) -> Iterator[tuple[Ledger, dict[str, str]]]:
         Image.new("RGB", (8, 8), (n * 60, 0, 0)).save(path)
         refs[role] = str(path)
     ledger.add_items(JOB, [(item_id(r), r) for r in refs.values()])
-    ledger.record(JOB, [ItemResult(id=item_id(r), ref=r, status=ItemStatus.OK, caption=f"model says {role}")
-                        for role, r in refs.items()])  # fmt: skip
+    ledger.record(
+        JOB,
+        [
+            ItemResult(id=item_id(r), ref=r, status=ItemStatus.OK, caption=f"model says {role}")
+            for role, r in refs.items()
+        ],
+    )
     ids = {role: item_id(r) for role, r in refs.items()}
     ledger.set_correction(JOB, ids["corrected"], 'a reviewer\'s words, "quoted", =1+1', "ana")
     ledger.set_mark(JOB, [ids["rejected"]], "rejected", "ana")
@@ -61,15 +66,21 @@ def test_flat_and_row_formats_carry_the_correction_beside_the_caption(job, tmp_p
         assert fixed["caption"] == "model says corrected", fmt
         assert fixed["corrected"] == 'a reviewer\'s words, "quoted", =1+1', fmt
         assert (fixed["reviewer"], rows[ids["rejected"]]["mark"], rows[ids["accepted"]]["reviewer"]) == (
-            "ana", "rejected", "bo"), fmt  # fmt: skip
+            "ana",
+            "rejected",
+            "bo",
+        ), fmt
         assert isinstance(fixed["reviewed_at"], float) and fixed["reviewed_at"] > 0, fmt
         assert rows[ids["untouched"]].get("corrected") is None and rows[ids["untouched"]].get("mark") is None
 
 
 def test_dataset_formats_write_the_corrected_text_and_leave_rejected_items_out(job, tmp_path: Path) -> None:
     ledger, _ = job
-    wanted = {"corrected.png": "a reviewer's words, \"quoted\", =1+1", "accepted.png": "model says accepted",
-              "untouched.png": "model says untouched"}  # fmt: skip
+    wanted = {
+        "corrected.png": 'a reviewer\'s words, "quoted", =1+1',
+        "accepted.png": "model says accepted",
+        "untouched.png": "model says untouched",
+    }
     summary = export_rows(ledger.iter_results(JOB), "metadata", tmp_path / "metadata.jsonl")
     lines = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
     assert {Path(r["file_name"]).name: r["text"] for r in lines} == wanted
@@ -85,7 +96,8 @@ def test_dataset_formats_write_the_corrected_text_and_leave_rejected_items_out(j
     export_rows(ledger.iter_results(JOB), "sidecar", None, local=local)
     images = tmp_path / "images"
     assert {p.name: p.read_text().strip() for p in images.glob("*.txt")} == {
-        name.replace(".png", ".txt"): text for name, text in wanted.items()}  # fmt: skip
+        name.replace(".png", ".txt"): text for name, text in wanted.items()
+    }
 
 
 def test_cli_exports_the_reviewed_items_only(job, tmp_path: Path) -> None:
@@ -93,16 +105,22 @@ def test_cli_exports_the_reviewed_items_only(job, tmp_path: Path) -> None:
     env = {"CAPTIONER_BROKER_URL": redis_url(LEDGER_DB), "CAPTIONER_KEY_PREFIX": PREFIX}
     folder = tmp_path / "reviewed"
     folder.mkdir()
-    result = CliRunner().invoke(cli, ["export", JOB, "--format", "metadata", "--reviewed-only", "-o", str(folder),
-                                      "--json"], env=env, catch_exceptions=False)  # fmt: skip
+    result = CliRunner().invoke(
+        cli,
+        ["export", JOB, "--format", "metadata", "--reviewed-only", "-o", str(folder), "--json"],
+        env=env,
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["skipped_by_reason"] == {"rejected": 1}
     lines = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
     assert sorted(Path(r["file_name"]).name for r in lines) == ["accepted.png", "corrected.png"]
-    result = CliRunner().invoke(cli, ["export", JOB, "--format", "jsonl", "--reviewed-only", "-o", "-"], env=env,
-                                catch_exceptions=False)  # fmt: skip
+    result = CliRunner().invoke(
+        cli, ["export", JOB, "--format", "jsonl", "--reviewed-only", "-o", "-"], env=env, catch_exceptions=False
+    )
     assert sorted(json.loads(line)["id"] for line in result.stdout.splitlines()) == sorted(
-        ids[r] for r in ("corrected", "rejected", "accepted"))  # fmt: skip
+        ids[r] for r in ("corrected", "rejected", "accepted")
+    )
     result = CliRunner().invoke(cli, ["export", "job-nope", "--reviewed-only", "-o", "-"], env=env)
     assert result.exit_code == 1 and "no job 'job-nope'" in result.stderr
 
@@ -118,4 +136,3 @@ def test_cli_refuses_outputs_that_are_not_regular_files_in_one_line(job, tmp_pat
         assert "overwrite" not in result.stderr and "Traceback" not in result.output
         assert len(result.stderr.strip().splitlines()) == 1
     assert (tmp_path / "link.jsonl").is_symlink() and (tmp_path / "kept.jsonl").read_text() == "kept\n"
-

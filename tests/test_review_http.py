@@ -36,9 +36,13 @@ TOKEN = "a-long-enough-review-token"
 
 
 def _settings(tmp_path: Path, **env: str) -> Settings:
-    base = {"CAPTIONER_BROKER_URL": redis_url(BROKER_DB), "CAPTIONER_REDIS_URL": redis_url(LEDGER_DB),
-            "CAPTIONER_KEY_PREFIX": "captioner-test", "CAPTIONER_ALLOWED_ROOTS": str(tmp_path / "root"),
-            "CAPTIONER_REVIEW_EXPORT_DIR": str(tmp_path / "exports")}  # fmt: skip
+    base = {
+        "CAPTIONER_BROKER_URL": redis_url(BROKER_DB),
+        "CAPTIONER_REDIS_URL": redis_url(LEDGER_DB),
+        "CAPTIONER_KEY_PREFIX": "captioner-test",
+        "CAPTIONER_ALLOWED_ROOTS": str(tmp_path / "root"),
+        "CAPTIONER_REVIEW_EXPORT_DIR": str(tmp_path / "exports"),
+    }
     return settings_from({**base, **env})
 
 
@@ -48,8 +52,9 @@ class Server:
     def __init__(self, settings: Settings) -> None:
         self.port = free_port()
         self.app = create_app(settings)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                timeout_graceful_shutdown=1)  # fmt: skip
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=self.port, log_level="warning", timeout_graceful_shutdown=1
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -78,19 +83,30 @@ def job(tmp_path: Path) -> Iterator[tuple[Settings, dict[str, str]]]:
     ledger = ledger_from_settings(settings)
     root = tmp_path / "root"
     root.mkdir()
-    refs = {"hostile": root / "a.png", "plain": root / "b.png", "failed": root / "c.png", "pending": root / "d.png",
-            "outside": tmp_path / "outside.png"}  # fmt: skip
+    refs = {
+        "hostile": root / "a.png",
+        "plain": root / "b.png",
+        "failed": root / "c.png",
+        "pending": root / "d.png",
+        "outside": tmp_path / "outside.png",
+    }
     for path in refs.values():
         Image.new("RGB", (640, 480), (10, 120, 200)).save(path)
     ids = {k: item_id(str(p)) for k, p in refs.items()}
     ledger.open_job(JOB, "http job", GenParams())
     ledger.add_items(JOB, [(ids[k], str(p)) for k, p in refs.items()])
-    rows = [ItemResult(id=ids["hostile"], ref=str(refs["hostile"]), status=ItemStatus.OK, caption=HOSTILE),
-            ItemResult(id=ids["plain"], ref=str(refs["plain"]), status=ItemStatus.OK, caption="a plain caption"),
-            ItemResult(id=ids["failed"], ref=str(refs["failed"]), status=ItemStatus.ERROR, error_class="decode_error",
-                       error="<b>corrupt</b>"),
-            ItemResult(id=ids["outside"], ref=str(refs["outside"]), status=ItemStatus.OK,
-                       caption="outside")]  # fmt: skip
+    rows = [
+        ItemResult(id=ids["hostile"], ref=str(refs["hostile"]), status=ItemStatus.OK, caption=HOSTILE),
+        ItemResult(id=ids["plain"], ref=str(refs["plain"]), status=ItemStatus.OK, caption="a plain caption"),
+        ItemResult(
+            id=ids["failed"],
+            ref=str(refs["failed"]),
+            status=ItemStatus.ERROR,
+            error_class="decode_error",
+            error="<b>corrupt</b>",
+        ),
+        ItemResult(id=ids["outside"], ref=str(refs["outside"]), status=ItemStatus.OK, caption="outside"),
+    ]
     ledger.record(JOB, rows)
     ledger.r.close()
     yield settings, ids
@@ -115,8 +131,11 @@ def test_it_refuses_to_listen_beyond_loopback_without_authentication(tmp_path: P
         "CAPTIONER_REVIEW_USER/CAPTIONER_REVIEW_PASSWORD (or bind 127.0.0.1)"
     ]
     check_bind(_settings(tmp_path, CAPTIONER_REVIEW_HOST="0.0.0.0", CAPTIONER_REVIEW_TOKEN=TOKEN))
-    check_bind(_settings(tmp_path, CAPTIONER_REVIEW_HOST="10.1.2.3", CAPTIONER_REVIEW_USER="ana",
-                         CAPTIONER_REVIEW_PASSWORD="pw"))  # fmt: skip
+    check_bind(
+        _settings(
+            tmp_path, CAPTIONER_REVIEW_HOST="10.1.2.3", CAPTIONER_REVIEW_USER="ana", CAPTIONER_REVIEW_PASSWORD="pw"
+        )
+    )
     check_bind(_settings(tmp_path))  # loopback by default
     with pytest.raises(ConfigError, match="both CAPTIONER_REVIEW_USER and CAPTIONER_REVIEW_PASSWORD"):
         _settings(tmp_path, CAPTIONER_REVIEW_USER="ana")
@@ -143,8 +162,11 @@ def test_token_and_basic_authentication(job, tmp_path: Path) -> None:
 
 
 def _env(settings: Settings) -> dict[str, str]:
-    return {"CAPTIONER_BROKER_URL": settings.broker_url_str, "CAPTIONER_REDIS_URL": settings.redis_url_str,
-            "CAPTIONER_KEY_PREFIX": settings.key_prefix}  # fmt: skip
+    return {
+        "CAPTIONER_BROKER_URL": settings.broker_url_str,
+        "CAPTIONER_REDIS_URL": settings.redis_url_str,
+        "CAPTIONER_KEY_PREFIX": settings.key_prefix,
+    }
 
 
 def test_edits_need_the_session_csrf_token_and_our_origin(job) -> None:
@@ -210,8 +232,12 @@ def test_captions_and_messages_render_as_text_everywhere(job) -> None:
     with Server(settings) as srv, httpx2.Client(base_url=srv.url) as c:
         h = {"x-csrf-token": _csrf(c)}
         c.post(f"/api/jobs/{JOB}/items/{ids['plain']}/correction", headers=h, json={"text": HOSTILE})
-        for path in (f"/jobs/{JOB}", f"/jobs/{JOB}/items/{ids['hostile']}", f"/jobs/{JOB}/items/{ids['plain']}",
-                     f"/jobs/{JOB}?q=script"):  # fmt: skip
+        for path in (
+            f"/jobs/{JOB}",
+            f"/jobs/{JOB}/items/{ids['hostile']}",
+            f"/jobs/{JOB}/items/{ids['plain']}",
+            f"/jobs/{JOB}?q=script",
+        ):
             page = c.get(path)
             assert page.status_code == 200
             assert "<script>alert" not in page.text and "<img src=x" not in page.text and "<b>corrupt" not in page.text
@@ -267,8 +293,12 @@ def test_models_page_shows_versions_evaluations_over_time_and_their_samples(job,
     (weights / "config.json").write_text("{}")
     old = store.add(weights, {"base_model": "tiny", "metrics": {"wer": 0.9}}, "v-old").version
     new = store.add(weights, {"base_model": "tiny"}, "v-new").version
-    store.record_evaluation(new, "fp", {"wer": 0.5, "bleu4": 0.2}, samples=[
-        {"image": "/d/1.png", "prediction": HOSTILE, "references": ["a red circle"]}])  # fmt: skip
+    store.record_evaluation(
+        new,
+        "fp",
+        {"wer": 0.5, "bleu4": 0.2},
+        samples=[{"image": "/d/1.png", "prediction": HOSTILE, "references": ["a red circle"]}],
+    )
     store.record_evaluation(new, "fp", {"wer": 0.25, "bleu4": 0.4})
     store.promote(new)
     with Server(settings.model_copy(update={"model_store": store.root})) as srv:

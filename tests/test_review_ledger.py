@@ -38,8 +38,9 @@ def _fill(ledger: Ledger, job: str = JOB, n: int = N) -> dict[str, dict[str, str
             caption = f"A Red Circle number {i}" if i % 3 == 0 else f"a blue square number {i}"
             flags = ["truncated"] if i % 7 == 0 else None
             version = "v-new" if i % 2 else "v-old"
-            rows.append(ItemResult(id=iid, ref=ref, status=ItemStatus.OK, caption=caption, model_version=version,
-                                   flags=flags))  # fmt: skip
+            rows.append(
+                ItemResult(id=iid, ref=ref, status=ItemStatus.OK, caption=caption, model_version=version, flags=flags)
+            )
             kinds["ok"][iid] = ref
     ledger.record(job, rows)
     return kinds

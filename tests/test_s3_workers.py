@@ -37,17 +37,34 @@ def test_two_workers_without_local_roots_caption_a_prefix_and_export_to_s3(
     fs.pipe(f"{bucket}/secret/x.png", images[0])  # in the bucket, outside the allowed prefixes
     queue = f"captions-s3-{uuid.uuid4().hex[:6]}"
     roots = f"s3://{bucket}/in,s3://{bucket}/shards"  # no local root at all
-    env = {**worker_env, **s3.env, "CAPTIONER_CAPTION_QUEUE": queue, "CAPTIONER_INTERACTIVE_QUEUE": f"{queue}-now",
-           "CAPTIONER_ALLOWED_ROOTS": roots, "CAPTIONER_CONCURRENCY": "2"}  # fmt: skip
+    env = {
+        **worker_env,
+        **s3.env,
+        "CAPTIONER_CAPTION_QUEUE": queue,
+        "CAPTIONER_INTERACTIVE_QUEUE": f"{queue}-now",
+        "CAPTIONER_ALLOWED_ROOTS": roots,
+        "CAPTIONER_CONCURRENCY": "2",
+    }
     logs = [tmp_path / f"w{i}.log" for i in range(2)]
     workers = [WorkerProcess(env, log=log).start() for log in logs]
     try:
         for w in workers:
             w.wait_ready()
         runner = CliRunner()
-        result = runner.invoke(cli, ["enqueue", f"s3://{bucket}/in/", f"s3://{bucket}/shards/s-000.tar",
-                                     f"s3://{bucket}/secret/x.png", "--chunk-size", "2", "--wait", "--json"],
-                               env=env)  # fmt: skip
+        result = runner.invoke(
+            cli,
+            [
+                "enqueue",
+                f"s3://{bucket}/in/",
+                f"s3://{bucket}/shards/s-000.tar",
+                f"s3://{bucket}/secret/x.png",
+                "--chunk-size",
+                "2",
+                "--wait",
+                "--json",
+            ],
+            env=env,
+        )
         assert result.exit_code == 0, result.output
         job_id = json.loads(result.output.strip().splitlines()[-1])["job"]["id"]
         out = f"s3://{bucket}/out/{job_id}.jsonl"

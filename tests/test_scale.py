@@ -29,9 +29,14 @@ def test_enqueue_waits_while_the_queue_is_full_and_goes_on_as_it_drains(
     stderr = tmp_path / "stderr.txt"
     argv = [sys.executable, "-m", "cli.main", "enqueue", str(urls), "--chunk-size", "1", "--job-id", "full"]
     with LocalRedis() as server, stderr.open("wb") as err:
-        own = {**worker_env, "CAPTIONER_BROKER_URL": server.url(0), "CAPTIONER_RESULT_BACKEND": server.url(0),
-               "CAPTIONER_REDIS_URL": server.url(1), "CAPTIONER_CAPTION_QUEUE": queue,
-               "CAPTIONER_MAX_QUEUED_CHUNKS": "20"}  # fmt: skip
+        own = {
+            **worker_env,
+            "CAPTIONER_BROKER_URL": server.url(0),
+            "CAPTIONER_RESULT_BACKEND": server.url(0),
+            "CAPTIONER_REDIS_URL": server.url(1),
+            "CAPTIONER_CAPTION_QUEUE": queue,
+            "CAPTIONER_MAX_QUEUED_CHUNKS": "20",
+        }
         broker = redis.Redis.from_url(server.url(0))
         proc = subprocess.Popen(argv, env={**os.environ, **own}, stdout=subprocess.PIPE, stderr=err)
 
@@ -113,8 +118,11 @@ def test_duplicate_images_in_flight_are_captioned_once(settings, session_root: P
             shutil.copyfile(src, copies[-1])
     items = [(f"{i:016x}", Source(path=p)) for i, p in enumerate(originals + copies)]
     engine = EngineConfig(model=str(tiny_model), device="cpu", dtype="float32")
-    service = CaptionService(settings.model_copy(update={"reuse_captions": True}), reuse=ledger_from_settings(settings),
-                             engine_factory=lambda: CaptionEngine.load(engine))  # fmt: skip
+    service = CaptionService(
+        settings.model_copy(update={"reuse_captions": True}),
+        reuse=ledger_from_settings(settings),
+        engine_factory=lambda: CaptionEngine.load(engine),
+    )
     try:
         rows = service.caption_items(items, GenParams(max_length=12))
         ran = service.batcher.stats.items
@@ -135,8 +143,12 @@ def test_enqueueing_subscribes_to_no_result_channel(worker_env: dict[str, str]) 
     from producer.local import LocalRedis
 
     with LocalRedis() as server:
-        env = {**worker_env, "CAPTIONER_BROKER_URL": server.url(0), "CAPTIONER_RESULT_BACKEND": server.url(0),
-               "CAPTIONER_REDIS_URL": server.url(1)}  # fmt: skip
+        env = {
+            **worker_env,
+            "CAPTIONER_BROKER_URL": server.url(0),
+            "CAPTIONER_RESULT_BACKEND": server.url(0),
+            "CAPTIONER_REDIS_URL": server.url(1),
+        }
         client = JobClient(settings_from(env))
         refs = [f"https://images.example.org/s/{i:05d}.jpg" for i in range(300)]
         report = client.enqueue(refs, job_id="quiet", chunk_size=10)

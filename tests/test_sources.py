@@ -88,8 +88,9 @@ def test_sniff_takes_images_without_an_image_extension(tmp_path: Path) -> None:
     (tmp_path / "notes").write_text("not an image")
     (tmp_path / "a.png").write_bytes(b"named like one: taken either way, and fails later as decode_error")
     assert list(expand(str(tmp_path))) == [str(tmp_path / "a.png")]
-    assert list(expand(str(tmp_path), sniff=True)) == [str(tmp_path / n) for n in
-                                                      ("IMG_0001", "a.png", "anim", "photo.jpg_large")]  # fmt: skip
+    assert list(expand(str(tmp_path), sniff=True)) == [
+        str(tmp_path / n) for n in ("IMG_0001", "a.png", "anim", "photo.jpg_large")
+    ]
 
 
 @pytest.mark.parametrize("name", ["l.txt", "l.csv", "l.jsonl"])
@@ -106,9 +107,13 @@ def test_a_byte_order_mark_is_not_part_of_the_first_reference(tmp_path: Path, na
 
 @pytest.mark.parametrize(
     ("column", "kind"),
-    [(pa.array([1, 2]), "int64"), (pa.array([{"p": "a.jpg"}, {"p": "b.jpg"}]), "struct"),
-     (pa.array([1.5, 2.5]), "double"), (pa.array([["a.jpg"], ["b.jpg"]]), "list")],
-)  # fmt: skip
+    [
+        (pa.array([1, 2]), "int64"),
+        (pa.array([{"p": "a.jpg"}, {"p": "b.jpg"}]), "struct"),
+        (pa.array([1.5, 2.5]), "double"),
+        (pa.array([["a.jpg"], ["b.jpg"]]), "list"),
+    ],
+)
 def test_a_parquet_column_that_is_not_text_is_one_line(tmp_path: Path, column: pa.Array, kind: str) -> None:
     pq.write_table(pa.table({"url": column}), tmp_path / "l.parquet")
     with pytest.raises(SourceError, match=rf"column 'url' holds {kind}.*, not text"):
@@ -116,8 +121,10 @@ def test_a_parquet_column_that_is_not_text_is_one_line(tmp_path: Path, column: p
 
 
 def test_parquet_text_columns_of_every_arrow_kind_are_read(tmp_path: Path) -> None:
-    for kind, column in [("large", pa.array(["a.jpg"], pa.large_string())),
-                         ("dictionary", pa.array(["a.jpg"]).dictionary_encode())]:  # fmt: skip
+    for kind, column in [
+        ("large", pa.array(["a.jpg"], pa.large_string())),
+        ("dictionary", pa.array(["a.jpg"]).dictionary_encode()),
+    ]:
         pq.write_table(pa.table({"url": column}), tmp_path / f"{kind}.parquet")
         assert list(expand(str(tmp_path / f"{kind}.parquet"))) == [str(tmp_path / "a.jpg")], kind
 
@@ -136,5 +143,7 @@ def test_a_list_line_holding_a_nul_is_kept_for_the_worker_to_name(tmp_path: Path
     (tmp_path / "sub").mkdir()
     (tmp_path / "l.txt").write_bytes(b"a.jpg\nsub/../bad\x00name.jpg\nb.jpg\n")
     assert list(expand(str(tmp_path / "l.txt"))) == [
-        str(tmp_path / "a.jpg"), f"{tmp_path}/bad\x00name.jpg", str(tmp_path / "b.jpg"),
-    ]  # fmt: skip
+        str(tmp_path / "a.jpg"),
+        f"{tmp_path}/bad\x00name.jpg",
+        str(tmp_path / "b.jpg"),
+    ]

@@ -52,8 +52,11 @@ def test_a_caption_worker_that_cannot_work_refuses_to_start_in_one_line(
     }
     try:
         for case, worker in workers.items():
-            wait_for(lambda w=worker: w.proc.poll() is not None or b" ready." in w.log_path.read_bytes(), 180,
-                     f"the worker with {case} to exit or to start serving")  # fmt: skip
+            wait_for(
+                lambda w=worker: w.proc.poll() is not None or b" ready." in w.log_path.read_bytes(),
+                180,
+                f"the worker with {case} to exit or to start serving",
+            )
         codes = {case: worker.proc.poll() for case, worker in workers.items()}
     finally:
         for worker in workers.values():
@@ -70,11 +73,22 @@ def test_the_parts_that_know_no_queues_import_neither_celery_nor_redis() -> None
     """The engine, image loading, the batcher and the service are plain Python; common/ is shared by every program
     and only its ledger and connection helpers may talk to Redis (and none of it to Celery)."""
     shared = sorted(
-        f"common.{p.stem}" for p in (ROOT / "common").glob("*.py")
+        f"common.{p.stem}"
+        for p in (ROOT / "common").glob("*.py")
         if p.stem != "__init__" and not p.stem.startswith(("ledger", "connections"))
-    )  # fmt: skip
-    plain = [*shared, "media.images", "model.flags", "worker.batcher", "model.preprocess", "model.fastgen",
-             "model.engine", "model.endpoint", "model.families", "worker.service"]  # fmt: skip
+    )
+    plain = [
+        *shared,
+        "media.images",
+        "model.flags",
+        "worker.batcher",
+        "model.preprocess",
+        "model.fastgen",
+        "model.engine",
+        "model.endpoint",
+        "model.families",
+        "worker.service",
+    ]
     assert {"common.messages", "common.settings", "common.errors", "common.store"} <= set(plain)
     code = (
         "import importlib, json, sys\n"

@@ -100,9 +100,15 @@ def split(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Example], list
 
 def _config(base: Path, lora: bool, **over: object) -> TrainConfig:
     steps = STEPS[lora]
-    opts: dict[str, object] = {**FAST, "learning_rate": 1e-2 if lora else 3e-3, "max_steps": steps,
-                               "eval_steps": steps, "save_steps": steps, "lora_r": 16 if lora else 0,
-                               "lora_alpha": 32}  # fmt: skip
+    opts: dict[str, object] = {
+        **FAST,
+        "learning_rate": 1e-2 if lora else 3e-3,
+        "max_steps": steps,
+        "eval_steps": steps,
+        "save_steps": steps,
+        "lora_r": 16 if lora else 0,
+        "lora_alpha": 32,
+    }
     return TrainConfig(base_model=str(base), **{**opts, **over})  # type: ignore[arg-type]
 
 
@@ -178,8 +184,13 @@ def test_a_lora_chat_run_resumes_where_it_stopped(
     first = train(_config(bases["llava"], True, **cfg, max_steps=10), train_set, eval_set, tmp_path / "resumed")
     assert first.steps == 10
     events: list[dict] = []
-    again = train(_config(bases["llava"], True, **cfg, max_steps=20), train_set, eval_set, tmp_path / "resumed",
-                  on_progress=events.append)  # fmt: skip
+    again = train(
+        _config(bases["llava"], True, **cfg, max_steps=20),
+        train_set,
+        eval_set,
+        tmp_path / "resumed",
+        on_progress=events.append,
+    )
     straight = train(_config(bases["llava"], True, **cfg, max_steps=20), train_set, eval_set, tmp_path / "straight")
     assert min(e["step"] for e in events) > 10, "the resumed run started over"
     assert again.history[-1]["metrics"] == pytest.approx(straight.history[-1]["metrics"])
@@ -198,8 +209,16 @@ def test_a_family_trains_on_the_training_queue_into_the_model_store(
     make_shapes(data, 40, seed=3, size=32)
     ledger = RedisLedger(redis_client(redis_url(LEDGER_DB)), f"t-{uuid.uuid4().hex[:6]}")
     settings = settings_from({**worker_env, "CAPTIONER_MODEL_STORE": str(tmp_path / "store")})
-    config = {"base_model": str(bases["florence-2"]), "max_steps": 6, "eval_steps": 3, "save_steps": 3,
-              "batch_size": 8, "max_length": 12, "lora_r": 4, "device": "cpu"}  # fmt: skip
+    config = {
+        "base_model": str(bases["florence-2"]),
+        "max_steps": 6,
+        "eval_steps": 3,
+        "save_steps": 3,
+        "batch_size": 8,
+        "max_length": 12,
+        "lora_r": 4,
+        "device": "cpu",
+    }
     req = TrainRequest(job_id=f"train-florence-{uuid.uuid4().hex[:6]}", dataset=str(data), config=config)
     open_train_job(ledger, req)
     summary = run_train(settings, ledger, req)

@@ -241,7 +241,8 @@ def test_datasets_save_to_disk_parquet_and_imagefolder_load_for_real(
         assert all(Path(ex.image).is_relative_to(tmp_path / "cache") for ex in examples)
     folder = load_examples(str(tmp_path / "folder-saved"))
     assert sorted((Path(ex.image).read_bytes(), ex.captions) for ex in folder) == sorted(
-        (p.read_bytes(), [c]) for p, c in rows)  # fmt: skip
+        (p.read_bytes(), [c]) for p, c in rows
+    )
     with pytest.raises(ConfigError, match="no text column 'alt'"):
         load_examples(str(tmp_path / "set.parquet"), text_column="alt")
     for spec in (tmp_path / "saved", tmp_path / "set.parquet"):
@@ -320,10 +321,16 @@ def test_two_accumulated_batches_of_4_give_the_gradients_of_one_batch_of_8(tiny_
 
     engine = CaptionEngine.load(EngineConfig(model=str(tiny_dir), device="cpu", dtype="float32"))
     model = engine.model.eval()  # no dropout: both runs must see the same function
-    captions = ["a dot", "a red dot", "a circle", "a blue one",
-                "a red circle on the left of a white background", "a blue square at the top of a gray background",
-                "a green triangle at the bottom of a black background",
-                "an orange diamond in the middle of a gray background"]  # fmt: skip
+    captions = [
+        "a dot",
+        "a red dot",
+        "a circle",
+        "a blue one",
+        "a red circle on the left of a white background",
+        "a blue square at the top of a gray background",
+        "a green triangle at the bottom of a black background",
+        "an orange diamond in the middle of a gray background",
+    ]
     enc = encode_captions(engine.processor.tokenizer, captions, 32)
     size = model.config.vision_config.image_size
     inputs = {**enc, "pixel_values": torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(0))}
@@ -331,8 +338,10 @@ def test_two_accumulated_batches_of_4_give_the_gradients_of_one_batch_of_8(tiny_
 
     def gradients(parts: list[slice]) -> dict[str, torch.Tensor]:
         model.zero_grad(set_to_none=True)
-        batches = [MicroBatch({k: v[part] for k, v in inputs.items()}, int((enc["labels"][part, 1:] != -100).sum()))
-                   for part in parts]  # fmt: skip
+        batches = [
+            MicroBatch({k: v[part] for k, v in inputs.items()}, int((enc["labels"][part, 1:] != -100).sum()))
+            for part in parts
+        ]
         loss = accumulate(acc, CaptionLoss(model), batches)
         assert loss == pytest.approx(caption_loss(model, **inputs).item(), rel=1e-5)
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -462,8 +471,15 @@ def test_lora_adapters_learn_and_the_version_is_a_plain_full_model(
     """LoRA (peft): only the adapters train, checkpoints hold them alone (safetensors), and the final model has
     them merged in: a plain GIT the caption engine loads, with no LoRA layer and the untargeted weights as before."""
     train_set, eval_set = shapes_split
-    cfg = TrainConfig(**{**FAST, "learning_rate": 1e-2, "log_steps": 5}, base_model=str(tiny_dir), max_steps=40,
-                      eval_steps=40, save_steps=40, lora_r=8, lora_alpha=16)  # fmt: skip
+    cfg = TrainConfig(
+        **{**FAST, "learning_rate": 1e-2, "log_steps": 5},
+        base_model=str(tiny_dir),
+        max_steps=40,
+        eval_steps=40,
+        save_steps=40,
+        lora_r=8,
+        lora_alpha=16,
+    )
     events: list[dict] = []
     result = train(cfg, train_set[:128], eval_set[:8], tmp_path, on_progress=events.append)
     losses = [e["loss"] for e in events if e["kind"] == "train"]
@@ -481,10 +497,12 @@ def test_lora_adapters_learn_and_the_version_is_a_plain_full_model(
     base, tuned = _weights(tiny_dir), _weights(final)
     assert base.keys() == tuned.keys()
     changed = {k for k in base if not torch.equal(base[k], tuned[k])}
-    assert changed and all(k.endswith(("query.weight", "value.weight", "q_proj.weight", "v_proj.weight"))
-                           for k in changed), sorted(changed)[:5]  # fmt: skip
-    assert engine.caption([load_image(Source(path=eval_set[0].image), local_image_policy(eval_set))],
-                          GenParams(max_length=8))  # fmt: skip
+    assert changed and all(
+        k.endswith(("query.weight", "value.weight", "q_proj.weight", "v_proj.weight")) for k in changed
+    ), sorted(changed)[:5]
+    assert engine.caption(
+        [load_image(Source(path=eval_set[0].image), local_image_policy(eval_set))], GenParams(max_length=8)
+    )
 
 
 def test_tensorboard_event_files_hold_loss_lr_metrics_and_samples(
@@ -493,8 +511,14 @@ def test_tensorboard_event_files_hold_loss_lr_metrics_and_samples(
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     train_set, eval_set = shapes_split
-    cfg = TrainConfig(**{**FAST, "log_steps": 2}, base_model=str(tiny_dir), max_steps=4, eval_steps=2, save_steps=2,
-                      report_to="tensorboard")  # fmt: skip
+    cfg = TrainConfig(
+        **{**FAST, "log_steps": 2},
+        base_model=str(tiny_dir),
+        max_steps=4,
+        eval_steps=2,
+        save_steps=2,
+        report_to="tensorboard",
+    )
     events: list[dict] = []
     train(cfg, train_set[:32], eval_set[:4], tmp_path, on_progress=events.append)
     assert {e["tensorboard"] for e in events} == {str(tmp_path / "tensorboard")}
@@ -576,18 +600,35 @@ def test_a_run_stopped_under_two_processes_resumes_in_one(
     opts = {**FAST, "batch_size": 4, "log_steps": 1, "eval_steps": 1000, "save_steps": 1000}
     cfg = TrainConfig(**opts, base_model=str(tiny_dir), max_steps=2000)  # stopped long before its end
     seen: list[dict] = []
-    first = run(cfg, train_set, eval_set, tmp_path, processes=2, on_progress=seen.append,
-                should_stop=lambda: any(e["kind"] == "train" for e in seen), lost=lambda: False, image_policy=policy,
-                torch_threads=1)  # fmt: skip
+    first = run(
+        cfg,
+        train_set,
+        eval_set,
+        tmp_path,
+        processes=2,
+        on_progress=seen.append,
+        should_stop=lambda: any(e["kind"] == "train" for e in seen),
+        lost=lambda: False,
+        image_policy=policy,
+        torch_threads=1,
+    )
     assert first.status == TrainStatus.CANCELLED and 1 <= first.steps < 1000
     end = first.steps + 6
     stopped = tmp_path / CHECKPOINTS / f"step-{first.steps}"
     assert json.loads((stopped / STATE_FILE).read_text())["processes"] == 2
     events: list[dict] = []
     with caplog.at_level(logging.WARNING, logger="training.checkpoints"):
-        done = run(TrainConfig(**opts, base_model=str(tiny_dir), max_steps=end), train_set, eval_set, tmp_path,
-                   processes=1, on_progress=events.append, should_stop=lambda: False, lost=lambda: False,
-                   image_policy=policy)  # fmt: skip
+        done = run(
+            TrainConfig(**opts, base_model=str(tiny_dir), max_steps=end),
+            train_set,
+            eval_set,
+            tmp_path,
+            processes=1,
+            on_progress=events.append,
+            should_stop=lambda: False,
+            lost=lambda: False,
+            image_policy=policy,
+        )
     assert done.status == TrainStatus.COMPLETED and done.steps == end and done.final_dir is not None
     assert [e["step"] for e in events if e["kind"] == "train"] == list(range(first.steps + 1, end + 1))
     assert "processes 2 -> 1" in caplog.text
@@ -627,7 +668,12 @@ def test_recipe_defaults_are_pinned() -> None:
     """The HF captioning guide's recipe, which the issue asks to keep as the defaults."""
     cfg = TrainConfig()
     assert (cfg.base_model, cfg.learning_rate, cfg.epochs, cfg.batch_size, cfg.grad_accum) == (
-        "microsoft/git-base", 5e-5, 50, 32, 2)  # fmt: skip
+        "microsoft/git-base",
+        5e-5,
+        50,
+        32,
+        2,
+    )
     assert (cfg.eval_steps, cfg.save_steps, cfg.save_total_limit, cfg.load_best_at_end) == (50, 50, 3, True)
     assert (cfg.test_fraction, cfg.mixed_precision, cfg.max_length, cfg.metric_for_best) == (0.1, "auto", 50, "wer")
 
@@ -686,8 +732,12 @@ def test_set_overrides_are_typed_and_checked() -> None:
     assert parse_override("max_steps=none") == ("max_steps", None)
     assert parse_override("mixed_precision=bf16") == ("mixed_precision", "bf16")
     assert parse_override("learning_rate=3e-3") == ("learning_rate", 3e-3)
-    for item, match in (("grad_accum=two", "must be an integer"), ("nope=1", "no such training option"),
-                        ("seed", "KEY=VALUE"), ("eval_on_start=maybe", "true or false")):  # fmt: skip
+    for item, match in (
+        ("grad_accum=two", "must be an integer"),
+        ("nope=1", "no such training option"),
+        ("seed", "KEY=VALUE"),
+        ("eval_on_start=maybe", "true or false"),
+    ):
         with pytest.raises(ConfigError, match=match):
             parse_override(item)
 
@@ -715,8 +765,10 @@ def test_exported_metadata_feeds_training(
     refs = [str(images / n) for n in names]
     ledger.open_job("job-meta", "meta", GenParams())
     ledger.add_items("job-meta", [(item_id(r), r) for r in refs])
-    ledger.record("job-meta", [ItemResult(id=item_id(r), ref=r, status=ItemStatus.OK, caption=f"caption {i}")
-                               for i, r in enumerate(refs)])  # fmt: skip
+    ledger.record(
+        "job-meta",
+        [ItemResult(id=item_id(r), ref=r, status=ItemStatus.OK, caption=f"caption {i}") for i, r in enumerate(refs)],
+    )
     folder = images if where == "beside the images" else tmp_path / "export"
     folder.mkdir(exist_ok=True)
     env = {"CAPTIONER_BROKER_URL": redis_url(LEDGER_DB), "CAPTIONER_KEY_PREFIX": "captioner-test-export"}
@@ -742,7 +794,9 @@ def test_a_word_vocabulary_git_knows_every_caption_word_and_reloads(tmp_path: Pa
     ids = tokenizer(caption)["input_ids"]
     assert tokenizer.unk_token_id not in ids and len(ids) == len(caption.split()) + 2  # one token a word
     assert tokenizer.decode(ids, skip_special_tokens=True) == caption
-    image = load_image(Source(path=make_shapes(tmp_path / "img", 1, size=48)[0][0].as_posix()),
-                       local_image_policy([Example(str(tmp_path / "img" / "000000.png"), ["x"])]))  # fmt: skip
+    image = load_image(
+        Source(path=make_shapes(tmp_path / "img", 1, size=48)[0][0].as_posix()),
+        local_image_policy([Example(str(tmp_path / "img" / "000000.png"), ["x"])]),
+    )
     [out] = engine.caption([image], GenParams(max_length=8))
     assert set(out.split()) <= set(vocabulary())

@@ -100,10 +100,23 @@ def test_a_runner_whose_lock_is_taken_stops_without_a_version(
     data = session_root / f"lost-{uuid.uuid4().hex[:6]}"
     make_shapes(data, 24, seed=8, size=32)
     base = build_tiny_git(tmp_path / "base", seed=0)
-    settings = settings_from({**worker_env, "CAPTIONER_MODEL_STORE": str(tmp_path / "store"),
-                              "CAPTIONER_TRAIN_LOCK_TTL_S": str(TTL_S), "CAPTIONER_TORCH_THREADS": "1"})  # fmt: skip
-    config = {"base_model": str(base), "max_steps": 5000, "eval_steps": 1000, "save_steps": 1000, "batch_size": 4,
-              "log_steps": 1, "max_length": 8}  # fmt: skip
+    settings = settings_from(
+        {
+            **worker_env,
+            "CAPTIONER_MODEL_STORE": str(tmp_path / "store"),
+            "CAPTIONER_TRAIN_LOCK_TTL_S": str(TTL_S),
+            "CAPTIONER_TORCH_THREADS": "1",
+        }
+    )
+    config = {
+        "base_model": str(base),
+        "max_steps": 5000,
+        "eval_steps": 1000,
+        "save_steps": 1000,
+        "batch_size": 4,
+        "log_steps": 1,
+        "max_length": 8,
+    }
     req = TrainRequest(job_id="train-lost", dataset=str(data), config=config)
     open_train_job(ledger, req)
     key = f"{ledger.prefix}:job:train-lost:lock"
@@ -151,9 +164,13 @@ def test_orphans_are_crashed_or_never_started_jobs_only(ledger: RedisLedger) -> 
 
 @pytest.fixture
 def cli_env(server: LocalRedis, tmp_path: Path) -> dict[str, str]:
-    return {"CAPTIONER_BROKER_URL": server.url(0), "CAPTIONER_REDIS_URL": server.url(1),
-            "CAPTIONER_KEY_PREFIX": f"t-{uuid.uuid4().hex[:6]}", "CAPTIONER_MODEL_STORE": str(tmp_path / "store"),
-            "CAPTIONER_TRAINING_QUEUE": f"nobody-{uuid.uuid4().hex[:6]}"}  # fmt: skip
+    return {
+        "CAPTIONER_BROKER_URL": server.url(0),
+        "CAPTIONER_REDIS_URL": server.url(1),
+        "CAPTIONER_KEY_PREFIX": f"t-{uuid.uuid4().hex[:6]}",
+        "CAPTIONER_MODEL_STORE": str(tmp_path / "store"),
+        "CAPTIONER_TRAINING_QUEUE": f"nobody-{uuid.uuid4().hex[:6]}",
+    }
 
 
 @pytest.mark.parametrize(
@@ -180,8 +197,9 @@ def test_a_bad_training_config_is_one_line_and_sends_nothing(
 def test_status_shows_missing_numbers_as_dashes(cli_env: dict[str, str]) -> None:
     client = JobClient(settings_from(cli_env))
     open_train_job(client.ledger, TrainRequest(job_id="train-new", dataset="/d", config={}))
-    client.ledger.set_fields("train-new", progress={"step": 0, "total_steps": 10, "loss": None, "eta_s": None,
-                                                    "epoch": 0.0, "metrics": None})  # fmt: skip
+    client.ledger.set_fields(
+        "train-new", progress={"step": 0, "total_steps": 10, "loss": None, "eta_s": None, "epoch": 0.0, "metrics": None}
+    )
     client.close()
     out = _cli(cli_env, "status", "train-new")
     assert out.exit_code == 0, out.output
@@ -207,8 +225,9 @@ def test_a_training_worker_that_cannot_store_versions_does_not_start(
     else:
         (tmp_path / "a-file").write_text("x")
         env["CAPTIONER_MODEL_STORE"] = str(tmp_path / "a-file" / "store")
-    proc = subprocess.run([sys.executable, "-m", "cli.main", "worker", "--training"], env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli.main", "worker", "--training"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 1, proc.stderr
     [line] = proc.stderr.strip().splitlines()
     assert "CAPTIONER_MODEL_STORE" in line and "Traceback" not in proc.stderr
@@ -223,8 +242,18 @@ def test_a_plain_celery_training_worker_without_a_store_exits_at_start(cli_env: 
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_")} | cli_env
     del env["CAPTIONER_MODEL_STORE"]
-    argv = [sys.executable, "-m", "celery", "-A", "training.celery_app", "worker", "--pool=threads",
-            f"--queues={cli_env['CAPTIONER_TRAINING_QUEUE']}", "--without-mingle", "--without-gossip"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "training.celery_app",
+        "worker",
+        "--pool=threads",
+        f"--queues={cli_env['CAPTIONER_TRAINING_QUEUE']}",
+        "--without-mingle",
+        "--without-gossip",
+    ]
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     critical = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "CRITICAL" in ln]
@@ -275,25 +304,65 @@ def run(
     champion = store.add(base.path, {"metrics": {"wer": 0.0}, "eval_fingerprint": eval_fp}, "champion")
     store.promote(champion.version)
     port = free_port()
-    env = {**worker_env, "CAPTIONER_BROKER_URL": server.url(2), "CAPTIONER_RESULT_BACKEND": server.url(2),
-           "CAPTIONER_REDIS_URL": server.url(3), "CAPTIONER_MODEL_STORE": str(store.root),
-           "CAPTIONER_TRAIN_LOCK_TTL_S": str(TTL_S), "CAPTIONER_METRICS_PORT": str(port),
-           "CAPTIONER_METRICS_ADDR": "127.0.0.1"}  # fmt: skip
+    env = {
+        **worker_env,
+        "CAPTIONER_BROKER_URL": server.url(2),
+        "CAPTIONER_RESULT_BACKEND": server.url(2),
+        "CAPTIONER_REDIS_URL": server.url(3),
+        "CAPTIONER_MODEL_STORE": str(store.root),
+        "CAPTIONER_TRAIN_LOCK_TTL_S": str(TTL_S),
+        "CAPTIONER_METRICS_PORT": str(port),
+        "CAPTIONER_METRICS_ADDR": "127.0.0.1",
+    }
     out: dict[str, Any] = {"env": env, "store": store, "data": data, "statuses": [], "scrapes": []}
     scans = _scan_counter(port)
     with WorkerProcess(env, training=True, log=tmp / "train.log") as proc:
         proc.wait_ready()
         client = JobClient(settings_from(env))
         # H holds the worker until F has waited in the queue past its grace and the orphan scan has seen it there.
-        hold = {"base_model": str(base.path), "max_steps": 1_000_000, "eval_steps": 1_000_000, "batch_size": 4,
-                "save_steps": 1_000_000, "max_length": 8, "log_steps": 1}  # fmt: skip
+        hold = {
+            "base_model": str(base.path),
+            "max_steps": 1_000_000,
+            "eval_steps": 1_000_000,
+            "batch_size": 4,
+            "save_steps": 1_000_000,
+            "max_length": 8,
+            "log_steps": 1,
+        }
         client.submit_training(TrainRequest(job_id="train-h", dataset=str(data), config=hold))
         wait_for(lambda: (client.status("train-h").extra.get("progress") or {}).get("step", 0) >= 1, 120, "H to run")
-        submit = _cli(env, "train", str(data), "--job-id", "train-a", "--base-model", str(base.path),
-                      "--max-steps", "200", "--eval-steps", "20", "--batch-size", "8", "--learning-rate", "3e-3",
-                      "--set", "save_steps=20", "--set", "grad_accum=1", "--set", "lr_scheduler=constant",
-                      "--set", "max_length=12", "--set", "eval_max_samples=8", "--set", "log_steps=5",
-                      "--promote", "--require-no-worse", "wer")  # fmt: skip
+        submit = _cli(
+            env,
+            "train",
+            str(data),
+            "--job-id",
+            "train-a",
+            "--base-model",
+            str(base.path),
+            "--max-steps",
+            "200",
+            "--eval-steps",
+            "20",
+            "--batch-size",
+            "8",
+            "--learning-rate",
+            "3e-3",
+            "--set",
+            "save_steps=20",
+            "--set",
+            "grad_accum=1",
+            "--set",
+            "lr_scheduler=constant",
+            "--set",
+            "max_length=12",
+            "--set",
+            "eval_max_samples=8",
+            "--set",
+            "log_steps=5",
+            "--promote",
+            "--require-no-worse",
+            "wer",
+        )
         assert submit.exit_code == 0, submit.output
         client.submit_training(TrainRequest(job_id="train-f", dataset=str(tmp / "gone"), config={}))
         # Queued behind H, A and F: the user gives up after a second, and the evaluation is withdrawn.
@@ -317,8 +386,9 @@ def run(
         wait_for(lambda: scans() >= seen + 4, 60, "four orphan scans after F failed: four chances to re-send it")
         # A base model that does not load: the job ends failed with the reason, and train --wait says it.
         (tmp / "not-a-model").mkdir()
-        out["bad_base"] = _cli(env, "train", str(data), "--job-id", "train-b", "--base-model",
-                               str(tmp / "not-a-model"), "--wait")  # fmt: skip
+        out["bad_base"] = _cli(
+            env, "train", str(data), "--job-id", "train-b", "--base-model", str(tmp / "not-a-model"), "--wait"
+        )
         out["final_scrape"] = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         out["a"], out["f"], out["h"] = client.status("train-a"), client.status("train-f"), client.status("train-h")
         out["orphans"] = orphaned_train_jobs(client.ledger, grace_s=0)
@@ -437,7 +507,7 @@ def test_push_to_hub_writes_a_model_card_first(cli_env: dict[str, str], tmp_path
         "params": {"learning_rate": 0.003, "lora_r": 8, "batch_size": 16},
         "metrics": {"wer": 0.125, "bleu4": 61.5},
     }
-    store.add(model, meta, "v1")  # fmt: skip
+    store.add(model, meta, "v1")
     out = _cli({**cli_env, "HF_HUB_OFFLINE": "1"}, "promote", "v1", "--push-to-hub", "org/shapes-captioner")
     assert out.exit_code == 1 and "could not push v1 to org/shapes-captioner" in out.stderr
     assert store.current() is None
@@ -490,13 +560,41 @@ def test_training_arguments_names_reach_the_job_as_ours(cli_env: dict[str, str],
 
     data = session_root / f"hf-{uuid.uuid4().hex[:6]}"
     make_shapes(data, 2, seed=1, size=32)
-    out = _cli(cli_env, "train", str(data), "--per-device-train-batch-size", "4", "--num-train-epochs", "3",
-               "--set", "gradient_accumulation_steps=2", "--set", "lr_scheduler_type=cosine",
-               "--set", "warmup_ratio=0.1", "--set", "bf16=true", "--set", "load_best_model_at_end=false",
-               "--set", "metric_for_best_model=cer", "--set", "logging_steps=7", "--json")  # fmt: skip
+    out = _cli(
+        cli_env,
+        "train",
+        str(data),
+        "--per-device-train-batch-size",
+        "4",
+        "--num-train-epochs",
+        "3",
+        "--set",
+        "gradient_accumulation_steps=2",
+        "--set",
+        "lr_scheduler_type=cosine",
+        "--set",
+        "warmup_ratio=0.1",
+        "--set",
+        "bf16=true",
+        "--set",
+        "load_best_model_at_end=false",
+        "--set",
+        "metric_for_best_model=cer",
+        "--set",
+        "logging_steps=7",
+        "--json",
+    )
     assert out.exit_code == 0, out.output
     job = json.loads(out.stdout)["job_id"]
     request = JobClient(settings_from(cli_env)).ledger.get_field(job, "request")
-    assert request["config"] == {"batch_size": 4, "epochs": 3, "grad_accum": 2, "lr_scheduler": "cosine",
-                                 "warmup_ratio": 0.1, "mixed_precision": "bf16", "load_best_at_end": False,
-                                 "metric_for_best": "cer", "log_steps": 7}  # fmt: skip
+    assert request["config"] == {
+        "batch_size": 4,
+        "epochs": 3,
+        "grad_accum": 2,
+        "lr_scheduler": "cosine",
+        "warmup_ratio": 0.1,
+        "mixed_precision": "bf16",
+        "load_best_at_end": False,
+        "metric_for_best": "cer",
+        "log_steps": 7,
+    }

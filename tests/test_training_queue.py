@@ -18,8 +18,16 @@ from producer.local import LocalRedis, WorkerProcess
 from tests.conftest import note_fault, settings_from, shape_files, snapshot, tally
 from tests.test_recovery import wait_for
 
-FAST = {"learning_rate": 3e-3, "lr_scheduler": "constant", "batch_size": 8, "grad_accum": 1, "epochs": 1000,
-        "max_length": 12, "eval_max_samples": 8, "log_steps": 5}  # fmt: skip
+FAST = {
+    "learning_rate": 3e-3,
+    "lr_scheduler": "constant",
+    "batch_size": 8,
+    "grad_accum": 1,
+    "epochs": 1000,
+    "max_length": 12,
+    "eval_max_samples": 8,
+    "log_steps": 5,
+}
 
 
 @pytest.fixture
@@ -27,11 +35,19 @@ def stack(worker_env: dict[str, str], session_root: Path, tmp_path: Path):
     """A redis-server of its own, a model store with the tiny GIT promoted, and the env for workers."""
     with LocalRedis() as server:
         store = ModelStore(tmp_path / "models")
-        env = {**worker_env, "CAPTIONER_BROKER_URL": server.url(0), "CAPTIONER_RESULT_BACKEND": server.url(0),
-               "CAPTIONER_REDIS_URL": server.url(1), "CAPTIONER_MODEL": "@current",
-               "CAPTIONER_MODEL_STORE": str(store.root), "CAPTIONER_MODEL_POLL_S": "0.5",
-               "CAPTIONER_VISIBILITY_TIMEOUT_S": "5", "CAPTIONER_UNACKED_RESTORE_INTERVAL_S": "1",
-               "CAPTIONER_TRAIN_LOCK_TTL_S": "4", "CAPTIONER_TORCH_THREADS": "1"}  # fmt: skip
+        env = {
+            **worker_env,
+            "CAPTIONER_BROKER_URL": server.url(0),
+            "CAPTIONER_RESULT_BACKEND": server.url(0),
+            "CAPTIONER_REDIS_URL": server.url(1),
+            "CAPTIONER_MODEL": "@current",
+            "CAPTIONER_MODEL_STORE": str(store.root),
+            "CAPTIONER_MODEL_POLL_S": "0.5",
+            "CAPTIONER_VISIBILITY_TIMEOUT_S": "5",
+            "CAPTIONER_UNACKED_RESTORE_INTERVAL_S": "1",
+            "CAPTIONER_TRAIN_LOCK_TTL_S": "4",
+            "CAPTIONER_TORCH_THREADS": "1",
+        }
         yield env, store
 
 
@@ -60,9 +76,15 @@ def test_hot_swap_under_load_loses_nothing_and_rows_switch_version(stack, sessio
         rows = list(client.results("job-swap"))
         client.close()
     by_version = {v: sum(r["model_version"] == v for r in rows) for v in ("v-old", "v-new")}
-    figures = tally("model promoted while a job runs (hot swap)", refs, rows, info, before=before,
-                    happened=f"the worker loaded the new version beside the old and switched between batches: "
-                    f"{by_version['v-old']} rows from v-old, then {by_version['v-new']} from v-new")  # fmt: skip
+    figures = tally(
+        "model promoted while a job runs (hot swap)",
+        refs,
+        rows,
+        info,
+        before=before,
+        happened=f"the worker loaded the new version beside the old and switched between batches: "
+        f"{by_version['v-old']} rows from v-old, then {by_version['v-new']} from v-new",
+    )
     assert (figures["lost"], figures["counters_off"], figures["replaced"]) == (0, 0, 0)
     assert (info.state.value, info.ok, info.error) == ("done", len(refs), 0)
     assert {r["model_version"] for r in before.values()} == {"v-old"}
@@ -84,16 +106,22 @@ def test_rollback_reaches_current_workers_and_a_pinned_version_stays(stack, sess
     _tiny(store, tmp_path, 1, "v-b")
     [image] = shape_files(session_root, "rollback", 1, seed=9)
     pinned_queue = f"{settings_from(env).caption_queue}-pinned"
-    pinned_env = {**env, "CAPTIONER_MODEL": "@v-b", "CAPTIONER_CAPTION_QUEUE": pinned_queue,
-                  "CAPTIONER_INTERACTIVE_QUEUE": f"{pinned_queue}-now"}  # fmt: skip
+    pinned_env = {
+        **env,
+        "CAPTIONER_MODEL": "@v-b",
+        "CAPTIONER_CAPTION_QUEUE": pinned_queue,
+        "CAPTIONER_INTERACTIVE_QUEUE": f"{pinned_queue}-now",
+    }
     app = create_app(settings_from(env))
 
     def served(queue: str) -> str:
         return app.send_task(TASK_CAPTION, args=[image], queue=queue).get(timeout=60)["model_version"]
 
     current_queue = settings_from(env).interactive_queue_name
-    with (WorkerProcess(env, log=tmp_path / "current.log") as current,
-          WorkerProcess(pinned_env, log=tmp_path / "pinned.log") as pinned):  # fmt: skip
+    with (
+        WorkerProcess(env, log=tmp_path / "current.log") as current,
+        WorkerProcess(pinned_env, log=tmp_path / "pinned.log") as pinned,
+    ):
         current.wait_ready()
         pinned.wait_ready()
         assert (served(current_queue), served(f"{pinned_queue}-now")) == ("v-a", "v-b")
@@ -163,9 +191,14 @@ def test_killed_training_worker_resumes_from_its_checkpoint_and_finishes_once(
     resumed = [s for s in seen_after if s != seen_after[0]] or seen_after
     assert min(resumed) > saved - 1, f"resumed at {min(resumed)}, before the checkpoint at {saved}"
     versions = [v for v in store.list() if v.meta.get("job_id") == req.job_id]
-    note_fault("training worker killed with SIGKILL mid-run, then a new one",
-               f"the new worker resumed from the step-{saved} checkpoint and ran to step 240; one model version",
-               n=1, ok=int(len(versions) == 1), lost=0, duplicated=len(versions) - 1)  # fmt: skip
+    note_fault(
+        "training worker killed with SIGKILL mid-run, then a new one",
+        f"the new worker resumed from the step-{saved} checkpoint and ran to step 240; one model version",
+        n=1,
+        ok=int(len(versions) == 1),
+        lost=0,
+        duplicated=len(versions) - 1,
+    )
     assert len(versions) == 1, "the job must produce exactly one version"
     assert not list(store.root.rglob("*.bin")) and not list(store.root.rglob("*.pt"))
 
@@ -178,8 +211,9 @@ def test_a_stopped_training_worker_hands_its_job_on_from_the_step_it_reached(
     env, store = stack
     req = _train_request(store, session_root, tmp_path, "train-stop", images=32, seed=7, steps=300, every=300)
     client, first = _submit_to_a_new_worker(env, req, tmp_path)
-    wait_for(lambda: (client.status(req.job_id).extra.get("progress") or {}).get("step", 0) >= 10, 120,
-             "training to start")  # fmt: skip
+    wait_for(
+        lambda: (client.status(req.job_id).extra.get("progress") or {}).get("step", 0) >= 10, 120, "training to start"
+    )
     asked = time.monotonic()
     assert first.terminate(timeout=60) == 0
     stop_s = time.monotonic() - asked
@@ -196,10 +230,15 @@ def test_a_stopped_training_worker_hands_its_job_on_from_the_step_it_reached(
     assert info.state is JobState.DONE and info.extra["result"]["steps"] == 300
     assert f"step-{saved} at step {saved}" in log2  # resumed where the stop left it
     versions = [v for v in store.list() if v.meta.get("job_id") == req.job_id]
-    note_fault("training worker stopped with SIGTERM mid-run, then a new one",
-               f"the run checkpointed at step {saved} and the worker exited in {stop_s:.1f} s; the new worker "
-               "resumed at that step and ran to step 300; one model version",
-               n=1, ok=int(len(versions) == 1), lost=0, duplicated=len(versions) - 1)  # fmt: skip
+    note_fault(
+        "training worker stopped with SIGTERM mid-run, then a new one",
+        f"the run checkpointed at step {saved} and the worker exited in {stop_s:.1f} s; the new worker "
+        "resumed at that step and ran to step 300; one model version",
+        n=1,
+        ok=int(len(versions) == 1),
+        lost=0,
+        duplicated=len(versions) - 1,
+    )
     assert len(versions) == 1
 
 
@@ -207,8 +246,9 @@ def test_training_longer_than_the_visibility_timeout_runs_once(stack, session_ro
     """The run is kept going until twice the visibility timeout (and a restore sweep) have passed, however fast the
     machine, then cancelled: its message was delivered once and the job ran once."""
     env, store = stack
-    req = _train_request(store, session_root, tmp_path, "train-long", images=32, seed=5, steps=1_000_000,
-                         every=1_000_000)  # fmt: skip
+    req = _train_request(
+        store, session_root, tmp_path, "train-long", images=32, seed=5, steps=1_000_000, every=1_000_000
+    )
     settings = settings_from(env)
     client = JobClient(settings)
     with WorkerProcess(env, training=True, log=tmp_path / "t.log") as proc:
@@ -220,15 +260,23 @@ def test_training_longer_than_the_visibility_timeout_runs_once(stack, session_ro
         wait_for(lambda: time.time() > started + outlast, 120, "the run to outlast the visibility timeout")
         assert client.status(req.job_id).state is JobState.RUNNING
         client.cancel(req.job_id)
-        wait_for(lambda: (client.status(req.job_id).extra.get("result") or {}).get("status") == "cancelled", 120,
-                 "the run to stop")  # fmt: skip
+        wait_for(
+            lambda: (client.status(req.job_id).extra.get("result") or {}).get("status") == "cancelled",
+            120,
+            "the run to stop",
+        )
         took = time.time() - started
     client.close()
     log = proc.log_path.read_text()
     runs = len([line for line in log.splitlines() if f"Task {TASK_TRAIN}[" in line and " received" in line])
-    note_fault("a fine-tune longer than the visibility timeout", f"{took:.0f} s against a 5 s timeout: delivered and "
-               f"run {runs} time(s) (early ack, heartbeat lock)", n=1, ok=int(runs == 1), lost=0,
-               duplicated=runs - 1)  # fmt: skip
+    note_fault(
+        "a fine-tune longer than the visibility timeout",
+        f"{took:.0f} s against a 5 s timeout: delivered and run {runs} time(s) (early ack, heartbeat lock)",
+        n=1,
+        ok=int(runs == 1),
+        lost=0,
+        duplicated=runs - 1,
+    )
     assert runs == 1
     assert "already running elsewhere" not in log and "resuming training job" not in log
 
@@ -240,11 +288,20 @@ def test_cancel_stops_training_cleanly_at_a_checkpoint(stack, session_root: Path
     with WorkerProcess(env, training=True, log=tmp_path / "t.log") as proc:
         proc.wait_ready()
         client.submit_training(req)
-        wait_for(lambda: (client.status(req.job_id).extra.get("progress") or {}).get("step", 0) >= 10, 120,
-                 "training to start")  # fmt: skip
+        wait_for(
+            lambda: (client.status(req.job_id).extra.get("progress") or {}).get("step", 0) >= 10,
+            120,
+            "training to start",
+        )
         client.cancel(req.job_id)
-        wait_for(lambda: (client.status(req.job_id).extra.get("result") or {}).get("status") == "cancelled"
-                 and not client.ledger.locked(req.job_id), 120, "the run to record its cancel and let go")  # fmt: skip
+        wait_for(
+            lambda: (
+                (client.status(req.job_id).extra.get("result") or {}).get("status") == "cancelled"
+                and not client.ledger.locked(req.job_id)
+            ),
+            120,
+            "the run to record its cancel and let go",
+        )
         info = client.status(req.job_id)
     client.close()
     assert info.state is JobState.CANCELLED
@@ -278,8 +335,18 @@ def test_a_two_process_run_matches_one_process_survives_a_kill_and_stores_one_ve
     base = store.add(build_tiny_git(tmp_path / "base", seed=0, dropout=0.0), {"base_model": "tiny"}, "base-nodrop")
     data = session_root / f"ddp-{uuid.uuid4().hex[:6]}"
     make_shapes(data, 36, seed=12, size=32)
-    config = {**FAST, "base_model": str(base.path), "batch_size": 4, "max_steps": 120, "eval_steps": 4,
-              "save_steps": 4, "log_steps": 1, "max_length": 8, "eval_max_samples": 4, "num_processes": 2}  # fmt: skip
+    config = {
+        **FAST,
+        "base_model": str(base.path),
+        "batch_size": 4,
+        "max_steps": 120,
+        "eval_steps": 4,
+        "save_steps": 4,
+        "log_steps": 1,
+        "max_length": 8,
+        "eval_max_samples": 4,
+        "num_processes": 2,
+    }
     req = TrainRequest(job_id="train-ddp", dataset=str(data), config=config)
     client, first = _submit_to_a_new_worker(env, req, tmp_path)
     run_dir = store.root / ".runs" / req.job_id

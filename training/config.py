@@ -182,8 +182,9 @@ def canonical_options(data: dict[str, Any]) -> dict[str, Any]:
 
     def put(written: str, key: str, value: Any) -> None:
         if key in out and out[key] != value:
-            raise ConfigError(f"{given_as[key]}={out[key]!r} and {written}={value!r} set the same option ({key}); "
-                              "give one")  # fmt: skip
+            raise ConfigError(
+                f"{given_as[key]}={out[key]!r} and {written}={value!r} set the same option ({key}); give one"
+            )
         out[key], given_as[key] = value, written
 
     for key, value in data.items():

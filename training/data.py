@@ -63,9 +63,12 @@ def load_examples(
         return _load_imagefolder(Path(os.path.abspath(path)), column, text_column)
     if path.is_file() and path.suffix.lower() == ".parquet":
         resolved = str(Path(os.path.abspath(path)))
-        return _load_with_datasets(resolved, column, text_column,
-                                   lambda ds: ds.load_dataset("parquet", data_files=resolved, split="train",
-                                                              streaming=True))  # fmt: skip
+        return _load_with_datasets(
+            resolved,
+            column,
+            text_column,
+            lambda ds: ds.load_dataset("parquet", data_files=resolved, split="train", streaming=True),
+        )
     if path.is_file():
         if path.suffix.lower() not in MANIFEST_SUFFIXES:
             raise SourceError(f"{spec}: a manifest must be .jsonl, .csv or .parquet (image + caption per row)")
@@ -94,8 +97,10 @@ def check_columns(spec: str, *, column: str | None = None, text_column: str | No
         metas = [m for name in METADATA_NAMES for m in sorted(path.rglob(name))]
         if not metas:
             if column or text_column:
-                raise ConfigError(f"{spec} is a folder of images with .txt captions (kohya); it has no columns to "
-                                  "name with --column / --text-column")  # fmt: skip
+                raise ConfigError(
+                    f"{spec} is a folder of images with .txt captions (kohya); it has no columns to "
+                    "name with --column / --text-column"
+                )
             return
         rows = _read_table(metas[0])
         names = list(rows[0]) if rows else []
@@ -143,8 +148,10 @@ def _load_imagefolder(root: Path, column: str | None, text_column: str | None) -
         kohya = _load_kohya(root)
         if kohya:
             return kohya
-        raise SourceError(f"{root} has no {' / '.join(METADATA_NAMES)} (file_name + text columns) and no images "
-                          "with same-stem .txt captions (kohya) to read captions from")  # fmt: skip
+        raise SourceError(
+            f"{root} has no {' / '.join(METADATA_NAMES)} (file_name + text columns) and no images "
+            "with same-stem .txt captions (kohya) to read captions from"
+        )
     examples: list[Example] = []
     for folder in sorted(found):
         rows = _read_table(found[folder])

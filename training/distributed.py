@@ -57,8 +57,10 @@ def devices() -> tuple[int, str]:
 def check_processes(n: int) -> None:
     have, kind = devices()
     if n > have:
-        raise ConfigError(f"{n} training processes asked for, but this training worker has {have} {kind}(s); "
-                          f"use at most {have} (num_processes / CAPTIONER_TRAIN_PROCESSES)")  # fmt: skip
+        raise ConfigError(
+            f"{n} training processes asked for, but this training worker has {have} {kind}(s); "
+            f"use at most {have} (num_processes / CAPTIONER_TRAIN_PROCESSES)"
+        )
 
 
 def run(
@@ -76,8 +78,16 @@ def run(
 ) -> TrainResult:
     """``train`` in this process (one process), or in ``processes`` children supervised from here."""
     if processes == 1:
-        return train(cfg, train_set, eval_set, out_dir, on_progress=on_progress, should_stop=should_stop, lost=lost,
-                     image_policy=image_policy)  # fmt: skip
+        return train(
+            cfg,
+            train_set,
+            eval_set,
+            out_dir,
+            on_progress=on_progress,
+            should_stop=should_stop,
+            lost=lost,
+            image_policy=image_policy,
+        )
     # 1. The run on disk, and no word from an earlier launch left over.
     check_processes(processes)
     out_dir = Path(out_dir)
@@ -86,15 +96,28 @@ def run(
         (out_dir / stale).unlink(missing_ok=True)
     # Progress is appended over every launch of the run (its whole curve, resumes included); this one's follows.
     start = (out_dir / PROGRESS_FILE).stat().st_size if (out_dir / PROGRESS_FILE).is_file() else 0
-    spec = {"config": asdict(cfg), "out_dir": str(out_dir), "torch_threads": torch_threads,
-            "train": [[ex.image, ex.captions] for ex in train_set],
-            "eval": [[ex.image, ex.captions] for ex in eval_set], "policy": _policy_json(image_policy)}  # fmt: skip
+    spec = {
+        "config": asdict(cfg),
+        "out_dir": str(out_dir),
+        "torch_threads": torch_threads,
+        "train": [[ex.image, ex.captions] for ex in train_set],
+        "eval": [[ex.image, ex.captions] for ex in eval_set],
+        "policy": _policy_json(image_policy),
+    }
     (out_dir / LAUNCH_FILE).write_text(json.dumps(spec), encoding="utf-8")
     _control(out_dir, stop=False, lost=False)
 
     # 2. torchrun and its children; they end with this process (a killed worker leaves no trainer behind).
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-            "-m", "training.distributed", str(out_dir / LAUNCH_FILE)]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={processes}",
+        "-m",
+        "training.distributed",
+        str(out_dir / LAUNCH_FILE),
+    ]
     log.info("launching %d training processes: %s", processes, " ".join(argv[1:]))
     with open(out_dir / LOG_FILE, "ab") as out:
         child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
@@ -112,8 +135,10 @@ def run(
     errors = sorted(out_dir.glob("error-*.txt"))
     if errors:
         raise CaptionerError(errors[0].read_text(encoding="utf-8").strip())
-    raise CaptionerError(f"the distributed training run exited with code {child.returncode} and no result; its "
-                         f"output is in {out_dir / LOG_FILE}")  # fmt: skip
+    raise CaptionerError(
+        f"the distributed training run exited with code {child.returncode} and no result; its "
+        f"output is in {out_dir / LOG_FILE}"
+    )
 
 
 def _supervise(
@@ -228,9 +253,16 @@ def main(spec_path: str) -> int:
     train_set = [Example(image, list(captions)) for image, captions in spec["train"]]
     eval_set = [Example(image, list(captions)) for image, captions in spec["eval"]]
     try:
-        result = train(TrainConfig.from_dict(spec["config"]), train_set, eval_set, out_dir, on_progress=progress,
-                       should_stop=control.stop, lost=control.lost,
-                       image_policy=ImagePolicy(**spec["policy"]))  # fmt: skip
+        result = train(
+            TrainConfig.from_dict(spec["config"]),
+            train_set,
+            eval_set,
+            out_dir,
+            on_progress=progress,
+            should_stop=control.stop,
+            lost=control.lost,
+            image_policy=ImagePolicy(**spec["policy"]),
+        )
     except Exception as exc:
         error = f"{exc}" if isinstance(exc, CaptionerError) else f"{type(exc).__name__}: {exc}"
         (out_dir / f"error-{rank}.txt").write_text(" ".join(error.split()) + "\n", encoding="utf-8")

@@ -80,7 +80,10 @@ def evaluate_model(
     metrics, samples, n = evaluate_items(engine, pixels, items, max_length=max_length, batch_size=batch_size)
     report: dict[str, Any] = {**metrics, "n": n}
     # Everything else that is a number lives under "info", so the top level is metrics + n only.
-    report["info"] = {"failed": len(items) - n, "seconds": round(time.perf_counter() - started, 3),
-                      "version": engine.version}  # fmt: skip
+    report["info"] = {
+        "failed": len(items) - n,
+        "seconds": round(time.perf_counter() - started, 3),
+        "version": engine.version,
+    }
     report["samples"] = samples
     return report

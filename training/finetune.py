@@ -193,8 +193,9 @@ def train(
 
     def evaluate_now() -> None:
         started = time.perf_counter()
-        metrics, samples, _ = evaluate_items(engine, pixels, eval_items, max_length=cfg.max_length,
-                                             batch_size=cfg.eval_batch_size, autocast=acc.autocast)  # fmt: skip
+        metrics, samples, _ = evaluate_items(
+            engine, pixels, eval_items, max_length=cfg.max_length, batch_size=cfg.eval_batch_size, autocast=acc.autocast
+        )
         clock.eval_done(time.perf_counter() - started)
         record = {"step": step, "epoch": step / plan.steps_per_epoch, "metrics": metrics}
         state["history"].append(record)
@@ -326,8 +327,10 @@ def _load_model(
         require_peft()  # before the model is read: the one line that says what to install
     start = cfg.base_model if lora or resume is None else str(resume)
     if resume is not None and lora != (resume / ADAPTER_RUN).is_file():
-        raise ConfigError(f"{resume} is a {'full' if lora else 'LoRA'} checkpoint; resume it with lora_r "
-                          f"{'0' if lora else '> 0'} or use a new run directory")  # fmt: skip
+        raise ConfigError(
+            f"{resume} is a {'full' if lora else 'LoRA'} checkpoint; resume it with lora_r "
+            f"{'0' if lora else '> 0'} or use a new run directory"
+        )
     engine = _load_engine(EngineConfig(model=start, device=str(device), dtype="float32"))
     if cfg.gradient_checkpointing:
         engine.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -355,8 +358,10 @@ def _load_engine(cfg: EngineConfig) -> CaptionEngine | FamilyEngine:
         return CaptionEngine.load(cfg)
     family = family_for(model_type)
     if family.lora_targets is None:
-        raise ConfigError(f"{cfg.model} is a {family.name} checkpoint, which captioner train does not fine-tune; "
-                          "docs/models.md says how to fine-tune it")  # fmt: skip
+        raise ConfigError(
+            f"{cfg.model} is a {family.name} checkpoint, which captioner train does not fine-tune; "
+            "docs/models.md says how to fine-tune it"
+        )
     return FamilyEngine.load(cfg, family)
 
 
@@ -440,8 +445,9 @@ def family_micro_batch(
     images, kept = pixels.pixels(items)
     captions = draw_captions(kept, cfg.seed, epoch)
     prompt = engine.family.prompt(GenParams(max_length=cfg.max_length))
-    batch = engine.family.train_batch(engine.processor, images, captions, prompt, cfg.max_target_tokens,
-                                      engine.model.device, torch.float32)  # fmt: skip
+    batch = engine.family.train_batch(
+        engine.processor, images, captions, prompt, cfg.max_target_tokens, engine.model.device, torch.float32
+    )
     return MicroBatch({**batch.inputs, "labels": batch.labels}, int((batch.labels[:, 1:] != -100).sum()))
 
 
@@ -625,8 +631,10 @@ class _Reporter:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ConfigError("report_to tensorboard needs the tensorboard package on the training worker "
-                              "(pip install 'captioner[train]')") from None  # fmt: skip
+            raise ConfigError(
+                "report_to tensorboard needs the tensorboard package on the training worker "
+                "(pip install 'captioner[train]')"
+            ) from None
         self.path = out_dir / TENSORBOARD_DIR
         self._writer = SummaryWriter(str(self.path))
 

@@ -39,8 +39,10 @@ SHUTTING_DOWN = threading.Event()
 
 def _store(settings: Settings) -> ModelStore:
     if settings.model_store is None:
-        raise ConfigError("training needs CAPTIONER_MODEL_STORE (a writable directory for model versions); set it "
-                          "on the training worker and start it again")  # fmt: skip
+        raise ConfigError(
+            "training needs CAPTIONER_MODEL_STORE (a writable directory for model versions); set it "
+            "on the training worker and start it again"
+        )
     return ModelStore(settings.model_store)
 
 
@@ -122,8 +124,11 @@ class _Heartbeat:
     def lost(self) -> bool:
         """True once the lock is someone else's or may have lapsed (checked here too: the beat may be stuck)."""
         if not self._lost.is_set() and time.monotonic() - self._renewed >= self.ttl_s:
-            log.error("job %s: the training lock was not refreshed for %gs; stopping at the next step",
-                      self.job_id, self.ttl_s)  # fmt: skip
+            log.error(
+                "job %s: the training lock was not refreshed for %gs; stopping at the next step",
+                self.job_id,
+                self.ttl_s,
+            )
             self._lost.set()
         return self._lost.is_set()
 
@@ -220,14 +225,25 @@ def _fine_tune(
             except redis.RedisError as exc:  # progress is a view; a blip must not end a long run
                 log.warning("job %s: progress not recorded (%s)", req.job_id, exc)
 
-        result = distributed.run(cfg, train_set, eval_set, run_dir, on_progress=progress,  # 3.
-                                 processes=cfg.num_processes or settings.train_processes,
-                                 should_stop=lambda: SHUTTING_DOWN.is_set() or beat.cancelled(), lost=beat.lost,
-                                 image_policy=local_image_policy(examples, settings),
-                                 torch_threads=settings.torch_threads)  # fmt: skip
+        result = distributed.run(
+            cfg,
+            train_set,
+            eval_set,
+            run_dir,
+            on_progress=progress,  # 3.
+            processes=cfg.num_processes or settings.train_processes,
+            should_stop=lambda: SHUTTING_DOWN.is_set() or beat.cancelled(),
+            lost=beat.lost,
+            image_policy=local_image_policy(examples, settings),
+            torch_threads=settings.torch_threads,
+        )
         if result.status is TrainStatus.CANCELLED and not beat.cancelled():
-            log.info("training job %s interrupted at step %d by the worker's shutdown; the next training worker "
-                     "resumes it from this step", req.job_id, result.steps)  # fmt: skip
+            log.info(
+                "training job %s interrupted at step %d by the worker's shutdown; the next training worker "
+                "resumes it from this step",
+                req.job_id,
+                result.steps,
+            )
             return {**done, "status": TrainOutcome.INTERRUPTED, "steps": result.steps}
         if result.status is TrainStatus.CANCELLED:
             cancelled = {**done, "status": TrainOutcome.CANCELLED, "steps": result.steps}
@@ -252,8 +268,14 @@ def _fine_tune(
         version = store.add(Path(result.final_dir), meta).version
         ledger.update_training_run(req.job_id, TrainingRun(version=version))
     mv = store.get(version)
-    summary = {**done, "status": TrainOutcome.DONE, "version": version, "promoted": False,
-               "metrics": mv.metrics, "steps": mv.meta.get("steps")}  # fmt: skip
+    summary = {
+        **done,
+        "status": TrainOutcome.DONE,
+        "version": version,
+        "promoted": False,
+        "metrics": mv.metrics,
+        "steps": mv.meta.get("steps"),
+    }
     if req.promote:  # 5.
         try:
             store.promote(version, require_no_worse=req.require_no_worse)
@@ -304,8 +326,9 @@ def run_evaluate(settings: Settings, req: EvaluateRequest) -> dict[str, Any]:
     examples = load_examples(req.dataset, column=req.column, text_column=req.text_column)
     if req.max_samples:
         examples = examples[: req.max_samples]
-    report = evaluate_model(version.path, examples, max_length=req.max_length,
-                            image_policy=local_image_policy(examples, settings))  # fmt: skip
+    report = evaluate_model(
+        version.path, examples, max_length=req.max_length, image_policy=local_image_policy(examples, settings)
+    )
     metrics_ = {k: v for k, v in report.items() if isinstance(v, int | float) and k != "n"}
     samples = report.get("samples")  # a few generated captions beside their references, shown by captioner review
     store.record_evaluation(version.version, dataset_fingerprint(examples), metrics_, samples=samples)

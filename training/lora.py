@@ -41,18 +41,31 @@ def add_adapters(model: Any, cfg: TrainConfig, family_targets: str | None = None
     peft = require_peft()
     if family_targets and cfg.lora_target_modules == DEFAULT_TARGETS:
         if not any(re.fullmatch(family_targets, name) for name, _ in model.named_modules()):
-            raise ConfigError(f"the family's LoRA targets {family_targets!r} match no layer of the model; name them "
-                              "with lora_target_modules")  # fmt: skip
-        lora = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                               target_modules=family_targets, bias="none")  # fmt: skip
+            raise ConfigError(
+                f"the family's LoRA targets {family_targets!r} match no layer of the model; name them "
+                "with lora_target_modules"
+            )
+        lora = peft.LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=family_targets,
+            bias="none",
+        )
         return peft.get_peft_model(model, lora)
     wanted = set(cfg.lora_modules())
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     if not wanted & present:
-        raise ConfigError(f"lora_target_modules {sorted(wanted)} match no layer of the model (e.g. query, value, "
-                          "q_proj, v_proj)")  # fmt: skip
-    lora = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                           target_modules=sorted(wanted & present), bias="none")  # fmt: skip
+        raise ConfigError(
+            f"lora_target_modules {sorted(wanted)} match no layer of the model (e.g. query, value, q_proj, v_proj)"
+        )
+    lora = peft.LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=sorted(wanted & present),
+        bias="none",
+    )
     return peft.get_peft_model(model, lora)
 
 

@@ -34,8 +34,12 @@ def is_hub_id(dataset: str) -> bool:
 def needs_worker_check(req: TrainRequest) -> bool:
     """Whether the request asks for something only a training worker can say it has."""
     cfg = req.config
-    return bool((cfg.get("num_processes") or 1) > 1 or cfg.get("lora_r") or cfg.get("report_to") == "tensorboard"
-                or is_hub_id(req.dataset))  # fmt: skip
+    return bool(
+        (cfg.get("num_processes") or 1) > 1
+        or cfg.get("lora_r")
+        or cfg.get("report_to") == "tensorboard"
+        or is_hub_id(req.dataset)
+    )
 
 
 def check_against_workers(req: TrainRequest, workers: list[dict[str, Any]]) -> None:
@@ -44,15 +48,21 @@ def check_against_workers(req: TrainRequest, workers: list[dict[str, Any]]) -> N
     processes = cfg.get("num_processes") or 1
     most = max(workers, key=lambda w: w.get("devices", 0))
     if processes > most.get("devices", 1):
-        raise ConfigError(f"{processes} training processes asked for, but the training workers have at most "
-                          f"{most['devices']} {most.get('device_kind', 'device')}(s)")  # fmt: skip
-    wanted = [("peft", "lora", bool(cfg.get("lora_r"))),
-              ("tensorboard", "train", cfg.get("report_to") == "tensorboard"),
-              ("datasets", "datasets", is_hub_id(req.dataset))]  # fmt: skip
+        raise ConfigError(
+            f"{processes} training processes asked for, but the training workers have at most "
+            f"{most['devices']} {most.get('device_kind', 'device')}(s)"
+        )
+    wanted = [
+        ("peft", "lora", bool(cfg.get("lora_r"))),
+        ("tensorboard", "train", cfg.get("report_to") == "tensorboard"),
+        ("datasets", "datasets", is_hub_id(req.dataset)),
+    ]
     for package, extra, asked in wanted:
         if asked and not any(w.get(package) for w in workers):
-            raise ConfigError(f"{'LoRA' if package == 'peft' else package} is asked for, but no training worker has "
-                              f"{package} installed (pip install 'captioner[{extra}]' there)")  # fmt: skip
+            raise ConfigError(
+                f"{'LoRA' if package == 'peft' else package} is asked for, but no training worker has "
+                f"{package} installed (pip install 'captioner[{extra}]' there)"
+            )
 
 
 def open_train_job(ledger: Ledger, req: TrainRequest) -> bool:

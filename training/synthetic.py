@@ -71,9 +71,19 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     if shape == "cross":
         t = r * 0.35
         return [
-            (cx - t, cy - r), (cx + t, cy - r), (cx + t, cy - t), (cx + r, cy - t), (cx + r, cy + t), (cx + t, cy + t),
-            (cx + t, cy + r), (cx - t, cy + r), (cx - t, cy + t), (cx - r, cy + t), (cx - r, cy - t), (cx - t, cy - t),
-        ]  # fmt: skip
+            (cx - t, cy - r),
+            (cx + t, cy - r),
+            (cx + t, cy - t),
+            (cx + r, cy - t),
+            (cx + r, cy + t),
+            (cx + t, cy + t),
+            (cx + t, cy + r),
+            (cx - t, cy + r),
+            (cx - t, cy + t),
+            (cx - r, cy + t),
+            (cx - r, cy - t),
+            (cx - t, cy - t),
+        ]
     raise ValueError(f"unknown shape {shape!r}")
 
 

@@ -159,8 +159,9 @@ def build_word_git(out_dir: Path, words: list[str], *, seed: int = 0, **config: 
     vocab = word_vocab(words)
     special = (vocab["[PAD]"], vocab["[CLS]"], vocab["[SEP]"])
     cfg = tiny_git_config(vocab_size=len(vocab), special_ids=special, **config)
-    return build_random_git(out_dir, cfg, seed=seed, processor=build_git_processor(cfg.vision_config.image_size,
-                                                                                   words=words))  # fmt: skip
+    return build_random_git(
+        out_dir, cfg, seed=seed, processor=build_git_processor(cfg.vision_config.image_size, words=words)
+    )
 
 
 def build_random_git(out_dir: Path, config: Any, *, seed: int = 0, processor: Any = None) -> Path:
@@ -195,6 +196,12 @@ def build_tiny_git(
     dropout: float | None = None,
 ) -> Path:
     """A tiny random GIT (about 2M parameters, most in the 30522-word embeddings) that loads like a hub model."""
-    config = tiny_git_config(image_size=image_size, patch_size=patch_size, hidden_size=hidden_size, layers=layers,
-                             init_range=init_range, dropout=dropout)  # fmt: skip
+    config = tiny_git_config(
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=hidden_size,
+        layers=layers,
+        init_range=init_range,
+        dropout=dropout,
+    )
     return build_random_git(out_dir, config, seed=seed)

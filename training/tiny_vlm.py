@@ -41,21 +41,47 @@ def build_tiny_llava(out_dir: Path, *, seed: int = 0, image_size: int = 32, hidd
     tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=True, model_max_length=512)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     image_id = tokenizer.convert_tokens_to_ids("<image>")
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
-                                            crop_size={"height": image_size, "width": image_size})  # fmt: skip
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
     patch = image_size // 2
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=CHAT_TEMPLATE)  # fmt: skip
-    vision = CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                              num_attention_heads=2, image_size=image_size, patch_size=patch,
-                              initializer_range=0.5)  # fmt: skip
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                       max_position_embeddings=512, initializer_range=0.5, bos_token_id=tokenizer.cls_token_id,
-                       eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_id, vision_feature_layer=-1,
-                         vision_feature_select_strategy="default")  # fmt: skip
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch,
+        initializer_range=0.5,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.5,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image_id,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config).eval()

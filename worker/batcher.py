@@ -168,8 +168,11 @@ class MicroBatcher(Generic[P]):
             if len(batch) == 1:
                 log.warning("item failed on its own: %s: %s", type(exc).__name__, exc)
                 # Out of memory alone may pass on a later attempt (memory freed, another worker): transient.
-                err = exc if isinstance(exc, EngineError) else EngineError(f"{type(exc).__name__}: {exc}",
-                                                                           transient=_is_oom(exc))  # fmt: skip
+                err = (
+                    exc
+                    if isinstance(exc, EngineError)
+                    else EngineError(f"{type(exc).__name__}: {exc}", transient=_is_oom(exc))
+                )
                 batch[0].future.set_exception(err)
                 return
             if _is_oom(exc):

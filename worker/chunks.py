@@ -88,8 +88,9 @@ class ChunkRunner:
         unknown = [iid for iid, _ in items if status[iid] is None]
         if unknown:  # a message may only name items of its job's manifest: nothing is added behind its back
             out.refused = len(unknown)
-            log.warning("chunk of job %s names %d item(s) not in the job (e.g. %s); refused", job_id,
-                        len(unknown), unknown[0])  # fmt: skip
+            log.warning(
+                "chunk of job %s names %d item(s) not in the job (e.g. %s); refused", job_id, len(unknown), unknown[0]
+            )
         todo = [(iid, src) for iid, src in items if status[iid] not in (ItemStatus.OK, None)]  # redelivery: skip done
         out.skipped = len(items) - len(todo) - out.refused
         if not todo:
@@ -117,9 +118,18 @@ class ChunkRunner:
         log.info(
             "%s job=%s items=%d ok=%d error=%d skipped=%d alone=%d load_ms=%.0f infer_ms=%.0f write_ms=%.1f "
             "total_ms=%.0f",
-            kind, job_id, out.items, out.ok, out.error, out.skipped, len(alone), out.load_ms, out.infer_ms,
-            out.write_ms, (time.perf_counter() - started) * 1000,
-        )  # fmt: skip
+            kind,
+            job_id,
+            out.items,
+            out.ok,
+            out.error,
+            out.skipped,
+            len(alone),
+            out.load_ms,
+            out.infer_ms,
+            out.write_ms,
+            (time.perf_counter() - started) * 1000,
+        )
         return out
 
     def _settle(self, job_id: str, rows: list[ItemResult], out: ChunkOutcome) -> None:

@@ -38,8 +38,9 @@ class ContainerRunner:
         spec = ContainerSpec.model_validate_json(raw)
         if ledger.state(msg.job_id) is not JobState.CANCELLED:
             unread_seen = False
-            for batch in _batched(read_members(spec, self.policy, self.settings, self.chunks.service.fetches),
-                                  self.settings.chunk_size):  # fmt: skip
+            for batch in _batched(
+                read_members(spec, self.policy, self.settings, self.chunks.service.fetches), self.settings.chunk_size
+            ):
                 unread_seen |= any(m.key == UNREAD for m in batch)
                 self._caption(msg, spec, batch, total)
             if not unread_seen:
@@ -47,8 +48,16 @@ class ContainerRunner:
         finished = self.chunks._durably(ledger.close_container, msg.job_id, msg.container)
         if finished:
             self.chunks.job_finished(msg.job_id)
-        log.info("container job=%s ref=%s items=%d ok=%d error=%d skipped=%d total_ms=%.0f", msg.job_id, spec.ref,
-                 total.items, total.ok, total.error, total.skipped, (time.perf_counter() - started) * 1000)  # fmt: skip
+        log.info(
+            "container job=%s ref=%s items=%d ok=%d error=%d skipped=%d total_ms=%.0f",
+            msg.job_id,
+            spec.ref,
+            total.items,
+            total.ok,
+            total.error,
+            total.skipped,
+            (time.perf_counter() - started) * 1000,
+        )
         return total
 
     def _caption(self, msg: ContainerMessage, spec: ContainerSpec, batch: list[Member], total: ChunkOutcome) -> None:
@@ -80,5 +89,3 @@ def _batched(members: Iterator[Member], size: int) -> Iterator[list[Member]]:
             batch = []
     if batch:
         yield batch
-
-

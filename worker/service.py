@@ -217,8 +217,12 @@ class CaptionService:
             engine.warm_up(self.settings.max_batch_size, GenParams(max_length=self.settings.max_length))
         old = self._engine.version if self._engine else None
         self.swap_engine(engine)
-        metrics.set_model(engine.version, str(engine.device), str(engine.dtype).removeprefix("torch."),
-                          getattr(engine, "profile", None))  # fmt: skip
+        metrics.set_model(
+            engine.version,
+            str(engine.device),
+            str(engine.dtype).removeprefix("torch."),
+            getattr(engine, "profile", None),
+        )
         log.info("model swapped %s -> %s (promoted)", old, engine.version)
         return True
 

@@ -141,8 +141,10 @@ def caption_chunk(self: Task, job_id: Any = None, items: Any = None, params: Any
 @app.task(name=TASK_CAPTION_CONTAINER, bind=True, ignore_result=True)
 def caption_container(self: Task, job_id: Any = None, container: Any = None, params: Any = None, **extra: Any) -> dict:
     """Caption the members of one container (a shard, a row group) of a ledger job, read once, sequentially."""
-    msg = cast(ContainerMessage, parse_message(ContainerMessage, _payload(job_id=job_id, container=container,
-                                                                          params=params, **extra)))  # fmt: skip
+    msg = cast(
+        ContainerMessage,
+        parse_message(ContainerMessage, _payload(job_id=job_id, container=container, params=params, **extra)),
+    )
     with job_context(msg.job_id, self.request.id):
         outcome = _run_or_give_back(self, "container", msg.job_id, lambda: containers().run(msg), "it stays open")
         return outcome.as_dict()
@@ -270,10 +272,13 @@ def _warm_up(sender: str, instance: Any, **kwargs: Any) -> None:
         pool = getattr(instance.pool_cls, "__module__", str(instance.pool_cls))
         if "prefork" in pool or "eventlet" in pool or "gevent" in pool:
             # SystemExit, not an exception: Celery logs and swallows exceptions raised by signal handlers.
-            log.critical("%s", ConfigError(
-                f"caption workers run one model per process in threads; this worker's pool is "
-                f"{pool.rsplit('.', 1)[-1]} (use `captioner worker`, or `celery worker --pool threads`)"
-            ))  # fmt: skip
+            log.critical(
+                "%s",
+                ConfigError(
+                    f"caption workers run one model per process in threads; this worker's pool is "
+                    f"{pool.rsplit('.', 1)[-1]} (use `captioner worker`, or `celery worker --pool threads`)"
+                ),
+            )
             raise SystemExit(2)
         # The model thread makes thousands of short calls that each release and retake the GIL; at Python's
         # default 5 ms switch interval every retake can wait behind a decode thread's Python code. 0.5 ms keeps
@@ -289,12 +294,18 @@ def _warm_up(sender: str, instance: Any, **kwargs: Any) -> None:
             log.critical("cannot start a caption worker: %s", exc)
             raise SystemExit(1) from None
         engine = svc.engine
-        metrics.set_model(version, str(engine.device), str(engine.dtype).removeprefix("torch."),
-                          getattr(engine, "profile", None))  # fmt: skip
+        metrics.set_model(
+            version, str(engine.device), str(engine.dtype).removeprefix("torch."), getattr(engine, "profile", None)
+        )
         metrics.WARM_UP.set(svc.warm_up_s)
         metrics.serve(settings.metrics_port, settings.metrics_addr, _queue_depths)
-        log.info("worker %s serves model %s; %d decode threads, %d decoding at once", sender, version,
-                 settings.decode_threads, svc.decode_slots())  # fmt: skip
+        log.info(
+            "worker %s serves model %s; %d decode threads, %d decoding at once",
+            sender,
+            version,
+            settings.decode_threads,
+            svc.decode_slots(),
+        )
 
 
 def _queue_depths() -> dict[str, int]:
