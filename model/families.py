@@ -46,6 +46,16 @@ class Batch:
     prefix: int  # tokens before the caption that count against max_length (start token, prompt prefix)
 
 
+@dataclass(frozen=True)
+class TrainBatch:
+    """Forward inputs for one training batch and its labels, aligned with the logits the forward returns: the logits
+    at position t predict ``labels[:, t + 1]``; every position that is not caption (padding, start token, prompt,
+    image tokens, chat turns before the answer) is -100."""
+
+    inputs: dict[str, Any]
+    labels: torch.Tensor
+
+
 class Family:
     """How one captioning family loads, builds a batch's inputs for a prompt, and where its caption lies."""
 
@@ -86,6 +96,26 @@ class Family:
     def bind(self, model: Any) -> None:
         """Take what ``batch`` needs from the loaded model's config (nothing, for most families)."""
 
+    # --- training (training/finetune.py) ---
+
+    #: Which layers get LoRA adapters by default: a regex over module names (peft's ``target_modules``), the
+    #: attention projections of the text side. None: the family is not fine-tuned by ``captioner train``.
+    lora_targets: ClassVar[str | None] = None
+
+    def train_batch(
+        self,
+        processor: Any,
+        images: list[Image],
+        captions: list[str],
+        prompt: str | None,
+        max_tokens: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> TrainBatch:
+        """Inputs and labels that teach the model to answer ``prompt`` about each image with its caption, as
+        ``batch`` asks at captioning time; ``max_tokens`` bounds each caption's tokens, its start and end included."""
+        raise NotImplementedError(f"{self.name} is not fine-tuned here")
+
 
 def _to(features: Any, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Tensors onto the device; floating ones (pixels) in the model's dtype, ids and masks as they are."""
@@ -95,6 +125,62 @@ def _to(features: Any, device: torch.device, dtype: torch.dtype) -> dict[str, An
             value = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
         out[key] = value
     return out
+
+
+def _caption_ids(tokenizer: Any, caption: str, end: int | None, room: int) -> list[int]:
+    """A caption's tokens with the end token the model stops on, at most ``room`` of them (the end kept)."""
+    ids = list(tokenizer(caption, add_special_tokens=False)["input_ids"])
+    if end is None:
+        return ids[:room]
+    return [*ids[: max(room - 1, 0)], end]
+
+
+def _append_answers(inputs: dict[str, Any], answers: list[list[int]], pad: int) -> TrainBatch:
+    """Decoder-only training rows: each prompt row of ``inputs`` (what generation starts from) followed by its
+    answer tokens, right-padded; only the answers are labelled. Per-token companions of ``input_ids`` grow with
+    them: the attention mask (1 on answers), ``token_type_ids`` (1 on answers: PaliGemma's suffix, which it
+    attends causally), anything else with zeros."""
+    ids = inputs["input_ids"]
+    rows, length = ids.shape
+    width = length + max(len(a) for a in answers)
+    new_ids = torch.full((rows, width), pad, dtype=ids.dtype, device=ids.device)
+    labels = torch.full((rows, width), -100, dtype=torch.long, device=ids.device)
+    answer = torch.zeros((rows, width), dtype=torch.bool, device=ids.device)
+    new_ids[:, :length] = ids
+    for row, tokens in enumerate(answers):
+        span = torch.tensor(tokens, dtype=ids.dtype, device=ids.device)
+        new_ids[row, length : length + len(tokens)] = span
+        labels[row, length : length + len(tokens)] = span
+        answer[row, length : length + len(tokens)] = True
+    out: dict[str, Any] = {}
+    for key, value in inputs.items():
+        if key == "labels":  # PaliGemma's processor labels its prompt with -100 rows: ours replace them
+            continue
+        if key != "input_ids" and isinstance(value, torch.Tensor) and value.shape[:2] == (rows, length):
+            grown = torch.zeros((rows, width), dtype=value.dtype, device=value.device)
+            grown[:, :length] = value
+            if key in ("attention_mask", "token_type_ids"):
+                grown[answer] = 1
+            value = grown
+        out[key] = value
+    out["input_ids"] = new_ids
+    return TrainBatch(out, labels)
+
+
+def _decoder_rows(start: list[int], captions: list[list[int]], pad: int, device: torch.device) -> TrainBatch:
+    """Training rows of a decoder that attends to the image: ``start`` (its start token and a prompt prefix), then
+    each caption, right-padded, as ``decoder_input_ids``; labels are the captions only."""
+    width = len(start) + max(len(c) for c in captions)
+    ids = torch.full((len(captions), width), pad, dtype=torch.long)
+    labels = torch.full((len(captions), width), -100, dtype=torch.long)
+    for row, tokens in enumerate(captions):
+        ids[row, : len(start) + len(tokens)] = torch.tensor([*start, *tokens])
+        labels[row, len(start) : len(start) + len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    mask = (labels != -100).long()
+    mask[:, : len(start)] = 1
+    return TrainBatch(
+        {"decoder_input_ids": ids.to(device), "decoder_attention_mask": mask.to(device)}, labels.to(device)
+    )
 
 
 class Blip(Family):
@@ -114,6 +200,33 @@ class Blip(Family):
         text = [prompt] * len(images) if prompt else None
         features = processor(images=images, text=text, return_tensors="pt")
         return Batch(_to(features, device, dtype), 0, len(self.prefix_ids(processor, prompt)))
+
+    lora_targets = r".*text_decoder\..*\.(query|value)$"
+
+    def train_batch(
+        self,
+        processor: Any,
+        images: list[Image],
+        captions: list[str],
+        prompt: str | None,
+        max_tokens: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> TrainBatch:
+        # [DEC], the prompt, the caption, [SEP]: generation starts from [DEC] (BLIP's generate swaps it for [CLS])
+        # and stops at [SEP]; BLIP's own recipe swaps the first token the same way.
+        tokenizer = processor.tokenizer
+        start = [self._start, *self.prefix_ids(processor, prompt)[1:]]
+        rows = [_caption_ids(tokenizer, c, self._end, max_tokens - 1) for c in captions]
+        text = _decoder_rows(start, rows, tokenizer.pad_token_id, device)
+        features = dict(processor.image_processor(images=images, return_tensors="pt"))
+        features["input_ids"] = text.inputs["decoder_input_ids"]
+        features["attention_mask"] = text.inputs["decoder_attention_mask"]
+        return TrainBatch(_to(features, device, dtype), text.labels)
+
+    def bind(self, model: Any) -> None:
+        self._start = int(model.config.text_config.bos_token_id)
+        self._end = int(model.config.text_config.sep_token_id)
 
 
 class Blip2(Family):
@@ -142,6 +255,24 @@ class Blip2(Family):
         config = model.config
         self._start = [config.image_token_index] * config.num_query_tokens + [config.text_config.bos_token_id]
 
+    lora_targets = r".*language_model\..*\.(q_proj|v_proj)$"
+
+    def train_batch(
+        self,
+        processor: Any,
+        images: list[Image],
+        captions: list[str],
+        prompt: str | None,
+        max_tokens: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> TrainBatch:
+        # The query tokens (and the question), as generation starts; the caption and the end token after them.
+        inputs = self.batch(processor, images, prompt, device, dtype).inputs
+        tokenizer = processor.tokenizer
+        answers = [_caption_ids(tokenizer, c, tokenizer.eos_token_id, max_tokens - 1) for c in captions]
+        return _append_answers(inputs, answers, tokenizer.pad_token_id)
+
 
 class Florence2(Family):
     """Florence-2: a DaViT encoder and a BART encoder-decoder; the prompt is a task token such as ``<CAPTION>``."""
@@ -158,6 +289,40 @@ class Florence2(Family):
     ) -> Batch:
         features = processor(images=images, text=[prompt or ""] * len(images), return_tensors="pt")
         return Batch(_to(features, device, dtype), 0, 1)
+
+    lora_targets = r".*language_model\..*\.(q_proj|v_proj)$"
+
+    def train_batch(
+        self,
+        processor: Any,
+        images: list[Image],
+        captions: list[str],
+        prompt: str | None,
+        max_tokens: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> TrainBatch:
+        # The task prompt is the encoder's input, as at captioning time; the caption is the decoder's target.
+        batch = self.batch(processor, images, prompt, device, dtype).inputs
+        tokenizer = processor.tokenizer
+        rows = [_encoded(tokenizer, c, self._start, tokenizer.eos_token_id, max_tokens - 1) for c in captions]
+        decoder = _decoder_rows([self._start], rows, tokenizer.pad_token_id, device)
+        return TrainBatch({**batch, **decoder.inputs}, decoder.labels)
+
+    def bind(self, model: Any) -> None:
+        start = model.generation_config.decoder_start_token_id
+        self._start = int(start if start is not None else model.config.text_config.decoder_start_token_id)
+
+
+def _encoded(tokenizer: Any, caption: str, start: int, end: int, room: int) -> list[int]:
+    """A caption as the tokenizer encodes it with its own special tokens (BART's ``<s> ... </s>``), less a leading
+    decoder start token (the decoder's first input already), ending in ``end``, at most ``room`` tokens."""
+    ids = list(tokenizer(caption)["input_ids"])
+    if ids and ids[0] == start:
+        ids = ids[1:]
+    if ids and ids[-1] == end:
+        ids = ids[:-1]
+    return [*ids[: max(room - 1, 0)], end]
 
 
 class VisionEncoderDecoder(Family):
@@ -190,6 +355,27 @@ class VisionEncoderDecoder(Family):
 
     def bind(self, model: Any) -> None:
         self._start = int(model.config.decoder_start_token_id)
+        self._end = int(git_engine._as_list(model.generation_config.eos_token_id or model.config.eos_token_id)[0])
+
+    # A BERT decoder's attention (query, value), a GPT-2 decoder's fused projection (c_attn).
+    lora_targets = r"^decoder\..*\.(query|value|q_proj|v_proj|c_attn)$"
+
+    def train_batch(
+        self,
+        processor: Any,
+        images: list[Image],
+        captions: list[str],
+        prompt: str | None,
+        max_tokens: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> TrainBatch:
+        features = dict(processor.image_processor(images=images, return_tensors="pt"))
+        start = [self._start, *self.prefix_ids(processor, prompt)[1:]]
+        rows = [_encoded(processor.tokenizer, c, self._start, self._end, max_tokens - 1) for c in captions]
+        pad = processor.tokenizer.pad_token_id
+        decoder = _decoder_rows(start, rows, self._end if pad is None else pad, device)
+        return TrainBatch({**_to(features, device, dtype), **decoder.inputs}, decoder.labels)
 
 
 class ChatVLM(Family):
@@ -221,6 +407,40 @@ class ChatVLM(Family):
         )
         return Batch(_to(features, device, dtype), int(features["input_ids"].shape[1]), 1)
 
+    lora_targets = r".*(language_model|text_model)\..*\.(q_proj|v_proj)$"
+
+    def train_batch(
+        self,
+        processor: Any,
+        images: list[Image],
+        captions: list[str],
+        prompt: str | None,
+        max_tokens: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> TrainBatch:
+        # The user turn as generation sees it (left-padded), then the assistant's answer: the caption and the
+        # template's end of turn, the only tokens in the loss.
+        inputs = self.batch(processor, images, prompt, device, dtype).inputs
+        tokenizer = processor.tokenizer
+        answers = [self.answer_ids(processor, prompt or "", c, max_tokens - 1) for c in captions]
+        return _append_answers(inputs, answers, tokenizer.pad_token_id)
+
+    @classmethod
+    def answer_ids(cls, processor: Any, prompt: str, caption: str, room: int) -> list[int]:
+        """The assistant turn's tokens after the generation prompt, as the chat template writes it (the caption and
+        the end of turn, the trailing newline dropped); without a template, the caption and the end token."""
+        tokenizer = processor.tokenizer
+        if getattr(processor, "chat_template", None):
+            user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            turn = [{"role": "assistant", "content": [{"type": "text", "text": caption}]}]
+            asked = cls.chat_text(processor, prompt)
+            whole = str(processor.apply_chat_template(user + turn, tokenize=False))
+            if whole.startswith(asked):
+                ids = list(tokenizer(whole[len(asked) :].rstrip(), add_special_tokens=False)["input_ids"])
+                return [*ids[: max(room - 1, 0)], ids[-1]] if len(ids) > room else ids
+        return _caption_ids(tokenizer, caption, tokenizer.eos_token_id, room)
+
     @staticmethod
     def chat_text(processor: Any, prompt: str) -> str:
         """One user turn: an image and the prompt, through the processor's chat template when it has one."""
@@ -235,6 +455,11 @@ class ImageTextPair:
 
     def __init__(self, image_processor: Any, tokenizer: Any) -> None:
         self.image_processor, self.tokenizer = image_processor, tokenizer
+
+    def save_pretrained(self, folder: Any) -> None:
+        """Both halves into one folder (training checkpoints), where ``load_processor`` finds them again."""
+        self.image_processor.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
 
 
 #: model_type -> its adapter; every other image-text-to-text model_type is served as a chat VLM.

@@ -98,7 +98,8 @@ class TrainConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     # Comma-separated module names that get adapters: GIT's text attention (query, value) and its image
-    # encoder's (q_proj, v_proj).
+    # encoder's (q_proj, v_proj). Left at this default, another family gets its own text-side attention
+    # (model/families.py, each adapter's lora_targets).
     lora_target_modules: str = "query,value,q_proj,v_proj"
 
     @classmethod

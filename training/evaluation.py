@@ -16,6 +16,7 @@ from common.errors import SourceError
 from common.messages import GenParams
 from media.images import ImagePolicy
 from model.engine import CaptionEngine, EngineConfig
+from model.families import FamilyEngine, load_engine
 from training.data import Example
 from training.pixels import Item, PixelSource, local_image_policy
 from training.scores import caption_metrics
@@ -25,7 +26,7 @@ SAMPLE_COUNT = 4
 
 
 def evaluate_items(
-    engine: CaptionEngine,
+    engine: CaptionEngine | FamilyEngine,
     pixels: PixelSource,
     items: list[Item],
     *,
@@ -71,7 +72,8 @@ def evaluate_model(
     their references) and ``info`` (``failed`` unreadable images, ``seconds``, the model ``version``).
     """
     started = time.perf_counter()
-    engine = CaptionEngine.load(EngineConfig(model=str(model_dir), device=device, dtype=dtype))
+    # Whatever family the version is, loaded as a caption worker loads it.
+    engine = load_engine(EngineConfig(model=str(model_dir), device=device, dtype=dtype))
     # No cache: each image is read once anyway, and batch by batch keeps memory flat on large eval sets.
     pixels = PixelSource(engine, image_policy or local_image_policy(examples), threads=4, cache_mb=0)
     items = pixels.admit(examples, "eval")

@@ -1,5 +1,10 @@
-"""Fine-tune GIT on captioned images: our loop on accelerate (device placement, mixed precision, data parallel),
-with resumable pickle-free checkpoints (training/checkpoints.py) and generated-caption evaluation.
+"""Fine-tune a captioner on captioned images: our loop on accelerate (device placement, mixed precision, data
+parallel), with resumable pickle-free checkpoints (training/checkpoints.py) and generated-caption evaluation.
+
+GIT trains on its own path (labels from ``encode_captions``, the loss projected on scored positions only); every
+other family (model/families.py) builds its inputs and labels through its adapter's ``train_batch``, so training
+asks the model what captioning asks it (the same prompt, the same chat turn), and evaluation captions through the
+family's engine, as a caption worker does.
 
 The seed recipe (HF image-captioning guide) with its flaws fixed: padding positions are -100 in the labels (they
 never enter the loss), evaluation scores captions the model *generates*, not teacher-forced argmax, and under
@@ -23,9 +28,11 @@ from typing import Any
 
 import torch
 
-from common.errors import ConfigError, SourceError
+from common.errors import ConfigError, ModelLoadError, SourceError
+from common.messages import GenParams
 from media.images import ImagePolicy
 from model.engine import CaptionEngine, EngineConfig, half_dtype, resolve_device
+from model.families import FamilyEngine, family_for, model_type_of
 from training.checkpoints import (
     CHECKPOINTS,
     best_step,
@@ -108,6 +115,18 @@ class CaptionLoss(torch.nn.Module):
         return total
 
 
+class FamilyLoss(torch.nn.Module):
+    """Any other family under a forward that returns the summed token loss (as ``CaptionLoss`` for GIT)."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, labels: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+        total, _ = family_loss_terms(self.model, labels, **inputs)
+        return total
+
+
 # --- the loop --------------------------------------------------------------------------------------
 
 
@@ -162,7 +181,9 @@ def train(
         load_training_state(resume, optimizer, state)
         warn_on_changed_order(resume, cfg, world)
     state["processes"] = world
-    loss_module, optimizer = acc.prepare(CaptionLoss(model), optimizer)
+    loss_module, optimizer = acc.prepare(
+        FamilyLoss(model) if isinstance(engine, FamilyEngine) else CaptionLoss(model), optimizer
+    )
     if acc.scaler is not None and scaler_state:
         acc.scaler.load_state_dict(scaler_state)
     plan = _Plan(len(train_items), cfg, world)
@@ -290,8 +311,13 @@ def make_accelerator(cfg: TrainConfig) -> Any:
     return Accelerator(cpu=device.type == "cpu", mixed_precision=names[precision], kwargs_handlers=[ddp])
 
 
-def _load_model(cfg: TrainConfig, resume: Path | None, device: torch.device) -> tuple[CaptionEngine, Any]:
-    """The caption engine to train (fp32 weights on ``device``) and, for LoRA, the peft wrapper holding adapters."""
+def _load_model(
+    cfg: TrainConfig, resume: Path | None, device: torch.device
+) -> tuple[CaptionEngine | FamilyEngine, Any]:
+    """The caption engine to train (fp32 weights on ``device``) and, for LoRA, the peft wrapper holding adapters.
+
+    GIT loads on ``CaptionEngine``; any other family (told by the checkpoint's ``model_type``) on ``FamilyEngine``,
+    whose adapter builds the training inputs."""
     from training.checkpoints import ADAPTER_RUN
 
     lora = cfg.lora_r > 0
@@ -305,19 +331,38 @@ def _load_model(cfg: TrainConfig, resume: Path | None, device: torch.device) -> 
             f"{resume} is a {'full' if lora else 'LoRA'} checkpoint; resume it with lora_r "
             f"{'0' if lora else '> 0'} or use a new run directory"
         )
-    engine = CaptionEngine.load(EngineConfig(model=start, device=str(device), dtype="float32"))
+    engine = _load_engine(EngineConfig(model=start, device=str(device), dtype="float32"))
     if cfg.gradient_checkpointing:
         engine.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not lora:
         return engine, None
     from training.lora import add_adapters, load_adapters
 
-    adapters = add_adapters(engine.model, cfg)
+    family = engine.family if isinstance(engine, FamilyEngine) else None
+    adapters = add_adapters(engine.model, cfg, family.lora_targets if family else None)
     if resume is not None:
         load_adapters(adapters, resume)
     trainable = sum(p.numel() for p in engine.model.parameters() if p.requires_grad)
     log.info("LoRA r=%d on %s: %d trainable parameters", cfg.lora_r, cfg.lora_target_modules, trainable)
     return engine, adapters
+
+
+def _load_engine(cfg: EngineConfig) -> CaptionEngine | FamilyEngine:
+    """GIT's engine, or the family's for any other trainable ``model_type``; a family without training inputs is a
+    ``ConfigError``. A checkpoint whose type cannot be read goes to GIT's loader, which names what is wrong."""
+    try:
+        model_type = model_type_of(cfg)
+    except ModelLoadError:
+        model_type = "git"
+    if model_type == "git":
+        return CaptionEngine.load(cfg)
+    family = family_for(model_type)
+    if family.lora_targets is None:
+        raise ConfigError(
+            f"{cfg.model} is a {family.name} checkpoint, which captioner train does not fine-tune; "
+            "docs/models.md says how to fine-tune it"
+        )
+    return FamilyEngine.load(cfg, family)
 
 
 def _check_config(cfg: TrainConfig, train_set: list[Example], eval_set: list[Example]) -> None:
@@ -378,9 +423,11 @@ class _Plan:
 
 
 def micro_batch(
-    engine: CaptionEngine, pixels: PixelSource, items: list[Item], cfg: TrainConfig, epoch: int
+    engine: CaptionEngine | FamilyEngine, pixels: PixelSource, items: list[Item], cfg: TrainConfig, epoch: int
 ) -> MicroBatch:
     """Pixels and labels of one micro-batch (its images' captions drawn for this epoch)."""
+    if isinstance(engine, FamilyEngine):
+        return family_micro_batch(engine, pixels, items, cfg, epoch)
     pixel_values, kept = pixels.pixels(items)
     captions = draw_captions(kept, cfg.seed, epoch)
     enc = encode_captions(engine.processor.tokenizer, captions, cfg.max_target_tokens)
@@ -388,6 +435,33 @@ def micro_batch(
     inputs = {k: v.to(device) for k, v in enc.items()}
     inputs["pixel_values"] = pixel_values.to(device, non_blocking=True)
     return MicroBatch(inputs, int((enc["labels"][:, 1:] != -100).sum()))
+
+
+def family_micro_batch(
+    engine: FamilyEngine, pixels: PixelSource, items: list[Item], cfg: TrainConfig, epoch: int
+) -> MicroBatch:
+    """Inputs and labels of one micro-batch through the family's adapter, with the prompt its captions are made
+    with (the family's default: evaluation and caption workers use it too)."""
+    images, kept = pixels.pixels(items)
+    captions = draw_captions(kept, cfg.seed, epoch)
+    prompt = engine.family.prompt(GenParams(max_length=cfg.max_length))
+    batch = engine.family.train_batch(
+        engine.processor, images, captions, prompt, cfg.max_target_tokens, engine.model.device, torch.float32
+    )
+    return MicroBatch({**batch.inputs, "labels": batch.labels}, int((batch.labels[:, 1:] != -100).sum()))
+
+
+def family_loss_terms(model: Any, labels: torch.Tensor, **inputs: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the positions whose label is not -100, and their count: the logits at
+    position t predict ``labels[:, t + 1]`` (families.TrainBatch). Computed here rather than by the model's own
+    ``labels`` argument, whose loss is a mean (and BLIP's label-smoothed)."""
+    logits = model(**inputs).logits
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape[:2])} do not line up with labels {tuple(labels.shape)}")
+    targets = labels[:, 1:]
+    keep = targets != -100
+    scored = logits[:, :-1][keep]
+    return torch.nn.functional.cross_entropy(scored.float(), targets[keep], reduction="sum"), int(keep.sum())
 
 
 def accumulate(acc: Any, loss_module: Any, batches: list[MicroBatch]) -> float:

@@ -4,6 +4,8 @@ merged into the base weights when a version is made, so a stored version is a fu
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,8 @@ from training.config import TrainConfig
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+#: lora_target_modules' default (GIT's module names): a run that keeps it gets each family's own targets.
+DEFAULT_TARGETS = next(f.default for f in fields(TrainConfig) if f.name == "lora_target_modules")
 
 
 def require_peft() -> Any:
@@ -25,13 +29,30 @@ def require_peft() -> Any:
     return peft
 
 
-def add_adapters(model: Any, cfg: TrainConfig) -> Any:
+def add_adapters(model: Any, cfg: TrainConfig, family_targets: str | None = None) -> Any:
     """Wrap ``model`` with LoRA adapters on ``cfg.lora_target_modules``; only the adapters are trainable.
+
+    ``family_targets`` (a family's regex over module names, model/families.py) replaces the default module names,
+    which are GIT's: a family's text-side attention gets the adapters unless the run names its own modules.
 
     peft replaces the targeted layers inside ``model`` itself, so the caption engine holding ``model`` generates
     with the adapters (evaluation during training), and the returned wrapper saves and merges them.
     """
     peft = require_peft()
+    if family_targets and cfg.lora_target_modules == DEFAULT_TARGETS:
+        if not any(re.fullmatch(family_targets, name) for name, _ in model.named_modules()):
+            raise ConfigError(
+                f"the family's LoRA targets {family_targets!r} match no layer of the model; name them "
+                "with lora_target_modules"
+            )
+        lora = peft.LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=family_targets,
+            bias="none",
+        )
+        return peft.get_peft_model(model, lora)
     wanted = set(cfg.lora_modules())
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     if not wanted & present:

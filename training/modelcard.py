@@ -20,13 +20,14 @@ def model_card(mv: ModelVersion, repo_id: str) -> str:
     params: dict[str, Any] = meta.get("params") or {}
     base = meta.get("base_model") or params.get("base_model") or "unknown"
     evaluations = meta.get("evaluations") or []
+    model_type, architecture = _architecture(mv)
     header = [
         "---",
         "library_name: transformers",
         "pipeline_tag: image-to-text",
         "tags:",
         "- image-captioning",
-        "- git",
+        f"- {model_type}",
         "- captioner",
     ]
     if base and "/" in base and not base.startswith(("/", ".")):
@@ -37,7 +38,9 @@ def model_card(mv: ModelVersion, repo_id: str) -> str:
         "",
         f"# {repo_id}",
         "",
-        f"A GIT captioning model (`GitForCausalLM`), version `{mv.version}`, fine-tuned by captioner from `{base}`.",
+        f"A {'GIT' if model_type == 'git' else model_type} captioning model (`{architecture}`), version "
+        f"`{mv.version}`, fine-tuned by captioner from "
+        f"`{base}`.",
         "",
     ]
     lines += [
@@ -85,6 +88,15 @@ def model_card(mv: ModelVersion, repo_id: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _architecture(mv: ModelVersion) -> tuple[str, str]:
+    """The version's ``model_type`` and model class from its config.json (GIT's when it cannot be read)."""
+    try:
+        config = json.loads((mv.path / "config.json").read_text(encoding="utf-8"))
+        return str(config["model_type"]), str((config.get("architectures") or ["unknown"])[0])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "git", "GitForCausalLM"
 
 
 def _count(value: Any) -> str:

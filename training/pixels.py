@@ -1,5 +1,8 @@
 """Pixel values for training and evaluation: images read under the workers' image policy, preprocessed as the
-caption engine does, cached in memory when the dataset fits; unreadable images are left out with a warning."""
+caption engine does, cached in memory when the dataset fits; unreadable images are left out with a warning.
+
+For GIT a cached row is its pixel values; for another family it is the decoded RGB image (its processor makes
+pixels together with the prompt, per batch), and a batch is a list of images."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -16,6 +20,7 @@ from common.messages import Source
 from common.settings import Settings, get_settings
 from media.images import ImagePolicy, load_image
 from model.engine import CaptionEngine
+from model.families import FamilyEngine
 from training.data import Example
 
 log = logging.getLogger(__name__)
@@ -52,14 +57,20 @@ def image_source(image: str) -> Source:
 class PixelSource:
     """Pixel values per example: decoded once and kept when the dataset fits the cache budget, else per batch."""
 
-    def __init__(self, engine: CaptionEngine, policy: ImagePolicy, *, threads: int, cache_mb: int) -> None:
+    def __init__(
+        self, engine: CaptionEngine | FamilyEngine, policy: ImagePolicy, *, threads: int, cache_mb: int
+    ) -> None:
         self.engine = engine
         self.policy = policy
         self.threads = threads
-        size = engine.model.config.vision_config.image_size
-        self.bytes_per_image = 3 * size * size * 4
+        self.images = isinstance(engine, FamilyEngine)
+        if self.images:  # decoded images, estimated at the size the processor resizes to
+            self.bytes_per_image = 3 * 4 * engine.input_edge**2
+        else:
+            size = engine.model.config.vision_config.image_size
+            self.bytes_per_image = 3 * size * size * 4
         self.budget = cache_mb * 1024 * 1024
-        self.cache: dict[str, torch.Tensor] = {}
+        self.cache: dict[str, Any] = {}
         self.next_index = 0
 
     def admit(self, examples: list[Example], what: str) -> list[Item]:
@@ -79,7 +90,7 @@ class PixelSource:
             log.warning("%s: %d of %d images could not be read and are skipped", what, skipped, len(items))
         return kept
 
-    def pixels(self, batch: list[Item]) -> tuple[torch.Tensor, list[Item]]:
+    def pixels(self, batch: list[Item]) -> tuple[Any, list[Item]]:
         """Stacked pixel values and the items they belong to: an uncached image that fails now is left out."""
         missing = [item.image for item in batch if item.image not in self.cache]
         fresh = dict(zip(missing, self._load(missing), strict=True)) if missing else {}
@@ -87,10 +98,12 @@ class PixelSource:
         kept = [(item, row) for item, row in rows if row is not None]
         if not kept:
             raise SourceError(f"none of {len(batch)} images in a batch could be read, e.g. {batch[0].image}")
+        if self.images:
+            return [row for _, row in kept], [item for item, _ in kept]
         return torch.stack([row for _, row in kept]), [item for item, _ in kept]
 
-    def _load(self, images: list[str]) -> list[torch.Tensor | None]:
-        def one(image: str) -> torch.Tensor | None:
+    def _load(self, images: list[str]) -> list[Any]:
+        def one(image: str) -> Any:
             try:
                 image_rgb = load_image(image_source(image), self.policy)
             except ItemError as exc:

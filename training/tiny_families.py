@@ -135,7 +135,7 @@ def _text(vocab_size: int, **over: Any) -> dict[str, Any]:
     return cfg
 
 
-def _save(out_dir: Path, model_cls: Any, config: Any, processor: Any, seed: int) -> Path:
+def _save(out_dir: Path, model_cls: Any, config: Any, processor: Any, seed: int, init: float = INIT) -> Path:
     """Build ``model_cls(config)`` with a fixed seed (leaving the caller's RNG alone), save it and ``processor``."""
     import torch
     from transformers.utils import logging as hf_logging
@@ -146,7 +146,7 @@ def _save(out_dir: Path, model_cls: Any, config: Any, processor: Any, seed: int)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(config)
-        _widen(model)
+        _widen(model, init)
     model.eval()
     model.save_pretrained(out_dir, safe_serialization=True)
     if isinstance(processor, tuple):
@@ -157,15 +157,16 @@ def _save(out_dir: Path, model_cls: Any, config: Any, processor: Any, seed: int)
     return out_dir
 
 
-def _widen(model: Any) -> None:
+def _widen(model: Any, init: float = INIT) -> None:
     """Redraw every weight matrix with a wide normal init: models whose init ignores ``initializer_range`` would
-    otherwise caption every image alike, and tests could not tell images apart."""
+    otherwise caption every image alike, and tests could not tell images apart. Training wants a narrower one
+    (``init=0.1``, as the GIT demo): the wide init saturates the decoder and learns slowly."""
     import torch
 
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.ndim >= 2 and "norm" not in name:
-                param.normal_(0.0, INIT)
+                param.normal_(0.0, init)
 
 
 def _clip_pil(size: int = IMAGE_SIZE, **over: Any) -> Any:
@@ -177,25 +178,29 @@ def _clip_pil(size: int = IMAGE_SIZE, **over: Any) -> Any:
 # --- encoder-decoder and Q-former families -------------------------------------------------------------------
 
 
-def build_tiny_blip(out_dir: Path, *, seed: int = 0) -> Path:
-    """BLIP (``BlipForConditionalGeneration``): ViT + BERT decoder with cross-attention, BERT vocab + ``[DEC]``."""
+def build_tiny_blip(out_dir: Path, *, seed: int = 0, init: float = INIT, words: bool = False) -> Path:
+    """BLIP (``BlipForConditionalGeneration``): ViT + BERT decoder with cross-attention, BERT vocab + ``[DEC]``;
+    with ``words`` a word-level vocabulary instead (``<s>`` as its ``[DEC]``, ``</s>`` as its ``[SEP]``), whose
+    small output layer a LoRA on the attention alone can steer within a test's few steps."""
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil, BlipProcessor
 
-    tokenizer = _bert_tokenizer(extra={"bos_token": "[DEC]"})
+    tokenizer = word_tokenizer() if words else _bert_tokenizer(extra={"bos_token": "[DEC]"})
+    sep = tokenizer.eos_token_id if words else tokenizer.sep_token_id
     text = _text(
         len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
-        sep_token_id=tokenizer.sep_token_id,
+        sep_token_id=sep,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.sep_token_id,
+        eos_token_id=sep,
     )
     config = BlipConfig(text_config=text, vision_config=_vision(), projection_dim=HIDDEN)
     image = BlipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-    return _save(out_dir, BlipForConditionalGeneration, config, BlipProcessor(image, tokenizer), seed)
+    return _save(out_dir, BlipForConditionalGeneration, config, BlipProcessor(image, tokenizer), seed, init)
 
 
-def build_tiny_vision_encoder_decoder(out_dir: Path, *, seed: int = 0) -> Path:
-    """``VisionEncoderDecoderModel``: a ViT encoder and a BERT decoder with cross-attention (ViT->BERT style)."""
+def build_tiny_vision_encoder_decoder(out_dir: Path, *, seed: int = 0, init: float = INIT, words: bool = False) -> Path:
+    """``VisionEncoderDecoderModel``: a ViT encoder and a BERT decoder with cross-attention (ViT->BERT style); with
+    ``words`` a word-level vocabulary (``<s>`` starts the decoder) instead of BERT's."""
     from transformers import (
         BertConfig,
         VisionEncoderDecoderConfig,
@@ -204,19 +209,19 @@ def build_tiny_vision_encoder_decoder(out_dir: Path, *, seed: int = 0) -> Path:
         ViTImageProcessorPil,
     )
 
-    tokenizer = _bert_tokenizer()
+    tokenizer = word_tokenizer() if words else _bert_tokenizer()
     vision = ViTConfig(**_vision())
     decoder = BertConfig(**_text(len(tokenizer)), is_decoder=True, add_cross_attention=True)
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(vision, decoder)
     special = {
-        "decoder_start_token_id": tokenizer.cls_token_id,
+        "decoder_start_token_id": tokenizer.bos_token_id if words else tokenizer.cls_token_id,
         "pad_token_id": tokenizer.pad_token_id,
-        "eos_token_id": tokenizer.sep_token_id,
+        "eos_token_id": tokenizer.eos_token_id if words else tokenizer.sep_token_id,
     }
     for key, value in special.items():
         setattr(config, key, value)
     image = ViTImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-    out = _save(out_dir, VisionEncoderDecoderModel, config, (image, tokenizer), seed)
+    out = _save(out_dir, VisionEncoderDecoderModel, config, (image, tokenizer), seed, init)
     _set_generation(out, **special)
     return out
 
@@ -227,7 +232,7 @@ def _set_generation(out_dir: Path, **values: Any) -> None:
     GenerationConfig(**values).save_pretrained(out_dir)
 
 
-def build_tiny_florence2(out_dir: Path, *, seed: int = 0) -> Path:
+def build_tiny_florence2(out_dir: Path, *, seed: int = 0, init: float = INIT) -> Path:
     """Florence-2 (``Florence2ForConditionalGeneration``): a DaViT encoder and a BART encoder-decoder; task tokens
     (``<CAPTION>``...) become the processor's task prompts."""
     from transformers import BartConfig, Florence2Config, Florence2ForConditionalGeneration, Florence2Processor
@@ -266,7 +271,7 @@ def build_tiny_florence2(out_dir: Path, *, seed: int = 0) -> Path:
     config = Florence2Config(text_config=text, vision_config=vision, image_token_id=tokenizer.image_token_id)
     image = _clip_pil(size, image_seq_length=5)
     processor = Florence2Processor(image_processor=image, tokenizer=tokenizer)
-    out = _save(out_dir, Florence2ForConditionalGeneration, config, processor, seed)
+    out = _save(out_dir, Florence2ForConditionalGeneration, config, processor, seed, init)
     _set_generation(
         out,
         decoder_start_token_id=tokenizer.eos_token_id,
@@ -277,7 +282,7 @@ def build_tiny_florence2(out_dir: Path, *, seed: int = 0) -> Path:
     return out
 
 
-def build_tiny_blip2(out_dir: Path, *, seed: int = 0) -> Path:
+def build_tiny_blip2(out_dir: Path, *, seed: int = 0, init: float = INIT) -> Path:
     """BLIP-2 (``Blip2ForConditionalGeneration``): ViT, Q-former (4 queries) and an OPT decoder."""
     from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessorPil
 
@@ -315,7 +320,7 @@ def build_tiny_blip2(out_dir: Path, *, seed: int = 0) -> Path:
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         initializer_range=INIT,
     )
-    out = _save(out_dir, Blip2ForConditionalGeneration, config, processor, seed)
+    out = _save(out_dir, Blip2ForConditionalGeneration, config, processor, seed, init)
     _set_generation(
         out,
         bos_token_id=tokenizer.bos_token_id,
@@ -354,7 +359,7 @@ def _chat_generation(out: Path, tokenizer: Any) -> Path:
     return out
 
 
-def build_tiny_llava(out_dir: Path, *, seed: int = 0) -> Path:
+def build_tiny_llava(out_dir: Path, *, seed: int = 0, init: float = INIT) -> Path:
     """LLaVA (``LlavaForConditionalGeneration``): CLIP vision tower, projector, Llama decoder, a chat template."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
@@ -375,10 +380,10 @@ def build_tiny_llava(out_dir: Path, *, seed: int = 0) -> Path:
         num_additional_image_tokens=1,
         chat_template=chat_template("<image>"),
     )
-    return _chat_generation(_save(out_dir, LlavaForConditionalGeneration, config, processor, seed), tokenizer)
+    return _chat_generation(_save(out_dir, LlavaForConditionalGeneration, config, processor, seed, init), tokenizer)
 
 
-def build_tiny_paligemma(out_dir: Path, *, seed: int = 0) -> Path:
+def build_tiny_paligemma(out_dir: Path, *, seed: int = 0, init: float = INIT) -> Path:
     """PaliGemma (``PaliGemmaForConditionalGeneration``): SigLIP, Gemma; plain-text prompts (``caption en``)."""
     from transformers import (
         PaliGemmaConfig,
@@ -400,7 +405,7 @@ def build_tiny_paligemma(out_dir: Path, *, seed: int = 0) -> Path:
     )
     image = SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_seq_length=tokens)
     processor = PaliGemmaProcessor(image_processor=image, tokenizer=tokenizer)
-    return _chat_generation(_save(out_dir, PaliGemmaForConditionalGeneration, config, processor, seed), tokenizer)
+    return _chat_generation(_save(out_dir, PaliGemmaForConditionalGeneration, config, processor, seed, init), tokenizer)
 
 
 QWEN_TOKENS = {
@@ -411,7 +416,7 @@ QWEN_TOKENS = {
 }
 
 
-def build_tiny_qwen2_vl(out_dir: Path, *, seed: int = 0) -> Path:
+def build_tiny_qwen2_vl(out_dir: Path, *, seed: int = 0, init: float = INIT) -> Path:
     """Qwen2-VL (``Qwen2VLForConditionalGeneration``): a ViT with 2x2 patch merging and M-RoPE, a Qwen2 decoder.
 
     The image processor resizes every image to the same pixel count, so all images of a batch have the same
@@ -461,7 +466,7 @@ def build_tiny_qwen2_vl(out_dir: Path, *, seed: int = 0) -> Path:
     )
     template = chat_template("<|vision_start|><|image_pad|><|vision_end|>", end="<|im_end|>")
     processor = Qwen2VLProcessor(image_processor=image, tokenizer=tokenizer, chat_template=template)
-    return _chat_generation(_save(out_dir, Qwen2VLForConditionalGeneration, config, processor, seed), tokenizer)
+    return _chat_generation(_save(out_dir, Qwen2VLForConditionalGeneration, config, processor, seed, init), tokenizer)
 
 
 IDEFICS3_TOKENS = (
@@ -473,7 +478,7 @@ IDEFICS3_TOKENS = (
 )
 
 
-def build_tiny_idefics3(out_dir: Path, *, seed: int = 0, split: bool = False) -> Path:
+def build_tiny_idefics3(out_dir: Path, *, seed: int = 0, init: float = INIT, split: bool = False) -> Path:
     """Idefics3 (``Idefics3ForConditionalGeneration``, SmolVLM's architecture): a SigLIP-style encoder, pixel
     shuffle, a Llama decoder, a chat template; one global image per picture, or with ``split`` also tiles whose
     count follows the image's aspect ratio (as SmolVLM does), so rows of a batch differ in length and are padded."""
@@ -504,4 +509,4 @@ def build_tiny_idefics3(out_dir: Path, *, seed: int = 0, split: bool = False) ->
         image_seq_len=seq_len,
         chat_template=chat_template("<image>", end="<end_of_utterance>"),
     )
-    return _chat_generation(_save(out_dir, Idefics3ForConditionalGeneration, config, processor, seed), tokenizer)
+    return _chat_generation(_save(out_dir, Idefics3ForConditionalGeneration, config, processor, seed, init), tokenizer)
