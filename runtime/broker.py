@@ -57,5 +57,16 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
-#: The transport's path for Celery's ``broker_transport`` (it then parses the redis:// or rediss:// URL itself).
+#: The transport's path, as kombu's alias table names transports.
 TRANSPORT = f"{__name__}:Transport"
+
+
+def install() -> None:
+    """Make redis:// and rediss:// broker URLs mean this transport in this process, through kombu's own alias table
+    (a name Celery resolves per connection), so URLs, log lines ("Cannot connect to redis://...") and every other
+    kombu user in the process stay as they were."""
+    from kombu import transport
+
+    for scheme in ("redis", "rediss"):
+        transport.TRANSPORT_ALIASES[scheme] = TRANSPORT
+        transport._transport_cache.pop(scheme, None)  # resolved before: resolve again to this class

@@ -71,9 +71,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
     if settings.broker_url_str.startswith(("redis://", "rediss://")):
         # kombu's Redis transport, except that one malformed message is dropped (logged, counted), not fatal.
-        from runtime.broker import TRANSPORT
+        from runtime import broker
 
-        conf["broker_transport"] = TRANSPORT
+        broker.install()
     tls = tls_options(settings)
     if settings.broker_url_str.startswith("rediss://"):
         conf["broker_use_ssl"] = tls
