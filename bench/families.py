@@ -4,8 +4,10 @@ For each family a random model is built offline (training/tiny.py, training/tiny
 images are captioned three ways in one run: (a) our engine at the worker's batch size, (h1) transformers' own
 processor and ``generate`` one image at a time, (hb) the same with the whole batch in one ``generate`` call. The
 table gives images/s, the ratios a/h1 and a/hb, and how many captions of (a) equal (h1)'s (greedy, same dtype: all
-of them, where batching is exact). Tiny models measure the orchestration around ``generate`` more than the model;
-on a GPU host ``bench/gpu.sh`` runs this with ``--device cuda``.
+of them, where batching is exact). With ``--end-to-end``, (e) the same images also go through a real worker
+serving the family (a redis-server of its own, a job enqueued and followed to its end), and e/a is what the queue,
+ledger and decode threads cost against the engine alone. Tiny models measure the orchestration around ``generate``
+more than the model; on a GPU host ``bench/gpu.sh`` runs this with ``--device cuda``.
 """
 
 from __future__ import annotations
@@ -119,18 +121,59 @@ def measure(
     }
 
 
+def end_to_end(
+    family: str,
+    model_dir: Path,
+    paths: list[Path],
+    *,
+    dtype: str,
+    batch: int,
+    max_length: int,
+    rounds: int,
+    log_dir: Path,
+) -> float:
+    """Images/s of one job of ``paths`` through a real worker serving ``model_dir`` (best of ``rounds`` jobs; the
+    worker's start and a warm-up job are not timed)."""
+    from bench.queued import QueueRun
+    from producer.local import LocalRedis
+
+    with LocalRedis() as redis:
+        run = QueueRun(
+            redis,
+            model_dir,
+            paths[0].parent,
+            dtype=dtype,
+            batch_size=batch,
+            max_length=max_length,
+            log=log_dir / f"worker-{family}.log",
+            key="e",
+        )
+        run.start()
+        try:
+            run.ready(timeout=300, warm_up=paths[:2])
+            best = 0.0
+            for _ in range(rounds):
+                _, seconds, _ = run._job([str(p) for p in paths])
+                best = max(best, len(paths) / seconds)
+            return best
+        finally:
+            run.stop()
+
+
 def table(rows: list[dict[str, Any]], header: str) -> str:
     lines = [
         header,
         "",
         "| family | params | ours img/s | HF bs1 img/s | HF batched img/s | ours/bs1 | ours/batched "
-        "| captions = HF bs1 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| captions = HF bs1 | end to end img/s | e2e/ours |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        e2e = r.get("e2e_img_s")
         lines.append(
             f"| {r['family']} | {r['params'] / 1e6:.2f}M | {r['ours_img_s']} | {r['hf_one_img_s']} | "
-            f"{r['hf_batch_img_s']} | {r['vs_one']}x | {r['vs_batch']}x | {r['equal_to_one_by_one']} |"
+            f"{r['hf_batch_img_s']} | {r['vs_one']}x | {r['vs_batch']}x | {r['equal_to_one_by_one']} | "
+            f"{e2e if e2e is not None else '-'} | {r.get('e2e_vs_ours', '-')} |"
         )
     return "\n".join(lines)
 
@@ -146,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--rounds", type=int, default=3, help="runs of each path; the fastest counts")
     p.add_argument("--out", type=Path, help="also write the rows as JSON here")
+    p.add_argument("--end-to-end", action="store_true", help="also caption the images through a real worker")
     args = p.parse_args(argv)
     import torch
     from PIL import Image
@@ -163,22 +207,34 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-families-") as tmp:
         root = Path(tmp)
-        images = [
-            Image.open(path).convert("RGB") for path, _ in make_shapes(root / "img", args.images, seed=7, size=64)
-        ]
+        files = [path for path, _ in make_shapes(root / "img", args.images, seed=7, size=64)]
+        images = [Image.open(path).convert("RGB") for path in files]
         for family in families:
-            rows.append(
-                measure(
+            model_dir = build(family, root)
+            row = measure(
+                family,
+                model_dir,
+                images,
+                device=args.device,
+                dtype=args.dtype,
+                batch=args.batch,
+                max_length=args.max_length,
+                rounds=args.rounds,
+            )
+            if args.end_to_end:
+                rate = end_to_end(
                     family,
-                    build(family, root),
-                    images,
-                    device=args.device,
+                    model_dir,
+                    files,
                     dtype=args.dtype,
                     batch=args.batch,
                     max_length=args.max_length,
                     rounds=args.rounds,
+                    log_dir=root,
                 )
-            )
+                row["e2e_img_s"] = round(rate, 2)
+                row["e2e_vs_ours"] = round(rate / row["ours_img_s"], 2)
+            rows.append(row)
             print(json.dumps(rows[-1]), file=sys.stderr)
     header = (
         f"Tiny random models, {args.images} images, batch {args.batch}, max_length {args.max_length}, "
