@@ -224,6 +224,10 @@ class Settings(BaseSettings):
     hub_datasets: bool = False
     # Largest encoded image accepted, from any source.
     max_image_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    # Largest broker message a worker decodes; a larger one is dropped (logged, counted) before its JSON is decoded.
+    # Ours stay under it: a full chunk of 4,096-character references is about 55 MB, an inline image at
+    # max_image_bytes about 57 MB (base64 twice: the source, then kombu's body encoding).
+    max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
     # Largest decoded image (width x height); kept below Pillow's own bomb limit on purpose.
     max_image_pixels: int = Field(64_000_000, ge=1)
     # Pillow formats that may be opened.

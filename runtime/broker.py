@@ -1,6 +1,7 @@
 """The Redis broker transport of every Celery app here: kombu's own, except that a message whose envelope does not
-decode (``LPUSH captions-now '{not json'``, a list, an envelope without properties) is dropped with a log line and a
-counter instead of ending the worker.
+decode (``LPUSH captions-now '{not json'``, a list, an envelope without properties), or that is larger than any
+message a sender of ours makes (``CAPTIONER_MAX_MESSAGE_BYTES``, checked on the bytes Redis answered, before kombu
+decodes the JSON), is dropped with a log line and a counter instead of ending or swamping the worker.
 
 kombu's Redis channel pops a message with BRPOP and decodes its JSON envelope inside its event loop; an exception there
 reaches Celery as "Unrecoverable error" and the worker exits (celery/celery#1113, #4308). The message is already off
@@ -35,8 +36,39 @@ def _dropped(where: str, exc: BaseException) -> None:
     )
 
 
+class OversizedMessage(ValueError):
+    """A broker message larger than CAPTIONER_MAX_MESSAGE_BYTES: dropped before its JSON is decoded."""
+
+
+def _size_checked(inner: Any, limit: int) -> Any:
+    """A redis-py response callback for BRPOP and RPOP that refuses a popped message over ``limit`` bytes (the bytes
+    are read already; what is spared is decoding them into objects, several times their size), then defers to
+    ``inner``, the client's own callback."""
+
+    def check(response: Any, **options: Any) -> Any:
+        parts = response if isinstance(response, list | tuple) else [response]
+        for part in parts:
+            if isinstance(part, bytes | str) and len(part) > limit:
+                raise OversizedMessage(
+                    f"a message of {len(part)} bytes, over CAPTIONER_MAX_MESSAGE_BYTES ({limit}): larger than any "
+                    "chunk, container or call a sender of ours makes"
+                )
+        return inner(response, **options) if inner is not None else response
+
+    return check
+
+
 class Channel(kombu_redis.Channel):
     """kombu's Redis channel; a message that cannot be decoded or delivered as a message is dropped, logged."""
+
+    def _create_client(self, asynchronous: bool = False) -> Any:
+        from common.settings import get_settings
+
+        client = super()._create_client(asynchronous=asynchronous)
+        limit = get_settings().max_message_bytes
+        for command in ("BRPOP", "RPOP"):
+            client.set_response_callback(command, _size_checked(client.response_callbacks.get(command), limit))
+        return client
 
     def _brpop_read(self, **options: Any) -> bool:
         try:
