@@ -69,11 +69,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_send_sent_event": True,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
     }
-    if settings.broker_url_str.startswith(("redis://", "rediss://")):
-        # kombu's Redis transport, except that one malformed message is dropped (logged, counted), not fatal.
-        from runtime import broker
-
-        broker.install()
     tls = tls_options(settings)
     if settings.broker_url_str.startswith("rediss://"):
         conf["broker_use_ssl"] = tls
@@ -100,6 +95,11 @@ def create_app(settings: Settings | None = None, *, include: tuple[str, ...] = (
     Senders (the producer, other services) need no task module: they send by name.
     """
     settings = settings or get_settings()
+    if settings.broker_url_str.startswith(("redis://", "rediss://")):
+        # kombu's Redis transport, except that a malformed or oversized message is dropped (logged, counted).
+        from runtime import broker
+
+        broker.install()
     app = Celery("captioner", include=list(include))
     app.conf.update(celery_config(settings))
     return app
