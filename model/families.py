@@ -14,6 +14,7 @@ tokens, chat VLMs, BLIP-2, PaliGemma) the caption gets ``max_length - 1`` new to
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -26,7 +27,7 @@ from common.errors import CaptionerError, ConfigError, EngineError, ModelLoadErr
 from common.messages import GenParams
 from model import engine as git_engine
 from model import profiles
-from model.engine import Generated
+from model.engine import Generated, RowSampler
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -642,9 +643,40 @@ class FamilyEngine:
             raise EngineError(f"{len(captions)} captions for {len(images)} images; results not aligned")
         return captions
 
-    def generate_detailed(self, images: list[Image], params: GenParams) -> list[Generated]:
+    def generate_detailed(
+        self, images: list[Image], params: GenParams, seeds: list[int] | None = None
+    ) -> list[Generated]:
         """One caption per image, in order, with its length in tokens as max_length counts them and whether it
-        ended on its own; a count mismatch raises ``EngineError``."""
+        ended on its own; a count mismatch raises ``EngineError``.
+
+        ``seeds``: one per image when ``params`` sample: each row draws from its own generator (``RowSampler``),
+        so an image's caption depends on its seed alone, never on its batch-mates; greedy and beam search ignore
+        them."""
+        sampler = None
+        if params.sampling:
+            count = len(images) if isinstance(images, list) else 0
+            seeds = seeds if seeds is not None else [0] * count
+            if len(seeds) != count:
+                raise EngineError(f"{len(seeds)} seeds for {count} images")
+            sampler = RowSampler(seeds, params.temperature or 1.0, params.top_p or 1.0)
+        return self._generate(images, params, sampler)
+
+    def sample_detailed(
+        self, images: list[Image], params: GenParams, n: int, *, seed: int, temperature: float, top_p: float
+    ) -> list[Generated]:
+        """``n`` sampled captions of one image (best of N): the image ``n`` times in one batch, candidate ``i``
+        drawn under ``candidate_seeds(seed, n)[i]``, so the candidates are reproducible for the seed (and the first
+        ones are the same whatever ``n``)."""
+        if not isinstance(images, list) or len(images) != 1:
+            got = len(images) if isinstance(images, list) else type(images).__name__
+            raise EngineError(f"sampling takes a list of one image, got {got}")
+        sampler = RowSampler(candidate_seeds(seed, n), temperature, top_p)
+        out = self._generate(images * n, params, sampler)
+        if len(out) != n:
+            raise EngineError(f"the model returned {len(out)} samples for {n}; results not aligned")
+        return out
+
+    def _generate(self, images: list[Image], params: GenParams, sampler: RowSampler | None) -> list[Generated]:
         if not isinstance(images, list):
             raise EngineError(f"{self.family_name} takes a list of images, got {type(images).__name__}")
         if not images:
@@ -659,7 +691,7 @@ class FamilyEngine:
             raise EngineError(f"max_length {params.max_length} leaves no room after {batch.prefix} prompt token(s)")
         try:
             with torch.inference_mode():
-                sequences = self.model.generate(**batch.inputs, **generation_kwargs(params, new_tokens))
+                sequences = self.model.generate(**batch.inputs, **generation_kwargs(params, new_tokens, sampler))
         except torch.OutOfMemoryError:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -682,7 +714,29 @@ class FamilyEngine:
         return str(self.processor.tokenizer.decode(ids, skip_special_tokens=True)).strip()
 
 
-def generation_kwargs(params: GenParams, new_tokens: int) -> dict[str, Any]:
+def generation_kwargs(params: GenParams, new_tokens: int, sampler: RowSampler | None = None) -> dict[str, Any]:
     """Greedy (or beam) search for ``new_tokens`` at most: what a checkpoint's generation_config says about sampling
-    or extra rows must not change a caption the recorded params are meant to determine."""
-    return {"max_new_tokens": new_tokens, "num_beams": params.num_beams, "do_sample": False, "num_return_sequences": 1}
+    or extra rows must not change a caption the recorded params are meant to determine.
+
+    With ``sampler`` the search is greedy over its output, which leaves one token per row: it runs after every
+    processor the checkpoint's generation_config asks for (transformers appends custom ones last), and
+    ``do_sample=False`` keeps the checkpoint's own temperature, top-k and top-p out."""
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": new_tokens,
+        "num_beams": params.num_beams,
+        "do_sample": False,
+        "num_return_sequences": 1,
+    }
+    if sampler is not None:
+        from transformers import LogitsProcessorList
+
+        kwargs["num_beams"] = 1
+        kwargs["logits_processor"] = LogitsProcessorList([sampler])
+    return kwargs
+
+
+def candidate_seeds(seed: int, n: int) -> list[int]:
+    """The seeds of best of N's candidates of one image: candidate ``i``'s derives from the image's seed and ``i``."""
+    return [
+        int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "big") >> 1 for i in range(n)
+    ]
