@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from model.curation import ClipScorer
     from model.engine import CaptionEngine, Generated
+    from model.families import FamilyEngine
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,8 @@ MAX_BAND_SCAN = 4096
 
 
 class Held(NamedTuple):
-    """An item in the engine's queue when its job asks for CLIP: the model's pixels, the decoded image for CLIP,
-    and its item id (best of N derives its seed from it)."""
+    """An item in the engine's queue when its job asks for CLIP: what the engine prepared (GIT's pixels, another
+    family's images), the decoded image for CLIP, and its item id (best of N derives its seed from it)."""
 
     pixels: Any
     image: Image.Image
@@ -85,7 +86,9 @@ class Scorers:
             return self._made[ref]
 
 
-def generate_scored(engine: CaptionEngine, scorers: Scorers, held: list[Held], params: GenParams) -> list[Scored]:
+def generate_scored(
+    engine: CaptionEngine | FamilyEngine, scorers: Scorers, held: list[Held], params: GenParams
+) -> list[Scored]:
     """Captions of one engine batch with their CLIPScores: greedy (or beam) in one batch, or N samples per image
     (best of N, each image by itself with its own seed) keeping the highest-scoring. Same length out as in."""
     curation = params.curation

@@ -80,7 +80,8 @@ class Captioned(NamedTuple):
 
 
 class Sampled(NamedTuple):
-    """A prepared image whose captions are sampled: its pixels, and the item id its seeds derive from."""
+    """A prepared image whose captions are sampled: what the engine prepared (GIT's pixels, another family's
+    images), and the item id its seeds derive from."""
 
     pixels: Any
     item: str
