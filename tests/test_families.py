@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,11 @@ BUILDERS: dict[str, Callable[..., Path]] = {
     "llava": tiny_families.build_tiny_llava,
     "idefics3": tiny_families.build_tiny_idefics3,
     "paligemma": tiny_families.build_tiny_paligemma,
+    "qwen2_vl": partial(tiny_families.build_tiny_qwen_vl, version="2"),
+    "qwen2_5_vl": partial(tiny_families.build_tiny_qwen_vl, version="2.5"),
+    "qwen3_vl": partial(tiny_families.build_tiny_qwen_vl, version="3"),
+    "internvl": tiny_families.build_tiny_internvl,
+    "smolvlm": tiny_families.build_tiny_smolvlm,
 }
 MAX_LENGTH = 12
 
@@ -162,6 +168,10 @@ def test_batched_greedy_equals_transformers_one_at_a_time(
         ("llava", "What does this image show?"),
         ("idefics3", "Describe this image in detail."),
         ("paligemma", "caption en"),
+        ("qwen2_5_vl", "What does this image show?"),
+        ("qwen3_vl", "Describe this image in detail."),
+        ("internvl", "What is shown in this image?"),
+        ("smolvlm", "Describe this image in one sentence."),
     ],
 )
 def test_prompt_per_call_equals_transformers(
@@ -185,12 +195,21 @@ def test_prompt_is_per_call_not_per_model(family_models: dict[str, Path], shapes
     assert detailed == reference_captions("florence-2", family_models["florence-2"], shapes[:1], "<DETAILED_CAPTION>")
 
 
+@pytest.mark.parametrize(
+    ("family", "build"),
+    [
+        ("idefics3", partial(tiny_families.build_tiny_idefics3, split=True)),
+        ("smolvlm", partial(tiny_families.build_tiny_smolvlm, split=True)),
+        ("internvl", tiny_families.build_tiny_internvl),
+    ],
+)
 def test_left_padded_rows_of_different_lengths_equal_one_at_a_time(
-    tmp_path: Path, shapes: list[Path], family_models: dict[str, Path]
+    family: str, build: Callable[..., Path], tmp_path: Path, shapes: list[Path]
 ) -> None:
-    """Idefics3 splitting images into tiles by aspect ratio (as SmolVLM does): rows of one batch have different
-    lengths, so the shorter ones are padded on the left, and the captions still equal transformers' one by one."""
-    model_dir = tiny_families.build_tiny_idefics3(tmp_path / "idefics3-split", split=True)
+    """Images split into tiles by aspect ratio (Idefics3 and SmolVLM; InternVL's dynamic tiling): rows of one
+    batch have different lengths, so the shorter ones are padded on the left, and the captions still equal
+    transformers' one by one."""
+    model_dir = build(tmp_path / f"{family}-tiled")
     paths = []
     for n, (path, size) in enumerate(
         zip(shapes, [(96, 32), (32, 32), (64, 96), (48, 48), (96, 64), (32, 96)], strict=True)
@@ -204,7 +223,7 @@ def test_left_padded_rows_of_different_lengths_equal_one_at_a_time(
     )
     assert len(set(batch.inputs["attention_mask"].sum(1).tolist())) > 1, "no row was padded: the test proves nothing"
     got = engine.caption(images, GenParams(max_length=MAX_LENGTH))
-    assert got == reference_captions("idefics3", model_dir, paths)
+    assert got == reference_captions(family, model_dir, paths)
 
 
 def test_a_prompt_the_processor_refuses_is_named(family_models: dict[str, Path], shapes: list[Path]) -> None:

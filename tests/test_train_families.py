@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,11 @@ BUILDERS: dict[str, Callable[..., Path]] = {
     "llava": tiny_families.build_tiny_llava,
     "idefics3": tiny_families.build_tiny_idefics3,
     "paligemma": tiny_families.build_tiny_paligemma,
+    "qwen2_vl": partial(tiny_families.build_tiny_qwen_vl, version="2"),
+    "qwen2_5_vl": partial(tiny_families.build_tiny_qwen_vl, version="2.5"),
+    "qwen3_vl": partial(tiny_families.build_tiny_qwen_vl, version="3"),
+    "internvl": tiny_families.build_tiny_internvl,
+    "smolvlm": tiny_families.build_tiny_smolvlm,
 }
 #: (family, LoRA): the encoder-decoder families both ways, BLIP-2 and chat VLMs with LoRA on their language model.
 CASES = [
@@ -48,6 +54,11 @@ CASES = [
     ("llava", True),
     ("idefics3", True),
     ("paligemma", True),
+    ("qwen2_vl", True),
+    ("qwen2_5_vl", True),
+    ("qwen3_vl", True),
+    ("internvl", True),
+    ("smolvlm", True),
 ]
 #: Settings that learn in seconds on a 2-core CPU; LoRA trains fewer weights and takes a larger step.
 FAST = {

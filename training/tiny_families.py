@@ -416,15 +416,28 @@ QWEN_TOKENS = {
 }
 
 
-def build_tiny_qwen2_vl(out_dir: Path, *, seed: int = 0, init: float = INIT) -> Path:
-    """Qwen2-VL (``Qwen2VLForConditionalGeneration``): a ViT with 2x2 patch merging and M-RoPE, a Qwen2 decoder.
+#: Qwen-VL version -> (config, model, processor, video processor) class names in transformers.
+QWEN_CLASSES = {
+    "2": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor", "Qwen2VLVideoProcessor"),
+    "2.5": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor"),
+    "3": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor", "Qwen3VLVideoProcessor"),
+}
+
+
+def build_tiny_qwen_vl(out_dir: Path, *, version: str = "2.5", seed: int = 0, init: float = INIT) -> Path:
+    """Qwen2-VL, Qwen2.5-VL or Qwen3-VL: a ViT with 2x2 patch merging (2.5: windowed attention; 3: deepstack
+    features), M-RoPE, a Qwen2/Qwen3 decoder, Qwen's chat template shape; the processors need their video
+    processor (torchvision) even for images.
 
     The image processor resizes every image to the same pixel count, so all images of a batch have the same
     number of image tokens."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil, Qwen2VLProcessor
+    import transformers
+    from transformers import Qwen2VLImageProcessorPil
 
+    config_cls, model_cls, processor_cls, video_cls = (getattr(transformers, n) for n in QWEN_CLASSES[version])
     tokenizer = word_tokenizer(QWEN_TOKENS, eos="<|im_end|>")
     head_dim = HIDDEN // HEADS
+    quarter = head_dim // 8  # M-RoPE splits half a head's rotary dimensions into time, height and width
     text = {
         "vocab_size": len(tokenizer),
         "hidden_size": HIDDEN,
@@ -432,41 +445,92 @@ def build_tiny_qwen2_vl(out_dir: Path, *, seed: int = 0, init: float = INIT) -> 
         "num_hidden_layers": LAYERS,
         "num_attention_heads": HEADS,
         "num_key_value_heads": HEADS,
+        "head_dim": head_dim,
         "max_position_embeddings": 512,
         "initializer_range": INIT,
         "rope_parameters": {
             "rope_type": "default",
             "rope_theta": 10000.0,
-            "mrope_section": [head_dim // 8, head_dim // 8 * 3 // 2, head_dim // 8 * 3 // 2],
+            "mrope_section": [quarter, quarter * 3 // 2, quarter * 3 // 2],
+            **({"mrope_interleaved": True} if version == "3" else {}),
         },
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
     patch, merge = 4, 2
-    vision = {
+    vision: dict[str, Any] = {
         "depth": LAYERS,
-        "embed_dim": HIDDEN,
         "hidden_size": HIDDEN,
         "num_heads": HEADS,
-        "mlp_ratio": 2,
         "patch_size": patch,
         "spatial_merge_size": merge,
         "temporal_patch_size": 2,
         "initializer_range": INIT,
     }
+    if version == "2":
+        vision.update(embed_dim=HIDDEN, mlp_ratio=2)
+    else:
+        vision.update(intermediate_size=2 * HIDDEN, out_hidden_size=HIDDEN)
+    if version == "2.5":
+        vision.update(window_size=2 * patch * merge, fullatt_block_indexes=[LAYERS - 1])
+    if version == "3":
+        vision.update(num_position_embeddings=(IMAGE_SIZE // patch) ** 2, deepstack_visual_indexes=[0])
     ids = {
         name.removesuffix("_token") + "_token_id": tokenizer.convert_tokens_to_ids(tok)
         for name, tok in QWEN_TOKENS.items()
     }
-    config = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+    config = config_cls(text_config=text, vision_config=vision, **ids)
     pixels = IMAGE_SIZE * IMAGE_SIZE
-    image = Qwen2VLImageProcessorPil(
-        min_pixels=pixels, max_pixels=pixels, patch_size=patch, merge_size=merge, temporal_patch_size=2
-    )
+    sizes = {"patch_size": patch, "merge_size": merge, "temporal_patch_size": 2}
+    image = Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, **sizes)
+    video = video_cls(size={"shortest_edge": pixels, "longest_edge": pixels}, **sizes)
     template = chat_template("<|vision_start|><|image_pad|><|vision_end|>", end="<|im_end|>")
-    processor = Qwen2VLProcessor(image_processor=image, tokenizer=tokenizer, chat_template=template)
-    return _chat_generation(_save(out_dir, Qwen2VLForConditionalGeneration, config, processor, seed, init), tokenizer)
+    processor = processor_cls(image_processor=image, tokenizer=tokenizer, video_processor=video, chat_template=template)
+    return _chat_generation(_save(out_dir, model_cls, config, processor, seed, init), tokenizer)
+
+
+INTERNVL_TOKENS = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
+
+
+def build_tiny_internvl(out_dir: Path, *, seed: int = 0, init: float = INIT) -> Path:
+    """InternVL (``InternVLForConditionalGeneration``): InternViT, pixel shuffle, a Qwen2 decoder; the image tiled
+    by its aspect ratio (``crop_to_patches``), each tile ``<img>`` + context tokens + ``</img>``."""
+    from transformers import (
+        GotOcr2ImageProcessorPil,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVideoProcessor,
+    )
+
+    tokenizer = word_tokenizer(INTERNVL_TOKENS, eos="<|im_end|>")
+    ratio = 0.5
+    seq_len = int((IMAGE_SIZE // PATCH) ** 2 * ratio**2)
+    vision = _vision(image_size=[IMAGE_SIZE, IMAGE_SIZE], patch_size=[PATCH, PATCH])
+    text = _llama(tokenizer, model_type="qwen2")
+    config = InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.context_image_token_id,
+        image_seq_length=seq_len,
+        downsample_ratio=ratio,
+    )
+    size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    image = GotOcr2ImageProcessorPil(size=size, crop_to_patches=True, max_patches=4)
+    processor = InternVLProcessor(
+        image_processor=image,
+        tokenizer=tokenizer,
+        video_processor=InternVLVideoProcessor(size=size),
+        image_seq_length=seq_len,
+        chat_template=chat_template("<IMG_CONTEXT>", end="<|im_end|>"),
+    )
+    return _chat_generation(_save(out_dir, InternVLForConditionalGeneration, config, processor, seed, init), tokenizer)
 
 
 IDEFICS3_TOKENS = (
@@ -510,3 +574,41 @@ def build_tiny_idefics3(out_dir: Path, *, seed: int = 0, init: float = INIT, spl
         chat_template=chat_template("<image>", end="<end_of_utterance>"),
     )
     return _chat_generation(_save(out_dir, Idefics3ForConditionalGeneration, config, processor, seed, init), tokenizer)
+
+
+def build_tiny_smolvlm(out_dir: Path, *, seed: int = 0, init: float = INIT, split: bool = False) -> Path:
+    """SmolVLM (``SmolVLMForConditionalGeneration``) with its own processor (which needs ``num2words`` and a video
+    processor): Idefics3's architecture and image tiling, SmolVLM's prompt layout."""
+    from transformers import (
+        SmolVLMConfig,
+        SmolVLMForConditionalGeneration,
+        SmolVLMImageProcessorPil,
+        SmolVLMProcessor,
+        SmolVLMVideoProcessor,
+    )
+
+    named = {
+        "image_token": "<image>",
+        "fake_image_token": "<fake_token_around_image>",
+        "global_image_token": "<global-img>",
+        "end_of_utterance_token": "<end_of_utterance>",
+    }
+    tokenizer = word_tokenizer(named, IDEFICS3_TOKENS, eos="<end_of_utterance>")
+    scale = 2
+    seq_len = (IMAGE_SIZE // PATCH) ** 2 // scale**2
+    config = SmolVLMConfig(
+        vision_config=_vision(),
+        text_config=_llama(tokenizer),
+        scale_factor=scale,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    longest = 2 * IMAGE_SIZE if split else IMAGE_SIZE
+    sizes = {"size": {"longest_edge": longest}, "max_image_size": {"longest_edge": IMAGE_SIZE}}
+    processor = SmolVLMProcessor(
+        image_processor=SmolVLMImageProcessorPil(do_image_splitting=split, **sizes),
+        tokenizer=tokenizer,
+        video_processor=SmolVLMVideoProcessor(**sizes),
+        image_seq_len=seq_len,
+        chat_template=chat_template("<image>", end="<end_of_utterance>"),
+    )
+    return _chat_generation(_save(out_dir, SmolVLMForConditionalGeneration, config, processor, seed, init), tokenizer)
