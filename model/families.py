@@ -75,7 +75,10 @@ class Family:
     def load_processor(self, source: str, revision: Any) -> Any:
         from transformers import AutoProcessor
 
-        return AutoProcessor.from_pretrained(source, revision=revision, trust_remote_code=False)
+        try:
+            return AutoProcessor.from_pretrained(source, revision=revision, trust_remote_code=False)
+        except ImportError as exc:  # a processor half that needs a package the worker extra does not bring
+            raise ModelLoadError(f"{source!r}: {missing_package(exc)}") from None
 
     def prompt(self, params: GenParams) -> str | None:
         return params.prompt if params.prompt else self.default_prompt
@@ -484,6 +487,19 @@ def family_for(model_type: str) -> Family:
 
 
 # --- loading ------------------------------------------------------------------------------------------------
+
+#: Packages transformers' processors ask for that only some families need, and the extra that brings them.
+PROCESSOR_PACKAGES = {"torchvision": "vlm", "num2words": "vlm"}
+
+
+def missing_package(exc: ImportError) -> str:
+    """What to install when a processor cannot be built: Qwen2/2.5/3-VL, InternVL and SmolVLM processors carry a
+    video processor that transformers builds on torchvision, even to caption still images."""
+    text = str(exc)
+    for package, extra in PROCESSOR_PACKAGES.items():
+        if package.lower() in text.lower():
+            return f"its processor needs {package}: pip install 'captioner[{extra}]'"
+    return f"its processor could not be built: {text.strip().splitlines()[0] if text.strip() else type(exc).__name__}"
 
 
 def model_type_of(cfg: git_engine.EngineConfig) -> str:

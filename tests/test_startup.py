@@ -11,6 +11,7 @@ from pathlib import Path
 
 from producer.local import WorkerProcess
 from tests.test_recovery import wait_for
+from training.tiny_families import build_tiny_qwen_vl
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,11 +24,33 @@ def _make_not_git(tiny_model: Path, target: Path) -> Path:
     return target
 
 
+# Started with this folder on PYTHONPATH, an interpreter finds none of the named packages, as if never installed.
+_SITECUSTOMIZE = """
+import sys
+from importlib.machinery import PathFinder
+
+
+class NotInstalled(PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        return None if name.split(".")[0] in {packages!r} else PathFinder.find_spec(name, path, target)
+
+
+sys.meta_path[:] = [NotInstalled if f is PathFinder else f for f in sys.meta_path]
+"""
+
+
+def _without(folder: Path, *packages: str) -> Path:
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(_SITECUSTOMIZE.format(packages=set(packages)))
+    return folder
+
+
 def test_a_caption_worker_that_cannot_work_refuses_to_start_in_one_line(
     worker_env: dict[str, str], tiny_model: Path, tmp_path: Path
 ) -> None:
     """Each setting below, given to `captioner worker` as a user starts it: exit 1, one line that says why, no
-    traceback, never 'ready'. The five workers start side by side (each imports torch; the machine has cores)."""
+    traceback, never 'ready'. The workers start side by side (each imports torch; the machine has cores)."""
     (tmp_path / "store").mkdir()
     cases = {
         "missing model directory": ({"CAPTIONER_MODEL": str(tmp_path / "no-such-model")}, "is not a directory"),
@@ -44,6 +67,13 @@ def test_a_caption_worker_that_cannot_work_refuses_to_start_in_one_line(
             "no promoted model in",
         ),
         "an unknown device": ({"CAPTIONER_DEVICE": "tpu"}, "unknown device 'tpu'"),
+        "a Qwen2.5-VL checkpoint on an install without torchvision": (
+            {
+                "CAPTIONER_MODEL": str(build_tiny_qwen_vl(tmp_path / "qwen", version="2.5")),
+                "PYTHONPATH": str(_without(tmp_path / "no-torchvision", "torchvision")),
+            },
+            "its processor needs torchvision: pip install 'captioner[vlm]'",
+        ),
     }
     base = {k: v for k, v in worker_env.items() if k != "CAPTIONER_MODEL_STORE"}
     workers = {
