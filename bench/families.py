@@ -20,10 +20,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ("git", "blip", "blip-2", "florence-2", "vision-encoder-decoder", "llava", "idefics3", "paligemma")
+FAMILIES = (
+    "git",
+    "blip",
+    "blip-2",
+    "florence-2",
+    "vision-encoder-decoder",
+    "llava",
+    "idefics3",
+    "paligemma",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "internvl",
+    "smolvlm",
+)
 
 
 def build(family: str, out: Path) -> Path:
+    from functools import partial
+
     from training import tiny, tiny_families
 
     builders = {
@@ -35,6 +51,11 @@ def build(family: str, out: Path) -> Path:
         "llava": tiny_families.build_tiny_llava,
         "idefics3": tiny_families.build_tiny_idefics3,
         "paligemma": tiny_families.build_tiny_paligemma,
+        "qwen2_vl": partial(tiny_families.build_tiny_qwen_vl, version="2"),
+        "qwen2_5_vl": partial(tiny_families.build_tiny_qwen_vl, version="2.5"),
+        "qwen3_vl": partial(tiny_families.build_tiny_qwen_vl, version="3"),
+        "internvl": tiny_families.build_tiny_internvl,
+        "smolvlm": tiny_families.build_tiny_smolvlm,
     }
     return builders[family](out / family)
 
