@@ -77,6 +77,36 @@ def count_queues(
     return {name: QueueCount(int(flat[2 * i]), int(flat[2 * i + 1])) for i, name in enumerate(names)}
 
 
+# KEYS: a queue's lists (every priority step), then the unacked hash (messages workers hold, not yet acked).
+# ARGV: needles. Returns the needles found in some message: searched in Redis, so no message body travels.
+_FIND = """
+local found = {}
+local bodies = {}
+for k = 1, #KEYS - 1 do
+  for _, v in ipairs(redis.call('LRANGE', KEYS[k], 0, -1)) do bodies[#bodies + 1] = v end
+end
+for _, v in ipairs(redis.call('HVALS', KEYS[#KEYS])) do bodies[#bodies + 1] = v end
+for i = 1, #ARGV do
+  for _, body in ipairs(bodies) do
+    if string.find(body, ARGV[i], 1, true) then found[#found + 1] = ARGV[i]; break end
+  end
+end
+return found
+"""
+
+
+def messages_naming(
+    client: redis.Redis, queue: str, needles: Iterable[str], unacked_key: str = UNACKED_KEY
+) -> set[str]:
+    """The ``needles`` (plain substrings) that some message of ``queue`` contains, waiting at any priority or held
+    by a worker; one script, so a message moving from a list to the hash is not missed between two reads."""
+    wanted = list(needles)
+    if not wanted:
+        return set()
+    found = client.eval(_FIND, len(priority_lists(queue)) + 1, *priority_lists(queue), unacked_key, *wanted)
+    return {f.decode() if isinstance(f, bytes) else f for f in found}
+
+
 class BacklogCollector:
     """Prometheus collector read at scrape time (no sampler in between): per queue, ready, reserved and backlog, and
     the training jobs running (a fine-tune acks its message when it starts, so no queue shows it while it runs).

@@ -19,11 +19,11 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from common.connections import PRIORITY_SEP, PRIORITY_STEPS, priority_lists, queue_depths
-from common.messages import TASK_CAPTION, TASK_CAPTION_CHUNK
+from common.messages import TASK_CAPTION, TASK_CAPTION_CHUNK, TASK_TRAIN
 from producer.jobs import JobClient
 from producer.local import WorkerProcess
 from runtime.celery_app import create_app
-from runtime.queues import UNACKED_KEY, count_queues
+from runtime.queues import UNACKED_KEY, count_queues, messages_naming
 from tests.conftest import RECOVERY_DB, _free_port, redis_url, settings_from, shape_files, snapshot, tally
 from tests.test_recovery import wait_for
 
@@ -78,6 +78,22 @@ def _exporter(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[byt
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
     )
+
+
+def test_a_message_is_found_at_any_priority(worker_env: dict[str, str]) -> None:
+    """The training worker's orphan scan asks which jobs still have a message: one sent by another service with a
+    priority sits in another list than the queue's own, and must count as waiting all the same."""
+    env = fleet_env(worker_env)
+    queue = env["CAPTIONER_TRAINING_QUEUE"]
+    broker = redis.Redis.from_url(env["CAPTIONER_BROKER_URL"])
+    app = create_app(settings_from(env))
+    for job, priority in (("plain", None), ("urgent", 9), ("low", 3)):
+        options = {} if priority is None else {"priority": priority}
+        app.send_task(TASK_TRAIN, kwargs={"job_id": job}, queue=queue, ignore_result=True, **options)
+    assert broker.llen(queue) < 3, "every message in the queue's own list: the priorities prove nothing"
+    needles = {f"'job_id': {job!r}" for job in ("plain", "urgent", "low", "gone")}
+    assert messages_naming(broker, queue, needles) == needles - {"'job_id': 'gone'"}
+    assert messages_naming(broker, queue, []) == set()
 
 
 def test_the_backlog_counts_every_priority_and_the_prefetched_messages_and_scales_to_zero_and_back(

@@ -17,6 +17,7 @@ from ledger import Ledger, TrainingRun, ledger_from_settings
 from runtime import metrics
 from runtime.celery_app import queue_depths
 from runtime.logs import current_job
+from runtime.queues import UNACKED_KEY, messages_naming
 from training.celery_app import app
 from training.jobs import (
     SHUTTING_DOWN,
@@ -28,20 +29,6 @@ from training.jobs import (
 )
 
 log = logging.getLogger(__name__)
-
-# KEYS: the training queue (a list), kombu's unacked hash (messages reserved by workers, not yet started).
-# ARGV: needles, one per job id. Returns the needles found: searched in Redis, so nothing large travels.
-_FIND_WAITING = """
-local found = {}
-local bodies = redis.call('LRANGE', KEYS[1], 0, -1)
-for _, v in ipairs(redis.call('HVALS', KEYS[2])) do bodies[#bodies + 1] = v end
-for i = 1, #ARGV do
-  for _, body in ipairs(bodies) do
-    if string.find(body, ARGV[i], 1, true) then found[#found + 1] = ARGV[i]; break end
-  end
-end
-return found
-"""
 
 
 def _ledger() -> Ledger:
@@ -122,10 +109,9 @@ def _waiting(job_ids: list[str]) -> set[str]:
     """Job ids with a train message still queued or reserved by a worker (Celery's kwargsrepr header names it)."""
     needles = {f"'job_id': {job_id!r}": job_id for job_id in job_ids}
     with app.connection_for_read() as conn:
-        client = conn.default_channel.client
-        unacked = conn.transport_options.get("unacked_key", "unacked")
-        found = client.eval(_FIND_WAITING, 2, get_settings().training_queue, unacked, *needles)
-    return {needles[f.decode() if isinstance(f, bytes) else f] for f in found}
+        unacked = conn.transport_options.get("unacked_key", UNACKED_KEY)
+        found = messages_naming(conn.default_channel.client, get_settings().training_queue, needles, unacked)
+    return {needles[f] for f in found}
 
 
 def _queue_depths() -> dict[str, int]:
