@@ -19,7 +19,8 @@ from training import tiny_families
 
 MAX_LENGTH = 12
 SAMPLED = GenParams(max_length=MAX_LENGTH, temperature=1.5, top_p=0.95)
-#: family -> its tiny builder; ``idefics3-split`` tiles images by aspect ratio, so a batch's rows are left-padded.
+#: family -> its tiny builder; ``idefics3-split``, ``smolvlm-split`` and InternVL tile images by aspect ratio, so a
+#: batch's rows are left-padded.
 BUILDERS: dict[str, Callable[[Path], Path]] = {
     "blip": tiny_families.build_tiny_blip,
     "blip-2": tiny_families.build_tiny_blip2,
@@ -28,6 +29,11 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "llava": tiny_families.build_tiny_llava,
     "idefics3-split": lambda out: tiny_families.build_tiny_idefics3(out, split=True),
     "paligemma": tiny_families.build_tiny_paligemma,
+    "qwen2_vl": lambda out: tiny_families.build_tiny_qwen_vl(out, version="2"),
+    "qwen2_5_vl": lambda out: tiny_families.build_tiny_qwen_vl(out, version="2.5"),
+    "qwen3_vl": lambda out: tiny_families.build_tiny_qwen_vl(out, version="3"),
+    "internvl": tiny_families.build_tiny_internvl,
+    "smolvlm-split": lambda out: tiny_families.build_tiny_smolvlm(out, split=True),
 }
 #: Sizes of different aspect ratios: Idefics3 with splitting gives their rows different lengths.
 SIZES = [(96, 32), (32, 32), (64, 96), (48, 48), (96, 64), (32, 96)]
@@ -78,7 +84,7 @@ def test_a_sampled_caption_follows_its_seed_alone(family: str, models: dict[str,
     engine = _load(models[family])
     images = [Image.open(p) for p in mixed]
     seeds = [task_seed(7, f"item-{n}") for n in range(len(images))]
-    if family == "idefics3-split":
+    if family in ("idefics3-split", "smolvlm-split", "internvl"):
         batch = engine.family.batch(
             engine.processor, engine.prepare(images), engine.family.prompt(SAMPLED), engine.device, engine.dtype
         )
