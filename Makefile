@@ -54,7 +54,7 @@ test: setup
 	$(BIN)/lint-imports
 	@# The pip of Python 3.11 resolves our dev install too (checked beside the tests, its log shown if it fails).
 	@$(MAKE) -s check-pip23 >.check-pip23.log 2>&1 & check=$$!; \
-	$(BIN)/pytest -q -n $${PYTEST_PROCESSES:-2}; rc=$$?; \
+	$(BIN)/pytest -q -n $${PYTEST_PROCESSES:-2} --dist loadfile; rc=$$?; \
 	wait $$check || { cat .check-pip23.log; rc=1; }; exit $$rc
 
 # Everything, the slow load test (100,000 items) included.
