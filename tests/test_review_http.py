@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import re
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -65,10 +64,7 @@ class Server:
 
     def __enter__(self) -> Server:
         self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "the review server did not start"
-            time.sleep(0.02)
+        wait_for(lambda: self.server.started, 20, "the review server to start")
         return self
 
     def __exit__(self, *exc: object) -> None:
